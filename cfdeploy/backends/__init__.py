@@ -1,0 +1,1 @@
+"""Backends run the stages of an edit (text, mappers, generator) on one runtime each."""

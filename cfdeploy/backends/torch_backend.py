@@ -1,0 +1,119 @@
+"""The PyTorch backend: the exact models on CPU or CUDA, numpy arrays in and out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from cfdeploy.checkpoints import load_cfclip
+from cfdeploy.errors import CfdeployError
+from cfdeploy.models.clip_text import ClipText, ClipTokenizer
+from cfdeploy.models.mappers import FullTextMapper, LatentEditor, LevelsMapper
+from cfdeploy.models.stylegan2 import Generator, truncate
+
+MEAN_W_SAMPLES = 4096
+MEAN_W_SEED = 0
+
+
+def resolve_device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise CfdeployError(f"unknown device {name!r} (expected cpu, cuda or cuda:N)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise CfdeployError(f"unsupported device {name!r} (expected cpu, cuda or cuda:N)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CfdeployError(f"device {name!r} requested but this torch sees no CUDA GPU")
+    return device
+
+
+class TorchBackend:
+    """Runs each stage of the edit with the PyTorch models; every method takes and returns numpy."""
+
+    name = "torch"
+
+    def __init__(
+        self,
+        generator: Generator,
+        text_mapper: FullTextMapper,
+        mapper: LevelsMapper,
+        clip: ClipText | None = None,
+        latent_avg: torch.Tensor | None = None,
+        description: str | None = None,
+        device: str = "cpu",
+    ) -> None:
+        self.device = resolve_device(device)
+        self.generator = generator.eval().to(self.device)
+        self.text_mapper = text_mapper.eval().to(self.device)
+        self.editor = LatentEditor(mapper).eval().to(self.device)
+        self.clip = clip.eval().to(self.device) if clip is not None else None
+        self._tokenizer: ClipTokenizer | None = None
+        self._latent_avg = latent_avg
+        self.description = description
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: Path, clip_weights: Path | None = None, device: str = "cpu") -> "TorchBackend":
+        resolve_device(device)
+        loaded = load_cfclip(checkpoint)
+        clip = ClipText.from_file(clip_weights) if clip_weights is not None else None
+        return cls(loaded.generator, loaded.text_mapper, loaded.mapper, clip, None, loaded.description, device)
+
+    @property
+    def size(self) -> int:
+        return self.generator.config.size
+
+    @property
+    def n_latent(self) -> int:
+        return self.generator.config.n_latent
+
+    @property
+    def style_dim(self) -> int:
+        return self.generator.config.style_dim
+
+    @property
+    def has_text_encoder(self) -> bool:
+        return self.clip is not None
+
+    def _run(self, module: torch.nn.Module, *inputs: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            output = module(*(torch.from_numpy(np.ascontiguousarray(x)).to(self.device) for x in inputs))
+        return output.float().cpu().numpy()
+
+    def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
+        if self._tokenizer is None:
+            self._tokenizer = ClipTokenizer()
+        return self._tokenizer(prompts).numpy()
+
+    def text_features(self, tokens: np.ndarray) -> np.ndarray:
+        if self.clip is None:
+            raise CfdeployError("encoding a prompt needs CLIP weights (--clip-weights), or pass --text-embedding")
+        return self._run(self.clip, tokens)
+
+    def text_latents(self, text_features: np.ndarray) -> np.ndarray:
+        return self._run(self.text_mapper, text_features)
+
+    def edit_latents(self, w: np.ndarray, text_latents: np.ndarray, strength: float) -> np.ndarray:
+        return self._run(self.editor, w, np.broadcast_to(text_latents, w.shape), np.array([strength], np.float32))
+
+    def synthesize(self, latents: np.ndarray) -> np.ndarray:
+        return self._run(self.generator, latents)
+
+    def sample_w(self, z: np.ndarray, truncation: float) -> np.ndarray:
+        """``z → w`` through the mapping network, truncated toward the mean W."""
+        with torch.inference_mode():
+            w = self.generator.mapping(torch.from_numpy(z).to(self.device))
+            if truncation != 1.0:
+                w = truncate(w, self.mean_w(), truncation)
+        return w.cpu().numpy()
+
+    def mean_w(self) -> torch.Tensor:
+        """The checkpoint's ``latent_avg`` if it has one, else the mean of 4096 seeded mapped codes."""
+        if self._latent_avg is None:
+            generator = torch.Generator().manual_seed(MEAN_W_SEED)
+            z = torch.randn(MEAN_W_SAMPLES, self.style_dim, generator=generator).to(self.device)
+            with torch.inference_mode():
+                self._latent_avg = self.generator.mapping(z).mean(0)
+        return self._latent_avg.to(self.device)

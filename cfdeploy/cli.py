@@ -1,0 +1,262 @@
+"""``cfdeploy``: thin Typer commands over the library. Heavy imports (torch) happen inside commands."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import time
+from enum import Enum
+from pathlib import Path
+from typing import Any, Callable, List, Optional, TypeVar
+
+import typer
+from rich.console import Console
+
+from cfdeploy.errors import CfdeployError
+
+app = typer.Typer(
+    help="Deploy CF-CLIP text-driven StyleGAN2 editors: edit images from text, embed prompts, inspect files.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+console = Console(stderr=True)
+Command = TypeVar("Command", bound=Callable[..., Any])
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def user_errors(command: Command) -> Command:
+    """Turn library errors into one line on stderr and exit 2; anything else into exit 1, no traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except CfdeployError as error:
+            raise fail(str(error)) from None
+        except KeyboardInterrupt:
+            raise fail("interrupted; nothing was written", code=130) from None
+        except Exception as error:
+            if os.environ.get("CFDEPLOY_DEBUG"):
+                raise
+            raise fail(f"unexpected {type(error).__name__}: {error} (set CFDEPLOY_DEBUG=1 for a traceback)", 1) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+class Backend(str, Enum):
+    torch = "torch"
+
+
+def progress_bar():  # type: ignore[no-untyped-def]
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console
+    )
+
+
+@app.command("edit")
+@user_errors
+def edit_command(
+    checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="CF-CLIP checkpoint (.pt with state_dict and opts)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output directory (must be empty or absent unless --force)."),
+    text: Optional[str] = typer.Option(None, "--text", "-t", help="Prompt to edit toward (needs --clip-weights)."),
+    text_embedding: Optional[Path] = typer.Option(
+        None, "--text-embedding", help=".npy of unnormalised CLIP text features, [512] or [N,512]; bypasses CLIP."
+    ),
+    latents: Optional[Path] = typer.Option(
+        None, "--latents", "-l", help="W+ [N,n,512] or W [N,512] codes (.npy or torch-saved tensor)."
+    ),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Sample codes from this seed instead of --latents."),
+    num: int = typer.Option(1, "--num", min=1, help="With --seed: how many codes to sample."),
+    truncation: float = typer.Option(0.7, "--truncation", help="With --seed: truncation psi toward the mean W."),
+    clip_weights: Optional[Path] = typer.Option(
+        None, "--clip-weights", help="CLIP ViT-B/32 weights: OpenAI's ViT-B-32.pt or an open_clip state dict."
+    ),
+    strength: float = typer.Option(1.0, "--strength", "-s", help="Edit strength S: w_hat = w + S*0.1*delta (1 = official)."),
+    backend: Backend = typer.Option(Backend.torch, "--backend", help="Runtime that computes the edit."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N (torch backend)."),
+    batch_size: int = typer.Option(4, "--batch-size", "-b", min=1, help="Codes per mapper/generator call."),
+    side_by_side: bool = typer.Option(False, "--side-by-side", help="Write source|edit pairs instead of edits."),
+    save_latents: bool = typer.Option(False, "--save-latents", help="Also write latents.npy (edited W+, float32)."),
+    save_raw: bool = typer.Option(False, "--save-raw", help="Also write images.npy (raw generator output, float32)."),
+    force: bool = typer.Option(False, "--force", "-f", help="Replace a non-empty --out directory."),
+) -> None:
+    """Edit images toward a text prompt with a CF-CLIP checkpoint.
+
+    Writes DIR/000000.png, 000001.png, … and DIR/edit.json (inputs, timings, versions); nothing is
+    written if anything fails.
+    """
+    from cfdeploy.outputs import check_output_dir
+
+    if (text is None) == (text_embedding is None):
+        raise CfdeployError("give exactly one of --text or --text-embedding")
+    if (latents is None) == (seed is None):
+        raise CfdeployError("give exactly one of --latents or --seed")
+    if text is not None and clip_weights is None:
+        raise CfdeployError("--text needs --clip-weights (CLIP ViT-B/32 weights); or pass --text-embedding")
+    check_output_dir(out, force)
+
+    from cfdeploy.backends.torch_backend import TorchBackend, resolve_device
+
+    resolve_device(device)
+    with console.status("loading models"):
+        engine = TorchBackend.from_checkpoint(checkpoint, clip_weights if text is not None else None, device)
+    run_edit(
+        engine, out, text, text_embedding, latents, seed, num, truncation, strength, batch_size,
+        side_by_side, save_latents, save_raw, force, {"checkpoint": str(checkpoint), "clip_weights": str(clip_weights) if clip_weights else None},
+    )
+
+
+def run_edit(
+    engine: Any,
+    out: Path,
+    text: str | None,
+    text_embedding: Path | None,
+    latents: Path | None,
+    seed: int | None,
+    num: int,
+    truncation: float,
+    strength: float,
+    batch_size: int,
+    side_by_side: bool,
+    save_latents: bool,
+    save_raw: bool,
+    force: bool,
+    inputs: dict[str, Any],
+) -> dict[str, Any]:
+    """Shared by ``edit`` and ``demo``: resolve latents and text, run, report."""
+    from cfdeploy.editing import EditJob, edit_to_directory
+    from cfdeploy.inputs import broadcast_latents, load_latents, load_text_embedding, seeded_z
+
+    if latents is not None:
+        codes = load_latents(latents, engine.n_latent, engine.style_dim)
+        inputs = {**inputs, "latents": str(latents)}
+    else:
+        assert seed is not None
+        w = engine.sample_w(seeded_z(seed, num, engine.style_dim), truncation)
+        codes = broadcast_latents(w, engine.n_latent, engine.style_dim, f"seed {seed}")
+        inputs = {**inputs, "seed": seed, "num": num, "truncation": truncation}
+    features = None
+    if text_embedding is not None:
+        features = load_text_embedding(text_embedding, len(codes))
+        inputs = {**inputs, "text_embedding": str(text_embedding)}
+    if text is not None and engine.description and text.strip().lower() != engine.description.strip().lower():
+        console.print(
+            f"[yellow]warning:[/] this checkpoint was trained for {engine.description!r}, not {text!r}; "
+            "CF-CLIP mappers are per prompt, so expect a weak or odd edit",
+            highlight=False,
+        )
+    job = EditJob(codes, text, features, strength, batch_size, with_sources=side_by_side)
+    with progress_bar() as progress:
+        task = progress.add_task(f"editing ({engine.name})", total=len(codes))
+        summary = edit_to_directory(
+            engine, job, out, force=force, save_latents=save_latents, save_raw=save_raw, inputs=inputs,
+            on_batch=lambda done: progress.advance(task, done),
+        )
+    timings = ", ".join(f"{name} {seconds:.3f}s" for name, seconds in summary["timings_s"].items())
+    console.print(f"wrote {len(codes)} image(s) to {out} in {summary['total_s']:.2f}s ({timings})", highlight=False)
+    return summary
+
+
+@app.command("embed")
+@user_errors
+def embed_command(
+    prompts: List[str] = typer.Argument(..., help="One or more prompts."),
+    clip_weights: Path = typer.Option(..., "--clip-weights", help="CLIP ViT-B/32 weights file."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output .npy: float32 [N,512], unnormalised."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
+    force: bool = typer.Option(False, "--force", "-f", help="Replace an existing --out file."),
+) -> None:
+    """Encode prompts with CLIP's text tower (the features CF-CLIP's text mapper reads)."""
+    from cfdeploy.outputs import write_npy_atomic
+
+    if out.exists() and not force:
+        raise CfdeployError(f"{out}: file exists (use --force to replace it)")
+    import torch
+
+    from cfdeploy.backends.torch_backend import resolve_device
+    from cfdeploy.models.clip_text import ClipText, ClipTokenizer
+
+    target = resolve_device(device)
+    tokens = ClipTokenizer()(prompts)
+    clip = ClipText.from_file(clip_weights).to(target)
+    with torch.inference_mode():
+        features = clip(tokens.to(target)).float().cpu().numpy()
+    write_npy_atomic(out, features, force)
+    console.print(f"wrote {out}: {len(prompts)} embedding(s) [{features.shape[0]},{features.shape[1]}]", highlight=False)
+
+
+@app.command("inspect")
+@user_errors
+def inspect_command(
+    file: Path = typer.Argument(..., help="Checkpoint, CLIP weights, or latents/embedding array."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Say what a file is: kind, resolution, levels, trained prompt, mapper groups, parameter counts."""
+    from cfdeploy.inspection import inspect_file
+
+    report = inspect_file(file)
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    from rich.table import Table
+
+    table = Table(title=str(file), show_header=False)
+    for key, value in report.items():
+        if isinstance(value, dict):
+            value = ", ".join(f"{name} {count:,}" for name, count in value.items())
+        elif isinstance(value, list):
+            value = ", ".join(map(str, value)) or "-"
+        table.add_row(key, str(value))
+    Console().print(table)
+
+
+@app.command("demo")
+@user_errors
+def demo_command(
+    out: Path = typer.Option(Path("cfdeploy-demo"), "--out", "-o", help="Output directory."),
+    size: int = typer.Option(256, "--size", help="Generator resolution (power of two, 256…1024)."),
+    num: int = typer.Option(4, "--num", min=1, help="How many seeded codes to edit."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
+    force: bool = typer.Option(False, "--force", "-f", help="Replace a non-empty --out directory."),
+) -> None:
+    """Run the whole pipeline on a synthetic model set: no downloads, real architecture, real timings.
+
+    The weights are random, so the pictures mean nothing; the pipeline and its speed are real.
+    """
+    from cfdeploy.demo import DEMO_PROMPT, synthetic_backend
+    from cfdeploy.outputs import check_output_dir
+
+    if size < 8 or size & (size - 1):
+        raise CfdeployError(f"--size must be a power of two, got {size}")
+    check_output_dir(out, force)
+    console.print(
+        "[bold]demo:[/] synthetic weights (seeded random, real CF-CLIP architecture): "
+        "the pipeline and its timings are real, the pictures are not meaningful.",
+        highlight=False,
+    )
+    started = time.perf_counter()
+    with console.status("building synthetic models"):
+        engine = synthetic_backend(size=size, seed=0, device=device)
+    build_s = time.perf_counter() - started
+    run_edit(
+        engine, out, DEMO_PROMPT, None, None, 0, num, 0.7, 1.0, 2, True, True, False, force,
+        {"synthetic_weights": True, "model_build_s": round(build_s, 3)},
+    )
+    console.print(f"before|after pairs: {out}/000000.png …; details: {out}/edit.json", highlight=False)
+
+
+def main() -> None:
+    app(prog_name="cfdeploy")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""``cfdeploy inspect``: say what a file is, validating it with the same strict loaders an edit uses."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cfdeploy.errors import CfdeployError
+
+
+def _parameters(module: Any) -> int:
+    return sum(parameter.numel() for parameter in module.parameters())
+
+
+def _describe_array(array: np.ndarray) -> dict[str, Any]:
+    shape = list(array.shape)
+    if array.ndim == 3:
+        meaning = f"W+ latents: {shape[0]} codes x {shape[1]} levels"
+    elif array.ndim == 2 and shape[1] == 512:
+        meaning = f"{shape[0]} W latents or {shape[0]} CLIP text embeddings"
+    elif array.ndim == 1 and shape[0] == 512:
+        meaning = "one CLIP text embedding (or one W code)"
+    else:
+        meaning = "array of unknown meaning"
+    return {"kind": "array", "shape": shape, "dtype": str(array.dtype), "meaning": meaning}
+
+
+def inspect_file(path: Path) -> dict[str, Any]:
+    """A flat description of a checkpoint, CLIP weights file, or latent/embedding array."""
+    if not path.exists():
+        raise CfdeployError(f"{path}: no such file")
+    if path.suffix == ".npy":
+        try:
+            return _describe_array(np.load(path, allow_pickle=False, mmap_mode="r"))
+        except ValueError as error:
+            raise CfdeployError(f"{path}: not a readable .npy file: {error}") from None
+    try:
+        import torch
+
+        from cfdeploy.checkpoints import is_torchscript_archive, load_cfclip, load_stylegan2, safe_torch_load
+        from cfdeploy.models.clip_text import ClipText
+    except ImportError:
+        raise CfdeployError(f"{path}: inspecting torch files needs the 'export' extra") from None
+
+    if path.suffix == ".safetensors":
+        return _describe_clip(ClipText.from_file(path), "safetensors state dict")
+    if is_torchscript_archive(path):
+        return _describe_clip(ClipText.from_file(path), "TorchScript archive (OpenAI)")
+    content = safe_torch_load(path)
+    if isinstance(content, torch.Tensor):
+        return _describe_array(content.numpy())
+    if isinstance(content, dict) and "state_dict" in content and any(key.startswith("decoder.") for key in content["state_dict"]):
+        checkpoint = load_cfclip(path)
+        return {
+            "kind": "CF-CLIP checkpoint",
+            "resolution": checkpoint.size,
+            "n_latent": checkpoint.n_latent,
+            "trained_description": checkpoint.description,
+            "source_text": checkpoint.source_text,
+            "w_space": bool(checkpoint.opts.get("w_space", False)),
+            "mapper_groups": list(checkpoint.mapper_config.groups),
+            "parameters": {
+                "generator": _parameters(checkpoint.generator),
+                "mapper": _parameters(checkpoint.mapper),
+                "text_mapper": _parameters(checkpoint.text_mapper),
+            },
+        }
+    if isinstance(content, dict) and "g_ema" in content:
+        stylegan = load_stylegan2(path)
+        return {
+            "kind": "StyleGAN2 checkpoint (rosinality)",
+            "resolution": stylegan.generator.config.size,
+            "n_latent": stylegan.generator.config.n_latent,
+            "latent_avg": stylegan.latent_avg is not None,
+            "training_state": sorted(key for key in content if key not in ("g_ema", "latent_avg")),
+            "parameters": {"generator": _parameters(stylegan.generator)},
+        }
+    if isinstance(content, dict) and ("token_embedding.weight" in content or "state_dict" in content):
+        return _describe_clip(ClipText.from_file(path), "state dict")
+    raise CfdeployError(f"{path}: not a CF-CLIP, StyleGAN2 or CLIP file cfdeploy knows")
+
+
+def _describe_clip(clip: Any, file_format: str) -> dict[str, Any]:
+    from cfdeploy.models.clip_text import CLIP_ARCHITECTURE, is_text_tower_key
+
+    text_parameters = sum(value.numel() for key, value in clip.clip.state_dict().items() if is_text_tower_key(key))
+    return {
+        "kind": "CLIP weights",
+        "architecture": CLIP_ARCHITECTURE,
+        "format": file_format,
+        "visual_weights": clip.has_visual_weights,
+        "parameters": {"text_tower": text_parameters},
+    }
+

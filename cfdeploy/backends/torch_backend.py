@@ -79,7 +79,7 @@ class TorchBackend:
 
     def _run(self, module: torch.nn.Module, *inputs: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            output = module(*(torch.from_numpy(np.ascontiguousarray(x)).to(self.device) for x in inputs))
+            output = module(*(torch.from_numpy(np.require(x, requirements=["C", "W"])).to(self.device) for x in inputs))
         return output.float().cpu().numpy()
 
     def tokenize(self, prompts: Sequence[str]) -> np.ndarray:

@@ -9,6 +9,7 @@ L2-normalised, as the mappers expect.
 from __future__ import annotations
 
 import logging
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -120,7 +121,9 @@ def read_clip_state(path: Path) -> dict[str, torch.Tensor]:
     if is_torchscript_archive(path):
         try:
             # Reads the archive's tensors; none of its TorchScript code is called.
-            return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
         except RuntimeError as error:
             raise CfdeployError(f"{path}: not a readable TorchScript archive: {str(error).splitlines()[0]}") from None
     content = safe_torch_load(path)

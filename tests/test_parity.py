@@ -1,0 +1,147 @@
+"""End to end through the CLI against the official formulation, on official-format synthetic files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+
+from cfdeploy.models import reference
+from cfdeploy.models.clip_text import CLIP_ARCHITECTURE
+from synthetic_files import clip_text_state
+
+TOLERANCE = 1e-4
+PROMPTS = ["A Photo of a DOG!!", "green   lipstick", "rock &amp; roll, baby.", "Hello,World?  sunglasses\n"]
+
+
+def rel_l2(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a.astype(np.float64) - b) / np.linalg.norm(b.astype(np.float64)))
+
+
+def official_edit(checkpoint: Path, w: np.ndarray, text_features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    content = torch.load(checkpoint, weights_only=True)
+    with torch.no_grad():
+        w_hat, image = reference.cfclip_edit(content["state_dict"], content["opts"], torch.from_numpy(w), torch.from_numpy(text_features))
+    return w_hat.numpy(), image.numpy()
+
+
+def open_clip_features(prompts: list[str], seed: int = 3) -> np.ndarray:
+    """open_clip's own tokenizer and encode_text on the same weights, loaded with open_clip's API."""
+    model = open_clip.create_model(CLIP_ARCHITECTURE, pretrained=None)
+    model.load_state_dict(clip_text_state(seed), strict=False)
+    with torch.no_grad():
+        return model.eval().encode_text(open_clip.tokenize(prompts)).numpy()
+
+
+@pytest.mark.parametrize("checkpoint_fixture,count,batch_size", [("cfclip_256", 5, 2), ("cfclip_1024", 2, 2)])
+def test_edit_reproduces_official_w_hat_and_image(request, tmp_path, cli, checkpoint_fixture, count, batch_size):
+    checkpoint = request.getfixturevalue(checkpoint_fixture)
+    n_latent = torch.load(checkpoint, weights_only=True)["opts"]["stylegan_size"].bit_length() * 2 - 4
+    w = np.random.default_rng(7).standard_normal((count, n_latent, 512)).astype(np.float32)
+    features = np.random.default_rng(8).standard_normal((1, 512)).astype(np.float32)
+    np.save(tmp_path / "w.npy", w)
+    np.save(tmp_path / "t.npy", features[0])
+    out = tmp_path / "out"
+    result = cli("edit", "--checkpoint", checkpoint, "--latents", tmp_path / "w.npy", "--text-embedding", tmp_path / "t.npy",
+                 "--out", out, "--backend", "torch", "--batch-size", batch_size, "--save-latents", "--save-raw")
+    assert result.exit_code == 0, result.stderr
+
+    w_hat, image = official_edit(checkpoint, w, features)
+    assert rel_l2(np.load(out / "latents.npy"), w_hat) <= TOLERANCE
+    assert rel_l2(np.load(out / "images.npy"), image) <= TOLERANCE
+    assert sorted(p.name for p in out.glob("*.png")) == [f"{i:06d}.png" for i in range(count)]
+    summary = json.loads((out / "edit.json").read_text())
+    assert summary["count"] == count and summary["strength"] == 1.0
+    assert {"mapper", "generator", "text_mapper", "png"} <= set(summary["timings_s"])
+
+
+def test_png_is_the_clamped_raw_image(tmp_path, cli, cfclip_256, latents_256, embedding_file):
+    from PIL import Image
+
+    out = tmp_path / "out"
+    assert cli("edit", "-c", cfclip_256, "-l", latents_256, "--text-embedding", embedding_file, "-o", out, "--save-raw").exit_code == 0
+    raw = np.load(out / "images.npy")[2]
+    expected = np.floor((np.clip(raw, -1, 1) + 1) / 2 * 255 + 0.5).astype(np.uint8).transpose(1, 2, 0)
+    assert np.array_equal(np.asarray(Image.open(out / "000002.png")), expected)
+
+
+def test_text_prompt_goes_through_clip_like_open_clip(tmp_path, cli, cfclip_256, latents_256, clip_torchscript_file):
+    out = tmp_path / "out"
+    result = cli("edit", "-c", cfclip_256, "-l", latents_256, "--text", "green lipstick", "--clip-weights",
+                 clip_torchscript_file, "-o", out, "--save-latents", "--save-raw", "--strength", "1")
+    assert result.exit_code == 0, result.stderr
+    # OpenAI's archive stores fp16 weights: the independent reference uses the same rounded values.
+    model = open_clip.create_model(CLIP_ARCHITECTURE, pretrained=None)
+    model.load_state_dict({k: v.half().float() for k, v in clip_text_state(3).items()}, strict=False)
+    with torch.no_grad():
+        features = model.eval().encode_text(open_clip.tokenize(["green lipstick"])).numpy()
+    w_hat, image = official_edit(cfclip_256, np.load(latents_256), features)
+    assert rel_l2(np.load(out / "latents.npy"), w_hat) <= TOLERANCE
+    assert rel_l2(np.load(out / "images.npy"), image) <= TOLERANCE
+
+
+def test_per_latent_embeddings_and_strength(tmp_path, cli, cfclip_256, latents_256):
+    w = np.load(latents_256)
+    features = np.random.default_rng(9).standard_normal((len(w), 512)).astype(np.float32)
+    np.save(tmp_path / "t.npy", features)
+    out = tmp_path / "out"
+    assert cli("edit", "-c", cfclip_256, "-l", latents_256, "--text-embedding", tmp_path / "t.npy", "-o", out,
+               "--strength", "2.5", "--save-latents").exit_code == 0
+    official_w_hat, _ = official_edit(cfclip_256, w, features)
+    expected = w + 2.5 * (official_w_hat - w)
+    assert rel_l2(np.load(out / "latents.npy"), expected) <= TOLERANCE
+
+
+def test_w_latents_broadcast_to_every_level(tmp_path, cli, cfclip_256, embedding_file):
+    w = np.random.default_rng(10).standard_normal((2, 512)).astype(np.float32)
+    np.save(tmp_path / "w.npy", w)
+    torch.save(torch.from_numpy(w), tmp_path / "w.pt")
+    for name in ("w.npy", "w.pt"):
+        out = tmp_path / f"out_{name}"
+        assert cli("edit", "-c", cfclip_256, "-l", tmp_path / name, "--text-embedding", embedding_file, "-o", out,
+                   "--save-latents").exit_code == 0
+        w_hat, _ = official_edit(cfclip_256, np.repeat(w[:, None], 14, axis=1), np.load(embedding_file)[None])
+        assert rel_l2(np.load(out / "latents.npy"), w_hat) <= TOLERANCE
+
+
+def test_seed_latents_are_the_mapping_network_of_numpy_z(tmp_path, cli, cfclip_256, embedding_file):
+    out = tmp_path / "out"
+    assert cli("edit", "-c", cfclip_256, "--seed", 11, "--num", 3, "--truncation", 1, "--text-embedding", embedding_file,
+               "-o", out, "--strength", 0, "--save-latents", "--side-by-side").exit_code == 0
+    state = torch.load(cfclip_256, weights_only=True)["state_dict"]
+    decoder = {k[len("decoder."):]: v for k, v in state.items() if k.startswith("decoder.")}
+    z = torch.from_numpy(np.random.default_rng(11).standard_normal((3, 512)).astype(np.float32))
+    with torch.no_grad():
+        w = reference.mapping(decoder, z).numpy()
+    assert rel_l2(np.load(out / "latents.npy"), np.repeat(w[:, None], 14, axis=1)) <= TOLERANCE
+    from PIL import Image
+
+    pair = np.asarray(Image.open(out / "000000.png"))
+    assert pair.shape == (256, 512, 3)
+    assert np.array_equal(pair[:, :256], pair[:, 256:])  # strength 0: the edit is the source
+
+
+@pytest.mark.parametrize("weights_fixture", ["clip_state_dict_file", "clip_safetensors_file"])
+def test_embed_reproduces_open_clip_features(request, tmp_path, cli, weights_fixture):
+    weights = request.getfixturevalue(weights_fixture)
+    out = tmp_path / "features.npy"
+    result = cli("embed", *PROMPTS, "--clip-weights", weights, "--out", out)
+    assert result.exit_code == 0, result.stderr
+    got = np.load(out)
+    assert got.shape == (len(PROMPTS), 512) and got.dtype == np.float32
+    expected = open_clip_features(PROMPTS)
+    for row in range(len(PROMPTS)):
+        assert rel_l2(got[row], expected[row]) <= TOLERANCE
+
+
+@pytest.fixture(scope="session")
+def clip_safetensors_file(files: Path) -> Path:
+    from safetensors.torch import save_file
+
+    path = files / "open_clip_model.safetensors"
+    save_file(clip_text_state(seed=3), str(path))
+    return path

@@ -51,10 +51,11 @@ def safe_torch_load(path: Path) -> Any:
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         found = re.search(r"GLOBAL (\S+)", str(error))
-        what = f"it references {found.group(1)}" if found else "it holds objects other than tensors"
-        raise CfdeployError(
-            f"{path}: refused to load: {what}, which could run code (only weights are loaded)"
-        ) from None
+        if found:
+            raise CfdeployError(
+                f"{path}: refused to load: it references {found.group(1)}, which could run code (only weights are loaded)"
+            ) from None
+        raise CfdeployError(f"{path}: not a readable torch checkpoint (truncated or corrupt?): bad pickle data") from None
     except Exception as error:  # torch raises RuntimeError, KeyError, EOFError… for damaged files
         detail = str(error).split(".")[0].strip() or type(error).__name__
         raise CfdeployError(f"{path}: not a readable torch checkpoint (truncated or corrupt?): {detail}") from None

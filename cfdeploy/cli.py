@@ -58,7 +58,12 @@ def progress_bar():  # type: ignore[no-untyped-def]
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
     )
 
 
@@ -148,12 +153,6 @@ def run_edit(
     if text_embedding is not None:
         features = load_text_embedding(text_embedding, len(codes))
         inputs = {**inputs, "text_embedding": str(text_embedding)}
-    if text is not None and engine.description and text.strip().lower() != engine.description.strip().lower():
-        console.print(
-            f"[yellow]warning:[/] this checkpoint was trained for {engine.description!r}, not {text!r}; "
-            "CF-CLIP mappers are per prompt, so expect a weak or odd edit",
-            highlight=False,
-        )
     job = EditJob(codes, text, features, strength, batch_size, with_sources=side_by_side)
     with progress_bar() as progress:
         task = progress.add_task(f"editing ({engine.name})", total=len(codes))
@@ -163,6 +162,12 @@ def run_edit(
         )
     timings = ", ".join(f"{name} {seconds:.3f}s" for name, seconds in summary["timings_s"].items())
     console.print(f"wrote {len(codes)} image(s) to {out} in {summary['total_s']:.2f}s ({timings})", highlight=False)
+    if text is not None and engine.description and text.strip().lower() != engine.description.strip().lower():
+        console.print(
+            f"[yellow]warning:[/] this checkpoint was trained for {engine.description!r}, not {text!r}; "
+            "CF-CLIP mappers are per prompt, so expect a weak or odd edit",
+            highlight=False,
+        )
     return summary
 
 

@@ -1,0 +1,5 @@
+"""``python -m cfdeploy`` runs the CLI."""
+
+from cfdeploy.cli import main
+
+main()

@@ -52,6 +52,7 @@ def user_errors(command: Command) -> Command:
 
 class Backend(str, Enum):
     torch = "torch"
+    onnxruntime = "onnxruntime"
 
 
 def progress_bar():  # type: ignore[no-untyped-def]
@@ -70,53 +71,80 @@ def progress_bar():  # type: ignore[no-untyped-def]
 @app.command("edit")
 @user_errors
 def edit_command(
-    checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="CF-CLIP checkpoint (.pt with state_dict and opts)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output directory (must be empty or absent unless --force)."),
-    text: Optional[str] = typer.Option(None, "--text", "-t", help="Prompt to edit toward (needs --clip-weights)."),
+    checkpoint: Optional[Path] = typer.Option(
+        None, "--checkpoint", "-c", help="CF-CLIP checkpoint (.pt with state_dict and opts), for --backend torch."
+    ),
+    bundle: Optional[Path] = typer.Option(
+        None, "--bundle", help="Bundle directory from `cfdeploy export`, for --backend onnxruntime."
+    ),
+    text: Optional[str] = typer.Option(None, "--text", "-t", help="Prompt to edit toward."),
     text_embedding: Optional[Path] = typer.Option(
         None, "--text-embedding", help=".npy of unnormalised CLIP text features, [512] or [N,512]; bypasses CLIP."
     ),
     latents: Optional[Path] = typer.Option(
-        None, "--latents", "-l", help="W+ [N,n,512] or W [N,512] codes (.npy or torch-saved tensor)."
+        None, "--latents", "-l", help="W+ [N,n,512] or W [N,512] codes (.npy, or a torch-saved tensor)."
     ),
     seed: Optional[int] = typer.Option(None, "--seed", help="Sample codes from this seed instead of --latents."),
     num: int = typer.Option(1, "--num", min=1, help="With --seed: how many codes to sample."),
     truncation: float = typer.Option(0.7, "--truncation", help="With --seed: truncation psi toward the mean W."),
     clip_weights: Optional[Path] = typer.Option(
-        None, "--clip-weights", help="CLIP ViT-B/32 weights: OpenAI's ViT-B-32.pt or an open_clip state dict."
+        None, "--clip-weights", help="CLIP ViT-B/32 weights (OpenAI's ViT-B-32.pt or open_clip), torch backend with --text."
     ),
     strength: float = typer.Option(1.0, "--strength", "-s", help="Edit strength S: w_hat = w + S*0.1*delta (1 = official)."),
-    backend: Backend = typer.Option(Backend.torch, "--backend", help="Runtime that computes the edit."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N (torch backend)."),
+    backend: Optional[Backend] = typer.Option(
+        None, "--backend", help="Runtime: torch (from --checkpoint) or onnxruntime (from --bundle). Default: by input."
+    ),
+    device: str = typer.Option("cpu", "--device", help="torch backend: cpu, cuda or cuda:N."),
+    providers: Optional[str] = typer.Option(
+        None, "--providers", help="onnxruntime backend: comma-separated execution providers (default: best available)."
+    ),
     batch_size: int = typer.Option(4, "--batch-size", "-b", min=1, help="Codes per mapper/generator call."),
     side_by_side: bool = typer.Option(False, "--side-by-side", help="Write source|edit pairs instead of edits."),
     save_latents: bool = typer.Option(False, "--save-latents", help="Also write latents.npy (edited W+, float32)."),
     save_raw: bool = typer.Option(False, "--save-raw", help="Also write images.npy (raw generator output, float32)."),
     force: bool = typer.Option(False, "--force", "-f", help="Replace a non-empty --out directory."),
 ) -> None:
-    """Edit images toward a text prompt with a CF-CLIP checkpoint.
+    """Edit images toward a text prompt with a CF-CLIP checkpoint (torch) or an exported bundle (onnxruntime).
 
     Writes DIR/000000.png, 000001.png, … and DIR/edit.json (inputs, timings, versions); nothing is
     written if anything fails.
     """
     from cfdeploy.outputs import check_output_dir
 
+    backend = backend or (Backend.onnxruntime if bundle is not None and checkpoint is None else Backend.torch)
     if (text is None) == (text_embedding is None):
         raise CfdeployError("give exactly one of --text or --text-embedding")
     if (latents is None) == (seed is None):
         raise CfdeployError("give exactly one of --latents or --seed")
-    if text is not None and clip_weights is None:
-        raise CfdeployError("--text needs --clip-weights (CLIP ViT-B/32 weights); or pass --text-embedding")
     check_output_dir(out, force)
+    inputs: dict[str, Any] = {"backend": backend.value}
+    text_cache = None
+    if backend is Backend.torch:
+        if checkpoint is None:
+            raise CfdeployError("--backend torch needs --checkpoint (a bundle runs with --backend onnxruntime)")
+        if text is not None and clip_weights is None:
+            raise CfdeployError("--text needs --clip-weights (CLIP ViT-B/32 weights); or pass --text-embedding")
+        from cfdeploy.backends.torch_backend import TorchBackend, resolve_device
 
-    from cfdeploy.backends.torch_backend import TorchBackend, resolve_device
+        resolve_device(device)
+        with console.status("loading models"):
+            engine: Any = TorchBackend.from_checkpoint(checkpoint, clip_weights if text is not None else None, device)
+        inputs.update(checkpoint=str(checkpoint), clip_weights=str(clip_weights) if clip_weights else None, device=device)
+    else:
+        if bundle is None:
+            raise CfdeployError("--backend onnxruntime needs --bundle (make one with cfdeploy export)")
+        if device != "cpu":
+            raise CfdeployError("--device is for the torch backend; choose ONNX Runtime providers with --providers")
+        from cfdeploy.backends.onnxruntime_backend import OnnxRuntimeBackend
+        from cfdeploy.bundle import TextLatentCache
 
-    resolve_device(device)
-    with console.status("loading models"):
-        engine = TorchBackend.from_checkpoint(checkpoint, clip_weights if text is not None else None, device)
+        engine = OnnxRuntimeBackend.from_bundle(bundle, providers.split(",") if providers else None)
+        text_cache = TextLatentCache(engine.bundle)
+        inputs.update(bundle=str(bundle), providers=engine.providers)
     run_edit(
         engine, out, text, text_embedding, latents, seed, num, truncation, strength, batch_size,
-        side_by_side, save_latents, save_raw, force, {"checkpoint": str(checkpoint), "clip_weights": str(clip_weights) if clip_weights else None},
+        side_by_side, save_latents, save_raw, force, inputs, text_cache,
     )
 
 
@@ -136,6 +164,7 @@ def run_edit(
     save_raw: bool,
     force: bool,
     inputs: dict[str, Any],
+    text_cache: Any = None,
 ) -> dict[str, Any]:
     """Shared by ``edit`` and ``demo``: resolve latents and text, run, report."""
     from cfdeploy.editing import EditJob, edit_to_directory
@@ -153,7 +182,7 @@ def run_edit(
     if text_embedding is not None:
         features = load_text_embedding(text_embedding, len(codes))
         inputs = {**inputs, "text_embedding": str(text_embedding)}
-    job = EditJob(codes, text, features, strength, batch_size, with_sources=side_by_side)
+    job = EditJob(codes, text, features, strength, batch_size, with_sources=side_by_side, text_cache=text_cache)
     with progress_bar() as progress:
         task = progress.add_task(f"editing ({engine.name})", total=len(codes))
         summary = edit_to_directory(
@@ -169,6 +198,46 @@ def run_edit(
             highlight=False,
         )
     return summary
+
+
+@app.command("export")
+@user_errors
+def export_command(
+    checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="CF-CLIP checkpoint to export."),
+    clip_weights: Path = typer.Option(..., "--clip-weights", help="CLIP ViT-B/32 weights (OpenAI's ViT-B-32.pt or open_clip)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Bundle directory [default: engines/<checkpoint name>]."),
+    opset: int = typer.Option(18, "--opset", help="ONNX opset (18 or newer)."),
+    prompt: Optional[List[str]] = typer.Option(
+        None, "--prompt", help="Precompute the text branch for this prompt (repeatable); it then needs no CLIP at run time."
+    ),
+    force: bool = typer.Option(False, "--force", "-f", help="Replace an existing bundle directory."),
+) -> None:
+    """Export a checkpoint to a self-contained ONNX bundle that runs without torch.
+
+    Writes one ONNX graph per network (CLIP text, text mapper, latent mapper + residual, generator,
+    mapping), the tokenizer data, mean W and manifest.json with sha256 of every file and the parity of
+    each graph against torch (checked at batch 1 and 3; export fails past relative L2 1e-5).
+    """
+    from cfdeploy.outputs import check_output_dir
+
+    target = out or Path("engines") / checkpoint.stem
+    check_output_dir(target, force)
+    if opset < 18:
+        raise CfdeployError(f"--opset {opset}: the exporter needs opset 18 or newer")
+    from cfdeploy.exporter import export_bundle
+
+    started = time.perf_counter()
+    with console.status("exporting") as status:
+        manifest = export_bundle(
+            checkpoint, clip_weights, target, opset=opset, prompts=prompt or [], force=force,
+            on_stage=lambda stage: (status.update(stage), console.log(stage)),
+        )
+    worst = max(result["rel_l2"] for network in manifest["networks"].values() for result in network["parity"].values())
+    console.print(
+        f"wrote bundle {target} in {time.perf_counter() - started:.1f}s: {len(manifest['networks'])} graphs, "
+        f"worst parity rel L2 {worst:.1e}",
+        highlight=False,
+    )
 
 
 @app.command("embed")
@@ -188,13 +257,14 @@ def embed_command(
     import torch
 
     from cfdeploy.backends.torch_backend import resolve_device
-    from cfdeploy.models.clip_text import ClipText, ClipTokenizer
+    from cfdeploy.models.clip_text import ClipText
+    from cfdeploy.tokenizer import ClipTokenizer
 
     target = resolve_device(device)
-    tokens = ClipTokenizer()(prompts)
+    tokens = torch.from_numpy(ClipTokenizer()(prompts)).to(target)
     clip = ClipText.from_file(clip_weights).to(target)
     with torch.inference_mode():
-        features = clip(tokens.to(target)).float().cpu().numpy()
+        features = clip(tokens).float().cpu().numpy()
     write_npy_atomic(out, features, force)
     console.print(f"wrote {out}: {len(prompts)} embedding(s) [{features.shape[0]},{features.shape[1]}]", highlight=False)
 

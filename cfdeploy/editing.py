@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterator, Protocol, Sequence
 import numpy as np
 
 import cfdeploy
+from cfdeploy.bundle import TextLatentCache
 from cfdeploy.errors import CfdeployError
 from cfdeploy.outputs import StagedDirectory, to_uint8
 
@@ -69,6 +70,7 @@ class EditJob:
     strength: float = 1.0
     batch_size: int = 4
     with_sources: bool = False
+    text_cache: TextLatentCache | None = None
 
     def __post_init__(self) -> None:
         if (self.prompt is None) == (self.text_features is None):
@@ -95,16 +97,23 @@ class EditResult:
 
 
 def iter_edits(backend: EditBackend, job: EditJob, timer: StageTimer) -> Iterator[EditBatch]:
-    """Compute the prompt's text branch once, then edit and synthesize one batch at a time."""
-    features = job.text_features
-    if job.prompt is not None:
-        with timer.stage("tokenize"):
-            tokens = backend.tokenize([job.prompt])
-        with timer.stage("text_encoder"):
-            features = backend.text_features(tokens)
-    assert features is not None
-    with timer.stage("text_mapper"):
-        text_latents = backend.text_latents(features)
+    """Compute the prompt's text branch once (or take it from the cache), then edit batch by batch."""
+    text_latents = None
+    if job.prompt is not None and job.text_cache is not None:
+        with timer.stage("text_cache"):
+            text_latents = job.text_cache.get(job.prompt)
+    if text_latents is None:
+        features = job.text_features
+        if job.prompt is not None:
+            with timer.stage("tokenize"):
+                tokens = backend.tokenize([job.prompt])
+            with timer.stage("text_encoder"):
+                features = backend.text_features(tokens)
+        assert features is not None
+        with timer.stage("text_mapper"):
+            text_latents = backend.text_latents(features)
+        if job.prompt is not None and job.text_cache is not None:
+            job.text_cache.put(job.prompt, text_latents)
     per_latent = text_latents.shape[0] > 1
     for start in range(0, job.latents.shape[0], job.batch_size):
         w = job.latents[start : start + job.batch_size]

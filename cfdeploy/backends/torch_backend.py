@@ -10,13 +10,10 @@ import torch
 
 from cfdeploy.checkpoints import load_cfclip
 from cfdeploy.errors import CfdeployError
-from cfdeploy.models.clip_text import ClipText, ClipTokenizer
+from cfdeploy.models.clip_text import ClipText
 from cfdeploy.models.mappers import FullTextMapper, LatentEditor, LevelsMapper
-from cfdeploy.models.stylegan2 import Generator, truncate
-
-MEAN_W_SAMPLES = 4096
-MEAN_W_SEED = 0
-
+from cfdeploy.models.stylegan2 import Generator, mean_latent, truncate
+from cfdeploy.tokenizer import ClipTokenizer
 
 def resolve_device(name: str) -> torch.device:
     try:
@@ -85,7 +82,7 @@ class TorchBackend:
     def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
         if self._tokenizer is None:
             self._tokenizer = ClipTokenizer()
-        return self._tokenizer(prompts).numpy()
+        return self._tokenizer(prompts)
 
     def text_features(self, tokens: np.ndarray) -> np.ndarray:
         if self.clip is None:
@@ -112,8 +109,5 @@ class TorchBackend:
     def mean_w(self) -> torch.Tensor:
         """The checkpoint's ``latent_avg`` if it has one, else the mean of 4096 seeded mapped codes."""
         if self._latent_avg is None:
-            generator = torch.Generator().manual_seed(MEAN_W_SEED)
-            z = torch.randn(MEAN_W_SAMPLES, self.style_dim, generator=generator).to(self.device)
-            with torch.inference_mode():
-                self._latent_avg = self.generator.mapping(z).mean(0)
+            self._latent_avg = mean_latent(self.generator)
         return self._latent_avg.to(self.device)

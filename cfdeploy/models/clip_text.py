@@ -1,4 +1,4 @@
-"""CLIP ViT-B/32 text encoder and tokenizer, through open_clip, loaded from the user's weights file.
+"""CLIP ViT-B/32 text encoder through open_clip, loaded from the user's weights file.
 
 CF-CLIP uses OpenAI's CLIP, so the architecture is open_clip's ``ViT-B-32-quickgelu``. Accepted
 files: OpenAI's TorchScript ``ViT-B-32.pt`` (fp16 tensors) or an open_clip state dict with the same
@@ -12,7 +12,7 @@ import logging
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -21,8 +21,6 @@ from cfdeploy.checkpoints import check_keys, is_torchscript_archive, require_fil
 from cfdeploy.errors import CfdeployError
 
 CLIP_ARCHITECTURE = "ViT-B-32-quickgelu"
-CONTEXT_LENGTH = 77
-START_TOKEN, END_TOKEN = 49406, 49407
 TEXT_TOWER_PREFIXES = ("positional_embedding", "text_projection", "token_embedding.", "transformer.", "ln_final.")
 # Scalars OpenAI's archive stores beside the weights; they describe the architecture, which is fixed.
 OPENAI_METADATA_KEYS = ("input_resolution", "context_length", "vocab_size")
@@ -42,24 +40,6 @@ def _quiet_open_clip() -> Iterator[None]:
 
 def is_text_tower_key(key: str) -> bool:
     return key.startswith(TEXT_TOWER_PREFIXES)
-
-
-class ClipTokenizer:
-    """open_clip's BPE tokenizer; prompts over 77 tokens are refused, as OpenAI's tokenizer does."""
-
-    def __init__(self) -> None:
-        import open_clip
-
-        self._tokenizer = open_clip.get_tokenizer(CLIP_ARCHITECTURE)
-
-    def __call__(self, prompts: Sequence[str]) -> torch.Tensor:
-        for prompt in prompts:
-            n_tokens = len(self._tokenizer.encode(self._tokenizer.clean_fn(prompt))) + 2
-            if n_tokens > CONTEXT_LENGTH:
-                raise CfdeployError(
-                    f"prompt {prompt[:40]!r}… is {n_tokens} tokens; CLIP reads at most {CONTEXT_LENGTH}"
-                )
-        return self._tokenizer(list(prompts))
 
 
 class ClipText(nn.Module):

@@ -229,3 +229,10 @@ class Generator(nn.Module):
 def truncate(w: torch.Tensor, mean_w: torch.Tensor, psi: float) -> torch.Tensor:
     """Pull codes toward the mean W: ``mean + psi * (w - mean)``."""
     return mean_w + psi * (w - mean_w)
+
+
+def mean_latent(generator: Generator, samples: int = 4096, seed: int = 0) -> torch.Tensor:
+    """Mean W of ``samples`` mapped codes from a fixed seed, for checkpoints that store no ``latent_avg``."""
+    z = torch.randn(samples, generator.config.style_dim, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return generator.mapping(z.to(generator.input.input.device)).mean(0)

@@ -1,0 +1,124 @@
+"""The ONNX Runtime backend: runs a bundle's graphs with no torch and no open_clip in the process."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from cfdeploy.bundle import Bundle
+from cfdeploy.errors import CfdeployError
+from cfdeploy.tokenizer import ClipTokenizer
+
+PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+
+
+def physical_cores() -> int:
+    """Physical cores (hyper-threads share one core's FPU, so more intra-op threads only contend)."""
+    try:
+        cores = set()
+        physical = core = None
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key == "physical id":
+                physical = value.strip()
+            elif key == "core id":
+                core = value.strip()
+            elif not key and core is not None:
+                cores.add((physical, core))
+                physical = core = None
+        if core is not None:
+            cores.add((physical, core))
+        if cores:
+            return len(cores)
+    except OSError:
+        pass
+    return os.cpu_count() or 1
+
+
+def choose_providers(requested: Sequence[str] | None) -> list[str]:
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if requested:
+        unknown = [name for name in requested if name not in available]
+        if unknown:
+            raise CfdeployError(f"ONNX Runtime providers {', '.join(unknown)} are not available here (have: {', '.join(available)})")
+        return list(requested)
+    return [name for name in PREFERRED_PROVIDERS if name in available]
+
+
+class OnnxRuntimeBackend:
+    """Each stage of the edit as an ONNX Runtime session over the bundle's graphs (created on first use)."""
+
+    name = "onnxruntime"
+
+    def __init__(self, bundle: Bundle, providers: Sequence[str] | None = None, threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        self.bundle = bundle
+        self.providers = choose_providers(providers)
+        self.options = ort.SessionOptions()
+        self.options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.options.intra_op_num_threads = threads or physical_cores()
+        self.options.log_severity_level = 3
+        self._sessions: dict[str, object] = {}
+        self._tokenizer: ClipTokenizer | None = None
+        self.description = bundle.description
+
+    @classmethod
+    def from_bundle(cls, path: Path, providers: Sequence[str] | None = None) -> "OnnxRuntimeBackend":
+        return cls(Bundle(path), providers)
+
+    @property
+    def size(self) -> int:
+        return self.bundle.size
+
+    @property
+    def n_latent(self) -> int:
+        return self.bundle.n_latent
+
+    @property
+    def style_dim(self) -> int:
+        return self.bundle.style_dim
+
+    def _run(self, network: str, **inputs: np.ndarray) -> np.ndarray:
+        session = self._sessions.get(network)
+        if session is None:
+            import onnxruntime as ort
+
+            session = ort.InferenceSession(str(self.bundle.network(network)), self.options, providers=self.providers)
+            self._sessions[network] = session
+        return session.run(None, inputs)[0]  # type: ignore[attr-defined]
+
+    def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
+        if self._tokenizer is None:
+            self._tokenizer = ClipTokenizer(self.bundle.vocab_path)
+        return self._tokenizer(prompts)
+
+    def text_features(self, tokens: np.ndarray) -> np.ndarray:
+        return self._run("clip_text", tokens=tokens.astype(np.int64))
+
+    def text_latents(self, text_features: np.ndarray) -> np.ndarray:
+        return self._run("text_mapper", text_features=np.ascontiguousarray(text_features, np.float32))
+
+    def edit_latents(self, w: np.ndarray, text_latents: np.ndarray, strength: float) -> np.ndarray:
+        return self._run(
+            "latent_editor",
+            w=np.ascontiguousarray(w, np.float32),
+            text_latents=np.ascontiguousarray(np.broadcast_to(text_latents, w.shape), np.float32),
+            strength=np.array([strength], np.float32),
+        )
+
+    def synthesize(self, latents: np.ndarray) -> np.ndarray:
+        return self._run("generator", latents=np.ascontiguousarray(latents, np.float32))
+
+    def sample_w(self, z: np.ndarray, truncation: float) -> np.ndarray:
+        w = self._run("mapping", z=np.ascontiguousarray(z, np.float32))
+        if truncation != 1.0:
+            mean_w = self.bundle.mean_w()
+            w = mean_w + truncation * (w - mean_w)
+        return w.astype(np.float32)

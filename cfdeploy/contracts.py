@@ -1,0 +1,82 @@
+"""The export contract of every network in a bundle: one place for names, shapes and dtypes.
+
+Exporters build graphs to these names; runtimes (ONNX Runtime, TensorRT) feed and read them. The
+``batch`` axis is dynamic everywhere; ``strength`` is a one-element input so one graph serves any edit
+strength. Torch-free on purpose: deployed runtimes import this.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+BATCH = "batch"
+TOKENS = 77
+TEXT_DIM = 512
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int | str, ...]
+    dtype: str = "float32"
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+
+@dataclass(frozen=True)
+class NetworkContract:
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    purpose: str
+
+    @property
+    def filename(self) -> str:
+        return f"{self.name}.onnx"
+
+    def as_dict(self) -> dict:
+        return {
+            "file": self.filename,
+            "purpose": self.purpose,
+            "inputs": [spec.as_dict() for spec in self.inputs],
+            "outputs": [spec.as_dict() for spec in self.outputs],
+        }
+
+
+def network_contracts(size: int, n_latent: int, style_dim: int = 512) -> dict[str, NetworkContract]:
+    """The five graphs of a CF-CLIP bundle, in pipeline order."""
+    w_plus = (BATCH, n_latent, style_dim)
+    contracts = [
+        NetworkContract(
+            "clip_text",
+            (TensorSpec("tokens", (BATCH, TOKENS), "int64"),),
+            (TensorSpec("text_features", (BATCH, TEXT_DIM)),),
+            "CLIP ViT-B/32 text tower: token ids to unnormalised text features",
+        ),
+        NetworkContract(
+            "text_mapper",
+            (TensorSpec("text_features", (BATCH, TEXT_DIM)),),
+            (TensorSpec("text_latents", w_plus),),
+            "CF-CLIP FullTextMapper: one Mapper per W+ level",
+        ),
+        NetworkContract(
+            "latent_editor",
+            (TensorSpec("w", w_plus), TensorSpec("text_latents", w_plus), TensorSpec("strength", (1,))),
+            (TensorSpec("w_hat", w_plus),),
+            "LevelsMapper and residual: w_hat = w + strength * 0.1 * mapper(cat(w, text_latents))",
+        ),
+        NetworkContract(
+            "generator",
+            (TensorSpec("latents", w_plus),),
+            (TensorSpec("image", (BATCH, 3, size, size)),),
+            "StyleGAN2 synthesis with the stored noise: W+ to an image in about [-1, 1]",
+        ),
+        NetworkContract(
+            "mapping",
+            (TensorSpec("z", (BATCH, style_dim)),),
+            (TensorSpec("w", (BATCH, style_dim)),),
+            "StyleGAN2 mapping network: Gaussian z to W (for --seed)",
+        ),
+    ]
+    return {contract.name: contract for contract in contracts}

@@ -1,0 +1,197 @@
+"""``cfdeploy export``: turn a CF-CLIP checkpoint and CLIP weights into a verified ONNX bundle.
+
+Each graph follows its contract in :mod:`cfdeploy.contracts`, is exported with a dynamic batch by
+torch's ONNX exporter, cleaned by onnxslim (constant folding, shape inference, dead nodes), and then
+run by ONNX Runtime on fresh random inputs at batch 1 and 3 against the torch model; export fails if
+any graph drifts past tolerance.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import onnx
+import onnxruntime
+import onnxslim
+import torch
+from torch import nn
+
+import cfdeploy
+from cfdeploy.bundle import FORMAT, FORMAT_VERSION, MANIFEST, prompt_key, sha256_file
+from cfdeploy.checkpoints import load_cfclip
+from cfdeploy.contracts import BATCH, NetworkContract, TensorSpec, network_contracts
+from cfdeploy.errors import CfdeployError
+from cfdeploy.models.clip_text import ClipText
+from cfdeploy.models.mappers import LatentEditor
+from cfdeploy.models.stylegan2 import mean_latent
+from cfdeploy.outputs import StagedDirectory
+from cfdeploy.tokenizer import VOCAB_FILENAME, ClipTokenizer, packaged_vocab_path
+
+DEFAULT_OPSET = 18
+FP32_TOLERANCE = 1e-5
+PARITY_BATCHES = (1, 3)
+TRACE_BATCH = 2
+MAX_BATCH = 1024
+
+
+def sample_input(spec: TensorSpec, batch: int, rng: np.random.Generator) -> np.ndarray:
+    """Fresh random input for one tensor of a contract (token rows end with a real end token)."""
+    shape = tuple(batch if dim == BATCH else dim for dim in spec.shape)
+    if spec.name == "tokens":
+        tokens = np.zeros(shape, np.int64)
+        for row in tokens:
+            length = int(rng.integers(3, shape[1] + 1))
+            row[0], row[length - 1] = 49406, 49407
+            row[1 : length - 1] = rng.integers(1, 49406, size=length - 2)
+        return tokens
+    if spec.name == "strength":
+        return rng.uniform(0.5, 2.0, size=shape).astype(np.float32)
+    # Magnitudes from 1e-5 to 3: PixelNorm's epsilon only matters for small values, so test them too.
+    return (rng.standard_normal(shape) * 10.0 ** rng.uniform(-5.0, 0.5, size=shape)).astype(np.float32)
+
+
+def export_graph(module: nn.Module, contract: NetworkContract, path: Path, opset: int) -> None:
+    batch = torch.export.Dim(BATCH, min=1, max=MAX_BATCH)
+    rng = np.random.default_rng(0)
+    args = tuple(torch.from_numpy(sample_input(spec, TRACE_BATCH, rng)) for spec in contract.inputs)
+    dynamic = tuple({0: batch} if spec.shape[0] == BATCH else None for spec in contract.inputs)
+    with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module.eval(),
+            args,
+            str(path),
+            input_names=[spec.name for spec in contract.inputs],
+            output_names=[spec.name for spec in contract.outputs],
+            dynamic_shapes=dynamic,
+            opset_version=opset,
+            dynamo=True,
+            external_data=False,
+            optimize=False,  # its optimizer drops PixelNorm's "+ 1e-8"; onnxslim below keeps it
+            verbose=False,
+        )
+    onnx.save(onnxslim.slim(onnx.load(str(path))), str(path))
+
+
+def check_parity(module: nn.Module, contract: NetworkContract, path: Path, tolerance: float) -> dict[str, dict]:
+    """Run the exported graph in ONNX Runtime against torch at each parity batch size."""
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(1234)
+    results = {}
+    for batch in PARITY_BATCHES:
+        inputs = {spec.name: sample_input(spec, batch, rng) for spec in contract.inputs}
+        with torch.no_grad():
+            expected = module(*(torch.from_numpy(value) for value in inputs.values())).numpy().astype(np.float64)
+        got = session.run(None, inputs)[0].astype(np.float64)
+        if got.shape != expected.shape:
+            raise CfdeployError(f"{contract.name}: exported graph gives shape {list(got.shape)}, torch {list(expected.shape)}")
+        rel_l2 = float(np.linalg.norm(got - expected) / max(np.linalg.norm(expected), 1e-30))
+        max_abs = float(np.abs(got - expected).max())
+        results[f"batch_{batch}"] = {"max_abs": max_abs, "rel_l2": rel_l2}
+        if not rel_l2 <= tolerance:
+            raise CfdeployError(
+                f"{contract.name}: ONNX graph differs from torch at batch {batch}: rel L2 {rel_l2:.2e} > {tolerance:.0e}"
+            )
+    return results
+
+
+def export_bundle(
+    checkpoint_path: Path,
+    clip_weights: Path,
+    out: Path,
+    *,
+    opset: int = DEFAULT_OPSET,
+    prompts: Sequence[str] = (),
+    force: bool = False,
+    on_stage: Callable[[str], None] = lambda stage: None,
+) -> dict:
+    """Write a bundle to ``out`` (atomically) and return its manifest."""
+    on_stage("loading checkpoint and CLIP weights")
+    checkpoint = load_cfclip(checkpoint_path)
+    clip = ClipText.from_file(clip_weights)
+    generator = checkpoint.generator
+    config = generator.config
+    contracts = network_contracts(config.size, config.n_latent, config.style_dim)
+    modules: dict[str, nn.Module] = {
+        "clip_text": clip,
+        "text_mapper": checkpoint.text_mapper,
+        "latent_editor": LatentEditor(checkpoint.mapper),
+        "generator": generator,
+        "mapping": generator.style,
+    }
+    tokenizer = ClipTokenizer()
+    prompt_tokens = tokenizer(list(prompts)) if prompts else None
+    networks: dict[str, dict] = {}
+    timings: dict[str, float] = {}
+    with StagedDirectory(out, force) as staged:
+        for name, contract in contracts.items():
+            on_stage(f"exporting {name}")
+            started = time.perf_counter()
+            path = staged.path / contract.filename
+            export_graph(modules[name], contract, path, opset)
+            timings[f"export_{name}"] = time.perf_counter() - started
+            on_stage(f"checking {name} against torch")
+            started = time.perf_counter()
+            networks[name] = {**contract.as_dict(), "parity": check_parity(modules[name], contract, path, FP32_TOLERANCE)}
+            timings[f"parity_{name}"] = time.perf_counter() - started
+
+        on_stage("writing tokenizer, mean W and prompts")
+        (staged.path / "tokenizer").mkdir()
+        shutil.copyfile(packaged_vocab_path(), staged.path / "tokenizer" / VOCAB_FILENAME)
+        np.save(staged.path / "mean_w.npy", mean_latent(generator).numpy())
+        stored_prompts = {}
+        if prompt_tokens is not None:
+            (staged.path / "prompts").mkdir()
+            with torch.no_grad():
+                text_latents = checkpoint.text_mapper(clip(torch.from_numpy(prompt_tokens))).numpy()
+            for prompt, latents in zip(prompts, text_latents):
+                relative = f"prompts/{prompt_key(prompt)}.npy"
+                np.save(staged.path / relative, latents[None])
+                stored_prompts[prompt] = relative
+
+        files = sorted(
+            str(path.relative_to(staged.path)) for path in staged.path.rglob("*") if path.is_file()
+        )
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "versions": {
+                "cfdeploy": cfdeploy.__version__,
+                "torch": torch.__version__,
+                "onnx": onnx.__version__,
+                "onnxruntime": onnxruntime.__version__,
+            },
+            "source": {
+                "checkpoint": str(checkpoint_path),
+                "checkpoint_sha256": sha256_file(checkpoint_path),
+                "clip_weights": str(clip_weights),
+            },
+            "opts": {
+                "size": config.size,
+                "n_latent": config.n_latent,
+                "style_dim": config.style_dim,
+                "description": checkpoint.description,
+                "source_text": checkpoint.source_text,
+                "w_space": bool(checkpoint.opts.get("w_space", False)),
+                "mapper_groups": list(checkpoint.mapper_config.groups),
+            },
+            "export": {"exporter": "torch.onnx (dynamo)", "opset": opset, "precision": "fp32",
+                       "parity_tolerance_rel_l2": FP32_TOLERANCE, "parity_batches": list(PARITY_BATCHES),
+                       "seconds": {key: round(value, 3) for key, value in timings.items()}},
+            "networks": networks,
+            "tokenizer": {"vocab": f"tokenizer/{VOCAB_FILENAME}"},
+            "mean_w": "mean_w.npy",
+            "prompts": stored_prompts,
+            "files": {relative: sha256_file(staged.path / relative) for relative in files},
+        }
+        (staged.path / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+

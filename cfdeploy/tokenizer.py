@@ -1,0 +1,118 @@
+"""CLIP's byte-level BPE tokenizer without torch or open_clip, so deployed bundles tokenise anywhere.
+
+It reads the same merges file open_clip ships (``bpe_simple_vocab_16e6.txt.gz``; a bundle carries a
+copy) and produces the same ids: text cleaned with ftfy, HTML-unescaped twice, whitespace collapsed
+and lower-cased; ``<start_of_text> … <end_of_text>`` zero-padded to 77. Prompts longer than that are
+refused, as OpenAI's tokenizer does, rather than silently cut.
+"""
+
+from __future__ import annotations
+
+import gzip
+import html
+from functools import lru_cache
+from pathlib import Path
+from typing import Sequence
+
+import ftfy
+import numpy as np
+import regex
+
+from cfdeploy.errors import CfdeployError
+
+CONTEXT_LENGTH = 77
+VOCAB_FILENAME = "bpe_simple_vocab_16e6.txt.gz"
+N_MERGES = 49152 - 256 - 2
+SPECIAL_TOKENS = ("<start_of_text>", "<end_of_text>")
+END_OF_WORD = "</w>"
+
+
+def packaged_vocab_path() -> Path:
+    """open_clip's copy of the merges file (export side only: deployed bundles carry their own)."""
+    import open_clip
+
+    return Path(open_clip.__file__).parent / VOCAB_FILENAME
+
+
+@lru_cache(maxsize=1)
+def byte_alphabet() -> dict[int, str]:
+    """One printable character per byte value, in CLIP's vocabulary order.
+
+    Printable bytes come first and stand for themselves; the others follow, mapped above 255.
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [byte for byte in range(256) if byte not in printable]
+    return {
+        **{byte: chr(byte) for byte in printable},
+        **{byte: chr(256 + offset) for offset, byte in enumerate(others)},
+    }
+
+
+def clean(text: str) -> str:
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    return " ".join(text.split()).lower()
+
+
+class ClipTokenizer:
+    """``prompts → int64 [P, 77]`` token ids identical to open_clip's for CLIP ViT-B/32."""
+
+    def __init__(self, vocab_path: Path | None = None) -> None:
+        path = vocab_path or packaged_vocab_path()
+        try:
+            lines = gzip.open(path).read().decode("utf-8").split("\n")[1 : N_MERGES + 1]
+        except OSError as error:
+            raise CfdeployError(f"{path}: not a readable CLIP BPE merges file: {error}") from None
+        merges = [tuple(line.split()) for line in lines]
+        alphabet = list(byte_alphabet().values())
+        vocab = [*alphabet, *(symbol + END_OF_WORD for symbol in alphabet), *("".join(m) for m in merges), *SPECIAL_TOKENS]
+        self.ids = {token: index for index, token in enumerate(vocab)}
+        self.merge_rank = {merge: rank for rank, merge in enumerate(merges)}
+        self.start_id, self.end_id = (self.ids[token] for token in SPECIAL_TOKENS)
+        specials = "|".join(SPECIAL_TOKENS)
+        self.pattern = regex.compile(
+            specials + r"""|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""", regex.IGNORECASE
+        )
+        self._word_cache: dict[str, list[str]] = {token: [token] for token in SPECIAL_TOKENS}
+
+    def _merge(self, word: str) -> list[str]:
+        """Apply BPE merges to one pre-token (already mapped to the byte alphabet), lowest rank first."""
+        if word in self._word_cache:
+            return self._word_cache[word]
+        symbols = [*word[:-1], word[-1] + END_OF_WORD]
+        while len(symbols) > 1:
+            pairs = set(zip(symbols, symbols[1:]))
+            best = min(pairs, key=lambda pair: self.merge_rank.get(pair, N_MERGES))
+            if best not in self.merge_rank:
+                break
+            merged: list[str] = []
+            index = 0
+            while index < len(symbols):
+                if index + 1 < len(symbols) and (symbols[index], symbols[index + 1]) == best:
+                    merged.append(symbols[index] + symbols[index + 1])
+                    index += 2
+                else:
+                    merged.append(symbols[index])
+                    index += 1
+            symbols = merged
+        self._word_cache[word] = symbols
+        return symbols
+
+    def encode(self, prompt: str) -> list[int]:
+        """BPE ids of one prompt, without start/end tokens."""
+        alphabet = byte_alphabet()
+        ids: list[int] = []
+        for piece in self.pattern.findall(clean(prompt)):
+            word = "".join(alphabet[byte] for byte in piece.encode("utf-8"))
+            ids.extend(self.ids[symbol] for symbol in self._merge(word))
+        return ids
+
+    def __call__(self, prompts: Sequence[str]) -> np.ndarray:
+        tokens = np.zeros((len(prompts), CONTEXT_LENGTH), dtype=np.int64)
+        for row, prompt in enumerate(prompts):
+            ids = [self.start_id, *self.encode(prompt), self.end_id]
+            if len(ids) > CONTEXT_LENGTH:
+                raise CfdeployError(
+                    f"prompt {prompt[:40]!r}… is {len(ids)} tokens; CLIP reads at most {CONTEXT_LENGTH}"
+                )
+            tokens[row, : len(ids)] = ids
+        return tokens

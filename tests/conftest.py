@@ -71,3 +71,17 @@ def cli():
         return runner.invoke(app, [str(arg) for arg in args])
 
     return invoke
+
+
+@pytest.fixture(scope="session")
+def bundle_256(tmp_path_factory: pytest.TempPathFactory, cfclip_256: Path, clip_state_dict_file: Path) -> Path:
+    """An ONNX bundle exported through the CLI, with one precomputed prompt."""
+    from typer.testing import CliRunner
+
+    from cfdeploy.cli import app
+
+    out = tmp_path_factory.mktemp("bundles") / "green_lipstick_256"
+    result = CliRunner().invoke(app, ["export", "-c", str(cfclip_256), "--clip-weights", str(clip_state_dict_file),
+                                      "--out", str(out), "--prompt", "green lipstick"])
+    assert result.exit_code == 0, result.stderr
+    return out

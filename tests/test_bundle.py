@@ -1,0 +1,143 @@
+"""ONNX bundles: export, ONNX Runtime edits against the official formulation, caching, bad bundles."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from test_bad_input import assert_refused
+from test_parity import TOLERANCE, official_edit, open_clip_features, rel_l2
+
+
+def test_manifest_lists_every_file_with_hash_contract_and_parity(bundle_256):
+    from cfdeploy.bundle import sha256_file
+
+    manifest = json.loads((bundle_256 / "manifest.json").read_text())
+    assert manifest["format"] == "cfdeploy-bundle" and manifest["format_version"] == 1
+    assert manifest["opts"] == {"size": 256, "n_latent": 14, "style_dim": 512, "description": "green lipstick",
+                                "source_text": "face", "w_space": False, "mapper_groups": ["coarse", "medium", "fine"]}
+    assert set(manifest["networks"]) == {"clip_text", "text_mapper", "latent_editor", "generator", "mapping"}
+    for network in manifest["networks"].values():
+        assert set(network["parity"]) == {"batch_1", "batch_3"}
+        assert all(result["rel_l2"] <= 1e-5 for result in network["parity"].values())
+    on_disk = sorted(str(p.relative_to(bundle_256)) for p in bundle_256.rglob("*") if p.is_file() and "cache" not in p.parts)
+    assert sorted([*manifest["files"], "manifest.json"]) == on_disk
+    assert all(sha256_file(bundle_256 / name) == digest for name, digest in manifest["files"].items())
+    assert manifest["networks"]["generator"]["inputs"] == [{"name": "latents", "shape": ["batch", 14, 512], "dtype": "float32"}]
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 5])
+def test_onnxruntime_edit_reproduces_official(tmp_path, cli, bundle_256, cfclip_256, latents_256, embedding_file, batch_size):
+    out = tmp_path / "out"
+    result = cli("edit", "--bundle", bundle_256, "--backend", "onnxruntime", "-l", latents_256, "--text-embedding",
+                 embedding_file, "-o", out, "-b", batch_size, "--save-latents", "--save-raw")
+    assert result.exit_code == 0, result.stderr
+    w_hat, image = official_edit(cfclip_256, np.load(latents_256), np.load(embedding_file)[None])
+    assert rel_l2(np.load(out / "latents.npy"), w_hat) <= TOLERANCE
+    assert rel_l2(np.load(out / "images.npy"), image) <= TOLERANCE
+    assert len(list(out.glob("*.png"))) == 5 and json.loads((out / "edit.json").read_text())["backend"] == "onnxruntime"
+
+
+def test_text_prompt_is_encoded_by_the_bundle_then_cached(tmp_path, cli, bundle_256, cfclip_256, latents_256):
+    prompt = "Purple   HAIR &amp; beard"
+    runs = []
+    for attempt in range(2):
+        out = tmp_path / f"out{attempt}"
+        result = cli("edit", "--bundle", bundle_256, "-l", latents_256, "--text", prompt, "-o", out, "--save-latents")
+        assert result.exit_code == 0, result.stderr
+        runs.append((np.load(out / "latents.npy"), json.loads((out / "edit.json").read_text())["timings_s"]))
+    (first, first_timings), (second, second_timings) = runs
+    assert "text_encoder" in first_timings and "text_encoder" not in second_timings and "text_mapper" not in second_timings
+    assert np.array_equal(first, second)
+    assert len(list((bundle_256 / "cache").glob("*.npy"))) >= 1
+    w_hat, _ = official_edit(cfclip_256, np.load(latents_256), open_clip_features([prompt]))
+    assert rel_l2(first, w_hat) <= TOLERANCE
+
+
+def test_precomputed_prompt_needs_no_clip(tmp_path, cli, bundle_256, cfclip_256, latents_256):
+    out = tmp_path / "out"
+    assert cli("edit", "--bundle", bundle_256, "-l", latents_256, "--text", "green lipstick", "-o", out, "--save-latents").exit_code == 0
+    assert "text_encoder" not in json.loads((out / "edit.json").read_text())["timings_s"]
+    w_hat, _ = official_edit(cfclip_256, np.load(latents_256), open_clip_features(["green lipstick"]))
+    assert rel_l2(np.load(out / "latents.npy"), w_hat) <= TOLERANCE
+
+
+def test_seeds_match_the_torch_backend(tmp_path, cli, bundle_256, cfclip_256, embedding_file):
+    results = {}
+    for backend, source in (("onnxruntime", ("--bundle", bundle_256)), ("torch", ("--checkpoint", cfclip_256))):
+        out = tmp_path / backend
+        assert cli("edit", *source, "--backend", backend, "--seed", 3, "--num", 2, "--truncation", 0.5,
+                   "--text-embedding", embedding_file, "-o", out, "--save-latents").exit_code == 0
+        results[backend] = np.load(out / "latents.npy")
+    assert rel_l2(results["onnxruntime"], results["torch"]) <= TOLERANCE
+
+
+@pytest.fixture
+def bundle_copy(tmp_path, bundle_256) -> Path:
+    """A cheap copy (hard links) of the session bundle that a test may damage."""
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle_256, copy, copy_function=os.link, ignore=shutil.ignore_patterns("cache"))
+    manifest = copy / "manifest.json"
+    manifest.unlink()
+    shutil.copyfile(bundle_256 / "manifest.json", manifest)
+    return copy
+
+
+def run_on(cli, bundle: Path, out: Path, latents: Path, embedding: Path):
+    return cli("edit", "--bundle", bundle, "-l", latents, "--text-embedding", embedding, "-o", out)
+
+
+def test_bundle_missing_a_graph(tmp_path, cli, bundle_copy, latents_256, embedding_file):
+    (bundle_copy / "generator.onnx").unlink()
+    assert_refused(run_on(cli, bundle_copy, tmp_path / "out", latents_256, embedding_file), tmp_path / "out",
+                   f"{bundle_copy / 'generator.onnx'}: missing from the bundle")
+
+
+def test_bundle_file_with_wrong_hash(tmp_path, cli, bundle_copy, latents_256, embedding_file):
+    graph = bundle_copy / "latent_editor.onnx"
+    data = bytearray(graph.read_bytes())
+    graph.unlink()
+    data[-1] ^= 1
+    graph.write_bytes(bytes(data))
+    assert_refused(run_on(cli, bundle_copy, tmp_path / "out", latents_256, embedding_file), tmp_path / "out",
+                   str(graph), "differs from the manifest")
+
+
+def test_bundle_of_unknown_format_version(tmp_path, cli, bundle_copy, latents_256, embedding_file):
+    manifest = json.loads((bundle_copy / "manifest.json").read_text())
+    manifest["format_version"] = 99
+    (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
+    assert_refused(run_on(cli, bundle_copy, tmp_path / "out", latents_256, embedding_file), tmp_path / "out",
+                   "bundle format version 99, this cfdeploy reads version 1")
+
+
+def test_not_a_bundle(tmp_path, cli, latents_256, embedding_file):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_refused(run_on(cli, empty, tmp_path / "out", latents_256, embedding_file), tmp_path / "out",
+                   "manifest.json: missing; not a cfdeploy bundle")
+
+
+def test_latents_of_another_size_than_the_bundle(tmp_path, cli, bundle_256, embedding_file):
+    latents = tmp_path / "w1024.npy"
+    np.save(latents, np.zeros((2, 18, 512), np.float32))
+    assert_refused(run_on(cli, bundle_256, tmp_path / "out", latents, embedding_file), tmp_path / "out",
+                   str(latents), "latents have 18 levels, the generator needs 14")
+
+
+def test_unknown_provider(tmp_path, cli, bundle_256, latents_256, embedding_file):
+    result = cli("edit", "--bundle", bundle_256, "-l", latents_256, "--text-embedding", embedding_file,
+                 "-o", tmp_path / "out", "--providers", "NoSuchExecutionProvider")
+    assert_refused(result, tmp_path / "out", "NoSuchExecutionProvider are not available here")
+
+
+def test_export_refuses_existing_bundle_without_force(tmp_path, cli, bundle_256, cfclip_256, clip_state_dict_file):
+    before = (bundle_256 / "manifest.json").read_bytes()
+    result = cli("export", "-c", cfclip_256, "--clip-weights", clip_state_dict_file, "--out", bundle_256)
+    assert result.exit_code == 2 and "not empty (use --force" in result.stderr
+    assert (bundle_256 / "manifest.json").read_bytes() == before

@@ -1,0 +1,60 @@
+"""A core install (no extras) runs a bundle: a fresh virtual environment without torch or open_clip."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pytest
+
+from test_parity import TOLERANCE, official_edit, open_clip_features, rel_l2
+from test_tokenizer import PROMPTS
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def core_python(tmp_path_factory) -> Path:
+    """Python of a fresh venv with ``pip install <repo>`` and nothing else."""
+    env_dir = tmp_path_factory.mktemp("core-venv")
+    venv.create(env_dir, with_pip=True)
+    python = env_dir / "bin" / "python"
+    subprocess.run([python, "-m", "pip", "install", "-q", str(REPO)], check=True)
+    probe = subprocess.run([python, "-c", "import torch"], capture_output=True)
+    assert probe.returncode != 0, "the core install must not bring torch"
+    return python
+
+
+def run_core(python: Path, *args: object) -> subprocess.CompletedProcess:
+    code = "import sys; from cfdeploy.cli import main; sys.argv[0] = 'cfdeploy'; main()"
+    return subprocess.run([python, "-c", code, *map(str, args)], capture_output=True, text=True)
+
+
+def test_core_install_tokenizes_like_open_clip(core_python, bundle_256):
+    code = (
+        "import json, sys; from pathlib import Path; from cfdeploy.tokenizer import ClipTokenizer;"
+        "tok = ClipTokenizer(Path(sys.argv[1]) / 'tokenizer' / 'bpe_simple_vocab_16e6.txt.gz');"
+        "print(json.dumps(tok(json.loads(sys.argv[2])).tolist()))"
+    )
+    process = subprocess.run([core_python, "-c", code, str(bundle_256), json.dumps(PROMPTS)], capture_output=True, text=True)
+    assert process.returncode == 0, process.stderr
+    assert np.array_equal(np.array(json.loads(process.stdout)), open_clip.get_tokenizer("ViT-B-32")(PROMPTS).numpy())
+
+
+@pytest.mark.parametrize("text_source", ["text", "embedding"])
+def test_core_install_edits_a_bundle(core_python, tmp_path, bundle_256, cfclip_256, latents_256, embedding_file, text_source):
+    if text_source == "text":
+        source, features = ("--text", "rosy cheeks"), open_clip_features(["rosy cheeks"])
+    else:
+        source, features = ("--text-embedding", embedding_file), np.load(embedding_file)[None]
+    out = tmp_path / "out"
+    process = run_core(core_python, "edit", "--bundle", bundle_256, "-l", latents_256, *source, "-o", out, "--save-raw")
+    assert process.returncode == 0, process.stderr
+    assert "torch" not in json.loads((out / "edit.json").read_text())["versions"]
+    _, image = official_edit(cfclip_256, np.load(latents_256), features)
+    assert rel_l2(np.load(out / "images.npy"), image) <= TOLERANCE

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -22,19 +23,35 @@ def rel_l2(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a.astype(np.float64) - b) / np.linalg.norm(b.astype(np.float64)))
 
 
-def official_edit(checkpoint: Path, w: np.ndarray, text_features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+@functools.lru_cache(maxsize=16)
+def _official_edit(checkpoint: Path, w: bytes, w_shape: tuple, features: bytes, features_shape: tuple):
     content = torch.load(checkpoint, weights_only=True)
+    w_array = np.frombuffer(w, np.float32).reshape(w_shape)
+    features_array = np.frombuffer(features, np.float32).reshape(features_shape)
     with torch.no_grad():
-        w_hat, image = reference.cfclip_edit(content["state_dict"], content["opts"], torch.from_numpy(w), torch.from_numpy(text_features))
+        w_hat, image = reference.cfclip_edit(
+            content["state_dict"], content["opts"], torch.from_numpy(w_array.copy()), torch.from_numpy(features_array.copy())
+        )
     return w_hat.numpy(), image.numpy()
+
+
+def official_edit(checkpoint: Path, w: np.ndarray, text_features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The official formulation's ``w_hat`` and image (memoised: several tests share inputs)."""
+    w, text_features = np.asarray(w, np.float32), np.asarray(text_features, np.float32)
+    return _official_edit(checkpoint, w.tobytes(), w.shape, text_features.tobytes(), text_features.shape)
+
+
+@functools.lru_cache(maxsize=1)
+def _open_clip_model(seed: int):
+    model = open_clip.create_model(CLIP_ARCHITECTURE, pretrained=None)
+    model.load_state_dict(clip_text_state(seed), strict=False)
+    return model.eval()
 
 
 def open_clip_features(prompts: list[str], seed: int = 3) -> np.ndarray:
     """open_clip's own tokenizer and encode_text on the same weights, loaded with open_clip's API."""
-    model = open_clip.create_model(CLIP_ARCHITECTURE, pretrained=None)
-    model.load_state_dict(clip_text_state(seed), strict=False)
     with torch.no_grad():
-        return model.eval().encode_text(open_clip.tokenize(prompts)).numpy()
+        return _open_clip_model(seed).encode_text(open_clip.tokenize(prompts)).numpy()
 
 
 @pytest.mark.parametrize("checkpoint_fixture,count,batch_size", [("cfclip_256", 5, 2), ("cfclip_1024", 2, 2)])

@@ -272,7 +272,7 @@ def embed_command(
 @app.command("inspect")
 @user_errors
 def inspect_command(
-    file: Path = typer.Argument(..., help="Checkpoint, CLIP weights, or latents/embedding array."),
+    file: Path = typer.Argument(..., help="Checkpoint, CLIP weights, latents/embedding array, or bundle directory."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Say what a file is: kind, resolution, levels, trained prompt, mapper groups, parameter counts."""
@@ -287,7 +287,7 @@ def inspect_command(
     table = Table(title=str(file), show_header=False)
     for key, value in report.items():
         if isinstance(value, dict):
-            value = ", ".join(f"{name} {count:,}" for name, count in value.items())
+            value = ", ".join(f"{name} {count:,}" if isinstance(count, int) else f"{name} {count}" for name, count in value.items())
         elif isinstance(value, list):
             value = ", ".join(map(str, value)) or "-"
         table.add_row(key, str(value))

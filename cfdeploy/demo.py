@@ -1,22 +1,34 @@
 """The embedded default: the real architecture with seeded synthetic weights, edited end to end.
 
 It needs no downloads, so the pipeline and its speed can be tried anywhere; the pictures mean nothing
-because the weights are random.
+because the weights are random. The same models can be saved in the official file formats, so the
+export and benchmark paths can be exercised without the official files too.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+
 import torch
 
 from cfdeploy.backends.torch_backend import TorchBackend
-from cfdeploy.models.clip_text import ClipText
+from cfdeploy.models.clip_text import ClipText, is_text_tower_key
 from cfdeploy.models.mappers import FullTextMapper, LevelsMapper, MapperConfig
 from cfdeploy.models.stylegan2 import Generator, GeneratorConfig
 
 DEMO_PROMPT = "green lipstick"
 
 
-def synthetic_backend(size: int = 256, seed: int = 0, device: str = "cpu") -> TorchBackend:
+@dataclass
+class SyntheticModels:
+    generator: Generator
+    text_mapper: FullTextMapper
+    mapper: LevelsMapper
+    clip: ClipText
+
+
+def synthetic_models(size: int = 256, seed: int = 0) -> SyntheticModels:
     """A CF-CLIP model set (CLIP text tower, both mappers, generator) with seeded random weights."""
     torch.manual_seed(seed)
     generator = Generator(GeneratorConfig(size))
@@ -24,6 +36,27 @@ def synthetic_backend(size: int = 256, seed: int = 0, device: str = "cpu") -> To
         if name.endswith("noise.weight"):
             parameter.data.fill_(0.1)
     config = MapperConfig(n_latent=generator.config.n_latent)
-    text_mapper, mapper = FullTextMapper(config), LevelsMapper(config)
-    clip = ClipText.random(seed)
-    return TorchBackend(generator, text_mapper, mapper, clip, description=DEMO_PROMPT, device=device)
+    return SyntheticModels(generator.eval(), FullTextMapper(config).eval(), LevelsMapper(config).eval(), ClipText.random(seed))
+
+
+def synthetic_backend(size: int = 256, seed: int = 0, device: str = "cpu") -> TorchBackend:
+    models = synthetic_models(size, seed)
+    return TorchBackend(models.generator, models.text_mapper, models.mapper, models.clip, description=DEMO_PROMPT, device=device)
+
+
+def save_synthetic_files(directory: Path, size: int = 256, seed: int = 0) -> tuple[Path, Path]:
+    """Write a CF-CLIP checkpoint and CLIP text weights in the official formats; returns their paths."""
+    models = synthetic_models(size, seed)
+    state = {
+        **{f"mapper.{key}": value for key, value in models.mapper.state_dict().items()},
+        **{f"decoder.{key}": value for key, value in models.generator.state_dict().items()},
+        **{f"text_mapper.{key}": value for key, value in models.text_mapper.state_dict().items()},
+    }
+    opts = {"stylegan_size": size, "mapper_type": "LevelsMapper", "no_coarse_mapper": False, "no_medium_mapper": False,
+            "no_fine_mapper": False, "w_space": False, "description": DEMO_PROMPT, "source_text": "face"}
+    directory.mkdir(parents=True, exist_ok=True)
+    checkpoint, clip_weights = directory / f"synthetic_{size}.pt", directory / "synthetic_clip_text.pt"
+    torch.save({"state_dict": state, "opts": opts}, checkpoint)
+    clip_state = {key: value for key, value in models.clip.clip.state_dict().items() if is_text_tower_key(key)}
+    torch.save(clip_state, clip_weights)
+    return checkpoint, clip_weights

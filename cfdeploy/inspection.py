@@ -31,6 +31,8 @@ def inspect_file(path: Path) -> dict[str, Any]:
     """A flat description of a checkpoint, CLIP weights file, or latent/embedding array."""
     if not path.exists():
         raise CfdeployError(f"{path}: no such file")
+    if path.is_dir():
+        return _describe_bundle(path)
     if path.suffix == ".npy":
         try:
             return _describe_array(np.load(path, allow_pickle=False, mmap_mode="r"))
@@ -80,6 +82,27 @@ def inspect_file(path: Path) -> dict[str, Any]:
     if isinstance(content, dict) and ("token_embedding.weight" in content or "state_dict" in content):
         return _describe_clip(ClipText.from_file(path), "state dict")
     raise CfdeployError(f"{path}: not a CF-CLIP, StyleGAN2 or CLIP file cfdeploy knows")
+
+
+def _describe_bundle(path: Path) -> dict[str, Any]:
+    from cfdeploy.bundle import Bundle
+
+    bundle = Bundle(path)
+    manifest = bundle.manifest
+    return {
+        "kind": "cfdeploy bundle",
+        "format_version": manifest["format_version"],
+        "resolution": bundle.size,
+        "n_latent": bundle.n_latent,
+        "trained_description": bundle.description,
+        "networks": list(manifest["networks"]),
+        "worst_parity_rel_l2": max(
+            result["rel_l2"] for network in manifest["networks"].values() for result in network["parity"].values()
+        ),
+        "precomputed_prompts": list(manifest.get("prompts", {})),
+        "created": manifest.get("created"),
+        "exported_with": manifest.get("versions", {}),
+    }
 
 
 def _describe_clip(clip: Any, file_format: str) -> dict[str, Any]:

@@ -141,3 +141,9 @@ def test_export_refuses_existing_bundle_without_force(tmp_path, cli, bundle_256,
     result = cli("export", "-c", cfclip_256, "--clip-weights", clip_state_dict_file, "--out", bundle_256)
     assert result.exit_code == 2 and "not empty (use --force" in result.stderr
     assert (bundle_256 / "manifest.json").read_bytes() == before
+
+
+def test_inspect_bundle(cli, bundle_256):
+    report = json.loads(cli("inspect", bundle_256, "--json").stdout)
+    assert report["kind"] == "cfdeploy bundle" and report["resolution"] == 256
+    assert report["precomputed_prompts"] == ["green lipstick"] and report["worst_parity_rel_l2"] <= 1e-5

@@ -329,6 +329,103 @@ def demo_command(
     console.print(f"before|after pairs: {out}/000000.png …; details: {out}/edit.json", highlight=False)
 
 
+def _int_list(value: str, option: str) -> list[int]:
+    try:
+        numbers = [int(part) for part in value.split(",") if part.strip()]
+    except ValueError:
+        raise CfdeployError(f"{option} {value!r}: expected comma-separated integers") from None
+    if not numbers or min(numbers) < 1:
+        raise CfdeployError(f"{option} {value!r}: expected positive integers")
+    return numbers
+
+
+@app.command("bench")
+@user_errors
+def bench_command(
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="CF-CLIP checkpoint to benchmark."),
+    bundle: Optional[Path] = typer.Option(None, "--bundle", help="Exported bundle to benchmark."),
+    synthetic: Optional[int] = typer.Option(
+        None, "--synthetic", help="Benchmark the real architecture at this size with synthetic weights (no files needed)."
+    ),
+    clip_weights: Optional[Path] = typer.Option(None, "--clip-weights", help="CLIP weights, to time the text stages on torch."),
+    backends: str = typer.Option("torch-reference,torch,onnxruntime", "--backends", help="Comma-separated backends."),
+    batch_sizes: str = typer.Option("1", "--batch-sizes", help="Comma-separated batch sizes, e.g. 1,2,4,8."),
+    warmup: int = typer.Option(1, "--warmup", min=0, help="Untimed runs first."),
+    runs: int = typer.Option(5, "--runs", min=1, help="Timed runs per backend and batch size."),
+    prompt: str = typer.Option("green lipstick", "--prompt", help="Prompt for the text stages."),
+    json_file: Optional[Path] = typer.Option(None, "--json", help="Write the full report as JSON."),
+    csv_file: Optional[Path] = typer.Option(None, "--csv", help="Write one row per backend and batch size."),
+    plot_file: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG of latency per stage and backend."),
+) -> None:
+    """Per-stage latency (median, p90, p99, mean), images/s, peak RSS and image parity per backend.
+
+    Each backend runs in its own process; parity is against the torch fp32 backend. Backends that are
+    not installed, or have no device, are listed as skipped with the reason.
+    """
+    import tempfile
+
+    from cfdeploy.bench import BACKENDS, BenchSettings, Sources, run_bench
+
+    if sum(source is not None for source in (checkpoint, bundle, synthetic)) != 1:
+        raise CfdeployError("give exactly one of --checkpoint, --bundle or --synthetic SIZE")
+    names = [name.strip() for name in backends.split(",") if name.strip()]
+    unknown = [name for name in names if name not in BACKENDS]
+    if unknown:
+        raise CfdeployError(f"unknown backends {', '.join(unknown)} (known: {', '.join(BACKENDS)})")
+    settings = BenchSettings(names, _int_list(batch_sizes, "--batch-sizes"), warmup, runs, prompt)
+    with tempfile.TemporaryDirectory(prefix="cfdeploy-bench-") as scratch:
+        sources = Sources(checkpoint, clip_weights, bundle)
+        if synthetic is not None:
+            if synthetic < 8 or synthetic & (synthetic - 1):
+                raise CfdeployError(f"--synthetic must be a power of two, got {synthetic}")
+            from cfdeploy.demo import save_synthetic_files
+
+            with console.status(f"writing synthetic {synthetic} px files"):
+                sources.checkpoint, sources.clip_weights = save_synthetic_files(Path(scratch), synthetic)
+        if "onnxruntime" in names and sources.bundle is None and sources.clip_weights is not None:
+            from cfdeploy.exporter import export_bundle
+
+            assert sources.checkpoint is not None
+            with console.status("exporting a bundle for onnxruntime") as status:
+                sources.bundle = Path(scratch) / "bundle"
+                export_bundle(sources.checkpoint, sources.clip_weights, sources.bundle, on_stage=status.update)
+        with console.status("benchmarking") as status:
+            report = run_bench(sources, settings, on_backend=lambda name: status.update(f"benchmarking {name}"))
+    print_bench(report)
+    from cfdeploy.bench import write_csv, write_json, write_plot
+
+    for path, writer in ((json_file, write_json), (csv_file, write_csv), (plot_file, write_plot)):
+        if path is not None:
+            writer(report, path)
+            console.print(f"wrote {path}", highlight=False)
+
+
+def print_bench(report: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    from cfdeploy.bench import STAGES, table_rows
+
+    table = Table(title="cfdeploy bench: median ms per stage (per batch)")
+    columns = ["backend", "batch", *STAGES, "p90", "p99", "img/s", "RSS MB", "max abs err", "PSNR dB"]
+    for column in columns:
+        table.add_column(column, justify="left" if column == "backend" else "right")
+
+    def cell(value: Any, digits: int = 1) -> str:
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    for row in table_rows(report):
+        table.add_row(
+            row["backend"], str(row["batch"]), *(cell(row[f"{stage}_median_ms"]) for stage in STAGES),
+            cell(row["total_p90_ms"]), cell(row["total_p99_ms"]), cell(row["images_per_s"], 2), cell(row["peak_rss_mb"], 0),
+            cell(row["max_abs_error"], 6), cell(row["psnr_db"]),
+        )
+    screen = Console(width=None if sys.stdout.isatty() else 200)
+    screen.print(table)
+    for backend in report["backends"]:
+        if "skipped" in backend:
+            screen.print(f"skipped {backend['backend']}: {backend['skipped']}", highlight=False)
+
+
 def main() -> None:
     app(prog_name="cfdeploy")
 

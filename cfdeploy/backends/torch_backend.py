@@ -15,6 +15,10 @@ from cfdeploy.models.mappers import FullTextMapper, LatentEditor, LevelsMapper
 from cfdeploy.models.stylegan2 import Generator, mean_latent, truncate
 from cfdeploy.tokenizer import ClipTokenizer
 
+# Reduced precision is for the generator only: the mappers' PixelNorm breaks in 16-bit floats.
+GENERATOR_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
@@ -41,8 +45,12 @@ class TorchBackend:
         latent_avg: torch.Tensor | None = None,
         description: str | None = None,
         device: str = "cpu",
+        precision: str = "fp32",
     ) -> None:
         self.device = resolve_device(device)
+        if precision not in GENERATOR_DTYPES:
+            raise CfdeployError(f"unknown precision {precision!r} (expected {', '.join(GENERATOR_DTYPES)})")
+        self.precision = precision
         self.generator = generator.eval().to(self.device)
         self.text_mapper = text_mapper.eval().to(self.device)
         self.editor = LatentEditor(mapper).eval().to(self.device)
@@ -52,11 +60,13 @@ class TorchBackend:
         self.description = description
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: Path, clip_weights: Path | None = None, device: str = "cpu") -> "TorchBackend":
+    def from_checkpoint(
+        cls, checkpoint: Path, clip_weights: Path | None = None, device: str = "cpu", precision: str = "fp32"
+    ) -> "TorchBackend":
         resolve_device(device)
         loaded = load_cfclip(checkpoint)
         clip = ClipText.from_file(clip_weights) if clip_weights is not None else None
-        return cls(loaded.generator, loaded.text_mapper, loaded.mapper, clip, None, loaded.description, device)
+        return cls(loaded.generator, loaded.text_mapper, loaded.mapper, clip, None, loaded.description, device, precision)
 
     @property
     def size(self) -> int:
@@ -96,7 +106,9 @@ class TorchBackend:
         return self._run(self.editor, w, np.broadcast_to(text_latents, w.shape), np.array([strength], np.float32))
 
     def synthesize(self, latents: np.ndarray) -> np.ndarray:
-        return self._run(self.generator, latents)
+        dtype = GENERATOR_DTYPES[self.precision]
+        with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            return self._run(self.generator, latents)
 
     def sample_w(self, z: np.ndarray, truncation: float) -> np.ndarray:
         """``z → w`` through the mapping network, truncated toward the mean W."""

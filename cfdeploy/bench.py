@@ -1,0 +1,295 @@
+"""``cfdeploy bench``: per-stage latency of each backend, measured the way trtexec reports it.
+
+Each backend runs in a fresh child process (so its peak RSS is its own), through the same
+``iter_edits`` path ``cfdeploy edit`` uses: warm-up runs, then timed runs with every stage timed
+(device work is synchronised inside each stage, since every stage returns host arrays). Images are
+compared against the torch fp32 backend for a parity column (max abs error and PSNR).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import multiprocessing
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from cfdeploy.errors import CfdeployError
+
+BACKENDS = ("torch-reference", "torch", "torch-bf16", "torch-cuda", "onnxruntime", "tensorrt")
+STAGES = ("tokenize", "text_encoder", "text_mapper", "mapper", "generator", "png", "total")
+PARITY_REFERENCE = "torch"
+
+
+class Skipped(Exception):
+    """A backend that cannot run here; the reason goes into the report."""
+
+
+@dataclass
+class Sources:
+    checkpoint: Path | None = None
+    clip_weights: Path | None = None
+    bundle: Path | None = None
+
+
+@dataclass
+class BenchSettings:
+    backends: Sequence[str]
+    batch_sizes: Sequence[int] = (1,)
+    warmup: int = 1
+    runs: int = 5
+    prompt: str = "green lipstick"
+    seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def open_backend(name: str, sources: Sources) -> Any:
+    """Build one backend, or raise :class:`Skipped` saying why it cannot run here."""
+    if name in ("torch", "torch-bf16", "torch-cuda", "torch-reference"):
+        if sources.checkpoint is None:
+            raise Skipped("needs --checkpoint (or --synthetic)")
+        try:
+            import torch
+        except ImportError:
+            raise Skipped("torch is not installed (the 'export' extra)") from None
+        if name == "torch-cuda" and not torch.cuda.is_available():
+            raise Skipped("no CUDA GPU visible to torch")
+        if name == "torch-reference":
+            from cfdeploy.backends.reference_backend import TorchReferenceBackend
+
+            return TorchReferenceBackend.from_checkpoint(sources.checkpoint, sources.clip_weights)
+        from cfdeploy.backends.torch_backend import TorchBackend
+
+        device = "cuda" if name == "torch-cuda" else "cpu"
+        precision = "bf16" if name == "torch-bf16" else "fp32"
+        backend = TorchBackend.from_checkpoint(sources.checkpoint, sources.clip_weights, device, precision)
+        backend.name = name
+        return backend
+    if name == "onnxruntime":
+        if sources.bundle is None:
+            raise Skipped("needs --bundle (or --checkpoint with --clip-weights, or --synthetic, to export one)")
+        from cfdeploy.backends.onnxruntime_backend import OnnxRuntimeBackend
+
+        return OnnxRuntimeBackend.from_bundle(sources.bundle)
+    if name == "tensorrt":
+        try:
+            import tensorrt  # noqa: F401
+        except ImportError:
+            raise Skipped("TensorRT is not installed") from None
+        raise Skipped("TensorRT engines are not built by this cfdeploy yet")
+    raise CfdeployError(f"unknown backend {name!r} (known: {', '.join(BACKENDS)})")
+
+
+def peak_rss_mb() -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def summarize(samples: Sequence[float]) -> dict[str, float]:
+    ordered = sorted(samples)
+
+    def percentile(q: float) -> float:
+        return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+    return {"median": statistics.median(ordered), "p90": percentile(0.9), "p99": percentile(0.99),
+            "mean": statistics.fmean(ordered)}
+
+
+def measure_backend(name: str, sources: Sources, settings: BenchSettings) -> dict[str, Any]:
+    """Runs in a child process: time every stage at every batch size; return stats and images."""
+    from PIL import Image
+
+    from cfdeploy.editing import EditJob, StageTimer, iter_edits
+    from cfdeploy.outputs import to_uint8
+
+    try:
+        backend = open_backend(name, sources)
+    except Skipped as reason:
+        return {"backend": name, "skipped": str(reason)}
+    rng = np.random.default_rng(settings.seed)
+    latents = rng.standard_normal((max(settings.batch_sizes), backend.n_latent, 512)).astype(np.float32)
+    has_clip = name == "onnxruntime" or sources.clip_weights is not None
+    features = None if has_clip else rng.standard_normal((1, 512)).astype(np.float32)
+    results = []
+    for batch in settings.batch_sizes:
+        job = EditJob(latents[:batch], settings.prompt if has_clip else None, features, batch_size=batch)
+        samples: dict[str, list[float]] = {stage: [] for stage in STAGES}
+        images = None
+        for run in range(settings.warmup + settings.runs):
+            timer = StageTimer()
+            started = time.perf_counter()
+            for edited in iter_edits(backend, job, timer):
+                images = edited.images
+                with timer.stage("png"):
+                    for pixels in to_uint8(edited.images):
+                        Image.fromarray(pixels).save(io.BytesIO(), format="png")
+            timer.seconds["total"] = time.perf_counter() - started
+            if run >= settings.warmup:
+                for stage in STAGES:
+                    if stage in timer.seconds:
+                        samples[stage].append(timer.seconds[stage])
+        stages = {stage: summarize(values) for stage, values in samples.items() if values}
+        results.append({
+            "batch": batch,
+            "stages_s": stages,
+            "images_per_s": batch / stages["total"]["median"],
+            "per_image_s": stages["total"]["median"] / batch,
+            "images": images,
+        })
+    return {"backend": name, "results": results, "peak_rss_mb": peak_rss_mb(), "threads": thread_counts(backend)}
+
+
+def thread_counts(backend: Any) -> dict[str, int]:
+    counts = {}
+    options = getattr(backend, "options", None)
+    if options is not None:
+        counts["onnxruntime_intra_op"] = options.intra_op_num_threads
+    try:
+        import torch
+
+        counts["torch_intra_op"] = torch.get_num_threads()
+    except ImportError:
+        pass
+    return counts
+
+
+def parity(images: np.ndarray, expected: np.ndarray) -> dict[str, Any]:
+    """Max abs error and PSNR (data range 2: images live in about [-1, 1]) against the reference images."""
+    error = images.astype(np.float64) - expected
+    mse = float(np.mean(error**2))
+    return {"reference": PARITY_REFERENCE, "max_abs": float(np.abs(error).max()),
+            "psnr_db": float("inf") if mse == 0 else 10 * math.log10(4.0 / mse)}
+
+
+def machine_info() -> dict[str, Any]:
+    from importlib import metadata
+
+    model = platform.processor()
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    found = {}
+    for package in ("cfdeploy", "numpy", "torch", "onnxruntime", "onnxruntime-gpu", "tensorrt"):
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    return {"cpu": model, "logical_cpus": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version(), "versions": found}
+
+
+def run_bench(sources: Sources, settings: BenchSettings, on_backend=lambda name: None) -> dict[str, Any]:
+    """Measure every requested backend, each in its own spawned process, and assemble the report."""
+    context = multiprocessing.get_context("spawn")
+    reports = []
+    for name in settings.backends:
+        on_backend(name)
+        with context.Pool(1) as pool:
+            reports.append(pool.apply(measure_backend, (name, sources, settings)))
+    reference = next((r for r in reports if r["backend"] == PARITY_REFERENCE and "results" in r), None)
+    reference_images = {result["batch"]: result["images"] for result in reference["results"]} if reference else {}
+    for report in reports:
+        for result in report.get("results", []):
+            images = result.pop("images")
+            if result["batch"] in reference_images:
+                result["parity"] = parity(images, reference_images[result["batch"]])
+    return {"machine": machine_info(), "settings": {**settings.__dict__, "backends": list(settings.backends)},
+            "backends": reports}
+
+
+def table_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """One flat row per backend and batch size (the CSV, and the table on screen)."""
+    rows = []
+    for backend in report["backends"]:
+        for result in backend.get("results", []):
+            row: dict[str, Any] = {"backend": backend["backend"], "batch": result["batch"]}
+            for stage in STAGES:
+                row[f"{stage}_median_ms"] = 1000 * result["stages_s"][stage]["median"] if stage in result["stages_s"] else None
+            total = result["stages_s"]["total"]
+            row.update(total_p90_ms=1000 * total["p90"], total_p99_ms=1000 * total["p99"], total_mean_ms=1000 * total["mean"],
+                       images_per_s=result["images_per_s"], per_image_ms=1000 * result["per_image_s"],
+                       peak_rss_mb=backend.get("peak_rss_mb"),
+                       max_abs_error=result.get("parity", {}).get("max_abs"), psnr_db=result.get("parity", {}).get("psnr_db"))
+            rows.append(row)
+    return rows
+
+
+def write_json(report: dict[str, Any], path: Path) -> None:
+    path.write_text(json.dumps(report, indent=2, default=float) + "\n")
+
+
+def write_csv(report: dict[str, Any], path: Path) -> None:
+    import csv
+
+    rows = table_rows(report)
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["backend"])
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def write_plot(report: dict[str, Any], path: Path) -> None:
+    """Stacked bars: median milliseconds per stage, one bar per backend and batch size."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise CfdeployError(f"{path}: --plot needs matplotlib (pip install matplotlib)") from None
+    rows = table_rows(report)
+    labels = [f"{row['backend']}\nbatch {row['batch']}" for row in rows]
+    figure, axis = plt.subplots(figsize=(max(6, 1.4 * len(rows)), 4.5))
+    bottom = np.zeros(len(rows))
+    for stage in STAGES[:-1]:
+        values = np.array([row[f"{stage}_median_ms"] or 0.0 for row in rows])
+        axis.bar(labels, values, bottom=bottom, label=stage)
+        bottom += values
+    axis.set_ylabel("median ms per batch")
+    axis.set_title("cfdeploy bench: latency per stage")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def generator_gflop(size: int, channel_multiplier: int = 2) -> float:
+    """Convolution GFLOP of one config-f generator forward (modulated 3x3 convs and 1x1 ToRGB)."""
+
+    def channels(resolution: int) -> int:
+        return min(512, 16384 * channel_multiplier // resolution)
+
+    flop = 2 * 9 * channels(4) ** 2 * 16 + 2 * channels(4) * 3 * 16
+    resolution = 8
+    while resolution <= size:
+        c_in, c_out = channels(resolution // 2), channels(resolution)
+        flop += 2 * 9 * c_in * c_out * (resolution // 2) ** 2  # transposed 3x3, stride 2, on the input grid
+        flop += 2 * 9 * c_out * c_out * resolution**2 + 2 * c_out * 3 * resolution**2
+        resolution *= 2
+    return flop / 1e9
+
+
+def gemm_peak_gflops(seconds: float = 1.0, n: int = 2048) -> float:
+    """fp32 matrix-multiply throughput numpy reaches here: the yardstick for achieved GFLOP/s."""
+    a = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
+    a @ a
+    runs, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        a @ a
+        runs += 1
+    return 2 * n**3 * runs / (time.perf_counter() - started) / 1e9

@@ -1,0 +1,57 @@
+"""`cfdeploy bench` end to end on a tiny synthetic model: every reported field, files, skips."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from cfdeploy.bench import STAGES, generator_gflop, summarize
+
+
+def test_summary_statistics():
+    stats = summarize([5.0, 1.0, 3.0, 2.0, 4.0])
+    assert stats == {"median": 3.0, "p90": 5.0, "p99": 5.0, "mean": 3.0}
+    assert summarize([float(i) for i in range(1, 101)])["p90"] == 90.0
+
+
+def test_generator_gflop_matches_hand_count():
+    # 4 px: conv1 + to_rgb1; 8 px: transposed conv on 4x4, conv and ToRGB at 8x8 (all 512 channels).
+    expected = 2 * 9 * 512**2 * 16 + 2 * 512 * 3 * 16 + 2 * 9 * 512**2 * 16 + 2 * 9 * 512**2 * 64 + 2 * 512 * 3 * 64
+    assert generator_gflop(8) == pytest.approx(expected / 1e9)
+    assert 145 < generator_gflop(1024) < 152  # the spec's "about 151 GFLOP"
+
+
+def test_bench_synthetic_reports_every_field(cli, tmp_path):
+    paths = {suffix: tmp_path / f"bench.{suffix}" for suffix in ("json", "csv", "png")}
+    result = cli("bench", "--synthetic", 32, "--backends", "torch-reference,torch,onnxruntime,tensorrt",
+                 "--batch-sizes", "1,2", "--warmup", 1, "--runs", 3,
+                 "--json", paths["json"], "--csv", paths["csv"], "--plot", paths["png"])
+    assert result.exit_code == 0, result.stderr
+    assert "skipped tensorrt:" in result.stdout
+    report = json.loads(paths["json"].read_text())
+    assert {"cpu", "logical_cpus", "versions"} <= set(report["machine"])
+    by_name = {backend["backend"]: backend for backend in report["backends"]}
+    assert by_name["tensorrt"]["skipped"]
+    for name in ("torch-reference", "torch", "onnxruntime"):
+        backend = by_name[name]
+        assert backend["peak_rss_mb"] > 0 and backend["threads"]
+        assert [r["batch"] for r in backend["results"]] == [1, 2]
+        for result_ in backend["results"]:
+            assert set(result_["stages_s"]) == set(STAGES)
+            for stats in result_["stages_s"].values():
+                assert set(stats) == {"median", "p90", "p99", "mean"} and stats["median"] > 0
+            assert result_["images_per_s"] > 0
+            assert result_["parity"]["reference"] == "torch"
+    assert by_name["torch"]["results"][0]["parity"]["max_abs"] == 0.0
+    assert by_name["torch-reference"]["results"][0]["parity"]["psnr_db"] > 80
+    assert by_name["onnxruntime"]["results"][1]["parity"]["psnr_db"] > 80
+    rows = list(csv.DictReader(paths["csv"].open()))
+    assert len(rows) == 6 and {row["backend"] for row in rows} == {"torch-reference", "torch", "onnxruntime"}
+    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_refuses_unknown_backend(cli):
+    result = cli("bench", "--synthetic", 32, "--backends", "torch,cuda-magic")
+    assert result.exit_code == 2 and "unknown backends cuda-magic" in result.stderr

@@ -25,7 +25,7 @@ import numpy as np
 from cfdeploy.errors import CfdeployError
 
 BACKENDS = ("torch-reference", "torch", "torch-bf16", "torch-cuda", "onnxruntime", "tensorrt")
-STAGES = ("tokenize", "text_encoder", "text_mapper", "mapper", "generator", "png", "total")
+STAGES = ("tokenize", "text_encoder", "text_mapper", "mapper", "refine", "generator", "png", "total")
 PARITY_REFERENCE = "torch"
 
 
@@ -48,6 +48,7 @@ class BenchSettings:
     runs: int = 5
     prompt: str = "green lipstick"
     seed: int = 0
+    refine_steps: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -124,8 +125,9 @@ def measure_backend(name: str, sources: Sources, settings: BenchSettings) -> dic
     has_clip = name == "onnxruntime" or sources.clip_weights is not None
     features = None if has_clip else rng.standard_normal((1, 512)).astype(np.float32)
     results = []
+    refiner = make_refiner(backend, settings) if settings.refine_steps else None
     for batch in settings.batch_sizes:
-        job = EditJob(latents[:batch], settings.prompt if has_clip else None, features, batch_size=batch)
+        job = EditJob(latents[:batch], settings.prompt if has_clip else None, features, batch_size=batch, refiner=refiner)
         samples: dict[str, list[float]] = {stage: [] for stage in STAGES}
         images = None
         for run in range(settings.warmup + settings.runs):
@@ -142,6 +144,10 @@ def measure_backend(name: str, sources: Sources, settings: BenchSettings) -> dic
                     if stage in timer.seconds:
                         samples[stage].append(timer.seconds[stage])
         stages = {stage: summarize(values) for stage, values in samples.items() if values}
+        if refiner is not None:
+            stages["refine_per_step"] = summarize([
+                seconds / max(1, len(curve)) for seconds, curve in zip(samples["refine"], refiner.curves[-settings.runs:])
+            ])
         results.append({
             "batch": batch,
             "stages_s": stages,
@@ -150,6 +156,20 @@ def measure_backend(name: str, sources: Sources, settings: BenchSettings) -> dic
             "images": images,
         })
     return {"backend": name, "results": results, "peak_rss_mb": peak_rss_mb(), "threads": thread_counts(backend)}
+
+
+def make_refiner(backend: Any, settings: BenchSettings) -> Any:
+    """A refiner with a fixed step count (no early stop), so per-step cost compares; None where it cannot run.
+
+    Refinement runs in torch: torch backends with CLIP weights that include the image encoder.
+    """
+    if getattr(backend, "clip", None) is None or not backend.clip.has_visual_weights:
+        return None
+    from cfdeploy.refine import ClipNCELoss, RefineSettings, Refiner
+
+    loss = ClipNCELoss(backend.clip, "face", settings.prompt).to(backend.device)
+    steps = settings.refine_steps
+    return Refiner(backend.generator, loss, RefineSettings(steps, patience=steps + 1))
 
 
 def thread_counts(backend: Any) -> dict[str, int]:
@@ -224,6 +244,8 @@ def table_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
             row.update(total_p90_ms=1000 * total["p90"], total_p99_ms=1000 * total["p99"], total_mean_ms=1000 * total["mean"],
                        images_per_s=result["images_per_s"], per_image_ms=1000 * result["per_image_s"],
                        peak_rss_mb=backend.get("peak_rss_mb"),
+                       refine_per_step_ms=1000 * result["stages_s"]["refine_per_step"]["median"]
+                       if "refine_per_step" in result["stages_s"] else None,
                        max_abs_error=result.get("parity", {}).get("max_abs"), psnr_db=result.get("parity", {}).get("psnr_db"))
             rows.append(row)
     return rows

@@ -104,6 +104,15 @@ def edit_command(
     save_latents: bool = typer.Option(False, "--save-latents", help="Also write latents.npy (edited W+, float32)."),
     save_raw: bool = typer.Option(False, "--save-raw", help="Also write images.npy (raw generator output, float32)."),
     force: bool = typer.Option(False, "--force", "-f", help="Replace a non-empty --out directory."),
+    refine_steps: int = typer.Option(
+        0, "--refine-steps", help="After the feed-forward edit, optimise each latent for K steps with the CLIP-NCE loss."
+    ),
+    refine_lr: float = typer.Option(0.01, "--refine-lr", help="Refinement: Adam learning rate."),
+    refine_l2: float = typer.Option(0.8, "--refine-l2", help="Refinement: weight L of mean((w - w_hat)^2)."),
+    source_text: Optional[str] = typer.Option(
+        None, "--source-text", help="Refinement: what the source images show [default: the checkpoint's, or 'face']."
+    ),
+    refine_layers: str = typer.Option("all", "--refine-layers", help="Refinement: all, coarse, medium or fine levels."),
 ) -> None:
     """Edit images toward a text prompt with a CF-CLIP checkpoint (torch) or an exported bundle (onnxruntime).
 
@@ -118,6 +127,8 @@ def edit_command(
     if (latents is None) == (seed is None):
         raise CfdeployError("give exactly one of --latents or --seed")
     check_output_dir(out, force)
+    if refine_steps < 0:
+        raise CfdeployError(f"--refine-steps must be 0 or more, got {refine_steps}")
     inputs: dict[str, Any] = {"backend": backend.value}
     text_cache = None
     if backend is Backend.torch:
@@ -129,7 +140,8 @@ def edit_command(
 
         resolve_device(device)
         with console.status("loading models"):
-            engine: Any = TorchBackend.from_checkpoint(checkpoint, clip_weights if text is not None else None, device)
+            needs_clip = text is not None or refine_steps > 0
+            engine: Any = TorchBackend.from_checkpoint(checkpoint, clip_weights if needs_clip else None, device)
         inputs.update(checkpoint=str(checkpoint), clip_weights=str(clip_weights) if clip_weights else None, device=device)
     else:
         if bundle is None:
@@ -142,10 +154,49 @@ def edit_command(
         engine = OnnxRuntimeBackend.from_bundle(bundle, providers.split(",") if providers else None)
         text_cache = TextLatentCache(engine.bundle)
         inputs.update(bundle=str(bundle), providers=engine.providers)
+    refiner = None
+    if refine_steps > 0:
+        from cfdeploy.refine import RefineSettings
+
+        settings = RefineSettings(refine_steps, refine_lr, refine_l2, source_text or "face", refine_layers)
+        refiner = build_refiner(engine, settings, text, source_text, checkpoint, clip_weights)
     run_edit(
         engine, out, text, text_embedding, latents, seed, num, truncation, strength, batch_size,
-        side_by_side, save_latents, save_raw, force, inputs, text_cache,
+        side_by_side, save_latents, save_raw, force, inputs, text_cache, refiner,
     )
+
+
+def build_refiner(
+    engine: Any, settings: Any, text: str | None, source_text: str | None, checkpoint: Path | None, clip_weights: Path | None
+) -> Any:
+    """The torch models refinement differentiates through, whichever backend made the feed-forward edit."""
+    try:
+        import torch
+
+        from cfdeploy.refine import ClipNCELoss, Refiner
+    except ImportError:
+        raise CfdeployError("refinement runs in torch: install the 'export' extra (pip install 'cfdeploy[export]')") from None
+    if clip_weights is None:
+        raise CfdeployError("--refine-steps needs --clip-weights (CLIP ViT-B/32 with its image encoder)")
+    target = text or engine.description
+    if not target:
+        raise CfdeployError("--refine-steps needs a target prompt: pass --text, or use a checkpoint that records one")
+    if getattr(engine, "clip", None) is not None:
+        generator, clip = engine.generator, engine.clip
+    else:
+        if checkpoint is None:
+            raise CfdeployError("refinement with a bundle needs the torch models too: pass --checkpoint (and --clip-weights)")
+        from cfdeploy.checkpoints import load_cfclip
+        from cfdeploy.models.clip_text import ClipText
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        generator = load_cfclip(checkpoint).generator.to(device)
+        clip = ClipText.from_file(clip_weights).to(device)
+    source = source_text or getattr(engine, "source_text", None) or "face"
+    settings.source_text = source
+    with console.status("preparing the CLIP-NCE loss"):
+        loss = ClipNCELoss(clip, source, target).to(next(generator.parameters()).device)
+    return Refiner(generator, loss, settings)
 
 
 def run_edit(
@@ -165,6 +216,7 @@ def run_edit(
     force: bool,
     inputs: dict[str, Any],
     text_cache: Any = None,
+    refiner: Any = None,
 ) -> dict[str, Any]:
     """Shared by ``edit`` and ``demo``: resolve latents and text, run, report."""
     from cfdeploy.editing import EditJob, edit_to_directory
@@ -182,9 +234,13 @@ def run_edit(
     if text_embedding is not None:
         features = load_text_embedding(text_embedding, len(codes))
         inputs = {**inputs, "text_embedding": str(text_embedding)}
-    job = EditJob(codes, text, features, strength, batch_size, with_sources=side_by_side, text_cache=text_cache)
+    job = EditJob(codes, text, features, strength, batch_size, with_sources=side_by_side, text_cache=text_cache,
+                  refiner=refiner)
     with progress_bar() as progress:
         task = progress.add_task(f"editing ({engine.name})", total=len(codes))
+        if refiner is not None:
+            steps = progress.add_task("refining", total=refiner.settings.steps * -(-len(codes) // batch_size))
+            refiner.on_step = lambda loss: progress.update(steps, advance=1, description=f"refining (loss {loss:.4f})")
         summary = edit_to_directory(
             engine, job, out, force=force, save_latents=save_latents, save_raw=save_raw, inputs=inputs,
             on_batch=lambda done: progress.advance(task, done),
@@ -353,6 +409,9 @@ def bench_command(
     warmup: int = typer.Option(1, "--warmup", min=0, help="Untimed runs first."),
     runs: int = typer.Option(5, "--runs", min=1, help="Timed runs per backend and batch size."),
     prompt: str = typer.Option("green lipstick", "--prompt", help="Prompt for the text stages."),
+    refine_steps: int = typer.Option(
+        0, "--refine-steps", min=0, help="Also time K CLIP-NCE refinement steps per batch (torch backends; needs CLIP visual weights)."
+    ),
     json_file: Optional[Path] = typer.Option(None, "--json", help="Write the full report as JSON."),
     csv_file: Optional[Path] = typer.Option(None, "--csv", help="Write one row per backend and batch size."),
     plot_file: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG of latency per stage and backend."),
@@ -372,7 +431,7 @@ def bench_command(
     unknown = [name for name in names if name not in BACKENDS]
     if unknown:
         raise CfdeployError(f"unknown backends {', '.join(unknown)} (known: {', '.join(BACKENDS)})")
-    settings = BenchSettings(names, _int_list(batch_sizes, "--batch-sizes"), warmup, runs, prompt)
+    settings = BenchSettings(names, _int_list(batch_sizes, "--batch-sizes"), warmup, runs, prompt, refine_steps=refine_steps)
     with tempfile.TemporaryDirectory(prefix="cfdeploy-bench-") as scratch:
         sources = Sources(checkpoint, clip_weights, bundle)
         if synthetic is not None:
@@ -381,7 +440,9 @@ def bench_command(
             from cfdeploy.demo import save_synthetic_files
 
             with console.status(f"writing synthetic {synthetic} px files"):
-                sources.checkpoint, sources.clip_weights = save_synthetic_files(Path(scratch), synthetic)
+                sources.checkpoint, sources.clip_weights = save_synthetic_files(
+                    Path(scratch), synthetic, with_visual=refine_steps > 0
+                )
         if "onnxruntime" in names and sources.bundle is None and sources.clip_weights is not None:
             from cfdeploy.exporter import export_bundle
 

@@ -44,8 +44,8 @@ def synthetic_backend(size: int = 256, seed: int = 0, device: str = "cpu") -> To
     return TorchBackend(models.generator, models.text_mapper, models.mapper, models.clip, description=DEMO_PROMPT, device=device)
 
 
-def save_synthetic_files(directory: Path, size: int = 256, seed: int = 0) -> tuple[Path, Path]:
-    """Write a CF-CLIP checkpoint and CLIP text weights in the official formats; returns their paths."""
+def save_synthetic_files(directory: Path, size: int = 256, seed: int = 0, with_visual: bool = False) -> tuple[Path, Path]:
+    """Write a CF-CLIP checkpoint and CLIP weights (text tower, or whole) in the official formats."""
     models = synthetic_models(size, seed)
     state = {
         **{f"mapper.{key}": value for key, value in models.mapper.state_dict().items()},
@@ -57,6 +57,9 @@ def save_synthetic_files(directory: Path, size: int = 256, seed: int = 0) -> tup
     directory.mkdir(parents=True, exist_ok=True)
     checkpoint, clip_weights = directory / f"synthetic_{size}.pt", directory / "synthetic_clip_text.pt"
     torch.save({"state_dict": state, "opts": opts}, checkpoint)
-    clip_state = {key: value for key, value in models.clip.clip.state_dict().items() if is_text_tower_key(key)}
+    clip_state = {
+        key: value for key, value in models.clip.clip.state_dict().items()
+        if is_text_tower_key(key) or (with_visual and key.startswith("visual."))
+    }
     torch.save(clip_state, clip_weights)
     return checkpoint, clip_weights

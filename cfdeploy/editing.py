@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 import sys
 import time
@@ -71,6 +72,7 @@ class EditJob:
     batch_size: int = 4
     with_sources: bool = False
     text_cache: TextLatentCache | None = None
+    refiner: Any = None  # cfdeploy.refine.Refiner: (w, w_hat) -> refined w_hat, with .curves and .settings
 
     def __post_init__(self) -> None:
         if (self.prompt is None) == (self.text_features is None):
@@ -120,6 +122,9 @@ def iter_edits(backend: EditBackend, job: EditJob, timer: StageTimer) -> Iterato
         batch_text = text_latents[start : start + len(w)] if per_latent else text_latents
         with timer.stage("mapper"):
             w_hat = backend.edit_latents(w, batch_text, job.strength)
+        if job.refiner is not None:
+            with timer.stage("refine"):
+                w_hat = job.refiner(w, w_hat)
         with timer.stage("generator"):
             images = backend.synthesize(w_hat)
         sources = None
@@ -205,6 +210,10 @@ def edit_to_directory(
                 "images": [f"{index:06d}.png" for index in range(count)],
                 "latents": "latents.npy" if save_latents else None,
                 "raw": "images.npy" if save_raw else None,
+            },
+            "refinement": None if job.refiner is None else {
+                "settings": dataclasses.asdict(job.refiner.settings),
+                "loss_curves": job.refiner.curves,
             },
             "timings_s": {name: round(seconds, 6) for name, seconds in timer.seconds.items()},
             "total_s": round(time.perf_counter() - started, 6),

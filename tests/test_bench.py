@@ -39,7 +39,7 @@ def test_bench_synthetic_reports_every_field(cli, tmp_path):
         assert backend["peak_rss_mb"] > 0 and backend["threads"]
         assert [r["batch"] for r in backend["results"]] == [1, 2]
         for result_ in backend["results"]:
-            assert set(result_["stages_s"]) == set(STAGES)
+            assert set(result_["stages_s"]) == set(STAGES) - {"refine"}
             for stats in result_["stages_s"].values():
                 assert set(stats) == {"median", "p90", "p99", "mean"} and stats["median"] > 0
             assert result_["images_per_s"] > 0
@@ -55,3 +55,13 @@ def test_bench_synthetic_reports_every_field(cli, tmp_path):
 def test_bench_refuses_unknown_backend(cli):
     result = cli("bench", "--synthetic", 32, "--backends", "torch,cuda-magic")
     assert result.exit_code == 2 and "unknown backends cuda-magic" in result.stderr
+
+
+def test_bench_times_refinement_steps(cli, tmp_path):
+    report_path = tmp_path / "bench.json"
+    result = cli("bench", "--synthetic", 32, "--backends", "torch", "--refine-steps", 2, "--warmup", 0, "--runs", 1,
+                 "--json", report_path)
+    assert result.exit_code == 0, result.stderr
+    stages = json.loads(report_path.read_text())["backends"][0]["results"][0]["stages_s"]
+    assert stages["refine"]["median"] > 0
+    assert stages["refine_per_step"]["median"] == pytest.approx(stages["refine"]["median"] / 2)

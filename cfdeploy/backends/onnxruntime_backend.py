@@ -68,6 +68,7 @@ class OnnxRuntimeBackend:
         self._sessions: dict[str, object] = {}
         self._tokenizer: ClipTokenizer | None = None
         self.description = bundle.description
+        self.source_text = bundle.opts.get("source_text")
 
     @classmethod
     def from_bundle(cls, path: Path, providers: Sequence[str] | None = None) -> "OnnxRuntimeBackend":

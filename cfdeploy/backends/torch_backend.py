@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Sequence
 
@@ -52,12 +53,15 @@ class TorchBackend:
             raise CfdeployError(f"unknown precision {precision!r} (expected {', '.join(GENERATOR_DTYPES)})")
         self.precision = precision
         self.generator = generator.eval().to(self.device)
+        dtype = GENERATOR_DTYPES[precision]
+        self._fast_generator = copy.deepcopy(self.generator).to(dtype) if dtype is not None else self.generator
         self.text_mapper = text_mapper.eval().to(self.device)
         self.editor = LatentEditor(mapper).eval().to(self.device)
         self.clip = clip.eval().to(self.device) if clip is not None else None
         self._tokenizer: ClipTokenizer | None = None
         self._latent_avg = latent_avg
         self.description = description
+        self.source_text: str | None = None
 
     @classmethod
     def from_checkpoint(
@@ -66,7 +70,9 @@ class TorchBackend:
         resolve_device(device)
         loaded = load_cfclip(checkpoint)
         clip = ClipText.from_file(clip_weights) if clip_weights is not None else None
-        return cls(loaded.generator, loaded.text_mapper, loaded.mapper, clip, None, loaded.description, device, precision)
+        backend = cls(loaded.generator, loaded.text_mapper, loaded.mapper, clip, None, loaded.description, device, precision)
+        backend.source_text = loaded.source_text
+        return backend
 
     @property
     def size(self) -> int:
@@ -106,9 +112,13 @@ class TorchBackend:
         return self._run(self.editor, w, np.broadcast_to(text_latents, w.shape), np.array([strength], np.float32))
 
     def synthesize(self, latents: np.ndarray) -> np.ndarray:
+        """The generator in the backend's precision (reduced precision: weights and activations alike)."""
         dtype = GENERATOR_DTYPES[self.precision]
-        with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        if dtype is None:
             return self._run(self.generator, latents)
+        with torch.inference_mode():
+            image = self._fast_generator(torch.from_numpy(np.require(latents, np.float32, ["C"])).to(self.device, dtype))
+        return image.float().cpu().numpy()
 
     def sample_w(self, z: np.ndarray, truncation: float) -> np.ndarray:
         """``z → w`` through the mapping network, truncated toward the mean W."""

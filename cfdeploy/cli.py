@@ -13,6 +13,7 @@ from typing import Any, Callable, List, Optional, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from cfdeploy.errors import CfdeployError
 
@@ -27,7 +28,7 @@ Command = TypeVar("Command", bound=Callable[..., Any])
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -156,10 +157,9 @@ def edit_command(
         inputs.update(bundle=str(bundle), providers=engine.providers)
     refiner = None
     if refine_steps > 0:
-        from cfdeploy.refine import RefineSettings
-
-        settings = RefineSettings(refine_steps, refine_lr, refine_l2, source_text or "face", refine_layers)
-        refiner = build_refiner(engine, settings, text, source_text, checkpoint, clip_weights)
+        refiner = build_refiner(
+            engine, (refine_steps, refine_lr, refine_l2, refine_layers), text, source_text, checkpoint, clip_weights
+        )
     run_edit(
         engine, out, text, text_embedding, latents, seed, num, truncation, strength, batch_size,
         side_by_side, save_latents, save_raw, force, inputs, text_cache, refiner,
@@ -167,13 +167,18 @@ def edit_command(
 
 
 def build_refiner(
-    engine: Any, settings: Any, text: str | None, source_text: str | None, checkpoint: Path | None, clip_weights: Path | None
+    engine: Any,
+    options: tuple[int, float, float, str],
+    text: str | None,
+    source_text: str | None,
+    checkpoint: Path | None,
+    clip_weights: Path | None,
 ) -> Any:
     """The torch models refinement differentiates through, whichever backend made the feed-forward edit."""
     try:
         import torch
 
-        from cfdeploy.refine import ClipNCELoss, Refiner
+        from cfdeploy.refine import ClipNCELoss, RefineSettings, Refiner
     except ImportError:
         raise CfdeployError("refinement runs in torch: install the 'export' extra (pip install 'cfdeploy[export]')") from None
     if clip_weights is None:
@@ -192,8 +197,9 @@ def build_refiner(
         device = "cuda" if torch.cuda.is_available() else "cpu"
         generator = load_cfclip(checkpoint).generator.to(device)
         clip = ClipText.from_file(clip_weights).to(device)
+    steps, lr, l2, layers = options
     source = source_text or getattr(engine, "source_text", None) or "face"
-    settings.source_text = source
+    settings = RefineSettings(steps, lr, l2, source, layers)
     with console.status("preparing the CLIP-NCE loss"):
         loss = ClipNCELoss(clip, source, target).to(next(generator.parameters()).device)
     return Refiner(generator, loss, settings)
@@ -246,10 +252,10 @@ def run_edit(
             on_batch=lambda done: progress.advance(task, done),
         )
     timings = ", ".join(f"{name} {seconds:.3f}s" for name, seconds in summary["timings_s"].items())
-    console.print(f"wrote {len(codes)} image(s) to {out} in {summary['total_s']:.2f}s ({timings})", highlight=False)
+    console.print(f"wrote {len(codes)} image(s) to {out} in {summary['total_s']:.2f}s ({timings})", highlight=False, markup=False)
     if text is not None and engine.description and text.strip().lower() != engine.description.strip().lower():
         console.print(
-            f"[yellow]warning:[/] this checkpoint was trained for {engine.description!r}, not {text!r}; "
+            f"[yellow]warning:[/] this checkpoint was trained for {escape(repr(engine.description))}, not {escape(repr(text))}; "
             "CF-CLIP mappers are per prompt, so expect a weak or odd edit",
             highlight=False,
         )
@@ -322,7 +328,7 @@ def embed_command(
     with torch.inference_mode():
         features = clip(tokens).float().cpu().numpy()
     write_npy_atomic(out, features, force)
-    console.print(f"wrote {out}: {len(prompts)} embedding(s) [{features.shape[0]},{features.shape[1]}]", highlight=False)
+    console.print(f"wrote {out}: {len(prompts)} embedding(s) [{features.shape[0]},{features.shape[1]}]", highlight=False, markup=False)
 
 
 @app.command("inspect")
@@ -382,7 +388,7 @@ def demo_command(
         engine, out, DEMO_PROMPT, None, None, 0, num, 0.7, 1.0, 2, True, True, False, force,
         {"synthetic_weights": True, "model_build_s": round(build_s, 3)},
     )
-    console.print(f"before|after pairs: {out}/000000.png …; details: {out}/edit.json", highlight=False)
+    console.print(f"before|after pairs: {out}/000000.png …; details: {out}/edit.json", highlight=False, markup=False)
 
 
 def _int_list(value: str, option: str) -> list[int]:
@@ -458,7 +464,7 @@ def bench_command(
     for path, writer in ((json_file, write_json), (csv_file, write_csv), (plot_file, write_plot)):
         if path is not None:
             writer(report, path)
-            console.print(f"wrote {path}", highlight=False)
+            console.print(f"wrote {path}", highlight=False, markup=False)
 
 
 def print_bench(report: dict[str, Any]) -> None:

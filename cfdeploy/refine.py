@@ -130,8 +130,6 @@ def level_mask(n_latent: int, layers: str) -> torch.Tensor:
     """Which W+ levels refinement may move: all, coarse (0-3), medium (4-7) or fine (8+)."""
     if layers == "all":
         return torch.ones(n_latent, 1)
-    if layers not in LEVEL_GROUPS:
-        raise CfdeployError(f"--refine-layers {layers!r}: expected all, coarse, medium or fine")
     mask = torch.zeros(n_latent, 1)
     mask[LEVEL_GROUPS[layers]] = 1
     return mask
@@ -150,6 +148,8 @@ class RefineSettings:
     def __post_init__(self) -> None:
         if self.steps < 0:
             raise CfdeployError(f"--refine-steps must be 0 or more, got {self.steps}")
+        if self.layers != "all" and self.layers not in LEVEL_GROUPS:
+            raise CfdeployError(f"--refine-layers {self.layers!r}: expected all, coarse, medium or fine")
 
 
 @dataclass

@@ -58,3 +58,12 @@ def test_core_install_edits_a_bundle(core_python, tmp_path, bundle_256, cfclip_2
     assert "torch" not in json.loads((out / "edit.json").read_text())["versions"]
     _, image = official_edit(cfclip_256, np.load(latents_256), features)
     assert rel_l2(np.load(out / "images.npy"), image) <= TOLERANCE
+
+
+def test_core_install_refuses_refinement_in_one_line(core_python, tmp_path, bundle_256, latents_256, embedding_file):
+    out = tmp_path / "out"
+    process = run_core(core_python, "edit", "--bundle", bundle_256, "-l", latents_256, "--text-embedding", embedding_file,
+                       "-o", out, "--refine-steps", 3)
+    assert process.returncode == 2
+    assert process.stderr.strip() == "error: refinement runs in torch: install the 'export' extra (pip install 'cfdeploy[export]')"
+    assert not out.exists()

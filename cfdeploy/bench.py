@@ -16,7 +16,7 @@ import os
 import platform
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -49,7 +49,6 @@ class BenchSettings:
     prompt: str = "green lipstick"
     seed: int = 0
     refine_steps: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def open_backend(name: str, sources: Sources) -> Any:

@@ -161,8 +161,9 @@ def edit_command(
             engine, (refine_steps, refine_lr, refine_l2, refine_layers), text, source_text, checkpoint, clip_weights
         )
     run_edit(
-        engine, out, text, text_embedding, latents, seed, num, truncation, strength, batch_size,
-        side_by_side, save_latents, save_raw, force, inputs, text_cache, refiner,
+        engine, out, text=text, text_embedding=text_embedding, latents=latents, seed=seed, num=num,
+        truncation=truncation, strength=strength, batch_size=batch_size, side_by_side=side_by_side,
+        save_latents=save_latents, save_raw=save_raw, force=force, inputs=inputs, text_cache=text_cache, refiner=refiner,
     )
 
 
@@ -208,6 +209,7 @@ def build_refiner(
 def run_edit(
     engine: Any,
     out: Path,
+    *,
     text: str | None,
     text_embedding: Path | None,
     latents: Path | None,
@@ -385,8 +387,9 @@ def demo_command(
         engine = synthetic_backend(size=size, seed=0, device=device)
     build_s = time.perf_counter() - started
     run_edit(
-        engine, out, DEMO_PROMPT, None, None, 0, num, 0.7, 1.0, 2, True, True, False, force,
-        {"synthetic_weights": True, "model_build_s": round(build_s, 3)},
+        engine, out, text=DEMO_PROMPT, text_embedding=None, latents=None, seed=0, num=num, truncation=0.7,
+        strength=1.0, batch_size=2, side_by_side=True, save_latents=True, save_raw=False, force=force,
+        inputs={"synthetic_weights": True, "model_build_s": round(build_s, 3)},
     )
     console.print(f"before|after pairs: {out}/000000.png …; details: {out}/edit.json", highlight=False, markup=False)
 

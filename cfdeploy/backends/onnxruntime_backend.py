@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import onnxruntime as ort
 
 from cfdeploy.bundle import Bundle
 from cfdeploy.errors import CfdeployError
@@ -40,8 +41,6 @@ def physical_cores() -> int:
 
 
 def choose_providers(requested: Sequence[str] | None) -> list[str]:
-    import onnxruntime as ort
-
     available = ort.get_available_providers()
     if requested:
         unknown = [name for name in requested if name not in available]
@@ -57,15 +56,13 @@ class OnnxRuntimeBackend:
     name = "onnxruntime"
 
     def __init__(self, bundle: Bundle, providers: Sequence[str] | None = None, threads: int | None = None) -> None:
-        import onnxruntime as ort
-
         self.bundle = bundle
         self.providers = choose_providers(providers)
         self.options = ort.SessionOptions()
         self.options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.options.intra_op_num_threads = threads or physical_cores()
         self.options.log_severity_level = 3
-        self._sessions: dict[str, object] = {}
+        self._sessions: dict[str, ort.InferenceSession] = {}
         self._tokenizer: ClipTokenizer | None = None
         self.description = bundle.description
         self.source_text = bundle.opts.get("source_text")
@@ -89,11 +86,9 @@ class OnnxRuntimeBackend:
     def _run(self, network: str, **inputs: np.ndarray) -> np.ndarray:
         session = self._sessions.get(network)
         if session is None:
-            import onnxruntime as ort
-
             session = ort.InferenceSession(str(self.bundle.network(network)), self.options, providers=self.providers)
             self._sessions[network] = session
-        return session.run(None, inputs)[0]  # type: ignore[attr-defined]
+        return session.run(None, inputs)[0]
 
     def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
         if self._tokenizer is None:

@@ -23,21 +23,18 @@ class TorchReferenceBackend(TorchBackend):
         groups = self.editor.mapper.groups
         self.opts = {f"no_{group}_mapper": group not in groups for group in ("coarse", "medium", "fine")}
 
-    def _tensor(self, array: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.require(array, np.float32, ["C", "W"])).to(self.device)
-
     def text_latents(self, text_features: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            out = reference.text_mapper(self.text_mapper_state, self._tensor(text_features), self.n_latent)
+            out = reference.text_mapper(self.text_mapper_state, self._tensor(text_features, np.float32), self.n_latent)
         return out.cpu().numpy()
 
     def edit_latents(self, w: np.ndarray, text_latents: np.ndarray, strength: float) -> np.ndarray:
         with torch.inference_mode():
-            w_t = self._tensor(w)
-            fused = torch.cat([w_t, self._tensor(np.broadcast_to(text_latents, w.shape))], dim=2)
+            w_t = self._tensor(w, np.float32)
+            fused = torch.cat([w_t, self._tensor(np.broadcast_to(text_latents, w.shape), np.float32)], dim=2)
             delta = reference.levels_mapper(self.mapper_state, fused, self.opts)
             return (w_t + strength * EDIT_SCALE * delta).cpu().numpy()
 
     def synthesize(self, latents: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            return reference.generator(self.generator_state, self._tensor(latents)).cpu().numpy()
+            return reference.generator(self.generator_state, self._tensor(latents, np.float32)).cpu().numpy()

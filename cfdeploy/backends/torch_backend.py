@@ -86,13 +86,13 @@ class TorchBackend:
     def style_dim(self) -> int:
         return self.generator.config.style_dim
 
-    @property
-    def has_text_encoder(self) -> bool:
-        return self.clip is not None
+    def _tensor(self, array: np.ndarray, dtype: type | None = None) -> torch.Tensor:
+        """A numpy array on the backend's device (copied only if not contiguous, writable or of ``dtype``)."""
+        return torch.from_numpy(np.require(array, dtype, ["C", "W"])).to(self.device)
 
     def _run(self, module: torch.nn.Module, *inputs: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            output = module(*(torch.from_numpy(np.require(x, requirements=["C", "W"])).to(self.device) for x in inputs))
+            output = module(*(self._tensor(x) for x in inputs))
         return output.float().cpu().numpy()
 
     def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
@@ -117,7 +117,7 @@ class TorchBackend:
         if dtype is None:
             return self._run(self.generator, latents)
         with torch.inference_mode():
-            image = self._fast_generator(torch.from_numpy(np.require(latents, np.float32, ["C"])).to(self.device, dtype))
+            image = self._fast_generator(self._tensor(latents, np.float32).to(dtype))
         return image.float().cpu().numpy()
 
     def sample_w(self, z: np.ndarray, truncation: float) -> np.ndarray:

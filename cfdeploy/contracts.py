@@ -2,7 +2,8 @@
 
 Exporters build graphs to these names; runtimes (ONNX Runtime, TensorRT) feed and read them. The
 ``batch`` axis is dynamic everywhere; ``strength`` is a one-element input so one graph serves any edit
-strength. Torch-free on purpose: deployed runtimes import this.
+strength. Each contract also says how its TensorRT engine is built by default (precision, refittable).
+Torch-free on purpose: deployed runtimes import this.
 """
 
 from __future__ import annotations
@@ -30,6 +31,12 @@ class NetworkContract:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     purpose: str
+    precision: str = "fp32"  # TensorRT default: fp32, fp16, or mixed (fp16 convolutions, sensitive parts fp32)
+    refittable: bool = False  # per-prompt weights: TensorRT engines are built refittable
+
+    @property
+    def batched_inputs(self) -> tuple[TensorSpec, ...]:
+        return tuple(spec for spec in self.inputs if spec.shape[0] == BATCH)
 
     @property
     def filename(self) -> str:
@@ -41,6 +48,8 @@ class NetworkContract:
             "purpose": self.purpose,
             "inputs": [spec.as_dict() for spec in self.inputs],
             "outputs": [spec.as_dict() for spec in self.outputs],
+            "precision": self.precision,
+            "refittable": self.refittable,
         }
 
 
@@ -53,24 +62,28 @@ def network_contracts(size: int, n_latent: int, style_dim: int = 512) -> dict[st
             (TensorSpec("tokens", (BATCH, TOKENS), "int64"),),
             (TensorSpec("text_features", (BATCH, TEXT_DIM)),),
             "CLIP ViT-B/32 text tower: token ids to unnormalised text features",
+            precision="fp16",
         ),
         NetworkContract(
             "text_mapper",
             (TensorSpec("text_features", (BATCH, TEXT_DIM)),),
             (TensorSpec("text_latents", w_plus),),
             "CF-CLIP FullTextMapper: one Mapper per W+ level",
+            refittable=True,
         ),
         NetworkContract(
             "latent_editor",
             (TensorSpec("w", w_plus), TensorSpec("text_latents", w_plus), TensorSpec("strength", (1,))),
             (TensorSpec("w_hat", w_plus),),
             "LevelsMapper and residual: w_hat = w + strength * 0.1 * mapper(cat(w, text_latents))",
+            refittable=True,
         ),
         NetworkContract(
             "generator",
             (TensorSpec("latents", w_plus),),
             (TensorSpec("image", (BATCH, 3, size, size)),),
             "StyleGAN2 synthesis with the stored noise: W+ to an image in about [-1, 1]",
+            precision="mixed",
         ),
         NetworkContract(
             "mapping",

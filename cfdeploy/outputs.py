@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -49,9 +52,7 @@ class StagedDirectory:
             shutil.rmtree(self.path, ignore_errors=True)
             return
         check_output_dir(self.out, self.force)
-        if self.out.exists():
-            shutil.rmtree(self.out)
-        self.path.rename(self.out)
+        replace_directory(self.path, self.out)
 
     def write_png(self, name: str, pixels: np.ndarray) -> None:
         Image.fromarray(pixels).save(self.path / name)
@@ -62,6 +63,65 @@ class StagedDirectory:
     def create_array(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
         """A float32 ``.npy`` filled batch by batch, so large raw outputs never sit in memory."""
         return np.lib.format.open_memmap(self.path / name, mode="w+", dtype=np.float32, shape=shape)
+
+
+def replace_directory(new: Path, out: Path) -> None:
+    """Put ``new`` at ``out``: the old directory is moved aside first and deleted only after the swap."""
+    if not out.exists():
+        new.rename(out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+    out.rename(old / out.name)
+    new.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_bytes_atomic(path: Path, content: bytes) -> None:
+    """Write ``path`` via a temporary sibling and a rename, so readers never see half a file."""
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".partial", delete=False) as tmp:
+        partial = Path(tmp.name)
+        try:
+            tmp.write(content)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+    partial.replace(path)
+
+
+class DirectoryLock:
+    """An exclusive lock on a directory that is about to change (``.NAME.lock`` beside it).
+
+    Two ``cfdeploy`` processes writing one bundle at once (building engines, refitting) would
+    otherwise interleave their files; the second one waits up to ``timeout`` seconds, then fails.
+    """
+
+    def __init__(self, directory: Path, timeout: float = 600.0) -> None:
+        self.path = directory.parent / f".{directory.name}.lock"
+        self.timeout = timeout
+        self._handle: int | None = None
+
+    def __enter__(self) -> "DirectoryLock":
+        handle = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    os.close(handle)
+                    raise CfdeployError(
+                        f"{self.path}: another cfdeploy process is writing this bundle; gave up after {self.timeout:g}s"
+                    ) from None
+                time.sleep(0.2)
+        self._handle = handle
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._handle is not None:
+            fcntl.flock(self._handle, fcntl.LOCK_UN)
+            os.close(self._handle)
+            self._handle = None
 
 
 def write_npy_atomic(path: Path, array: np.ndarray, force: bool) -> None:

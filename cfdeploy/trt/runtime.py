@@ -1,0 +1,227 @@
+"""``cfdeploy edit --backend tensorrt``: the bundle's TensorRT engines on one CUDA stream, no torch.
+
+Each :class:`Engine` owns device buffers sized for its profile's largest batch, allocated once, so
+their addresses never change: static-batch engines are captured into a CUDA graph after a warm-up
+run and replayed. Batches are cut to the profile's maximum and padded to its minimum. The edited
+latents go from the mapper engine to the generator engine on the device; only images (and the small
+latents the caller asked for) come back to the host.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import tensorrt as trt
+
+from cfdeploy.bundle import Bundle
+from cfdeploy.contracts import NetworkContract, TensorSpec, network_contracts
+from cfdeploy.errors import CfdeployError
+from cfdeploy.tokenizer import ClipTokenizer
+from cfdeploy.trt.cuda import DeviceBuffer, EventTimer, call, gpu_identity, require_cudart
+from cfdeploy.trt.plan import ENGINE_DIR, BatchProfile, EngineKey, batch_chunks, check_engine, engine_paths, read_key
+
+_LOGGER = trt.Logger(trt.Logger.WARNING)
+_NUMPY_TYPES = {trt.float32: np.float32, trt.float16: np.float16, trt.int32: np.int32, trt.int64: np.int64}
+
+
+def _concrete_shape(spec: TensorSpec, batch: int) -> tuple[int, ...]:
+    return tuple(batch if isinstance(dim, str) else dim for dim in spec.shape)
+
+
+class Engine:
+    """One engine: execution context, fixed device buffers, and a CUDA graph once static and warm."""
+
+    def __init__(
+        self, path: Path, contract: NetworkContract, key: EngineKey, runtime: trt.Runtime, stream: int, cuda_graphs: bool
+    ) -> None:
+        self.contract = contract
+        self.profile = BatchProfile(*key.profile)
+        self.stream = stream
+        engine = runtime.deserialize_cuda_engine(path.read_bytes())
+        if engine is None:
+            raise CfdeployError(f"{path}: TensorRT could not load the engine (built by another TensorRT?)")
+        self.engine = engine
+        self.context = engine.create_execution_context()
+        self.buffers: dict[str, DeviceBuffer] = {}
+        for spec in (*contract.inputs, *contract.outputs):
+            found = engine.get_tensor_dtype(spec.name)
+            if _NUMPY_TYPES.get(found) != np.dtype(spec.dtype):
+                raise CfdeployError(f"{path}: tensor {spec.name} is {found}, the contract says {spec.dtype}")
+            self.buffers[spec.name] = DeviceBuffer(self.nbytes(spec.name, self.profile.max))
+            self.context.set_tensor_address(spec.name, self.buffers[spec.name].address)
+        self.use_graph = cuda_graphs and self.profile.static
+        self._graph: Any = None
+        self._batch: int | None = None
+        self.device_ms = 0.0
+        self._timer = EventTimer()
+
+    def nbytes(self, name: str, batch: int) -> int:
+        spec = next(spec for spec in (*self.contract.inputs, *self.contract.outputs) if spec.name == name)
+        return int(np.prod(_concrete_shape(spec, batch))) * np.dtype(spec.dtype).itemsize
+
+    @property
+    def batch(self) -> int | None:
+        """The batch the context is set up for (what its buffers last held)."""
+        return self._batch
+
+    def _set_batch(self, batch: int) -> None:
+        if batch != self._batch:
+            for spec in self.contract.batched_inputs:
+                if not self.context.set_input_shape(spec.name, _concrete_shape(spec, batch)):
+                    raise CfdeployError(f"{self.contract.name}: engine refused batch {batch} ({self.profile.label()})")
+            self._batch = batch
+
+    def execute(self, batch: int) -> None:
+        """Run on whatever the input buffers hold; a replayed CUDA graph where possible."""
+        self._set_batch(batch)
+        self._timer.begin(self.stream)
+        if self._graph is not None:
+            call("cudaGraphLaunch", self._graph, self.stream)
+        else:
+            if not self.context.execute_async_v3(self.stream):
+                raise CfdeployError(f"{self.contract.name}: TensorRT execution failed")
+            if self.use_graph:
+                self._capture()
+        self.device_ms += self._timer.end_ms(self.stream)
+
+    def _capture(self) -> None:
+        cudart = require_cudart()
+        call("cudaStreamSynchronize", self.stream)
+        call("cudaStreamBeginCapture", self.stream, cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal)
+        launched = self.context.execute_async_v3(self.stream)
+        graph = call("cudaStreamEndCapture", self.stream)
+        if not launched:
+            raise CfdeployError(f"{self.contract.name}: TensorRT execution failed while capturing a CUDA graph")
+        self._graph = call("cudaGraphInstantiate", graph, 0)
+
+    def upload(self, name: str, array: np.ndarray, run_batch: int) -> None:
+        """Copy ``array`` into the input buffer, padded along the batch to ``run_batch`` by repeating its last row."""
+        spec = next(spec for spec in self.contract.inputs if spec.name == name)
+        host = np.ascontiguousarray(array, np.dtype(spec.dtype))
+        if spec in self.contract.batched_inputs and host.shape[0] < run_batch:
+            host = np.concatenate([host, np.repeat(host[-1:], run_batch - host.shape[0], axis=0)])
+        self.buffers[name].upload(host, self.stream)
+
+    def download(self, name: str, rows: int) -> np.ndarray:
+        spec = next(spec for spec in self.contract.outputs if spec.name == name)
+        out = np.empty(_concrete_shape(spec, rows), np.dtype(spec.dtype))
+        return self.buffers[name].download(out, self.stream)
+
+    def __call__(self, **inputs: np.ndarray) -> np.ndarray:
+        """Host in, host out (the single output), chunked to the profile."""
+        batch = next(inputs[spec.name].shape[0] for spec in self.contract.batched_inputs)
+        output = self.contract.outputs[0].name
+        parts = []
+        for start, stop, run_batch in batch_chunks(batch, self.profile):
+            for spec in self.contract.inputs:
+                value = inputs[spec.name]
+                self.upload(spec.name, value[start:stop] if spec in self.contract.batched_inputs else value, run_batch)
+            self.execute(run_batch)
+            parts.append(self.download(output, stop - start))
+        return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+    def close(self) -> None:
+        for buffer in self.buffers.values():
+            buffer.free()
+
+
+class TensorRTBackend:
+    """Every stage of the edit on TensorRT engines built by ``cfdeploy build-engines``."""
+
+    name = "tensorrt"
+
+    def __init__(self, bundle: Bundle, engine_dir: Path | None = None, cuda_graphs: bool = True) -> None:
+        self.bundle = bundle
+        self.engine_dir = engine_dir or bundle.path / ENGINE_DIR
+        self.cuda_graphs = cuda_graphs
+        self.contracts = network_contracts(bundle.size, bundle.n_latent, bundle.style_dim)
+        self.gpu = gpu_identity()
+        self.stream = int(call("cudaStreamCreate"))
+        self.runtime = trt.Runtime(_LOGGER)
+        self.engines: dict[str, Engine] = {}
+        self._tokenizer: ClipTokenizer | None = None
+        self._edited: np.ndarray | None = None  # the last w_hat handed out, still in the editor's output buffer
+        self.description = bundle.description
+        self.source_text = bundle.opts.get("source_text")
+
+    @classmethod
+    def from_bundle(cls, path: Path, engine_dir: Path | None = None, cuda_graphs: bool = True) -> "TensorRTBackend":
+        return cls(Bundle(path), engine_dir, cuda_graphs)
+
+    @property
+    def size(self) -> int:
+        return self.bundle.size
+
+    @property
+    def n_latent(self) -> int:
+        return self.bundle.n_latent
+
+    @property
+    def style_dim(self) -> int:
+        return self.bundle.style_dim
+
+    def engine(self, network: str) -> Engine:
+        """The network's engine, after checking it was built for this bundle's graph, this TensorRT and this GPU."""
+        loaded = self.engines.get(network)
+        if loaded is not None:
+            return loaded
+        engine_path, key_path = engine_paths(self.engine_dir, network)
+        found = read_key(key_path)
+        if found is None:
+            raise CfdeployError(f"{engine_path}: no engine for {network} (build it with cfdeploy build-engines {self.bundle.path})")
+        onnx_sha256 = self.bundle.manifest["files"][self.contracts[network].filename]
+        wanted = replace(found, onnx_sha256=onnx_sha256, tensorrt_version=trt.__version__,
+                         gpu_name=self.gpu[0], compute_capability=self.gpu[1])
+        check_engine(self.engine_dir, wanted)
+        loaded = Engine(engine_path, self.contracts[network], found, self.runtime, self.stream, self.cuda_graphs)
+        self.engines[network] = loaded
+        return loaded
+
+    def device_ms(self) -> dict[str, float]:
+        """GPU time per network since the backend was made, from CUDA events."""
+        return {name: engine.device_ms for name, engine in self.engines.items()}
+
+    def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
+        if self._tokenizer is None:
+            self._tokenizer = ClipTokenizer(self.bundle.vocab_path)
+        return self._tokenizer(prompts)
+
+    def text_features(self, tokens: np.ndarray) -> np.ndarray:
+        return self.engine("clip_text")(tokens=tokens.astype(np.int64))
+
+    def text_latents(self, text_features: np.ndarray) -> np.ndarray:
+        return self.engine("text_mapper")(text_features=text_features)
+
+    def edit_latents(self, w: np.ndarray, text_latents: np.ndarray, strength: float) -> np.ndarray:
+        editor = self.engine("latent_editor")
+        w_hat = editor(w=w, text_latents=np.broadcast_to(text_latents, w.shape), strength=np.array([strength], np.float32))
+        self._edited = w_hat if len(batch_chunks(w.shape[0], editor.profile)) == 1 else None
+        return w_hat
+
+    def synthesize(self, latents: np.ndarray) -> np.ndarray:
+        generator = self.engine("generator")
+        chunks = batch_chunks(latents.shape[0], generator.profile)
+        editor = self.engines.get("latent_editor")
+        run_batch = chunks[0][2]
+        if latents is self._edited and editor is not None and len(chunks) == 1 and editor.batch == run_batch:
+            # w_hat never left the device: copy it buffer to buffer instead of uploading the host copy
+            generator.buffers["latents"].copy_from(editor.buffers["w_hat"], editor.nbytes("w_hat", run_batch), self.stream)
+            generator.execute(run_batch)
+            return generator.download("image", latents.shape[0])
+        return generator(latents=latents)
+
+    def sample_w(self, z: np.ndarray, truncation: float) -> np.ndarray:
+        w = self.engine("mapping")(z=z)
+        if truncation != 1.0:
+            mean_w = self.bundle.mean_w()
+            w = mean_w + truncation * (w - mean_w)
+        return w.astype(np.float32)
+
+    def close(self) -> None:
+        for engine in self.engines.values():
+            engine.close()
+        self.engines.clear()
+        call("cudaStreamDestroy", self.stream)

@@ -8,6 +8,7 @@ name, never filled in or skipped.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import pickle
 import re
 import zipfile
@@ -59,6 +60,16 @@ def safe_torch_load(path: Path) -> Any:
     except Exception as error:  # torch raises RuntimeError, KeyError, EOFError… for damaged files
         detail = str(error).split(".")[0].strip() or type(error).__name__
         raise CfdeployError(f"{path}: not a readable torch checkpoint (truncated or corrupt?): {detail}") from None
+
+
+def weights_sha256(state: Mapping[str, torch.Tensor]) -> str:
+    """One hash over names, dtypes, shapes and values: equal weights hash equal whichever file holds them."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{list(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _listed(keys: list[str]) -> str:
@@ -151,6 +162,7 @@ class CFClipCheckpoint:
     text_mapper: FullTextMapper
     mapper: LevelsMapper
     mapper_config: MapperConfig = field(repr=False)
+    generator_sha256: str = field(repr=False, default="")  # of the raw ``decoder.*`` weights: what refit compares
 
     @property
     def size(self) -> int:
@@ -186,7 +198,8 @@ def load_cfclip(path: Path) -> CFClipCheckpoint:
     if not any(key.startswith("decoder.") for key in state):
         raise CfdeployError(f"{path}: CF-CLIP checkpoint has no 'decoder.*' generator weights")
 
-    generator = build_generator(strip_prefix(state, "decoder."), path, prefix="decoder.")
+    decoder_state = strip_prefix(state, "decoder.")
+    generator = build_generator(decoder_state, path, prefix="decoder.")
     trained_size = opts.get("stylegan_size")
     if trained_size is not None and int(trained_size) != generator.config.size:
         raise CfdeployError(
@@ -207,4 +220,6 @@ def load_cfclip(path: Path) -> CFClipCheckpoint:
     unknown = [key for key in state if key.split(".", 1)[0] not in {"decoder", "text_mapper", "mapper"}]
     if unknown:
         raise CfdeployError(f"{path}: unexpected keys {_listed(unknown)}")
-    return CFClipCheckpoint(path, dict(opts), generator, text_mapper.eval(), mapper.eval(), mapper_config)
+    return CFClipCheckpoint(
+        path, dict(opts), generator, text_mapper.eval(), mapper.eval(), mapper_config, weights_sha256(decoder_state)
+    )

@@ -54,6 +54,28 @@ def user_errors(command: Command) -> Command:
 class Backend(str, Enum):
     torch = "torch"
     onnxruntime = "onnxruntime"
+    tensorrt = "tensorrt"
+
+
+class TorchPrecision(str, Enum):
+    fp32 = "fp32"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
+class EnginePrecision(str, Enum):
+    fp32 = "fp32"
+    fp16 = "fp16"
+    mixed = "mixed"
+
+
+PRECISION_HELP = (
+    "Engine precision for CLIP text and the generator: fp32, fp16, or mixed (fp16 convolutions; style, demodulation "
+    "and RGB layers fp32). Default: each network's contract (generator mixed, CLIP text fp16). The mappers and the "
+    "mapping network are always fp32."
+)
+STATIC_BATCH_HELP = "Build for exactly this batch (smaller batches are padded): less memory, and CUDA graphs."
+WORKSPACE_HELP = "TensorRT workspace limit, e.g. 512MiB on a Jetson Nano-class board [default: TensorRT's]."
 
 
 def progress_bar():  # type: ignore[no-untyped-def]
@@ -77,7 +99,7 @@ def edit_command(
         None, "--checkpoint", "-c", help="CF-CLIP checkpoint (.pt with state_dict and opts), for --backend torch."
     ),
     bundle: Optional[Path] = typer.Option(
-        None, "--bundle", help="Bundle directory from `cfdeploy export`, for --backend onnxruntime."
+        None, "--bundle", help="Bundle directory from `cfdeploy export`, for --backend onnxruntime or tensorrt."
     ),
     text: Optional[str] = typer.Option(None, "--text", "-t", help="Prompt to edit toward."),
     text_embedding: Optional[Path] = typer.Option(
@@ -94,9 +116,20 @@ def edit_command(
     ),
     strength: float = typer.Option(1.0, "--strength", "-s", help="Edit strength S: w_hat = w + S*0.1*delta (1 = official)."),
     backend: Optional[Backend] = typer.Option(
-        None, "--backend", help="Runtime: torch (from --checkpoint) or onnxruntime (from --bundle). Default: by input."
+        None, "--backend",
+        help="Runtime: torch (from --checkpoint), onnxruntime or tensorrt (from --bundle). Default: by input.",
     ),
     device: str = typer.Option("cpu", "--device", help="torch backend: cpu, cuda or cuda:N."),
+    precision: TorchPrecision = typer.Option(
+        TorchPrecision.fp32, "--precision",
+        help="torch backend, generator only: fp32, fp16 (autocast; for CUDA) or bf16 (for CPUs with bf16 units).",
+    ),
+    cuda_graphs: bool = typer.Option(
+        False, "--cuda-graphs", help="torch on CUDA: replay the generator as a CUDA graph (TensorRT: static engines always do)."
+    ),
+    engines: Optional[Path] = typer.Option(
+        None, "--engines", help="tensorrt backend: engine directory [default: BUNDLE/tensorrt]."
+    ),
     providers: Optional[str] = typer.Option(
         None, "--providers", help="onnxruntime backend: comma-separated execution providers (default: best available)."
     ),
@@ -115,7 +148,7 @@ def edit_command(
     ),
     refine_layers: str = typer.Option("all", "--refine-layers", help="Refinement: all, coarse, medium or fine levels."),
 ) -> None:
-    """Edit images toward a text prompt with a CF-CLIP checkpoint (torch) or an exported bundle (onnxruntime).
+    """Edit images toward a text prompt with a CF-CLIP checkpoint (torch) or a bundle (onnxruntime, tensorrt).
 
     Writes DIR/000000.png, 000001.png, … and DIR/edit.json (inputs, timings, versions); nothing is
     written if anything fails.
@@ -142,19 +175,29 @@ def edit_command(
         resolve_device(device)
         with console.status("loading models"):
             needs_clip = text is not None or refine_steps > 0
-            engine: Any = TorchBackend.from_checkpoint(checkpoint, clip_weights if needs_clip else None, device)
-        inputs.update(checkpoint=str(checkpoint), clip_weights=str(clip_weights) if clip_weights else None, device=device)
+            engine: Any = TorchBackend.from_checkpoint(
+                checkpoint, clip_weights if needs_clip else None, device, precision.value, cuda_graphs
+            )
+        inputs.update(checkpoint=str(checkpoint), clip_weights=str(clip_weights) if clip_weights else None, device=device,
+                      precision=precision.value, cuda_graphs=cuda_graphs)
     else:
         if bundle is None:
-            raise CfdeployError("--backend onnxruntime needs --bundle (make one with cfdeploy export)")
-        if device != "cpu":
-            raise CfdeployError("--device is for the torch backend; choose ONNX Runtime providers with --providers")
-        from cfdeploy.backends.onnxruntime_backend import OnnxRuntimeBackend
+            raise CfdeployError(f"--backend {backend.value} needs --bundle (make one with cfdeploy export)")
+        if device != "cpu" or precision is not TorchPrecision.fp32:
+            raise CfdeployError(f"--device and --precision are for the torch backend, not {backend.value}")
         from cfdeploy.bundle import TextLatentCache
 
-        engine = OnnxRuntimeBackend.from_bundle(bundle, providers.split(",") if providers else None)
+        if backend is Backend.tensorrt:
+            from cfdeploy.trt import tensorrt_module
+
+            engine = tensorrt_module("runtime").TensorRTBackend.from_bundle(bundle, engines)
+            inputs.update(bundle=str(bundle), engines=str(engine.engine_dir), gpu=engine.gpu[0])
+        else:
+            from cfdeploy.backends.onnxruntime_backend import OnnxRuntimeBackend
+
+            engine = OnnxRuntimeBackend.from_bundle(bundle, providers.split(",") if providers else None)
+            inputs.update(bundle=str(bundle), providers=engine.providers)
         text_cache = TextLatentCache(engine.bundle)
-        inputs.update(bundle=str(bundle), providers=engine.providers)
     refiner = None
     if refine_steps > 0:
         refiner = build_refiner(
@@ -275,8 +318,15 @@ def export_command(
         None, "--prompt", help="Precompute the text branch for this prompt (repeatable); it then needs no CLIP at run time."
     ),
     force: bool = typer.Option(False, "--force", "-f", help="Replace an existing bundle directory."),
+    tensorrt: bool = typer.Option(False, "--tensorrt", help="Then build TensorRT engines into BUNDLE/tensorrt (options below)."),
+    engine_precision: Optional[EnginePrecision] = typer.Option(None, "--precision", help=PRECISION_HELP),
+    min_batch: int = typer.Option(1, "--min-batch", help="Engine profile: smallest batch."),
+    opt_batch: Optional[int] = typer.Option(None, "--opt-batch", help="Engine profile: batch tuned for [default: --max-batch]."),
+    max_batch: int = typer.Option(8, "--max-batch", help="Engine profile: largest batch."),
+    static_batch: Optional[int] = typer.Option(None, "--static-batch", help=STATIC_BATCH_HELP),
+    workspace: Optional[str] = typer.Option(None, "--workspace", help=WORKSPACE_HELP),
 ) -> None:
-    """Export a checkpoint to a self-contained ONNX bundle that runs without torch.
+    """Export a checkpoint to a self-contained ONNX bundle that runs without torch (and, with --tensorrt, engines).
 
     Writes one ONNX graph per network (CLIP text, text mapper, latent mapper + residual, generator,
     mapping), the tokenizer data, mean W and manifest.json with sha256 of every file and the parity of
@@ -288,6 +338,14 @@ def export_command(
     check_output_dir(target, force)
     if opset < 18:
         raise CfdeployError(f"--opset {opset}: the exporter needs opset 18 or newer")
+    build_settings = None
+    if tensorrt:
+        build_settings = engine_build_settings(
+            engine_precision, min_batch, opt_batch, max_batch, static_batch, workspace, None, False, None
+        )
+        from cfdeploy.trt import tensorrt_module
+
+        tensorrt_module("builder")  # fail before the slow export, not after it
     from cfdeploy.exporter import export_bundle
 
     started = time.perf_counter()
@@ -302,6 +360,89 @@ def export_command(
         f"worst parity rel L2 {worst:.1e}",
         highlight=False,
     )
+    if build_settings is not None:
+        build_bundle_engines(target, build_settings)
+
+
+def engine_build_settings(
+    precision: Optional[EnginePrecision], min_batch: int, opt_batch: Optional[int], max_batch: int,
+    static_batch: Optional[int], workspace: Optional[str], networks: Optional[str], rebuild: bool, engines: Optional[Path],
+) -> Any:
+    """Options checked before anything slow starts; TensorRT itself is only imported to build."""
+    from cfdeploy.trt.plan import BuildSettings, batch_profile, parse_bytes
+
+    return BuildSettings(
+        profile=batch_profile(min_batch, opt_batch, max_batch, static_batch),
+        precision=precision.value if precision else None,
+        workspace_bytes=parse_bytes(workspace) if workspace else None,
+        networks=[name.strip() for name in networks.split(",") if name.strip()] if networks else None,
+        rebuild=rebuild,
+        engine_dir=engines,
+    )
+
+
+def build_bundle_engines(bundle: Path, settings: Any) -> None:
+    from cfdeploy.trt import tensorrt_module
+
+    builder = tensorrt_module("builder")
+    started = time.perf_counter()
+    with console.status("building TensorRT engines") as status:
+        built = builder.build_engines(bundle, settings, lambda message: (status.update(message), console.log(message)))
+    for engine in built:
+        made = "kept (up to date)" if engine.seconds is None else f"built in {engine.seconds:.1f}s"
+        console.print(f"{engine.network}: {engine.key.precision}, {made} → {engine.path}", highlight=False, markup=False)
+    console.print(f"engines ready in {time.perf_counter() - started:.1f}s", highlight=False)
+
+
+@app.command("build-engines")
+@user_errors
+def build_engines_command(
+    bundle: Path = typer.Argument(..., help="Bundle directory from `cfdeploy export`."),
+    engine_precision: Optional[EnginePrecision] = typer.Option(None, "--precision", help=PRECISION_HELP),
+    min_batch: int = typer.Option(1, "--min-batch", help="Profile: smallest batch."),
+    opt_batch: Optional[int] = typer.Option(None, "--opt-batch", help="Profile: batch tuned for [default: --max-batch]."),
+    max_batch: int = typer.Option(8, "--max-batch", help="Profile: largest batch."),
+    static_batch: Optional[int] = typer.Option(None, "--static-batch", help=STATIC_BATCH_HELP),
+    workspace: Optional[str] = typer.Option(None, "--workspace", help=WORKSPACE_HELP),
+    networks: Optional[str] = typer.Option(None, "--networks", help="Comma-separated subset [default: all in the bundle]."),
+    engines: Optional[Path] = typer.Option(None, "--engines", help="Engine directory [default: BUNDLE/tensorrt]."),
+    rebuild: bool = typer.Option(False, "--rebuild", help="Replace engines built for another graph, TensorRT, GPU or profile."),
+) -> None:
+    """Build TensorRT engines for a bundle on this GPU (run it on the target device: engines do not travel).
+
+    Each engine is stored with a key (ONNX sha256, TensorRT version, GPU and compute capability,
+    precision, batch profile); an up-to-date engine is kept, a mismatched one is refused unless
+    --rebuild. The mapper engines are built refittable, for `cfdeploy refit`.
+    """
+    from cfdeploy.bundle import Bundle
+
+    settings = engine_build_settings(
+        engine_precision, min_batch, opt_batch, max_batch, static_batch, workspace, networks, rebuild, engines
+    )
+    Bundle(bundle)
+    build_bundle_engines(bundle, settings)
+
+
+@app.command("refit")
+@user_errors
+def refit_command(
+    bundle: Path = typer.Argument(..., help="Bundle directory to update in place."),
+    checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="CF-CLIP checkpoint of another prompt, same generator."),
+) -> None:
+    """Swap a bundle's mappers for another prompt's checkpoint, keeping its generator graph and engines.
+
+    Refuses a checkpoint whose generator weights differ from the bundle's (sha256) or whose mappers
+    have another layout. Replaces the text-mapper and latent-editor graphs (checked against torch),
+    recomputes stored prompts, and refits the TensorRT mapper engines where TensorRT and a GPU are here.
+    """
+    from cfdeploy.checkpoints import require_file
+    from cfdeploy.refit import refit_bundle
+
+    require_file(checkpoint)
+    with console.status("refitting") as status:
+        summary = refit_bundle(bundle, checkpoint, lambda message: (status.update(message), console.log(message)))
+    changed = ", ".join(f"{name} {count} weights" for name, count in summary["changed_weights"].items())
+    console.print(f"refitted {bundle} to {summary['description']!r}: {changed}", highlight=False, markup=False)
 
 
 @app.command("embed")

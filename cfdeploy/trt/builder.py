@@ -12,7 +12,7 @@ import json
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import tensorrt as trt
 
@@ -24,7 +24,7 @@ from cfdeploy.trt.cuda import gpu_identity
 from cfdeploy.trt.plan import (
     ENGINE_DIR,
     TIMING_CACHE,
-    BatchProfile,
+    BuildSettings,
     EngineKey,
     engine_paths,
     keeps_fp32,
@@ -34,16 +34,6 @@ from cfdeploy.trt.plan import (
 )
 
 _LOGGER = trt.Logger(trt.Logger.WARNING)
-
-
-@dataclass(frozen=True)
-class BuildSettings:
-    profile: BatchProfile
-    precision: str | None = None  # None: each contract's default
-    workspace_bytes: int | None = None
-    networks: Sequence[str] | None = None  # None: every network in the bundle
-    rebuild: bool = False
-    engine_dir: Path | None = None  # None: BUNDLE/tensorrt
 
 
 @dataclass(frozen=True)
@@ -69,6 +59,10 @@ class BuildProgress(trt.IProgressMonitor):
 
     def phase_finish(self, phase_name: str) -> None:
         return None
+
+
+def prefixed(report: Callable[[str], None], network: str) -> Callable[[str], None]:
+    return lambda message: report(f"{network}: {message}")
 
 
 def wanted_key(contract: NetworkContract, onnx_sha256: str, settings: BuildSettings, gpu: tuple[str, str]) -> EngineKey:
@@ -170,7 +164,7 @@ def build_engines(
     engine_dir.mkdir(parents=True, exist_ok=True)
     gpu = gpu_identity()
     built = []
-    with DirectoryLock(engine_dir):
+    with DirectoryLock(bundle_path):
         for name in names:
             onnx_path = bundle.network(name)
             key = wanted_key(contracts[name], sha256_file(onnx_path), settings, gpu)
@@ -186,9 +180,7 @@ def build_engines(
                 )
             report(f"{name}: building {key.precision} engine, {settings.profile.label()}")
             started = time.perf_counter()
-            engine = build_engine(
-                onnx_path, contracts[name], key, settings, engine_dir / TIMING_CACHE, lambda phase: report(f"{name}: {phase}")
-            )
+            engine = build_engine(onnx_path, contracts[name], key, settings, engine_dir / TIMING_CACHE, prefixed(report, name))
             key_path.unlink(missing_ok=True)  # an engine without a key is refused, never trusted
             write_bytes_atomic(engine_path, engine)
             write_bytes_atomic(key_path, json_text(key).encode())

@@ -11,7 +11,7 @@ import json
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from cfdeploy.contracts import NetworkContract
 from cfdeploy.errors import CfdeployError
@@ -103,6 +103,18 @@ def parse_bytes(text: str) -> int:
     if value < 1 << 20:
         raise CfdeployError(f"--workspace {text!r}: at least 1MiB is needed")
     return value
+
+
+@dataclass(frozen=True)
+class BuildSettings:
+    """What ``cfdeploy build-engines`` was asked for."""
+
+    profile: BatchProfile
+    precision: str | None = None  # None: each contract's default
+    workspace_bytes: int | None = None
+    networks: Sequence[str] | None = None  # None: every network in the bundle
+    rebuild: bool = False
+    engine_dir: Path | None = None  # None: BUNDLE/tensorrt
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,179 @@
+"""``cfdeploy refit``: give a bundle another prompt's mappers without re-exporting or rebuilding the generator.
+
+CF-CLIP trains one checkpoint per prompt, each carrying the same generator. Refit checks that the new
+checkpoint's generator weights hash to the bundle's, that its mappers have the same architecture
+(every weight matched by name and shape), then replaces the text-mapper and latent-editor graphs,
+recomputes the stored prompts' text branch, and refits refittable TensorRT mapper engines where
+TensorRT and a GPU are present. The new bundle is assembled beside the old one (unchanged files are
+hard links) and swapped in, under the bundle's lock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+import onnxruntime
+from onnx import numpy_helper
+
+from cfdeploy.bundle import MANIFEST, Bundle, sha256_file
+from cfdeploy.checkpoints import load_cfclip
+from cfdeploy.contracts import network_contracts
+from cfdeploy.errors import CfdeployError
+from cfdeploy.exporter import DEFAULT_OPSET, FP32_TOLERANCE, check_parity, export_graph
+from cfdeploy.models.mappers import LatentEditor
+from cfdeploy.outputs import DirectoryLock, replace_directory
+from cfdeploy.trt.plan import ENGINE_DIR, engine_paths
+
+REFIT_NETWORKS = ("text_mapper", "latent_editor")
+
+
+@dataclass(frozen=True)
+class WeightInfo:
+    shape: tuple[int, ...]
+    sha256: str
+
+
+def onnx_weights(path: Path) -> dict[str, WeightInfo]:
+    """Every initializer of a graph by name: shape and hash of its values."""
+    weights = {}
+    for tensor in onnx.load(str(path)).graph.initializer:
+        values = numpy_helper.to_array(tensor)
+        weights[tensor.name] = WeightInfo(tuple(values.shape), hashlib.sha256(values.tobytes()).hexdigest())
+    return weights
+
+
+def match_weights(network: str, old: dict[str, WeightInfo], new: dict[str, WeightInfo]) -> list[str]:
+    """Names of the weights that change; refuses when the two graphs do not hold the same weights."""
+    missing = sorted(set(old) - set(new))
+    extra = sorted(set(new) - set(old))
+    reshaped = sorted(name for name in set(old) & set(new) if old[name].shape != new[name].shape)
+    problems = []
+    if missing:
+        problems.append(f"missing {', '.join(missing[:3])}")
+    if extra:
+        problems.append(f"unexpected {', '.join(extra[:3])}")
+    if reshaped:
+        problems.append(", ".join(f"{name} {list(new[name].shape)} (bundle {list(old[name].shape)})" for name in reshaped[:3]))
+    if problems:
+        raise CfdeployError(f"{network}: the new mapper's weights do not match the bundle's: {'; '.join(problems)}")
+    return sorted(name for name in old if old[name].sha256 != new[name].sha256)
+
+
+def _link_tree(source: Path, target: Path) -> None:
+    """Mirror ``source`` into ``target`` with hard links (copies where links are not possible)."""
+    for path in source.rglob("*"):
+        destination = target / path.relative_to(source)
+        if path.is_dir():
+            destination.mkdir(parents=True, exist_ok=True)
+            continue
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(path, destination)
+        except OSError:
+            shutil.copy2(path, destination)
+
+
+def _recompute_prompts(staged: Path, manifest: dict) -> None:
+    """Stored prompts' ``t_w`` from the bundle's CLIP graph and the new text mapper (written as new files)."""
+    prompts = manifest.get("prompts", {})
+    if not prompts:
+        return
+    from cfdeploy.tokenizer import ClipTokenizer
+
+    providers = ["CPUExecutionProvider"]
+    clip = onnxruntime.InferenceSession(str(staged / manifest["networks"]["clip_text"]["file"]), providers=providers)
+    mapper = onnxruntime.InferenceSession(str(staged / manifest["networks"]["text_mapper"]["file"]), providers=providers)
+    tokens = ClipTokenizer(staged / manifest["tokenizer"]["vocab"])(list(prompts))
+    text_latents = mapper.run(None, {"text_features": clip.run(None, {"tokens": tokens})[0]})[0]
+    for (prompt, relative), latents in zip(prompts.items(), text_latents):
+        (staged / relative).unlink()
+        np.save(staged / relative, latents[None])
+
+
+def _refit_engines(staged: Path, report: Callable[[str], None]) -> list[str]:
+    """Refit the mapper engines that exist; returns the networks whose engines are now stale."""
+    engine_dir = staged / ENGINE_DIR
+    present = [name for name in REFIT_NETWORKS if engine_paths(engine_dir, name)[0].is_file()]
+    if not present:
+        return []
+    try:
+        from cfdeploy.trt.builder import refit_engine
+        from cfdeploy.trt.cuda import gpu_identity
+
+        gpu_identity()
+    except (ImportError, CfdeployError) as why:
+        report(f"TensorRT engines for {', '.join(present)} not refitted here ({why}); they will be refused until rebuilt")
+        return present
+    for name in present:
+        for path in engine_paths(engine_dir, name):  # new inodes: never write through a hard link
+            content = path.read_bytes()
+            path.unlink()
+            path.write_bytes(content)
+        refit_engine(engine_dir, name, staged / f"{name}.onnx")
+        report(f"refitted the {name} TensorRT engine")
+    return []
+
+
+def refit_bundle(bundle_path: Path, checkpoint_path: Path, report: Callable[[str], None] = lambda message: None) -> dict:
+    """Swap the bundle's mappers for ``checkpoint_path``'s; returns a summary of what changed."""
+    with DirectoryLock(bundle_path):
+        bundle = Bundle(bundle_path)
+        manifest = json.loads(json.dumps(bundle.manifest))
+        bundle_generator = manifest.get("weights", {}).get("generator_sha256")
+        if not bundle_generator:
+            raise CfdeployError(f"{bundle_path / MANIFEST}: records no generator hash (exported by an older cfdeploy); re-export it")
+        report("loading checkpoint")
+        checkpoint = load_cfclip(checkpoint_path)
+        if checkpoint.generator_sha256 != bundle_generator:
+            raise CfdeployError(
+                f"{checkpoint_path}: its generator weights (sha256 {checkpoint.generator_sha256[:12]}…) are not the bundle's "
+                f"({bundle_generator[:12]}…); refit only swaps mappers trained on the same generator"
+            )
+        groups = list(checkpoint.mapper_config.groups)
+        if groups != manifest["opts"]["mapper_groups"]:
+            raise CfdeployError(
+                f"{checkpoint_path}: mapper groups {groups} differ from the bundle's {manifest['opts']['mapper_groups']}"
+            )
+        contracts = network_contracts(bundle.size, bundle.n_latent, bundle.style_dim)
+        modules = {"text_mapper": checkpoint.text_mapper, "latent_editor": LatentEditor(checkpoint.mapper)}
+        staged = Path(tempfile.mkdtemp(prefix=f".{bundle_path.name}.", suffix=".partial", dir=bundle_path.parent))
+        try:
+            _link_tree(bundle_path, staged)
+            changed = {}
+            for name in REFIT_NETWORKS:
+                contract = contracts[name]
+                path = staged / contract.filename
+                old = onnx_weights(bundle.network(name))
+                path.unlink()
+                report(f"exporting {name}")
+                export_graph(modules[name], contract, path, manifest["export"].get("opset", DEFAULT_OPSET))
+                changed[name] = match_weights(name, old, onnx_weights(path))
+                report(f"checking {name} against torch")
+                manifest["networks"][name]["parity"] = check_parity(modules[name], contract, path, FP32_TOLERANCE)
+            report("recomputing stored prompts")
+            _recompute_prompts(staged, manifest)
+            stale = _refit_engines(staged, report)
+            manifest["source"]["checkpoint"] = str(checkpoint_path)
+            manifest["source"]["checkpoint_sha256"] = sha256_file(checkpoint_path)
+            manifest["opts"]["description"] = checkpoint.description
+            manifest["opts"]["source_text"] = checkpoint.source_text
+            manifest.setdefault("refits", []).append({"checkpoint": str(checkpoint_path), "changed_weights": changed})
+            rewritten = [contracts[name].filename for name in REFIT_NETWORKS] + list(manifest.get("prompts", {}).values())
+            manifest["files"].update({relative: sha256_file(staged / relative) for relative in rewritten})
+            (staged / MANIFEST).unlink()
+            (staged / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+            replace_directory(staged, bundle_path)
+        except BaseException:
+            shutil.rmtree(staged, ignore_errors=True)
+            raise
+    return {"description": checkpoint.description, "changed_weights": {k: len(v) for k, v in changed.items()},
+            "stale_engines": stale}

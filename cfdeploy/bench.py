@@ -2,8 +2,9 @@
 
 Each backend runs in a fresh child process (so its peak RSS is its own), through the same
 ``iter_edits`` path ``cfdeploy edit`` uses: warm-up runs, then timed runs with every stage timed
-(device work is synchronised inside each stage, since every stage returns host arrays). Images are
-compared against the torch fp32 backend for a parity column (max abs error and PSNR).
+(device work is synchronised inside each stage, since every stage returns host arrays). The TensorRT
+backend also reports GPU time per network from CUDA events, and GPU backends their GPU memory. Images
+are compared against the torch fp32 backend for a parity column (max abs error and PSNR).
 """
 
 from __future__ import annotations
@@ -24,7 +25,15 @@ import numpy as np
 
 from cfdeploy.errors import CfdeployError
 
-BACKENDS = ("torch-reference", "torch", "torch-bf16", "torch-cuda", "onnxruntime", "tensorrt")
+BACKENDS = (
+    "torch-reference", "torch", "torch-bf16", "torch-cuda", "torch-cuda-fp16",
+    "onnxruntime", "onnxruntime-cuda", "onnxruntime-tensorrt", "tensorrt",
+)
+ORT_PROVIDERS = {
+    "onnxruntime": ["CPUExecutionProvider"],
+    "onnxruntime-cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    "onnxruntime-tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+}
 STAGES = ("tokenize", "text_encoder", "text_mapper", "mapper", "refine", "generator", "png", "total")
 PARITY_REFERENCE = "torch"
 
@@ -53,14 +62,14 @@ class BenchSettings:
 
 def open_backend(name: str, sources: Sources) -> Any:
     """Build one backend, or raise :class:`Skipped` saying why it cannot run here."""
-    if name in ("torch", "torch-bf16", "torch-cuda", "torch-reference"):
+    if name.startswith("torch"):
         if sources.checkpoint is None:
             raise Skipped("needs --checkpoint (or --synthetic)")
         try:
             import torch
         except ImportError:
             raise Skipped("torch is not installed (the 'export' extra)") from None
-        if name == "torch-cuda" and not torch.cuda.is_available():
+        if name.startswith("torch-cuda") and not torch.cuda.is_available():
             raise Skipped("no CUDA GPU visible to torch")
         if name == "torch-reference":
             from cfdeploy.backends.reference_backend import TorchReferenceBackend
@@ -68,24 +77,48 @@ def open_backend(name: str, sources: Sources) -> Any:
             return TorchReferenceBackend.from_checkpoint(sources.checkpoint, sources.clip_weights)
         from cfdeploy.backends.torch_backend import TorchBackend
 
-        device = "cuda" if name == "torch-cuda" else "cpu"
-        precision = "bf16" if name == "torch-bf16" else "fp32"
-        backend = TorchBackend.from_checkpoint(sources.checkpoint, sources.clip_weights, device, precision)
+        device = "cuda" if name.startswith("torch-cuda") else "cpu"
+        precision = {"torch-bf16": "bf16", "torch-cuda-fp16": "fp16"}.get(name, "fp32")
+        backend = TorchBackend.from_checkpoint(
+            sources.checkpoint, sources.clip_weights, device, precision, cuda_graphs=name == "torch-cuda-fp16"
+        )
         backend.name = name
         return backend
-    if name == "onnxruntime":
-        if sources.bundle is None:
-            raise Skipped("needs --bundle (or --checkpoint with --clip-weights, or --synthetic, to export one)")
+    if sources.bundle is None:
+        raise Skipped("needs --bundle (or --checkpoint with --clip-weights, or --synthetic, to export one)")
+    if name in ORT_PROVIDERS:
         from cfdeploy.backends.onnxruntime_backend import OnnxRuntimeBackend
 
-        return OnnxRuntimeBackend.from_bundle(sources.bundle)
-    if name == "tensorrt":
         try:
-            import tensorrt  # noqa: F401
-        except ImportError:
-            raise Skipped("TensorRT is not installed") from None
-        raise Skipped("TensorRT engines are not built by this cfdeploy yet")
+            backend = OnnxRuntimeBackend.from_bundle(sources.bundle, ORT_PROVIDERS[name])
+        except CfdeployError as why:
+            raise Skipped(str(why)) from None
+        backend.name = name
+        return backend
+    if name == "tensorrt":
+        from cfdeploy.trt import tensorrt_module
+
+        try:
+            backend = tensorrt_module("runtime").TensorRTBackend.from_bundle(sources.bundle)
+            for network in ("text_mapper", "latent_editor", "generator"):
+                backend.engine(network)
+        except CfdeployError as why:
+            raise Skipped(str(why)) from None
+        return backend
     raise CfdeployError(f"unknown backend {name!r} (known: {', '.join(BACKENDS)})")
+
+
+def gpu_memory_mb(backend: Any) -> float | None:
+    """Peak GPU memory of a torch CUDA backend, or GPU memory in use for a TensorRT one; None on CPU."""
+    if getattr(backend, "device", None) is not None and backend.device.type == "cuda":
+        import torch
+
+        return torch.cuda.max_memory_allocated(backend.device) / (1 << 20)
+    if backend.name == "tensorrt":
+        from cfdeploy.trt.cuda import memory_in_use_mb
+
+        return memory_in_use_mb()
+    return None
 
 
 def peak_rss_mb() -> float | None:
@@ -121,7 +154,7 @@ def measure_backend(name: str, sources: Sources, settings: BenchSettings) -> dic
         return {"backend": name, "skipped": str(reason)}
     rng = np.random.default_rng(settings.seed)
     latents = rng.standard_normal((max(settings.batch_sizes), backend.n_latent, 512)).astype(np.float32)
-    has_clip = name == "onnxruntime" or sources.clip_weights is not None
+    has_clip = not name.startswith("torch") or sources.clip_weights is not None  # bundles carry CLIP's text graph
     features = None if has_clip else rng.standard_normal((1, 512)).astype(np.float32)
     results = []
     refiner = make_refiner(backend, settings) if settings.refine_steps else None
@@ -129,7 +162,10 @@ def measure_backend(name: str, sources: Sources, settings: BenchSettings) -> dic
         job = EditJob(latents[:batch], settings.prompt if has_clip else None, features, batch_size=batch, refiner=refiner)
         samples: dict[str, list[float]] = {stage: [] for stage in STAGES}
         images = None
+        device_ms_before: dict[str, float] = {}
         for run in range(settings.warmup + settings.runs):
+            if run == settings.warmup and hasattr(backend, "device_ms"):
+                device_ms_before = backend.device_ms()
             timer = StageTimer()
             started = time.perf_counter()
             for edited in iter_edits(backend, job, timer):
@@ -147,14 +183,18 @@ def measure_backend(name: str, sources: Sources, settings: BenchSettings) -> dic
             stages["refine_per_step"] = summarize([
                 seconds / max(1, len(curve)) for seconds, curve in zip(samples["refine"], refiner.curves[-settings.runs:])
             ])
+        device_ms = {network: (ms - device_ms_before.get(network, 0.0)) / settings.runs
+                      for network, ms in backend.device_ms().items()} if hasattr(backend, "device_ms") else None
         results.append({
             "batch": batch,
+            "device_ms_per_run": device_ms,
             "stages_s": stages,
             "images_per_s": batch / stages["total"]["median"],
             "per_image_s": stages["total"]["median"] / batch,
             "images": images,
         })
-    return {"backend": name, "results": results, "peak_rss_mb": peak_rss_mb(), "threads": thread_counts(backend)}
+    return {"backend": name, "results": results, "peak_rss_mb": peak_rss_mb(), "gpu_memory_mb": gpu_memory_mb(backend),
+            "threads": thread_counts(backend)}
 
 
 def make_refiner(backend: Any, settings: BenchSettings) -> Any:
@@ -242,7 +282,8 @@ def table_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
             total = result["stages_s"]["total"]
             row.update(total_p90_ms=1000 * total["p90"], total_p99_ms=1000 * total["p99"], total_mean_ms=1000 * total["mean"],
                        images_per_s=result["images_per_s"], per_image_ms=1000 * result["per_image_s"],
-                       peak_rss_mb=backend.get("peak_rss_mb"),
+                       peak_rss_mb=backend.get("peak_rss_mb"), gpu_memory_mb=backend.get("gpu_memory_mb"),
+                       gpu_ms=sum((result.get("device_ms_per_run") or {}).values()) or None,
                        refine_per_step_ms=1000 * result["stages_s"]["refine_per_step"]["median"]
                        if "refine_per_step" in result["stages_s"] else None,
                        max_abs_error=result.get("parity", {}).get("max_abs"), psnr_db=result.get("parity", {}).get("psnr_db"))

@@ -617,7 +617,7 @@ def print_bench(report: dict[str, Any]) -> None:
     from cfdeploy.bench import STAGES, table_rows
 
     table = Table(title="cfdeploy bench: median ms per stage (per batch)")
-    columns = ["backend", "batch", *STAGES, "p90", "p99", "img/s", "RSS MB", "max abs err", "PSNR dB"]
+    columns = ["backend", "batch", *STAGES, "p90", "p99", "img/s", "RSS MB", "GPU MB", "GPU ms", "max abs err", "PSNR dB"]
     for column in columns:
         table.add_column(column, justify="left" if column == "backend" else "right")
 
@@ -628,9 +628,10 @@ def print_bench(report: dict[str, Any]) -> None:
         table.add_row(
             row["backend"], str(row["batch"]), *(cell(row[f"{stage}_median_ms"]) for stage in STAGES),
             cell(row["total_p90_ms"]), cell(row["total_p99_ms"]), cell(row["images_per_s"], 2), cell(row["peak_rss_mb"], 0),
+            cell(row["gpu_memory_mb"], 0), cell(row["gpu_ms"]),
             cell(row["max_abs_error"], 6), cell(row["psnr_db"]),
         )
-    screen = Console(width=None if sys.stdout.isatty() else 200)
+    screen = Console(width=None if sys.stdout.isatty() else 240)
     screen.print(table)
     for backend in report["backends"]:
         if "skipped" in backend:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 
+import onnxruntime
 import pytest
+import torch
 
 from cfdeploy.bench import STAGES, generator_gflop, summarize
 
@@ -25,18 +28,24 @@ def test_generator_gflop_matches_hand_count():
 
 def test_bench_synthetic_reports_every_field(cli, tmp_path):
     paths = {suffix: tmp_path / f"bench.{suffix}" for suffix in ("json", "csv", "png")}
-    result = cli("bench", "--synthetic", 32, "--backends", "torch-reference,torch,onnxruntime,tensorrt",
+    gpu_backends = "torch-cuda-fp16,onnxruntime-cuda,tensorrt"
+    result = cli("bench", "--synthetic", 32, "--backends", f"torch-reference,torch,onnxruntime,{gpu_backends}",
                  "--batch-sizes", "1,2", "--warmup", 1, "--runs", 3,
                  "--json", paths["json"], "--csv", paths["csv"], "--plot", paths["png"])
     assert result.exit_code == 0, result.stderr
-    assert "skipped tensorrt:" in result.stdout
+    if not torch.cuda.is_available():
+        assert "skipped torch-cuda-fp16: no CUDA GPU visible to torch" in result.stdout
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        assert "skipped onnxruntime-cuda: ONNX Runtime providers CUDAExecutionProvider are not available" in result.stdout
+    if importlib.util.find_spec("tensorrt") is None:
+        assert "skipped tensorrt: TensorRT is not installed here" in result.stdout
     report = json.loads(paths["json"].read_text())
     assert {"cpu", "logical_cpus", "versions"} <= set(report["machine"])
     by_name = {backend["backend"]: backend for backend in report["backends"]}
     assert by_name["tensorrt"]["skipped"]
     for name in ("torch-reference", "torch", "onnxruntime"):
         backend = by_name[name]
-        assert backend["peak_rss_mb"] > 0 and backend["threads"]
+        assert backend["peak_rss_mb"] > 0 and backend["threads"] and backend["gpu_memory_mb"] is None
         assert [r["batch"] for r in backend["results"]] == [1, 2]
         for result_ in backend["results"]:
             assert set(result_["stages_s"]) == set(STAGES) - {"refine"}

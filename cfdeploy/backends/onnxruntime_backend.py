@@ -10,6 +10,7 @@ import numpy as np
 import onnxruntime as ort
 
 from cfdeploy.bundle import Bundle
+from cfdeploy.contracts import network_contracts
 from cfdeploy.errors import CfdeployError
 from cfdeploy.tokenizer import ClipTokenizer
 
@@ -50,6 +51,30 @@ def choose_providers(requested: Sequence[str] | None) -> list[str]:
     return [name for name in PREFERRED_PROVIDERS if name in available]
 
 
+def provider_options(providers: Sequence[str], precision: str, cache_dir: Path) -> list[dict[str, str]]:
+    """Per-provider options for one network's session.
+
+    TensorRT's provider caches its engines and timing data under ``cache_dir`` (ONNX Runtime keys them
+    by graph and GPU itself) and runs fp16 only where the network's contract allows it; CUDA's
+    provider searches convolution algorithms exhaustively once, since edits run the same shapes.
+    """
+    options = []
+    for provider in providers:
+        if provider == "TensorrtExecutionProvider":
+            options.append({
+                "trt_engine_cache_enable": "True",
+                "trt_engine_cache_path": str(cache_dir),
+                "trt_timing_cache_enable": "True",
+                "trt_timing_cache_path": str(cache_dir),
+                "trt_fp16_enable": "True" if precision != "fp32" else "False",
+            })
+        elif provider == "CUDAExecutionProvider":
+            options.append({"cudnn_conv_algo_search": "EXHAUSTIVE", "do_copy_in_default_stream": "True"})
+        else:
+            options.append({})
+    return options
+
+
 class OnnxRuntimeBackend:
     """Each stage of the edit as an ONNX Runtime session over the bundle's graphs (created on first use)."""
 
@@ -63,6 +88,7 @@ class OnnxRuntimeBackend:
         self.options.intra_op_num_threads = threads or physical_cores()
         self.options.log_severity_level = 3
         self._sessions: dict[str, ort.InferenceSession] = {}
+        self._contracts = network_contracts(bundle.size, bundle.n_latent, bundle.style_dim)
         self._tokenizer: ClipTokenizer | None = None
         self.description = bundle.description
         self.source_text = bundle.opts.get("source_text")
@@ -86,7 +112,13 @@ class OnnxRuntimeBackend:
     def _run(self, network: str, **inputs: np.ndarray) -> np.ndarray:
         session = self._sessions.get(network)
         if session is None:
-            session = ort.InferenceSession(str(self.bundle.network(network)), self.options, providers=self.providers)
+            cache_dir = self.bundle.path / "tensorrt" / "onnxruntime"
+            if "TensorrtExecutionProvider" in self.providers:
+                cache_dir.mkdir(parents=True, exist_ok=True)
+            options = provider_options(self.providers, self._contracts[network].precision, cache_dir)
+            session = ort.InferenceSession(
+                str(self.bundle.network(network)), self.options, providers=self.providers, provider_options=options
+            )
             self._sessions[network] = session
         return session.run(None, inputs)[0]
 

@@ -1,0 +1,96 @@
+"""CUDA and TensorRT paths against the CPU reference. They need a GPU (and TensorRT) and skip, saying so, without."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from test_parity import TOLERANCE, official_edit, rel_l2
+from test_refit import checkpoint_with_generator_of
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible to torch")
+needs_tensorrt = pytest.mark.skipif(
+    importlib.util.find_spec("tensorrt") is None or not torch.cuda.is_available(),
+    reason="TensorRT and a CUDA GPU are needed (TensorRT's libraries cannot be installed on machines without one)",
+)
+FP16_MIN_PSNR_DB = 40.0
+
+
+def psnr(images: np.ndarray, expected: np.ndarray) -> float:
+    mse = float(np.mean((images.astype(np.float64) - expected) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(4.0 / mse)
+
+
+@needs_cuda
+@pytest.mark.parametrize("checkpoint_fixture,batch", [("cfclip_256", 1), ("cfclip_256", 8), ("cfclip_1024", 1)])
+def test_torch_cuda_matches_the_cpu_reference(request, checkpoint_fixture, batch):
+    from cfdeploy.backends.torch_backend import TorchBackend
+
+    checkpoint = request.getfixturevalue(checkpoint_fixture)
+    fp32 = TorchBackend.from_checkpoint(checkpoint, device="cuda")
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((batch, fp32.n_latent, 512)).astype(np.float32)
+    features = rng.standard_normal((1, 512)).astype(np.float32)
+    expected_w_hat, expected_image = official_edit(checkpoint, w, features)
+    w_hat = fp32.edit_latents(w, fp32.text_latents(features), 1.0)
+    assert rel_l2(w_hat, expected_w_hat) <= TOLERANCE
+    assert rel_l2(fp32.synthesize(w_hat), expected_image) <= TOLERANCE
+
+    fp16 = TorchBackend.from_checkpoint(checkpoint, device="cuda", precision="fp16", cuda_graphs=True)
+    assert rel_l2(fp16.edit_latents(w, fp16.text_latents(features), 1.0), expected_w_hat) <= TOLERANCE  # mappers fp32
+    graphed = fp16.synthesize(w_hat)
+    assert psnr(graphed, expected_image) >= FP16_MIN_PSNR_DB
+    assert np.array_equal(fp16.synthesize(w_hat), graphed)  # replaying the captured graph is deterministic
+
+
+@needs_tensorrt
+def test_tensorrt_engines_edit_like_the_reference_and_refit(tmp_path, cli, bundle_256, cfclip_256, latents_256, embedding_file):
+    bundle = tmp_path / "bundle"
+    shutil.copytree(bundle_256, bundle, ignore=shutil.ignore_patterns("cache", "tensorrt"))
+    result = cli("build-engines", bundle, "--static-batch", 2)
+    assert result.exit_code == 0, result.stderr
+    out = tmp_path / "out"
+    result = cli("edit", "--bundle", bundle, "--backend", "tensorrt", "-l", latents_256, "--text-embedding", embedding_file,
+                 "-o", out, "-b", 2, "--save-latents", "--save-raw")
+    assert result.exit_code == 0, result.stderr
+    expected_w_hat, expected_image = official_edit(cfclip_256, np.load(latents_256), np.load(embedding_file)[None])
+    assert rel_l2(np.load(out / "latents.npy"), expected_w_hat) <= 1e-3
+    assert psnr(np.load(out / "images.npy"), expected_image) >= FP16_MIN_PSNR_DB
+
+    key_path = bundle / "tensorrt" / "generator.key.json"
+    key = json.loads(key_path.read_text())
+    key_path.write_text(json.dumps({**key, "tensorrt_version": "1.0.0"}))
+    result = cli("edit", "--bundle", bundle, "--backend", "tensorrt", "-l", latents_256, "--text-embedding", embedding_file,
+                 "-o", tmp_path / "refused")
+    assert result.exit_code == 2 and "TensorRT version: engine has 1.0.0" in result.stderr
+    assert cli("build-engines", bundle, "--static-batch", 2).exit_code == 2  # mismatch needs --rebuild
+    assert cli("build-engines", bundle, "--static-batch", 2, "--rebuild").exit_code == 0
+
+    other = tmp_path / "other.pt"
+    checkpoint_with_generator_of(other, generator_seed=1, mapper_seed=7)
+    result = cli("refit", bundle, "-c", other)
+    assert result.exit_code == 0 and "refitted the latent_editor TensorRT engine" in result.stderr, result.stderr
+    refitted = tmp_path / "refitted"
+    result = cli("edit", "--bundle", bundle, "--backend", "tensorrt", "-l", latents_256, "--text-embedding", embedding_file,
+                 "-o", refitted, "-b", 2, "--save-latents")
+    assert result.exit_code == 0, result.stderr
+    other_w_hat, _ = official_edit(other, np.load(latents_256), np.load(embedding_file)[None])
+    assert rel_l2(np.load(refitted / "latents.npy"), other_w_hat) <= 1e-3
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")
+def test_tensorrt_paths_say_tensorrt_is_missing(tmp_path, cli, bundle_256, cfclip_256, clip_state_dict_file, latents_256):
+    message = "TensorRT is not installed here (No module named 'tensorrt')"
+    for args in (
+        ["build-engines", bundle_256],
+        ["edit", "--bundle", bundle_256, "--backend", "tensorrt", "-l", latents_256, "-t", "x", "-o", tmp_path / "out"],
+        ["export", "-c", cfclip_256, "--clip-weights", clip_state_dict_file, "-o", tmp_path / "out", "--tensorrt"],
+    ):
+        result = cli(*args)
+        assert result.exit_code == 2 and result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+    assert not (tmp_path / "out").exists() and not (bundle_256 / "tensorrt").exists()

@@ -1,0 +1,172 @@
+"""The TensorRT logic that needs no GPU: profiles, precision plans, the engine cache key, locks and CLI refusals."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from cfdeploy.contracts import network_contracts
+from cfdeploy.errors import CfdeployError
+from cfdeploy.trt.plan import (
+    BatchProfile,
+    EngineKey,
+    batch_chunks,
+    batch_profile,
+    check_engine,
+    engine_paths,
+    keeps_fp32,
+    key_mismatches,
+    network_precision,
+    parse_bytes,
+)
+
+KEY = EngineKey("generator", "ab" * 32, "10.3.0", "Orin", "8.7", "mixed", (1, 4, 8), False)
+
+
+def test_profiles_from_options():
+    assert batch_profile(1, None, 8) == BatchProfile(1, 8, 8)
+    assert batch_profile(2, 4, 16) == BatchProfile(2, 4, 16) and not batch_profile(2, 4, 16).static
+    assert batch_profile(static_batch=4) == BatchProfile(4, 4, 4) and batch_profile(static_batch=4).static
+    with pytest.raises(CfdeployError, match=r"1 <= --min-batch <= --opt-batch <= --max-batch, got 4, 2, 8"):
+        batch_profile(4, 2, 8)
+    with pytest.raises(CfdeployError, match="--static-batch must be 1 or more, got 0"):
+        batch_profile(static_batch=0)
+
+
+@pytest.mark.parametrize("batch,profile,chunks", [
+    (5, BatchProfile(1, 4, 4), [(0, 4, 4), (4, 5, 1)]),
+    (3, BatchProfile(4, 4, 4), [(0, 3, 4)]),
+    (9, BatchProfile(4, 4, 4), [(0, 4, 4), (4, 8, 4), (8, 9, 4)]),
+    (1, BatchProfile(2, 4, 8), [(0, 1, 2)]),
+    (8, BatchProfile(1, 8, 8), [(0, 8, 8)]),
+])
+def test_batches_are_cut_to_the_profile_maximum_and_padded_to_its_minimum(batch, profile, chunks):
+    assert batch_chunks(batch, profile) == chunks
+
+
+def test_precision_plan_follows_contracts_and_keeps_mappers_fp32():
+    contracts = network_contracts(256, 14)
+    defaults = {name: network_precision(contract, None) for name, contract in contracts.items()}
+    assert defaults == {"clip_text": "fp16", "text_mapper": "fp32", "latent_editor": "fp32", "generator": "mixed",
+                        "mapping": "fp32"}
+    forced = {name: network_precision(contract, "fp16") for name, contract in contracts.items()}
+    assert forced == {**defaults, "clip_text": "fp16", "generator": "fp16"}
+    assert {name: network_precision(c, "fp32") for name, c in contracts.items()} == dict.fromkeys(contracts, "fp32")
+    assert [name for name, c in contracts.items() if c.refittable] == ["text_mapper", "latent_editor"]
+    with pytest.raises(CfdeployError, match="unknown precision 'int8'"):
+        network_precision(contracts["generator"], "int8")
+
+
+@pytest.mark.parametrize("precision,kind,channels,pinned", [
+    ("mixed", "CONVOLUTION", 512, False),     # the main modulated convolutions: fp16
+    ("mixed", "DECONVOLUTION", 512, False),   # upsampling convolutions: fp16
+    ("mixed", "CONVOLUTION", 3, True),        # ToRGB
+    ("mixed", "DECONVOLUTION", 3, True),      # the RGB skip's upsampling
+    ("mixed", "REDUCE", 512, True),           # demodulation sums
+    ("mixed", "ELEMENTWISE", 512, True),      # style scaling, noise, bias
+    ("mixed", "NORMALIZATION", None, True),
+    ("fp16", "REDUCE", 512, False),
+    ("fp32", "ELEMENTWISE", 512, False),
+])
+def test_mixed_precision_pins_everything_but_heavy_non_rgb_layers(precision, kind, channels, pinned):
+    assert keeps_fp32(precision, kind, channels) is pinned
+
+
+@pytest.mark.parametrize("text,expected", [("2GiB", 2 << 30), ("512M", 512 << 20), ("1.5g", 3 << 29), ("1048576", 1 << 20)])
+def test_workspace_sizes(text, expected):
+    assert parse_bytes(text) == expected
+
+
+@pytest.mark.parametrize("text", ["lots", "-1G", "1k", ""])
+def test_bad_workspace_sizes_are_refused(text):
+    with pytest.raises(CfdeployError, match=r"--workspace"):
+        parse_bytes(text)
+
+
+def store(engine_dir, key: EngineKey) -> None:
+    engine_path, key_path = engine_paths(engine_dir, key.network)
+    engine_path.write_bytes(b"plan")
+    key_path.write_text(json.dumps(key.as_dict()))
+
+
+def test_matching_engine_is_accepted(tmp_path):
+    store(tmp_path, KEY)
+    assert check_engine(tmp_path, KEY) == tmp_path / "generator.engine"
+    assert EngineKey.from_dict(KEY.as_dict(), tmp_path) == KEY
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"onnx_sha256": "cd" * 32}, "ONNX graph sha256: engine has abababababab…, wanted cdcdcdcdcdcd…"),
+    ({"tensorrt_version": "10.13.0"}, "TensorRT version: engine has 10.3.0, wanted 10.13.0"),
+    ({"gpu_name": "NVIDIA H100"}, "GPU: engine has Orin, wanted NVIDIA H100"),
+    ({"compute_capability": "9.0"}, "compute capability: engine has 8.7, wanted 9.0"),
+    ({"precision": "fp32"}, "precision: engine has mixed, wanted fp32"),
+    ({"profile": (4, 4, 4)}, "batch profile (min, opt, max): engine has (1, 4, 8), wanted (4, 4, 4)"),
+    ({"refittable": True}, "refittable: engine has False, wanted True"),
+])
+def test_each_kind_of_mismatch_is_refused_by_name(tmp_path, change, message):
+    store(tmp_path, KEY)
+    wanted = replace(KEY, **change)
+    assert key_mismatches(KEY, wanted) == [message]
+    with pytest.raises(CfdeployError) as refused:
+        check_engine(tmp_path, wanted)
+    assert str(refused.value) == f"{tmp_path / 'generator.engine'}: built for something else: {message} (rebuild with --rebuild)"
+
+
+def test_missing_engine_key_or_damaged_key_is_refused(tmp_path):
+    with pytest.raises(CfdeployError, match=r"generator.engine: no engine for generator \(build it with cfdeploy build-engines\)"):
+        check_engine(tmp_path, KEY)
+    (tmp_path / "generator.engine").write_bytes(b"plan")
+    with pytest.raises(CfdeployError, match=r"generator.key.json: missing, so generator.engine cannot be checked"):
+        check_engine(tmp_path, KEY)
+    (tmp_path / "generator.key.json").write_text('{"format": "cfdeploy-engine-key/1", "network": "generator"}')
+    with pytest.raises(CfdeployError, match=r"generator.key.json: engine key is incomplete \(KeyError"):
+        check_engine(tmp_path, KEY)
+
+
+def test_second_writer_waits_then_gives_up_with_a_clear_message(tmp_path):
+    from cfdeploy.outputs import DirectoryLock
+
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    with DirectoryLock(bundle):
+        with pytest.raises(CfdeployError, match=r"\.bundle\.lock: another cfdeploy process is writing this bundle; gave up after 0.3s"):
+            with DirectoryLock(bundle, timeout=0.3):
+                pass
+    with DirectoryLock(bundle, timeout=0.3):
+        pass  # released on exit
+
+
+def test_weight_matching_for_refit():
+    from cfdeploy.refit import WeightInfo, match_weights
+
+    old = {"a": WeightInfo((2, 3), "x"), "b": WeightInfo((4,), "y")}
+    assert match_weights("text_mapper", old, {"a": WeightInfo((2, 3), "x"), "b": WeightInfo((4,), "z")}) == ["b"]
+    with pytest.raises(CfdeployError, match=r"text_mapper: .* missing b; unexpected c"):
+        match_weights("text_mapper", old, {"a": WeightInfo((2, 3), "x"), "c": WeightInfo((4,), "y")})
+    with pytest.raises(CfdeployError, match=r"a \[3, 2\] \(bundle \[2, 3\]\)"):
+        match_weights("text_mapper", old, {"a": WeightInfo((3, 2), "x"), "b": WeightInfo((4,), "y")})
+
+
+def test_generator_hash_depends_on_values_not_on_key_order():
+    from cfdeploy.checkpoints import weights_sha256
+
+    state = {"b": torch.arange(6.0).reshape(2, 3), "a": torch.ones(4, dtype=torch.float16)}
+    same = {"a": state["a"].clone(), "b": state["b"].t().contiguous().t()}
+    assert weights_sha256(state) == weights_sha256(same)
+    changed = {**state, "b": state["b"] + 1e-6}
+    assert weights_sha256(changed) != weights_sha256(state)
+    assert weights_sha256({**state, "a": state["a"].float()}) != weights_sha256(state)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["build-engines", "{bundle}", "--workspace", "lots"], "--workspace 'lots': expected a size such as 512MiB or 2GiB"),
+    (["build-engines", "{bundle}", "--min-batch", "4", "--max-batch", "2"], "1 <= --min-batch <= --opt-batch <= --max-batch"),
+    (["build-engines", "{tmp}/missing"], "no such bundle directory"),
+])
+def test_build_engines_refuses_bad_options_before_touching_tensorrt(tmp_path, cli, args, message):
+    result = cli(*(arg.format(bundle=tmp_path, tmp=tmp_path) for arg in args))
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1 and message in result.stderr, result.stderr

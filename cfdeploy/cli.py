@@ -491,7 +491,9 @@ def inspect_command(
 
     table = Table(title=str(file), show_header=False)
     for key, value in report.items():
-        if isinstance(value, dict):
+        if isinstance(value, dict) and all(isinstance(entry, str) for entry in value.values()):
+            value = "\n".join(f"{name}: {entry}" for name, entry in value.items()) or "-"
+        elif isinstance(value, dict):
             value = ", ".join(f"{name} {count:,}" if isinstance(count, int) else f"{name} {count}" for name, count in value.items())
         elif isinstance(value, list):
             value = ", ".join(map(str, value)) or "-"

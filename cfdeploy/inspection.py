@@ -100,9 +100,28 @@ def _describe_bundle(path: Path) -> dict[str, Any]:
             result["rel_l2"] for network in manifest["networks"].values() for result in network["parity"].values()
         ),
         "precomputed_prompts": list(manifest.get("prompts", {})),
+        "refits": len(manifest.get("refits", [])),
+        "tensorrt_engines": _describe_engines(bundle),
         "created": manifest.get("created"),
         "exported_with": manifest.get("versions", {}),
     }
+
+
+def _describe_engines(bundle: Any) -> dict[str, str]:
+    """What each stored TensorRT engine was built for, and whether the bundle's graph has changed since."""
+    from cfdeploy.trt.plan import ENGINE_DIR, BatchProfile, engine_paths, read_key
+
+    described = {}
+    for network, entry in bundle.manifest["networks"].items():
+        key = read_key(engine_paths(bundle.path / ENGINE_DIR, network)[1])
+        if key is None:
+            continue
+        stale = "" if key.onnx_sha256 == bundle.manifest["files"].get(entry["file"]) else "; stale: the graph changed since"
+        described[network] = (
+            f"{key.precision}, {BatchProfile(*key.profile).label()}, TensorRT {key.tensorrt_version}, "
+            f"{key.gpu_name} (compute {key.compute_capability}){stale}"
+        )
+    return described
 
 
 def _describe_clip(clip: Any, file_format: str) -> dict[str, Any]:

@@ -97,6 +97,8 @@ def test_refit_leaves_tensorrt_engines_it_cannot_refit_stale_and_refused(tmp_pat
     result = cli("refit", bundle_copy, "-c", other)
     assert result.exit_code == 0, result.stderr
     assert "engines for text_mapper not refitted here" in result.stderr
+    engines = json.loads(cli("inspect", bundle_copy, "--json").stdout)["tensorrt_engines"]
+    assert engines == {"text_mapper": "fp32, batch 1..8 (opt 4), TensorRT 10.3.0, Orin (compute 8.7); stale: the graph changed since"}
     new_sha = json.loads((bundle_copy / "manifest.json").read_text())["files"]["text_mapper.onnx"]
     assert new_sha != old_sha
     with pytest.raises(Exception, match=r"ONNX graph sha256: engine has [0-9a-f]{12}…, wanted [0-9a-f]{12}…"):

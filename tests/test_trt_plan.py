@@ -170,3 +170,16 @@ def test_generator_hash_depends_on_values_not_on_key_order():
 def test_build_engines_refuses_bad_options_before_touching_tensorrt(tmp_path, cli, args, message):
     result = cli(*(arg.format(bundle=tmp_path, tmp=tmp_path) for arg in args))
     assert result.exit_code == 2 and result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+
+
+def test_onnxruntime_gpu_provider_options_follow_the_network_precision(tmp_path):
+    from cfdeploy.backends.onnxruntime_backend import provider_options
+
+    providers = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    generator = provider_options(providers, "mixed", tmp_path)
+    assert generator[0] == {"trt_engine_cache_enable": "True", "trt_engine_cache_path": str(tmp_path),
+                            "trt_timing_cache_enable": "True", "trt_timing_cache_path": str(tmp_path),
+                            "trt_fp16_enable": "True"}
+    assert generator[1]["cudnn_conv_algo_search"] == "EXHAUSTIVE" and generator[2] == {}
+    assert provider_options(providers, "fp32", tmp_path)[0]["trt_fp16_enable"] == "False"
+    assert provider_options(["CPUExecutionProvider"], "fp16", tmp_path) == [{}]

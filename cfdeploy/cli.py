@@ -69,13 +69,20 @@ class EnginePrecision(str, Enum):
     mixed = "mixed"
 
 
-PRECISION_HELP = (
-    "Engine precision for CLIP text and the generator: fp32, fp16, or mixed (fp16 convolutions; style, demodulation "
+# Engine build options, shared by `export --tensorrt` and `build-engines`.
+ENGINE_PRECISION = typer.Option(
+    None, "--precision",
+    help="Engine precision for CLIP text and the generator: fp32, fp16, or mixed (fp16 convolutions; style, demodulation "
     "and RGB layers fp32). Default: each network's contract (generator mixed, CLIP text fp16). The mappers and the "
-    "mapping network are always fp32."
+    "mapping network are always fp32.",
 )
-STATIC_BATCH_HELP = "Build for exactly this batch (smaller batches are padded): less memory, and CUDA graphs."
-WORKSPACE_HELP = "TensorRT workspace limit, e.g. 512MiB on a Jetson Nano-class board [default: TensorRT's]."
+MIN_BATCH = typer.Option(1, "--min-batch", help="Engine profile: smallest batch.")
+OPT_BATCH = typer.Option(None, "--opt-batch", help="Engine profile: batch tuned for \\[default: --max-batch].")
+MAX_BATCH = typer.Option(8, "--max-batch", help="Engine profile: largest batch.")
+STATIC_BATCH = typer.Option(
+    None, "--static-batch", help="Build for exactly this batch (smaller batches are padded): less memory, and CUDA graphs."
+)
+WORKSPACE = typer.Option(None, "--workspace", help="TensorRT workspace limit, e.g. 512MiB on a small Jetson \\[default: TensorRT's].")
 
 
 def progress_bar():  # type: ignore[no-untyped-def]
@@ -128,7 +135,7 @@ def edit_command(
         False, "--cuda-graphs", help="torch on CUDA: replay the generator as a CUDA graph (TensorRT: static engines always do)."
     ),
     engines: Optional[Path] = typer.Option(
-        None, "--engines", help="tensorrt backend: engine directory [default: BUNDLE/tensorrt]."
+        None, "--engines", help="tensorrt backend: engine directory \\[default: BUNDLE/tensorrt]."
     ),
     providers: Optional[str] = typer.Option(
         None, "--providers", help="onnxruntime backend: comma-separated execution providers (default: best available)."
@@ -144,7 +151,7 @@ def edit_command(
     refine_lr: float = typer.Option(0.01, "--refine-lr", help="Refinement: Adam learning rate."),
     refine_l2: float = typer.Option(0.8, "--refine-l2", help="Refinement: weight L of mean((w - w_hat)^2)."),
     source_text: Optional[str] = typer.Option(
-        None, "--source-text", help="Refinement: what the source images show [default: the checkpoint's, or 'face']."
+        None, "--source-text", help="Refinement: what the source images show \\[default: the checkpoint's, or 'face']."
     ),
     refine_layers: str = typer.Option("all", "--refine-layers", help="Refinement: all, coarse, medium or fine levels."),
 ) -> None:
@@ -312,19 +319,19 @@ def run_edit(
 def export_command(
     checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="CF-CLIP checkpoint to export."),
     clip_weights: Path = typer.Option(..., "--clip-weights", help="CLIP ViT-B/32 weights (OpenAI's ViT-B-32.pt or open_clip)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Bundle directory [default: engines/<checkpoint name>]."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Bundle directory \\[default: engines/<checkpoint name>]."),
     opset: int = typer.Option(18, "--opset", help="ONNX opset (18 or newer)."),
     prompt: Optional[List[str]] = typer.Option(
         None, "--prompt", help="Precompute the text branch for this prompt (repeatable); it then needs no CLIP at run time."
     ),
     force: bool = typer.Option(False, "--force", "-f", help="Replace an existing bundle directory."),
     tensorrt: bool = typer.Option(False, "--tensorrt", help="Then build TensorRT engines into BUNDLE/tensorrt (options below)."),
-    engine_precision: Optional[EnginePrecision] = typer.Option(None, "--precision", help=PRECISION_HELP),
-    min_batch: int = typer.Option(1, "--min-batch", help="Engine profile: smallest batch."),
-    opt_batch: Optional[int] = typer.Option(None, "--opt-batch", help="Engine profile: batch tuned for [default: --max-batch]."),
-    max_batch: int = typer.Option(8, "--max-batch", help="Engine profile: largest batch."),
-    static_batch: Optional[int] = typer.Option(None, "--static-batch", help=STATIC_BATCH_HELP),
-    workspace: Optional[str] = typer.Option(None, "--workspace", help=WORKSPACE_HELP),
+    engine_precision: Optional[EnginePrecision] = ENGINE_PRECISION,
+    min_batch: int = MIN_BATCH,
+    opt_batch: Optional[int] = OPT_BATCH,
+    max_batch: int = MAX_BATCH,
+    static_batch: Optional[int] = STATIC_BATCH,
+    workspace: Optional[str] = WORKSPACE,
 ) -> None:
     """Export a checkpoint to a self-contained ONNX bundle that runs without torch (and, with --tensorrt, engines).
 
@@ -398,14 +405,14 @@ def build_bundle_engines(bundle: Path, settings: Any) -> None:
 @user_errors
 def build_engines_command(
     bundle: Path = typer.Argument(..., help="Bundle directory from `cfdeploy export`."),
-    engine_precision: Optional[EnginePrecision] = typer.Option(None, "--precision", help=PRECISION_HELP),
-    min_batch: int = typer.Option(1, "--min-batch", help="Profile: smallest batch."),
-    opt_batch: Optional[int] = typer.Option(None, "--opt-batch", help="Profile: batch tuned for [default: --max-batch]."),
-    max_batch: int = typer.Option(8, "--max-batch", help="Profile: largest batch."),
-    static_batch: Optional[int] = typer.Option(None, "--static-batch", help=STATIC_BATCH_HELP),
-    workspace: Optional[str] = typer.Option(None, "--workspace", help=WORKSPACE_HELP),
-    networks: Optional[str] = typer.Option(None, "--networks", help="Comma-separated subset [default: all in the bundle]."),
-    engines: Optional[Path] = typer.Option(None, "--engines", help="Engine directory [default: BUNDLE/tensorrt]."),
+    engine_precision: Optional[EnginePrecision] = ENGINE_PRECISION,
+    min_batch: int = MIN_BATCH,
+    opt_batch: Optional[int] = OPT_BATCH,
+    max_batch: int = MAX_BATCH,
+    static_batch: Optional[int] = STATIC_BATCH,
+    workspace: Optional[str] = WORKSPACE,
+    networks: Optional[str] = typer.Option(None, "--networks", help="Comma-separated subset \\[default: all in the bundle]."),
+    engines: Optional[Path] = typer.Option(None, "--engines", help="Engine directory \\[default: BUNDLE/tensorrt]."),
     rebuild: bool = typer.Option(False, "--rebuild", help="Replace engines built for another graph, TensorRT, GPU or profile."),
 ) -> None:
     """Build TensorRT engines for a bundle on this GPU (run it on the target device: engines do not travel).

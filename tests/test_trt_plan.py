@@ -183,3 +183,10 @@ def test_onnxruntime_gpu_provider_options_follow_the_network_precision(tmp_path)
     assert generator[1]["cudnn_conv_algo_search"] == "EXHAUSTIVE" and generator[2] == {}
     assert provider_options(providers, "fp32", tmp_path)[0]["trt_fp16_enable"] == "False"
     assert provider_options(["CPUExecutionProvider"], "fp16", tmp_path) == [{}]
+
+
+def test_engine_help_shows_defaults_and_shared_profile_options(cli):
+    for command in ("build-engines", "export"):
+        text = " ".join(cli(command, "--help").stdout.replace("│", " ").split())
+        assert "--static-batch" in text and "--workspace" in text and "[default: --max-batch]" in text, text
+    assert "[default: BUNDLE/tensorrt]" in " ".join(cli("build-engines", "--help").stdout.replace("│", " ").split())

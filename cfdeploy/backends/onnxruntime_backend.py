@@ -9,10 +9,10 @@ from typing import Sequence
 import numpy as np
 import onnxruntime as ort
 
+from cfdeploy.backends.bundle_backend import BundleBackend
 from cfdeploy.bundle import Bundle
 from cfdeploy.contracts import network_contracts
 from cfdeploy.errors import CfdeployError
-from cfdeploy.tokenizer import ClipTokenizer
 
 PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 
@@ -75,13 +75,13 @@ def provider_options(providers: Sequence[str], precision: str, cache_dir: Path) 
     return options
 
 
-class OnnxRuntimeBackend:
+class OnnxRuntimeBackend(BundleBackend):
     """Each stage of the edit as an ONNX Runtime session over the bundle's graphs (created on first use)."""
 
     name = "onnxruntime"
 
     def __init__(self, bundle: Bundle, providers: Sequence[str] | None = None, threads: int | None = None) -> None:
-        self.bundle = bundle
+        super().__init__(bundle)
         self.providers = choose_providers(providers)
         self.options = ort.SessionOptions()
         self.options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -89,27 +89,12 @@ class OnnxRuntimeBackend:
         self.options.log_severity_level = 3
         self._sessions: dict[str, ort.InferenceSession] = {}
         self._contracts = network_contracts(bundle.size, bundle.n_latent, bundle.style_dim)
-        self._tokenizer: ClipTokenizer | None = None
-        self.description = bundle.description
-        self.source_text = bundle.opts.get("source_text")
 
     @classmethod
     def from_bundle(cls, path: Path, providers: Sequence[str] | None = None) -> "OnnxRuntimeBackend":
         return cls(Bundle(path), providers)
 
-    @property
-    def size(self) -> int:
-        return self.bundle.size
-
-    @property
-    def n_latent(self) -> int:
-        return self.bundle.n_latent
-
-    @property
-    def style_dim(self) -> int:
-        return self.bundle.style_dim
-
-    def _run(self, network: str, **inputs: np.ndarray) -> np.ndarray:
+    def run(self, network: str, **inputs: np.ndarray) -> np.ndarray:
         session = self._sessions.get(network)
         if session is None:
             cache_dir = self.bundle.path / "tensorrt" / "onnxruntime"
@@ -121,32 +106,3 @@ class OnnxRuntimeBackend:
             )
             self._sessions[network] = session
         return session.run(None, inputs)[0]
-
-    def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
-        if self._tokenizer is None:
-            self._tokenizer = ClipTokenizer(self.bundle.vocab_path)
-        return self._tokenizer(prompts)
-
-    def text_features(self, tokens: np.ndarray) -> np.ndarray:
-        return self._run("clip_text", tokens=tokens.astype(np.int64))
-
-    def text_latents(self, text_features: np.ndarray) -> np.ndarray:
-        return self._run("text_mapper", text_features=np.ascontiguousarray(text_features, np.float32))
-
-    def edit_latents(self, w: np.ndarray, text_latents: np.ndarray, strength: float) -> np.ndarray:
-        return self._run(
-            "latent_editor",
-            w=np.ascontiguousarray(w, np.float32),
-            text_latents=np.ascontiguousarray(np.broadcast_to(text_latents, w.shape), np.float32),
-            strength=np.array([strength], np.float32),
-        )
-
-    def synthesize(self, latents: np.ndarray) -> np.ndarray:
-        return self._run("generator", latents=np.ascontiguousarray(latents, np.float32))
-
-    def sample_w(self, z: np.ndarray, truncation: float) -> np.ndarray:
-        w = self._run("mapping", z=np.ascontiguousarray(z, np.float32))
-        if truncation != 1.0:
-            mean_w = self.bundle.mean_w()
-            w = mean_w + truncation * (w - mean_w)
-        return w.astype(np.float32)

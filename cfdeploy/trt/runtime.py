@@ -11,15 +11,15 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import tensorrt as trt
 
+from cfdeploy.backends.bundle_backend import BundleBackend
 from cfdeploy.bundle import Bundle
 from cfdeploy.contracts import NetworkContract, TensorSpec, network_contracts
 from cfdeploy.errors import CfdeployError
-from cfdeploy.tokenizer import ClipTokenizer
 from cfdeploy.trt.cuda import DeviceBuffer, EventTimer, call, gpu_identity, require_cudart
 from cfdeploy.trt.plan import ENGINE_DIR, BatchProfile, EngineKey, batch_chunks, check_engine, engine_paths, read_key
 
@@ -128,13 +128,13 @@ class Engine:
             buffer.free()
 
 
-class TensorRTBackend:
+class TensorRTBackend(BundleBackend):
     """Every stage of the edit on TensorRT engines built by ``cfdeploy build-engines``."""
 
     name = "tensorrt"
 
     def __init__(self, bundle: Bundle, engine_dir: Path | None = None, cuda_graphs: bool = True) -> None:
-        self.bundle = bundle
+        super().__init__(bundle)
         self.engine_dir = engine_dir or bundle.path / ENGINE_DIR
         self.cuda_graphs = cuda_graphs
         self.contracts = network_contracts(bundle.size, bundle.n_latent, bundle.style_dim)
@@ -142,26 +142,11 @@ class TensorRTBackend:
         self.stream = int(call("cudaStreamCreate"))
         self.runtime = trt.Runtime(_LOGGER)
         self.engines: dict[str, Engine] = {}
-        self._tokenizer: ClipTokenizer | None = None
         self._edited: np.ndarray | None = None  # the last w_hat handed out, still in the editor's output buffer
-        self.description = bundle.description
-        self.source_text = bundle.opts.get("source_text")
 
     @classmethod
     def from_bundle(cls, path: Path, engine_dir: Path | None = None, cuda_graphs: bool = True) -> "TensorRTBackend":
         return cls(Bundle(path), engine_dir, cuda_graphs)
-
-    @property
-    def size(self) -> int:
-        return self.bundle.size
-
-    @property
-    def n_latent(self) -> int:
-        return self.bundle.n_latent
-
-    @property
-    def style_dim(self) -> int:
-        return self.bundle.style_dim
 
     def engine(self, network: str) -> Engine:
         """The network's engine, after checking it was built for this bundle's graph, this TensorRT and this GPU."""
@@ -184,21 +169,13 @@ class TensorRTBackend:
         """GPU time per network since the backend was made, from CUDA events."""
         return {name: engine.device_ms for name, engine in self.engines.items()}
 
-    def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
-        if self._tokenizer is None:
-            self._tokenizer = ClipTokenizer(self.bundle.vocab_path)
-        return self._tokenizer(prompts)
-
-    def text_features(self, tokens: np.ndarray) -> np.ndarray:
-        return self.engine("clip_text")(tokens=tokens.astype(np.int64))
-
-    def text_latents(self, text_features: np.ndarray) -> np.ndarray:
-        return self.engine("text_mapper")(text_features=text_features)
+    def run(self, network: str, **inputs: np.ndarray) -> np.ndarray:
+        return self.engine(network)(**inputs)
 
     def edit_latents(self, w: np.ndarray, text_latents: np.ndarray, strength: float) -> np.ndarray:
-        editor = self.engine("latent_editor")
-        w_hat = editor(w=w, text_latents=np.broadcast_to(text_latents, w.shape), strength=np.array([strength], np.float32))
-        self._edited = w_hat if len(batch_chunks(w.shape[0], editor.profile)) == 1 else None
+        w_hat = super().edit_latents(w, text_latents, strength)
+        single_call = len(batch_chunks(w.shape[0], self.engine("latent_editor").profile)) == 1
+        self._edited = w_hat if single_call else None
         return w_hat
 
     def synthesize(self, latents: np.ndarray) -> np.ndarray:
@@ -211,14 +188,7 @@ class TensorRTBackend:
             generator.buffers["latents"].copy_from(editor.buffers["w_hat"], editor.nbytes("w_hat", run_batch), self.stream)
             generator.execute(run_batch)
             return generator.download("image", latents.shape[0])
-        return generator(latents=latents)
-
-    def sample_w(self, z: np.ndarray, truncation: float) -> np.ndarray:
-        w = self.engine("mapping")(z=z)
-        if truncation != 1.0:
-            mean_w = self.bundle.mean_w()
-            w = mean_w + truncation * (w - mean_w)
-        return w.astype(np.float32)
+        return super().synthesize(latents)
 
     def close(self) -> None:
         for engine in self.engines.values():

@@ -1,0 +1,69 @@
+"""What every runtime over a bundle shares: dimensions, tokenizer, and the five graphs run by name."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Sequence
+
+import numpy as np
+
+from cfdeploy.bundle import Bundle
+from cfdeploy.tokenizer import ClipTokenizer
+
+
+class BundleBackend(ABC):
+    """An :class:`~cfdeploy.editing.EditBackend` whose stages are the bundle's graphs, run by :meth:`run`."""
+
+    name: str
+
+    def __init__(self, bundle: Bundle) -> None:
+        self.bundle = bundle
+        self._tokenizer: ClipTokenizer | None = None
+        self.description = bundle.description
+        self.source_text = bundle.opts.get("source_text")
+
+    @abstractmethod
+    def run(self, network: str, **inputs: np.ndarray) -> np.ndarray:
+        """Run one graph of the bundle (named as in :mod:`cfdeploy.contracts`) and return its output."""
+
+    @property
+    def size(self) -> int:
+        return self.bundle.size
+
+    @property
+    def n_latent(self) -> int:
+        return self.bundle.n_latent
+
+    @property
+    def style_dim(self) -> int:
+        return self.bundle.style_dim
+
+    def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
+        if self._tokenizer is None:
+            self._tokenizer = ClipTokenizer(self.bundle.vocab_path)
+        return self._tokenizer(prompts)
+
+    def text_features(self, tokens: np.ndarray) -> np.ndarray:
+        return self.run("clip_text", tokens=tokens.astype(np.int64))
+
+    def text_latents(self, text_features: np.ndarray) -> np.ndarray:
+        return self.run("text_mapper", text_features=np.ascontiguousarray(text_features, np.float32))
+
+    def edit_latents(self, w: np.ndarray, text_latents: np.ndarray, strength: float) -> np.ndarray:
+        return self.run(
+            "latent_editor",
+            w=np.ascontiguousarray(w, np.float32),
+            text_latents=np.ascontiguousarray(np.broadcast_to(text_latents, w.shape), np.float32),
+            strength=np.array([strength], np.float32),
+        )
+
+    def synthesize(self, latents: np.ndarray) -> np.ndarray:
+        return self.run("generator", latents=np.ascontiguousarray(latents, np.float32))
+
+    def sample_w(self, z: np.ndarray, truncation: float) -> np.ndarray:
+        """``z → w`` through the mapping graph, truncated toward the bundle's mean W."""
+        w = self.run("mapping", z=np.ascontiguousarray(z, np.float32))
+        if truncation != 1.0:
+            mean_w = self.bundle.mean_w()
+            w = mean_w + truncation * (w - mean_w)
+        return w.astype(np.float32)

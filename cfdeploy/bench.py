@@ -2,8 +2,8 @@
 
 Each backend runs in a fresh child process (so its peak RSS is its own), through the same
 ``iter_edits`` path ``cfdeploy edit`` uses: warm-up runs, then timed runs with every stage timed
-(device work is synchronised inside each stage, since every stage returns host arrays). The TensorRT
-backend also reports GPU time per network from CUDA events, and GPU backends their GPU memory. Images
+(device work is synchronised inside each stage, since every stage returns host arrays). GPU backends
+also report GPU time from CUDA events (TensorRT per engine, torch for the generator) and GPU memory. Images
 are compared against the torch fp32 backend for a parity column (max abs error and PSNR).
 """
 

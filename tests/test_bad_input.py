@@ -137,6 +137,19 @@ def test_cuda_without_gpu(edit, tmp_path):
     assert_refused(edit(**{"--device": "cuda"}), tmp_path / "out", "sees no CUDA GPU")
 
 
+def test_cuda_graphs_on_cpu(cli, tmp_path, cfclip_256, latents_256, embedding_file):
+    out = tmp_path / "out"
+    result = cli("edit", "-c", cfclip_256, "-l", latents_256, "--text-embedding", embedding_file, "-o", out, "--cuda-graphs")
+    assert_refused(result, out, "CUDA graphs need --device cuda")
+
+
+def test_torch_precision_with_a_bundle_backend(cli, tmp_path, latents_256, embedding_file):
+    out = tmp_path / "out"
+    result = cli("edit", "--bundle", tmp_path, "-l", latents_256, "--text-embedding", embedding_file, "-o", out,
+                 "--precision", "fp16")
+    assert_refused(result, out, "--device and --precision are for the torch backend, not onnxruntime")
+
+
 def test_text_without_clip_weights(edit, tmp_path):
     assert_refused(edit(**{"--text-embedding": None, "--text": "blue dog"}), tmp_path / "out", "--text needs --clip-weights")
 

@@ -59,6 +59,7 @@ class TorchBackend:
         self.precision = precision
         self.cuda_graphs = cuda_graphs
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        self._generator_gpu_ms = 0.0
         self.generator = generator.eval().to(self.device)
         self._bf16_generator = copy.deepcopy(self.generator).to(torch.bfloat16) if precision == "bf16" else None
         self.text_mapper = text_mapper.eval().to(self.device)
@@ -153,11 +154,22 @@ class TorchBackend:
         return static_output
 
     def synthesize(self, latents: np.ndarray) -> np.ndarray:
-        """The generator in the backend's precision, replayed as a CUDA graph if asked."""
+        """The generator in the backend's precision, replayed as a CUDA graph if asked; GPU time from events."""
         with torch.inference_mode():
             inputs = self._tensor(latents, np.float32)
+            if self.device.type != "cuda":
+                return self._generate(inputs).float().numpy()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
             image = self._replay(inputs) if self.cuda_graphs else self._generate(inputs)
+            end.record()
+            end.synchronize()
+            self._generator_gpu_ms += start.elapsed_time(end)
             return image.float().cpu().numpy()
+
+    def device_ms(self) -> dict[str, float]:
+        """GPU time of the generator since the backend was made (CUDA events); empty on CPU."""
+        return {"generator": self._generator_gpu_ms} if self.device.type == "cuda" else {}
 
     def sample_w(self, z: np.ndarray, truncation: float) -> np.ndarray:
         """``z → w`` through the mapping network, truncated toward the mean W."""

@@ -21,6 +21,7 @@ from cfdeploy.contracts import NetworkContract, network_contracts
 from cfdeploy.errors import CfdeployError
 from cfdeploy.outputs import DirectoryLock, write_bytes_atomic
 from cfdeploy.trt.cuda import gpu_identity
+from cfdeploy.trt.log import LOGGER
 from cfdeploy.trt.plan import (
     ENGINE_DIR,
     TIMING_CACHE,
@@ -33,7 +34,9 @@ from cfdeploy.trt.plan import (
     read_key,
 )
 
-_LOGGER = trt.Logger(trt.Logger.WARNING)
+# Never pinned: shape and integer plumbing, and casts (forcing their output type would override the cast).
+_NEVER_PINNED = frozenset({trt.LayerType.CONSTANT, trt.LayerType.SHAPE, trt.LayerType.CAST, trt.LayerType.ASSERTION})
+_FLOAT_TYPES = (trt.float32, trt.float16)
 
 
 @dataclass(frozen=True)
@@ -98,19 +101,26 @@ def apply_precision(network: trt.INetworkDefinition, config: trt.IBuilderConfig,
     pinned = 0
     for index in range(network.num_layers):
         layer = network.get_layer(index)
-        if keeps_fp32(precision, layer.type.name, _layer_output_channels(layer)):
+        if _pinnable(layer) and keeps_fp32(precision, layer.type.name, _layer_output_channels(layer)):
             layer.precision = trt.float32
             for output in range(layer.num_outputs):
-                if layer.get_output(output).dtype in (trt.float32, trt.float16):
-                    layer.set_output_type(output, trt.float32)
+                layer.set_output_type(output, trt.float32)
             pinned += 1
     return pinned
 
 
+def _pinnable(layer: trt.ILayer) -> bool:
+    """Only layers computing floating-point activations can be pinned (as Polygraphy's precision tools do)."""
+    if layer.type in _NEVER_PINNED or layer.num_outputs == 0:
+        return False
+    outputs = [layer.get_output(index) for index in range(layer.num_outputs)]
+    return all(out.dtype in _FLOAT_TYPES and out.is_execution_tensor and not out.is_shape_tensor for out in outputs)
+
+
 def parse_onnx(onnx_path: Path) -> tuple[trt.Builder, trt.INetworkDefinition, trt.OnnxParser]:
-    builder = trt.Builder(_LOGGER)
+    builder = trt.Builder(LOGGER)
     network = builder.create_network(0)
-    parser = trt.OnnxParser(network, _LOGGER)
+    parser = trt.OnnxParser(network, LOGGER)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(index)) for index in range(parser.num_errors))
         raise CfdeployError(f"{onnx_path}: TensorRT could not parse the graph: {errors}")
@@ -141,7 +151,9 @@ def build_engine(
         )
     config.add_optimization_profile(profile)
     cache = config.create_timing_cache(timing_cache_path.read_bytes() if timing_cache_path.is_file() else b"")
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
+        report(f"timing cache {timing_cache_path} is from another TensorRT or GPU; starting a new one")
+        config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
     config.progress_monitor = BuildProgress(report)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
@@ -207,12 +219,12 @@ def refit_engine(engine_dir: Path, network: str, onnx_path: Path) -> EngineKey:
     problems = key_mismatches(key, here)
     if problems:
         raise CfdeployError(f"{engine_path}: cannot be refitted here: {'; '.join(problems)}")
-    runtime = trt.Runtime(_LOGGER)
+    runtime = trt.Runtime(LOGGER)
     engine = runtime.deserialize_cuda_engine(engine_path.read_bytes())
     if engine is None:
         raise CfdeployError(f"{engine_path}: TensorRT could not load the engine")
-    refitter = trt.Refitter(engine, _LOGGER)
-    parser_refitter = trt.OnnxParserRefitter(refitter, _LOGGER)
+    refitter = trt.Refitter(engine, LOGGER)
+    parser_refitter = trt.OnnxParserRefitter(refitter, LOGGER)
     if not parser_refitter.refit_from_file(str(onnx_path)):
         raise CfdeployError(f"{onnx_path}: its weights do not fit the {network} engine (different architecture?)")
     missing = refitter.get_missing_weights()

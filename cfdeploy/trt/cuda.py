@@ -96,3 +96,7 @@ class EventTimer:
         call("cudaEventRecord", self.stop, stream)
         call("cudaEventSynchronize", self.stop)
         return float(call("cudaEventElapsedTime", self.start, self.stop))
+
+    def close(self) -> None:
+        call("cudaEventDestroy", self.start)
+        call("cudaEventDestroy", self.stop)

@@ -21,9 +21,9 @@ from cfdeploy.bundle import Bundle
 from cfdeploy.contracts import NetworkContract, TensorSpec, network_contracts
 from cfdeploy.errors import CfdeployError
 from cfdeploy.trt.cuda import DeviceBuffer, EventTimer, call, gpu_identity, require_cudart
+from cfdeploy.trt.log import LOGGER
 from cfdeploy.trt.plan import ENGINE_DIR, BatchProfile, EngineKey, batch_chunks, check_engine, engine_paths, read_key
 
-_LOGGER = trt.Logger(trt.Logger.WARNING)
 _NUMPY_TYPES = {trt.float32: np.float32, trt.float16: np.float16, trt.int32: np.int32, trt.int64: np.int64}
 
 
@@ -88,14 +88,22 @@ class Engine:
         self.device_ms += self._timer.end_ms(self.stream)
 
     def _capture(self) -> None:
+        """Record one execution as a CUDA graph; if capture fails, keep running without one (as trtexec does)."""
         cudart = require_cudart()
         call("cudaStreamSynchronize", self.stream)
         call("cudaStreamBeginCapture", self.stream, cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal)
         launched = self.context.execute_async_v3(self.stream)
-        graph = call("cudaStreamEndCapture", self.stream)
-        if not launched:
-            raise CfdeployError(f"{self.contract.name}: TensorRT execution failed while capturing a CUDA graph")
-        self._graph = call("cudaGraphInstantiate", graph, 0)
+        error, graph = cudart.cudaStreamEndCapture(self.stream)
+        if not launched or int(error) != 0 or graph is None:
+            if graph is not None:
+                cudart.cudaGraphDestroy(graph)
+            cudart.cudaGetLastError()
+            self.use_graph = False
+            return
+        try:
+            self._graph = call("cudaGraphInstantiate", graph, 0)
+        finally:
+            call("cudaGraphDestroy", graph)
 
     def upload(self, name: str, array: np.ndarray, run_batch: int) -> None:
         """Copy ``array`` into the input buffer, padded along the batch to ``run_batch`` by repeating its last row."""
@@ -124,6 +132,10 @@ class Engine:
         return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
     def close(self) -> None:
+        if self._graph is not None:
+            call("cudaGraphExecDestroy", self._graph)
+            self._graph = None
+        self._timer.close()
         for buffer in self.buffers.values():
             buffer.free()
 
@@ -140,7 +152,7 @@ class TensorRTBackend(BundleBackend):
         self.contracts = network_contracts(bundle.size, bundle.n_latent, bundle.style_dim)
         self.gpu = gpu_identity()
         self.stream = int(call("cudaStreamCreate"))
-        self.runtime = trt.Runtime(_LOGGER)
+        self.runtime = trt.Runtime(LOGGER)
         self.engines: dict[str, Engine] = {}
         self._edited: np.ndarray | None = None  # the last w_hat handed out, still in the editor's output buffer
 

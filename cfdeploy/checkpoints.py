@@ -162,7 +162,6 @@ class CFClipCheckpoint:
     text_mapper: FullTextMapper
     mapper: LevelsMapper
     mapper_config: MapperConfig = field(repr=False)
-    generator_sha256: str = field(repr=False, default="")  # of the raw ``decoder.*`` weights: what refit compares
 
     @property
     def size(self) -> int:
@@ -179,6 +178,10 @@ class CFClipCheckpoint:
     @property
     def source_text(self) -> str | None:
         return self.opts.get("source_text")
+
+    def generator_sha256(self) -> str:
+        """Hash of the generator weights as loaded (strictly, key for key): what bundles record and refit compares."""
+        return weights_sha256(self.generator.state_dict())
 
 
 def _describe(content: Any) -> str:
@@ -198,8 +201,7 @@ def load_cfclip(path: Path) -> CFClipCheckpoint:
     if not any(key.startswith("decoder.") for key in state):
         raise CfdeployError(f"{path}: CF-CLIP checkpoint has no 'decoder.*' generator weights")
 
-    decoder_state = strip_prefix(state, "decoder.")
-    generator = build_generator(decoder_state, path, prefix="decoder.")
+    generator = build_generator(strip_prefix(state, "decoder."), path, prefix="decoder.")
     trained_size = opts.get("stylegan_size")
     if trained_size is not None and int(trained_size) != generator.config.size:
         raise CfdeployError(
@@ -220,6 +222,4 @@ def load_cfclip(path: Path) -> CFClipCheckpoint:
     unknown = [key for key in state if key.split(".", 1)[0] not in {"decoder", "text_mapper", "mapper"}]
     if unknown:
         raise CfdeployError(f"{path}: unexpected keys {_listed(unknown)}")
-    return CFClipCheckpoint(
-        path, dict(opts), generator, text_mapper.eval(), mapper.eval(), mapper_config, weights_sha256(decoder_state)
-    )
+    return CFClipCheckpoint(path, dict(opts), generator, text_mapper.eval(), mapper.eval(), mapper_config)

@@ -450,6 +450,11 @@ def refit_command(
         summary = refit_bundle(bundle, checkpoint, lambda message: (status.update(message), console.log(message)))
     changed = ", ".join(f"{name} {count} weights" for name, count in summary["changed_weights"].items())
     console.print(f"refitted {bundle} to {summary['description']!r}: {changed}", highlight=False, markup=False)
+    if summary["stale_engines"]:
+        console.print(
+            f"stale TensorRT engines (rebuild on the target GPU with cfdeploy build-engines --rebuild): "
+            f"{', '.join(summary['stale_engines'])}", highlight=False, markup=False,
+        )
 
 
 @app.command("embed")

@@ -174,7 +174,7 @@ def export_bundle(
                 "checkpoint_sha256": sha256_file(checkpoint_path),
                 "clip_weights": str(clip_weights),
             },
-            "weights": {"generator_sha256": checkpoint.generator_sha256},
+            "weights": {"generator_sha256": checkpoint.generator_sha256()},
             "opts": {
                 "size": config.size,
                 "n_latent": config.n_latent,

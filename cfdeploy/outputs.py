@@ -65,14 +65,29 @@ class StagedDirectory:
         return np.lib.format.open_memmap(self.path / name, mode="w+", dtype=np.float32, shape=shape)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def replace_directory(new: Path, out: Path) -> None:
-    """Put ``new`` at ``out``: the old directory is moved aside first and deleted only after the swap."""
+    """Put ``new`` at ``out``: the old directory is moved aside, and moved back if the swap fails.
+
+    ``new`` gets ``out``'s permissions (or the umask's), not the private ones of a temporary directory.
+    """
+    new.chmod(out.stat().st_mode & 0o7777 if out.exists() else 0o777 & ~_umask())
     if not out.exists():
         new.rename(out)
         return
     old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
     out.rename(old / out.name)
-    new.rename(out)
+    try:
+        new.rename(out)
+    except BaseException:
+        (old / out.name).rename(out)
+        old.rmdir()
+        raise
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -82,6 +97,9 @@ def write_bytes_atomic(path: Path, content: bytes) -> None:
         partial = Path(tmp.name)
         try:
             tmp.write(content)
+            tmp.flush()
+            os.fsync(tmp.fileno())
+            os.fchmod(tmp.fileno(), 0o666 & ~_umask())
         except BaseException:
             partial.unlink(missing_ok=True)
             raise
@@ -96,6 +114,7 @@ class DirectoryLock:
     """
 
     def __init__(self, directory: Path, timeout: float = 600.0) -> None:
+        directory = directory.resolve()
         self.path = directory.parent / f".{directory.name}.lock"
         self.timeout = timeout
         self._handle: int | None = None

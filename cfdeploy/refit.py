@@ -22,8 +22,10 @@ from typing import Callable
 import numpy as np
 import onnx
 import onnxruntime
+import torch
 from onnx import numpy_helper
 
+import cfdeploy
 from cfdeploy.bundle import MANIFEST, Bundle, sha256_file
 from cfdeploy.checkpoints import load_cfclip
 from cfdeploy.contracts import network_contracts
@@ -31,7 +33,7 @@ from cfdeploy.errors import CfdeployError
 from cfdeploy.exporter import DEFAULT_OPSET, FP32_TOLERANCE, check_parity, export_graph
 from cfdeploy.models.mappers import LatentEditor
 from cfdeploy.outputs import DirectoryLock, replace_directory
-from cfdeploy.trt.plan import ENGINE_DIR, engine_paths
+from cfdeploy.trt.plan import ENGINE_DIR, ORT_ENGINE_CACHE, engine_paths
 
 REFIT_NETWORKS = ("text_mapper", "latent_editor")
 
@@ -100,31 +102,34 @@ def _recompute_prompts(staged: Path, manifest: dict) -> None:
 
 
 def _refit_engines(staged: Path, report: Callable[[str], None]) -> list[str]:
-    """Refit the mapper engines that exist; returns the networks whose engines are now stale."""
+    """Refit the mapper engines that exist; returns the networks whose engines could not be (now stale)."""
     engine_dir = staged / ENGINE_DIR
+    shutil.rmtree(engine_dir / ORT_ENGINE_CACHE, ignore_errors=True)  # ONNX Runtime keys these by graph name, not weights
     present = [name for name in REFIT_NETWORKS if engine_paths(engine_dir, name)[0].is_file()]
     if not present:
         return []
     try:
-        from cfdeploy.trt.builder import refit_engine
-        from cfdeploy.trt.cuda import gpu_identity
+        from cfdeploy.trt import tensorrt_module
 
-        gpu_identity()
-    except (ImportError, CfdeployError) as why:
+        refit_engine = tensorrt_module("builder").refit_engine
+    except CfdeployError as why:
         report(f"TensorRT engines for {', '.join(present)} not refitted here ({why}); they will be refused until rebuilt")
         return present
+    stale = []
     for name in present:
-        for path in engine_paths(engine_dir, name):  # new inodes: never write through a hard link
-            content = path.read_bytes()
-            path.unlink()
-            path.write_bytes(content)
-        refit_engine(engine_dir, name, staged / f"{name}.onnx")
-        report(f"refitted the {name} TensorRT engine")
-    return []
+        try:
+            refit_engine(engine_dir, name, staged / f"{name}.onnx")  # writes new files: the live bundle's links are untouched
+            report(f"refitted the {name} TensorRT engine")
+        except CfdeployError as why:
+            report(f"TensorRT engine for {name} not refitted ({why}); it will be refused until rebuilt")
+            stale.append(name)
+    return stale
 
 
 def refit_bundle(bundle_path: Path, checkpoint_path: Path, report: Callable[[str], None] = lambda message: None) -> dict:
     """Swap the bundle's mappers for ``checkpoint_path``'s; returns a summary of what changed."""
+    bundle_path = bundle_path.resolve()
+    Bundle(bundle_path)  # a clear error for a wrong path before any lock file is made
     with DirectoryLock(bundle_path):
         bundle = Bundle(bundle_path)
         manifest = json.loads(json.dumps(bundle.manifest))
@@ -133,9 +138,10 @@ def refit_bundle(bundle_path: Path, checkpoint_path: Path, report: Callable[[str
             raise CfdeployError(f"{bundle_path / MANIFEST}: records no generator hash (exported by an older cfdeploy); re-export it")
         report("loading checkpoint")
         checkpoint = load_cfclip(checkpoint_path)
-        if checkpoint.generator_sha256 != bundle_generator:
+        generator_sha256 = checkpoint.generator_sha256()
+        if generator_sha256 != bundle_generator:
             raise CfdeployError(
-                f"{checkpoint_path}: its generator weights (sha256 {checkpoint.generator_sha256[:12]}…) are not the bundle's "
+                f"{checkpoint_path}: its generator weights (sha256 {generator_sha256[:12]}…) are not the bundle's "
                 f"({bundle_generator[:12]}…); refit only swaps mappers trained on the same generator"
             )
         groups = list(checkpoint.mapper_config.groups)
@@ -166,7 +172,13 @@ def refit_bundle(bundle_path: Path, checkpoint_path: Path, report: Callable[[str
             manifest["source"]["checkpoint_sha256"] = sha256_file(checkpoint_path)
             manifest["opts"]["description"] = checkpoint.description
             manifest["opts"]["source_text"] = checkpoint.source_text
-            manifest.setdefault("refits", []).append({"checkpoint": str(checkpoint_path), "changed_weights": changed})
+            manifest["opts"]["w_space"] = bool(checkpoint.opts.get("w_space", False))
+            manifest.setdefault("refits", []).append({
+                "checkpoint": str(checkpoint_path),
+                "changed_weights": changed,
+                "versions": {"cfdeploy": cfdeploy.__version__, "torch": torch.__version__, "onnx": onnx.__version__},
+                "stale_engines": stale,
+            })
             rewritten = [contracts[name].filename for name in REFIT_NETWORKS] + list(manifest.get("prompts", {}).values())
             manifest["files"].update({relative: sha256_file(staged / relative) for relative in rewritten})
             (staged / MANIFEST).unlink()

@@ -190,3 +190,90 @@ def test_engine_help_shows_defaults_and_shared_profile_options(cli):
         text = " ".join(cli(command, "--help").stdout.replace("│", " ").split())
         assert "--static-batch" in text and "--workspace" in text and "[default: --max-batch]" in text, text
     assert "[default: BUNDLE/tensorrt]" in " ".join(cli("build-engines", "--help").stdout.replace("│", " ").split())
+
+
+def test_short_batches_are_padded_with_their_last_row():
+    import numpy as np
+
+    from cfdeploy.trt.plan import pad_batch
+
+    rows = np.arange(6, dtype=np.float32).reshape(2, 3)
+    padded = pad_batch(rows, 4)
+    assert padded.shape == (4, 3) and np.array_equal(padded[:2], rows) and np.array_equal(padded[2:], rows[[1, 1]])
+    assert pad_batch(rows, 2) is rows and pad_batch(rows, 1) is rows
+
+
+def test_build_plan_keeps_builds_refuses_and_rebuilds(tmp_path):
+    from cfdeploy.trt.plan import plan_builds
+
+    mapper = replace(KEY, network="text_mapper", precision="fp32", refittable=True)
+    store(tmp_path, KEY)
+    store(tmp_path, mapper)
+    assert plan_builds(tmp_path, [KEY, mapper], rebuild=False) == []
+    new_clip = replace(KEY, network="clip_text", precision="fp16")
+    assert plan_builds(tmp_path, [KEY, new_clip], rebuild=False) == [new_clip]
+    other_gpu = replace(mapper, gpu_name="NVIDIA H100", compute_capability="9.0")
+    with pytest.raises(CfdeployError) as refused:
+        plan_builds(tmp_path, [KEY, new_clip, other_gpu], rebuild=False)  # refused before anything is built
+    assert str(refused.value) == (f"{tmp_path}: engines exist for something else: text_mapper.engine: GPU: engine has "
+                                  "Orin, wanted NVIDIA H100; compute capability: engine has 8.7, wanted 9.0 (use --rebuild)")
+    assert plan_builds(tmp_path, [KEY, other_gpu], rebuild=True) == [other_gpu]
+    (tmp_path / "generator.key.json").write_text("{not json")
+    with pytest.raises(CfdeployError, match="generator.key.json: not valid JSON"):
+        plan_builds(tmp_path, [KEY], rebuild=False)
+    assert plan_builds(tmp_path, [KEY], rebuild=True) == [KEY]
+
+
+def test_runtime_accepts_any_precision_and_profile_but_not_another_gpu_or_graph(tmp_path):
+    from cfdeploy.trt.plan import check_runnable
+
+    store(tmp_path, KEY)
+    assert check_runnable(tmp_path, "generator", KEY.onnx_sha256, "10.3.0", ("Orin", "8.7")) == KEY
+    with pytest.raises(CfdeployError, match=r"GPU: engine has Orin, wanted NVIDIA H100; compute capability: engine has 8.7, wanted 9.0"):
+        check_runnable(tmp_path, "generator", KEY.onnx_sha256, "10.3.0", ("NVIDIA H100", "9.0"))
+    with pytest.raises(CfdeployError, match=r"ONNX graph sha256: engine has abababababab…, wanted 000000000000…"):
+        check_runnable(tmp_path, "generator", "0" * 64, "10.3.0", ("Orin", "8.7"))
+    with pytest.raises(CfdeployError, match=r"mapping.engine: no engine \(with its key\) for mapping"):
+        check_runnable(tmp_path, "mapping", KEY.onnx_sha256, "10.3.0", ("Orin", "8.7"))
+
+
+def test_directory_swap_rolls_back_when_the_new_directory_cannot_be_put_in_place(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from cfdeploy.outputs import replace_directory
+
+    out, new = tmp_path / "bundle", tmp_path / "staged"
+    out.mkdir()
+    (out / "manifest.json").write_text("old")
+    new.mkdir()
+    (new / "manifest.json").write_text("new")
+    rename = Path.rename
+
+    def failing_rename(self, target):
+        if self == new:
+            raise OSError("disk full")
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", failing_rename)
+    with pytest.raises(OSError, match="disk full"):
+        replace_directory(new, out)
+    assert (out / "manifest.json").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "staged"]
+    monkeypatch.setattr(Path, "rename", rename)
+    replace_directory(new, out)
+    assert (out / "manifest.json").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
+
+
+def test_atomic_writes_get_ordinary_permissions(tmp_path):
+    import os
+    import stat
+
+    from cfdeploy.outputs import write_bytes_atomic
+
+    mask = os.umask(0o022)
+    try:
+        write_bytes_atomic(tmp_path / "generator.engine", b"plan")
+    finally:
+        os.umask(mask)
+    assert stat.S_IMODE((tmp_path / "generator.engine").stat().st_mode) == 0o644
+    assert (tmp_path / "generator.engine").read_bytes() == b"plan" and len(list(tmp_path.iterdir())) == 1

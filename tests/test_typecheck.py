@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 STUBS = "tensorrt-stubs==10.13.0.35.1"
 ROOT = Path(__file__).resolve().parents[1]
 # The published stubs have lines mypy cannot parse (a parameter named `in`; a required parameter after
@@ -24,8 +26,13 @@ STUB_REPAIRS = [
 
 def test_tensorrt_code_type_checks_against_the_published_api(tmp_path):
     stubs = tmp_path / "stubs"
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(stubs), STUBS],
-                   check=True, capture_output=True)
+    installed = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(stubs), STUBS],
+        capture_output=True, text=True,
+    )
+    if installed.returncode != 0 and re.search(r"NewConnectionError|Network is unreachable|name resolution", installed.stderr):
+        pytest.skip(f"the package registry is unreachable, so {STUBS} cannot be fetched")
+    assert installed.returncode == 0, installed.stderr
     api = stubs / "tensorrt_bindings" / "tensorrt.pyi"
     text = api.read_text()
     for pattern, replacement in STUB_REPAIRS:

@@ -13,6 +13,7 @@ from cfdeploy.backends.bundle_backend import BundleBackend
 from cfdeploy.bundle import Bundle
 from cfdeploy.contracts import network_contracts
 from cfdeploy.errors import CfdeployError
+from cfdeploy.trt.plan import ENGINE_DIR, ORT_ENGINE_CACHE
 
 PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 
@@ -55,8 +56,10 @@ def provider_options(providers: Sequence[str], precision: str, cache_dir: Path) 
     """Per-provider options for one network's session.
 
     TensorRT's provider caches its engines and timing data under ``cache_dir`` (ONNX Runtime keys them
-    by graph and GPU itself) and runs fp16 only where the network's contract allows it; CUDA's
-    provider searches convolution algorithms exhaustively once, since edits run the same shapes.
+    by the graph's name and nodes, not its weights: ``cfdeploy refit`` clears them) and runs fp16 where
+    the network's contract allows reduced precision ("mixed" becomes plain fp16 there: the provider has
+    no per-layer pinning); CUDA's provider searches convolution algorithms exhaustively once, since
+    edits run the same shapes.
     """
     options = []
     for provider in providers:
@@ -97,7 +100,7 @@ class OnnxRuntimeBackend(BundleBackend):
     def run(self, network: str, **inputs: np.ndarray) -> np.ndarray:
         session = self._sessions.get(network)
         if session is None:
-            cache_dir = self.bundle.path / "tensorrt" / "onnxruntime"
+            cache_dir = self.bundle.path / ENGINE_DIR / ORT_ENGINE_CACHE
             if "TensorrtExecutionProvider" in self.providers:
                 cache_dir.mkdir(parents=True, exist_ok=True)
             options = provider_options(self.providers, self._contracts[network].precision, cache_dir)

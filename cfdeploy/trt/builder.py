@@ -31,6 +31,7 @@ from cfdeploy.trt.plan import (
     keeps_fp32,
     key_mismatches,
     network_precision,
+    plan_builds,
     read_key,
 )
 
@@ -166,39 +167,41 @@ def build_engines(
     bundle_path: Path, settings: BuildSettings, report: Callable[[str], None] = lambda message: None
 ) -> list[BuiltEngine]:
     """Build (or keep, when their keys match) the engines of a bundle; refuse mismatches without ``rebuild``."""
-    bundle = Bundle(bundle_path)
-    contracts = network_contracts(bundle.size, bundle.n_latent, bundle.style_dim)
-    names = list(settings.networks or [name for name in contracts if bundle.has_network(name)])
-    unknown = [name for name in names if name not in contracts or not bundle.has_network(name)]
-    if unknown:
-        raise CfdeployError(f"{bundle_path}: no graph for {', '.join(unknown)} (have: {', '.join(bundle.manifest['networks'])})")
-    engine_dir = settings.engine_dir or bundle_path / ENGINE_DIR
-    engine_dir.mkdir(parents=True, exist_ok=True)
+    bundle_path = bundle_path.resolve()
+    Bundle(bundle_path)  # a clear error for a wrong path before any lock file is made
     gpu = gpu_identity()
-    built = []
     with DirectoryLock(bundle_path):
-        for name in names:
-            onnx_path = bundle.network(name)
-            key = wanted_key(contracts[name], sha256_file(onnx_path), settings, gpu)
-            engine_path, key_path = engine_paths(engine_dir, name)
-            existing = read_key(key_path) if engine_path.is_file() else None
-            if existing is not None and not key_mismatches(existing, key):
-                report(f"{name}: engine is up to date")
-                built.append(BuiltEngine(name, engine_path, key, None))
+        bundle = Bundle(bundle_path)
+        contracts = network_contracts(bundle.size, bundle.n_latent, bundle.style_dim)
+        names = list(settings.networks or [name for name in contracts if bundle.has_network(name)])
+        unknown = [name for name in names if name not in contracts or not bundle.has_network(name)]
+        if unknown:
+            raise CfdeployError(
+                f"{bundle_path}: no graph for {', '.join(unknown)} (have: {', '.join(bundle.manifest['networks'])})"
+            )
+        engine_dir = settings.engine_dir or bundle_path / ENGINE_DIR
+        engine_dir.mkdir(parents=True, exist_ok=True)
+        wanted = [wanted_key(contracts[name], sha256_file(bundle.network(name)), settings, gpu) for name in names]
+        to_build = plan_builds(engine_dir, wanted, settings.rebuild)
+        built = []
+        for key in wanted:
+            engine_path, key_path = engine_paths(engine_dir, key.network)
+            if key not in to_build:
+                report(f"{key.network}: engine is up to date")
+                built.append(BuiltEngine(key.network, engine_path, key, None))
                 continue
-            if existing is not None and not settings.rebuild:
-                raise CfdeployError(
-                    f"{engine_path}: exists for something else: {'; '.join(key_mismatches(existing, key))} (use --rebuild)"
-                )
-            report(f"{name}: building {key.precision} engine, {settings.profile.label()}")
+            report(f"{key.network}: building {key.precision} engine, {settings.profile.label()}")
             started = time.perf_counter()
-            engine = build_engine(onnx_path, contracts[name], key, settings, engine_dir / TIMING_CACHE, prefixed(report, name))
+            engine = build_engine(
+                bundle.network(key.network), contracts[key.network], key, settings, engine_dir / TIMING_CACHE,
+                prefixed(report, key.network),
+            )
             key_path.unlink(missing_ok=True)  # an engine without a key is refused, never trusted
             write_bytes_atomic(engine_path, engine)
             write_bytes_atomic(key_path, json_text(key).encode())
             seconds = time.perf_counter() - started
-            report(f"{name}: built in {seconds:.1f}s ({len(engine) / 2**20:.1f} MiB)")
-            built.append(BuiltEngine(name, engine_path, key, seconds))
+            report(f"{key.network}: built in {seconds:.1f}s ({len(engine) / 2**20:.1f} MiB)")
+            built.append(BuiltEngine(key.network, engine_path, key, seconds))
     return built
 
 

@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
+
+import numpy as np
 
 from cfdeploy.contracts import NetworkContract
 from cfdeploy.errors import CfdeployError
 
 PRECISIONS = ("fp32", "fp16", "mixed")
 ENGINE_DIR = "tensorrt"
+ORT_ENGINE_CACHE = "onnxruntime"  # ONNX Runtime's TensorRT provider caches its own engines here, inside ENGINE_DIR
 TIMING_CACHE = "timing.cache"
 KEY_FORMAT = "cfdeploy-engine-key/1"
 # Layers that carry nearly all the FLOPs; in a "mixed" engine only these may run in fp16.
@@ -66,6 +69,12 @@ def batch_chunks(batch: int, profile: BatchProfile) -> list[tuple[int, int, int]
         stop = min(batch, start + profile.max)
         chunks.append((start, stop, max(stop - start, profile.min)))
     return chunks
+
+
+def pad_batch(array: np.ndarray, run_batch: int) -> np.ndarray:
+    """``array`` with its last row repeated up to ``run_batch`` rows (what a profile's minimum needs)."""
+    missing = run_batch - array.shape[0]
+    return array if missing <= 0 else np.concatenate([array, np.repeat(array[-1:], missing, axis=0)])
 
 
 def network_precision(contract: NetworkContract, requested: str | None) -> str:
@@ -203,3 +212,44 @@ def check_engine(engine_dir: Path, wanted: EngineKey) -> Path:
     if problems:
         raise CfdeployError(f"{engine_path}: built for something else: {'; '.join(problems)} (rebuild with --rebuild)")
     return engine_path
+
+
+def check_runnable(engine_dir: Path, network: str, onnx_sha256: str, tensorrt_version: str, gpu: tuple[str, str]) -> EngineKey:
+    """At run time any precision and profile will do, but not another graph, TensorRT or GPU; returns the key."""
+    engine_path, key_path = engine_paths(engine_dir, network)
+    found = read_key(key_path) if engine_path.is_file() else None
+    if found is None:
+        raise CfdeployError(f"{engine_path}: no engine (with its key) for {network}; build it with cfdeploy build-engines")
+    wanted = replace(found, onnx_sha256=onnx_sha256, tensorrt_version=tensorrt_version, gpu_name=gpu[0],
+                     compute_capability=gpu[1])
+    check_engine(engine_dir, wanted)
+    return found
+
+
+def plan_builds(engine_dir: Path, wanted: list[EngineKey], rebuild: bool) -> list[EngineKey]:
+    """The engines to build: all of ``wanted`` except up-to-date ones.
+
+    Decided for every network before anything is built, so a mismatch is refused at once rather than
+    after minutes of building; with ``rebuild``, mismatched and unreadable keys are simply rebuilt.
+    """
+    to_build, refused = [], []
+    for key in wanted:
+        engine_path, key_path = engine_paths(engine_dir, key.network)
+        if not engine_path.is_file():
+            to_build.append(key)
+            continue
+        try:
+            existing = read_key(key_path)
+        except CfdeployError:
+            if not rebuild:
+                raise
+            existing = None
+        if existing is not None and not key_mismatches(existing, key):
+            continue
+        if not rebuild:
+            problems = key_mismatches(existing, key) if existing is not None else ["no key file"]
+            refused.append(f"{engine_path.name}: {'; '.join(problems)}")
+        to_build.append(key)
+    if refused:
+        raise CfdeployError(f"{engine_dir}: engines exist for something else: {' | '.join(refused)} (use --rebuild)")
+    return to_build

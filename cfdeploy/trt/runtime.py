@@ -3,13 +3,12 @@
 Each :class:`Engine` owns device buffers sized for its profile's largest batch, allocated once, so
 their addresses never change: static-batch engines are captured into a CUDA graph after a warm-up
 run and replayed. Batches are cut to the profile's maximum and padded to its minimum. The edited
-latents go from the mapper engine to the generator engine on the device; only images (and the small
-latents the caller asked for) come back to the host.
+latents go from the mapper engine to the generator engine on the device (the host gets a read-only
+copy, which edits report).
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ from cfdeploy.contracts import NetworkContract, TensorSpec, network_contracts
 from cfdeploy.errors import CfdeployError
 from cfdeploy.trt.cuda import DeviceBuffer, EventTimer, call, gpu_identity, require_cudart
 from cfdeploy.trt.log import LOGGER
-from cfdeploy.trt.plan import ENGINE_DIR, BatchProfile, EngineKey, batch_chunks, check_engine, engine_paths, read_key
+from cfdeploy.trt.plan import ENGINE_DIR, BatchProfile, EngineKey, batch_chunks, check_runnable, engine_paths, pad_batch
 
 _NUMPY_TYPES = {trt.float32: np.float32, trt.float16: np.float16, trt.int32: np.int32, trt.int64: np.int64}
 
@@ -45,11 +44,12 @@ class Engine:
             raise CfdeployError(f"{path}: TensorRT could not load the engine (built by another TensorRT?)")
         self.engine = engine
         self.context = engine.create_execution_context()
-        self.buffers: dict[str, DeviceBuffer] = {}
         for spec in (*contract.inputs, *contract.outputs):
             found = engine.get_tensor_dtype(spec.name)
             if _NUMPY_TYPES.get(found) != np.dtype(spec.dtype):
                 raise CfdeployError(f"{path}: tensor {spec.name} is {found}, the contract says {spec.dtype}")
+        self.buffers: dict[str, DeviceBuffer] = {}
+        for spec in (*contract.inputs, *contract.outputs):
             self.buffers[spec.name] = DeviceBuffer(self.nbytes(spec.name, self.profile.max))
             self.context.set_tensor_address(spec.name, self.buffers[spec.name].address)
         self.use_graph = cuda_graphs and self.profile.static
@@ -109,9 +109,7 @@ class Engine:
         """Copy ``array`` into the input buffer, padded along the batch to ``run_batch`` by repeating its last row."""
         spec = next(spec for spec in self.contract.inputs if spec.name == name)
         host = np.ascontiguousarray(array, np.dtype(spec.dtype))
-        if spec in self.contract.batched_inputs and host.shape[0] < run_batch:
-            host = np.concatenate([host, np.repeat(host[-1:], run_batch - host.shape[0], axis=0)])
-        self.buffers[name].upload(host, self.stream)
+        self.buffers[name].upload(pad_batch(host, run_batch) if spec in self.contract.batched_inputs else host, self.stream)
 
     def download(self, name: str, rows: int) -> np.ndarray:
         spec = next(spec for spec in self.contract.outputs if spec.name == name)
@@ -138,6 +136,7 @@ class Engine:
         self._timer.close()
         for buffer in self.buffers.values():
             buffer.free()
+        self.buffers.clear()
 
 
 class TensorRTBackend(BundleBackend):
@@ -165,14 +164,11 @@ class TensorRTBackend(BundleBackend):
         loaded = self.engines.get(network)
         if loaded is not None:
             return loaded
-        engine_path, key_path = engine_paths(self.engine_dir, network)
-        found = read_key(key_path)
-        if found is None:
-            raise CfdeployError(f"{engine_path}: no engine for {network} (build it with cfdeploy build-engines {self.bundle.path})")
+        if network not in self.bundle.manifest["networks"]:
+            raise CfdeployError(f"{self.bundle.path}: bundle has no {network!r} graph")
         onnx_sha256 = self.bundle.manifest["files"][self.contracts[network].filename]
-        wanted = replace(found, onnx_sha256=onnx_sha256, tensorrt_version=trt.__version__,
-                         gpu_name=self.gpu[0], compute_capability=self.gpu[1])
-        check_engine(self.engine_dir, wanted)
+        found = check_runnable(self.engine_dir, network, onnx_sha256, trt.__version__, self.gpu)
+        engine_path = engine_paths(self.engine_dir, network)[0]
         loaded = Engine(engine_path, self.contracts[network], found, self.runtime, self.stream, self.cuda_graphs)
         self.engines[network] = loaded
         return loaded
@@ -187,6 +183,7 @@ class TensorRTBackend(BundleBackend):
     def edit_latents(self, w: np.ndarray, text_latents: np.ndarray, strength: float) -> np.ndarray:
         w_hat = super().edit_latents(w, text_latents, strength)
         single_call = len(batch_chunks(w.shape[0], self.engine("latent_editor").profile)) == 1
+        w_hat.flags.writeable = False  # the device copy stays valid only while the host copy is unchanged
         self._edited = w_hat if single_call else None
         return w_hat
 
@@ -195,7 +192,8 @@ class TensorRTBackend(BundleBackend):
         chunks = batch_chunks(latents.shape[0], generator.profile)
         editor = self.engines.get("latent_editor")
         run_batch = chunks[0][2]
-        if latents is self._edited and editor is not None and len(chunks) == 1 and editor.batch == run_batch:
+        edited, self._edited = self._edited, None
+        if latents is edited and editor is not None and len(chunks) == 1 and editor.batch == run_batch:
             # w_hat never left the device: copy it buffer to buffer instead of uploading the host copy
             generator.buffers["latents"].copy_from(editor.buffers["w_hat"], editor.nbytes("w_hat", run_batch), self.stream)
             generator.execute(run_batch)
@@ -206,4 +204,6 @@ class TensorRTBackend(BundleBackend):
         for engine in self.engines.values():
             engine.close()
         self.engines.clear()
-        call("cudaStreamDestroy", self.stream)
+        if self.stream:
+            call("cudaStreamDestroy", self.stream)
+            self.stream = 0

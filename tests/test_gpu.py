@@ -71,6 +71,15 @@ def test_tensorrt_engines_edit_like_the_reference_and_refit(tmp_path, cli, bundl
     assert cli("build-engines", bundle, "--static-batch", 2).exit_code == 2  # mismatch needs --rebuild
     assert cli("build-engines", bundle, "--static-batch", 2, "--rebuild").exit_code == 0
 
+    result = cli("build-engines", bundle, "--min-batch", 1, "--max-batch", 4, "--rebuild")  # dynamic profile
+    assert result.exit_code == 0, result.stderr
+    dynamic = tmp_path / "dynamic"
+    result = cli("edit", "--bundle", bundle, "--backend", "tensorrt", "-l", latents_256, "--text-embedding", embedding_file,
+                 "-o", dynamic, "-b", 5, "--save-latents", "--save-raw")  # 5 codes: one call of 4, one of 1
+    assert result.exit_code == 0, result.stderr
+    assert rel_l2(np.load(dynamic / "latents.npy"), expected_w_hat) <= 1e-3
+    assert psnr(np.load(dynamic / "images.npy"), expected_image) >= FP16_MIN_PSNR_DB
+
     other = tmp_path / "other.pt"
     checkpoint_with_generator_of(other, generator_seed=1, mapper_seed=7)
     result = cli("refit", bundle, "-c", other)

@@ -1,0 +1,60 @@
+"""Swapping a prompt's mappers into a bundle with `cfdeploy refit` vs exporting the new checkpoint afresh.
+
+Synthetic weights of the real architecture; the second checkpoint shares the first one's generator,
+as CF-CLIP's per-prompt checkpoints do. Prints wall-clock seconds of each command (medians, run
+alternately, in fresh processes as users run them):
+
+    python benchmarks/refit_vs_export.py --size 256 --runs 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from cfdeploy.demo import save_synthetic_files
+
+
+def timed(*args: str) -> float:
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "cfdeploy", *args], check=True, capture_output=True)
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as scratch:
+        directory = Path(scratch)
+        checkpoint, clip_weights = save_synthetic_files(directory, args.size)
+        content = torch.load(checkpoint, weights_only=True)
+        generator = torch.Generator().manual_seed(1)
+        for key, value in content["state_dict"].items():
+            if not key.startswith("decoder."):
+                content["state_dict"][key] = torch.randn(value.shape, generator=generator) * value.std()
+        other = directory / "other_prompt.pt"
+        torch.save(content, other)
+        bundle = directory / "bundle"
+        export = ["export", "-c", str(other), "--clip-weights", str(clip_weights), "--prompt", "green lipstick", "-f"]
+        timed("export", "-c", str(checkpoint), "--clip-weights", str(clip_weights), "--prompt", "green lipstick",
+              "-o", str(bundle))
+        refits, exports = [], []
+        for _ in range(args.runs):
+            refits.append(timed("refit", str(bundle), "-c", str(other)))
+            exports.append(timed(*export, "-o", str(directory / "fresh")))
+    refit, fresh = statistics.median(refits), statistics.median(exports)
+    print(f"| size | cfdeploy refit (s) | cfdeploy export (s) | export / refit |\n| ---: | ---: | ---: | ---: |\n"
+          f"| {args.size} | {refit:.1f} | {fresh:.1f} | {fresh / refit:.1f}x |")
+
+
+if __name__ == "__main__":
+    main()

@@ -100,10 +100,17 @@ class Bundle:
     def has_network(self, name: str) -> bool:
         return name in self.manifest["networks"]
 
-    def network(self, name: str) -> Path:
+    def _network_file(self, name: str) -> str:
         if not self.has_network(name):
             raise CfdeployError(f"{self.path}: bundle has no {name!r} graph")
-        return self.file(self.manifest["networks"][name]["file"])
+        return self.manifest["networks"][name]["file"]
+
+    def network(self, name: str) -> Path:
+        return self.file(self._network_file(name))
+
+    def network_sha256(self, name: str) -> str:
+        """The sha256 the manifest records for a graph (what engines are keyed on); the file is not read."""
+        return self.manifest["files"][self._network_file(name)]
 
     @property
     def vocab_path(self) -> Path:
@@ -120,8 +127,8 @@ class Bundle:
     @cached_property
     def text_branch_hash(self) -> str:
         """What a prompt's ``t_w`` depends on: the CLIP text and text-mapper graphs."""
-        files = [self.manifest["networks"][name]["file"] for name in ("clip_text", "text_mapper") if self.has_network(name)]
-        return hashlib.sha256("".join(self.manifest["files"][f] for f in files).encode()).hexdigest()[:16]
+        hashes = [self.network_sha256(name) for name in ("clip_text", "text_mapper") if self.has_network(name)]
+        return hashlib.sha256("".join(hashes).encode()).hexdigest()[:16]
 
 
 class TextLatentCache:

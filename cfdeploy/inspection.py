@@ -112,11 +112,11 @@ def _describe_engines(bundle: Any) -> dict[str, str]:
     from cfdeploy.trt.plan import ENGINE_DIR, BatchProfile, engine_paths, read_key
 
     described = {}
-    for network, entry in bundle.manifest["networks"].items():
+    for network in bundle.manifest["networks"]:
         key = read_key(engine_paths(bundle.path / ENGINE_DIR, network)[1])
         if key is None:
             continue
-        stale = "" if key.onnx_sha256 == bundle.manifest["files"].get(entry["file"]) else "; stale: the graph changed since"
+        stale = "" if key.onnx_sha256 == bundle.network_sha256(network) else "; stale: the graph changed since"
         described[network] = (
             f"{key.precision}, {BatchProfile(*key.profile).label()}, TensorRT {key.tensorrt_version}, "
             f"{key.gpu_name} (compute {key.compute_capability}){stale}"

@@ -21,11 +21,11 @@ from typing import Callable
 
 import numpy as np
 import onnx
-import onnxruntime
 import torch
 from onnx import numpy_helper
 
 import cfdeploy
+from cfdeploy.backends.onnxruntime_backend import OnnxRuntimeBackend
 from cfdeploy.bundle import MANIFEST, Bundle, sha256_file
 from cfdeploy.checkpoints import load_cfclip
 from cfdeploy.contracts import network_contracts
@@ -84,21 +84,24 @@ def _link_tree(source: Path, target: Path) -> None:
             shutil.copy2(path, destination)
 
 
+def _write_manifest(staged: Path, manifest: dict) -> None:
+    """Write the staged manifest as a new file (never through its hard link to the live bundle's)."""
+    (staged / MANIFEST).unlink(missing_ok=True)
+    (staged / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
 def _recompute_prompts(staged: Path, manifest: dict) -> None:
-    """Stored prompts' ``t_w`` from the bundle's CLIP graph and the new text mapper (written as new files)."""
+    """Stored prompts' ``t_w`` through the staged bundle itself: its CLIP graph and the new text mapper."""
     prompts = manifest.get("prompts", {})
     if not prompts:
         return
-    from cfdeploy.tokenizer import ClipTokenizer
-
-    providers = ["CPUExecutionProvider"]
-    clip = onnxruntime.InferenceSession(str(staged / manifest["networks"]["clip_text"]["file"]), providers=providers)
-    mapper = onnxruntime.InferenceSession(str(staged / manifest["networks"]["text_mapper"]["file"]), providers=providers)
-    tokens = ClipTokenizer(staged / manifest["tokenizer"]["vocab"])(list(prompts))
-    text_latents = mapper.run(None, {"text_features": clip.run(None, {"tokens": tokens})[0]})[0]
-    for (prompt, relative), latents in zip(prompts.items(), text_latents):
+    _write_manifest(staged, manifest)
+    backend = OnnxRuntimeBackend(Bundle(staged), ["CPUExecutionProvider"])
+    text_latents = backend.text_latents(backend.text_features(backend.tokenize(list(prompts))))
+    for relative, latents in zip(prompts.values(), text_latents):
         (staged / relative).unlink()
         np.save(staged / relative, latents[None])
+        manifest["files"][relative] = sha256_file(staged / relative)
 
 
 def _refit_engines(staged: Path, report: Callable[[str], None]) -> list[str]:
@@ -165,6 +168,7 @@ def refit_bundle(bundle_path: Path, checkpoint_path: Path, report: Callable[[str
                 changed[name] = match_weights(name, old, onnx_weights(path))
                 report(f"checking {name} against torch")
                 manifest["networks"][name]["parity"] = check_parity(modules[name], contract, path, FP32_TOLERANCE)
+                manifest["files"][contract.filename] = sha256_file(path)
             report("recomputing stored prompts")
             _recompute_prompts(staged, manifest)
             stale = _refit_engines(staged, report)
@@ -179,10 +183,7 @@ def refit_bundle(bundle_path: Path, checkpoint_path: Path, report: Callable[[str
                 "versions": {"cfdeploy": cfdeploy.__version__, "torch": torch.__version__, "onnx": onnx.__version__},
                 "stale_engines": stale,
             })
-            rewritten = [contracts[name].filename for name in REFIT_NETWORKS] + list(manifest.get("prompts", {}).values())
-            manifest["files"].update({relative: sha256_file(staged / relative) for relative in rewritten})
-            (staged / MANIFEST).unlink()
-            (staged / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+            _write_manifest(staged, manifest)
             replace_directory(staged, bundle_path)
         except BaseException:
             shutil.rmtree(staged, ignore_errors=True)

@@ -19,7 +19,7 @@ from cfdeploy.tokenizer import ClipTokenizer
 # Reduced precision is for the generator only: the mappers' PixelNorm breaks in 16-bit floats.
 # fp16 runs under autocast (convolutions and matmuls in fp16, reductions such as demodulation in fp32);
 # bf16 runs a bf16 copy of the generator, the fastest form on CPUs with bf16 matrix units.
-GENERATOR_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+GENERATOR_PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -52,8 +52,8 @@ class TorchBackend:
         cuda_graphs: bool = False,
     ) -> None:
         self.device = resolve_device(device)
-        if precision not in GENERATOR_DTYPES:
-            raise CfdeployError(f"unknown precision {precision!r} (expected {', '.join(GENERATOR_DTYPES)})")
+        if precision not in GENERATOR_PRECISIONS:
+            raise CfdeployError(f"unknown precision {precision!r} (expected {', '.join(GENERATOR_PRECISIONS)})")
         if cuda_graphs and self.device.type != "cuda":
             raise CfdeployError("CUDA graphs need --device cuda")
         self.precision = precision

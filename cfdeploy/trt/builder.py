@@ -181,7 +181,8 @@ def build_engines(
             )
         engine_dir = settings.engine_dir or bundle_path / ENGINE_DIR
         engine_dir.mkdir(parents=True, exist_ok=True)
-        wanted = [wanted_key(contracts[name], sha256_file(bundle.network(name)), settings, gpu) for name in names]
+        # keyed on the manifest's hashes; a graph is read (and its hash verified) only if it is built
+        wanted = [wanted_key(contracts[name], bundle.network_sha256(name), settings, gpu) for name in names]
         to_build = plan_builds(engine_dir, wanted, settings.rebuild)
         built = []
         for key in wanted:

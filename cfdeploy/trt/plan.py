@@ -208,10 +208,14 @@ def check_engine(engine_dir: Path, wanted: EngineKey) -> Path:
     found = read_key(key_path)
     if found is None:
         raise CfdeployError(f"{key_path}: missing, so {engine_path.name} cannot be checked (rebuild with --rebuild)")
+    _refuse_mismatch(engine_path, found, wanted)
+    return engine_path
+
+
+def _refuse_mismatch(engine_path: Path, found: EngineKey, wanted: EngineKey) -> None:
     problems = key_mismatches(found, wanted)
     if problems:
         raise CfdeployError(f"{engine_path}: built for something else: {'; '.join(problems)} (rebuild with --rebuild)")
-    return engine_path
 
 
 def check_runnable(engine_dir: Path, network: str, onnx_sha256: str, tensorrt_version: str, gpu: tuple[str, str]) -> EngineKey:
@@ -222,7 +226,7 @@ def check_runnable(engine_dir: Path, network: str, onnx_sha256: str, tensorrt_ve
         raise CfdeployError(f"{engine_path}: no engine (with its key) for {network}; build it with cfdeploy build-engines")
     wanted = replace(found, onnx_sha256=onnx_sha256, tensorrt_version=tensorrt_version, gpu_name=gpu[0],
                      compute_capability=gpu[1])
-    check_engine(engine_dir, wanted)
+    _refuse_mismatch(engine_path, found, wanted)
     return found
 
 
@@ -244,10 +248,10 @@ def plan_builds(engine_dir: Path, wanted: list[EngineKey], rebuild: bool) -> lis
             if not rebuild:
                 raise
             existing = None
-        if existing is not None and not key_mismatches(existing, key):
+        problems = key_mismatches(existing, key) if existing is not None else ["no key file"]
+        if not problems:
             continue
         if not rebuild:
-            problems = key_mismatches(existing, key) if existing is not None else ["no key file"]
             refused.append(f"{engine_path.name}: {'; '.join(problems)}")
         to_build.append(key)
     if refused:

@@ -164,10 +164,7 @@ class TensorRTBackend(BundleBackend):
         loaded = self.engines.get(network)
         if loaded is not None:
             return loaded
-        if network not in self.bundle.manifest["networks"]:
-            raise CfdeployError(f"{self.bundle.path}: bundle has no {network!r} graph")
-        onnx_sha256 = self.bundle.manifest["files"][self.contracts[network].filename]
-        found = check_runnable(self.engine_dir, network, onnx_sha256, trt.__version__, self.gpu)
+        found = check_runnable(self.engine_dir, network, self.bundle.network_sha256(network), trt.__version__, self.gpu)
         engine_path = engine_paths(self.engine_dir, network)[0]
         loaded = Engine(engine_path, self.contracts[network], found, self.runtime, self.stream, self.cuda_graphs)
         self.engines[network] = loaded

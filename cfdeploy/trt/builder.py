@@ -17,13 +17,12 @@ from typing import Callable
 import tensorrt as trt
 
 from cfdeploy.bundle import Bundle, sha256_file
-from cfdeploy.contracts import NetworkContract, network_contracts
+from cfdeploy.contracts import NetworkContract
 from cfdeploy.errors import CfdeployError
-from cfdeploy.outputs import DirectoryLock, write_bytes_atomic
+from cfdeploy.outputs import DirectoryLock, write_atomic
 from cfdeploy.trt.cuda import gpu_identity
 from cfdeploy.trt.log import LOGGER
 from cfdeploy.trt.plan import (
-    ENGINE_DIR,
     TIMING_CACHE,
     BuildSettings,
     EngineKey,
@@ -159,7 +158,7 @@ def build_engine(
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise CfdeployError(f"{onnx_path}: TensorRT failed to build the {contract.name} engine (see the log above)")
-    write_bytes_atomic(timing_cache_path, bytes(config.get_timing_cache().serialize()))
+    write_atomic(timing_cache_path, bytes(config.get_timing_cache().serialize()))
     return bytes(serialized)
 
 
@@ -172,14 +171,14 @@ def build_engines(
     gpu = gpu_identity()
     with DirectoryLock(bundle_path):
         bundle = Bundle(bundle_path)
-        contracts = network_contracts(bundle.size, bundle.n_latent, bundle.style_dim)
+        contracts = bundle.contracts
         names = list(settings.networks or [name for name in contracts if bundle.has_network(name)])
         unknown = [name for name in names if name not in contracts or not bundle.has_network(name)]
         if unknown:
             raise CfdeployError(
                 f"{bundle_path}: no graph for {', '.join(unknown)} (have: {', '.join(bundle.manifest['networks'])})"
             )
-        engine_dir = settings.engine_dir or bundle_path / ENGINE_DIR
+        engine_dir = settings.engine_dir or bundle.engine_dir
         engine_dir.mkdir(parents=True, exist_ok=True)
         # keyed on the manifest's hashes; a graph is read (and its hash verified) only if it is built
         wanted = [wanted_key(contracts[name], bundle.network_sha256(name), settings, gpu) for name in names]
@@ -198,8 +197,8 @@ def build_engines(
                 prefixed(report, key.network),
             )
             key_path.unlink(missing_ok=True)  # an engine without a key is refused, never trusted
-            write_bytes_atomic(engine_path, engine)
-            write_bytes_atomic(key_path, json_text(key).encode())
+            write_atomic(engine_path, engine)
+            write_atomic(key_path, json_text(key).encode())
             seconds = time.perf_counter() - started
             report(f"{key.network}: built in {seconds:.1f}s ({len(engine) / 2**20:.1f} MiB)")
             built.append(BuiltEngine(key.network, engine_path, key, seconds))
@@ -236,6 +235,6 @@ def refit_engine(engine_dir: Path, network: str, onnx_path: Path) -> EngineKey:
         raise CfdeployError(f"{engine_path}: refit failed (weights still missing: {', '.join(missing[:4]) or 'none'})")
     refitted = replace(key, onnx_sha256=sha256_file(onnx_path))
     key_path.unlink(missing_ok=True)
-    write_bytes_atomic(engine_path, bytes(engine.serialize()))
-    write_bytes_atomic(key_path, json_text(refitted).encode())
+    write_atomic(engine_path, bytes(engine.serialize()))
+    write_atomic(key_path, json_text(refitted).encode())
     return refitted

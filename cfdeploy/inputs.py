@@ -1,22 +1,89 @@
-"""Reading and validating latent codes and text embeddings (numpy at the boundary; torch only for .pt)."""
+"""Reading and validating input files (numpy at the boundary; torch only for .pt latents).
+
+Every reader here and in :mod:`cfdeploy.checkpoints` starts with :func:`require_file` (a FIFO or a
+device would block or never end) and checks the sizes a file declares against the bytes it holds before
+allocating anything.
+"""
 
 from __future__ import annotations
 
+import math
+import stat
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 
 from cfdeploy.errors import CfdeployError
 
+NON_REGULAR_KINDS: tuple[tuple[Callable[[int], bool], str], ...] = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+NPY_HEADER_READERS = {
+    (1, 0): np.lib.format.read_array_header_1_0,
+    (2, 0): np.lib.format.read_array_header_2_0,
+}
 
-def _read_array(path: Path, what: str) -> np.ndarray:
-    if not path.exists():
-        raise CfdeployError(f"{path}: no such file")
-    if path.suffix == ".npy":
+
+def require_file(path: Path) -> Path:
+    """``path`` if it is a regular file (symlinks followed); anything else is refused before it is opened."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise CfdeployError(f"{path}: no such file") from None
+    except OSError as error:
+        raise CfdeployError(f"{path}: cannot be read: {error.strerror}") from None
+    if not stat.S_ISREG(mode):
+        kind = next((name for is_kind, name in NON_REGULAR_KINDS if is_kind(mode)), "of an unknown kind")
+        raise CfdeployError(f"{path}: not a regular file ({kind})")
+    return path
+
+
+@contextmanager
+def memory_guard(path: Path) -> Iterator[None]:
+    """Turn a MemoryError while reading ``path`` into one line naming it."""
+    try:
+        yield
+    except MemoryError:
+        raise CfdeployError(f"{path}: reading it needs more memory than this machine has") from None
+
+
+def read_npy(path: Path, what: str = "array") -> np.ndarray:
+    """A numeric ``.npy`` array; its header's shape × dtype is checked against the file size before allocating."""
+    require_file(path)
+    with memory_guard(path):
         try:
-            return np.load(path, allow_pickle=False)
+            with path.open("rb") as file:
+                version = np.lib.format.read_magic(file)
+                read_header = NPY_HEADER_READERS.get(version)
+                if read_header is None:
+                    raise CfdeployError(
+                        f"{path}: .npy format version {version[0]}.{version[1]} is not read (1.0 and 2.0 are)"
+                    )
+                shape, _, dtype = read_header(file)
+                if dtype.hasobject:
+                    raise CfdeployError(f"{path}: the .npy {what} holds Python objects (pickled), which are never loaded")
+                declared = math.prod(shape) * dtype.itemsize
+                held = path.stat().st_size - file.tell()
+                if declared > held:
+                    raise CfdeployError(
+                        f"{path}: the .npy header declares {what} {list(shape)} {dtype} ({declared:,} bytes) "
+                        f"but the file holds {held:,} bytes of data"
+                    )
+                file.seek(0)
+                return np.lib.format.read_array(file, allow_pickle=False)
         except (ValueError, OSError, EOFError) as error:
             raise CfdeployError(f"{path}: not a readable .npy {what}: {error}") from None
+
+
+def _read_array(path: Path, what: str) -> np.ndarray:
+    if path.suffix == ".npy":
+        return read_npy(path, what)
     try:
         from cfdeploy.checkpoints import safe_torch_load
     except ImportError:

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from cfdeploy.errors import CfdeployError
+from cfdeploy.inputs import read_npy, require_file
 
 
 def _parameters(module: Any) -> int:
@@ -29,31 +30,27 @@ def _describe_array(array: np.ndarray) -> dict[str, Any]:
 
 def inspect_file(path: Path) -> dict[str, Any]:
     """A flat description of a checkpoint, CLIP weights file, or latent/embedding array."""
-    if not path.exists():
-        raise CfdeployError(f"{path}: no such file")
     if path.is_dir():
         return _describe_bundle(path)
+    require_file(path)
     if path.suffix == ".npy":
-        try:
-            return _describe_array(np.load(path, allow_pickle=False, mmap_mode="r"))
-        except ValueError as error:
-            raise CfdeployError(f"{path}: not a readable .npy file: {error}") from None
+        return _describe_array(read_npy(path))
     try:
         import torch
 
-        from cfdeploy.checkpoints import is_torchscript_archive, load_cfclip, load_stylegan2, safe_torch_load
-        from cfdeploy.models.clip_text import ClipText
+        from cfdeploy.checkpoints import is_torchscript_archive, load_cfclip, load_clip, load_stylegan2, safe_torch_load
     except ImportError:
         raise CfdeployError(f"{path}: inspecting torch files needs the 'export' extra") from None
 
     if path.suffix == ".safetensors":
-        return _describe_clip(ClipText.from_file(path), "safetensors state dict")
+        return _describe_clip(load_clip(path), "safetensors state dict")
     if is_torchscript_archive(path):
-        return _describe_clip(ClipText.from_file(path), "TorchScript archive (OpenAI)")
+        return _describe_clip(load_clip(path), "TorchScript archive (OpenAI)")
     content = safe_torch_load(path)
     if isinstance(content, torch.Tensor):
         return _describe_array(content.numpy())
-    if isinstance(content, dict) and "state_dict" in content and any(key.startswith("decoder.") for key in content["state_dict"]):
+    state = content.get("state_dict") if isinstance(content, dict) else None
+    if isinstance(state, dict) and any(str(key).startswith("decoder.") for key in state):
         checkpoint = load_cfclip(path)
         return {
             "kind": "CF-CLIP checkpoint",
@@ -76,11 +73,11 @@ def inspect_file(path: Path) -> dict[str, Any]:
             "resolution": stylegan.generator.config.size,
             "n_latent": stylegan.generator.config.n_latent,
             "latent_avg": stylegan.latent_avg is not None,
-            "training_state": sorted(key for key in content if key not in ("g_ema", "latent_avg")),
+            "training_state": sorted(str(key) for key in content if key not in ("g_ema", "latent_avg")),
             "parameters": {"generator": _parameters(stylegan.generator)},
         }
     if isinstance(content, dict) and ("token_embedding.weight" in content or "state_dict" in content):
-        return _describe_clip(ClipText.from_file(path), "state dict")
+        return _describe_clip(load_clip(path), "state dict")
     raise CfdeployError(f"{path}: not a CF-CLIP, StyleGAN2 or CLIP file cfdeploy knows")
 
 
@@ -91,13 +88,15 @@ def _describe_bundle(path: Path) -> dict[str, Any]:
     manifest = bundle.manifest
     return {
         "kind": "cfdeploy bundle",
+        "manifest_sha256": bundle.manifest_sha256,
         "format_version": manifest["format_version"],
         "resolution": bundle.size,
         "n_latent": bundle.n_latent,
         "trained_description": bundle.description,
         "networks": list(manifest["networks"]),
         "worst_parity_rel_l2": max(
-            result["rel_l2"] for network in manifest["networks"].values() for result in network["parity"].values()
+            (result["rel_l2"] for network in manifest["networks"].values() for result in network.get("parity", {}).values()),
+            default=None,
         ),
         "precomputed_prompts": list(manifest.get("prompts", {})),
         "refits": len(manifest.get("refits", [])),
@@ -109,11 +108,11 @@ def _describe_bundle(path: Path) -> dict[str, Any]:
 
 def _describe_engines(bundle: Any) -> dict[str, str]:
     """What each stored TensorRT engine was built for, and whether the bundle's graph has changed since."""
-    from cfdeploy.trt.plan import ENGINE_DIR, BatchProfile, engine_paths, read_key
+    from cfdeploy.trt.plan import BatchProfile, engine_paths, read_key
 
     described = {}
     for network in bundle.manifest["networks"]:
-        key = read_key(engine_paths(bundle.path / ENGINE_DIR, network)[1])
+        key = read_key(engine_paths(bundle.engine_dir, network)[1])
         if key is None:
             continue
         stale = "" if key.onnx_sha256 == bundle.network_sha256(network) else "; stale: the graph changed since"

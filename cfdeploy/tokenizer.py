@@ -3,13 +3,15 @@
 It reads the same merges file open_clip ships (``bpe_simple_vocab_16e6.txt.gz``; a bundle carries a
 copy) and produces the same ids: text cleaned with ftfy, HTML-unescaped twice, whitespace collapsed
 and lower-cased; ``<start_of_text> … <end_of_text>`` zero-padded to 77. Prompts longer than that are
-refused, as OpenAI's tokenizer does, rather than silently cut.
+refused, as OpenAI's tokenizer does, rather than silently cut; so are empty prompts and text that is not
+valid UTF-8 (undecodable bytes on a command line arrive as lone surrogates).
 """
 
 from __future__ import annotations
 
 import gzip
 import html
+import zlib
 from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
@@ -19,12 +21,14 @@ import numpy as np
 import regex
 
 from cfdeploy.errors import CfdeployError
+from cfdeploy.inputs import require_file
 
 CONTEXT_LENGTH = 77
 VOCAB_FILENAME = "bpe_simple_vocab_16e6.txt.gz"
 N_MERGES = 49152 - 256 - 2
 SPECIAL_TOKENS = ("<start_of_text>", "<end_of_text>")
 END_OF_WORD = "</w>"
+MAX_VOCAB_BYTES = 16 << 20  # open_clip's merges file is 3.2 MB uncompressed; more is not a vocabulary
 
 
 def packaged_vocab_path() -> Path:
@@ -48,6 +52,36 @@ def byte_alphabet() -> dict[int, str]:
     }
 
 
+def read_merges(path: Path) -> list[tuple[str, str]]:
+    """The first :data:`N_MERGES` BPE merges of a vocabulary file (gzip, UTF-8, ``a b`` per line after a header)."""
+    require_file(path)
+    try:
+        with gzip.open(path) as file:
+            data = file.read(MAX_VOCAB_BYTES + 1)
+    except (OSError, EOFError, zlib.error) as error:
+        raise CfdeployError(f"{path}: not a readable CLIP BPE merges file: {error}") from None
+    if len(data) > MAX_VOCAB_BYTES:
+        raise CfdeployError(f"{path}: not a CLIP BPE merges file: more than {MAX_VOCAB_BYTES:,} bytes uncompressed")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise CfdeployError(
+            f"{path}: not a CLIP BPE merges file: invalid UTF-8 at byte {error.start:,} (uncompressed)"
+        ) from None
+    lines = text.split("\n")[1 : N_MERGES + 1]
+    if len(lines) < N_MERGES:
+        raise CfdeployError(
+            f"{path}: not a CLIP BPE merges file: {len(lines):,} merges where CLIP's vocabulary has {N_MERGES:,}"
+        )
+    merges = []
+    for number, line in enumerate(lines, start=2):
+        symbols = line.split()
+        if len(symbols) != 2:
+            raise CfdeployError(f"{path}: line {number:,} is not a merge of two symbols: {line!r:.60}")
+        merges.append((symbols[0], symbols[1]))
+    return merges
+
+
 def clean(text: str) -> str:
     text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
     return " ".join(text.split()).lower()
@@ -57,12 +91,7 @@ class ClipTokenizer:
     """``prompts → int64 [P, 77]`` token ids identical to open_clip's for CLIP ViT-B/32."""
 
     def __init__(self, vocab_path: Path | None = None) -> None:
-        path = vocab_path or packaged_vocab_path()
-        try:
-            lines = gzip.open(path).read().decode("utf-8").split("\n")[1 : N_MERGES + 1]
-        except OSError as error:
-            raise CfdeployError(f"{path}: not a readable CLIP BPE merges file: {error}") from None
-        merges = [tuple(line.split()) for line in lines]
+        merges = read_merges(vocab_path or packaged_vocab_path())
         alphabet = list(byte_alphabet().values())
         vocab = [*alphabet, *(symbol + END_OF_WORD for symbol in alphabet), *("".join(m) for m in merges), *SPECIAL_TOKENS]
         self.ids = {token: index for index, token in enumerate(vocab)}
@@ -99,11 +128,17 @@ class ClipTokenizer:
 
     def encode(self, prompt: str) -> list[int]:
         """BPE ids of one prompt, without start/end tokens."""
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError:
+            raise CfdeployError(f"prompt {prompt!r:.60} is not valid UTF-8 text") from None
         alphabet = byte_alphabet()
         ids: list[int] = []
         for piece in self.pattern.findall(clean(prompt)):
             word = "".join(alphabet[byte] for byte in piece.encode("utf-8"))
             ids.extend(self.ids[symbol] for symbol in self._merge(word))
+        if not ids:
+            raise CfdeployError(f"prompt {prompt!r:.60} is empty (or only whitespace): there is no text to encode")
         return ids
 
     def __call__(self, prompts: Sequence[str]) -> np.ndarray:

@@ -8,13 +8,7 @@ import pytest
 
 from cfdeploy.errors import CfdeployError
 from cfdeploy.tokenizer import ClipTokenizer
-
-PROMPTS = [
-    "green lipstick", "A Photo of a DOG!!", "green   lipstick", "rock &amp; roll, baby.", "&lt;b&gt;bold&lt;/b&gt;",
-    "&amp;amp;lt;", "Hello,World?", "it's they're I'll don't", "café naïve Straße", "Ünïcödé ÅÆØ", "日本語のテキスト",
-    "😀 blue dog 🐶", "\tTabs\nand\r\nnewlines ", "3.14159 x2", "mixed-CASE_Under_score", "ﬁ ligature", "",
-    "<start_of_text>literal specials<end_of_text>", "word " * 75,
-]
+from conftest import TOKENIZER_PROMPTS
 
 
 @pytest.fixture(scope="module")
@@ -22,14 +16,14 @@ def tokenizers():
     return ClipTokenizer(), open_clip.get_tokenizer("ViT-B-32")
 
 
-@pytest.mark.parametrize("prompt", PROMPTS)
+@pytest.mark.parametrize("prompt", TOKENIZER_PROMPTS)
 def test_token_ids_equal_open_clip(tokenizers, prompt):
     ours, theirs = tokenizers
     assert np.array_equal(ours([prompt]), theirs([prompt]).numpy())
 
 
 def test_batch_shape_and_dtype(tokenizers):
-    tokens = tokenizers[0](PROMPTS[:3])
+    tokens = tokenizers[0](TOKENIZER_PROMPTS[:3])
     assert tokens.shape == (3, 77) and tokens.dtype == np.int64
     assert tokens[0, 0] == 49406 and 49407 in tokens[0]
 

@@ -17,13 +17,11 @@ import json
 import tempfile
 from pathlib import Path
 
-from cpu_backends import RESULTS, backend_rows
+from cpu_backends import RESULTS, backend_rows, edit_seconds
 
-from cfdeploy.bench import BenchSettings, Sources, run_bench, write_json
-from cfdeploy.demo import save_synthetic_files
+from cfdeploy.bench import BenchSettings, prepare_sources, run_bench, write_json
 from cfdeploy.errors import CfdeployError
-from cfdeploy.exporter import export_bundle
-from cfdeploy.trt import tensorrt_module
+from cfdeploy.trt import tensorrt_builder
 from cfdeploy.trt.plan import BuildSettings, batch_profile
 
 BACKENDS = ("torch", "torch-cuda", "torch-cuda-fp16", "onnxruntime-cuda", "onnxruntime-tensorrt", "tensorrt")
@@ -33,15 +31,13 @@ BASELINE = "torch-cuda"
 
 def measure(size: int, runs: int) -> None:
     with tempfile.TemporaryDirectory() as scratch:
-        checkpoint, clip_weights = save_synthetic_files(Path(scratch), size)
-        bundle = Path(scratch) / "bundle"
-        export_bundle(checkpoint, clip_weights, bundle)
+        sources = prepare_sources(Path(scratch), synthetic=size)
         try:
             settings = BuildSettings(batch_profile(1, max(BATCHES), max(BATCHES)))
-            tensorrt_module("builder").build_engines(bundle, settings, print)
+            tensorrt_builder().build_engines(sources.bundle, settings, print)
         except CfdeployError as why:
             print(f"no TensorRT engines: {why}")
-        report = run_bench(Sources(checkpoint, clip_weights, bundle), BenchSettings(BACKENDS, BATCHES, 2, runs))
+        report = run_bench(sources, BenchSettings(BACKENDS, BATCHES, 2, runs), on_progress=print)
     report["size"] = size
     write_json(report, RESULTS / f"gpu_{size}.json")
 
@@ -49,15 +45,15 @@ def measure(size: int, runs: int) -> None:
 def render(report: dict) -> str:
     rows = backend_rows(report)
     lines = [
-        f"**{report['size']} px**, median of {report['settings']['runs']}: ms per image for mapper + generator",
+        f"**{report['size']} px**, median of {report['settings']['runs']}: ms per image for latent_editor + generator",
         "",
-        "| backend | batch | mapper + generator (ms/image) | vs torch-cuda fp32 | GPU ms per run (CUDA events) | GPU MB | PSNR vs CPU fp32 (dB) |",
+        "| backend | batch | latent_editor + generator (ms/image) | vs torch-cuda fp32 | GPU ms per run (CUDA events) | GPU MB | PSNR vs CPU fp32 (dB) |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     baseline = {r["batch"]: r for r in rows[BASELINE]["results"]} if BASELINE in rows else {}
 
     def edit_ms(result: dict) -> float:
-        return 1000 * (result["stages_s"]["mapper"]["median"] + result["stages_s"]["generator"]["median"]) / result["batch"]
+        return 1000 * edit_seconds(result) / result["batch"]
 
     for name, backend in rows.items():
         for result in backend["results"]:

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import platform
 import sys
 import time
@@ -20,34 +21,74 @@ import numpy as np
 import cfdeploy
 from cfdeploy.bundle import TextLatentCache
 from cfdeploy.errors import CfdeployError
+from cfdeploy.inputs import broadcast_latents, load_latents, seeded_z
 from cfdeploy.outputs import StagedDirectory, to_uint8
 
 
+# One vocabulary for the pipeline: each stage is named after the network it runs (the graph names of
+# cfdeploy.contracts), plus the host-side work around them. Timers, edit.json and bench columns use these.
+STAGES = ("tokenize", "clip_text", "text_mapper", "latent_editor", "refine", "generator", "source_generator", "png")
+DEFAULT_PNG_COMPRESSION = 6  # Pillow's default zlib level; 1 encodes a 1024 px image several times faster
+MAX_SAMPLED_CODES = 100_000  # --num: 3.7 GB of W+ codes at 18 levels; more is a typo, not a job
+
+
 class EditBackend(Protocol):
-    """What a runtime must provide to run an edit; arrays are float32 numpy unless noted."""
+    """What a runtime provides to run an edit. Arrays are float32 numpy, batch first, unless noted.
+
+    Each method runs one network of the pipeline (its stage name in brackets)::
+
+        tokenize [tokenize] → text_features [clip_text] → text_latents [text_mapper]
+        → edit_latents [latent_editor] → synthesize [generator];   sample_w runs [mapping]
+
+    Backends are opened with :func:`cfdeploy.backends.open_backend`.
+    """
 
     name: str
-    description: str | None
+    description: str | None  # the prompt the checkpoint was trained for, if it records one
+    text_cache: TextLatentCache | None  # per-prompt text latents kept between runs (bundles), or None
 
     @property
-    def size(self) -> int: ...
+    def size(self) -> int:
+        """Image side in pixels."""
 
     @property
-    def n_latent(self) -> int: ...
+    def n_latent(self) -> int:
+        """W+ levels (18 at 1024 px)."""
 
-    def tokenize(self, prompts: Sequence[str]) -> np.ndarray: ...
+    @property
+    def style_dim(self) -> int:
+        """Width of one W code (512)."""
 
-    def text_features(self, tokens: np.ndarray) -> np.ndarray: ...
+    def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
+        """Prompts to CLIP token ids ``[P, 77]`` int64 (over 77 tokens is refused)."""
 
-    def text_latents(self, text_features: np.ndarray) -> np.ndarray: ...
+    def text_features(self, tokens: np.ndarray) -> np.ndarray:
+        """Token ids ``[P, 77]`` to unnormalised CLIP text features ``[P, 512]``."""
 
-    def edit_latents(self, w: np.ndarray, text_latents: np.ndarray, strength: float) -> np.ndarray: ...
+    def text_latents(self, text_features: np.ndarray) -> np.ndarray:
+        """Text features ``[P, 512]`` to per-level text latents ``[P, n_latent, 512]``."""
 
-    def synthesize(self, latents: np.ndarray) -> np.ndarray: ...
+    def edit_latents(self, w: np.ndarray, text_latents: np.ndarray, strength: float) -> np.ndarray:
+        """``w_hat = w + strength·0.1·mapper(w, text_latents)``.
+
+        Args:
+            w: source W+ codes ``[B, n_latent, 512]``.
+            text_latents: ``[1 | B, n_latent, 512]`` (one prompt for all, or one per code).
+            strength: 1 is the official edit, 0 reproduces the source.
+
+        Returns:
+            The edited W+ codes ``[B, n_latent, 512]``.
+        """
+
+    def synthesize(self, latents: np.ndarray) -> np.ndarray:
+        """W+ codes ``[B, n_latent, 512]`` to images ``[B, 3, size, size]`` in about [-1, 1]."""
+
+    def sample_w(self, z: np.ndarray, truncation: float) -> np.ndarray:
+        """Gaussian ``z [B, 512]`` to W ``[B, 512]``, truncated toward the mean W by ``truncation``."""
 
 
 class StageTimer:
-    """Wall-clock seconds per named stage, summed over batches."""
+    """Wall-clock seconds per named stage (:data:`STAGES`), summed over batches."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
@@ -63,7 +104,17 @@ class StageTimer:
 
 @dataclass
 class EditJob:
-    """One edit request: W+ latents and either a prompt or precomputed CLIP text features."""
+    """One edit request: W+ latents and either a prompt or precomputed CLIP text features.
+
+    Args:
+        latents: source W+ codes ``[N, n_latent, 512]`` float32.
+        prompt: the text to edit toward; or
+        text_features: unnormalised CLIP text features ``[1 | N, 512]`` (bypasses CLIP).
+        strength: edit strength S in ``w_hat = w + S·0.1·delta`` (1 is the official edit).
+        batch_size: codes per mapper/generator call.
+        with_sources: also render the unedited codes (for before|after pairs).
+        refiner: a :class:`cfdeploy.refine.Refiner` run on each batch's ``w_hat``, or None.
+    """
 
     latents: np.ndarray
     prompt: str | None = None
@@ -71,14 +122,15 @@ class EditJob:
     strength: float = 1.0
     batch_size: int = 4
     with_sources: bool = False
-    text_cache: TextLatentCache | None = None
-    refiner: Any = None  # cfdeploy.refine.Refiner: (w, w_hat) -> refined w_hat, with .curves and .settings
+    refiner: Any = None
 
     def __post_init__(self) -> None:
         if (self.prompt is None) == (self.text_features is None):
             raise CfdeployError("give exactly one of a prompt (--text) or text features (--text-embedding)")
         if self.batch_size < 1:
             raise CfdeployError(f"batch size must be at least 1, got {self.batch_size}")
+        if not math.isfinite(self.strength):
+            raise CfdeployError(f"--strength must be a finite number, got {self.strength}")
 
 
 @dataclass
@@ -92,35 +144,69 @@ class EditBatch:
 
 @dataclass
 class EditResult:
+    """What :func:`edit` returns: edited codes, images (and sources if asked), seconds per stage."""
+
     w_hat: np.ndarray
     images: np.ndarray
     sources: np.ndarray | None
     timings: dict[str, float] = field(default_factory=dict)
 
 
+def resolve_latents(
+    backend: EditBackend,
+    latents: Path | None = None,
+    seed: int | None = None,
+    num: int = 1,
+    truncation: float = 0.7,
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """The W+ codes to edit, from a file or sampled from a seed, and how they were obtained (for edit.json)."""
+    if (latents is None) == (seed is None):
+        raise CfdeployError("give exactly one of --latents or --seed")
+    if latents is not None:
+        return load_latents(latents, backend.n_latent, backend.style_dim), {"latents": str(latents)}
+    assert seed is not None
+    if not math.isfinite(truncation):
+        raise CfdeployError(f"--truncation must be a finite number, got {truncation}")
+    if not 1 <= num <= MAX_SAMPLED_CODES:
+        raise CfdeployError(f"--num must be between 1 and {MAX_SAMPLED_CODES:,}, got {num}")
+    w = backend.sample_w(seeded_z(seed, num, backend.style_dim), truncation)
+    codes = broadcast_latents(w, backend.n_latent, backend.style_dim, f"seed {seed}")
+    return codes, {"seed": seed, "num": num, "truncation": truncation}
+
+
+def prompt_mismatch(backend: EditBackend, prompt: str | None) -> str | None:
+    """A warning when ``prompt`` is not what the checkpoint was trained for: CF-CLIP mappers are per prompt."""
+    trained = backend.description
+    if prompt is None or not trained or prompt.strip().lower() == trained.strip().lower():
+        return None
+    return (f"this checkpoint was trained for {trained!r}, not {prompt!r}; "
+            "CF-CLIP mappers are per prompt, so expect a weak or odd edit")
+
+
 def iter_edits(backend: EditBackend, job: EditJob, timer: StageTimer) -> Iterator[EditBatch]:
-    """Compute the prompt's text branch once (or take it from the cache), then edit batch by batch."""
+    """Compute the prompt's text branch once (or take it from the backend's cache), then edit batch by batch."""
     text_latents = None
-    if job.prompt is not None and job.text_cache is not None:
+    cache = backend.text_cache if job.prompt is not None else None
+    if cache is not None:
         with timer.stage("text_cache"):
-            text_latents = job.text_cache.get(job.prompt)
+            text_latents = cache.get(job.prompt)
     if text_latents is None:
         features = job.text_features
         if job.prompt is not None:
             with timer.stage("tokenize"):
                 tokens = backend.tokenize([job.prompt])
-            with timer.stage("text_encoder"):
+            with timer.stage("clip_text"):
                 features = backend.text_features(tokens)
         assert features is not None
         with timer.stage("text_mapper"):
             text_latents = backend.text_latents(features)
-        if job.prompt is not None and job.text_cache is not None:
-            job.text_cache.put(job.prompt, text_latents)
+        if cache is not None:
+            cache.put(job.prompt, text_latents)
     per_latent = text_latents.shape[0] > 1
     for start in range(0, job.latents.shape[0], job.batch_size):
         w = job.latents[start : start + job.batch_size]
         batch_text = text_latents[start : start + len(w)] if per_latent else text_latents
-        with timer.stage("mapper"):
+        with timer.stage("latent_editor"):
             w_hat = backend.edit_latents(w, batch_text, job.strength)
         if job.refiner is not None:
             with timer.stage("refine"):
@@ -135,7 +221,16 @@ def iter_edits(backend: EditBackend, job: EditJob, timer: StageTimer) -> Iterato
 
 
 def edit(backend: EditBackend, job: EditJob) -> EditResult:
-    """Run the whole edit in memory: edited W+ ``[N, n, 512]`` and raw images ``[N, 3, S, S]``."""
+    """Run the whole edit in memory.
+
+    Args:
+        backend: from :func:`cfdeploy.backends.open_backend`.
+        job: the codes, the prompt or text features, and the edit settings.
+
+    Returns:
+        Edited W+ ``[N, n, 512]``, raw images ``[N, 3, S, S]`` (and the sources' if
+        ``job.with_sources``), and seconds per stage.
+    """
     timer = StageTimer()
     batches = list(iter_edits(backend, job, timer))
     sources = np.concatenate([b.sources for b in batches]) if job.with_sources else None  # type: ignore[misc]
@@ -159,65 +254,64 @@ def versions() -> dict[str, str]:
 def edit_to_directory(
     backend: EditBackend,
     job: EditJob,
-    out: Path,
+    staged: StagedDirectory,
     *,
-    force: bool = False,
     save_latents: bool = False,
     save_raw: bool = False,
+    png_compression: int = DEFAULT_PNG_COMPRESSION,
     inputs: dict[str, Any] | None = None,
-    on_batch: Callable[[int], None] | None = None,
+    on_image: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Write ``NNNNNN.png`` (source|edit pairs if ``job.with_sources``), optional ``latents.npy``/``images.npy``, and ``edit.json``.
 
-    Everything is written to a staging directory first: on any error ``out`` is left as it was.
+    Everything goes into ``staged``, which the caller entered before loading models; it replaces the
+    output directory only when the caller's block ends without error. Returns what ``edit.json`` holds.
     """
     count, n_latent = job.latents.shape[:2]
     size = backend.size
     timer = StageTimer()
     started = time.perf_counter()
-    with StagedDirectory(out, force) as staged:
-        latents_file = staged.create_array("latents.npy", (count, n_latent, job.latents.shape[2])) if save_latents else None
-        raw_file = staged.create_array("images.npy", (count, 3, size, size)) if save_raw else None
-        for batch in iter_edits(backend, job, timer):
-            end = batch.start + len(batch.w)
+    latents_file = staged.open_array("latents.npy", (count, n_latent, job.latents.shape[2])) if save_latents else None
+    raw_file = staged.open_array("images.npy", (count, 3, size, size)) if save_raw else None
+    for batch in iter_edits(backend, job, timer):
+        pixels = to_uint8(batch.images)
+        if batch.sources is not None:
+            pixels = np.concatenate([to_uint8(batch.sources), pixels], axis=2)
+        for offset, image in enumerate(pixels):
             with timer.stage("png"):
-                pixels = to_uint8(batch.images)
-                if batch.sources is not None:
-                    pixels = np.concatenate([to_uint8(batch.sources), pixels], axis=2)
-                for offset, image in enumerate(pixels):
-                    staged.write_png(f"{batch.start + offset:06d}.png", image)
-            if latents_file is not None:
-                latents_file[batch.start : end] = batch.w_hat
-            if raw_file is not None:
-                raw_file[batch.start : end] = batch.images
-            if on_batch is not None:
-                on_batch(len(batch.w))
-        for array in (latents_file, raw_file):
-            if array is not None:
-                array.flush()
-        summary = {
-            "backend": backend.name,
-            "inputs": inputs or {},
-            "prompt": job.prompt,
-            "trained_description": backend.description,
-            "strength": job.strength,
-            "count": count,
-            "size": size,
-            "n_latent": n_latent,
-            "batch_size": job.batch_size,
-            "side_by_side": job.with_sources,
-            "outputs": {
-                "images": [f"{index:06d}.png" for index in range(count)],
-                "latents": "latents.npy" if save_latents else None,
-                "raw": "images.npy" if save_raw else None,
-            },
-            "refinement": None if job.refiner is None else {
-                "settings": dataclasses.asdict(job.refiner.settings),
-                "loss_curves": job.refiner.curves,
-            },
-            "timings_s": {name: round(seconds, 6) for name, seconds in timer.seconds.items()},
-            "total_s": round(time.perf_counter() - started, 6),
-            "versions": versions(),
-        }
-        staged.write_json("edit.json", summary)
+                staged.write_png(f"{batch.start + offset:06d}.png", image, png_compression)
+            if on_image is not None:
+                on_image()
+        if latents_file is not None:
+            latents_file.write(batch.w_hat)
+        if raw_file is not None:
+            raw_file.write(batch.images)
+    for array in (latents_file, raw_file):
+        if array is not None:
+            array.close()
+    summary = {
+        "backend": backend.name,
+        "inputs": inputs or {},
+        "prompt": job.prompt,
+        "trained_description": backend.description,
+        "strength": job.strength,
+        "count": count,
+        "size": size,
+        "n_latent": n_latent,
+        "batch_size": job.batch_size,
+        "side_by_side": job.with_sources,
+        "outputs": {
+            "images": [f"{index:06d}.png" for index in range(count)],
+            "latents": "latents.npy" if save_latents else None,
+            "raw": "images.npy" if save_raw else None,
+        },
+        "refinement": None if job.refiner is None else {
+            "settings": dataclasses.asdict(job.refiner.settings),
+            "loss_curves": job.refiner.curves,
+        },
+        "timings_s": {name: round(seconds, 6) for name, seconds in timer.seconds.items()},
+        "total_s": round(time.perf_counter() - started, 6),
+        "versions": versions(),
+    }
+    staged.write_json("edit.json", summary)
     return summary

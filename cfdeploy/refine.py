@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -206,3 +207,28 @@ def refine_latents(
         if stale >= settings.patience:
             break
     return best.cpu().numpy(), curve
+
+
+def refiner_for(
+    backend: object,
+    settings: RefineSettings,
+    target: str,
+    checkpoint: Path | None = None,
+    clip_weights: Path | None = None,
+) -> Refiner:
+    """A refiner over the torch models, whichever backend made the feed-forward edit.
+
+    A torch backend lends its generator and CLIP (loaded with their image encoder); a bundle backend
+    has no differentiable models, so refinement loads them from ``checkpoint`` and ``clip_weights``.
+    """
+    generator = getattr(backend, "generator", None)
+    clip = getattr(backend, "clip", None)
+    if not isinstance(generator, Generator) or clip is None:
+        if checkpoint is None or clip_weights is None:
+            raise CfdeployError("refinement with a bundle needs the torch models too: pass --checkpoint and --clip-weights")
+        from cfdeploy.checkpoints import load_cfclip, load_clip
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        generator, clip = load_cfclip(checkpoint).generator.to(device), load_clip(clip_weights).to(device)
+    loss = ClipNCELoss(clip, settings.source_text, target).to(next(generator.parameters()).device)
+    return Refiner(generator, loss, settings)

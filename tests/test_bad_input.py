@@ -145,9 +145,10 @@ def test_cuda_graphs_on_cpu(cli, tmp_path, cfclip_256, latents_256, embedding_fi
 
 def test_torch_precision_with_a_bundle_backend(cli, tmp_path, latents_256, embedding_file):
     out = tmp_path / "out"
-    result = cli("edit", "--bundle", tmp_path, "-l", latents_256, "--text-embedding", embedding_file, "-o", out,
+    (tmp_path / "bundle").mkdir()
+    result = cli("edit", "--bundle", tmp_path / "bundle", "-l", latents_256, "--text-embedding", embedding_file, "-o", out,
                  "--precision", "fp16")
-    assert_refused(result, out, "--device and --precision are for the torch backend, not onnxruntime")
+    assert_refused(result, out, "--precision: not an option of the onnxruntime backend")
 
 
 def test_text_without_clip_weights(edit, tmp_path):

@@ -1,1 +1,150 @@
-"""Backends run the stages of an edit (text, mappers, generator) on one runtime each."""
+"""Backends run the stages of an edit on one runtime each; this is their one registry and factory.
+
+The CLI, ``cfdeploy bench``, refit and the Python API all open backends here::
+
+    backend = open_backend("onnxruntime", Path("engines/green_lipstick"))
+    backend = open_backend("torch", Path("green_lipstick.pt"), clip_weights=Path("ViT-B-32.pt"), device="cuda")
+
+A backend reads either a CF-CLIP checkpoint (torch runtimes) or an exported bundle (ONNX Runtime,
+TensorRT). Its module is imported only when it is opened, so a core install (no torch) can open the
+bundle backends, and a missing runtime is one line saying what to install.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cfdeploy.errors import CfdeployError, missing_extra
+
+if TYPE_CHECKING:
+    from cfdeploy.editing import EditBackend
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    """What a runtime reads, where it runs, which precisions it offers and which options it takes."""
+
+    name: str
+    source: str  # "checkpoint" (a CF-CLIP .pt) or "bundle" (a directory from `cfdeploy export`)
+    implementation: str  # "module:Class", imported on first use
+    devices: tuple[str, ...]
+    precisions: tuple[str, ...]  # fp32 first: the default
+    requires: str  # the package that must be importable
+    options: tuple[str, ...]  # keyword options of the class's opener
+    summary: str
+
+
+BUNDLE_OPTIONS = ("cache_max", "expect_manifest")
+BACKENDS: dict[str, BackendInfo] = {
+    info.name: info
+    for info in (
+        BackendInfo(
+            "torch", "checkpoint", "cfdeploy.backends.torch_backend:TorchBackend", ("cpu", "cuda"), ("fp32", "fp16", "bf16"),
+            "torch", ("clip_weights", "device", "precision", "cuda_graphs"),
+            "the exact PyTorch models; reduced precision is for the generator only",
+        ),
+        BackendInfo(
+            "torch-reference", "checkpoint", "cfdeploy.backends.reference_backend:TorchReferenceBackend", ("cpu", "cuda"),
+            ("fp32",), "torch", ("clip_weights", "device"),
+            "the official formulation (grouped conv, upfirdn2d): the baseline users migrate from",
+        ),
+        BackendInfo(
+            "onnxruntime", "bundle", "cfdeploy.backends.onnxruntime_backend:OnnxRuntimeBackend", ("cpu", "cuda"), ("fp32",),
+            "onnxruntime", ("providers", "threads", *BUNDLE_OPTIONS),
+            "the bundle's ONNX graphs, torch-free; CUDA and TensorRT through onnxruntime-gpu's providers",
+        ),
+        BackendInfo(
+            "tensorrt", "bundle", "cfdeploy.backends.tensorrt_backend:TensorRTBackend", ("cuda",), ("fp32", "fp16", "mixed"),
+            "tensorrt", ("engines", "cuda_graphs", *BUNDLE_OPTIONS),
+            "engines from `cfdeploy build-engines` on one CUDA stream, torch-free",
+        ),
+    )
+}
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A backend with fixed options, under one name: what ``cfdeploy bench`` compares."""
+
+    name: str
+    backend: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+PRESETS: dict[str, Preset] = {
+    preset.name: preset
+    for preset in (
+        Preset("torch-reference", "torch-reference"),
+        Preset("torch", "torch"),
+        Preset("torch-bf16", "torch", {"precision": "bf16"}),
+        Preset("torch-cuda", "torch", {"device": "cuda"}),
+        Preset("torch-cuda-fp16", "torch", {"device": "cuda", "precision": "fp16", "cuda_graphs": True}),
+        Preset("onnxruntime", "onnxruntime", {"providers": ["CPUExecutionProvider"]}),
+        Preset("onnxruntime-cuda", "onnxruntime", {"providers": ["CUDAExecutionProvider", "CPUExecutionProvider"]}),
+        Preset(
+            "onnxruntime-tensorrt", "onnxruntime",
+            {"providers": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]},
+        ),
+        Preset("tensorrt", "tensorrt"),
+    )
+}
+
+
+def backend_info(name: str) -> BackendInfo:
+    info = BACKENDS.get(name)
+    if info is None:
+        raise CfdeployError(f"unknown backend {name!r} (known: {', '.join(BACKENDS)})")
+    return info
+
+
+def backend_class(info: BackendInfo) -> Any:
+    """Import the backend's module; a missing runtime is one line naming what to install."""
+    module_name, class_name = info.implementation.split(":")
+    try:
+        importlib.import_module(info.requires)
+    except (ImportError, OSError) as missing:
+        raise missing_extra(info.requires, f"the {info.name} backend", missing) from None
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def open_backend(name: str, source: Path, **options: Any) -> "EditBackend":
+    """Open backend ``name`` over ``source`` (a checkpoint or a bundle, as the backend reads).
+
+    Args:
+        name: a key of :data:`BACKENDS`.
+        source: the CF-CLIP checkpoint file (torch backends) or the bundle directory (the others).
+        **options: the backend's options (:attr:`BackendInfo.options`); ``None`` means the default.
+
+    Returns:
+        An :class:`~cfdeploy.editing.EditBackend`.
+
+    Raises:
+        CfdeployError: an unknown backend, an option it does not take, its runtime not installed,
+            or a bad source or option value (checked by the backend itself).
+    """
+    info = backend_info(name)
+    given = {key: value for key, value in options.items() if value is not None}
+    foreign = [key for key in given if key not in info.options]
+    if foreign:
+        flags = ", ".join("--" + key.replace("_", "-") for key in foreign)
+        takes = ", ".join("--" + key.replace("_", "-") for key in info.options)
+        raise CfdeployError(f"{flags}: not an option of the {name} backend (it takes {takes})")
+    implementation = backend_class(info)
+    if info.source == "checkpoint":
+        return implementation.from_checkpoint(source, **given)  # type: ignore[no-any-return]
+    return implementation.from_bundle(source, **given)  # type: ignore[no-any-return]
+
+
+def open_preset(name: str, source: Path, **options: Any) -> "EditBackend":
+    """Open a :data:`PRESETS` entry; ``options`` add to its fixed ones (e.g. ``clip_weights``)."""
+    preset = PRESETS.get(name)
+    if preset is None:
+        raise CfdeployError(f"unknown backend {name!r} (known: {', '.join(PRESETS)})")
+    info = backend_info(preset.backend)
+    accepted = {key: value for key, value in options.items() if key in info.options}
+    backend = open_backend(preset.backend, source, **{**accepted, **preset.options})
+    backend.name = name
+    return backend

@@ -1,4 +1,4 @@
-"""What every runtime over a bundle shares: dimensions, tokenizer, and the five graphs run by name."""
+"""What every runtime over a bundle shares: dimensions, tokenizer, prompt cache, and the graphs run by name."""
 
 from __future__ import annotations
 
@@ -7,20 +7,25 @@ from typing import Sequence
 
 import numpy as np
 
-from cfdeploy.bundle import Bundle
+from cfdeploy.bundle import Bundle, TextLatentCache
 from cfdeploy.tokenizer import ClipTokenizer
 
 
 class BundleBackend(ABC):
-    """An :class:`~cfdeploy.editing.EditBackend` whose stages are the bundle's graphs, run by :meth:`run`."""
+    """An :class:`~cfdeploy.editing.EditBackend` whose stages are the bundle's graphs, run by :meth:`run`.
+
+    It owns the bundle's prompt cache (``BUNDLE/cache``), so a repeated prompt skips CLIP and the
+    text mapper whichever program opened the backend.
+    """
 
     name: str
 
-    def __init__(self, bundle: Bundle) -> None:
+    def __init__(self, bundle: Bundle, cache_max: int | None = None) -> None:
         self.bundle = bundle
         self._tokenizer: ClipTokenizer | None = None
         self.description = bundle.description
         self.source_text = bundle.opts.get("source_text")
+        self.text_cache = TextLatentCache(bundle) if cache_max is None else TextLatentCache(bundle, max_entries=cache_max)
 
     @abstractmethod
     def run(self, network: str, **inputs: np.ndarray) -> np.ndarray:

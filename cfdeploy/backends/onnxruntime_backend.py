@@ -11,9 +11,8 @@ import onnxruntime as ort
 
 from cfdeploy.backends.bundle_backend import BundleBackend
 from cfdeploy.bundle import Bundle
-from cfdeploy.contracts import network_contracts
+from cfdeploy.bundle import ENGINE_DIR, ORT_ENGINE_CACHE
 from cfdeploy.errors import CfdeployError
-from cfdeploy.trt.plan import ENGINE_DIR, ORT_ENGINE_CACHE
 
 PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 
@@ -83,19 +82,28 @@ class OnnxRuntimeBackend(BundleBackend):
 
     name = "onnxruntime"
 
-    def __init__(self, bundle: Bundle, providers: Sequence[str] | None = None, threads: int | None = None) -> None:
-        super().__init__(bundle)
+    def __init__(
+        self, bundle: Bundle, providers: Sequence[str] | None = None, threads: int | None = None, cache_max: int | None = None
+    ) -> None:
+        super().__init__(bundle, cache_max)
         self.providers = choose_providers(providers)
         self.options = ort.SessionOptions()
         self.options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.options.intra_op_num_threads = threads or physical_cores()
         self.options.log_severity_level = 3
         self._sessions: dict[str, ort.InferenceSession] = {}
-        self._contracts = network_contracts(bundle.size, bundle.n_latent, bundle.style_dim)
 
     @classmethod
-    def from_bundle(cls, path: Path, providers: Sequence[str] | None = None) -> "OnnxRuntimeBackend":
-        return cls(Bundle(path), providers)
+    def from_bundle(
+        cls,
+        path: Path,
+        providers: Sequence[str] | None = None,
+        threads: int | None = None,
+        cache_max: int | None = None,
+        expect_manifest: str | None = None,
+    ) -> "OnnxRuntimeBackend":
+        """Open the bundle at ``path`` (pinned to a manifest sha256 if ``expect_manifest``)."""
+        return cls(Bundle(path, expect_manifest=expect_manifest), providers, threads, cache_max)
 
     def run(self, network: str, **inputs: np.ndarray) -> np.ndarray:
         session = self._sessions.get(network)
@@ -103,9 +111,16 @@ class OnnxRuntimeBackend(BundleBackend):
             cache_dir = self.bundle.path / ENGINE_DIR / ORT_ENGINE_CACHE
             if "TensorrtExecutionProvider" in self.providers:
                 cache_dir.mkdir(parents=True, exist_ok=True)
-            options = provider_options(self.providers, self._contracts[network].precision, cache_dir)
-            session = ort.InferenceSession(
-                str(self.bundle.network(network)), self.options, providers=self.providers, provider_options=options
-            )
+            options = provider_options(self.providers, self.bundle.contracts[network].precision, cache_dir)
+            path = self.bundle.network(network)
+            try:
+                # From the verified bytes, not the path: ONNX Runtime then reads no file the manifest does not hash
+                # (a graph asking for external data fails here instead).
+                session = ort.InferenceSession(
+                    path.read_bytes(), self.options, providers=self.providers, provider_options=options
+                )
+            except Exception as error:  # ONNX Runtime has one exception class per failure, none shared but Exception
+                reason = " ".join(str(error).split())[:300]
+                raise CfdeployError(f"{path}: ONNX Runtime cannot load this graph: {reason}") from None
             self._sessions[network] = session
         return session.run(None, inputs)[0]

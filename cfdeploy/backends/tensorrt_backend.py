@@ -1,4 +1,4 @@
-"""``cfdeploy edit --backend tensorrt``: the bundle's TensorRT engines on one CUDA stream, no torch.
+"""The TensorRT backend (``cfdeploy edit --backend tensorrt``): a bundle's engines on one CUDA stream, no torch.
 
 Each :class:`Engine` owns device buffers sized for its profile's largest batch, allocated once, so
 their addresses never change: static-batch engines are captured into a CUDA graph after a warm-up
@@ -16,12 +16,12 @@ import numpy as np
 import tensorrt as trt
 
 from cfdeploy.backends.bundle_backend import BundleBackend
-from cfdeploy.bundle import Bundle
-from cfdeploy.contracts import NetworkContract, TensorSpec, network_contracts
+from cfdeploy.bundle import ENGINE_DIR, Bundle
+from cfdeploy.contracts import NetworkContract, TensorSpec
 from cfdeploy.errors import CfdeployError
 from cfdeploy.trt.cuda import DeviceBuffer, EventTimer, call, gpu_identity, require_cudart
 from cfdeploy.trt.log import LOGGER
-from cfdeploy.trt.plan import ENGINE_DIR, BatchProfile, EngineKey, batch_chunks, check_runnable, engine_paths, pad_batch
+from cfdeploy.trt.plan import BatchProfile, EngineKey, batch_chunks, check_runnable, engine_paths, pad_batch
 
 _NUMPY_TYPES = {trt.float32: np.float32, trt.float16: np.float16, trt.int32: np.int32, trt.int64: np.int64}
 
@@ -144,11 +144,12 @@ class TensorRTBackend(BundleBackend):
 
     name = "tensorrt"
 
-    def __init__(self, bundle: Bundle, engine_dir: Path | None = None, cuda_graphs: bool = True) -> None:
-        super().__init__(bundle)
+    def __init__(
+        self, bundle: Bundle, engine_dir: Path | None = None, cuda_graphs: bool = True, cache_max: int | None = None
+    ) -> None:
+        super().__init__(bundle, cache_max)
         self.engine_dir = engine_dir or bundle.path / ENGINE_DIR
         self.cuda_graphs = cuda_graphs
-        self.contracts = network_contracts(bundle.size, bundle.n_latent, bundle.style_dim)
         self.gpu = gpu_identity()
         self.stream = int(call("cudaStreamCreate"))
         self.runtime = trt.Runtime(LOGGER)
@@ -156,8 +157,16 @@ class TensorRTBackend(BundleBackend):
         self._edited: np.ndarray | None = None  # the last w_hat handed out, still in the editor's output buffer
 
     @classmethod
-    def from_bundle(cls, path: Path, engine_dir: Path | None = None, cuda_graphs: bool = True) -> "TensorRTBackend":
-        return cls(Bundle(path), engine_dir, cuda_graphs)
+    def from_bundle(
+        cls,
+        path: Path,
+        engines: Path | None = None,
+        cuda_graphs: bool = True,
+        cache_max: int | None = None,
+        expect_manifest: str | None = None,
+    ) -> "TensorRTBackend":
+        """Open the bundle at ``path`` with its engines (``BUNDLE/tensorrt``, or ``engines``)."""
+        return cls(Bundle(path, expect_manifest=expect_manifest), engines, cuda_graphs, cache_max)
 
     def engine(self, network: str) -> Engine:
         """The network's engine, after checking it was built for this bundle's graph, this TensorRT and this GPU."""
@@ -166,7 +175,7 @@ class TensorRTBackend(BundleBackend):
             return loaded
         found = check_runnable(self.engine_dir, network, self.bundle.network_sha256(network), trt.__version__, self.gpu)
         engine_path = engine_paths(self.engine_dir, network)[0]
-        loaded = Engine(engine_path, self.contracts[network], found, self.runtime, self.stream, self.cuda_graphs)
+        loaded = Engine(engine_path, self.bundle.contracts[network], found, self.runtime, self.stream, self.cuda_graphs)
         self.engines[network] = loaded
         return loaded
 

@@ -9,7 +9,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from cfdeploy.checkpoints import load_cfclip
+from cfdeploy.backends import BACKENDS
+from cfdeploy.checkpoints import load_cfclip, load_clip
 from cfdeploy.errors import CfdeployError
 from cfdeploy.models.clip_text import ClipText
 from cfdeploy.models.mappers import FullTextMapper, LatentEditor, LevelsMapper
@@ -19,7 +20,7 @@ from cfdeploy.tokenizer import ClipTokenizer
 # Reduced precision is for the generator only: the mappers' PixelNorm breaks in 16-bit floats.
 # fp16 runs under autocast (convolutions and matmuls in fp16, reductions such as demodulation in fp32);
 # bf16 runs a bf16 copy of the generator, the fastest form on CPUs with bf16 matrix units.
-GENERATOR_PRECISIONS = ("fp32", "bf16", "fp16")
+GENERATOR_PRECISIONS = BACKENDS["torch"].precisions
 
 
 def resolve_device(name: str) -> torch.device:
@@ -69,6 +70,7 @@ class TorchBackend:
         self._latent_avg = latent_avg
         self.description = description
         self.source_text: str | None = None
+        self.text_cache = None  # checkpoints have no prompt cache; bundles do
 
     @classmethod
     def from_checkpoint(
@@ -81,7 +83,7 @@ class TorchBackend:
     ) -> "TorchBackend":
         resolve_device(device)
         loaded = load_cfclip(checkpoint)
-        clip = ClipText.from_file(clip_weights) if clip_weights is not None else None
+        clip = load_clip(clip_weights) if clip_weights is not None else None
         backend = cls(
             loaded.generator, loaded.text_mapper, loaded.mapper, clip, None, loaded.description, device, precision, cuda_graphs
         )

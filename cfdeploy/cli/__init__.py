@@ -1,0 +1,19 @@
+"""``cfdeploy``: thin Typer commands over the library, one module per command group.
+
+Heavy imports (torch, onnx) happen inside commands, so a core install runs the bundle commands.
+Importing a command module registers its commands; the order here is the order of ``--help``.
+"""
+
+from __future__ import annotations
+
+from cfdeploy.cli import edit  # noqa: F401  (edit, demo)
+from cfdeploy.cli import bundles  # noqa: F401,I001  (export, build-engines, refit)
+from cfdeploy.cli import tools  # noqa: F401,I001  (embed, inspect)
+from cfdeploy.cli import bench  # noqa: F401,I001  (bench)
+from cfdeploy.cli.common import app
+
+__all__ = ["app", "main"]
+
+
+def main() -> None:
+    app(prog_name="cfdeploy")

@@ -1,0 +1,118 @@
+"""``cfdeploy bench``: latency, throughput, memory and parity of each backend, as a table."""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from cfdeploy.backends import PRESETS
+from cfdeploy.cli.common import app, console, plain, safe, say, user_errors
+from cfdeploy.errors import CfdeployError
+
+SCREEN_WIDTH = 100  # the compact table fits this; piped output is at least this wide
+
+
+def _int_list(value: str, option: str) -> list[int]:
+    try:
+        numbers = [int(part) for part in value.split(",") if part.strip()]
+    except ValueError:
+        raise CfdeployError(f"{option} {value!r}: expected comma-separated integers") from None
+    if not numbers or min(numbers) < 1:
+        raise CfdeployError(f"{option} {value!r}: expected positive integers")
+    return numbers
+
+
+@contextmanager
+def progress_lines() -> Iterator[Callable[[str], None]]:
+    """One updating status line on a terminal; one plain line per message when stderr is piped."""
+    if not console.is_terminal:
+        yield say
+        return
+    with console.status("starting") as status:
+        yield lambda message: status.update(safe(message))
+
+
+@app.command("bench")
+@user_errors
+def bench_command(
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="CF-CLIP checkpoint to benchmark."),
+    bundle: Optional[Path] = typer.Option(None, "--bundle", help="Exported bundle to benchmark."),
+    synthetic: Optional[int] = typer.Option(
+        None, "--synthetic", help="Benchmark the real architecture at this size with synthetic weights (no files needed)."
+    ),
+    clip_weights: Optional[Path] = typer.Option(None, "--clip-weights", help="CLIP weights, to time the text stages on torch."),
+    backends: str = typer.Option(
+        "torch-reference,torch,onnxruntime", "--backends", help=f"Comma-separated, of: {', '.join(PRESETS)}."
+    ),
+    batch_sizes: str = typer.Option("1", "--batch-sizes", help="Comma-separated batch sizes, e.g. 1,2,4,8."),
+    warmup: int = typer.Option(1, "--warmup", min=0, help="Untimed runs first."),
+    runs: int = typer.Option(5, "--runs", min=1, help="Timed runs per backend and batch size."),
+    prompt: str = typer.Option("green lipstick", "--prompt", help="Prompt for the text stages."),
+    refine_steps: int = typer.Option(
+        0, "--refine-steps", min=0, help="Also time K CLIP-NCE refinement steps per batch (torch backends; needs CLIP visual weights)."
+    ),
+    wide: bool = typer.Option(False, "--wide", help="Show every stage's median, p99 and max abs error (the JSON and CSV always have them)."),
+    json_file: Optional[Path] = typer.Option(None, "--json", help="Write the full report as JSON."),
+    csv_file: Optional[Path] = typer.Option(None, "--csv", help="Write one row per backend and batch size, every field."),
+    plot_file: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG of latency per stage and backend."),
+) -> None:
+    """Latency, images/s, peak RSS and image parity of each backend.
+
+    The table fits 100 columns; --wide adds each stage's median. Each backend
+    runs in its own process; parity is against the torch fp32 backend.
+    Backends that cannot run here are listed as skipped, with the reason.
+
+    Example: cfdeploy bench --synthetic 256 --backends torch,onnxruntime
+    """
+    from cfdeploy.bench import BenchSettings, check_backend_names, prepare_sources, reads_bundle, run_bench
+
+    names = [name.strip() for name in backends.split(",") if name.strip()]
+    check_backend_names(names)
+    settings = BenchSettings(names, _int_list(batch_sizes, "--batch-sizes"), warmup, runs, prompt, refine_steps=refine_steps)
+    with tempfile.TemporaryDirectory(prefix="cfdeploy-bench-") as scratch, progress_lines() as progress:
+        sources = prepare_sources(
+            Path(scratch), synthetic=synthetic, checkpoint=checkpoint, clip_weights=clip_weights, bundle=bundle,
+            need_bundle=any(reads_bundle(name) for name in names), with_visual=refine_steps > 0, on_progress=progress,
+        )
+        report = run_bench(sources, settings, on_progress=progress)
+    print_bench(report, wide)
+    from cfdeploy.bench import write_csv, write_json, write_plot
+
+    for path, writer in ((json_file, write_json), (csv_file, write_csv), (plot_file, write_plot)):
+        if path is not None:
+            writer(report, path)
+            say(f"wrote {path}")
+
+
+def bench_table(report: dict[str, Any], wide: bool = False) -> Table:
+    """The report as a table: compact (whole-edit latency, fits 100 columns) or wide (every stage); no empty columns."""
+    from cfdeploy.bench import cell_text, table_columns, table_rows
+
+    rows = table_rows(report)
+    columns = table_columns(rows, wide)
+    title = "median ms per stage, per batch" if wide else "ms per batch (median, p90)"
+    table = Table(title=f"cfdeploy bench: {title}; PSNR against torch fp32")
+    for column in columns:
+        table.add_column(column.heading, justify="left" if column.key == "backend" else "right", no_wrap=True)
+    for row in rows:
+        table.add_row(*(plain(cell_text(row[column.key], column)) for column in columns))
+    return table
+
+
+def print_bench(report: dict[str, Any], wide: bool) -> None:
+    """The table on stdout (as wide as it needs when piped), then the skipped backends and why."""
+    table = bench_table(report, wide)
+    width = None if sys.stdout.isatty() else max(SCREEN_WIDTH, Console(width=1000).measure(table).maximum)
+    screen = Console(width=width, highlight=False)
+    if table.row_count:
+        screen.print(table)
+    for backend in report["backends"]:
+        if "skipped" in backend:
+            screen.print(plain(f"skipped {backend['backend']}: {backend['skipped']}"), markup=False, soft_wrap=True)

@@ -1,0 +1,180 @@
+"""Bundle commands: ``cfdeploy export``, ``build-engines`` and ``refit``."""
+
+from __future__ import annotations
+
+import time
+from enum import Enum
+from pathlib import Path
+from typing import Any, List, Optional
+
+import typer
+
+from cfdeploy.cli.common import app, console, reporter, say, user_errors, warn
+from cfdeploy.errors import CfdeployError
+
+
+class EnginePrecision(str, Enum):
+    fp32 = "fp32"
+    fp16 = "fp16"
+    mixed = "mixed"
+
+
+# Engine build options, shared by `export --tensorrt` and `build-engines`.
+ENGINE_PRECISION = typer.Option(
+    None, "--precision",
+    help="Engine precision for CLIP text and the generator: fp32, fp16, or mixed (fp16 convolutions; style, demodulation "
+    "and RGB layers fp32). Default: each network's contract (generator mixed, CLIP text fp16). The mappers and the "
+    "mapping network are always fp32.",
+)
+MIN_BATCH = typer.Option(1, "--min-batch", help="Engine profile: smallest batch.")
+OPT_BATCH = typer.Option(None, "--opt-batch", help="Engine profile: batch tuned for \\[default: --max-batch].")
+MAX_BATCH = typer.Option(8, "--max-batch", help="Engine profile: largest batch.")
+STATIC_BATCH = typer.Option(
+    None, "--static-batch", help="Build for exactly this batch (smaller batches are padded): less memory, and CUDA graphs."
+)
+WORKSPACE = typer.Option(None, "--workspace", help="TensorRT workspace limit, e.g. 512MiB on a small Jetson \\[default: TensorRT's].")
+
+
+@app.command("export")
+@user_errors
+def export_command(
+    checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="CF-CLIP checkpoint to export."),
+    clip_weights: Path = typer.Option(..., "--clip-weights", help="CLIP ViT-B/32 weights (OpenAI's ViT-B-32.pt or open_clip)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Bundle directory \\[default: engines/<checkpoint name>]."),
+    opset: int = typer.Option(18, "--opset", help="ONNX opset (18 or newer)."),
+    prompt: Optional[List[str]] = typer.Option(
+        None, "--prompt", help="Precompute the text branch for this prompt (repeatable); it then needs no CLIP at run time."
+    ),
+    without_clip: bool = typer.Option(
+        False, "--without-clip", help="Leave out the CLIP text graph (about 250 MB): the bundle then edits only the "
+        "--prompt texts precomputed here, or --text-embedding features. For small edge devices."
+    ),
+    force: bool = typer.Option(False, "--force", "-f", help="Replace an existing bundle directory."),
+    tensorrt: bool = typer.Option(False, "--tensorrt", help="Then build TensorRT engines into BUNDLE/tensorrt (options below)."),
+    engine_precision: Optional[EnginePrecision] = ENGINE_PRECISION,
+    min_batch: int = MIN_BATCH,
+    opt_batch: Optional[int] = OPT_BATCH,
+    max_batch: int = MAX_BATCH,
+    static_batch: Optional[int] = STATIC_BATCH,
+    workspace: Optional[str] = WORKSPACE,
+) -> None:
+    """Export a checkpoint to a self-contained ONNX bundle that runs without torch (and, with --tensorrt, engines).
+
+    Writes one ONNX graph per network (CLIP text, text mapper, latent mapper + residual, generator,
+    mapping), the tokenizer data, mean W and manifest.json with sha256 of every file and the parity of
+    each graph against torch (checked at batch 1 and 3; export fails past relative L2 1e-5).
+    """
+    from cfdeploy.outputs import check_output_dir
+
+    target = out or Path("engines") / checkpoint.stem
+    check_output_dir(target, force, [checkpoint, clip_weights])
+    if without_clip and not prompt:
+        raise CfdeployError("--without-clip needs at least one --prompt to precompute (or the bundle could edit no text)")
+    if opset < 18:
+        raise CfdeployError(f"--opset {opset}: the exporter needs opset 18 or newer")
+    build_settings = None
+    if tensorrt:
+        build_settings = engine_build_settings(
+            engine_precision, min_batch, opt_batch, max_batch, static_batch, workspace, None, False, None
+        )
+        from cfdeploy.trt import tensorrt_builder
+
+        tensorrt_builder()  # fail before the slow export, not after it
+    from cfdeploy.exporter import export_bundle
+
+    started = time.perf_counter()
+    with console.status("exporting") as status:
+        manifest = export_bundle(
+            checkpoint, clip_weights, target, opset=opset, prompts=prompt or [], force=force,
+            include_clip_text=not without_clip,
+            on_stage=reporter(status),
+        )
+    worst = max(result["rel_l2"] for network in manifest["networks"].values() for result in network["parity"].values())
+    say(f"wrote bundle {target} in {time.perf_counter() - started:.1f}s: {len(manifest['networks'])} graphs, "
+        f"worst parity rel L2 {worst:.1e}")
+    if build_settings is not None:
+        build_bundle_engines(target, build_settings)
+
+
+def engine_build_settings(
+    precision: Optional[EnginePrecision], min_batch: int, opt_batch: Optional[int], max_batch: int,
+    static_batch: Optional[int], workspace: Optional[str], networks: Optional[str], rebuild: bool, engines: Optional[Path],
+) -> Any:
+    """Options checked before anything slow starts; TensorRT itself is only imported to build."""
+    from cfdeploy.trt.plan import BuildSettings, batch_profile, parse_bytes
+
+    return BuildSettings(
+        profile=batch_profile(min_batch, opt_batch, max_batch, static_batch),
+        precision=precision.value if precision else None,
+        workspace_bytes=parse_bytes(workspace) if workspace else None,
+        networks=[name.strip() for name in networks.split(",") if name.strip()] if networks else None,
+        rebuild=rebuild,
+        engine_dir=engines,
+    )
+
+
+def build_bundle_engines(bundle: Path, settings: Any) -> None:
+    from cfdeploy.trt import tensorrt_builder
+
+    builder = tensorrt_builder()
+    started = time.perf_counter()
+    with console.status("building TensorRT engines") as status:
+        built = builder.build_engines(bundle, settings, reporter(status))
+    for engine in built:
+        made = "kept (up to date)" if engine.seconds is None else f"built in {engine.seconds:.1f}s"
+        say(f"{engine.network}: {engine.key.precision}, {made} → {engine.path}")
+    say(f"engines ready in {time.perf_counter() - started:.1f}s")
+
+
+@app.command("build-engines")
+@user_errors
+def build_engines_command(
+    bundle: Path = typer.Argument(..., help="Bundle directory from `cfdeploy export`."),
+    engine_precision: Optional[EnginePrecision] = ENGINE_PRECISION,
+    min_batch: int = MIN_BATCH,
+    opt_batch: Optional[int] = OPT_BATCH,
+    max_batch: int = MAX_BATCH,
+    static_batch: Optional[int] = STATIC_BATCH,
+    workspace: Optional[str] = WORKSPACE,
+    networks: Optional[str] = typer.Option(None, "--networks", help="Comma-separated subset \\[default: all in the bundle]."),
+    engines: Optional[Path] = typer.Option(None, "--engines", help="Engine directory \\[default: BUNDLE/tensorrt]."),
+    rebuild: bool = typer.Option(False, "--rebuild", help="Replace engines built for another graph, TensorRT, GPU or profile."),
+) -> None:
+    """Build TensorRT engines for a bundle on this GPU (run it on the target device: engines do not travel).
+
+    Each engine is stored with a key (ONNX sha256, TensorRT version, GPU and compute capability,
+    precision, batch profile); an up-to-date engine is kept, a mismatched one is refused unless
+    --rebuild. The mapper engines are built refittable, for `cfdeploy refit`.
+    """
+    from cfdeploy.bundle import Bundle
+
+    settings = engine_build_settings(
+        engine_precision, min_batch, opt_batch, max_batch, static_batch, workspace, networks, rebuild, engines
+    )
+    Bundle(bundle)
+    build_bundle_engines(bundle, settings)
+
+
+@app.command("refit")
+@user_errors
+def refit_command(
+    bundle: Path = typer.Argument(..., help="Bundle directory to update in place."),
+    checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="CF-CLIP checkpoint of another prompt, same generator."),
+) -> None:
+    """Swap a bundle's mappers for another prompt's checkpoint, keeping its generator graph and engines.
+
+    Refuses a checkpoint whose generator weights differ from the bundle's (sha256) or whose mappers
+    have another layout. Replaces the text-mapper and latent-editor graphs (checked against torch),
+    recomputes stored prompts, and refits the TensorRT mapper engines where TensorRT and a GPU are here.
+    """
+    from cfdeploy.inputs import require_file
+    from cfdeploy.refit import refit_bundle
+
+    require_file(checkpoint)
+    with console.status("refitting") as status:
+        summary = refit_bundle(bundle, checkpoint, reporter(status))
+    changed = ", ".join(f"{name} {count} weights" for name, count in summary["changed_weights"].items())
+    say(f"refitted {bundle} to {summary['description']!r}: {changed}")
+    if summary["stale_engines"]:
+        warn(f"stale TensorRT engines (rebuild on the target GPU with cfdeploy build-engines --rebuild): "
+             f"{', '.join(summary['stale_engines'])}")

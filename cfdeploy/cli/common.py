@@ -1,0 +1,108 @@
+"""What every command shares: the Typer app, the console, one-line errors, progress, safe printing."""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import re
+from typing import Any, Callable, Optional, TypeVar
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from cfdeploy.errors import EXTRAS, CfdeployError, missing_extra
+
+app = typer.Typer(
+    help="Deploy CF-CLIP text-driven StyleGAN2 editors: edit images from text, export bundles and TensorRT engines, "
+    "benchmark backends, inspect files.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+console = Console(stderr=True, highlight=False)
+Command = TypeVar("Command", bound=Callable[..., Any])
+# C0 and C1 control characters (ESC starts terminal escape sequences and OSC 8 links), DEL, and the
+# bidirectional overrides that reorder what a terminal shows.
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def plain(text: object) -> str:
+    """Text from files or users, safe for a terminal: control characters shown as ``\\xNN``, not obeyed."""
+    return _CONTROL.sub(lambda found: f"\\x{ord(found.group()):02x}", str(text))
+
+
+def safe(text: object) -> str:
+    """:func:`plain`, and escaped for Rich markup, for interpolating into a markup string."""
+    return escape(plain(text))
+
+
+def say(message: str) -> None:
+    """Print a status line built from user or file text (no markup is interpreted)."""
+    console.print(plain(message), markup=False, soft_wrap=True)
+
+
+def reporter(status: Any) -> Callable[[str], None]:
+    """A callback for long library work: each message updates the spinner and is kept as a line."""
+
+    def report(message: str) -> None:
+        status.update(safe(message))
+        say(message)
+
+    return report
+
+
+def warn(message: str) -> None:
+    console.print(f"[yellow]warning:[/] {safe(message)}", soft_wrap=True)
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    console.print(f"[bold red]error:[/] {safe(message)}", soft_wrap=True)
+    return typer.Exit(code)
+
+
+def user_errors(command: Command) -> Command:
+    """Library errors and missing extras become one line on stderr and exit 2; anything else exit 1, no traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except CfdeployError as error:
+            raise fail(str(error)) from None
+        except ModuleNotFoundError as error:
+            package = (error.name or "").split(".")[0]
+            if package not in EXTRAS and package != "tensorrt":
+                raise
+            raise fail(str(missing_extra(package, f"cfdeploy {command.__name__.removesuffix('_command')}", error))) from None
+        except KeyboardInterrupt:
+            raise fail("interrupted; nothing was written", code=130) from None
+        except MemoryError:
+            raise fail("out of memory (an input declares more data than this machine holds?)") from None
+        except Exception as error:
+            if os.environ.get("CFDEPLOY_DEBUG"):
+                raise
+            raise fail(f"unexpected {type(error).__name__}: {error} (set CFDEPLOY_DEBUG=1 for a traceback)", 1) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def require_finite(**options: Optional[float]) -> None:
+    """Refuse nan and inf where a number means a setting (``require_finite(strength=s)`` names ``--strength``)."""
+    for name, value in options.items():
+        if value is not None and not math.isfinite(value):
+            raise CfdeployError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+
+
+def progress_bar() -> Any:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    )

@@ -1,0 +1,258 @@
+"""``cfdeploy edit`` and ``cfdeploy demo``: parse, open a backend, run the edit into a staged directory, report."""
+
+from __future__ import annotations
+
+import time
+from enum import Enum
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from cfdeploy.cli.common import app, console, plain, progress_bar, require_finite, say, user_errors, warn
+from cfdeploy.editing import DEFAULT_PNG_COMPRESSION
+from cfdeploy.errors import CfdeployError
+
+INPUT, PROMPT, OUTPUT, RUNTIME, REFINE = "Input", "Prompt", "Output", "Runtime", "Refinement (optional, torch)"
+
+
+class BackendName(str, Enum):
+    torch = "torch"
+    onnxruntime = "onnxruntime"
+    tensorrt = "tensorrt"
+
+
+class TorchPrecision(str, Enum):
+    fp32 = "fp32"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
+def run_edit(
+    backend: Any,
+    staged: Any,
+    *,
+    text: Optional[str],
+    text_embedding: Optional[Path],
+    latents: Optional[Path],
+    seed: Optional[int],
+    num: int,
+    truncation: float,
+    strength: float,
+    batch_size: int,
+    side_by_side: bool,
+    save_latents: bool,
+    save_raw: bool,
+    png_compression: int,
+    inputs: dict[str, Any],
+    refiner: Any = None,
+) -> dict[str, Any]:
+    """Shared by ``edit`` and ``demo``: resolve codes and text, edit with progress, return edit.json's content."""
+    from cfdeploy.editing import EditJob, edit_to_directory, resolve_latents
+    from cfdeploy.inputs import load_text_embedding
+
+    codes, origin = resolve_latents(backend, latents, seed, num, truncation)
+    inputs = {**inputs, **origin}
+    features = None
+    if text_embedding is not None:
+        features = load_text_embedding(text_embedding, len(codes))
+        inputs["text_embedding"] = str(text_embedding)
+    job = EditJob(codes, text, features, strength, batch_size, with_sources=side_by_side, refiner=refiner)
+    with progress_bar() as progress:
+        task = progress.add_task(f"editing ({backend.name})", total=len(codes))
+        if refiner is not None:
+            steps = progress.add_task("refining", total=refiner.settings.steps * -(-len(codes) // batch_size))
+            refiner.on_step = lambda loss: progress.update(steps, advance=1, description=f"refining (loss {loss:.4f})")
+        return edit_to_directory(
+            backend, job, staged, save_latents=save_latents, save_raw=save_raw, png_compression=png_compression,
+            inputs=inputs, on_image=lambda: progress.advance(task),
+        )
+
+
+def report(summary: dict[str, Any], out: Path, backend: Any, text: Optional[str]) -> None:
+    from cfdeploy.editing import prompt_mismatch
+
+    mismatch = prompt_mismatch(backend, text)
+    if mismatch:
+        warn(mismatch)
+    timings = ", ".join(f"{name} {seconds:.3f}s" for name, seconds in summary["timings_s"].items())
+    say(f"wrote {summary['count']} image(s) to {out} in {summary['total_s']:.2f}s ({timings})")
+
+
+@app.command("edit")
+@user_errors
+def edit_command(
+    out: Path = typer.Option(..., "--out", "-o", metavar="DIR", rich_help_panel=OUTPUT,
+                             help="Output directory (must be empty or absent unless --force; `.` works)."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", metavar="FILE", rich_help_panel=INPUT,
+                                              help="CF-CLIP checkpoint (.pt with state_dict and opts): the torch backend."),
+    bundle: Optional[Path] = typer.Option(None, "--bundle", metavar="DIR", rich_help_panel=INPUT,
+                                          help="Bundle from `cfdeploy export`: the onnxruntime or tensorrt backend."),
+    latents: Optional[Path] = typer.Option(None, "--latents", "-l", metavar="FILE", rich_help_panel=INPUT,
+                                           help="W+ [N,n,512] or W [N,512] codes (.npy, or a torch-saved tensor)."),
+    seed: Optional[int] = typer.Option(None, "--seed", metavar="N", rich_help_panel=INPUT,
+                                       help="Sample codes from this seed instead of --latents."),
+    num: int = typer.Option(1, "--num", metavar="K", rich_help_panel=INPUT, help="With --seed: how many codes to sample."),
+    truncation: float = typer.Option(0.7, "--truncation", metavar="PSI", rich_help_panel=INPUT,
+                                     help="With --seed: truncation psi toward the mean W."),
+    text: Optional[str] = typer.Option(None, "--text", "-t", metavar="PROMPT", rich_help_panel=PROMPT,
+                                       help="Prompt to edit toward."),
+    text_embedding: Optional[Path] = typer.Option(
+        None, "--text-embedding", metavar="FILE", rich_help_panel=PROMPT,
+        help=".npy of unnormalised CLIP text features, [512] or [N,512]; bypasses CLIP."),
+    clip_weights: Optional[Path] = typer.Option(
+        None, "--clip-weights", metavar="FILE", rich_help_panel=PROMPT,
+        help="CLIP ViT-B/32 weights (OpenAI's ViT-B-32.pt or open_clip): torch backend with --text, and refinement."),
+    strength: float = typer.Option(1.0, "--strength", "-s", metavar="S", rich_help_panel=PROMPT,
+                                   help="Edit strength: w_hat = w + S*0.1*delta (1 = official, 0 = the source)."),
+    side_by_side: bool = typer.Option(False, "--side-by-side", rich_help_panel=OUTPUT,
+                                      help="Write source|edit pairs instead of edits."),
+    save_latents: bool = typer.Option(False, "--save-latents", rich_help_panel=OUTPUT,
+                                      help="Also write latents.npy (edited W+, float32)."),
+    save_raw: bool = typer.Option(False, "--save-raw", rich_help_panel=OUTPUT,
+                                  help="Also write images.npy (raw generator output, float32)."),
+    png_compression: int = typer.Option(
+        DEFAULT_PNG_COMPRESSION, "--png-compression", min=0, max=9, metavar="0-9", rich_help_panel=OUTPUT,
+        help="zlib level of the PNGs: 1 is several times faster to write at 1024 px, files ~1.3x larger."),
+    force: bool = typer.Option(False, "--force", "-f", rich_help_panel=OUTPUT,
+                               help="Replace a non-empty --out (never one that holds an input)."),
+    backend: Optional[BackendName] = typer.Option(
+        None, "--backend", rich_help_panel=RUNTIME,
+        help="torch (from --checkpoint), onnxruntime or tensorrt (from --bundle). \\[default: by input]"),
+    device: Optional[str] = typer.Option(None, "--device", metavar="DEVICE", rich_help_panel=RUNTIME,
+                                         help="torch backend: cpu, cuda or cuda:N. \\[default: cpu]"),
+    precision: Optional[TorchPrecision] = typer.Option(
+        None, "--precision", rich_help_panel=RUNTIME,
+        help="torch backend, generator only: fp16 (autocast, for CUDA) or bf16 (CPUs with bf16 units). \\[default: fp32]"),
+    cuda_graphs: bool = typer.Option(False, "--cuda-graphs", rich_help_panel=RUNTIME,
+                                     help="torch on CUDA: replay the generator as a CUDA graph (TensorRT static engines always do)."),
+    engines: Optional[Path] = typer.Option(None, "--engines", metavar="DIR", rich_help_panel=RUNTIME,
+                                           help="tensorrt backend: engine directory. \\[default: BUNDLE/tensorrt]"),
+    providers: Optional[str] = typer.Option(
+        None, "--providers", metavar="LIST", rich_help_panel=RUNTIME,
+        help="onnxruntime backend: comma-separated execution providers. \\[default: best available]"),
+    batch_size: int = typer.Option(4, "--batch-size", "-b", min=1, metavar="B", rich_help_panel=RUNTIME,
+                                   help="Codes per mapper/generator call."),
+    cache_max: Optional[int] = typer.Option(
+        None, "--cache-max", min=0, metavar="N", rich_help_panel=RUNTIME,
+        help="Bundles: keep at most N prompts in BUNDLE/cache (least recently used go first). \\[default: 256]"),
+    expect_manifest: Optional[str] = typer.Option(
+        None, "--expect-manifest", metavar="SHA256", rich_help_panel=RUNTIME,
+        help="Bundles: refuse the bundle unless its manifest.json has this sha256 (`cfdeploy inspect BUNDLE` prints it)."),
+    refine_steps: int = typer.Option(0, "--refine-steps", min=0, metavar="K", rich_help_panel=REFINE,
+                                     help="After the one-pass edit, optimise each latent for up to K steps of CLIP-NCE."),
+    refine_lr: float = typer.Option(0.01, "--refine-lr", metavar="LR", rich_help_panel=REFINE, help="Adam learning rate."),
+    refine_l2: float = typer.Option(0.8, "--refine-l2", metavar="L", rich_help_panel=REFINE,
+                                    help="Weight L of mean((w - w_hat)^2)."),
+    source_text: Optional[str] = typer.Option(
+        None, "--source-text", metavar="TEXT", rich_help_panel=REFINE,
+        help="What the source images show. \\[default: the checkpoint's, or 'face']"),
+    refine_layers: str = typer.Option("all", "--refine-layers", metavar="LEVELS", rich_help_panel=REFINE,
+                                      help="Levels refined: all, coarse, medium or fine."),
+) -> None:
+    """Edit images toward a text prompt with a CF-CLIP checkpoint (torch) or a bundle (onnxruntime, tensorrt).
+
+    Writes DIR/000000.png, 000001.png, … and DIR/edit.json (inputs, timings, versions) through a
+    staging directory: if anything fails or the run is killed, DIR is left as it was.
+
+    Example: cfdeploy edit --bundle engines/green_lipstick --text "green lipstick" --seed 1 --num 8 --out edits/
+    """
+    from cfdeploy.backends import backend_info, open_backend
+    from cfdeploy.outputs import StagedDirectory
+
+    name = backend.value if backend else ("onnxruntime" if bundle is not None and checkpoint is None else "torch")
+    info = backend_info(name)
+    if (text is None) == (text_embedding is None):
+        raise CfdeployError("give exactly one of --text or --text-embedding")
+    if (latents is None) == (seed is None):
+        raise CfdeployError("give exactly one of --latents or --seed")
+    require_finite(strength=strength, truncation=truncation, refine_lr=refine_lr, refine_l2=refine_l2)
+    source = checkpoint if info.source == "checkpoint" else bundle
+    if source is None:
+        needed = "--checkpoint" if info.source == "checkpoint" else "--bundle (make one with cfdeploy export)"
+        raise CfdeployError(f"--backend {name} needs {needed}")
+    needs_clip = info.source == "checkpoint" and (text is not None or refine_steps > 0)
+    if needs_clip and clip_weights is None:
+        raise CfdeployError("--text needs --clip-weights (CLIP ViT-B/32 weights); or pass --text-embedding")
+    refine_settings = None
+    if refine_steps > 0:
+        from cfdeploy.refine import RefineSettings
+
+        refine_settings = RefineSettings(refine_steps, refine_lr, refine_l2, source_text or "face", refine_layers)
+    options = {
+        "clip_weights": clip_weights if needs_clip else None, "device": device,
+        "precision": precision.value if precision else None, "cuda_graphs": cuda_graphs or None, "engines": engines,
+        "providers": [part.strip() for part in providers.split(",") if part.strip()] if providers else None,
+        "cache_max": cache_max, "expect_manifest": expect_manifest,
+    }
+    inputs = [path for path in (checkpoint, bundle, latents, text_embedding, clip_weights) if path is not None]
+    with StagedDirectory(out, force, inputs) as staged:
+        with console.status("loading models"):
+            editor = open_backend(name, source, **options)
+        refiner = None
+        if refine_settings is not None:
+            refiner = build_refiner(editor, refine_settings, text, source_text, checkpoint, clip_weights)
+        recorded = {"backend": name, info.source: str(source),
+                    **{key: str(value) if isinstance(value, Path) else value
+                       for key, value in options.items() if value is not None}}
+        summary = run_edit(
+            editor, staged, text=text, text_embedding=text_embedding, latents=latents, seed=seed, num=num,
+            truncation=truncation, strength=strength, batch_size=batch_size, side_by_side=side_by_side,
+            save_latents=save_latents, save_raw=save_raw, png_compression=png_compression, inputs=recorded,
+            refiner=refiner,
+        )
+    report(summary, out, editor, text)
+
+
+def build_refiner(
+    editor: Any, settings: Any, text: Optional[str], source_text: Optional[str], checkpoint: Optional[Path],
+    clip_weights: Optional[Path],
+) -> Any:
+    from dataclasses import replace
+
+    from cfdeploy.refine import refiner_for
+
+    target = text or editor.description
+    if not target:
+        raise CfdeployError("--refine-steps needs a target prompt: pass --text, or use a checkpoint that records one")
+    settings = replace(settings, source_text=source_text or editor.source_text or "face")
+    with console.status("preparing the CLIP-NCE loss"):
+        return refiner_for(editor, settings, target, checkpoint, clip_weights)
+
+
+@app.command("demo")
+@user_errors
+def demo_command(
+    out: Path = typer.Option(Path("cfdeploy-demo"), "--out", "-o", metavar="DIR", help="Output directory."),
+    size: int = typer.Option(256, "--size", metavar="PX", help="Generator resolution (power of two, 8…1024)."),
+    num: int = typer.Option(4, "--num", min=1, metavar="K", help="How many seeded codes to edit."),
+    device: str = typer.Option("cpu", "--device", metavar="DEVICE", help="cpu, cuda or cuda:N."),
+    force: bool = typer.Option(False, "--force", "-f", help="Replace a non-empty --out directory."),
+) -> None:
+    """Run the whole pipeline on a synthetic model set: no downloads, real architecture, real timings.
+
+    The weights are random, so the pictures mean nothing; the pipeline and its speed are real. Writes
+    before|after pairs DIR/000000.png …, the edited codes DIR/latents.npy and DIR/edit.json.
+    """
+    from cfdeploy.outputs import StagedDirectory
+
+    if size < 8 or size > 1024 or size & (size - 1):
+        raise CfdeployError(f"--size must be a power of two from 8 to 1024, got {size}")
+    with StagedDirectory(out, force) as staged:
+        from cfdeploy.demo import DEMO_PROMPT, synthetic_backend
+
+        console.print(
+            "[bold]demo:[/] synthetic weights (seeded random, real CF-CLIP architecture): "
+            "the pipeline and its timings are real, the pictures are not meaningful."
+        )
+        started = time.perf_counter()
+        with console.status("building synthetic models"):
+            editor = synthetic_backend(size=size, seed=0, device=device)
+        build_s = time.perf_counter() - started
+        summary = run_edit(
+            editor, staged, text=DEMO_PROMPT, text_embedding=None, latents=None, seed=0, num=num, truncation=0.7,
+            strength=1.0, batch_size=2, side_by_side=True, save_latents=True, save_raw=False,
+            png_compression=DEFAULT_PNG_COMPRESSION, inputs={"synthetic_weights": True, "model_build_s": round(build_s, 3)},
+        )
+    report(summary, out, editor, DEMO_PROMPT)
+    say(f"before|after pairs: {plain(out)}/000000.png …; edited codes: {plain(out)}/latents.npy; details: {plain(out)}/edit.json")

@@ -1,7 +1,7 @@
 """Edit latency of the ONNX Runtime bundle against the torch backend, and cold start against `import torch`.
 
 Synthetic weights in the official formats (the architecture is real), exported with `cfdeploy export`.
-Per size: the edit (latent mapper + generator, batch 1, text branch precomputed) timed for both
+Per size: the edit (latent_editor + generator, batch 1, text branch precomputed) timed for both
 backends interleaved, median after warm-up. Then the cold start of `cfdeploy edit --bundle` (process
 start to its first PNG written and the process gone) against a process that only runs `import torch`.
 Run by hand:
@@ -25,10 +25,8 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from cfdeploy.backends.onnxruntime_backend import OnnxRuntimeBackend
-from cfdeploy.backends.torch_backend import TorchBackend
-from cfdeploy.demo import save_synthetic_files
-from cfdeploy.exporter import export_bundle
+from cfdeploy.backends import open_backend
+from cfdeploy.bench import prepare_sources
 
 
 def edit_once(backend, w: np.ndarray, text_latents: np.ndarray) -> float:
@@ -44,10 +42,10 @@ def process_seconds(command: list[str]) -> float:
 
 
 def measure(size: int, workdir: Path, warmup: int, runs: int) -> dict:
-    checkpoint, clip_weights = save_synthetic_files(workdir / f"files_{size}", size)
-    bundle = workdir / f"bundle_{size}"
-    export_bundle(checkpoint, clip_weights, bundle)
-    backends = {"torch": TorchBackend.from_checkpoint(checkpoint), "onnxruntime": OnnxRuntimeBackend.from_bundle(bundle)}
+    sources = prepare_sources(workdir / f"files_{size}", synthetic=size)
+    assert sources.checkpoint is not None and sources.bundle is not None
+    bundle = sources.bundle
+    backends = {"torch": open_backend("torch", sources.checkpoint), "onnxruntime": open_backend("onnxruntime", bundle)}
     rng = np.random.default_rng(0)
     w = rng.standard_normal((1, backends["torch"].n_latent, 512)).astype(np.float32)
     text_latents = backends["torch"].text_latents(rng.standard_normal((1, 512)).astype(np.float32))
@@ -86,7 +84,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         results = [measure(size, Path(scratch), args.warmup, args.runs) for size in args.sizes]
 
-    table = Table(title=f"edit (mapper + generator), batch 1, fp32, CPU, median of {args.runs} after {args.warmup} warm-up")
+    table = Table(title=f"edit (latent_editor + generator), batch 1, fp32, CPU, median of {args.runs} after {args.warmup} warm-up")
     for column in ("size", "torch (s)", "onnxruntime (s)", "torch / onnxruntime",
                    "cold `cfdeploy edit --bundle` (s)", "`import torch` alone (s)"):
         table.add_column(column, justify="right")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from cfdeploy.demo import save_synthetic_files
+from cfdeploy.bench import prepare_sources
 
 
 def timed(*args: str) -> float:
@@ -35,7 +35,8 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
         directory = Path(scratch)
-        checkpoint, clip_weights = save_synthetic_files(directory, args.size)
+        sources = prepare_sources(directory, synthetic=args.size, need_bundle=False)
+        checkpoint, clip_weights = sources.checkpoint, sources.clip_weights
         content = torch.load(checkpoint, weights_only=True)
         generator = torch.Generator().manual_seed(1)
         for key, value in content["state_dict"].items():

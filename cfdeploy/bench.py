@@ -15,35 +15,40 @@ import math
 import multiprocessing
 import os
 import platform
+import queue
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
-from cfdeploy.errors import CfdeployError
+from cfdeploy import editing
+from cfdeploy.backends import BACKENDS, PRESETS, open_preset
+from cfdeploy.errors import CfdeployError, missing_extra
 
-BACKENDS = (
-    "torch-reference", "torch", "torch-bf16", "torch-cuda", "torch-cuda-fp16",
-    "onnxruntime", "onnxruntime-cuda", "onnxruntime-tensorrt", "tensorrt",
-)
-ORT_PROVIDERS = {
-    "onnxruntime": ["CPUExecutionProvider"],
-    "onnxruntime-cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
-    "onnxruntime-tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
-}
-STAGES = ("tokenize", "text_encoder", "text_mapper", "mapper", "refine", "generator", "png", "total")
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from cfdeploy.editing import EditBackend
+    from cfdeploy.refine import Refiner
+
+# The pipeline's stages (cfdeploy.editing.STAGES), then the whole run: the keys of every timing bench reports.
+STAGES = (*editing.STAGES, "total")
 PARITY_REFERENCE = "torch"
+Progress = Callable[[str], None]
 
 
-class Skipped(Exception):
-    """A backend that cannot run here; the reason goes into the report."""
+def ignore_progress(message: str) -> None:
+    """The default progress callback: report nothing."""
 
 
 @dataclass
 class Sources:
+    """The files the backends read: torch ones the checkpoint (and CLIP weights), the others the bundle."""
+
     checkpoint: Path | None = None
     clip_weights: Path | None = None
     bundle: Path | None = None
@@ -60,61 +65,102 @@ class BenchSettings:
     refine_steps: int = 0
 
 
-def open_backend(name: str, sources: Sources) -> Any:
-    """Build one backend, or raise :class:`Skipped` saying why it cannot run here."""
-    if name.startswith("torch"):
+def reads_bundle(name: str) -> bool:
+    """Whether preset ``name`` runs a bundle (else a CF-CLIP checkpoint)."""
+    return BACKENDS[PRESETS[name].backend].source == "bundle"
+
+
+def check_backend_names(names: Sequence[str]) -> None:
+    unknown = [name for name in names if name not in PRESETS]
+    if unknown:
+        raise CfdeployError(f"unknown backends {', '.join(unknown)} (known: {', '.join(PRESETS)})")
+
+
+def prepare_sources(
+    scratch: Path,
+    *,
+    synthetic: int | None = None,
+    checkpoint: Path | None = None,
+    clip_weights: Path | None = None,
+    bundle: Path | None = None,
+    need_bundle: bool = True,
+    with_visual: bool = False,
+    on_progress: Progress = ignore_progress,
+) -> Sources:
+    """The files to benchmark: the given ones, or synthetic ones, plus a bundle exported when one is needed.
+
+    Args:
+        scratch: a directory for what is written here (synthetic files, the exported bundle).
+        synthetic: the image size of a checkpoint and CLIP weights to write (the real architecture,
+            seeded random weights). Give exactly one of ``synthetic``, ``checkpoint`` and ``bundle``.
+        checkpoint: a CF-CLIP checkpoint; with ``clip_weights``, torch backends time the text stages
+            and a bundle can be exported.
+        bundle: an exported bundle.
+        need_bundle: export a bundle from the checkpoint when none is given and CLIP weights are there
+            (bundle backends are then skipped if they cannot be had).
+        with_visual: synthetic CLIP weights include the image encoder (what refinement needs).
+        on_progress: told what is being written.
+
+    Returns:
+        The :class:`Sources` the backends open.
+    """
+    if sum(source is not None for source in (checkpoint, bundle, synthetic)) != 1:
+        raise CfdeployError("give exactly one of --checkpoint, --bundle or --synthetic SIZE")
+    sources = Sources(checkpoint, clip_weights, bundle)
+    if synthetic is not None:
+        if synthetic < 8 or synthetic & (synthetic - 1):
+            raise CfdeployError(f"--synthetic must be a power of two of at least 8, got {synthetic}")
+        from cfdeploy.demo import save_synthetic_files
+
+        on_progress(f"writing synthetic {synthetic} px files")
+        sources.checkpoint, sources.clip_weights = save_synthetic_files(scratch, synthetic, with_visual=with_visual)
+    if need_bundle and sources.bundle is None and sources.checkpoint is not None and sources.clip_weights is not None:
+        from cfdeploy.exporter import export_bundle
+
+        on_progress("exporting a bundle for the bundle backends")
+        sources.bundle = scratch / "bundle"
+        export_bundle(sources.checkpoint, sources.clip_weights, sources.bundle, on_stage=on_progress)
+    return sources
+
+
+def open_for_bench(name: str, sources: Sources) -> EditBackend:
+    """Open preset ``name`` over its source, or raise a :class:`CfdeployError` saying why it cannot run here."""
+    if reads_bundle(name):
+        if sources.bundle is None:
+            raise CfdeployError("needs --bundle (or --checkpoint with --clip-weights, or --synthetic, to export one)")
+        backend = open_preset(name, sources.bundle)
+        if PRESETS[name].backend == "tensorrt":
+            for network in networks_run(backend):
+                backend.engine(network)  # type: ignore[attr-defined]  # each engine built, and for this GPU
+    else:
         if sources.checkpoint is None:
-            raise Skipped("needs --checkpoint (or --synthetic)")
-        try:
-            import torch
-        except ImportError:
-            raise Skipped("torch is not installed (the 'export' extra)") from None
-        if name.startswith("torch-cuda") and not torch.cuda.is_available():
-            raise Skipped("no CUDA GPU visible to torch")
-        if name == "torch-reference":
-            from cfdeploy.backends.reference_backend import TorchReferenceBackend
-
-            return TorchReferenceBackend.from_checkpoint(sources.checkpoint, sources.clip_weights)
-        from cfdeploy.backends.torch_backend import TorchBackend
-
-        device = "cuda" if name.startswith("torch-cuda") else "cpu"
-        precision = {"torch-bf16": "bf16", "torch-cuda-fp16": "fp16"}.get(name, "fp32")
-        backend = TorchBackend.from_checkpoint(
-            sources.checkpoint, sources.clip_weights, device, precision, cuda_graphs=name == "torch-cuda-fp16"
-        )
-        backend.name = name
-        return backend
-    if sources.bundle is None:
-        raise Skipped("needs --bundle (or --checkpoint with --clip-weights, or --synthetic, to export one)")
-    if name in ORT_PROVIDERS:
-        from cfdeploy.backends.onnxruntime_backend import OnnxRuntimeBackend
-
-        try:
-            backend = OnnxRuntimeBackend.from_bundle(sources.bundle, ORT_PROVIDERS[name])
-        except CfdeployError as why:
-            raise Skipped(str(why)) from None
-        backend.name = name
-        return backend
-    if name == "tensorrt":
-        from cfdeploy.trt import tensorrt_module
-
-        try:
-            backend = tensorrt_module("runtime").TensorRTBackend.from_bundle(sources.bundle)
-            for network in ("clip_text", "text_mapper", "latent_editor", "generator"):  # what bench runs
-                backend.engine(network)
-        except CfdeployError as why:
-            raise Skipped(str(why)) from None
-        return backend
-    raise CfdeployError(f"unknown backend {name!r} (known: {', '.join(BACKENDS)})")
+            raise CfdeployError("needs --checkpoint (or --synthetic)")
+        backend = open_preset(name, sources.checkpoint, clip_weights=sources.clip_weights)
+    backend.text_cache = None  # every run times the whole text branch (and writes nothing into the bundle)
+    return backend
 
 
-def gpu_memory_mb(backend: Any) -> float | None:
+def networks_run(backend: Any) -> list[str]:
+    """The bundle's graphs an edit runs (stages are named after networks), in pipeline order."""
+    return [stage for stage in editing.STAGES if backend.bundle.has_network(stage)]
+
+
+def encodes_text(backend: Any) -> bool:
+    """Whether the backend runs CLIP on the prompt: a bundle with CLIP's text graph, a torch backend with CLIP weights.
+
+    Without CLIP, bench feeds random text features and the text branch starts at the text mapper.
+    """
+    bundle = getattr(backend, "bundle", None)
+    return bundle.has_network("clip_text") if bundle is not None else getattr(backend, "clip", None) is not None
+
+
+def gpu_memory_mb(name: str, backend: Any) -> float | None:
     """Peak GPU memory of a torch CUDA backend, or GPU memory in use for a TensorRT one; None on CPU."""
     if getattr(backend, "device", None) is not None and backend.device.type == "cuda":
         import torch
 
         return torch.cuda.max_memory_allocated(backend.device) / (1 << 20)
-    if backend.name == "tensorrt":
+    if PRESETS[name].backend == "tensorrt":
         from cfdeploy.trt.cuda import memory_in_use_mb
 
         return memory_in_use_mb()
@@ -141,50 +187,59 @@ def summarize(samples: Sequence[float]) -> dict[str, float]:
             "mean": statistics.fmean(ordered)}
 
 
-def measure_backend(name: str, sources: Sources, settings: BenchSettings) -> dict[str, Any]:
-    """Runs in a child process: time every stage at every batch size; return stats and images."""
+def measure_backend(
+    name: str, sources: Sources, settings: BenchSettings, on_progress: Progress = ignore_progress
+) -> dict[str, Any]:
+    """Time every stage at every batch size; return stats and images, or why the backend was skipped."""
+    try:
+        backend = open_for_bench(name, sources)
+        return {"backend": name, **measure(name, backend, settings, on_progress)}
+    except CfdeployError as reason:
+        return {"backend": name, "skipped": str(reason)}
+
+
+def measure(name: str, backend: EditBackend, settings: BenchSettings, on_progress: Progress) -> dict[str, Any]:
+    """Warm-up and timed runs of the edit (and PNG encoding) at each batch size; stats per stage, the last images."""
     from PIL import Image
 
-    from cfdeploy.editing import EditJob, StageTimer, iter_edits
     from cfdeploy.outputs import to_uint8
 
-    try:
-        backend = open_backend(name, sources)
-    except Skipped as reason:
-        return {"backend": name, "skipped": str(reason)}
     rng = np.random.default_rng(settings.seed)
     latents = rng.standard_normal((max(settings.batch_sizes), backend.n_latent, 512)).astype(np.float32)
-    has_clip = not name.startswith("torch") or sources.clip_weights is not None  # bundles carry CLIP's text graph
-    features = None if has_clip else rng.standard_normal((1, 512)).astype(np.float32)
-    results = []
+    prompt = settings.prompt if encodes_text(backend) else None
+    features = None if prompt is not None else rng.standard_normal((1, 512)).astype(np.float32)
     refiner = make_refiner(backend, settings) if settings.refine_steps else None
+    results = []
     for batch in settings.batch_sizes:
-        job = EditJob(latents[:batch], settings.prompt if has_clip else None, features, batch_size=batch, refiner=refiner)
+        job = editing.EditJob(latents[:batch], prompt, features, batch_size=batch, refiner=refiner)
         samples: dict[str, list[float]] = {stage: [] for stage in STAGES}
         images = None
         device_ms_before: dict[str, float] = {}
         for run in range(settings.warmup + settings.runs):
             if run == settings.warmup and hasattr(backend, "device_ms"):
                 device_ms_before = backend.device_ms()
-            timer = StageTimer()
+            timer = editing.StageTimer()
             started = time.perf_counter()
-            for edited in iter_edits(backend, job, timer):
+            for edited in editing.iter_edits(backend, job, timer):
                 images = edited.images
                 with timer.stage("png"):
                     for pixels in to_uint8(edited.images):
                         Image.fromarray(pixels).save(io.BytesIO(), format="png")
-            timer.seconds["total"] = time.perf_counter() - started
-            if run >= settings.warmup:
-                for stage in STAGES:
-                    if stage in timer.seconds:
-                        samples[stage].append(timer.seconds[stage])
+            timer.seconds["total"] = seconds = time.perf_counter() - started
+            if run < settings.warmup:
+                on_progress(f"{name}: batch {batch}, warm-up {run + 1}/{settings.warmup} in {seconds:.2f} s")
+                continue
+            on_progress(f"{name}: batch {batch}, run {run + 1 - settings.warmup}/{settings.runs} in {seconds:.2f} s")
+            for stage in STAGES:
+                if stage in timer.seconds:
+                    samples[stage].append(timer.seconds[stage])
         stages = {stage: summarize(values) for stage, values in samples.items() if values}
         if refiner is not None:
             stages["refine_per_step"] = summarize([
                 seconds / max(1, len(curve)) for seconds, curve in zip(samples["refine"], refiner.curves[-settings.runs:])
             ])
         device_ms = {network: (ms - device_ms_before.get(network, 0.0)) / settings.runs
-                      for network, ms in backend.device_ms().items()} if hasattr(backend, "device_ms") else None
+                     for network, ms in backend.device_ms().items()} if hasattr(backend, "device_ms") else None
         results.append({
             "batch": batch,
             "device_ms_per_run": device_ms,
@@ -193,35 +248,33 @@ def measure_backend(name: str, sources: Sources, settings: BenchSettings) -> dic
             "per_image_s": stages["total"]["median"] / batch,
             "images": images,
         })
-    return {"backend": name, "results": results, "peak_rss_mb": peak_rss_mb(), "gpu_memory_mb": gpu_memory_mb(backend),
+    return {"results": results, "peak_rss_mb": peak_rss_mb(), "gpu_memory_mb": gpu_memory_mb(name, backend),
             "threads": thread_counts(backend)}
 
 
-def make_refiner(backend: Any, settings: BenchSettings) -> Any:
+def make_refiner(backend: Any, settings: BenchSettings) -> Refiner | None:
     """A refiner with a fixed step count (no early stop), so per-step cost compares; None where it cannot run.
 
     Refinement runs in torch: torch backends with CLIP weights that include the image encoder.
     """
-    if getattr(backend, "clip", None) is None or not backend.clip.has_visual_weights:
+    clip = getattr(backend, "clip", None)
+    if clip is None or not clip.has_visual_weights:
         return None
-    from cfdeploy.refine import ClipNCELoss, RefineSettings, Refiner
+    from cfdeploy.refine import RefineSettings, refiner_for
 
-    loss = ClipNCELoss(backend.clip, "face", settings.prompt).to(backend.device)
     steps = settings.refine_steps
-    return Refiner(backend.generator, loss, RefineSettings(steps, patience=steps + 1))
+    return refiner_for(backend, RefineSettings(steps, patience=steps + 1), settings.prompt)
 
 
 def thread_counts(backend: Any) -> dict[str, int]:
+    """Intra-op threads of the runtimes this process loaded (torch counts only if the backend imported it)."""
     counts = {}
     options = getattr(backend, "options", None)
     if options is not None:
         counts["onnxruntime_intra_op"] = options.intra_op_num_threads
-    try:
-        import torch
-
+    torch = sys.modules.get("torch")
+    if torch is not None:
         counts["torch_intra_op"] = torch.get_num_threads()
-    except ImportError:
-        pass
     return counts
 
 
@@ -252,14 +305,53 @@ def machine_info() -> dict[str, Any]:
             "python": platform.python_version(), "versions": found}
 
 
-def run_bench(sources: Sources, settings: BenchSettings, on_backend=lambda name: None) -> dict[str, Any]:
-    """Measure every requested backend, each in its own spawned process, and assemble the report."""
+def measure_in_child(messages: Any, name: str, sources: Sources, settings: BenchSettings) -> None:
+    """A child process's work: progress messages, then the report (or the exception) on ``messages``."""
+    try:
+        report = measure_backend(name, sources, settings, lambda message: messages.put(("progress", message)))
+    except BaseException as error:  # the parent raises it, as if it had run here
+        messages.put(("error", error))
+    else:
+        messages.put(("report", report))
+
+
+def measure_in_process(name: str, sources: Sources, settings: BenchSettings, on_progress: Progress) -> dict[str, Any]:
+    """:func:`measure_backend` in a fresh spawned process, passing its progress messages on as they come."""
     context = multiprocessing.get_context("spawn")
+    messages = context.Queue()
+    process = context.Process(target=measure_in_child, args=(messages, name, sources, settings))
+    process.start()
+    try:
+        while True:
+            try:
+                kind, payload = messages.get(timeout=0.5)
+            except queue.Empty:
+                if process.is_alive() or not messages.empty():
+                    continue
+                raise CfdeployError(
+                    f"the process benchmarking {name} ended without a report (exit code {process.exitcode})"
+                ) from None
+            if kind == "progress":
+                on_progress(payload)
+            elif kind == "error":
+                raise payload
+            else:
+                report: dict[str, Any] = payload
+                process.join()
+                return report
+    finally:
+        if process.is_alive():  # the parent was interrupted, or the child's error came first
+            process.terminate()
+        process.join()
+
+
+def run_bench(sources: Sources, settings: BenchSettings, on_progress: Progress = ignore_progress) -> dict[str, Any]:
+    """Measure every requested backend (:data:`PRESETS` names), each in its own process, and assemble the report."""
+    check_backend_names(settings.backends)
     reports = []
-    for name in settings.backends:
-        on_backend(name)
-        with context.Pool(1) as pool:
-            reports.append(pool.apply(measure_backend, (name, sources, settings)))
+    for index, name in enumerate(settings.backends, 1):
+        on_progress(f"{name}: opening (backend {index}/{len(settings.backends)})")
+        reports.append(measure_in_process(name, sources, settings, on_progress))
     reference = next((r for r in reports if r["backend"] == PARITY_REFERENCE and "results" in r), None)
     reference_images = {result["batch"]: result["images"] for result in reference["results"]} if reference else {}
     for report in reports:
@@ -272,7 +364,7 @@ def run_bench(sources: Sources, settings: BenchSettings, on_backend=lambda name:
 
 
 def table_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
-    """One flat row per backend and batch size (the CSV, and the table on screen)."""
+    """One flat row per backend and batch size, every field (the CSV; the table on screen shows some)."""
     rows = []
     for backend in report["backends"]:
         for result in backend.get("results", []):
@@ -291,6 +383,53 @@ def table_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+@dataclass(frozen=True)
+class Column:
+    """A column of the table on screen: its heading, the :func:`table_rows` key it shows, and its decimals."""
+
+    heading: str
+    key: str
+    digits: int | None = 1  # None: shown as is
+
+
+NAME_COLUMNS = (Column("backend", "backend", None), Column("batch", "batch", None))
+COMPACT_COLUMNS = (
+    *NAME_COLUMNS,
+    Column("total ms", "total_median_ms"),
+    Column("p90 ms", "total_p90_ms"),
+    Column("img/s", "images_per_s", 2),
+    Column("RSS MB", "peak_rss_mb", 0),
+    Column("GPU ms", "gpu_ms"),
+    Column("GPU MB", "gpu_memory_mb", 0),
+    Column("PSNR dB", "psnr_db"),
+)
+WIDE_COLUMNS = (
+    *NAME_COLUMNS,
+    *(Column(stage, f"{stage}_median_ms") for stage in STAGES),
+    Column("p90", "total_p90_ms"),
+    Column("p99", "total_p99_ms"),
+    Column("img/s", "images_per_s", 2),
+    Column("RSS MB", "peak_rss_mb", 0),
+    Column("GPU ms", "gpu_ms"),
+    Column("GPU MB", "gpu_memory_mb", 0),
+    Column("refine/step", "refine_per_step_ms"),
+    Column("max abs err", "max_abs_error", 6),
+    Column("PSNR dB", "psnr_db"),
+)
+
+
+def table_columns(rows: Sequence[dict[str, Any]], wide: bool = False) -> list[Column]:
+    """The compact (or wide: per stage) columns that hold a value in some row."""
+    return [column for column in (WIDE_COLUMNS if wide else COMPACT_COLUMNS)
+            if any(row[column.key] is not None for row in rows)]
+
+
+def cell_text(value: Any, column: Column) -> str:
+    if value is None:
+        return "-"
+    return str(value) if column.digits is None else f"{value:.{column.digits}f}"
+
+
 def write_json(report: dict[str, Any], path: Path) -> None:
     path.write_text(json.dumps(report, indent=2, default=float) + "\n")
 
@@ -305,29 +444,33 @@ def write_csv(report: dict[str, Any], path: Path) -> None:
         writer.writerows(rows)
 
 
-def write_plot(report: dict[str, Any], path: Path) -> None:
-    """Stacked bars: median milliseconds per stage, one bar per backend and batch size."""
-    try:
-        import matplotlib
+def plot_figure(report: dict[str, Any]) -> Figure:
+    """Stacked bars of median ms per stage (the stages that ran), one bar per backend and batch size.
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise CfdeployError(f"{path}: --plot needs matplotlib (pip install matplotlib)") from None
+    The legend sits to the right of the axes, so it never covers a bar.
+    """
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as missing:
+        raise missing_extra("matplotlib", "--plot", missing) from None
     rows = table_rows(report)
     labels = [f"{row['backend']}\nbatch {row['batch']}" for row in rows]
-    figure, axis = plt.subplots(figsize=(max(6, 1.4 * len(rows)), 4.5))
+    ran = [stage for stage in editing.STAGES if any(row[f"{stage}_median_ms"] for row in rows)]
+    figure = Figure(figsize=(max(6.0, 1.4 * len(rows)) + 1.5, 4.5), layout="constrained")
+    axis = figure.subplots()
     bottom = np.zeros(len(rows))
-    for stage in STAGES[:-1]:
+    for stage in ran:
         values = np.array([row[f"{stage}_median_ms"] or 0.0 for row in rows])
         axis.bar(labels, values, bottom=bottom, label=stage)
         bottom += values
     axis.set_ylabel("median ms per batch")
     axis.set_title("cfdeploy bench: latency per stage")
-    axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    figure.legend(loc="outside right upper", fontsize=8, title="stage", reverse=True)  # top to bottom, as stacked
+    return figure
+
+
+def write_plot(report: dict[str, Any], path: Path) -> None:
+    plot_figure(report).savefig(path, dpi=120)
 
 
 def generator_gflop(size: int, channel_multiplier: int = 2) -> float:

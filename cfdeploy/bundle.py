@@ -1,27 +1,53 @@
 """A deploy bundle: ONNX graphs, tokenizer data and a manifest, the unit users copy to a target machine.
 
-Torch-free. Every file listed in the manifest is checked against its sha256 before first use, so a
-damaged or swapped file is refused rather than run.
+Torch-free. This module owns the bundle's layout and its manifest both ways: :func:`write_manifest`
+for the exporter and refit, :class:`Bundle` for everything that reads one. A bundle may come from
+anywhere, so opening one checks the whole manifest (each malformed field is one line naming it),
+keeps every path it names inside the bundle (no ``..``, no absolute paths, no symlink leading out),
+and checks every listed file against its sha256 before first use. The hashes guard against damage;
+pinning the manifest itself (``expect_manifest``) guards against a bundle rewritten by someone else.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import logging
+import math
 import os
-import tempfile
+import re
+import time
 from functools import cached_property
-from pathlib import Path
-from typing import Any
+from pathlib import Path, PurePosixPath
+from typing import Any, Callable
 
 import numpy as np
 
+from cfdeploy.contracts import NetworkContract, network_contracts
 from cfdeploy.errors import CfdeployError
+from cfdeploy.outputs import write_atomic
+from cfdeploy.tokenizer import VOCAB_FILENAME
 
 FORMAT = "cfdeploy-bundle"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+TOKENIZER_VOCAB = f"tokenizer/{VOCAB_FILENAME}"
+MEAN_W = "mean_w.npy"
+PROMPTS_DIR = "prompts"
 CACHE_DIR = "cache"
+ENGINE_DIR = "tensorrt"
+ORT_ENGINE_CACHE = "onnxruntime"  # ONNX Runtime's TensorRT provider caches its own engines here, inside ENGINE_DIR
+
+MAX_MANIFEST_BYTES = 16 << 20
+MAX_NPY_HEADER_BYTES = 4096
+# Upper bounds of opts: a StyleGAN2 is at most a few thousand pixels, levels and channels wide.
+DIMENSION_LIMITS = {"size": 8192, "n_latent": 64, "style_dim": 4096}
+OPTIONAL_OBJECTS = ("prompts", "source", "weights", "export", "versions")
+OPTIONAL_TEXT_OPTS = ("description", "source_text")
+DEFAULT_CACHE_ENTRIES = 256  # at 1024 px an entry is 37 KB: about 9 MB of prompts
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_log = logging.getLogger(__name__)
 
 
 def sha256_file(path: Path) -> str:
@@ -33,36 +59,256 @@ def sha256_file(path: Path) -> str:
 
 
 def prompt_key(prompt: str) -> str:
-    return hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:32]
+    try:
+        encoded = prompt.encode("utf-8")
+    except UnicodeEncodeError:
+        raise CfdeployError(f"prompt {prompt!r} is not valid UTF-8 text") from None
+    return hashlib.sha256(encoded).hexdigest()[:32]
+
+
+def prompt_file(prompt: str) -> str:
+    """Where the exporter stores a precomputed prompt's ``t_w``, relative to the bundle."""
+    return f"{PROMPTS_DIR}/{prompt_key(prompt)}.npy"
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
+    """Check ``manifest`` against the schema :class:`Bundle` reads, then write it atomically.
+
+    Atomic replacement also means a manifest hard-linked to another bundle's (refit's staging) is
+    never written through.
+    """
+    check_manifest(manifest, directory)
+    write_atomic(directory / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+
+
+def _show(value: Any) -> str:
+    """A manifest value in a message: its repr, cut short (the manifest may be hostile)."""
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:77]}..."
+
+
+def _kind(value: Any) -> str:
+    kinds = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}
+    return kinds.get(type(value), "a number")
+
+
+def _spec_text(specs: Any) -> str:
+    if not isinstance(specs, list) or not all(isinstance(spec, dict) for spec in specs):
+        return _show(specs)
+    return ", ".join(f"{spec.get('name')} {spec.get('shape')}" for spec in specs)
+
+
+def _leads_outside(path: Path, root: Path) -> bool:
+    """Whether ``path``, its symlinks resolved, lies outside ``root`` (a symlink loop counts as outside)."""
+    try:
+        return not path.resolve().is_relative_to(root.resolve())
+    except (OSError, RuntimeError):
+        return True
+
+
+class _ManifestCheck:
+    """The schema of format version 1; each problem is one line naming the manifest file and the field."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.source = directory / MANIFEST
+
+    def fail(self, field: str, problem: str) -> CfdeployError:
+        return CfdeployError(f"{self.source}: {field} {problem}")
+
+    def object_field(self, parent: dict[str, Any], name: str, field: str, required: bool = True) -> dict[str, Any]:
+        if name not in parent:
+            if required:
+                raise self.fail(field, "is missing")
+            return {}
+        value = parent[name]
+        if not isinstance(value, dict):
+            raise self.fail(field, f"must be an object, found {_kind(value)}")
+        return value
+
+    def inside(self, relative: Any, field: str) -> str:
+        """``relative`` if it names a path that stays inside the bundle, symlinks resolved."""
+        if relative is None:
+            raise self.fail(field, "is missing")
+        if not isinstance(relative, str):
+            raise self.fail(field, f"must be a path inside the bundle, found {_kind(relative)}")
+        pure = PurePosixPath(relative)
+        if not pure.parts or pure.is_absolute() or ".." in pure.parts or "\\" in relative or "\0" in relative:
+            raise self.fail(field, f"{_show(relative)} leads outside the bundle (absolute, empty or with '..')")
+        if _leads_outside(self.directory / relative, self.directory):
+            raise self.fail(field, f"{_show(relative)} is a symlink leading outside the bundle")
+        return relative
+
+    def listed(self, relative: Any, field: str, files: dict[str, Any]) -> None:
+        if self.inside(relative, field) not in files:
+            raise self.fail(field, f"{_show(relative)} is not listed in files, so it cannot be verified")
+
+    def sha256(self, digest: Any, field: str) -> None:
+        if not isinstance(digest, str):
+            raise self.fail(field, f"must be a sha256 string, found {_kind(digest)}")
+        if not _SHA256.fullmatch(digest):
+            raise self.fail(field, f"is not a sha256 (64 lowercase hex digits): {_show(digest)}")
+
+    def dimension(self, opts: dict[str, Any], name: str) -> int:
+        if name not in opts:
+            raise self.fail(f"opts.{name}", "is missing")
+        value, limit = opts[name], DIMENSION_LIMITS[name]
+        if type(value) is not int or not 1 <= value <= limit:
+            raise self.fail(f"opts.{name}", f"must be a whole number from 1 to {limit}, found {_show(value)}")
+        return value
+
+    def network(self, name: str, entry: Any, contract: NetworkContract | None, files: dict[str, Any]) -> None:
+        field = f"networks.{name}"
+        if contract is None:
+            raise self.fail("networks", f"has an unknown graph {_show(name)} (format version {FORMAT_VERSION} has none)")
+        if not isinstance(entry, dict):
+            raise self.fail(field, f"must be an object, found {_kind(entry)}")
+        self.listed(entry.get("file"), f"{field}.file", files)
+        if entry["file"] != contract.filename:
+            raise self.fail(f"{field}.file", f"must be {contract.filename}, found {_show(entry['file'])}")
+        for kind in ("inputs", "outputs"):
+            expected = [spec.as_dict() for spec in getattr(contract, kind)]
+            if entry.get(kind) != expected:
+                raise self.fail(
+                    f"{field}.{kind}",
+                    f"is {_spec_text(entry.get(kind))}, which disagrees with opts (size, n_latent, style_dim): "
+                    f"expected {_spec_text(expected)}",
+                )
+        parity = self.object_field(entry, "parity", f"{field}.parity", required=False)
+        for batch, result in parity.items():
+            rel_l2 = result.get("rel_l2") if isinstance(result, dict) else None
+            if isinstance(rel_l2, bool) or not isinstance(rel_l2, (int, float)) or not math.isfinite(rel_l2):
+                raise self.fail(f"{field}.parity.{batch}.rel_l2", f"must be a finite number, found {_show(rel_l2)}")
+
+    def __call__(self, manifest: Any) -> dict[str, NetworkContract]:
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            found = manifest.get("format") if isinstance(manifest, dict) else None
+            raise CfdeployError(f"{self.source}: not a cfdeploy bundle manifest (format {_show(found)})")
+        version = manifest.get("format_version")
+        if type(version) is not int or version != FORMAT_VERSION:
+            raise CfdeployError(
+                f"{self.source}: bundle format version {_show(version)}, this cfdeploy reads version {FORMAT_VERSION}"
+            )
+        files = self.object_field(manifest, "files", "files")
+        opts = self.object_field(manifest, "opts", "opts")
+        networks = self.object_field(manifest, "networks", "networks")
+        tokenizer = self.object_field(manifest, "tokenizer", "tokenizer")
+        optional = {name: self.object_field(manifest, name, name, required=False) for name in OPTIONAL_OBJECTS}
+        if not isinstance(manifest.get("refits", []), list):
+            raise self.fail("refits", f"must be a list, found {_kind(manifest['refits'])}")
+        for relative, digest in files.items():
+            self.sha256(digest, f"files[{_show(self.inside(relative, 'files entry'))}]")
+        if "generator_sha256" in optional["weights"]:
+            self.sha256(optional["weights"]["generator_sha256"], "weights.generator_sha256")
+        for name in OPTIONAL_TEXT_OPTS:
+            if not isinstance(opts.get(name), (str, type(None))):
+                raise self.fail(f"opts.{name}", f"must be text, found {_kind(opts[name])}")
+        contracts = network_contracts(*(self.dimension(opts, name) for name in ("size", "n_latent", "style_dim")))
+        for name, entry in networks.items():
+            self.network(name, entry, contracts.get(name), files)
+        self.listed(tokenizer.get("vocab"), "tokenizer.vocab", files)
+        self.listed(manifest.get("mean_w"), "mean_w", files)
+        for prompt, relative in optional["prompts"].items():
+            self.listed(relative, f"prompts[{_show(prompt)}]", files)
+        return contracts
+
+
+def check_manifest(manifest: Any, directory: Path) -> dict[str, NetworkContract]:
+    """Refuse a manifest that is not format version 1 or names a path outside ``directory``; returns its contracts."""
+    return _ManifestCheck(directory)(manifest)
+
+
+def npy_array(content: bytes, shape: tuple[int, ...]) -> np.ndarray:
+    """A finite float32 array of exactly ``shape`` from ``.npy`` bytes; raises ValueError saying what is wrong.
+
+    The header is checked before any data is read, so a declared shape can never size an allocation.
+    """
+    stream = io.BytesIO(content)
+    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    try:
+        found_shape, fortran_order, dtype = readers[np.lib.format.read_magic(stream)](stream)
+    except (ValueError, KeyError, SyntaxError):
+        raise ValueError("is not a .npy file of format 1.0 or 2.0 (or its header is malformed)") from None
+    if found_shape != shape or dtype != np.dtype(np.float32):
+        raise ValueError(f"holds {dtype} {list(found_shape)}, expected float32 {list(shape)}")
+    data = stream.read()
+    if len(data) != 4 * math.prod(shape):
+        raise ValueError(f"has {len(data)} data bytes, expected {4 * math.prod(shape)} (truncated or padded)")
+    array = np.frombuffer(data, np.float32).reshape(shape, order="F" if fortran_order else "C")
+    if not np.isfinite(array).all():
+        raise ValueError("holds NaN or infinite values")
+    return np.array(array)
+
+
+def _read_regular(path: Path, limit: int) -> bytes:
+    """At most ``limit`` bytes of a regular file (never a FIFO or device, which could block or never end)."""
+    if not path.is_file():
+        raise ValueError("is not a regular file")
+    with open(path, "rb") as handle:
+        content = handle.read(limit + 1)
+    if len(content) > limit:
+        raise ValueError(f"is larger than {limit} bytes")
+    return content
+
+
+def _array_limit(shape: tuple[int, ...]) -> int:
+    return 4 * math.prod(shape) + MAX_NPY_HEADER_BYTES
 
 
 class Bundle:
-    """An exported bundle directory, opened read-only and verified lazily."""
+    """An exported bundle directory, opened read-only: the manifest is checked on open, files before first use.
 
-    def __init__(self, path: Path) -> None:
+    Args:
+        path: the bundle directory.
+        expect_manifest: if given, the sha256 ``manifest.json`` must have (``cfdeploy inspect`` prints it).
+
+    Raises:
+        CfdeployError: not a bundle, a malformed manifest, a path leading outside, or another manifest than pinned.
+    """
+
+    def __init__(self, path: Path, expect_manifest: str | None = None) -> None:
         manifest_path = path / MANIFEST
         if not path.is_dir():
             raise CfdeployError(f"{path}: no such bundle directory")
-        if not manifest_path.is_file():
+        if not os.path.lexists(manifest_path):
             raise CfdeployError(f"{manifest_path}: missing; not a cfdeploy bundle (make one with cfdeploy export)")
+        if _leads_outside(manifest_path, path):
+            raise CfdeployError(f"{manifest_path}: is a symlink leading outside the bundle")
         try:
-            manifest = json.loads(manifest_path.read_text())
-        except (ValueError, UnicodeDecodeError) as error:
+            raw = _read_regular(manifest_path, MAX_MANIFEST_BYTES)
+        except ValueError as why:
+            raise CfdeployError(f"{manifest_path}: {why}") from None
+        self.manifest_sha256 = hashlib.sha256(raw).hexdigest()
+        if expect_manifest is not None:
+            pinned = expect_manifest.strip().lower()
+            if not _SHA256.fullmatch(pinned):
+                raise CfdeployError(f"pinned manifest sha256 {expect_manifest!r}: expected 64 hex digits")
+            if self.manifest_sha256 != pinned:
+                raise CfdeployError(f"{manifest_path}: sha256 {self.manifest_sha256[:12]}… is not the pinned {pinned[:12]}…")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise CfdeployError(f"{manifest_path}: not UTF-8 text (byte {error.start})") from None
+        try:
+            manifest = json.loads(text)
+        except ValueError as error:
             raise CfdeployError(f"{manifest_path}: not valid JSON: {error}") from None
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-            raise CfdeployError(f"{manifest_path}: not a cfdeploy bundle manifest (format {manifest.get('format') if isinstance(manifest, dict) else None!r})")
-        version = manifest.get("format_version")
-        if version != FORMAT_VERSION:
-            raise CfdeployError(
-                f"{manifest_path}: bundle format version {version!r}, this cfdeploy reads version {FORMAT_VERSION}"
-            )
+        except RecursionError:
+            raise CfdeployError(f"{manifest_path}: JSON nested too deeply") from None
+        self._contracts = check_manifest(manifest, path)
         self.path = path
-        self.manifest = manifest
+        self.manifest: dict[str, Any] = manifest
         self._verified: set[str] = set()
 
     @property
     def opts(self) -> dict[str, Any]:
-        return self.manifest["opts"]
+        return self.manifest["opts"]  # type: ignore[no-any-return]
 
     @property
     def size(self) -> int:
@@ -80,6 +326,19 @@ class Bundle:
     def description(self) -> str | None:
         return self.opts.get("description")
 
+    @property
+    def contracts(self) -> dict[str, NetworkContract]:
+        """The contracts of every graph a bundle of this size has (those present: :meth:`has_network`)."""
+        return self._contracts
+
+    @property
+    def engine_dir(self) -> Path:
+        """``BUNDLE/tensorrt``, where engines live; refused if it is a symlink leading out of the bundle."""
+        engine_dir = self.path / ENGINE_DIR
+        if _leads_outside(engine_dir, self.path):
+            raise CfdeployError(f"{engine_dir}: is a symlink leading outside the bundle")
+        return engine_dir
+
     def file(self, relative: str) -> Path:
         """The path of a manifest-listed file, after checking it exists and its sha256 matches."""
         expected = self.manifest["files"].get(relative)
@@ -87,8 +346,10 @@ class Bundle:
             raise CfdeployError(f"{self.path / MANIFEST}: lists no file {relative!r}")
         path = self.path / relative
         if relative not in self._verified:
-            if not path.is_file():
+            if not os.path.lexists(path):
                 raise CfdeployError(f"{path}: missing from the bundle")
+            if not path.is_file():
+                raise CfdeployError(f"{path}: not a regular file")
             found = sha256_file(path)
             if found != expected:
                 raise CfdeployError(
@@ -97,32 +358,39 @@ class Bundle:
             self._verified.add(relative)
         return path
 
+    def _array(self, relative: str, shape: tuple[int, ...]) -> np.ndarray:
+        path = self.file(relative)
+        try:
+            return npy_array(_read_regular(path, _array_limit(shape)), shape)
+        except ValueError as why:
+            raise CfdeployError(f"{path}: {why}") from None
+
     def has_network(self, name: str) -> bool:
         return name in self.manifest["networks"]
 
     def _network_file(self, name: str) -> str:
         if not self.has_network(name):
             raise CfdeployError(f"{self.path}: bundle has no {name!r} graph")
-        return self.manifest["networks"][name]["file"]
+        return self.manifest["networks"][name]["file"]  # type: ignore[no-any-return]
 
     def network(self, name: str) -> Path:
         return self.file(self._network_file(name))
 
     def network_sha256(self, name: str) -> str:
         """The sha256 the manifest records for a graph (what engines are keyed on); the file is not read."""
-        return self.manifest["files"][self._network_file(name)]
+        return self.manifest["files"][self._network_file(name)]  # type: ignore[no-any-return]
 
     @property
     def vocab_path(self) -> Path:
         return self.file(self.manifest["tokenizer"]["vocab"])
 
     def mean_w(self) -> np.ndarray:
-        return np.load(self.file(self.manifest["mean_w"]), allow_pickle=False)
+        return self._array(self.manifest["mean_w"], (self.style_dim,))
 
     def precomputed_text_latents(self, prompt: str) -> np.ndarray | None:
         """``t_w`` stored at export time for ``--prompt``, if this prompt was one of them."""
         relative = self.manifest.get("prompts", {}).get(prompt)
-        return None if relative is None else np.load(self.file(relative), allow_pickle=False)
+        return None if relative is None else self._array(relative, (1, self.n_latent, self.style_dim))
 
     @cached_property
     def text_branch_hash(self) -> str:
@@ -131,39 +399,105 @@ class Bundle:
         return hashlib.sha256("".join(hashes).encode()).hexdigest()[:16]
 
 
+class _DamagedEntry(Exception):
+    """A prompt-cache entry that must not be used (the message says why)."""
+
+
 class TextLatentCache:
     """Per-prompt ``t_w`` kept in ``BUNDLE/cache/`` so a repeated prompt skips CLIP and the text mapper.
 
-    Keyed by the prompt and the text-branch graphs' hashes; written atomically; a read-only bundle
-    simply gets no cache.
+    Prompts precomputed at export come first. Entries are keyed by the prompt and the text-branch
+    graphs' hashes: ``KEY.npy`` with its sha256 in ``KEY.sha256``. An entry that does not match its
+    hash or is not a finite ``[1, n_latent, style_dim]`` float32 array is ignored with a one-line
+    warning through ``on_warning`` (default: this module's logger), and the recomputed prompt
+    replaces it. At most ``max_entries`` entries are kept (default 256, 0 turns the cache off): a hit
+    touches the entry's mtime, and the least recently used go first. A ``cache`` that is a symlink
+    is refused; a read-only bundle, or a full disk, simply gets no new entries.
     """
 
-    def __init__(self, bundle: Bundle) -> None:
+    def __init__(
+        self,
+        bundle: Bundle,
+        max_entries: int = DEFAULT_CACHE_ENTRIES,
+        on_warning: Callable[[str], None] = _log.warning,
+    ) -> None:
+        if max_entries < 0:
+            raise CfdeployError(f"--cache-max must be 0 (no cache) or more entries, got {max_entries}")
         self.bundle = bundle
+        self.max_entries = max_entries
+        self.on_warning = on_warning
         self.directory = bundle.path / CACHE_DIR
+        if self.directory.is_symlink():
+            raise CfdeployError(f"{self.directory}: is a symlink; the prompt cache must be a directory inside the bundle")
+        self._shape = (1, bundle.n_latent, bundle.style_dim)
 
-    def _path(self, prompt: str) -> Path:
-        return self.directory / f"{self.bundle.text_branch_hash}-{prompt_key(prompt)}.npy"
+    def _paths(self, prompt: str) -> tuple[Path, Path]:
+        key = f"{self.bundle.text_branch_hash}-{prompt_key(prompt)}"
+        return self.directory / f"{key}.npy", self.directory / f"{key}.sha256"
+
+    def _read(self, entry: Path, digest_path: Path) -> np.ndarray:
+        try:
+            content = _read_regular(entry, _array_limit(self._shape))
+        except (ValueError, OSError) as why:
+            raise _DamagedEntry(str(why)) from None
+        try:
+            recorded = _read_regular(digest_path, 128).decode("ascii").strip()
+        except (ValueError, OSError):
+            raise _DamagedEntry(f"has no readable {digest_path.name} beside it") from None
+        if hashlib.sha256(content).hexdigest() != recorded:
+            raise _DamagedEntry("does not match its recorded sha256 (changed or damaged)")
+        try:
+            return npy_array(content, self._shape)
+        except ValueError as why:
+            raise _DamagedEntry(str(why)) from None
 
     def get(self, prompt: str) -> np.ndarray | None:
+        """The prompt's ``t_w`` ``[1, n_latent, style_dim]``, or None to compute it."""
         stored = self.bundle.precomputed_text_latents(prompt)
-        if stored is not None:
+        if stored is not None or self.max_entries == 0:
             return stored
-        path = self._path(prompt)
-        if not path.is_file():
+        entry, digest_path = self._paths(prompt)
+        if not os.path.lexists(entry):
             return None
         try:
-            cached = np.load(path, allow_pickle=False)
-        except (ValueError, OSError):
+            text_latents = self._read(entry, digest_path)
+        except _DamagedEntry as why:
+            self.on_warning(f"{entry}: prompt cache entry {why}; ignoring it and recomputing the prompt")
             return None
-        expected = (1, self.bundle.n_latent, self.bundle.style_dim)
-        return cached if cached.shape == expected and np.isfinite(cached).all() else None
+        _touch(entry)
+        return text_latents
 
     def put(self, prompt: str, text_latents: np.ndarray) -> None:
+        """Store a computed ``t_w`` (the hash first, so a crash leaves no entry that looks valid)."""
+        if self.max_entries == 0:
+            return
+        entry, digest_path = self._paths(prompt)
+        content = npy_bytes(np.ascontiguousarray(text_latents, np.float32))
         try:
             self.directory.mkdir(exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=self.directory, suffix=".partial", delete=False) as handle:
-                np.save(handle, text_latents)
-            os.replace(handle.name, self._path(prompt))
-        except OSError:
+            write_atomic(digest_path, f"{hashlib.sha256(content).hexdigest()}\n".encode())
+            write_atomic(entry, content)
+            _touch(entry)
+            self._evict()
+        except (OSError, CfdeployError):
             return
+
+    def _evict(self) -> None:
+        entries = []
+        for path in self.directory.glob("*.npy"):
+            try:
+                entries.append((path.stat().st_mtime_ns, path.name, path))
+            except FileNotFoundError:
+                continue
+        for _, _, path in sorted(entries)[: max(0, len(entries) - self.max_entries)]:
+            path.unlink(missing_ok=True)
+            path.with_suffix(".sha256").unlink(missing_ok=True)
+
+
+def _touch(path: Path) -> None:
+    """Mark an entry as just used, at full clock resolution (file times written together can tie)."""
+    now = time.time_ns()
+    try:
+        os.utime(path, ns=(now, now))
+    except OSError:
+        return

@@ -9,6 +9,7 @@ Torch-free on purpose: deployed runtimes import this.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 BATCH = "batch"
 TOKENS = 77
@@ -21,7 +22,7 @@ class TensorSpec:
     shape: tuple[int | str, ...]
     dtype: str = "float32"
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
 
 
@@ -42,7 +43,7 @@ class NetworkContract:
     def filename(self) -> str:
         return f"{self.name}.onnx"
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return {
             "file": self.filename,
             "purpose": self.purpose,

@@ -186,22 +186,22 @@ def prompt_mismatch(backend: EditBackend, prompt: str | None) -> str | None:
 def iter_edits(backend: EditBackend, job: EditJob, timer: StageTimer) -> Iterator[EditBatch]:
     """Compute the prompt's text branch once (or take it from the backend's cache), then edit batch by batch."""
     text_latents = None
-    cache = backend.text_cache if job.prompt is not None else None
-    if cache is not None:
+    prompt, cache = job.prompt, backend.text_cache
+    if prompt is not None and cache is not None:
         with timer.stage("text_cache"):
-            text_latents = cache.get(job.prompt)
+            text_latents = cache.get(prompt)
     if text_latents is None:
         features = job.text_features
-        if job.prompt is not None:
+        if prompt is not None:
             with timer.stage("tokenize"):
-                tokens = backend.tokenize([job.prompt])
+                tokens = backend.tokenize([prompt])
             with timer.stage("clip_text"):
                 features = backend.text_features(tokens)
         assert features is not None
         with timer.stage("text_mapper"):
             text_latents = backend.text_latents(features)
-        if cache is not None:
-            cache.put(job.prompt, text_latents)
+        if prompt is not None and cache is not None:
+            cache.put(prompt, text_latents)
     per_latent = text_latents.shape[0] > 1
     for start in range(0, job.latents.shape[0], job.batch_size):
         w = job.latents[start : start + job.batch_size]
@@ -233,7 +233,7 @@ def edit(backend: EditBackend, job: EditJob) -> EditResult:
     """
     timer = StageTimer()
     batches = list(iter_edits(backend, job, timer))
-    sources = np.concatenate([b.sources for b in batches]) if job.with_sources else None  # type: ignore[misc]
+    sources = np.concatenate([b.sources for b in batches if b.sources is not None]) if job.with_sources else None
     return EditResult(
         np.concatenate([b.w_hat for b in batches]),
         np.concatenate([b.images for b in batches]),

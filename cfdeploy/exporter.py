@@ -8,7 +8,6 @@ any graph drifts past tolerance.
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 import warnings
@@ -24,15 +23,23 @@ import torch
 from torch import nn
 
 import cfdeploy
-from cfdeploy.bundle import FORMAT, FORMAT_VERSION, MANIFEST, prompt_key, sha256_file
-from cfdeploy.checkpoints import load_cfclip
+from cfdeploy.bundle import (
+    FORMAT,
+    FORMAT_VERSION,
+    MEAN_W,
+    PROMPTS_DIR,
+    TOKENIZER_VOCAB,
+    prompt_file,
+    sha256_file,
+    write_manifest,
+)
+from cfdeploy.checkpoints import load_cfclip, load_clip
 from cfdeploy.contracts import BATCH, NetworkContract, TensorSpec, network_contracts
 from cfdeploy.errors import CfdeployError
-from cfdeploy.models.clip_text import ClipText
 from cfdeploy.models.mappers import LatentEditor
 from cfdeploy.models.stylegan2 import mean_latent
 from cfdeploy.outputs import StagedDirectory
-from cfdeploy.tokenizer import VOCAB_FILENAME, ClipTokenizer, packaged_vocab_path
+from cfdeploy.tokenizer import ClipTokenizer, packaged_vocab_path
 
 DEFAULT_OPSET = 18
 FP32_TOLERANCE = 1e-5
@@ -43,7 +50,7 @@ MAX_BATCH = 1024
 
 def sample_input(spec: TensorSpec, batch: int, rng: np.random.Generator) -> np.ndarray:
     """Fresh random input for one tensor of a contract (token rows end with a real end token)."""
-    shape = tuple(batch if dim == BATCH else dim for dim in spec.shape)
+    shape = tuple(batch if dim == BATCH else int(dim) for dim in spec.shape)
     if spec.name == "tokens":
         tokens = np.zeros(shape, np.int64)
         for row in tokens:
@@ -92,7 +99,7 @@ def check_parity(module: nn.Module, contract: NetworkContract, path: Path, toler
         got = session.run(None, inputs)[0].astype(np.float64)
         if got.shape != expected.shape:
             raise CfdeployError(f"{contract.name}: exported graph gives shape {list(got.shape)}, torch {list(expected.shape)}")
-        rel_l2 = float(np.linalg.norm(got - expected) / max(np.linalg.norm(expected), 1e-30))
+        rel_l2 = float(np.linalg.norm(got - expected)) / max(float(np.linalg.norm(expected)), 1e-30)
         max_abs = float(np.abs(got - expected).max())
         results[f"batch_{batch}"] = {"max_abs": max_abs, "rel_l2": rel_l2}
         if not rel_l2 <= tolerance:
@@ -110,15 +117,24 @@ def export_bundle(
     opset: int = DEFAULT_OPSET,
     prompts: Sequence[str] = (),
     force: bool = False,
+    include_clip_text: bool = True,
     on_stage: Callable[[str], None] = lambda stage: None,
 ) -> dict:
-    """Write a bundle to ``out`` (atomically) and return its manifest."""
+    """Write a bundle to ``out`` (atomically) and return its manifest.
+
+    Without ``include_clip_text`` the bundle has no CLIP graph: it edits only the ``prompts``
+    precomputed here, or given text features.
+    """
     on_stage("loading checkpoint and CLIP weights")
     checkpoint = load_cfclip(checkpoint_path)
-    clip = ClipText.from_file(clip_weights)
+    clip = load_clip(clip_weights)
     generator = checkpoint.generator
     config = generator.config
-    contracts = network_contracts(config.size, config.n_latent, config.style_dim)
+    contracts = {
+        name: contract
+        for name, contract in network_contracts(config.size, config.n_latent, config.style_dim).items()
+        if include_clip_text or name != "clip_text"
+    }
     modules: dict[str, nn.Module] = {
         "clip_text": clip,
         "text_mapper": checkpoint.text_mapper,
@@ -128,6 +144,7 @@ def export_bundle(
     }
     tokenizer = ClipTokenizer()
     prompt_tokens = tokenizer(list(prompts)) if prompts else None
+    stored_prompts = {prompt: prompt_file(prompt) for prompt in prompts}
     networks: dict[str, dict] = {}
     timings: dict[str, float] = {}
     with StagedDirectory(out, force) as staged:
@@ -143,18 +160,15 @@ def export_bundle(
             timings[f"parity_{name}"] = time.perf_counter() - started
 
         on_stage("writing tokenizer, mean W and prompts")
-        (staged.path / "tokenizer").mkdir()
-        shutil.copyfile(packaged_vocab_path(), staged.path / "tokenizer" / VOCAB_FILENAME)
-        np.save(staged.path / "mean_w.npy", mean_latent(generator).numpy())
-        stored_prompts = {}
+        (staged.path / TOKENIZER_VOCAB).parent.mkdir()
+        shutil.copyfile(packaged_vocab_path(), staged.path / TOKENIZER_VOCAB)
+        np.save(staged.path / MEAN_W, mean_latent(generator).numpy())
         if prompt_tokens is not None:
-            (staged.path / "prompts").mkdir()
+            (staged.path / PROMPTS_DIR).mkdir()
             with torch.no_grad():
                 text_latents = checkpoint.text_mapper(clip(torch.from_numpy(prompt_tokens))).numpy()
             for prompt, latents in zip(prompts, text_latents):
-                relative = f"prompts/{prompt_key(prompt)}.npy"
-                np.save(staged.path / relative, latents[None])
-                stored_prompts[prompt] = relative
+                np.save(staged.path / stored_prompts[prompt], latents[None])
 
         files = sorted(
             str(path.relative_to(staged.path)) for path in staged.path.rglob("*") if path.is_file()
@@ -188,11 +202,11 @@ def export_bundle(
                        "parity_tolerance_rel_l2": FP32_TOLERANCE, "parity_batches": list(PARITY_BATCHES),
                        "seconds": {key: round(value, 3) for key, value in timings.items()}},
             "networks": networks,
-            "tokenizer": {"vocab": f"tokenizer/{VOCAB_FILENAME}"},
-            "mean_w": "mean_w.npy",
+            "tokenizer": {"vocab": TOKENIZER_VOCAB},
+            "mean_w": MEAN_W,
             "prompts": stored_prompts,
             "files": {relative: sha256_file(staged.path / relative) for relative in files},
         }
-        (staged.path / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        write_manifest(staged.path, manifest)
     return manifest
 

@@ -66,6 +66,12 @@ class ClipNCELoss(nn.Module):
     meeting both positives.
     """
 
+    source_text: torch.Tensor  # buffers: template features of the source and target prompts, CLIP's pixel statistics
+    target_mean: torch.Tensor
+    text_direction: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(
         self,
         clip: ClipText,

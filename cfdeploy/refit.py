@@ -19,21 +19,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import onnx
 import torch
 from onnx import numpy_helper
 
 import cfdeploy
-from cfdeploy.backends.onnxruntime_backend import OnnxRuntimeBackend
-from cfdeploy.bundle import MANIFEST, Bundle, sha256_file
+from cfdeploy.backends import open_backend
+from cfdeploy.bundle import ENGINE_DIR, MANIFEST, ORT_ENGINE_CACHE, Bundle, npy_bytes, sha256_file, write_manifest
 from cfdeploy.checkpoints import load_cfclip
-from cfdeploy.contracts import network_contracts
 from cfdeploy.errors import CfdeployError
 from cfdeploy.exporter import DEFAULT_OPSET, FP32_TOLERANCE, check_parity, export_graph
 from cfdeploy.models.mappers import LatentEditor
-from cfdeploy.outputs import DirectoryLock, replace_directory
-from cfdeploy.trt.plan import ENGINE_DIR, ORT_ENGINE_CACHE, engine_paths
+from cfdeploy.outputs import DirectoryLock, replace_directory, write_atomic
+from cfdeploy.trt.plan import engine_paths
 
 REFIT_NETWORKS = ("text_mapper", "latent_editor")
 
@@ -84,24 +82,18 @@ def _link_tree(source: Path, target: Path) -> None:
             shutil.copy2(path, destination)
 
 
-def _write_manifest(staged: Path, manifest: dict) -> None:
-    """Write the staged manifest as a new file (never through its hard link to the live bundle's)."""
-    (staged / MANIFEST).unlink(missing_ok=True)
-    (staged / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-
-
 def _recompute_prompts(staged: Path, manifest: dict) -> None:
     """Stored prompts' ``t_w`` through the staged bundle itself: its CLIP graph and the new text mapper."""
     prompts = manifest.get("prompts", {})
     if not prompts:
         return
-    _write_manifest(staged, manifest)
-    backend = OnnxRuntimeBackend(Bundle(staged), ["CPUExecutionProvider"])
+    write_manifest(staged, manifest)
+    backend = open_backend("onnxruntime", staged, providers=["CPUExecutionProvider"])
     text_latents = backend.text_latents(backend.text_features(backend.tokenize(list(prompts))))
     for relative, latents in zip(prompts.values(), text_latents):
-        (staged / relative).unlink()
-        np.save(staged / relative, latents[None])
-        manifest["files"][relative] = sha256_file(staged / relative)
+        content = npy_bytes(latents[None])
+        write_atomic(staged / relative, content)  # a new file: the live bundle's hard link is untouched
+        manifest["files"][relative] = hashlib.sha256(content).hexdigest()
 
 
 def _refit_engines(staged: Path, report: Callable[[str], None]) -> list[str]:
@@ -112,9 +104,9 @@ def _refit_engines(staged: Path, report: Callable[[str], None]) -> list[str]:
     if not present:
         return []
     try:
-        from cfdeploy.trt import tensorrt_module
+        from cfdeploy.trt import tensorrt_builder
 
-        refit_engine = tensorrt_module("builder").refit_engine
+        refit_engine = tensorrt_builder().refit_engine
     except CfdeployError as why:
         report(f"TensorRT engines for {', '.join(present)} not refitted here ({why}); they will be refused until rebuilt")
         return present
@@ -139,6 +131,11 @@ def refit_bundle(bundle_path: Path, checkpoint_path: Path, report: Callable[[str
         bundle_generator = manifest.get("weights", {}).get("generator_sha256")
         if not bundle_generator:
             raise CfdeployError(f"{bundle_path / MANIFEST}: records no generator hash (exported by an older cfdeploy); re-export it")
+        if manifest.get("prompts") and not bundle.has_network("clip_text"):
+            raise CfdeployError(
+                f"{bundle_path}: its precomputed prompts would need recomputing, but it has no CLIP text graph "
+                "(exported --without-clip); export the new checkpoint instead"
+            )
         report("loading checkpoint")
         checkpoint = load_cfclip(checkpoint_path)
         generator_sha256 = checkpoint.generator_sha256()
@@ -148,11 +145,11 @@ def refit_bundle(bundle_path: Path, checkpoint_path: Path, report: Callable[[str
                 f"({bundle_generator[:12]}…); refit only swaps mappers trained on the same generator"
             )
         groups = list(checkpoint.mapper_config.groups)
-        if groups != manifest["opts"]["mapper_groups"]:
+        if groups != manifest["opts"].get("mapper_groups"):
             raise CfdeployError(
-                f"{checkpoint_path}: mapper groups {groups} differ from the bundle's {manifest['opts']['mapper_groups']}"
+                f"{checkpoint_path}: mapper groups {groups} differ from the bundle's {manifest['opts'].get('mapper_groups')}"
             )
-        contracts = network_contracts(bundle.size, bundle.n_latent, bundle.style_dim)
+        contracts = bundle.contracts
         modules = {"text_mapper": checkpoint.text_mapper, "latent_editor": LatentEditor(checkpoint.mapper)}
         staged = Path(tempfile.mkdtemp(prefix=f".{bundle_path.name}.", suffix=".partial", dir=bundle_path.parent))
         try:
@@ -164,7 +161,7 @@ def refit_bundle(bundle_path: Path, checkpoint_path: Path, report: Callable[[str
                 old = onnx_weights(bundle.network(name))
                 path.unlink()
                 report(f"exporting {name}")
-                export_graph(modules[name], contract, path, manifest["export"].get("opset", DEFAULT_OPSET))
+                export_graph(modules[name], contract, path, manifest.get("export", {}).get("opset", DEFAULT_OPSET))
                 changed[name] = match_weights(name, old, onnx_weights(path))
                 report(f"checking {name} against torch")
                 manifest["networks"][name]["parity"] = check_parity(modules[name], contract, path, FP32_TOLERANCE)
@@ -172,8 +169,9 @@ def refit_bundle(bundle_path: Path, checkpoint_path: Path, report: Callable[[str
             report("recomputing stored prompts")
             _recompute_prompts(staged, manifest)
             stale = _refit_engines(staged, report)
-            manifest["source"]["checkpoint"] = str(checkpoint_path)
-            manifest["source"]["checkpoint_sha256"] = sha256_file(checkpoint_path)
+            manifest.setdefault("source", {}).update(
+                checkpoint=str(checkpoint_path), checkpoint_sha256=sha256_file(checkpoint_path)
+            )
             manifest["opts"]["description"] = checkpoint.description
             manifest["opts"]["source_text"] = checkpoint.source_text
             manifest["opts"]["w_space"] = bool(checkpoint.opts.get("w_space", False))
@@ -183,7 +181,7 @@ def refit_bundle(bundle_path: Path, checkpoint_path: Path, report: Callable[[str
                 "versions": {"cfdeploy": cfdeploy.__version__, "torch": torch.__version__, "onnx": onnx.__version__},
                 "stale_engines": stale,
             })
-            _write_manifest(staged, manifest)
+            write_manifest(staged, manifest)
             replace_directory(staged, bundle_path)
         except BaseException:
             shutil.rmtree(staged, ignore_errors=True)

@@ -10,8 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from test_bad_input import assert_refused
-from test_parity import TOLERANCE, official_edit, open_clip_features, rel_l2
+from conftest import TOLERANCE, assert_refused, official_edit, open_clip_features, rel_l2
 
 
 def test_manifest_lists_every_file_with_hash_contract_and_parity(bundle_256):
@@ -52,7 +51,7 @@ def test_text_prompt_is_encoded_by_the_bundle_then_cached(tmp_path, cli, bundle_
         assert result.exit_code == 0, result.stderr
         runs.append((np.load(out / "latents.npy"), json.loads((out / "edit.json").read_text())["timings_s"]))
     (first, first_timings), (second, second_timings) = runs
-    assert "text_encoder" in first_timings and "text_encoder" not in second_timings and "text_mapper" not in second_timings
+    assert "clip_text" in first_timings and "clip_text" not in second_timings and "text_mapper" not in second_timings
     assert np.array_equal(first, second)
     assert len(list((bundle_256 / "cache").glob("*.npy"))) >= 1
     w_hat, _ = official_edit(cfclip_256, np.load(latents_256), open_clip_features([prompt]))

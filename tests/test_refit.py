@@ -8,18 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-import synthetic_files
-from test_parity import TOLERANCE, official_edit, open_clip_features, rel_l2
-
-
-def checkpoint_with_generator_of(path: Path, generator_seed: int, mapper_seed: int, **opts) -> None:
-    """A CF-CLIP file whose mappers come from ``mapper_seed`` and whose generator is ``generator_seed``'s."""
-    content = synthetic_files.cfclip_checkpoint(256, seed=mapper_seed, **opts)
-    donor = synthetic_files.cfclip_checkpoint(256, seed=generator_seed)["state_dict"]
-    content["state_dict"].update({key: value for key, value in donor.items() if key.startswith("decoder.")})
-    torch.save(content, path)
+from conftest import TOLERANCE, checkpoint_with_generator_of, official_edit, open_clip_features, rel_l2
 
 
 @pytest.fixture
@@ -62,7 +52,7 @@ def test_refit_swaps_mappers_and_next_edit_uses_them(tmp_path, cli, bundle_copy,
     assert manifest["refits"][-1]["checkpoint"] == str(other)
     assert len(manifest["refits"][-1]["changed_weights"]["latent_editor"]) > 0
     assert (bundle_copy / "generator.onnx").stat().st_ino == generator_graph  # kept, not rewritten
-    assert [p.name for p in tmp_path.glob(".bundle.*")] == [".bundle.lock"]  # no staging or old copy left
+    assert [p.name for p in tmp_path.glob(".bundle.*")] == []  # no lock, staging or old copy left
 
 
 @pytest.mark.parametrize("generator_seed,opts,message", [
@@ -78,7 +68,7 @@ def test_refit_refuses_another_generator_or_mapper_layout(tmp_path, cli, bundle_
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and message in errors[0] and "Traceback" not in result.stderr, result.stderr
     assert (bundle_copy / "manifest.json").read_bytes() == manifest
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".bundle")) == [".bundle.lock"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".bundle")) == []
 
 
 def test_refit_leaves_tensorrt_engines_it_cannot_refit_stale_and_refused(tmp_path, cli, bundle_copy):

@@ -1,7 +1,8 @@
-"""The TensorRT code type-checks against TensorRT's published Python API (tensorrt-stubs).
+"""The package type-checks, the TensorRT code against TensorRT's published Python API (tensorrt-stubs).
 
 TensorRT's libraries cannot be installed on machines without NVIDIA's package host, so this is how
-the builder and runtime are checked there: mypy, strict, over ``cfdeploy/trt`` (pyproject.toml).
+the builder and runtime are checked there: mypy over ``cfdeploy`` (pyproject.toml), strict for the
+torch-free deploy path and the TensorRT code.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ STUB_REPAIRS = [
 ]
 
 
-def test_tensorrt_code_type_checks_against_the_published_api(tmp_path):
+def test_package_type_checks_with_tensorrt_against_the_published_api(tmp_path):
     stubs = tmp_path / "stubs"
     installed = subprocess.run(
         [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(stubs), STUBS],

@@ -11,7 +11,7 @@ import onnxruntime as ort
 
 from cfdeploy.backends.bundle_backend import BundleBackend
 from cfdeploy.bundle import Bundle
-from cfdeploy.bundle import ENGINE_DIR, ORT_ENGINE_CACHE
+from cfdeploy.bundle import ORT_ENGINE_CACHE
 from cfdeploy.errors import CfdeployError
 
 PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
@@ -77,6 +77,14 @@ def provider_options(providers: Sequence[str], precision: str, cache_dir: Path) 
     return options
 
 
+def load_failure(error: Exception) -> str:
+    """ONNX Runtime's load error as one readable clause."""
+    message = " ".join(str(error).split())
+    if "model_path must not be empty" in message or "external data" in message.lower():
+        return "it reads external data files, which bundles never use (only files the manifest hashes are read)"
+    return message.split(") ")[-1][:300] if "onnxruntime::" in message else message[:300]
+
+
 class OnnxRuntimeBackend(BundleBackend):
     """Each stage of the edit as an ONNX Runtime session over the bundle's graphs (created on first use)."""
 
@@ -90,7 +98,7 @@ class OnnxRuntimeBackend(BundleBackend):
         self.options = ort.SessionOptions()
         self.options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.options.intra_op_num_threads = threads or physical_cores()
-        self.options.log_severity_level = 3
+        self.options.log_severity_level = 4  # errors come back as exceptions; its own log would add lines
         self._sessions: dict[str, ort.InferenceSession] = {}
 
     @classmethod
@@ -108,7 +116,7 @@ class OnnxRuntimeBackend(BundleBackend):
     def run(self, network: str, **inputs: np.ndarray) -> np.ndarray:
         session = self._sessions.get(network)
         if session is None:
-            cache_dir = self.bundle.path / ENGINE_DIR / ORT_ENGINE_CACHE
+            cache_dir = self.bundle.engine_dir / ORT_ENGINE_CACHE
             if "TensorrtExecutionProvider" in self.providers:
                 cache_dir.mkdir(parents=True, exist_ok=True)
             options = provider_options(self.providers, self.bundle.contracts[network].precision, cache_dir)
@@ -120,7 +128,7 @@ class OnnxRuntimeBackend(BundleBackend):
                     path.read_bytes(), self.options, providers=self.providers, provider_options=options
                 )
             except Exception as error:  # ONNX Runtime has one exception class per failure, none shared but Exception
-                reason = " ".join(str(error).split())[:300]
-                raise CfdeployError(f"{path}: ONNX Runtime cannot load this graph: {reason}") from None
+                raise CfdeployError(f"{path}: ONNX Runtime cannot load this graph: {load_failure(error)}") from None
             self._sessions[network] = session
-        return session.run(None, inputs)[0]
+        output: np.ndarray = session.run(None, inputs)[0]
+        return output

@@ -16,7 +16,7 @@ import numpy as np
 import tensorrt as trt
 
 from cfdeploy.backends.bundle_backend import BundleBackend
-from cfdeploy.bundle import ENGINE_DIR, Bundle
+from cfdeploy.bundle import Bundle
 from cfdeploy.contracts import NetworkContract, TensorSpec
 from cfdeploy.errors import CfdeployError
 from cfdeploy.trt.cuda import DeviceBuffer, EventTimer, call, gpu_identity, require_cudart
@@ -148,7 +148,7 @@ class TensorRTBackend(BundleBackend):
         self, bundle: Bundle, engine_dir: Path | None = None, cuda_graphs: bool = True, cache_max: int | None = None
     ) -> None:
         super().__init__(bundle, cache_max)
-        self.engine_dir = engine_dir or bundle.path / ENGINE_DIR
+        self.engine_dir = engine_dir or bundle.engine_dir
         self.cuda_graphs = cuda_graphs
         self.gpu = gpu_identity()
         self.stream = int(call("cudaStreamCreate"))

@@ -189,6 +189,8 @@ def edit_command(
     with StagedDirectory(out, force, inputs) as staged:
         with console.status("loading models"):
             editor = open_backend(name, source, **options)
+        if editor.text_cache is not None:
+            editor.text_cache.on_warning = warn
         refiner = None
         if refine_settings is not None:
             refiner = build_refiner(editor, refine_settings, text, source_text, checkpoint, clip_weights)

@@ -62,6 +62,8 @@ def inspect_command(
         typer.echo(json.dumps(report, indent=2))
         return
     table = Table(title=Text(plain(file)), show_header=False)
+    table.add_column("field", no_wrap=True)
+    table.add_column("value", overflow="fold")  # hashes stay whole, to copy into --expect-manifest
     for key, value in report.items():
         table.add_row(key, _cell(value))
     Console().print(table)

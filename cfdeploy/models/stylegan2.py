@@ -63,6 +63,8 @@ def fir_kernel(gain: float) -> torch.Tensor:
 class FIRFilter(nn.Module):
     """Depthwise 4x4 FIR filter; ``kernel`` is a state-dict buffer (``blur.kernel``/``upsample.kernel``)."""
 
+    kernel: torch.Tensor
+
     def __init__(self, gain: float) -> None:
         super().__init__()
         self.register_buffer("kernel", fir_kernel(gain))

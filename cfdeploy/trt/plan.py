@@ -19,8 +19,6 @@ from cfdeploy.contracts import NetworkContract
 from cfdeploy.errors import CfdeployError
 
 PRECISIONS = ("fp32", "fp16", "mixed")
-ENGINE_DIR = "tensorrt"
-ORT_ENGINE_CACHE = "onnxruntime"  # ONNX Runtime's TensorRT provider caches its own engines here, inside ENGINE_DIR
 TIMING_CACHE = "timing.cache"
 KEY_FORMAT = "cfdeploy-engine-key/1"
 # Layers that carry nearly all the FLOPs; in a "mixed" engine only these may run in fp16.

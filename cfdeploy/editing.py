@@ -152,6 +152,14 @@ class EditResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+def check_sampling(num: int, truncation: float) -> None:
+    """``--num`` and ``--truncation`` for ``--seed``, checked before anything is loaded or allocated."""
+    if not math.isfinite(truncation):
+        raise CfdeployError(f"--truncation must be a finite number, got {truncation}")
+    if not 1 <= num <= MAX_SAMPLED_CODES:
+        raise CfdeployError(f"--num must be between 1 and {MAX_SAMPLED_CODES:,}, got {num}")
+
+
 def resolve_latents(
     backend: EditBackend,
     latents: Path | None = None,
@@ -165,10 +173,7 @@ def resolve_latents(
     if latents is not None:
         return load_latents(latents, backend.n_latent, backend.style_dim), {"latents": str(latents)}
     assert seed is not None
-    if not math.isfinite(truncation):
-        raise CfdeployError(f"--truncation must be a finite number, got {truncation}")
-    if not 1 <= num <= MAX_SAMPLED_CODES:
-        raise CfdeployError(f"--num must be between 1 and {MAX_SAMPLED_CODES:,}, got {num}")
+    check_sampling(num, truncation)
     w = backend.sample_w(seeded_z(seed, num, backend.style_dim), truncation)
     codes = broadcast_latents(w, backend.n_latent, backend.style_dim, f"seed {seed}")
     return codes, {"seed": seed, "num": num, "truncation": truncation}

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from cfdeploy.errors import CfdeployError
+from cfdeploy.errors import CfdeployError, missing_extra
 from cfdeploy.inputs import read_npy, require_file
+
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
 
 def _parameters(module: Any) -> int:
@@ -39,11 +42,14 @@ def inspect_file(path: Path) -> dict[str, Any]:
         import torch
 
         from cfdeploy.checkpoints import is_torchscript_archive, load_cfclip, load_clip, load_stylegan2, safe_torch_load
-    except ImportError:
-        raise CfdeployError(f"{path}: inspecting torch files needs the 'export' extra") from None
+    except ModuleNotFoundError as missing:
+        raise missing_extra(missing.name or "torch", f"inspecting {path}") from None
 
     if path.suffix == ".safetensors":
         return _describe_clip(load_clip(path), "safetensors state dict")
+    if path.suffix not in TORCH_SUFFIXES and not zipfile.is_zipfile(path):
+        raise CfdeployError(f"{path}: not a file cfdeploy knows (expected a bundle directory, a .npy array, a torch "
+                            f"checkpoint {'/'.join(TORCH_SUFFIXES)} or .safetensors CLIP weights)")
     if is_torchscript_archive(path):
         return _describe_clip(load_clip(path), "TorchScript archive (OpenAI)")
     content = safe_torch_load(path)

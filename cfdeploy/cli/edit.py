@@ -10,8 +10,8 @@ from typing import Any, Optional
 import typer
 
 from cfdeploy.cli.common import app, console, plain, progress_bar, require_finite, say, user_errors, warn
-from cfdeploy.editing import DEFAULT_PNG_COMPRESSION
-from cfdeploy.errors import CfdeployError
+from cfdeploy.editing import DEFAULT_PNG_COMPRESSION, check_sampling
+from cfdeploy.errors import CfdeployError, missing_extra
 
 INPUT, PROMPT, OUTPUT, RUNTIME, REFINE = "Input", "Prompt", "Output", "Runtime", "Refinement (optional, torch)"
 
@@ -166,7 +166,9 @@ def edit_command(
         raise CfdeployError("give exactly one of --text or --text-embedding")
     if (latents is None) == (seed is None):
         raise CfdeployError("give exactly one of --latents or --seed")
-    require_finite(strength=strength, truncation=truncation, refine_lr=refine_lr, refine_l2=refine_l2)
+    require_finite(strength=strength, refine_lr=refine_lr, refine_l2=refine_l2)
+    if seed is not None:
+        check_sampling(num, truncation)
     source = checkpoint if info.source == "checkpoint" else bundle
     if source is None:
         needed = "--checkpoint" if info.source == "checkpoint" else "--bundle (make one with cfdeploy export)"
@@ -176,8 +178,10 @@ def edit_command(
         raise CfdeployError("--text needs --clip-weights (CLIP ViT-B/32 weights); or pass --text-embedding")
     refine_settings = None
     if refine_steps > 0:
-        from cfdeploy.refine import RefineSettings
-
+        try:
+            from cfdeploy.refine import RefineSettings
+        except ModuleNotFoundError as missing:
+            raise missing_extra(missing.name or "torch", "refinement (--refine-steps)") from None
         refine_settings = RefineSettings(refine_steps, refine_lr, refine_l2, source_text or "face", refine_layers)
     options = {
         "clip_weights": clip_weights if needs_clip else None, "device": device,

@@ -1,0 +1,115 @@
+"""The command line as a careless or hostile user meets it: bad numbers, odd paths, text that would
+drive the terminal. Each refusal is one line on stderr, exit 2, nothing written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import synthetic_files
+
+ESCAPES = "\x1b]8;;https://example.invalid\x1b\\link\x1b]8;;\x1b\\\x1b[31m[/bold][red]"
+
+
+def assert_refused(result, out: Path, message: str) -> None:
+    assert result.exit_code == 2, (result.exit_code, result.stdout, result.stderr)
+    assert result.stderr.strip() == f"error: {message}"
+    assert "Traceback" not in result.stdout + result.stderr
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--strength", "nan", "--strength must be a finite number, got nan"),
+    ("--strength", "inf", "--strength must be a finite number, got inf"),
+    ("--refine-lr", "nan", "--refine-lr must be a finite number, got nan"),
+])
+def test_non_finite_settings_are_refused_before_any_work(cli, tmp_path, cfclip_256, latents_256, embedding_file,
+                                                        option, value, message):
+    out = tmp_path / "out"
+    result = cli("edit", "-c", cfclip_256, "-l", latents_256, "--text-embedding", embedding_file, "-o", out, option, value)
+    assert_refused(result, out, message)
+
+
+@pytest.mark.parametrize("options, message", [
+    (("--truncation", "inf"), "--truncation must be a finite number, got inf"),
+    (("--num", "1000000"), "--num must be between 1 and 100,000, got 1000000"),
+])
+def test_sampling_settings_are_refused_before_any_work(cli, tmp_path, cfclip_256, embedding_file, options, message):
+    out = tmp_path / "out"
+    result = cli("edit", "-c", cfclip_256, "--seed", 1, "--text-embedding", embedding_file, "-o", out, *options)
+    assert_refused(result, out, message)
+
+
+@pytest.mark.parametrize("prompt", ["", "   \t "])
+def test_empty_prompt_is_refused(cli, tmp_path, cfclip_256, latents_256, clip_state_dict_file, prompt):
+    out = tmp_path / "out"
+    result = cli("edit", "-c", cfclip_256, "-l", latents_256, "--clip-weights", clip_state_dict_file, "--text", prompt,
+                 "-o", out)
+    assert result.exit_code == 2 and "prompt" in result.stderr and "empty" in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_force_never_replaces_a_directory_holding_an_input(cli, tmp_path, cfclip_256, embedding_file):
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    latents = inputs / "codes.npy"
+    np.save(latents, np.zeros((1, 14, 512), np.float32))
+    result = cli("edit", "-c", cfclip_256, "-l", latents, "--text-embedding", embedding_file, "-o", inputs, "--force")
+    assert result.exit_code == 2
+    assert result.stderr.strip() == f"error: {inputs}: contains the input {latents}; choose another output"
+    assert sorted(path.name for path in inputs.iterdir()) == ["codes.npy"]
+
+
+def test_inspect_of_an_unknown_file_names_what_it_expected(cli, tmp_path):
+    table = tmp_path / "b.csv"
+    table.write_text("a,b\n1,2\n")
+    result = cli("inspect", table)
+    assert result.exit_code == 2
+    assert result.stderr.strip().startswith(f"error: {table}: not a file cfdeploy knows (expected a bundle directory")
+
+
+@pytest.fixture(scope="module")
+def hostile_description_checkpoint(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("hostile") / "described.pt"
+    torch.save(synthetic_files.cfclip_checkpoint(256, seed=7, description=ESCAPES, source_text="[bold]face"), path)
+    return path
+
+
+def test_inspect_shows_markup_and_escapes_from_a_checkpoint_literally(cli, hostile_description_checkpoint):
+    result = cli("inspect", hostile_description_checkpoint)
+    assert result.exit_code == 0, result.stderr
+    assert "\x1b" not in result.stdout
+    assert "[/bold][red]" in result.stdout and "[bold]face" in result.stdout
+    assert "\\x1b]8;;https://example.invalid" in result.stdout
+
+
+def test_warnings_and_reports_never_pass_escape_sequences(cli, tmp_path, hostile_description_checkpoint,
+                                                          latents_256, clip_state_dict_file):
+    out = tmp_path / "out"
+    one_code = tmp_path / "one.npy"
+    np.save(one_code, np.load(latents_256)[:1])
+    result = cli("edit", "-c", hostile_description_checkpoint, "-l", one_code, "--clip-weights", clip_state_dict_file,
+                 "--text", "blue dog \x1b[2J", "-o", out)
+    assert result.exit_code == 0, result.stderr
+    assert "\x1b" not in result.stderr
+    assert "trained for" in result.stderr and "[/bold][red]" in result.stderr and "\\x1b[2J" in result.stderr
+
+
+def test_png_compression_changes_size_not_pixels(cli, tmp_path, cfclip_256, latents_256, embedding_file):
+    from PIL import Image
+
+    one_code = tmp_path / "one.npy"
+    np.save(one_code, np.load(latents_256)[:1])
+    sizes, pixels = [], []
+    for level in (0, 9):
+        out = tmp_path / f"level{level}"
+        result = cli("edit", "-c", cfclip_256, "-l", one_code, "--text-embedding", embedding_file, "-o", out,
+                     "--png-compression", level)
+        assert result.exit_code == 0, result.stderr
+        sizes.append((out / "000000.png").stat().st_size)
+        pixels.append(np.asarray(Image.open(out / "000000.png")))
+    assert sizes[0] > sizes[1]
+    np.testing.assert_array_equal(pixels[0], pixels[1])

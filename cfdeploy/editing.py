@@ -38,7 +38,7 @@ class EditBackend(Protocol):
     Each method runs one network of the pipeline (its stage name in brackets)::
 
         tokenize [tokenize] → text_features [clip_text] → text_latents [text_mapper]
-        → edit_latents [latent_editor] → synthesize [generator];   sample_w runs [mapping]
+        → edit_latents [latent_editor] → synthesize [generator];   sample_w runs [mapping], encode [encoder]
 
     Backends are opened with :func:`cfdeploy.backends.open_backend`.
     """
@@ -85,6 +85,16 @@ class EditBackend(Protocol):
 
     def sample_w(self, z: np.ndarray, truncation: float) -> np.ndarray:
         """Gaussian ``z [B, 512]`` to W ``[B, 512]``, truncated toward the mean W by ``truncation``."""
+
+    def encode(self, images: np.ndarray) -> np.ndarray:
+        """Aligned photos ``[B, 3, 256, 256]`` in [-1, 1] to W+ codes with the e4e encoder, where it has one."""
+
+    def generator_sha256(self) -> str:
+        """Hash of the generator's weights."""
+
+    @property
+    def encoder_generator_sha256(self) -> str | None:
+        """Hash of the generator the e4e encoder was trained with (its codes live in that one's W+), if any."""
 
 
 class StageTimer:

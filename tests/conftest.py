@@ -1,19 +1,107 @@
-"""Session-wide synthetic files in the official formats (built once; the 1024 px checkpoint is large)."""
+"""Session-wide synthetic files in the official formats, and the helpers tests share.
+
+Files are built once per session. Where the image size is not the point, tests use the 64 px files
+(the 256 px layout's first blocks); the 256 and 1024 px files follow the manifests exactly.
+Test modules import the helpers from here (``from conftest import …``), never from each other.
+"""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
 import torch
 
 import synthetic_files
+from cfdeploy.models import reference
+
+TOLERANCE = 1e-4  # relative L2 against the official formulation, on every output
+TOKENIZER_PROMPTS = [
+    "green lipstick", "A Photo of a DOG!!", "green   lipstick", "rock &amp; roll, baby.", "&lt;b&gt;bold&lt;/b&gt;",
+    "&amp;amp;lt;", "Hello,World?", "it's they're I'll don't", "café naïve Straße", "Ünïcödé ÅÆØ", "日本語のテキスト",
+    "😀 blue dog 🐶", "\tTabs\nand\r\nnewlines ", "3.14159 x2", "mixed-CASE_Under_score", "ﬁ ligature",
+    "<start_of_text>literal specials<end_of_text>", "word " * 75,
+]
+CLIP_SEED = 3  # the CLIP weights every CLIP file of the session holds
+
+
+def rel_l2(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> float:
+    """``|a - b| / |b|`` in float64."""
+    a, b = (np.asarray(t.detach() if isinstance(t, torch.Tensor) else t, dtype=np.float64) for t in (a, b))
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@functools.lru_cache(maxsize=16)
+def _official_edit(checkpoint: Path, w: bytes, w_shape: tuple, features: bytes, features_shape: tuple):
+    content = torch.load(checkpoint, weights_only=True)
+    w_array = np.frombuffer(w, np.float32).reshape(w_shape)
+    features_array = np.frombuffer(features, np.float32).reshape(features_shape)
+    with torch.no_grad():
+        w_hat, image = reference.cfclip_edit(
+            content["state_dict"], content["opts"], torch.from_numpy(w_array.copy()), torch.from_numpy(features_array.copy())
+        )
+    return w_hat.numpy(), image.numpy()
+
+
+def official_edit(checkpoint: Path, w: np.ndarray, text_features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The official formulation's ``w_hat`` and image (memoised: several tests share inputs)."""
+    w, text_features = np.asarray(w, np.float32), np.asarray(text_features, np.float32)
+    return _official_edit(checkpoint, w.tobytes(), w.shape, text_features.tobytes(), text_features.shape)
+
+
+@functools.lru_cache(maxsize=1)
+def _open_clip_model(seed: int):
+    import open_clip
+
+    from cfdeploy.models.clip_text import CLIP_ARCHITECTURE
+
+    model = open_clip.create_model(CLIP_ARCHITECTURE, pretrained=None)
+    model.load_state_dict(synthetic_files.clip_text_state(seed), strict=False)
+    return model.eval()
+
+
+def open_clip_features(prompts: list[str], seed: int = CLIP_SEED) -> np.ndarray:
+    """open_clip's own tokenizer and encode_text on the same weights, loaded with open_clip's API."""
+    import open_clip
+
+    with torch.no_grad():
+        return _open_clip_model(seed).encode_text(open_clip.tokenize(prompts)).numpy()
+
+
+def assert_refused(result, out: Path, *fragments: str) -> None:
+    """Exit 2 with one ``error:`` line holding every fragment, no traceback, and nothing written at ``out``."""
+    assert result.exit_code == 2, (result.exit_code, result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ")
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    assert "Traceback" not in result.stdout + result.stderr
+    assert not out.exists()
+    assert not [p for p in out.parent.iterdir() if p.name.endswith(".partial")]
+
+
+def checkpoint_with_generator_of(path: Path, generator_seed: int, mapper_seed: int, **opts) -> None:
+    """A 256 px CF-CLIP file whose mappers come from ``mapper_seed`` and whose generator is ``generator_seed``'s."""
+    content = synthetic_files.cfclip_checkpoint(256, seed=mapper_seed, **opts)
+    donor = synthetic_files.cfclip_checkpoint(256, seed=generator_seed)["state_dict"]
+    content["state_dict"].update({key: value for key, value in donor.items() if key.startswith("decoder.")})
+    torch.save(content, path)
 
 
 @pytest.fixture(scope="session")
 def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("official")
+
+
+@pytest.fixture(scope="session")
+def cfclip_64(files: Path) -> Path:
+    path = files / "green_lipstick_64.pt"
+    torch.save(synthetic_files.cfclip_checkpoint(64, seed=6), path)
+    return path
 
 
 @pytest.fixture(scope="session")
@@ -23,24 +111,33 @@ def cfclip_256(files: Path) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def cfclip_1024(files: Path) -> Path:
-    path = files / "green_lipstick_1024.pt"
+@pytest.fixture(scope="module")
+def cfclip_1024(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The 1024 px file (213 MB): written for each module that uses it, deleted when that module is done."""
+    path = tmp_path_factory.mktemp("official_1024") / "green_lipstick_1024.pt"
     torch.save(synthetic_files.cfclip_checkpoint(1024, seed=2), path)
-    return path
+    yield path
+    path.unlink()
 
 
 @pytest.fixture(scope="session")
 def clip_state_dict_file(files: Path) -> Path:
     path = files / "clip_text_open_clip.pt"
-    torch.save(synthetic_files.clip_text_state(seed=3), path)
+    torch.save(synthetic_files.clip_text_state(seed=CLIP_SEED), path)
     return path
 
 
 @pytest.fixture(scope="session")
 def clip_torchscript_file(files: Path) -> Path:
     path = files / "ViT-B-32.pt"
-    synthetic_files.save_torchscript_archive(synthetic_files.clip_text_state(seed=3, dtype=torch.float16), path)
+    synthetic_files.save_torchscript_archive(synthetic_files.clip_text_state(seed=CLIP_SEED, dtype=torch.float16), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def latents_64(files: Path) -> Path:
+    path = files / "latents_64.npy"
+    np.save(path, np.random.default_rng(4).standard_normal((5, 10, 512)).astype(np.float32))
     return path
 
 

@@ -1,4 +1,4 @@
-"""Synthetic files in the official formats, built from the key/shape manifests in ../shared/spec.
+"""Synthetic files in the official formats, built from the key/shape manifests in ``tests/manifests``.
 
 Values are random but scaled like trained weights (equalised-lr layers store weight/lr_mul, modulation
 biases start at 1, FIR kernels are the real ones), so activations stay in a realistic range.
@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import re
 from pathlib import Path
 
@@ -17,15 +16,12 @@ import numpy as np
 import torch
 from torch import nn
 
-SHARED = Path(os.environ.get("CFDEPLOY_SHARED", Path(__file__).resolve().parents[2] / "shared"))
-MANIFESTS = SHARED / "spec" / "manifests"
-
+MANIFESTS = Path(__file__).resolve().parent / "manifests"
+MANIFEST_SIZES = (256, 1024)
+BLOCK_KEY = re.compile(r"(decoder\.convs\.|decoder\.to_rgbs\.|decoder\.noises\.noise_|text_mapper\.mapper_)(\d+)")
 
 def manifest(name: str) -> dict:
-    path = MANIFESTS / name
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: the spec manifests are expected in ../shared beside the checkout")
-    return json.loads(path.read_text())
+    return json.loads((MANIFESTS / name).read_text())
 
 
 def official_fir_kernel() -> torch.Tensor:
@@ -52,10 +48,31 @@ def stylegan_like_state(keys: list, seed: int) -> dict[str, torch.Tensor]:
     return {key: _stylegan_value(key, shape, rng) for key, shape, _ in keys}
 
 
+def cfclip_keys(size: int) -> list:
+    """The manifest's ``[key, shape, dtype]`` list at 256 or 1024 px.
+
+    64 and 128 px (sizes at which every mapper group still has levels) keep the first blocks of the
+    256 px layout: the same channels per resolution, fewer blocks, one text mapper per level.
+    """
+    if size in MANIFEST_SIZES:
+        return manifest(f"cfclip_manifest_{size}.json")["keys"]
+    if size not in (64, 128):
+        raise ValueError(f"synthetic CF-CLIP checkpoints are 64, 128, 256 or 1024 px, not {size}")
+    blocks = int(math.log2(size)) - 2  # upsampling blocks after the 4 px input
+    counts = {"decoder.convs.": 2 * blocks, "decoder.to_rgbs.": blocks, "decoder.noises.noise_": 2 * blocks + 1,
+              "text_mapper.mapper_": 2 * blocks + 2}
+
+    def kept(key: str) -> bool:
+        found = BLOCK_KEY.match(key)
+        return found is None or int(found.group(2)) < counts[found.group(1)]
+
+    return [entry for entry in manifest("cfclip_manifest_256.json")["keys"] if kept(entry[0])]
+
+
 def cfclip_checkpoint(size: int, seed: int = 0, **opts_overrides) -> dict:
     """``{'state_dict', 'opts'}`` like a CF-CLIP release file; disabled mapper groups drop their keys."""
-    spec = manifest(f"cfclip_manifest_{size}.json")
-    opts = {**spec["checkpoint_opts"], **opts_overrides}
+    layout = size if size in MANIFEST_SIZES else 256
+    opts = {**manifest(f"cfclip_manifest_{layout}.json")["checkpoint_opts"], "stylegan_size": size, **opts_overrides}
     dropped = [
         prefix
         for flag, prefix in (
@@ -65,7 +82,7 @@ def cfclip_checkpoint(size: int, seed: int = 0, **opts_overrides) -> dict:
         )
         if opts.get(flag)
     ]
-    keys = [entry for entry in spec["keys"] if not entry[0].startswith(tuple(dropped))]
+    keys = [entry for entry in cfclip_keys(size) if not entry[0].startswith(tuple(dropped))]
     return {"state_dict": stylegan_like_state(keys, seed), "opts": opts}
 
 
@@ -122,3 +139,52 @@ def save_torchscript_archive(state: dict[str, torch.Tensor], path: Path) -> None
     for name, value in (("input_resolution", 224), ("context_length", 77), ("vocab_size", 49408)):
         root.register_buffer(name, torch.tensor(value))
     torch.jit.save(torch.jit.script(root), str(path))
+
+
+def _e4e_encoder_value(key: str, shape: list[int], rng: torch.Generator) -> torch.Tensor:
+    """Trained-looking e4e weights: fan-in scaled convs, BatchNorm with plausible running statistics."""
+    randn = lambda: torch.randn(shape, generator=rng)  # noqa: E731
+    uniform = lambda low, high: low + (high - low) * torch.rand(shape, generator=rng)  # noqa: E731
+    if key.endswith("num_batches_tracked"):
+        return torch.tensor(200_000, dtype=torch.int64)
+    if key.endswith("running_mean"):
+        return 0.1 * randn()
+    if key.endswith("running_var"):
+        return uniform(0.5, 2.0)
+    if len(shape) == 1 and re.search(r"(input_layer\.2|res_layer\.2)\.weight$", key):  # PReLU slopes
+        return uniform(0.1, 0.4)
+    if len(shape) == 1 and key.endswith("weight"):  # BatchNorm scale; the residual's last one small
+        return (0.3 if key.endswith("res_layer.4.weight") else 1.0) * uniform(0.7, 1.3)
+    if len(shape) == 1:  # BatchNorm, conv and linear biases
+        return 0.05 * randn()
+    if key.endswith("linear.weight"):  # EqualLinear stores unscaled weights
+        return randn()
+    fan_in = math.prod(shape[1:])
+    gain = 2.0 if ".styles." in key else 1.0  # map2style convs feed a leaky ReLU
+    return randn() * math.sqrt(gain / fan_in)
+
+
+def e4e_checkpoint(seed: int = 0, size: int = 1024) -> dict:
+    """``{'state_dict', 'latent_avg', 'opts'}`` like ``e4e_ffhq_encode.pt`` (``size`` 1024); other sizes keep the
+    encoder's first ``2 log2(size) - 2`` style blocks and the CF-CLIP layout's generator of that size, as the
+    official code builds them for ``opts.stylegan_size``."""
+    spec = manifest("e4e_manifest.json")
+    n_latent = 2 * int(math.log2(size)) - 2
+    style_block = re.compile(r"encoder\.styles\.(\d+)\.")
+
+    def kept(key: str) -> bool:
+        found = style_block.match(key)
+        return found is None or int(found.group(1)) < n_latent
+
+    encoder_keys = [entry for entry in spec["keys"] if entry[0].startswith("encoder.") and kept(entry[0])]
+    if size == 1024:
+        decoder_keys = [entry for entry in spec["keys"] if entry[0].startswith("decoder.")]
+    else:
+        decoder_keys = [entry for entry in cfclip_keys(size) if entry[0].startswith("decoder.")]
+    rng = torch.Generator().manual_seed(seed)
+    state = {key: _e4e_encoder_value(key, shape, rng) for key, shape, _ in encoder_keys}
+    state.update(stylegan_like_state(decoder_keys, seed + 1))
+    shared_mean = 0.5 * torch.randn(512, generator=rng)
+    latent_avg = shared_mean + 0.05 * torch.randn(n_latent, 512, generator=rng)
+    opts = {**spec["checkpoint_opts"], "stylegan_size": size}
+    return {"state_dict": state, "latent_avg": latent_avg, "opts": opts}

@@ -12,18 +12,7 @@ import pytest
 import torch
 
 import synthetic_files
-
-
-def assert_refused(result, out: Path, *fragments: str) -> None:
-    assert result.exit_code == 2, (result.exit_code, result.stdout, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: ")
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    assert "Traceback" not in result.stdout + result.stderr
-    assert not out.exists()
-    assert not [p for p in out.parent.iterdir() if p.name.endswith(".partial")]
+from conftest import assert_refused
 
 
 @pytest.fixture

@@ -44,7 +44,7 @@ def test_inspect_cfclip_checkpoint(cli, cfclip_256):
 
 def test_inspect_checkpoint_without_coarse_mapper(cli, tmp_path):
     path = tmp_path / "no_coarse.pt"
-    torch.save(synthetic_files.cfclip_checkpoint(256, no_coarse_mapper=True), path)
+    torch.save(synthetic_files.cfclip_checkpoint(64, no_coarse_mapper=True), path)
     report = json.loads(cli("inspect", path, "--json").stdout)
     assert report["mapper_groups"] == ["medium", "fine"]
 
@@ -83,8 +83,8 @@ def test_rosinality_checkpoint_without_noise_buffers_is_refused(tmp_path):
         load_stylegan2(path)
 
 
-def test_prompt_other_than_trained_description_warns(cli, tmp_path, cfclip_256, latents_256, clip_state_dict_file):
-    result = cli("edit", "-c", cfclip_256, "-l", latents_256, "--text", "blue dog", "--clip-weights", clip_state_dict_file,
+def test_prompt_other_than_trained_description_warns(cli, tmp_path, cfclip_64, latents_64, clip_state_dict_file):
+    result = cli("edit", "-c", cfclip_64, "-l", latents_64, "--text", "blue dog", "--clip-weights", clip_state_dict_file,
                  "-o", tmp_path / "out", "--batch-size", 5)
     assert result.exit_code == 0, result.stderr
     assert "trained for 'green lipstick', not 'blue dog'" in result.stderr

@@ -11,8 +11,7 @@ import numpy as np
 import open_clip
 import pytest
 
-from test_parity import TOLERANCE, official_edit, open_clip_features, rel_l2
-from test_tokenizer import PROMPTS
+from conftest import TOKENIZER_PROMPTS, TOLERANCE, official_edit, open_clip_features, rel_l2
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,9 +39,9 @@ def test_core_install_tokenizes_like_open_clip(core_python, bundle_256):
         "tok = ClipTokenizer(Path(sys.argv[1]) / 'tokenizer' / 'bpe_simple_vocab_16e6.txt.gz');"
         "print(json.dumps(tok(json.loads(sys.argv[2])).tolist()))"
     )
-    process = subprocess.run([core_python, "-c", code, str(bundle_256), json.dumps(PROMPTS)], capture_output=True, text=True)
+    process = subprocess.run([core_python, "-c", code, str(bundle_256), json.dumps(TOKENIZER_PROMPTS)], capture_output=True, text=True)
     assert process.returncode == 0, process.stderr
-    assert np.array_equal(np.array(json.loads(process.stdout)), open_clip.get_tokenizer("ViT-B-32")(PROMPTS).numpy())
+    assert np.array_equal(np.array(json.loads(process.stdout)), open_clip.get_tokenizer("ViT-B-32")(TOKENIZER_PROMPTS).numpy())
 
 
 @pytest.mark.parametrize("text_source", ["text", "embedding"])
@@ -64,5 +63,26 @@ def test_core_install_refuses_refinement_in_one_line(core_python, tmp_path, bund
     process = run_core(core_python, "edit", "--bundle", bundle_256, "-l", latents_256, "--text-embedding", embedding_file,
                        "-o", out, "--refine-steps", 3)
     assert process.returncode == 2
-    assert process.stderr.strip() == "error: refinement runs in torch: install the 'export' extra (pip install 'cfdeploy[export]')"
+    assert process.stderr.strip() == (
+        'error: refinement (--refine-steps) needs torch, which this install lacks: pip install "cfdeploy[export]"'
+    )
     assert not out.exists()
+
+
+@pytest.mark.parametrize("command, needed_for", [
+    (("edit", "--checkpoint", "{checkpoint}", "--text-embedding", "{embedding}", "--seed", 1, "-o", "{out}"),
+     "the torch backend"),
+    (("demo", "-o", "{out}"), "cfdeploy demo"),
+    (("embed", "blue dog", "--clip-weights", "{checkpoint}", "-o", "{out}.npy"), "cfdeploy embed"),
+    (("bench", "--synthetic", 8, "--backends", "torch"), "cfdeploy bench"),
+])
+def test_core_install_names_the_extra_a_command_needs(core_python, tmp_path, cfclip_256, embedding_file, command,
+                                                      needed_for):
+    out = tmp_path / "out"
+    values = {"checkpoint": cfclip_256, "embedding": embedding_file, "out": out}
+    process = run_core(core_python, *(str(part).format(**values) for part in command))
+    assert process.returncode == 2, process.stderr
+    assert process.stderr.strip() == (
+        f'error: {needed_for} needs torch, which this install lacks: pip install "cfdeploy[export]"'
+    )
+    assert "Traceback" not in process.stderr and not out.exists()

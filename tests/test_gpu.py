@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from test_parity import TOLERANCE, official_edit, rel_l2
-from test_refit import checkpoint_with_generator_of
+from conftest import TOLERANCE, checkpoint_with_generator_of, official_edit, rel_l2
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible to torch")
 needs_tensorrt = pytest.mark.skipif(
@@ -26,6 +25,7 @@ def psnr(images: np.ndarray, expected: np.ndarray) -> float:
     return float("inf") if mse == 0 else 10 * np.log10(4.0 / mse)
 
 
+@pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("checkpoint_fixture,batch", [("cfclip_256", 1), ("cfclip_256", 8), ("cfclip_1024", 1)])
 def test_torch_cuda_matches_the_cpu_reference(request, checkpoint_fixture, batch):
@@ -48,6 +48,7 @@ def test_torch_cuda_matches_the_cpu_reference(request, checkpoint_fixture, batch
     assert np.array_equal(fp16.synthesize(w_hat), graphed)  # replaying the captured graph is deterministic
 
 
+@pytest.mark.gpu
 @needs_tensorrt
 def test_tensorrt_engines_edit_like_the_reference_and_refit(tmp_path, cli, bundle_256, cfclip_256, latents_256, embedding_file):
     bundle = tmp_path / "bundle"
@@ -94,7 +95,7 @@ def test_tensorrt_engines_edit_like_the_reference_and_refit(tmp_path, cli, bundl
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")
 def test_tensorrt_paths_say_tensorrt_is_missing(tmp_path, cli, bundle_256, cfclip_256, clip_state_dict_file, latents_256):
-    message = "TensorRT is not installed here (No module named 'tensorrt')"
+    message = "needs TensorRT, which is not installed here (No module named 'tensorrt')"
     for args in (
         ["build-engines", bundle_256],
         ["edit", "--bundle", bundle_256, "--backend", "tensorrt", "-l", latents_256, "-t", "x", "-o", tmp_path / "out"],

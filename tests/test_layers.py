@@ -9,16 +9,13 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+from cfdeploy.models import reference
 from cfdeploy.models.layers import EqualLinear, PixelNorm
 from cfdeploy.models.mappers import FullTextMapper, LatentEditor, LevelsMapper, MapperConfig
 from cfdeploy.models.stylegan2 import FIRFilter, Generator, GeneratorConfig, ModulatedConv2d, ToRGB
+from conftest import rel_l2
 
 torch.manual_seed(0)
-
-
-def rel_l2(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> float:
-    a, b = (np.asarray(t.detach() if isinstance(t, torch.Tensor) else t, dtype=np.float64) for t in (a, b))
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def grouped_modulated_conv(x, weight, style, demodulate, upsample, kernel):
@@ -52,6 +49,28 @@ def fir_numpy(x: torch.Tensor, kernel: np.ndarray, up: int, pad: tuple[int, int]
         for j in range(kw):
             out += flipped[i, j] * padded[:, :, i : i + out_h, j : j + out_w]
     return torch.from_numpy(out).float()
+
+
+def equal_linear_numpy(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, lr_mul: float) -> np.ndarray:
+    """Equalised-lr linear layer on the last axis, then leaky ReLU 0.2 times sqrt(2), in float64."""
+    linear = x @ (weight * lr_mul / math.sqrt(weight.shape[1])).T + bias * lr_mul
+    return np.where(linear > 0, linear, 0.2 * linear) * math.sqrt(2)
+
+
+def mapper_numpy(x: np.ndarray, state: dict[str, np.ndarray], prefix: str) -> np.ndarray:
+    """The official Mapper: PixelNorm over dim 1 (the level axis of ``[B, levels, dim]``), four layers."""
+    x = x / np.sqrt((x**2).mean(axis=1, keepdims=True) + 1e-8)
+    for layer in range(1, 5):
+        x = equal_linear_numpy(x, state[f"{prefix}mapping.{layer}.weight"], state[f"{prefix}mapping.{layer}.bias"], 0.01)
+    return x
+
+
+def float64_state(module: torch.nn.Module) -> dict[str, np.ndarray]:
+    """The module's state dict with every bias drawn at random (they start at 0), as float64 arrays."""
+    for name, parameter in module.named_parameters():
+        if name.endswith("bias"):
+            parameter.data.normal_()
+    return {key: value.double().numpy() for key, value in module.state_dict().items()}
 
 
 def test_fir_kernel_is_outer_1331_over_16():
@@ -123,46 +142,50 @@ def test_equal_linear_scales_weights_and_adds_bias_on_last_axis():
     layer = EqualLinear(6, 5, lr_mul=0.01, activate=True)
     layer.bias.data.normal_()
     x = torch.randn(2, 3, 6)
-    linear = x.numpy() @ (layer.weight.detach().numpy() * 0.01 / math.sqrt(6)).T + layer.bias.detach().numpy() * 0.01
-    expected = np.where(linear > 0, linear, 0.2 * linear) * math.sqrt(2)
+    expected = equal_linear_numpy(x.numpy(), layer.weight.detach().numpy(), layer.bias.detach().numpy(), 0.01)
     with torch.no_grad():
         np.testing.assert_allclose(layer(x).numpy(), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_text_mapper_applies_one_mapper_per_level_to_the_same_features():
-    config = MapperConfig(n_latent=6, dim=16)
-    text_mapper = FullTextMapper(config)
+    text_mapper = FullTextMapper(MapperConfig(n_latent=6, dim=16))
+    state = float64_state(text_mapper)
     features = torch.randn(2, 16)
+    # Each level's Mapper sees [B, 1, dim]: PixelNorm over that length-1 level axis.
+    expected = np.concatenate(
+        [mapper_numpy(features.double().numpy()[:, None, :], state, f"mapper_{level}.") for level in range(6)], axis=1
+    )
     with torch.no_grad():
         out = text_mapper(features)
-        for level in range(6):
-            per_level = getattr(text_mapper, f"mapper_{level}")(features[:, None, :])
-            assert torch.equal(out[:, level : level + 1], per_level)
     assert out.shape == (2, 6, 16)
+    assert rel_l2(out, expected) < 1e-5
 
 
 def test_levels_mapper_groups_and_disabled_groups_output_zero():
-    config = MapperConfig(n_latent=10, dim=16, no_medium_mapper=True)
-    mapper = LevelsMapper(config)
+    mapper = LevelsMapper(MapperConfig(n_latent=10, dim=16, no_medium_mapper=True))
     assert not hasattr(mapper, "medium_mapping") and hasattr(mapper, "course_mapping")
+    state = float64_state(mapper)
     fused = torch.randn(3, 10, 32)
+    x = equal_linear_numpy(fused.double().numpy(), state["fc.weight"], state["fc.bias"], 0.01)
     with torch.no_grad():
         delta = mapper(fused)
-        x = mapper.fc(fused)
-        assert torch.equal(delta[:, 4:8], torch.zeros(3, 4, 16))
-        assert torch.allclose(delta[:, :4], mapper.course_mapping(x[:, :4]))
-        assert torch.allclose(delta[:, 8:], mapper.fine_mapping(x[:, 8:]))
+    assert torch.equal(delta[:, 4:8], torch.zeros(3, 4, 16))
+    assert rel_l2(delta[:, :4], mapper_numpy(x[:, :4], state, "course_mapping.")) < 1e-5
+    assert rel_l2(delta[:, 8:], mapper_numpy(x[:, 8:], state, "fine_mapping.")) < 1e-5
 
 
 def test_latent_editor_is_w_plus_strength_times_tenth_of_delta():
     mapper = LevelsMapper(MapperConfig(n_latent=10, dim=16))
+    state = float64_state(mapper)
     editor = LatentEditor(mapper)
     w, t = torch.randn(2, 10, 16), torch.randn(2, 10, 16)
-    with torch.no_grad():
-        delta = mapper(torch.cat([w, t], -1))
-        for strength in (0.0, 1.0, 2.5):
+    x = equal_linear_numpy(torch.cat([w, t], -1).double().numpy(), state["fc.weight"], state["fc.bias"], 0.01)
+    delta = np.concatenate([mapper_numpy(x[:, levels], state, f"{group}.") for levels, group in (
+        (slice(0, 4), "course_mapping"), (slice(4, 8), "medium_mapping"), (slice(8, None), "fine_mapping"))], axis=1)
+    for strength in (0.0, 1.0, 2.5):
+        with torch.no_grad():
             got = editor(w, t, torch.tensor([strength]))
-            assert torch.allclose(got, w + strength * 0.1 * delta, atol=1e-6)
+        np.testing.assert_allclose(got.numpy(), w.double().numpy() + strength * 0.1 * delta, rtol=1e-5, atol=1e-5)
 
 
 def test_generator_config_channels_follow_config_f():
@@ -171,10 +194,14 @@ def test_generator_config_channels_follow_config_f():
     assert config.n_latent == 18 and GeneratorConfig(256).n_latent == 14
 
 
-def test_generator_output_shape_and_noise_is_stored_not_random():
+def test_generator_is_the_official_synthesis_with_its_stored_noise():
     generator = Generator(GeneratorConfig(32, style_dim=16, max_channels=8)).eval()
+    for name, parameter in generator.named_parameters():
+        if name.endswith(("noise.weight", "bias")):  # drawn, not their constant initial values: each must show
+            parameter.data.normal_()
     latents = torch.randn(2, generator.config.n_latent, 16)
     with torch.no_grad():
-        first, second = generator(latents), generator(latents)
-    assert first.shape == (2, 3, 32, 32)
-    assert torch.equal(first, second)
+        got = generator(latents)
+        expected = reference.generator(generator.state_dict(), latents)
+    assert got.shape == (2, 3, 32, 32)
+    assert rel_l2(got, expected) < 1e-5

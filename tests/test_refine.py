@@ -7,17 +7,24 @@ import json
 import numpy as np
 import pytest
 import torch
+from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 
 from cfdeploy.models.clip_text import ClipText
 from cfdeploy.models.stylegan2 import Generator, GeneratorConfig
 from cfdeploy.refine import ClipNCELoss, RefineSettings, level_mask, nce_templates, refine_latents
-from test_bad_input import assert_refused
+from conftest import assert_refused
 
 
 @pytest.fixture(scope="module")
 def clip_with_visual() -> ClipText:
-    clip = ClipText.random(seed=7)
-    return ClipText(clip.clip, has_visual_weights=True).eval()
+    """A one-layer, 64-wide CLIP with random weights: CLIP's tokens, 224 px input and 512-d features.
+
+    The loss and the loop do not depend on CLIP's depth or width; ViT-B/32 makes each step ~50x slower.
+    """
+    torch.manual_seed(7)
+    vision = CLIPVisionCfg(layers=1, width=64, head_width=32, patch_size=32, image_size=224)
+    clip = CLIP(512, vision, CLIPTextCfg(width=64, heads=2, layers=1), quick_gelu=True)
+    return ClipText(clip, has_visual_weights=True).eval()
 
 
 @pytest.fixture(scope="module")
@@ -90,19 +97,33 @@ def test_refining_only_medium_levels_leaves_the_others(tiny_generator, loss_fn):
     assert [float(level_mask(14, group).sum()) for group in ("coarse", "medium", "fine", "all")] == [4, 4, 6, 14]
 
 
-def test_zero_steps_is_the_plain_edit(tiny_generator, loss_fn):
-    w_hat = np.ones((1, tiny_generator.config.n_latent, 512), np.float32)
-    refined, curve = refine_latents(tiny_generator, loss_fn, w_hat, w_hat, RefineSettings(steps=0))
-    assert refined is w_hat and curve == []
+def test_curve_starts_at_the_edit_and_the_best_latent_seen_is_returned(tiny_generator, loss_fn):
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((1, tiny_generator.config.n_latent, 512)).astype(np.float32)
+    w_hat = w + 0.1 * rng.standard_normal(w.shape).astype(np.float32)
+    settings = RefineSettings(steps=3, lr=0.01, l2=0.5, patience=10, seed=5)
+    refined, curve = refine_latents(tiny_generator, loss_fn, w, w_hat, settings)
+
+    def objective(latent: np.ndarray) -> float:
+        """NCE on the same seeded warps plus the L2 pull toward w_hat, computed here."""
+        with torch.no_grad():
+            source = tiny_generator(torch.from_numpy(w))
+            warps = torch.Generator().manual_seed(settings.seed)
+            nce = loss_fn(tiny_generator(torch.from_numpy(latent)), source, warps)
+        return float(nce) + settings.l2 * float(np.mean((latent.astype(np.float64) - w_hat) ** 2))
+
+    assert curve[0] == pytest.approx(objective(w_hat), rel=1e-5)
+    assert int(np.argmin(curve)) == 1  # neither the start nor the last latent: returning either would show
+    assert objective(refined) == pytest.approx(min(curve), rel=1e-5)
 
 
-def test_cli_refinement_writes_loss_curve(cli, tmp_path, cfclip_256, embedding_file, clip_with_visual):
+def test_cli_refinement_writes_loss_curve(cli, tmp_path, cfclip_64, embedding_file):
     weights = tmp_path / "clip_full.pt"
-    torch.save(clip_with_visual.clip.state_dict(), weights)
+    torch.save(ClipText.random(seed=7).clip.state_dict(), weights)  # ViT-B/32 text and image towers
     latents = tmp_path / "w.npy"
-    np.save(latents, np.random.default_rng(3).standard_normal((1, 14, 512)).astype(np.float32))
+    np.save(latents, np.random.default_rng(3).standard_normal((1, 10, 512)).astype(np.float32))
     out = tmp_path / "out"
-    result = cli("edit", "-c", cfclip_256, "-l", latents, "--text-embedding", embedding_file, "--clip-weights", weights,
+    result = cli("edit", "-c", cfclip_64, "-l", latents, "--text-embedding", embedding_file, "--clip-weights", weights,
                  "-o", out, "--refine-steps", 2, "--save-latents")
     assert result.exit_code == 0, result.stderr
     summary = json.loads((out / "edit.json").read_text())
@@ -110,8 +131,8 @@ def test_cli_refinement_writes_loss_curve(cli, tmp_path, cfclip_256, embedding_f
     assert summary["refinement"]["settings"]["source_text"] == "face"
 
 
-def test_cli_refinement_bad_inputs(cli, tmp_path, cfclip_256, latents_256, embedding_file, clip_state_dict_file):
-    base = ["edit", "-c", cfclip_256, "-l", latents_256, "--text-embedding", embedding_file, "-o", tmp_path / "out"]
+def test_cli_refinement_bad_inputs(cli, tmp_path, cfclip_64, latents_64, embedding_file, clip_state_dict_file):
+    base = ["edit", "-c", cfclip_64, "-l", latents_64, "--text-embedding", embedding_file, "-o", tmp_path / "out"]
     assert_refused(cli(*base, "--refine-steps", -1), tmp_path / "out", "--refine-steps must be 0 or more, got -1")
     assert_refused(cli(*base, "--refine-steps", 1), tmp_path / "out", "--refine-steps needs --clip-weights")
     assert_refused(cli(*base, "--refine-steps", 1, "--clip-weights", clip_state_dict_file), tmp_path / "out",

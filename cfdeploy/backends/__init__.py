@@ -43,12 +43,12 @@ BACKENDS: dict[str, BackendInfo] = {
     for info in (
         BackendInfo(
             "torch", "checkpoint", "cfdeploy.backends.torch_backend:TorchBackend", ("cpu", "cuda"), ("fp32", "fp16", "bf16"),
-            "torch", ("clip_weights", "device", "precision", "cuda_graphs"),
+            "torch", ("clip_weights", "device", "precision", "cuda_graphs", "encoder"),
             "the exact PyTorch models; reduced precision is for the generator only",
         ),
         BackendInfo(
             "torch-reference", "checkpoint", "cfdeploy.backends.reference_backend:TorchReferenceBackend", ("cpu", "cuda"),
-            ("fp32",), "torch", ("clip_weights", "device"),
+            ("fp32",), "torch", ("clip_weights", "device", "encoder"),
             "the official formulation (grouped conv, upfirdn2d): the baseline users migrate from",
         ),
         BackendInfo(

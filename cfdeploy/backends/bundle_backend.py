@@ -72,6 +72,21 @@ class BundleBackend(ABC):
     def synthesize(self, latents: np.ndarray) -> np.ndarray:
         return self.run("generator", latents=np.ascontiguousarray(latents, np.float32))
 
+    @property
+    def encoder_generator_sha256(self) -> str | None:
+        """The weights hash of the generator the bundle's e4e encoder was trained with, if it has one."""
+        value = self.bundle.manifest.get("weights", {}).get("encoder_generator_sha256")
+        return value if isinstance(value, str) else None
+
+    def generator_sha256(self) -> str:
+        return str(self.bundle.manifest.get("weights", {}).get("generator_sha256", ""))
+
+    def encode(self, images: np.ndarray) -> np.ndarray:
+        """Aligned photos ``[B, 3, 256, 256]`` in [-1, 1] to W+ codes through the bundle's e4e graph."""
+        if not self.bundle.has_network("encoder"):
+            raise CfdeployError(f"{self.bundle.path}: has no e4e encoder graph (export it with cfdeploy export --encoder)")
+        return self.run("encoder", images=np.ascontiguousarray(images, np.float32))
+
     def sample_w(self, z: np.ndarray, truncation: float) -> np.ndarray:
         """``z → w`` through the mapping graph, truncated toward the bundle's mean W."""
         w = self.run("mapping", z=np.ascontiguousarray(z, np.float32))

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from cfdeploy.backends import BACKENDS
-from cfdeploy.checkpoints import load_cfclip, load_clip
+from cfdeploy.checkpoints import load_cfclip, load_clip, weights_sha256
 from cfdeploy.errors import CfdeployError
 from cfdeploy.models.clip_text import ClipText
 from cfdeploy.models.mappers import FullTextMapper, LatentEditor, LevelsMapper
@@ -71,6 +71,8 @@ class TorchBackend:
         self.description = description
         self.source_text: str | None = None
         self.text_cache = None  # checkpoints have no prompt cache; bundles do
+        self.encoder: torch.nn.Module | None = None
+        self.encoder_generator_sha256: str | None = None
 
     @classmethod
     def from_checkpoint(
@@ -80,15 +82,35 @@ class TorchBackend:
         device: str = "cpu",
         precision: str = "fp32",
         cuda_graphs: bool = False,
+        encoder: Path | None = None,
     ) -> "TorchBackend":
+        """The CF-CLIP checkpoint's models; CLIP's text tower from ``clip_weights``, e4e from ``encoder`` (photos)."""
         resolve_device(device)
         loaded = load_cfclip(checkpoint)
         clip = load_clip(clip_weights) if clip_weights is not None else None
+        inverter = None
+        if encoder is not None:
+            from cfdeploy.checkpoints import load_e4e
+
+            inverter = load_e4e(encoder)
         backend = cls(
             loaded.generator, loaded.text_mapper, loaded.mapper, clip, None, loaded.description, device, precision, cuda_graphs
         )
         backend.source_text = loaded.source_text
+        if inverter is not None:
+            backend.encoder = inverter.encoder.eval().to(backend.device)
+            backend.encoder_generator_sha256 = inverter.generator_sha256()
         return backend
+
+    def generator_sha256(self) -> str:
+        """Hash of the generator weights (what bundles record; compared with the encoder's own generator)."""
+        return weights_sha256(self.generator.state_dict())
+
+    def encode(self, images: np.ndarray) -> np.ndarray:
+        """Aligned photos ``[B, 3, 256, 256]`` in [-1, 1] to W+ codes, with the e4e encoder (``--encoder``)."""
+        if self.encoder is None:
+            raise CfdeployError("encoding photos needs the e4e encoder: pass --encoder e4e_ffhq_encode.pt")
+        return self._run(self.encoder, np.ascontiguousarray(images, np.float32))
 
     @property
     def size(self) -> int:

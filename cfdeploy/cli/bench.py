@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cfdeploy.backends import PRESETS
-from cfdeploy.cli.common import app, console, plain, safe, say, user_errors
+from cfdeploy.cli.common import app, console, plain, require_range, safe, say, user_errors
 from cfdeploy.errors import CfdeployError
 
 SCREEN_WIDTH = 100  # the compact table fits this; piped output is at least this wide
@@ -52,11 +52,11 @@ def bench_command(
         "torch-reference,torch,onnxruntime", "--backends", help=f"Comma-separated, of: {', '.join(PRESETS)}."
     ),
     batch_sizes: str = typer.Option("1", "--batch-sizes", help="Comma-separated batch sizes, e.g. 1,2,4,8."),
-    warmup: int = typer.Option(1, "--warmup", min=0, help="Untimed runs first."),
-    runs: int = typer.Option(5, "--runs", min=1, help="Timed runs per backend and batch size."),
+    warmup: int = typer.Option(1, "--warmup", help="Untimed runs first."),
+    runs: int = typer.Option(5, "--runs", help="Timed runs per backend and batch size."),
     prompt: str = typer.Option("green lipstick", "--prompt", help="Prompt for the text stages."),
     refine_steps: int = typer.Option(
-        0, "--refine-steps", min=0, help="Also time K CLIP-NCE refinement steps per batch (torch backends; needs CLIP visual weights)."
+        0, "--refine-steps", help="Also time K CLIP-NCE refinement steps per batch (torch backends; needs CLIP visual weights)."
     ),
     wide: bool = typer.Option(False, "--wide", help="Show every stage's median, p99 and max abs error (the JSON and CSV always have them)."),
     json_file: Optional[Path] = typer.Option(None, "--json", help="Write the full report as JSON."),
@@ -73,6 +73,8 @@ def bench_command(
     """
     from cfdeploy.bench import BenchSettings, check_backend_names, prepare_sources, reads_bundle, run_bench
 
+    require_range(0, warmup=warmup, refine_steps=refine_steps)
+    require_range(1, runs=runs)
     names = [name.strip() for name in backends.split(",") if name.strip()]
     check_backend_names(names)
     settings = BenchSettings(names, _int_list(batch_sizes, "--batch-sizes"), warmup, runs, prompt, refine_steps=refine_steps)

@@ -95,6 +95,14 @@ def require_finite(**options: Optional[float]) -> None:
             raise CfdeployError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
 
 
+def require_range(low: int, high: Optional[int] = None, **options: Optional[int]) -> None:
+    """Integer options checked in one line each (typer's own range check prints a usage box)."""
+    for name, value in options.items():
+        if value is not None and (value < low or (high is not None and value > high)):
+            bound = f"from {low} to {high}" if high is not None else f"{low} or more"
+            raise CfdeployError(f"--{name.replace('_', '-')} must be {bound}, got {value}")
+
+
 def progress_bar() -> Any:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 

@@ -9,7 +9,9 @@ from typing import Any, Optional
 
 import typer
 
-from cfdeploy.cli.common import app, console, plain, progress_bar, require_finite, say, user_errors, warn
+from cfdeploy.cli.common import (
+    app, console, plain, progress_bar, require_finite, require_range, say, user_errors, warn,
+)
 from cfdeploy.editing import DEFAULT_PNG_COMPRESSION, check_sampling
 from cfdeploy.errors import CfdeployError, missing_extra
 
@@ -112,7 +114,7 @@ def edit_command(
     save_raw: bool = typer.Option(False, "--save-raw", rich_help_panel=OUTPUT,
                                   help="Also write images.npy (raw generator output, float32)."),
     png_compression: int = typer.Option(
-        DEFAULT_PNG_COMPRESSION, "--png-compression", min=0, max=9, metavar="0-9", rich_help_panel=OUTPUT,
+        DEFAULT_PNG_COMPRESSION, "--png-compression", metavar="0-9", rich_help_panel=OUTPUT,
         help="zlib level of the PNGs: 1 is several times faster to write at 1024 px, files ~1.3x larger."),
     force: bool = typer.Option(False, "--force", "-f", rich_help_panel=OUTPUT,
                                help="Replace a non-empty --out (never one that holds an input)."),
@@ -131,15 +133,15 @@ def edit_command(
     providers: Optional[str] = typer.Option(
         None, "--providers", metavar="LIST", rich_help_panel=RUNTIME,
         help="onnxruntime backend: comma-separated execution providers. \\[default: best available]"),
-    batch_size: int = typer.Option(4, "--batch-size", "-b", min=1, metavar="B", rich_help_panel=RUNTIME,
+    batch_size: int = typer.Option(4, "--batch-size", "-b", metavar="B", rich_help_panel=RUNTIME,
                                    help="Codes per mapper/generator call."),
     cache_max: Optional[int] = typer.Option(
-        None, "--cache-max", min=0, metavar="N", rich_help_panel=RUNTIME,
+        None, "--cache-max", metavar="N", rich_help_panel=RUNTIME,
         help="Bundles: keep at most N prompts in BUNDLE/cache (least recently used go first). \\[default: 256]"),
     expect_manifest: Optional[str] = typer.Option(
         None, "--expect-manifest", metavar="SHA256", rich_help_panel=RUNTIME,
         help="Bundles: refuse the bundle unless its manifest.json has this sha256 (`cfdeploy inspect BUNDLE` prints it)."),
-    refine_steps: int = typer.Option(0, "--refine-steps", min=0, metavar="K", rich_help_panel=REFINE,
+    refine_steps: int = typer.Option(0, "--refine-steps", metavar="K", rich_help_panel=REFINE,
                                      help="After the one-pass edit, optimise each latent for up to K steps of CLIP-NCE."),
     refine_lr: float = typer.Option(0.01, "--refine-lr", metavar="LR", rich_help_panel=REFINE, help="Adam learning rate."),
     refine_l2: float = typer.Option(0.8, "--refine-l2", metavar="L", rich_help_panel=REFINE,
@@ -167,6 +169,9 @@ def edit_command(
     if (latents is None) == (seed is None):
         raise CfdeployError("give exactly one of --latents or --seed")
     require_finite(strength=strength, refine_lr=refine_lr, refine_l2=refine_l2)
+    require_range(0, refine_steps=refine_steps, cache_max=cache_max)
+    require_range(1, batch_size=batch_size)
+    require_range(0, 9, png_compression=png_compression)
     if seed is not None:
         check_sampling(num, truncation)
     source = checkpoint if info.source == "checkpoint" else bundle
@@ -231,7 +236,7 @@ def build_refiner(
 def demo_command(
     out: Path = typer.Option(Path("cfdeploy-demo"), "--out", "-o", metavar="DIR", help="Output directory."),
     size: int = typer.Option(256, "--size", metavar="PX", help="Generator resolution (power of two, 8…1024)."),
-    num: int = typer.Option(4, "--num", min=1, metavar="K", help="How many seeded codes to edit."),
+    num: int = typer.Option(4, "--num", metavar="K", help="How many seeded codes to edit."),
     device: str = typer.Option("cpu", "--device", metavar="DEVICE", help="cpu, cuda or cuda:N."),
     force: bool = typer.Option(False, "--force", "-f", help="Replace a non-empty --out directory."),
 ) -> None:
@@ -242,6 +247,7 @@ def demo_command(
     """
     from cfdeploy.outputs import StagedDirectory
 
+    require_range(1, num=num)
     if size < 8 or size > 1024 or size & (size - 1):
         raise CfdeployError(f"--size must be a power of two from 8 to 1024, got {size}")
     with StagedDirectory(out, force) as staged:

@@ -204,12 +204,14 @@ class _ManifestCheck:
             raise self.fail("refits", f"must be a list, found {_kind(manifest['refits'])}")
         for relative, digest in files.items():
             self.sha256(digest, f"files[{_show(self.inside(relative, 'files entry'))}]")
-        if "generator_sha256" in optional["weights"]:
-            self.sha256(optional["weights"]["generator_sha256"], "weights.generator_sha256")
+        for name in ("generator_sha256", "encoder_generator_sha256"):
+            if name in optional["weights"]:
+                self.sha256(optional["weights"][name], f"weights.{name}")
         for name in OPTIONAL_TEXT_OPTS:
             if not isinstance(opts.get(name), (str, type(None))):
                 raise self.fail(f"opts.{name}", f"must be text, found {_kind(opts[name])}")
-        contracts = network_contracts(*(self.dimension(opts, name) for name in ("size", "n_latent", "style_dim")))
+        size, n_latent, style_dim = (self.dimension(opts, name) for name in ("size", "n_latent", "style_dim"))
+        contracts = network_contracts(size, n_latent, style_dim, with_encoder=True)
         for name, entry in networks.items():
             self.network(name, entry, contracts.get(name), files)
         self.listed(tokenizer.get("vocab"), "tokenizer.vocab", files)

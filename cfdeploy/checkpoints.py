@@ -1,4 +1,4 @@
-"""Loading the files users already have: CF-CLIP and rosinality StyleGAN2 checkpoints, CLIP weights.
+"""Loading the files users already have: CF-CLIP, e4e and rosinality StyleGAN2 checkpoints, CLIP weights.
 
 No file is handed to a loader that can run code. Pickles go through ``torch.load(weights_only=True)`` with
 the small allow-list real checkpoints need; OpenAI's TorchScript CLIP archive is read as the zip it is by
@@ -29,6 +29,7 @@ from torch import nn
 from cfdeploy.errors import CfdeployError
 from cfdeploy.inputs import memory_guard, require_file
 from cfdeploy.models.clip_text import ClipText, build_clip, is_text_tower_key
+from cfdeploy.models.e4e import MIDDLE_LEVELS, STYLE_DIM, E4EEncoder, Encoder4Editing
 from cfdeploy.models.mappers import FullTextMapper, LevelsMapper, MapperConfig
 from cfdeploy.models.stylegan2 import Generator, GeneratorConfig
 
@@ -478,3 +479,95 @@ def load_clip(path: Path) -> ClipText:
         loaded["logit_scale"] = state["logit_scale"].reshape(expected["logit_scale"].shape)
     model.load_state_dict({key: value.float() for key, value in loaded.items()}, strict=False)
     return ClipText(model, has_visual_weights=bool(visual_state)).eval()
+
+
+E4E_ENCODER_TYPE = "Encoder4Editing"
+E4E_PARTS = ("encoder", "decoder")
+
+
+@dataclass
+class E4ECheckpoint:
+    """An e4e checkpoint (``e4e_ffhq_encode.pt``): the encoder with its mean W, and the generator it was trained
+    against (its codes live in that generator's W+ space)."""
+
+    path: Path
+    opts: dict[str, Any]
+    encoder: E4EEncoder
+    generator: Generator
+    latent_avg: torch.Tensor  # what the official inference adds to the codes: zeros unless opts.start_from_latent_avg
+
+    @property
+    def n_latent(self) -> int:
+        return self.encoder.n_latent
+
+    @property
+    def style_dim(self) -> int:
+        return self.encoder.style_dim
+
+    def generator_sha256(self) -> str:
+        """Hash of the ``decoder.*`` generator as loaded, comparable with :meth:`CFClipCheckpoint.generator_sha256`."""
+        return weights_sha256(self.generator.state_dict())
+
+
+def _e4e_latent_avg(content: dict[str, Any], opts: Mapping[str, Any], n_latent: int, path: Path) -> torch.Tensor:
+    """The offset the official inference adds: ``latent_avg`` [n_latent, 512] if ``opts.start_from_latent_avg``."""
+    if not opts.get("start_from_latent_avg"):
+        return torch.zeros(n_latent, STYLE_DIM)
+    if "latent_avg" not in content:
+        raise CfdeployError(
+            f"{path}: opts.start_from_latent_avg is set but the file has no latent_avg "
+            "(the official code would sample a random one)"
+        )
+    latent_avg = tensor_dict({"latent_avg": content["latent_avg"]}, path, "'latent_avg'")["latent_avg"]
+    if tuple(latent_avg.shape) != (n_latent, STYLE_DIM):
+        raise CfdeployError(f"{path}: latent_avg is {list(latent_avg.shape)}, expected [{n_latent}, {STYLE_DIM}]")
+    require_finite_weights({"latent_avg": latent_avg}, path)
+    return latent_avg.float()
+
+
+def load_e4e(path: Path) -> E4ECheckpoint:
+    """The e4e encoder (``encoder.*``), its generator (``decoder.*``) and ``latent_avg``, strictly. The encoder has one
+    style block per W+ level of the generator (18 at 1024 px), as the official code builds it from
+    ``opts.stylegan_size``; ``opts.encoder_type`` must say Encoder4Editing (pSp's encoder has the same keys but
+    computes its codes differently)."""
+    content = safe_torch_load(path)
+    if not isinstance(content, dict) or "state_dict" not in content:
+        raise CfdeployError(
+            f"{path}: expected an e4e checkpoint {{'state_dict', 'latent_avg', 'opts'}}, found {_describe(content)}"
+        )
+    state = tensor_dict(content["state_dict"], path, "'state_dict'")
+    opts = content.get("opts") or {}
+    if isinstance(opts, argparse.Namespace):
+        opts = vars(opts)
+    if not isinstance(opts, dict) or opts.get("encoder_type") != E4E_ENCODER_TYPE:
+        found = opts.get("encoder_type") if isinstance(opts, dict) else None
+        raise CfdeployError(f"{path}: expected opts.encoder_type {E4E_ENCODER_TYPE!r}, found {found!r:.60}")
+    unknown = [key for key in state if key.split(".", 1)[0] not in E4E_PARTS]
+    if unknown:
+        raise CfdeployError(f"{path}: unexpected keys {_listed(unknown)}")
+    if not any(key.startswith("decoder.") for key in state):
+        raise CfdeployError(f"{path}: e4e checkpoint has no 'decoder.*' generator weights")
+    trained_size = _trained_size(opts, path)
+    with memory_guard(path):
+        generator = build_generator(strip_prefix(state, "decoder."), path, prefix="decoder.")
+        if trained_size is not None and trained_size != generator.config.size:
+            raise CfdeployError(
+                f"{path}: opts say stylegan_size {trained_size} but the generator weights are {generator.config.size} px"
+            )
+        n_latent, style_dim = generator.config.n_latent, generator.config.style_dim
+        if n_latent <= MIDDLE_LEVELS or style_dim != STYLE_DIM:
+            raise CfdeployError(
+                f"{path}: e4e encodes into more than {MIDDLE_LEVELS} W+ levels of {STYLE_DIM}, its generator takes "
+                f"{n_latent} of {style_dim}"
+            )
+        latent_avg = _e4e_latent_avg(content, opts, n_latent, path)
+        # Built without weights (random init of ~270M parameters takes seconds), so the keys are checked at once
+        # and the memory is filled only by the file's values.
+        with torch.device("meta"):
+            encoder = Encoder4Editing(n_latent)
+        encoder_state = strip_prefix(state, "encoder.")
+        check_keys(encoder.state_dict(), encoder_state, path, prefix="encoder.")
+        require_finite_weights(state, path)
+        encoder = encoder.to_empty(device="cpu")
+        load_strict(encoder, encoder_state, path, prefix="encoder.")
+    return E4ECheckpoint(path, dict(opts), E4EEncoder(encoder, latent_avg).eval(), generator, latent_avg)

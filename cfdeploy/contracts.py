@@ -14,6 +14,7 @@ from typing import Any
 BATCH = "batch"
 TOKENS = 77
 TEXT_DIM = 512
+ENCODER_IMAGE_SIZE = 256  # e4e reads aligned faces at 256 px whatever the generator's size
 
 
 @dataclass(frozen=True)
@@ -54,8 +55,25 @@ class NetworkContract:
         }
 
 
-def network_contracts(size: int, n_latent: int, style_dim: int = 512) -> dict[str, NetworkContract]:
-    """The five graphs of a CF-CLIP bundle, in pipeline order."""
+def encoder_contract(n_latent: int, style_dim: int = 512) -> NetworkContract:
+    """The e4e encoder, in bundles exported with one.
+
+    fp32 by default: fp16 may be chosen only where it keeps the reconstruction (the generator's image of
+    the fp16 codes) within 40 dB PSNR of the fp32 one.
+    """
+    return NetworkContract(
+        "encoder",
+        (TensorSpec("images", (BATCH, 3, ENCODER_IMAGE_SIZE, ENCODER_IMAGE_SIZE)),),
+        (TensorSpec("w", (BATCH, n_latent, style_dim)),),
+        "e4e encoder: aligned faces in [-1, 1] to W+ codes (mean W included)",
+    )
+
+
+def network_contracts(
+    size: int, n_latent: int, style_dim: int = 512, with_encoder: bool = False
+) -> dict[str, NetworkContract]:
+    """The graphs of a CF-CLIP bundle, in pipeline order: the encoder first if ``with_encoder``, then the five
+    every bundle may have."""
     w_plus = (BATCH, n_latent, style_dim)
     contracts = [
         NetworkContract(
@@ -93,4 +111,6 @@ def network_contracts(size: int, n_latent: int, style_dim: int = 512) -> dict[st
             "StyleGAN2 mapping network: Gaussian z to W (for --seed)",
         ),
     ]
+    if with_encoder:
+        contracts.insert(0, encoder_contract(n_latent, style_dim))
     return {contract.name: contract for contract in contracts}

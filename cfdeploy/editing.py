@@ -27,7 +27,8 @@ from cfdeploy.outputs import StagedDirectory, to_uint8
 
 # One vocabulary for the pipeline: each stage is named after the network it runs (the graph names of
 # cfdeploy.contracts), plus the host-side work around them. Timers, edit.json and bench columns use these.
-STAGES = ("tokenize", "clip_text", "text_mapper", "latent_editor", "refine", "generator", "source_generator", "png")
+STAGES = ("align", "encoder", "tokenize", "clip_text", "text_mapper", "latent_editor", "refine", "generator",
+          "source_generator", "png")
 DEFAULT_PNG_COMPRESSION = 6  # Pillow's default zlib level; 1 encodes a 1024 px image several times faster
 MAX_SAMPLED_CODES = 100_000  # --num: 3.7 GB of W+ codes at 18 levels; more is a typo, not a job
 
@@ -276,15 +277,20 @@ def edit_to_directory(
     png_compression: int = DEFAULT_PNG_COMPRESSION,
     inputs: dict[str, Any] | None = None,
     on_image: Callable[[], None] | None = None,
+    photos: np.ndarray | None = None,
+    prior_timings: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """Write ``NNNNNN.png`` (source|edit pairs if ``job.with_sources``), optional ``latents.npy``/``images.npy``, and ``edit.json``.
 
     Everything goes into ``staged``, which the caller entered before loading models; it replaces the
-    output directory only when the caller's block ends without error. Returns what ``edit.json`` holds.
+    output directory only when the caller's block ends without error. ``photos`` (uint8 ``[N, S, S, 3]``,
+    the aligned faces the codes came from) lead each side-by-side row; ``prior_timings`` are stages the
+    caller ran first (alignment, encoding). Returns what ``edit.json`` holds.
     """
     count, n_latent = job.latents.shape[:2]
     size = backend.size
     timer = StageTimer()
+    timer.seconds.update(prior_timings or {})
     started = time.perf_counter()
     latents_file = staged.open_array("latents.npy", (count, n_latent, job.latents.shape[2])) if save_latents else None
     raw_file = staged.open_array("images.npy", (count, 3, size, size)) if save_raw else None
@@ -292,6 +298,8 @@ def edit_to_directory(
         pixels = to_uint8(batch.images)
         if batch.sources is not None:
             pixels = np.concatenate([to_uint8(batch.sources), pixels], axis=2)
+            if photos is not None:
+                pixels = np.concatenate([photos[batch.start : batch.start + len(pixels)], pixels], axis=2)
         for offset, image in enumerate(pixels):
             with timer.stage("png"):
                 staged.write_png(f"{batch.start + offset:06d}.png", image, png_compression)

@@ -1,7 +1,7 @@
-"""``cfdeploy export``: turn a CF-CLIP checkpoint and CLIP weights into a verified ONNX bundle.
+"""``cfdeploy export``: turn a CF-CLIP checkpoint and CLIP weights (and an e4e encoder) into a verified ONNX bundle.
 
 Each graph follows its contract in :mod:`cfdeploy.contracts`, is exported with a dynamic batch by
-torch's ONNX exporter, cleaned by onnxslim (constant folding, shape inference, dead nodes), and then
+torch's ONNX exporter, cleaned by onnxslim (constant folding, dead nodes), and then
 run by ONNX Runtime on fresh random inputs at batch 1 and 3 against the torch model; export fails if
 any graph drifts past tolerance.
 """
@@ -33,7 +33,7 @@ from cfdeploy.bundle import (
     sha256_file,
     write_manifest,
 )
-from cfdeploy.checkpoints import load_cfclip, load_clip
+from cfdeploy.checkpoints import load_cfclip, load_clip, load_e4e
 from cfdeploy.contracts import BATCH, NetworkContract, TensorSpec, network_contracts
 from cfdeploy.errors import CfdeployError
 from cfdeploy.models.mappers import LatentEditor
@@ -45,12 +45,28 @@ DEFAULT_OPSET = 18
 FP32_TOLERANCE = 1e-5
 PARITY_BATCHES = (1, 3)
 TRACE_BATCH = 2
+PHOTO_WAVES = 8
 MAX_BATCH = 1024
 
 
+def photo_like(shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    """Images ``[B, C, H, W]`` that span [-1, 1] as normalised photos do: smooth colour fields (sums of random
+    waves) with a little pixel noise, rather than white noise."""
+    batch, channels, height, width = shape
+    rows, cols = np.meshgrid(np.linspace(0, 1, height), np.linspace(0, 1, width), indexing="ij")
+    frequencies = rng.uniform(0, 6, size=(batch, channels, PHOTO_WAVES, 2, 1, 1))
+    phases = rng.uniform(0, 2 * np.pi, size=(batch, channels, PHOTO_WAVES, 1, 1))
+    field = np.cos(2 * np.pi * (frequencies[:, :, :, 0] * rows + frequencies[:, :, :, 1] * cols) + phases).sum(axis=2)
+    image = np.tanh(field / 2) + 0.03 * rng.standard_normal(shape)
+    return np.clip(image, -1, 1).astype(np.float32)
+
+
 def sample_input(spec: TensorSpec, batch: int, rng: np.random.Generator) -> np.ndarray:
-    """Fresh random input for one tensor of a contract (token rows end with a real end token)."""
+    """Fresh random input for one tensor of a contract (token rows end with a real end token, images look like
+    photos)."""
     shape = tuple(batch if dim == BATCH else int(dim) for dim in spec.shape)
+    if spec.name == "images":
+        return photo_like(shape, rng)
     if spec.name == "tokens":
         tokens = np.zeros(shape, np.int64)
         for row in tokens:
@@ -84,7 +100,9 @@ def export_graph(module: nn.Module, contract: NetworkContract, path: Path, opset
             optimize=False,  # its optimizer drops PixelNorm's "+ 1e-8"; onnxslim below keeps it
             verbose=False,
         )
-    onnx.save(onnxslim.slim(onnx.load(str(path))), str(path))
+    # The exporter already records the shapes; onnxslim's own shape inference adds nothing to the graph (the same
+    # nodes come out) and takes half a minute on the 1 GB encoder.
+    onnx.save(onnxslim.slim(onnx.load(str(path)), no_shape_infer=True), str(path))
 
 
 def check_parity(module: nn.Module, contract: NetworkContract, path: Path, tolerance: float) -> dict[str, dict]:
@@ -118,24 +136,36 @@ def export_bundle(
     prompts: Sequence[str] = (),
     force: bool = False,
     include_clip_text: bool = True,
+    encoder: Path | None = None,
     on_stage: Callable[[str], None] = lambda stage: None,
 ) -> dict:
     """Write a bundle to ``out`` (atomically) and return its manifest.
 
     Without ``include_clip_text`` the bundle has no CLIP graph: it edits only the ``prompts``
-    precomputed here, or given text features.
+    precomputed here, or given text features. With ``encoder`` (an e4e checkpoint) it also has the
+    ``encoder`` graph, photos to W+; the manifest records the hash of the generator e4e was trained
+    against (``weights.encoder_generator_sha256``), to compare with ``weights.generator_sha256``.
     """
-    on_stage("loading checkpoint and CLIP weights")
+    on_stage("loading checkpoint and CLIP weights" if encoder is None else "loading checkpoint, CLIP weights and encoder")
     checkpoint = load_cfclip(checkpoint_path)
-    clip = load_clip(clip_weights)
     generator = checkpoint.generator
     config = generator.config
+    e4e = None if encoder is None else load_e4e(encoder)
+    if e4e is not None and (e4e.n_latent, e4e.style_dim) != (config.n_latent, config.style_dim):
+        raise CfdeployError(
+            f"{encoder}: the encoder makes W+ codes of {e4e.n_latent} levels x {e4e.style_dim}, the CF-CLIP generator of "
+            f"{checkpoint_path} takes {config.n_latent} x {config.style_dim}"
+        )
+    clip = load_clip(clip_weights)
     contracts = {
         name: contract
-        for name, contract in network_contracts(config.size, config.n_latent, config.style_dim).items()
+        for name, contract in network_contracts(
+            config.size, config.n_latent, config.style_dim, with_encoder=e4e is not None
+        ).items()
         if include_clip_text or name != "clip_text"
     }
     modules: dict[str, nn.Module] = {
+        **({} if e4e is None else {"encoder": e4e.encoder}),
         "clip_text": clip,
         "text_mapper": checkpoint.text_mapper,
         "latent_editor": LatentEditor(checkpoint.mapper),
@@ -187,8 +217,12 @@ def export_bundle(
                 "checkpoint": str(checkpoint_path),
                 "checkpoint_sha256": sha256_file(checkpoint_path),
                 "clip_weights": str(clip_weights),
+                **({} if encoder is None else {"encoder": str(encoder), "encoder_sha256": sha256_file(encoder)}),
             },
-            "weights": {"generator_sha256": checkpoint.generator_sha256()},
+            "weights": {
+                "generator_sha256": checkpoint.generator_sha256(),
+                **({} if e4e is None else {"encoder_generator_sha256": e4e.generator_sha256()}),
+            },
             "opts": {
                 "size": config.size,
                 "n_latent": config.n_latent,

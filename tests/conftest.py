@@ -182,3 +182,24 @@ def bundle_256(tmp_path_factory: pytest.TempPathFactory, cfclip_256: Path, clip_
                                       "--out", str(out), "--prompt", "green lipstick"])
     assert result.exit_code == 0, result.stderr
     return out
+
+
+@pytest.fixture(scope="session")
+def e4e_64(files: Path) -> Path:
+    """An e4e checkpoint for the 64 px generator: the official encoder with 10 style blocks (what the official code
+    builds for ``stylegan_size`` 64), its own generator, latent_avg; 600 MB."""
+    path = files / "e4e_64.pt"
+    torch.save(synthetic_files.e4e_checkpoint(seed=13, size=64), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def bundle_with_encoder(
+    tmp_path_factory: pytest.TempPathFactory, cfclip_64: Path, clip_state_dict_file: Path, e4e_64: Path
+) -> tuple[Path, Path, dict]:
+    """``(e4e file, bundle, manifest)``: a 64 px bundle exported with the e4e encoder and without CLIP."""
+    from cfdeploy.exporter import export_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "with_encoder_64"
+    manifest = export_bundle(cfclip_64, clip_state_dict_file, out, include_clip_text=False, encoder=e4e_64)
+    return e4e_64, out, manifest

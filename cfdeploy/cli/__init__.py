@@ -7,6 +7,7 @@ Importing a command module registers its commands; the order here is the order o
 from __future__ import annotations
 
 from cfdeploy.cli import edit  # noqa: F401  (edit, demo)
+from cfdeploy.cli import photos  # noqa: F401,I001  (invert)
 from cfdeploy.cli import bundles  # noqa: F401,I001  (export, build-engines, refit)
 from cfdeploy.cli import tools  # noqa: F401,I001  (embed, inspect)
 from cfdeploy.cli import bench  # noqa: F401,I001  (bench)

@@ -45,6 +45,10 @@ def export_command(
     prompt: Optional[List[str]] = typer.Option(
         None, "--prompt", help="Precompute the text branch for this prompt (repeatable); it then needs no CLIP at run time."
     ),
+    encoder: Optional[Path] = typer.Option(
+        None, "--encoder", help="Also export the e4e encoder (e4e_ffhq_encode.pt) as encoder.onnx, for photos in "
+        "(`cfdeploy invert --bundle`, `cfdeploy edit --images`) without torch."
+    ),
     without_clip: bool = typer.Option(
         False, "--without-clip", help="Leave out the CLIP text graph (about 250 MB): the bundle then edits only the "
         "--prompt texts precomputed here, or --text-embedding features. For small edge devices."
@@ -67,7 +71,7 @@ def export_command(
     from cfdeploy.outputs import check_output_dir
 
     target = out or Path("engines") / checkpoint.stem
-    check_output_dir(target, force, [checkpoint, clip_weights])
+    check_output_dir(target, force, [path for path in (checkpoint, clip_weights, encoder) if path is not None])
     if without_clip and not prompt:
         raise CfdeployError("--without-clip needs at least one --prompt to precompute (or the bundle could edit no text)")
     if opset < 18:
@@ -86,7 +90,7 @@ def export_command(
     with console.status("exporting") as status:
         manifest = export_bundle(
             checkpoint, clip_weights, target, opset=opset, prompts=prompt or [], force=force,
-            include_clip_text=not without_clip,
+            include_clip_text=not without_clip, encoder=encoder,
             on_stage=reporter(status),
         )
     worst = max(result["rel_l2"] for network in manifest["networks"].values() for result in network["parity"].values())

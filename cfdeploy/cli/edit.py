@@ -5,13 +5,14 @@ from __future__ import annotations
 import time
 from enum import Enum
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, List, Optional, Sequence
 
 import typer
 
 from cfdeploy.cli.common import (
     app, console, plain, progress_bar, require_finite, require_range, say, user_errors, warn,
 )
+from cfdeploy.cli.photos import ALIGNED, ALL_FACES, LANDMARKS, LANDMARKS_MODEL, SKIP_MISSING, landmark_options
 from cfdeploy.editing import DEFAULT_PNG_COMPRESSION, check_sampling
 from cfdeploy.errors import CfdeployError, missing_extra
 
@@ -33,13 +34,10 @@ class TorchPrecision(str, Enum):
 def run_edit(
     backend: Any,
     staged: Any,
+    codes: Any,
     *,
     text: Optional[str],
     text_embedding: Optional[Path],
-    latents: Optional[Path],
-    seed: Optional[int],
-    num: int,
-    truncation: float,
     strength: float,
     batch_size: int,
     side_by_side: bool,
@@ -48,17 +46,17 @@ def run_edit(
     png_compression: int,
     inputs: dict[str, Any],
     refiner: Any = None,
+    photos: Any = None,
+    prior_timings: Optional[dict[str, float]] = None,
 ) -> dict[str, Any]:
-    """Shared by ``edit`` and ``demo``: resolve codes and text, edit with progress, return edit.json's content."""
-    from cfdeploy.editing import EditJob, edit_to_directory, resolve_latents
+    """Shared by ``edit`` and ``demo``: the text, then the edit of ``codes`` with progress; returns edit.json's content."""
+    from cfdeploy.editing import EditJob, edit_to_directory
     from cfdeploy.inputs import load_text_embedding
 
-    codes, origin = resolve_latents(backend, latents, seed, num, truncation)
-    inputs = {**inputs, **origin}
     features = None
     if text_embedding is not None:
         features = load_text_embedding(text_embedding, len(codes))
-        inputs["text_embedding"] = str(text_embedding)
+        inputs = {**inputs, "text_embedding": str(text_embedding)}
     job = EditJob(codes, text, features, strength, batch_size, with_sources=side_by_side, refiner=refiner)
     with progress_bar() as progress:
         task = progress.add_task(f"editing ({backend.name})", total=len(codes))
@@ -67,16 +65,35 @@ def run_edit(
             refiner.on_step = lambda loss: progress.update(steps, advance=1, description=f"refining (loss {loss:.4f})")
         return edit_to_directory(
             backend, job, staged, save_latents=save_latents, save_raw=save_raw, png_compression=png_compression,
-            inputs=inputs, on_image=lambda: progress.advance(task),
+            inputs=inputs, on_image=lambda: progress.advance(task), photos=photos if side_by_side else None,
+            prior_timings=prior_timings,
         )
 
 
-def report(summary: dict[str, Any], out: Path, backend: Any, text: Optional[str]) -> None:
+def photo_codes(backend: Any, images: list[Path], faces: dict[str, Any], batch_size: int) -> tuple[Any, ...]:
+    """``edit --images``: align and encode the photos' faces; codes, input record, photos, timings, warnings."""
+    from cfdeploy.editing import StageTimer
+    from cfdeploy.photos.invert import encode_faces, find_faces, generator_mismatch, photo_pixels
+
+    timer = StageTimer()
+    with console.status("finding faces") as status, timer.stage("align"):
+        found = find_faces(images, **faces, on_photo=lambda path: status.update(f"aligning {plain(path.name)}"))
+    with console.status(f"encoding {len(found.crops)} face(s)"), timer.stage("encoder"):
+        codes = encode_faces(backend, found.crops, batch_size)
+    notes = [f"skipped {skipped['source']}: {skipped['reason']}" for skipped in found.skipped]
+    mismatch = generator_mismatch(backend, found.crops[0], codes)
+    if mismatch:
+        notes.append(mismatch)
+    record = {"images": [crop.record for crop in found.crops], "skipped": found.skipped}
+    return codes, record, photo_pixels(found.crops, backend.size), dict(timer.seconds), notes
+
+
+def report(summary: dict[str, Any], out: Path, backend: Any, text: Optional[str], notes: Sequence[str] = ()) -> None:
     from cfdeploy.editing import prompt_mismatch
 
-    mismatch = prompt_mismatch(backend, text)
-    if mismatch:
-        warn(mismatch)
+    for note in (*notes, prompt_mismatch(backend, text)):
+        if note:
+            warn(note)
     timings = ", ".join(f"{name} {seconds:.3f}s" for name, seconds in summary["timings_s"].items())
     say(f"wrote {summary['count']} image(s) to {out} in {summary['total_s']:.2f}s ({timings})")
 
@@ -94,6 +111,17 @@ def edit_command(
                                            help="W+ [N,n,512] or W [N,512] codes (.npy, or a torch-saved tensor)."),
     seed: Optional[int] = typer.Option(None, "--seed", metavar="N", rich_help_panel=INPUT,
                                        help="Sample codes from this seed instead of --latents."),
+    images: Optional[List[Path]] = typer.Option(
+        None, "--images", metavar="PHOTO_OR_DIR", rich_help_panel=INPUT,
+        help="Edit your photos (repeatable; files or folders): align each face, invert it with e4e (--encoder, or a "
+        "bundle exported with --encoder), then edit. With --side-by-side: photo | reconstruction | edit."),
+    encoder: Optional[Path] = typer.Option(None, "--encoder", metavar="FILE", rich_help_panel=INPUT,
+                                           help="torch backend with --images: the e4e checkpoint (e4e_ffhq_encode.pt)."),
+    aligned: bool = ALIGNED,
+    landmarks: Optional[Path] = LANDMARKS,
+    landmarks_model: Optional[Path] = LANDMARKS_MODEL,
+    all_faces: bool = ALL_FACES,
+    skip_missing: bool = SKIP_MISSING,
     num: int = typer.Option(1, "--num", metavar="K", rich_help_panel=INPUT, help="With --seed: how many codes to sample."),
     truncation: float = typer.Option(0.7, "--truncation", metavar="PSI", rich_help_panel=INPUT,
                                      help="With --seed: truncation psi toward the mean W."),
@@ -166,8 +194,11 @@ def edit_command(
     info = backend_info(name)
     if (text is None) == (text_embedding is None):
         raise CfdeployError("give exactly one of --text or --text-embedding")
-    if (latents is None) == (seed is None):
-        raise CfdeployError("give exactly one of --latents or --seed")
+    if sum(given is not None for given in (latents, seed, images)) != 1:
+        raise CfdeployError("give exactly one of --latents, --seed or --images")
+    faces = landmark_options(aligned, landmarks, landmarks_model, all_faces, skip_missing) if images else None
+    if encoder is not None and (info.source != "checkpoint" or not images):
+        raise CfdeployError("--encoder is for --images on the torch backend (a bundle carries its encoder)")
     require_finite(strength=strength, refine_lr=refine_lr, refine_l2=refine_l2)
     require_range(0, refine_steps=refine_steps, cache_max=cache_max)
     require_range(1, batch_size=batch_size)
@@ -178,6 +209,8 @@ def edit_command(
     if source is None:
         needed = "--checkpoint" if info.source == "checkpoint" else "--bundle (make one with cfdeploy export)"
         raise CfdeployError(f"--backend {name} needs {needed}")
+    if refine_steps > 0 and clip_weights is None:
+        raise CfdeployError("--refine-steps needs --clip-weights (CLIP ViT-B/32 with its image encoder)")
     needs_clip = info.source == "checkpoint" and (text is not None or refine_steps > 0)
     if needs_clip and clip_weights is None:
         raise CfdeployError("--text needs --clip-weights (CLIP ViT-B/32 weights); or pass --text-embedding")
@@ -192,9 +225,10 @@ def edit_command(
         "clip_weights": clip_weights if needs_clip else None, "device": device,
         "precision": precision.value if precision else None, "cuda_graphs": cuda_graphs or None, "engines": engines,
         "providers": [part.strip() for part in providers.split(",") if part.strip()] if providers else None,
-        "cache_max": cache_max, "expect_manifest": expect_manifest,
+        "cache_max": cache_max, "expect_manifest": expect_manifest, "encoder": encoder,
     }
-    inputs = [path for path in (checkpoint, bundle, latents, text_embedding, clip_weights) if path is not None]
+    inputs = [path for path in (checkpoint, bundle, latents, text_embedding, clip_weights, encoder, landmarks,
+                                landmarks_model, *(images or [])) if path is not None]
     with StagedDirectory(out, force, inputs) as staged:
         with console.status("loading models"):
             editor = open_backend(name, source, **options)
@@ -206,13 +240,20 @@ def edit_command(
         recorded = {"backend": name, info.source: str(source),
                     **{key: str(value) if isinstance(value, Path) else value
                        for key, value in options.items() if value is not None}}
+        photos, timings, notes = None, None, []
+        if images:
+            assert faces is not None
+            codes, origin, photos, timings, notes = photo_codes(editor, images, faces, batch_size)
+        else:
+            from cfdeploy.editing import resolve_latents
+
+            codes, origin = resolve_latents(editor, latents, seed, num, truncation)
         summary = run_edit(
-            editor, staged, text=text, text_embedding=text_embedding, latents=latents, seed=seed, num=num,
-            truncation=truncation, strength=strength, batch_size=batch_size, side_by_side=side_by_side,
-            save_latents=save_latents, save_raw=save_raw, png_compression=png_compression, inputs=recorded,
-            refiner=refiner,
+            editor, staged, codes, text=text, text_embedding=text_embedding, strength=strength, batch_size=batch_size,
+            side_by_side=side_by_side, save_latents=save_latents, save_raw=save_raw, png_compression=png_compression,
+            inputs={**recorded, **origin}, refiner=refiner, photos=photos, prior_timings=timings,
         )
-    report(summary, out, editor, text)
+    report(summary, out, editor, text, notes)
 
 
 def build_refiner(
@@ -252,6 +293,7 @@ def demo_command(
         raise CfdeployError(f"--size must be a power of two from 8 to 1024, got {size}")
     with StagedDirectory(out, force) as staged:
         from cfdeploy.demo import DEMO_PROMPT, synthetic_backend
+        from cfdeploy.editing import resolve_latents
 
         console.print(
             "[bold]demo:[/] synthetic weights (seeded random, real CF-CLIP architecture): "
@@ -261,10 +303,11 @@ def demo_command(
         with console.status("building synthetic models"):
             editor = synthetic_backend(size=size, seed=0, device=device)
         build_s = time.perf_counter() - started
+        codes, origin = resolve_latents(editor, seed=0, num=num, truncation=0.7)
         summary = run_edit(
-            editor, staged, text=DEMO_PROMPT, text_embedding=None, latents=None, seed=0, num=num, truncation=0.7,
-            strength=1.0, batch_size=2, side_by_side=True, save_latents=True, save_raw=False,
-            png_compression=DEFAULT_PNG_COMPRESSION, inputs={"synthetic_weights": True, "model_build_s": round(build_s, 3)},
+            editor, staged, codes, text=DEMO_PROMPT, text_embedding=None, strength=1.0, batch_size=2, side_by_side=True,
+            save_latents=True, save_raw=False, png_compression=DEFAULT_PNG_COMPRESSION,
+            inputs={"synthetic_weights": True, "model_build_s": round(build_s, 3), **origin},
         )
     report(summary, out, editor, DEMO_PROMPT)
     say(f"before|after pairs: {plain(out)}/000000.png …; edited codes: {plain(out)}/latents.npy; details: {plain(out)}/edit.json")

@@ -1,8 +1,9 @@
-"""The official formulation of the CF-CLIP forward pass, straight off a state dict.
+"""The official formulation of the CF-CLIP forward pass and of the e4e encoder, straight off a state dict.
 
 This is what the research code computes and how: per-sample weight modulation with a grouped
 convolution (``groups = batch``), upfirdn2d by zero insertion and padding through 6-D views, and the
-mappers' fused leaky ReLU with its 3-D special case. It is deliberately independent of
+mappers' fused leaky ReLU with its 3-D special case; e4e's body walked unit by unit with its taps, its
+first code repeated and the offsets added in place row by row. It is deliberately independent of
 :mod:`cfdeploy.models` (it shares no code with it), so it serves as the baseline users migrate from
 (benchmarks) and as the parity reference the deployable models are checked against.
 """
@@ -150,3 +151,82 @@ def cfclip_edit(
     delta = levels_mapper(_sub(state, "mapper."), torch.cat([w, text_latents], dim=2), opts)
     w_hat = w + 0.1 * delta
     return w_hat, generator(_sub(state, "decoder."), w_hat)
+
+
+# encoder4editing's helpers.get_blocks(50): (in channels, depth, units); the first unit of each block has stride 2.
+E4E_BLOCKS = ((64, 64, 3), (64, 128, 4), (128, 256, 14), (256, 512, 3))
+
+
+def _batch_norm(x: torch.Tensor, state: State, prefix: str) -> torch.Tensor:
+    return F.batch_norm(
+        x, state[prefix + "running_mean"], state[prefix + "running_var"], state[prefix + "weight"],
+        state[prefix + "bias"], training=False, momentum=0.1, eps=1e-5,
+    )
+
+
+def _ir_se_unit(x: torch.Tensor, state: State, prefix: str, in_channel: int, depth: int, stride: int) -> torch.Tensor:
+    """``bottleneck_IR_SE``: shortcut (MaxPool2d(1, stride) or conv 1x1 + BN) plus the residual with SEModule."""
+    if in_channel == depth:
+        shortcut = F.max_pool2d(x, kernel_size=1, stride=stride)
+    else:
+        shortcut = _batch_norm(F.conv2d(x, state[prefix + "shortcut_layer.0.weight"], stride=stride), state,
+                               prefix + "shortcut_layer.1.")
+    res = _batch_norm(x, state, prefix + "res_layer.0.")
+    res = F.conv2d(res, state[prefix + "res_layer.1.weight"], stride=1, padding=1)
+    res = F.prelu(res, state[prefix + "res_layer.2.weight"])
+    res = F.conv2d(res, state[prefix + "res_layer.3.weight"], stride=stride, padding=1)
+    res = _batch_norm(res, state, prefix + "res_layer.4.")
+    gate = F.adaptive_avg_pool2d(res, 1)
+    gate = F.relu(F.conv2d(gate, state[prefix + "res_layer.5.fc1.weight"]))
+    gate = torch.sigmoid(F.conv2d(gate, state[prefix + "res_layer.5.fc2.weight"]))
+    return res * gate + shortcut
+
+
+def _gradual_style_block(x: torch.Tensor, state: State, prefix: str) -> torch.Tensor:
+    """``GradualStyleBlock``: (conv 3x3 stride 2, LeakyReLU()) per ``convs.N``, ``view(-1, 512)``, EqualLinear."""
+    index = 0
+    while f"{prefix}convs.{index}.weight" in state:
+        x = F.conv2d(x, state[f"{prefix}convs.{index}.weight"], state[f"{prefix}convs.{index}.bias"], stride=2, padding=1)
+        x = F.leaky_relu(x)
+        index += 2
+    return equal_linear(x.view(-1, 512), state, prefix + "linear.", 1.0, activate=False)
+
+
+def _upsample_add(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    _, _, height, width = y.size()
+    return F.interpolate(x, size=(height, width), mode="bilinear", align_corners=True) + y
+
+
+def e4e(encoder: State, images: torch.Tensor, latent_avg: torch.Tensor) -> torch.Tensor:
+    """``Encoder4Editing(50, 'ir_se')`` at ``ProgressiveStage.Inference`` on ``images`` plus
+    ``latent_avg.repeat(B, 1, 1)``, from the encoder's state dict (a checkpoint's ``encoder.*`` keys without
+    the prefix, as the official ``load_weights`` hands them over)."""
+    style_count = sum(1 for key in encoder if re.fullmatch(r"styles\.\d+\.linear\.weight", key))
+    coarse_ind, middle_ind = 3, 7
+    x = F.conv2d(images, encoder["input_layer.0.weight"], stride=1, padding=1)
+    x = F.prelu(_batch_norm(x, encoder, "input_layer.1."), encoder["input_layer.2.weight"])
+    units = [
+        (in_channel if unit == 0 else depth, depth, 2 if unit == 0 else 1)
+        for in_channel, depth, count in E4E_BLOCKS
+        for unit in range(count)
+    ]
+    for i, (in_channel, depth, stride) in enumerate(units):
+        x = _ir_se_unit(x, encoder, f"body.{i}.", in_channel, depth, stride)
+        if i == 6:
+            c1 = x
+        elif i == 20:
+            c2 = x
+        elif i == 23:
+            c3 = x
+    w0 = _gradual_style_block(c3, encoder, "styles.0.")
+    w = w0.repeat(style_count, 1, 1).permute(1, 0, 2)
+    features = c3
+    for i in range(1, style_count):
+        if i == coarse_ind:
+            p2 = _upsample_add(c3, F.conv2d(c2, encoder["latlayer1.weight"], encoder["latlayer1.bias"]))
+            features = p2
+        elif i == middle_ind:
+            p1 = _upsample_add(p2, F.conv2d(c1, encoder["latlayer2.weight"], encoder["latlayer2.bias"]))
+            features = p1
+        w[:, i] += _gradual_style_block(features, encoder, f"styles.{i}.")
+    return w + latent_avg.repeat(w.shape[0], 1, 1)

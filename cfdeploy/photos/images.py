@@ -1,0 +1,105 @@
+"""Reading the user's photos: JPEG, PNG or WebP in, an oriented 8-bit RGB PIL image out.
+
+Every refusal is one line naming the file. Only Pillow's JPEG, PNG and WebP parsers are ever run on a
+file, and the pixel count its header declares is checked before any pixel is decoded, so a small file
+cannot make the reader allocate gigabytes (a decompression bomb).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from cfdeploy.errors import CfdeployError
+from cfdeploy.inputs import require_file
+
+MAX_PHOTO_PIXELS = 50_000_000  # 50 MP: above every phone camera; a decoded 50 MP RGB photo takes 150 MB
+PHOTO_FORMATS = ("JPEG", "PNG", "WEBP")  # Pillow's names; JPEG includes the MPO files phones write
+PHOTO_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp"})
+SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})  # "I": 16-bit grey PNGs before Pillow 10.4
+PALETTE_MODES = frozenset({"P", "PA"})
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError)  # what Pillow raises for damaged data
+
+
+def load_photo(path: Path, max_pixels: int = MAX_PHOTO_PIXELS) -> Image.Image:
+    """The photo at ``path`` as an RGB image, EXIF orientation applied, detached from the file.
+
+    The size is checked against ``max_pixels`` from the header, before decoding; Pillow's own
+    decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``, 89 MP by default) refuses larger headers first.
+    """
+    require_file(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(path, formats=PHOTO_FORMATS)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise CfdeployError(
+                f"{path}: the header declares more than {Image.MAX_IMAGE_PIXELS:,} pixels; "
+                f"photos may have at most {max_pixels:,} (a decompression bomb?)"
+            ) from None
+        except UnidentifiedImageError:
+            raise CfdeployError(f"{path}: not a JPEG, PNG or WebP image, or its header is damaged") from None
+        except DECODE_ERRORS as error:
+            raise CfdeployError(f"{path}: the image header is damaged: {error}") from None
+    with image:
+        width, height = image.size
+        if width * height > max_pixels:
+            raise CfdeployError(
+                f"{path}: the header declares {width}x{height} = {width * height:,} pixels; "
+                f"photos may have at most {max_pixels:,} (a decompression bomb?)"
+            )
+        try:
+            image.load()
+            return as_rgb(ImageOps.exif_transpose(image))
+        except DECODE_ERRORS as error:
+            raise CfdeployError(f"{path}: the image data is truncated or damaged: {error}") from None
+
+
+def as_rgb(image: Image.Image) -> Image.Image:
+    """A new 8-bit RGB copy of ``image``.
+
+    Alpha is dropped as the official ``.convert('RGB')`` drops it; 16-bit grey is scaled to 8 bits
+    (value / 257, so 65535 → 255), where Pillow's own conversion would clip everything above 255 to white.
+    """
+    if image.mode in SIXTEEN_BIT_MODES:
+        values = np.asarray(image).astype(np.float64)
+        grey = np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    if image.mode in PALETTE_MODES:
+        return image.convert("RGBA").convert("RGB")  # via RGBA: same colours, no warning about transparency
+    if image.mode == "RGB":
+        return image.copy()
+    return image.convert("RGB")
+
+
+def photo_paths(arguments: list[Path]) -> list[Path]:
+    """The photos named on the command line: files as given, directories' photos in name order.
+
+    A directory contributes its entries with a photo suffix (case-insensitive), not recursing and
+    skipping hidden names (such as the ``._x.jpg`` files macOS leaves on shared drives). Every path
+    must be a regular file, checked here so a bad argument stops the run before any model loads.
+    """
+    paths: list[Path] = []
+    for argument in arguments:
+        if argument.is_dir():
+            paths.extend(_directory_photos(argument))
+        else:
+            paths.append(require_file(argument))
+    if not paths:
+        named = ", ".join(str(argument) for argument in arguments) or "nothing"
+        raise CfdeployError(f"no JPEG, PNG or WebP photos in {named}")
+    return paths
+
+
+def _directory_photos(directory: Path) -> list[Path]:
+    try:
+        entries = sorted(directory.iterdir())
+    except OSError as error:
+        raise CfdeployError(f"{directory}: cannot be listed: {error.strerror}") from None
+    return [
+        require_file(entry) for entry in entries
+        if entry.suffix.lower() in PHOTO_SUFFIXES and not entry.name.startswith(".") and not entry.is_dir()
+    ]

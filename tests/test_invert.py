@@ -1,0 +1,143 @@
+"""Your own photos in: `cfdeploy invert` and `cfdeploy edit --images`, on torch (--encoder) and on a bundle."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import assert_refused, rel_l2
+from cfdeploy.checkpoints import load_e4e
+from cfdeploy.models import reference
+from cfdeploy.photos import align_face, load_photo
+
+# A face's five points (left eye, right eye, nose, mouth corners) in a 320 x 300 photo.
+FIVE_POINTS = [[120.0, 130.0], [200.0, 128.0], [160.0, 170.0], [130.0, 210.0], [192.0, 208.0]]
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> tuple[Path, Path]:
+    """Two photos (a JPEG and a PNG) and their landmarks file, one face each."""
+    folder = tmp_path_factory.mktemp("photos")
+    rng = np.random.default_rng(3)
+    for index, name in enumerate(("a.jpg", "b.png")):
+        smooth = np.asarray(Image.fromarray(rng.integers(0, 255, (30, 32, 3), np.uint8)).resize((320, 300), Image.BICUBIC))
+        Image.fromarray(smooth).save(folder / name)
+    landmarks = folder.parent / "points.json"
+    landmarks.write_text(json.dumps([FIVE_POINTS, [[x + 6, y - 4] for x, y in FIVE_POINTS]]))
+    return folder, landmarks
+
+
+@pytest.fixture(scope="module")
+def e4e_64_state(e4e_64: Path) -> dict:
+    return torch.load(e4e_64, weights_only=True)
+
+
+def official_codes(state: dict, photo: Path, points: list) -> np.ndarray:
+    """The official path: align, torchvision's inference transform, the official formulation, + latent_avg."""
+    from torchvision import transforms
+
+    aligned = align_face(load_photo(photo), np.array(points)).image
+    official = transforms.Compose([transforms.Resize((256, 256)), transforms.ToTensor(),
+                                   transforms.Normalize([0.5] * 3, [0.5] * 3)])
+    encoder = {key.removeprefix("encoder."): value for key, value in state["state_dict"].items()
+               if key.startswith("encoder.")}
+    with torch.no_grad():
+        return reference.e4e(encoder, official(aligned)[None], state["latent_avg"]).numpy()[0]
+
+
+def test_invert_with_the_torch_encoder_writes_codes_index_and_crops(cli, tmp_path, photos, e4e_64, e4e_64_state):
+    folder, landmarks = photos
+    out = tmp_path / "codes"
+    result = cli("invert", folder, "--encoder", e4e_64, "--landmarks", landmarks, "--out", out, "--save-aligned",
+                 "--save-reconstruction")
+    assert result.exit_code == 0, result.stderr
+    codes = np.load(out / "latents.npy")
+    assert codes.shape == (2, 10, 512) and codes.dtype == np.float32
+    index = json.loads((out / "index.json").read_text())
+    assert [row["source"] for row in index["rows"]] == [str(folder / "a.jpg"), str(folder / "b.png")]
+    assert index["rows"][1]["landmarks"] == [[x + 6, y - 4] for x, y in FIVE_POINTS]
+    assert {"quad", "crop_box"} <= set(index["rows"][0]["alignment"])
+    expected = official_codes(e4e_64_state, folder / "a.jpg", FIVE_POINTS)
+    assert rel_l2(codes[0], expected) <= 1e-4
+    assert Image.open(out / "aligned" / "000000.png").size == (256, 256)
+    assert Image.open(out / "reconstructions" / "000001.png").size == (64, 64)
+
+
+def test_invert_from_a_bundle_matches_torch(cli, tmp_path, photos, e4e_64, bundle_with_encoder):
+    folder, landmarks = photos
+    runs = {}
+    for name, source in (("torch", ("--encoder", e4e_64)), ("bundle", ("--bundle", bundle_with_encoder[1]))):
+        out = tmp_path / name
+        result = cli("invert", folder, *source, "--landmarks", landmarks, "--out", out)
+        assert result.exit_code == 0, result.stderr
+        runs[name] = np.load(out / "latents.npy")
+    assert rel_l2(runs["bundle"], runs["torch"]) <= 1e-5
+
+
+def test_edit_images_on_a_bundle_shows_photo_reconstruction_and_edit(cli, tmp_path, photos, bundle_with_encoder,
+                                                                     e4e_64, embedding_file):
+    folder, landmarks = photos
+    out = tmp_path / "edits"
+    result = cli("edit", "--bundle", bundle_with_encoder[1], "--images", folder, "--landmarks", landmarks,
+                 "--text-embedding", embedding_file, "--side-by-side", "--save-latents", "--out", out)
+    assert result.exit_code == 0, result.stderr
+    assert Image.open(out / "000001.png").size == (3 * 64, 64)
+    summary = json.loads((out / "edit.json").read_text())
+    assert {"align", "encoder", "latent_editor", "generator"} <= set(summary["timings_s"])
+    assert [image["source"] for image in summary["inputs"]["images"]] == [str(folder / "a.jpg"), str(folder / "b.png")]
+    inverted = tmp_path / "codes"
+    assert cli("invert", folder, "--encoder", e4e_64, "--landmarks", landmarks, "--out", inverted).exit_code == 0
+    from_codes = tmp_path / "from_codes"
+    assert cli("edit", "--bundle", bundle_with_encoder[1], "--latents", inverted / "latents.npy", "--text-embedding",
+               embedding_file, "--save-latents", "--out", from_codes).exit_code == 0
+    assert rel_l2(np.load(out / "latents.npy"), np.load(from_codes / "latents.npy")) <= 1e-5
+
+
+def test_edit_images_warns_when_the_encoder_was_trained_with_another_generator(
+        cli, tmp_path, photos, e4e_64, cfclip_64, embedding_file):
+    folder, landmarks = photos
+    out = tmp_path / "edits"
+    result = cli("edit", "-c", cfclip_64, "--encoder", e4e_64, "--images", folder / "a.jpg", "--landmarks",
+                 landmarks, "--text-embedding", embedding_file, "--out", out)
+    assert result.exit_code == 2  # one landmarks entry per photo: two entries for one photo
+    assert "entries" in result.stderr or "entry" in result.stderr
+    single = tmp_path / "one.json"
+    single.write_text(json.dumps([FIVE_POINTS]))
+    result = cli("edit", "-c", cfclip_64, "--encoder", e4e_64, "--images", folder / "a.jpg", "--landmarks", single,
+                 "--text-embedding", embedding_file, "--out", out)
+    assert result.exit_code == 0, result.stderr
+    trained_with = load_e4e(e4e_64).generator_sha256()
+    assert f"the e4e encoder was trained with another generator (sha256 {trained_with[:12]}…)" in result.stderr
+    assert "a.jpg differs from the photo by rel L2" in result.stderr
+
+
+def test_photos_without_a_face_stop_the_run_or_are_skipped(cli, tmp_path, photos, e4e_64):
+    folder, _ = photos
+    landmarks = tmp_path / "points.json"
+    landmarks.write_text(json.dumps([FIVE_POINTS, []]))
+    out = tmp_path / "codes"
+    assert_refused(cli("invert", folder, "--encoder", e4e_64, "--landmarks", landmarks, "--out", out), out,
+                   f"{folder / 'b.png'}: no face found")
+    result = cli("invert", folder, "--encoder", e4e_64, "--landmarks", landmarks, "--out", out, "--skip-missing")
+    assert result.exit_code == 0, result.stderr
+    assert np.load(out / "latents.npy").shape[0] == 1
+    index = json.loads((out / "index.json").read_text())
+    assert index["skipped"] == [{"source": str(folder / "b.png"), "reason": f"{folder / 'b.png'}: no face found"}]
+
+
+def test_photo_inputs_are_refused_in_one_line(cli, tmp_path, photos, e4e_64, cfclip_64, embedding_file):
+    folder, landmarks = photos
+    out = tmp_path / "out"
+    text = tmp_path / "notes.jpg"
+    text.write_text("not an image")
+    result = cli("invert", text, "--encoder", e4e_64, "--aligned", "--out", out)
+    assert result.exit_code == 2 and str(text) in result.stderr and not out.exists()
+    assert_refused(cli("invert", folder, "--encoder", e4e_64, "--out", out), out,
+                   "give exactly one of --aligned, --landmarks FILE or --landmarks-model FILE")
+    assert_refused(cli("edit", "-c", cfclip_64, "--images", folder, "--aligned", "--text-embedding", embedding_file,
+                       "--out", out), out, "encoding photos needs the e4e encoder: pass --encoder e4e_ffhq_encode.pt")

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from cfdeploy.backends import BACKENDS
+from cfdeploy.bundle import TextLatentCache
 from cfdeploy.checkpoints import load_cfclip, load_clip, weights_sha256
 from cfdeploy.errors import CfdeployError
 from cfdeploy.models.clip_text import ClipText
@@ -70,7 +71,7 @@ class TorchBackend:
         self._latent_avg = latent_avg
         self.description = description
         self.source_text: str | None = None
-        self.text_cache = None  # checkpoints have no prompt cache; bundles do
+        self.text_cache: TextLatentCache | None = None  # checkpoints have no prompt cache; bundles do
         self.encoder: torch.nn.Module | None = None
         self.encoder_generator_sha256: str | None = None
 

@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -151,7 +150,9 @@ def refit_bundle(bundle_path: Path, checkpoint_path: Path, report: Callable[[str
             )
         contracts = bundle.contracts
         modules = {"text_mapper": checkpoint.text_mapper, "latent_editor": LatentEditor(checkpoint.mapper)}
-        staged = Path(tempfile.mkdtemp(prefix=f".{bundle_path.name}.", suffix=".partial", dir=bundle_path.parent))
+        # named like every staging directory, so the lock clears it if this run is killed
+        staged = bundle_path.parent / f".{bundle_path.name}.{os.getpid()}.partial"
+        staged.mkdir()
         try:
             _link_tree(bundle_path, staged)
             changed = {}

@@ -113,3 +113,24 @@ def test_png_compression_changes_size_not_pixels(cli, tmp_path, cfclip_256, late
         pixels.append(np.asarray(Image.open(out / "000000.png")))
     assert sizes[0] > sizes[1]
     np.testing.assert_array_equal(pixels[0], pixels[1])
+
+
+def test_without_clip_needs_a_prompt_to_precompute(cli, tmp_path, cfclip_64, clip_state_dict_file):
+    out = tmp_path / "bundle"
+    result = cli("export", "-c", cfclip_64, "--clip-weights", clip_state_dict_file, "--without-clip", "-o", out)
+    assert result.exit_code == 2 and not out.exists()
+    assert result.stderr.strip() == (
+        "error: --without-clip needs at least one --prompt to precompute (or the bundle could edit no text)"
+    )
+
+
+def test_a_bundle_without_clip_says_which_prompts_it_can_edit(cli, tmp_path, bundle_with_encoder):
+    _, bundle, manifest = bundle_with_encoder
+    assert "clip_text" not in manifest["networks"] and not (bundle / "clip_text.onnx").exists()
+    out = tmp_path / "out"
+    result = cli("edit", "--bundle", bundle, "--text", "blue dog", "--seed", 1, "-o", out)
+    assert result.exit_code == 2 and not out.exists()
+    assert result.stderr.strip() == (
+        f"error: {bundle}: exported --without-clip, so it edits only the prompts precomputed at export (none) "
+        "or --text-embedding features"
+    )

@@ -209,18 +209,18 @@ def edit_command(
     if source is None:
         needed = "--checkpoint" if info.source == "checkpoint" else "--bundle (make one with cfdeploy export)"
         raise CfdeployError(f"--backend {name} needs {needed}")
-    if refine_steps > 0 and clip_weights is None:
-        raise CfdeployError("--refine-steps needs --clip-weights (CLIP ViT-B/32 with its image encoder)")
-    needs_clip = info.source == "checkpoint" and (text is not None or refine_steps > 0)
-    if needs_clip and clip_weights is None:
-        raise CfdeployError("--text needs --clip-weights (CLIP ViT-B/32 weights); or pass --text-embedding")
     refine_settings = None
     if refine_steps > 0:
         try:
             from cfdeploy.refine import RefineSettings
         except ModuleNotFoundError as missing:
             raise missing_extra(missing.name or "torch", "refinement (--refine-steps)") from None
+        if clip_weights is None:
+            raise CfdeployError("--refine-steps needs --clip-weights (CLIP ViT-B/32 with its image encoder)")
         refine_settings = RefineSettings(refine_steps, refine_lr, refine_l2, source_text or "face", refine_layers)
+    needs_clip = info.source == "checkpoint" and (text is not None or refine_steps > 0)
+    if needs_clip and clip_weights is None:
+        raise CfdeployError("--text needs --clip-weights (CLIP ViT-B/32 weights); or pass --text-embedding")
     options = {
         "clip_weights": clip_weights if needs_clip else None, "device": device,
         "precision": precision.value if precision else None, "cuda_graphs": cuda_graphs or None, "engines": engines,

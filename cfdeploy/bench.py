@@ -2,9 +2,12 @@
 
 Each backend runs in a fresh child process (so its peak RSS is its own), through the same
 ``iter_edits`` path ``cfdeploy edit`` uses: warm-up runs, then timed runs with every stage timed
-(device work is synchronised inside each stage, since every stage returns host arrays). GPU backends
-also report GPU time from CUDA events (TensorRT per engine, torch for the generator) and GPU memory. Images
-are compared against the torch fp32 backend for a parity column (max abs error and PSNR).
+(device work is synchronised inside each stage, since every stage returns host arrays). Backends
+that hold the e4e encoder (torch opened with ``--encoder``, a bundle with its encoder graph) start
+each run from photos, as ``edit --images`` does: a synthetic photo aligned once per image, then the
+batch encoded. GPU backends also report GPU time from CUDA events (TensorRT per engine, torch for the
+generator) and GPU memory. Images are compared against the torch fp32 backend for a parity column
+(max abs error and PSNR).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from cfdeploy.errors import CfdeployError, missing_extra
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+    from PIL import Image
 
     from cfdeploy.editing import EditBackend
     from cfdeploy.refine import Refiner
@@ -38,6 +42,10 @@ if TYPE_CHECKING:
 # The pipeline's stages (cfdeploy.editing.STAGES), then the whole run: the keys of every timing bench reports.
 STAGES = (*editing.STAGES, "total")
 PARITY_REFERENCE = "torch"
+PHOTO_SIZE = 1024
+# The photo runs start from: a centred, upright face, eyes 200 px apart, in RetinaFace/SCRFD's 5-point order.
+# Its crop lies inside the photo, so alignment takes its common path (no shrink, no blurred padding).
+CENTRED_FACE = np.array([[412.0, 440.0], [612.0, 440.0], [512.0, 540.0], [432.0, 620.0], [592.0, 620.0]])
 Progress = Callable[[str], None]
 
 
@@ -47,11 +55,12 @@ def ignore_progress(message: str) -> None:
 
 @dataclass
 class Sources:
-    """The files the backends read: torch ones the checkpoint (and CLIP weights), the others the bundle."""
+    """The files the backends read: torch ones the checkpoint (and CLIP weights, the e4e encoder), the others the bundle."""
 
     checkpoint: Path | None = None
     clip_weights: Path | None = None
     bundle: Path | None = None
+    encoder: Path | None = None
 
 
 @dataclass
@@ -83,6 +92,7 @@ def prepare_sources(
     checkpoint: Path | None = None,
     clip_weights: Path | None = None,
     bundle: Path | None = None,
+    encoder: Path | None = None,
     need_bundle: bool = True,
     with_visual: bool = False,
     on_progress: Progress = ignore_progress,
@@ -95,7 +105,9 @@ def prepare_sources(
             seeded random weights). Give exactly one of ``synthetic``, ``checkpoint`` and ``bundle``.
         checkpoint: a CF-CLIP checkpoint; with ``clip_weights``, torch backends time the text stages
             and a bundle can be exported.
-        bundle: an exported bundle.
+        bundle: an exported bundle (its encoder graph, if it has one, is timed on photos).
+        encoder: an e4e checkpoint, with ``checkpoint`` or ``synthetic``: torch backends open it and the
+            exported bundle includes it, so every run starts from photos.
         need_bundle: export a bundle from the checkpoint when none is given and CLIP weights are there
             (bundle backends are then skipped if they cannot be had).
         with_visual: synthetic CLIP weights include the image encoder (what refinement needs).
@@ -106,7 +118,11 @@ def prepare_sources(
     """
     if sum(source is not None for source in (checkpoint, bundle, synthetic)) != 1:
         raise CfdeployError("give exactly one of --checkpoint, --bundle or --synthetic SIZE")
-    sources = Sources(checkpoint, clip_weights, bundle)
+    if encoder is not None and bundle is not None:
+        raise CfdeployError(
+            "--encoder goes with --checkpoint or --synthetic (a bundle's own encoder graph is timed if it has one)"
+        )
+    sources = Sources(checkpoint, clip_weights, bundle, encoder)
     if synthetic is not None:
         if synthetic < 8 or synthetic & (synthetic - 1):
             raise CfdeployError(f"--synthetic must be a power of two of at least 8, got {synthetic}")
@@ -119,7 +135,7 @@ def prepare_sources(
 
         on_progress("exporting a bundle for the bundle backends")
         sources.bundle = scratch / "bundle"
-        export_bundle(sources.checkpoint, sources.clip_weights, sources.bundle, on_stage=on_progress)
+        export_bundle(sources.checkpoint, sources.clip_weights, sources.bundle, encoder=encoder, on_stage=on_progress)
     return sources
 
 
@@ -135,7 +151,11 @@ def open_for_bench(name: str, sources: Sources) -> EditBackend:
     else:
         if sources.checkpoint is None:
             raise CfdeployError("needs --checkpoint (or --synthetic)")
-        backend = open_preset(name, sources.checkpoint, clip_weights=sources.clip_weights)
+        backend = open_preset(name, sources.checkpoint, clip_weights=sources.clip_weights, encoder=sources.encoder)
+        encoder = getattr(backend, "encoder", None)
+        if encoder is not None and encoder.n_latent != backend.n_latent:
+            raise CfdeployError(f"{sources.encoder}: the encoder makes W+ codes of {encoder.n_latent} levels, the "
+                                f"generator of {sources.checkpoint} takes {backend.n_latent}")
     backend.text_cache = None  # every run times the whole text branch (and writes nothing into the bundle)
     return backend
 
@@ -152,6 +172,31 @@ def encodes_text(backend: Any) -> bool:
     """
     bundle = getattr(backend, "bundle", None)
     return bundle.has_network("clip_text") if bundle is not None else getattr(backend, "clip", None) is not None
+
+
+def encodes_photos(backend: Any) -> bool:
+    """Whether the backend holds the e4e encoder: a bundle with the encoder graph, a torch backend opened with one."""
+    bundle = getattr(backend, "bundle", None)
+    return bundle.has_network("encoder") if bundle is not None else getattr(backend, "encoder", None) is not None
+
+
+def synthetic_photo(seed: int, size: int = PHOTO_SIZE) -> Image.Image:
+    """A smooth random RGB photo (colour blobs, like an out-of-focus scene): what the photo runs align."""
+    from PIL import Image
+
+    blobs = np.random.default_rng(seed).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    return Image.fromarray(blobs).resize((size, size), Image.Resampling.BICUBIC)
+
+
+def encode_photos(backend: EditBackend, photo: Image.Image, count: int, timer: editing.StageTimer) -> np.ndarray:
+    """What ``edit --images`` runs before the edit, as its ``align`` and ``encoder`` stages: the face of
+    ``photo`` at :data:`CENTRED_FACE` aligned once per image, then the ``count`` crops encoded in one batch."""
+    from cfdeploy.photos import align_face, batch_inputs
+
+    with timer.stage("align"):
+        faces = [align_face(photo, CENTRED_FACE).image for _ in range(count)]
+    with timer.stage("encoder"):
+        return backend.encode(batch_inputs(faces))
 
 
 def gpu_memory_mb(name: str, backend: Any) -> float | None:
@@ -199,7 +244,10 @@ def measure_backend(
 
 
 def measure(name: str, backend: EditBackend, settings: BenchSettings, on_progress: Progress) -> dict[str, Any]:
-    """Warm-up and timed runs of the edit (and PNG encoding) at each batch size; stats per stage, the last images."""
+    """Warm-up and timed runs of the edit (and PNG encoding) at each batch size; stats per stage, the last images.
+
+    A backend that holds the e4e encoder edits the codes of photos (:func:`encode_photos`), others random codes.
+    """
     from PIL import Image
 
     from cfdeploy.outputs import to_uint8
@@ -209,9 +257,9 @@ def measure(name: str, backend: EditBackend, settings: BenchSettings, on_progres
     prompt = settings.prompt if encodes_text(backend) else None
     features = None if prompt is not None else rng.standard_normal((1, 512)).astype(np.float32)
     refiner = make_refiner(backend, settings) if settings.refine_steps else None
+    photo = synthetic_photo(settings.seed) if encodes_photos(backend) else None
     results = []
     for batch in settings.batch_sizes:
-        job = editing.EditJob(latents[:batch], prompt, features, batch_size=batch, refiner=refiner)
         samples: dict[str, list[float]] = {stage: [] for stage in STAGES}
         images = None
         device_ms_before: dict[str, float] = {}
@@ -220,6 +268,8 @@ def measure(name: str, backend: EditBackend, settings: BenchSettings, on_progres
                 device_ms_before = backend.device_ms()
             timer = editing.StageTimer()
             started = time.perf_counter()
+            codes = latents[:batch] if photo is None else encode_photos(backend, photo, batch, timer)
+            job = editing.EditJob(codes, prompt, features, batch_size=batch, refiner=refiner)
             for edited in editing.iter_edits(backend, job, timer):
                 images = edited.images
                 with timer.stage("png"):

@@ -1,5 +1,6 @@
 """What `cfdeploy bench` shows: a table that fits 100 columns (per stage with --wide), progress when
-piped, skip reasons from the backend registry, and a plot whose legend covers no bar."""
+piped, skip reasons from the backend registry, a plot whose legend covers no bar, and the align and
+encoder stages of runs that start from photos (--encoder)."""
 
 from __future__ import annotations
 
@@ -103,6 +104,15 @@ def test_plot_legend_beside_the_bars_lists_stages_that_ran(piped_bench):
     assert len(bars) == 2 * len(STAGES_RUN)
     assert box.x0 >= axis.get_window_extent().x1
     assert not any(box.overlaps(bar.get_window_extent()) for bar in bars)
+
+
+def test_encoder_runs_time_align_and_encoder_and_the_wide_table_shows_them(cfclip_64, e4e_64):
+    sources = Sources(checkpoint=cfclip_64, encoder=e4e_64)
+    report = measure_backend("torch", sources, BenchSettings(["torch"], warmup=0, runs=1))
+    (result,) = report["results"]
+    assert list(result["stages_s"]) == ["align", "encoder", "text_mapper", "latent_editor", "generator", "png", "total"]
+    assert headings(bench_table({"backends": [report]}, wide=True))[:9] == [
+        "backend", "batch", "align", "encoder", "text_mapper", "latent_editor", "generator", "png", "total"]
 
 
 @pytest.mark.parametrize(("name", "sources", "reason"), [

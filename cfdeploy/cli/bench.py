@@ -48,6 +48,11 @@ def bench_command(
         None, "--synthetic", help="Benchmark the real architecture at this size with synthetic weights (no files needed)."
     ),
     clip_weights: Optional[Path] = typer.Option(None, "--clip-weights", help="CLIP weights, to time the text stages on torch."),
+    encoder: Optional[Path] = typer.Option(
+        None, "--encoder", metavar="FILE",
+        help="e4e checkpoint: each run aligns and encodes a synthetic 1024 px photo per image (the align and encoder "
+        "stages), then edits its codes. Torch backends open it; the bundle exported for the others includes it.",
+    ),
     backends: str = typer.Option(
         "torch-reference,torch,onnxruntime", "--backends", help=f"Comma-separated, of: {', '.join(PRESETS)}."
     ),
@@ -68,6 +73,7 @@ def bench_command(
     The table fits 100 columns; --wide adds each stage's median. Each backend
     runs in its own process; parity is against the torch fp32 backend.
     Backends that cannot run here are listed as skipped, with the reason.
+    With --encoder (or a bundle holding the encoder graph) runs start from photos.
 
     Example: cfdeploy bench --synthetic 256 --backends torch,onnxruntime
     """
@@ -81,7 +87,7 @@ def bench_command(
     with tempfile.TemporaryDirectory(prefix="cfdeploy-bench-") as scratch, progress_lines() as progress:
         sources = prepare_sources(
             Path(scratch), synthetic=synthetic, checkpoint=checkpoint, clip_weights=clip_weights, bundle=bundle,
-            need_bundle=any(reads_bundle(name) for name in names), with_visual=refine_steps > 0, on_progress=progress,
+            encoder=encoder, need_bundle=any(reads_bundle(name) for name in names), with_visual=refine_steps > 0, on_progress=progress,
         )
         report = run_bench(sources, settings, on_progress=progress)
     print_bench(report, wide)

@@ -343,22 +343,35 @@ class Bundle:
 
     def file(self, relative: str) -> Path:
         """The path of a manifest-listed file, after checking it exists and its sha256 matches."""
-        expected = self.manifest["files"].get(relative)
-        if expected is None:
+        path = self._listed_path(relative)
+        if relative not in self._verified:
+            self._check_digest(path, relative, sha256_file(path))
+        return path
+
+    def file_bytes(self, relative: str) -> tuple[Path, bytes]:
+        """A manifest-listed file's content, read once and checked: what is used is exactly what was hashed."""
+        path = self._listed_path(relative)
+        content = path.read_bytes()
+        self._check_digest(path, relative, hashlib.sha256(content).hexdigest())
+        return path, content
+
+    def _listed_path(self, relative: str) -> Path:
+        if self.manifest["files"].get(relative) is None:
             raise CfdeployError(f"{self.path / MANIFEST}: lists no file {relative!r}")
         path = self.path / relative
-        if relative not in self._verified:
-            if not os.path.lexists(path):
-                raise CfdeployError(f"{path}: missing from the bundle")
-            if not path.is_file():
-                raise CfdeployError(f"{path}: not a regular file")
-            found = sha256_file(path)
-            if found != expected:
-                raise CfdeployError(
-                    f"{path}: sha256 {found[:12]}… differs from the manifest's {expected[:12]}… (file changed or damaged)"
-                )
-            self._verified.add(relative)
+        if not os.path.lexists(path):
+            raise CfdeployError(f"{path}: missing from the bundle")
+        if not path.is_file():
+            raise CfdeployError(f"{path}: not a regular file")
         return path
+
+    def _check_digest(self, path: Path, relative: str, found: str) -> None:
+        expected = self.manifest["files"][relative]
+        if found != expected:
+            raise CfdeployError(
+                f"{path}: sha256 {found[:12]}… differs from the manifest's {expected[:12]}… (file changed or damaged)"
+            )
+        self._verified.add(relative)
 
     def _array(self, relative: str, shape: tuple[int, ...]) -> np.ndarray:
         path = self.file(relative)
@@ -377,6 +390,10 @@ class Bundle:
 
     def network(self, name: str) -> Path:
         return self.file(self._network_file(name))
+
+    def network_bytes(self, name: str) -> tuple[Path, bytes]:
+        """A graph's path and its verified content (ONNX Runtime gets these bytes, not a path to re-read)."""
+        return self.file_bytes(self._network_file(name))
 
     def network_sha256(self, name: str) -> str:
         """The sha256 the manifest records for a graph (what engines are keyed on); the file is not read."""

@@ -120,12 +120,12 @@ class OnnxRuntimeBackend(BundleBackend):
             if "TensorrtExecutionProvider" in self.providers:
                 cache_dir.mkdir(parents=True, exist_ok=True)
             options = provider_options(self.providers, self.bundle.contracts[network].precision, cache_dir)
-            path = self.bundle.network(network)
+            path, graph = self.bundle.network_bytes(network)
             try:
                 # From the verified bytes, not the path: ONNX Runtime then reads no file the manifest does not hash
                 # (a graph asking for external data fails here instead).
                 session = ort.InferenceSession(
-                    path.read_bytes(), self.options, providers=self.providers, provider_options=options
+                    graph, self.options, providers=self.providers, provider_options=options
                 )
             except Exception as error:  # ONNX Runtime has one exception class per failure, none shared but Exception
                 raise CfdeployError(f"{path}: ONNX Runtime cannot load this graph: {load_failure(error)}") from None

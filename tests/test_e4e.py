@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+import onnx
 import onnxruntime
 import pytest
 import torch
@@ -63,6 +64,16 @@ def test_bundle_records_the_encoder_and_its_generator(bundle_with_encoder, cfcli
     assert bundle.has_network("encoder") and not bundle.has_network("clip_text")
     assert bundle.contracts["encoder"] == encoder_contract(N_LATENT_64)
     assert bundle.network("encoder") == out / "encoder.onnx"
+
+
+def test_exported_encoder_convolutions_have_no_run_time_bias(bundle_with_encoder):
+    _, out, _ = bundle_with_encoder
+    graph = onnx.load(str(Bundle(out).network("encoder"))).graph
+    initializers = {tensor.name for tensor in graph.initializer}
+    convolutions = [node for node in graph.node if node.op_type == "Conv"]
+    assert len(convolutions) >= 100
+    assert {node.input[2] for node in convolutions if len(node.input) == 3} <= initializers
+    assert not {"CastLike", "Expand"} & {node.op_type for node in graph.node}
 
 
 @pytest.fixture(scope="module")

@@ -28,6 +28,7 @@ from torch import nn
 
 from cfdeploy.errors import CfdeployError
 from cfdeploy.inputs import memory_guard, require_file
+from cfdeploy.models.arcface import ArcFace
 from cfdeploy.models.clip_text import ClipText, build_clip, is_text_tower_key
 from cfdeploy.models.e4e import MIDDLE_LEVELS, STYLE_DIM, E4EEncoder, Encoder4Editing
 from cfdeploy.models.mappers import FullTextMapper, LevelsMapper, MapperConfig
@@ -577,3 +578,19 @@ def load_e4e(path: Path) -> E4ECheckpoint:
         encoder = encoder.to_empty(device="cpu")
         load_strict(encoder, encoder_state, path, prefix="encoder.")
     return E4ECheckpoint(path, dict(opts), E4EEncoder(encoder, latent_avg).eval(), generator, latent_avg)
+
+
+def load_arcface(path: Path) -> ArcFace:
+    """ArcFace IR-SE-50 (``model_ir_se50.pth``, a bare state dict as the CF-CLIP and e4e repositories use it), strictly."""
+    content = safe_torch_load(path)
+    if not isinstance(content, dict) or "input_layer.0.weight" not in content:
+        raise CfdeployError(f"{path}: expected the ArcFace IR-SE-50 state dict (model_ir_se50.pth), found {_describe(content)}")
+    state = tensor_dict(content, path, "the ArcFace state dict")
+    with memory_guard(path):
+        with torch.device("meta"):
+            arcface = ArcFace()
+        check_keys(arcface.state_dict(), state, path)
+        require_finite_weights(state, path)
+        arcface = arcface.to_empty(device="cpu")
+        load_strict(arcface, state, path)
+    return arcface.eval().requires_grad_(False)

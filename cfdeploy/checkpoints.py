@@ -344,7 +344,10 @@ class StyleGAN2Checkpoint:
 
 def load_stylegan2(path: Path) -> StyleGAN2Checkpoint:
     """The EMA generator (``g_ema``) and ``latent_avg`` of a rosinality checkpoint; its training state is not read."""
-    content = safe_torch_load(path)
+    return _stylegan2_from_content(safe_torch_load(path), path)
+
+
+def _stylegan2_from_content(content: Any, path: Path) -> StyleGAN2Checkpoint:
     if not isinstance(content, dict) or "g_ema" not in content:
         raise CfdeployError(f"{path}: expected a rosinality StyleGAN2 checkpoint with 'g_ema', found {_describe(content)}")
     state = tensor_dict(content["g_ema"], path, "'g_ema'")
@@ -407,7 +410,23 @@ def _trained_size(opts: Mapping[str, Any], path: Path) -> int | None:
 
 
 def load_cfclip(path: Path) -> CFClipCheckpoint:
+    return _cfclip_from_content(safe_torch_load(path), path)
+
+
+def load_generator(path: Path) -> Generator:
+    """The generator of either a rosinality checkpoint (``g_ema``) or a CF-CLIP checkpoint (``decoder.*``), read once."""
     content = safe_torch_load(path)
+    if isinstance(content, dict) and "g_ema" in content:
+        return _stylegan2_from_content(content, path).generator
+    if isinstance(content, dict) and "state_dict" in content:
+        return _cfclip_from_content(content, path).generator
+    raise CfdeployError(
+        f"{path}: expected a StyleGAN2 generator (a rosinality checkpoint with 'g_ema', or a CF-CLIP checkpoint), "
+        f"found {_describe(content)}"
+    )
+
+
+def _cfclip_from_content(content: Any, path: Path) -> CFClipCheckpoint:
     if not isinstance(content, dict) or "state_dict" not in content:
         raise CfdeployError(f"{path}: expected a CF-CLIP checkpoint {{'state_dict', 'opts'}}, found {_describe(content)}")
     state = tensor_dict(content["state_dict"], path, "'state_dict'")

@@ -1,0 +1,207 @@
+"""``cfdeploy train``: a training run's files, checkpoints, metrics, validation grids and resumption.
+
+``OUT`` holds ``iteration_N.pt`` (every ``save_every`` steps and the last) and ``best_model.pt`` (lowest
+validation loss) in the official checkpoint format, ``training_state.pt`` (optimiser and step, for
+``--resume``), ``metrics.jsonl`` (every loss term per step, the validation losses), ``loss.png`` and
+``validation/step_N.png``. Every file is written to a temporary sibling and renamed into place.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from cfdeploy.backends.torch_backend import resolve_device
+from cfdeploy.checkpoints import load_arcface, load_clip, load_generator, safe_torch_load
+from cfdeploy.errors import CfdeployError
+from cfdeploy.inputs import load_latents, require_file
+from cfdeploy.outputs import check_output_dir, write_atomic
+from cfdeploy.refine import ClipNCELoss
+from cfdeploy.tokenizer import ClipTokenizer
+from cfdeploy.training.trainer import (
+    BEST_MODEL,
+    GRID_ROWS,
+    LOSS_TERMS,
+    METRICS,
+    TRAINING_STATE,
+    VALIDATION_DIR,
+    CFClipTraining,
+    Progress,
+    Trainer,
+    TrainingData,
+    TrainSettings,
+    official_opts,
+)
+
+LOSS_PLOT = "loss.png"
+PLOT_SIZE = (720, 360)
+PLOT_COLOURS = {"loss": (20, 20, 20), "nce": (200, 60, 40), "l2": (40, 110, 200), "id": (40, 160, 80)}
+
+
+@dataclass
+class TrainInputs:
+    generator: Path
+    clip_weights: Path
+    latents: Path
+    test_latents: Path | None = None
+    id_weights: Path | None = None
+
+
+def iteration_file(step: int) -> str:
+    return f"iteration_{step}.pt"
+
+
+def save_torch(path: Path, content: Any) -> None:
+    buffer = io.BytesIO()
+    torch.save(content, buffer)
+    write_atomic(path, buffer.getvalue())
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_losses(records: Sequence[dict[str, Any]]) -> Image.Image:
+    """Each loss term against the step (training as thin lines, validation as dots), each scaled to its own range."""
+    width, height = PLOT_SIZE
+    margin = 40
+    image = Image.new("RGB", PLOT_SIZE, "white")
+    draw = ImageDraw.Draw(image)
+    draw.rectangle([margin, margin // 2, width - margin // 2, height - margin], outline=(160, 160, 160))
+    steps = [record["step"] for record in records] or [0]
+    first, last = min(steps), max(max(steps), min(steps) + 1)
+    for position, name in enumerate(LOSS_TERMS):
+        points = [(r["step"], r[name]) for r in records if "val" not in r and name in r]
+        checks = [(r["step"], r["val"][name]) for r in records if "val" in r]
+        values = [value for _, value in points + checks]
+        if not values:
+            continue
+        low, high = min(values), max(max(values), min(values) + 1e-12)
+
+        def xy(step: float, value: float) -> tuple[float, float]:
+            x = margin + (step - first) / (last - first) * (width - 1.5 * margin)
+            return x, height - margin - (value - low) / (high - low) * (height - 1.5 * margin)
+
+        colour = PLOT_COLOURS[name]
+        if len(points) > 1:
+            draw.line([xy(*point) for point in points], fill=colour, width=1)
+        for point in checks:
+            x, y = xy(*point)
+            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
+        draw.text((margin + 8 + 150 * position, 4), f"{name} {low:.3g}..{high:.3g}", fill=colour)
+    draw.text((margin, height - margin + 6), f"step {first}", fill=(0, 0, 0))
+    draw.text((width - margin - 60, height - margin + 6), f"step {last}", fill=(0, 0, 0))
+    return image
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def prepare(
+    settings: TrainSettings, inputs: TrainInputs, out: Path, device: str, on_stage: Callable[[str], None]
+) -> Trainer:
+    """Load and check every input (before any file is written), then build the trainer."""
+    target = resolve_device(device)
+    if settings.precision == "fp16" and target.type != "cuda":
+        raise CfdeployError("--precision fp16 needs --device cuda (use bf16 on a CPU)")
+    for path in (inputs.generator, inputs.clip_weights, inputs.latents, inputs.test_latents, inputs.id_weights):
+        if path is not None:
+            require_file(path)
+    tokens = torch.from_numpy(ClipTokenizer()([settings.description]))
+    on_stage("loading the generator")
+    generator = load_generator(inputs.generator)
+    n_latent = generator.config.n_latent
+    train_latents = load_latents(inputs.latents, n_latent)
+    test_latents = load_latents(inputs.test_latents, n_latent) if inputs.test_latents else train_latents[:GRID_ROWS]
+    if settings.w_space:
+        for path, latents in ((inputs.latents, train_latents), (inputs.test_latents, test_latents)):
+            if path is not None and not np.array_equal(latents, np.repeat(latents[:, :1], n_latent, axis=1)):
+                raise CfdeployError(f"{path}: --w-space trains on W codes [N,512], but these latents differ across levels (W+)")
+    on_stage("loading CLIP")
+    clip = load_clip(inputs.clip_weights)
+    with torch.no_grad():
+        text_features = clip(tokens).float()
+    nce = ClipNCELoss(clip, settings.source_text, settings.description, augmentations=settings.augmentations)
+    arcface = None
+    if inputs.id_weights is not None and settings.id_lambda:
+        on_stage("loading ArcFace")
+        arcface = load_arcface(inputs.id_weights)
+    data = TrainingData(train_latents, test_latents, inputs.generator, inputs.latents, inputs.test_latents,
+                        inputs.id_weights, inputs.clip_weights)
+    model = CFClipTraining(generator, nce, text_features, settings, arcface)
+    return Trainer(model, data, target)
+
+
+def train(
+    settings: TrainSettings,
+    inputs: TrainInputs,
+    out: Path,
+    *,
+    device: str = "cpu",
+    resume: bool = False,
+    force: bool = False,
+    on_stage: Callable[[str], None] = lambda stage: None,
+    on_progress: Callable[[Progress], None] = lambda progress: None,
+) -> Trainer:
+    """Train (or with ``resume`` continue) a run in ``out``; returns the trainer after the last step."""
+    state_path = out / TRAINING_STATE
+    if resume:
+        if not state_path.is_file():
+            raise CfdeployError(f"{out}: nothing to resume (no {TRAINING_STATE}; a run saves one every --save-every steps)")
+    else:
+        check_output_dir(out, force, inputs=[p for p in vars(inputs).values() if p is not None])
+    trainer = prepare(settings, inputs, out, device, on_stage)
+    metrics_path = out / METRICS
+    if resume:
+        state = safe_torch_load(state_path)
+        if not isinstance(state, dict) or "optimizer" not in state:
+            raise CfdeployError(f"{state_path}: not a cfdeploy training state")
+        trainer.load_state(state, state_path)
+        kept = [record for record in read_metrics(metrics_path) if record["step"] <= trainer.step]
+        write_atomic(metrics_path, "".join(json.dumps(record) + "\n" for record in kept).encode())
+    else:
+        (out / VALIDATION_DIR).mkdir(parents=True, exist_ok=True)
+        write_atomic(metrics_path, b"")
+    size = trainer.model.generator.config.size
+    opts = official_opts(settings, trainer.data, out, size, str(trainer.device))
+    last_saved = out / iteration_file(trainer.step) if resume else None
+    with metrics_path.open("a") as metrics:
+        while trainer.step < settings.steps:
+            try:
+                progress = trainer.train_step()
+            except CfdeployError as error:
+                kept = f"the last good checkpoint is {last_saved}" if last_saved else "no checkpoint was saved yet"
+                raise CfdeployError(f"{error}; {kept}") from None
+            record: dict[str, Any] = {"step": progress.step, **progress.losses, "lr": settings.lr, "step_s": progress.step_s}
+            metrics.write(json.dumps(record) + "\n")
+            step = progress.step
+            if step % settings.val_every == 0 or step == settings.steps:
+                validation, grid = trainer.validate()
+                progress.validation = validation
+                metrics.write(json.dumps({"step": step, "val": validation}) + "\n")
+                write_atomic(out / VALIDATION_DIR / f"step_{step:06d}.png", png_bytes(Image.fromarray(grid)))
+                if trainer.best_validation is None or validation["loss"] < trainer.best_validation:
+                    trainer.best_validation = validation["loss"]
+                    save_torch(out / BEST_MODEL, {"state_dict": trainer.model.official_state_dict(), "opts": opts})
+                    progress.saved.append(BEST_MODEL)
+            metrics.flush()
+            if step % settings.save_every == 0 or step == settings.steps:
+                last_saved = out / iteration_file(step)
+                save_torch(last_saved, {"state_dict": trainer.model.official_state_dict(), "opts": opts})
+                save_torch(state_path, trainer.state())
+                write_atomic(out / LOSS_PLOT, png_bytes(plot_losses(read_metrics(metrics_path))))
+                progress.saved.append(last_saved.name)
+            on_progress(progress)
+    return trainer

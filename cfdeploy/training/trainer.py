@@ -1,0 +1,317 @@
+"""CF-CLIP mapper training, as the paper and the official code train it.
+
+Only the text mapper and the latent mapper learn; the generator, CLIP and ArcFace are frozen (the
+edited image stays differentiable through ``w_hat``). One step on a batch of W+ codes ``w``::
+
+    x     = G(w)                                   (no gradient)
+    w_hat = w + 0.1 * mapper(cat(w, text_mapper(t)))   t: the prompt's CLIP text features, computed once
+    x_hat = G(w_hat)
+    loss  = nce_lambda * CLIP-NCE(x_hat, x) + l2_lambda * mean((w_hat - w)^2) + id_lambda * (1 - cos ArcFace)
+
+The CLIP-NCE loss is refinement's (:class:`cfdeploy.refine.ClipNCELoss`), with 8 new random perspective
+warps per step. Everything random is derived from ``(seed, step)`` (the data order from ``(seed, epoch)``),
+so a run resumed from a save continues exactly as the uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from cfdeploy.errors import CfdeployError
+from cfdeploy.models.arcface import ArcFace, identity_loss
+from cfdeploy.models.mappers import EDIT_SCALE, FullTextMapper, LevelsMapper, MapperConfig
+from cfdeploy.models.stylegan2 import Generator
+from cfdeploy.refine import ClipNCELoss
+from cfdeploy.training.ranger import Ranger
+
+OPTIMIZERS = ("ranger", "adam")
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+LOSS_TERMS = ("loss", "nce", "l2", "id")
+BEST_MODEL = "best_model.pt"
+TRAINING_STATE = "training_state.pt"
+METRICS = "metrics.jsonl"
+VALIDATION_DIR = "validation"
+GRID_ROWS = 4
+# opts the official training writes that cfdeploy has no use for, with the official defaults (workers: the
+# data are in memory here), so the official code reads the file as one of its own.
+OFFICIAL_FIXED_OPTS = {"mapper_type": "LevelsMapper", "test_batch_size": 1, "workers": 0, "test_workers": 0,
+                       "perc_lambda": 0, "vgg_weights": None, "checkpoint_path": None, "image_interval": 500,
+                       "board_interval": 50}
+
+
+@dataclass
+class TrainSettings:
+    """What ``cfdeploy train`` takes; the defaults are the official ones."""
+
+    description: str
+    steps: int = 50_000
+    batch_size: int = 2
+    lr: float = 0.5
+    optimizer: str = "ranger"
+    nce_lambda: float = 0.3
+    l2_lambda: float = 0.8
+    id_lambda: float = 0.2
+    source_text: str = "face"
+    no_coarse_mapper: bool = False
+    no_medium_mapper: bool = False
+    no_fine_mapper: bool = False
+    w_space: bool = False
+    val_every: int = 5000
+    save_every: int = 5000
+    seed: int = 0
+    precision: str = "fp32"
+    augmentations: int = 8
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "val_every", "save_every", "augmentations"):
+            if getattr(self, name) < 1:
+                raise CfdeployError(f"--{name.replace('_', '-')} must be 1 or more, got {getattr(self, name)}")
+        for name in ("lr", "nce_lambda", "l2_lambda", "id_lambda"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0 or (name == "lr" and value == 0):
+                raise CfdeployError(f"--{name.replace('_', '-')} must be a finite number {'above' if name == 'lr' else 'of at least'} 0, got {value}")
+        if self.optimizer not in OPTIMIZERS:
+            raise CfdeployError(f"--optimizer {self.optimizer!r}: expected one of {', '.join(OPTIMIZERS)}")
+        if self.precision not in PRECISIONS:
+            raise CfdeployError(f"--precision {self.precision!r}: expected one of {', '.join(PRECISIONS)}")
+        if self.no_coarse_mapper and self.no_medium_mapper and self.no_fine_mapper:
+            raise CfdeployError("--no-coarse-mapper, --no-medium-mapper and --no-fine-mapper together leave nothing to train")
+
+    def mapper_config(self, n_latent: int) -> MapperConfig:
+        return MapperConfig(n_latent, 512, self.no_coarse_mapper, self.no_medium_mapper, self.no_fine_mapper)
+
+
+@dataclass
+class TrainingData:
+    """The run's inputs, for the checkpoint's ``opts`` (paths as given) and the arrays themselves."""
+
+    train_latents: np.ndarray
+    test_latents: np.ndarray
+    generator_path: Path
+    train_path: Path
+    test_path: Path | None = None
+    id_weights: Path | None = None
+    clip_weights: Path | None = None
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The warps of one step, from (seed, step) alone: a resumed run draws what the uninterrupted one drew."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step]).generate_state(1, np.uint64)[0] >> 1))
+
+
+def batch_indices(seed: int, step: int, count: int, batch_size: int) -> np.ndarray:
+    """Shuffled batches without replacement, the last partial batch of each epoch dropped (the official
+    DataLoader's ``shuffle=True, drop_last=True``); ``step`` counts from 1."""
+    per_epoch = count // batch_size
+    epoch, position = divmod(step - 1, per_epoch)
+    order = np.random.default_rng([seed, epoch]).permutation(count)
+    return order[position * batch_size : (position + 1) * batch_size]
+
+
+class CFClipTraining(nn.Module):
+    """The trainable mappers, the frozen networks around them, and the objective."""
+
+    text_features: torch.Tensor
+
+    def __init__(
+        self,
+        generator: Generator,
+        nce: ClipNCELoss,
+        text_features: torch.Tensor,
+        settings: TrainSettings,
+        arcface: ArcFace | None = None,
+    ) -> None:
+        super().__init__()
+        if settings.id_lambda and arcface is None:
+            raise CfdeployError("the identity loss needs ArcFace weights: pass --id-weights model_ir_se50.pth or --id-lambda 0")
+        self.settings = settings
+        self.generator = generator.eval().requires_grad_(False)
+        self.nce = nce.eval().requires_grad_(False)
+        self.arcface = arcface.eval().requires_grad_(False) if arcface is not None else None
+        config = settings.mapper_config(generator.config.n_latent)
+        torch.manual_seed(settings.seed)
+        self.text_mapper = FullTextMapper(config)
+        self.mapper = LevelsMapper(config)
+        self.register_buffer("text_features", text_features.detach().float().reshape(1, -1))
+
+    def trainable(self) -> list[nn.Parameter]:
+        return [*self.mapper.parameters(), *self.text_mapper.parameters()]
+
+    @contextlib.contextmanager
+    def reduced_precision(self) -> Iterator[None]:
+        """Autocast for the frozen image networks only: the mappers' PixelNorm breaks in half precision."""
+        dtype = PRECISIONS[self.settings.precision]
+        device = self.text_features.device.type
+        with torch.autocast(device, dtype=dtype) if dtype is not None else contextlib.nullcontext():
+            yield
+
+    def edit(self, w: torch.Tensor) -> torch.Tensor:
+        text_latents = self.text_mapper(self.text_features.expand(len(w), -1))
+        return w + EDIT_SCALE * self.mapper(torch.cat([w, text_latents], dim=-1))
+
+    def losses(self, w: torch.Tensor, warps: torch.Generator) -> dict[str, torch.Tensor]:
+        with torch.no_grad(), self.reduced_precision():
+            source = self.generator(w).float()
+        w_hat = self.edit(w)
+        with self.reduced_precision():
+            edited = self.generator(w_hat).float()
+            nce = self.nce(edited, source, warps).float()
+            identity = identity_loss(self.arcface, edited, source).float() if self.arcface is not None else nce.new_zeros(())
+        l2 = F.mse_loss(w_hat, w)
+        s = self.settings
+        total = s.nce_lambda * nce + s.l2_lambda * l2 + s.id_lambda * identity
+        return {"loss": total, "nce": nce, "l2": l2, "id": identity, "edited": edited.detach(), "source": source}
+
+    def official_state_dict(self) -> OrderedDict[str, torch.Tensor]:
+        """``mapper.*``, ``decoder.*``, ``text_mapper.*`` in the official module order, on the CPU."""
+        state: OrderedDict[str, torch.Tensor] = OrderedDict()
+        for prefix, module in (("mapper", self.mapper), ("decoder", self.generator), ("text_mapper", self.text_mapper)):
+            for key, value in module.state_dict().items():
+                state[f"{prefix}.{key}"] = value.detach().cpu().clone()
+        return state
+
+
+@dataclass
+class Progress:
+    """What a caller sees after each step and validation."""
+
+    step: int
+    losses: dict[str, float]
+    step_s: float
+    validation: dict[str, float] | None = None
+    saved: list[str] = field(default_factory=list)
+
+
+def official_opts(settings: TrainSettings, data: TrainingData, out: Path, size: int, device: str) -> dict[str, Any]:
+    """The ``opts`` dict of an official checkpoint: every field its training writes, with this run's values."""
+    return {
+        **OFFICIAL_FIXED_OPTS,
+        "exp_dir": str(out),
+        "no_coarse_mapper": settings.no_coarse_mapper,
+        "no_medium_mapper": settings.no_medium_mapper,
+        "no_fine_mapper": settings.no_fine_mapper,
+        "latents_train_path": str(data.train_path),
+        "latents_test_path": None if data.test_path is None else str(data.test_path),
+        "train_dataset_size": len(data.train_latents),
+        "test_dataset_size": len(data.test_latents),
+        "w_space": settings.w_space,
+        "batch_size": settings.batch_size,
+        "learning_rate": settings.lr,
+        "optim_name": settings.optimizer,
+        "id_lambda": settings.id_lambda,
+        "nce_lambda": settings.nce_lambda,
+        "latent_l2_lambda": settings.l2_lambda,
+        "stylegan_weights": str(data.generator_path),
+        "stylegan_size": size,
+        "ir_se50_weights": None if data.id_weights is None else str(data.id_weights),
+        "max_steps": settings.steps,
+        "val_interval": settings.val_every,
+        "save_interval": settings.save_every,
+        "source_text": settings.source_text,
+        "description": settings.description,
+        "device": device,
+    }
+
+
+def make_optimizer(parameters: list[nn.Parameter], settings: TrainSettings) -> torch.optim.Optimizer:
+    if settings.optimizer == "adam":
+        return torch.optim.Adam(parameters, lr=settings.lr)
+    return Ranger(parameters, lr=settings.lr)
+
+
+class Trainer:
+    """Steps, validation and the run's state; files are written by :func:`cfdeploy.training.run.train`."""
+
+    def __init__(self, model: CFClipTraining, data: TrainingData, device: torch.device) -> None:
+        self.model = model.to(device)
+        self.data = data
+        self.device = device
+        self.settings = model.settings
+        self.optimizer = make_optimizer(model.trainable(), self.settings)
+        self.step = 0
+        self.best_validation: float | None = None
+        if len(data.train_latents) < self.settings.batch_size:
+            raise CfdeployError(
+                f"{data.train_path}: {len(data.train_latents)} training latents, fewer than one batch of {self.settings.batch_size}"
+            )
+
+    def latents(self, rows: np.ndarray | slice, test: bool = False) -> torch.Tensor:
+        source = self.data.test_latents if test else self.data.train_latents
+        return torch.from_numpy(np.ascontiguousarray(source[rows])).to(self.device)
+
+    def train_step(self) -> Progress:
+        """One optimiser step on the next batch; refuses a non-finite loss before any weight changes."""
+        started = time.perf_counter()
+        step = self.step + 1
+        rows = batch_indices(self.settings.seed, step, len(self.data.train_latents), self.settings.batch_size)
+        self.model.mapper.train()
+        self.model.text_mapper.train()
+        terms = self.model.losses(self.latents(rows), step_generator(self.settings.seed, step))
+        values = {name: float(terms[name].detach()) for name in LOSS_TERMS}
+        if not all(math.isfinite(value) for value in values.values()):
+            shown = ", ".join(f"{name} {value:.4g}" for name, value in values.items())
+            raise CfdeployError(f"step {step}: the loss is not finite ({shown}); the weights were not updated")
+        self.optimizer.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        self.optimizer.step()
+        self.step = step
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return Progress(step, values, time.perf_counter() - started)
+
+    @torch.no_grad()
+    def validate(self) -> tuple[dict[str, float], np.ndarray]:
+        """Mean losses over the test latents with the same warps every time, and a grid of source | edit rows."""
+        sums = dict.fromkeys(LOSS_TERMS, 0.0)
+        shown: list[torch.Tensor] = []
+        count = len(self.data.test_latents)
+        for row in range(count):
+            terms = self.model.losses(self.latents(slice(row, row + 1), test=True), step_generator(self.settings.seed, 0))
+            for name in LOSS_TERMS:
+                sums[name] += float(terms[name]) / count
+            if len(shown) < GRID_ROWS:
+                shown.append(torch.cat([terms["source"], terms["edited"]], dim=3).cpu())
+        return sums, validation_grid(torch.cat(shown))
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "best_validation": self.best_validation,
+            "text_mapper": self.model.text_mapper.state_dict(),
+            "mapper": self.model.mapper.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "settings": asdict(self.settings),
+        }
+
+    def load_state(self, state: dict[str, Any], source: Path) -> None:
+        saved = state.get("settings")
+        current = asdict(self.settings)
+        differing = [key for key in current if key != "steps" and (saved or {}).get(key) != current[key]]
+        if differing:
+            shown = ", ".join(f"{key} {saved.get(key)!r} → {current[key]!r}" for key in differing[:4]) if saved else "none saved"
+            raise CfdeployError(f"{source}: --resume needs the settings of the interrupted run; these differ: {shown}")
+        self.model.text_mapper.load_state_dict(state["text_mapper"])
+        self.model.mapper.load_state_dict(state["mapper"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        self.best_validation = state["best_validation"]
+
+
+def validation_grid(pairs: torch.Tensor) -> np.ndarray:
+    """Rows of ``source | edit`` images in [-1, 1] to one uint8 HWC picture."""
+    unit = ((pairs.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return unit.permute(0, 2, 3, 1).reshape(-1, unit.shape[3], 3).numpy()
+
+
+OnProgress = Callable[[Progress], None]

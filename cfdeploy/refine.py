@@ -107,7 +107,7 @@ class ClipNCELoss(nn.Module):
         """Generator output in [-1, 1] → CLIP's preprocessing on tensors → L2-normalised features."""
         unit = (images + 1) / 2
         resized = F.interpolate(unit, size=CLIP_RESOLUTION, mode="bicubic", align_corners=False, antialias=True)
-        return F.normalize(self.clip.encode_image((resized - self.mean) / self.std).float(), dim=-1)
+        return F.normalize(self.clip.encode_image((resized - self.mean) / self.std).to(images.dtype), dim=-1)
 
     def augment(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         from torchvision.transforms import InterpolationMode

@@ -230,3 +230,21 @@ def e4e(encoder: State, images: torch.Tensor, latent_avg: torch.Tensor) -> torch
             features = p1
         w[:, i] += _gradual_style_block(features, encoder, f"styles.{i}.")
     return w + latent_avg.repeat(w.shape[0], 1, 1)
+
+
+def arcface(state: State, faces: torch.Tensor) -> torch.Tensor:
+    """ArcFace ``Backbone(112, 50, drop_ratio=0.6, mode='ir_se')`` in eval mode on ``faces`` [B, 3, 112, 112]:
+    input layer, the IR-SE-50 body, then BN, (eval) dropout, flatten, linear, BN1d and ``l2_norm``."""
+    x = F.conv2d(faces, state["input_layer.0.weight"], stride=1, padding=1)
+    x = F.prelu(_batch_norm(x, state, "input_layer.1."), state["input_layer.2.weight"])
+    units = [
+        (in_channel if unit == 0 else depth, depth, 2 if unit == 0 else 1)
+        for in_channel, depth, count in E4E_BLOCKS
+        for unit in range(count)
+    ]
+    for i, (in_channel, depth, stride) in enumerate(units):
+        x = _ir_se_unit(x, state, f"body.{i}.", in_channel, depth, stride)
+    x = _batch_norm(x, state, "output_layer.0.")
+    x = F.linear(x.reshape(x.shape[0], -1), state["output_layer.3.weight"], state["output_layer.3.bias"])
+    x = _batch_norm(x, state, "output_layer.4.")
+    return torch.div(x, torch.norm(x, 2, 1, True))

@@ -58,7 +58,9 @@ class Ranger(torch.optim.Optimizer):
             for parameter in group["params"]:
                 if parameter.grad is None:
                     continue
-                grad = parameter.grad.float()
+                # half-precision parameters are updated in float32, others in their own precision
+                compute = torch.promote_types(parameter.dtype, torch.float32)
+                grad = parameter.grad.to(compute)
                 if grad.dim() > 1:
                     grad = grad - grad.mean(dim=tuple(range(1, grad.dim())), keepdim=True)
                 state = self.state[parameter]
@@ -66,13 +68,13 @@ class Ranger(torch.optim.Optimizer):
                     state["step"] = 0
                     state["exp_avg"] = torch.zeros_like(grad)
                     state["exp_avg_sq"] = torch.zeros_like(grad)
-                    state["slow_buffer"] = parameter.detach().float().clone()
+                    state["slow_buffer"] = parameter.detach().to(compute).clone()
                 state["step"] += 1
                 exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
                 exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
                 exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
                 step_size, rectified = rectified_step_size(state["step"], beta1, beta2)
-                weights = parameter.detach().float()
+                weights = parameter.detach().to(compute)
                 if group["weight_decay"]:
                     weights.mul_(1 - group["weight_decay"] * group["lr"])
                 if rectified:

@@ -162,12 +162,12 @@ class CFClipTraining(nn.Module):
 
     def losses(self, w: torch.Tensor, warps: torch.Generator) -> dict[str, torch.Tensor]:
         with torch.no_grad(), self.reduced_precision():
-            source = self.generator(w).float()
+            source = self.generator(w).to(w.dtype)
         w_hat = self.edit(w)
         with self.reduced_precision():
-            edited = self.generator(w_hat).float()
-            nce = self.nce(edited, source, warps).float()
-            identity = identity_loss(self.arcface, edited, source).float() if self.arcface is not None else nce.new_zeros(())
+            edited = self.generator(w_hat).to(w.dtype)
+            nce = self.nce(edited, source, warps).to(w.dtype)
+            identity = identity_loss(self.arcface, edited, source).to(w.dtype) if self.arcface is not None else nce.new_zeros(())
         l2 = F.mse_loss(w_hat, w)
         s = self.settings
         total = s.nce_lambda * nce + s.l2_lambda * l2 + s.id_lambda * identity
@@ -248,7 +248,7 @@ class Trainer:
 
     def latents(self, rows: np.ndarray | slice, test: bool = False) -> torch.Tensor:
         source = self.data.test_latents if test else self.data.train_latents
-        return torch.from_numpy(np.ascontiguousarray(source[rows])).to(self.device)
+        return torch.from_numpy(np.ascontiguousarray(source[rows])).to(self.device, self.model.text_features.dtype)
 
     def train_step(self) -> Progress:
         """One optimiser step on the next batch; refuses a non-finite loss before any weight changes."""

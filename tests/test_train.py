@@ -1,0 +1,259 @@
+"""``cfdeploy train`` on a 64 px synthetic generator with random CLIP ViT-B/32 and ArcFace weights: one step
+against an independent transcription of the official computation, exact resume, the official checkpoint
+format that edit and export accept, and refusals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+from torch.nn import functional as F
+from torchvision import transforms
+from torchvision.transforms.functional import perspective
+
+import synthetic_files
+from cfdeploy.checkpoints import load_cfclip
+from cfdeploy.errors import CfdeployError
+from cfdeploy.models import reference
+from cfdeploy.models.arcface import ArcFace
+from cfdeploy.models.clip_text import ClipText
+from cfdeploy.refine import CLIP_MEAN, CLIP_STD, perspective_endpoints
+from cfdeploy.training.run import TrainInputs, prepare, train
+from cfdeploy.training.trainer import TrainSettings, batch_indices, step_generator
+from conftest import assert_refused, official_edit, rel_l2
+
+PROMPT = "green lipstick"
+N_LATENT_64 = 10
+
+
+@pytest.fixture(scope="module")
+def run_files(tmp_path_factory: pytest.TempPathFactory, cfclip_64: Path) -> dict[str, Path]:
+    """The generator (a 64 px CF-CLIP checkpoint), full CLIP ViT-B/32 and ArcFace IR-SE-50 weights, W+ codes."""
+    directory = tmp_path_factory.mktemp("train_files")
+    files = {"generator": cfclip_64, "clip": directory / "clip.pt", "arcface": directory / "arcface.pt",
+             "latents": directory / "train.npy", "test": directory / "test.npy"}
+    torch.save(ClipText.random(seed=7).clip.state_dict(), files["clip"])
+    torch.manual_seed(3)
+    arcface = ArcFace()
+    with torch.no_grad():  # running statistics other than 0 and 1, so eval-mode BatchNorm is exercised
+        for module in arcface.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.running_mean.uniform_(-0.1, 0.1)
+                module.running_var.uniform_(0.8, 1.2)
+    torch.save(arcface.state_dict(), files["arcface"])
+    rng = np.random.default_rng(3)
+    np.save(files["latents"], rng.standard_normal((6, N_LATENT_64, 512)).astype(np.float32))
+    np.save(files["test"], rng.standard_normal((2, N_LATENT_64, 512)).astype(np.float32))
+    return files
+
+
+def inputs_of(files: dict[str, Path], identity: bool = True) -> TrainInputs:
+    return TrainInputs(files["generator"], files["clip"], files["latents"], files["test"],
+                       files["arcface"] if identity else None)
+
+
+def official_clip_features(clip, images: torch.Tensor) -> torch.Tensor:
+    """CF-CLIP's image side: [-1, 1] → [0, 1] → Resize(224, bicubic) → CenterCrop(224) → Normalize → encode, L2-normalised."""
+    preprocess = transforms.Compose([
+        transforms.Resize(224, interpolation=transforms.InterpolationMode.BICUBIC, antialias=True),
+        transforms.CenterCrop(224),
+        transforms.Normalize(CLIP_MEAN, CLIP_STD),
+    ])
+    return F.normalize(clip.encode_image(preprocess((images + 1) / 2)), dim=-1)
+
+
+def official_text_features(clip, text: str) -> torch.Tensor:
+    templates = [template(text) for template in OPENAI_IMAGENET_TEMPLATES if template("{}") != "a photo of many {}."]
+    with torch.no_grad():
+        return F.normalize(clip.encode_text(open_clip.tokenize(templates)), dim=-1)
+
+
+def official_nce(clip, edited, source, warps: torch.Generator, augmentations: int, source_text: str, target_text: str):
+    """criteria/nce_loss.py as the spec states it, written out here."""
+    height, width = edited.shape[-2:]
+    corners = [[0, 0], [width - 1, 0], [width - 1, height - 1], [0, height - 1]]
+    augmented = torch.cat([
+        perspective(edited, corners, perspective_endpoints(width, height, 0.5, warps),
+                    transforms.InterpolationMode.BILINEAR, fill=[0.0])
+        for _ in range(augmentations)
+    ])
+    source_features = official_clip_features(clip, source).repeat(augmentations, 1)
+    t_src, t_tgt = official_text_features(clip, source_text), official_text_features(clip, target_text)
+    query = F.normalize(official_clip_features(clip, augmented) - source_features, dim=-1)
+    positive_1 = F.normalize((t_tgt - t_src).mean(0, keepdim=True), dim=-1).expand_as(query)
+    positive_2 = F.normalize(t_tgt.mean(0, keepdim=True) - source_features, dim=-1)
+    negatives = F.normalize(t_src - source_features[:1], dim=-1)
+    queries, positives = torch.cat([query, query]), torch.cat([positive_1, positive_2])
+    logits = torch.cat([(queries * positives).sum(1, keepdim=True), queries @ negatives.t()], dim=1) / 0.1
+    return F.cross_entropy(logits, torch.zeros(len(queries), dtype=torch.long))
+
+
+def official_identity(state, edited, source):
+    """criteria/id_loss.py: pool to 256 unless already 256, crop [35:223, 32:220], pool to 112, ArcFace; mean of 1 - cos."""
+    pool, face_pool = torch.nn.AdaptiveAvgPool2d((256, 256)), torch.nn.AdaptiveAvgPool2d((112, 112))
+
+    def features(x):
+        if x.shape[2] != 256:
+            x = pool(x)
+        return reference.arcface(state, face_pool(x[:, :, 35:223, 32:220]))
+
+    target, got = features(source).detach(), features(edited)
+    return sum(1 - got[i].dot(target[i]) for i in range(len(got))) / len(got)
+
+
+def test_one_step_reproduces_the_official_computation(run_files, tmp_path):
+    settings = TrainSettings(PROMPT, steps=1, seed=5, augmentations=2)
+    trainer = prepare(settings, inputs_of(run_files), tmp_path / "run", "cpu", lambda stage: None)
+    trainer.model.double()  # both sides in float64: float32 alone differs by ~4e-5 in the gradients after 20-odd layers
+    mappers = {"text_mapper": trainer.model.text_mapper, "mapper": trainer.model.mapper}
+    start = {name: {key: value.detach().clone() for key, value in module.state_dict().items()} for name, module in mappers.items()}
+    progress = trainer.train_step()
+
+    content = torch.load(run_files["generator"], weights_only=True)
+    generator_state = {key[len("decoder."):]: value.double() for key, value in content["state_dict"].items()
+                       if key.startswith("decoder.")}
+    clip = open_clip.create_model("ViT-B-32-quickgelu", pretrained=None)
+    clip.load_state_dict(torch.load(run_files["clip"], weights_only=True), strict=False)
+    clip.eval().double()
+    arcface_state = {key: value.double() if value.is_floating_point() else value
+                     for key, value in torch.load(run_files["arcface"], weights_only=True).items()}
+    rows = batch_indices(5, 1, 6, 2)
+    w = torch.from_numpy(np.load(run_files["latents"])[rows]).double()
+    leaves = {name: {key: value.clone().requires_grad_(True) for key, value in state.items()} for name, state in start.items()}
+    with torch.no_grad():
+        text_features = clip.encode_text(open_clip.tokenize([PROMPT]))
+        source = reference.generator(generator_state, w)
+    text_latents = reference.text_mapper(leaves["text_mapper"], text_features.expand(2, -1), N_LATENT_64)
+    w_hat = w + 0.1 * reference.levels_mapper(leaves["mapper"], torch.cat([w, text_latents], dim=2), {})
+    edited = reference.generator(generator_state, w_hat)
+    expected = {
+        "nce": official_nce(clip, edited, source, step_generator(5, 1), 2, "face", PROMPT),
+        "l2": F.mse_loss(w_hat, w),
+        "id": official_identity(arcface_state, edited, source),
+    }
+    expected["loss"] = 0.3 * expected["nce"] + 0.8 * expected["l2"] + 0.2 * expected["id"]
+    for name, value in expected.items():
+        assert progress.losses[name] == pytest.approx(float(value.detach()), rel=1e-5), name
+    assert expected["id"] > 1e-4  # the identity term is not trivially zero
+
+    names = [(name, key) for name in leaves for key in leaves[name]]
+    grads = torch.autograd.grad(expected["loss"], [leaves[name][key] for name, key in names])
+    for (name, key), grad in zip(names, grads):
+        parameter = dict(mappers[name].named_parameters())[key]
+        assert rel_l2(parameter.grad, grad) <= 1e-5, f"{name}.{key} gradient"
+        # Ranger's first step is momentum SGD with bias correction: w - lr * centralised g.
+        centred = grad - grad.mean(dim=tuple(range(1, grad.dim())), keepdim=True) if grad.dim() > 1 else grad
+        assert rel_l2(parameter.detach() - start[name][key], -0.5 * centred) <= 1e-5, f"{name}.{key} update"
+
+
+def metric_lines(path: Path) -> list[dict]:
+    return [{key: value for key, value in json.loads(line).items() if key != "step_s"} for line in path.read_text().splitlines()]
+
+
+def test_a_resumed_run_equals_the_uninterrupted_one(run_files, tmp_path):
+    def settings(steps: int) -> TrainSettings:
+        return TrainSettings(PROMPT, steps=steps, val_every=2, save_every=2, seed=9, id_lambda=0, augmentations=2)
+
+    inputs = inputs_of(run_files, identity=False)
+    train(settings(4), inputs, tmp_path / "whole")
+    train(settings(2), inputs, tmp_path / "parts")
+    (tmp_path / "parts" / "metrics.jsonl").open("a").write('{"step": 3, "loss": 0}\n')  # a step logged after the save
+    train(settings(4), inputs, tmp_path / "parts", resume=True)
+    for name in ("iteration_4.pt", "best_model.pt"):
+        whole = torch.load(tmp_path / "whole" / name, weights_only=True)["state_dict"]
+        parts = torch.load(tmp_path / "parts" / name, weights_only=True)["state_dict"]
+        assert list(whole) == list(parts) and all(torch.equal(whole[key], parts[key]) for key in whole), name
+    assert metric_lines(tmp_path / "whole" / "metrics.jsonl") == metric_lines(tmp_path / "parts" / "metrics.jsonl")
+    start = torch.load(tmp_path / "whole" / "iteration_2.pt", weights_only=True)["state_dict"]
+    end = torch.load(tmp_path / "whole" / "iteration_4.pt", weights_only=True)["state_dict"]
+    assert not torch.equal(start["mapper.fc.weight"], end["mapper.fc.weight"])
+
+
+def test_cli_writes_official_checkpoints_that_edit_and_export_accept(cli, run_files, tmp_path, embedding_file):
+    out = tmp_path / "run"
+    result = cli("train", "-t", PROMPT, "-g", run_files["generator"], "--clip-weights", run_files["clip"],
+                 "-l", run_files["latents"], "--test-latents", run_files["test"], "--id-weights", run_files["arcface"],
+                 "-o", out, "--steps", 2, "--val-every", 1, "--save-every", 2)
+    assert result.exit_code == 0, result.stderr
+    assert {"best_model.pt", "iteration_2.pt", "training_state.pt", "metrics.jsonl", "loss.png"} <= {p.name for p in out.iterdir()}
+    assert sorted(p.name for p in (out / "validation").iterdir()) == ["step_000001.png", "step_000002.png"]
+    content = torch.load(out / "iteration_2.pt", weights_only=True)
+    assert set(content) == {"state_dict", "opts"}
+    keys = list(content["state_dict"])
+    assert set(keys) == {key for key, _, _ in synthetic_files.cfclip_keys(64)}
+    assert [key.split(".")[0] for key in keys] == sorted((key.split(".")[0] for key in keys), key=["mapper", "decoder", "text_mapper"].index)
+    official_opts = synthetic_files.manifest("cfclip_manifest_1024.json")["checkpoint_opts"]
+    assert set(content["opts"]) == set(official_opts)
+    assert content["opts"]["description"] == PROMPT and content["opts"]["stylegan_size"] == 64
+    assert content["opts"]["id_lambda"] == 0.2 and content["opts"]["max_steps"] == 2
+    generator = torch.load(run_files["generator"], weights_only=True)["state_dict"]
+    assert all(torch.equal(value, generator[key]) for key, value in content["state_dict"].items() if key.startswith("decoder."))
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 1, 2, 2] and set(metrics[0]) >= {"loss", "nce", "l2", "id", "lr", "step_s"}
+    assert load_cfclip(out / "best_model.pt").description == PROMPT
+
+    edited = tmp_path / "edited"
+    latents = np.load(run_files["test"])
+    result = cli("edit", "-c", out / "best_model.pt", "-l", run_files["test"], "--text-embedding", embedding_file,
+                 "-o", edited, "--save-latents")
+    assert result.exit_code == 0, result.stderr
+    expected_w_hat, _ = official_edit(out / "best_model.pt", latents, np.load(embedding_file).reshape(1, 512))
+    assert rel_l2(np.load(edited / "latents.npy"), expected_w_hat) <= 1e-5
+    result = cli("export", "-c", out / "iteration_2.pt", "--clip-weights", run_files["clip"], "--without-clip", "--prompt", PROMPT,
+                 "-o", tmp_path / "bundle")
+    assert result.exit_code == 0, result.stderr
+
+
+@pytest.mark.parametrize(
+    "change, fragments",
+    [
+        ({"-l": "levels18"}, ("latents have 18 levels, the generator needs 10",)),
+        ({"-l": "nan"}, ("contain 1 NaN/inf values",)),
+        ({"-t": " ".join(["lipstick"] * 80)}, ("is 82 tokens; CLIP reads at most 77",)),
+        ({"--precision": "fp16"}, ("--precision fp16 needs --device cuda",)),
+        ({"--steps": "0"}, ("--steps must be 1 or more, got 0",)),
+        ({"--id-weights": "clip"}, ("expected the ArcFace IR-SE-50 state dict",)),
+    ],
+)
+def test_cli_refuses_bad_input_before_writing(cli, run_files, tmp_path, change, fragments):
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "levels18.npy", rng.standard_normal((4, 18, 512)).astype(np.float32))
+    nan = rng.standard_normal((4, N_LATENT_64, 512)).astype(np.float32)
+    nan[1, 2, 3] = np.nan
+    np.save(tmp_path / "nan.npy", nan)
+    named = {"levels18": tmp_path / "levels18.npy", "nan": tmp_path / "nan.npy", "clip": run_files["clip"]}
+    options = {"-t": PROMPT, "-g": run_files["generator"], "--clip-weights": run_files["clip"], "-l": run_files["latents"],
+               "-o": tmp_path / "run", "--steps": "2"}
+    options.update({key: named.get(value, value) for key, value in change.items()})
+    result = cli("train", *[item for pair in options.items() for item in pair])
+    assert_refused(result, tmp_path / "run", *fragments)
+
+
+def test_existing_output_needs_force_and_resume_needs_a_save(cli, run_files, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    base = ["train", "-t", PROMPT, "-g", run_files["generator"], "--clip-weights", run_files["clip"],
+            "-l", run_files["latents"], "-o", out, "--steps", 1]
+    result = cli(*base)
+    assert result.exit_code == 2 and "--force" in result.stderr and (out / "notes.txt").read_text() == "mine"
+    result = cli(*base, "--resume")
+    assert result.exit_code == 2 and "nothing to resume" in result.stderr
+
+
+def test_a_nan_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(run_files, tmp_path):
+    settings = TrainSettings(PROMPT, steps=4, val_every=10, save_every=1, seed=1, lr=1e30, id_lambda=0, augmentations=2)
+    with pytest.raises(CfdeployError) as refused:
+        train(settings, inputs_of(run_files, identity=False), tmp_path / "run")
+    assert str(refused.value) == (
+        "step 2: the loss is not finite (loss nan, nce nan, l2 nan, id 0); the weights were not updated; "
+        f"the last good checkpoint is {tmp_path / 'run' / 'iteration_1.pt'}"
+    )
+    saved = torch.load(tmp_path / "run" / "iteration_1.pt", weights_only=True)["state_dict"]
+    assert all(torch.isfinite(value).all() for value in saved.values() if value.is_floating_point())
+    assert not (tmp_path / "run" / "iteration_2.pt").exists()

@@ -58,7 +58,7 @@ def train_command(
     """
     from cfdeploy.errors import CfdeployError
     from cfdeploy.training.run import TrainInputs, train
-    from cfdeploy.training.trainer import TrainSettings
+    from cfdeploy.training.trainer import Progress, TrainSettings
 
     if resume and force:
         raise CfdeployError("--resume continues the run in --out; --force would replace it: give one of them")
@@ -77,7 +77,7 @@ def train_command(
     with progress_bar() as bar:
         task = bar.add_task("loading", total=steps)
 
-        def on_progress(progress) -> None:  # type: ignore[no-untyped-def]
+        def on_progress(progress: Progress) -> None:
             while notes:  # once the inputs are known to be good
                 warn(notes.pop())
             terms = " ".join(f"{name} {value:.4f}" for name, value in progress.losses.items())

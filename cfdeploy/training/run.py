@@ -182,8 +182,8 @@ def train(
             try:
                 progress = trainer.train_step()
             except CfdeployError as error:
-                kept = f"the last good checkpoint is {last_saved}" if last_saved else "no checkpoint was saved yet"
-                raise CfdeployError(f"{error}; {kept}") from None
+                last_good = f"the last good checkpoint is {last_saved}" if last_saved else "no checkpoint was saved yet"
+                raise CfdeployError(f"{error}; {last_good}") from None
             record: dict[str, Any] = {"step": progress.step, **progress.losses, "lr": settings.lr, "step_s": progress.step_s}
             metrics.write(json.dumps(record) + "\n")
             step = progress.step

@@ -157,6 +157,20 @@ def cfclip_edit(
 E4E_BLOCKS = ((64, 64, 3), (64, 128, 4), (128, 256, 14), (256, 512, 3))
 
 
+# (in channels, depth, stride) of each of IR-SE-50's 24 units, in order.
+IR_SE_50_UNITS = [
+    (in_channel if unit == 0 else depth, depth, 2 if unit == 0 else 1)
+    for in_channel, depth, count in E4E_BLOCKS
+    for unit in range(count)
+]
+
+
+def _ir_se_input_layer(images: torch.Tensor, state: State) -> torch.Tensor:
+    """``input_layer``: conv 3x3 (no bias), BatchNorm, PReLU."""
+    x = F.conv2d(images, state["input_layer.0.weight"], stride=1, padding=1)
+    return F.prelu(_batch_norm(x, state, "input_layer.1."), state["input_layer.2.weight"])
+
+
 def _batch_norm(x: torch.Tensor, state: State, prefix: str) -> torch.Tensor:
     return F.batch_norm(
         x, state[prefix + "running_mean"], state[prefix + "running_var"], state[prefix + "weight"],
@@ -203,14 +217,8 @@ def e4e(encoder: State, images: torch.Tensor, latent_avg: torch.Tensor) -> torch
     the prefix, as the official ``load_weights`` hands them over)."""
     style_count = sum(1 for key in encoder if re.fullmatch(r"styles\.\d+\.linear\.weight", key))
     coarse_ind, middle_ind = 3, 7
-    x = F.conv2d(images, encoder["input_layer.0.weight"], stride=1, padding=1)
-    x = F.prelu(_batch_norm(x, encoder, "input_layer.1."), encoder["input_layer.2.weight"])
-    units = [
-        (in_channel if unit == 0 else depth, depth, 2 if unit == 0 else 1)
-        for in_channel, depth, count in E4E_BLOCKS
-        for unit in range(count)
-    ]
-    for i, (in_channel, depth, stride) in enumerate(units):
+    x = _ir_se_input_layer(images, encoder)
+    for i, (in_channel, depth, stride) in enumerate(IR_SE_50_UNITS):
         x = _ir_se_unit(x, encoder, f"body.{i}.", in_channel, depth, stride)
         if i == 6:
             c1 = x
@@ -235,14 +243,8 @@ def e4e(encoder: State, images: torch.Tensor, latent_avg: torch.Tensor) -> torch
 def arcface(state: State, faces: torch.Tensor) -> torch.Tensor:
     """ArcFace ``Backbone(112, 50, drop_ratio=0.6, mode='ir_se')`` in eval mode on ``faces`` [B, 3, 112, 112]:
     input layer, the IR-SE-50 body, then BN, (eval) dropout, flatten, linear, BN1d and ``l2_norm``."""
-    x = F.conv2d(faces, state["input_layer.0.weight"], stride=1, padding=1)
-    x = F.prelu(_batch_norm(x, state, "input_layer.1."), state["input_layer.2.weight"])
-    units = [
-        (in_channel if unit == 0 else depth, depth, 2 if unit == 0 else 1)
-        for in_channel, depth, count in E4E_BLOCKS
-        for unit in range(count)
-    ]
-    for i, (in_channel, depth, stride) in enumerate(units):
+    x = _ir_se_input_layer(faces, state)
+    for i, (in_channel, depth, stride) in enumerate(IR_SE_50_UNITS):
         x = _ir_se_unit(x, state, f"body.{i}.", in_channel, depth, stride)
     x = _batch_norm(x, state, "output_layer.0.")
     x = F.linear(x.reshape(x.shape[0], -1), state["output_layer.3.weight"], state["output_layer.3.bias"])

@@ -157,20 +157,21 @@ def metric_lines(path: Path) -> list[dict]:
 
 def test_a_resumed_run_equals_the_uninterrupted_one(run_files, tmp_path):
     def settings(steps: int) -> TrainSettings:
-        return TrainSettings(PROMPT, steps=steps, val_every=2, save_every=2, seed=9, id_lambda=0, augmentations=2)
+        return TrainSettings(PROMPT, steps=steps, val_every=1, save_every=1, seed=9, id_lambda=0, augmentations=2)
 
     inputs = inputs_of(run_files, identity=False)
-    train(settings(4), inputs, tmp_path / "whole")
-    train(settings(2), inputs, tmp_path / "parts")
-    (tmp_path / "parts" / "metrics.jsonl").open("a").write('{"step": 3, "loss": 0}\n')  # a step logged after the save
-    train(settings(4), inputs, tmp_path / "parts", resume=True)
-    for name in ("iteration_4.pt", "best_model.pt"):
+    train(settings(2), inputs, tmp_path / "whole")
+    train(settings(1), inputs, tmp_path / "parts")
+    with (tmp_path / "parts" / "metrics.jsonl").open("a") as metrics:
+        metrics.write('{"step": 2, "loss": 0}\n')  # a step logged after the last save, as a killed run leaves it
+    train(settings(2), inputs, tmp_path / "parts", resume=True)
+    for name in ("iteration_2.pt", "best_model.pt"):
         whole = torch.load(tmp_path / "whole" / name, weights_only=True)["state_dict"]
         parts = torch.load(tmp_path / "parts" / name, weights_only=True)["state_dict"]
         assert list(whole) == list(parts) and all(torch.equal(whole[key], parts[key]) for key in whole), name
     assert metric_lines(tmp_path / "whole" / "metrics.jsonl") == metric_lines(tmp_path / "parts" / "metrics.jsonl")
-    start = torch.load(tmp_path / "whole" / "iteration_2.pt", weights_only=True)["state_dict"]
-    end = torch.load(tmp_path / "whole" / "iteration_4.pt", weights_only=True)["state_dict"]
+    start = torch.load(tmp_path / "whole" / "iteration_1.pt", weights_only=True)["state_dict"]
+    end = torch.load(tmp_path / "whole" / "iteration_2.pt", weights_only=True)["state_dict"]
     assert not torch.equal(start["mapper.fc.weight"], end["mapper.fc.weight"])
 
 

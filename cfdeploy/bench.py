@@ -31,6 +31,7 @@ import numpy as np
 from cfdeploy import editing
 from cfdeploy.backends import BACKENDS, PRESETS, open_preset
 from cfdeploy.errors import CfdeployError, missing_extra
+from cfdeploy.outputs import to_uint8, write_atomic
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -249,8 +250,6 @@ def measure(name: str, backend: EditBackend, settings: BenchSettings, on_progres
     A backend that holds the e4e encoder edits the codes of photos (:func:`encode_photos`), others random codes.
     """
     from PIL import Image
-
-    from cfdeploy.outputs import to_uint8
 
     rng = np.random.default_rng(settings.seed)
     latents = rng.standard_normal((max(settings.batch_sizes), backend.n_latent, 512)).astype(np.float32)
@@ -481,17 +480,18 @@ def cell_text(value: Any, column: Column) -> str:
 
 
 def write_json(report: dict[str, Any], path: Path) -> None:
-    path.write_text(json.dumps(report, indent=2, default=float) + "\n")
+    write_atomic(path, (json.dumps(report, indent=2, default=float) + "\n").encode())
 
 
 def write_csv(report: dict[str, Any], path: Path) -> None:
     import csv
 
     rows = table_rows(report)
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["backend"])
-        writer.writeheader()
-        writer.writerows(rows)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]) if rows else ["backend"])
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomic(path, text.getvalue().encode())
 
 
 def plot_figure(report: dict[str, Any]) -> Figure:

@@ -409,6 +409,15 @@ def _trained_size(opts: Mapping[str, Any], path: Path) -> int | None:
     return int(size)
 
 
+def _flag(opts: Mapping[str, Any], name: str, path: Path) -> bool:
+    """A boolean ``opts`` field (argparse's store_true writes True/False): anything else, such as the string
+    "False", would silently flip which mappers load, so it is refused."""
+    value = opts.get(name, False)
+    if not isinstance(value, bool):
+        raise CfdeployError(f"{path}: opts.{name} must be true or false, found {value!r:.40}")
+    return value
+
+
 def load_cfclip(path: Path) -> CFClipCheckpoint:
     return _cfclip_from_content(safe_torch_load(path), path)
 
@@ -448,9 +457,9 @@ def _cfclip_from_content(content: Any, path: Path) -> CFClipCheckpoint:
     mapper_config = MapperConfig(
         n_latent=n_latent,
         dim=generator.config.style_dim,
-        no_coarse_mapper=bool(opts.get("no_coarse_mapper", False)),
-        no_medium_mapper=bool(opts.get("no_medium_mapper", False)),
-        no_fine_mapper=bool(opts.get("no_fine_mapper", False)),
+        no_coarse_mapper=_flag(opts, "no_coarse_mapper", path),
+        no_medium_mapper=_flag(opts, "no_medium_mapper", path),
+        no_fine_mapper=_flag(opts, "no_fine_mapper", path),
     )
     text_mapper = FullTextMapper(mapper_config)
     load_strict(text_mapper, strip_prefix(state, "text_mapper."), path, prefix="text_mapper.")

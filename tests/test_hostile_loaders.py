@@ -325,6 +325,12 @@ def test_non_numeric_stylegan_size_is_refused(cli, tmp_path):
     assert_refused(cli("inspect", path), None, f"error: {path}: opts.stylegan_size 'abc' is not a number")
 
 
+
+def test_a_mapper_flag_that_is_not_a_boolean_is_refused(cli, tmp_path):
+    """The string "False" is truthy: read as a flag it would drop the fine mapper of a file that has one."""
+    path = saved(tmp_path / "odd_flag.pt", synthetic_files.cfclip_checkpoint(64, no_fine_mapper="False"))
+    assert_refused(cli("inspect", path), None, f"error: {path}: opts.no_fine_mapper must be true or false, found 'False'")
+
 # --- Prompts and the tokenizer's vocabulary ---------------------------------------------------------------------
 
 

@@ -67,13 +67,13 @@ def measure(cache: Path, size: int, device: str, precision: str, warmup: int, st
     import torch
 
     from cfdeploy.models.arcface import identity_loss
-    from cfdeploy.training.run import TrainInputs, prepare
-    from cfdeploy.training.trainer import TrainSettings, step_generator
+    from cfdeploy.training.run import prepare
+    from cfdeploy.training.trainer import TrainInputs, TrainSettings, step_generator
 
     files = files_for(cache, size)
     settings = TrainSettings("green lipstick", steps=warmup + steps, precision=precision)
     inputs = TrainInputs(files["generator"], files["clip"], files["latents"], id_weights=files["arcface"])
-    trainer = prepare(settings, inputs, cache / "unused", device, lambda stage: None)
+    trainer = prepare(settings, inputs, device, lambda stage: None)
     model = trainer.model
     synchronize = (lambda: torch.cuda.synchronize()) if device.startswith("cuda") else (lambda: None)
     for _ in range(warmup):

@@ -57,8 +57,8 @@ def train_command(
     -l train_faces.pt --test-latents test_faces.pt --id-weights model_ir_se50.pth -o runs/green_lipstick
     """
     from cfdeploy.errors import CfdeployError
-    from cfdeploy.training.run import TrainInputs, train
-    from cfdeploy.training.trainer import Progress, TrainSettings
+    from cfdeploy.training.run import train
+    from cfdeploy.training.trainer import Progress, TrainInputs, TrainSettings
 
     if resume and force:
         raise CfdeployError("--resume continues the run in --out; --force would replace it: give one of them")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -36,6 +35,7 @@ from cfdeploy.training.trainer import (
     Progress,
     Trainer,
     TrainingData,
+    TrainInputs,
     TrainSettings,
     official_opts,
 )
@@ -43,15 +43,6 @@ from cfdeploy.training.trainer import (
 LOSS_PLOT = "loss.png"
 PLOT_SIZE = (720, 360)
 PLOT_COLOURS = {"loss": (20, 20, 20), "nce": (200, 60, 40), "l2": (40, 110, 200), "id": (40, 160, 80)}
-
-
-@dataclass
-class TrainInputs:
-    generator: Path
-    clip_weights: Path
-    latents: Path
-    test_latents: Path | None = None
-    id_weights: Path | None = None
 
 
 def iteration_file(step: int) -> str:
@@ -109,9 +100,7 @@ def png_bytes(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def prepare(
-    settings: TrainSettings, inputs: TrainInputs, out: Path, device: str, on_stage: Callable[[str], None]
-) -> Trainer:
+def prepare(settings: TrainSettings, inputs: TrainInputs, device: str, on_stage: Callable[[str], None]) -> Trainer:
     """Load and check every input (before any file is written), then build the trainer."""
     target = resolve_device(device)
     if settings.precision == "fp16" and target.type != "cuda":
@@ -138,8 +127,7 @@ def prepare(
     if inputs.id_weights is not None and settings.id_lambda:
         on_stage("loading ArcFace")
         arcface = load_arcface(inputs.id_weights)
-    data = TrainingData(train_latents, test_latents, inputs.generator, inputs.latents, inputs.test_latents,
-                        inputs.id_weights, inputs.clip_weights)
+    data = TrainingData(train_latents, test_latents, inputs)
     model = CFClipTraining(generator, nce, text_features, settings, arcface)
     return Trainer(model, data, target)
 
@@ -162,7 +150,7 @@ def train(
             raise CfdeployError(f"{out}: nothing to resume (no {TRAINING_STATE}; a run saves one every --save-every steps)")
     else:
         check_output_dir(out, force, inputs=[p for p in vars(inputs).values() if p is not None])
-    trainer = prepare(settings, inputs, out, device, on_stage)
+    trainer = prepare(settings, inputs, device, on_stage)
     metrics_path = out / METRICS
     if resume:
         state = safe_torch_load(state_path)

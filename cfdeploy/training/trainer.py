@@ -21,7 +21,7 @@ import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -32,6 +32,7 @@ from cfdeploy.errors import CfdeployError
 from cfdeploy.models.arcface import ArcFace, identity_loss
 from cfdeploy.models.mappers import EDIT_SCALE, FullTextMapper, LevelsMapper, MapperConfig
 from cfdeploy.models.stylegan2 import Generator
+from cfdeploy.outputs import to_uint8
 from cfdeploy.refine import ClipNCELoss
 from cfdeploy.training.ranger import Ranger
 
@@ -93,16 +94,23 @@ class TrainSettings:
 
 
 @dataclass
+class TrainInputs:
+    """The files a run reads (recorded as given in the checkpoints' ``opts``)."""
+
+    generator: Path
+    clip_weights: Path
+    latents: Path
+    test_latents: Path | None = None
+    id_weights: Path | None = None
+
+
+@dataclass
 class TrainingData:
-    """The run's inputs, for the checkpoint's ``opts`` (paths as given) and the arrays themselves."""
+    """The run's latent codes, and the files they and the networks came from."""
 
     train_latents: np.ndarray
     test_latents: np.ndarray
-    generator_path: Path
-    train_path: Path
-    test_path: Path | None = None
-    id_weights: Path | None = None
-    clip_weights: Path | None = None
+    inputs: TrainInputs
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
@@ -201,8 +209,8 @@ def official_opts(settings: TrainSettings, data: TrainingData, out: Path, size: 
         "no_coarse_mapper": settings.no_coarse_mapper,
         "no_medium_mapper": settings.no_medium_mapper,
         "no_fine_mapper": settings.no_fine_mapper,
-        "latents_train_path": str(data.train_path),
-        "latents_test_path": None if data.test_path is None else str(data.test_path),
+        "latents_train_path": str(data.inputs.latents),
+        "latents_test_path": None if data.inputs.test_latents is None else str(data.inputs.test_latents),
         "train_dataset_size": len(data.train_latents),
         "test_dataset_size": len(data.test_latents),
         "w_space": settings.w_space,
@@ -212,9 +220,9 @@ def official_opts(settings: TrainSettings, data: TrainingData, out: Path, size: 
         "id_lambda": settings.id_lambda,
         "nce_lambda": settings.nce_lambda,
         "latent_l2_lambda": settings.l2_lambda,
-        "stylegan_weights": str(data.generator_path),
+        "stylegan_weights": str(data.inputs.generator),
         "stylegan_size": size,
-        "ir_se50_weights": None if data.id_weights is None else str(data.id_weights),
+        "ir_se50_weights": None if data.inputs.id_weights is None else str(data.inputs.id_weights),
         "max_steps": settings.steps,
         "val_interval": settings.val_every,
         "save_interval": settings.save_every,
@@ -243,7 +251,7 @@ class Trainer:
         self.best_validation: float | None = None
         if len(data.train_latents) < self.settings.batch_size:
             raise CfdeployError(
-                f"{data.train_path}: {len(data.train_latents)} training latents, fewer than one batch of {self.settings.batch_size}"
+                f"{data.inputs.latents}: {len(data.train_latents)} training latents, fewer than one batch of {self.settings.batch_size}"
             )
 
     def latents(self, rows: np.ndarray | slice, test: bool = False) -> torch.Tensor:
@@ -309,9 +317,6 @@ class Trainer:
 
 
 def validation_grid(pairs: torch.Tensor) -> np.ndarray:
-    """Rows of ``source | edit`` images in [-1, 1] to one uint8 HWC picture."""
-    unit = ((pairs.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return unit.permute(0, 2, 3, 1).reshape(-1, unit.shape[3], 3).numpy()
-
-
-OnProgress = Callable[[Progress], None]
+    """Rows of ``source | edit`` images in [-1, 1] to one uint8 HWC picture, converted as edits are saved."""
+    rows = to_uint8(pairs.numpy())
+    return rows.reshape(-1, rows.shape[2], 3)

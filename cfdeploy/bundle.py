@@ -26,7 +26,7 @@ import numpy as np
 
 from cfdeploy.contracts import NetworkContract, network_contracts
 from cfdeploy.errors import CfdeployError
-from cfdeploy.outputs import write_atomic
+from cfdeploy.outputs import npy_bytes, write_atomic
 from cfdeploy.tokenizer import VOCAB_FILENAME
 
 FORMAT = "cfdeploy-bundle"
@@ -69,12 +69,6 @@ def prompt_key(prompt: str) -> str:
 def prompt_file(prompt: str) -> str:
     """Where the exporter stores a precomputed prompt's ``t_w``, relative to the bundle."""
     return f"{PROMPTS_DIR}/{prompt_key(prompt)}.npy"
-
-
-def npy_bytes(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array, allow_pickle=False)
-    return buffer.getvalue()
 
 
 def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:

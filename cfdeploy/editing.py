@@ -30,6 +30,7 @@ from cfdeploy.outputs import StagedDirectory, to_uint8
 STAGES = ("align", "encoder", "tokenize", "clip_text", "text_mapper", "latent_editor", "refine", "generator",
           "source_generator", "png")
 DEFAULT_PNG_COMPRESSION = 6  # Pillow's default zlib level; 1 encodes a 1024 px image several times faster
+DEFAULT_BATCH_SIZE = 4  # codes per mapper/generator call; `cfdeploy serve` edits requests' codes in these too
 MAX_SAMPLED_CODES = 100_000  # --num: 3.7 GB of W+ codes at 18 levels; more is a typo, not a job
 
 
@@ -131,7 +132,7 @@ class EditJob:
     prompt: str | None = None
     text_features: np.ndarray | None = None
     strength: float = 1.0
-    batch_size: int = 4
+    batch_size: int = DEFAULT_BATCH_SIZE
     with_sources: bool = False
     refiner: Any = None
 
@@ -199,25 +200,34 @@ def prompt_mismatch(backend: EditBackend, prompt: str | None) -> str | None:
             "CF-CLIP mappers are per prompt, so expect a weak or odd edit")
 
 
-def iter_edits(backend: EditBackend, job: EditJob, timer: StageTimer) -> Iterator[EditBatch]:
-    """Compute the prompt's text branch once (or take it from the backend's cache), then edit batch by batch."""
-    text_latents = None
-    prompt, cache = job.prompt, backend.text_cache
+def text_branch(
+    backend: EditBackend, prompt: str | None, text_features: np.ndarray | None, timer: StageTimer
+) -> np.ndarray:
+    """A prompt's text latents ``[1, n, 512]`` from the backend's cache or CLIP and the text mapper (cached after),
+    or text features' ``[1 | N, n, 512]`` through the text mapper."""
+    cache = backend.text_cache
     if prompt is not None and cache is not None:
         with timer.stage("text_cache"):
-            text_latents = cache.get(prompt)
-    if text_latents is None:
-        features = job.text_features
-        if prompt is not None:
-            with timer.stage("tokenize"):
-                tokens = backend.tokenize([prompt])
-            with timer.stage("clip_text"):
-                features = backend.text_features(tokens)
-        assert features is not None
-        with timer.stage("text_mapper"):
-            text_latents = backend.text_latents(features)
-        if prompt is not None and cache is not None:
-            cache.put(prompt, text_latents)
+            cached = cache.get(prompt)
+        if cached is not None:
+            return cached
+    features = text_features
+    if prompt is not None:
+        with timer.stage("tokenize"):
+            tokens = backend.tokenize([prompt])
+        with timer.stage("clip_text"):
+            features = backend.text_features(tokens)
+    assert features is not None
+    with timer.stage("text_mapper"):
+        text_latents = backend.text_latents(features)
+    if prompt is not None and cache is not None:
+        cache.put(prompt, text_latents)
+    return text_latents
+
+
+def iter_edits(backend: EditBackend, job: EditJob, timer: StageTimer) -> Iterator[EditBatch]:
+    """Compute the prompt's text branch once (or take it from the backend's cache), then edit batch by batch."""
+    text_latents = text_branch(backend, job.prompt, job.text_features, timer)
     per_latent = text_latents.shape[0] > 1
     for start in range(0, job.latents.shape[0], job.batch_size):
         w = job.latents[start : start + job.batch_size]

@@ -1,6 +1,6 @@
 """The one exception type users see: a one-line message naming the file and the problem."""
 
-EXTRAS = {"torch": "export", "open_clip": "export", "onnx": "export", "matplotlib": "bench", "cuda": "cuda", "dlib": "photos"}
+EXTRAS = {"torch": "export", "open_clip": "export", "onnx": "export", "matplotlib": "bench", "cuda": "cuda", "dlib": "photos", "ray": "serve"}
 
 
 class CfdeployError(Exception):

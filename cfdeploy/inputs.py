@@ -7,11 +7,12 @@ allocating anything.
 
 from __future__ import annotations
 
+import io
 import math
 import stat
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import BinaryIO, Callable, Iterator
 
 import numpy as np
 
@@ -56,29 +57,35 @@ def memory_guard(path: Path) -> Iterator[None]:
 def read_npy(path: Path, what: str = "array") -> np.ndarray:
     """A numeric ``.npy`` array; its header's shape × dtype is checked against the file size before allocating."""
     require_file(path)
-    with memory_guard(path):
-        try:
-            with path.open("rb") as file:
-                version = np.lib.format.read_magic(file)
-                read_header = NPY_HEADER_READERS.get(version)
-                if read_header is None:
-                    raise CfdeployError(
-                        f"{path}: .npy format version {version[0]}.{version[1]} is not read (1.0 and 2.0 are)"
-                    )
-                shape, _, dtype = read_header(file)
-                if dtype.hasobject:
-                    raise CfdeployError(f"{path}: the .npy {what} holds Python objects (pickled), which are never loaded")
-                declared = math.prod(shape) * dtype.itemsize
-                held = path.stat().st_size - file.tell()
-                if declared > held:
-                    raise CfdeployError(
-                        f"{path}: the .npy header declares {what} {list(shape)} {dtype} ({declared:,} bytes) "
-                        f"but the file holds {held:,} bytes of data"
-                    )
-                file.seek(0)
-                return np.lib.format.read_array(file, allow_pickle=False)
-        except (ValueError, OSError, EOFError) as error:
-            raise CfdeployError(f"{path}: not a readable .npy {what}: {error}") from None
+    with memory_guard(path), path.open("rb") as file:
+        return _read_npy_stream(file, path.stat().st_size, str(path), what)
+
+
+def npy_from_bytes(content: bytes, source: str, what: str = "array") -> np.ndarray:
+    """:func:`read_npy` for ``.npy`` bytes that came over the network (``source`` names them in errors)."""
+    return _read_npy_stream(io.BytesIO(content), len(content), source, what)
+
+
+def _read_npy_stream(file: BinaryIO, size: int, source: str, what: str) -> np.ndarray:
+    try:
+        version = np.lib.format.read_magic(file)
+        read_header = NPY_HEADER_READERS.get(version)
+        if read_header is None:
+            raise CfdeployError(f"{source}: .npy format version {version[0]}.{version[1]} is not read (1.0 and 2.0 are)")
+        shape, _, dtype = read_header(file)
+        if dtype.hasobject:
+            raise CfdeployError(f"{source}: the .npy {what} holds Python objects (pickled), which are never loaded")
+        declared = math.prod(shape) * dtype.itemsize
+        held = size - file.tell()
+        if declared > held:
+            raise CfdeployError(
+                f"{source}: the .npy header declares {what} {list(shape)} {dtype} ({declared:,} bytes) "
+                f"but the file holds {held:,} bytes of data"
+            )
+        file.seek(0)
+        return np.lib.format.read_array(file, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as error:
+        raise CfdeployError(f"{source}: not a readable .npy {what}: {error}") from None
 
 
 def _read_array(path: Path, what: str) -> np.ndarray:
@@ -96,12 +103,13 @@ def _read_array(path: Path, what: str) -> np.ndarray:
     return content.detach().float().cpu().numpy()
 
 
-def _require_finite(array: np.ndarray, path: Path, what: str) -> None:
+def require_finite_array(array: np.ndarray, source: object, what: str) -> None:
+    """Floating-point values with no NaN or inf, or one line naming ``source``."""
     if not np.issubdtype(array.dtype, np.floating):
-        raise CfdeployError(f"{path}: expected floating-point {what}, found dtype {array.dtype}")
+        raise CfdeployError(f"{source}: expected floating-point {what}, found dtype {array.dtype}")
     bad = ~np.isfinite(array)
     if bad.any():
-        raise CfdeployError(f"{path}: {what} contain {int(bad.sum())} NaN/inf values")
+        raise CfdeployError(f"{source}: {what} contain {int(bad.sum())} NaN/inf values")
 
 
 def broadcast_latents(latents: np.ndarray, n_latent: int, style_dim: int, source: str) -> np.ndarray:
@@ -126,21 +134,25 @@ def broadcast_latents(latents: np.ndarray, n_latent: int, style_dim: int, source
 def load_latents(path: Path, n_latent: int, style_dim: int = 512) -> np.ndarray:
     """Latent codes from ``.npy`` or a torch-saved tensor, as float32 W+ ``[N, n_latent, dim]``."""
     latents = _read_array(path, "latents")
-    _require_finite(latents, path, "latents")
+    require_finite_array(latents, path, "latents")
     return broadcast_latents(latents, n_latent, style_dim, str(path))
 
 
 def load_text_embedding(path: Path, n_latents: int, dim: int = 512) -> np.ndarray:
     """Unnormalised CLIP text features ``[dim]`` or ``[1|N, dim]``, as float32 ``[1|N, dim]``."""
-    features = _read_array(path, "text features")
-    _require_finite(features, path, "text features")
+    return check_text_embedding(_read_array(path, "text features"), n_latents, dim, str(path))
+
+
+def check_text_embedding(features: np.ndarray, n_latents: int, dim: int, source: str) -> np.ndarray:
+    """Finite text features ``[dim]`` or ``[1|N, dim]`` as float32 ``[1|N, dim]``, or one line naming ``source``."""
+    require_finite_array(features, source, "text features")
     if features.ndim == 1:
         features = features[None, :]
     if features.ndim != 2 or features.shape[1] != dim:
-        raise CfdeployError(f"{path}: expected text features [{dim}] or [N,{dim}], found {list(features.shape)}")
+        raise CfdeployError(f"{source}: expected text features [{dim}] or [N,{dim}], found {list(features.shape)}")
     if features.shape[0] not in (1, n_latents):
         raise CfdeployError(
-            f"{path}: {features.shape[0]} text embeddings match neither 1 (one prompt for all) "
+            f"{source}: {features.shape[0]} text embeddings match neither 1 (one prompt for all) "
             f"nor the {n_latents} latents"
         )
     return np.ascontiguousarray(features, dtype=np.float32)

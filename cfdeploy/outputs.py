@@ -69,6 +69,19 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
 # --- files ------------------------------------------------------------------------------------
 
 
+def save_png(stream: BinaryIO, pixels: np.ndarray, compress_level: int = 6) -> None:
+    """``[H, W, 3]`` uint8 ``pixels`` as PNG; zlib level 0-9. One encoder, so files and served PNGs are the same bytes."""
+    if compress_level not in range(10):
+        raise CfdeployError(f"PNG compression level must be 0 to 9, got {compress_level}")
+    Image.fromarray(pixels).save(stream, format="PNG", compress_level=compress_level)
+
+
+def png_bytes(pixels: np.ndarray, compress_level: int = 6) -> bytes:
+    buffer = io.BytesIO()
+    save_png(buffer, pixels, compress_level)
+    return buffer.getvalue()
+
+
 def write_atomic(path: Path, content: bytes | Callable[[BinaryIO], None]) -> None:
     """Replace ``path`` with ``content`` (bytes, or a function that writes to a binary stream) in one step.
 
@@ -569,10 +582,7 @@ class StagedDirectory:
 
     def write_png(self, name: str, pixels: np.ndarray, compress_level: int = 6) -> None:
         """Save ``[H, W, 3]`` uint8 ``pixels``; zlib level 0-9 (1 is several times faster than Pillow's 6)."""
-        if compress_level not in range(10):
-            raise CfdeployError(f"PNG compression level must be 0 to 9, got {compress_level}")
-        image = Image.fromarray(pixels)
-        self._write(name, lambda stream: image.save(stream, format="PNG", compress_level=compress_level))
+        self._write(name, lambda stream: save_png(stream, pixels, compress_level))
 
     def write_json(self, name: str, content: Mapping[str, Any]) -> None:
         self._write(name, (json.dumps(content, indent=2, default=str) + "\n").encode())

@@ -24,12 +24,12 @@ from onnx import numpy_helper
 
 import cfdeploy
 from cfdeploy.backends import open_backend
-from cfdeploy.bundle import ENGINE_DIR, MANIFEST, ORT_ENGINE_CACHE, Bundle, npy_bytes, sha256_file, write_manifest
+from cfdeploy.bundle import ENGINE_DIR, MANIFEST, ORT_ENGINE_CACHE, Bundle, sha256_file, write_manifest
 from cfdeploy.checkpoints import load_cfclip
 from cfdeploy.errors import CfdeployError
 from cfdeploy.exporter import DEFAULT_OPSET, FP32_TOLERANCE, check_parity, export_graph
 from cfdeploy.models.mappers import LatentEditor
-from cfdeploy.outputs import DirectoryLock, replace_directory, write_atomic
+from cfdeploy.outputs import DirectoryLock, npy_bytes, replace_directory, write_atomic
 from cfdeploy.trt.plan import engine_paths
 
 REFIT_NETWORKS = ("text_mapper", "latent_editor")

@@ -19,8 +19,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cfdeploy.bundle import Bundle, TextLatentCache, check_manifest, npy_bytes, write_manifest
+from cfdeploy.bundle import Bundle, TextLatentCache, check_manifest, write_manifest
 from cfdeploy.errors import CfdeployError
+from cfdeploy.outputs import npy_bytes
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from cfdeploy.cli.common import (
     app, console, plain, progress_bar, require_finite, require_range, say, user_errors, warn,
 )
 from cfdeploy.cli.photos import ALIGNED, ALL_FACES, LANDMARKS, LANDMARKS_MODEL, SKIP_MISSING, landmark_options
-from cfdeploy.editing import DEFAULT_PNG_COMPRESSION, check_sampling
+from cfdeploy.editing import DEFAULT_BATCH_SIZE, DEFAULT_PNG_COMPRESSION, check_sampling
 from cfdeploy.errors import CfdeployError, missing_extra
 
 INPUT, PROMPT, OUTPUT, RUNTIME, REFINE = "Input", "Prompt", "Output", "Runtime", "Refinement (optional, torch)"
@@ -161,7 +161,7 @@ def edit_command(
     providers: Optional[str] = typer.Option(
         None, "--providers", metavar="LIST", rich_help_panel=RUNTIME,
         help="onnxruntime backend: comma-separated execution providers. \\[default: best available]"),
-    batch_size: int = typer.Option(4, "--batch-size", "-b", metavar="B", rich_help_panel=RUNTIME,
+    batch_size: int = typer.Option(DEFAULT_BATCH_SIZE, "--batch-size", "-b", metavar="B", rich_help_panel=RUNTIME,
                                    help="Codes per mapper/generator call."),
     cache_max: Optional[int] = typer.Option(
         None, "--cache-max", metavar="N", rich_help_panel=RUNTIME,

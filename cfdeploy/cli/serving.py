@@ -1,0 +1,120 @@
+"""``cfdeploy serve`` and ``cfdeploy batch``: bundles behind HTTP, and datasets of latents, on Ray (the ``serve`` extra)."""
+
+from __future__ import annotations
+
+import time
+from enum import Enum
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from cfdeploy.cli.common import app, console, progress_bar, require_finite, require_range, say, user_errors
+from cfdeploy.editing import DEFAULT_BATCH_SIZE
+
+CLUSTER, BATCHING, RESOURCES = "Cluster", "Batching and limits", "Resources per replica or worker"
+
+
+class ServedBackend(str, Enum):
+    onnxruntime = "onnxruntime"
+    tensorrt = "tensorrt"
+
+
+RAY_ADDRESS = typer.Option(None, "--ray-address", metavar="ADDRESS", rich_help_panel=CLUSTER,
+                           help="Join a running Ray cluster (`auto`, or host:port). \\[default: start a local one]")
+BACKEND = typer.Option(ServedBackend.onnxruntime, "--backend", rich_help_panel=RESOURCES,
+                       help="Runtime in each replica or worker (tensorrt needs --gpus-per-replica / --gpus-per-worker).")
+
+
+@app.command("serve")
+@user_errors
+def serve_command(
+    bundles: List[Path] = typer.Argument(..., metavar="BUNDLE...", help="Bundles from `cfdeploy export`; each is served under its directory's name."),
+    host: str = typer.Option("127.0.0.1", "--host", metavar="ADDRESS", help="Address to listen on (0.0.0.0: every interface)."),
+    port: int = typer.Option(8000, "--port", metavar="PORT", help="HTTP port."),
+    replicas: int = typer.Option(1, "--replicas", metavar="N", rich_help_panel=RESOURCES, help="Replicas per bundle."),
+    backend: ServedBackend = BACKEND,
+    cpus_per_replica: float = typer.Option(1.0, "--cpus-per-replica", metavar="F", rich_help_panel=RESOURCES,
+                                           help="CPUs Ray reserves per replica (ONNX Runtime uses as many threads)."),
+    gpus_per_replica: float = typer.Option(0.0, "--gpus-per-replica", metavar="F", rich_help_panel=RESOURCES,
+                                           help="GPUs per replica; fractions share one (0.5: two replicas per GPU)."),
+    max_batch: int = typer.Option(8, "--max-batch", metavar="B", rich_help_panel=BATCHING,
+                                  help="Most images per generator call, gathered across concurrent requests."),
+    batch_wait_ms: float = typer.Option(10.0, "--batch-wait-ms", metavar="MS", rich_help_panel=BATCHING,
+                                        help="How long a generator call waits for more images to join it."),
+    max_ongoing: int = typer.Option(32, "--max-ongoing", metavar="N", rich_help_panel=BATCHING,
+                                    help="Requests a replica takes at once; N more may wait per bundle, then 503."),
+    ray_address: Optional[str] = RAY_ADDRESS,
+) -> None:
+    """Serve bundles over HTTP with dynamic batching and replicas on Ray Serve, until Ctrl-C.
+
+    POST /v1/edits (JSON: bundle, prompt or text_embedding, seed/num/truncation or latents, strength,
+    return), GET /v1/bundles, GET /healthz. Images are the same PNG bytes `cfdeploy edit` writes.
+
+    Example: cfdeploy serve engines/green_lipstick --replicas 2 --port 8000
+    """
+    from cfdeploy.serving.server import Server, ServeSettings
+
+    settings = ServeSettings(tuple(bundles), backend.value, replicas, max_batch, batch_wait_ms, max_ongoing,
+                             cpus_per_replica, gpus_per_replica, host, port)
+    with console.status("starting Ray Serve and loading the bundles"):
+        server = Server(settings, ray_address)
+    with server:
+        say(f"serving {', '.join(path.resolve().name for path in bundles)} at {server.url} "
+            f"({replicas} replica(s) each, {backend.value}); Ctrl-C stops")
+        try:
+            while True:
+                time.sleep(1)
+        except KeyboardInterrupt:
+            say("stopping")
+
+
+@app.command("batch")
+@user_errors
+def batch_command(
+    bundle: Path = typer.Argument(..., metavar="BUNDLE", help="Bundle from `cfdeploy export`."),
+    latents: str = typer.Option(..., "--latents", "-l", metavar="SHARDS", help="A directory of .npy shards, or a glob ('shards/*.npy')."),
+    text: str = typer.Option(..., "--text", "-t", metavar="PROMPT", help="Prompt to edit toward."),
+    out: Path = typer.Option(..., "--out", "-o", metavar="DIR", help="OUT/<shard>/000000.png …, latents.npy; OUT/_done/<shard>.json."),
+    strength: float = typer.Option(1.0, "--strength", "-s", metavar="S", help="Edit strength (1 = official)."),
+    workers: int = typer.Option(2, "--workers", metavar="N", rich_help_panel=RESOURCES, help="Actors, each with the bundle loaded once."),
+    batch_size: int = typer.Option(DEFAULT_BATCH_SIZE, "--batch-size", "-b", metavar="B", rich_help_panel=RESOURCES, help="Codes per generator call."),
+    backend: ServedBackend = BACKEND,
+    cpus_per_worker: float = typer.Option(1.0, "--cpus-per-worker", metavar="F", rich_help_panel=RESOURCES,
+                                          help="CPUs Ray reserves per worker (ONNX Runtime uses as many threads)."),
+    gpus_per_worker: float = typer.Option(0.0, "--gpus-per-worker", metavar="F", rich_help_panel=RESOURCES,
+                                          help="GPUs per worker; fractions share one."),
+    force: bool = typer.Option(False, "--force", "-f", help="Write into a DIR from another run or of other files, redoing every shard."),
+    ray_address: Optional[str] = RAY_ADDRESS,
+) -> None:
+    """Edit every latent of a dataset of .npy shards on a Ray cluster, each image exactly once.
+
+    Rerun the same command after an interruption: shards with a completion record are skipped,
+    partial ones are redone. Each shard's images equal `cfdeploy edit` on that shard.
+
+    Example: cfdeploy batch engines/green_lipstick --latents 'ffhq_codes/*.npy' -t "green lipstick" -o edits/ --ray-address auto
+    """
+    from cfdeploy.serving.batch import BatchSettings, run_batch
+
+    require_finite(strength=strength, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker)
+    require_range(1, workers=workers, batch_size=batch_size)
+    settings = BatchSettings(bundle, latents, text, out, strength, backend.value, workers, batch_size, cpus_per_worker,
+                             gpus_per_worker)
+    started = time.perf_counter()
+    with progress_bar() as progress:
+        state = {"images": 0}
+        task = progress.add_task("shards", total=None)
+
+        def planned(pending: int, skipped: int) -> None:
+            progress.update(task, total=pending)
+            if skipped:
+                say(f"skipping {skipped} shard(s) already done")
+
+        def landed(name: str, images: int) -> None:
+            state["images"] += images
+            rate = state["images"] / (time.perf_counter() - started)
+            progress.update(task, advance=1, description=f"shards ({state['images']} images, {rate:.1f} images/s)")
+
+        summary = run_batch(settings, force=force, ray_address=ray_address, on_plan=planned, on_shard=landed)
+    say(f"{summary.edited} shard(s) edited ({summary.images} images), {summary.skipped} already done, of "
+        f"{summary.shards}, in {summary.seconds:.1f}s; completion records in {out}/_done")

@@ -1,0 +1,211 @@
+"""``cfdeploy batch``: edit a dataset of latent shards on Ray Data, each shard exactly once, resumably.
+
+A shard is one ``.npy`` of W+ (or W) codes. Ray Data hands shards to a pool of actors, each holding one
+backend loaded once; an actor edits a shard with :func:`cfdeploy.editing.edit_to_directory` (the very
+code of ``cfdeploy edit``) into a staging directory that replaces ``OUT/<shard>`` in one step, and only
+then writes ``OUT/_done/<shard>.json``. A shard with a matching record is never redone; one without
+(never started, or its worker died) is redone from scratch, and Ray retries a task whose actor died. So
+every image is written once, whole, however often workers fail.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from cfdeploy.bundle import MANIFEST, sha256_file
+from cfdeploy.editing import DEFAULT_BATCH_SIZE, DEFAULT_PNG_COMPRESSION, EditJob, edit_to_directory
+from cfdeploy.errors import CfdeployError
+from cfdeploy.inputs import load_latents
+from cfdeploy.outputs import StagedDirectory, write_atomic
+
+DONE_DIR = "_done"
+RUN_RECORD = "_batch.json"  # what the output directory was made with; a rerun must match it
+
+
+@dataclass(frozen=True)
+class BatchSettings:
+    """One ``cfdeploy batch`` run; the CLI's options, one to one."""
+
+    bundle: Path
+    shards: str  # a directory of .npy files, or a glob
+    prompt: str
+    out: Path
+    strength: float = 1.0
+    backend: str = "onnxruntime"
+    workers: int = 2
+    batch_size: int = DEFAULT_BATCH_SIZE
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    png_compression: int = DEFAULT_PNG_COMPRESSION
+
+    def identity(self) -> dict[str, Any]:
+        """What makes two runs' images the same: a rerun into the same directory must agree on all of it."""
+        return {"bundle_manifest_sha256": sha256_file(self.bundle / MANIFEST), "prompt": self.prompt,
+                "strength": self.strength, "backend": self.backend, "png_compression": self.png_compression}
+
+    def backend_options(self) -> dict[str, Any]:
+        if self.backend == "onnxruntime":
+            providers = None if self.gpus_per_worker > 0 else ["CPUExecutionProvider"]
+            return {"providers": providers, "threads": max(1, round(self.cpus_per_worker)), "cache_max": 0}
+        return {"cache_max": 0}
+
+
+@dataclass
+class BatchSummary:
+    shards: int
+    skipped: int
+    edited: int
+    images: int
+    seconds: float
+
+
+def find_shards(spec: str) -> list[Path]:
+    """The ``.npy`` files of a directory, or those a glob matches, sorted; names (stems) must be unique."""
+    path = Path(spec)
+    found = sorted(path.glob("*.npy")) if path.is_dir() else sorted(Path(match) for match in glob.glob(spec))
+    found = [shard for shard in found if shard.suffix == ".npy" and shard.is_file()]
+    if not found:
+        raise CfdeployError(f"{spec}: no .npy shards found (give a directory of .npy files or a glob such as 'shards/*.npy')")
+    names: dict[str, Path] = {}
+    for shard in found:
+        if shard.stem.startswith(("_", ".")):
+            raise CfdeployError(f"{shard}: shard names may not start with '_' or '.' (reserved in the output)")
+        if shard.stem in names:
+            raise CfdeployError(f"{shard}: two shards are named {shard.stem!r} ({names[shard.stem]}); names must be unique")
+        names[shard.stem] = shard
+    return found
+
+
+def _done_record(out: Path, name: str) -> Path:
+    return out / DONE_DIR / f"{name}.json"
+
+
+def is_done(out: Path, shard: Path) -> bool:
+    """A shard is done when its completion record names this very file content."""
+    try:
+        record = json.loads(_done_record(out, shard.stem).read_text())
+        return bool(record["source_sha256"] == sha256_file(shard))
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def prepare_output(settings: BatchSettings, force: bool) -> None:
+    """Make ``OUT`` or check it is this run's: a directory from another run (or anything else) needs ``--force``."""
+    out, identity = settings.out, settings.identity()
+    record_path = out / RUN_RECORD
+    if out.exists() and not out.is_dir():
+        raise CfdeployError(f"{out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        try:
+            recorded = json.loads(record_path.read_text())["identity"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise CfdeployError(f"{out}: is not empty and is not a cfdeploy batch output; pass --force to write into it") from None
+        changed = sorted(key for key in identity if recorded.get(key) != identity[key])
+        if changed:
+            raise CfdeployError(f"{out}: was made with another {', '.join(changed)}; use another --out, or --force to redo every shard")
+    (out / DONE_DIR).mkdir(parents=True, exist_ok=True)
+    if force:
+        for record in (out / DONE_DIR).glob("*.json"):
+            record.unlink()
+    write_atomic(record_path, (json.dumps({"identity": identity, "settings": asdict(settings)}, indent=2, default=str)
+                               + "\n").encode())
+
+
+def edit_shard(backend: Any, settings: BatchSettings, shard: Path) -> dict[str, Any]:
+    """Edit one shard into ``OUT/<shard>`` (as ``cfdeploy edit`` would, with latents.npy) and record it done."""
+    started = time.perf_counter()
+    source_sha256 = sha256_file(shard)
+    latents = load_latents(shard, backend.n_latent, backend.style_dim)
+    job = EditJob(latents, settings.prompt, strength=settings.strength, batch_size=settings.batch_size)
+    target = settings.out / shard.stem
+    with StagedDirectory(target, force=True) as staged:
+        summary = edit_to_directory(backend, job, staged, save_latents=True, png_compression=settings.png_compression,
+                                    inputs={"backend": settings.backend, "bundle": str(settings.bundle),
+                                            "latents": str(shard)})
+    files = sorted(entry.name for entry in target.iterdir() if entry.is_file())
+    record = {
+        "shard": shard.stem, "source": str(shard), "source_sha256": source_sha256, "count": len(latents),
+        "files": {name: sha256_file(target / name) for name in files},
+        "timings_s": {**summary["timings_s"], "total": round(time.perf_counter() - started, 6)},
+        "worker": {"host": platform.node(), "pid": os.getpid()},
+    }
+    write_atomic(_done_record(settings.out, shard.stem), (json.dumps(record, indent=2) + "\n").encode())
+    return record
+
+
+class ShardEditor:
+    """A Ray Data actor: one backend, loaded once, editing the shards it is handed."""
+
+    def __init__(self, settings: BatchSettings) -> None:
+        from cfdeploy.backends import open_backend
+
+        self.settings = settings
+        self.backend = open_backend(settings.backend, settings.bundle, **settings.backend_options())
+
+    def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        records = [edit_shard(self.backend, self.settings, Path(str(path))) for path in rows["path"]]
+        return {"shard": np.array([record["shard"] for record in records]),
+                "count": np.array([record["count"] for record in records])}
+
+
+def run_batch(
+    settings: BatchSettings,
+    *,
+    force: bool = False,
+    ray_address: str | None = None,
+    num_cpus: int | None = None,
+    on_shard: Callable[[str, int], None] | None = None,
+    on_plan: Callable[[int, int], None] | None = None,
+) -> BatchSummary:
+    """Edit every shard not yet done; ``on_plan(pending, skipped)`` first, then ``on_shard(name, images)`` as each lands."""
+    from cfdeploy.bundle import Bundle
+
+    started = time.perf_counter()
+    settings = replace(settings, bundle=settings.bundle.resolve(), out=settings.out.resolve())
+    if settings.workers < 1 or settings.batch_size < 1:
+        raise CfdeployError(f"--workers and --batch-size must be 1 or more, got {settings.workers} and {settings.batch_size}")
+    if not np.isfinite(settings.strength):
+        raise CfdeployError(f"--strength must be a finite number, got {settings.strength}")
+    Bundle(settings.bundle)
+    shards = find_shards(settings.shards)
+    prepare_output(settings, force)
+    pending = [shard for shard in shards if not is_done(settings.out, shard)]
+    if on_plan is not None:
+        on_plan(len(pending), len(shards) - len(pending))
+    images = 0
+    if pending:
+        import ray
+        import ray.data
+
+        started_ray = not ray.is_initialized()
+        if started_ray:
+            ray.init(address=ray_address, num_cpus=num_cpus if ray_address is None else None,
+                     include_dashboard=False, log_to_driver=False)
+        try:
+            context = ray.data.DataContext.get_current()
+            context.enable_progress_bars = False
+            context.print_on_execution_start = False
+            dataset = ray.data.from_items([{"path": str(shard.resolve())} for shard in pending],
+                                          override_num_blocks=len(pending))
+            edited = dataset.map_batches(
+                ShardEditor, fn_constructor_kwargs={"settings": settings}, batch_size=1,
+                compute=ray.data.ActorPoolStrategy(size=settings.workers), num_cpus=settings.cpus_per_worker,
+                num_gpus=settings.gpus_per_worker,
+            )
+            for row in edited.iter_rows():
+                images += int(row["count"])
+                if on_shard is not None:
+                    on_shard(str(row["shard"]), int(row["count"]))
+        finally:
+            if started_ray:
+                ray.shutdown()
+    return BatchSummary(len(shards), len(shards) - len(pending), len(pending), images, time.perf_counter() - started)

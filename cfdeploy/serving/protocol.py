@@ -1,0 +1,202 @@
+"""The HTTP API of ``cfdeploy serve``, without Ray: requests parsed and checked, replies encoded.
+
+Everything a client can get wrong is found here, before a request reaches a replica, and becomes a
+:class:`RequestError` with the HTTP status and the same one-line message the CLI gives for the same
+mistake. The server (:mod:`cfdeploy.serving.server`) and the client (:mod:`cfdeploy.client`) share
+these definitions.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from cfdeploy.editing import check_sampling
+from cfdeploy.errors import CfdeployError
+from cfdeploy.inputs import broadcast_latents, check_text_embedding, npy_from_bytes, require_finite_array
+
+MAX_BODY_BYTES = 16 << 20  # a request's JSON: 64 W+ codes at 1024 px are 3.1 MB of base64
+MAX_CODES_PER_REQUEST = 64  # images per request; more belongs in `cfdeploy batch`
+RETURNS = ("png", "npy", "both")
+FIELDS = ("bundle", "prompt", "text_embedding", "latents", "seed", "num", "truncation", "strength", "return")
+
+
+class RequestError(CfdeployError):
+    """A request refused with an HTTP status (400 bad input, 404 unknown bundle, 413 too large, 503 busy)."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class BundleInfo:
+    """What ``GET /v1/bundles`` lists, and what a request's codes are checked against."""
+
+    name: str
+    size: int
+    n_latent: int
+    style_dim: int
+    prompts: tuple[str, ...]
+    description: str | None
+    backend: str
+    has_clip: bool
+
+    def as_json(self) -> dict[str, Any]:
+        return {"name": self.name, "size": self.size, "n_latent": self.n_latent, "style_dim": self.style_dim,
+                "prompts": list(self.prompts), "description": self.description, "backend": self.backend,
+                "has_clip": self.has_clip}
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    """One checked ``POST /v1/edits``: either ``latents`` or ``seed``/``num``/``truncation``, either a prompt or features."""
+
+    bundle: str
+    prompt: str | None
+    text_features: np.ndarray | None
+    latents: np.ndarray | None
+    seed: int | None
+    num: int
+    truncation: float
+    strength: float
+    returns: str
+
+    @property
+    def count(self) -> int:
+        return self.num if self.latents is None else len(self.latents)
+
+
+@dataclass
+class EditReply:
+    """A replica's answer: PNG bytes per image (unless ``npy`` only), the edited codes, and how it went."""
+
+    pngs: list[bytes]
+    latents: np.ndarray
+    generator_batches: list[int]  # the generator batch each image was rendered in (dynamic batching at work)
+    timings_s: dict[str, float] = field(default_factory=dict)
+
+
+def encode_npy(array: np.ndarray) -> str:
+    from cfdeploy.outputs import npy_bytes
+
+    return base64.b64encode(npy_bytes(array)).decode("ascii")
+
+
+def decode_npy(text: object, name: str) -> np.ndarray:
+    """A base64 ``.npy`` field (never pickled objects), or one line naming the field."""
+    if not isinstance(text, str):
+        raise RequestError(f"{name}: expected a base64 string of a .npy file, found {type(text).__name__}")
+    try:
+        content = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestError(f"{name}: not valid base64") from None
+    try:
+        return npy_from_bytes(content, name, name.replace("_", " "))
+    except CfdeployError as error:
+        raise RequestError(str(error)) from None
+
+
+def _number(body: dict[str, Any], name: str, default: float) -> float:
+    value = body.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RequestError(f"{name}: expected a number, found {json.dumps(value)[:40]}")
+    if not math.isfinite(value):
+        raise RequestError(f"{name} must be a finite number, got {value}")
+    return float(value)
+
+
+def _integer(body: dict[str, Any], name: str, default: int | None) -> int | None:
+    value = body.get(name, default)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+        raise RequestError(f"{name}: expected an integer, found {json.dumps(value)[:40]}")
+    return value
+
+
+def parse_edit_request(body: bytes, bundles: dict[str, BundleInfo]) -> EditRequest:
+    """Check a ``POST /v1/edits`` body against the served bundles; every refusal is a :class:`RequestError`."""
+    if len(body) > MAX_BODY_BYTES:
+        raise RequestError(f"request body is {len(body):,} bytes; the limit is {MAX_BODY_BYTES:,}", 413)
+    try:
+        parsed = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise RequestError(f"request body is not valid JSON: {error}") from None
+    if not isinstance(parsed, dict):
+        raise RequestError(f"request body: expected a JSON object, found {type(parsed).__name__}")
+    unknown = sorted(set(parsed) - set(FIELDS))
+    if unknown:
+        raise RequestError(f"unknown field(s) {', '.join(unknown)} (known: {', '.join(FIELDS)})")
+
+    name = parsed.get("bundle")
+    if name is None and len(bundles) == 1:
+        name = next(iter(bundles))
+    if not isinstance(name, str):
+        raise RequestError(f"bundle: give one of {', '.join(sorted(bundles))}")
+    info = bundles.get(name)
+    if info is None:
+        raise RequestError(f"unknown bundle {name!r} (served: {', '.join(sorted(bundles))})", 404)
+
+    prompt, embedding = parsed.get("prompt"), parsed.get("text_embedding")
+    if (prompt is None) == (embedding is None):
+        raise RequestError("give exactly one of prompt or text_embedding")
+    if prompt is not None and not isinstance(prompt, str):
+        raise RequestError(f"prompt: expected a string, found {type(prompt).__name__}")
+    if prompt is not None and not info.has_clip and prompt not in info.prompts:
+        stored = ", ".join(repr(known) for known in info.prompts) or "none"
+        raise RequestError(f"bundle {name!r} was exported --without-clip: it edits only the prompts precomputed "
+                           f"at export ({stored}) or text_embedding features")
+
+    latents_field, seed = parsed.get("latents"), _integer(parsed, "seed", None)
+    if (latents_field is None) == (seed is None):
+        raise RequestError("give exactly one of latents or seed")
+    num = _integer(parsed, "num", 1)
+    assert num is not None
+    truncation = _number(parsed, "truncation", 0.7)
+    latents = None
+    if latents_field is not None:
+        array = decode_npy(latents_field, "latents")
+        try:
+            require_finite_array(array, "latents", "latents")
+            latents = broadcast_latents(array, info.n_latent, info.style_dim, "latents")
+        except CfdeployError as error:
+            raise RequestError(str(error)) from None
+    else:
+        try:
+            check_sampling(num, truncation)
+        except CfdeployError as error:
+            raise RequestError(str(error).replace("--", "")) from None
+    count = num if latents is None else len(latents)
+    if count > MAX_CODES_PER_REQUEST:
+        raise RequestError(f"{count} images in one request; the limit is {MAX_CODES_PER_REQUEST} "
+                           "(use cfdeploy batch for datasets)", 413)
+
+    features = None
+    if embedding is not None:
+        try:
+            features = check_text_embedding(decode_npy(embedding, "text_embedding"), count, info.style_dim,
+                                            "text_embedding")
+        except CfdeployError as error:
+            raise RequestError(str(error)) from None
+
+    returns = parsed.get("return", "png")
+    if returns not in RETURNS:
+        raise RequestError(f"return: expected one of {', '.join(RETURNS)}, found {json.dumps(returns)[:40]}")
+    return EditRequest(name, prompt, features, latents, seed, num, truncation, _number(parsed, "strength", 1.0),
+                       returns)
+
+
+def reply_json(request: EditRequest, reply: EditReply) -> dict[str, Any]:
+    """The JSON answer: base64 PNGs and/or the edited codes as a base64 ``.npy``, with what the server did."""
+    content: dict[str, Any] = {"bundle": request.bundle, "count": len(reply.latents),
+                               "generator_batches": reply.generator_batches, "timings_s": reply.timings_s}
+    if request.returns in ("png", "both"):
+        content["images"] = [base64.b64encode(png).decode("ascii") for png in reply.pngs]
+    if request.returns in ("npy", "both"):
+        content["latents"] = encode_npy(reply.latents)
+    return content

@@ -1,0 +1,263 @@
+"""``cfdeploy serve`` on Ray Serve: one deployment per bundle, dynamic batching of the generator, an HTTP router.
+
+Each request runs the text branch (cached per prompt) and the latent editor on its own codes in
+chunks of :data:`~cfdeploy.editing.DEFAULT_BATCH_SIZE`, exactly as ``cfdeploy edit`` does; its codes
+then join other requests' in ``@serve.batch`` calls of the generator, whose output does not depend on
+the batch it ran in. So a served image is the same PNG bytes ``cfdeploy edit`` writes. Ray does
+the queueing, replicas and back-pressure; nothing here schedules.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from ray import serve
+from ray.serve.exceptions import BackPressureError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from cfdeploy.editing import DEFAULT_BATCH_SIZE, DEFAULT_PNG_COMPRESSION, StageTimer, text_branch
+from cfdeploy.errors import CfdeployError
+from cfdeploy.inputs import broadcast_latents, seeded_z
+from cfdeploy.outputs import png_bytes, to_uint8
+from cfdeploy.serving.protocol import (
+    MAX_BODY_BYTES, BundleInfo, EditReply, EditRequest, RequestError, parse_edit_request, reply_json,
+)
+
+APP_NAME = "cfdeploy"
+PROMPTS_KEPT = 256  # text latents per replica in memory (beside the bundle's own disk cache)
+_log = logging.getLogger("ray.serve")
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """How ``cfdeploy serve`` runs; the CLI's options, one to one."""
+
+    bundles: tuple[Path, ...]
+    backend: str = "onnxruntime"
+    replicas: int = 1
+    max_batch: int = 8
+    batch_wait_ms: float = 10.0
+    max_ongoing: int = 32
+    cpus_per_replica: float = 1.0
+    gpus_per_replica: float = 0.0
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+    def check(self) -> None:
+        for name in ("replicas", "max_batch", "max_ongoing"):
+            if getattr(self, name) < 1:
+                raise CfdeployError(f"--{name.replace('_', '-')} must be 1 or more, got {getattr(self, name)}")
+        for name in ("batch_wait_ms", "cpus_per_replica", "gpus_per_replica"):
+            value = getattr(self, name)
+            if not np.isfinite(value) or value < 0:
+                raise CfdeployError(f"--{name.replace('_', '-')} must be a finite number, 0 or more, got {value}")
+        if self.backend == "tensorrt" and self.gpus_per_replica == 0:
+            raise CfdeployError("--backend tensorrt needs a GPU: give --gpus-per-replica (a fraction such as 0.5 shares one)")
+        if not 0 < self.port < 65536:
+            raise CfdeployError(f"--port must be from 1 to 65535, got {self.port}")
+
+    def backend_options(self) -> dict[str, Any]:
+        if self.backend == "onnxruntime":
+            providers = None if self.gpus_per_replica > 0 else ["CPUExecutionProvider"]
+            return {"providers": providers, "threads": max(1, round(self.cpus_per_replica))}
+        return {}
+
+
+@serve.deployment
+class BundleEditor:
+    """One bundle on one backend. Backend calls go through one thread, in order: TensorRT's execution
+    contexts are not thread-safe, and the event loop stays free to take requests into the next batch."""
+
+    def __init__(self, bundle: str, backend: str, options: dict[str, Any], max_batch: int, batch_wait_s: float) -> None:
+        from cfdeploy.backends import open_backend
+
+        self.backend = open_backend(backend, Path(bundle), **options)
+        self.runner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="backend")
+        self.prompts: OrderedDict[str, np.ndarray] = OrderedDict()
+        self.render.set_max_batch_size(max_batch)
+        self.render.set_batch_wait_timeout_s(batch_wait_s)
+
+    async def _call(self, function: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.runner, function, *args)
+
+    async def edit(self, request: EditRequest) -> EditReply | RequestError:
+        """Edit one request's codes; bad input the router could not see (a prompt over 77 tokens) is returned, not raised."""
+        started = time.perf_counter()
+        try:
+            w_hat, timings = await self._call(self._edit_latents, request)
+        except CfdeployError as error:
+            return RequestError(str(error))
+        rendered = await asyncio.gather(*(self.render(code) for code in w_hat))
+        pngs: list[bytes] = []
+        if request.returns != "npy":
+            png_started = time.perf_counter()
+            loop = asyncio.get_running_loop()
+            pngs = list(await asyncio.gather(*(
+                loop.run_in_executor(None, png_bytes, to_uint8(image[None])[0], DEFAULT_PNG_COMPRESSION)
+                for image, _ in rendered
+            )))
+            timings["png"] = time.perf_counter() - png_started
+        timings["total"] = time.perf_counter() - started
+        return EditReply(pngs, w_hat, [batch for _, batch in rendered], {k: round(v, 6) for k, v in timings.items()})
+
+    def _edit_latents(self, request: EditRequest) -> tuple[np.ndarray, dict[str, float]]:
+        timer = StageTimer()
+        backend = self.backend
+        if request.latents is not None:
+            w = request.latents
+        else:
+            assert request.seed is not None
+            z = seeded_z(request.seed, request.num, backend.style_dim)
+            w = broadcast_latents(backend.sample_w(z, request.truncation), backend.n_latent, backend.style_dim,
+                                  f"seed {request.seed}")
+        if request.prompt is not None and request.prompt in self.prompts:
+            self.prompts.move_to_end(request.prompt)
+            text_latents = self.prompts[request.prompt]
+        else:
+            text_latents = text_branch(backend, request.prompt, request.text_features, timer)
+            if request.prompt is not None:
+                self.prompts[request.prompt] = text_latents
+                if len(self.prompts) > PROMPTS_KEPT:
+                    self.prompts.popitem(last=False)
+        per_code = text_latents.shape[0] > 1
+        edited = []
+        with timer.stage("latent_editor"):
+            for start in range(0, len(w), DEFAULT_BATCH_SIZE):
+                chunk = w[start : start + DEFAULT_BATCH_SIZE]
+                chunk_text = text_latents[start : start + len(chunk)] if per_code else text_latents
+                edited.append(backend.edit_latents(chunk, chunk_text, request.strength))
+        return np.concatenate(edited), dict(timer.seconds)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def render(self, codes: list[np.ndarray]) -> list[tuple[np.ndarray, int]]:
+        """The generator over codes from concurrent requests (W+ ``[n, 512]`` each); each image with its batch size."""
+        images = await self._call(self.backend.synthesize, np.stack(codes))
+        _log.info("generator batch of %d", len(codes))
+        return [(image, len(codes)) for image in images]
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+class Router:
+    """The HTTP ingress: parses and checks requests, routes each to its bundle's deployment, encodes replies."""
+
+    def __init__(self, editors: dict[str, Any], infos: dict[str, BundleInfo]) -> None:
+        self.editors = editors
+        self.infos = infos
+
+    async def __call__(self, request: Request) -> Response:
+        path, method = request.url.path.rstrip("/") or "/", request.method
+        if path == "/healthz" and method == "GET":
+            return JSONResponse({"status": "ok", "bundles": sorted(self.infos)})
+        if path == "/v1/bundles" and method == "GET":
+            return JSONResponse({"bundles": [info.as_json() for info in self.infos.values()]})
+        if path == "/v1/edits" and method == "POST":
+            try:
+                return await self._edit(request)
+            except RequestError as error:
+                return JSONResponse({"error": str(error)}, status_code=error.status)
+        if path in ("/healthz", "/v1/bundles", "/v1/edits"):
+            return JSONResponse({"error": f"{method} is not allowed on {path}"}, status_code=405)
+        return JSONResponse({"error": f"no such endpoint {path} (GET /healthz, GET /v1/bundles, POST /v1/edits)"},
+                            status_code=404)
+
+    async def _edit(self, request: Request) -> Response:
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+            raise RequestError(f"request body is {int(declared):,} bytes; the limit is {MAX_BODY_BYTES:,}", 413)
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_BODY_BYTES:
+                raise RequestError(f"request body is over the limit of {MAX_BODY_BYTES:,} bytes", 413)
+        parsed = parse_edit_request(bytes(body), self.infos)
+        try:
+            reply = await self.editors[parsed.bundle].edit.remote(parsed)
+        except BackPressureError:
+            raise RequestError(f"bundle {parsed.bundle!r} is busy (its queue is full); retry later", 503) from None
+        if isinstance(reply, RequestError):
+            raise reply
+        if "image/png" in request.headers.get("accept", "") and parsed.returns != "npy":
+            if len(reply.pngs) != 1:
+                raise RequestError(f"Accept: image/png returns one image; this request makes {len(reply.pngs)}", 406)
+            return Response(reply.pngs[0], media_type="image/png",
+                            headers={"X-Generator-Batch": str(reply.generator_batches[0])})
+        return Response(json.dumps(reply_json(parsed, reply)), media_type="application/json")
+
+
+def bundle_infos(settings: ServeSettings) -> dict[str, BundleInfo]:
+    """Each bundle opened (manifest checked) once in the driver; names are the directories' names and must differ."""
+    from cfdeploy.bundle import Bundle
+
+    infos: dict[str, BundleInfo] = {}
+    for path in settings.bundles:
+        bundle = Bundle(path)
+        name = path.resolve().name
+        if name in infos:
+            raise CfdeployError(f"{path}: two bundles are named {name!r}; serve bundles from directories with different names")
+        infos[name] = BundleInfo(name, bundle.size, bundle.n_latent, bundle.style_dim,
+                                 tuple(bundle.manifest.get("prompts", {})), bundle.description, settings.backend,
+                                 bundle.has_network("clip_text"))
+    return infos
+
+
+def build_application(settings: ServeSettings, infos: dict[str, BundleInfo]) -> Any:
+    """The Ray Serve application: a :class:`BundleEditor` deployment per bundle behind one :class:`Router`."""
+    actor_options = {"num_cpus": settings.cpus_per_replica, "num_gpus": settings.gpus_per_replica}
+    editors = {
+        name: BundleEditor.options(
+            name=f"edit-{name}", num_replicas=settings.replicas, ray_actor_options=actor_options,
+            max_ongoing_requests=settings.max_ongoing, max_queued_requests=settings.max_ongoing,
+        ).bind(str(path.resolve()), settings.backend, settings.backend_options(), settings.max_batch,
+               settings.batch_wait_ms / 1000)
+        for name, path in zip(infos, settings.bundles)
+    }
+    router_limit = 2 * settings.max_ongoing * settings.replicas * len(infos)
+    return Router.options(max_ongoing_requests=router_limit, max_queued_requests=router_limit).bind(editors, infos)
+
+
+class Server:
+    """A running ``cfdeploy serve``: Ray (started here, or joined at ``ray_address``) with the application deployed.
+
+    Use as a context manager, or call :meth:`stop`; both shut Serve down and leave a Ray they started.
+    """
+
+    def __init__(self, settings: ServeSettings, ray_address: str | None = None, num_cpus: int | None = None) -> None:
+        import ray
+
+        settings.check()
+        infos = bundle_infos(settings)
+        self.settings = settings
+        self.url = f"http://{settings.host}:{settings.port}"
+        self._started_ray = not ray.is_initialized() and ray_address is None
+        if not ray.is_initialized():
+            ray.init(address=ray_address, num_cpus=num_cpus if ray_address is None else None,
+                     include_dashboard=False, logging_level=logging.WARNING)
+        try:
+            serve.start(http_options={"host": settings.host, "port": settings.port})
+            serve.run(build_application(settings, infos), name=APP_NAME, route_prefix="/")
+        except Exception:
+            self.stop()
+            raise
+
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        import ray
+
+        serve.shutdown()
+        if self._started_ray:
+            ray.shutdown()

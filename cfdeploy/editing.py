@@ -30,7 +30,7 @@ from cfdeploy.outputs import StagedDirectory, to_uint8
 STAGES = ("align", "encoder", "tokenize", "clip_text", "text_mapper", "latent_editor", "refine", "generator",
           "source_generator", "png")
 DEFAULT_PNG_COMPRESSION = 6  # Pillow's default zlib level; 1 encodes a 1024 px image several times faster
-DEFAULT_BATCH_SIZE = 4  # codes per mapper/generator call; `cfdeploy serve` edits requests' codes in these too
+DEFAULT_BATCH_SIZE = 4  # codes per generator call
 MAX_SAMPLED_CODES = 100_000  # --num: 3.7 GB of W+ codes at 18 levels; more is a typo, not a job
 
 
@@ -123,7 +123,7 @@ class EditJob:
         prompt: the text to edit toward; or
         text_features: unnormalised CLIP text features ``[1 | N, 512]`` (bypasses CLIP).
         strength: edit strength S in ``w_hat = w + S·0.1·delta`` (1 is the official edit).
-        batch_size: codes per mapper/generator call.
+        batch_size: codes per generator call.
         with_sources: also render the unedited codes (for before|after pairs).
         refiner: a :class:`cfdeploy.refine.Refiner` run on each batch's ``w_hat``, or None.
     """
@@ -225,6 +225,17 @@ def text_branch(
     return text_latents
 
 
+def edit_codes(backend: EditBackend, w: np.ndarray, text_latents: np.ndarray, strength: float) -> np.ndarray:
+    """The latent editor one code at a time: its matrix products round differently for different batch sizes
+    (~2e-7, enough to flip a few pixels), and an edit must not depend on how codes were batched: ``--batch-size``,
+    ``cfdeploy serve``'s dynamic batching and ``cfdeploy batch`` all give the same bytes. The mapper is cheap."""
+    per_code = text_latents.shape[0] > 1
+    return np.concatenate([
+        backend.edit_latents(w[index : index + 1], text_latents[index : index + 1] if per_code else text_latents, strength)
+        for index in range(len(w))
+    ])
+
+
 def iter_edits(backend: EditBackend, job: EditJob, timer: StageTimer) -> Iterator[EditBatch]:
     """Compute the prompt's text branch once (or take it from the backend's cache), then edit batch by batch."""
     text_latents = text_branch(backend, job.prompt, job.text_features, timer)
@@ -233,7 +244,7 @@ def iter_edits(backend: EditBackend, job: EditJob, timer: StageTimer) -> Iterato
         w = job.latents[start : start + job.batch_size]
         batch_text = text_latents[start : start + len(w)] if per_latent else text_latents
         with timer.stage("latent_editor"):
-            w_hat = backend.edit_latents(w, batch_text, job.strength)
+            w_hat = edit_codes(backend, w, batch_text, job.strength)
         if job.refiner is not None:
             with timer.stage("refine"):
                 w_hat = job.refiner(w, w_hat)

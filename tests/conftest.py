@@ -8,6 +8,7 @@ Test modules import the helpers from here (``from conftest import …``), never 
 from __future__ import annotations
 
 import functools
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -83,6 +84,27 @@ def assert_refused(result, out: Path | None, *fragments: str) -> None:
     if out is not None:
         assert not out.exists()
         assert not [p for p in out.parent.iterdir() if p.name.endswith((".partial", ".old"))]
+
+
+def ray_processes() -> list[str]:
+    """Command lines of Ray's daemons and workers still running on this machine."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if "raylet" in command or "gcs_server" in command or command.startswith("ray::"):
+                found.append(command)
+    return found
+
+
+def assert_no_ray_left() -> None:
+    deadline = time.monotonic() + 20
+    while ray_processes() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not ray_processes()
 
 
 def checkpoint_with_generator_of(path: Path, generator_seed: int, mapper_seed: int, **opts) -> None:

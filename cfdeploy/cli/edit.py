@@ -162,7 +162,7 @@ def edit_command(
         None, "--providers", metavar="LIST", rich_help_panel=RUNTIME,
         help="onnxruntime backend: comma-separated execution providers. \\[default: best available]"),
     batch_size: int = typer.Option(DEFAULT_BATCH_SIZE, "--batch-size", "-b", metavar="B", rich_help_panel=RUNTIME,
-                                   help="Codes per mapper/generator call."),
+                                   help="Codes per generator call."),
     cache_max: Optional[int] = typer.Option(
         None, "--cache-max", metavar="N", rich_help_panel=RUNTIME,
         help="Bundles: keep at most N prompts in BUNDLE/cache (least recently used go first). \\[default: 256]"),

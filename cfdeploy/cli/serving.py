@@ -43,7 +43,7 @@ def serve_command(
     batch_wait_ms: float = typer.Option(10.0, "--batch-wait-ms", metavar="MS", rich_help_panel=BATCHING,
                                         help="How long a generator call waits for more images to join it."),
     max_ongoing: int = typer.Option(32, "--max-ongoing", metavar="N", rich_help_panel=BATCHING,
-                                    help="Requests a replica takes at once; N more may wait per bundle, then 503."),
+                                    help="Requests a replica works on at once; as many again per replica may wait, past that 503."),
     ray_address: Optional[str] = RAY_ADDRESS,
 ) -> None:
     """Serve bundles over HTTP with dynamic batching and replicas on Ray Serve, until Ctrl-C.

@@ -71,7 +71,7 @@ class BatchSummary:
 def find_shards(spec: str) -> list[Path]:
     """The ``.npy`` files of a directory, or those a glob matches, sorted; names (stems) must be unique."""
     path = Path(spec)
-    found = sorted(path.glob("*.npy")) if path.is_dir() else sorted(Path(match) for match in glob.glob(spec))
+    found = sorted(path.glob("*.npy")) if path.is_dir() else sorted(Path(match) for match in glob.glob(spec, recursive=True))
     found = [shard for shard in found if shard.suffix == ".npy" and shard.is_file()]
     if not found:
         raise CfdeployError(f"{spec}: no .npy shards found (give a directory of .npy files or a glob such as 'shards/*.npy')")

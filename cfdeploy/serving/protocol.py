@@ -122,7 +122,7 @@ def _integer(body: dict[str, Any], name: str, default: int | None) -> int | None
 def parse_edit_request(body: bytes, bundles: dict[str, BundleInfo]) -> EditRequest:
     """Check a ``POST /v1/edits`` body against the served bundles; every refusal is a :class:`RequestError`."""
     if len(body) > MAX_BODY_BYTES:
-        raise RequestError(f"request body is {len(body):,} bytes; the limit is {MAX_BODY_BYTES:,}", 413)
+        raise RequestError(f"request body is over the limit of {MAX_BODY_BYTES:,} bytes", 413)
     try:
         parsed = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:

@@ -1,9 +1,10 @@
 """``cfdeploy serve`` on Ray Serve: one deployment per bundle, dynamic batching of the generator, an HTTP router.
 
-Each request runs the text branch (cached per prompt) and the latent editor on its own codes in
-chunks of :data:`~cfdeploy.editing.DEFAULT_BATCH_SIZE`, exactly as ``cfdeploy edit`` does; its codes
-then join other requests' in ``@serve.batch`` calls of the generator, whose output does not depend on
-the batch it ran in. So a served image is the same PNG bytes ``cfdeploy edit`` writes. Ray does
+Each request runs the text branch (cached per prompt) and the latent editor on its own codes, as
+``cfdeploy edit`` does (:func:`~cfdeploy.editing.edit_codes`); its codes then join other requests' in
+``@serve.batch`` calls of the generator, whose output does not depend on the batch it ran in (on
+ONNX Runtime's CPU kernels; GPU kernels may round differently by batch size). So a served image is
+the same PNG bytes ``cfdeploy edit`` writes. Ray does
 the queueing, replicas and back-pressure; nothing here schedules.
 """
 
@@ -17,15 +18,16 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from ray import serve
+from ray.serve import Deployment
 from ray.serve.exceptions import BackPressureError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from cfdeploy.editing import DEFAULT_BATCH_SIZE, DEFAULT_PNG_COMPRESSION, StageTimer, text_branch
+from cfdeploy.editing import DEFAULT_PNG_COMPRESSION, StageTimer, edit_codes, text_branch
 from cfdeploy.errors import CfdeployError
 from cfdeploy.inputs import broadcast_latents, seeded_z
 from cfdeploy.outputs import png_bytes, to_uint8
@@ -34,6 +36,7 @@ from cfdeploy.serving.protocol import (
 )
 
 APP_NAME = "cfdeploy"
+DRAIN_LIMIT = 4 * MAX_BODY_BYTES  # an oversize body is read and dropped up to this, then the connection is cut
 PROMPTS_KEPT = 256  # text latents per replica in memory (beside the bundle's own disk cache)
 _log = logging.getLogger("ray.serve")
 
@@ -73,7 +76,6 @@ class ServeSettings:
         return {}
 
 
-@serve.deployment
 class BundleEditor:
     """One bundle on one backend. Backend calls go through one thread, in order: TensorRT's execution
     contexts are not thread-safe, and the event loop stays free to take requests into the next batch."""
@@ -84,8 +86,9 @@ class BundleEditor:
         self.backend = open_backend(backend, Path(bundle), **options)
         self.runner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="backend")
         self.prompts: OrderedDict[str, np.ndarray] = OrderedDict()
-        self.render.set_max_batch_size(max_batch)
-        self.render.set_batch_wait_timeout_s(batch_wait_s)
+        batched: Any = self.render  # Ray's overloads type a batched method as a plain callable
+        batched.set_max_batch_size(max_batch)
+        batched.set_batch_wait_timeout_s(batch_wait_s)
 
     async def _call(self, function: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.runner, function, *args)
@@ -129,14 +132,9 @@ class BundleEditor:
                 self.prompts[request.prompt] = text_latents
                 if len(self.prompts) > PROMPTS_KEPT:
                     self.prompts.popitem(last=False)
-        per_code = text_latents.shape[0] > 1
-        edited = []
         with timer.stage("latent_editor"):
-            for start in range(0, len(w), DEFAULT_BATCH_SIZE):
-                chunk = w[start : start + DEFAULT_BATCH_SIZE]
-                chunk_text = text_latents[start : start + len(chunk)] if per_code else text_latents
-                edited.append(backend.edit_latents(chunk, chunk_text, request.strength))
-        return np.concatenate(edited), dict(timer.seconds)
+            w_hat = edit_codes(backend, w, text_latents, request.strength)
+        return w_hat, dict(timer.seconds)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def render(self, codes: list[np.ndarray]) -> list[tuple[np.ndarray, int]]:
@@ -146,7 +144,6 @@ class BundleEditor:
         return [(image, len(codes)) for image in images]
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0})
 class Router:
     """The HTTP ingress: parses and checks requests, routes each to its bundle's deployment, encodes replies."""
 
@@ -171,14 +168,14 @@ class Router:
                             status_code=404)
 
     async def _edit(self, request: Request) -> Response:
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-            raise RequestError(f"request body is {int(declared):,} bytes; the limit is {MAX_BODY_BYTES:,}", 413)
         body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > MAX_BODY_BYTES:
-                raise RequestError(f"request body is over the limit of {MAX_BODY_BYTES:,} bytes", 413)
+        received = 0
+        async for chunk in request.stream():  # past the limit, read on (to DRAIN_LIMIT) so the client hears the 413
+            received += len(chunk)
+            if len(body) <= MAX_BODY_BYTES:
+                body += chunk[: MAX_BODY_BYTES + 1 - len(body)]
+            if received > DRAIN_LIMIT:
+                break
         parsed = parse_edit_request(bytes(body), self.infos)
         try:
             reply = await self.editors[parsed.bundle].edit.remote(parsed)
@@ -192,6 +189,11 @@ class Router:
             return Response(reply.pngs[0], media_type="image/png",
                             headers={"X-Generator-Batch": str(reply.generator_batches[0])})
         return Response(json.dumps(reply_json(parsed, reply)), media_type="application/json")
+
+
+# serve.deployment is annotated as returning a decorator even when given the class.
+EDITOR = cast(Deployment, serve.deployment(BundleEditor))
+ROUTER = cast(Deployment, serve.deployment(Router))
 
 
 def bundle_infos(settings: ServeSettings) -> dict[str, BundleInfo]:
@@ -214,15 +216,17 @@ def build_application(settings: ServeSettings, infos: dict[str, BundleInfo]) -> 
     """The Ray Serve application: a :class:`BundleEditor` deployment per bundle behind one :class:`Router`."""
     actor_options = {"num_cpus": settings.cpus_per_replica, "num_gpus": settings.gpus_per_replica}
     editors = {
-        name: BundleEditor.options(
+        name: EDITOR.options(
             name=f"edit-{name}", num_replicas=settings.replicas, ray_actor_options=actor_options,
-            max_ongoing_requests=settings.max_ongoing, max_queued_requests=settings.max_ongoing,
+            max_ongoing_requests=settings.max_ongoing,
+            max_queued_requests=settings.max_ongoing * settings.replicas,
         ).bind(str(path.resolve()), settings.backend, settings.backend_options(), settings.max_batch,
                settings.batch_wait_ms / 1000)
         for name, path in zip(infos, settings.bundles)
     }
     router_limit = 2 * settings.max_ongoing * settings.replicas * len(infos)
-    return Router.options(max_ongoing_requests=router_limit, max_queued_requests=router_limit).bind(editors, infos)
+    return ROUTER.options(max_ongoing_requests=router_limit, max_queued_requests=router_limit,
+                          ray_actor_options={"num_cpus": 0}).bind(editors, infos)
 
 
 class Server:

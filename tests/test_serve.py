@@ -1,0 +1,143 @@
+"""``cfdeploy serve`` on a local Ray with 2 CPUs, loopback only, against ``cfdeploy edit``."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import socket
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import assert_no_ray_left, assert_refused, ray_processes
+
+from cfdeploy.client import Client, ServerError
+from cfdeploy.outputs import npy_bytes
+from cfdeploy.serving.protocol import MAX_BODY_BYTES
+
+PROMPT = "green lipstick"  # precomputed in bundle_256
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_serve_refuses_bad_settings_in_one_line_before_starting_ray(cli, bundle_256: Path, tmp_path: Path) -> None:
+    assert_refused(cli("serve", bundle_256, "--replicas", 0), None, "--replicas must be 1 or more, got 0")
+    assert_refused(cli("serve", bundle_256, "--backend", "tensorrt"), None, "--backend tensorrt needs a GPU")
+    assert_refused(cli("serve", tmp_path / "absent"), None, "absent")
+    assert_refused(cli("serve", bundle_256, bundle_256), None, "two bundles are named 'green_lipstick_256'")
+    assert not ray_processes()
+
+
+@pytest.fixture(scope="module")
+def codes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("serve_codes") / "codes.npy"
+    np.save(path, np.random.default_rng(21).standard_normal((8, 14, 512)).astype(np.float32))
+    return path
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory, bundle_256: Path):
+    """2 replicas of the 256 px bundle (a hard-linked copy: served prompts are cached in it) behind one router."""
+    from cfdeploy.serving.server import Server, ServeSettings
+
+    assert not ray_processes()
+    bundle = tmp_path_factory.mktemp("served") / "green_lipstick_256"
+    shutil.copytree(bundle_256, bundle, copy_function=os.link)
+    settings = ServeSettings((bundle,), replicas=2, max_batch=8, batch_wait_ms=10, max_ongoing=8, port=free_port())
+    with Server(settings, num_cpus=2) as server:
+        yield Client(server.url), bundle
+    assert_no_ray_left()
+
+
+def test_served_edits_equal_cfdeploy_edit_and_are_batched(served, codes: Path, cli, tmp_path: Path) -> None:
+    client, bundle = served
+    reference = tmp_path / "reference"
+    assert cli("edit", "--bundle", bundle, "--latents", codes, "--text", PROMPT, "--save-latents", "--out", reference).exit_code == 0
+    seeded = tmp_path / "seeded"
+    assert cli("edit", "--bundle", bundle, "--seed", 3, "--num", 2, "--text", PROMPT, "--save-latents", "--out", seeded).exit_code == 0
+    w = np.load(codes)
+    expected_w_hat = np.load(reference / "latents.npy")
+
+    def one(index: int):
+        return client.edit(prompt=PROMPT, latents=w[index % 8][None], returns="both")
+
+    with ThreadPoolExecutor(16) as clients:
+        edits = list(clients.map(one, range(64)))
+    for index, edit in enumerate(edits):
+        assert edit.images[0] == (reference / f"{index % 8:06d}.png").read_bytes(), index
+        assert np.abs(edit.latents[0] - expected_w_hat[index % 8]).max() <= 1e-6
+    assert max(batch for edit in edits for batch in edit.generator_batches) > 1
+
+    by_seed = client.edit(prompt=PROMPT, seed=3, num=2, returns="both")
+    assert by_seed.images == [(seeded / f"{index:06d}.png").read_bytes() for index in range(2)]
+    np.testing.assert_allclose(by_seed.latents, np.load(seeded / "latents.npy"), atol=1e-6, rtol=0)
+
+    body = json.dumps({"latents": base64.b64encode(npy_bytes(w[:1])).decode(), "prompt": PROMPT}).encode()
+    png = client.request("POST", "/v1/edits", body, {"Accept": "image/png"})
+    assert png == (reference / "000000.png").read_bytes()
+    [listed] = client.bundles()
+    assert (listed["name"], listed["size"], listed["n_latent"], listed["prompts"]) == ("green_lipstick_256", 256, 14, [PROMPT])
+
+
+def test_bad_requests_get_their_status_and_one_line(served) -> None:
+    client, _ = served
+    good = base64.b64encode(npy_bytes(np.zeros((1, 14, 512), np.float32))).decode()
+
+    def refused(body: bytes | dict, path: str = "/v1/edits", method: str = "POST") -> tuple[int, str]:
+        sent = json.dumps(body).encode() if isinstance(body, dict) else body
+        with pytest.raises(ServerError) as refusal:
+            client.request(method, path, sent, {"Content-Type": "application/json"})
+        assert "\n" not in refusal.value.message
+        return refusal.value.status, refusal.value.message
+
+    levels = base64.b64encode(npy_bytes(np.zeros((1, 10, 512), np.float32))).decode()
+    nan = np.zeros((1, 14, 512), np.float32)
+    nan[0, 3, 7] = np.nan
+    assert refused(b"{not json")[1].startswith("request body is not valid JSON")
+    assert refused({"prompt": PROMPT, "latents": "@@@"}) == (400, "latents: not valid base64")
+    assert refused({"prompt": PROMPT, "latents": levels}) == (
+        400, "latents: latents have 10 levels, the generator needs 14 (shape [1, 10, 512])")
+    assert refused({"prompt": PROMPT, "latents": base64.b64encode(npy_bytes(nan)).decode()}) == (
+        400, "latents: latents contain 1 NaN/inf values")
+    assert refused({"prompt": PROMPT, "latents": base64.b64encode(b"not an npy").decode()})[1].startswith(
+        "latents: not a readable .npy latents")
+    assert refused({"bundle": "blue_dog", "prompt": PROMPT, "latents": good}) == (
+        404, "unknown bundle 'blue_dog' (served: green_lipstick_256)")
+    assert refused({"prompt": PROMPT, "seed": 1, "latents": good}) == (400, "give exactly one of latents or seed")
+    assert refused({"latents": good}) == (400, "give exactly one of prompt or text_embedding")
+    assert refused({"prompt": PROMPT, "seed": 1, "num": 0}) == (400, "num must be between 1 and 100,000, got 0")
+    assert refused({"prompt": PROMPT, "seed": 1, "strength": "strong"}) == (400, 'strength: expected a number, found "strong"')
+    assert refused({"prompt": PROMPT, "seed": 1, "num": 65}) == (
+        413, "65 images in one request; the limit is 64 (use cfdeploy batch for datasets)")
+    assert refused(b" " * (MAX_BODY_BYTES + 1)) == (413, f"request body is over the limit of {MAX_BODY_BYTES:,} bytes")
+    status, message = refused({"prompt": "lipstick " * 80, "latents": good})  # over CLIP's 77 tokens: found in a replica
+    assert status == 400 and "77" in message
+    assert refused(b"", "/v1/edits", "GET") == (405, "GET is not allowed on /v1/edits")
+    assert refused(b"", "/v2/things", "GET")[0] == 404
+    assert client.health()["status"] == "ok"
+    assert len(client.edit(prompt=PROMPT, latents=np.zeros((1, 14, 512), np.float32)).images) == 1
+
+
+def test_flooding_past_max_ongoing_gets_503_and_the_server_keeps_answering(served) -> None:
+    client, _ = served
+    w = np.zeros((1, 14, 512), np.float32)
+
+    def attempt(_: int) -> int:
+        try:
+            client.edit(prompt=PROMPT, latents=w, returns="npy")
+            return 200
+        except ServerError as refusal:
+            assert refusal.message == "bundle 'green_lipstick_256' is busy (its queue is full); retry later"
+            return refusal.status
+
+    with ThreadPoolExecutor(40) as flood:
+        statuses = list(flood.map(attempt, range(40)))
+    assert set(statuses) == {200, 503} and statuses.count(200) >= 16  # 2 replicas x 8 ongoing (+ 16 waiting)
+    assert client.edit(prompt=PROMPT, latents=w, returns="npy").latents.shape == (1, 14, 512)

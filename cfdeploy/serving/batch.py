@@ -26,6 +26,7 @@ from cfdeploy.editing import DEFAULT_BATCH_SIZE, DEFAULT_PNG_COMPRESSION, EditJo
 from cfdeploy.errors import CfdeployError
 from cfdeploy.inputs import load_latents
 from cfdeploy.outputs import StagedDirectory, write_atomic
+from cfdeploy.serving.cluster import connect
 
 DONE_DIR = "_done"
 RUN_RECORD = "_batch.json"  # what the output directory was made with; a rerun must match it
@@ -186,10 +187,7 @@ def run_batch(
         import ray
         import ray.data
 
-        started_ray = not ray.is_initialized()
-        if started_ray:
-            ray.init(address=ray_address, num_cpus=num_cpus if ray_address is None else None,
-                     include_dashboard=False, log_to_driver=False)
+        connected = connect(ray_address, num_cpus, driver_logs=False)
         try:
             context = ray.data.DataContext.get_current()
             context.enable_progress_bars = False
@@ -206,6 +204,6 @@ def run_batch(
                 if on_shard is not None:
                     on_shard(str(row["shard"]), int(row["count"]))
         finally:
-            if started_ray:
+            if connected:
                 ray.shutdown()
     return BatchSummary(len(shards), len(shards) - len(pending), len(pending), images, time.perf_counter() - started)

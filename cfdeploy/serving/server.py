@@ -31,6 +31,7 @@ from cfdeploy.editing import DEFAULT_PNG_COMPRESSION, StageTimer, edit_codes, te
 from cfdeploy.errors import CfdeployError
 from cfdeploy.inputs import broadcast_latents, seeded_z
 from cfdeploy.outputs import png_bytes, to_uint8
+from cfdeploy.serving.cluster import connect
 from cfdeploy.serving.protocol import (
     MAX_BODY_BYTES, BundleInfo, EditReply, EditRequest, RequestError, parse_edit_request, reply_json,
 )
@@ -232,20 +233,17 @@ def build_application(settings: ServeSettings, infos: dict[str, BundleInfo]) -> 
 class Server:
     """A running ``cfdeploy serve``: Ray (started here, or joined at ``ray_address``) with the application deployed.
 
-    Use as a context manager, or call :meth:`stop`; both shut Serve down and leave a Ray they started.
+    Use as a context manager, or call :meth:`stop`: on a local Ray, Serve and Ray stop; on a joined
+    cluster, only this application is removed.
     """
 
     def __init__(self, settings: ServeSettings, ray_address: str | None = None, num_cpus: int | None = None) -> None:
-        import ray
-
         settings.check()
         infos = bundle_infos(settings)
         self.settings = settings
         self.url = f"http://{settings.host}:{settings.port}"
-        self._started_ray = not ray.is_initialized() and ray_address is None
-        if not ray.is_initialized():
-            ray.init(address=ray_address, num_cpus=num_cpus if ray_address is None else None,
-                     include_dashboard=False, logging_level=logging.WARNING)
+        self._shared_cluster = ray_address is not None
+        self._connected = connect(ray_address, num_cpus)
         try:
             serve.start(http_options={"host": settings.host, "port": settings.port})
             serve.run(build_application(settings, infos), name=APP_NAME, route_prefix="/")
@@ -260,8 +258,12 @@ class Server:
         self.stop()
 
     def stop(self) -> None:
+        """Remove this application (on a shared cluster, only it: other Serve apps keep running); leave Ray if joined here."""
         import ray
 
-        serve.shutdown()
-        if self._started_ray:
+        if self._shared_cluster:
+            serve.delete(APP_NAME)
+        else:
+            serve.shutdown()
+        if self._connected:
             ray.shutdown()

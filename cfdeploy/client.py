@@ -79,10 +79,12 @@ class Client:
         seed: int | None = None,
         num: int = 1,
         truncation: float = 0.7,
+        image: bytes | None = None,
         strength: float = 1.0,
         returns: str = "png",
     ) -> Edit:
-        """``POST /v1/edits``: the same choices as ``cfdeploy edit`` (a prompt or features; codes or a seed)."""
+        """``POST /v1/edits``: the same choices as ``cfdeploy edit`` (a prompt or features; codes, a seed, or
+        ``image``: the bytes of an aligned face photo, for a bundle with an encoder)."""
         body: dict[str, Any] = {"strength": strength, "return": returns}
         if bundle is not None:
             body["bundle"] = bundle
@@ -92,6 +94,8 @@ class Client:
             body["text_embedding"] = encode_npy(np.asarray(text_embedding, np.float32))
         if latents is not None:
             body["latents"] = encode_npy(np.asarray(latents, np.float32))
+        elif image is not None:
+            body["image"] = base64.b64encode(image).decode("ascii")
         else:
             body.update(seed=seed, num=num, truncation=truncation)
         reply = json.loads(self.request("POST", "/v1/edits", json.dumps(body).encode(),

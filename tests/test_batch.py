@@ -22,8 +22,10 @@ def test_batch_survives_a_killed_worker_and_writes_every_image_once(bundle_256: 
     shards.mkdir()
     for index in range(8):
         np.save(shards / f"part{index}.npy", np.random.default_rng(100 + index).standard_normal((8, 14, 512)).astype(np.float32))
+    np.save(shards / "wrong.npy", np.zeros((2, 10, 512), np.float32))  # refused by its worker; the others go on
     command = [sys.executable, "-m", "cfdeploy", "batch", str(bundle_256), "--latents", str(shards), "--text", PROMPT,
                "--out", str(out), "--workers", "2"]
+    refusal = f"error: 1 shard(s) refused, the others are done (rerun after fixing them): {shards.resolve() / 'wrong.npy'}: latents have 10 levels"
     run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 240
     while not list((out / "_done").glob("*.json")) and time.monotonic() < deadline and run.poll() is None:
@@ -32,13 +34,17 @@ def test_batch_survives_a_killed_worker_and_writes_every_image_once(bundle_256: 
     victim = json.loads(first.read_text())["worker"]["pid"]
     os.kill(victim, signal.SIGKILL)  # mid-run: it has taken its next shard
     _, stderr = run.communicate(timeout=300)
-    if run.returncode != 0:  # Ray could not retry in time: the rerun redoes what is missing
-        rerun = subprocess.run(command, capture_output=True, text=True, timeout=300)
-        assert rerun.returncode == 0, rerun.stderr
+    if refusal not in stderr:  # Ray could not retry in time: the rerun redoes what is missing
+        run = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        assert refusal in run.stderr, run.stderr
+    assert run.returncode == 2
     assert_no_ray_left()
+    assert not (out / "_done" / "wrong.json").exists() and not (out / "wrong").exists()
+    (shards / "wrong.npy").unlink()
 
     again = subprocess.run(command, capture_output=True, text=True, timeout=120)
-    assert again.returncode == 0 and "0 shard(s) edited (0 images), 8 already done, of 8" in again.stderr
+    assert again.returncode == 0, again.stderr
+    assert "0 shard(s) edited (0 images), 8 already done, of 8" in " ".join(again.stderr.split())
     for index in range(8):
         shard = out / f"part{index}"
         record = json.loads((out / "_done" / f"part{index}.json").read_text())
@@ -56,7 +62,7 @@ def test_batch_survives_a_killed_worker_and_writes_every_image_once(bundle_256: 
         assert np.array_equal(np.load(out / f"part{index}" / "latents.npy"), np.load(reference / "latents.npy"))
 
 
-def test_batch_refuses_another_runs_output_and_bad_shards(bundle_256: Path, cli, tmp_path: Path) -> None:
+def test_batch_refuses_another_runs_output_and_bad_shards(bundle_256: Path, bundle_with_encoder, cli, tmp_path: Path) -> None:
     out = tmp_path / "edits"
     out.mkdir()
     (out / "mine.txt").write_text("keep")
@@ -73,5 +79,10 @@ def test_batch_refuses_another_runs_output_and_bad_shards(bundle_256: Path, cli,
                    tmp_path / "o", "two shards are named 'a'")
     assert_refused(cli("batch", bundle_256, "--latents", shards, "--text", PROMPT, "--out", tmp_path / "o", "--workers", 0),
                    tmp_path / "o", "--workers must be 1 or more, got 0")
+    _, without_clip, _ = bundle_with_encoder
+    assert_refused(cli("batch", without_clip, "--latents", shards, "--text", "blue dog", "--out", tmp_path / "o"),
+                   tmp_path / "o", "exported --without-clip, and 'blue dog' is not one of its precomputed prompts; pass --text-embedding")
+    assert_refused(cli("batch", bundle_256, "--latents", shards, "--out", tmp_path / "o"), tmp_path / "o",
+                   "give exactly one of --text or --text-embedding")
     assert (out / "mine.txt").read_text() == "keep"
     assert not ray_processes()

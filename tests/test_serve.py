@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 from conftest import assert_no_ray_left, assert_refused, ray_processes
 
 from cfdeploy.client import Client, ServerError
@@ -19,6 +20,7 @@ from cfdeploy.outputs import npy_bytes
 from cfdeploy.serving.protocol import MAX_BODY_BYTES
 
 PROMPT = "green lipstick"  # precomputed in bundle_256
+BUNDLE = "green_lipstick_256"
 
 
 def free_port() -> int:
@@ -43,14 +45,17 @@ def codes(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory, bundle_256: Path):
-    """2 replicas of the 256 px bundle (a hard-linked copy: served prompts are cached in it) behind one router."""
+def served(tmp_path_factory: pytest.TempPathFactory, bundle_256: Path, bundle_with_encoder):
+    """2 replicas each of the 256 px bundle (a hard-linked copy: served prompts are cached in it) and of the 64 px
+    bundle with an e4e encoder, half a CPU each, behind one router."""
     from cfdeploy.serving.server import Server, ServeSettings
 
     assert not ray_processes()
-    bundle = tmp_path_factory.mktemp("served") / "green_lipstick_256"
+    bundle = tmp_path_factory.mktemp("served") / BUNDLE
     shutil.copytree(bundle_256, bundle, copy_function=os.link)
-    settings = ServeSettings((bundle,), replicas=2, max_batch=8, batch_wait_ms=10, max_ongoing=8, port=free_port())
+    _, with_encoder, _ = bundle_with_encoder
+    settings = ServeSettings((bundle, with_encoder), replicas=2, max_batch=8, batch_wait_ms=10, max_ongoing=8,
+                             cpus_per_replica=0.5, port=free_port())
     with Server(settings, num_cpus=2) as server:
         yield Client(server.url), bundle
     assert_no_ray_left()
@@ -66,7 +71,7 @@ def test_served_edits_equal_cfdeploy_edit_and_are_batched(served, codes: Path, c
     expected_w_hat = np.load(reference / "latents.npy")
 
     def one(index: int):
-        return client.edit(prompt=PROMPT, latents=w[index % 8][None], returns="both")
+        return client.edit(bundle=BUNDLE, prompt=PROMPT, latents=w[index % 8][None], returns="both")
 
     with ThreadPoolExecutor(16) as clients:
         edits = list(clients.map(one, range(64)))
@@ -75,15 +80,38 @@ def test_served_edits_equal_cfdeploy_edit_and_are_batched(served, codes: Path, c
         assert np.abs(edit.latents[0] - expected_w_hat[index % 8]).max() <= 1e-6
     assert max(batch for edit in edits for batch in edit.generator_batches) > 1
 
-    by_seed = client.edit(prompt=PROMPT, seed=3, num=2, returns="both")
+    by_seed = client.edit(bundle=BUNDLE, prompt=PROMPT, seed=3, num=2, returns="both")
     assert by_seed.images == [(seeded / f"{index:06d}.png").read_bytes() for index in range(2)]
     np.testing.assert_allclose(by_seed.latents, np.load(seeded / "latents.npy"), atol=1e-6, rtol=0)
 
-    body = json.dumps({"latents": base64.b64encode(npy_bytes(w[:1])).decode(), "prompt": PROMPT}).encode()
+    body = json.dumps({"bundle": BUNDLE, "latents": base64.b64encode(npy_bytes(w[:1])).decode(), "prompt": PROMPT}).encode()
     png = client.request("POST", "/v1/edits", body, {"Accept": "image/png"})
     assert png == (reference / "000000.png").read_bytes()
-    [listed] = client.bundles()
-    assert (listed["name"], listed["size"], listed["n_latent"], listed["prompts"]) == ("green_lipstick_256", 256, 14, [PROMPT])
+    listed = {entry["name"]: entry for entry in client.bundles()}
+    assert (listed[BUNDLE]["size"], listed[BUNDLE]["n_latent"], listed[BUNDLE]["prompts"]) == (256, 14, [PROMPT])
+    assert (listed["with_encoder_64"]["has_encoder"], listed["with_encoder_64"]["has_clip"]) == (True, False)
+
+
+def test_a_served_photo_edit_equals_cfdeploy_edit_images(served, bundle_with_encoder, cli, tmp_path: Path) -> None:
+    client, _ = served
+    _, with_encoder, _ = bundle_with_encoder
+    face = tmp_path / "face.png"
+    Image.fromarray(np.random.default_rng(3).integers(0, 256, (300, 300, 3), dtype=np.uint8)).save(face)
+    embedding = tmp_path / "embedding.npy"
+    np.save(embedding, np.random.default_rng(4).standard_normal(512).astype(np.float32))
+    reference = tmp_path / "reference"
+    assert cli("edit", "--bundle", with_encoder, "--images", face, "--aligned", "--text-embedding", embedding,
+               "--save-latents", "--out", reference).exit_code == 0
+    edit = client.edit(bundle="with_encoder_64", image=face.read_bytes(), text_embedding=np.load(embedding), returns="both")
+    assert edit.images == [(reference / "000000.png").read_bytes()]
+    np.testing.assert_allclose(edit.latents, np.load(reference / "latents.npy"), atol=1e-6, rtol=0)
+    with pytest.raises(ServerError) as refusal:
+        client.edit(bundle=BUNDLE, image=face.read_bytes(), prompt=PROMPT)
+    assert (refusal.value.status, refusal.value.message) == (
+        400, f"bundle '{BUNDLE}' has no e4e encoder graph (export it with cfdeploy export --encoder)")
+    with pytest.raises(ServerError) as refusal:
+        client.edit(bundle="with_encoder_64", image=b"GIF89a not a photo", text_embedding=np.load(embedding))
+    assert (refusal.value.status, refusal.value.message) == (400, "image: not a JPEG, PNG or WebP image, or its header is damaged")
 
 
 def test_bad_requests_get_their_status_and_one_line(served) -> None:
@@ -91,7 +119,7 @@ def test_bad_requests_get_their_status_and_one_line(served) -> None:
     good = base64.b64encode(npy_bytes(np.zeros((1, 14, 512), np.float32))).decode()
 
     def refused(body: bytes | dict, path: str = "/v1/edits", method: str = "POST") -> tuple[int, str]:
-        sent = json.dumps(body).encode() if isinstance(body, dict) else body
+        sent = json.dumps({"bundle": BUNDLE, **body}).encode() if isinstance(body, dict) else body
         with pytest.raises(ServerError) as refusal:
             client.request(method, path, sent, {"Content-Type": "application/json"})
         assert "\n" not in refusal.value.message
@@ -109,8 +137,8 @@ def test_bad_requests_get_their_status_and_one_line(served) -> None:
     assert refused({"prompt": PROMPT, "latents": base64.b64encode(b"not an npy").decode()})[1].startswith(
         "latents: not a readable .npy latents")
     assert refused({"bundle": "blue_dog", "prompt": PROMPT, "latents": good}) == (
-        404, "unknown bundle 'blue_dog' (served: green_lipstick_256)")
-    assert refused({"prompt": PROMPT, "seed": 1, "latents": good}) == (400, "give exactly one of latents or seed")
+        404, "unknown bundle 'blue_dog' (served: green_lipstick_256, with_encoder_64)")
+    assert refused({"prompt": PROMPT, "seed": 1, "latents": good}) == (400, "give exactly one of latents, seed or image")
     assert refused({"latents": good}) == (400, "give exactly one of prompt or text_embedding")
     assert refused({"prompt": PROMPT, "seed": 1, "num": 0}) == (400, "num must be between 1 and 100,000, got 0")
     assert refused({"prompt": PROMPT, "seed": 1, "strength": "strong"}) == (400, 'strength: expected a number, found "strong"')
@@ -122,7 +150,7 @@ def test_bad_requests_get_their_status_and_one_line(served) -> None:
     assert refused(b"", "/v1/edits", "GET") == (405, "GET is not allowed on /v1/edits")
     assert refused(b"", "/v2/things", "GET")[0] == 404
     assert client.health()["status"] == "ok"
-    assert len(client.edit(prompt=PROMPT, latents=np.zeros((1, 14, 512), np.float32)).images) == 1
+    assert len(client.edit(bundle=BUNDLE, prompt=PROMPT, latents=np.zeros((1, 14, 512), np.float32)).images) == 1
 
 
 def test_flooding_past_max_ongoing_gets_503_and_the_server_keeps_answering(served) -> None:
@@ -131,7 +159,7 @@ def test_flooding_past_max_ongoing_gets_503_and_the_server_keeps_answering(serve
 
     def attempt(_: int) -> int:
         try:
-            client.edit(prompt=PROMPT, latents=w, returns="npy")
+            client.edit(bundle=BUNDLE, prompt=PROMPT, latents=w, returns="npy")
             return 200
         except ServerError as refusal:
             assert refusal.message == "bundle 'green_lipstick_256' is busy (its queue is full); retry later"
@@ -140,4 +168,4 @@ def test_flooding_past_max_ongoing_gets_503_and_the_server_keeps_answering(serve
     with ThreadPoolExecutor(40) as flood:
         statuses = list(flood.map(attempt, range(40)))
     assert set(statuses) == {200, 503} and statuses.count(200) >= 16  # 2 replicas x 8 ongoing (+ 16 waiting)
-    assert client.edit(prompt=PROMPT, latents=w, returns="npy").latents.shape == (1, 14, 512)
+    assert client.edit(bundle=BUNDLE, prompt=PROMPT, latents=w, returns="npy").latents.shape == (1, 14, 512)

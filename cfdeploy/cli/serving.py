@@ -9,7 +9,7 @@ from typing import List, Optional
 
 import typer
 
-from cfdeploy.cli.common import app, console, progress_bar, require_finite, require_range, say, user_errors
+from cfdeploy.cli.common import app, console, progress_bar, say, user_errors
 from cfdeploy.editing import DEFAULT_BATCH_SIZE
 
 CLUSTER, BATCHING, RESOURCES = "Cluster", "Batching and limits", "Resources per replica or worker"
@@ -74,7 +74,9 @@ def serve_command(
 def batch_command(
     bundle: Path = typer.Argument(..., metavar="BUNDLE", help="Bundle from `cfdeploy export`."),
     latents: str = typer.Option(..., "--latents", "-l", metavar="SHARDS", help="A directory of .npy shards, or a glob ('shards/*.npy')."),
-    text: str = typer.Option(..., "--text", "-t", metavar="PROMPT", help="Prompt to edit toward."),
+    text: Optional[str] = typer.Option(None, "--text", "-t", metavar="PROMPT", help="Prompt to edit toward."),
+    text_embedding: Optional[Path] = typer.Option(None, "--text-embedding", metavar="FILE",
+                                                  help=".npy of unnormalised CLIP text features [512] for every code; bypasses CLIP."),
     out: Path = typer.Option(..., "--out", "-o", metavar="DIR", help="OUT/<shard>/000000.png …, latents.npy; OUT/_done/<shard>.json."),
     strength: float = typer.Option(1.0, "--strength", "-s", metavar="S", help="Edit strength (1 = official)."),
     workers: int = typer.Option(2, "--workers", metavar="N", rich_help_panel=RESOURCES, help="Actors, each with the bundle loaded once."),
@@ -94,27 +96,24 @@ def batch_command(
 
     Example: cfdeploy batch engines/green_lipstick --latents 'ffhq_codes/*.npy' -t "green lipstick" -o edits/ --ray-address auto
     """
-    from cfdeploy.serving.batch import BatchSettings, run_batch
+    from cfdeploy.serving.batch import BatchSettings, plan_batch, run_batch
 
-    require_finite(strength=strength, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker)
-    require_range(1, workers=workers, batch_size=batch_size)
-    settings = BatchSettings(bundle, latents, text, out, strength, backend.value, workers, batch_size, cpus_per_worker,
-                             gpus_per_worker)
+    settings = BatchSettings(bundle, latents, text, out, text_embedding, strength, backend.value, workers, batch_size,
+                             cpus_per_worker, gpus_per_worker)
+    plan = plan_batch(settings, force)
+    skipped = len(plan.shards) - len(plan.pending)
+    if skipped:
+        say(f"skipping {skipped} shard(s) already done")
     started = time.perf_counter()
     with progress_bar() as progress:
-        state = {"images": 0}
-        task = progress.add_task("shards", total=None)
-
-        def planned(pending: int, skipped: int) -> None:
-            progress.update(task, total=pending)
-            if skipped:
-                say(f"skipping {skipped} shard(s) already done")
+        task = progress.add_task("shards", total=len(plan.pending))
+        done = {"images": 0}
 
         def landed(name: str, images: int) -> None:
-            state["images"] += images
-            rate = state["images"] / (time.perf_counter() - started)
-            progress.update(task, advance=1, description=f"shards ({state['images']} images, {rate:.1f} images/s)")
+            done["images"] += images
+            rate = done["images"] / (time.perf_counter() - started)
+            progress.update(task, advance=1, description=f"shards ({done['images']} images, {rate:.1f} images/s)")
 
-        summary = run_batch(settings, force=force, ray_address=ray_address, on_plan=planned, on_shard=landed)
+        summary = run_batch(plan, ray_address=ray_address, on_shard=landed)
     say(f"{summary.edited} shard(s) edited ({summary.images} images), {summary.skipped} already done, of "
         f"{summary.shards}, in {summary.seconds:.1f}s; completion records in {out}/_done")

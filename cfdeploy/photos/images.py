@@ -7,8 +7,10 @@ cannot make the reader allocate gigabytes (a decompression bomb).
 
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -31,31 +33,40 @@ def load_photo(path: Path, max_pixels: int = MAX_PHOTO_PIXELS) -> Image.Image:
     decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``, 89 MP by default) refuses larger headers first.
     """
     require_file(path)
+    return _decode(path, str(path), max_pixels)
+
+
+def photo_from_bytes(content: bytes, source: str, max_pixels: int = MAX_PHOTO_PIXELS) -> Image.Image:
+    """:func:`load_photo` for an encoded photo that came over the network (``source`` names it in errors)."""
+    return _decode(io.BytesIO(content), source, max_pixels)
+
+
+def _decode(opened: Path | BinaryIO, source: str, max_pixels: int) -> Image.Image:
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
-            image = Image.open(path, formats=PHOTO_FORMATS)
+            image = Image.open(opened, formats=PHOTO_FORMATS)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             raise CfdeployError(
-                f"{path}: the header declares more than {Image.MAX_IMAGE_PIXELS:,} pixels; "
+                f"{source}: the header declares more than {Image.MAX_IMAGE_PIXELS:,} pixels; "
                 f"photos may have at most {max_pixels:,} (a decompression bomb?)"
             ) from None
         except UnidentifiedImageError:
-            raise CfdeployError(f"{path}: not a JPEG, PNG or WebP image, or its header is damaged") from None
+            raise CfdeployError(f"{source}: not a JPEG, PNG or WebP image, or its header is damaged") from None
         except DECODE_ERRORS as error:
-            raise CfdeployError(f"{path}: the image header is damaged: {error}") from None
+            raise CfdeployError(f"{source}: the image header is damaged: {error}") from None
     with image:
         width, height = image.size
         if width * height > max_pixels:
             raise CfdeployError(
-                f"{path}: the header declares {width}x{height} = {width * height:,} pixels; "
+                f"{source}: the header declares {width}x{height} = {width * height:,} pixels; "
                 f"photos may have at most {max_pixels:,} (a decompression bomb?)"
             )
         try:
             image.load()
             return as_rgb(ImageOps.exif_transpose(image))
         except DECODE_ERRORS as error:
-            raise CfdeployError(f"{path}: the image data is truncated or damaged: {error}") from None
+            raise CfdeployError(f"{source}: the image data is truncated or damaged: {error}") from None
 
 
 def as_rgb(image: Image.Image) -> Image.Image:

@@ -24,9 +24,9 @@ import numpy as np
 from cfdeploy.bundle import MANIFEST, sha256_file
 from cfdeploy.editing import DEFAULT_BATCH_SIZE, DEFAULT_PNG_COMPRESSION, EditJob, edit_to_directory
 from cfdeploy.errors import CfdeployError
-from cfdeploy.inputs import load_latents
+from cfdeploy.inputs import load_latents, load_text_embedding, require_file
 from cfdeploy.outputs import StagedDirectory, write_atomic
-from cfdeploy.serving.cluster import connect
+from cfdeploy.serving.cluster import actor_backend_options, check_resources, connect
 
 DONE_DIR = "_done"
 RUN_RECORD = "_batch.json"  # what the output directory was made with; a rerun must match it
@@ -38,8 +38,9 @@ class BatchSettings:
 
     bundle: Path
     shards: str  # a directory of .npy files, or a glob
-    prompt: str
+    prompt: str | None
     out: Path
+    text_embedding: Path | None = None  # instead of a prompt: CLIP text features [512] for every code
     strength: float = 1.0
     backend: str = "onnxruntime"
     workers: int = 2
@@ -48,16 +49,22 @@ class BatchSettings:
     gpus_per_worker: float = 0.0
     png_compression: int = DEFAULT_PNG_COMPRESSION
 
+    def check(self) -> None:
+        if (self.prompt is None) == (self.text_embedding is None):
+            raise CfdeployError("give exactly one of --text or --text-embedding")
+        for name in ("workers", "batch_size"):
+            if getattr(self, name) < 1:
+                raise CfdeployError(f"--{name.replace('_', '-')} must be 1 or more, got {getattr(self, name)}")
+        if not np.isfinite(self.strength):
+            raise CfdeployError(f"--strength must be a finite number, got {self.strength}")
+        check_resources(self.backend, self.cpus_per_worker, self.gpus_per_worker, "worker")
+
     def identity(self) -> dict[str, Any]:
         """What makes two runs' images the same: a rerun into the same directory must agree on all of it."""
+        embedding = None if self.text_embedding is None else sha256_file(require_file(self.text_embedding))
         return {"bundle_manifest_sha256": sha256_file(self.bundle / MANIFEST), "prompt": self.prompt,
+                "text_embedding_sha256": embedding,
                 "strength": self.strength, "backend": self.backend, "png_compression": self.png_compression}
-
-    def backend_options(self) -> dict[str, Any]:
-        if self.backend == "onnxruntime":
-            providers = None if self.gpus_per_worker > 0 else ["CPUExecutionProvider"]
-            return {"providers": providers, "threads": max(1, round(self.cpus_per_worker)), "cache_max": 0}
-        return {"cache_max": 0}
 
 
 @dataclass
@@ -126,7 +133,8 @@ def edit_shard(backend: Any, settings: BatchSettings, shard: Path) -> dict[str, 
     started = time.perf_counter()
     source_sha256 = sha256_file(shard)
     latents = load_latents(shard, backend.n_latent, backend.style_dim)
-    job = EditJob(latents, settings.prompt, strength=settings.strength, batch_size=settings.batch_size)
+    features = None if settings.text_embedding is None else load_text_embedding(settings.text_embedding, 1)
+    job = EditJob(latents, settings.prompt, features, settings.strength, settings.batch_size)
     target = settings.out / shard.stem
     with StagedDirectory(target, force=True) as staged:
         summary = edit_to_directory(backend, job, staged, save_latents=True, png_compression=settings.png_compression,
@@ -150,39 +158,62 @@ class ShardEditor:
         from cfdeploy.backends import open_backend
 
         self.settings = settings
-        self.backend = open_backend(settings.backend, settings.bundle, **settings.backend_options())
+        options = actor_backend_options(settings.backend, settings.cpus_per_worker, settings.gpus_per_worker)
+        self.backend = open_backend(settings.backend, settings.bundle, **options)
 
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        records = [edit_shard(self.backend, self.settings, Path(str(path))) for path in rows["path"]]
-        return {"shard": np.array([record["shard"] for record in records]),
-                "count": np.array([record["count"] for record in records])}
+        """Each shard's name, image count and, for a shard refused as bad input, the one-line reason (else "")."""
+        names, counts, errors = [], [], []
+        for path in map(Path, map(str, rows["path"])):
+            try:
+                counts.append(edit_shard(self.backend, self.settings, path)["count"])
+                errors.append("")
+            except CfdeployError as error:
+                counts.append(0)
+                errors.append(str(error))
+            names.append(path.stem)
+        return {"shard": np.array(names), "count": np.array(counts), "error": np.array(errors)}
+
+
+@dataclass
+class BatchPlan:
+    """A checked run: its settings (paths made absolute, for workers), every shard, and those still to edit."""
+
+    settings: BatchSettings
+    shards: list[Path]
+    pending: list[Path]
+
+
+def plan_batch(settings: BatchSettings, force: bool = False) -> BatchPlan:
+    """Check everything (settings, bundle, shards, output directory) before Ray starts; make ``OUT`` ready."""
+    from cfdeploy.bundle import Bundle
+
+    settings.check()
+    settings = replace(settings, bundle=settings.bundle.resolve(), out=settings.out.resolve(),
+                       text_embedding=None if settings.text_embedding is None else settings.text_embedding.resolve())
+    if settings.text_embedding is not None:
+        load_text_embedding(settings.text_embedding, 1)
+    bundle = Bundle(settings.bundle)
+    if settings.prompt is not None and not bundle.has_network("clip_text") and bundle.precomputed_text_latents(settings.prompt) is None:
+        raise CfdeployError(f"{settings.bundle}: exported --without-clip, and {settings.prompt!r} is not one of its precomputed "
+                            "prompts; pass --text-embedding")
+    shards = find_shards(settings.shards)
+    prepare_output(settings, force)
+    return BatchPlan(settings, shards, [shard for shard in shards if not is_done(settings.out, shard)])
 
 
 def run_batch(
-    settings: BatchSettings,
+    plan: BatchPlan,
     *,
-    force: bool = False,
     ray_address: str | None = None,
     num_cpus: int | None = None,
     on_shard: Callable[[str, int], None] | None = None,
-    on_plan: Callable[[int, int], None] | None = None,
 ) -> BatchSummary:
-    """Edit every shard not yet done; ``on_plan(pending, skipped)`` first, then ``on_shard(name, images)`` as each lands."""
-    from cfdeploy.bundle import Bundle
-
+    """Edit the plan's pending shards on Ray; ``on_shard(name, images)`` as each lands."""
     started = time.perf_counter()
-    settings = replace(settings, bundle=settings.bundle.resolve(), out=settings.out.resolve())
-    if settings.workers < 1 or settings.batch_size < 1:
-        raise CfdeployError(f"--workers and --batch-size must be 1 or more, got {settings.workers} and {settings.batch_size}")
-    if not np.isfinite(settings.strength):
-        raise CfdeployError(f"--strength must be a finite number, got {settings.strength}")
-    Bundle(settings.bundle)
-    shards = find_shards(settings.shards)
-    prepare_output(settings, force)
-    pending = [shard for shard in shards if not is_done(settings.out, shard)]
-    if on_plan is not None:
-        on_plan(len(pending), len(shards) - len(pending))
+    settings, shards, pending = plan.settings, plan.shards, plan.pending
     images = 0
+    failures: list[str] = []
     if pending:
         import ray
         import ray.data
@@ -200,10 +231,14 @@ def run_batch(
                 num_gpus=settings.gpus_per_worker,
             )
             for row in edited.iter_rows():
+                if row["error"]:
+                    failures.append(str(row["error"]))
                 images += int(row["count"])
                 if on_shard is not None:
                     on_shard(str(row["shard"]), int(row["count"]))
         finally:
             if connected:
                 ray.shutdown()
+    if failures:
+        raise CfdeployError(f"{len(failures)} shard(s) refused, the others are done (rerun after fixing them): {failures[0]}")
     return BatchSummary(len(shards), len(shards) - len(pending), len(pending), images, time.perf_counter() - started)

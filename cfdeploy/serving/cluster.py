@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import math
+from typing import Any
 
 from cfdeploy.errors import CfdeployError
 
@@ -24,3 +26,20 @@ def connect(address: str | None, num_cpus: int | None = None, *, driver_logs: bo
         where = f"the Ray cluster at {address}" if address else "a local Ray"
         raise CfdeployError(f"could not join {where}: {str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
     return True
+
+
+def actor_backend_options(backend: str, cpus: float, gpus: float) -> dict[str, Any]:
+    """Backend options for a replica or worker given its Ray resources: ONNX Runtime runs one thread per CPU
+    reserved, on the CPU unless a GPU share is reserved (then its best provider)."""
+    if backend == "onnxruntime":
+        return {"providers": None if gpus > 0 else ["CPUExecutionProvider"], "threads": max(1, round(cpus))}
+    return {}
+
+
+def check_resources(backend: str, cpus: float, gpus: float, unit: str) -> None:
+    """``--cpus-per-UNIT`` and ``--gpus-per-UNIT`` (``unit``: replica or worker), checked in one line each."""
+    for kind, value in (("cpus", cpus), ("gpus", gpus)):
+        if not math.isfinite(value) or value < 0:
+            raise CfdeployError(f"--{kind}-per-{unit} must be a finite number, 0 or more, got {value}")
+    if backend == "tensorrt" and gpus == 0:
+        raise CfdeployError(f"--backend tensorrt needs a GPU: give --gpus-per-{unit} (a fraction such as 0.5 shares one)")

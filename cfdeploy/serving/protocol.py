@@ -24,7 +24,7 @@ from cfdeploy.inputs import broadcast_latents, check_text_embedding, npy_from_by
 MAX_BODY_BYTES = 16 << 20  # a request's JSON: 64 W+ codes at 1024 px are 3.1 MB of base64
 MAX_CODES_PER_REQUEST = 64  # images per request; more belongs in `cfdeploy batch`
 RETURNS = ("png", "npy", "both")
-FIELDS = ("bundle", "prompt", "text_embedding", "latents", "seed", "num", "truncation", "strength", "return")
+FIELDS = ("bundle", "prompt", "text_embedding", "latents", "seed", "num", "truncation", "image", "strength", "return")
 
 
 class RequestError(CfdeployError):
@@ -47,16 +47,18 @@ class BundleInfo:
     description: str | None
     backend: str
     has_clip: bool
+    has_encoder: bool
 
     def as_json(self) -> dict[str, Any]:
         return {"name": self.name, "size": self.size, "n_latent": self.n_latent, "style_dim": self.style_dim,
                 "prompts": list(self.prompts), "description": self.description, "backend": self.backend,
-                "has_clip": self.has_clip}
+                "has_clip": self.has_clip, "has_encoder": self.has_encoder}
 
 
 @dataclass(frozen=True)
 class EditRequest:
-    """One checked ``POST /v1/edits``: either ``latents`` or ``seed``/``num``/``truncation``, either a prompt or features."""
+    """One checked ``POST /v1/edits``: ``latents``, ``seed``/``num``/``truncation`` or an aligned face ``image``
+    (as the encoder's input ``[1, 3, 256, 256]``); a prompt or text features."""
 
     bundle: str
     prompt: str | None
@@ -65,12 +67,9 @@ class EditRequest:
     seed: int | None
     num: int
     truncation: float
+    image: np.ndarray | None
     strength: float
     returns: str
-
-    @property
-    def count(self) -> int:
-        return self.num if self.latents is None else len(self.latents)
 
 
 @dataclass
@@ -99,6 +98,23 @@ def decode_npy(text: object, name: str) -> np.ndarray:
         raise RequestError(f"{name}: not valid base64") from None
     try:
         return npy_from_bytes(content, name, name.replace("_", " "))
+    except CfdeployError as error:
+        raise RequestError(str(error)) from None
+
+
+def encoder_image(text: object) -> np.ndarray:
+    """A base64 JPEG/PNG/WebP of an aligned face (as ``cfdeploy invert --save-aligned`` writes) as the encoder's input."""
+    from cfdeploy.photos.images import photo_from_bytes
+    from cfdeploy.photos.preprocess import batch_inputs
+
+    if not isinstance(text, str):
+        raise RequestError(f"image: expected a base64 string of a JPEG, PNG or WebP file, found {type(text).__name__}")
+    try:
+        content = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestError("image: not valid base64") from None
+    try:
+        return batch_inputs([photo_from_bytes(content, "image")])
     except CfdeployError as error:
         raise RequestError(str(error)) from None
 
@@ -152,13 +168,14 @@ def parse_edit_request(body: bytes, bundles: dict[str, BundleInfo]) -> EditReque
         raise RequestError(f"bundle {name!r} was exported --without-clip: it edits only the prompts precomputed "
                            f"at export ({stored}) or text_embedding features")
 
-    latents_field, seed = parsed.get("latents"), _integer(parsed, "seed", None)
-    if (latents_field is None) == (seed is None):
-        raise RequestError("give exactly one of latents or seed")
+    latents_field, seed, image_field = parsed.get("latents"), _integer(parsed, "seed", None), parsed.get("image")
+    if sum(given is not None for given in (latents_field, seed, image_field)) != 1:
+        raise RequestError("give exactly one of latents, seed or image")
     num = _integer(parsed, "num", 1)
     assert num is not None
     truncation = _number(parsed, "truncation", 0.7)
-    latents = None
+    latents = image = None
+    count = 1
     if latents_field is not None:
         array = decode_npy(latents_field, "latents")
         try:
@@ -166,12 +183,17 @@ def parse_edit_request(body: bytes, bundles: dict[str, BundleInfo]) -> EditReque
             latents = broadcast_latents(array, info.n_latent, info.style_dim, "latents")
         except CfdeployError as error:
             raise RequestError(str(error)) from None
+        count = len(latents)
+    elif image_field is not None:
+        if not info.has_encoder:
+            raise RequestError(f"bundle {name!r} has no e4e encoder graph (export it with cfdeploy export --encoder)")
+        image = encoder_image(image_field)
     else:
         try:
             check_sampling(num, truncation)
         except CfdeployError as error:
             raise RequestError(str(error).replace("--", "")) from None
-    count = num if latents is None else len(latents)
+        count = num
     if count > MAX_CODES_PER_REQUEST:
         raise RequestError(f"{count} images in one request; the limit is {MAX_CODES_PER_REQUEST} "
                            "(use cfdeploy batch for datasets)", 413)
@@ -187,7 +209,7 @@ def parse_edit_request(body: bytes, bundles: dict[str, BundleInfo]) -> EditReque
     returns = parsed.get("return", "png")
     if returns not in RETURNS:
         raise RequestError(f"return: expected one of {', '.join(RETURNS)}, found {json.dumps(returns)[:40]}")
-    return EditRequest(name, prompt, features, latents, seed, num, truncation, _number(parsed, "strength", 1.0),
+    return EditRequest(name, prompt, features, latents, seed, num, truncation, image, _number(parsed, "strength", 1.0),
                        returns)
 
 

@@ -31,7 +31,7 @@ from cfdeploy.editing import DEFAULT_PNG_COMPRESSION, StageTimer, edit_codes, te
 from cfdeploy.errors import CfdeployError
 from cfdeploy.inputs import broadcast_latents, seeded_z
 from cfdeploy.outputs import png_bytes, to_uint8
-from cfdeploy.serving.cluster import connect
+from cfdeploy.serving.cluster import actor_backend_options, check_resources, connect
 from cfdeploy.serving.protocol import (
     MAX_BODY_BYTES, BundleInfo, EditReply, EditRequest, RequestError, parse_edit_request, reply_json,
 )
@@ -61,20 +61,11 @@ class ServeSettings:
         for name in ("replicas", "max_batch", "max_ongoing"):
             if getattr(self, name) < 1:
                 raise CfdeployError(f"--{name.replace('_', '-')} must be 1 or more, got {getattr(self, name)}")
-        for name in ("batch_wait_ms", "cpus_per_replica", "gpus_per_replica"):
-            value = getattr(self, name)
-            if not np.isfinite(value) or value < 0:
-                raise CfdeployError(f"--{name.replace('_', '-')} must be a finite number, 0 or more, got {value}")
-        if self.backend == "tensorrt" and self.gpus_per_replica == 0:
-            raise CfdeployError("--backend tensorrt needs a GPU: give --gpus-per-replica (a fraction such as 0.5 shares one)")
+        if not np.isfinite(self.batch_wait_ms) or self.batch_wait_ms < 0:
+            raise CfdeployError(f"--batch-wait-ms must be a finite number, 0 or more, got {self.batch_wait_ms}")
+        check_resources(self.backend, self.cpus_per_replica, self.gpus_per_replica, "replica")
         if not 0 < self.port < 65536:
             raise CfdeployError(f"--port must be from 1 to 65535, got {self.port}")
-
-    def backend_options(self) -> dict[str, Any]:
-        if self.backend == "onnxruntime":
-            providers = None if self.gpus_per_replica > 0 else ["CPUExecutionProvider"]
-            return {"providers": providers, "threads": max(1, round(self.cpus_per_replica))}
-        return {}
 
 
 class BundleEditor:
@@ -119,6 +110,9 @@ class BundleEditor:
         backend = self.backend
         if request.latents is not None:
             w = request.latents
+        elif request.image is not None:
+            with timer.stage("encoder"):
+                w = backend.encode(request.image)
         else:
             assert request.seed is not None
             z = seeded_z(request.seed, request.num, backend.style_dim)
@@ -209,7 +203,7 @@ def bundle_infos(settings: ServeSettings) -> dict[str, BundleInfo]:
             raise CfdeployError(f"{path}: two bundles are named {name!r}; serve bundles from directories with different names")
         infos[name] = BundleInfo(name, bundle.size, bundle.n_latent, bundle.style_dim,
                                  tuple(bundle.manifest.get("prompts", {})), bundle.description, settings.backend,
-                                 bundle.has_network("clip_text"))
+                                 bundle.has_network("clip_text"), bundle.has_network("encoder"))
     return infos
 
 
@@ -221,7 +215,8 @@ def build_application(settings: ServeSettings, infos: dict[str, BundleInfo]) -> 
             name=f"edit-{name}", num_replicas=settings.replicas, ray_actor_options=actor_options,
             max_ongoing_requests=settings.max_ongoing,
             max_queued_requests=settings.max_ongoing * settings.replicas,
-        ).bind(str(path.resolve()), settings.backend, settings.backend_options(), settings.max_batch,
+        ).bind(str(path.resolve()), settings.backend,
+               actor_backend_options(settings.backend, settings.cpus_per_replica, settings.gpus_per_replica), settings.max_batch,
                settings.batch_wait_ms / 1000)
         for name, path in zip(infos, settings.bundles)
     }

@@ -242,7 +242,7 @@ class Server:
         try:
             serve.start(http_options={"host": settings.host, "port": settings.port})
             serve.run(build_application(settings, infos), name=APP_NAME, route_prefix="/")
-        except Exception:
+        except BaseException:  # Ctrl-C while starting too: nothing of this server is left running
             self.stop()
             raise
 

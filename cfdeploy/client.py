@@ -61,6 +61,8 @@ class Client:
             except (ValueError, KeyError, TypeError):
                 message = content.decode("utf-8", "replace")[:200]
             raise ServerError(error.code, message) from None
+        except urllib.error.URLError as error:
+            raise CfdeployError(f"{self.url}: cannot reach the server ({error.reason})") from None
 
     def health(self) -> dict[str, Any]:
         return dict(json.loads(self.request("GET", "/healthz")))
@@ -84,20 +86,20 @@ class Client:
         returns: str = "png",
     ) -> Edit:
         """``POST /v1/edits``: the same choices as ``cfdeploy edit`` (a prompt or features; codes, a seed, or
-        ``image``: the bytes of an aligned face photo, for a bundle with an encoder)."""
+        ``image``: the bytes of an aligned face photo, for a bundle with an encoder). Conflicting choices are
+        sent as given, for the server to refuse."""
         body: dict[str, Any] = {"strength": strength, "return": returns}
-        if bundle is not None:
-            body["bundle"] = bundle
-        if prompt is not None:
-            body["prompt"] = prompt
+        for name, value in (("bundle", bundle), ("prompt", prompt), ("seed", seed)):
+            if value is not None:
+                body[name] = value
+        if seed is not None:
+            body.update(num=num, truncation=truncation)
         if text_embedding is not None:
             body["text_embedding"] = encode_npy(np.asarray(text_embedding, np.float32))
         if latents is not None:
             body["latents"] = encode_npy(np.asarray(latents, np.float32))
-        elif image is not None:
+        if image is not None:
             body["image"] = base64.b64encode(image).decode("ascii")
-        else:
-            body.update(seed=seed, num=num, truncation=truncation)
         reply = json.loads(self.request("POST", "/v1/edits", json.dumps(body).encode(),
                                         {"Content-Type": "application/json"}))
         return Edit(

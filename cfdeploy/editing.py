@@ -164,8 +164,10 @@ class EditResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def check_sampling(num: int, truncation: float) -> None:
-    """``--num`` and ``--truncation`` for ``--seed``, checked before anything is loaded or allocated."""
+def check_sampling(seed: int, num: int, truncation: float) -> None:
+    """``--seed``, ``--num`` and ``--truncation``, checked before anything is loaded or allocated."""
+    if not 0 <= seed < 2**63:
+        raise CfdeployError(f"--seed must be from 0 to 2^63-1, got {seed}")
     if not math.isfinite(truncation):
         raise CfdeployError(f"--truncation must be a finite number, got {truncation}")
     if not 1 <= num <= MAX_SAMPLED_CODES:
@@ -185,10 +187,14 @@ def resolve_latents(
     if latents is not None:
         return load_latents(latents, backend.n_latent, backend.style_dim), {"latents": str(latents)}
     assert seed is not None
-    check_sampling(num, truncation)
+    check_sampling(seed, num, truncation)
+    return sample_codes(backend, seed, num, truncation), {"seed": seed, "num": num, "truncation": truncation}
+
+
+def sample_codes(backend: EditBackend, seed: int, num: int, truncation: float) -> np.ndarray:
+    """W+ codes ``[num, n, 512]`` from ``seed`` through the backend's mapping network, truncated toward the mean W."""
     w = backend.sample_w(seeded_z(seed, num, backend.style_dim), truncation)
-    codes = broadcast_latents(w, backend.n_latent, backend.style_dim, f"seed {seed}")
-    return codes, {"seed": seed, "num": num, "truncation": truncation}
+    return broadcast_latents(w, backend.n_latent, backend.style_dim, f"seed {seed}")
 
 
 def prompt_mismatch(backend: EditBackend, prompt: str | None) -> str | None:

@@ -36,6 +36,7 @@ def test_non_finite_settings_are_refused_before_any_work(cli, tmp_path, cfclip_2
 @pytest.mark.parametrize("options, message", [
     (("--truncation", "inf"), "--truncation must be a finite number, got inf"),
     (("--num", "1000000"), "--num must be between 1 and 100,000, got 1000000"),
+    (("--seed", "-1"), "--seed must be from 0 to 2^63-1, got -1"),
 ])
 def test_sampling_settings_are_refused_before_any_work(cli, tmp_path, cfclip_256, embedding_file, options, message):
     out = tmp_path / "out"

@@ -147,6 +147,16 @@ def test_bad_requests_get_their_status_and_one_line(served) -> None:
     assert refused(b" " * (MAX_BODY_BYTES + 1)) == (413, f"request body is over the limit of {MAX_BODY_BYTES:,} bytes")
     status, message = refused({"prompt": "lipstick " * 80, "latents": good})  # over CLIP's 77 tokens: found in a replica
     assert status == 400 and "77" in message
+    assert refused({"prompt": PROMPT, "seed": -1}) == (400, "seed must be from 0 to 2^63-1, got -1")
+    assert refused({"prompt": PROMPT, "seed": 1, "strength": 10**400}) == (400, f"strength must be a finite number, got {str(10**400)[:40]}")
+    assert refused(b"[" * 100_000)[1].startswith("request body is not valid JSON")
+    assert refused(b'{"seed": 1' + b"0" * 5000 + b"}")[1].startswith("request body is not valid JSON")
+    with pytest.raises(ServerError) as refusal:
+        client.request("POST", "/v1/edits", json.dumps({"bundle": BUNDLE, "prompt": PROMPT, "seed": 1, "num": 2}).encode(),
+                       {"Accept": "image/png"})
+    assert (refusal.value.status, refusal.value.message) == (406, "Accept: image/png returns one image; this request makes 2")
+    only_codes = client.edit(bundle=BUNDLE, prompt=PROMPT, seed=1, returns="npy")
+    assert (only_codes.images, only_codes.generator_batches, only_codes.latents.shape) == ([], [], (1, 14, 512))
     assert refused(b"", "/v1/edits", "GET") == (405, "GET is not allowed on /v1/edits")
     assert refused(b"", "/v2/things", "GET")[0] == 404
     assert client.health()["status"] == "ok"
@@ -159,7 +169,7 @@ def test_flooding_past_max_ongoing_gets_503_and_the_server_keeps_answering(serve
 
     def attempt(_: int) -> int:
         try:
-            client.edit(bundle=BUNDLE, prompt=PROMPT, latents=w, returns="npy")
+            client.edit(bundle=BUNDLE, prompt=PROMPT, latents=w)
             return 200
         except ServerError as refusal:
             assert refusal.message == "bundle 'green_lipstick_256' is busy (its queue is full); retry later"
@@ -168,4 +178,4 @@ def test_flooding_past_max_ongoing_gets_503_and_the_server_keeps_answering(serve
     with ThreadPoolExecutor(40) as flood:
         statuses = list(flood.map(attempt, range(40)))
     assert set(statuses) == {200, 503} and statuses.count(200) >= 16  # 2 replicas x 8 ongoing (+ 16 waiting)
-    assert client.edit(bundle=BUNDLE, prompt=PROMPT, latents=w, returns="npy").latents.shape == (1, 14, 512)
+    assert len(client.edit(bundle=BUNDLE, prompt=PROMPT, latents=w).images) == 1

@@ -204,7 +204,7 @@ def edit_command(
     require_range(1, batch_size=batch_size)
     require_range(0, 9, png_compression=png_compression)
     if seed is not None:
-        check_sampling(num, truncation)
+        check_sampling(seed, num, truncation)
     source = checkpoint if info.source == "checkpoint" else bundle
     if source is None:
         needed = "--checkpoint" if info.source == "checkpoint" else "--bundle (make one with cfdeploy export)"

@@ -9,7 +9,7 @@ from typing import List, Optional
 
 import typer
 
-from cfdeploy.cli.common import app, console, progress_bar, say, user_errors
+from cfdeploy.cli.common import app, console, fail, progress_bar, say, user_errors
 from cfdeploy.editing import DEFAULT_BATCH_SIZE
 
 CLUSTER, BATCHING, RESOURCES = "Cluster", "Batching and limits", "Resources per replica or worker"
@@ -114,6 +114,10 @@ def batch_command(
             rate = done["images"] / (time.perf_counter() - started)
             progress.update(task, advance=1, description=f"shards ({done['images']} images, {rate:.1f} images/s)")
 
-        summary = run_batch(plan, ray_address=ray_address, on_shard=landed)
+        try:
+            summary = run_batch(plan, ray_address=ray_address, on_shard=landed)
+        except KeyboardInterrupt:
+            raise fail(f"interrupted; finished shards are recorded in {out}/_done: rerun the same command to resume",
+                       130) from None
     say(f"{summary.edited} shard(s) edited ({summary.images} images), {summary.skipped} already done, of "
         f"{summary.shards}, in {summary.seconds:.1f}s; completion records in {out}/_done")

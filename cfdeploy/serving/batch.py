@@ -26,15 +26,16 @@ from cfdeploy.editing import DEFAULT_BATCH_SIZE, DEFAULT_PNG_COMPRESSION, EditJo
 from cfdeploy.errors import CfdeployError
 from cfdeploy.inputs import load_latents, load_text_embedding, require_file
 from cfdeploy.outputs import StagedDirectory, write_atomic
-from cfdeploy.serving.cluster import actor_backend_options, check_resources, connect
+from cfdeploy.serving.cluster import actor_backend_options, check_resources, connect, require_resources
 
 DONE_DIR = "_done"
-RUN_RECORD = "_batch.json"  # what the output directory was made with; a rerun must match it
+RUN_RECORD = "_batch.json"
+MAX_RESTARTS = 3  # a worker that dies this often (a shard that runs it out of memory, say) ends the run; a rerun resumes  # what the output directory was made with; a rerun must match it
 
 
 @dataclass(frozen=True)
 class BatchSettings:
-    """One ``cfdeploy batch`` run; the CLI's options, one to one."""
+    """One ``cfdeploy batch`` run: the CLI's options, and the PNG compression (``cfdeploy edit``'s default)."""
 
     bundle: Path
     shards: str  # a directory of .npy files, or a glob
@@ -220,6 +221,7 @@ def run_batch(
 
         connected = connect(ray_address, num_cpus, driver_logs=False)
         try:
+            require_resources(settings.cpus_per_worker, settings.gpus_per_worker, "worker")
             context = ray.data.DataContext.get_current()
             context.enable_progress_bars = False
             context.print_on_execution_start = False
@@ -228,7 +230,7 @@ def run_batch(
             edited = dataset.map_batches(
                 ShardEditor, fn_constructor_kwargs={"settings": settings}, batch_size=1,
                 compute=ray.data.ActorPoolStrategy(size=settings.workers), num_cpus=settings.cpus_per_worker,
-                num_gpus=settings.gpus_per_worker,
+                num_gpus=settings.gpus_per_worker, max_restarts=MAX_RESTARTS, max_task_retries=MAX_RESTARTS,
             )
             for row in edited.iter_rows():
                 if row["error"]:

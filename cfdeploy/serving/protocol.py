@@ -88,14 +88,18 @@ def encode_npy(array: np.ndarray) -> str:
     return base64.b64encode(npy_bytes(array)).decode("ascii")
 
 
-def decode_npy(text: object, name: str) -> np.ndarray:
-    """A base64 ``.npy`` field (never pickled objects), or one line naming the field."""
+def _base64_field(text: object, name: str, holding: str) -> bytes:
     if not isinstance(text, str):
-        raise RequestError(f"{name}: expected a base64 string of a .npy file, found {type(text).__name__}")
+        raise RequestError(f"{name}: expected a base64 string of {holding}, found {type(text).__name__}")
     try:
-        content = base64.b64decode(text, validate=True)
+        return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         raise RequestError(f"{name}: not valid base64") from None
+
+
+def decode_npy(text: object, name: str) -> np.ndarray:
+    """A base64 ``.npy`` field (never pickled objects), or one line naming the field."""
+    content = _base64_field(text, name, "a .npy file")
     try:
         return npy_from_bytes(content, name, name.replace("_", " "))
     except CfdeployError as error:
@@ -107,12 +111,7 @@ def encoder_image(text: object) -> np.ndarray:
     from cfdeploy.photos.images import photo_from_bytes
     from cfdeploy.photos.preprocess import batch_inputs
 
-    if not isinstance(text, str):
-        raise RequestError(f"image: expected a base64 string of a JPEG, PNG or WebP file, found {type(text).__name__}")
-    try:
-        content = base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        raise RequestError("image: not valid base64") from None
+    content = _base64_field(text, "image", "a JPEG, PNG or WebP file")
     try:
         return batch_inputs([photo_from_bytes(content, "image")])
     except CfdeployError as error:
@@ -123,9 +122,13 @@ def _number(body: dict[str, Any], name: str, default: float) -> float:
     value = body.get(name, default)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise RequestError(f"{name}: expected a number, found {json.dumps(value)[:40]}")
-    if not math.isfinite(value):
-        raise RequestError(f"{name} must be a finite number, got {value}")
-    return float(value)
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
+        raise RequestError(f"{name} must be a finite number, got {str(value)[:40]}")
+    return number
 
 
 def _integer(body: dict[str, Any], name: str, default: int | None) -> int | None:
@@ -135,14 +138,17 @@ def _integer(body: dict[str, Any], name: str, default: int | None) -> int | None
     return value
 
 
-def parse_edit_request(body: bytes, bundles: dict[str, BundleInfo]) -> EditRequest:
-    """Check a ``POST /v1/edits`` body against the served bundles; every refusal is a :class:`RequestError`."""
+def parse_edit_request(body: bytes, bundles: dict[str, BundleInfo], png_only: bool = False) -> EditRequest:
+    """Check a ``POST /v1/edits`` body against the served bundles; every refusal is a :class:`RequestError`.
+
+    ``png_only``: the client asked for ``Accept: image/png``, which answers one image.
+    """
     if len(body) > MAX_BODY_BYTES:
         raise RequestError(f"request body is over the limit of {MAX_BODY_BYTES:,} bytes", 413)
     try:
         parsed = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise RequestError(f"request body is not valid JSON: {error}") from None
+    except (ValueError, RecursionError) as error:  # JSONDecodeError, bad UTF-8, a 5,000-digit number, deep nesting
+        raise RequestError(f"request body is not valid JSON: {str(error)[:120]}") from None
     if not isinstance(parsed, dict):
         raise RequestError(f"request body: expected a JSON object, found {type(parsed).__name__}")
     unknown = sorted(set(parsed) - set(FIELDS))
@@ -189,11 +195,14 @@ def parse_edit_request(body: bytes, bundles: dict[str, BundleInfo]) -> EditReque
             raise RequestError(f"bundle {name!r} has no e4e encoder graph (export it with cfdeploy export --encoder)")
         image = encoder_image(image_field)
     else:
+        assert seed is not None
         try:
-            check_sampling(num, truncation)
+            check_sampling(seed, num, truncation)
         except CfdeployError as error:
             raise RequestError(str(error).replace("--", "")) from None
         count = num
+    if png_only and count != 1:
+        raise RequestError(f"Accept: image/png returns one image; this request makes {count}", 406)
     if count > MAX_CODES_PER_REQUEST:
         raise RequestError(f"{count} images in one request; the limit is {MAX_CODES_PER_REQUEST} "
                            "(use cfdeploy batch for datasets)", 413)

@@ -27,11 +27,10 @@ from ray.serve.exceptions import BackPressureError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from cfdeploy.editing import DEFAULT_PNG_COMPRESSION, StageTimer, edit_codes, text_branch
+from cfdeploy.editing import DEFAULT_PNG_COMPRESSION, StageTimer, edit_codes, sample_codes, text_branch
 from cfdeploy.errors import CfdeployError
-from cfdeploy.inputs import broadcast_latents, seeded_z
 from cfdeploy.outputs import png_bytes, to_uint8
-from cfdeploy.serving.cluster import actor_backend_options, check_resources, connect
+from cfdeploy.serving.cluster import actor_backend_options, check_resources, connect, require_resources
 from cfdeploy.serving.protocol import (
     MAX_BODY_BYTES, BundleInfo, EditReply, EditRequest, RequestError, parse_edit_request, reply_json,
 )
@@ -92,9 +91,9 @@ class BundleEditor:
             w_hat, timings = await self._call(self._edit_latents, request)
         except CfdeployError as error:
             return RequestError(str(error))
-        rendered = await asyncio.gather(*(self.render(code) for code in w_hat))
+        rendered = [] if request.returns == "npy" else await asyncio.gather(*(self.render(code) for code in w_hat))
         pngs: list[bytes] = []
-        if request.returns != "npy":
+        if rendered:
             png_started = time.perf_counter()
             loop = asyncio.get_running_loop()
             pngs = list(await asyncio.gather(*(
@@ -115,9 +114,7 @@ class BundleEditor:
                 w = backend.encode(request.image)
         else:
             assert request.seed is not None
-            z = seeded_z(request.seed, request.num, backend.style_dim)
-            w = broadcast_latents(backend.sample_w(z, request.truncation), backend.n_latent, backend.style_dim,
-                                  f"seed {request.seed}")
+            w = sample_codes(backend, request.seed, request.num, request.truncation)
         if request.prompt is not None and request.prompt in self.prompts:
             self.prompts.move_to_end(request.prompt)
             text_latents = self.prompts[request.prompt]
@@ -131,7 +128,7 @@ class BundleEditor:
             w_hat = edit_codes(backend, w, text_latents, request.strength)
         return w_hat, dict(timer.seconds)
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    @serve.batch  # its size and wait are set per deployment in __init__
     async def render(self, codes: list[np.ndarray]) -> list[tuple[np.ndarray, int]]:
         """The generator over codes from concurrent requests (W+ ``[n, 512]`` each); each image with its batch size."""
         images = await self._call(self.backend.synthesize, np.stack(codes))
@@ -171,19 +168,19 @@ class Router:
                 body += chunk[: MAX_BODY_BYTES + 1 - len(body)]
             if received > DRAIN_LIMIT:
                 break
-        parsed = parse_edit_request(bytes(body), self.infos)
+        png_only = "image/png" in request.headers.get("accept", "")
+        parsed = await asyncio.to_thread(parse_edit_request, bytes(body), self.infos, png_only)  # off the event loop
         try:
             reply = await self.editors[parsed.bundle].edit.remote(parsed)
         except BackPressureError:
             raise RequestError(f"bundle {parsed.bundle!r} is busy (its queue is full); retry later", 503) from None
         if isinstance(reply, RequestError):
             raise reply
-        if "image/png" in request.headers.get("accept", "") and parsed.returns != "npy":
-            if len(reply.pngs) != 1:
-                raise RequestError(f"Accept: image/png returns one image; this request makes {len(reply.pngs)}", 406)
+        if png_only and parsed.returns != "npy":
             return Response(reply.pngs[0], media_type="image/png",
                             headers={"X-Generator-Batch": str(reply.generator_batches[0])})
-        return Response(json.dumps(reply_json(parsed, reply)), media_type="application/json")
+        content = await asyncio.to_thread(lambda: json.dumps(reply_json(parsed, reply)))
+        return Response(content, media_type="application/json")
 
 
 # serve.deployment is annotated as returning a decorator even when given the class.
@@ -226,21 +223,26 @@ def build_application(settings: ServeSettings, infos: dict[str, BundleInfo]) -> 
 
 
 class Server:
-    """A running ``cfdeploy serve``: Ray (started here, or joined at ``ray_address``) with the application deployed.
+    """A running ``cfdeploy serve``: a local Ray started here, or the cluster at ``ray_address``, with the application.
 
     Use as a context manager, or call :meth:`stop`: on a local Ray, Serve and Ray stop; on a joined
-    cluster, only this application is removed.
+    cluster, only this application is removed (another application named ``cfdeploy`` there is refused).
     """
 
     def __init__(self, settings: ServeSettings, ray_address: str | None = None, num_cpus: int | None = None) -> None:
         settings.check()
         infos = bundle_infos(settings)
-        self.settings = settings
         self.url = f"http://{settings.host}:{settings.port}"
         self._shared_cluster = ray_address is not None
+        self._deployed = False
         self._connected = connect(ray_address, num_cpus)
         try:
+            require_resources(settings.cpus_per_replica, settings.gpus_per_replica, "replica")
+            if self._shared_cluster and APP_NAME in serve.status().applications:
+                raise CfdeployError(f"the Ray cluster at {ray_address} already serves an application named {APP_NAME!r} "
+                                    "(another cfdeploy serve?); stop it first")
             serve.start(http_options={"host": settings.host, "port": settings.port})
+            self._deployed = True
             serve.run(build_application(settings, infos), name=APP_NAME, route_prefix="/")
         except BaseException:  # Ctrl-C while starting too: nothing of this server is left running
             self.stop()
@@ -256,9 +258,12 @@ class Server:
         """Remove this application (on a shared cluster, only it: other Serve apps keep running); leave Ray if joined here."""
         import ray
 
-        if self._shared_cluster:
-            serve.delete(APP_NAME)
-        else:
-            serve.shutdown()
-        if self._connected:
-            ray.shutdown()
+        try:
+            if self._deployed:
+                if self._shared_cluster:
+                    serve.delete(APP_NAME)
+                else:
+                    serve.shutdown()
+        finally:
+            if self._connected:
+                ray.shutdown()

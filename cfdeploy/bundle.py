@@ -20,7 +20,7 @@ import re
 import time
 from functools import cached_property
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
@@ -69,6 +69,13 @@ def prompt_key(prompt: str) -> str:
 def prompt_file(prompt: str) -> str:
     """Where the exporter stores a precomputed prompt's ``t_w``, relative to the bundle."""
     return f"{PROMPTS_DIR}/{prompt_key(prompt)}.npy"
+
+
+def without_clip_message(where: object, prompts: Iterable[str]) -> str:
+    """Why a bundle exported ``--without-clip`` cannot edit a prompt: one message for edit, batch and serve."""
+    stored = ", ".join(repr(prompt) for prompt in prompts) or "none"
+    return (f"{where}: exported --without-clip, so it edits only the prompts precomputed at export ({stored}) "
+            "or --text-embedding features")
 
 
 def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:

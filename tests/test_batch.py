@@ -79,7 +79,7 @@ def test_batch_refuses_another_runs_output_and_bad_shards(bundle_256: Path, bund
                    tmp_path / "o", "--workers must be 1 or more, got 0")
     _, without_clip, _ = bundle_with_encoder
     assert_refused(cli("batch", without_clip, "--latents", shards, "--text", "blue dog", "--out", tmp_path / "o"),
-                   tmp_path / "o", "exported --without-clip, and 'blue dog' is not one of its precomputed prompts; pass --text-embedding")
+                   tmp_path / "o", "exported --without-clip, so it edits only the prompts precomputed at export (none) or --text-embedding features")
     assert_refused(cli("batch", bundle_256, "--latents", shards, "--out", tmp_path / "o"), tmp_path / "o",
                    "give exactly one of --text or --text-embedding")
     assert (out / "mine.txt").read_text() == "keep"

@@ -110,6 +110,10 @@ def test_a_served_photo_edit_equals_cfdeploy_edit_images(served, bundle_with_enc
     assert (refusal.value.status, refusal.value.message) == (
         400, f"bundle '{BUNDLE}' has no e4e encoder graph (export it with cfdeploy export --encoder)")
     with pytest.raises(ServerError) as refusal:
+        client.edit(bundle="with_encoder_64", prompt="blue dog", seed=1)
+    assert (refusal.value.status, refusal.value.message) == (400, "bundle 'with_encoder_64': exported --without-clip, so it "
+                                                             "edits only the prompts precomputed at export (none) or --text-embedding features")
+    with pytest.raises(ServerError) as refusal:
         client.edit(bundle="with_encoder_64", image=b"GIF89a not a photo", text_embedding=np.load(embedding))
     assert (refusal.value.status, refusal.value.message) == (400, "image: not a JPEG, PNG or WebP image, or its header is damaged")
 

@@ -7,7 +7,7 @@ from typing import Sequence
 
 import numpy as np
 
-from cfdeploy.bundle import Bundle, TextLatentCache
+from cfdeploy.bundle import Bundle, TextLatentCache, without_clip_message
 from cfdeploy.errors import CfdeployError
 from cfdeploy.tokenizer import ClipTokenizer
 
@@ -51,11 +51,7 @@ class BundleBackend(ABC):
 
     def text_features(self, tokens: np.ndarray) -> np.ndarray:
         if not self.bundle.has_network("clip_text"):
-            stored = ", ".join(repr(prompt) for prompt in self.bundle.manifest.get("prompts", {})) or "none"
-            raise CfdeployError(
-                f"{self.bundle.path}: exported --without-clip, so it edits only the prompts precomputed at export "
-                f"({stored}) or --text-embedding features"
-            )
+            raise CfdeployError(without_clip_message(self.bundle.path, self.bundle.manifest.get("prompts", {})))
         return self.run("clip_text", tokens=tokens.astype(np.int64))
 
     def text_latents(self, text_features: np.ndarray) -> np.ndarray:

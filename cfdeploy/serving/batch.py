@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from cfdeploy.bundle import MANIFEST, sha256_file
+from cfdeploy.bundle import MANIFEST, sha256_file, without_clip_message
 from cfdeploy.editing import DEFAULT_BATCH_SIZE, DEFAULT_PNG_COMPRESSION, EditJob, edit_to_directory
 from cfdeploy.errors import CfdeployError
 from cfdeploy.inputs import load_latents, load_text_embedding, require_file
@@ -196,8 +196,7 @@ def plan_batch(settings: BatchSettings, force: bool = False) -> BatchPlan:
         load_text_embedding(settings.text_embedding, 1)
     bundle = Bundle(settings.bundle)
     if settings.prompt is not None and not bundle.has_network("clip_text") and bundle.precomputed_text_latents(settings.prompt) is None:
-        raise CfdeployError(f"{settings.bundle}: exported --without-clip, and {settings.prompt!r} is not one of its precomputed "
-                            "prompts; pass --text-embedding")
+        raise CfdeployError(without_clip_message(settings.bundle, bundle.manifest.get("prompts", {})))
     shards = find_shards(settings.shards)
     prepare_output(settings, force)
     return BatchPlan(settings, shards, [shard for shard in shards if not is_done(settings.out, shard)])

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from cfdeploy.bundle import without_clip_message
 from cfdeploy.editing import check_sampling
 from cfdeploy.errors import CfdeployError
 from cfdeploy.inputs import broadcast_latents, check_text_embedding, npy_from_bytes, require_finite_array
@@ -170,9 +171,7 @@ def parse_edit_request(body: bytes, bundles: dict[str, BundleInfo], png_only: bo
     if prompt is not None and not isinstance(prompt, str):
         raise RequestError(f"prompt: expected a string, found {type(prompt).__name__}")
     if prompt is not None and not info.has_clip and prompt not in info.prompts:
-        stored = ", ".join(repr(known) for known in info.prompts) or "none"
-        raise RequestError(f"bundle {name!r} was exported --without-clip: it edits only the prompts precomputed "
-                           f"at export ({stored}) or text_embedding features")
+        raise RequestError(without_clip_message(f"bundle {name!r}", info.prompts))
 
     latents_field, seed, image_field = parsed.get("latents"), _integer(parsed, "seed", None), parsed.get("image")
     if sum(given is not None for given in (latents_field, seed, image_field)) != 1:

@@ -8,6 +8,7 @@ Test modules import the helpers from here (``from conftest import …``), never 
 from __future__ import annotations
 
 import functools
+import socket
 import time
 from pathlib import Path
 from typing import Iterator
@@ -105,6 +106,12 @@ def assert_no_ray_left() -> None:
     while ray_processes() and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not ray_processes()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 def checkpoint_with_generator_of(path: Path, generator_seed: int, mapper_seed: int, **opts) -> None:

@@ -37,6 +37,7 @@ from cfdeploy.serving.protocol import (
 
 APP_NAME = "cfdeploy"
 DRAIN_LIMIT = 4 * MAX_BODY_BYTES  # an oversize body is read and dropped up to this, then the connection is cut
+ROUTER_MIN_ONGOING = 256  # the router only parses and forwards: it holds what the bundles queue, and refuses the rest fast
 PROMPTS_KEPT = 256  # text latents per replica in memory (beside the bundle's own disk cache)
 _log = logging.getLogger("ray.serve")
 
@@ -217,7 +218,7 @@ def build_application(settings: ServeSettings, infos: dict[str, BundleInfo]) -> 
                settings.batch_wait_ms / 1000)
         for name, path in zip(infos, settings.bundles)
     }
-    router_limit = 2 * settings.max_ongoing * settings.replicas * len(infos)
+    router_limit = max(ROUTER_MIN_ONGOING, 4 * settings.max_ongoing * settings.replicas * len(infos))  # never the bottleneck
     return ROUTER.options(max_ongoing_requests=router_limit, max_queued_requests=router_limit,
                           ray_actor_options={"num_cpus": 0}).bind(editors, infos)
 

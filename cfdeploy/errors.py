@@ -1,5 +1,9 @@
 """The one exception type users see: a one-line message naming the file and the problem."""
 
+from __future__ import annotations
+
+import math
+
 EXTRAS = {"torch": "export", "open_clip": "export", "onnx": "export", "matplotlib": "bench", "cuda": "cuda", "dlib": "photos", "ray": "serve"}
 
 
@@ -16,3 +20,18 @@ def missing_extra(package: str, needed_for: str, cause: BaseException | None = N
         )
     extra = EXTRAS.get(package, "export")
     return CfdeployError(f"{needed_for} needs {package}, which this install lacks: pip install \"cfdeploy[{extra}]\"")
+
+
+def require_finite(**options: float | None) -> None:
+    """Refuse nan and inf where a number means a setting (``require_finite(strength=s)`` names ``--strength``)."""
+    for name, value in options.items():
+        if value is not None and not math.isfinite(value):
+            raise CfdeployError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+
+
+def require_range(low: int, high: int | None = None, **options: int | None) -> None:
+    """Integer options checked in one line each (typer's own range check prints a usage box)."""
+    for name, value in options.items():
+        if value is not None and (value < low or (high is not None and value > high)):
+            bound = f"from {low} to {high}" if high is not None else f"{low} or more"
+            raise CfdeployError(f"--{name.replace('_', '-')} must be {bound}, got {value}")

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import functools
-import math
 import os
 import re
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any, Callable, TypeVar
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
-from cfdeploy.errors import EXTRAS, CfdeployError, missing_extra
+from cfdeploy.errors import EXTRAS, CfdeployError, missing_extra, require_finite, require_range  # noqa: F401
 
 app = typer.Typer(
     help="Deploy CF-CLIP text-driven StyleGAN2 editors: edit images from text, export bundles and TensorRT engines, "
@@ -86,21 +85,6 @@ def user_errors(command: Command) -> Command:
             raise fail(f"unexpected {type(error).__name__}: {error} (set CFDEPLOY_DEBUG=1 for a traceback)", 1) from None
 
     return wrapper  # type: ignore[return-value]
-
-
-def require_finite(**options: Optional[float]) -> None:
-    """Refuse nan and inf where a number means a setting (``require_finite(strength=s)`` names ``--strength``)."""
-    for name, value in options.items():
-        if value is not None and not math.isfinite(value):
-            raise CfdeployError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
-
-
-def require_range(low: int, high: Optional[int] = None, **options: Optional[int]) -> None:
-    """Integer options checked in one line each (typer's own range check prints a usage box)."""
-    for name, value in options.items():
-        if value is not None and (value < low or (high is not None and value > high)):
-            bound = f"from {low} to {high}" if high is not None else f"{low} or more"
-            raise CfdeployError(f"--{name.replace('_', '-')} must be {bound}, got {value}")
 
 
 def progress_bar() -> Any:

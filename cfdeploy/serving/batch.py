@@ -23,7 +23,7 @@ import numpy as np
 
 from cfdeploy.bundle import MANIFEST, sha256_file, without_clip_message
 from cfdeploy.editing import DEFAULT_BATCH_SIZE, DEFAULT_PNG_COMPRESSION, EditJob, edit_to_directory
-from cfdeploy.errors import CfdeployError
+from cfdeploy.errors import CfdeployError, require_finite, require_range
 from cfdeploy.inputs import load_latents, load_text_embedding, require_file
 from cfdeploy.outputs import StagedDirectory, write_atomic
 from cfdeploy.serving.cluster import actor_backend_options, check_resources, connect, require_resources
@@ -53,11 +53,8 @@ class BatchSettings:
     def check(self) -> None:
         if (self.prompt is None) == (self.text_embedding is None):
             raise CfdeployError("give exactly one of --text or --text-embedding")
-        for name in ("workers", "batch_size"):
-            if getattr(self, name) < 1:
-                raise CfdeployError(f"--{name.replace('_', '-')} must be 1 or more, got {getattr(self, name)}")
-        if not np.isfinite(self.strength):
-            raise CfdeployError(f"--strength must be a finite number, got {self.strength}")
+        require_range(1, workers=self.workers, batch_size=self.batch_size)
+        require_finite(strength=self.strength)
         check_resources(self.backend, self.cpus_per_worker, self.gpus_per_worker, "worker")
 
     def identity(self) -> dict[str, Any]:

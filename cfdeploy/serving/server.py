@@ -1,6 +1,6 @@
 """``cfdeploy serve`` on Ray Serve: one deployment per bundle, dynamic batching of the generator, an HTTP router.
 
-Each request runs the text branch (cached per prompt) and the latent editor on its own codes, as
+Each request runs the text branch (cached per prompt in the bundle) and the latent editor on its own codes, as
 ``cfdeploy edit`` does (:func:`~cfdeploy.editing.edit_codes`); its codes then join other requests' in
 ``@serve.batch`` calls of the generator, whose output does not depend on the batch it ran in (on
 ONNX Runtime's CPU kernels; GPU kernels may round differently by batch size). So a served image is
@@ -14,7 +14,6 @@ import asyncio
 import json
 import logging
 import time
-from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from cfdeploy.editing import DEFAULT_PNG_COMPRESSION, StageTimer, edit_codes, sample_codes, text_branch
-from cfdeploy.errors import CfdeployError
+from cfdeploy.errors import CfdeployError, require_range
 from cfdeploy.outputs import png_bytes, to_uint8
 from cfdeploy.serving.cluster import actor_backend_options, check_resources, connect, require_resources
 from cfdeploy.serving.protocol import (
@@ -38,7 +37,6 @@ from cfdeploy.serving.protocol import (
 APP_NAME = "cfdeploy"
 DRAIN_LIMIT = 4 * MAX_BODY_BYTES  # an oversize body is read and dropped up to this, then the connection is cut
 ROUTER_MIN_ONGOING = 256  # the router only parses and forwards: it holds what the bundles queue, and refuses the rest fast
-PROMPTS_KEPT = 256  # text latents per replica in memory (beside the bundle's own disk cache)
 _log = logging.getLogger("ray.serve")
 
 
@@ -58,9 +56,7 @@ class ServeSettings:
     port: int = 8000
 
     def check(self) -> None:
-        for name in ("replicas", "max_batch", "max_ongoing"):
-            if getattr(self, name) < 1:
-                raise CfdeployError(f"--{name.replace('_', '-')} must be 1 or more, got {getattr(self, name)}")
+        require_range(1, replicas=self.replicas, max_batch=self.max_batch, max_ongoing=self.max_ongoing)
         if not np.isfinite(self.batch_wait_ms) or self.batch_wait_ms < 0:
             raise CfdeployError(f"--batch-wait-ms must be a finite number, 0 or more, got {self.batch_wait_ms}")
         check_resources(self.backend, self.cpus_per_replica, self.gpus_per_replica, "replica")
@@ -77,7 +73,6 @@ class BundleEditor:
 
         self.backend = open_backend(backend, Path(bundle), **options)
         self.runner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="backend")
-        self.prompts: OrderedDict[str, np.ndarray] = OrderedDict()
         batched: Any = self.render  # Ray's overloads type a batched method as a plain callable
         batched.set_max_batch_size(max_batch)
         batched.set_batch_wait_timeout_s(batch_wait_s)
@@ -116,15 +111,7 @@ class BundleEditor:
         else:
             assert request.seed is not None
             w = sample_codes(backend, request.seed, request.num, request.truncation)
-        if request.prompt is not None and request.prompt in self.prompts:
-            self.prompts.move_to_end(request.prompt)
-            text_latents = self.prompts[request.prompt]
-        else:
-            text_latents = text_branch(backend, request.prompt, request.text_features, timer)
-            if request.prompt is not None:
-                self.prompts[request.prompt] = text_latents
-                if len(self.prompts) > PROMPTS_KEPT:
-                    self.prompts.popitem(last=False)
+        text_latents = text_branch(backend, request.prompt, request.text_features, timer)  # the bundle's prompt cache
         with timer.stage("latent_editor"):
             w_hat = edit_codes(backend, w, text_latents, request.strength)
         return w_hat, dict(timer.seconds)

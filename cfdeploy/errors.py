@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-EXTRAS = {"torch": "export", "open_clip": "export", "onnx": "export", "matplotlib": "bench", "cuda": "cuda", "dlib": "photos", "ray": "serve"}
+EXTRAS = {"torch": "export", "open_clip": "export", "onnx": "export", "matplotlib": "bench", "cuda": "cuda", "dlib": "photos", "ray": "serve", "diffusers": "dac", "transformers": "dac", "peft": "dac", "safetensors": "dac"}
 
 
 class CfdeployError(Exception):

@@ -113,9 +113,10 @@ class TrainingData:
     inputs: TrainInputs
 
 
-def step_generator(seed: int, step: int) -> torch.Generator:
-    """The warps of one step, from (seed, step) alone: a resumed run draws what the uninterrupted one drew."""
-    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step]).generate_state(1, np.uint64)[0] >> 1))
+def step_generator(seed: int, *position: int) -> torch.Generator:
+    """The random draws of one step, from (seed, step) alone: a resumed run draws what the uninterrupted one drew
+    (``position`` may have more parts, e.g. (phase, step))."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, *position]).generate_state(1, np.uint64)[0] >> 1))
 
 
 def batch_indices(seed: int, step: int, count: int, batch_size: int) -> np.ndarray:

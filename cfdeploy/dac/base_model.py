@@ -1,0 +1,195 @@
+"""The base model: a local Stable Diffusion folder in diffusers' layout, checked before anything loads.
+
+DAC needs an ε-predicting text-to-image UNet conditioned on a CLIP text encoder's last hidden states
+(Stable Diffusion 1.x/2.x-base). Each part is refused with what was found when it is something else
+(an SDXL UNet, a v-prediction scheduler, pickle-only weights, a missing folder). Weights load only from
+safetensors files, never from pickles, and nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cfdeploy.bundle import sha256_file
+from cfdeploy.errors import CfdeployError
+
+# Each weighted part: its folder, the class its config must name, and its safetensors file.
+WEIGHTED_PARTS = {
+    "unet": ("UNet2DConditionModel", "diffusion_pytorch_model.safetensors"),
+    "text_encoder": ("CLIPTextModel", "model.safetensors"),
+    "vae": ("AutoencoderKL", "diffusion_pytorch_model.safetensors"),
+}
+TOKENIZER_FILES = ("vocab.json", "merges.txt")
+SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
+MAX_CONFIG_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class BaseModelInfo:
+    """A checked base-model folder: its configs and the sha256 of each weight file (its identity)."""
+
+    path: Path
+    configs: dict[str, dict[str, Any]]
+    weights_sha256: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.configs["unet"]["in_channels"])
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return int(2 ** (len(self.configs["vae"]["block_out_channels"]) - 1))
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.configs["vae"].get("scaling_factor", 0.18215))
+
+    def identity(self) -> dict[str, Any]:
+        """What a DAC run records of its base model, and what ``dac edit`` compares."""
+        return {"path": str(self.path), "weights_sha256": dict(self.weights_sha256)}
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise CfdeployError(f"{path}: missing (a diffusers Stable Diffusion folder has unet/, text_encoder/, vae/, tokenizer/, scheduler/)")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise CfdeployError(f"{path}: {path.stat().st_size:,} bytes, too large for a config file")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CfdeployError(f"{path}: not a JSON config ({error})") from None
+    if not isinstance(config, dict):
+        raise CfdeployError(f"{path}: expected a JSON object, found {type(config).__name__}")
+    return config
+
+
+def _weights_file(folder: Path, name: str) -> Path:
+    weights = folder / name
+    if weights.is_file():
+        return weights
+    found = sorted(entry.name for entry in folder.iterdir() if entry.suffix in {".bin", ".safetensors", ".ckpt", ".pt"})
+    if any(entry.endswith(".bin") for entry in found):
+        raise CfdeployError(
+            f"{folder}: has only pickle weights ({', '.join(found)}); cfdeploy loads safetensors only: "
+            "re-save the model with save_pretrained(..., safe_serialization=True)"
+        )
+    if found:
+        raise CfdeployError(f"{folder}: expected {name} (full-precision weights), found {', '.join(found)}")
+    raise CfdeployError(f"{folder}: no {name}")
+
+
+def _check_unet(config: dict[str, Any], source: Path, text_hidden: int) -> None:
+    if config.get("addition_embed_type") or config.get("class_embed_type"):
+        found = config.get("addition_embed_type") or config.get("class_embed_type")
+        raise CfdeployError(
+            f"{source}: a UNet with extra conditioning ({found!r}, e.g. SDXL or an upscaler); DAC needs a Stable Diffusion "
+            "1.x/2.x-base UNet conditioned on text alone"
+        )
+    if config.get("cross_attention_dim") != text_hidden:
+        raise CfdeployError(
+            f"{source}: cross_attention_dim {config.get('cross_attention_dim')} does not match the text encoder's "
+            f"hidden size {text_hidden}: unet/ and text_encoder/ come from different models"
+        )
+    if config.get("in_channels") != config.get("out_channels"):
+        raise CfdeployError(f"{source}: {config.get('in_channels')} input and {config.get('out_channels')} output channels "
+                            "(an inpainting or depth UNet?); DAC needs a text-to-image UNet")
+
+
+def inspect_base_model(path: Path, hash_weights: bool = True) -> BaseModelInfo:
+    """Check ``path`` is a usable base model and hash its weight files; loads no weights."""
+    if not path.is_dir():
+        raise CfdeployError(f"{path}: not a directory (--base-model is a local diffusers folder, e.g. stable-diffusion-2-1-base)")
+    configs: dict[str, dict[str, Any]] = {}
+    weights: dict[str, Path] = {}
+    for part, (class_name, file_name) in WEIGHTED_PARTS.items():
+        config_path = path / part / "config.json"
+        config = _read_config(config_path)
+        found = config.get("_class_name") or (config.get("architectures") or [None])[0]
+        if found != class_name:
+            raise CfdeployError(f"{config_path}: expected a {class_name}, found {found or 'no class name'}")
+        configs[part] = config
+        weights[part] = _weights_file(path / part, file_name)
+    scheduler = _read_config(path / SCHEDULER_CONFIG)
+    if scheduler.get("prediction_type", "epsilon") != "epsilon":
+        raise CfdeployError(
+            f"{path / SCHEDULER_CONFIG}: prediction_type {scheduler.get('prediction_type')!r}; DAC needs an ε-predicting model "
+            "(stable-diffusion-2-1-base, not the 768 px v-prediction stable-diffusion-2-1)"
+        )
+    configs["scheduler"] = scheduler
+    for name in TOKENIZER_FILES:
+        if not (path / "tokenizer" / name).is_file():
+            raise CfdeployError(f"{path / 'tokenizer' / name}: missing (a CLIP tokenizer has vocab.json and merges.txt)")
+    _check_unet(configs["unet"], path / "unet" / "config.json", int(configs["text_encoder"].get("hidden_size", -1)))
+    digests = {part: sha256_file(file) for part, file in weights.items()} if hash_weights else {}
+    return BaseModelInfo(path.resolve(), configs, digests)
+
+
+def check_same_base_model(info: BaseModelInfo, recorded: Any, source: Path) -> None:
+    """Refuse a run's adapters on a base model other than the one they were fitted to."""
+    recorded_sha = recorded.get("weights_sha256") if isinstance(recorded, dict) else None
+    if recorded_sha != info.weights_sha256:
+        differing = sorted(part for part in info.weights_sha256 if (recorded_sha or {}).get(part) != info.weights_sha256[part])
+        raise CfdeployError(
+            f"{source}: was fitted to another base model ({recorded.get('path') if isinstance(recorded, dict) else '?'}); "
+            f"the weights of {', '.join(differing) or 'every part'} in {info.path} differ"
+        )
+
+
+@dataclass
+class BaseModel:
+    """The loaded parts, fp32, frozen, on one device."""
+
+    info: BaseModelInfo
+    unet: Any
+    text_encoder: Any
+    vae: Any
+    tokenizer: Any
+
+    def tokens(self, prompt: str) -> Any:
+        """Token ids ``[1, 77]``, padded and truncated as the official scripts tokenise."""
+        return self.tokenizer(
+            [prompt], max_length=self.tokenizer.model_max_length, padding="max_length", truncation=True, return_tensors="pt"
+        ).input_ids
+
+    def check_prompt(self, prompt: str, option: str) -> None:
+        length = len(self.tokenizer([prompt]).input_ids[0])
+        if length > self.tokenizer.model_max_length:
+            raise CfdeployError(
+                f"{option} {prompt!r} is {length} tokens; the text encoder reads at most {self.tokenizer.model_max_length}"
+            )
+
+
+def load_base_model(info: BaseModelInfo, device: str = "cpu") -> BaseModel:
+    """Load the checked folder: UNet, text encoder and VAE in fp32 from safetensors, the tokenizer from its files."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    options: dict[str, Any] = {"use_safetensors": True, "local_files_only": True, "torch_dtype": torch.float32}
+    path = info.path
+    try:
+        parts: list[Any] = [
+            UNet2DConditionModel.from_pretrained(path / "unet", **options),
+            CLIPTextModel.from_pretrained(path / "text_encoder", **options),
+            AutoencoderKL.from_pretrained(path / "vae", **options),
+        ]
+        tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer", local_files_only=True)
+    except (OSError, ValueError, RuntimeError, KeyError) as error:
+        raise CfdeployError(f"{path}: cannot load the model: {str(error).splitlines()[0]}") from None
+    for model in parts:
+        model.requires_grad_(False)
+        model.to(device)
+        model.eval()
+    unet, text_encoder, vae = parts
+    return BaseModel(info, unet, text_encoder, vae, tokenizer)

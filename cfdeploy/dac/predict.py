@@ -9,18 +9,23 @@ weights it is diffusers' ``StableDiffusionPipeline`` step for step.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from cfdeploy.dac import lora
-from cfdeploy.dac.base_model import BaseModel
+from cfdeploy.dac.base_model import BaseModel, check_same_base_model, inspect_base_model, load_base_model
+from cfdeploy.dac.run import SOURCE_TEXT_LORA, TEXT_LORA, UNET_LORA, DacRun, read_run, versions
 from cfdeploy.errors import CfdeployError, require_finite, require_range
+from cfdeploy.outputs import StagedDirectory
 
 SCHEDULERS = ("pndm", "ddim")
+CONTACT_SHEET = "contact_sheet.png"
 
 
 @dataclass(frozen=True)
@@ -131,3 +136,67 @@ def contact_sheet(images: list[np.ndarray], columns: int = 4) -> np.ndarray:
         row, column = divmod(index, columns)
         sheet[row * height : (row + 1) * height, column * width : (column + 1) * width] = image
     return sheet
+
+
+def load_run_adapters(base: BaseModel, run: DacRun) -> None:
+    """U into the UNet, Δ (and T) into the text encoder, each checked to fill every adapted layer."""
+    lora.load_adapter(run.file(UNET_LORA), base.unet, lora.UNET_ADAPTER, lora.UNET_TARGETS)
+    lora.activate(base.unet, [lora.UNET_ADAPTER])
+    lora.load_adapter(run.file(TEXT_LORA), base.text_encoder, lora.EDIT_ADAPTER, lora.TEXT_TARGETS)
+    if run.variant == "t":
+        lora.load_adapter(run.file(SOURCE_TEXT_LORA), base.text_encoder, lora.SOURCE_ADAPTER, lora.TEXT_TARGETS)
+
+
+def edit(
+    run_path: Path,
+    out: Path,
+    settings: PredictSettings,
+    *,
+    base_model: Path | None = None,
+    device: str = "cpu",
+    force: bool = False,
+    on_stage: Callable[[str], None] = lambda stage: None,
+    on_sample: Callable[[int], None] = lambda seed: None,
+) -> dict[str, Any]:
+    """Sample the run's edit for each seed into ``out``: one PNG per seed, a contact sheet and ``edit.json``."""
+    run = read_run(run_path)
+    recorded = run.manifest["base_model"]
+    on_stage("hashing the base model")
+    info = inspect_base_model(base_model or Path(str(recorded.get("path"))))
+    check_same_base_model(info, recorded, run_path)
+    run_settings = run.settings
+    with StagedDirectory(out, force, inputs=[run_path]) as staged:
+        on_stage("loading the base model")
+        base = load_base_model(info, device)
+        load_run_adapters(base, run)
+        cond, uncond = edit_embeddings(base, run_settings["target"], text_adapter_weights(run.variant, settings.beta))
+        eta = float(run_settings["eta"])
+        images: list[np.ndarray] = []
+        seconds: list[float] = []
+        timesteps: list[int] = []
+        for seed in settings.seeds:
+            started = time.perf_counter()
+            timesteps.clear()
+            latents = initial_latents(base, seed, int(run_settings["resolution"]))
+            image = sample(base, cond, uncond, latents, settings, lambda t: lora.anneal(t, eta), timesteps.append)
+            pixels = to_pixels(image)
+            staged.write_png(f"seed_{seed:04d}.png", pixels)
+            images.append(pixels)
+            seconds.append(time.perf_counter() - started)
+            on_sample(seed)
+        staged.write_png(CONTACT_SHEET, contact_sheet(images))
+        report = {
+            "run": str(run_path),
+            "prompt": run_settings["prompt"],
+            "target": run_settings["target"],
+            "eta": eta,
+            "settings": asdict(settings),
+            "seeds": settings.seeds,
+            "unet_timesteps": timesteps,
+            "base_model": info.identity(),
+            "device": device,
+            "seconds_per_sample": seconds,
+            "versions": versions(),
+        }
+        staged.write_json("edit.json", report)
+    return report

@@ -101,6 +101,36 @@ def test_run_files_and_manifest(run_dir: Path, base_dir: Path):
     assert set(manifest["versions"]) >= {"torch", "diffusers", "transformers", "peft"}
 
 
+def test_numpy_plms_matches_diffusers_pndm_step_for_step(base_dir: Path):
+    from diffusers import PNDMScheduler
+
+    from cfdeploy.dac.plms import PlmsScheduler
+
+    config = json.loads((base_dir / "scheduler" / "scheduler_config.json").read_text())
+    rng = np.random.default_rng(5)
+    for steps in (30, 4, 2, 1):
+        theirs = PNDMScheduler.from_config(config)
+        theirs.set_timesteps(steps)
+        ours = PlmsScheduler(config)
+        timesteps = ours.set_timesteps(steps)
+        assert timesteps.tolist() == theirs.timesteps.tolist() and len(timesteps) == steps + (steps > 1)
+        chained = x = rng.standard_normal((1, 4, 8, 8), dtype=np.float32)
+        for timestep in timesteps:  # each step from the same x and noise history: only the step itself differs
+            noise = x * 0.9 + 0.1 * rng.standard_normal(x.shape, dtype=np.float32)  # an ε estimate near x
+            expected = theirs.step(torch.from_numpy(noise), int(timestep), torch.from_numpy(x)).prev_sample.numpy()
+            assert np.abs(ours.step(noise, int(timestep), x) - expected).max() <= 1e-6 * max(np.abs(expected).max(), 1.0)
+            x = expected
+        ours.set_timesteps(steps)
+        theirs.set_timesteps(steps)
+        end = torch.from_numpy(chained)
+        for timestep in timesteps:  # and a whole run, each on its own output
+            noise = chained * 0.5
+            chained = ours.step(noise, int(timestep), chained)
+            end = theirs.step(torch.from_numpy(noise), int(timestep), end).prev_sample
+        assert np.abs(chained - end.numpy()).max() <= 1e-5 * np.abs(end.numpy()).max()
+    assert PlmsScheduler(config).set_timesteps(30)[:4].tolist() == [958, 925, 925, 892]
+
+
 def test_adapter_files_reload_every_layer(run_dir: Path, base_dir: Path, tmp_path: Path):
     from safetensors.torch import load_file, save_file
 
@@ -173,7 +203,7 @@ def test_prediction_equals_diffusers_pipeline_at_fixed_weights(run_dir: Path, ba
     ours = sample(base, cond, uncond, initial_latents(base, 29, IMAGE_SIZE), settings, lambda t: 0.9)
     lora.set_weight(base.unet, lora.UNET_ADAPTER, 0.9)
     theirs = _pipeline(base)(TARGET, negative_prompt="", num_inference_steps=5, guidance_scale=4.0, height=IMAGE_SIZE,
-                             width=IMAGE_SIZE, generator=torch.Generator().manual_seed(29), output_type="pt").images
+                             width=IMAGE_SIZE, latents=initial_latents(base, 29, IMAGE_SIZE), output_type="pt").images
     assert ours.shape == theirs.shape == (1, 3, IMAGE_SIZE, IMAGE_SIZE)
     assert (ours - theirs).abs().max() <= 1e-6
 
@@ -198,7 +228,7 @@ def test_annealed_prediction_matches_step_by_step_weights(run_dir: Path, base_di
 
     lora.set_weight(base.unet, lora.UNET_ADAPTER, lora.anneal(timesteps[0], 0.8))
     theirs = pipeline(TARGET, negative_prompt="", num_inference_steps=6, guidance_scale=4.0, height=IMAGE_SIZE, width=IMAGE_SIZE,
-                      generator=torch.Generator().manual_seed(30), output_type="pt", callback_on_step_end=set_next_weight).images
+                      latents=initial_latents(base, 30, IMAGE_SIZE), output_type="pt", callback_on_step_end=set_next_weight).images
     assert (ours - theirs).abs().max() <= 1e-6
     fixed = sample(base, cond, uncond, initial_latents(base, 30, IMAGE_SIZE), settings, lambda t: 1.0)
     assert (ours - fixed).abs().max() > 1e-4  # the annealing matters

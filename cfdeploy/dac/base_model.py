@@ -168,9 +168,8 @@ def load_base_model(info: BaseModelInfo, device: str = "cpu") -> BaseModel:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
     from diffusers.utils import logging as diffusers_logging
+    from transformers import CLIPTextModel, CLIPTokenizer
     from transformers.utils import logging as transformers_logging
 
     diffusers_logging.set_verbosity_error()

@@ -19,8 +19,21 @@ import numpy as np
 import torch
 
 from cfdeploy.dac import lora
-from cfdeploy.dac.base_model import BaseModel, check_same_base_model, inspect_base_model, load_base_model
-from cfdeploy.dac.run import SOURCE_TEXT_LORA, TEXT_LORA, UNET_LORA, DacRun, read_run, versions
+from cfdeploy.dac.base_model import (
+    BaseModel,
+    check_same_base_model,
+    inspect_base_model,
+    load_base_model,
+)
+from cfdeploy.dac.plms import noise_latents
+from cfdeploy.dac.run import (
+    SOURCE_TEXT_LORA,
+    TEXT_LORA,
+    UNET_LORA,
+    DacRun,
+    read_run,
+    versions,
+)
 from cfdeploy.errors import CfdeployError, require_finite, require_range
 from cfdeploy.outputs import StagedDirectory
 
@@ -85,9 +98,9 @@ def make_scheduler(config: Mapping[str, Any], kind: str) -> Any:
 
 
 def initial_latents(base: BaseModel, seed: int, resolution: int) -> torch.Tensor:
-    """``randn(1, 4, res/8, res/8)`` from a CPU generator seeded ``seed`` (the same on every device)."""
-    side = resolution // base.info.vae_scale_factor
-    return torch.randn((1, base.info.latent_channels, side, side), generator=torch.Generator().manual_seed(seed))
+    """Standard normal ``[1, 4, res/8, res/8]`` from numpy's generator seeded ``seed``: the same on every device and
+    backend (the official script's CUDA generator cannot be reproduced elsewhere anyway)."""
+    return torch.from_numpy(noise_latents(seed, base.info.latent_channels, resolution // base.info.vae_scale_factor))
 
 
 @torch.no_grad()

@@ -114,3 +114,42 @@ def network_contracts(
     if with_encoder:
         contracts.insert(0, encoder_contract(n_latent, style_dim))
     return {contract.name: contract for contract in contracts}
+
+
+def dac_contracts(latent_channels: int, latent_side: int, image_side: int, text_hidden: int, unet_scale_input: bool) -> dict[str, NetworkContract]:
+    """The graphs of a DAC bundle (``cfdeploy dac export``): text encoder with Δ, UNet with U, VAE decoder.
+
+    U's weight changes at every UNet call (γ(t)), so the exact UNet takes it as the scalar ``lora_scale``
+    with U's low-rank branches unmerged; a merged UNet has U folded in at one weight (a stock graph). Δ's
+    weight is the scalar ``text_lora_scale`` (−β), for β sweeps; the default β's embeddings ship precomputed.
+    The LoRA weights are refittable, so a new image's U is a TensorRT refit, not a rebuild.
+    """
+    latents = (BATCH, latent_channels, latent_side, latent_side)
+    hidden = (BATCH, TOKENS, text_hidden)
+    unet_inputs = [TensorSpec("sample", latents), TensorSpec("timestep", (1,)), TensorSpec("encoder_hidden_states", hidden)]
+    if unet_scale_input:
+        unet_inputs.append(TensorSpec("lora_scale", (1,)))
+    contracts = [
+        NetworkContract(
+            "text_encoder",
+            (TensorSpec("tokens", (BATCH, TOKENS), "int64"), TensorSpec("text_lora_scale", (1,))),
+            (TensorSpec("hidden_states", hidden),),
+            "CLIP text encoder with Δ as a low-rank branch scaled by text_lora_scale (−β edits; T folded in, variant t)",
+        ),
+        NetworkContract(
+            "unet",
+            tuple(unet_inputs),
+            (TensorSpec("noise", latents),),
+            "UNet with U: unmerged low-rank branches scaled by lora_scale (γ(t) per call)" if unet_scale_input
+            else "UNet with U merged at one weight (an approximation of γ(t))",
+            precision="fp16",
+            refittable=True,
+        ),
+        NetworkContract(
+            "vae_decoder",
+            (TensorSpec("latents", latents),),
+            (TensorSpec("image", (BATCH, 3, image_side, image_side)),),
+            "VAE decoder: sampled latents (divided by the scaling factor inside) to an image in about [-1, 1]",
+        ),
+    ]
+    return {contract.name: contract for contract in contracts}

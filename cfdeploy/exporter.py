@@ -80,10 +80,22 @@ def sample_input(spec: TensorSpec, batch: int, rng: np.random.Generator) -> np.n
     return (rng.standard_normal(shape) * 10.0 ** rng.uniform(-5.0, 0.5, size=shape)).astype(np.float32)
 
 
-def export_graph(module: nn.Module, contract: NetworkContract, path: Path, opset: int) -> None:
+def export_graph(
+    module: nn.Module,
+    contract: NetworkContract,
+    path: Path,
+    opset: int,
+    example: tuple[torch.Tensor, ...] | None = None,
+    large: bool = False,
+) -> None:
+    """Export ``module`` to ``path`` under ``contract``'s names, traced on ``example`` (default: random inputs).
+
+    ``large``: weights beside the graph in ``<file>.data`` (protobuf stops at 2 GB, a Stable Diffusion UNet is
+    larger), and the graph kept as the exporter wrote it.
+    """
     batch = torch.export.Dim(BATCH, min=1, max=MAX_BATCH)
     rng = np.random.default_rng(0)
-    args = tuple(torch.from_numpy(sample_input(spec, TRACE_BATCH, rng)) for spec in contract.inputs)
+    args = example or tuple(torch.from_numpy(sample_input(spec, TRACE_BATCH, rng)) for spec in contract.inputs)
     dynamic = tuple({0: batch} if spec.shape[0] == BATCH else None for spec in contract.inputs)
     with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
         warnings.simplefilter("ignore")
@@ -96,10 +108,12 @@ def export_graph(module: nn.Module, contract: NetworkContract, path: Path, opset
             dynamic_shapes=dynamic,
             opset_version=opset,
             dynamo=True,
-            external_data=False,
+            external_data=large,
             optimize=False,  # its optimizer drops PixelNorm's "+ 1e-8"; onnxslim below keeps it
             verbose=False,
         )
+    if large:
+        return
     graph = onnx.load(str(path))
     drop_zero_conv_biases(graph)
     # The exporter already records the shapes; onnxslim's own shape inference adds nothing to the graph (the same

@@ -27,7 +27,14 @@ from dac_models import IMAGE_SIZE, build_tiny_base_model  # noqa: E402
 from cfdeploy.dac import lora  # noqa: E402
 from cfdeploy.dac.abduct import AbductInputs, AbductSettings, abduct  # noqa: E402
 from cfdeploy.dac.base_model import inspect_base_model, load_base_model  # noqa: E402
-from cfdeploy.dac.predict import PredictSettings, edit_embeddings, initial_latents, sample, to_pixels  # noqa: E402
+from cfdeploy.dac.plms import anneal  # noqa: E402
+from cfdeploy.dac.predict import (  # noqa: E402
+    PredictSettings,
+    edit_embeddings,
+    initial_latents,
+    sample,
+    to_pixels,
+)
 from cfdeploy.dac.run import CHECKPOINT, EDIT_EMBEDDINGS, TEXT_LORA, UNET_LORA, read_run  # noqa: E402
 from cfdeploy.errors import CfdeployError  # noqa: E402
 
@@ -77,10 +84,10 @@ def loaded(base_dir: Path, run_dir: Path | None = None, beta: float = 1.0):
 
 
 def test_anneal_matches_the_papers_values():
-    assert lora.anneal(999, 0.8) == pytest.approx(0.8)
-    assert lora.anneal(0, 0.8) == pytest.approx(1.0)
-    assert [round(lora.anneal(t, 0.8), 3) for t in (750, 500, 250)] == [0.812, 0.85, 0.912]
-    assert lora.anneal(500, 1.0) == 1.0
+    assert anneal(999, 0.8) == pytest.approx(0.8)
+    assert anneal(0, 0.8) == pytest.approx(1.0)
+    assert [round(anneal(t, 0.8), 3) for t in (750, 500, 250)] == [0.812, 0.85, 0.912]
+    assert anneal(500, 1.0) == 1.0
 
 
 def test_every_unet_target_is_adapted(base_dir: Path):
@@ -214,7 +221,7 @@ def test_annealed_prediction_matches_step_by_step_weights(run_dir: Path, base_di
     settings = PredictSettings(steps=6, samples=1)
     cond, uncond = edit_embeddings(base, TARGET, {lora.EDIT_ADAPTER: -1.0})
     calls: list[int] = []
-    ours = sample(base, cond, uncond, initial_latents(base, 30, IMAGE_SIZE), settings, lambda t: lora.anneal(t, 0.8), calls.append)
+    ours = sample(base, cond, uncond, initial_latents(base, 30, IMAGE_SIZE), settings, lambda t: anneal(t, 0.8), calls.append)
     assert len(calls) == 7 and calls[1] == calls[2]  # PNDM (PLMS): steps + 1 calls, the second timestep twice
     pipeline = _pipeline(base)
     pipeline.scheduler.set_timesteps(6)
@@ -223,10 +230,10 @@ def test_annealed_prediction_matches_step_by_step_weights(run_dir: Path, base_di
 
     def set_next_weight(pipe, index, timestep, tensors):
         if index + 1 < len(timesteps):
-            lora.set_weight(base.unet, lora.UNET_ADAPTER, lora.anneal(timesteps[index + 1], 0.8))
+            lora.set_weight(base.unet, lora.UNET_ADAPTER, anneal(timesteps[index + 1], 0.8))
         return tensors
 
-    lora.set_weight(base.unet, lora.UNET_ADAPTER, lora.anneal(timesteps[0], 0.8))
+    lora.set_weight(base.unet, lora.UNET_ADAPTER, anneal(timesteps[0], 0.8))
     theirs = pipeline(TARGET, negative_prompt="", num_inference_steps=6, guidance_scale=4.0, height=IMAGE_SIZE, width=IMAGE_SIZE,
                       latents=initial_latents(base, 30, IMAGE_SIZE), output_type="pt", callback_on_step_end=set_next_weight).images
     assert (ours - theirs).abs().max() <= 1e-6
@@ -291,7 +298,7 @@ def test_edit_cli_writes_samples_sheet_and_report(cli, run_dir: Path, base_dir: 
     base = loaded(base_dir, run_dir)
     cond, uncond = edit_embeddings(base, TARGET, {lora.EDIT_ADAPTER: -1.0})
     expected = to_pixels(sample(base, cond, uncond, initial_latents(base, 8, IMAGE_SIZE), PredictSettings(steps=3),
-                                lambda t: lora.anneal(t, 0.8)))
+                                lambda t: anneal(t, 0.8)))
     assert np.array_equal(np.asarray(Image.open(out / "seed_0008.png")), expected)
     sheet = np.asarray(Image.open(out / "contact_sheet.png"))
     assert sheet.shape == (IMAGE_SIZE, 2 * IMAGE_SIZE, 3) and np.array_equal(sheet[:, IMAGE_SIZE:], expected)

@@ -37,6 +37,7 @@ from cfdeploy.dac.base_model import (
     inspect_base_model,
     load_base_model,
 )
+from cfdeploy.dac.plms import anneal
 from cfdeploy.dac.predict import edit_embeddings, text_adapter_weights
 from cfdeploy.dac.run import (
     CHECKPOINT,
@@ -171,7 +172,7 @@ class Abduction:
         with torch.set_grad_enabled(not phase.trains_unet):
             hidden = self.base.text_encoder(tokens)[0]
         if not phase.trains_unet:
-            lora.set_weight(self.base.unet, lora.UNET_ADAPTER, lora.anneal(int(timestep), self.settings.eta))
+            lora.set_weight(self.base.unet, lora.UNET_ADAPTER, anneal(int(timestep), self.settings.eta))
         prediction = self.base.unet(noisy, timestep.to(self.device), encoder_hidden_states=hidden).sample
         return torch.nn.functional.mse_loss(prediction.float(), noise.float())
 

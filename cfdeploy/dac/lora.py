@@ -9,8 +9,7 @@ refuses a file that does not fill every adapted layer (a diffusers conversion on
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,13 +28,7 @@ TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 UNET_ADAPTER = "U"
 EDIT_ADAPTER = "delta"  # Δ, fitted on (I, P′), subtracted to edit
 SOURCE_ADAPTER = "T"  # the ``t`` variant's text adapter, fitted on (I, P), kept at +1
-LAST_TIMESTEP = 999
 FORMAT = "cfdeploy-dac-lora"
-
-
-def anneal(timestep: float, eta: float) -> float:
-    """γ(t) = (1 − η)/999² · (t − 999)² + η: U's weight, η at t = 999 rising to 1 at t = 0."""
-    return (1.0 - eta) / LAST_TIMESTEP**2 * (float(timestep) - LAST_TIMESTEP) ** 2 + eta
 
 
 @dataclass(frozen=True)
@@ -84,16 +77,6 @@ def set_weight(model: nn.Module, adapter: str, weight: float) -> None:
     """The adapter's weight in every layer: its output is ``weight · (alpha/r) · B·A·x``."""
     for layer in lora_layers(model, adapter).values():
         layer.set_scale(adapter, weight)
-
-
-@contextmanager
-def weight(model: nn.Module, adapter: str, value: float) -> Iterator[None]:
-    """``adapter`` at ``value`` inside the block, back at 1 after it."""
-    set_weight(model, adapter, value)
-    try:
-        yield
-    finally:
-        set_weight(model, adapter, 1.0)
 
 
 def adapter_parameters(model: nn.Module, adapter: str) -> list[nn.Parameter]:

@@ -1,6 +1,6 @@
-"""Stable Diffusion's default scheduler (PNDM with ``skip_prk_steps``: pseudo linear multistep) in numpy.
+"""DAC's sampling schedules in numpy: U's weight γ(t), and Stable Diffusion's default scheduler.
 
-The torch-free runtime's scheduler: the same timesteps and updates as diffusers' ``PNDMScheduler`` for
+The scheduler is PNDM with ``skip_prk_steps`` (pseudo linear multistep), the torch-free runtime's: the same timesteps and updates as diffusers' ``PNDMScheduler`` for
 an ε-predicting model. Each step turns the UNet's noise estimate into x_{t−δ} with the DDIM-like
 transfer of PNDM's paper, after mixing the last noise estimates Adams–Bashforth style (1, 2, 3, then
 4 terms). The first step is taken twice, at t and again from t−δ (a Heun-like start), so n steps
@@ -17,6 +17,12 @@ import numpy as np
 from cfdeploy.errors import CfdeployError
 
 SPACINGS = ("leading", "linspace", "trailing")
+LAST_TIMESTEP = 999
+
+
+def anneal(timestep: float, eta: float) -> float:
+    """DAC's γ(t) = (1 − η)/999² · (t − 999)² + η: U's weight at a UNet call, η at t = 999 rising to 1 at t = 0."""
+    return (1.0 - eta) / LAST_TIMESTEP**2 * (float(timestep) - LAST_TIMESTEP) ** 2 + eta
 
 
 def beta_schedule(config: Mapping[str, Any]) -> np.ndarray:
@@ -62,6 +68,7 @@ class PlmsScheduler:
     def set_timesteps(self, steps: int) -> np.ndarray:
         """The UNet calls' timesteps for ``steps`` steps (the second repeated), and a fresh state."""
         self.steps = steps
+        grid: np.ndarray
         if self.spacing == "leading":
             grid = np.arange(0, steps) * (self.train_steps // steps) + self.steps_offset
         elif self.spacing == "linspace":
@@ -84,7 +91,7 @@ class PlmsScheduler:
         history = self._history
         if len(history) == 1 and self._calls == 0:
             self._first_sample = sample
-        elif len(history) == 1 and self._calls == 1:
+        elif len(history) == 1 and self._calls == 1 and self._first_sample is not None:
             noise = (noise + history[-1]) / 2
             sample, self._first_sample = self._first_sample, None
         elif len(history) == 2:

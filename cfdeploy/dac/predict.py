@@ -25,7 +25,7 @@ from cfdeploy.dac.base_model import (
     inspect_base_model,
     load_base_model,
 )
-from cfdeploy.dac.plms import noise_latents
+from cfdeploy.dac.plms import anneal, noise_latents
 from cfdeploy.dac.run import (
     SOURCE_TEXT_LORA,
     TEXT_LORA,
@@ -191,7 +191,7 @@ def edit(
             started = time.perf_counter()
             timesteps.clear()
             latents = initial_latents(base, seed, int(run_settings["resolution"]))
-            image = sample(base, cond, uncond, latents, settings, lambda t: lora.anneal(t, eta), timesteps.append)
+            image = sample(base, cond, uncond, latents, settings, lambda t: anneal(t, eta), timesteps.append)
             pixels = to_pixels(image)
             staged.write_png(f"seed_{seed:04d}.png", pixels)
             images.append(pixels)

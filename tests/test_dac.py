@@ -28,13 +28,8 @@ from cfdeploy.dac import lora  # noqa: E402
 from cfdeploy.dac.abduct import AbductInputs, AbductSettings, abduct  # noqa: E402
 from cfdeploy.dac.base_model import inspect_base_model, load_base_model  # noqa: E402
 from cfdeploy.dac.plms import anneal  # noqa: E402
-from cfdeploy.dac.predict import (  # noqa: E402
-    PredictSettings,
-    edit_embeddings,
-    initial_latents,
-    sample,
-    to_pixels,
-)
+from cfdeploy.dac.edits import PredictSettings, to_pixels  # noqa: E402
+from cfdeploy.dac.predict import edit_embeddings, initial_latents, sample  # noqa: E402
 from cfdeploy.dac.run import CHECKPOINT, EDIT_EMBEDDINGS, TEXT_LORA, UNET_LORA, read_run  # noqa: E402
 from cfdeploy.errors import CfdeployError  # noqa: E402
 
@@ -298,7 +293,7 @@ def test_edit_cli_writes_samples_sheet_and_report(cli, run_dir: Path, base_dir: 
     base = loaded(base_dir, run_dir)
     cond, uncond = edit_embeddings(base, TARGET, {lora.EDIT_ADAPTER: -1.0})
     expected = to_pixels(sample(base, cond, uncond, initial_latents(base, 8, IMAGE_SIZE), PredictSettings(steps=3),
-                                lambda t: anneal(t, 0.8)))
+                                lambda t: anneal(t, 0.8)).numpy())
     assert np.array_equal(np.asarray(Image.open(out / "seed_0008.png")), expected)
     sheet = np.asarray(Image.open(out / "contact_sheet.png"))
     assert sheet.shape == (IMAGE_SIZE, 2 * IMAGE_SIZE, 3) and np.array_equal(sheet[:, IMAGE_SIZE:], expected)
@@ -389,4 +384,5 @@ def test_bad_inputs_are_refused_in_one_line(cli, base_dir: Path, image_file: Pat
     assert_refused(cli("dac", "edit", poisoned, "-o", edits), edits, f"{key} holds NaN or infinite values")
     assert_refused(cli("dac", "edit", run_dir, "-o", edits, "--beta", "inf"), edits, "--beta must be a finite number")
     assert_refused(cli("dac", "edit", run_dir, "-o", edits, "--scheduler", "euler"), edits, "--scheduler must be one of pndm, ddim")
-    assert_refused(cli("dac", "edit", tmp_path, "-o", edits), edits, "no manifest.json, not a DAC run")
+    (tmp_path / "empty").mkdir()
+    assert_refused(cli("dac", "edit", tmp_path / "empty", "-o", edits), edits, "no manifest.json, not a DAC run or bundle")

@@ -13,7 +13,7 @@ from cfdeploy.cli import tools  # noqa: F401,I001  (embed, inspect)
 from cfdeploy.cli import bench  # noqa: F401,I001  (bench)
 from cfdeploy.cli import train  # noqa: F401,I001  (train)
 from cfdeploy.cli import serving  # noqa: F401,I001  (serve, batch)
-from cfdeploy.cli import dac  # noqa: F401,I001  (dac abduct, dac edit)
+from cfdeploy.cli import dac  # noqa: F401,I001  (dac abduct, dac edit, dac export)
 from cfdeploy.cli.common import app
 
 __all__ = ["app", "main"]

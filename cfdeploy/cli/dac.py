@@ -84,7 +84,8 @@ def abduct_command(
 @dac_app.command("edit")
 @user_errors
 def edit_command(
-    run: Path = typer.Argument(..., metavar="RUN", help="A run directory written by `cfdeploy dac abduct`."),
+    source: Path = typer.Argument(..., metavar="RUN|DACBUNDLE",
+                                  help="A run (`dac abduct`, sampled with PyTorch) or a bundle (`dac export`, ONNX Runtime, no torch)."),
     out: Path = typer.Option(..., "--out", "-o", metavar="DIR", help="One PNG per seed, contact_sheet.png and edit.json."),
     beta: float = typer.Option(1.0, "--beta", rich_help_panel=SAMPLING,
                                help="How much of Δ to subtract: its weight is -β (0: the plain counterfactual, -1 reconstructs the image)."),
@@ -99,19 +100,48 @@ def edit_command(
     device: str = DEVICE,
     force: bool = typer.Option(False, "--force", "-f", help="Replace an existing --out directory."),
 ) -> None:
-    """Sample DAC's edit of a run: the target prompt with Δ subtracted and U annealed by γ(t).
+    """Sample DAC's edit: the target prompt with Δ subtracted and U annealed by γ(t), from a run or a bundle.
 
     Example: cfdeploy dac edit runs/cat_cap --out edits/cat_cap --samples 8
     """
     from cfdeploy.backends.torch_backend import resolve_device
-    from cfdeploy.dac.predict import PredictSettings, edit
+    from cfdeploy.dac.edits import PredictSettings, edit
 
     resolve_device(device)
     settings = PredictSettings(beta=beta, guidance=guidance, steps=steps, seed=seed, samples=samples, scheduler=scheduler)
     with progress_bar() as bar:
         task = bar.add_task("starting", total=samples)
-        report = edit(run, out, settings, base_model=base_model, device=device, force=force,
+        report = edit(source, out, settings, base_model=base_model, device=device, force=force,
                       on_stage=lambda stage: bar.update(task, description=stage),
                       on_sample=lambda seed: bar.update(task, advance=1, description=f"sampled seed {seed}"))
     seconds = sorted(report["seconds_per_sample"])[len(report["seconds_per_sample"]) // 2]
     say(f"wrote {samples} sample(s) to {out} ({seconds:.1f} s per sample, median); overview: {out / 'contact_sheet.png'}")
+
+
+@dac_app.command("export")
+@user_errors
+def export_command(
+    run: Path = typer.Argument(..., metavar="RUN", help="A run directory written by `cfdeploy dac abduct`."),
+    out: Path = typer.Option(..., "--out", "-o", metavar="DACBUNDLE", help="Bundle directory: ONNX graphs, embeddings, manifest.json."),
+    unet: str = typer.Option("scale-input", "--unet", metavar="scale-input|merged",
+                             help="scale-input: U unmerged, its weight γ(t) a graph input (exact); merged: U folded in at the mean "
+                             "γ of the default schedule (a stock UNet graph, faster, an approximation: the difference is recorded)."),
+    base_model: Optional[Path] = typer.Option(None, "--base-model", "-b", metavar="DIR",
+                                              help="The base model folder, if it moved since abduct (its weights must be the same)."),
+    force: bool = typer.Option(False, "--force", "-f", help="Replace an existing --out directory."),
+) -> None:
+    """Export a DAC run to a torch-free bundle: text encoder with Δ, UNet with U, VAE decoder, as ONNX graphs checked
+    against PyTorch. `cfdeploy dac edit DACBUNDLE` samples it with ONNX Runtime.
+
+    Example: cfdeploy dac export runs/cat_cap --out bundles/cat_cap
+    """
+    from cfdeploy.cli.common import console
+    from cfdeploy.dac.export import export_dac_bundle
+
+    with console.status("starting") as status:
+        manifest = export_dac_bundle(run, out, unet_mode=unet, base_model=base_model, force=force,
+                                     on_stage=lambda stage: status.update(stage))
+    parity = ", ".join(f"{name} {values['rel_l2']:.1e}" for name, values in manifest["parity"].items())
+    merged = manifest["parity"]["unet"].get("merged_vs_exact_rel_l2")
+    note = f"; merged UNet vs the exact γ(t) path: rel L2 {merged:.1e}" if merged is not None else ""
+    say(f"wrote {out} (ONNX Runtime vs PyTorch, rel L2: {parity}{note})")

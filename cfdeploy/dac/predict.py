@@ -9,9 +9,7 @@ weights it is diffusers' ``StableDiffusionPipeline`` step for step.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,48 +19,14 @@ import torch
 from cfdeploy.dac import lora
 from cfdeploy.dac.base_model import (
     BaseModel,
+    BaseModelInfo,
     check_same_base_model,
     inspect_base_model,
     load_base_model,
 )
+from cfdeploy.dac.edits import PredictSettings
 from cfdeploy.dac.plms import anneal, noise_latents
-from cfdeploy.dac.run import (
-    SOURCE_TEXT_LORA,
-    TEXT_LORA,
-    UNET_LORA,
-    DacRun,
-    read_run,
-    versions,
-)
-from cfdeploy.errors import CfdeployError, require_finite, require_range
-from cfdeploy.outputs import StagedDirectory
-
-SCHEDULERS = ("pndm", "ddim")
-CONTACT_SHEET = "contact_sheet.png"
-
-
-@dataclass(frozen=True)
-class PredictSettings:
-    """The official defaults: β 1, guidance 4, 30 PNDM steps, seed 29; ``samples`` seeds in a row."""
-
-    beta: float = 1.0
-    guidance: float = 4.0
-    steps: int = 30
-    seed: int = 29
-    samples: int = 8
-    scheduler: str = "pndm"
-
-    def __post_init__(self) -> None:
-        require_finite(beta=self.beta, guidance=self.guidance)
-        require_range(1, 1000, steps=self.steps)
-        require_range(1, 1024, samples=self.samples)
-        require_range(0, 2**63 - 1 - self.samples, seed=self.seed)
-        if self.scheduler not in SCHEDULERS:
-            raise CfdeployError(f"--scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
-
-    @property
-    def seeds(self) -> list[int]:
-        return list(range(self.seed, self.seed + self.samples))
+from cfdeploy.dac.run import SOURCE_TEXT_LORA, TEXT_LORA, UNET_LORA, DacRun, read_run
 
 
 def text_adapter_weights(variant: str, beta: float) -> dict[str, float]:
@@ -132,25 +96,6 @@ def sample(
     return (image / 2 + 0.5).clamp(0, 1)
 
 
-def to_pixels(image: torch.Tensor) -> np.ndarray:
-    """``[1, 3, H, W]`` in [0, 1] → ``[H, W, 3]`` uint8, rounded as diffusers' ``numpy_to_pil`` rounds."""
-    array = image[0].permute(1, 2, 0).float().cpu().numpy()
-    pixels: np.ndarray = (array * 255).round().astype(np.uint8)
-    return pixels
-
-
-def contact_sheet(images: list[np.ndarray], columns: int = 4) -> np.ndarray:
-    """Images ``[H, W, 3]`` side by side in rows of ``columns``, black where a row is short."""
-    height, width, _ = images[0].shape
-    columns = min(columns, len(images))
-    rows = -(-len(images) // columns)
-    sheet = np.zeros((rows * height, columns * width, 3), dtype=np.uint8)
-    for index, image in enumerate(images):
-        row, column = divmod(index, columns)
-        sheet[row * height : (row + 1) * height, column * width : (column + 1) * width] = image
-    return sheet
-
-
 def load_run_adapters(base: BaseModel, run: DacRun) -> None:
     """U into the UNet, Δ (and T) into the text encoder, each checked to fill every adapted layer."""
     lora.load_adapter(run.file(UNET_LORA), base.unet, lora.UNET_ADAPTER, lora.UNET_TARGETS)
@@ -160,56 +105,33 @@ def load_run_adapters(base: BaseModel, run: DacRun) -> None:
         lora.load_adapter(run.file(SOURCE_TEXT_LORA), base.text_encoder, lora.SOURCE_ADAPTER, lora.TEXT_TARGETS)
 
 
-def edit(
-    run_path: Path,
-    out: Path,
-    settings: PredictSettings,
-    *,
-    base_model: Path | None = None,
-    device: str = "cpu",
-    force: bool = False,
-    on_stage: Callable[[str], None] = lambda stage: None,
-    on_sample: Callable[[int], None] = lambda seed: None,
-) -> dict[str, Any]:
-    """Sample the run's edit for each seed into ``out``: one PNG per seed, a contact sheet and ``edit.json``."""
+class TorchSampler:
+    """Samples a run's edit with the PyTorch models (``dac edit RUN``)."""
+
+    def __init__(self, run: DacRun, info: BaseModelInfo, settings: PredictSettings, device: str) -> None:
+        self.base = load_base_model(info, device)
+        load_run_adapters(self.base, run)
+        self.settings = settings
+        self.eta = float(run.settings["eta"])
+        self.resolution = int(run.settings["resolution"])
+        self.cond, self.uncond = edit_embeddings(self.base, run.settings["target"], text_adapter_weights(run.variant, settings.beta))
+
+    def sample(self, seed: int, on_call: Callable[[int], None]) -> np.ndarray:
+        latents = initial_latents(self.base, seed, self.resolution)
+        image = sample(self.base, self.cond, self.uncond, latents, self.settings, lambda t: anneal(t, self.eta), on_call)
+        unit: np.ndarray = image.float().cpu().numpy()
+        return unit
+
+
+def open_run(run_path: Path, settings: PredictSettings, base_model: Path | None, device: str,
+             on_stage: Callable[[str], None]) -> tuple[TorchSampler, dict[str, Any]]:
+    """A sampler for the run at ``run_path`` on its own base model (checked by hash), and what ``edit.json`` records of it."""
     run = read_run(run_path)
     recorded = run.manifest["base_model"]
     on_stage("hashing the base model")
     info = inspect_base_model(base_model or Path(str(recorded.get("path"))))
     check_same_base_model(info, recorded, run_path)
-    run_settings = run.settings
-    with StagedDirectory(out, force, inputs=[run_path]) as staged:
-        on_stage("loading the base model")
-        base = load_base_model(info, device)
-        load_run_adapters(base, run)
-        cond, uncond = edit_embeddings(base, run_settings["target"], text_adapter_weights(run.variant, settings.beta))
-        eta = float(run_settings["eta"])
-        images: list[np.ndarray] = []
-        seconds: list[float] = []
-        timesteps: list[int] = []
-        for seed in settings.seeds:
-            started = time.perf_counter()
-            timesteps.clear()
-            latents = initial_latents(base, seed, int(run_settings["resolution"]))
-            image = sample(base, cond, uncond, latents, settings, lambda t: anneal(t, eta), timesteps.append)
-            pixels = to_pixels(image)
-            staged.write_png(f"seed_{seed:04d}.png", pixels)
-            images.append(pixels)
-            seconds.append(time.perf_counter() - started)
-            on_sample(seed)
-        staged.write_png(CONTACT_SHEET, contact_sheet(images))
-        report = {
-            "run": str(run_path),
-            "prompt": run_settings["prompt"],
-            "target": run_settings["target"],
-            "eta": eta,
-            "settings": asdict(settings),
-            "seeds": settings.seeds,
-            "unet_timesteps": timesteps,
-            "base_model": info.identity(),
-            "device": device,
-            "seconds_per_sample": seconds,
-            "versions": versions(),
-        }
-        staged.write_json("edit.json", report)
-    return report
+    on_stage("loading the base model")
+    sampler = TorchSampler(run, info, settings, device)
+    return sampler, {"run": str(run_path), "backend": "torch", "device": device, "base_model": info.identity(),
+                     **{key: run.settings[key] for key in ("prompt", "target", "eta", "resolution", "variant")}}

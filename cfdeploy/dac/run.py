@@ -56,7 +56,7 @@ def versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     found = {}
-    for package in ("cfdeploy", "torch", "diffusers", "transformers", "peft"):
+    for package in ("cfdeploy", "numpy", "onnxruntime", "torch", "diffusers", "transformers", "peft"):
         try:
             found[package] = version(package)
         except PackageNotFoundError:

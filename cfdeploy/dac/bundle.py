@@ -1,0 +1,148 @@
+"""A DAC bundle (``cfdeploy dac export``) and its torch-free runtime on ONNX Runtime.
+
+    BUNDLE/text_encoder.onnx(.data)  tokens, text_lora_scale (Δ's weight, −β) → hidden states
+    BUNDLE/unet.onnx(.data)          sample, timestep, encoder_hidden_states[, lora_scale (γ(t))] → noise
+    BUNDLE/vae_decoder.onnx(.data)   latents → image in about [-1, 1]
+    BUNDLE/tokens.npy                token ids of "" and P′ [2, 77]
+    BUNDLE/edit_embeddings.npy       their hidden states at β = 1 [2, 77, D] (uncond, cond)
+    BUNDLE/scheduler_config.json     the base model's scheduler (PLMS in numpy)
+    BUNDLE/manifest.json             the run's identity, contracts, sha256 of every file, export parity
+
+Opening a bundle checks the manifest and every file's sha256 before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cfdeploy.bundle import sha256_file
+from cfdeploy.dac.edits import PredictSettings
+from cfdeploy.dac.plms import PlmsScheduler, anneal, noise_latents
+from cfdeploy.errors import CfdeployError
+
+BUNDLE_FORMAT = "cfdeploy-dac-bundle"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+TOKENS = "tokens.npy"
+EMBEDDINGS = "edit_embeddings.npy"
+SCHEDULER_CONFIG = "scheduler_config.json"
+NETWORKS = ("text_encoder", "unet", "vae_decoder")
+UNET_MODES = ("scale-input", "merged")
+MAX_MANIFEST_BYTES = 4 << 20
+MAX_SMALL_FILE_BYTES = 64 << 20
+
+
+class DacBundle:
+    """An opened DAC bundle: manifest checked, every listed file present and matching its sha256."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        manifest_path = path / MANIFEST
+        if not manifest_path.is_file() or manifest_path.stat().st_size > MAX_MANIFEST_BYTES:
+            raise CfdeployError(f"{manifest_path}: missing or too large for a DAC bundle manifest")
+        try:
+            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise CfdeployError(f"{manifest_path}: not JSON ({error})") from None
+        if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
+            raise CfdeployError(f"{manifest_path}: not a cfdeploy DAC bundle manifest")
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise CfdeployError(f"{manifest_path}: format version {manifest.get('format_version')!r}, this cfdeploy reads {FORMAT_VERSION}")
+        files = manifest.get("files")
+        if not isinstance(files, dict):
+            raise CfdeployError(f"{manifest_path}: no 'files' table")
+        expected = {TOKENS, EMBEDDINGS, SCHEDULER_CONFIG, *(f"{name}.onnx" for name in NETWORKS)}
+        missing = sorted(expected - set(files))
+        if missing:
+            raise CfdeployError(f"{manifest_path}: does not list {', '.join(missing)}")
+        for name, digest in files.items():
+            if not isinstance(name, str) or "/" in name or name.startswith(".") or name == MANIFEST:
+                raise CfdeployError(f"{manifest_path}: lists {name!r}, which is not a file name of a DAC bundle")
+            file = path / name
+            if not file.is_file() or file.is_symlink():
+                raise CfdeployError(f"{file}: listed in the manifest but missing (or not a regular file)")
+            if sha256_file(file) != digest:
+                raise CfdeployError(f"{file}: its sha256 differs from the manifest's (damaged or altered)")
+        self.manifest = manifest
+        try:
+            self.eta = float(manifest["eta"])
+            self.latent_shape = tuple(int(value) for value in manifest["latent_shape"])
+            self.scale_input = manifest["unet"]["mode"] == "scale-input"
+        except (KeyError, TypeError, ValueError) as error:
+            raise CfdeployError(f"{manifest_path}: damaged field ({error})") from None
+
+    def array(self, name: str) -> np.ndarray:
+        array: np.ndarray = np.load(self.path / name, allow_pickle=False)
+        return array
+
+    def scheduler_config(self) -> dict[str, Any]:
+        config: dict[str, Any] = json.loads((self.path / SCHEDULER_CONFIG).read_text(encoding="utf-8"))
+        return config
+
+
+class OnnxSampler:
+    """Samples a bundle's edit with ONNX Runtime (CUDA where available, else the CPU) and numpy's PLMS."""
+
+    def __init__(self, bundle: DacBundle, settings: PredictSettings, threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        from cfdeploy.backends.onnxruntime_backend import choose_providers
+
+        if settings.scheduler != "pndm":
+            raise CfdeployError(f"--scheduler {settings.scheduler}: a bundle samples with the base model's PNDM scheduler only")
+        self.bundle = bundle
+        self.settings = settings
+        providers = [name for name in choose_providers(None) if name != "TensorrtExecutionProvider"]
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # the exporter's CastLike nodes make the CPU provider warn about constant folding
+        if threads:
+            options.intra_op_num_threads = threads
+        self.sessions = {
+            name: ort.InferenceSession(str(bundle.path / f"{name}.onnx"), options, providers=providers) for name in NETWORKS
+        }
+        self.context = self.embeddings(settings.beta)
+
+    def embeddings(self, beta: float) -> np.ndarray:
+        """(uncond, cond) ``[2, 77, D]`` with Δ at −β: the shipped ones at β = 1, else from the text encoder graph."""
+        if beta == 1.0:
+            return self.bundle.array(EMBEDDINGS)
+        tokens = self.bundle.array(TOKENS)
+        hidden: np.ndarray = self.sessions["text_encoder"].run(
+            None, {"tokens": tokens, "text_lora_scale": np.array([-beta], np.float32)})[0]
+        return hidden
+
+    def sample(self, seed: int, on_call: Callable[[int], None]) -> np.ndarray:
+        channels, side, _ = self.bundle.latent_shape
+        scheduler = PlmsScheduler(self.bundle.scheduler_config())
+        latents = noise_latents(seed, channels, side)
+        for timestep in scheduler.set_timesteps(self.settings.steps):
+            on_call(int(timestep))
+            feed = {"sample": np.concatenate([latents, latents]), "timestep": np.array([timestep], np.float32),
+                    "encoder_hidden_states": self.context}
+            if self.bundle.scale_input:
+                feed["lora_scale"] = np.array([anneal(int(timestep), self.bundle.eta)], np.float32)
+            noise_uncond, noise_cond = self.sessions["unet"].run(None, feed)[0]
+            noise = noise_uncond + self.settings.guidance * (noise_cond - noise_uncond)
+            latents = scheduler.step(noise[None], int(timestep), latents)
+        image: np.ndarray = self.sessions["vae_decoder"].run(None, {"latents": latents})[0]
+        unit: np.ndarray = np.clip(image / 2 + 0.5, 0, 1)
+        return unit
+
+
+def open_bundle(path: Path, settings: PredictSettings, device: str, on_stage: Callable[[str], None]) -> tuple[OnnxSampler, dict[str, Any]]:
+    """A sampler for the bundle at ``path``, and what ``edit.json`` records of it."""
+    if device != "cpu" and not device.startswith("cuda"):
+        raise CfdeployError(f"unsupported device {device!r} (expected cpu, cuda or cuda:N)")
+    on_stage("checking the bundle")
+    bundle = DacBundle(path)
+    on_stage("loading the graphs")
+    sampler = OnnxSampler(bundle, settings)
+    run_settings = bundle.manifest.get("run", {}).get("settings", {})
+    return sampler, {"bundle": str(path), "backend": "onnxruntime", "providers": sampler.sessions["unet"].get_providers(),
+                     "unet_mode": bundle.manifest["unet"]["mode"], "eta": bundle.eta,
+                     **{key: run_settings.get(key) for key in ("prompt", "target", "resolution", "variant")}}

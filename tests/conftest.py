@@ -7,6 +7,7 @@ Test modules import the helpers from here (``from conftest import …``), never 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import socket
 import time
@@ -16,8 +17,10 @@ from typing import Iterator
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import synthetic_files
+from dac_models import IMAGE_SIZE as DAC_IMAGE_SIZE
 from cfdeploy.models import reference
 
 TOLERANCE = 1e-4  # relative L2 against the official formulation, on every output
@@ -28,6 +31,8 @@ TOKENIZER_PROMPTS = [
     "<start_of_text>literal specials<end_of_text>", "word " * 75,
 ]
 CLIP_SEED = 3  # the CLIP weights every CLIP file of the session holds
+DAC_PROMPT, DAC_TARGET = "A cat.", "A cat wearing a wool cap."
+FAST_DAC = dict(unet_steps=4, text_steps=4, rank=4, resolution=DAC_IMAGE_SIZE, save_every=2)  # the tiny DAC model's settings
 
 
 def rel_l2(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> float:
@@ -233,3 +238,51 @@ def bundle_with_encoder(
     out = tmp_path_factory.mktemp("bundles") / "with_encoder_64"
     manifest = export_bundle(cfclip_64, clip_state_dict_file, out, include_clip_text=False, encoder=e4e_64)
     return e4e_64, out, manifest
+
+
+@contextlib.contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """torch's intra-op threads at ``count`` inside the block (tiny CPU training stalls with 2 threads under load)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def dac_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Stable Diffusion folder (tests/dac_models.py)."""
+    from dac_models import build_tiny_base_model
+
+    return build_tiny_base_model(tmp_path_factory.mktemp("dac") / "tiny-sd")
+
+
+@pytest.fixture(scope="session")
+def dac_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("dac-image") / "cat.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (80, 96, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def dac_run(tmp_path_factory: pytest.TempPathFactory, dac_base: Path, dac_image: Path) -> Path:
+    """A complete DAC run on the tiny model, never interrupted."""
+    from cfdeploy.dac.abduct import AbductInputs, AbductSettings, abduct
+
+    out = tmp_path_factory.mktemp("dac-runs") / "cat_cap"
+    with torch_threads(1):
+        abduct(AbductSettings(DAC_PROMPT, DAC_TARGET, **FAST_DAC), AbductInputs(dac_image, dac_base), out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def dac_bundle(tmp_path_factory: pytest.TempPathFactory, dac_run: Path) -> Path:
+    """``dac_run`` exported with the exact (scale-input) UNet."""
+    from cfdeploy.dac.export import export_dac_bundle
+
+    out = tmp_path_factory.mktemp("dac-bundles") / "cat_cap"
+    with torch_threads(1):
+        export_dac_bundle(dac_run, out)
+    return out

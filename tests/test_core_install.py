@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import open_clip
 import pytest
+from PIL import Image
 
 from conftest import TOKENIZER_PROMPTS, TOLERANCE, official_edit, open_clip_features, rel_l2
 
@@ -56,6 +57,17 @@ def test_core_install_edits_a_bundle(core_python, tmp_path, bundle_256, cfclip_2
     assert "torch" not in json.loads((out / "edit.json").read_text())["versions"]
     _, image = official_edit(cfclip_256, np.load(latents_256), features)
     assert rel_l2(np.load(out / "images.npy"), image) <= TOLERANCE
+
+
+def test_core_install_samples_a_dac_bundle_like_torch(core_python, tmp_path, dac_bundle, dac_run, cli):
+    """The DAC runtime is torch-free too: ONNX Runtime and numpy's PLMS give the PyTorch edit's pixels."""
+    out, reference = tmp_path / "out", tmp_path / "reference"
+    process = run_core(core_python, "dac", "edit", dac_bundle, "-o", out, "--samples", 1, "--steps", 4)
+    assert process.returncode == 0, process.stderr
+    assert "torch" not in json.loads((out / "edit.json").read_text())["versions"]
+    assert cli("dac", "edit", dac_run, "-o", reference, "--samples", 1, "--steps", 4).exit_code == 0
+    ours, theirs = (np.asarray(Image.open(path / "seed_0029.png")).astype(int) for path in (out, reference))
+    assert np.abs(ours - theirs).max() <= 1
 
 
 def test_core_install_refuses_refinement_in_one_line(core_python, tmp_path, bundle_256, latents_256, embedding_file):

@@ -18,63 +18,36 @@ import pytest
 import torch
 from PIL import Image
 
-pytest.importorskip("diffusers")
-pytest.importorskip("peft")
+from conftest import DAC_PROMPT, DAC_TARGET, FAST_DAC, assert_refused, torch_threads
+from dac_models import IMAGE_SIZE
 
-from conftest import assert_refused  # noqa: E402
-from dac_models import IMAGE_SIZE, build_tiny_base_model  # noqa: E402
+from cfdeploy.dac import lora
+from cfdeploy.dac.abduct import AbductInputs, AbductSettings, abduct
+from cfdeploy.dac.base_model import inspect_base_model, load_base_model
+from cfdeploy.dac.edits import PredictSettings, to_pixels
+from cfdeploy.dac.plms import anneal
+from cfdeploy.dac.predict import edit_embeddings, initial_latents, sample
+from cfdeploy.dac.run import CHECKPOINT, EDIT_EMBEDDINGS, TEXT_LORA, UNET_LORA, read_run
+from cfdeploy.errors import CfdeployError
 
-from cfdeploy.dac import lora  # noqa: E402
-from cfdeploy.dac.abduct import AbductInputs, AbductSettings, abduct  # noqa: E402
-from cfdeploy.dac.base_model import inspect_base_model, load_base_model  # noqa: E402
-from cfdeploy.dac.plms import anneal  # noqa: E402
-from cfdeploy.dac.edits import PredictSettings, to_pixels  # noqa: E402
-from cfdeploy.dac.predict import edit_embeddings, initial_latents, sample  # noqa: E402
-from cfdeploy.dac.run import CHECKPOINT, EDIT_EMBEDDINGS, TEXT_LORA, UNET_LORA, read_run  # noqa: E402
-from cfdeploy.errors import CfdeployError  # noqa: E402
-
-PROMPT, TARGET = "A cat.", "A cat wearing a wool cap."
-FAST = dict(unet_steps=4, text_steps=4, rank=4, resolution=IMAGE_SIZE, save_every=2)
+PROMPT, TARGET, FAST = DAC_PROMPT, DAC_TARGET, FAST_DAC
 UNET_LAYERS = 79  # the tiny UNet's modules named like DAC's 14 targets
 TEXT_LAYERS = 8  # 2 layers × q, k, v, out
 
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory) -> Path:
-    return build_tiny_base_model(tmp_path_factory.mktemp("dac") / "tiny-sd")
-
-
-@pytest.fixture(scope="module")
-def image_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("dac-image") / "cat.png"
-    pixels = np.random.default_rng(0).integers(0, 256, (80, 96, 3), dtype=np.uint8)
-    Image.fromarray(pixels).save(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, base_dir: Path, image_file: Path) -> Path:
-    """A complete run, never interrupted."""
-    out = tmp_path_factory.mktemp("dac-runs") / "cat_cap"
-    abduct(AbductSettings(PROMPT, TARGET, **FAST), AbductInputs(image_file, base_dir), out)
-    return out
-
-
-def loaded(base_dir: Path, run_dir: Path | None = None, beta: float = 1.0):
+def loaded(dac_base: Path, dac_run: Path | None = None, beta: float = 1.0):
     """The base model, with the run's U and Δ loaded when a run is given."""
     from cfdeploy.dac.predict import load_run_adapters
 
-    base = load_base_model(inspect_base_model(base_dir))
-    if run_dir is not None:
-        load_run_adapters(base, read_run(run_dir))
+    base = load_base_model(inspect_base_model(dac_base))
+    if dac_run is not None:
+        load_run_adapters(base, read_run(dac_run))
     return base
 
 
@@ -85,30 +58,30 @@ def test_anneal_matches_the_papers_values():
     assert anneal(500, 1.0) == 1.0
 
 
-def test_every_unet_target_is_adapted(base_dir: Path):
-    base = loaded(base_dir)
+def test_every_unet_target_is_adapted(dac_base: Path):
+    base = loaded(dac_base)
     count = lora.add_adapter(base.unet, lora.AdapterSpec(lora.UNET_ADAPTER, 4, lora.UNET_TARGETS), seed=42)
     names = lora.lora_layers(base.unet, lora.UNET_ADAPTER)
     assert count == len(names) == UNET_LAYERS
     assert {target for target in lora.UNET_TARGETS if any(name.endswith("." + target) for name in names)} == set(lora.UNET_TARGETS)
 
 
-def test_run_files_and_manifest(run_dir: Path, base_dir: Path):
-    manifest = json.loads((run_dir / "manifest.json").read_text())
-    assert sorted(p.name for p in run_dir.iterdir()) == sorted([EDIT_EMBEDDINGS, "manifest.json", TEXT_LORA, UNET_LORA])
+def test_run_files_and_manifest(dac_run: Path, dac_base: Path):
+    manifest = json.loads((dac_run / "manifest.json").read_text())
+    assert sorted(p.name for p in dac_run.iterdir()) == sorted([EDIT_EMBEDDINGS, "manifest.json", TEXT_LORA, UNET_LORA])
     assert manifest["adapted_layers"] == {lora.UNET_ADAPTER: UNET_LAYERS, lora.EDIT_ADAPTER: TEXT_LAYERS}
-    assert manifest["base_model"]["weights_sha256"] == inspect_base_model(base_dir).weights_sha256
+    assert manifest["base_model"]["weights_sha256"] == inspect_base_model(dac_base).weights_sha256
     assert manifest["settings"]["prompt"] == PROMPT and manifest["settings"]["target"] == TARGET
     assert [len(losses) for losses in manifest["losses"].values()] == [4, 4]
     assert set(manifest["versions"]) >= {"torch", "diffusers", "transformers", "peft"}
 
 
-def test_numpy_plms_matches_diffusers_pndm_step_for_step(base_dir: Path):
+def test_numpy_plms_matches_diffusers_pndm_step_for_step(dac_base: Path):
     from diffusers import PNDMScheduler
 
     from cfdeploy.dac.plms import PlmsScheduler
 
-    config = json.loads((base_dir / "scheduler" / "scheduler_config.json").read_text())
+    config = json.loads((dac_base / "scheduler" / "scheduler_config.json").read_text())
     rng = np.random.default_rng(5)
     for steps in (30, 4, 2, 1):
         theirs = PNDMScheduler.from_config(config)
@@ -133,11 +106,11 @@ def test_numpy_plms_matches_diffusers_pndm_step_for_step(base_dir: Path):
     assert PlmsScheduler(config).set_timesteps(30)[:4].tolist() == [958, 925, 925, 892]
 
 
-def test_adapter_files_reload_every_layer(run_dir: Path, base_dir: Path, tmp_path: Path):
+def test_adapter_files_reload_every_layer(dac_run: Path, dac_base: Path, tmp_path: Path):
     from safetensors.torch import load_file, save_file
 
-    base = loaded(base_dir, run_dir)
-    saved = load_file(run_dir / UNET_LORA)
+    base = loaded(dac_base, dac_run)
+    saved = load_file(dac_run / UNET_LORA)
     assert len(saved) == 2 * UNET_LAYERS
     reloaded = lora.adapter_state(base.unet, lora.UNET_ADAPTER)
     assert reloaded.keys() == saved.keys() and all(torch.equal(reloaded[key], saved[key]) for key in saved)
@@ -145,28 +118,28 @@ def test_adapter_files_reload_every_layer(run_dir: Path, base_dir: Path, tmp_pat
     damaged = tmp_path / "damaged.safetensors"
     from safetensors import safe_open
 
-    with safe_open(str(run_dir / UNET_LORA), framework="pt") as handle:
+    with safe_open(str(dac_run / UNET_LORA), framework="pt") as handle:
         metadata = handle.metadata()
     dropped = {key: tensor for key, tensor in saved.items() if ".attn1.to_q." not in key}
     save_file(dropped, damaged, metadata=metadata)
-    fresh = loaded(base_dir)
+    fresh = loaded(dac_base)
     with pytest.raises(CfdeployError, match=rf"does not match this model's {UNET_LAYERS} adapted layers: \d+ missing"):
         lora.load_adapter(damaged, fresh.unet, lora.UNET_ADAPTER, lora.UNET_TARGETS)
     assert not lora.lora_layers(fresh.unet, lora.UNET_ADAPTER)  # nothing half-loaded stays
 
 
-def test_minus_delta_fold_equals_peft_weight_minus_one(run_dir: Path, base_dir: Path):
+def test_minus_delta_fold_equals_peft_weight_minus_one(dac_run: Path, dac_base: Path):
     """W ← W − (α/r)·B·A in a plain text encoder gives what PEFT gives at adapter weight −1."""
     from safetensors.torch import load_file
 
-    base = loaded(base_dir, run_dir)
+    base = loaded(dac_base, dac_run)
     tokens = base.tokens(TARGET)
     with torch.no_grad():
         lora.activate(base.text_encoder, [lora.EDIT_ADAPTER])
         lora.set_weight(base.text_encoder, lora.EDIT_ADAPTER, -1.0)
         with_peft = base.text_encoder(tokens)[0]
-    folded = copy.deepcopy(loaded(base_dir).text_encoder)
-    state = load_file(run_dir / TEXT_LORA)
+    folded = copy.deepcopy(loaded(dac_base).text_encoder)
+    state = load_file(dac_run / TEXT_LORA)
     rank = 4  # FAST's text rank: alpha = r, so α/r = 1
     with torch.no_grad():
         for name, module in folded.named_modules():
@@ -176,16 +149,16 @@ def test_minus_delta_fold_equals_peft_weight_minus_one(run_dir: Path, base_dir: 
         by_fold = folded(tokens)[0]
     assert len([key for key in state if "lora_A" in key]) == TEXT_LAYERS
     assert (by_fold - with_peft).abs().max() <= 1e-5
-    plain = loaded(base_dir).text_encoder(tokens)[0]
+    plain = loaded(dac_base).text_encoder(tokens)[0]
     assert (by_fold - plain).abs().max() > 1e-4  # Δ changes the embedding
 
 
-def test_stored_edit_embeddings_are_beta_one(run_dir: Path, base_dir: Path):
+def test_stored_edit_embeddings_are_beta_one(dac_run: Path, dac_base: Path):
     from safetensors.torch import load_file
 
-    base = loaded(base_dir, run_dir)
+    base = loaded(dac_base, dac_run)
     cond, uncond = edit_embeddings(base, TARGET, {lora.EDIT_ADAPTER: -1.0})
-    stored = load_file(run_dir / EDIT_EMBEDDINGS)
+    stored = load_file(dac_run / EDIT_EMBEDDINGS)
     assert torch.equal(stored["cond"], cond) and torch.equal(stored["uncond"], uncond)
 
 
@@ -198,8 +171,8 @@ def _pipeline(base):
                                    requires_safety_checker=False)
 
 
-def test_prediction_equals_diffusers_pipeline_at_fixed_weights(run_dir: Path, base_dir: Path):
-    base = loaded(base_dir, run_dir)
+def test_prediction_equals_diffusers_pipeline_at_fixed_weights(dac_run: Path, dac_base: Path):
+    base = loaded(dac_base, dac_run)
     settings = PredictSettings(steps=5, samples=1)
     cond, uncond = edit_embeddings(base, TARGET, {lora.EDIT_ADAPTER: -1.0})
     ours = sample(base, cond, uncond, initial_latents(base, 29, IMAGE_SIZE), settings, lambda t: 0.9)
@@ -210,9 +183,9 @@ def test_prediction_equals_diffusers_pipeline_at_fixed_weights(run_dir: Path, ba
     assert (ours - theirs).abs().max() <= 1e-6
 
 
-def test_annealed_prediction_matches_step_by_step_weights(run_dir: Path, base_dir: Path):
+def test_annealed_prediction_matches_step_by_step_weights(dac_run: Path, dac_base: Path):
     """γ(t) per UNet call, recomputed through the pipeline: the weight for call i+1 is set in step i's callback."""
-    base = loaded(base_dir, run_dir)
+    base = loaded(dac_base, dac_run)
     settings = PredictSettings(steps=6, samples=1)
     cond, uncond = edit_embeddings(base, TARGET, {lora.EDIT_ADAPTER: -1.0})
     calls: list[int] = []
@@ -236,7 +209,7 @@ def test_annealed_prediction_matches_step_by_step_weights(run_dir: Path, base_di
     assert (ours - fixed).abs().max() > 1e-4  # the annealing matters
 
 
-def test_killed_and_resumed_abduction_equals_uninterrupted(run_dir: Path, base_dir: Path, image_file: Path, tmp_path: Path):
+def test_killed_and_resumed_abduction_equals_uninterrupted(dac_run: Path, dac_base: Path, dac_image: Path, tmp_path: Path):
     from safetensors.torch import load_file
 
     class Killed(Exception):
@@ -252,73 +225,73 @@ def test_killed_and_resumed_abduction_equals_uninterrupted(run_dir: Path, base_d
     out = tmp_path / "resumed"
     settings = AbductSettings(PROMPT, TARGET, **FAST)
     with pytest.raises(Killed):
-        abduct(settings, AbductInputs(image_file, base_dir), out, on_progress=kill_at("Abduction-1", 3))
+        abduct(settings, AbductInputs(dac_image, dac_base), out, on_progress=kill_at("Abduction-1", 3))
     assert (out / CHECKPOINT).is_file() and not (out / "manifest.json").exists()
     with pytest.raises(CfdeployError, match="no manifest.json, an unfinished run"):
         read_run(out)
     with pytest.raises(Killed):
-        abduct(settings, AbductInputs(image_file, base_dir), out, resume=True, on_progress=kill_at("Abduction-2", 3))
-    manifest = abduct(settings, AbductInputs(image_file, base_dir), out, resume=True)
+        abduct(settings, AbductInputs(dac_image, dac_base), out, resume=True, on_progress=kill_at("Abduction-2", 3))
+    manifest = abduct(settings, AbductInputs(dac_image, dac_base), out, resume=True)
     assert not (out / CHECKPOINT).exists()
-    expected = json.loads((run_dir / "manifest.json").read_text())
+    expected = json.loads((dac_run / "manifest.json").read_text())
     assert manifest["losses"] == expected["losses"]
     for name in (UNET_LORA, TEXT_LORA, EDIT_EMBEDDINGS):
-        ours, theirs = load_file(out / name), load_file(run_dir / name)
+        ours, theirs = load_file(out / name), load_file(dac_run / name)
         assert ours.keys() == theirs.keys() and all(torch.equal(ours[key], theirs[key]) for key in ours), name
     with pytest.raises(CfdeployError, match="the run is complete; nothing to resume"):
-        abduct(settings, AbductInputs(image_file, base_dir), out, resume=True)
+        abduct(settings, AbductInputs(dac_image, dac_base), out, resume=True)
     changed = AbductSettings(PROMPT, TARGET, **{**FAST, "unet_steps": 5})
-    shutil.copy(run_dir / "manifest.json", tmp_path / "kept.json")
+    shutil.copy(dac_run / "manifest.json", tmp_path / "kept.json")
     (out / "manifest.json").unlink()
     (out / CHECKPOINT).write_bytes(b"")
     with pytest.raises(CfdeployError, match="checkpoint.pt"):
-        abduct(changed, AbductInputs(image_file, base_dir), out, resume=True)
+        abduct(changed, AbductInputs(dac_image, dac_base), out, resume=True)
 
 
-def test_nan_loss_stops_and_keeps_the_last_checkpoint(base_dir: Path, image_file: Path, tmp_path: Path):
+def test_nan_loss_stops_and_keeps_the_last_checkpoint(dac_base: Path, dac_image: Path, tmp_path: Path):
     out = tmp_path / "nan"
     settings = AbductSettings(PROMPT, TARGET, **{**FAST, "lr": 1e30, "save_every": 1})
     with pytest.raises(CfdeployError, match=r"Abduction-1 \(U\): the loss became (nan|inf) at step \d; its checkpoint at step \d is kept"):
-        abduct(settings, AbductInputs(image_file, base_dir), out)
+        abduct(settings, AbductInputs(dac_image, dac_base), out)
     assert (out / CHECKPOINT).is_file() and not (out / UNET_LORA).exists()
 
 
-def test_edit_cli_writes_samples_sheet_and_report(cli, run_dir: Path, base_dir: Path, tmp_path: Path):
+def test_edit_cli_writes_samples_sheet_and_report(cli, dac_run: Path, dac_base: Path, tmp_path: Path):
     out = tmp_path / "edits"
-    result = cli("dac", "edit", run_dir, "--out", out, "--samples", "2", "--steps", "3", "--seed", "7")
+    result = cli("dac", "edit", dac_run, "--out", out, "--samples", "2", "--steps", "3", "--seed", "7")
     assert result.exit_code == 0, result.stderr
     assert sorted(p.name for p in out.iterdir()) == ["contact_sheet.png", "edit.json", "seed_0007.png", "seed_0008.png"]
     report = json.loads((out / "edit.json").read_text())
     assert report["seeds"] == [7, 8] and len(report["unet_timesteps"]) == 4 and report["eta"] == 0.8
-    base = loaded(base_dir, run_dir)
+    base = loaded(dac_base, dac_run)
     cond, uncond = edit_embeddings(base, TARGET, {lora.EDIT_ADAPTER: -1.0})
     expected = to_pixels(sample(base, cond, uncond, initial_latents(base, 8, IMAGE_SIZE), PredictSettings(steps=3),
                                 lambda t: anneal(t, 0.8)).numpy())
     assert np.array_equal(np.asarray(Image.open(out / "seed_0008.png")), expected)
     sheet = np.asarray(Image.open(out / "contact_sheet.png"))
     assert sheet.shape == (IMAGE_SIZE, 2 * IMAGE_SIZE, 3) and np.array_equal(sheet[:, IMAGE_SIZE:], expected)
-    assert_refused(cli("dac", "edit", run_dir, "--out", out, "--samples", "1"), None, f"{out}: directory is not empty")
+    assert_refused(cli("dac", "edit", dac_run, "--out", out, "--samples", "1"), None, f"{out}: directory is not empty")
 
 
-def _copy_base(base_dir: Path, tmp_path: Path) -> Path:
+def _copy_base(dac_base: Path, tmp_path: Path) -> Path:
     copy_dir = tmp_path / "base"
-    shutil.copytree(base_dir, copy_dir)
+    shutil.copytree(dac_base, copy_dir)
     return copy_dir
 
 
-def test_bad_base_models_are_refused_in_one_line(cli, base_dir: Path, image_file: Path, tmp_path: Path):
+def test_bad_base_models_are_refused_in_one_line(cli, dac_base: Path, dac_image: Path, tmp_path: Path):
     def refused(base: Path, *fragments: str) -> None:
         out = tmp_path / "out"
-        result = cli("dac", "abduct", "-i", image_file, "-p", PROMPT, "-t", TARGET, "-b", base, "-o", out, "--rank", "4",
+        result = cli("dac", "abduct", "-i", dac_image, "-p", PROMPT, "-t", TARGET, "-b", base, "-o", out, "--rank", "4",
                      "--resolution", IMAGE_SIZE)
         assert_refused(result, out, *fragments)
 
     refused(tmp_path / "nowhere", "nowhere: not a directory")
-    broken = _copy_base(base_dir, tmp_path)
+    broken = _copy_base(dac_base, tmp_path)
     shutil.rmtree(broken / "vae")
     refused(broken, "vae/config.json: missing")
     shutil.rmtree(broken)
-    other = _copy_base(base_dir, tmp_path)
+    other = _copy_base(dac_base, tmp_path)
     config = json.loads((other / "unet" / "config.json").read_text())
     (other / "unet" / "config.json").write_text(json.dumps({**config, "_class_name": "UNet2DModel"}))
     refused(other, "expected a UNet2DConditionModel, found UNet2DModel")
@@ -334,11 +307,11 @@ def test_bad_base_models_are_refused_in_one_line(cli, base_dir: Path, image_file
     refused(other, "has only pickle weights (pytorch_model.bin)", "safetensors")
 
 
-def test_bad_inputs_are_refused_in_one_line(cli, base_dir: Path, image_file: Path, run_dir: Path, tmp_path: Path):
+def test_bad_inputs_are_refused_in_one_line(cli, dac_base: Path, dac_image: Path, dac_run: Path, tmp_path: Path):
     out = tmp_path / "out"
 
     def abduct_with(*extra: object) -> object:
-        return cli("dac", "abduct", "-b", base_dir, "-o", out, "--rank", "4", "--resolution", IMAGE_SIZE, *extra)
+        return cli("dac", "abduct", "-b", dac_base, "-o", out, "--rank", "4", "--resolution", IMAGE_SIZE, *extra)
 
     text_file = tmp_path / "notes.png"
     text_file.write_text("not an image")
@@ -346,16 +319,16 @@ def test_bad_inputs_are_refused_in_one_line(cli, base_dir: Path, image_file: Pat
     tiny = tmp_path / "tiny.png"
     Image.new("RGB", (20, 20)).save(tiny)
     assert_refused(abduct_with("-i", tiny, "-p", PROMPT, "-t", TARGET), out, "20x20 pixels; DAC needs at least 64")
-    assert_refused(abduct_with("-i", image_file, "-p", PROMPT, "-t", TARGET, "--eta", "nan"), out, "--eta must be a finite number")
-    assert_refused(abduct_with("-i", image_file, "-p", PROMPT, "-t", TARGET, "--eta", "1.5"), out, "--eta must be from 0 to 1")
-    assert_refused(abduct_with("-i", image_file, "-p", PROMPT, "-t", TARGET, "--resume", "--force"), out, "give one of them")
-    assert_refused(abduct_with("-i", image_file, "-t", TARGET), out, "--prompt is needed")
-    assert_refused(abduct_with("-i", image_file, "-p", PROMPT, "-t", "word " * 80), out, "tokens; the text encoder reads at most 77")
+    assert_refused(abduct_with("-i", dac_image, "-p", PROMPT, "-t", TARGET, "--eta", "nan"), out, "--eta must be a finite number")
+    assert_refused(abduct_with("-i", dac_image, "-p", PROMPT, "-t", TARGET, "--eta", "1.5"), out, "--eta must be from 0 to 1")
+    assert_refused(abduct_with("-i", dac_image, "-p", PROMPT, "-t", TARGET, "--resume", "--force"), out, "give one of them")
+    assert_refused(abduct_with("-i", dac_image, "-t", TARGET), out, "--prompt is needed")
+    assert_refused(abduct_with("-i", dac_image, "-p", PROMPT, "-t", "word " * 80), out, "tokens; the text encoder reads at most 77")
     other_image = tmp_path / "other.png"
     Image.new("RGB", (64, 64), (200, 10, 10)).save(other_image)
-    assert_refused(abduct_with("-i", other_image, "-t", TARGET, "--unet-lora", run_dir), out, "its U was fitted to another image")
+    assert_refused(abduct_with("-i", other_image, "-t", TARGET, "--unet-lora", dac_run), out, "its U was fitted to another image")
 
-    moved = _copy_base(base_dir, tmp_path)
+    moved = _copy_base(dac_base, tmp_path)
     text_config = json.loads((moved / "text_encoder" / "config.json").read_text())
     from safetensors.torch import load_file, save_file
 
@@ -365,24 +338,104 @@ def test_bad_inputs_are_refused_in_one_line(cli, base_dir: Path, image_file: Pat
     save_file(weights, moved / "vae" / "diffusion_pytorch_model.safetensors")
     assert text_config["hidden_size"] == 32
     edits = tmp_path / "edits"
-    assert_refused(cli("dac", "edit", run_dir, "-o", edits, "-b", moved), edits, "was fitted to another base model", "vae")
+    assert_refused(cli("dac", "edit", dac_run, "-o", edits, "-b", moved), edits, "was fitted to another base model", "vae")
 
     without_unet = tmp_path / "without_unet"
-    shutil.copytree(run_dir, without_unet)
+    shutil.copytree(dac_run, without_unet)
     (without_unet / UNET_LORA).unlink()
     assert_refused(cli("dac", "edit", without_unet, "-o", edits), edits, f"{UNET_LORA}: missing from the DAC run")
     poisoned = tmp_path / "poisoned"
-    shutil.copytree(run_dir, poisoned)
+    shutil.copytree(dac_run, poisoned)
     state = load_file(poisoned / TEXT_LORA)
     key = next(iter(state))
     state[key][0, 0] = float("nan")
     from safetensors import safe_open
 
-    with safe_open(str(run_dir / TEXT_LORA), framework="pt") as handle:
+    with safe_open(str(dac_run / TEXT_LORA), framework="pt") as handle:
         metadata = handle.metadata()
     save_file(state, poisoned / TEXT_LORA, metadata=metadata)
     assert_refused(cli("dac", "edit", poisoned, "-o", edits), edits, f"{key} holds NaN or infinite values")
-    assert_refused(cli("dac", "edit", run_dir, "-o", edits, "--beta", "inf"), edits, "--beta must be a finite number")
-    assert_refused(cli("dac", "edit", run_dir, "-o", edits, "--scheduler", "euler"), edits, "--scheduler must be one of pndm, ddim")
+    assert_refused(cli("dac", "edit", dac_run, "-o", edits, "--beta", "inf"), edits, "--beta must be a finite number")
+    assert_refused(cli("dac", "edit", dac_run, "-o", edits, "--scheduler", "euler"), edits, "--scheduler must be one of pndm, ddim")
     (tmp_path / "empty").mkdir()
     assert_refused(cli("dac", "edit", tmp_path / "empty", "-o", edits), edits, "no manifest.json, not a DAC run or bundle")
+
+
+def test_onnx_unet_with_lora_scale_matches_peft_at_several_scales(dac_bundle: Path, dac_run: Path, dac_base: Path):
+    import onnxruntime
+
+    base = loaded(dac_base, dac_run)
+    session = onnxruntime.InferenceSession(str(dac_bundle / "unet.onnx"), providers=["CPUExecutionProvider"])
+    assert [entry.name for entry in session.get_inputs()] == ["sample", "timestep", "encoder_hidden_states", "lora_scale"]
+    rng = np.random.default_rng(3)
+    sample_in = rng.standard_normal((2, 4, IMAGE_SIZE // 2, IMAGE_SIZE // 2), dtype=np.float32)
+    context = rng.standard_normal((2, 77, 32), dtype=np.float32)
+    for scale, timestep in ((0.8, 999), (0.85, 500), (1.0, 1), (-0.3, 250)):
+        lora.set_weight(base.unet, lora.UNET_ADAPTER, scale)
+        with torch.no_grad():
+            expected = base.unet(torch.from_numpy(sample_in), torch.tensor([timestep]), encoder_hidden_states=torch.from_numpy(context)).sample.numpy()
+        got = session.run(None, {"sample": sample_in, "timestep": np.array([timestep], np.float32), "encoder_hidden_states": context,
+                                 "lora_scale": np.array([scale], np.float32)})[0]
+        assert np.abs(got - expected).max() <= 1e-5, scale
+
+
+def test_onnx_text_encoder_with_delta_scale_matches_peft(dac_bundle: Path, dac_run: Path, dac_base: Path):
+    import onnxruntime
+
+    base = loaded(dac_base, dac_run)
+    session = onnxruntime.InferenceSession(str(dac_bundle / "text_encoder.onnx"), providers=["CPUExecutionProvider"])
+    tokens = np.load(dac_bundle / "tokens.npy")
+    assert np.array_equal(tokens, torch.cat([base.tokens(""), base.tokens(TARGET)]).numpy())
+    for beta in (1.0, 0.5, 2.0):
+        cond, uncond = edit_embeddings(base, TARGET, {lora.EDIT_ADAPTER: -beta})
+        got = session.run(None, {"tokens": tokens, "text_lora_scale": np.array([-beta], np.float32)})[0]
+        assert np.abs(got - torch.cat([uncond, cond]).numpy()).max() <= 1e-5
+    at_one = edit_embeddings(base, TARGET, {lora.EDIT_ADAPTER: -1.0})
+    assert np.array_equal(np.load(dac_bundle / "edit_embeddings.npy"), torch.cat([at_one[1], at_one[0]]).numpy())
+
+
+def test_bundle_edit_equals_the_torch_edit(cli, dac_bundle: Path, dac_run: Path, tmp_path: Path):
+    """ONNX Runtime with numpy PLMS against PyTorch with diffusers' PNDM: the same PNGs, also at another β."""
+    for beta in ("1", "0.5"):
+        torch_out, bundle_out = tmp_path / f"torch-{beta}", tmp_path / f"bundle-{beta}"
+        for source, out in ((dac_run, torch_out), (dac_bundle, bundle_out)):
+            result = cli("dac", "edit", source, "--out", out, "--samples", "2", "--steps", "6", "--beta", beta)
+            assert result.exit_code == 0, result.stderr
+        assert json.loads((bundle_out / "edit.json").read_text())["backend"] == "onnxruntime"
+        for name in ("seed_0029.png", "seed_0030.png"):
+            ours = np.asarray(Image.open(bundle_out / name)).astype(int)
+            theirs = np.asarray(Image.open(torch_out / name)).astype(int)
+            assert np.abs(ours - theirs).max() <= 1, (beta, name)  # a pixel may round the other way
+
+
+def test_merged_export_is_a_stock_unet_and_records_its_error(cli, dac_run: Path, tmp_path: Path):
+    import onnxruntime
+
+    out = tmp_path / "merged"
+    result = cli("dac", "export", dac_run, "--out", out, "--unet", "merged")
+    assert result.exit_code == 0, result.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    session = onnxruntime.InferenceSession(str(out / "unet.onnx"), providers=["CPUExecutionProvider"])
+    assert "lora_scale" not in [entry.name for entry in session.get_inputs()]
+    config = json.loads((out / "scheduler_config.json").read_text())
+    from diffusers import PNDMScheduler
+
+    reference = PNDMScheduler.from_config(config)
+    reference.set_timesteps(30)
+    assert manifest["unet"]["merged_scale"] == pytest.approx(np.mean([anneal(int(t), 0.8) for t in reference.timesteps]))
+    assert 1e-4 < manifest["parity"]["unet"]["merged_vs_exact_rel_l2"] < 0.1
+    assert manifest["parity"]["unet"]["rel_l2"] <= 1e-5
+    assert "merged UNet vs the exact γ(t) path: rel L2" in result.stderr
+
+
+def test_damaged_bundles_are_refused_in_one_line(cli, dac_bundle: Path, tmp_path: Path):
+    damaged = tmp_path / "damaged"
+    shutil.copytree(dac_bundle, damaged)
+    with open(damaged / "unet.onnx.data", "r+b") as handle:
+        handle.seek(100)
+        handle.write(b"\x00\x01\x02\x03")
+    edits = tmp_path / "edits"
+    assert_refused(cli("dac", "edit", damaged, "-o", edits), edits, "unet.onnx.data: its sha256 differs from the manifest's")
+    assert_refused(cli("dac", "edit", dac_bundle, "-o", edits, "--scheduler", "ddim"), edits,
+                   "--scheduler ddim: a bundle samples with the base model's PNDM scheduler only")
+    assert_refused(cli("dac", "edit", dac_bundle, "-o", edits, "-b", tmp_path), edits, "--base-model is for runs")

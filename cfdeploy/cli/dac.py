@@ -104,10 +104,8 @@ def edit_command(
 
     Example: cfdeploy dac edit runs/cat_cap --out edits/cat_cap --samples 8
     """
-    from cfdeploy.backends.torch_backend import resolve_device
     from cfdeploy.dac.edits import PredictSettings, edit
 
-    resolve_device(device)
     settings = PredictSettings(beta=beta, guidance=guidance, steps=steps, seed=seed, samples=samples, scheduler=scheduler)
     with progress_bar() as bar:
         task = bar.add_task("starting", total=samples)

@@ -126,6 +126,9 @@ class TorchSampler:
 def open_run(run_path: Path, settings: PredictSettings, base_model: Path | None, device: str,
              on_stage: Callable[[str], None]) -> tuple[TorchSampler, dict[str, Any]]:
     """A sampler for the run at ``run_path`` on its own base model (checked by hash), and what ``edit.json`` records of it."""
+    from cfdeploy.backends.torch_backend import resolve_device
+
+    resolve_device(device)
     run = read_run(run_path)
     recorded = run.manifest["base_model"]
     on_stage("hashing the base model")

@@ -16,11 +16,10 @@ from typing import Iterator
 
 import numpy as np
 import pytest
+import synthetic_files
 import torch
 from PIL import Image
 
-import synthetic_files
-from dac_models import IMAGE_SIZE as DAC_IMAGE_SIZE
 from cfdeploy.models import reference
 
 TOLERANCE = 1e-4  # relative L2 against the official formulation, on every output
@@ -32,6 +31,7 @@ TOKENIZER_PROMPTS = [
 ]
 CLIP_SEED = 3  # the CLIP weights every CLIP file of the session holds
 DAC_PROMPT, DAC_TARGET = "A cat.", "A cat wearing a wool cap."
+DAC_IMAGE_SIZE = 32  # the tiny random model's (cfdeploy.dac.synthetic): 16×16 latents
 FAST_DAC = dict(unet_steps=4, text_steps=4, rank=4, resolution=DAC_IMAGE_SIZE, save_every=2)  # the tiny DAC model's settings
 
 
@@ -253,10 +253,10 @@ def torch_threads(count: int) -> Iterator[None]:
 
 @pytest.fixture(scope="session")
 def dac_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny random Stable Diffusion folder (tests/dac_models.py)."""
-    from dac_models import build_tiny_base_model
+    """A tiny random Stable Diffusion folder (cfdeploy.dac.synthetic)."""
+    from cfdeploy.dac.synthetic import write_random_base_model
 
-    return build_tiny_base_model(tmp_path_factory.mktemp("dac") / "tiny-sd")
+    return write_random_base_model(tmp_path_factory.mktemp("dac") / "tiny-sd", "tiny")
 
 
 @pytest.fixture(scope="session")

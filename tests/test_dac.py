@@ -1,4 +1,4 @@
-"""DAC on a tiny random Stable Diffusion (tests/dac_models.py), on the CPU with 1 thread.
+"""DAC on a tiny random Stable Diffusion (cfdeploy.dac.synthetic), on the CPU with 1 thread.
 
 Every formula is checked against an independent computation: γ(t) against the paper's values, the −Δ
 fold against PEFT's adapter weight −1, the prediction loop against diffusers' StableDiffusionPipeline
@@ -16,10 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
+from conftest import DAC_IMAGE_SIZE as IMAGE_SIZE
 from conftest import DAC_PROMPT, DAC_TARGET, FAST_DAC, assert_refused, torch_threads
-from dac_models import IMAGE_SIZE
+from PIL import Image
 
 from cfdeploy.dac import lora
 from cfdeploy.dac.abduct import AbductInputs, AbductSettings, abduct

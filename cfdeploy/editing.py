@@ -24,7 +24,6 @@ from cfdeploy.errors import CfdeployError
 from cfdeploy.inputs import broadcast_latents, load_latents, seeded_z
 from cfdeploy.outputs import StagedDirectory, to_uint8
 
-
 # One vocabulary for the pipeline: each stage is named after the network it runs (the graph names of
 # cfdeploy.contracts), plus the host-side work around them. Timers, edit.json and bench columns use these.
 STAGES = ("align", "encoder", "tokenize", "clip_text", "text_mapper", "latent_editor", "refine", "generator",

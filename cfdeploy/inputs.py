@@ -8,11 +8,12 @@ allocating anything.
 from __future__ import annotations
 
 import io
+import json
 import math
 import stat
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator
+from typing import Any, BinaryIO, Callable, Iterator
 
 import numpy as np
 
@@ -43,6 +44,20 @@ def require_file(path: Path) -> Path:
         kind = next((name for is_kind, name in NON_REGULAR_KINDS if is_kind(mode)), "of an unknown kind")
         raise CfdeployError(f"{path}: not a regular file ({kind})")
     return path
+
+
+def read_json_object(path: Path, what: str, limit: int = 4 << 20) -> dict[str, Any]:
+    """The JSON object in ``path`` (at most ``limit`` bytes); anything else is one line saying what ``what`` needed."""
+    require_file(path)
+    if path.stat().st_size > limit:
+        raise CfdeployError(f"{path}: {path.stat().st_size:,} bytes, too large for {what}")
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CfdeployError(f"{path}: not JSON ({error}); expected {what}") from None
+    if not isinstance(content, dict):
+        raise CfdeployError(f"{path}: expected {what} (a JSON object), found {type(content).__name__}")
+    return content
 
 
 @contextmanager

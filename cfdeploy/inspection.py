@@ -41,7 +41,13 @@ def inspect_file(path: Path) -> dict[str, Any]:
     try:
         import torch
 
-        from cfdeploy.checkpoints import is_torchscript_archive, load_cfclip, load_clip, load_stylegan2, safe_torch_load
+        from cfdeploy.checkpoints import (
+            is_torchscript_archive,
+            load_cfclip,
+            load_clip,
+            load_stylegan2,
+            safe_torch_load,
+        )
     except ModuleNotFoundError as missing:
         raise missing_extra(missing.name or "torch", f"inspecting {path}") from None
 

@@ -24,7 +24,14 @@ from onnx import numpy_helper
 
 import cfdeploy
 from cfdeploy.backends import open_backend
-from cfdeploy.bundle import ENGINE_DIR, MANIFEST, ORT_ENGINE_CACHE, Bundle, sha256_file, write_manifest
+from cfdeploy.bundle import (
+    ENGINE_DIR,
+    MANIFEST,
+    ORT_ENGINE_CACHE,
+    Bundle,
+    sha256_file,
+    write_manifest,
+)
 from cfdeploy.checkpoints import load_cfclip
 from cfdeploy.errors import CfdeployError
 from cfdeploy.exporter import DEFAULT_OPSET, FP32_TOLERANCE, check_parity, export_graph

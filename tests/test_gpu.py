@@ -104,3 +104,24 @@ def test_tensorrt_paths_say_tensorrt_is_missing(tmp_path, cli, bundle_256, cfcli
         result = cli(*args)
         assert result.exit_code == 2 and result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
     assert not (tmp_path / "out").exists() and not (bundle_256 / "tensorrt").exists()
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_dac_abduction_and_edit_on_cuda_match_the_cpu(tmp_path, cli, dac_base, dac_image, dac_run):
+    """DAC on CUDA: an abduction step's loss and a sample agree with the CPU run (fp32; kernels differ, so not bit for bit)."""
+    out = tmp_path / "cuda-run"
+    result = cli("dac", "abduct", "-i", dac_image, "-p", "A cat.", "-t", "A cat wearing a wool cap.", "-b", dac_base, "-o", out,
+                 "--unet-steps", 4, "--text-steps", 4, "--rank", 4, "--resolution", 32, "--save-every", 2, "--device", "cuda")
+    assert result.exit_code == 0, result.stderr
+    cuda_losses = json.loads((out / "manifest.json").read_text())["losses"]
+    cpu_losses = json.loads((dac_run / "manifest.json").read_text())["losses"]
+    for phase, losses in cpu_losses.items():
+        assert losses[0] == pytest.approx(cuda_losses[phase][0], rel=1e-3)  # the first step: the same draws, the same start
+    edits = {device: tmp_path / f"edit-{device}" for device in ("cpu", "cuda")}
+    for device, edit_dir in edits.items():
+        assert cli("dac", "edit", dac_run, "-o", edit_dir, "--samples", 1, "--steps", 6, "--device", device).exit_code == 0
+    from PIL import Image
+
+    cpu, cuda = (np.asarray(Image.open(path / "seed_0029.png")).astype(np.float64) for path in edits.values())
+    assert psnr(cuda / 127.5 - 1, cpu / 127.5 - 1) >= FP16_MIN_PSNR_DB

@@ -10,8 +10,7 @@ import numpy as np
 import onnxruntime as ort
 
 from cfdeploy.backends.bundle_backend import BundleBackend
-from cfdeploy.bundle import Bundle
-from cfdeploy.bundle import ORT_ENGINE_CACHE
+from cfdeploy.bundle import ORT_ENGINE_CACHE, Bundle
 from cfdeploy.errors import CfdeployError
 
 PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")

@@ -19,9 +19,22 @@ from cfdeploy.backends.bundle_backend import BundleBackend
 from cfdeploy.bundle import Bundle
 from cfdeploy.contracts import NetworkContract, TensorSpec
 from cfdeploy.errors import CfdeployError
-from cfdeploy.trt.cuda import DeviceBuffer, EventTimer, call, gpu_identity, require_cudart
+from cfdeploy.trt.cuda import (
+    DeviceBuffer,
+    EventTimer,
+    call,
+    gpu_identity,
+    require_cudart,
+)
 from cfdeploy.trt.log import LOGGER
-from cfdeploy.trt.plan import BatchProfile, EngineKey, batch_chunks, check_runnable, engine_paths, pad_batch
+from cfdeploy.trt.plan import (
+    BatchProfile,
+    EngineKey,
+    batch_chunks,
+    check_runnable,
+    engine_paths,
+    pad_batch,
+)
 
 _NUMPY_TYPES = {trt.float32: np.float32, trt.float16: np.float16, trt.int32: np.int32, trt.int64: np.int64}
 

@@ -6,14 +6,16 @@ Importing a command module registers its commands; the order here is the order o
 
 from __future__ import annotations
 
-from cfdeploy.cli import edit  # noqa: F401  (edit, demo)
-from cfdeploy.cli import photos  # noqa: F401,I001  (invert)
-from cfdeploy.cli import bundles  # noqa: F401,I001  (export, build-engines, refit)
-from cfdeploy.cli import tools  # noqa: F401,I001  (embed, inspect)
-from cfdeploy.cli import bench  # noqa: F401,I001  (bench)
-from cfdeploy.cli import train  # noqa: F401,I001  (train)
-from cfdeploy.cli import serving  # noqa: F401,I001  (serve, batch)
-from cfdeploy.cli import dac  # noqa: F401,I001  (dac abduct, dac edit, dac export)
+from cfdeploy.cli import (
+    bench,  # noqa: F401,I001  (bench)
+    bundles,  # noqa: F401,I001  (export, build-engines, refit)
+    dac,  # noqa: F401,I001  (dac abduct, dac edit, dac export)
+    edit,  # noqa: F401  (edit, demo)
+    photos,  # noqa: F401,I001  (invert)
+    serving,  # noqa: F401,I001  (serve, batch)
+    tools,  # noqa: F401,I001  (embed, inspect)
+    train,  # noqa: F401,I001  (train)
+)
 from cfdeploy.cli.common import app
 
 __all__ = ["app", "main"]

@@ -13,7 +13,15 @@ from rich.console import Console
 from rich.table import Table
 
 from cfdeploy.backends import PRESETS
-from cfdeploy.cli.common import app, console, plain, require_range, safe, say, user_errors
+from cfdeploy.cli.common import (
+    app,
+    console,
+    plain,
+    require_range,
+    safe,
+    say,
+    user_errors,
+)
 from cfdeploy.errors import CfdeployError
 
 SCREEN_WIDTH = 100  # the compact table fits this; piped output is at least this wide
@@ -77,7 +85,13 @@ def bench_command(
 
     Example: cfdeploy bench --synthetic 256 --backends torch,onnxruntime
     """
-    from cfdeploy.bench import BenchSettings, check_backend_names, prepare_sources, reads_bundle, run_bench
+    from cfdeploy.bench import (
+        BenchSettings,
+        check_backend_names,
+        prepare_sources,
+        reads_bundle,
+        run_bench,
+    )
 
     require_range(0, warmup=warmup, refine_steps=refine_steps)
     require_range(1, runs=runs)

@@ -11,7 +11,13 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from cfdeploy.errors import EXTRAS, CfdeployError, missing_extra, require_finite, require_range  # noqa: F401
+from cfdeploy.errors import (  # noqa: F401
+    EXTRAS,
+    CfdeployError,
+    missing_extra,
+    require_finite,
+    require_range,
+)
 
 app = typer.Typer(
     help="Deploy CF-CLIP text-driven StyleGAN2 editors: edit images from text, export bundles and TensorRT engines, "
@@ -88,7 +94,13 @@ def user_errors(command: Command) -> Command:
 
 
 def progress_bar() -> Any:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
 
     return Progress(
         TextColumn("{task.description}"),

@@ -10,9 +10,24 @@ from typing import Any, List, Optional, Sequence
 import typer
 
 from cfdeploy.cli.common import (
-    app, console, plain, progress_bar, require_finite, require_range, say, user_errors, warn,
+    app,
+    console,
+    plain,
+    progress_bar,
+    require_finite,
+    require_range,
+    say,
+    user_errors,
+    warn,
 )
-from cfdeploy.cli.photos import ALIGNED, ALL_FACES, LANDMARKS, LANDMARKS_MODEL, SKIP_MISSING, landmark_options
+from cfdeploy.cli.photos import (
+    ALIGNED,
+    ALL_FACES,
+    LANDMARKS,
+    LANDMARKS_MODEL,
+    SKIP_MISSING,
+    landmark_options,
+)
 from cfdeploy.editing import DEFAULT_BATCH_SIZE, DEFAULT_PNG_COMPRESSION, check_sampling
 from cfdeploy.errors import CfdeployError, missing_extra
 
@@ -73,7 +88,12 @@ def run_edit(
 def photo_codes(backend: Any, images: list[Path], faces: dict[str, Any], batch_size: int) -> tuple[Any, ...]:
     """``edit --images``: align and encode the photos' faces; codes, input record, photos, timings, warnings."""
     from cfdeploy.editing import StageTimer
-    from cfdeploy.photos.invert import encode_faces, find_faces, generator_mismatch, photo_pixels
+    from cfdeploy.photos.invert import (
+        encode_faces,
+        find_faces,
+        generator_mismatch,
+        photo_pixels,
+    )
 
     timer = StageTimer()
     with console.status("finding faces") as status, timer.stage("align"):

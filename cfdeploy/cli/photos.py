@@ -8,7 +8,16 @@ from typing import Any, List, Optional
 
 import typer
 
-from cfdeploy.cli.common import app, console, plain, progress_bar, require_range, say, user_errors, warn
+from cfdeploy.cli.common import (
+    app,
+    console,
+    plain,
+    progress_bar,
+    require_range,
+    say,
+    user_errors,
+    warn,
+)
 from cfdeploy.errors import CfdeployError
 
 FACES = "Faces"

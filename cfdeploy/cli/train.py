@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from cfdeploy.cli.common import app, console, progress_bar, say, user_errors, warn
+from cfdeploy.cli.common import app, progress_bar, say, user_errors, warn
 
 TRAINING = "Training"
 LOSSES = "Loss weights"

@@ -8,7 +8,6 @@ safetensors files, never from pickles, and nothing is downloaded.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 
 from cfdeploy.bundle import sha256_file
 from cfdeploy.errors import CfdeployError
+from cfdeploy.inputs import read_json_object
 
 # Each weighted part: its folder, the class its config must name, and its safetensors file.
 WEIGHTED_PARTS = {
@@ -56,15 +56,7 @@ class BaseModelInfo:
 def _read_config(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise CfdeployError(f"{path}: missing (a diffusers Stable Diffusion folder has unet/, text_encoder/, vae/, tokenizer/, scheduler/)")
-    if path.stat().st_size > MAX_CONFIG_BYTES:
-        raise CfdeployError(f"{path}: {path.stat().st_size:,} bytes, too large for a config file")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CfdeployError(f"{path}: not a JSON config ({error})") from None
-    if not isinstance(config, dict):
-        raise CfdeployError(f"{path}: expected a JSON object, found {type(config).__name__}")
-    return config
+    return read_json_object(path, "a diffusers config", MAX_CONFIG_BYTES)
 
 
 def _weights_file(folder: Path, name: str) -> Path:

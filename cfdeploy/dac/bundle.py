@@ -13,7 +13,6 @@ Opening a bundle checks the manifest and every file's sha256 before anything is 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from cfdeploy.bundle import sha256_file
 from cfdeploy.dac.edits import PredictSettings
 from cfdeploy.dac.plms import PlmsScheduler, anneal, noise_latents
 from cfdeploy.errors import CfdeployError
+from cfdeploy.inputs import read_json_object
 
 BUNDLE_FORMAT = "cfdeploy-dac-bundle"
 FORMAT_VERSION = 1
@@ -33,8 +33,6 @@ EMBEDDINGS = "edit_embeddings.npy"
 SCHEDULER_CONFIG = "scheduler_config.json"
 NETWORKS = ("text_encoder", "unet", "vae_decoder")
 UNET_MODES = ("scale-input", "merged")
-MAX_MANIFEST_BYTES = 4 << 20
-MAX_SMALL_FILE_BYTES = 64 << 20
 
 
 class DacBundle:
@@ -43,13 +41,8 @@ class DacBundle:
     def __init__(self, path: Path) -> None:
         self.path = path
         manifest_path = path / MANIFEST
-        if not manifest_path.is_file() or manifest_path.stat().st_size > MAX_MANIFEST_BYTES:
-            raise CfdeployError(f"{manifest_path}: missing or too large for a DAC bundle manifest")
-        try:
-            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise CfdeployError(f"{manifest_path}: not JSON ({error})") from None
-        if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
+        manifest = read_json_object(manifest_path, "a DAC bundle manifest")
+        if manifest.get("format") != BUNDLE_FORMAT:
             raise CfdeployError(f"{manifest_path}: not a cfdeploy DAC bundle manifest")
         if manifest.get("format_version") != FORMAT_VERSION:
             raise CfdeployError(f"{manifest_path}: format version {manifest.get('format_version')!r}, this cfdeploy reads {FORMAT_VERSION}")
@@ -81,8 +74,7 @@ class DacBundle:
         return array
 
     def scheduler_config(self) -> dict[str, Any]:
-        config: dict[str, Any] = json.loads((self.path / SCHEDULER_CONFIG).read_text(encoding="utf-8"))
-        return config
+        return read_json_object(self.path / SCHEDULER_CONFIG, "a scheduler config")
 
 
 class OnnxSampler:

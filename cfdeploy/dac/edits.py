@@ -7,7 +7,6 @@ Torch-free: a bundle's runtime never imports torch. Both paths draw the same ini
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -16,8 +15,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from cfdeploy.dac.run import versions
+from cfdeploy.dac.run import require_manifest, versions
 from cfdeploy.errors import CfdeployError, require_finite, require_range
+from cfdeploy.inputs import read_json_object
 from cfdeploy.outputs import StagedDirectory
 
 SCHEDULERS = ("pndm", "ddim")
@@ -76,15 +76,8 @@ def contact_sheet(images: list[np.ndarray], columns: int = 4) -> np.ndarray:
 
 def source_format(path: Path) -> str:
     """Whether ``path`` is a DAC run or a DAC bundle, from its manifest."""
-    manifest = path / "manifest.json"
-    if not path.is_dir() or not manifest.is_file():
-        unfinished = (path / "checkpoint.pt").is_file()
-        reason = "an unfinished run: continue it with `cfdeploy dac abduct ... --resume`" if unfinished else "not a DAC run or bundle"
-        raise CfdeployError(f"{path}: no manifest.json, {reason}")
-    try:
-        found = json.loads(manifest.read_bytes()[: 4 << 20]).get("format")
-    except (ValueError, AttributeError):
-        found = None
+    manifest = require_manifest(path, "a DAC run or bundle")
+    found = read_json_object(manifest, "a DAC run or bundle manifest").get("format")
     if found not in (RUN_FORMAT, BUNDLE_FORMAT):
         raise CfdeployError(f"{manifest}: not a DAC run or bundle manifest")
     return str(found)

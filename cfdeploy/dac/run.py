@@ -12,12 +12,12 @@ A run is complete when ``manifest.json`` exists; it is written last.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cfdeploy.errors import CfdeployError
+from cfdeploy.inputs import read_json_object
 
 MANIFEST = "manifest.json"
 CHECKPOINT = "checkpoint.pt"
@@ -27,7 +27,6 @@ SOURCE_TEXT_LORA = "source_text_lora.safetensors"
 EDIT_EMBEDDINGS = "edit_embeddings.safetensors"
 FORMAT = "cfdeploy-dac-run"
 FORMAT_VERSION = 1
-MAX_MANIFEST_BYTES = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -64,22 +63,23 @@ def versions() -> dict[str, str]:
     return found
 
 
-def read_run(path: Path) -> DacRun:
-    """The complete run at ``path``; an unfinished or foreign directory is refused in one line."""
+def require_manifest(path: Path, expected: str) -> Path:
+    """``path``'s manifest.json; a directory without one is refused saying whether it is an unfinished run."""
     manifest_path = path / MANIFEST
     if not path.is_dir():
-        raise CfdeployError(f"{path}: not a directory (a DAC run is what `cfdeploy dac abduct --out` writes)")
+        raise CfdeployError(f"{path}: not a directory (expected {expected})")
     if not manifest_path.is_file():
         unfinished = (path / CHECKPOINT).is_file()
-        reason = "an unfinished run: continue it with `cfdeploy dac abduct ... --resume`" if unfinished else "not a DAC run"
+        reason = "an unfinished run: continue it with `cfdeploy dac abduct ... --resume`" if unfinished else f"not {expected}"
         raise CfdeployError(f"{path}: no {MANIFEST}, {reason}")
-    if manifest_path.stat().st_size > MAX_MANIFEST_BYTES:
-        raise CfdeployError(f"{manifest_path}: too large for a run manifest")
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CfdeployError(f"{manifest_path}: not JSON ({error})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+    return manifest_path
+
+
+def read_run(path: Path) -> DacRun:
+    """The complete run at ``path``; an unfinished or foreign directory is refused in one line."""
+    manifest_path = require_manifest(path, "a DAC run")
+    manifest = read_json_object(manifest_path, "a DAC run manifest")
+    if manifest.get("format") != FORMAT:
         raise CfdeployError(f"{manifest_path}: not a cfdeploy DAC run manifest")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise CfdeployError(f"{manifest_path}: format version {manifest.get('format_version')}, this cfdeploy reads {FORMAT_VERSION}")

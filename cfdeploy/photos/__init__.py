@@ -5,7 +5,14 @@ numpy and Pillow only; dlib (the ``photos`` extra) is imported only by :class:`D
 
 from cfdeploy.photos.align import AlignedFace, align_face, alignment_points, face_frame
 from cfdeploy.photos.images import MAX_PHOTO_PIXELS, as_rgb, load_photo, photo_paths
-from cfdeploy.photos.landmarks import DlibLandmarks, Face, NoFaceFound, largest_face, read_landmarks, select_faces
+from cfdeploy.photos.landmarks import (
+    DlibLandmarks,
+    Face,
+    NoFaceFound,
+    largest_face,
+    read_landmarks,
+    select_faces,
+)
 from cfdeploy.photos.preprocess import ENCODER_SIZE, batch_inputs, encoder_input
 
 __all__ = [

@@ -15,7 +15,13 @@ from PIL import Image
 from cfdeploy.errors import CfdeployError
 from cfdeploy.photos.align import E4E_SIZE, align_face
 from cfdeploy.photos.images import load_photo, photo_paths
-from cfdeploy.photos.landmarks import DlibLandmarks, Face, NoFaceFound, read_landmarks, select_faces
+from cfdeploy.photos.landmarks import (
+    DlibLandmarks,
+    Face,
+    NoFaceFound,
+    read_landmarks,
+    select_faces,
+)
 from cfdeploy.photos.preprocess import batch_inputs
 
 

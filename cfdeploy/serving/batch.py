@@ -22,11 +22,21 @@ from typing import Any, Callable
 import numpy as np
 
 from cfdeploy.bundle import MANIFEST, sha256_file, without_clip_message
-from cfdeploy.editing import DEFAULT_BATCH_SIZE, DEFAULT_PNG_COMPRESSION, EditJob, edit_to_directory
+from cfdeploy.editing import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_PNG_COMPRESSION,
+    EditJob,
+    edit_to_directory,
+)
 from cfdeploy.errors import CfdeployError, require_finite, require_range
 from cfdeploy.inputs import load_latents, load_text_embedding, require_file
 from cfdeploy.outputs import StagedDirectory, write_atomic
-from cfdeploy.serving.cluster import actor_backend_options, check_resources, connect, require_resources
+from cfdeploy.serving.cluster import (
+    actor_backend_options,
+    check_resources,
+    connect,
+    require_resources,
+)
 
 DONE_DIR = "_done"
 RUN_RECORD = "_batch.json"

@@ -26,12 +26,29 @@ from ray.serve.exceptions import BackPressureError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from cfdeploy.editing import DEFAULT_PNG_COMPRESSION, StageTimer, edit_codes, sample_codes, text_branch
+from cfdeploy.editing import (
+    DEFAULT_PNG_COMPRESSION,
+    StageTimer,
+    edit_codes,
+    sample_codes,
+    text_branch,
+)
 from cfdeploy.errors import CfdeployError, require_range
 from cfdeploy.outputs import png_bytes, to_uint8
-from cfdeploy.serving.cluster import actor_backend_options, check_resources, connect, require_resources
+from cfdeploy.serving.cluster import (
+    actor_backend_options,
+    check_resources,
+    connect,
+    require_resources,
+)
 from cfdeploy.serving.protocol import (
-    MAX_BODY_BYTES, BundleInfo, EditReply, EditRequest, RequestError, parse_edit_request, reply_json,
+    MAX_BODY_BYTES,
+    BundleInfo,
+    EditReply,
+    EditRequest,
+    RequestError,
+    parse_edit_request,
+    reply_json,
 )
 
 APP_NAME = "cfdeploy"

@@ -18,7 +18,12 @@ import torch
 from PIL import Image, ImageDraw
 
 from cfdeploy.backends.torch_backend import resolve_device
-from cfdeploy.checkpoints import load_arcface, load_clip, load_generator, safe_torch_load
+from cfdeploy.checkpoints import (
+    load_arcface,
+    load_clip,
+    load_generator,
+    safe_torch_load,
+)
 from cfdeploy.errors import CfdeployError
 from cfdeploy.inputs import load_latents, require_file
 from cfdeploy.outputs import check_output_dir, write_atomic

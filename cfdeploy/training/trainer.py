@@ -30,7 +30,12 @@ from torch.nn import functional as F
 
 from cfdeploy.errors import CfdeployError
 from cfdeploy.models.arcface import ArcFace, identity_loss
-from cfdeploy.models.mappers import EDIT_SCALE, FullTextMapper, LevelsMapper, MapperConfig
+from cfdeploy.models.mappers import (
+    EDIT_SCALE,
+    FullTextMapper,
+    LevelsMapper,
+    MapperConfig,
+)
 from cfdeploy.models.stylegan2 import Generator
 from cfdeploy.outputs import to_uint8
 from cfdeploy.refine import ClipNCELoss

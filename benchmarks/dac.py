@@ -36,15 +36,26 @@ RESULTS = Path(__file__).parent / "results" / "dac.json"
 PROMPT, TARGET = "A cat.", "A cat wearing a wool cap."
 
 
-def peak_rss_mb() -> float:
+def peak_memory_mb(device: str) -> float:
+    """The process's peak resident memory on the CPU; the peak CUDA allocation on a GPU."""
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def median_time(function: Callable[[], Any], runs: int) -> float:
+def median_time(function: Callable[[], Any], runs: int, device: str = "cpu") -> float:
+    """The median wall time of ``function``, waiting for the GPU's queued work when timing CUDA."""
+    import torch
+
+    synchronize = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     samples = []
     for _ in range(runs):
+        synchronize()
         started = time.perf_counter()
         function()
+        synchronize()
         samples.append(time.perf_counter() - started)
     return statistics.median(samples)
 
@@ -54,7 +65,7 @@ def prepare(cache: Path, shape: str) -> tuple[Path, Path]:
     import numpy as np
     from PIL import Image
 
-    from cfdeploy.dac.synthetic import SHAPES, write_random_base_model
+    from cfdeploy.dac.synthetic import write_random_base_model
 
     base = cache / shape
     if not (base / "model_index.json").exists():
@@ -62,12 +73,12 @@ def prepare(cache: Path, shape: str) -> tuple[Path, Path]:
     image = cache / "image.png"
     if not image.exists():
         Image.fromarray(np.random.default_rng(0).integers(0, 256, (600, 640, 3), dtype=np.uint8)).save(image)
-    assert SHAPES[shape]["image_size"]
     return base, image
 
 
 def abduction(cache: Path, shape: str, steps: int, device: str) -> dict[str, Any]:
-    from cfdeploy.dac.abduct import AbductInputs, AbductSettings, abduct
+    from cfdeploy.dac.abduct import AbductInputs, abduct
+    from cfdeploy.dac.run import AbductSettings
     from cfdeploy.dac.synthetic import SHAPES
 
     base, image = prepare(cache, shape)
@@ -78,7 +89,7 @@ def abduction(cache: Path, shape: str, steps: int, device: str) -> dict[str, Any
     abduct(settings, AbductInputs(image, base), out, device=device, force=True,
            on_progress=lambda progress: times.setdefault(progress.phase, []).append(progress.step_s))
     return {"per_step_s": {phase: statistics.median(values[1:]) for phase, values in times.items()},
-            "peak_rss_mb": peak_rss_mb(), "run": str(out)}
+            "peak_memory_mb": peak_memory_mb(device), "run": str(out)}
 
 
 def prediction(cache: Path, shape: str, runs: int, device: str, onnx: bool) -> dict[str, Any]:
@@ -94,7 +105,7 @@ def prediction(cache: Path, shape: str, runs: int, device: str, onnx: bool) -> d
     run = read_run(cache / f"run-{shape}")
     info = inspect_base_model(cache / shape)
     base = load_base_model(info, device)
-    side = int(run.settings["resolution"]) // info.vae_scale_factor
+    side = run.settings.resolution // info.vae_scale_factor
     generator = torch.Generator().manual_seed(0)
     latents = torch.randn((2, 4, side, side), generator=generator).to(device)
     context = torch.randn((2, 77, int(info.configs["text_encoder"]["hidden_size"])), generator=generator).to(device)
@@ -106,11 +117,11 @@ def prediction(cache: Path, shape: str, runs: int, device: str, onnx: bool) -> d
         return noise
 
     figures: dict[str, Any] = {"torch": {}}
-    figures["torch"]["unet_call_s without U"] = median_time(call, runs)
+    figures["torch"]["unet_call_s without U"] = median_time(call, runs, device)
     load_run_adapters(base, run)
-    eta = float(run.settings["eta"])
+    eta = run.settings.eta
     lora.set_weight(base.unet, lora.UNET_ADAPTER, anneal(500, eta))
-    figures["torch"]["unet_call_s exact (U unmerged)"] = median_time(call, runs)
+    figures["torch"]["unet_call_s exact (U unmerged)"] = median_time(call, runs, device)
     exact = []
     for timestep in timesteps:
         lora.set_weight(base.unet, lora.UNET_ADAPTER, anneal(timestep, eta))
@@ -119,11 +130,11 @@ def prediction(cache: Path, shape: str, runs: int, device: str, onnx: bool) -> d
     for layer in lora.lora_layers(base.unet, lora.UNET_ADAPTER).values():
         layer.set_scale(lora.UNET_ADAPTER, scale)
         layer.merge(adapter_names=[lora.UNET_ADAPTER])
-    figures["torch"]["unet_call_s merged"] = median_time(call, runs)
+    figures["torch"]["unet_call_s merged"] = median_time(call, runs, device)
     figures["merged_vs_exact_rel_l2"] = max(float((call(t) - e).norm() / e.norm()) for t, e in zip(timesteps, exact))
     with torch.no_grad():
-        figures["torch"]["vae_decode_s"] = median_time(lambda: base.vae.decode(latents[:1] / info.scaling_factor), runs)
-    figures["peak_rss_mb"] = peak_rss_mb()
+        figures["torch"]["vae_decode_s"] = median_time(lambda: base.vae.decode(latents[:1] / info.scaling_factor), runs, device)
+    figures["peak_memory_mb"] = peak_memory_mb(device)
     if onnx:
         figures["onnxruntime"] = onnx_prediction(cache, shape, runs, latents.cpu().numpy(), context.cpu().numpy(), eta)
     return figures
@@ -160,7 +171,8 @@ def child(kind: str, cache: Path, shape: str, steps: int, device: str, onnx: boo
     return result
 
 
-def table(results: dict[str, Any]) -> str:
+def table(results: dict[str, Any], device: str) -> str:
+    memory = "CUDA allocated" if device.startswith("cuda") else "resident"
     lines = ["| shape | stage | PyTorch | ONNX Runtime |", "| --- | --- | ---: | ---: |"]
     for shape, figures in results.items():
         steps = figures["abduction"]["per_step_s"]
@@ -176,8 +188,8 @@ def table(results: dict[str, Any]) -> str:
         exact = torch_figures["unet_call_s exact (U unmerged)"]
         lines.append(f"| {shape} | 30-step sample (31 exact calls + decode): s | {31 * exact + torch_figures['vae_decode_s']:.1f} | |")
         lines.append(f"| {shape} | merged vs exact UNet output: rel L2 | {figures['prediction']['merged_vs_exact_rel_l2']:.2e} | |")
-        lines.append(f"| {shape} | peak memory, abduction / prediction: MB | "
-                     f"{figures['abduction']['peak_rss_mb']:.0f} / {figures['prediction']['peak_rss_mb']:.0f} | |")
+        lines.append(f"| {shape} | peak memory ({memory}), abduction / prediction: MB | "
+                     f"{figures['abduction']['peak_memory_mb']:.0f} / {figures['prediction']['peak_memory_mb']:.0f} | |")
     return "\n".join(lines)
 
 
@@ -208,7 +220,7 @@ def main() -> None:
         print(f"{shape}: prediction ...", file=sys.stderr)
         figures["prediction"] = child("prediction", arguments.cache, shape, arguments.steps, arguments.device, shape in arguments.onnx)
         results[shape] = figures
-    print(table(results))
+    print(table(results, arguments.device))
     report = {"machine": {"platform": platform.platform(), "processor": platform.processor(), "threads": torch.get_num_threads(),
                           "device": arguments.device}, "steps": arguments.steps, "results": results}
     RESULTS.parent.mkdir(exist_ok=True)

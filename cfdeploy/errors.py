@@ -11,14 +11,15 @@ class CfdeployError(Exception):
     """Bad input or environment; the CLI prints ``error: <message>`` and exits with code 2."""
 
 
-def missing_extra(package: str, needed_for: str, cause: BaseException | None = None) -> CfdeployError:
-    """The error for a package a command needs but the install lacks, naming what to install."""
+def missing_extra(package: str, needed_for: str, cause: BaseException | None = None, extra: str | None = None) -> CfdeployError:
+    """The error for a package a command needs but the install lacks, naming the extra to install (``extra``, when the
+    command's group needs more than the package's own extra)."""
     if package == "tensorrt":
         return CfdeployError(
             f"{needed_for} needs TensorRT, which is not installed here ({cause}); on Jetson it comes with JetPack, "
             "elsewhere `pip install tensorrt`"
         )
-    extra = EXTRAS.get(package, "export")
+    extra = extra or EXTRAS.get(package, "export")
     return CfdeployError(f"{needed_for} needs {package}, which this install lacks: pip install \"cfdeploy[{extra}]\"")
 
 

@@ -81,20 +81,22 @@ def test_core_install_refuses_refinement_in_one_line(core_python, tmp_path, bund
     assert not out.exists()
 
 
-@pytest.mark.parametrize("command, needed_for", [
+@pytest.mark.parametrize("command, needed_for, extra", [
     (("edit", "--checkpoint", "{checkpoint}", "--text-embedding", "{embedding}", "--seed", 1, "-o", "{out}"),
-     "the torch backend"),
-    (("demo", "-o", "{out}"), "cfdeploy demo"),
-    (("embed", "blue dog", "--clip-weights", "{checkpoint}", "-o", "{out}.npy"), "cfdeploy embed"),
-    (("bench", "--synthetic", 8, "--backends", "torch"), "cfdeploy bench"),
+     "the torch backend", "export"),
+    (("demo", "-o", "{out}"), "cfdeploy demo", "export"),
+    (("embed", "blue dog", "--clip-weights", "{checkpoint}", "-o", "{out}.npy"), "cfdeploy embed", "export"),
+    (("bench", "--synthetic", 8, "--backends", "torch"), "cfdeploy bench", "export"),
+    (("dac", "abduct", "-i", "{checkpoint}", "-p", "A cat.", "-t", "A dog.", "-b", "{out}", "-o", "{out}"), "cfdeploy dac abduct",
+     "dac"),
 ])
 def test_core_install_names_the_extra_a_command_needs(core_python, tmp_path, cfclip_256, embedding_file, command,
-                                                      needed_for):
+                                                      needed_for, extra):
     out = tmp_path / "out"
     values = {"checkpoint": cfclip_256, "embedding": embedding_file, "out": out}
     process = run_core(core_python, *(str(part).format(**values) for part in command))
     assert process.returncode == 2, process.stderr
     assert process.stderr.strip() == (
-        f'error: {needed_for} needs torch, which this install lacks: pip install "cfdeploy[export]"'
+        f'error: {needed_for} needs torch, which this install lacks: pip install "cfdeploy[{extra}]"'
     )
     assert "Traceback" not in process.stderr and not out.exists()

@@ -21,12 +21,12 @@ from conftest import DAC_PROMPT, DAC_TARGET, FAST_DAC, assert_refused, torch_thr
 from PIL import Image
 
 from cfdeploy.dac import lora
-from cfdeploy.dac.abduct import AbductInputs, AbductSettings, abduct
+from cfdeploy.dac.abduct import AbductInputs, abduct
 from cfdeploy.dac.base_model import inspect_base_model, load_base_model
 from cfdeploy.dac.edits import PredictSettings, to_pixels
 from cfdeploy.dac.plms import anneal
 from cfdeploy.dac.predict import edit_embeddings, initial_latents, sample
-from cfdeploy.dac.run import CHECKPOINT, EDIT_EMBEDDINGS, TEXT_LORA, UNET_LORA, read_run
+from cfdeploy.dac.run import CHECKPOINT, EDIT_EMBEDDINGS, SOURCE_TEXT_LORA, TEXT_LORA, UNET_LORA, AbductSettings, read_run
 from cfdeploy.errors import CfdeployError
 
 PROMPT, TARGET, FAST = DAC_PROMPT, DAC_TARGET, FAST_DAC
@@ -139,12 +139,12 @@ def test_minus_delta_fold_equals_peft_weight_minus_one(dac_run: Path, dac_base: 
         with_peft = base.text_encoder(tokens)[0]
     folded = copy.deepcopy(loaded(dac_base).text_encoder)
     state = load_file(dac_run / TEXT_LORA)
-    rank = 4  # FAST's text rank: alpha = r, so α/r = 1
+    assert {tensor.shape[0] for key, tensor in state.items() if "lora_A" in key} == {4}  # rank 4 = alpha, so α/r = 1
     with torch.no_grad():
         for name, module in folded.named_modules():
             key = f"{name}.lora_A.weight"
             if key in state:
-                module.weight -= (rank / rank) * state[f"{name}.lora_B.weight"] @ state[key]
+                module.weight -= state[f"{name}.lora_B.weight"] @ state[key]
         by_fold = folded(tokens)[0]
     assert len([key for key in state if "lora_A" in key]) == TEXT_LAYERS
     assert (by_fold - with_peft).abs().max() <= 1e-5
@@ -228,6 +228,11 @@ def test_killed_and_resumed_abduction_equals_uninterrupted(dac_run: Path, dac_ba
     assert (out / CHECKPOINT).is_file() and not (out / "manifest.json").exists()
     with pytest.raises(CfdeployError, match="no manifest.json, an unfinished run"):
         read_run(out)
+    changed = AbductSettings(PROMPT, TARGET, **{**FAST, "unet_steps": 5})
+    with pytest.raises(CfdeployError, match=r"checkpoint.pt: --resume needs the settings of the interrupted run; these differ: unet_steps 4 → 5$"):
+        abduct(changed, AbductInputs(dac_image, dac_base), out, resume=True)
+    with pytest.raises(CfdeployError, match=r"--resume needs the inputs of the interrupted run; the device type \(cpu → cuda\) changed"):
+        abduct(settings, AbductInputs(dac_image, dac_base), out, resume=True, device="cuda")
     with pytest.raises(Killed):
         abduct(settings, AbductInputs(dac_image, dac_base), out, resume=True, on_progress=kill_at("Abduction-2", 3))
     manifest = abduct(settings, AbductInputs(dac_image, dac_base), out, resume=True)
@@ -239,20 +244,21 @@ def test_killed_and_resumed_abduction_equals_uninterrupted(dac_run: Path, dac_ba
         assert ours.keys() == theirs.keys() and all(torch.equal(ours[key], theirs[key]) for key in ours), name
     with pytest.raises(CfdeployError, match="the run is complete; nothing to resume"):
         abduct(settings, AbductInputs(dac_image, dac_base), out, resume=True)
-    changed = AbductSettings(PROMPT, TARGET, **{**FAST, "unet_steps": 5})
-    shutil.copy(dac_run / "manifest.json", tmp_path / "kept.json")
-    (out / "manifest.json").unlink()
-    (out / CHECKPOINT).write_bytes(b"")
-    with pytest.raises(CfdeployError, match="checkpoint.pt"):
-        abduct(changed, AbductInputs(dac_image, dac_base), out, resume=True)
 
 
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(dac_base: Path, dac_image: Path, tmp_path: Path):
     out = tmp_path / "nan"
     settings = AbductSettings(PROMPT, TARGET, **{**FAST, "lr": 1e30, "save_every": 1})
-    with pytest.raises(CfdeployError, match=r"Abduction-1 \(U\): the loss became (nan|inf) at step \d; its checkpoint at step \d is kept"):
+    with pytest.raises(CfdeployError) as refused:
         abduct(settings, AbductInputs(dac_image, dac_base), out)
+    step = int(str(refused.value).split(" at step ")[1].split(";")[0])
+    assert str(refused.value) == (
+        f"Abduction-1 (U): the loss became nan at step {step}; {out / CHECKPOINT} keeps step {step - 1} of this phase; "
+        "--resume would replay the same steps: start again (--force) with a lower --lr"
+    )
     assert (out / CHECKPOINT).is_file() and not (out / UNET_LORA).exists()
+    kept = torch.load(out / CHECKPOINT, weights_only=True)
+    assert kept["step"] == step - 1 and all(torch.isfinite(tensor).all() for tensor in kept["adapter"].values())
 
 
 def test_edit_cli_writes_samples_sheet_and_report(cli, dac_run: Path, dac_base: Path, tmp_path: Path):
@@ -438,3 +444,145 @@ def test_damaged_bundles_are_refused_in_one_line(cli, dac_bundle: Path, tmp_path
     assert_refused(cli("dac", "edit", dac_bundle, "-o", edits, "--scheduler", "ddim"), edits,
                    "--scheduler ddim: a bundle samples with the base model's PNDM scheduler only")
     assert_refused(cli("dac", "edit", dac_bundle, "-o", edits, "-b", tmp_path), edits, "--base-model is for runs")
+
+
+def test_a_reused_unet_lora_makes_a_complete_run(cli, dac_run: Path, dac_base: Path, dac_image: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch):
+    """--unet-lora copies U into the new run (which edits on its own), fitted into the working directory itself."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "dog_cap"
+    out.mkdir()
+    (out / "old.txt").write_text("replaced with --force")
+    monkeypatch.chdir(out)
+    options = ["--text-steps", "2", "--rank", "4", "--resolution", IMAGE_SIZE]
+    assert_refused(cli("dac", "abduct", "-i", dac_image, "-t", "A dog.", "-b", dac_base, "-o", dac_run, "--force",
+                       "--unet-lora", dac_run, *options), None, f"{dac_run}: is the input {dac_run}")
+    result = cli("dac", "abduct", "-i", dac_image, "-t", "A dog.", "-b", dac_base, "-o", ".", "--force", "--unet-lora", dac_run, *options)
+    assert result.exit_code == 0, result.stderr
+    assert Path.cwd() == out and sorted(p.name for p in out.iterdir()) == sorted([EDIT_EMBEDDINGS, "manifest.json", TEXT_LORA, UNET_LORA])
+    ours, theirs = load_file(out / UNET_LORA), load_file(dac_run / UNET_LORA)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[key], theirs[key]) for key in ours)
+    manifest = read_run(out).manifest
+    assert manifest["unet_lora_from"] == str(dac_run) and list(manifest["losses"]) == ["Abduction-2 (Δ)"]
+    assert manifest["settings"]["prompt"] == PROMPT  # taken from the reused run
+    result = cli("dac", "edit", out, "--out", tmp_path / "edits", "--samples", "1", "--steps", "2")
+    assert result.exit_code == 0, result.stderr
+
+
+def test_variant_t_predicts_with_t_plus_one_and_delta_minus_beta(cli, dac_base: Path, dac_image: Path, tmp_path: Path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "variant_t"
+    manifest = abduct(AbductSettings(PROMPT, TARGET, **{**FAST, "variant": "t"}), AbductInputs(dac_image, dac_base), out)
+    assert list(manifest["losses"]) == ["Abduction-1 (U)", "Abduction-T (T)", "Abduction-2 (Δ)"]
+    assert manifest["adapted_layers"] == {lora.UNET_ADAPTER: UNET_LAYERS, lora.SOURCE_ADAPTER: TEXT_LAYERS, lora.EDIT_ADAPTER: TEXT_LAYERS}
+    base = loaded(dac_base, out)
+    both = edit_embeddings(base, TARGET, {lora.SOURCE_ADAPTER: 1.0, lora.EDIT_ADAPTER: -1.0})
+    stored = load_file(out / EDIT_EMBEDDINGS)
+    assert max((stored["cond"] - both[0]).abs().max(), (stored["uncond"] - both[1]).abs().max()) <= 1e-5  # adapter order
+    delta_only = edit_embeddings(base, TARGET, {lora.EDIT_ADAPTER: -1.0})
+    assert (delta_only[0] - both[0]).abs().max() > 1e-4  # T takes part
+    t_state, delta_state = load_file(out / SOURCE_TEXT_LORA), load_file(out / TEXT_LORA)
+    assert t_state.keys() == delta_state.keys() and not torch.equal(next(iter(t_state.values())), next(iter(delta_state.values())))
+    edits = tmp_path / "edits"
+    result = cli("dac", "edit", out, "--out", edits, "--samples", "1", "--steps", "2", "--beta", "0.5")
+    assert result.exit_code == 0, result.stderr
+    half = edit_embeddings(base, TARGET, {lora.SOURCE_ADAPTER: 1.0, lora.EDIT_ADAPTER: -0.5})
+    expected = to_pixels(sample(base, half[0], half[1], initial_latents(base, 29, IMAGE_SIZE), PredictSettings(steps=2),
+                                lambda t: anneal(t, 0.8)).numpy())
+    assert np.array_equal(np.asarray(Image.open(edits / "seed_0029.png")), expected)
+
+
+def test_ctrl_c_in_abduct_says_how_to_resume(cli, dac_base: Path, dac_image: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from cfdeploy.dac.abduct import Abduction
+
+    real_loss = Abduction.loss
+
+    def interrupted_at_step_3(self, phase, phase_index, step):
+        if step == 3:
+            raise KeyboardInterrupt
+        return real_loss(self, phase, phase_index, step)
+
+    monkeypatch.setattr(Abduction, "loss", interrupted_at_step_3)
+    out = tmp_path / "run"
+    result = cli("dac", "abduct", "-i", dac_image, "-p", PROMPT, "-t", TARGET, "-b", dac_base, "-o", out, "--unet-steps", "4",
+                 "--text-steps", "4", "--rank", "4", "--resolution", IMAGE_SIZE, "--save-every", "2")
+    assert result.exit_code == 130
+    assert result.stderr.strip() == (f"error: interrupted; {out / CHECKPOINT} keeps the last save: continue with the same "
+                                     "command and --resume")
+    early = tmp_path / "early"
+    result = cli("dac", "abduct", "-i", dac_image, "-p", PROMPT, "-t", TARGET, "-b", dac_base, "-o", early, "--unet-steps", "4",
+                 "--rank", "4", "--resolution", IMAGE_SIZE, "--save-every", "3")
+    assert result.exit_code == 130 and result.stderr.strip() == "error: interrupted; nothing was written"
+
+
+def test_devices_are_honoured_or_refused(cli, dac_bundle: Path, dac_run: Path, tmp_path: Path):
+    import onnxruntime
+
+    edits = tmp_path / "edits"
+    for source in (dac_bundle, dac_run):
+        assert_refused(cli("dac", "edit", source, "-o", edits, "--device", "cudafoo"), edits, "'cudafoo' (expected cpu, cuda or cuda:N)")
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        assert_refused(cli("dac", "edit", dac_bundle, "-o", edits, "--device", "cuda:1"), edits,
+                       "--device cuda:1: this ONNX Runtime has no CUDA provider", "onnxruntime-gpu")
+    result = cli("dac", "edit", dac_bundle, "-o", edits, "--device", "cpu", "--samples", "1", "--steps", "1")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads((edits / "edit.json").read_text())["providers"] == ["CPUExecutionProvider"]
+
+
+def test_damaged_runs_adapters_and_weights_are_refused(cli, dac_run: Path, dac_bundle: Path, dac_base: Path, dac_image: Path,
+                                                     tmp_path: Path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    edits = tmp_path / "edits"
+
+    def damaged_run(name: str) -> Path:
+        copy_dir = tmp_path / name
+        shutil.copytree(dac_run, copy_dir)
+        return copy_dir
+
+    swapped = damaged_run("swapped")
+    shutil.copy(dac_run / TEXT_LORA, swapped / UNET_LORA)
+    assert_refused(cli("dac", "edit", swapped, "-o", edits), edits, f"{UNET_LORA}: holds adapter 'delta', expected 'U'")
+    relabelled = damaged_run("relabelled")
+    with safe_open(str(dac_run / TEXT_LORA), framework="pt") as handle:
+        metadata = handle.metadata()
+    save_file(load_file(dac_run / TEXT_LORA), relabelled / TEXT_LORA, metadata={**metadata, "rank": "8"})
+    assert_refused(cli("dac", "edit", relabelled, "-o", edits), edits, "not rank 8 as its metadata says")
+    stale = damaged_run("stale")
+    embeddings = load_file(dac_run / EDIT_EMBEDDINGS)
+    save_file({"cond": embeddings["cond"][:, :5]}, stale / EDIT_EMBEDDINGS)
+    assert_refused(cli("dac", "edit", stale, "-o", edits), edits, f"{EDIT_EMBEDDINGS}: expected a finite 'cond' of shape (1, 77, 32)")
+    garbled = damaged_run("garbled")
+    manifest = json.loads((dac_run / "manifest.json").read_text())
+    (garbled / "manifest.json").write_text(json.dumps({**manifest, "settings": {**manifest["settings"], "eta": "high"}}))
+    assert_refused(cli("dac", "edit", garbled, "-o", edits), edits, "manifest.json: settings.eta is 'high', expected a float")
+    (garbled / "manifest.json").write_text(json.dumps({**manifest, "settings": {**manifest["settings"], "eta": 7.0}}))
+    assert_refused(cli("dac", "export", garbled, "-o", edits), edits, "recorded settings refused: --eta must be from 0 to 1")
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(dac_bundle, bundle)
+    bundle_manifest = json.loads((dac_bundle / "manifest.json").read_text())
+    (bundle / "manifest.json").write_text(json.dumps({**bundle_manifest, "latent_shape": [4, -16, 16]}))
+    assert_refused(cli("dac", "edit", bundle, "-o", edits), edits, "latent_shape is [4, -16, 16]")
+
+    base = _copy_base(dac_base, tmp_path)
+    weights = load_file(base / "text_encoder" / "model.safetensors")
+    dropped = sorted(weights)[0]
+    save_file({key: value for key, value in weights.items() if key != dropped}, base / "text_encoder" / "model.safetensors")
+    out = tmp_path / "out"
+    result = cli("dac", "abduct", "-i", dac_image, "-p", PROMPT, "-t", TARGET, "-b", base, "-o", out, "--rank", "4",
+                 "--resolution", IMAGE_SIZE)
+    assert_refused(result, out, "text_encoder: its weights do not fit its config.json: 1 missing keys", dropped)
+
+
+def test_export_refusals(cli, dac_run: Path, tmp_path: Path):
+    assert_refused(cli("dac", "export", dac_run, "-o", tmp_path / "b", "--unet", "fp8"), tmp_path / "b",
+                   "--unet must be one of scale-input, merged, got 'fp8'")
+    assert_refused(cli("dac", "export", dac_run, "-o", dac_run / "bundle"), None, f"lies inside the input {dac_run}")
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    (unfinished / CHECKPOINT).write_bytes(b"")
+    assert_refused(cli("dac", "export", unfinished, "-o", tmp_path / "b"), tmp_path / "b", "an unfinished run")

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 import typer
@@ -28,6 +31,7 @@ app = typer.Typer(
 )
 console = Console(stderr=True, highlight=False)
 Command = TypeVar("Command", bound=Callable[..., Any])
+GROUP_EXTRAS = {"cfdeploy.cli.dac": "dac"}  # a command group whose extra brings everything its commands import
 # C0 and C1 control characters (ESC starts terminal escape sequences and OSC 8 links), DEL, and the
 # bidirectional overrides that reorder what a terminal shows.
 _CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
@@ -80,9 +84,11 @@ def user_errors(command: Command) -> Command:
             package = (error.name or "").split(".")[0]
             if package not in EXTRAS and package != "tensorrt":
                 raise
-            raise fail(str(missing_extra(package, f"cfdeploy {command.__name__.removesuffix('_command')}", error))) from None
-        except KeyboardInterrupt:
-            raise fail("interrupted; nothing was written", code=130) from None
+            group = GROUP_EXTRAS.get(command.__module__)
+            name = " ".join(filter(None, (group, command.__name__.removesuffix("_command"))))
+            raise fail(str(missing_extra(package, f"cfdeploy {name}", error, extra=group))) from None
+        except KeyboardInterrupt as error:  # a command that kept something says what, in the interrupt's message
+            raise fail(f"interrupted; {str(error) or 'nothing was written'}", code=130) from None
         except MemoryError:
             raise fail("out of memory (an input declares more data than this machine holds?)") from None
         except Exception as error:
@@ -91,6 +97,17 @@ def user_errors(command: Command) -> Command:
             raise fail(f"unexpected {type(error).__name__}: {error} (set CFDEPLOY_DEBUG=1 for a traceback)", 1) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def resumable(save: Path) -> Iterator[None]:
+    """Ctrl-C in a run that keeps ``save`` says how to continue it, instead of claiming nothing was written."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if save.is_file():
+            raise KeyboardInterrupt(f"{save} keeps the last save: continue with the same command and --resume") from None
+        raise
 
 
 def progress_bar() -> Any:

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from cfdeploy.cli.common import app, progress_bar, say, user_errors
+from cfdeploy.cli.common import app, progress_bar, resumable, say, user_errors
 
 dac_app = typer.Typer(
     help="DAC (CVPR 2024): edit any image with Stable Diffusion 2.1-base by fitting a UNet LoRA to it (Abduction-1) and a "
@@ -48,7 +48,7 @@ def abduct_command(
     save_every: int = typer.Option(250, "--save-every", rich_help_panel=FITTING, help="Write a checkpoint every N steps."),
     device: str = DEVICE,
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint, exactly."),
-    force: bool = typer.Option(False, "--force", "-f", help="Replace an existing --out directory."),
+    force: bool = typer.Option(False, "--force", "-f", help="Replace an existing --out directory (emptied as fitting starts)."),
 ) -> None:
     """Fit DAC's adapters to an image: U on (image, prompt), then Δ on (image, target) with U annealed.
 
@@ -57,18 +57,18 @@ def abduct_command(
     Example: cfdeploy dac abduct -i cat.jpg -p "A cat." -t "A cat wearing a wool cap." -b sd-2-1-base -o runs/cat_cap
     """
     from cfdeploy.backends.torch_backend import resolve_device
-    from cfdeploy.dac.abduct import AbductInputs, AbductSettings, Progress, abduct
-    from cfdeploy.dac.run import read_run
+    from cfdeploy.dac.abduct import AbductInputs, Progress, abduct
+    from cfdeploy.dac.run import CHECKPOINT, AbductSettings, read_run
     from cfdeploy.errors import CfdeployError
 
     resolve_device(device)
     if prompt is None:
         if unet_lora is None:
             raise CfdeployError("--prompt is needed (what the image shows) unless --unet-lora names a run to take it from")
-        prompt = str(read_run(unet_lora).settings["prompt"])
+        prompt = read_run(unet_lora).settings.prompt
     settings = AbductSettings(prompt, target, unet_steps=unet_steps, text_steps=text_steps, rank=rank, text_rank=text_rank,
                               eta=eta, lr=lr, seed=seed, resolution=resolution, variant=variant, save_every=save_every)
-    with progress_bar() as bar:
+    with resumable(out / CHECKPOINT), progress_bar() as bar:
         task = bar.add_task("starting", total=None)
 
         def on_progress(progress: Progress) -> None:

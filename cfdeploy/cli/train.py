@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from cfdeploy.cli.common import app, progress_bar, say, user_errors, warn
+from cfdeploy.cli.common import app, progress_bar, resumable, say, user_errors, warn
 
 TRAINING = "Training"
 LOSSES = "Loss weights"
@@ -58,7 +58,7 @@ def train_command(
     """
     from cfdeploy.errors import CfdeployError
     from cfdeploy.training.run import train
-    from cfdeploy.training.trainer import Progress, TrainInputs, TrainSettings
+    from cfdeploy.training.trainer import TRAINING_STATE, Progress, TrainInputs, TrainSettings
 
     if resume and force:
         raise CfdeployError("--resume continues the run in --out; --force would replace it: give one of them")
@@ -74,7 +74,7 @@ def train_command(
         precision=precision,
     )
     inputs = TrainInputs(generator, clip_weights, latents, test_latents, id_weights)
-    with progress_bar() as bar:
+    with resumable(out / TRAINING_STATE), progress_bar() as bar:
         task = bar.add_task("loading", total=steps)
 
         def on_progress(progress: Progress) -> None:

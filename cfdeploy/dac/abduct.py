@@ -20,7 +20,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ from cfdeploy.dac.plms import anneal
 from cfdeploy.dac.predict import edit_embeddings, text_adapter_weights
 from cfdeploy.dac.run import (
     CHECKPOINT,
+    AbductSettings,
     EDIT_EMBEDDINGS,
     FORMAT,
     FORMAT_VERSION,
@@ -51,47 +52,12 @@ from cfdeploy.dac.run import (
     read_run,
     versions,
 )
-from cfdeploy.errors import CfdeployError, require_finite, require_range
+from cfdeploy.errors import CfdeployError
 from cfdeploy.outputs import check_output_dir, write_atomic
 from cfdeploy.photos.images import load_photo
 from cfdeploy.training.trainer import step_generator
 
-VARIANTS = ("plain", "t")
 MIN_IMAGE_SIDE = 64
-
-
-@dataclass(frozen=True)
-class AbductSettings:
-    """The official hyper-parameters by default (DAC's scripts): 1000 + 1000 steps, ranks 512 and 4, η 0.8, lr 1e-4."""
-
-    prompt: str
-    target: str
-    unet_steps: int = 1000
-    text_steps: int = 1000
-    rank: int = 512
-    text_rank: int = 4
-    eta: float = 0.8
-    lr: float = 1e-4
-    seed: int = 42
-    resolution: int = 512
-    variant: str = "plain"
-    save_every: int = 250
-
-    def __post_init__(self) -> None:
-        require_range(1, None, unet_steps=self.unet_steps, text_steps=self.text_steps, rank=self.rank,
-                      text_rank=self.text_rank, save_every=self.save_every)
-        require_range(0, 2**63 - 1, seed=self.seed)
-        require_range(8, 4096, resolution=self.resolution)
-        require_finite(eta=self.eta, lr=self.lr)
-        if not 0.0 <= self.eta <= 1.0:
-            raise CfdeployError(f"--eta must be from 0 to 1 (the paper uses 0.4 to 0.8), got {self.eta}")
-        if self.lr <= 0:
-            raise CfdeployError(f"--lr must be positive, got {self.lr}")
-        if self.variant not in VARIANTS:
-            raise CfdeployError(f"--variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
-        for option, text in (("--prompt", self.prompt), ("--target", self.target)):
-            if not text.strip():
-                raise CfdeployError(f"{option} is empty")
 
 
 @dataclass(frozen=True)
@@ -127,7 +93,6 @@ class Progress:
     steps: int
     loss: float
     step_s: float
-    saved: list[str] = field(default_factory=list)
 
 
 def image_tensor(image: Image.Image, resolution: int) -> torch.Tensor:
@@ -213,9 +178,9 @@ def _reused_unet(inputs: AbductInputs, settings: AbductSettings, image_sha256: s
         raise CfdeployError(f"{inputs.unet_lora_run}: its U was fitted to another image than {inputs.image}")
     check_same_base_model(info, earlier.manifest["base_model"], inputs.unet_lora_run)
     for key in ("prompt", "rank", "resolution"):
-        if earlier.settings.get(key) != getattr(settings, key):
+        if getattr(earlier.settings, key) != getattr(settings, key):
             raise CfdeployError(
-                f"{inputs.unet_lora_run}: its U was fitted with {key} {earlier.settings.get(key)!r}, this run asks for "
+                f"{inputs.unet_lora_run}: its U was fitted with {key} {getattr(earlier.settings, key)!r}, this run asks for "
                 f"{getattr(settings, key)!r}"
             )
     return earlier.file(UNET_LORA)
@@ -233,7 +198,8 @@ class Checkpoint:
     optimizer: dict[str, Any] = field(default_factory=dict)
 
     def save(self, path: Path) -> None:
-        write_atomic(path, lambda stream: torch.save(asdict(self), stream))
+        content = {entry.name: getattr(self, entry.name) for entry in fields(self)}  # asdict would deep-copy the tensors
+        write_atomic(path, lambda stream: torch.save(content, stream))
 
     @classmethod
     def read(cls, path: Path) -> Checkpoint:
@@ -246,11 +212,14 @@ class Checkpoint:
             raise CfdeployError(f"{path}: not a cfdeploy DAC checkpoint") from None
 
 
-def _identity(settings: AbductSettings, image_sha256: str, info: BaseModelInfo, reused_unet: Path | None) -> dict[str, Any]:
-    """What must not change between a run and its resumption."""
+def _identity(
+    settings: AbductSettings, image_sha256: str, info: BaseModelInfo, reused_unet: Path | None, device: str
+) -> dict[str, Any]:
+    """What must not change between a run and its resumption (another device draws other rounding, so it counts too)."""
     return {"settings": {key: value for key, value in asdict(settings).items() if key != "save_every"},
             "image_sha256": image_sha256, "base_model": info.weights_sha256,
-            "unet_lora": hashlib.sha256(reused_unet.read_bytes()).hexdigest() if reused_unet else None}
+            "unet_lora": hashlib.sha256(reused_unet.read_bytes()).hexdigest() if reused_unet else None,
+            "device": torch.device(device).type}
 
 
 def _check_resumable(checkpoint: Checkpoint, identity: dict[str, Any], source: Path) -> None:
@@ -260,7 +229,8 @@ def _check_resumable(checkpoint: Checkpoint, identity: dict[str, Any], source: P
         shown = ", ".join(f"{key} {saved.get(key)!r} → {current[key]!r}" for key in current if saved.get(key) != current[key])
         raise CfdeployError(f"{source}: --resume needs the settings of the interrupted run; these differ: {shown}")
     if differing:
-        named = {"image_sha256": "the image", "base_model": "the base model's weights", "unet_lora": "the --unet-lora run's U"}
+        named = {"image_sha256": "the image", "base_model": "the base model's weights", "unet_lora": "the --unet-lora run's U",
+                 "device": f"the device type ({checkpoint.identity.get('device')} → {identity['device']})"}
         raise CfdeployError(f"{source}: --resume needs the inputs of the interrupted run; {named[differing[0]]} changed")
 
 
@@ -286,8 +256,11 @@ def abduct(
     image, image_sha256 = load_image(inputs.image)
     on_stage("hashing the base model")
     info = inspect_base_model(inputs.base_model)
+    unit = info.vae_scale_factor * 2 ** (len(info.configs["unet"]["block_out_channels"]) - 1)
+    if settings.resolution % unit:
+        raise CfdeployError(f"--resolution must be a multiple of {unit} for this base model, got {settings.resolution}")
     reused_unet = _reused_unet(inputs, settings, image_sha256, info)
-    identity = _identity(settings, image_sha256, info, reused_unet)
+    identity = _identity(settings, image_sha256, info, reused_unet, device)
     checkpoint_path = out / CHECKPOINT
     if resume:
         if (out / MANIFEST).is_file():
@@ -295,25 +268,24 @@ def abduct(
         checkpoint = Checkpoint.read(checkpoint_path)
         _check_resumable(checkpoint, identity, checkpoint_path)
     else:
-        check_output_dir(out, force, inputs=[inputs.image, inputs.base_model])
+        reused_inputs = [inputs.unet_lora_run] if inputs.unet_lora_run else []
+        check_output_dir(out, force, inputs=[inputs.image, inputs.base_model, *reused_inputs])
         checkpoint = Checkpoint(1 if reused_unet else 0, 0, {}, identity)
     on_stage("loading the base model")
     base = load_base_model(info, device)
-    unit = info.vae_scale_factor * 2 ** (len(info.configs["unet"]["block_out_channels"]) - 1)
-    if settings.resolution % unit:
-        raise CfdeployError(f"--resolution must be a multiple of {unit} for this base model, got {settings.resolution}")
     base.check_prompt(settings.prompt, "--prompt")
     base.check_prompt(settings.target, "--target")
     all_phases = phases(settings)
-    for index, phase in enumerate(all_phases):
+    for phase in all_phases:
         lora.add_adapter(_model_of(base, phase), phase.adapter, seed=settings.seed)
     for index, phase in enumerate(all_phases[: checkpoint.phase]):
-        source = reused_unet if index == 0 and reused_unet else out / phase.file
+        source = reused_unet if index == 0 and reused_unet and not resume else out / phase.file
         lora.fill_adapter(_model_of(base, phase), phase.adapter.name, lora.read_adapter(source, phase.adapter.name)[1], source)
     if not resume:
-        if out.exists():
-            shutil.rmtree(out)
-        out.mkdir(parents=True)
+        _empty_directory(out)
+        if reused_unet:
+            lora.save_adapter(out / UNET_LORA, base.unet, all_phases[0].adapter)
+            checkpoint.save(checkpoint_path)
     abduction = Abduction(base, image_tensor(image, settings.resolution), settings, torch.device(device))
     for index in range(checkpoint.phase, len(all_phases)):
         _fit(abduction, all_phases, index, checkpoint, checkpoint_path, on_progress)
@@ -368,16 +340,42 @@ def _fit(
         loss = abduction.loss(phase, index, step + 1)
         value = loss.item()
         if not math.isfinite(value):
-            kept = f"its checkpoint at step {last_saved} is kept (--resume, or start again with a lower --lr)" if last_saved else "no checkpoint was saved yet"
-            raise CfdeployError(f"{phase.name}: the loss became {value} at step {step + 1}; {kept}")
+            raise CfdeployError(
+                f"{phase.name}: the loss became {value} at step {step + 1}; {_kept(checkpoint_path, last_saved)}; "
+                "--resume would replay the same steps: start again (--force) with a lower --lr"
+            )
         loss.backward()
         optimizer.step()
         step += 1
         losses.append(value)
         progress = Progress(phase.name, step, phase.steps, value, time.perf_counter() - started)
-        if step % settings.save_every == 0 and step < phase.steps:
+        if step % settings.save_every == 0 and step < phase.steps and _all_finite(parameters):
             adapter = {f"{number}": parameter.detach().cpu().clone() for number, parameter in enumerate(parameters)}
             Checkpoint(index, step, checkpoint.losses, checkpoint.identity, adapter, optimizer.state_dict()).save(checkpoint_path)
             last_saved = step
-            progress.saved.append(CHECKPOINT)
         on_progress(progress)
+
+
+def _empty_directory(path: Path) -> None:
+    """``path`` made an empty directory; emptied in place, so ``--out .`` keeps the shell's working directory."""
+    path.mkdir(parents=True, exist_ok=True)
+    for entry in path.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
+def _all_finite(parameters: list[torch.nn.Parameter]) -> bool:
+    """Whether the adapter is still usable: a checkpoint of NaN weights would only replay the failure."""
+    with torch.no_grad():
+        return all(bool(torch.isfinite(parameter).all()) for parameter in parameters)
+
+
+def _kept(checkpoint_path: Path, last_saved: int | None) -> str:
+    """What a failed phase leaves behind, in words."""
+    if last_saved:
+        return f"{checkpoint_path} keeps step {last_saved} of this phase"
+    if checkpoint_path.is_file():
+        return f"{checkpoint_path} keeps the adapters fitted before this phase"
+    return "no checkpoint was saved yet"

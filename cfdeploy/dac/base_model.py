@@ -91,7 +91,7 @@ def _check_unet(config: dict[str, Any], source: Path, text_hidden: int) -> None:
                             "(an inpainting or depth UNet?); DAC needs a text-to-image UNet")
 
 
-def inspect_base_model(path: Path, hash_weights: bool = True) -> BaseModelInfo:
+def inspect_base_model(path: Path) -> BaseModelInfo:
     """Check ``path`` is a usable base model and hash its weight files; loads no weights."""
     if not path.is_dir():
         raise CfdeployError(f"{path}: not a directory (--base-model is a local diffusers folder, e.g. stable-diffusion-2-1-base)")
@@ -116,8 +116,7 @@ def inspect_base_model(path: Path, hash_weights: bool = True) -> BaseModelInfo:
         if not (path / "tokenizer" / name).is_file():
             raise CfdeployError(f"{path / 'tokenizer' / name}: missing (a CLIP tokenizer has vocab.json and merges.txt)")
     _check_unet(configs["unet"], path / "unet" / "config.json", int(configs["text_encoder"].get("hidden_size", -1)))
-    digests = {part: sha256_file(file) for part, file in weights.items()} if hash_weights else {}
-    return BaseModelInfo(path.resolve(), configs, digests)
+    return BaseModelInfo(path.resolve(), configs, {part: sha256_file(file) for part, file in weights.items()})
 
 
 def check_same_base_model(info: BaseModelInfo, recorded: Any, source: Path) -> None:
@@ -161,22 +160,25 @@ def load_base_model(info: BaseModelInfo, device: str = "cpu") -> BaseModel:
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.utils import logging as diffusers_logging
+    from safetensors import SafetensorError
     from transformers import CLIPTextModel, CLIPTokenizer
     from transformers.utils import logging as transformers_logging
 
     diffusers_logging.set_verbosity_error()
     transformers_logging.set_verbosity_error()
     transformers_logging.disable_progress_bar()
-    options: dict[str, Any] = {"use_safetensors": True, "local_files_only": True, "torch_dtype": torch.float32}
+    options: dict[str, Any] = {"use_safetensors": True, "local_files_only": True, "torch_dtype": torch.float32,
+                               "output_loading_info": True}
     path = info.path
+    parts: list[Any] = []
     try:
-        parts: list[Any] = [
-            UNet2DConditionModel.from_pretrained(path / "unet", **options),
-            CLIPTextModel.from_pretrained(path / "text_encoder", **options),
-            AutoencoderKL.from_pretrained(path / "vae", **options),
-        ]
+        classes: dict[str, Any] = {"unet": UNet2DConditionModel, "text_encoder": CLIPTextModel, "vae": AutoencoderKL}
+        for part, model_class in classes.items():
+            model, loading = model_class.from_pretrained(path / part, **options)
+            _require_every_weight(path / part, loading)
+            parts.append(model)
         tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer", local_files_only=True)
-    except (OSError, ValueError, RuntimeError, KeyError) as error:
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as error:
         raise CfdeployError(f"{path}: cannot load the model: {str(error).splitlines()[0]}") from None
     for model in parts:
         model.requires_grad_(False)
@@ -184,3 +186,13 @@ def load_base_model(info: BaseModelInfo, device: str = "cpu") -> BaseModel:
         model.eval()
     unet, text_encoder, vae = parts
     return BaseModel(info, unet, text_encoder, vae, tokenizer)
+
+
+def _require_every_weight(folder: Path, loading: dict[str, Any]) -> None:
+    """Refuse a weights file that does not set every parameter (the libraries would initialise the rest at random)."""
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        keys = sorted(str(key) for key in loading.get(kind) or ())
+        if keys:
+            raise CfdeployError(
+                f"{folder}: its weights do not fit its config.json: {len(keys)} {kind.replace('_', ' ')} (e.g. {keys[0]})"
+            )

@@ -13,21 +13,24 @@ Opening a bundle checks the manifest and every file's sha256 before anything is 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from cfdeploy.bundle import sha256_file
-from cfdeploy.dac.edits import PredictSettings
 from cfdeploy.dac.plms import PlmsScheduler, anneal, noise_latents
+from cfdeploy.dac.run import DESCRIBED_SETTINGS, MANIFEST, AbductSettings
 from cfdeploy.errors import CfdeployError
 from cfdeploy.inputs import read_json_object
 
+if TYPE_CHECKING:
+    from cfdeploy.dac.edits import PredictSettings
+
 BUNDLE_FORMAT = "cfdeploy-dac-bundle"
 FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
 TOKENS = "tokens.npy"
 EMBEDDINGS = "edit_embeddings.npy"
 SCHEDULER_CONFIG = "scheduler_config.json"
@@ -62,12 +65,17 @@ class DacBundle:
             if sha256_file(file) != digest:
                 raise CfdeployError(f"{file}: its sha256 differs from the manifest's (damaged or altered)")
         self.manifest = manifest
-        try:
-            self.eta = float(manifest["eta"])
-            self.latent_shape = tuple(int(value) for value in manifest["latent_shape"])
-            self.scale_input = manifest["unet"]["mode"] == "scale-input"
-        except (KeyError, TypeError, ValueError) as error:
-            raise CfdeployError(f"{manifest_path}: damaged field ({error})") from None
+        run = manifest.get("run")
+        self.settings = AbductSettings.from_manifest(run.get("settings") if isinstance(run, dict) else None, manifest_path)
+        latent_shape = manifest.get("latent_shape")
+        if not (isinstance(latent_shape, list) and len(latent_shape) == 3
+                and all(type(value) is int and 0 < value <= 4096 for value in latent_shape)):
+            raise CfdeployError(f"{manifest_path}: latent_shape is {latent_shape!r}, expected [channels, side, side] of positive integers")
+        self.latent_shape: tuple[int, ...] = tuple(latent_shape)
+        unet = manifest.get("unet")
+        self.unet_mode = unet.get("mode") if isinstance(unet, dict) else None
+        if self.unet_mode not in UNET_MODES:
+            raise CfdeployError(f"{manifest_path}: unet.mode is {self.unet_mode!r}, expected one of {', '.join(UNET_MODES)}")
 
     def array(self, name: str) -> np.ndarray:
         array: np.ndarray = np.load(self.path / name, allow_pickle=False)
@@ -77,26 +85,49 @@ class DacBundle:
         return read_json_object(self.path / SCHEDULER_CONFIG, "a scheduler config")
 
 
-class OnnxSampler:
-    """Samples a bundle's edit with ONNX Runtime (CUDA where available, else the CPU) and numpy's PLMS."""
+def device_providers(device: str) -> tuple[list[str], list[dict[str, str]]]:
+    """ONNX Runtime's providers and their options for ``--device``: cpu, or cuda / cuda:N on that GPU."""
+    import onnxruntime as ort
 
-    def __init__(self, bundle: DacBundle, settings: PredictSettings, threads: int | None = None) -> None:
+    if device == "cpu":
+        return ["CPUExecutionProvider"], [{}]
+    match = re.fullmatch(r"cuda(?::(\d+))?", device)
+    if match is None:
+        raise CfdeployError(f"unsupported device {device!r} (expected cpu, cuda or cuda:N)")
+    available = ort.get_available_providers()
+    if "CUDAExecutionProvider" not in available:
+        raise CfdeployError(f"--device {device}: this ONNX Runtime has no CUDA provider (has {', '.join(available)}); "
+                            "install onnxruntime-gpu")
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"], [{"device_id": match.group(1) or "0"}, {}]
+
+
+class OnnxSampler:
+    """Samples a bundle's edit with ONNX Runtime on the CPU or one CUDA GPU, and numpy's PLMS."""
+
+    def __init__(self, bundle: DacBundle, settings: PredictSettings, device: str = "cpu", threads: int | None = None) -> None:
         import onnxruntime as ort
 
-        from cfdeploy.backends.onnxruntime_backend import choose_providers
+        from cfdeploy.backends.onnxruntime_backend import load_failure
 
         if settings.scheduler != "pndm":
             raise CfdeployError(f"--scheduler {settings.scheduler}: a bundle samples with the base model's PNDM scheduler only")
         self.bundle = bundle
         self.settings = settings
-        providers = [name for name in choose_providers(None) if name != "TensorrtExecutionProvider"]
+        providers, provider_options = device_providers(device)
         options = ort.SessionOptions()
         options.log_severity_level = 3  # the exporter's CastLike nodes make the CPU provider warn about constant folding
         if threads:
             options.intra_op_num_threads = threads
-        self.sessions = {
-            name: ort.InferenceSession(str(bundle.path / f"{name}.onnx"), options, providers=providers) for name in NETWORKS
-        }
+        self.sessions = {}
+        for name in NETWORKS:
+            path = bundle.path / f"{name}.onnx"
+            try:
+                session = ort.InferenceSession(str(path), options, providers=providers, provider_options=provider_options)
+            except Exception as error:  # ONNX Runtime has one exception class per failure, none shared but Exception
+                raise CfdeployError(f"{path}: ONNX Runtime cannot load this graph: {load_failure(error)}") from None
+            if session.get_providers()[0] != providers[0]:
+                raise CfdeployError(f"--device {device}: ONNX Runtime could not start {providers[0]} (its CUDA libraries?)")
+            self.sessions[name] = session
         self.context = self.embeddings(settings.beta)
 
     def embeddings(self, beta: float) -> np.ndarray:
@@ -116,8 +147,8 @@ class OnnxSampler:
             on_call(int(timestep))
             feed = {"sample": np.concatenate([latents, latents]), "timestep": np.array([timestep], np.float32),
                     "encoder_hidden_states": self.context}
-            if self.bundle.scale_input:
-                feed["lora_scale"] = np.array([anneal(int(timestep), self.bundle.eta)], np.float32)
+            if self.bundle.unet_mode == "scale-input":
+                feed["lora_scale"] = np.array([anneal(int(timestep), self.bundle.settings.eta)], np.float32)
             noise_uncond, noise_cond = self.sessions["unet"].run(None, feed)[0]
             noise = noise_uncond + self.settings.guidance * (noise_cond - noise_uncond)
             latents = scheduler.step(noise[None], int(timestep), latents)
@@ -128,13 +159,11 @@ class OnnxSampler:
 
 def open_bundle(path: Path, settings: PredictSettings, device: str, on_stage: Callable[[str], None]) -> tuple[OnnxSampler, dict[str, Any]]:
     """A sampler for the bundle at ``path``, and what ``edit.json`` records of it."""
-    if device != "cpu" and not device.startswith("cuda"):
-        raise CfdeployError(f"unsupported device {device!r} (expected cpu, cuda or cuda:N)")
+    device_providers(device)
     on_stage("checking the bundle")
     bundle = DacBundle(path)
     on_stage("loading the graphs")
-    sampler = OnnxSampler(bundle, settings)
-    run_settings = bundle.manifest.get("run", {}).get("settings", {})
-    return sampler, {"bundle": str(path), "backend": "onnxruntime", "providers": sampler.sessions["unet"].get_providers(),
-                     "unet_mode": bundle.manifest["unet"]["mode"], "eta": bundle.eta,
-                     **{key: run_settings.get(key) for key in ("prompt", "target", "resolution", "variant")}}
+    sampler = OnnxSampler(bundle, settings, device)
+    return sampler, {"bundle": str(path), "backend": "onnxruntime", "device": device,
+                     "providers": sampler.sessions["unet"].get_providers(), "unet_mode": bundle.unet_mode,
+                     **{key: getattr(bundle.settings, key) for key in DESCRIBED_SETTINGS}}

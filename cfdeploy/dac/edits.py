@@ -15,6 +15,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from cfdeploy.dac.bundle import BUNDLE_FORMAT
+from cfdeploy.dac.run import FORMAT as RUN_FORMAT
 from cfdeploy.dac.run import require_manifest, versions
 from cfdeploy.errors import CfdeployError, require_finite, require_range
 from cfdeploy.inputs import read_json_object
@@ -22,8 +24,6 @@ from cfdeploy.outputs import StagedDirectory
 
 SCHEDULERS = ("pndm", "ddim")
 CONTACT_SHEET = "contact_sheet.png"
-RUN_FORMAT = "cfdeploy-dac-run"
-BUNDLE_FORMAT = "cfdeploy-dac-bundle"
 
 
 @dataclass(frozen=True)

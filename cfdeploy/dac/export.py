@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -156,7 +157,7 @@ def export_dac_bundle(
     info = inspect_base_model(base_model or Path(str(recorded.get("path"))))
     check_same_base_model(info, recorded, run_path)
     settings = run.settings
-    eta, resolution = float(settings["eta"]), int(settings["resolution"])
+    eta, resolution = settings.eta, settings.resolution
     side = resolution // info.vae_scale_factor
     hidden_size = int(info.configs["text_encoder"]["hidden_size"])
     contracts = dac_contracts(info.latent_channels, side, resolution, hidden_size, unet_mode == "scale-input")
@@ -164,9 +165,9 @@ def export_dac_bundle(
         on_stage("loading the base model")
         base = load_base_model(info)
         load_run_adapters(base, run)
-        text_weights = text_adapter_weights(run.variant, 1.0)
-        cond, uncond = edit_embeddings(base, settings["target"], text_weights)
-        tokens = torch.cat([base.tokens(""), base.tokens(settings["target"])])
+        text_weights = text_adapter_weights(settings.variant, 1.0)
+        cond, uncond = edit_embeddings(base, settings.target, text_weights)
+        tokens = torch.cat([base.tokens(""), base.tokens(settings.target)])
         staged.write_npy(TOKENS, tokens.numpy().astype(np.int64))
         staged.write_npy(EMBEDDINGS, torch.cat([uncond, cond]).numpy())
         staged.write_json(SCHEDULER_CONFIG, dict(info.configs["scheduler"]))
@@ -177,7 +178,7 @@ def export_dac_bundle(
 
         on_stage("exporting the text encoder")
         lora.activate(base.text_encoder, list(text_weights))
-        if run.variant == "t":
+        if settings.variant == "t":
             lora.set_weight(base.text_encoder, lora.SOURCE_ADAPTER, 1.0)
         text_encoder = ScaledTextEncoder(base.text_encoder, lora.EDIT_ADAPTER).eval()
         text_cases = [(tokens, torch.tensor([weight])) for weight in (-1.0, -0.5, 0.0)]
@@ -212,10 +213,8 @@ def export_dac_bundle(
         manifest = {
             "format": BUNDLE_FORMAT,
             "format_version": FORMAT_VERSION,
-            "run": {"path": str(run_path), "image_sha256": run.manifest["image_sha256"], "settings": settings,
+            "run": {"path": str(run_path), "image_sha256": run.manifest["image_sha256"], "settings": asdict(settings),
                     "base_model": info.identity()},
-            "eta": eta,
-            "resolution": resolution,
             "latent_shape": [info.latent_channels, side, side],
             "unet": {"mode": unet_mode, "merged_scale": merged_scale},
             "networks": {name: contract.as_dict() for name, contract in contracts.items()},

@@ -121,9 +121,15 @@ def read_adapter(path: Path, name: str) -> tuple[AdapterSpec, dict[str, torch.Te
         spec = AdapterSpec(name, int(metadata["rank"]), tuple(json.loads(metadata["targets"])))
     except (KeyError, ValueError, TypeError) as error:
         raise CfdeployError(f"{path}: damaged adapter metadata ({error})") from None
+    if metadata.get("adapter") != name:
+        raise CfdeployError(f"{path}: holds adapter {metadata.get('adapter')!r}, expected {name!r}")
     for key, tensor in state.items():
+        if "lora_A" in key and (tensor.ndim < 2 or tensor.shape[0] != spec.rank):
+            raise CfdeployError(f"{path}: {key} has shape {tuple(tensor.shape)}, not rank {spec.rank} as its metadata says")
         if not torch.isfinite(tensor).all():
             raise CfdeployError(f"{path}: {key} holds NaN or infinite values")
+    if spec.rank < 1 or not state:
+        raise CfdeployError(f"{path}: an empty adapter (rank {spec.rank}, {len(state)} tensors)")
     return spec, state
 
 
@@ -133,9 +139,9 @@ def fill_adapter(model: nn.Module, name: str, state: dict[str, torch.Tensor], so
     Every adapted layer must come from ``state``, with the shape the model gives it: a file missing
     layers (or with extra ones) is refused, never half-loaded.
     """
-    from peft import set_peft_model_state_dict
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
-    wanted = adapter_state(model, name)
+    wanted = {key: tensor.shape for key, tensor in get_peft_model_state_dict(model, adapter_name=name).items()}
     missing = sorted(set(wanted) - set(state))
     extra = sorted(set(state) - set(wanted))
     count = len(lora_layers(model, name))
@@ -143,8 +149,8 @@ def fill_adapter(model: nn.Module, name: str, state: dict[str, torch.Tensor], so
         detail = f"{len(missing)} missing (e.g. {missing[0]})" if missing else f"{len(extra)} unexpected (e.g. {extra[0]})"
         raise CfdeployError(f"{source}: does not match this model's {count} adapted layers: {detail}")
     for key, tensor in state.items():
-        if tensor.shape != wanted[key].shape:
-            raise CfdeployError(f"{source}: {key} has shape {tuple(tensor.shape)}, this model needs {tuple(wanted[key].shape)}")
+        if tensor.shape != wanted[key]:
+            raise CfdeployError(f"{source}: {key} has shape {tuple(tensor.shape)}, this model needs {tuple(wanted[key])}")
     set_peft_model_state_dict(model, state, adapter_name=name)
     model.requires_grad_(False)
     return count

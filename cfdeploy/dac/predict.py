@@ -26,7 +26,16 @@ from cfdeploy.dac.base_model import (
 )
 from cfdeploy.dac.edits import PredictSettings
 from cfdeploy.dac.plms import anneal, noise_latents
-from cfdeploy.dac.run import SOURCE_TEXT_LORA, TEXT_LORA, UNET_LORA, DacRun, read_run
+from cfdeploy.dac.run import (
+    DESCRIBED_SETTINGS,
+    EDIT_EMBEDDINGS,
+    SOURCE_TEXT_LORA,
+    TEXT_LORA,
+    UNET_LORA,
+    DacRun,
+    read_run,
+)
+from cfdeploy.errors import CfdeployError
 
 
 def text_adapter_weights(variant: str, beta: float) -> dict[str, float]:
@@ -101,8 +110,26 @@ def load_run_adapters(base: BaseModel, run: DacRun) -> None:
     lora.load_adapter(run.file(UNET_LORA), base.unet, lora.UNET_ADAPTER, lora.UNET_TARGETS)
     lora.activate(base.unet, [lora.UNET_ADAPTER])
     lora.load_adapter(run.file(TEXT_LORA), base.text_encoder, lora.EDIT_ADAPTER, lora.TEXT_TARGETS)
-    if run.variant == "t":
+    if run.settings.variant == "t":
         lora.load_adapter(run.file(SOURCE_TEXT_LORA), base.text_encoder, lora.SOURCE_ADAPTER, lora.TEXT_TARGETS)
+
+
+def stored_edit_embeddings(run: DacRun, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cond, uncond) at β = 1 as abduct stored them, checked to be finite tensors of ``shape``."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = run.file(EDIT_EMBEDDINGS)
+    try:
+        stored = load_file(path)
+    except (SafetensorError, OSError) as error:
+        raise CfdeployError(f"{path}: not a safetensors file ({error})") from None
+    for key in ("cond", "uncond"):
+        tensor = stored.get(key)
+        if tensor is None or tuple(tensor.shape) != shape or not torch.isfinite(tensor).all():
+            found = "missing" if tensor is None else f"shape {tuple(tensor.shape)}"
+            raise CfdeployError(f"{path}: expected a finite {key!r} of shape {shape}, found {found} (or NaN values)")
+    return stored["cond"], stored["uncond"]
 
 
 class TorchSampler:
@@ -112,9 +139,15 @@ class TorchSampler:
         self.base = load_base_model(info, device)
         load_run_adapters(self.base, run)
         self.settings = settings
-        self.eta = float(run.settings["eta"])
-        self.resolution = int(run.settings["resolution"])
-        self.cond, self.uncond = edit_embeddings(self.base, run.settings["target"], text_adapter_weights(run.variant, settings.beta))
+        self.eta = run.settings.eta
+        self.resolution = run.settings.resolution
+        if settings.beta == 1.0:
+            tokens = self.base.tokenizer.model_max_length
+            shape = (1, tokens, int(info.configs["text_encoder"]["hidden_size"]))
+            self.cond, self.uncond = (tensor.to(device) for tensor in stored_edit_embeddings(run, shape))
+        else:
+            self.cond, self.uncond = edit_embeddings(self.base, run.settings.target,
+                                                     text_adapter_weights(run.settings.variant, settings.beta))
 
     def sample(self, seed: int, on_call: Callable[[int], None]) -> np.ndarray:
         latents = initial_latents(self.base, seed, self.resolution)
@@ -137,4 +170,4 @@ def open_run(run_path: Path, settings: PredictSettings, base_model: Path | None,
     on_stage("loading the base model")
     sampler = TorchSampler(run, info, settings, device)
     return sampler, {"run": str(run_path), "backend": "torch", "device": device, "base_model": info.identity(),
-                     **{key: run.settings[key] for key in ("prompt", "target", "eta", "resolution", "variant")}}
+                     **{key: getattr(run.settings, key) for key in DESCRIBED_SETTINGS}}

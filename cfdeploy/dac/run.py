@@ -12,11 +12,11 @@ A run is complete when ``manifest.json`` exists; it is written last.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from cfdeploy.errors import CfdeployError
+from cfdeploy.errors import CfdeployError, require_finite, require_range
 from cfdeploy.inputs import read_json_object
 
 MANIFEST = "manifest.json"
@@ -27,6 +27,59 @@ SOURCE_TEXT_LORA = "source_text_lora.safetensors"
 EDIT_EMBEDDINGS = "edit_embeddings.safetensors"
 FORMAT = "cfdeploy-dac-run"
 FORMAT_VERSION = 1
+VARIANTS = ("plain", "t")
+DESCRIBED_SETTINGS = ("prompt", "target", "eta", "resolution", "variant")  # what edit.json repeats of a run
+_FIELD_TYPES: dict[str, type | tuple[type, ...]] = {"str": str, "int": int, "float": (int, float)}
+
+
+@dataclass(frozen=True)
+class AbductSettings:
+    """The official hyper-parameters by default (DAC's scripts): 1000 + 1000 steps, ranks 512 and 4, η 0.8, lr 1e-4."""
+
+    prompt: str
+    target: str
+    unet_steps: int = 1000
+    text_steps: int = 1000
+    rank: int = 512
+    text_rank: int = 4
+    eta: float = 0.8
+    lr: float = 1e-4
+    seed: int = 42
+    resolution: int = 512
+    variant: str = "plain"
+    save_every: int = 250
+
+    def __post_init__(self) -> None:
+        require_range(1, None, unet_steps=self.unet_steps, text_steps=self.text_steps, rank=self.rank,
+                      text_rank=self.text_rank, save_every=self.save_every)
+        require_range(0, 2**63 - 1, seed=self.seed)
+        require_range(8, 4096, resolution=self.resolution)
+        require_finite(eta=self.eta, lr=self.lr)
+        if not 0.0 <= self.eta <= 1.0:
+            raise CfdeployError(f"--eta must be from 0 to 1 (the paper uses 0.4 to 0.8), got {self.eta}")
+        if self.lr <= 0:
+            raise CfdeployError(f"--lr must be positive, got {self.lr}")
+        if self.variant not in VARIANTS:
+            raise CfdeployError(f"--variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
+        for option, text in (("--prompt", self.prompt), ("--target", self.target)):
+            if not text.strip():
+                raise CfdeployError(f"{option} is empty")
+
+    @classmethod
+    def from_manifest(cls, recorded: Any, source: Path) -> AbductSettings:
+        """The settings a manifest records, checked for type and range as the CLI checks them."""
+        if not isinstance(recorded, dict):
+            raise CfdeployError(f"{source}: 'settings' is not a table")
+        values: dict[str, Any] = {}
+        for setting in fields(cls):
+            value = recorded.get(setting.name)
+            if isinstance(value, bool) or not isinstance(value, _FIELD_TYPES[str(setting.type)]):
+                raise CfdeployError(f"{source}: settings.{setting.name} is {value!r}, expected a {setting.type}")
+            values[setting.name] = value
+        try:
+            return cls(**values)
+        except CfdeployError as error:
+            raise CfdeployError(f"{source}: recorded settings refused: {error}") from None
 
 
 @dataclass(frozen=True)
@@ -35,14 +88,7 @@ class DacRun:
 
     path: Path
     manifest: dict[str, Any]
-
-    @property
-    def settings(self) -> dict[str, Any]:
-        return dict(self.manifest["settings"])
-
-    @property
-    def variant(self) -> str:
-        return str(self.manifest["settings"]["variant"])
+    settings: AbductSettings
 
     def file(self, name: str) -> Path:
         path = self.path / name
@@ -83,7 +129,6 @@ def read_run(path: Path) -> DacRun:
         raise CfdeployError(f"{manifest_path}: not a cfdeploy DAC run manifest")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise CfdeployError(f"{manifest_path}: format version {manifest.get('format_version')}, this cfdeploy reads {FORMAT_VERSION}")
-    for key in ("settings", "base_model", "image_sha256"):
-        if key not in manifest:
-            raise CfdeployError(f"{manifest_path}: no {key!r}")
-    return DacRun(path, manifest)
+    if not isinstance(manifest.get("base_model"), dict) or not isinstance(manifest.get("image_sha256"), str):
+        raise CfdeployError(f"{manifest_path}: damaged (expected a 'base_model' table and an 'image_sha256' string)")
+    return DacRun(path, manifest, AbductSettings.from_manifest(manifest.get("settings"), manifest_path))

@@ -586,3 +586,45 @@ def test_export_refusals(cli, dac_run: Path, tmp_path: Path):
     unfinished.mkdir()
     (unfinished / CHECKPOINT).write_bytes(b"")
     assert_refused(cli("dac", "export", unfinished, "-o", tmp_path / "b"), tmp_path / "b", "an unfinished run")
+
+
+def test_the_bundle_records_where_each_unet_lora_tensor_is(dac_bundle: Path, dac_run: Path):
+    """The refit map, checked against the graph's own initializers (read with onnx) and the run's U."""
+    import onnx
+    from onnx import numpy_helper
+    from safetensors.numpy import load_file
+
+    refit = json.loads((dac_bundle / "manifest.json").read_text())["unet"]["refit"]
+    assert refit["adapter"] == lora.UNET_ADAPTER and refit["rank"] == FAST["rank"]
+    unet_lora = load_file(dac_run / UNET_LORA)
+    assert set(refit["weights"]) == set(unet_lora) and len(unet_lora) == 2 * UNET_LAYERS
+    initializers = {entry.name: entry for entry in onnx.load(str(dac_bundle / "unet.onnx"), load_external_data=False).graph.initializer}
+    for key, entry in refit["weights"].items():
+        stored = numpy_helper.to_array(initializers[entry["initializer"]], base_dir=str(dac_bundle))
+        assert np.array_equal(stored.T if entry["transposed"] else stored, unet_lora[key]), key
+
+
+def test_lora_tensors_are_found_by_value_where_names_are_anonymised(dac_run: Path):
+    from safetensors.numpy import load_file
+
+    from cfdeploy.dac.refit_map import match_initializers, refit_weights
+
+    state = dict(sorted(load_file(dac_run / UNET_LORA).items())[:6])
+    stored = {f"val_{index}": (value.T if index % 2 else value) for index, (key, value) in enumerate(state.items())}
+    stored["conv_in.weight"] = np.ones((4, 4, 3, 3), np.float32)
+    shapes = {name: value.shape for name, value in stored.items()}
+    mapping = match_initializers(shapes, stored.__getitem__, state, lora.UNET_ADAPTER)
+    assert [(entry["initializer"], entry["transposed"]) for entry in mapping.values()] == [
+        (f"val_{index}", bool(index % 2 and state[key].ndim == 2)) for index, key in enumerate(state)]
+    other = {key: value * 2 for key, value in state.items()}
+    weights = refit_weights(mapping, other, Path("other.safetensors"))
+    assert all(np.array_equal(weights[f"val_{index}"], stored[f"val_{index}"] * 2) for index in range(len(state)))
+    first = next(iter(state))
+    duplicated = {**stored, "val_copy": stored["val_0"]}
+    with pytest.raises(CfdeployError, match=rf"{first} \(.*\) matches 2 of the graph's initializers"):
+        match_initializers({name: value.shape for name, value in duplicated.items()}, duplicated.__getitem__, state, lora.UNET_ADAPTER)
+    del stored["val_0"]
+    with pytest.raises(CfdeployError, match=rf"{first} \(.*\) is not among the graph's initializers, by name or by value"):
+        match_initializers({name: value.shape for name, value in stored.items()}, stored.__getitem__, state, lora.UNET_ADAPTER)
+    with pytest.raises(CfdeployError, match=r"other.safetensors: .* has shape \(2, 2\)"):
+        refit_weights(mapping, {**other, first: np.zeros((2, 2), np.float32)}, Path("other.safetensors"))

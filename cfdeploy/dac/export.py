@@ -43,6 +43,7 @@ from cfdeploy.dac.predict import (
     load_run_adapters,
     text_adapter_weights,
 )
+from cfdeploy.dac.refit_map import match_initializers
 from cfdeploy.dac.run import read_run, versions
 from cfdeploy.errors import CfdeployError
 from cfdeploy.exporter import DEFAULT_OPSET, export_graph
@@ -191,6 +192,8 @@ def export_dac_bundle(
             unet_cases = [(*case, torch.tensor([anneal(float(case[1][0]), eta)])) for case in cases]
             parity["unet"] = _export(unet, contracts["unet"], staged.path, opset, unet_cases)
             merged_scale = None
+            refit = {"adapter": lora.UNET_ADAPTER, "rank": settings.rank,
+                     "weights": _unet_refit_map(staged.path / contracts["unet"].filename, base.unet)}
         else:
             exact = ScaledUNet(base.unet, lora.UNET_ADAPTER).eval()
             with torch.no_grad():
@@ -204,6 +207,7 @@ def export_dac_bundle(
             with torch.no_grad():
                 differences = [float((unet(*case) - reference).norm() / reference.norm()) for case, reference in zip(cases, references, strict=True)]
             parity["unet"]["merged_vs_exact_rel_l2"] = max(differences)
+            refit = None  # U is folded into the UNet's weights
 
         on_stage("exporting the VAE decoder")
         decoder = VaeDecoder(base.vae, info.scaling_factor).eval()
@@ -216,7 +220,7 @@ def export_dac_bundle(
             "run": {"path": str(run_path), "image_sha256": run.manifest["image_sha256"], "settings": asdict(settings),
                     "base_model": info.identity()},
             "latent_shape": [info.latent_channels, side, side],
-            "unet": {"mode": unet_mode, "merged_scale": merged_scale},
+            "unet": {"mode": unet_mode, "merged_scale": merged_scale, "refit": refit},
             "networks": {name: contract.as_dict() for name, contract in contracts.items()},
             "files": {name: sha256_file(staged.path / name) for name in files},
             "parity": parity,
@@ -225,6 +229,18 @@ def export_dac_bundle(
         }
         staged.write_json(MANIFEST, manifest)
     return manifest
+
+
+def _unet_refit_map(path: Path, unet: nn.Module) -> dict[str, dict[str, Any]]:
+    """Where each of U's tensors is in the exported graph (what a TensorRT refit with another run's U needs)."""
+    import onnx
+    from onnx import numpy_helper
+
+    initializers = {entry.name: entry for entry in onnx.load(str(path), load_external_data=False).graph.initializer}
+    state = {key: tensor.numpy() for key, tensor in lora.adapter_state(unet, lora.UNET_ADAPTER).items()}
+    return match_initializers({name: tuple(entry.dims) for name, entry in initializers.items()},
+                              lambda name: numpy_helper.to_array(initializers[name], base_dir=str(path.parent)),
+                              state, lora.UNET_ADAPTER)
 
 
 def _export(

@@ -554,7 +554,7 @@ def test_damaged_runs_adapters_and_weights_are_refused(cli, dac_run: Path, dac_b
     stale = damaged_run("stale")
     embeddings = load_file(dac_run / EDIT_EMBEDDINGS)
     save_file({"cond": embeddings["cond"][:, :5]}, stale / EDIT_EMBEDDINGS)
-    assert_refused(cli("dac", "edit", stale, "-o", edits), edits, f"{EDIT_EMBEDDINGS}: expected a finite 'cond' of shape (1, 77, 32)")
+    assert_refused(cli("dac", "edit", stale, "-o", edits), edits, f"{EDIT_EMBEDDINGS}: expected 'cond' of shape (1, 77, 32), found (1, 5, 32)")
     garbled = damaged_run("garbled")
     manifest = json.loads((dac_run / "manifest.json").read_text())
     (garbled / "manifest.json").write_text(json.dumps({**manifest, "settings": {**manifest["settings"], "eta": "high"}}))
@@ -628,3 +628,32 @@ def test_lora_tensors_are_found_by_value_where_names_are_anonymised(dac_run: Pat
         match_initializers({name: value.shape for name, value in stored.items()}, stored.__getitem__, state, lora.UNET_ADAPTER)
     with pytest.raises(CfdeployError, match=r"other.safetensors: .* has shape \(2, 2\)"):
         refit_weights(mapping, {**other, first: np.zeros((2, 2), np.float32)}, Path("other.safetensors"))
+
+
+def test_another_run_sampled_on_a_bundle_equals_its_torch_edit(cli, dac_bundle: Path, dac_base: Path, dac_image: Path,
+                                                              tmp_path: Path):
+    """--run puts another run's U in place of the bundle's (by the refit map) and samples its stored embeddings."""
+    other = tmp_path / "other"
+    abduct(AbductSettings(PROMPT, "A cat in the snow.", **{**FAST, "seed": 7}), AbductInputs(dac_image, dac_base), other)
+    torch_out, bundle_out = tmp_path / "torch", tmp_path / "bundle"
+    assert cli("dac", "edit", other, "--out", torch_out, "--samples", 1, "--steps", 4).exit_code == 0
+    result = cli("dac", "edit", dac_bundle, "--run", other, "--out", bundle_out, "--samples", 1, "--steps", 4)
+    assert result.exit_code == 0, result.stderr
+    report = json.loads((bundle_out / "edit.json").read_text())
+    assert report["refit_run"] == str(other) and report["target"] == "A cat in the snow."
+    ours = np.asarray(Image.open(bundle_out / "seed_0029.png")).astype(int)
+    assert np.abs(ours - np.asarray(Image.open(torch_out / "seed_0029.png")).astype(int)).max() <= 1
+    own = tmp_path / "own"
+    assert cli("dac", "edit", dac_bundle, "--out", own, "--samples", 1, "--steps", 4).exit_code == 0
+    assert np.abs(ours - np.asarray(Image.open(own / "seed_0029.png")).astype(int)).max() > 8  # the other U took effect
+
+    edits = tmp_path / "edits"
+    assert_refused(cli("dac", "edit", dac_bundle, "--run", other, "-o", edits, "--beta", "0.5"), edits,
+                   f"--run samples {other}'s stored embeddings (β 1); for --beta 0.5 export that run")
+    assert_refused(cli("dac", "edit", other, "-o", edits, "--backend", "tensorrt"), edits, "a run samples with PyTorch")
+    assert_refused(cli("dac", "edit", dac_bundle, "-o", edits, "--backend", "torch"), edits,
+                   "--backend torch: a bundle runs on onnxruntime or tensorrt")
+    wider = tmp_path / "wider"
+    abduct(AbductSettings(PROMPT, TARGET, **{**FAST, "rank": 8}), AbductInputs(dac_image, dac_base), wider)
+    assert_refused(cli("dac", "edit", dac_bundle, "--run", wider, "-o", edits), edits,
+                   f"{wider / UNET_LORA}: ", "has shape (8, ", "the bundle's UNet needs (4, ")

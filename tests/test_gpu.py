@@ -100,16 +100,19 @@ def test_tensorrt_engines_edit_like_the_reference_and_refit(tmp_path, cli, bundl
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")
-def test_tensorrt_paths_say_tensorrt_is_missing(tmp_path, cli, bundle_256, cfclip_256, clip_state_dict_file, latents_256):
+def test_tensorrt_paths_say_tensorrt_is_missing(tmp_path, cli, bundle_256, cfclip_256, clip_state_dict_file, latents_256,
+                                                dac_bundle):
     message = "needs TensorRT, which is not installed here (No module named 'tensorrt')"
     for args in (
         ["build-engines", bundle_256],
         ["edit", "--bundle", bundle_256, "--backend", "tensorrt", "-l", latents_256, "-t", "x", "-o", tmp_path / "out"],
         ["export", "-c", cfclip_256, "--clip-weights", clip_state_dict_file, "-o", tmp_path / "out", "--tensorrt"],
+        ["dac", "build-engines", dac_bundle],
+        ["dac", "edit", dac_bundle, "--backend", "tensorrt", "-o", tmp_path / "out"],
     ):
         result = cli(*args)
-        assert result.exit_code == 2 and result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
-    assert not (tmp_path / "out").exists() and not (bundle_256 / "tensorrt").exists()
+        assert result.exit_code == 2 and result.stderr.strip().count("\n") == 0 and message in result.stderr, result.stderr
+    assert not (tmp_path / "out").exists() and not (bundle_256 / "tensorrt").exists() and not (dac_bundle / "tensorrt").exists()
 
 
 @pytest.mark.gpu
@@ -145,3 +148,29 @@ def test_dac_bundle_on_onnxruntime_cuda_matches_the_cpu(tmp_path, cli, dac_bundl
     assert json.loads((edits["cuda"] / "edit.json").read_text())["providers"][0] == "CUDAExecutionProvider"
     cpu, cuda = (np.asarray(Image.open(path / "seed_0029.png")).astype(np.float64) for path in edits.values())
     assert psnr(cuda / 127.5 - 1, cpu / 127.5 - 1) >= FP32_CROSS_DEVICE_MIN_PSNR_DB
+
+
+@pytest.mark.gpu
+@needs_tensorrt
+def test_dac_tensorrt_engines_sample_like_onnxruntime_and_refit_another_run(tmp_path, cli, dac_bundle, dac_base, dac_image):
+    """fp16 UNet engine against ONNX Runtime fp32 on the CPU; then another run's U refitted into the same engine."""
+    from PIL import Image
+
+    from cfdeploy.dac.abduct import AbductInputs, abduct
+    from cfdeploy.dac.run import AbductSettings
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(dac_bundle, bundle)
+    result = cli("dac", "build-engines", bundle)
+    assert result.exit_code == 0, result.stderr
+    assert cli("dac", "build-engines", bundle).stderr.count("kept") == 3  # keyed: nothing rebuilt
+    other = tmp_path / "other"
+    abduct(AbductSettings("A cat.", "A cat in the snow.", unet_steps=4, text_steps=4, rank=4, resolution=32, save_every=2, seed=7),
+           AbductInputs(dac_image, dac_base), other)
+    for extra in ([], ["--run", other]):
+        outs = {backend: tmp_path / f"{backend}-{len(extra)}" for backend in ("onnxruntime", "tensorrt")}
+        for backend, out in outs.items():
+            result = cli("dac", "edit", bundle, "-o", out, "--samples", 1, "--steps", 6, "--backend", backend, *extra)
+            assert result.exit_code == 0, result.stderr
+        ort, trt_image = (np.asarray(Image.open(out / "seed_0029.png")).astype(np.float64) for out in outs.values())
+        assert psnr(trt_image / 127.5 - 1, ort / 127.5 - 1) >= FP16_MIN_PSNR_DB, extra

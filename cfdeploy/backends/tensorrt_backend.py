@@ -10,7 +10,7 @@ copy, which edits report).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import tensorrt as trt
@@ -47,14 +47,18 @@ class Engine:
     """One engine: execution context, fixed device buffers, and a CUDA graph once static and warm."""
 
     def __init__(
-        self, path: Path, contract: NetworkContract, key: EngineKey, runtime: trt.Runtime, stream: int, cuda_graphs: bool
+        self, path: Path, contract: NetworkContract, key: EngineKey, runtime: trt.Runtime, stream: int, cuda_graphs: bool,
+        prepare: Callable[[trt.ICudaEngine], None] | None = None,
     ) -> None:
+        """``prepare`` sees the engine before its execution context is made (a refit with other weights)."""
         self.contract = contract
         self.profile = BatchProfile(*key.profile)
         self.stream = stream
         engine = runtime.deserialize_cuda_engine(path.read_bytes())
         if engine is None:
             raise CfdeployError(f"{path}: TensorRT could not load the engine (built by another TensorRT?)")
+        if prepare is not None:
+            prepare(engine)
         self.engine = engine
         self.context = engine.create_execution_context()
         for spec in (*contract.inputs, *contract.outputs):

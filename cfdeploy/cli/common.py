@@ -85,7 +85,7 @@ def user_errors(command: Command) -> Command:
             if package not in EXTRAS and package != "tensorrt":
                 raise
             group = GROUP_EXTRAS.get(command.__module__)
-            name = " ".join(filter(None, (group, command.__name__.removesuffix("_command"))))
+            name = " ".join(filter(None, (group, command.__name__.removesuffix("_command").replace("_", "-"))))
             raise fail(str(missing_extra(package, f"cfdeploy {name}", error, extra=group))) from None
         except KeyboardInterrupt as error:  # a command that kept something says what, in the interrupt's message
             raise fail(f"interrupted; {str(error) or 'nothing was written'}", code=130) from None

@@ -97,19 +97,31 @@ def edit_command(
                                   help="pndm: the base model's own (official); ddim from the same config."),
     base_model: Optional[Path] = typer.Option(None, "--base-model", "-b", metavar="DIR",
                                               help="The base model folder, if it moved since abduct (its weights must be the same)."),
-    device: str = DEVICE,
+    backend: Optional[str] = typer.Option(None, "--backend", metavar="torch|onnxruntime|tensorrt",
+                                          help="torch for a run; onnxruntime (default) or tensorrt (engines from "
+                                          "`dac build-engines`) for a bundle."),
+    refit_run: Optional[Path] = typer.Option(None, "--run", metavar="RUN",
+                                             help="Sample this other run (same base model, rank and resolution) on the bundle: "
+                                             "its U replaces the bundle's (a refit of the TensorRT UNet engine); no export, "
+                                             "no rebuild (β 1)."),
+    device: Optional[str] = typer.Option(None, "--device", metavar="DEVICE",
+                                         help="cpu, cuda or cuda:N (default: cpu; cuda for tensorrt)."),
     force: bool = typer.Option(False, "--force", "-f", help="Replace an existing --out directory."),
 ) -> None:
     """Sample DAC's edit: the target prompt with Δ subtracted and U annealed by γ(t), from a run or a bundle.
 
     Example: cfdeploy dac edit runs/cat_cap --out edits/cat_cap --samples 8
+
+    On a GPU: cfdeploy dac build-engines bundles/cat_cap, then cfdeploy dac edit bundles/cat_cap --backend tensorrt
+    --out edits/cat_cap_trt (add --run runs/dog_hat to sample another run of the same base model on the same engines).
     """
     from cfdeploy.dac.edits import PredictSettings, edit
 
     settings = PredictSettings(beta=beta, guidance=guidance, steps=steps, seed=seed, samples=samples, scheduler=scheduler)
     with progress_bar() as bar:
         task = bar.add_task("starting", total=samples)
-        report = edit(source, out, settings, base_model=base_model, device=device, force=force,
+        report = edit(source, out, settings, base_model=base_model, device=device, backend=backend, refit_run=refit_run,
+                      force=force,
                       on_stage=lambda stage: bar.update(task, description=stage),
                       on_sample=lambda seed: bar.update(task, advance=1, description=f"sampled seed {seed}"))
     seconds = sorted(report["seconds_per_sample"])[len(report["seconds_per_sample"]) // 2]
@@ -143,3 +155,23 @@ def export_command(
     merged = manifest["parity"]["unet"].get("merged_vs_exact_rel_l2")
     note = f"; merged UNet vs the exact γ(t) path: rel L2 {merged:.1e}" if merged is not None else ""
     say(f"wrote {out} (ONNX Runtime vs PyTorch, rel L2: {parity}{note})")
+
+
+@dac_app.command("build-engines")
+@user_errors
+def build_engines_command(
+    bundle: Path = typer.Argument(..., metavar="DACBUNDLE", help="A bundle written by `cfdeploy dac export`."),
+    rebuild: bool = typer.Option(False, "--rebuild", help="Rebuild engines whose key differs (another graph, TensorRT or GPU)."),
+) -> None:
+    """Build TensorRT engines for a DAC bundle into DACBUNDLE/tensorrt: the UNet fp16 and refittable (another run's
+    U is a refit: `dac edit --run`), the text encoder and VAE decoder fp32. Needs TensorRT and a CUDA GPU.
+
+    Example: cfdeploy dac build-engines bundles/cat_cap
+    """
+    from cfdeploy.cli.common import console
+    from cfdeploy.dac.engines import build_dac_engines
+
+    with console.status("starting") as status:
+        built = build_dac_engines(bundle, rebuild=rebuild, report=lambda message: status.update(message))
+    for engine in built:
+        say(f"{engine.network}: {engine.path} ({'kept' if engine.seconds is None else f'built in {engine.seconds:.0f} s'})")

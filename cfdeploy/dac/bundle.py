@@ -13,6 +13,7 @@ Opening a bundle checks the manifest and every file's sha256 before anything is 
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +23,17 @@ import numpy as np
 
 from cfdeploy.bundle import sha256_file
 from cfdeploy.dac.plms import PlmsScheduler, anneal, noise_latents
-from cfdeploy.dac.run import DESCRIBED_SETTINGS, MANIFEST, AbductSettings
+from cfdeploy.contracts import NetworkContract, dac_contracts
+from cfdeploy.dac.refit_map import refit_weights
+from cfdeploy.dac.run import (
+    DESCRIBED_SETTINGS,
+    MANIFEST,
+    UNET_LORA,
+    AbductSettings,
+    read_edit_embeddings,
+    read_run,
+    read_tensors,
+)
 from cfdeploy.errors import CfdeployError
 from cfdeploy.inputs import read_json_object
 
@@ -36,6 +47,7 @@ EMBEDDINGS = "edit_embeddings.npy"
 SCHEDULER_CONFIG = "scheduler_config.json"
 NETWORKS = ("text_encoder", "unet", "vae_decoder")
 UNET_MODES = ("scale-input", "merged")
+BUNDLE_BACKENDS = ("onnxruntime", "tensorrt")
 
 
 class DacBundle:
@@ -77,6 +89,22 @@ class DacBundle:
         if self.unet_mode not in UNET_MODES:
             raise CfdeployError(f"{manifest_path}: unet.mode is {self.unet_mode!r}, expected one of {', '.join(UNET_MODES)}")
 
+    @property
+    def contracts(self) -> dict[str, NetworkContract]:
+        """The graphs' contracts, as this cfdeploy states them; a bundle that records others is refused."""
+        channels, side, _ = self.latent_shape
+        hidden = int(self.array(EMBEDDINGS).shape[-1])
+        contracts = dac_contracts(channels, side, self.settings.resolution, hidden, self.unet_mode == "scale-input")
+        if {name: contract.as_dict() for name, contract in contracts.items()} != self.manifest.get("networks"):
+            raise CfdeployError(f"{self.path / MANIFEST}: its network contracts differ from this cfdeploy's (another version?)")
+        return contracts
+
+    def graph_sha256(self, network: str) -> str:
+        """One digest of a graph and its weights file (the .onnx alone does not change with the weights)."""
+        files = self.manifest["files"]
+        parts = [files[f"{network}.onnx"], files.get(f"{network}.onnx.data", "")]
+        return hashlib.sha256("".join(parts).encode()).hexdigest()
+
     def array(self, name: str) -> np.ndarray:
         array: np.ndarray = np.load(self.path / name, allow_pickle=False)
         return array
@@ -101,43 +129,73 @@ def device_providers(device: str) -> tuple[list[str], list[dict[str, str]]]:
     return ["CUDAExecutionProvider", "CPUExecutionProvider"], [{"device_id": match.group(1) or "0"}, {}]
 
 
-class OnnxSampler:
-    """Samples a bundle's edit with ONNX Runtime on the CPU or one CUDA GPU, and numpy's PLMS."""
+class OnnxRuntimeNetworks:
+    """The bundle's graphs as ONNX Runtime sessions on the CPU or one CUDA GPU: ``networks(name, **inputs)``.
 
-    def __init__(self, bundle: DacBundle, settings: PredictSettings, device: str = "cpu", threads: int | None = None) -> None:
+    ``unet_weights`` (another run's U, by initializer name) replace the UNet graph's own, as a TensorRT refit does.
+    """
+
+    def __init__(self, bundle: DacBundle, device: str = "cpu", unet_weights: dict[str, np.ndarray] | None = None,
+                 threads: int | None = None) -> None:
         import onnxruntime as ort
 
         from cfdeploy.backends.onnxruntime_backend import load_failure
 
-        if settings.scheduler != "pndm":
-            raise CfdeployError(f"--scheduler {settings.scheduler}: a bundle samples with the base model's PNDM scheduler only")
-        self.bundle = bundle
-        self.settings = settings
         providers, provider_options = device_providers(device)
+        self.device = device
         options = ort.SessionOptions()
         options.log_severity_level = 3  # the exporter's CastLike nodes make the CPU provider warn about constant folding
         if threads:
             options.intra_op_num_threads = threads
         self.sessions = {}
+        self._replaced = [ort.OrtValue.ortvalue_from_numpy(value) for value in (unet_weights or {}).values()]  # kept alive
         for name in NETWORKS:
             path = bundle.path / f"{name}.onnx"
+            session_options = options
+            if name == "unet" and unet_weights:
+                session_options = ort.SessionOptions()
+                session_options.log_severity_level = options.log_severity_level
+                session_options.intra_op_num_threads = options.intra_op_num_threads
+                for initializer, value in zip(unet_weights, self._replaced, strict=True):
+                    session_options.add_initializer(initializer, value)
             try:
-                session = ort.InferenceSession(str(path), options, providers=providers, provider_options=provider_options)
+                session = ort.InferenceSession(str(path), session_options, providers=providers, provider_options=provider_options)
             except Exception as error:  # ONNX Runtime has one exception class per failure, none shared but Exception
                 raise CfdeployError(f"{path}: ONNX Runtime cannot load this graph: {load_failure(error)}") from None
             if session.get_providers()[0] != providers[0]:
                 raise CfdeployError(f"--device {device}: ONNX Runtime could not start {providers[0]} (its CUDA libraries?)")
             self.sessions[name] = session
-        self.context = self.embeddings(settings.beta)
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": "onnxruntime", "device": self.device, "providers": self.sessions["unet"].get_providers()}
+
+    def __call__(self, network: str, **inputs: np.ndarray) -> np.ndarray:
+        output: np.ndarray = self.sessions[network].run(None, inputs)[0]
+        return output
+
+
+class BundleSampler:
+    """Samples an edit with numpy's PLMS; ``networks(name, **inputs)`` runs the graphs (ONNX Runtime or TensorRT).
+
+    By default the bundle's own run is sampled; ``context`` and ``eta`` give another run's embeddings and
+    annealing when its U has been refitted into the networks.
+    """
+
+    def __init__(self, bundle: DacBundle, settings: PredictSettings, networks: Callable[..., np.ndarray],
+                 context: np.ndarray | None = None, eta: float | None = None) -> None:
+        if settings.scheduler != "pndm":
+            raise CfdeployError(f"--scheduler {settings.scheduler}: a bundle samples with the base model's PNDM scheduler only")
+        self.bundle = bundle
+        self.settings = settings
+        self.networks = networks
+        self.context = self.embeddings(settings.beta) if context is None else context
+        self.eta = bundle.settings.eta if eta is None else eta
 
     def embeddings(self, beta: float) -> np.ndarray:
         """(uncond, cond) ``[2, 77, D]`` with Δ at −β: the shipped ones at β = 1, else from the text encoder graph."""
         if beta == 1.0:
             return self.bundle.array(EMBEDDINGS)
-        tokens = self.bundle.array(TOKENS)
-        hidden: np.ndarray = self.sessions["text_encoder"].run(
-            None, {"tokens": tokens, "text_lora_scale": np.array([-beta], np.float32)})[0]
-        return hidden
+        return self.networks("text_encoder", tokens=self.bundle.array(TOKENS), text_lora_scale=np.array([-beta], np.float32))
 
     def sample(self, seed: int, on_call: Callable[[int], None]) -> np.ndarray:
         channels, side, _ = self.bundle.latent_shape
@@ -148,22 +206,54 @@ class OnnxSampler:
             feed = {"sample": np.concatenate([latents, latents]), "timestep": np.array([timestep], np.float32),
                     "encoder_hidden_states": self.context}
             if self.bundle.unet_mode == "scale-input":
-                feed["lora_scale"] = np.array([anneal(int(timestep), self.bundle.settings.eta)], np.float32)
-            noise_uncond, noise_cond = self.sessions["unet"].run(None, feed)[0]
+                feed["lora_scale"] = np.array([anneal(int(timestep), self.eta)], np.float32)
+            noise_uncond, noise_cond = self.networks("unet", **feed)
             noise = noise_uncond + self.settings.guidance * (noise_cond - noise_uncond)
             latents = scheduler.step(noise[None], int(timestep), latents)
-        image: np.ndarray = self.sessions["vae_decoder"].run(None, {"latents": latents})[0]
+        image = self.networks("vae_decoder", latents=latents)
         unit: np.ndarray = np.clip(image / 2 + 0.5, 0, 1)
         return unit
 
 
-def open_bundle(path: Path, settings: PredictSettings, device: str, on_stage: Callable[[str], None]) -> tuple[OnnxSampler, dict[str, Any]]:
-    """A sampler for the bundle at ``path``, and what ``edit.json`` records of it."""
-    device_providers(device)
+def refit_inputs(bundle: DacBundle, run_path: Path, settings: PredictSettings) -> tuple[AbductSettings, dict[str, np.ndarray], np.ndarray]:
+    """Another run's settings, U as engine weights for the bundle's UNet, and its stored embeddings (uncond, cond)."""
+    refit = bundle.manifest["unet"].get("refit")
+    if bundle.unet_mode != "scale-input" or not isinstance(refit, dict) or not isinstance(refit.get("weights"), dict):
+        raise CfdeployError(f"{bundle.path}: its UNet has U merged in; a refit with another run's U needs a scale-input bundle")
+    run = read_run(run_path)
+    recorded = bundle.manifest["run"].get("base_model")
+    if not isinstance(recorded, dict) or run.manifest["base_model"].get("weights_sha256") != recorded.get("weights_sha256"):
+        raise CfdeployError(f"{run_path}: was fitted to another base model than {bundle.path}'s")
+    if settings.beta != 1.0:
+        raise CfdeployError(f"--run samples {run_path}'s stored embeddings (β 1); for --beta {settings.beta} export that run")
+    unet_lora = read_tensors(run.file(UNET_LORA))
+    weights = refit_weights(refit["weights"], unet_lora, run.file(UNET_LORA))
+    hidden = bundle.array(EMBEDDINGS).shape[1:]
+    cond, uncond = read_edit_embeddings(run, (1, *hidden))
+    return run.settings, weights, np.concatenate([uncond, cond])
+
+
+def open_bundle(
+    path: Path, settings: PredictSettings, device: str | None, on_stage: Callable[[str], None], backend: str = "onnxruntime",
+    refit_run: Path | None = None,
+) -> tuple[BundleSampler, dict[str, Any]]:
+    """A sampler for the bundle at ``path`` (sampling ``refit_run`` instead, its U in place of the bundle's), and
+    what ``edit.json`` records of it."""
+    if backend not in BUNDLE_BACKENDS:
+        raise CfdeployError(f"--backend {backend}: a bundle runs on {' or '.join(BUNDLE_BACKENDS)}")
     on_stage("checking the bundle")
     bundle = DacBundle(path)
+    sampled, weights, context = bundle.settings, None, None
+    if refit_run is not None:
+        sampled, weights, context = refit_inputs(bundle, refit_run, settings)
     on_stage("loading the graphs")
-    sampler = OnnxSampler(bundle, settings, device)
-    return sampler, {"bundle": str(path), "backend": "onnxruntime", "device": device,
-                     "providers": sampler.sessions["unet"].get_providers(), "unet_mode": bundle.unet_mode,
-                     **{key: getattr(bundle.settings, key) for key in DESCRIBED_SETTINGS}}
+    networks: Any
+    if backend == "tensorrt":
+        from cfdeploy.dac.engines import TensorRTNetworks
+
+        networks = TensorRTNetworks(bundle, device or "cuda", weights)
+    else:
+        networks = OnnxRuntimeNetworks(bundle, device or "cpu", weights)
+    sampler = BundleSampler(bundle, settings, networks, context, sampled.eta)
+    return sampler, {"bundle": str(path), **networks.describe(), "unet_mode": bundle.unet_mode, "refit_run": str(refit_run) if refit_run else None,
+                     **{key: getattr(sampled, key) for key in DESCRIBED_SETTINGS}}

@@ -89,24 +89,29 @@ def edit(
     settings: PredictSettings,
     *,
     base_model: Path | None = None,
-    device: str = "cpu",
+    device: str | None = None,
+    backend: str | None = None,
+    refit_run: Path | None = None,
     force: bool = False,
     on_stage: Callable[[str], None] = lambda stage: None,
     on_sample: Callable[[int], None] = lambda seed: None,
 ) -> dict[str, Any]:
-    """Sample the edit of a run (PyTorch) or bundle (ONNX Runtime) for each seed into ``out``; returns ``edit.json``."""
+    """Sample the edit of a run (PyTorch) or bundle (ONNX Runtime or TensorRT) for each seed into ``out``; returns
+    ``edit.json``. ``refit_run`` samples another run on a bundle's graphs or engines, its U put in place of the bundle's."""
     sampler: Sampler
-    with StagedDirectory(out, force, inputs=[source]) as staged:
+    with StagedDirectory(out, force, inputs=[source, *([refit_run] if refit_run else [])]) as staged:
         if source_format(source) == RUN_FORMAT:
             from cfdeploy.dac.predict import open_run
 
-            sampler, described = open_run(source, settings, base_model, device, on_stage)
+            if backend not in (None, "torch") or refit_run is not None:
+                raise CfdeployError(f"{source}: a run samples with PyTorch; export it for --backend {backend or 'tensorrt'} or --run")
+            sampler, described = open_run(source, settings, base_model, device or "cpu", on_stage)
         else:
             from cfdeploy.dac.bundle import open_bundle
 
             if base_model is not None:
                 raise CfdeployError(f"{source}: a bundle carries its own graphs; --base-model is for runs")
-            sampler, described = open_bundle(source, settings, device, on_stage)
+            sampler, described = open_bundle(source, settings, device, on_stage, backend or "onnxruntime", refit_run)
         on_stage("sampling")
         images: list[np.ndarray] = []
         seconds: list[float] = []

@@ -28,14 +28,13 @@ from cfdeploy.dac.edits import PredictSettings
 from cfdeploy.dac.plms import anneal, noise_latents
 from cfdeploy.dac.run import (
     DESCRIBED_SETTINGS,
-    EDIT_EMBEDDINGS,
     SOURCE_TEXT_LORA,
     TEXT_LORA,
     UNET_LORA,
     DacRun,
+    read_edit_embeddings,
     read_run,
 )
-from cfdeploy.errors import CfdeployError
 
 
 def text_adapter_weights(variant: str, beta: float) -> dict[str, float]:
@@ -114,24 +113,6 @@ def load_run_adapters(base: BaseModel, run: DacRun) -> None:
         lora.load_adapter(run.file(SOURCE_TEXT_LORA), base.text_encoder, lora.SOURCE_ADAPTER, lora.TEXT_TARGETS)
 
 
-def stored_edit_embeddings(run: DacRun, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cond, uncond) at β = 1 as abduct stored them, checked to be finite tensors of ``shape``."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    path = run.file(EDIT_EMBEDDINGS)
-    try:
-        stored = load_file(path)
-    except (SafetensorError, OSError) as error:
-        raise CfdeployError(f"{path}: not a safetensors file ({error})") from None
-    for key in ("cond", "uncond"):
-        tensor = stored.get(key)
-        if tensor is None or tuple(tensor.shape) != shape or not torch.isfinite(tensor).all():
-            found = "missing" if tensor is None else f"shape {tuple(tensor.shape)}"
-            raise CfdeployError(f"{path}: expected a finite {key!r} of shape {shape}, found {found} (or NaN values)")
-    return stored["cond"], stored["uncond"]
-
-
 class TorchSampler:
     """Samples a run's edit with the PyTorch models (``dac edit RUN``)."""
 
@@ -144,7 +125,7 @@ class TorchSampler:
         if settings.beta == 1.0:
             tokens = self.base.tokenizer.model_max_length
             shape = (1, tokens, int(info.configs["text_encoder"]["hidden_size"]))
-            self.cond, self.uncond = (tensor.to(device) for tensor in stored_edit_embeddings(run, shape))
+            self.cond, self.uncond = (torch.from_numpy(array).to(device) for array in read_edit_embeddings(run, shape))
         else:
             self.cond, self.uncond = edit_embeddings(self.base, run.settings.target,
                                                      text_adapter_weights(run.settings.variant, settings.beta))

@@ -16,6 +16,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from cfdeploy.errors import CfdeployError, require_finite, require_range
 from cfdeploy.inputs import read_json_object
 
@@ -95,6 +97,32 @@ class DacRun:
         if not path.is_file():
             raise CfdeployError(f"{path}: missing from the DAC run")
         return path
+
+
+def read_tensors(path: Path) -> dict[str, np.ndarray]:
+    """A safetensors file's tensors as numpy arrays, refused in one line if unreadable or not finite."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    try:
+        tensors = load_file(path)
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CfdeployError(f"{path}: not a safetensors file ({error})") from None
+    for key, tensor in tensors.items():
+        if not np.isfinite(tensor).all():
+            raise CfdeployError(f"{path}: {key} holds NaN or infinite values")
+    return tensors
+
+
+def read_edit_embeddings(run: DacRun, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """(cond, uncond) at β = 1 as abduct stored them, each checked to be of ``shape``."""
+    path = run.file(EDIT_EMBEDDINGS)
+    stored = read_tensors(path)
+    for key in ("cond", "uncond"):
+        found = stored[key].shape if key in stored else None
+        if found != shape:
+            raise CfdeployError(f"{path}: expected {key!r} of shape {shape}, found {'nothing' if found is None else found}")
+    return stored["cond"], stored["uncond"]
 
 
 def versions() -> dict[str, str]:

@@ -233,6 +233,10 @@ def test_killed_and_resumed_abduction_equals_uninterrupted(dac_run: Path, dac_ba
         abduct(changed, AbductInputs(dac_image, dac_base), out, resume=True)
     with pytest.raises(CfdeployError, match=r"--resume needs the inputs of the interrupted run; the device type \(cpu → cuda\) changed"):
         abduct(settings, AbductInputs(dac_image, dac_base), out, resume=True, device="cuda")
+    from cfdeploy.outputs import DirectoryLock
+
+    with DirectoryLock(out), pytest.raises(CfdeployError, match=f"{out}: another cfdeploy run is writing this directory"):
+        abduct(settings, AbductInputs(dac_image, dac_base), out, resume=True)
     with pytest.raises(Killed):
         abduct(settings, AbductInputs(dac_image, dac_base), out, resume=True, on_progress=kill_at("Abduction-2", 3))
     manifest = abduct(settings, AbductInputs(dac_image, dac_base), out, resume=True)

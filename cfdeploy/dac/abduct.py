@@ -53,7 +53,7 @@ from cfdeploy.dac.run import (
     versions,
 )
 from cfdeploy.errors import CfdeployError
-from cfdeploy.outputs import check_output_dir, write_atomic
+from cfdeploy.outputs import DirectoryLock, check_output_dir, write_atomic
 from cfdeploy.photos.images import load_photo
 from cfdeploy.training.trainer import step_generator
 
@@ -261,59 +261,61 @@ def abduct(
         raise CfdeployError(f"--resolution must be a multiple of {unit} for this base model, got {settings.resolution}")
     reused_unet = _reused_unet(inputs, settings, image_sha256, info)
     identity = _identity(settings, image_sha256, info, reused_unet, device)
-    checkpoint_path = out / CHECKPOINT
-    if resume:
-        if (out / MANIFEST).is_file():
-            raise CfdeployError(f"{out}: the run is complete; nothing to resume")
-        checkpoint = Checkpoint.read(checkpoint_path)
-        _check_resumable(checkpoint, identity, checkpoint_path)
-    else:
-        reused_inputs = [inputs.unet_lora_run] if inputs.unet_lora_run else []
-        check_output_dir(out, force, inputs=[inputs.image, inputs.base_model, *reused_inputs])
-        checkpoint = Checkpoint(1 if reused_unet else 0, 0, {}, identity)
-    on_stage("loading the base model")
-    base = load_base_model(info, device)
-    base.check_prompt(settings.prompt, "--prompt")
-    base.check_prompt(settings.target, "--target")
-    all_phases = phases(settings)
-    for phase in all_phases:
-        lora.add_adapter(_model_of(base, phase), phase.adapter, seed=settings.seed)
-    for index, phase in enumerate(all_phases[: checkpoint.phase]):
-        source = reused_unet if index == 0 and reused_unet and not resume else out / phase.file
-        lora.fill_adapter(_model_of(base, phase), phase.adapter.name, lora.read_adapter(source, phase.adapter.name)[1], source)
-    if not resume:
-        _empty_directory(out)
-        if reused_unet:
-            lora.save_adapter(out / UNET_LORA, base.unet, all_phases[0].adapter)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with DirectoryLock(out, timeout=0):  # two runs into one directory would interleave their checkpoints
+        checkpoint_path = out / CHECKPOINT
+        if resume:
+            if (out / MANIFEST).is_file():
+                raise CfdeployError(f"{out}: the run is complete; nothing to resume")
+            checkpoint = Checkpoint.read(checkpoint_path)
+            _check_resumable(checkpoint, identity, checkpoint_path)
+        else:
+            reused_inputs = [inputs.unet_lora_run] if inputs.unet_lora_run else []
+            check_output_dir(out, force, inputs=[inputs.image, inputs.base_model, *reused_inputs])
+            checkpoint = Checkpoint(1 if reused_unet else 0, 0, {}, identity)
+        on_stage("loading the base model")
+        base = load_base_model(info, device)
+        base.check_prompt(settings.prompt, "--prompt")
+        base.check_prompt(settings.target, "--target")
+        all_phases = phases(settings)
+        for phase in all_phases:
+            lora.add_adapter(_model_of(base, phase), phase.adapter, seed=settings.seed)
+        for index, phase in enumerate(all_phases[: checkpoint.phase]):
+            source = reused_unet if index == 0 and reused_unet and not resume else out / phase.file
+            lora.fill_adapter(_model_of(base, phase), phase.adapter.name, lora.read_adapter(source, phase.adapter.name)[1], source)
+        if not resume:
+            _empty_directory(out)
+            if reused_unet:
+                lora.save_adapter(out / UNET_LORA, base.unet, all_phases[0].adapter)
+                checkpoint.save(checkpoint_path)
+        abduction = Abduction(base, image_tensor(image, settings.resolution), settings, torch.device(device))
+        for index in range(checkpoint.phase, len(all_phases)):
+            _fit(abduction, all_phases, index, checkpoint, checkpoint_path, on_progress)
+            phase = all_phases[index]
+            lora.save_adapter(out / phase.file, _model_of(base, phase), phase.adapter)
+            checkpoint = Checkpoint(index + 1, 0, checkpoint.losses, identity)
             checkpoint.save(checkpoint_path)
-    abduction = Abduction(base, image_tensor(image, settings.resolution), settings, torch.device(device))
-    for index in range(checkpoint.phase, len(all_phases)):
-        _fit(abduction, all_phases, index, checkpoint, checkpoint_path, on_progress)
-        phase = all_phases[index]
-        lora.save_adapter(out / phase.file, _model_of(base, phase), phase.adapter)
-        checkpoint = Checkpoint(index + 1, 0, checkpoint.losses, identity)
-        checkpoint.save(checkpoint_path)
-    on_stage("encoding the edit embeddings")
-    cond, uncond = edit_embeddings(base, settings.target, text_adapter_weights(settings.variant, 1.0))
-    from safetensors.torch import save
+        on_stage("encoding the edit embeddings")
+        cond, uncond = edit_embeddings(base, settings.target, text_adapter_weights(settings.variant, 1.0))
+        from safetensors.torch import save
 
-    embeddings = {"cond": cond.cpu().contiguous(), "uncond": uncond.cpu().contiguous()}
-    write_atomic(out / EDIT_EMBEDDINGS, save(embeddings, metadata={"beta": "1.0"}))
-    manifest = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "base_model": info.identity(),
-        "image": str(inputs.image),
-        "image_sha256": image_sha256,
-        "settings": asdict(settings),
-        "unet_lora_from": str(inputs.unet_lora_run) if inputs.unet_lora_run else None,
-        "adapted_layers": {phase.adapter.name: len(lora.lora_layers(_model_of(base, phase), phase.adapter.name)) for phase in all_phases},
-        "losses": checkpoint.losses,
-        "device": device,
-        "versions": versions(),
-    }
-    write_atomic(out / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
-    checkpoint_path.unlink(missing_ok=True)
+        embeddings = {"cond": cond.cpu().contiguous(), "uncond": uncond.cpu().contiguous()}
+        write_atomic(out / EDIT_EMBEDDINGS, save(embeddings, metadata={"beta": "1.0"}))
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "base_model": info.identity(),
+            "image": str(inputs.image),
+            "image_sha256": image_sha256,
+            "settings": asdict(settings),
+            "unet_lora_from": str(inputs.unet_lora_run) if inputs.unet_lora_run else None,
+            "adapted_layers": {phase.adapter.name: len(lora.lora_layers(_model_of(base, phase), phase.adapter.name)) for phase in all_phases},
+            "losses": checkpoint.losses,
+            "device": device,
+            "versions": versions(),
+        }
+        write_atomic(out / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+        checkpoint_path.unlink(missing_ok=True)
     return manifest
 
 

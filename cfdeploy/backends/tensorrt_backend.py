@@ -224,9 +224,14 @@ class TensorRTBackend(BundleBackend):
         return super().synthesize(latents)
 
     def close(self) -> None:
-        for engine in self.engines.values():
-            engine.close()
-        self.engines.clear()
-        if self.stream:
-            call("cudaStreamDestroy", self.stream)
-            self.stream = 0
+        close_engines(self.engines, self.stream)
+        self.stream = 0
+
+
+def close_engines(engines: dict[str, Engine], stream: int) -> None:
+    """Free the engines' buffers and graphs, then their stream (0: already destroyed)."""
+    for engine in engines.values():
+        engine.close()
+    engines.clear()
+    if stream:
+        call("cudaStreamDestroy", stream)

@@ -9,7 +9,6 @@ names the bundle's refit map records), not by exporting and building again.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,15 +16,15 @@ from typing import Any
 import numpy as np
 import tensorrt as trt
 
-from cfdeploy.backends.tensorrt_backend import Engine
+from cfdeploy.backends.tensorrt_backend import Engine, close_engines
 from cfdeploy.bundle import ENGINE_DIR
 from cfdeploy.dac.bundle import NETWORKS, DacBundle
 from cfdeploy.errors import CfdeployError
-from cfdeploy.outputs import DirectoryLock, write_atomic
-from cfdeploy.trt.builder import BuiltEngine, build_engine, json_text, prefixed, wanted_key
+from cfdeploy.outputs import DirectoryLock
+from cfdeploy.trt.builder import BuiltEngine, build_wanted, wanted_key
 from cfdeploy.trt.cuda import call, gpu_identity
 from cfdeploy.trt.log import LOGGER
-from cfdeploy.trt.plan import TIMING_CACHE, BatchProfile, BuildSettings, check_runnable, engine_paths, plan_builds
+from cfdeploy.trt.plan import BatchProfile, BuildSettings, check_runnable, engine_paths
 
 BATCHES = {"text_encoder": 2, "unet": 2, "vae_decoder": 1}  # CFG runs uncond and cond together; one image is decoded
 
@@ -45,25 +44,8 @@ def build_dac_engines(bundle_path: Path, rebuild: bool = False, report: Callable
         engine_dir = bundle_path / ENGINE_DIR
         engine_dir.mkdir(exist_ok=True)
         wanted = [wanted_key(contracts[name], bundle.graph_sha256(name), build_settings(name, rebuild), gpu) for name in NETWORKS]
-        to_build = plan_builds(engine_dir, wanted, rebuild)
-        built = []
-        for key in wanted:
-            engine_path, key_path = engine_paths(engine_dir, key.network)
-            if key not in to_build:
-                report(f"{key.network}: engine is up to date")
-                built.append(BuiltEngine(key.network, engine_path, key, None))
-                continue
-            report(f"{key.network}: building a {key.precision} engine (static batch {key.profile[0]})")
-            started = time.perf_counter()
-            engine = build_engine(bundle_path / contracts[key.network].filename, contracts[key.network], key,
-                                  build_settings(key.network, rebuild), engine_dir / TIMING_CACHE, prefixed(report, key.network))
-            key_path.unlink(missing_ok=True)  # an engine without a key is refused, never trusted
-            write_atomic(engine_path, engine)
-            write_atomic(key_path, json_text(key).encode())
-            seconds = time.perf_counter() - started
-            report(f"{key.network}: built in {seconds:.1f}s ({len(engine) / 2**20:.1f} MiB)")
-            built.append(BuiltEngine(key.network, engine_path, key, seconds))
-    return built
+        return build_wanted(engine_dir, wanted, contracts, lambda name: bundle_path / contracts[name].filename,
+                            lambda name: build_settings(name, rebuild), rebuild, report)
 
 
 def refit_unet(engine: trt.ICudaEngine, weights: dict[str, np.ndarray]) -> None:
@@ -117,9 +99,5 @@ class TensorRTNetworks:
         return self.engines[network](**inputs)
 
     def close(self) -> None:
-        for engine in self.engines.values():
-            engine.close()
-        self.engines.clear()
-        if self.stream:
-            call("cudaStreamDestroy", self.stream)
-            self.stream = 0
+        close_engines(self.engines, self.stream)
+        self.stream = 0

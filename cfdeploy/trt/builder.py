@@ -12,7 +12,7 @@ import json
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 import tensorrt as trt
 
@@ -182,26 +182,39 @@ def build_engines(
         engine_dir.mkdir(parents=True, exist_ok=True)
         # keyed on the manifest's hashes; a graph is read (and its hash verified) only if it is built
         wanted = [wanted_key(contracts[name], bundle.network_sha256(name), settings, gpu) for name in names]
-        to_build = plan_builds(engine_dir, wanted, settings.rebuild)
-        built = []
-        for key in wanted:
-            engine_path, key_path = engine_paths(engine_dir, key.network)
-            if key not in to_build:
-                report(f"{key.network}: engine is up to date")
-                built.append(BuiltEngine(key.network, engine_path, key, None))
-                continue
-            report(f"{key.network}: building {key.precision} engine, {settings.profile.label()}")
-            started = time.perf_counter()
-            engine = build_engine(
-                bundle.network(key.network), contracts[key.network], key, settings, engine_dir / TIMING_CACHE,
-                prefixed(report, key.network),
-            )
-            key_path.unlink(missing_ok=True)  # an engine without a key is refused, never trusted
-            write_atomic(engine_path, engine)
-            write_atomic(key_path, json_text(key).encode())
-            seconds = time.perf_counter() - started
-            report(f"{key.network}: built in {seconds:.1f}s ({len(engine) / 2**20:.1f} MiB)")
-            built.append(BuiltEngine(key.network, engine_path, key, seconds))
+        return build_wanted(engine_dir, wanted, contracts, bundle.network, lambda name: settings, settings.rebuild, report)
+
+
+def build_wanted(
+    engine_dir: Path,
+    wanted: list[EngineKey],
+    contracts: Mapping[str, NetworkContract],
+    onnx_path: Callable[[str], Path],
+    settings: Callable[[str], BuildSettings],
+    rebuild: bool,
+    report: Callable[[str], None],
+) -> list[BuiltEngine]:
+    """Build the engines of ``wanted`` that are missing or stale (refusing mismatches without ``rebuild``), keep the
+    rest; each engine is written with its key, the key last. The caller holds the bundle's lock."""
+    to_build = plan_builds(engine_dir, wanted, rebuild)
+    built = []
+    for key in wanted:
+        engine_path, key_path = engine_paths(engine_dir, key.network)
+        if key not in to_build:
+            report(f"{key.network}: engine is up to date")
+            built.append(BuiltEngine(key.network, engine_path, key, None))
+            continue
+        network_settings = settings(key.network)
+        report(f"{key.network}: building {key.precision} engine, {network_settings.profile.label()}")
+        started = time.perf_counter()
+        engine = build_engine(onnx_path(key.network), contracts[key.network], key, network_settings, engine_dir / TIMING_CACHE,
+                              prefixed(report, key.network))
+        key_path.unlink(missing_ok=True)  # an engine without a key is refused, never trusted
+        write_atomic(engine_path, engine)
+        write_atomic(key_path, json_text(key).encode())
+        seconds = time.perf_counter() - started
+        report(f"{key.network}: built in {seconds:.1f}s ({len(engine) / 2**20:.1f} MiB)")
+        built.append(BuiltEngine(key.network, engine_path, key, seconds))
     return built
 
 

@@ -92,7 +92,7 @@ def abduction(cache: Path, shape: str, steps: int, device: str) -> dict[str, Any
             "peak_memory_mb": peak_memory_mb(device), "run": str(out)}
 
 
-def prediction(cache: Path, shape: str, runs: int, device: str, onnx: bool) -> dict[str, Any]:
+def prediction(cache: Path, shape: str, runs: int, device: str) -> dict[str, Any]:
     import torch
 
     from cfdeploy.dac import lora
@@ -135,23 +135,32 @@ def prediction(cache: Path, shape: str, runs: int, device: str, onnx: bool) -> d
     with torch.no_grad():
         figures["torch"]["vae_decode_s"] = median_time(lambda: base.vae.decode(latents[:1] / info.scaling_factor), runs, device)
     figures["peak_memory_mb"] = peak_memory_mb(device)
-    if onnx:
-        figures["onnxruntime"] = onnx_prediction(cache, shape, runs, latents.cpu().numpy(), context.cpu().numpy(), eta)
     return figures
 
 
-def onnx_prediction(cache: Path, shape: str, runs: int, latents: Any, context: Any, eta: float) -> dict[str, float]:
+def onnx_prediction(cache: Path, shape: str, runs: int) -> dict[str, Any]:
+    """Export the run both ways (in this process alone: a full-size export needs the memory) and time ONNX Runtime."""
     import numpy as np
     import onnxruntime
 
+    from cfdeploy.dac.bundle import DacBundle
     from cfdeploy.dac.export import export_dac_bundle
     from cfdeploy.dac.plms import anneal
 
-    figures = {}
+    figures: dict[str, Any] = {}
     for mode in ("scale-input", "merged"):
         bundle = cache / f"bundle-{shape}-{mode}"
         if not (bundle / "manifest.json").exists():
+            started = time.perf_counter()
             export_dac_bundle(cache / f"run-{shape}", bundle, unet_mode=mode, force=True)
+            figures[f"export_s {mode}"] = time.perf_counter() - started
+        opened = DacBundle(bundle)
+        figures[f"parity {mode}"] = opened.manifest["parity"]
+        channels, side, _ = opened.latent_shape
+        rng = np.random.default_rng(0)
+        latents = rng.standard_normal((2, channels, side, side), dtype=np.float32)
+        context = opened.array("edit_embeddings.npy")
+        eta = opened.settings.eta
         session = onnxruntime.InferenceSession(str(bundle / "unet.onnx"), providers=["CPUExecutionProvider"])
         feed = {"sample": latents, "timestep": np.array([500], np.float32), "encoder_hidden_states": context}
         if mode == "scale-input":
@@ -161,9 +170,9 @@ def onnx_prediction(cache: Path, shape: str, runs: int, latents: Any, context: A
     return figures
 
 
-def child(kind: str, cache: Path, shape: str, steps: int, device: str, onnx: bool) -> dict[str, Any]:
+def child(kind: str, cache: Path, shape: str, steps: int, device: str) -> dict[str, Any]:
     process = subprocess.run([sys.executable, __file__, "--child", kind, "--cache", str(cache), "--shapes", shape,
-                              "--steps", str(steps), "--device", device, *(["--onnx", shape] if onnx else [])],
+                              "--steps", str(steps), "--device", device],
                              capture_output=True, text=True)
     if process.returncode != 0:
         raise SystemExit(f"{kind} on {shape} failed:\n{process.stderr[-3000:]}")
@@ -178,7 +187,7 @@ def table(results: dict[str, Any], device: str) -> str:
         steps = figures["abduction"]["per_step_s"]
         for phase, seconds in steps.items():
             lines.append(f"| {shape} | {phase}: s/step | {seconds:.3f} | |")
-        torch_figures, onnx_figures = figures["prediction"]["torch"], figures["prediction"].get("onnxruntime", {})
+        torch_figures, onnx_figures = figures["prediction"]["torch"], figures.get("onnxruntime", {})
         for label, torch_key, onnx_key in (("UNet call, U exact (γ(t) input)", "unet_call_s exact (U unmerged)", "unet_call_s scale-input"),
                                            ("UNet call, U merged", "unet_call_s merged", "unet_call_s merged"),
                                            ("UNet call, no U", "unet_call_s without U", None),
@@ -188,6 +197,14 @@ def table(results: dict[str, Any], device: str) -> str:
         exact = torch_figures["unet_call_s exact (U unmerged)"]
         lines.append(f"| {shape} | 30-step sample (31 exact calls + decode): s | {31 * exact + torch_figures['vae_decode_s']:.1f} | |")
         lines.append(f"| {shape} | merged vs exact UNet output: rel L2 | {figures['prediction']['merged_vs_exact_rel_l2']:.2e} | |")
+        for mode in ("scale-input", "merged"):
+            if f"parity {mode}" in onnx_figures:
+                parity = onnx_figures[f"parity {mode}"]
+                exported = onnx_figures.get(f"export_s {mode}")
+                took = f"export {exported:.0f} s; " if exported is not None else ""
+                lines.append(f"| {shape} | {mode} bundle: {took}ONNX Runtime vs PyTorch rel L2, text / UNet / VAE | | "
+                             f"{parity['text_encoder']['rel_l2']:.1e} / {parity['unet']['rel_l2']:.1e} / "
+                             f"{parity['vae_decoder']['rel_l2']:.1e} |")
         lines.append(f"| {shape} | peak memory ({memory}), abduction / prediction: MB | "
                      f"{figures['abduction']['peak_memory_mb']:.0f} / {figures['prediction']['peak_memory_mb']:.0f} | |")
     return "\n".join(lines)
@@ -200,15 +217,17 @@ def main() -> None:
     parser.add_argument("--onnx", nargs="*", default=["tiny"], help="Shapes also exported and timed in ONNX Runtime.")
     parser.add_argument("--steps", type=int, default=3, help="Timed abduction steps (and UNet calls) per figure.")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--child", choices=["abduction", "prediction"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=["abduction", "prediction", "onnxruntime"], help=argparse.SUPPRESS)
     arguments = parser.parse_args()
     arguments.cache.mkdir(parents=True, exist_ok=True)
     if arguments.child:
         shape = arguments.shapes[0]
         if arguments.child == "abduction":
             result = abduction(arguments.cache, shape, arguments.steps, arguments.device)
+        elif arguments.child == "prediction":
+            result = prediction(arguments.cache, shape, arguments.steps, arguments.device)
         else:
-            result = prediction(arguments.cache, shape, arguments.steps, arguments.device, shape in arguments.onnx)
+            result = onnx_prediction(arguments.cache, shape, arguments.steps)
         print(json.dumps(result))
         return
     import torch
@@ -216,9 +235,12 @@ def main() -> None:
     results = {}
     for shape in arguments.shapes:
         print(f"{shape}: abduction ...", file=sys.stderr)
-        figures = {"abduction": child("abduction", arguments.cache, shape, arguments.steps, arguments.device, False)}
+        figures = {"abduction": child("abduction", arguments.cache, shape, arguments.steps, arguments.device)}
         print(f"{shape}: prediction ...", file=sys.stderr)
-        figures["prediction"] = child("prediction", arguments.cache, shape, arguments.steps, arguments.device, shape in arguments.onnx)
+        figures["prediction"] = child("prediction", arguments.cache, shape, arguments.steps, arguments.device)
+        if shape in arguments.onnx:
+            print(f"{shape}: export and ONNX Runtime ...", file=sys.stderr)
+            figures["onnxruntime"] = child("onnxruntime", arguments.cache, shape, arguments.steps, "cpu")
         results[shape] = figures
     print(table(results, arguments.device))
     report = {"machine": {"platform": platform.platform(), "processor": platform.processor(), "threads": torch.get_num_threads(),

@@ -140,8 +140,10 @@ def export_command(
                                               help="The base model folder, if it moved since abduct (its weights must be the same)."),
     force: bool = typer.Option(False, "--force", "-f", help="Replace an existing --out directory."),
 ) -> None:
-    """Export a DAC run to a torch-free bundle: text encoder with Δ, UNet with U, VAE decoder, as ONNX graphs checked
-    against PyTorch. `cfdeploy dac edit DACBUNDLE` samples it with ONNX Runtime.
+    """Export a DAC run to a torch-free bundle of ONNX graphs, each checked against PyTorch.
+
+    The text encoder with Δ, the UNet with U, the VAE decoder; `cfdeploy dac edit DACBUNDLE` samples it with ONNX
+    Runtime (or TensorRT after `cfdeploy dac build-engines`).
 
     Example: cfdeploy dac export runs/cat_cap --out bundles/cat_cap
     """
@@ -163,8 +165,10 @@ def build_engines_command(
     bundle: Path = typer.Argument(..., metavar="DACBUNDLE", help="A bundle written by `cfdeploy dac export`."),
     rebuild: bool = typer.Option(False, "--rebuild", help="Rebuild engines whose key differs (another graph, TensorRT or GPU)."),
 ) -> None:
-    """Build TensorRT engines for a DAC bundle into DACBUNDLE/tensorrt: the UNet fp16 and refittable (another run's
-    U is a refit: `dac edit --run`), the text encoder and VAE decoder fp32. Needs TensorRT and a CUDA GPU.
+    """Build TensorRT engines for a DAC bundle into DACBUNDLE/tensorrt (needs TensorRT and a CUDA GPU).
+
+    The UNet fp16 and refittable (another run's U is a refit: `dac edit --run`), the text encoder and VAE decoder
+    fp32; engines whose key matches are kept.
 
     Example: cfdeploy dac build-engines bundles/cat_cap
     """

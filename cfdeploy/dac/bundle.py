@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cfdeploy.bundle import sha256_file
-from cfdeploy.dac.plms import PlmsScheduler, anneal, noise_latents
 from cfdeploy.contracts import NetworkContract, dac_contracts
+from cfdeploy.dac.plms import PlmsScheduler, anneal, noise_latents
 from cfdeploy.dac.refit_map import refit_weights
 from cfdeploy.dac.run import (
     DESCRIBED_SETTINGS,
@@ -113,20 +113,28 @@ class DacBundle:
         return read_json_object(self.path / SCHEDULER_CONFIG, "a scheduler config")
 
 
+def cuda_index(device: str) -> int | None:
+    """``--device`` parsed: None for cpu, N for cuda / cuda:N; anything else refused."""
+    if device == "cpu":
+        return None
+    match = re.fullmatch(r"cuda(?::(\d+))?", device)
+    if match is None:
+        raise CfdeployError(f"unsupported device {device!r} (expected cpu, cuda or cuda:N)")
+    return int(match.group(1) or 0)
+
+
 def device_providers(device: str) -> tuple[list[str], list[dict[str, str]]]:
     """ONNX Runtime's providers and their options for ``--device``: cpu, or cuda / cuda:N on that GPU."""
     import onnxruntime as ort
 
-    if device == "cpu":
+    index = cuda_index(device)
+    if index is None:
         return ["CPUExecutionProvider"], [{}]
-    match = re.fullmatch(r"cuda(?::(\d+))?", device)
-    if match is None:
-        raise CfdeployError(f"unsupported device {device!r} (expected cpu, cuda or cuda:N)")
     available = ort.get_available_providers()
     if "CUDAExecutionProvider" not in available:
         raise CfdeployError(f"--device {device}: this ONNX Runtime has no CUDA provider (has {', '.join(available)}); "
                             "install onnxruntime-gpu")
-    return ["CUDAExecutionProvider", "CPUExecutionProvider"], [{"device_id": match.group(1) or "0"}, {}]
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"], [{"device_id": str(index)}, {}]
 
 
 class OnnxRuntimeNetworks:
@@ -143,23 +151,19 @@ class OnnxRuntimeNetworks:
 
         providers, provider_options = device_providers(device)
         self.device = device
-        options = ort.SessionOptions()
-        options.log_severity_level = 3  # the exporter's CastLike nodes make the CPU provider warn about constant folding
-        if threads:
-            options.intra_op_num_threads = threads
         self.sessions = {}
-        self._replaced = [ort.OrtValue.ortvalue_from_numpy(value) for value in (unet_weights or {}).values()]  # kept alive
+        # another run's U, by initializer name; ONNX Runtime reads these values, so they are kept alive here
+        self._replaced = {name: ort.OrtValue.ortvalue_from_numpy(value) for name, value in (unet_weights or {}).items()}
         for name in NETWORKS:
             path = bundle.path / f"{name}.onnx"
-            session_options = options
-            if name == "unet" and unet_weights:
-                session_options = ort.SessionOptions()
-                session_options.log_severity_level = options.log_severity_level
-                session_options.intra_op_num_threads = options.intra_op_num_threads
-                for initializer, value in zip(unet_weights, self._replaced, strict=True):
-                    session_options.add_initializer(initializer, value)
+            options = ort.SessionOptions()
+            options.log_severity_level = 3  # the exporter's CastLike nodes make the CPU provider warn about constant folding
+            if threads:
+                options.intra_op_num_threads = threads
+            for initializer, value in (self._replaced.items() if name == "unet" else ()):
+                options.add_initializer(initializer, value)
             try:
-                session = ort.InferenceSession(str(path), session_options, providers=providers, provider_options=provider_options)
+                session = ort.InferenceSession(str(path), options, providers=providers, provider_options=provider_options)
             except Exception as error:  # ONNX Runtime has one exception class per failure, none shared but Exception
                 raise CfdeployError(f"{path}: ONNX Runtime cannot load this graph: {load_failure(error)}") from None
             if session.get_providers()[0] != providers[0]:
@@ -177,19 +181,19 @@ class OnnxRuntimeNetworks:
 class BundleSampler:
     """Samples an edit with numpy's PLMS; ``networks(name, **inputs)`` runs the graphs (ONNX Runtime or TensorRT).
 
-    By default the bundle's own run is sampled; ``context`` and ``eta`` give another run's embeddings and
-    annealing when its U has been refitted into the networks.
+    ``eta`` is the sampled run's annealing; ``context`` its embeddings when another run's U has been refitted into
+    the networks (by default the bundle's own, at ``settings.beta``).
     """
 
-    def __init__(self, bundle: DacBundle, settings: PredictSettings, networks: Callable[..., np.ndarray],
-                 context: np.ndarray | None = None, eta: float | None = None) -> None:
+    def __init__(self, bundle: DacBundle, settings: PredictSettings, networks: Callable[..., np.ndarray], eta: float,
+                 context: np.ndarray | None = None) -> None:
         if settings.scheduler != "pndm":
             raise CfdeployError(f"--scheduler {settings.scheduler}: a bundle samples with the base model's PNDM scheduler only")
         self.bundle = bundle
         self.settings = settings
         self.networks = networks
         self.context = self.embeddings(settings.beta) if context is None else context
-        self.eta = bundle.settings.eta if eta is None else eta
+        self.eta = eta
 
     def embeddings(self, beta: float) -> np.ndarray:
         """(uncond, cond) ``[2, 77, D]`` with Δ at −β: the shipped ones at β = 1, else from the text encoder graph."""
@@ -226,7 +230,7 @@ def refit_inputs(bundle: DacBundle, run_path: Path, settings: PredictSettings) -
         raise CfdeployError(f"{run_path}: was fitted to another base model than {bundle.path}'s")
     if settings.beta != 1.0:
         raise CfdeployError(f"--run samples {run_path}'s stored embeddings (β 1); for --beta {settings.beta} export that run")
-    unet_lora = read_tensors(run.file(UNET_LORA))
+    unet_lora, _ = read_tensors(run.file(UNET_LORA))
     weights = refit_weights(refit["weights"], unet_lora, run.file(UNET_LORA))
     hidden = bundle.array(EMBEDDINGS).shape[1:]
     cond, uncond = read_edit_embeddings(run, (1, *hidden))
@@ -254,6 +258,6 @@ def open_bundle(
         networks = TensorRTNetworks(bundle, device or "cuda", weights)
     else:
         networks = OnnxRuntimeNetworks(bundle, device or "cpu", weights)
-    sampler = BundleSampler(bundle, settings, networks, context, sampled.eta)
+    sampler = BundleSampler(bundle, settings, networks, sampled.eta, context)
     return sampler, {"bundle": str(path), **networks.describe(), "unet_mode": bundle.unet_mode, "refit_run": str(refit_run) if refit_run else None,
                      **{key: getattr(sampled, key) for key in DESCRIBED_SETTINGS}}

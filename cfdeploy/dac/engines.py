@@ -18,7 +18,7 @@ import tensorrt as trt
 
 from cfdeploy.backends.tensorrt_backend import Engine, close_engines
 from cfdeploy.bundle import ENGINE_DIR
-from cfdeploy.dac.bundle import NETWORKS, DacBundle
+from cfdeploy.dac.bundle import NETWORKS, DacBundle, cuda_index
 from cfdeploy.errors import CfdeployError
 from cfdeploy.outputs import DirectoryLock
 from cfdeploy.trt.builder import BuiltEngine, build_wanted, wanted_key
@@ -64,19 +64,13 @@ def refit_unet(engine: trt.ICudaEngine, weights: dict[str, np.ndarray]) -> None:
         raise CfdeployError(f"the UNet engine's refit failed (weights still missing: {', '.join(missing[:4]) or 'none'})")
 
 
-def cuda_device_index(device: str) -> int:
-    """``cuda`` or ``cuda:N`` → N; TensorRT engines run on a CUDA GPU only."""
-    name, _, index = device.partition(":")
-    if name != "cuda" or not (index == "" or index.isdigit()):
-        raise CfdeployError(f"--device {device}: TensorRT engines run on a CUDA GPU (cuda or cuda:N)")
-    return int(index or 0)
-
-
 class TensorRTNetworks:
     """The bundle's engines on one CUDA stream: ``networks(name, **inputs)``; U refitted from ``unet_weights`` if given."""
 
     def __init__(self, bundle: DacBundle, device: str = "cuda", unet_weights: dict[str, np.ndarray] | None = None) -> None:
-        index = cuda_device_index(device)
+        index = cuda_index(device)
+        if index is None:
+            raise CfdeployError(f"--device {device}: TensorRT engines run on a CUDA GPU (cuda or cuda:N)")
         call("cudaSetDevice", index)
         self.device = f"cuda:{index}"
         gpu = gpu_identity(index)

@@ -123,8 +123,7 @@ class TorchSampler:
         self.eta = run.settings.eta
         self.resolution = run.settings.resolution
         if settings.beta == 1.0:
-            tokens = self.base.tokenizer.model_max_length
-            shape = (1, tokens, int(info.configs["text_encoder"]["hidden_size"]))
+            shape = (1, self.base.tokenizer.model_max_length, int(info.configs["text_encoder"]["hidden_size"]))
             self.cond, self.uncond = (torch.from_numpy(array).to(device) for array in read_edit_embeddings(run, shape))
         else:
             self.cond, self.uncond = edit_embeddings(self.base, run.settings.target,

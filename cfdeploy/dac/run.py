@@ -99,25 +99,26 @@ class DacRun:
         return path
 
 
-def read_tensors(path: Path) -> dict[str, np.ndarray]:
-    """A safetensors file's tensors as numpy arrays, refused in one line if unreadable or not finite."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
+def read_tensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """A safetensors file's tensors as numpy arrays and its metadata, refused in one line if unreadable or not finite."""
+    from safetensors import SafetensorError, safe_open
 
     try:
-        tensors = load_file(path)
+        with safe_open(str(path), framework="np") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     except (SafetensorError, OSError, ValueError) as error:
         raise CfdeployError(f"{path}: not a safetensors file ({error})") from None
     for key, tensor in tensors.items():
         if not np.isfinite(tensor).all():
             raise CfdeployError(f"{path}: {key} holds NaN or infinite values")
-    return tensors
+    return tensors, metadata
 
 
 def read_edit_embeddings(run: DacRun, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
     """(cond, uncond) at β = 1 as abduct stored them, each checked to be of ``shape``."""
     path = run.file(EDIT_EMBEDDINGS)
-    stored = read_tensors(path)
+    stored, _ = read_tensors(path)
     for key in ("cond", "uncond"):
         found = stored[key].shape if key in stored else None
         if found != shape:

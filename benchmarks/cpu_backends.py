@@ -15,7 +15,14 @@ import json
 import tempfile
 from pathlib import Path
 
-from cfdeploy.bench import BenchSettings, gemm_peak_gflops, generator_gflop, prepare_sources, run_bench, write_json
+from cfdeploy.bench import (
+    BenchSettings,
+    gemm_peak_gflops,
+    generator_gflop,
+    prepare_sources,
+    run_bench,
+    write_json,
+)
 
 RESULTS = Path(__file__).parent / "results"
 BACKENDS = ("torch-reference", "torch", "torch-bf16", "onnxruntime")

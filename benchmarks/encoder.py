@@ -42,7 +42,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from cfdeploy.bench import CENTRED_FACE, machine_info, prepare_sources, synthetic_photo
+from cfdeploy.bench import CENTRED_FACE, prepare_sources, synthetic_photo
+from cfdeploy.environment import machine_info
 
 RESULTS = Path(__file__).parent / "results"
 TESTS = Path(__file__).resolve().parent.parent / "tests"

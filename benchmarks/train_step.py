@@ -162,7 +162,7 @@ def main() -> None:
                 raise SystemExit(completed.stderr[-2000:])
             results.append(json.loads(completed.stdout.strip().splitlines()[-1]))
             print(render(results[-1:]).splitlines()[-1], flush=True)
-    from cfdeploy.bench import machine_info
+    from cfdeploy.environment import machine_info
 
     report = {"machine": machine_info(), "settings": vars(args) | {"cache": str(args.cache), "json": str(args.json)},
               "results": results}

@@ -16,8 +16,6 @@ import io
 import json
 import math
 import multiprocessing
-import os
-import platform
 import queue
 import statistics
 import sys
@@ -30,6 +28,7 @@ import numpy as np
 
 from cfdeploy import editing
 from cfdeploy.backends import BACKENDS, PRESETS, open_preset
+from cfdeploy.environment import machine_info
 from cfdeploy.errors import CfdeployError, missing_extra
 from cfdeploy.outputs import to_uint8, write_atomic
 
@@ -333,25 +332,6 @@ def parity(images: np.ndarray, expected: np.ndarray) -> dict[str, Any]:
     mse = float(np.mean(error**2))
     return {"reference": PARITY_REFERENCE, "max_abs": float(np.abs(error).max()),
             "psnr_db": float("inf") if mse == 0 else 10 * math.log10(4.0 / mse)}
-
-
-def machine_info() -> dict[str, Any]:
-    from importlib import metadata
-
-    model = platform.processor()
-    try:
-        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                     if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    found = {}
-    for package in ("cfdeploy", "numpy", "torch", "onnxruntime", "onnxruntime-gpu", "tensorrt"):
-        try:
-            found[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            pass
-    return {"cpu": model, "logical_cpus": os.cpu_count(), "platform": platform.platform(),
-            "python": platform.python_version(), "versions": found}
 
 
 def measure_in_child(messages: Any, name: str, sources: Sources, settings: BenchSettings) -> None:

@@ -11,21 +11,29 @@ pinning the manifest itself (``expect_manifest``) guards against a bundle rewrit
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import math
 import os
-import re
 import time
 from functools import cached_property
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import numpy as np
 
+from cfdeploy.bundle_files import (
+    SHA256,
+    VerifiedFiles,
+    VerifiedGraph,
+    confined,
+    leads_outside,
+    read_manifest,
+    show,
+)
 from cfdeploy.contracts import NetworkContract, network_contracts
 from cfdeploy.errors import CfdeployError
+from cfdeploy.files import npy_array, read_regular
 from cfdeploy.outputs import npy_bytes, write_atomic
 from cfdeploy.tokenizer import VOCAB_FILENAME
 
@@ -39,23 +47,13 @@ CACHE_DIR = "cache"
 ENGINE_DIR = "tensorrt"
 ORT_ENGINE_CACHE = "onnxruntime"  # ONNX Runtime's TensorRT provider caches its own engines here, inside ENGINE_DIR
 
-MAX_MANIFEST_BYTES = 16 << 20
 MAX_NPY_HEADER_BYTES = 4096
 # Upper bounds of opts: a StyleGAN2 is at most a few thousand pixels, levels and channels wide.
 DIMENSION_LIMITS = {"size": 8192, "n_latent": 64, "style_dim": 4096}
 OPTIONAL_OBJECTS = ("prompts", "source", "weights", "export", "versions")
 OPTIONAL_TEXT_OPTS = ("description", "source_text")
 DEFAULT_CACHE_ENTRIES = 256  # at 1024 px an entry is 37 KB: about 9 MB of prompts
-_SHA256 = re.compile(r"[0-9a-f]{64}")
 _log = logging.getLogger(__name__)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def prompt_key(prompt: str) -> str:
@@ -88,12 +86,6 @@ def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
     write_atomic(directory / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
 
 
-def _show(value: Any) -> str:
-    """A manifest value in a message: its repr, cut short (the manifest may be hostile)."""
-    text = repr(value)
-    return text if len(text) <= 80 else f"{text[:77]}..."
-
-
 def _kind(value: Any) -> str:
     kinds = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}
     return kinds.get(type(value), "a number")
@@ -101,16 +93,8 @@ def _kind(value: Any) -> str:
 
 def _spec_text(specs: Any) -> str:
     if not isinstance(specs, list) or not all(isinstance(spec, dict) for spec in specs):
-        return _show(specs)
+        return show(specs)
     return ", ".join(f"{spec.get('name')} {spec.get('shape')}" for spec in specs)
-
-
-def _leads_outside(path: Path, root: Path) -> bool:
-    """Whether ``path``, its symlinks resolved, lies outside ``root`` (a symlink loop counts as outside)."""
-    try:
-        return not path.resolve().is_relative_to(root.resolve())
-    except (OSError, RuntimeError):
-        return True
 
 
 class _ManifestCheck:
@@ -135,44 +119,35 @@ class _ManifestCheck:
 
     def inside(self, relative: Any, field: str) -> str:
         """``relative`` if it names a path that stays inside the bundle, symlinks resolved."""
-        if relative is None:
-            raise self.fail(field, "is missing")
-        if not isinstance(relative, str):
-            raise self.fail(field, f"must be a path inside the bundle, found {_kind(relative)}")
-        pure = PurePosixPath(relative)
-        if not pure.parts or pure.is_absolute() or ".." in pure.parts or "\\" in relative or "\0" in relative:
-            raise self.fail(field, f"{_show(relative)} leads outside the bundle (absolute, empty or with '..')")
-        if _leads_outside(self.directory / relative, self.directory):
-            raise self.fail(field, f"{_show(relative)} is a symlink leading outside the bundle")
-        return relative
+        return confined(self.directory, relative, field, self.source)
 
     def listed(self, relative: Any, field: str, files: dict[str, Any]) -> None:
         if self.inside(relative, field) not in files:
-            raise self.fail(field, f"{_show(relative)} is not listed in files, so it cannot be verified")
+            raise self.fail(field, f"{show(relative)} is not listed in files, so it cannot be verified")
 
     def sha256(self, digest: Any, field: str) -> None:
         if not isinstance(digest, str):
             raise self.fail(field, f"must be a sha256 string, found {_kind(digest)}")
-        if not _SHA256.fullmatch(digest):
-            raise self.fail(field, f"is not a sha256 (64 lowercase hex digits): {_show(digest)}")
+        if not SHA256.fullmatch(digest):
+            raise self.fail(field, f"is not a sha256 (64 lowercase hex digits): {show(digest)}")
 
     def dimension(self, opts: dict[str, Any], name: str) -> int:
         if name not in opts:
             raise self.fail(f"opts.{name}", "is missing")
         value, limit = opts[name], DIMENSION_LIMITS[name]
         if type(value) is not int or not 1 <= value <= limit:
-            raise self.fail(f"opts.{name}", f"must be a whole number from 1 to {limit}, found {_show(value)}")
+            raise self.fail(f"opts.{name}", f"must be a whole number from 1 to {limit}, found {show(value)}")
         return value
 
     def network(self, name: str, entry: Any, contract: NetworkContract | None, files: dict[str, Any]) -> None:
         field = f"networks.{name}"
         if contract is None:
-            raise self.fail("networks", f"has an unknown graph {_show(name)} (format version {FORMAT_VERSION} has none)")
+            raise self.fail("networks", f"has an unknown graph {show(name)} (format version {FORMAT_VERSION} has none)")
         if not isinstance(entry, dict):
             raise self.fail(field, f"must be an object, found {_kind(entry)}")
         self.listed(entry.get("file"), f"{field}.file", files)
         if entry["file"] != contract.filename:
-            raise self.fail(f"{field}.file", f"must be {contract.filename}, found {_show(entry['file'])}")
+            raise self.fail(f"{field}.file", f"must be {contract.filename}, found {show(entry['file'])}")
         for kind in ("inputs", "outputs"):
             expected = [spec.as_dict() for spec in getattr(contract, kind)]
             if entry.get(kind) != expected:
@@ -185,16 +160,16 @@ class _ManifestCheck:
         for batch, result in parity.items():
             rel_l2 = result.get("rel_l2") if isinstance(result, dict) else None
             if isinstance(rel_l2, bool) or not isinstance(rel_l2, (int, float)) or not math.isfinite(rel_l2):
-                raise self.fail(f"{field}.parity.{batch}.rel_l2", f"must be a finite number, found {_show(rel_l2)}")
+                raise self.fail(f"{field}.parity.{batch}.rel_l2", f"must be a finite number, found {show(rel_l2)}")
 
     def __call__(self, manifest: Any) -> dict[str, NetworkContract]:
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             found = manifest.get("format") if isinstance(manifest, dict) else None
-            raise CfdeployError(f"{self.source}: not a cfdeploy bundle manifest (format {_show(found)})")
+            raise CfdeployError(f"{self.source}: not a cfdeploy bundle manifest (format {show(found)})")
         version = manifest.get("format_version")
         if type(version) is not int or version != FORMAT_VERSION:
             raise CfdeployError(
-                f"{self.source}: bundle format version {_show(version)}, this cfdeploy reads version {FORMAT_VERSION}"
+                f"{self.source}: bundle format version {show(version)}, this cfdeploy reads version {FORMAT_VERSION}"
             )
         files = self.object_field(manifest, "files", "files")
         opts = self.object_field(manifest, "opts", "opts")
@@ -204,7 +179,7 @@ class _ManifestCheck:
         if not isinstance(manifest.get("refits", []), list):
             raise self.fail("refits", f"must be a list, found {_kind(manifest['refits'])}")
         for relative, digest in files.items():
-            self.sha256(digest, f"files[{_show(self.inside(relative, 'files entry'))}]")
+            self.sha256(digest, f"files[{show(self.inside(relative, 'files entry'))}]")
         for name in ("generator_sha256", "encoder_generator_sha256"):
             if name in optional["weights"]:
                 self.sha256(optional["weights"][name], f"weights.{name}")
@@ -218,46 +193,13 @@ class _ManifestCheck:
         self.listed(tokenizer.get("vocab"), "tokenizer.vocab", files)
         self.listed(manifest.get("mean_w"), "mean_w", files)
         for prompt, relative in optional["prompts"].items():
-            self.listed(relative, f"prompts[{_show(prompt)}]", files)
+            self.listed(relative, f"prompts[{show(prompt)}]", files)
         return contracts
 
 
 def check_manifest(manifest: Any, directory: Path) -> dict[str, NetworkContract]:
     """Refuse a manifest that is not format version 1 or names a path outside ``directory``; returns its contracts."""
     return _ManifestCheck(directory)(manifest)
-
-
-def npy_array(content: bytes, shape: tuple[int, ...]) -> np.ndarray:
-    """A finite float32 array of exactly ``shape`` from ``.npy`` bytes; raises ValueError saying what is wrong.
-
-    The header is checked before any data is read, so a declared shape can never size an allocation.
-    """
-    stream = io.BytesIO(content)
-    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
-    try:
-        found_shape, fortran_order, dtype = readers[np.lib.format.read_magic(stream)](stream)
-    except (ValueError, KeyError, SyntaxError):
-        raise ValueError("is not a .npy file of format 1.0 or 2.0 (or its header is malformed)") from None
-    if found_shape != shape or dtype != np.dtype(np.float32):
-        raise ValueError(f"holds {dtype} {list(found_shape)}, expected float32 {list(shape)}")
-    data = stream.read()
-    if len(data) != 4 * math.prod(shape):
-        raise ValueError(f"has {len(data)} data bytes, expected {4 * math.prod(shape)} (truncated or padded)")
-    array = np.frombuffer(data, np.float32).reshape(shape, order="F" if fortran_order else "C")
-    if not np.isfinite(array).all():
-        raise ValueError("holds NaN or infinite values")
-    return np.array(array)
-
-
-def _read_regular(path: Path, limit: int) -> bytes:
-    """At most ``limit`` bytes of a regular file (never a FIFO or device, which could block or never end)."""
-    if not path.is_file():
-        raise ValueError("is not a regular file")
-    with open(path, "rb") as handle:
-        content = handle.read(limit + 1)
-    if len(content) > limit:
-        raise ValueError(f"is larger than {limit} bytes")
-    return content
 
 
 def _array_limit(shape: tuple[int, ...]) -> int:
@@ -276,38 +218,13 @@ class Bundle:
     """
 
     def __init__(self, path: Path, expect_manifest: str | None = None) -> None:
-        manifest_path = path / MANIFEST
-        if not path.is_dir():
-            raise CfdeployError(f"{path}: no such bundle directory")
-        if not os.path.lexists(manifest_path):
-            raise CfdeployError(f"{manifest_path}: missing; not a cfdeploy bundle (make one with cfdeploy export)")
-        if _leads_outside(manifest_path, path):
-            raise CfdeployError(f"{manifest_path}: is a symlink leading outside the bundle")
-        try:
-            raw = _read_regular(manifest_path, MAX_MANIFEST_BYTES)
-        except ValueError as why:
-            raise CfdeployError(f"{manifest_path}: {why}") from None
-        self.manifest_sha256 = hashlib.sha256(raw).hexdigest()
-        if expect_manifest is not None:
-            pinned = expect_manifest.strip().lower()
-            if not _SHA256.fullmatch(pinned):
-                raise CfdeployError(f"pinned manifest sha256 {expect_manifest!r}: expected 64 hex digits")
-            if self.manifest_sha256 != pinned:
-                raise CfdeployError(f"{manifest_path}: sha256 {self.manifest_sha256[:12]}… is not the pinned {pinned[:12]}…")
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as error:
-            raise CfdeployError(f"{manifest_path}: not UTF-8 text (byte {error.start})") from None
-        try:
-            manifest = json.loads(text)
-        except ValueError as error:
-            raise CfdeployError(f"{manifest_path}: not valid JSON: {error}") from None
-        except RecursionError:
-            raise CfdeployError(f"{manifest_path}: JSON nested too deeply") from None
+        manifest, self.manifest_sha256 = read_manifest(
+            path, MANIFEST, "a cfdeploy bundle", "make one with cfdeploy export", expect_manifest
+        )
         self._contracts = check_manifest(manifest, path)
         self.path = path
         self.manifest: dict[str, Any] = manifest
-        self._verified: set[str] = set()
+        self.files = VerifiedFiles(path, MANIFEST, manifest["files"])
 
     @property
     def opts(self) -> dict[str, Any]:
@@ -338,48 +255,16 @@ class Bundle:
     def engine_dir(self) -> Path:
         """``BUNDLE/tensorrt``, where engines live; refused if it is a symlink leading out of the bundle."""
         engine_dir = self.path / ENGINE_DIR
-        if _leads_outside(engine_dir, self.path):
+        if leads_outside(engine_dir, self.path):
             raise CfdeployError(f"{engine_dir}: is a symlink leading outside the bundle")
         return engine_dir
 
-    def file(self, relative: str) -> Path:
-        """The path of a manifest-listed file, after checking it exists and its sha256 matches."""
-        path = self._listed_path(relative)
-        if relative not in self._verified:
-            self._check_digest(path, relative, sha256_file(path))
-        return path
-
-    def file_bytes(self, relative: str) -> tuple[Path, bytes]:
-        """A manifest-listed file's content, read once and checked: what is used is exactly what was hashed."""
-        path = self._listed_path(relative)
-        content = path.read_bytes()
-        self._check_digest(path, relative, hashlib.sha256(content).hexdigest())
-        return path, content
-
-    def _listed_path(self, relative: str) -> Path:
-        if self.manifest["files"].get(relative) is None:
-            raise CfdeployError(f"{self.path / MANIFEST}: lists no file {relative!r}")
-        path = self.path / relative
-        if not os.path.lexists(path):
-            raise CfdeployError(f"{path}: missing from the bundle")
-        if not path.is_file():
-            raise CfdeployError(f"{path}: not a regular file")
-        return path
-
-    def _check_digest(self, path: Path, relative: str, found: str) -> None:
-        expected = self.manifest["files"][relative]
-        if found != expected:
-            raise CfdeployError(
-                f"{path}: sha256 {found[:12]}… differs from the manifest's {expected[:12]}… (file changed or damaged)"
-            )
-        self._verified.add(relative)
-
     def _array(self, relative: str, shape: tuple[int, ...]) -> np.ndarray:
-        path = self.file(relative)
+        content = self.files.read_bytes(relative, _array_limit(shape))
         try:
-            return npy_array(_read_regular(path, _array_limit(shape)), shape)
+            return npy_array(content, shape)
         except ValueError as why:
-            raise CfdeployError(f"{path}: {why}") from None
+            raise CfdeployError(f"{self.path / relative}: {why}") from None
 
     def has_network(self, name: str) -> bool:
         return name in self.manifest["networks"]
@@ -389,20 +274,17 @@ class Bundle:
             raise CfdeployError(f"{self.path}: bundle has no {name!r} graph")
         return self.manifest["networks"][name]["file"]  # type: ignore[no-any-return]
 
-    def network(self, name: str) -> Path:
-        return self.file(self._network_file(name))
-
-    def network_bytes(self, name: str) -> tuple[Path, bytes]:
-        """A graph's path and its verified content (ONNX Runtime gets these bytes, not a path to re-read)."""
-        return self.file_bytes(self._network_file(name))
+    def network(self, name: str) -> VerifiedGraph:
+        """A graph's verified bytes (ONNX Runtime gets these, not a path to re-read)."""
+        return self.files.graph(self._network_file(name))
 
     def network_sha256(self, name: str) -> str:
         """The sha256 the manifest records for a graph (what engines are keyed on); the file is not read."""
-        return self.manifest["files"][self._network_file(name)]  # type: ignore[no-any-return]
+        return self.files.digest(self._network_file(name))
 
     @property
     def vocab_path(self) -> Path:
-        return self.file(self.manifest["tokenizer"]["vocab"])
+        return self.files.file(self.manifest["tokenizer"]["vocab"])
 
     def mean_w(self) -> np.ndarray:
         return self._array(self.manifest["mean_w"], (self.style_dim,))
@@ -457,11 +339,11 @@ class TextLatentCache:
 
     def _read(self, entry: Path, digest_path: Path) -> np.ndarray:
         try:
-            content = _read_regular(entry, _array_limit(self._shape))
+            content = read_regular(entry, _array_limit(self._shape))
         except (ValueError, OSError) as why:
             raise _DamagedEntry(str(why)) from None
         try:
-            recorded = _read_regular(digest_path, 128).decode("ascii").strip()
+            recorded = read_regular(digest_path, 128).decode("ascii").strip()
         except (ValueError, OSError):
             raise _DamagedEntry(f"has no readable {digest_path.name} beside it") from None
         if hashlib.sha256(content).hexdigest() != recorded:

@@ -35,6 +35,7 @@ class NetworkContract:
     purpose: str
     precision: str = "fp32"  # TensorRT default: fp32, fp16, or mixed (fp16 convolutions, sensitive parts fp32)
     refittable: bool = False  # per-prompt weights: TensorRT engines are built refittable
+    parity_rel_l2: float = 1e-5  # how far the exported graph in ONNX Runtime may be from PyTorch (relative L2, fp32)
 
     @property
     def batched_inputs(self) -> tuple[TensorSpec, ...]:
@@ -150,6 +151,9 @@ def dac_contracts(latent_channels: int, latent_side: int, image_side: int, text_
             (TensorSpec("latents", latents),),
             (TensorSpec("image", (BATCH, 3, image_side, image_side)),),
             "VAE decoder: sampled latents (divided by the scaling factor inside) to an image in about [-1, 1]",
+            # 30 convolutions and GroupNorms at 512 px (SD 2.1-base shapes measured 4e-5), quantised to 8 bits after:
+            # 1e-4 is still ~1/40 of a level. The text encoder and UNet feed 31 sampling steps and keep 1e-5.
+            parity_rel_l2=1e-4,
         ),
     ]
     return {contract.name: contract for contract in contracts}

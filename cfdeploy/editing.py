@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import platform
-import sys
 import time
 from collections import defaultdict
 from contextlib import contextmanager
@@ -18,8 +16,8 @@ from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 
-import cfdeploy
 from cfdeploy.bundle import TextLatentCache
+from cfdeploy.environment import versions
 from cfdeploy.errors import CfdeployError
 from cfdeploy.inputs import broadcast_latents, load_latents, seeded_z
 from cfdeploy.outputs import StagedDirectory, to_uint8
@@ -282,15 +280,6 @@ def edit(backend: EditBackend, job: EditJob) -> EditResult:
         sources,
         dict(timer.seconds),
     )
-
-
-def versions() -> dict[str, str]:
-    found = {"cfdeploy": cfdeploy.__version__, "numpy": np.__version__, "python": platform.python_version()}
-    for module in ("torch", "open_clip", "onnxruntime"):
-        imported = sys.modules.get(module)
-        if imported is not None:
-            found[module] = getattr(imported, "__version__", "unknown")
-    return found
 
 
 def edit_to_directory(

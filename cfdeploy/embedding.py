@@ -8,14 +8,14 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from cfdeploy.backends.torch_backend import resolve_device
 from cfdeploy.checkpoints import load_clip
+from cfdeploy.devices import torch_device
 from cfdeploy.tokenizer import ClipTokenizer
 
 
 def encode_prompts(prompts: Sequence[str], clip_weights: Path, device: str = "cpu") -> np.ndarray:
     """Features ``[P, 512]`` float32 of each prompt, computed in float32 by CLIP ViT-B/32's text tower."""
-    target = resolve_device(device)
+    target = torch_device(device)
     tokens = torch.from_numpy(ClipTokenizer()(list(prompts))).to(target)
     clip = load_clip(clip_weights).to(target)
     with torch.inference_mode():

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from cfdeploy.errors import CfdeployError, missing_extra
-from cfdeploy.inputs import read_npy, require_file
+from cfdeploy.files import read_npy, require_file
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
@@ -41,13 +41,8 @@ def inspect_file(path: Path) -> dict[str, Any]:
     try:
         import torch
 
-        from cfdeploy.checkpoints import (
-            is_torchscript_archive,
-            load_cfclip,
-            load_clip,
-            load_stylegan2,
-            safe_torch_load,
-        )
+        from cfdeploy.checkpoints import load_cfclip, load_clip, load_stylegan2
+        from cfdeploy.torchfiles import is_torchscript_archive, safe_torch_load
     except ModuleNotFoundError as missing:
         raise missing_extra(missing.name or "torch", f"inspecting {path}") from None
 

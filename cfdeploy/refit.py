@@ -19,22 +19,21 @@ from pathlib import Path
 from typing import Callable
 
 import onnx
-import torch
 from onnx import numpy_helper
 
-import cfdeploy
 from cfdeploy.backends import open_backend
 from cfdeploy.bundle import (
     ENGINE_DIR,
     MANIFEST,
     ORT_ENGINE_CACHE,
     Bundle,
-    sha256_file,
     write_manifest,
 )
 from cfdeploy.checkpoints import load_cfclip
+from cfdeploy.environment import versions
 from cfdeploy.errors import CfdeployError
-from cfdeploy.exporter import DEFAULT_OPSET, FP32_TOLERANCE, check_parity, export_graph
+from cfdeploy.exporter import DEFAULT_OPSET, check_parity, export_graph
+from cfdeploy.files import sha256_file
 from cfdeploy.models.mappers import LatentEditor
 from cfdeploy.outputs import DirectoryLock, npy_bytes, replace_directory, write_atomic
 from cfdeploy.trt.plan import engine_paths
@@ -172,7 +171,7 @@ def refit_bundle(bundle_path: Path, checkpoint_path: Path, report: Callable[[str
                 export_graph(modules[name], contract, path, manifest.get("export", {}).get("opset", DEFAULT_OPSET))
                 changed[name] = match_weights(name, old, onnx_weights(path))
                 report(f"checking {name} against torch")
-                manifest["networks"][name]["parity"] = check_parity(modules[name], contract, path, FP32_TOLERANCE)
+                manifest["networks"][name]["parity"] = check_parity(modules[name], contract, path)
                 manifest["files"][contract.filename] = sha256_file(path)
             report("recomputing stored prompts")
             _recompute_prompts(staged, manifest)
@@ -186,7 +185,7 @@ def refit_bundle(bundle_path: Path, checkpoint_path: Path, report: Callable[[str
             manifest.setdefault("refits", []).append({
                 "checkpoint": str(checkpoint_path),
                 "changed_weights": changed,
-                "versions": {"cfdeploy": cfdeploy.__version__, "torch": torch.__version__, "onnx": onnx.__version__},
+                "versions": versions(),
                 "stale_engines": stale,
             })
             write_manifest(staged, manifest)

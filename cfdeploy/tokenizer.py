@@ -21,7 +21,7 @@ import numpy as np
 import regex
 
 from cfdeploy.errors import CfdeployError
-from cfdeploy.inputs import require_file
+from cfdeploy.files import require_file
 
 CONTEXT_LENGTH = 77
 VOCAB_FILENAME = "bpe_simple_vocab_16e6.txt.gz"

@@ -9,9 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-
 import synthetic_files
+import torch
 from conftest import assert_refused
 
 

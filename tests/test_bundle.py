@@ -9,12 +9,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from conftest import TOLERANCE, assert_refused, official_edit, open_clip_features, rel_l2
+from conftest import (
+    TOLERANCE,
+    assert_refused,
+    official_edit,
+    open_clip_features,
+    rel_l2,
+)
 
 
 def test_manifest_lists_every_file_with_hash_contract_and_parity(bundle_256):
-    from cfdeploy.bundle import sha256_file
+    from cfdeploy.files import sha256_file
 
     manifest = json.loads((bundle_256 / "manifest.json").read_text())
     assert manifest["format"] == "cfdeploy-bundle" and manifest["format_version"] == 1

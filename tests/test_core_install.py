@@ -10,9 +10,14 @@ from pathlib import Path
 import numpy as np
 import open_clip
 import pytest
+from conftest import (
+    TOKENIZER_PROMPTS,
+    TOLERANCE,
+    official_edit,
+    open_clip_features,
+    rel_l2,
+)
 from PIL import Image
-
-from conftest import TOKENIZER_PROMPTS, TOLERANCE, official_edit, open_clip_features, rel_l2
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -26,7 +26,15 @@ from cfdeploy.dac.base_model import inspect_base_model, load_base_model
 from cfdeploy.dac.edits import PredictSettings, to_pixels
 from cfdeploy.dac.plms import anneal
 from cfdeploy.dac.predict import edit_embeddings, initial_latents, sample
-from cfdeploy.dac.run import CHECKPOINT, EDIT_EMBEDDINGS, SOURCE_TEXT_LORA, TEXT_LORA, UNET_LORA, AbductSettings, read_run
+from cfdeploy.dac.run import (
+    CHECKPOINT,
+    EDIT_EMBEDDINGS,
+    SOURCE_TEXT_LORA,
+    TEXT_LORA,
+    UNET_LORA,
+    AbductSettings,
+    read_run,
+)
 from cfdeploy.errors import CfdeployError
 
 PROMPT, TARGET, FAST = DAC_PROMPT, DAC_TARGET, FAST_DAC
@@ -444,7 +452,8 @@ def test_damaged_bundles_are_refused_in_one_line(cli, dac_bundle: Path, tmp_path
         handle.seek(100)
         handle.write(b"\x00\x01\x02\x03")
     edits = tmp_path / "edits"
-    assert_refused(cli("dac", "edit", damaged, "-o", edits), edits, "unet.onnx.data: its sha256 differs from the manifest's")
+    assert_refused(cli("dac", "edit", damaged, "-o", edits), edits, "unet.onnx.data: sha256 ",
+                   "differs from the manifest's", "(file changed or damaged)")
     assert_refused(cli("dac", "edit", dac_bundle, "-o", edits, "--scheduler", "ddim"), edits,
                    "--scheduler ddim: a bundle samples with the base model's PNDM scheduler only")
     assert_refused(cli("dac", "edit", dac_bundle, "-o", edits, "-b", tmp_path), edits, "--base-model is for runs")

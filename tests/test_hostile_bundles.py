@@ -277,7 +277,7 @@ def test_graph_asking_for_unlisted_external_data_is_refused(tmp_path, bundle):
     ran = run_cfdeploy("edit", "--bundle", bundle, "--out", out, "--text", "green lipstick", "--seed", 1)
     assert ran.returncode == 2, ran.stderr
     assert ran.stderr.strip() == (f"error: {bundle / 'mapping.onnx'}: ONNX Runtime cannot load this graph: it reads "
-                                  "external data files, which bundles never use (only files the manifest hashes are read)")
+                                  "external data files the manifest does not list (only files it hashes are read)")
     assert not out.exists()
 
 

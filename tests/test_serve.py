@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 from conftest import assert_no_ray_left, assert_refused, free_port, ray_processes
+from PIL import Image
 
 from cfdeploy.client import Client, ServerError
 from cfdeploy.outputs import npy_bytes

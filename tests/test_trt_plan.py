@@ -154,7 +154,7 @@ def test_weight_matching_for_refit():
 
 
 def test_generator_hash_depends_on_values_not_on_key_order():
-    from cfdeploy.checkpoints import weights_sha256
+    from cfdeploy.torchfiles import weights_sha256
 
     state = {"b": torch.arange(6.0).reshape(2, 3), "a": torch.ones(4, dtype=torch.float16)}
     same = {"a": state["a"].clone(), "b": state["b"].t().contiguous().t()}
@@ -175,16 +175,21 @@ def test_build_engines_refuses_bad_options_before_touching_tensorrt(tmp_path, cl
 
 
 def test_onnxruntime_gpu_provider_options_follow_the_network_precision(tmp_path):
-    from cfdeploy.backends.onnxruntime_backend import provider_options
+    from cfdeploy.devices import onnxruntime_providers
+    from cfdeploy.sessions import provider_options
 
     providers = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
-    generator = provider_options(providers, "mixed", tmp_path)
-    assert generator[0] == {"trt_engine_cache_enable": "True", "trt_engine_cache_path": str(tmp_path),
+    chosen, on_gpu = onnxruntime_providers("cuda:1", providers)
+    assert chosen == providers and on_gpu == [{"device_id": "1"}, {"device_id": "1"}, {}]
+    generator = provider_options(chosen, on_gpu, "mixed", tmp_path)
+    assert generator[0] == {"device_id": "1", "trt_engine_cache_enable": "True", "trt_engine_cache_path": str(tmp_path),
                             "trt_timing_cache_enable": "True", "trt_timing_cache_path": str(tmp_path),
                             "trt_fp16_enable": "True"}
-    assert generator[1]["cudnn_conv_algo_search"] == "EXHAUSTIVE" and generator[2] == {}
-    assert provider_options(providers, "fp32", tmp_path)[0]["trt_fp16_enable"] == "False"
-    assert provider_options(["CPUExecutionProvider"], "fp16", tmp_path) == [{}]
+    assert generator[1]["cudnn_conv_algo_search"] == "EXHAUSTIVE" and generator[1]["device_id"] == "1"
+    assert generator[2] == {}
+    assert provider_options(chosen, on_gpu, "fp32", tmp_path)[0]["trt_fp16_enable"] == "False"
+    assert provider_options(["CPUExecutionProvider"], [{}], "fp16", tmp_path) == [{}]
+    assert onnxruntime_providers("cpu", providers) == (["CPUExecutionProvider"], [{}])
 
 
 def test_engine_help_shows_defaults_and_shared_profile_options(cli):

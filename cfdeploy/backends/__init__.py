@@ -53,12 +53,12 @@ BACKENDS: dict[str, BackendInfo] = {
         ),
         BackendInfo(
             "onnxruntime", "bundle", "cfdeploy.backends.onnxruntime_backend:OnnxRuntimeBackend", ("cpu", "cuda"), ("fp32",),
-            "onnxruntime", ("providers", "threads", *BUNDLE_OPTIONS),
+            "onnxruntime", ("device", "providers", "threads", *BUNDLE_OPTIONS),
             "the bundle's ONNX graphs, torch-free; CUDA and TensorRT through onnxruntime-gpu's providers",
         ),
         BackendInfo(
             "tensorrt", "bundle", "cfdeploy.backends.tensorrt_backend:TensorRTBackend", ("cuda",), ("fp32", "fp16", "mixed"),
-            "tensorrt", ("engines", "cuda_graphs", *BUNDLE_OPTIONS),
+            "tensorrt", ("device", "engines", "cuda_graphs", *BUNDLE_OPTIONS),
             "engines from `cfdeploy build-engines` on one CUDA stream, torch-free",
         ),
     )
@@ -82,11 +82,11 @@ PRESETS: dict[str, Preset] = {
         Preset("torch-bf16", "torch", {"precision": "bf16"}),
         Preset("torch-cuda", "torch", {"device": "cuda"}),
         Preset("torch-cuda-fp16", "torch", {"device": "cuda", "precision": "fp16", "cuda_graphs": True}),
-        Preset("onnxruntime", "onnxruntime", {"providers": ["CPUExecutionProvider"]}),
-        Preset("onnxruntime-cuda", "onnxruntime", {"providers": ["CUDAExecutionProvider", "CPUExecutionProvider"]}),
+        Preset("onnxruntime", "onnxruntime", {"device": "cpu"}),
+        Preset("onnxruntime-cuda", "onnxruntime", {"device": "cuda", "providers": ["CUDAExecutionProvider", "CPUExecutionProvider"]}),
         Preset(
             "onnxruntime-tensorrt", "onnxruntime",
-            {"providers": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]},
+            {"device": "cuda", "providers": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]},
         ),
         Preset("tensorrt", "tensorrt"),
     )

@@ -11,29 +11,19 @@ import torch
 
 from cfdeploy.backends import BACKENDS
 from cfdeploy.bundle import TextLatentCache
-from cfdeploy.checkpoints import load_cfclip, load_clip, weights_sha256
+from cfdeploy.checkpoints import load_cfclip, load_clip
+from cfdeploy.devices import torch_device
 from cfdeploy.errors import CfdeployError
 from cfdeploy.models.clip_text import ClipText
 from cfdeploy.models.mappers import FullTextMapper, LatentEditor, LevelsMapper
 from cfdeploy.models.stylegan2 import Generator, mean_latent, truncate
 from cfdeploy.tokenizer import ClipTokenizer
+from cfdeploy.torchfiles import weights_sha256
 
 # Reduced precision is for the generator only: the mappers' PixelNorm breaks in 16-bit floats.
 # fp16 runs under autocast (convolutions and matmuls in fp16, reductions such as demodulation in fp32);
 # bf16 runs a bf16 copy of the generator, the fastest form on CPUs with bf16 matrix units.
 GENERATOR_PRECISIONS = BACKENDS["torch"].precisions
-
-
-def resolve_device(name: str) -> torch.device:
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise CfdeployError(f"unknown device {name!r} (expected cpu, cuda or cuda:N)") from None
-    if device.type not in ("cpu", "cuda"):
-        raise CfdeployError(f"unsupported device {name!r} (expected cpu, cuda or cuda:N)")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CfdeployError(f"device {name!r} requested but this torch sees no CUDA GPU")
-    return device
 
 
 class TorchBackend:
@@ -53,7 +43,7 @@ class TorchBackend:
         precision: str = "fp32",
         cuda_graphs: bool = False,
     ) -> None:
-        self.device = resolve_device(device)
+        self.device = torch_device(device)
         if precision not in GENERATOR_PRECISIONS:
             raise CfdeployError(f"unknown precision {precision!r} (expected {', '.join(GENERATOR_PRECISIONS)})")
         if cuda_graphs and self.device.type != "cuda":
@@ -86,7 +76,7 @@ class TorchBackend:
         encoder: Path | None = None,
     ) -> "TorchBackend":
         """The CF-CLIP checkpoint's models; CLIP's text tower from ``clip_weights``, e4e from ``encoder`` (photos)."""
-        resolve_device(device)
+        torch_device(device)
         loaded = load_cfclip(checkpoint)
         clip = load_clip(clip_weights) if clip_weights is not None else None
         inverter = None

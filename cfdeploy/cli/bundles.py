@@ -171,7 +171,7 @@ def refit_command(
     have another layout. Replaces the text-mapper and latent-editor graphs (checked against torch),
     recomputes stored prompts, and refits the TensorRT mapper engines where TensorRT and a GPU are here.
     """
-    from cfdeploy.inputs import require_file
+    from cfdeploy.files import require_file
     from cfdeploy.refit import refit_bundle
 
     require_file(checkpoint)

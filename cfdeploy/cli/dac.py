@@ -56,12 +56,12 @@ def abduct_command(
 
     Example: cfdeploy dac abduct -i cat.jpg -p "A cat." -t "A cat wearing a wool cap." -b sd-2-1-base -o runs/cat_cap
     """
-    from cfdeploy.backends.torch_backend import resolve_device
     from cfdeploy.dac.abduct import AbductInputs, Progress, abduct
     from cfdeploy.dac.run import CHECKPOINT, AbductSettings, read_run
+    from cfdeploy.devices import torch_device
     from cfdeploy.errors import CfdeployError
 
-    resolve_device(device)
+    torch_device(device)
     if prompt is None:
         if unet_lora is None:
             raise CfdeployError("--prompt is needed (what the image shows) unless --unet-lora names a run to take it from")

@@ -58,7 +58,12 @@ def train_command(
     """
     from cfdeploy.errors import CfdeployError
     from cfdeploy.training.run import train
-    from cfdeploy.training.trainer import TRAINING_STATE, Progress, TrainInputs, TrainSettings
+    from cfdeploy.training.trainer import (
+        TRAINING_STATE,
+        Progress,
+        TrainInputs,
+        TrainSettings,
+    )
 
     if resume and force:
         raise CfdeployError("--resume continues the run in --out; --force would replace it: give one of them")

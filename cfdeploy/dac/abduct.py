@@ -28,7 +28,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cfdeploy.checkpoints import safe_torch_load
 from cfdeploy.dac import lora
 from cfdeploy.dac.base_model import (
     BaseModel,
@@ -41,7 +40,6 @@ from cfdeploy.dac.plms import anneal
 from cfdeploy.dac.predict import edit_embeddings, text_adapter_weights
 from cfdeploy.dac.run import (
     CHECKPOINT,
-    AbductSettings,
     EDIT_EMBEDDINGS,
     FORMAT,
     FORMAT_VERSION,
@@ -49,12 +47,14 @@ from cfdeploy.dac.run import (
     SOURCE_TEXT_LORA,
     TEXT_LORA,
     UNET_LORA,
+    AbductSettings,
     read_run,
-    versions,
 )
+from cfdeploy.environment import versions
 from cfdeploy.errors import CfdeployError
 from cfdeploy.outputs import DirectoryLock, check_output_dir, write_atomic
 from cfdeploy.photos.images import load_photo
+from cfdeploy.torchfiles import safe_torch_load
 from cfdeploy.training.trainer import step_generator
 
 MIN_IMAGE_SIDE = 64

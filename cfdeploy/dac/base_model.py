@@ -13,9 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cfdeploy.bundle import sha256_file
 from cfdeploy.errors import CfdeployError
-from cfdeploy.inputs import read_json_object
+from cfdeploy.files import read_json_object, sha256_file
 
 # Each weighted part: its folder, the class its config must name, and its safetensors file.
 WEIGHTED_PARTS = {

@@ -8,37 +8,42 @@
     BUNDLE/scheduler_config.json     the base model's scheduler (PLMS in numpy)
     BUNDLE/manifest.json             the run's identity, contracts, sha256 of every file, export parity
 
-Opening a bundle checks the manifest and every file's sha256 before anything is loaded.
+Opening a bundle checks its manifest as CF-CLIP's bundles are checked (bounded, pinnable with ``expect_manifest``, every
+path confined to the bundle); each file is checked against its sha256 when first used, and the bytes that were hashed
+are the bytes used (graphs and their external weights go to ONNX Runtime from memory).
 """
 
 from __future__ import annotations
 
 import hashlib
-import re
+import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from cfdeploy.bundle import sha256_file
+from cfdeploy.bundle_files import (
+    VerifiedFiles,
+    VerifiedGraph,
+    check_file_table,
+    read_manifest,
+    show,
+)
 from cfdeploy.contracts import NetworkContract, dac_contracts
 from cfdeploy.dac.plms import PlmsScheduler, anneal, noise_latents
 from cfdeploy.dac.refit_map import refit_weights
 from cfdeploy.dac.run import (
-    DESCRIBED_SETTINGS,
     MANIFEST,
     UNET_LORA,
     AbductSettings,
     read_edit_embeddings,
     read_run,
-    read_tensors,
 )
+from cfdeploy.dac.sampling import PredictSettings
 from cfdeploy.errors import CfdeployError
-from cfdeploy.inputs import read_json_object
-
-if TYPE_CHECKING:
-    from cfdeploy.dac.edits import PredictSettings
+from cfdeploy.files import npy_from_bytes, read_tensors
+from cfdeploy.sessions import Sessions
 
 BUNDLE_FORMAT = "cfdeploy-dac-bundle"
 FORMAT_VERSION = 1
@@ -48,46 +53,43 @@ SCHEDULER_CONFIG = "scheduler_config.json"
 NETWORKS = ("text_encoder", "unet", "vae_decoder")
 UNET_MODES = ("scale-input", "merged")
 BUNDLE_BACKENDS = ("onnxruntime", "tensorrt")
+MAX_ARRAY_BYTES = 64 << 20  # tokens [2, 77] and embeddings [2, 77, 1024] are a few hundred KB
+MAX_CONFIG_BYTES = 1 << 20
 
 
 class DacBundle:
-    """An opened DAC bundle: manifest checked, every listed file present and matching its sha256."""
+    """An opened DAC bundle: manifest checked (and pinned, with ``expect_manifest``); files verified on first use."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, expect_manifest: str | None = None) -> None:
         self.path = path
         manifest_path = path / MANIFEST
-        manifest = read_json_object(manifest_path, "a DAC bundle manifest")
+        manifest, self.manifest_sha256 = read_manifest(
+            path, MANIFEST, "a cfdeploy DAC bundle", "make one with cfdeploy dac export", expect_manifest
+        )
         if manifest.get("format") != BUNDLE_FORMAT:
-            raise CfdeployError(f"{manifest_path}: not a cfdeploy DAC bundle manifest")
+            raise CfdeployError(f"{manifest_path}: not a cfdeploy DAC bundle manifest (format {show(manifest.get('format'))})")
         if manifest.get("format_version") != FORMAT_VERSION:
-            raise CfdeployError(f"{manifest_path}: format version {manifest.get('format_version')!r}, this cfdeploy reads {FORMAT_VERSION}")
-        files = manifest.get("files")
-        if not isinstance(files, dict):
-            raise CfdeployError(f"{manifest_path}: no 'files' table")
+            raise CfdeployError(f"{manifest_path}: format version {show(manifest.get('format_version'))}, this cfdeploy reads {FORMAT_VERSION}")
+        files = check_file_table(path, manifest.get("files"), manifest_path)
         expected = {TOKENS, EMBEDDINGS, SCHEDULER_CONFIG, *(f"{name}.onnx" for name in NETWORKS)}
         missing = sorted(expected - set(files))
         if missing:
             raise CfdeployError(f"{manifest_path}: does not list {', '.join(missing)}")
-        for name, digest in files.items():
-            if not isinstance(name, str) or "/" in name or name.startswith(".") or name == MANIFEST:
-                raise CfdeployError(f"{manifest_path}: lists {name!r}, which is not a file name of a DAC bundle")
-            file = path / name
-            if not file.is_file() or file.is_symlink():
-                raise CfdeployError(f"{file}: listed in the manifest but missing (or not a regular file)")
-            if sha256_file(file) != digest:
-                raise CfdeployError(f"{file}: its sha256 differs from the manifest's (damaged or altered)")
+        if MANIFEST in files:
+            raise CfdeployError(f"{manifest_path}: lists itself, which no manifest can hash")
         self.manifest = manifest
+        self.files = VerifiedFiles(path, MANIFEST, files)
         run = manifest.get("run")
         self.settings = AbductSettings.from_manifest(run.get("settings") if isinstance(run, dict) else None, manifest_path)
         latent_shape = manifest.get("latent_shape")
         if not (isinstance(latent_shape, list) and len(latent_shape) == 3
                 and all(type(value) is int and 0 < value <= 4096 for value in latent_shape)):
-            raise CfdeployError(f"{manifest_path}: latent_shape is {latent_shape!r}, expected [channels, side, side] of positive integers")
+            raise CfdeployError(f"{manifest_path}: latent_shape is {show(latent_shape)}, expected [channels, side, side] of positive integers")
         self.latent_shape: tuple[int, ...] = tuple(latent_shape)
         unet = manifest.get("unet")
         self.unet_mode = unet.get("mode") if isinstance(unet, dict) else None
         if self.unet_mode not in UNET_MODES:
-            raise CfdeployError(f"{manifest_path}: unet.mode is {self.unet_mode!r}, expected one of {', '.join(UNET_MODES)}")
+            raise CfdeployError(f"{manifest_path}: unet.mode is {show(self.unet_mode)}, expected one of {', '.join(UNET_MODES)}")
 
     @property
     def contracts(self) -> dict[str, NetworkContract]:
@@ -101,81 +103,31 @@ class DacBundle:
 
     def graph_sha256(self, network: str) -> str:
         """One digest of a graph and its weights file (the .onnx alone does not change with the weights)."""
-        files = self.manifest["files"]
-        parts = [files[f"{network}.onnx"], files.get(f"{network}.onnx.data", "")]
+        parts = [self.files.digest(f"{network}.onnx"), self.files.files.get(f"{network}.onnx.data", "")]
         return hashlib.sha256("".join(parts).encode()).hexdigest()
 
+    def graph(self, network: str) -> VerifiedGraph:
+        return self.files.graph(f"{network}.onnx")
+
     def array(self, name: str) -> np.ndarray:
-        array: np.ndarray = np.load(self.path / name, allow_pickle=False)
-        return array
+        return npy_from_bytes(self.files.read_bytes(name, MAX_ARRAY_BYTES), str(self.path / name))
 
     def scheduler_config(self) -> dict[str, Any]:
-        return read_json_object(self.path / SCHEDULER_CONFIG, "a scheduler config")
+        content = self.files.read_bytes(SCHEDULER_CONFIG, MAX_CONFIG_BYTES)
+        try:
+            config = json.loads(content.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError) as error:
+            raise CfdeployError(f"{self.path / SCHEDULER_CONFIG}: not a JSON scheduler config ({error})") from None
+        if not isinstance(config, dict):
+            raise CfdeployError(f"{self.path / SCHEDULER_CONFIG}: expected a JSON object, found {type(config).__name__}")
+        return config
 
 
-def cuda_index(device: str) -> int | None:
-    """``--device`` parsed: None for cpu, N for cuda / cuda:N; anything else refused."""
-    if device == "cpu":
-        return None
-    match = re.fullmatch(r"cuda(?::(\d+))?", device)
-    if match is None:
-        raise CfdeployError(f"unsupported device {device!r} (expected cpu, cuda or cuda:N)")
-    return int(match.group(1) or 0)
-
-
-def device_providers(device: str) -> tuple[list[str], list[dict[str, str]]]:
-    """ONNX Runtime's providers and their options for ``--device``: cpu, or cuda / cuda:N on that GPU."""
-    import onnxruntime as ort
-
-    index = cuda_index(device)
-    if index is None:
-        return ["CPUExecutionProvider"], [{}]
-    available = ort.get_available_providers()
-    if "CUDAExecutionProvider" not in available:
-        raise CfdeployError(f"--device {device}: this ONNX Runtime has no CUDA provider (has {', '.join(available)}); "
-                            "install onnxruntime-gpu")
-    return ["CUDAExecutionProvider", "CPUExecutionProvider"], [{"device_id": str(index)}, {}]
-
-
-class OnnxRuntimeNetworks:
-    """The bundle's graphs as ONNX Runtime sessions on the CPU or one CUDA GPU: ``networks(name, **inputs)``.
-
-    ``unet_weights`` (another run's U, by initializer name) replace the UNet graph's own, as a TensorRT refit does.
-    """
-
-    def __init__(self, bundle: DacBundle, device: str = "cpu", unet_weights: dict[str, np.ndarray] | None = None,
-                 threads: int | None = None) -> None:
-        import onnxruntime as ort
-
-        from cfdeploy.backends.onnxruntime_backend import load_failure
-
-        providers, provider_options = device_providers(device)
-        self.device = device
-        self.sessions = {}
-        # another run's U, by initializer name; ONNX Runtime reads these values, so they are kept alive here
-        self._replaced = {name: ort.OrtValue.ortvalue_from_numpy(value) for name, value in (unet_weights or {}).items()}
-        for name in NETWORKS:
-            path = bundle.path / f"{name}.onnx"
-            options = ort.SessionOptions()
-            options.log_severity_level = 3  # the exporter's CastLike nodes make the CPU provider warn about constant folding
-            if threads:
-                options.intra_op_num_threads = threads
-            for initializer, value in (self._replaced.items() if name == "unet" else ()):
-                options.add_initializer(initializer, value)
-            try:
-                session = ort.InferenceSession(str(path), options, providers=providers, provider_options=provider_options)
-            except Exception as error:  # ONNX Runtime has one exception class per failure, none shared but Exception
-                raise CfdeployError(f"{path}: ONNX Runtime cannot load this graph: {load_failure(error)}") from None
-            if session.get_providers()[0] != providers[0]:
-                raise CfdeployError(f"--device {device}: ONNX Runtime could not start {providers[0]} (its CUDA libraries?)")
-            self.sessions[name] = session
-
-    def describe(self) -> dict[str, Any]:
-        return {"backend": "onnxruntime", "device": self.device, "providers": self.sessions["unet"].get_providers()}
-
-    def __call__(self, network: str, **inputs: np.ndarray) -> np.ndarray:
-        output: np.ndarray = self.sessions[network].run(None, inputs)[0]
-        return output
+def onnxruntime_networks(bundle: DacBundle, device: str = "cpu", unet_weights: dict[str, np.ndarray] | None = None,
+                         threads: int | None = None) -> Sessions:
+    """The bundle's graphs as ONNX Runtime sessions; ``unet_weights`` (another run's U, by initializer name) replace
+    the UNet graph's own, as a TensorRT refit does."""
+    return Sessions(bundle.graph, device, threads=threads, initializers={"unet": unet_weights} if unet_weights else None)
 
 
 class BundleSampler:
@@ -235,29 +187,3 @@ def refit_inputs(bundle: DacBundle, run_path: Path, settings: PredictSettings) -
     hidden = bundle.array(EMBEDDINGS).shape[1:]
     cond, uncond = read_edit_embeddings(run, (1, *hidden))
     return run.settings, weights, np.concatenate([uncond, cond])
-
-
-def open_bundle(
-    path: Path, settings: PredictSettings, device: str | None, on_stage: Callable[[str], None], backend: str = "onnxruntime",
-    refit_run: Path | None = None,
-) -> tuple[BundleSampler, dict[str, Any]]:
-    """A sampler for the bundle at ``path`` (sampling ``refit_run`` instead, its U in place of the bundle's), and
-    what ``edit.json`` records of it."""
-    if backend not in BUNDLE_BACKENDS:
-        raise CfdeployError(f"--backend {backend}: a bundle runs on {' or '.join(BUNDLE_BACKENDS)}")
-    on_stage("checking the bundle")
-    bundle = DacBundle(path)
-    sampled, weights, context = bundle.settings, None, None
-    if refit_run is not None:
-        sampled, weights, context = refit_inputs(bundle, refit_run, settings)
-    on_stage("loading the graphs")
-    networks: Any
-    if backend == "tensorrt":
-        from cfdeploy.dac.engines import TensorRTNetworks
-
-        networks = TensorRTNetworks(bundle, device or "cuda", weights)
-    else:
-        networks = OnnxRuntimeNetworks(bundle, device or "cpu", weights)
-    sampler = BundleSampler(bundle, settings, networks, sampled.eta, context)
-    return sampler, {"bundle": str(path), **networks.describe(), "unet_mode": bundle.unet_mode, "refit_run": str(refit_run) if refit_run else None,
-                     **{key: getattr(sampled, key) for key in DESCRIBED_SETTINGS}}

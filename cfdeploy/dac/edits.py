@@ -9,51 +9,29 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
-from cfdeploy.dac.bundle import BUNDLE_FORMAT
+from cfdeploy.dac.bundle import (
+    BUNDLE_BACKENDS,
+    BUNDLE_FORMAT,
+    BundleSampler,
+    DacBundle,
+    onnxruntime_networks,
+    refit_inputs,
+)
+from cfdeploy.dac.run import DESCRIBED_SETTINGS, require_manifest
 from cfdeploy.dac.run import FORMAT as RUN_FORMAT
-from cfdeploy.dac.run import require_manifest, versions
-from cfdeploy.errors import CfdeployError, require_finite, require_range
-from cfdeploy.inputs import read_json_object
+from cfdeploy.dac.sampling import PredictSettings, Sampler
+from cfdeploy.environment import versions
+from cfdeploy.errors import CfdeployError
+from cfdeploy.files import read_json_object
 from cfdeploy.outputs import StagedDirectory
 
-SCHEDULERS = ("pndm", "ddim")
 CONTACT_SHEET = "contact_sheet.png"
-
-
-@dataclass(frozen=True)
-class PredictSettings:
-    """The official defaults: β 1, guidance 4, 30 PNDM steps, seed 29; ``samples`` seeds in a row."""
-
-    beta: float = 1.0
-    guidance: float = 4.0
-    steps: int = 30
-    seed: int = 29
-    samples: int = 8
-    scheduler: str = "pndm"
-
-    def __post_init__(self) -> None:
-        require_finite(beta=self.beta, guidance=self.guidance)
-        require_range(1, 1000, steps=self.steps)
-        require_range(1, 1024, samples=self.samples)
-        require_range(0, 2**63 - 1 - self.samples, seed=self.seed)
-        if self.scheduler not in SCHEDULERS:
-            raise CfdeployError(f"--scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
-
-    @property
-    def seeds(self) -> list[int]:
-        return list(range(self.seed, self.seed + self.samples))
-
-
-class Sampler(Protocol):
-    def sample(self, seed: int, on_call: Callable[[int], None]) -> np.ndarray:
-        """The edit for ``seed`` as ``[1, 3, H, W]`` in [0, 1]; ``on_call(t)`` before each UNet call."""
-        ...
 
 
 def to_pixels(unit: np.ndarray) -> np.ndarray:
@@ -107,8 +85,6 @@ def edit(
                 raise CfdeployError(f"{source}: a run samples with PyTorch; export it for --backend {backend or 'tensorrt'} or --run")
             sampler, described = open_run(source, settings, base_model, device or "cpu", on_stage)
         else:
-            from cfdeploy.dac.bundle import open_bundle
-
             if base_model is not None:
                 raise CfdeployError(f"{source}: a bundle carries its own graphs; --base-model is for runs")
             sampler, described = open_bundle(source, settings, device, on_stage, backend or "onnxruntime", refit_run)
@@ -130,3 +106,32 @@ def edit(
         staged.write_json("edit.json", report)
     return report
 
+
+
+def open_bundle(
+    path: Path, settings: PredictSettings, device: str | None, on_stage: Callable[[str], None], backend: str = "onnxruntime",
+    refit_run: Path | None = None,
+) -> tuple[BundleSampler, dict[str, Any]]:
+    """A sampler for the bundle at ``path`` (sampling ``refit_run`` instead, its U in place of the bundle's), and
+    what ``edit.json`` records of it."""
+    if backend not in BUNDLE_BACKENDS:
+        raise CfdeployError(f"--backend {backend}: a bundle runs on {' or '.join(BUNDLE_BACKENDS)}")
+    on_stage("checking the bundle")
+    bundle = DacBundle(path)
+    sampled, weights, context = bundle.settings, None, None
+    if refit_run is not None:
+        sampled, weights, context = refit_inputs(bundle, refit_run, settings)
+    on_stage("loading the graphs")
+    networks: Any
+    if backend == "tensorrt":
+        from cfdeploy.dac.engines import describe, tensorrt_networks
+
+        networks = tensorrt_networks(bundle, device or "cuda", weights)
+        described = describe(networks)
+    else:
+        networks = onnxruntime_networks(bundle, device or "cpu", weights)
+        described = networks.describe()
+    sampler = BundleSampler(bundle, settings, networks, sampled.eta, context)
+    return sampler, {"bundle": str(path), **described, "unet_mode": bundle.unet_mode,
+                     "refit_run": str(refit_run) if refit_run else None,
+                     **{key: getattr(sampled, key) for key in DESCRIBED_SETTINGS}}

@@ -1,4 +1,4 @@
-"""TensorRT for DAC bundles: ``cfdeploy dac build-engines`` and ``dac edit DACBUNDLE --backend tensorrt``.
+"""TensorRT for DAC bundles: ``cfdeploy dac build-engines`` and ``dac edit --bundle DACBUNDLE --backend tensorrt``.
 
 Each graph becomes an engine at a static batch (CFG's 2 for the text encoder and UNet, 1 for the VAE
 decoder), in its contract's precision (the UNet fp16), keyed like CF-CLIP's engines by the graph and
@@ -16,15 +16,15 @@ from typing import Any
 import numpy as np
 import tensorrt as trt
 
-from cfdeploy.backends.tensorrt_backend import Engine, close_engines
 from cfdeploy.bundle import ENGINE_DIR
-from cfdeploy.dac.bundle import NETWORKS, DacBundle, cuda_index
+from cfdeploy.dac.bundle import NETWORKS, DacBundle
 from cfdeploy.errors import CfdeployError
 from cfdeploy.outputs import DirectoryLock
 from cfdeploy.trt.builder import BuiltEngine, build_wanted, wanted_key
-from cfdeploy.trt.cuda import call, gpu_identity
+from cfdeploy.trt.cuda import gpu_identity
+from cfdeploy.trt.engine import EngineSet
 from cfdeploy.trt.log import LOGGER
-from cfdeploy.trt.plan import BatchProfile, BuildSettings, check_runnable, engine_paths
+from cfdeploy.trt.plan import BatchProfile, BuildSettings
 
 BATCHES = {"text_encoder": 2, "unet": 2, "vae_decoder": 1}  # CFG runs uncond and cond together; one image is decoded
 
@@ -44,8 +44,8 @@ def build_dac_engines(bundle_path: Path, rebuild: bool = False, report: Callable
         engine_dir = bundle_path / ENGINE_DIR
         engine_dir.mkdir(exist_ok=True)
         wanted = [wanted_key(contracts[name], bundle.graph_sha256(name), build_settings(name, rebuild), gpu) for name in NETWORKS]
-        return build_wanted(engine_dir, wanted, contracts, lambda name: bundle_path / contracts[name].filename,
-                            lambda name: build_settings(name, rebuild), rebuild, report)
+        return build_wanted(engine_dir, wanted, contracts, bundle.graph, lambda name: build_settings(name, rebuild), rebuild,
+                            report)
 
 
 def refit_unet(engine: trt.ICudaEngine, weights: dict[str, np.ndarray]) -> None:
@@ -64,34 +64,12 @@ def refit_unet(engine: trt.ICudaEngine, weights: dict[str, np.ndarray]) -> None:
         raise CfdeployError(f"the UNet engine's refit failed (weights still missing: {', '.join(missing[:4]) or 'none'})")
 
 
-class TensorRTNetworks:
-    """The bundle's engines on one CUDA stream: ``networks(name, **inputs)``; U refitted from ``unet_weights`` if given."""
+def tensorrt_networks(bundle: DacBundle, device: str = "cuda", unet_weights: dict[str, np.ndarray] | None = None) -> EngineSet:
+    """The bundle's engines on one CUDA stream with CUDA graphs; U refitted from ``unet_weights`` if given."""
+    refit = {"unet": lambda engine: refit_unet(engine, unet_weights)} if unet_weights else None
+    return EngineSet(bundle.path / ENGINE_DIR, bundle.contracts, bundle.graph_sha256, device, cuda_graphs=True, prepare=refit)
 
-    def __init__(self, bundle: DacBundle, device: str = "cuda", unet_weights: dict[str, np.ndarray] | None = None) -> None:
-        index = cuda_index(device)
-        if index is None:
-            raise CfdeployError(f"--device {device}: TensorRT engines run on a CUDA GPU (cuda or cuda:N)")
-        call("cudaSetDevice", index)
-        self.device = f"cuda:{index}"
-        gpu = gpu_identity(index)
-        engine_dir = bundle.path / ENGINE_DIR
-        contracts = bundle.contracts
-        self.stream = int(call("cudaStreamCreate"))
-        runtime = trt.Runtime(LOGGER)
-        self.engines: dict[str, Engine] = {}
-        for name in NETWORKS:
-            key = check_runnable(engine_dir, name, bundle.graph_sha256(name), trt.__version__, gpu)
-            refit = (lambda engine: refit_unet(engine, unet_weights)) if name == "unet" and unet_weights else None
-            self.engines[name] = Engine(engine_paths(engine_dir, name)[0], contracts[name], key, runtime, self.stream,
-                                        cuda_graphs=True, prepare=refit)
 
-    def describe(self) -> dict[str, Any]:
-        return {"backend": "tensorrt", "device": self.device, "tensorrt": trt.__version__,
-                "precisions": {name: engine.contract.precision for name, engine in self.engines.items()}}
-
-    def __call__(self, network: str, **inputs: np.ndarray) -> np.ndarray:
-        return self.engines[network](**inputs)
-
-    def close(self) -> None:
-        close_engines(self.engines, self.stream)
-        self.stream = 0
+def describe(engines: EngineSet) -> dict[str, Any]:
+    return {"backend": "tensorrt", "device": engines.device, "tensorrt": trt.__version__,
+            "precisions": {name: contract.precision for name, contract in engines.contracts.items()}}

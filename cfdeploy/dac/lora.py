@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from cfdeploy.dac.run import read_tensors
 from cfdeploy.errors import CfdeployError
+from cfdeploy.files import read_tensors
 from cfdeploy.outputs import write_atomic
 
 UNET_TARGETS = (

@@ -24,7 +24,6 @@ from cfdeploy.dac.base_model import (
     inspect_base_model,
     load_base_model,
 )
-from cfdeploy.dac.edits import PredictSettings
 from cfdeploy.dac.plms import anneal, noise_latents
 from cfdeploy.dac.run import (
     DESCRIBED_SETTINGS,
@@ -35,6 +34,7 @@ from cfdeploy.dac.run import (
     read_edit_embeddings,
     read_run,
 )
+from cfdeploy.dac.sampling import PredictSettings
 
 
 def text_adapter_weights(variant: str, beta: float) -> dict[str, float]:
@@ -139,9 +139,9 @@ class TorchSampler:
 def open_run(run_path: Path, settings: PredictSettings, base_model: Path | None, device: str,
              on_stage: Callable[[str], None]) -> tuple[TorchSampler, dict[str, Any]]:
     """A sampler for the run at ``run_path`` on its own base model (checked by hash), and what ``edit.json`` records of it."""
-    from cfdeploy.backends.torch_backend import resolve_device
+    from cfdeploy.devices import torch_device
 
-    resolve_device(device)
+    torch_device(device)
     run = read_run(run_path)
     recorded = run.manifest["base_model"]
     on_stage("hashing the base model")

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from cfdeploy.errors import CfdeployError, require_finite, require_range
-from cfdeploy.inputs import read_json_object
+from cfdeploy.files import read_json_object, read_tensors
 
 MANIFEST = "manifest.json"
 CHECKPOINT = "checkpoint.pt"
@@ -99,22 +99,6 @@ class DacRun:
         return path
 
 
-def read_tensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """A safetensors file's tensors as numpy arrays and its metadata, refused in one line if unreadable or not finite."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="np") as handle:
-            metadata = handle.metadata() or {}
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    except (SafetensorError, OSError, ValueError) as error:
-        raise CfdeployError(f"{path}: not a safetensors file ({error})") from None
-    for key, tensor in tensors.items():
-        if not np.isfinite(tensor).all():
-            raise CfdeployError(f"{path}: {key} holds NaN or infinite values")
-    return tensors, metadata
-
-
 def read_edit_embeddings(run: DacRun, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
     """(cond, uncond) at β = 1 as abduct stored them, each checked to be of ``shape``."""
     path = run.file(EDIT_EMBEDDINGS)
@@ -124,18 +108,6 @@ def read_edit_embeddings(run: DacRun, shape: tuple[int, ...]) -> tuple[np.ndarra
         if found != shape:
             raise CfdeployError(f"{path}: expected {key!r} of shape {shape}, found {'nothing' if found is None else found}")
     return stored["cond"], stored["uncond"]
-
-
-def versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    found = {}
-    for package in ("cfdeploy", "numpy", "onnxruntime", "torch", "diffusers", "transformers", "peft"):
-        try:
-            found[package] = version(package)
-        except PackageNotFoundError:
-            continue
-    return found
 
 
 def require_manifest(path: Path, expected: str) -> Path:

@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from cfdeploy.errors import CfdeployError
-from cfdeploy.inputs import require_file
+from cfdeploy.files import require_file
 
 MAX_PHOTO_PIXELS = 50_000_000  # 50 MP: above every phone camera; a decoded 50 MP RGB photo takes 150 MB
 PHOTO_FORMATS = ("JPEG", "PNG", "WEBP")  # Pillow's names; JPEG includes the MPO files phones write

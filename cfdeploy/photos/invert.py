@@ -137,10 +137,10 @@ class E4EInverter:
     name = "torch"
 
     def __init__(self, path: Path, device: str = "cpu") -> None:
-        from cfdeploy.backends.torch_backend import resolve_device
         from cfdeploy.checkpoints import load_e4e
+        from cfdeploy.devices import torch_device
 
-        self.device = resolve_device(device)
+        self.device = torch_device(device)
         loaded = load_e4e(path)
         self.encoder = loaded.encoder.eval().to(self.device)
         self.generator = loaded.generator.eval().to(self.device)

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from cfdeploy.errors import CfdeployError, missing_extra
-from cfdeploy.inputs import read_npy, require_file
+from cfdeploy.files import read_npy, require_file
 
 POINT_COUNTS = (68, 5)  # dlib's 68-point set; RetinaFace/SCRFD: left eye, right eye, nose, mouth left, mouth right
 DLIB_MODEL_NAME = "shape_predictor_68_face_landmarks.dat"

@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from cfdeploy.bundle import MANIFEST, sha256_file, without_clip_message
+from cfdeploy.bundle import MANIFEST, without_clip_message
 from cfdeploy.editing import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_PNG_COMPRESSION,
@@ -29,7 +29,8 @@ from cfdeploy.editing import (
     edit_to_directory,
 )
 from cfdeploy.errors import CfdeployError, require_finite, require_range
-from cfdeploy.inputs import load_latents, load_text_embedding, require_file
+from cfdeploy.files import require_file, sha256_file
+from cfdeploy.inputs import load_latents, load_text_embedding
 from cfdeploy.outputs import StagedDirectory, write_atomic
 from cfdeploy.serving.cluster import (
     actor_backend_options,

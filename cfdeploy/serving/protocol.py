@@ -20,12 +20,8 @@ import numpy as np
 from cfdeploy.bundle import without_clip_message
 from cfdeploy.editing import check_sampling
 from cfdeploy.errors import CfdeployError
-from cfdeploy.inputs import (
-    broadcast_latents,
-    check_text_embedding,
-    npy_from_bytes,
-    require_finite_array,
-)
+from cfdeploy.files import npy_from_bytes, require_finite_array
+from cfdeploy.inputs import broadcast_latents, check_text_embedding
 
 MAX_BODY_BYTES = 16 << 20  # a request's JSON: 64 W+ codes at 1024 px are 3.1 MB of base64
 MAX_CODES_PER_REQUEST = 64  # images per request; more belongs in `cfdeploy batch`

@@ -17,18 +17,15 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from cfdeploy.backends.torch_backend import resolve_device
-from cfdeploy.checkpoints import (
-    load_arcface,
-    load_clip,
-    load_generator,
-    safe_torch_load,
-)
+from cfdeploy.checkpoints import load_arcface, load_clip, load_generator
+from cfdeploy.devices import torch_device
 from cfdeploy.errors import CfdeployError
-from cfdeploy.inputs import load_latents, require_file
+from cfdeploy.files import require_file
+from cfdeploy.inputs import load_latents
 from cfdeploy.outputs import check_output_dir, write_atomic
 from cfdeploy.refine import ClipNCELoss
 from cfdeploy.tokenizer import ClipTokenizer
+from cfdeploy.torchfiles import safe_torch_load
 from cfdeploy.training.trainer import (
     BEST_MODEL,
     GRID_ROWS,
@@ -107,7 +104,7 @@ def png_bytes(image: Image.Image) -> bytes:
 
 def prepare(settings: TrainSettings, inputs: TrainInputs, device: str, on_stage: Callable[[str], None]) -> Trainer:
     """Load and check every input (before any file is written), then build the trainer."""
-    target = resolve_device(device)
+    target = torch_device(device)
     if settings.precision == "fp16" and target.type != "cuda":
         raise CfdeployError("--precision fp16 needs --device cuda (use bf16 on a CPU)")
     for path in (inputs.generator, inputs.clip_weights, inputs.latents, inputs.test_latents, inputs.id_weights):

@@ -16,9 +16,11 @@ from typing import Callable, Mapping
 
 import tensorrt as trt
 
-from cfdeploy.bundle import Bundle, sha256_file
+from cfdeploy.bundle import Bundle
+from cfdeploy.bundle_files import VerifiedGraph
 from cfdeploy.contracts import NetworkContract
 from cfdeploy.errors import CfdeployError
+from cfdeploy.files import sha256_file
 from cfdeploy.outputs import DirectoryLock, write_atomic
 from cfdeploy.trt.cuda import gpu_identity
 from cfdeploy.trt.log import LOGGER
@@ -117,18 +119,21 @@ def _pinnable(layer: trt.ILayer) -> bool:
     return all(out.dtype in _FLOAT_TYPES and out.is_execution_tensor and not out.is_shape_tensor for out in outputs)
 
 
-def parse_onnx(onnx_path: Path) -> tuple[trt.Builder, trt.INetworkDefinition, trt.OnnxParser]:
+def parse_onnx(graph: VerifiedGraph) -> tuple[trt.Builder, trt.INetworkDefinition, trt.OnnxParser]:
+    """Parse a verified graph's bytes. External weights are the one thing read by path: TensorRT's parser opens
+    ``GRAPH.onnx.data`` beside ``graph.path`` itself, so the bundle verifies that file just before (see
+    :meth:`~cfdeploy.bundle_files.VerifiedFiles.graph`)."""
     builder = trt.Builder(LOGGER)
     network = builder.create_network(0)
     parser = trt.OnnxParser(network, LOGGER)
-    if not parser.parse_from_file(str(onnx_path)):
+    if not parser.parse(graph.content, str(graph.path)):
         errors = "; ".join(str(parser.get_error(index)) for index in range(parser.num_errors))
-        raise CfdeployError(f"{onnx_path}: TensorRT could not parse the graph: {errors}")
+        raise CfdeployError(f"{graph.path}: TensorRT could not parse the graph: {errors}")
     return builder, network, parser
 
 
 def build_engine(
-    onnx_path: Path,
+    graph: VerifiedGraph,
     contract: NetworkContract,
     key: EngineKey,
     settings: BuildSettings,
@@ -136,7 +141,7 @@ def build_engine(
     report: Callable[[str], None],
 ) -> bytes:
     """Serialized engine for one network."""
-    builder, network, _parser = parse_onnx(onnx_path)
+    builder, network, _parser = parse_onnx(graph)
     config = builder.create_builder_config()
     if settings.workspace_bytes is not None:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, settings.workspace_bytes)
@@ -157,7 +162,7 @@ def build_engine(
     config.progress_monitor = BuildProgress(report)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise CfdeployError(f"{onnx_path}: TensorRT failed to build the {contract.name} engine (see the log above)")
+        raise CfdeployError(f"{graph.path}: TensorRT failed to build the {contract.name} engine (see the log above)")
     write_atomic(timing_cache_path, bytes(config.get_timing_cache().serialize()))
     return bytes(serialized)
 
@@ -189,7 +194,7 @@ def build_wanted(
     engine_dir: Path,
     wanted: list[EngineKey],
     contracts: Mapping[str, NetworkContract],
-    onnx_path: Callable[[str], Path],
+    graph: Callable[[str], VerifiedGraph],
     settings: Callable[[str], BuildSettings],
     rebuild: bool,
     report: Callable[[str], None],
@@ -207,7 +212,7 @@ def build_wanted(
         network_settings = settings(key.network)
         report(f"{key.network}: building {key.precision} engine, {network_settings.profile.label()}")
         started = time.perf_counter()
-        engine = build_engine(onnx_path(key.network), contracts[key.network], key, network_settings, engine_dir / TIMING_CACHE,
+        engine = build_engine(graph(key.network), contracts[key.network], key, network_settings, engine_dir / TIMING_CACHE,
                               prefixed(report, key.network))
         key_path.unlink(missing_ok=True)  # an engine without a key is refused, never trusted
         write_atomic(engine_path, engine)

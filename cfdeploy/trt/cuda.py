@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from cfdeploy.devices import parse_device
 from cfdeploy.errors import CfdeployError
 
 try:
@@ -100,3 +101,12 @@ class EventTimer:
     def close(self) -> None:
         call("cudaEventDestroy", self.start)
         call("cudaEventDestroy", self.stop)
+
+
+def use_gpu(device: str) -> tuple[str, tuple[str, str]]:
+    """Make ``--device`` (cuda or cuda:N) the current GPU; its name and the GPU's identity. The CPU is refused."""
+    parsed = parse_device(device)
+    if parsed.index is None:
+        raise CfdeployError(f"--device {device}: TensorRT engines run on a CUDA GPU (cuda or cuda:N)")
+    call("cudaSetDevice", parsed.index)
+    return str(parsed), gpu_identity(parsed.index)

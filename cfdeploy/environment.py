@@ -1,0 +1,69 @@
+"""What a run records about the machine it ran on: package versions and the CPU's cores."""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+# Runtimes a result may depend on: module name → distribution.
+RUNTIMES = {"torch": "torch", "open_clip": "open_clip_torch", "onnx": "onnx", "onnxruntime": "onnxruntime",
+            "diffusers": "diffusers", "transformers": "transformers", "peft": "peft", "tensorrt": "tensorrt"}
+
+
+def versions() -> dict[str, str]:
+    """cfdeploy's, numpy's and Python's versions, and those of the runtimes this process has imported (what ran)."""
+    found = {"cfdeploy": package_version("cfdeploy"), "numpy": package_version("numpy"),
+             "python": platform.python_version()}
+    for module, package in RUNTIMES.items():
+        if module in sys.modules:
+            found[module] = package_version(package, getattr(sys.modules[module], "__version__", "unknown"))
+    return found
+
+
+def package_version(package: str, default: str = "unknown") -> str:
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return default
+
+
+def physical_cores() -> int:
+    """Physical cores (hyper-threads share one core's FPU, so more intra-op threads only contend)."""
+    try:
+        cores = set()
+        physical = core = None
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key == "physical id":
+                physical = value.strip()
+            elif key == "core id":
+                core = value.strip()
+            elif not key and core is not None:
+                cores.add((physical, core))
+                physical = core = None
+        if core is not None:
+            cores.add((physical, core))
+        if cores:
+            return len(cores)
+    except OSError:
+        pass
+    return os.cpu_count() or 1
+
+
+def machine_info() -> dict[str, Any]:
+    """The CPU, platform and installed runtimes, for benchmark reports (results from two machines do not compare)."""
+    model = platform.processor()
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    installed = {package: package_version(package, "")
+                 for package in ("cfdeploy", "numpy", "torch", "onnxruntime", "onnxruntime-gpu", "tensorrt")}
+    return {"cpu": model, "logical_cpus": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version(), "versions": {key: value for key, value in installed.items() if value}}

@@ -1,0 +1,135 @@
+"""ONNX Runtime sessions over verified graphs, for both editors' bundles.
+
+One place decides a session's providers (from ``--device``, or ``--providers`` as an expert override), its
+threads, the options of each provider (TensorRT's engine cache and fp16 where a network's contract allows
+reduced precision; CUDA's exhaustive convolution search), initializer overrides (another run's weights in
+place of the graph's own) and the one-line message for a graph ONNX Runtime cannot load. Every graph
+comes from :class:`~cfdeploy.bundle_files.VerifiedGraph` bytes, external weights included, so ONNX Runtime
+reads no file after its hash was checked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from cfdeploy.bundle_files import EXTERNAL_DATA_SUFFIX, VerifiedGraph
+from cfdeploy.devices import CUDA_PROVIDER, TENSORRT_PROVIDER, onnxruntime_providers
+from cfdeploy.environment import physical_cores
+from cfdeploy.errors import CfdeployError
+
+
+def load_failure(error: Exception) -> str:
+    """ONNX Runtime's load error as one readable clause."""
+    message = " ".join(str(error).split())
+    if "model_path must not be empty" in message or "external data" in message.lower():
+        return "it reads external data files the manifest does not list (only files it hashes are read)"
+    return message.split(") ")[-1][:300] if "onnxruntime::" in message else message[:300]
+
+
+def provider_options(providers: Sequence[str], base: Sequence[dict[str, Any]], precision: str,
+                     engine_cache: Path | None) -> list[dict[str, Any]]:
+    """Per-provider options for one network's session.
+
+    TensorRT's provider caches its engines and timing data under ``engine_cache`` (ONNX Runtime keys them by the
+    graph's name and nodes, not its weights: ``cfdeploy refit`` clears them) and runs fp16 where the network's
+    contract allows reduced precision ("mixed" becomes plain fp16 there: the provider has no per-layer pinning);
+    CUDA's provider searches convolution algorithms exhaustively once, since edits run the same shapes.
+    """
+    options = []
+    for provider, given in zip(providers, base, strict=True):
+        extra: dict[str, Any] = {}
+        if provider == TENSORRT_PROVIDER:
+            if engine_cache is not None:
+                engine_cache.mkdir(parents=True, exist_ok=True)
+                extra = {"trt_engine_cache_enable": "True", "trt_engine_cache_path": str(engine_cache),
+                         "trt_timing_cache_enable": "True", "trt_timing_cache_path": str(engine_cache)}
+            extra["trt_fp16_enable"] = "True" if precision != "fp32" else "False"
+        elif provider == CUDA_PROVIDER:
+            extra = {"cudnn_conv_algo_search": "EXHAUSTIVE", "do_copy_in_default_stream": "True"}
+        options.append({**given, **extra})
+    return options
+
+
+def graph_from_file(path: Path) -> VerifiedGraph:
+    """A graph this process has just written (an export's own check), with its external weights if it has them;
+    bundles are read through :class:`~cfdeploy.bundle_files.VerifiedFiles` instead."""
+    external = path.with_name(path.name + EXTERNAL_DATA_SUFFIX)
+    return VerifiedGraph(path, path.read_bytes(), {external.name: external.read_bytes()} if external.is_file() else {})
+
+
+class Sessions:
+    """A bundle's graphs as ONNX Runtime sessions on one device, each created on first use: ``sessions(name, **inputs)``.
+
+    Args:
+        graph: the verified graph of a network, by name.
+        device: ``cpu``, ``cuda`` or ``cuda:N``.
+        providers: an expert override of the providers ``device`` picks.
+        threads: intra-op threads (default: the physical cores).
+        precision: a network's reduced-precision allowance (TensorRT's provider), by name.
+        engine_cache: where TensorRT's provider keeps its engines.
+        initializers: per network, tensors that replace the graph's initializers of those names.
+    """
+
+    def __init__(
+        self,
+        graph: Callable[[str], VerifiedGraph],
+        device: str = "cpu",
+        providers: Sequence[str] | None = None,
+        threads: int | None = None,
+        precision: Callable[[str], str] = lambda name: "fp32",
+        engine_cache: Path | None = None,
+        initializers: Mapping[str, Mapping[str, np.ndarray]] | None = None,
+    ) -> None:
+        self.graph = graph
+        self.device = device
+        self.providers, self._base_options = onnxruntime_providers(device, ort.get_available_providers(), providers)
+        self.threads = threads or physical_cores()
+        self.precision = precision
+        self.engine_cache = engine_cache
+        # ONNX Runtime reads the replacing values from these OrtValues: they are kept alive here
+        self._initializers = {
+            network: {name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value)) for name, value in values.items()}
+            for network, values in (initializers or {}).items()
+        }
+        self._sessions: dict[str, ort.InferenceSession] = {}
+
+    def session(self, network: str) -> ort.InferenceSession:
+        session = self._sessions.get(network)
+        if session is None:
+            session = self._sessions[network] = self._open(network)
+        return session
+
+    def _open(self, network: str) -> ort.InferenceSession:
+        graph = self.graph(network)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = self.threads
+        options.log_severity_level = 4  # errors come back as exceptions; its own log would add lines
+        if graph.external:
+            names = list(graph.external)
+            buffers = [np.frombuffer(graph.external[name], np.uint8) for name in names]
+            options.add_external_initializers_from_files_in_memory(names, buffers, [len(buffer) for buffer in buffers])
+        for name, value in self._initializers.get(network, {}).items():
+            options.add_initializer(name, value)
+        provider_settings = provider_options(self.providers, self._base_options, self.precision(network), self.engine_cache)
+        try:
+            session = ort.InferenceSession(graph.content, options, providers=self.providers,
+                                           provider_options=provider_settings)
+        except Exception as error:  # ONNX Runtime has one exception class per failure, none shared but Exception
+            raise CfdeployError(f"{graph.path}: ONNX Runtime cannot load this graph: {load_failure(error)}") from None
+        if session.get_providers()[0] != self.providers[0]:
+            raise CfdeployError(f"--device {self.device}: ONNX Runtime could not start {self.providers[0]} "
+                                "(its CUDA libraries?)")
+        return session
+
+    def __call__(self, network: str, **inputs: np.ndarray) -> np.ndarray:
+        output: np.ndarray = self.session(network).run(None, inputs)[0]
+        return output
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": "onnxruntime", "device": self.device, "providers": list(self.providers)}

@@ -8,8 +8,9 @@ from typing import Any
 
 import numpy as np
 
+from cfdeploy.bundle_files import MAX_MANIFEST_BYTES
 from cfdeploy.errors import CfdeployError, missing_extra
-from cfdeploy.files import read_npy, require_file
+from cfdeploy.files import read_json_object, read_npy, require_file
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
@@ -89,8 +90,11 @@ def inspect_file(path: Path) -> dict[str, Any]:
 
 
 def _describe_bundle(path: Path) -> dict[str, Any]:
-    from cfdeploy.bundle import Bundle
+    from cfdeploy.bundle import MANIFEST, Bundle
+    from cfdeploy.dac.bundle import BUNDLE_FORMAT
 
+    if _manifest_format(path / MANIFEST) == BUNDLE_FORMAT:
+        return _describe_dac_bundle(path)
     bundle = Bundle(path)
     manifest = bundle.manifest
     return {
@@ -109,6 +113,36 @@ def _describe_bundle(path: Path) -> dict[str, Any]:
         "refits": len(manifest.get("refits", [])),
         "tensorrt_engines": _describe_engines(bundle),
         "created": manifest.get("created"),
+        "exported_with": manifest.get("versions", {}),
+    }
+
+
+def _manifest_format(manifest: Path) -> Any:
+    """The ``format`` a bundle manifest declares (None where it cannot be read: the bundle's own check says why)."""
+    try:
+        return read_json_object(manifest, "a bundle manifest", MAX_MANIFEST_BYTES).get("format")
+    except CfdeployError:
+        return None
+
+
+def _describe_dac_bundle(path: Path) -> dict[str, Any]:
+    from cfdeploy.dac.bundle import DacBundle
+
+    bundle = DacBundle(path)
+    manifest = bundle.manifest
+    parity = manifest.get("parity") if isinstance(manifest.get("parity"), dict) else {}
+    return {
+        "kind": "cfdeploy DAC bundle",
+        "manifest_sha256": bundle.manifest_sha256,
+        "format_version": manifest["format_version"],
+        "target": bundle.settings.target,
+        "source_description": bundle.settings.prompt,
+        "resolution": bundle.settings.resolution,
+        "unet": bundle.unet_mode,
+        "networks": list(manifest.get("networks", {})),
+        "worst_parity_rel_l2": max((entry["rel_l2"] for entry in parity.values()
+                                    if isinstance(entry, dict) and isinstance(entry.get("rel_l2"), (int, float))),
+                                   default=None),
         "exported_with": manifest.get("versions", {}),
     }
 

@@ -14,7 +14,7 @@ from PIL import Image
 
 from conftest import TOKENIZER_PROMPTS, TOLERANCE, official_edit, open_clip_features, rel_l2
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

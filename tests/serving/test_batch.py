@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from conftest import assert_no_ray_left, assert_refused, ray_processes
+from conftest import assert_refused, own_ray, ray_is_connected
 
 PROMPT = "green lipstick"  # precomputed in bundle_256
 
@@ -26,21 +26,24 @@ def test_batch_survives_a_killed_worker_and_writes_every_image_once(bundle_256: 
     command = [sys.executable, "-m", "cfdeploy", "batch", str(bundle_256), "--latents", str(shards), "--text", PROMPT,
                "--out", str(out), "--workers", "2"]
     refusal = f"error: 1 shard(s) refused, the others are done (rerun after fixing them): {shards.resolve() / 'wrong.npy'}: latents have 10 levels"
-    run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 240
-    while not list((out / "_done").glob("*.json")) and time.monotonic() < deadline and run.poll() is None:
-        time.sleep(0.2)
-    [first] = list((out / "_done").glob("*.json"))[:1]
-    victim = json.loads(first.read_text())["worker"]["pid"]
-    os.kill(victim, signal.SIGKILL)  # mid-run: it has taken its next shard
-    _, stderr = run.communicate(timeout=300)
-    assert refusal in stderr and "Traceback" not in stderr, stderr  # Ray retried the killed worker's shard
-    assert run.returncode == 2
-    assert_no_ray_left()
+    with own_ray() as our_ray:  # the command's Ray, started by the child, which inherits RAY_TMPDIR
+        run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 240
+        while not list((out / "_done").glob("*.json")) and time.monotonic() < deadline and run.poll() is None:
+            time.sleep(0.2)
+        [first] = list((out / "_done").glob("*.json"))[:1]
+        victim = json.loads(first.read_text())["worker"]["pid"]
+        os.kill(victim, signal.SIGKILL)  # mid-run: it has taken its next shard
+        _, stderr = run.communicate(timeout=300)
+        assert refusal in stderr and "Traceback" not in stderr, stderr  # Ray retried the killed worker's shard
+        assert run.returncode == 2
+        our_ray.assert_none_left()
     assert not (out / "_done" / "wrong.json").exists() and not (out / "wrong").exists()
     (shards / "wrong.npy").unlink()
 
-    again = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    with own_ray() as our_ray:
+        again = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        our_ray.assert_none_left()
     assert again.returncode == 0, again.stderr
     assert "0 shard(s) edited (0 images), 8 already done, of 8" in " ".join(again.stderr.split())
     for index in range(8):
@@ -61,26 +64,27 @@ def test_batch_survives_a_killed_worker_and_writes_every_image_once(bundle_256: 
 
 
 def test_batch_refuses_another_runs_output_and_bad_shards(bundle_256: Path, bundle_with_encoder, cli, tmp_path: Path) -> None:
-    out = tmp_path / "edits"
-    out.mkdir()
-    (out / "mine.txt").write_text("keep")
-    shards = tmp_path / "shards"
-    shards.mkdir()
-    np.save(shards / "a.npy", np.zeros((1, 14, 512), np.float32))
-    assert_refused(cli("batch", bundle_256, "--latents", shards, "--text", PROMPT, "--out", out), None,
-                   f"{out}: is not empty and is not a cfdeploy batch output; pass --force to write into it")
-    assert_refused(cli("batch", bundle_256, "--latents", tmp_path / "none", "--text", PROMPT, "--out", tmp_path / "o"),
-                   tmp_path / "o", "no .npy shards found")
-    (shards / "b").mkdir()
-    np.save(shards / "b" / "a.npy", np.zeros((1, 14, 512), np.float32))
-    assert_refused(cli("batch", bundle_256, "--latents", f"{shards}/**/a.npy", "--text", PROMPT, "--out", tmp_path / "o"),
-                   tmp_path / "o", "two shards are named 'a'")
-    assert_refused(cli("batch", bundle_256, "--latents", shards, "--text", PROMPT, "--out", tmp_path / "o", "--workers", 0),
-                   tmp_path / "o", "--workers must be 1 or more, got 0")
-    _, without_clip, _ = bundle_with_encoder
-    assert_refused(cli("batch", without_clip, "--latents", shards, "--text", "blue dog", "--out", tmp_path / "o"),
-                   tmp_path / "o", "exported --without-clip, so it edits only the prompts precomputed at export (none) or --text-embedding features")
-    assert_refused(cli("batch", bundle_256, "--latents", shards, "--out", tmp_path / "o"), tmp_path / "o",
-                   "give exactly one of --text or --text-embedding")
-    assert (out / "mine.txt").read_text() == "keep"
-    assert not ray_processes()
+    with own_ray() as our_ray:
+        out = tmp_path / "edits"
+        out.mkdir()
+        (out / "mine.txt").write_text("keep")
+        shards = tmp_path / "shards"
+        shards.mkdir()
+        np.save(shards / "a.npy", np.zeros((1, 14, 512), np.float32))
+        assert_refused(cli("batch", bundle_256, "--latents", shards, "--text", PROMPT, "--out", out), None,
+                       f"{out}: is not empty and is not a cfdeploy batch output; pass --force to write into it")
+        assert_refused(cli("batch", bundle_256, "--latents", tmp_path / "none", "--text", PROMPT, "--out", tmp_path / "o"),
+                       tmp_path / "o", "no .npy shards found")
+        (shards / "b").mkdir()
+        np.save(shards / "b" / "a.npy", np.zeros((1, 14, 512), np.float32))
+        assert_refused(cli("batch", bundle_256, "--latents", f"{shards}/**/a.npy", "--text", PROMPT, "--out", tmp_path / "o"),
+                       tmp_path / "o", "two shards are named 'a'")
+        assert_refused(cli("batch", bundle_256, "--latents", shards, "--text", PROMPT, "--out", tmp_path / "o", "--workers", 0),
+                       tmp_path / "o", "--workers must be 1 or more, got 0")
+        _, without_clip, _ = bundle_with_encoder
+        assert_refused(cli("batch", without_clip, "--latents", shards, "--text", "blue dog", "--out", tmp_path / "o"),
+                       tmp_path / "o", "exported --without-clip, so it edits only the prompts precomputed at export (none) or --text-embedding features")
+        assert_refused(cli("batch", bundle_256, "--latents", shards, "--out", tmp_path / "o"), tmp_path / "o",
+                       "give exactly one of --text or --text-embedding")
+        assert (out / "mine.txt").read_text() == "keep"
+        assert not ray_is_connected() and not our_ray.processes()

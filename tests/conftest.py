@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
+import shutil
 import socket
+import tempfile
 import time
 from pathlib import Path
 from typing import Iterator
@@ -92,25 +95,68 @@ def assert_refused(result, out: Path | None, *fragments: str) -> None:
         assert not [p for p in out.parent.iterdir() if p.name.endswith((".partial", ".old"))]
 
 
-def ray_processes() -> list[str]:
-    """Command lines of Ray's daemons and workers still running on this machine."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if "raylet" in command or "gcs_server" in command or command.startswith("ray::"):
-                found.append(command)
-    return found
+class OwnRay:
+    """The processes of the Ray one test starts, told apart from any other Ray on the machine (another developer's
+    tests, a user's cluster): see :func:`own_ray`."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = str(root)
+
+    def _is_ours(self, process: Path) -> bool:
+        command = (process / "cmdline").read_bytes()
+        if self.root.encode() in command:  # gcs_server, raylet and Ray's Python daemons name the session directory
+            return True
+        if f"RAY_TMPDIR={self.root}".encode() in (process / "environ").read_bytes().split(b"\0"):
+            return True
+        for descriptor in (process / "fd").iterdir():  # workers and agents (renamed ray::…) hold their logs open
+            with contextlib.suppress(OSError):
+                if os.readlink(descriptor).startswith(self.root + os.sep):
+                    return True
+        return False
+
+    def processes(self) -> list[str]:
+        """Command lines of this Ray's processes still running (this test process itself aside)."""
+        found = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit() and int(entry.name) != os.getpid():
+                try:
+                    if self._is_ours(entry):
+                        found.append((entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+                except OSError:  # gone meanwhile, or another user's
+                    continue
+        return found
+
+    def assert_none_left(self, wait_s: float = 20) -> None:
+        deadline = time.monotonic() + wait_s
+        while self.processes() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not self.processes()
 
 
-def assert_no_ray_left() -> None:
-    deadline = time.monotonic() + 20
-    while ray_processes() and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not ray_processes()
+@contextlib.contextmanager
+def own_ray() -> Iterator[OwnRay]:
+    """Inside the block, ``RAY_TMPDIR`` names a fresh directory: a local Ray started there, in this process or in a
+    child inheriting the environment, keeps its session in it, and each of its processes names it on its command
+    line or in its environment, or holds a log file open in it. The directory goes when the block ends without error."""
+    # Short, under /tmp: Ray's socket paths inside it must fit in 107 bytes.
+    root = Path(tempfile.mkdtemp(prefix="cfdeploy-ray-", dir="/tmp"))
+    previous = os.environ.get("RAY_TMPDIR")
+    os.environ["RAY_TMPDIR"] = str(root)
+    try:
+        yield OwnRay(root)
+    finally:
+        if previous is None:
+            del os.environ["RAY_TMPDIR"]
+        else:
+            os.environ["RAY_TMPDIR"] = previous
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def ray_is_connected() -> bool:
+    """Whether this process is connected to a Ray (started or joined)."""
+    import ray
+
+    return ray.is_initialized()
 
 
 def free_port() -> int:

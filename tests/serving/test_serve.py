@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import assert_no_ray_left, assert_refused, free_port, ray_processes
 from PIL import Image
+from conftest import assert_refused, free_port, own_ray, ray_is_connected
 
 from cfdeploy.client import Client, ServerError
 from cfdeploy.outputs import npy_bytes
@@ -23,11 +23,12 @@ BUNDLE = "green_lipstick_256"
 
 
 def test_serve_refuses_bad_settings_in_one_line_before_starting_ray(cli, bundle_256: Path, tmp_path: Path) -> None:
-    assert_refused(cli("serve", bundle_256, "--replicas", 0), None, "--replicas must be 1 or more, got 0")
-    assert_refused(cli("serve", bundle_256, "--backend", "tensorrt"), None, "--backend tensorrt needs a GPU")
-    assert_refused(cli("serve", tmp_path / "absent"), None, "absent")
-    assert_refused(cli("serve", bundle_256, bundle_256), None, "two bundles are named 'green_lipstick_256'")
-    assert not ray_processes()
+    with own_ray() as our_ray:
+        assert_refused(cli("serve", bundle_256, "--replicas", 0), None, "--replicas must be 1 or more, got 0")
+        assert_refused(cli("serve", bundle_256, "--backend", "tensorrt"), None, "--backend tensorrt needs a GPU")
+        assert_refused(cli("serve", tmp_path / "absent"), None, "absent")
+        assert_refused(cli("serve", bundle_256, bundle_256), None, "two bundles are named 'green_lipstick_256'")
+        assert not ray_is_connected() and not our_ray.processes()
 
 
 @pytest.fixture(scope="module")
@@ -43,15 +44,16 @@ def served(tmp_path_factory: pytest.TempPathFactory, bundle_256: Path, bundle_wi
     bundle with an e4e encoder, half a CPU each, behind one router."""
     from cfdeploy.serving.server import Server, ServeSettings
 
-    assert not ray_processes()
+    assert not ray_is_connected()
     bundle = tmp_path_factory.mktemp("served") / BUNDLE
     shutil.copytree(bundle_256, bundle, copy_function=os.link)
     _, with_encoder, _ = bundle_with_encoder
     settings = ServeSettings((bundle, with_encoder), replicas=2, max_batch=8, batch_wait_ms=10, max_ongoing=8,
                              cpus_per_replica=0.5, port=free_port())
-    with Server(settings, num_cpus=2) as server:
-        yield Client(server.url), bundle
-    assert_no_ray_left()
+    with own_ray() as our_ray:
+        with Server(settings, num_cpus=2) as server:
+            yield Client(server.url), bundle
+        our_ray.assert_none_left()
 
 
 def test_served_edits_equal_cfdeploy_edit_and_are_batched(served, codes: Path, cli, tmp_path: Path) -> None:

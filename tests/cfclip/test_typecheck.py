@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 STUBS = "tensorrt-stubs==10.13.0.35.1"
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # The published stubs have lines mypy cannot parse (a parameter named `in`; a required parameter after
 # optional ones), and a syntax error stops mypy outright, so the temporary copy gets them repaired.
 STUB_REPAIRS = [

@@ -10,16 +10,11 @@ from pathlib import Path
 import numpy as np
 import open_clip
 import pytest
-from conftest import (
-    TOKENIZER_PROMPTS,
-    TOLERANCE,
-    official_edit,
-    open_clip_features,
-    rel_l2,
-)
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import TOKENIZER_PROMPTS, TOLERANCE, official_edit, open_clip_features, rel_l2
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,41 @@
+"""``cfdeploy serve``'s back-pressure: past ``--max-ongoing`` a request gets a 503 at once, and the server keeps answering.
+
+Its own server, with room for two requests (one replica taking one, one waiting), so a burst overflows it
+however fast the machine drains requests.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from conftest import free_port, own_ray, ray_is_connected
+
+from cfdeploy.client import Client, ServerError
+from cfdeploy.serving.server import Server, ServeSettings
+
+PROMPT = "green lipstick"  # precomputed in bundle_256
+
+
+def test_flooding_past_max_ongoing_gets_503_and_the_server_keeps_answering(bundle_256: Path) -> None:
+    assert not ray_is_connected()
+    settings = ServeSettings((bundle_256,), replicas=1, max_ongoing=1, port=free_port())
+    w = np.zeros((1, 14, 512), np.float32)
+    with own_ray() as our_ray:
+        with Server(settings, num_cpus=2) as server:
+            client = Client(server.url)
+
+            def attempt(_: int) -> int:
+                try:
+                    client.edit(prompt=PROMPT, latents=w, returns="npy" if _ % 2 else "png")
+                    return 200
+                except ServerError as refusal:
+                    assert refusal.message == "bundle 'green_lipstick_256' is busy (its queue is full); retry later"
+                    return refusal.status
+
+            with ThreadPoolExecutor(16) as flood:
+                statuses = list(flood.map(attempt, range(16)))
+            assert set(statuses) == {200, 503}, statuses  # how many are taken depends on Ray's routing; some always are
+            assert len(client.edit(prompt=PROMPT, latents=w).images) == 1
+        our_ray.assert_none_left()

@@ -16,14 +16,7 @@ import pytest
 from rich.console import Console
 
 from cfdeploy.backends import PRESETS
-from cfdeploy.bench import (
-    BenchSettings,
-    Sources,
-    check_backend_names,
-    measure_backend,
-    plot_figure,
-    prepare_sources,
-)
+from cfdeploy.bench import BenchSettings, Sources, check_backend_names, measure_backend, plot_figure, prepare_sources
 from cfdeploy.cli.bench import bench_table
 from cfdeploy.errors import CfdeployError
 

@@ -9,13 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import (
-    TOLERANCE,
-    assert_refused,
-    official_edit,
-    open_clip_features,
-    rel_l2,
-)
+
+from conftest import TOLERANCE, assert_refused, official_edit, open_clip_features, rel_l2
 
 
 def test_manifest_lists_every_file_with_hash_contract_and_parity(bundle_256):

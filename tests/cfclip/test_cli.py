@@ -8,10 +8,10 @@ import sys
 
 import numpy as np
 import pytest
-import synthetic_files
 import torch
 from PIL import Image
 
+import synthetic_files
 from cfdeploy.checkpoints import load_stylegan2
 from cfdeploy.errors import CfdeployError
 from cfdeploy.models import reference

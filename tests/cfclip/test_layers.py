@@ -7,24 +7,13 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import rel_l2
 from torch.nn import functional as F
 
 from cfdeploy.models import reference
 from cfdeploy.models.layers import EqualLinear, PixelNorm
-from cfdeploy.models.mappers import (
-    FullTextMapper,
-    LatentEditor,
-    LevelsMapper,
-    MapperConfig,
-)
-from cfdeploy.models.stylegan2 import (
-    FIRFilter,
-    Generator,
-    GeneratorConfig,
-    ModulatedConv2d,
-    ToRGB,
-)
+from cfdeploy.models.mappers import FullTextMapper, LatentEditor, LevelsMapper, MapperConfig
+from cfdeploy.models.stylegan2 import FIRFilter, Generator, GeneratorConfig, ModulatedConv2d, ToRGB
+from conftest import rel_l2
 
 torch.manual_seed(0)
 

@@ -9,11 +9,11 @@ import numpy as np
 import open_clip
 import pytest
 import torch
-from conftest import CLIP_SEED, TOLERANCE, official_edit, open_clip_features, rel_l2
-from synthetic_files import clip_text_state
 
 from cfdeploy.models import reference
 from cfdeploy.models.clip_text import CLIP_ARCHITECTURE
+from conftest import CLIP_SEED, TOLERANCE, official_edit, open_clip_features, rel_l2
+from synthetic_files import clip_text_state
 
 PROMPTS = ["A Photo of a DOG!!", "green   lipstick", "rock &amp; roll, baby.", "Hello,World?  sunglasses\n"]
 

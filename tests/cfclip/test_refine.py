@@ -7,18 +7,12 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import assert_refused
 from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 
 from cfdeploy.models.clip_text import ClipText
 from cfdeploy.models.stylegan2 import Generator, GeneratorConfig
-from cfdeploy.refine import (
-    ClipNCELoss,
-    RefineSettings,
-    level_mask,
-    nce_templates,
-    refine_latents,
-)
+from cfdeploy.refine import ClipNCELoss, RefineSettings, level_mask, nce_templates, refine_latents
+from conftest import assert_refused
 
 
 @pytest.fixture(scope="module")

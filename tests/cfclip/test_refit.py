@@ -8,13 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import (
-    TOLERANCE,
-    checkpoint_with_generator_of,
-    official_edit,
-    open_clip_features,
-    rel_l2,
-)
+
+from conftest import TOLERANCE, checkpoint_with_generator_of, official_edit, open_clip_features, rel_l2
 
 
 @pytest.fixture

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import open_clip
 import pytest
-from conftest import TOKENIZER_PROMPTS
 
 from cfdeploy.errors import CfdeployError
 from cfdeploy.tokenizer import ClipTokenizer
+from conftest import TOKENIZER_PROMPTS
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import synthetic_files
 import torch
+
+import synthetic_files
 from conftest import assert_refused
 
 

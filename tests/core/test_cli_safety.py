@@ -7,8 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import synthetic_files
 import torch
+
+import synthetic_files
 
 ESCAPES = "\x1b]8;;https://example.invalid\x1b\\link\x1b]8;;\x1b\\\x1b[31m[/bold][red]"
 

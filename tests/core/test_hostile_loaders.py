@@ -14,13 +14,13 @@ from typing import Tuple
 
 import numpy as np
 import pytest
-import synthetic_files
 import torch
-from conftest import assert_refused
 from safetensors.torch import save_file
 from torch import nn
 
+import synthetic_files
 from cfdeploy.checkpoints import read_clip_state
+from conftest import assert_refused
 from cfdeploy.errors import CfdeployError
 from cfdeploy.tokenizer import ClipTokenizer, packaged_vocab_path
 

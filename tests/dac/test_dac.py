@@ -26,15 +26,7 @@ from cfdeploy.dac.base_model import inspect_base_model, load_base_model
 from cfdeploy.dac.edits import PredictSettings, to_pixels
 from cfdeploy.dac.plms import anneal
 from cfdeploy.dac.predict import edit_embeddings, initial_latents, sample
-from cfdeploy.dac.run import (
-    CHECKPOINT,
-    EDIT_EMBEDDINGS,
-    SOURCE_TEXT_LORA,
-    TEXT_LORA,
-    UNET_LORA,
-    AbductSettings,
-    read_run,
-)
+from cfdeploy.dac.run import CHECKPOINT, EDIT_EMBEDDINGS, SOURCE_TEXT_LORA, TEXT_LORA, UNET_LORA, AbductSettings, read_run
 from cfdeploy.errors import CfdeployError
 
 PROMPT, TARGET, FAST = DAC_PROMPT, DAC_TARGET, FAST_DAC

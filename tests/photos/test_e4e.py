@@ -15,10 +15,9 @@ import numpy as np
 import onnx
 import onnxruntime
 import pytest
-import synthetic_files
 import torch
-from conftest import TOLERANCE, rel_l2
 
+import synthetic_files
 from cfdeploy.bundle import Bundle
 from cfdeploy.checkpoints import E4ECheckpoint, load_e4e
 from cfdeploy.contracts import encoder_contract
@@ -27,6 +26,7 @@ from cfdeploy.exporter import export_bundle, photo_like
 from cfdeploy.files import sha256_file
 from cfdeploy.models import reference
 from cfdeploy.torchfiles import weights_sha256
+from conftest import TOLERANCE, rel_l2
 
 N_LATENT_1024 = 18
 N_LATENT_64 = 10

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import assert_refused, rel_l2
 from PIL import Image
 
+from conftest import assert_refused, rel_l2
 from cfdeploy.checkpoints import load_e4e
 from cfdeploy.models import reference
 from cfdeploy.photos import align_face, load_photo

@@ -23,18 +23,8 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from cfdeploy.errors import CfdeployError, missing_extra
 from cfdeploy.photos import (
-    DlibLandmarks,
-    Face,
-    NoFaceFound,
-    align_face,
-    alignment_points,
-    as_rgb,
-    batch_inputs,
-    encoder_input,
-    load_photo,
-    photo_paths,
-    read_landmarks,
-    select_faces,
+    DlibLandmarks, Face, NoFaceFound, align_face, alignment_points, as_rgb, batch_inputs, encoder_input, load_photo,
+    photo_paths, read_landmarks, select_faces,
 )
 from cfdeploy.photos.align import gaussian_blur
 

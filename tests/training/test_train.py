@@ -10,14 +10,13 @@ from pathlib import Path
 import numpy as np
 import open_clip
 import pytest
-import synthetic_files
 import torch
-from conftest import assert_refused, official_edit, rel_l2
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 from torch.nn import functional as F
 from torchvision import transforms
 from torchvision.transforms.functional import perspective
 
+import synthetic_files
 from cfdeploy.checkpoints import load_cfclip
 from cfdeploy.errors import CfdeployError
 from cfdeploy.models import reference
@@ -25,12 +24,8 @@ from cfdeploy.models.arcface import ArcFace
 from cfdeploy.models.clip_text import ClipText
 from cfdeploy.refine import CLIP_MEAN, CLIP_STD, perspective_endpoints
 from cfdeploy.training.run import prepare, train
-from cfdeploy.training.trainer import (
-    TrainInputs,
-    TrainSettings,
-    batch_indices,
-    step_generator,
-)
+from cfdeploy.training.trainer import TrainInputs, TrainSettings, batch_indices, step_generator
+from conftest import assert_refused, official_edit, rel_l2
 
 PROMPT = "green lipstick"
 N_LATENT_64 = 10

@@ -27,7 +27,7 @@ from cfdeploy.bundle_files import (
     VerifiedFiles,
     VerifiedGraph,
     confined,
-    leads_outside,
+    engine_dir,
     read_manifest,
     show,
 )
@@ -44,7 +44,6 @@ TOKENIZER_VOCAB = f"tokenizer/{VOCAB_FILENAME}"
 MEAN_W = "mean_w.npy"
 PROMPTS_DIR = "prompts"
 CACHE_DIR = "cache"
-ENGINE_DIR = "tensorrt"
 ORT_ENGINE_CACHE = "onnxruntime"  # ONNX Runtime's TensorRT provider caches its own engines here, inside ENGINE_DIR
 
 MAX_NPY_HEADER_BYTES = 4096
@@ -253,11 +252,7 @@ class Bundle:
 
     @property
     def engine_dir(self) -> Path:
-        """``BUNDLE/tensorrt``, where engines live; refused if it is a symlink leading out of the bundle."""
-        engine_dir = self.path / ENGINE_DIR
-        if leads_outside(engine_dir, self.path):
-            raise CfdeployError(f"{engine_dir}: is a symlink leading outside the bundle")
-        return engine_dir
+        return engine_dir(self.path)
 
     def _array(self, relative: str, shape: tuple[int, ...]) -> np.ndarray:
         content = self.files.read_bytes(relative, _array_limit(shape))

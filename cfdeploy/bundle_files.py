@@ -24,6 +24,7 @@ from cfdeploy.files import memory_guard, read_regular, sha256_file
 
 MAX_MANIFEST_BYTES = 16 << 20
 SHA256 = re.compile(r"[0-9a-f]{64}")
+ENGINE_DIR = "tensorrt"  # TensorRT engines built for a bundle live inside it
 EXTERNAL_DATA_SUFFIX = ".data"  # a graph over protobuf's 2 GB keeps its weights in GRAPH.onnx.data
 
 
@@ -54,6 +55,14 @@ def confined(directory: Path, relative: Any, field_name: str, source: Path) -> s
     if leads_outside(directory / relative, directory):
         raise CfdeployError(f"{source}: {field_name} {show(relative)} is a symlink leading outside the bundle")
     return relative
+
+
+def engine_dir(bundle: Path) -> Path:
+    """``BUNDLE/tensorrt``, where a bundle's engines live; refused if it is a symlink leading out of the bundle."""
+    engines = bundle / ENGINE_DIR
+    if leads_outside(engines, bundle):
+        raise CfdeployError(f"{engines}: is a symlink leading outside the bundle")
+    return engines
 
 
 def read_manifest(path: Path, name: str, what: str, hint: str, expect_manifest: str | None) -> tuple[dict[str, Any], str]:

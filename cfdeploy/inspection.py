@@ -130,7 +130,8 @@ def _describe_dac_bundle(path: Path) -> dict[str, Any]:
 
     bundle = DacBundle(path)
     manifest = bundle.manifest
-    parity = manifest.get("parity") if isinstance(manifest.get("parity"), dict) else {}
+    recorded = manifest.get("parity")
+    parity: dict[str, Any] = recorded if isinstance(recorded, dict) else {}
     return {
         "kind": "cfdeploy DAC bundle",
         "manifest_sha256": bundle.manifest_sha256,

@@ -23,12 +23,12 @@ from onnx import numpy_helper
 
 from cfdeploy.backends import open_backend
 from cfdeploy.bundle import (
-    ENGINE_DIR,
     MANIFEST,
     ORT_ENGINE_CACHE,
     Bundle,
     write_manifest,
 )
+from cfdeploy.bundle_files import ENGINE_DIR
 from cfdeploy.checkpoints import load_cfclip
 from cfdeploy.environment import versions
 from cfdeploy.errors import CfdeployError
@@ -47,10 +47,10 @@ class WeightInfo:
     sha256: str
 
 
-def onnx_weights(path: Path) -> dict[str, WeightInfo]:
-    """Every initializer of a graph by name: shape and hash of its values."""
+def onnx_weights(graph: bytes) -> dict[str, WeightInfo]:
+    """Every initializer of a graph (its bytes) by name: shape and hash of its values."""
     weights = {}
-    for tensor in onnx.load(str(path)).graph.initializer:
+    for tensor in onnx.load_from_string(graph).graph.initializer:
         values = numpy_helper.to_array(tensor)
         weights[tensor.name] = WeightInfo(tuple(values.shape), hashlib.sha256(values.tobytes()).hexdigest())
     return weights
@@ -165,11 +165,11 @@ def refit_bundle(bundle_path: Path, checkpoint_path: Path, report: Callable[[str
             for name in REFIT_NETWORKS:
                 contract = contracts[name]
                 path = staged / contract.filename
-                old = onnx_weights(bundle.network(name))
+                old = onnx_weights(bundle.network(name).content)
                 path.unlink()
                 report(f"exporting {name}")
                 export_graph(modules[name], contract, path, manifest.get("export", {}).get("opset", DEFAULT_OPSET))
-                changed[name] = match_weights(name, old, onnx_weights(path))
+                changed[name] = match_weights(name, old, onnx_weights(path.read_bytes()))
                 report(f"checking {name} against torch")
                 manifest["networks"][name]["parity"] = check_parity(modules[name], contract, path)
                 manifest["files"][contract.filename] = sha256_file(path)

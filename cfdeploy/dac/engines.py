@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import tensorrt as trt
 
-from cfdeploy.bundle import ENGINE_DIR
+from cfdeploy.bundle_files import engine_dir
 from cfdeploy.dac.bundle import NETWORKS, DacBundle
 from cfdeploy.errors import CfdeployError
 from cfdeploy.outputs import DirectoryLock
@@ -41,10 +41,10 @@ def build_dac_engines(bundle_path: Path, rebuild: bool = False, report: Callable
     with DirectoryLock(bundle_path):
         bundle = DacBundle(bundle_path)
         contracts = bundle.contracts
-        engine_dir = bundle_path / ENGINE_DIR
-        engine_dir.mkdir(exist_ok=True)
+        engines = engine_dir(bundle_path)
+        engines.mkdir(exist_ok=True)
         wanted = [wanted_key(contracts[name], bundle.graph_sha256(name), build_settings(name, rebuild), gpu) for name in NETWORKS]
-        return build_wanted(engine_dir, wanted, contracts, bundle.graph, lambda name: build_settings(name, rebuild), rebuild,
+        return build_wanted(engines, wanted, contracts, bundle.graph, lambda name: build_settings(name, rebuild), rebuild,
                             report)
 
 
@@ -67,7 +67,7 @@ def refit_unet(engine: trt.ICudaEngine, weights: dict[str, np.ndarray]) -> None:
 def tensorrt_networks(bundle: DacBundle, device: str = "cuda", unet_weights: dict[str, np.ndarray] | None = None) -> EngineSet:
     """The bundle's engines on one CUDA stream with CUDA graphs; U refitted from ``unet_weights`` if given."""
     refit = {"unet": lambda engine: refit_unet(engine, unet_weights)} if unet_weights else None
-    return EngineSet(bundle.path / ENGINE_DIR, bundle.contracts, bundle.graph_sha256, device, cuda_graphs=True, prepare=refit)
+    return EngineSet(engine_dir(bundle.path), bundle.contracts, bundle.graph_sha256, device, cuda_graphs=True, prepare=refit)
 
 
 def describe(engines: EngineSet) -> dict[str, Any]:

@@ -417,6 +417,61 @@ def test_bundle_edit_equals_the_torch_edit(cli, dac_bundle: Path, dac_run: Path,
             assert np.abs(ours - theirs).max() <= 1, (beta, name)  # a pixel may round the other way
 
 
+RANDN_CHECK = """
+import json, sys
+import numpy as np, torch
+from cfdeploy.dac.torch_randn import TorchCpuGenerator, aten_cpu_kernel
+mismatches = []
+for seed in (0, 29, 30, 2**32 + 29):
+    ours, theirs = TorchCpuGenerator(seed), torch.Generator("cpu").manual_seed(seed)
+    for shape in ((1, 4, 64, 64), (1, 4, 16, 16), (1, 4, 7, 7), (17,), (2, 3), (1,), (1, 4, 16, 16), (2, 3)):
+        drawn, expected = ours.randn(shape), torch.randn(shape, generator=theirs).numpy()
+        if drawn.shape != expected.shape or not np.array_equal(drawn.view(np.int32), expected.view(np.int32)):
+            mismatches.append([seed, list(shape)])
+print(json.dumps({"capability": torch.backends.cpu.get_cpu_capability(), "kernel": aten_cpu_kernel(), "mismatches": mismatches}))
+"""
+
+
+def _cpu_flags() -> set[str]:
+    lines = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
+    return set(next((line for line in lines if line.startswith("flags")), "").split())
+
+
+@pytest.mark.parametrize("capability", [None, "default", "avx2", "avx512"])
+def test_bundle_noise_equals_torch_cpu_randn_bit_for_bit(capability: str | None):
+    """The numpy transcription against torch.randn for the latents' shapes, a tail (size % 16), the small-size path,
+    consecutive draws from one generator and a seed above 2³², under each CPU capability torch can start with: the
+    machine's own, and each forced through ATEN_CPU_CAPABILITY (read once, at start-up). AVX-512 runs ATen's AVX2
+    normal kernel, so forcing it is safe on any AVX2 CPU."""
+    import os
+    import subprocess
+    import sys
+
+    if capability in ("avx2", "avx512") and not {"avx2", "fma"} <= _cpu_flags():
+        pytest.skip("this CPU has no AVX2 and FMA, so ATen cannot run its AVX2 kernels")
+    environment = {key: value for key, value in os.environ.items() if key != "ATEN_CPU_CAPABILITY"}
+    if capability is not None:
+        environment["ATEN_CPU_CAPABILITY"] = capability
+    process = subprocess.run([sys.executable, "-c", RANDN_CHECK], env=environment, capture_output=True, text=True, timeout=120,
+                             check=False)
+    assert process.returncode == 0, process.stderr
+    report = json.loads(process.stdout)
+    assert report["kernel"] == ("avx2" if report["capability"] in ("AVX2", "AVX512") else "scalar"), report
+    assert report["mismatches"] == [], report
+
+
+def test_aten_kernel_follows_the_capability_variable_then_the_cpu_flags(tmp_path: Path):
+    from cfdeploy.dac.torch_randn import aten_cpu_kernel
+
+    avx512, old = tmp_path / "avx512", tmp_path / "old"
+    avx512.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma avx512f avx512vl avx512bw avx512dq\n")
+    old.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx\n")
+    assert [aten_cpu_kernel({}, avx512), aten_cpu_kernel({}, old)] == ["avx2", "scalar"]
+    assert [aten_cpu_kernel({"ATEN_CPU_CAPABILITY": value}, old) for value in ("avx2", "avx512")] == ["avx2", "avx2"]
+    assert aten_cpu_kernel({"ATEN_CPU_CAPABILITY": "default"}, avx512) == "scalar"
+    assert aten_cpu_kernel({"ATEN_CPU_CAPABILITY": "AVX2"}, old) == "scalar"  # torch ignores what it does not know
+
+
 def test_merged_export_is_a_stock_unet_and_records_its_error(cli, dac_run: Path, tmp_path: Path):
     import onnxruntime
 

@@ -86,13 +86,21 @@ def abduct_command(
 def edit_command(
     source: Path = typer.Argument(..., metavar="RUN|DACBUNDLE",
                                   help="A run (`dac abduct`, sampled with PyTorch) or a bundle (`dac export`, ONNX Runtime, no torch)."),
-    out: Path = typer.Option(..., "--out", "-o", metavar="DIR", help="One PNG per seed, contact_sheet.png and edit.json."),
+    out: Path = typer.Option(..., "--out", "-o", metavar="DIR",
+                             help="One PNG per seed (or --noise latent), contact_sheet.png and edit.json."),
     beta: float = typer.Option(1.0, "--beta", rich_help_panel=SAMPLING,
                                help="How much of Δ to subtract: its weight is -β (0: the plain counterfactual, -1 reconstructs the image)."),
     guidance: float = typer.Option(4.0, "--guidance", rich_help_panel=SAMPLING, help="Classifier-free guidance scale."),
     steps: int = typer.Option(30, "--steps", rich_help_panel=SAMPLING, help="Scheduler steps (PNDM: 30 steps are 31 UNet calls)."),
-    seed: int = typer.Option(29, "--seed", rich_help_panel=SAMPLING, help="First seed of the initial noise."),
-    samples: int = typer.Option(8, "--samples", rich_help_panel=SAMPLING, help="Seeds in a row from --seed (the paper keeps the best of 8)."),
+    seed: Optional[int] = typer.Option(None, "--seed", rich_help_panel=SAMPLING,
+                                       help="First seed of the initial noise: torch.randn from torch.Generator(device).manual_seed "
+                                       "(a bundle draws the CPU generator's numbers); default 29."),
+    samples: Optional[int] = typer.Option(None, "--samples", rich_help_panel=SAMPLING,
+                                          help="Seeds in a row from --seed, one generator each (the paper keeps the best of 8); "
+                                          "default 8."),
+    noise: Optional[Path] = typer.Option(None, "--noise", metavar="FILE", rich_help_panel=SAMPLING,
+                                         help="Initial latents instead of seeds: a .npy [N,C,H,W] (or one sample's [C,H,W]) "
+                                         "of the model's latent shape, e.g. drawn from another generator."),
     scheduler: str = typer.Option("pndm", "--scheduler", metavar="pndm|ddim", rich_help_panel=SAMPLING,
                                   help="pndm: the base model's own (official); ddim from the same config."),
     base_model: Optional[Path] = typer.Option(None, "--base-model", "-b", metavar="DIR",
@@ -112,20 +120,27 @@ def edit_command(
 
     Example: cfdeploy dac edit runs/cat_cap --out edits/cat_cap --samples 8
 
+    Seed 29, the first, draws the official script's latents (torch.randn from torch.Generator(device).manual_seed(29)).
+
     On a GPU: cfdeploy dac build-engines bundles/cat_cap, then cfdeploy dac edit bundles/cat_cap --backend tensorrt
     --out edits/cat_cap_trt (add --run runs/dog_hat to sample another run of the same base model on the same engines).
     """
     from cfdeploy.dac.edits import PredictSettings, edit
+    from cfdeploy.errors import CfdeployError
 
-    settings = PredictSettings(beta=beta, guidance=guidance, steps=steps, seed=seed, samples=samples, scheduler=scheduler)
+    seeding = {name: value for name, value in (("seed", seed), ("samples", samples)) if value is not None}
+    if noise is not None and seeding:
+        raise CfdeployError("--noise gives the initial latents; leave out --seed and --samples")
+    settings = PredictSettings(beta=beta, guidance=guidance, steps=steps, scheduler=scheduler, **seeding)
     with progress_bar() as bar:
-        task = bar.add_task("starting", total=samples)
+        task = bar.add_task("starting", total=None if noise else settings.samples)
         report = edit(source, out, settings, base_model=base_model, device=device, backend=backend, refit_run=refit_run,
-                      force=force,
+                      noise=noise, force=force,
                       on_stage=lambda stage: bar.update(task, description=stage),
-                      on_sample=lambda seed: bar.update(task, advance=1, description=f"sampled seed {seed}"))
-    seconds = sorted(report["seconds_per_sample"])[len(report["seconds_per_sample"]) // 2]
-    say(f"wrote {samples} sample(s) to {out} ({seconds:.1f} s per sample, median); overview: {out / 'contact_sheet.png'}")
+                      on_sample=lambda name: bar.update(task, advance=1, description=f"sampled {name}"))
+    seconds = report["seconds_per_sample"]
+    say(f"wrote {len(seconds)} sample(s) to {out} ({sorted(seconds)[len(seconds) // 2]:.1f} s per sample, median); "
+        f"overview: {out / 'contact_sheet.png'}")
 
 
 @dac_app.command("export")

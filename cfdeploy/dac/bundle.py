@@ -41,6 +41,7 @@ from cfdeploy.dac.run import (
     read_run,
 )
 from cfdeploy.dac.sampling import PredictSettings
+from cfdeploy.dac.torch_randn import aten_cpu_kernel
 from cfdeploy.errors import CfdeployError
 from cfdeploy.files import npy_from_bytes, read_tensors
 from cfdeploy.sessions import Sessions
@@ -153,10 +154,16 @@ class BundleSampler:
             return self.bundle.array(EMBEDDINGS)
         return self.networks("text_encoder", tokens=self.bundle.array(TOKENS), text_lora_scale=np.array([-beta], np.float32))
 
-    def sample(self, seed: int, on_call: Callable[[int], None]) -> np.ndarray:
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        return self.bundle.latent_shape
+
+    def seeded_latents(self, seed: int) -> tuple[np.ndarray, str]:
         channels, side, _ = self.bundle.latent_shape
+        return noise_latents(seed, channels, side), f"torch.Generator(cpu) seed {seed} (numpy, ATen's {aten_cpu_kernel()} kernel)"
+
+    def sample(self, latents: np.ndarray, on_call: Callable[[int], None]) -> np.ndarray:
         scheduler = PlmsScheduler(self.bundle.scheduler_config())
-        latents = noise_latents(seed, channels, side)
         for timestep in scheduler.set_timesteps(self.settings.steps):
             on_call(int(timestep))
             feed = {"sample": np.concatenate([latents, latents]), "timestep": np.array([timestep], np.float32),

@@ -1,8 +1,11 @@
 """``dac edit``: sample an edit for a row of seeds and write it, from a run (PyTorch) or a bundle (ONNX Runtime).
 
-Torch-free: a bundle's runtime never imports torch. Both paths draw the same initial noise for a seed
-(numpy's generator) and write the same files: ``seed_NNNN.png`` per seed, ``contact_sheet.png`` and
-``edit.json`` (everything needed to reproduce the samples).
+Torch-free: a bundle's runtime never imports torch. A seed's initial noise is the official script's draw,
+``torch.randn`` from ``torch.Generator(device).manual_seed(seed)``: a run draws it on its device, a bundle draws
+the CPU generator's numbers in numpy (:mod:`cfdeploy.dac.torch_randn`), so a bundle samples what a run samples on
+the CPU. ``--noise FILE`` gives the initial latents instead (another stream, e.g. a CUDA generator's, for a
+bundle). Both paths write the same files: ``seed_NNNN.png`` per seed (``noise_NNNN.png`` per latent of a file),
+``contact_sheet.png`` and ``edit.json`` (everything needed to reproduce the samples, the noise's source included).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from cfdeploy.dac.bundle import (
 )
 from cfdeploy.dac.run import DESCRIBED_SETTINGS, require_manifest
 from cfdeploy.dac.run import FORMAT as RUN_FORMAT
-from cfdeploy.dac.sampling import PredictSettings, Sampler
+from cfdeploy.dac.sampling import NoiseFile, PredictSettings, Sampler, seeded_draws
 from cfdeploy.environment import versions
 from cfdeploy.errors import CfdeployError
 from cfdeploy.files import read_json_object
@@ -70,14 +73,17 @@ def edit(
     device: str | None = None,
     backend: str | None = None,
     refit_run: Path | None = None,
+    noise: Path | None = None,
     force: bool = False,
     on_stage: Callable[[str], None] = lambda stage: None,
-    on_sample: Callable[[int], None] = lambda seed: None,
+    on_sample: Callable[[str], None] = lambda name: None,
 ) -> dict[str, Any]:
-    """Sample the edit of a run (PyTorch) or bundle (ONNX Runtime or TensorRT) for each seed into ``out``; returns
-    ``edit.json``. ``refit_run`` samples another run on a bundle's graphs or engines, its U put in place of the bundle's."""
+    """Sample the edit of a run (PyTorch) or bundle (ONNX Runtime or TensorRT) for each seed, or each latent of
+    ``noise``, into ``out``; returns ``edit.json``. ``refit_run`` samples another run on a bundle's graphs or engines,
+    its U put in place of the bundle's."""
     sampler: Sampler
-    with StagedDirectory(out, force, inputs=[source, *([refit_run] if refit_run else [])]) as staged:
+    with StagedDirectory(out, force, inputs=[source, *(path for path in (refit_run, noise) if path)]) as staged:
+        noise_file = NoiseFile.read(noise) if noise is not None else None
         if source_format(source) == RUN_FORMAT:
             from cfdeploy.dac.predict import open_run
 
@@ -88,20 +94,25 @@ def edit(
             if base_model is not None:
                 raise CfdeployError(f"{source}: a bundle carries its own graphs; --base-model is for runs")
             sampler, described = open_bundle(source, settings, device, on_stage, backend or "onnxruntime", refit_run)
+        samples = seeded_draws(sampler, settings) if noise_file is None else noise_file.draws(sampler.latent_shape)
         on_stage("sampling")
         images: list[np.ndarray] = []
         seconds: list[float] = []
         timesteps: list[int] = []
-        for seed in settings.seeds:
+        for draw in samples:
             started = time.perf_counter()
             timesteps.clear()
-            pixels = to_pixels(sampler.sample(seed, timesteps.append))
-            staged.write_png(f"seed_{seed:04d}.png", pixels)
+            pixels = to_pixels(sampler.sample(draw.latents, timesteps.append))
+            staged.write_png(draw.name, pixels)
             images.append(pixels)
             seconds.append(time.perf_counter() - started)
-            on_sample(seed)
+            on_sample(draw.name)
         staged.write_png(CONTACT_SHEET, contact_sheet(images))
-        report = {**described, "settings": asdict(settings), "seeds": settings.seeds, "unet_timesteps": list(timesteps),
+        recorded = asdict(settings)
+        if noise_file is not None:  # the file's latents were sampled, no seed
+            recorded.update(seed=None, samples=len(samples))
+        report = {**described, "settings": recorded, "seeds": None if noise_file else settings.seeds,
+                  "noise": [draw.source for draw in samples], "unet_timesteps": list(timesteps),
                   "seconds_per_sample": seconds, "versions": versions()}
         staged.write_json("edit.json", report)
     return report

@@ -1,4 +1,4 @@
-"""DAC's sampling schedules in numpy: U's weight γ(t), and Stable Diffusion's default scheduler.
+"""DAC's sampling schedules in numpy: U's weight γ(t), the initial noise, and Stable Diffusion's default scheduler.
 
 The scheduler is PNDM with ``skip_prk_steps`` (pseudo linear multistep), the torch-free runtime's: the same timesteps and updates as diffusers' ``PNDMScheduler`` for
 an ε-predicting model. Each step turns the UNet's noise estimate into x_{t−δ} with the DDIM-like
@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from cfdeploy.dac.torch_randn import TorchCpuGenerator
 from cfdeploy.errors import CfdeployError
 
 SPACINGS = ("leading", "linspace", "trailing")
@@ -40,8 +41,9 @@ def beta_schedule(config: Mapping[str, Any]) -> np.ndarray:
 
 
 def noise_latents(seed: int, channels: int, side: int) -> np.ndarray:
-    """The initial latents of a sample: float32 standard normal ``[1, channels, side, side]`` from ``seed``."""
-    return np.random.default_rng(seed).standard_normal((1, channels, side, side), dtype=np.float32)
+    """The initial latents of a sample, ``[1, channels, side, side]``: what ``torch.randn`` draws from
+    ``torch.Generator("cpu").manual_seed(seed)`` here, so that a bundle samples the PyTorch path's CPU edit."""
+    return TorchCpuGenerator(seed).randn((1, channels, side, side))
 
 
 class PlmsScheduler:

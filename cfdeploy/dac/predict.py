@@ -24,7 +24,7 @@ from cfdeploy.dac.base_model import (
     inspect_base_model,
     load_base_model,
 )
-from cfdeploy.dac.plms import anneal, noise_latents
+from cfdeploy.dac.plms import anneal
 from cfdeploy.dac.run import (
     DESCRIBED_SETTINGS,
     SOURCE_TEXT_LORA,
@@ -69,10 +69,17 @@ def make_scheduler(config: Mapping[str, Any], kind: str) -> Any:
     return scheduler_class.from_config(dict(config))
 
 
-def initial_latents(base: BaseModel, seed: int, resolution: int) -> torch.Tensor:
-    """Standard normal ``[1, 4, res/8, res/8]`` from numpy's generator seeded ``seed``: the same on every device and
-    backend (the official script's CUDA generator cannot be reproduced elsewhere anyway)."""
-    return torch.from_numpy(noise_latents(seed, base.info.latent_channels, resolution // base.info.vae_scale_factor))
+def latent_shape(base: BaseModel, resolution: int) -> tuple[int, int, int]:
+    """``[channels, side, side]`` of one sample's latents at ``resolution``."""
+    side = resolution // base.info.vae_scale_factor
+    return base.info.latent_channels, side, side
+
+
+def initial_latents(base: BaseModel, seed: int, resolution: int, device: str = "cpu") -> torch.Tensor:
+    """The official draw: ``torch.randn([1, C, res/8, res/8])`` on ``device`` from ``torch.Generator(device)`` seeded
+    ``seed`` (the paper's latents for seed 29 on CUDA; a bundle draws the CPU generator's)."""
+    generator = torch.Generator(device).manual_seed(seed)
+    return torch.randn((1, *latent_shape(base, resolution)), generator=generator, device=device)
 
 
 @torch.no_grad()
@@ -120,8 +127,10 @@ class TorchSampler:
         self.base = load_base_model(info, device)
         load_run_adapters(self.base, run)
         self.settings = settings
+        self.device = device
         self.eta = run.settings.eta
         self.resolution = run.settings.resolution
+        self.latent_shape = latent_shape(self.base, self.resolution)
         if settings.beta == 1.0:
             shape = (1, self.base.tokenizer.model_max_length, int(info.configs["text_encoder"]["hidden_size"]))
             self.cond, self.uncond = (torch.from_numpy(array).to(device) for array in read_edit_embeddings(run, shape))
@@ -129,9 +138,13 @@ class TorchSampler:
             self.cond, self.uncond = edit_embeddings(self.base, run.settings.target,
                                                      text_adapter_weights(run.settings.variant, settings.beta))
 
-    def sample(self, seed: int, on_call: Callable[[int], None]) -> np.ndarray:
-        latents = initial_latents(self.base, seed, self.resolution)
-        image = sample(self.base, self.cond, self.uncond, latents, self.settings, lambda t: anneal(t, self.eta), on_call)
+    def seeded_latents(self, seed: int) -> tuple[np.ndarray, str]:
+        latents: np.ndarray = initial_latents(self.base, seed, self.resolution, self.device).cpu().numpy()
+        return latents, f"torch.Generator({self.device}) seed {seed}"
+
+    def sample(self, latents: np.ndarray, on_call: Callable[[int], None]) -> np.ndarray:
+        image = sample(self.base, self.cond, self.uncond, torch.from_numpy(latents), self.settings,
+                       lambda t: anneal(t, self.eta), on_call)
         unit: np.ndarray = image.float().cpu().numpy()
         return unit
 

@@ -417,6 +417,141 @@ def test_bundle_edit_equals_the_torch_edit(cli, dac_bundle: Path, dac_run: Path,
             assert np.abs(ours - theirs).max() <= 1, (beta, name)  # a pixel may round the other way
 
 
+RANDN_CHECK = """
+import json, sys
+import numpy as np, torch
+from cfdeploy.dac.torch_randn import TorchCpuGenerator, aten_cpu_kernel
+mismatches = []
+for seed in (0, 29, 30, 2**32 + 29):
+    ours, theirs = TorchCpuGenerator(seed), torch.Generator("cpu").manual_seed(seed)
+    for shape in ((1, 4, 64, 64), (1, 4, 16, 16), (1, 4, 7, 7), (17,), (2, 3), (1,), (1, 4, 16, 16), (2, 3)):
+        drawn, expected = ours.randn(shape), torch.randn(shape, generator=theirs).numpy()
+        if drawn.shape != expected.shape or not np.array_equal(drawn.view(np.int32), expected.view(np.int32)):
+            mismatches.append([seed, list(shape)])
+print(json.dumps({"capability": torch.backends.cpu.get_cpu_capability(), "kernel": aten_cpu_kernel(), "mismatches": mismatches}))
+"""
+
+
+def _cpu_flags() -> set[str]:
+    lines = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
+    return set(next((line for line in lines if line.startswith("flags")), "").split())
+
+
+@pytest.mark.parametrize("capability", [None, "default", "avx2", "avx512"])
+def test_bundle_noise_equals_torch_cpu_randn_bit_for_bit(capability: str | None):
+    """The numpy transcription against torch.randn for the latents' shapes, a tail (size % 16), the small-size path,
+    consecutive draws from one generator and a seed above 2³², under each CPU capability torch can start with: the
+    machine's own, and each forced through ATEN_CPU_CAPABILITY (read once, at start-up). AVX-512 runs ATen's AVX2
+    normal kernel, so forcing it is safe on any AVX2 CPU."""
+    import os
+    import subprocess
+    import sys
+
+    if capability in ("avx2", "avx512") and not {"avx2", "fma"} <= _cpu_flags():
+        pytest.skip("this CPU has no AVX2 and FMA, so ATen cannot run its AVX2 kernels")
+    environment = {key: value for key, value in os.environ.items() if key != "ATEN_CPU_CAPABILITY"}
+    if capability is not None:
+        environment["ATEN_CPU_CAPABILITY"] = capability
+    process = subprocess.run([sys.executable, "-c", RANDN_CHECK], env=environment, capture_output=True, text=True, timeout=120,
+                             check=False)
+    assert process.returncode == 0, process.stderr
+    report = json.loads(process.stdout)
+    assert report["kernel"] == ("avx2" if report["capability"] in ("AVX2", "AVX512") else "scalar"), report
+    assert report["mismatches"] == [], report
+
+
+def test_aten_kernel_follows_the_capability_variable_then_the_cpu_flags(tmp_path: Path):
+    from cfdeploy.dac.torch_randn import aten_cpu_kernel
+
+    avx512, old = tmp_path / "avx512", tmp_path / "old"
+    avx512.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma avx512f avx512vl avx512bw avx512dq\n")
+    old.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx\n")
+    assert [aten_cpu_kernel({}, avx512), aten_cpu_kernel({}, old)] == ["avx2", "scalar"]
+    assert [aten_cpu_kernel({"ATEN_CPU_CAPABILITY": value}, old) for value in ("avx2", "avx512")] == ["avx2", "avx2"]
+    assert aten_cpu_kernel({"ATEN_CPU_CAPABILITY": "default"}, avx512) == "scalar"
+    assert aten_cpu_kernel({"ATEN_CPU_CAPABILITY": "AVX2"}, old) == "scalar"  # torch ignores what it does not know
+
+
+def _recorded_latents(monkeypatch: pytest.MonkeyPatch) -> list[np.ndarray]:
+    """The initial latents each sampler starts from, as ``dac edit`` hands them over."""
+    from cfdeploy.dac.bundle import BundleSampler
+    from cfdeploy.dac.predict import TorchSampler
+
+    recorded: list[np.ndarray] = []
+    for sampler in (TorchSampler, BundleSampler):
+        def recording(self, latents, on_call, original=sampler.sample):
+            recorded.append(latents.copy())
+            return original(self, latents, on_call)
+
+        monkeypatch.setattr(sampler, "sample", recording)
+    return recorded
+
+
+def test_dac_edit_starts_from_the_official_generators_latents(cli, dac_run: Path, dac_bundle: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch):
+    """Seed S is torch.randn from torch.Generator(device).manual_seed(S), as inference_t.py draws it, one generator per
+    seed; a bundle starts from the CPU generator's very numbers."""
+    recorded = _recorded_latents(monkeypatch)
+    for source, name in ((dac_run, "torch"), (dac_bundle, "bundle")):
+        result = cli("dac", "edit", source, "--out", tmp_path / name, "--samples", "2", "--steps", "2", "--seed", "41")
+        assert result.exit_code == 0, result.stderr
+    for index, seed in enumerate((41, 42, 41, 42)):
+        expected = torch.randn((1, 4, 16, 16), generator=torch.Generator("cpu").manual_seed(seed)).numpy()
+        assert np.array_equal(recorded[index], expected), seed
+    torch_report, bundle_report = (json.loads((tmp_path / name / "edit.json").read_text()) for name in ("torch", "bundle"))
+    assert torch_report["noise"] == ["torch.Generator(cpu) seed 41", "torch.Generator(cpu) seed 42"]
+    assert bundle_report["noise"][0].startswith("torch.Generator(cpu) seed 41 (numpy, ATen's ")
+    assert torch_report["seeds"] == bundle_report["seeds"] == [41, 42]
+
+
+def test_noise_file_gives_the_initial_latents_on_both_paths(cli, dac_run: Path, dac_bundle: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch):
+    """--noise: [N,C,H,W] samples N edits, [C,H,W] one; seed 29's own latents from a file make seed 29's edit."""
+    seeded = tmp_path / "seeded"
+    assert cli("dac", "edit", dac_run, "--out", seeded, "--samples", "1", "--steps", "3").exit_code == 0
+    official = torch.randn((1, 4, 16, 16), generator=torch.Generator("cpu").manual_seed(29)).numpy()
+    other = torch.randn((1, 4, 16, 16), generator=torch.Generator("cpu").manual_seed(1000)).numpy()
+    pair, single = tmp_path / "pair.npy", tmp_path / "single.npy"
+    np.save(pair, np.concatenate([official, other]))
+    np.save(single, other[0].astype(np.float64))
+    recorded = _recorded_latents(monkeypatch)
+    for source, noise, name in ((dac_run, pair, "torch"), (dac_bundle, pair, "bundle"), (dac_bundle, single, "single")):
+        result = cli("dac", "edit", source, "--out", tmp_path / name, "--steps", "3", "--noise", noise)
+        assert result.exit_code == 0, result.stderr
+    assert [np.array_equal(latents, expected) for latents, expected in zip(recorded, [official, other] * 2 + [other])] == [True] * 5
+    assert sorted(path.name for path in (tmp_path / "torch").iterdir()) == ["contact_sheet.png", "edit.json", "noise_0000.png",
+                                                                             "noise_0001.png"]
+    report = json.loads((tmp_path / "torch" / "edit.json").read_text())
+    assert report["noise"] == [f"file {pair} [0]", f"file {pair} [1]"]
+    assert report["seeds"] is None and report["settings"]["seed"] is None and report["settings"]["samples"] == 2
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "torch" / "noise_0000.png")),
+                          np.asarray(Image.open(seeded / "seed_0029.png")))
+    for name in ("noise_0000.png", "noise_0001.png"):
+        ours = np.asarray(Image.open(tmp_path / "bundle" / name)).astype(int)
+        theirs = np.asarray(Image.open(tmp_path / "torch" / name)).astype(int)
+        assert np.abs(ours - theirs).max() <= 1, name  # a pixel may round the other way
+    assert json.loads((tmp_path / "single" / "edit.json").read_text())["noise"] == [f"file {single} [0]"]
+
+
+def test_bad_noise_files_are_refused_in_one_line(cli, dac_run: Path, dac_bundle: Path, tmp_path: Path):
+    wrong_shape, not_finite, integers = tmp_path / "wrong.npy", tmp_path / "nan.npy", tmp_path / "integers.npy"
+    np.save(wrong_shape, np.zeros((2, 4, 8, 8), np.float32))
+    latents = np.zeros((1, 4, 16, 16), np.float32)
+    latents[0, 1, 2, 3] = np.nan
+    np.save(not_finite, latents)
+    np.save(integers, np.zeros((1, 4, 16, 16), np.int64))
+    out = tmp_path / "edits"
+    for source in (dac_run, dac_bundle):
+        assert_refused(cli("dac", "edit", source, "-o", out, "--noise", wrong_shape), out,
+                       f"{wrong_shape}: expected initial latents [N,4,16,16]", "found [2, 4, 8, 8]")
+        assert_refused(cli("dac", "edit", source, "-o", out, "--noise", not_finite), out,
+                       f"{not_finite}: initial latents contain 1 NaN/inf values")
+    assert_refused(cli("dac", "edit", dac_run, "-o", out, "--noise", integers), out, f"{integers}: expected floating-point")
+    assert_refused(cli("dac", "edit", dac_run, "-o", out, "--noise", tmp_path / "absent.npy"), out, "absent.npy")
+    assert_refused(cli("dac", "edit", dac_run, "-o", out, "--noise", wrong_shape, "--seed", "3"), out,
+                   "--noise gives the initial latents; leave out --seed and --samples")
+
+
 def test_merged_export_is_a_stock_unet_and_records_its_error(cli, dac_run: Path, tmp_path: Path):
     import onnxruntime
 
@@ -527,7 +662,7 @@ def test_devices_are_honoured_or_refused(cli, dac_bundle: Path, dac_run: Path, t
 
     edits = tmp_path / "edits"
     for source in (dac_bundle, dac_run):
-        assert_refused(cli("dac", "edit", source, "-o", edits, "--device", "cudafoo"), edits, "'cudafoo' (expected cpu, cuda or cuda:N)")
+        assert_refused(cli("dac", "edit", source, "-o", edits, "--device", "cudafoo"), edits, "--device 'cudafoo': expected cpu, cuda or cuda:N")
     if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
         assert_refused(cli("dac", "edit", dac_bundle, "-o", edits, "--device", "cuda:1"), edits,
                        "--device cuda:1: this ONNX Runtime has no CUDA provider", "onnxruntime-gpu")

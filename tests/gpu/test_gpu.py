@@ -118,7 +118,8 @@ def test_tensorrt_paths_say_tensorrt_is_missing(tmp_path, cli, bundle_256, cfcli
 @pytest.mark.gpu
 @needs_cuda
 def test_dac_abduction_and_edit_on_cuda_match_the_cpu(tmp_path, cli, dac_base, dac_image, dac_run):
-    """DAC on CUDA: an abduction step's loss and a sample agree with the CPU run (fp32; kernels differ, so not bit for bit)."""
+    """DAC on CUDA: an abduction step's loss and a sample from the same latents agree with the CPU run (fp32; kernels
+    differ, so not bit for bit); seeds on CUDA draw from a CUDA generator, as inference_t.py does."""
     out = tmp_path / "cuda-run"
     result = cli("dac", "abduct", "-i", dac_image, "-p", "A cat.", "-t", "A cat wearing a wool cap.", "-b", dac_base, "-o", out,
                  "--unet-steps", 4, "--text-steps", 4, "--rank", 4, "--resolution", 32, "--save-every", 2, "--device", "cuda")
@@ -127,13 +128,18 @@ def test_dac_abduction_and_edit_on_cuda_match_the_cpu(tmp_path, cli, dac_base, d
     cpu_losses = json.loads((dac_run / "manifest.json").read_text())["losses"]
     for phase, losses in cpu_losses.items():
         assert losses[0] == pytest.approx(cuda_losses[phase][0], rel=1e-3)  # the first step: the same draws, the same start
-    edits = {device: tmp_path / f"edit-{device}" for device in ("cpu", "cuda")}
-    for device, edit_dir in edits.items():
-        assert cli("dac", "edit", dac_run, "-o", edit_dir, "--samples", 1, "--steps", 6, "--device", device).exit_code == 0
     from PIL import Image
 
-    cpu, cuda = (np.asarray(Image.open(path / "seed_0029.png")).astype(np.float64) for path in edits.values())
+    noise = tmp_path / "seed_29_cpu.npy"
+    np.save(noise, torch.randn((1, 4, 16, 16), generator=torch.Generator("cpu").manual_seed(29)).numpy())
+    cpu_edit, cuda_edit, cuda_seeded = tmp_path / "edit-cpu", tmp_path / "edit-cuda", tmp_path / "edit-cuda-seeded"
+    assert cli("dac", "edit", dac_run, "-o", cpu_edit, "--samples", 1, "--steps", 6).exit_code == 0
+    assert cli("dac", "edit", dac_run, "-o", cuda_edit, "--noise", noise, "--steps", 6, "--device", "cuda").exit_code == 0
+    cpu = np.asarray(Image.open(cpu_edit / "seed_0029.png")).astype(np.float64)
+    cuda = np.asarray(Image.open(cuda_edit / "noise_0000.png")).astype(np.float64)
     assert psnr(cuda / 127.5 - 1, cpu / 127.5 - 1) >= FP32_CROSS_DEVICE_MIN_PSNR_DB
+    assert cli("dac", "edit", dac_run, "-o", cuda_seeded, "--samples", 1, "--steps", 2, "--device", "cuda").exit_code == 0
+    assert json.loads((cuda_seeded / "edit.json").read_text())["noise"] == ["torch.Generator(cuda) seed 29"]
 
 
 @pytest.mark.gpu

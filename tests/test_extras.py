@@ -34,7 +34,10 @@ from cfdeploy.cli.serving import ServedBackend
 from cfdeploy.errors import COMMAND_EXTRAS, EXTRAS, missing_extra
 
 PACKAGE = Path(cfdeploy.__file__).resolve().parent
-REPO = PACKAGE.parent
+REPO = PACKAGE.parent  # where the walked files are named from
+PYPROJECT = next(
+    folder / "pyproject.toml" for folder in Path(__file__).resolve().parents if (folder / "pyproject.toml").is_file()
+)
 
 # Imported, yet declared by no extra on purpose: TensorRT comes with JetPack on Jetson, or from NVIDIA's index
 # elsewhere (`pip install tensorrt`); every TensorRT path says so when it is missing.
@@ -611,7 +614,7 @@ def guards_of(walk: Walk) -> Iterator[tuple[Guard, Walk]]:
 def test_the_installed_metadata_is_this_checkout_s():
     """The checks below read the installed metadata: an install older than pyproject.toml would check old extras."""
     tomllib = pytest.importorskip("tomllib")
-    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    project = tomllib.loads(PYPROJECT.read_text())["project"]
     wanted = {str(Requirement(text)) for text in project["dependencies"]}
     for extra, texts in project["optional-dependencies"].items():
         wanted |= {str(Requirement(f"{text}; extra == '{extra}'")) for text in texts}

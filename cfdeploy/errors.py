@@ -4,7 +4,48 @@ from __future__ import annotations
 
 import math
 
-EXTRAS = {"torch": "export", "open_clip": "export", "onnx": "export", "matplotlib": "bench", "cuda": "cuda", "dlib": "photos", "ray": "serve", "diffusers": "dac", "transformers": "dac", "peft": "dac", "safetensors": "dac"}
+# The extra that brings each package an extra installs: what `missing_extra(package, ...)` names where an option needs
+# it, and the packages whose absence the CLI reports in one line. tests/test_extras.py checks that each extra brings them.
+EXTRAS = {
+    "torch": "export",
+    "torchvision": "export",
+    "open_clip": "export",
+    "onnx": "export",
+    "onnxscript": "export",
+    "onnxslim": "export",
+    "matplotlib": "bench",
+    "cuda": "cuda",
+    "dlib": "photos",
+    "ray": "serve",
+    "starlette": "serve",
+    "diffusers": "dac",
+    "transformers": "dac",
+    "peft": "dac",
+    "safetensors": "dac",
+}
+# The extra each command needs: `pip install "cfdeploy[<extra>]"` runs every path of the command, TensorRT aside (it
+# comes with JetPack, or from NVIDIA's index). The core install alone runs the bundle paths: `edit --bundle`,
+# `invert --bundle`, `inspect` of a bundle or array, `dac edit` of a DAC bundle. An option that needs another extra
+# names it where it imports (`--landmarks-model`: photos, `bench --plot`: bench). tests/test_extras.py checks every
+# command's imports against its extra's requirements.
+COMMAND_EXTRAS = {
+    "edit": "export",  # --checkpoint (the torch backend), --refine-steps, torch-saved --latents
+    "demo": "export",
+    "embed": "export",
+    "inspect": "export",  # checkpoints and CLIP weights
+    "export": "export",
+    "build-engines": "cuda",
+    "refit": "export",
+    "bench": "bench",  # export's packages, and matplotlib for --plot
+    "invert": "export",  # --encoder
+    "serve": "serve",
+    "batch": "serve",
+    "train": "export",
+    "dac abduct": "dac",
+    "dac edit": "dac",  # a run (PyTorch)
+    "dac export": "dac",
+    "dac build-engines": "cuda",
+}
 
 
 class CfdeployError(Exception):
@@ -12,8 +53,8 @@ class CfdeployError(Exception):
 
 
 def missing_extra(package: str, needed_for: str, cause: BaseException | None = None, extra: str | None = None) -> CfdeployError:
-    """The error for a package a command needs but the install lacks, naming the extra to install (``extra``, when the
-    command's group needs more than the package's own extra)."""
+    """The error for a package a command needs but the install lacks, naming the extra to install: ``extra`` (the
+    command's, from COMMAND_EXTRAS), else the package's own (EXTRAS)."""
     if package == "tensorrt":
         return CfdeployError(
             f"{needed_for} needs TensorRT, which is not installed here ({cause}); on Jetson it comes with JetPack, "

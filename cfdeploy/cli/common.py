@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from cfdeploy.errors import (  # noqa: F401
+    COMMAND_EXTRAS,
     EXTRAS,
     CfdeployError,
     missing_extra,
@@ -31,7 +32,7 @@ app = typer.Typer(
 )
 console = Console(stderr=True, highlight=False)
 Command = TypeVar("Command", bound=Callable[..., Any])
-GROUP_EXTRAS = {"cfdeploy.cli.dac": "dac"}  # a command group whose extra brings everything its commands import
+COMMAND_GROUPS = {"cfdeploy.cli.dac": "dac"}  # a command group's module: the group's name
 # C0 and C1 control characters (ESC starts terminal escape sequences and OSC 8 links), DEL, and the
 # bidirectional overrides that reorder what a terminal shows.
 _CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
@@ -84,9 +85,9 @@ def user_errors(command: Command) -> Command:
             package = (error.name or "").split(".")[0]
             if package not in EXTRAS and package != "tensorrt":
                 raise
-            group = GROUP_EXTRAS.get(command.__module__)
+            group = COMMAND_GROUPS.get(command.__module__)
             name = " ".join(filter(None, (group, command.__name__.removesuffix("_command").replace("_", "-"))))
-            raise fail(str(missing_extra(package, f"cfdeploy {name}", error, extra=group))) from None
+            raise fail(str(missing_extra(package, f"cfdeploy {name}", error, extra=COMMAND_EXTRAS.get(name)))) from None
         except KeyboardInterrupt as error:  # a command that kept something says what, in the interrupt's message
             raise fail(f"interrupted; {str(error) or 'nothing was written'}", code=130) from None
         except MemoryError:

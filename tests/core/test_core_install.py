@@ -86,7 +86,7 @@ def test_core_install_refuses_refinement_in_one_line(core_python, tmp_path, bund
      "the torch backend", "export"),
     (("demo", "-o", "{out}"), "cfdeploy demo", "export"),
     (("embed", "blue dog", "--clip-weights", "{checkpoint}", "-o", "{out}.npy"), "cfdeploy embed", "export"),
-    (("bench", "--synthetic", 8, "--backends", "torch"), "cfdeploy bench", "export"),
+    (("bench", "--synthetic", 8, "--backends", "torch"), "cfdeploy bench", "bench"),
     (("dac", "abduct", "-i", "{checkpoint}", "-p", "A cat.", "-t", "A dog.", "-b", "{out}", "-o", "{out}"), "cfdeploy dac abduct",
      "dac"),
 ])

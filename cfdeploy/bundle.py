@@ -285,7 +285,7 @@ class Bundle:
         return self._array(self.manifest["mean_w"], (self.style_dim,))
 
     def precomputed_text_latents(self, prompt: str) -> np.ndarray | None:
-        """``t_w`` stored at export time for ``--prompt``, if this prompt was one of them."""
+        """``t_w`` stored at export time for ``export --text``, if this prompt was one of them."""
         relative = self.manifest.get("prompts", {}).get(prompt)
         return None if relative is None else self._array(relative, (1, self.n_latent, self.style_dim))
 

@@ -18,6 +18,7 @@ from cfdeploy.cli.common import (
     console,
     plain,
     require_range,
+    retired,
     safe,
     say,
     user_errors,
@@ -67,7 +68,9 @@ def bench_command(
     batch_sizes: str = typer.Option("1", "--batch-sizes", help="Comma-separated batch sizes, e.g. 1,2,4,8."),
     warmup: int = typer.Option(1, "--warmup", help="Untimed runs first."),
     runs: int = typer.Option(5, "--runs", help="Timed runs per backend and batch size."),
-    prompt: str = typer.Option("green lipstick", "--prompt", help="Prompt for the text stages."),
+    text: Optional[str] = typer.Option(None, "--text", "-t", metavar="PROMPT",
+                                       help="Prompt for the text stages. \\[default: green lipstick]"),
+    old_text: Optional[str] = typer.Option(None, "--prompt", hidden=True),
     refine_steps: int = typer.Option(
         0, "--refine-steps", help="Also time K CLIP-NCE refinement steps per batch (torch backends; needs CLIP visual weights)."
     ),
@@ -97,7 +100,8 @@ def bench_command(
     require_range(1, runs=runs)
     names = [name.strip() for name in backends.split(",") if name.strip()]
     check_backend_names(names)
-    settings = BenchSettings(names, _int_list(batch_sizes, "--batch-sizes"), warmup, runs, prompt, refine_steps=refine_steps)
+    settings = BenchSettings(names, _int_list(batch_sizes, "--batch-sizes"), warmup, runs, retired("--prompt", old_text, "--text", text) or "green lipstick",
+                             refine_steps=refine_steps)
     with tempfile.TemporaryDirectory(prefix="cfdeploy-bench-") as scratch, progress_lines() as progress:
         sources = prepare_sources(
             Path(scratch), synthetic=synthetic, checkpoint=checkpoint, clip_weights=clip_weights, bundle=bundle,

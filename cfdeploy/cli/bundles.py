@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 import time
-from enum import Enum
 from pathlib import Path
 from typing import Any, List, Optional
 
 import typer
 
-from cfdeploy.cli.common import app, console, reporter, say, user_errors, warn
+from cfdeploy.cli.common import (
+    POSITIONAL_ARTIFACT,
+    Precision,
+    app,
+    artifact,
+    console,
+    precision_among,
+    reporter,
+    retired,
+    say,
+    user_errors,
+    warn,
+)
 from cfdeploy.errors import CfdeployError
-
-
-class EnginePrecision(str, Enum):
-    fp32 = "fp32"
-    fp16 = "fp16"
-    mixed = "mixed"
-
 
 # Engine build options, shared by `export --tensorrt` and `build-engines`.
 ENGINE_PRECISION = typer.Option(
@@ -42,20 +46,22 @@ def export_command(
     clip_weights: Path = typer.Option(..., "--clip-weights", help="CLIP ViT-B/32 weights (OpenAI's ViT-B-32.pt or open_clip)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Bundle directory \\[default: engines/<checkpoint name>]."),
     opset: int = typer.Option(18, "--opset", help="ONNX opset (18 or newer)."),
-    prompt: Optional[List[str]] = typer.Option(
-        None, "--prompt", help="Precompute the text branch for this prompt (repeatable); it then needs no CLIP at run time."
+    text: Optional[List[str]] = typer.Option(
+        None, "--text", "-t", metavar="PROMPT",
+        help="Precompute the text branch for this prompt (repeatable); it then needs no CLIP at run time."
     ),
+    old_prompt: Optional[List[str]] = typer.Option(None, "--prompt", hidden=True),
     encoder: Optional[Path] = typer.Option(
         None, "--encoder", help="Also export the e4e encoder (e4e_ffhq_encode.pt) as encoder.onnx, for photos in "
         "(`cfdeploy invert --bundle`, `cfdeploy edit --images`) without torch."
     ),
     without_clip: bool = typer.Option(
         False, "--without-clip", help="Leave out the CLIP text graph (about 250 MB): the bundle then edits only the "
-        "--prompt texts precomputed here, or --text-embedding features. For small edge devices."
+        "--text prompts precomputed here, or --text-embedding features. For small edge devices."
     ),
     force: bool = typer.Option(False, "--force", "-f", help="Replace an existing bundle directory."),
     tensorrt: bool = typer.Option(False, "--tensorrt", help="Then build TensorRT engines into BUNDLE/tensorrt (options below)."),
-    engine_precision: Optional[EnginePrecision] = ENGINE_PRECISION,
+    engine_precision: Optional[Precision] = ENGINE_PRECISION,
     min_batch: int = MIN_BATCH,
     opt_batch: Optional[int] = OPT_BATCH,
     max_batch: int = MAX_BATCH,
@@ -70,10 +76,11 @@ def export_command(
     """
     from cfdeploy.outputs import check_output_dir
 
+    prompt = retired("--prompt", old_prompt, "--text", text)
     target = out or Path("engines") / checkpoint.stem
     check_output_dir(target, force, [path for path in (checkpoint, clip_weights, encoder) if path is not None])
     if without_clip and not prompt:
-        raise CfdeployError("--without-clip needs at least one --prompt to precompute (or the bundle could edit no text)")
+        raise CfdeployError("--without-clip needs at least one --text to precompute (or the bundle could edit no text)")
     if opset < 18:
         raise CfdeployError(f"--opset {opset}: the exporter needs opset 18 or newer")
     build_settings = None
@@ -101,15 +108,16 @@ def export_command(
 
 
 def engine_build_settings(
-    precision: Optional[EnginePrecision], min_batch: int, opt_batch: Optional[int], max_batch: int,
+    precision: Optional[Precision], min_batch: int, opt_batch: Optional[int], max_batch: int,
     static_batch: Optional[int], workspace: Optional[str], networks: Optional[str], rebuild: bool, engines: Optional[Path],
 ) -> Any:
     """Options checked before anything slow starts; TensorRT itself is only imported to build."""
+    from cfdeploy.trt.plan import PRECISIONS as ENGINE_PRECISIONS
     from cfdeploy.trt.plan import BuildSettings, batch_profile, parse_bytes
 
     return BuildSettings(
         profile=batch_profile(min_batch, opt_batch, max_batch, static_batch),
-        precision=precision.value if precision else None,
+        precision=precision_among(precision, ENGINE_PRECISIONS, "TensorRT engines"),
         workspace_bytes=parse_bytes(workspace) if workspace else None,
         networks=[name.strip() for name in networks.split(",") if name.strip()] if networks else None,
         rebuild=rebuild,
@@ -117,24 +125,26 @@ def engine_build_settings(
     )
 
 
-def build_bundle_engines(bundle: Path, settings: Any) -> None:
+def build_bundle_engines(bundle: Path, settings: Any, device: str = "cuda") -> None:
     from cfdeploy.trt import tensorrt_builder
 
     builder = tensorrt_builder()
     started = time.perf_counter()
     with console.status("building TensorRT engines") as status:
-        built = builder.build_engines(bundle, settings, reporter(status))
+        built = builder.build_engines(bundle, settings, reporter(status), device)
     for engine in built:
         made = "kept (up to date)" if engine.seconds is None else f"built in {engine.seconds:.1f}s"
         say(f"{engine.network}: {engine.key.precision}, {made} → {engine.path}")
     say(f"engines ready in {time.perf_counter() - started:.1f}s")
 
 
-@app.command("build-engines")
+@app.command("build-engines", context_settings=POSITIONAL_ARTIFACT)
 @user_errors
 def build_engines_command(
-    bundle: Path = typer.Argument(..., help="Bundle directory from `cfdeploy export`."),
-    engine_precision: Optional[EnginePrecision] = ENGINE_PRECISION,
+    context: typer.Context,
+    bundle: Optional[Path] = typer.Option(None, "--bundle", metavar="DIR", help="Bundle directory from `cfdeploy export`."),
+    device: str = typer.Option("cuda", "--device", metavar="DEVICE", help="The GPU to build for: cuda or cuda:N."),
+    engine_precision: Optional[Precision] = ENGINE_PRECISION,
     min_batch: int = MIN_BATCH,
     opt_batch: Optional[int] = OPT_BATCH,
     max_batch: int = MAX_BATCH,
@@ -151,18 +161,22 @@ def build_engines_command(
     --rebuild. The mapper engines are built refittable, for `cfdeploy refit`.
     """
     from cfdeploy.bundle import Bundle
+    from cfdeploy.devices import parse_device
 
+    bundle = artifact("--bundle", bundle, context)
+    parse_device(device)
     settings = engine_build_settings(
         engine_precision, min_batch, opt_batch, max_batch, static_batch, workspace, networks, rebuild, engines
     )
     Bundle(bundle)
-    build_bundle_engines(bundle, settings)
+    build_bundle_engines(bundle, settings, device)
 
 
-@app.command("refit")
+@app.command("refit", context_settings=POSITIONAL_ARTIFACT)
 @user_errors
 def refit_command(
-    bundle: Path = typer.Argument(..., help="Bundle directory to update in place."),
+    context: typer.Context,
+    bundle: Optional[Path] = typer.Option(None, "--bundle", metavar="DIR", help="Bundle directory to update in place."),
     checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="CF-CLIP checkpoint of another prompt, same generator."),
 ) -> None:
     """Swap a bundle's mappers for another prompt's checkpoint, keeping its generator graph and engines.
@@ -174,6 +188,7 @@ def refit_command(
     from cfdeploy.files import require_file
     from cfdeploy.refit import refit_bundle
 
+    bundle = artifact("--bundle", bundle, context)
     require_file(checkpoint)
     with console.status("refitting") as status:
         summary = refit_bundle(bundle, checkpoint, reporter(status))

@@ -7,6 +7,7 @@ import functools
 import os
 import re
 from collections.abc import Iterator
+from enum import Enum
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -14,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from cfdeploy.backends import BACKENDS
 from cfdeploy.errors import (  # noqa: F401
     COMMAND_EXTRAS,
     EXTRAS,
@@ -31,6 +33,9 @@ app = typer.Typer(
     rich_markup_mode="rich",
 )
 console = Console(stderr=True, highlight=False)
+# One precision vocabulary for every command: the registry's, in its order (each backend takes the subset it lists).
+PRECISIONS = tuple(dict.fromkeys(precision for info in BACKENDS.values() for precision in info.precisions))
+Precision = Enum("Precision", [(name, name) for name in PRECISIONS], type=str)  # type: ignore[misc]
 Command = TypeVar("Command", bound=Callable[..., Any])
 COMMAND_GROUPS = {"cfdeploy.cli.dac": "dac"}  # a command group's module: the group's name
 # C0 and C1 control characters (ESC starts terminal escape sequences and OSC 8 links), DEL, and the
@@ -61,6 +66,51 @@ def reporter(status: Any) -> Callable[[str], None]:
         say(message)
 
     return report
+
+
+def retired(old: str, old_value: Any, new: str, new_value: Any) -> Any:
+    """The value of an option given under its old, hidden name (with a warning naming the new one), or of the new.
+
+    Old spellings keep working so scripts do not break, but the CLI has one name per concept (docs/cli.md).
+    """
+    if old_value in (None, [], False):
+        return new_value
+    if new_value not in (None, [], False):
+        raise CfdeployError(f"{old} is the old name of {new}: give {new} only")
+    warn(f"{old} is now {new}; the old name will be removed")
+    return old_value
+
+
+# The artifact a command runs is named by an option (--bundle, --run, --checkpoint). The positional argument it once
+# was still works, with a warning: such commands take extra arguments (kept out of their usage line) and read them here.
+POSITIONAL_ARTIFACT = {"allow_extra_args": True}
+
+
+def positional(context: typer.Context, many: bool = False) -> list[Path]:
+    """The retired positional arguments a command was given (at most one unless ``many``)."""
+    extra = [Path(argument) for argument in context.args]
+    if len(extra) > 1 and not many:
+        raise CfdeployError(f"unexpected arguments {' '.join(plain(argument)[:60] for argument in context.args)}")
+    return extra
+
+
+def artifact(option: str, given: Path | None, context: typer.Context) -> Path:
+    """The artifact named by ``option``, or by the retired positional argument; one of them is required."""
+    name = option.removeprefix("--").upper()
+    found = retired(f"a positional {name}", (positional(context) or [None])[0], option, given)
+    if found is None:
+        raise CfdeployError(f"give {option} {name}")
+    return found  # type: ignore[no-any-return]
+
+
+def precision_among(precision: Any, allowed: tuple[str, ...], where: str) -> str | None:
+    """``--precision``'s value if ``where`` offers it, else one line naming what it offers."""
+    if precision is None:
+        return None
+    value = str(precision.value)
+    if value not in allowed:
+        raise CfdeployError(f"--precision {value}: {where} offers {', '.join(allowed)}")
+    return value
 
 
 def warn(message: str) -> None:

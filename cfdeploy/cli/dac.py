@@ -7,7 +7,17 @@ from typing import Optional
 
 import typer
 
-from cfdeploy.cli.common import app, progress_bar, resumable, say, user_errors
+from cfdeploy.cli.common import (
+    POSITIONAL_ARTIFACT,
+    app,
+    artifact,
+    positional,
+    progress_bar,
+    resumable,
+    retired,
+    say,
+    user_errors,
+)
 
 dac_app = typer.Typer(
     help="DAC (CVPR 2024): edit any image with Stable Diffusion 2.1-base by fitting a UNet LoRA to it (Abduction-1) and a "
@@ -20,17 +30,21 @@ app.add_typer(dac_app, name="dac")
 FITTING = "Fitting"
 SAMPLING = "Sampling"
 DEVICE = typer.Option("cpu", "--device", metavar="DEVICE", help="cpu, cuda or cuda:N.")
+OLD_BASE_MODEL = typer.Option(None, "-b", hidden=True)  # -b means --batch-size everywhere else
 
 
 @dac_app.command("abduct")
 @user_errors
 def abduct_command(
     image: Path = typer.Option(..., "--image", "-i", metavar="FILE", help="The image to edit (JPEG, PNG or WebP)."),
-    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", metavar="TEXT",
-                                         help="What the image shows, e.g. \"A cat.\" (taken from the --unet-lora run if omitted)."),
-    target: str = typer.Option(..., "--target", "-t", metavar="TEXT", help="What it should show, e.g. \"A cat wearing a wool cap.\""),
-    base_model: Path = typer.Option(..., "--base-model", "-b", metavar="DIR",
-                                    help="Local diffusers folder of Stable Diffusion 2.1-base (unet/, text_encoder/, vae/, tokenizer/, scheduler/)."),
+    source_text: Optional[str] = typer.Option(None, "--source-text", metavar="TEXT",
+                                              help="What the image shows, e.g. \"A cat.\" (taken from the --unet-lora run if omitted)."),
+    text: Optional[str] = typer.Option(None, "--text", "-t", metavar="TEXT", help="What it should show, e.g. \"A cat wearing a wool cap.\""),
+    base_model: Optional[Path] = typer.Option(None, "--base-model", metavar="DIR",
+                                              help="Local diffusers folder of Stable Diffusion 2.1-base (unet/, text_encoder/, vae/, tokenizer/, scheduler/)."),
+    old_source_text: Optional[str] = typer.Option(None, "--prompt", "-p", hidden=True),
+    old_text: Optional[str] = typer.Option(None, "--target", hidden=True),
+    old_base_model: Optional[Path] = OLD_BASE_MODEL,
     out: Path = typer.Option(..., "--out", "-o", metavar="RUN", help="Run directory: the adapters, edit embeddings and manifest.json."),
     unet_lora: Optional[Path] = typer.Option(None, "--unet-lora", metavar="RUN",
                                              help="Reuse the U of an earlier run on the same image (skips Abduction-1)."),
@@ -54,17 +68,23 @@ def abduct_command(
 
     The official settings by default (fp32, 1000 + 1000 steps; paper: 6 + 9 minutes on an A100).
 
-    Example: cfdeploy dac abduct -i cat.jpg -p "A cat." -t "A cat wearing a wool cap." -b sd-2-1-base -o runs/cat_cap
+    Example: cfdeploy dac abduct -i cat.jpg --source-text "A cat." -t "A cat wearing a wool cap." --base-model sd-2-1-base
+    -o runs/cat_cap
     """
     from cfdeploy.dac.abduct import AbductInputs, Progress, abduct
     from cfdeploy.dac.run import CHECKPOINT, AbductSettings, read_run
     from cfdeploy.devices import torch_device
     from cfdeploy.errors import CfdeployError
 
+    prompt = retired("--prompt", old_source_text, "--source-text", source_text)
+    target = retired("--target", old_text, "--text", text)
+    base_model = retired("-b", old_base_model, "--base-model", base_model)
+    if target is None or base_model is None:
+        raise CfdeployError(f"give {'--text (what the image should show)' if target is None else '--base-model DIR'}")
     torch_device(device)
     if prompt is None:
         if unet_lora is None:
-            raise CfdeployError("--prompt is needed (what the image shows) unless --unet-lora names a run to take it from")
+            raise CfdeployError("--source-text is needed (what the image shows) unless --unet-lora names a run to take it from")
         prompt = read_run(unet_lora).settings.prompt
     settings = AbductSettings(prompt, target, unet_steps=unet_steps, text_steps=text_steps, rank=rank, text_rank=text_rank,
                               eta=eta, lr=lr, seed=seed, resolution=resolution, variant=variant, save_every=save_every)
@@ -78,14 +98,19 @@ def abduct_command(
         manifest = abduct(settings, AbductInputs(image, base_model, unet_lora), out, device=device, resume=resume, force=force,
                           on_stage=lambda stage: bar.update(task, description=stage), on_progress=on_progress)
     finals = ", ".join(f"{phase} {losses[-1]:.4f}" for phase, losses in manifest["losses"].items() if losses)
-    say(f"wrote {out} (final losses: {finals or 'none, U reused'}); edit it with: cfdeploy dac edit {out} --out EDITS")
+    say(f"wrote {out} (final losses: {finals or 'none, U reused'}); edit it with: cfdeploy dac edit --run {out} --out EDITS")
 
 
-@dac_app.command("edit")
+@dac_app.command("edit", context_settings=POSITIONAL_ARTIFACT)
 @user_errors
 def edit_command(
-    source: Path = typer.Argument(..., metavar="RUN|DACBUNDLE",
-                                  help="A run (`dac abduct`, sampled with PyTorch) or a bundle (`dac export`, ONNX Runtime, no torch)."),
+    context: typer.Context,
+    run: Optional[Path] = typer.Option(None, "--run", metavar="RUN",
+                                       help="A run (`dac abduct`), sampled with PyTorch; with --bundle, sampled on the bundle's "
+                                       "graphs or engines instead (same base model, rank and resolution; its U replaces the "
+                                       "bundle's, a refit of the TensorRT UNet engine; β 1)."),
+    bundle: Optional[Path] = typer.Option(None, "--bundle", metavar="DACBUNDLE",
+                                          help="A bundle (`dac export`), sampled with ONNX Runtime (no torch) or TensorRT."),
     out: Path = typer.Option(..., "--out", "-o", metavar="DIR",
                              help="One PNG per seed (or --noise latent), contact_sheet.png and edit.json."),
     beta: float = typer.Option(1.0, "--beta", rich_help_panel=SAMPLING,
@@ -95,47 +120,69 @@ def edit_command(
     seed: Optional[int] = typer.Option(None, "--seed", rich_help_panel=SAMPLING,
                                        help="First seed of the initial noise: torch.randn from torch.Generator(device).manual_seed "
                                        "(a bundle draws the CPU generator's numbers); default 29."),
-    samples: Optional[int] = typer.Option(None, "--samples", rich_help_panel=SAMPLING,
-                                          help="Seeds in a row from --seed, one generator each (the paper keeps the best of 8); "
-                                          "default 8."),
+    num: Optional[int] = typer.Option(None, "--num", metavar="K", rich_help_panel=SAMPLING,
+                                      help="Seeds in a row from --seed, one generator each (the paper keeps the best of 8); "
+                                      "default 8."),
+    old_num: Optional[int] = typer.Option(None, "--samples", hidden=True),
     noise: Optional[Path] = typer.Option(None, "--noise", metavar="FILE", rich_help_panel=SAMPLING,
                                          help="Initial latents instead of seeds: a .npy [N,C,H,W] (or one sample's [C,H,W]) "
                                          "of the model's latent shape, e.g. drawn from another generator."),
     scheduler: str = typer.Option("pndm", "--scheduler", metavar="pndm|ddim", rich_help_panel=SAMPLING,
                                   help="pndm: the base model's own (official); ddim from the same config."),
-    base_model: Optional[Path] = typer.Option(None, "--base-model", "-b", metavar="DIR",
+    base_model: Optional[Path] = typer.Option(None, "--base-model", metavar="DIR",
                                               help="The base model folder, if it moved since abduct (its weights must be the same)."),
+    old_base_model: Optional[Path] = OLD_BASE_MODEL,
     backend: Optional[str] = typer.Option(None, "--backend", metavar="torch|onnxruntime|tensorrt",
                                           help="torch for a run; onnxruntime (default) or tensorrt (engines from "
                                           "`dac build-engines`) for a bundle."),
-    refit_run: Optional[Path] = typer.Option(None, "--run", metavar="RUN",
-                                             help="Sample this other run (same base model, rank and resolution) on the bundle: "
-                                             "its U replaces the bundle's (a refit of the TensorRT UNet engine); no export, "
-                                             "no rebuild (β 1)."),
+    expect_manifest: Optional[str] = typer.Option(None, "--expect-manifest", metavar="SHA256",
+                                                  help="Refuse a bundle whose manifest.json has another sha256 "
+                                                  "(`cfdeploy inspect DACBUNDLE` prints it)."),
     device: Optional[str] = typer.Option(None, "--device", metavar="DEVICE",
                                          help="cpu, cuda or cuda:N (default: cpu; cuda for tensorrt)."),
     force: bool = typer.Option(False, "--force", "-f", help="Replace an existing --out directory."),
 ) -> None:
     """Sample DAC's edit: the target prompt with Δ subtracted and U annealed by γ(t), from a run or a bundle.
 
-    Example: cfdeploy dac edit runs/cat_cap --out edits/cat_cap --samples 8
+    Example: cfdeploy dac edit --run runs/cat_cap --out edits/cat_cap --num 8
 
     Seed 29, the first, draws the official script's latents (torch.randn from torch.Generator(device).manual_seed(29)).
 
-    On a GPU: cfdeploy dac build-engines bundles/cat_cap, then cfdeploy dac edit bundles/cat_cap --backend tensorrt
-    --out edits/cat_cap_trt (add --run runs/dog_hat to sample another run of the same base model on the same engines).
+    On a GPU: cfdeploy dac build-engines --bundle bundles/cat_cap, then cfdeploy dac edit --bundle bundles/cat_cap
+    --backend tensorrt --out edits/cat_cap_trt (add --run runs/dog_hat to sample another run of the same base model on
+    the same engines).
     """
-    from cfdeploy.dac.edits import PredictSettings, edit
+    from cfdeploy.dac.edits import PredictSettings, edit, source_format
+    from cfdeploy.dac.run import FORMAT as RUN_FORMAT
     from cfdeploy.errors import CfdeployError
 
+    old_source = (positional(context) or [None])[0]
+    if old_source is not None:  # the retired positional RUN|DACBUNDLE
+        is_run = source_format(old_source) == RUN_FORMAT
+        if is_run:
+            run = retired("a positional RUN", old_source, "--run", run)
+        else:
+            bundle = retired("a positional DACBUNDLE", old_source, "--bundle", bundle)
+    base_model = retired("-b", old_base_model, "--base-model", base_model)
+    samples = retired("--samples", old_num, "--num", num)
+    source = bundle or run
+    if source is None:
+        raise CfdeployError("give --run RUN (PyTorch) or --bundle DACBUNDLE (ONNX Runtime or TensorRT)")
+    for option, path, kind in (("--run", run, RUN_FORMAT), ("--bundle", bundle, None)):
+        if path is not None and (source_format(path) == RUN_FORMAT) != (kind == RUN_FORMAT):
+            raise CfdeployError(f"{option} {path}: is a DAC {'bundle' if kind else 'run'}; give it as "
+                                f"{'--bundle' if kind else '--run'}")
+    if expect_manifest is not None and bundle is None:
+        raise CfdeployError("--expect-manifest pins a bundle's manifest; give --bundle")
     seeding = {name: value for name, value in (("seed", seed), ("samples", samples)) if value is not None}
     if noise is not None and seeding:
-        raise CfdeployError("--noise gives the initial latents; leave out --seed and --samples")
+        raise CfdeployError("--noise gives the initial latents; leave out --seed and --num")
     settings = PredictSettings(beta=beta, guidance=guidance, steps=steps, scheduler=scheduler, **seeding)
     with progress_bar() as bar:
         task = bar.add_task("starting", total=None if noise else settings.samples)
-        report = edit(source, out, settings, base_model=base_model, device=device, backend=backend, refit_run=refit_run,
-                      noise=noise, force=force,
+        report = edit(source, out, settings, base_model=base_model, device=device, backend=backend,
+                      refit_run=run if bundle is not None else None, noise=noise, expect_manifest=expect_manifest,
+                      force=force,
                       on_stage=lambda stage: bar.update(task, description=stage),
                       on_sample=lambda name: bar.update(task, advance=1, description=f"sampled {name}"))
     seconds = report["seconds_per_sample"]
@@ -143,27 +190,32 @@ def edit_command(
         f"overview: {out / 'contact_sheet.png'}")
 
 
-@dac_app.command("export")
+@dac_app.command("export", context_settings=POSITIONAL_ARTIFACT)
 @user_errors
 def export_command(
-    run: Path = typer.Argument(..., metavar="RUN", help="A run directory written by `cfdeploy dac abduct`."),
+    context: typer.Context,
+    run: Optional[Path] = typer.Option(None, "--run", metavar="RUN", help="A run directory written by `cfdeploy dac abduct`."),
     out: Path = typer.Option(..., "--out", "-o", metavar="DACBUNDLE", help="Bundle directory: ONNX graphs, embeddings, manifest.json."),
     unet: str = typer.Option("scale-input", "--unet", metavar="scale-input|merged",
                              help="scale-input: U unmerged, its weight γ(t) a graph input (exact); merged: U folded in at the mean "
                              "γ of the default schedule (a stock UNet graph, faster, an approximation: the difference is recorded)."),
-    base_model: Optional[Path] = typer.Option(None, "--base-model", "-b", metavar="DIR",
+    base_model: Optional[Path] = typer.Option(None, "--base-model", metavar="DIR",
                                               help="The base model folder, if it moved since abduct (its weights must be the same)."),
+    old_base_model: Optional[Path] = OLD_BASE_MODEL,
     force: bool = typer.Option(False, "--force", "-f", help="Replace an existing --out directory."),
 ) -> None:
     """Export a DAC run to a torch-free bundle of ONNX graphs, each checked against PyTorch.
 
-    The text encoder with Δ, the UNet with U, the VAE decoder; `cfdeploy dac edit DACBUNDLE` samples it with ONNX
-    Runtime (or TensorRT after `cfdeploy dac build-engines`).
+    The text encoder with Δ, the UNet with U, the VAE decoder; `cfdeploy dac edit --bundle DACBUNDLE` samples it with
+    ONNX Runtime (or TensorRT after `cfdeploy dac build-engines`).
 
-    Example: cfdeploy dac export runs/cat_cap --out bundles/cat_cap
+    Example: cfdeploy dac export --run runs/cat_cap --out bundles/cat_cap
     """
     from cfdeploy.cli.common import console
     from cfdeploy.dac.export import export_dac_bundle
+
+    run = artifact("--run", run, context)
+    base_model = retired("-b", old_base_model, "--base-model", base_model)
 
     with console.status("starting") as status:
         manifest = export_dac_bundle(run, out, unet_mode=unet, base_model=base_model, force=force,
@@ -174,10 +226,12 @@ def export_command(
     say(f"wrote {out} (ONNX Runtime vs PyTorch, rel L2: {parity}{note})")
 
 
-@dac_app.command("build-engines")
+@dac_app.command("build-engines", context_settings=POSITIONAL_ARTIFACT)
 @user_errors
 def build_engines_command(
-    bundle: Path = typer.Argument(..., metavar="DACBUNDLE", help="A bundle written by `cfdeploy dac export`."),
+    context: typer.Context,
+    bundle: Optional[Path] = typer.Option(None, "--bundle", metavar="DACBUNDLE", help="A bundle written by `cfdeploy dac export`."),
+    device: str = typer.Option("cuda", "--device", metavar="DEVICE", help="The GPU to build for: cuda or cuda:N."),
     rebuild: bool = typer.Option(False, "--rebuild", help="Rebuild engines whose key differs (another graph, TensorRT or GPU)."),
 ) -> None:
     """Build TensorRT engines for a DAC bundle into DACBUNDLE/tensorrt (needs TensorRT and a CUDA GPU).
@@ -185,12 +239,16 @@ def build_engines_command(
     The UNet fp16 and refittable (another run's U is a refit: `dac edit --run`), the text encoder and VAE decoder
     fp32; engines whose key matches are kept.
 
-    Example: cfdeploy dac build-engines bundles/cat_cap
+    Example: cfdeploy dac build-engines --bundle bundles/cat_cap
     """
     from cfdeploy.cli.common import console
+    from cfdeploy.devices import parse_device
+
+    bundle = artifact("--bundle", bundle, context)
+    parse_device(device)
     from cfdeploy.dac.engines import build_dac_engines
 
     with console.status("starting") as status:
-        built = build_dac_engines(bundle, rebuild=rebuild, report=lambda message: status.update(message))
+        built = build_dac_engines(bundle, rebuild=rebuild, report=lambda message: status.update(message), device=device)
     for engine in built:
         say(f"{engine.network}: {engine.path} ({'kept' if engine.seconds is None else f'built in {engine.seconds:.0f} s'})")

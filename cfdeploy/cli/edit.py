@@ -10,9 +10,11 @@ from typing import Any, List, Optional, Sequence
 import typer
 
 from cfdeploy.cli.common import (
+    Precision,
     app,
     console,
     plain,
+    precision_among,
     progress_bar,
     require_finite,
     require_range,
@@ -38,12 +40,6 @@ class BackendName(str, Enum):
     torch = "torch"
     onnxruntime = "onnxruntime"
     tensorrt = "tensorrt"
-
-
-class TorchPrecision(str, Enum):
-    fp32 = "fp32"
-    fp16 = "fp16"
-    bf16 = "bf16"
 
 
 def run_edit(
@@ -170,17 +166,19 @@ def edit_command(
         None, "--backend", rich_help_panel=RUNTIME,
         help="torch (from --checkpoint), onnxruntime or tensorrt (from --bundle). \\[default: by input]"),
     device: Optional[str] = typer.Option(None, "--device", metavar="DEVICE", rich_help_panel=RUNTIME,
-                                         help="torch backend: cpu, cuda or cuda:N. \\[default: cpu]"),
-    precision: Optional[TorchPrecision] = typer.Option(
+                                         help="cpu, cuda or cuda:N, for every backend. \\[default: cpu; tensorrt: cuda]"),
+    precision: Optional[Precision] = typer.Option(
         None, "--precision", rich_help_panel=RUNTIME,
-        help="torch backend, generator only: fp16 (autocast, for CUDA) or bf16 (CPUs with bf16 units). \\[default: fp32]"),
+        help="torch backend, generator only: fp16 (autocast, for CUDA) or bf16 (CPUs with bf16 units); the other "
+        "backends run what their bundle or engines hold. \\[default: fp32]"),
     cuda_graphs: bool = typer.Option(False, "--cuda-graphs", rich_help_panel=RUNTIME,
                                      help="torch on CUDA: replay the generator as a CUDA graph (TensorRT static engines always do)."),
     engines: Optional[Path] = typer.Option(None, "--engines", metavar="DIR", rich_help_panel=RUNTIME,
                                            help="tensorrt backend: engine directory. \\[default: BUNDLE/tensorrt]"),
     providers: Optional[str] = typer.Option(
         None, "--providers", metavar="LIST", rich_help_panel=RUNTIME,
-        help="onnxruntime backend: comma-separated execution providers. \\[default: best available]"),
+        help="onnxruntime backend, expert override of --device: comma-separated execution providers. "
+        "\\[default: those --device picks]"),
     batch_size: int = typer.Option(DEFAULT_BATCH_SIZE, "--batch-size", "-b", metavar="B", rich_help_panel=RUNTIME,
                                    help="Codes per generator call."),
     cache_max: Optional[int] = typer.Option(
@@ -243,7 +241,7 @@ def edit_command(
         raise CfdeployError("--text needs --clip-weights (CLIP ViT-B/32 weights); or pass --text-embedding")
     options = {
         "clip_weights": clip_weights if needs_clip else None, "device": device,
-        "precision": precision.value if precision else None, "cuda_graphs": cuda_graphs or None, "engines": engines,
+        "precision": precision_among(precision, info.precisions, f"the {name} backend") if precision else None, "cuda_graphs": cuda_graphs or None, "engines": engines,
         "providers": [part.strip() for part in providers.split(",") if part.strip()] if providers else None,
         "cache_max": cache_max, "expect_manifest": expect_manifest, "encoder": encoder,
     }

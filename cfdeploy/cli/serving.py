@@ -9,10 +9,22 @@ from typing import List, Optional
 
 import typer
 
-from cfdeploy.cli.common import app, console, fail, progress_bar, say, user_errors
+from cfdeploy.cli.common import (
+    POSITIONAL_ARTIFACT,
+    app,
+    artifact,
+    console,
+    fail,
+    positional,
+    progress_bar,
+    retired,
+    say,
+    user_errors,
+)
 from cfdeploy.editing import DEFAULT_BATCH_SIZE
 
 CLUSTER, BATCHING, RESOURCES = "Cluster", "Batching and limits", "Resources per replica or worker"
+DEFAULT_SERVED_BATCH = 8
 
 
 class ServedBackend(str, Enum):
@@ -26,10 +38,13 @@ BACKEND = typer.Option(ServedBackend.onnxruntime, "--backend", rich_help_panel=R
                        help="Runtime in each replica or worker (tensorrt needs --gpus-per-replica / --gpus-per-worker).")
 
 
-@app.command("serve")
+@app.command("serve", context_settings=POSITIONAL_ARTIFACT)
 @user_errors
 def serve_command(
-    bundles: List[Path] = typer.Argument(..., metavar="BUNDLE...", help="Bundles from `cfdeploy export`; each is served under its directory's name."),
+    context: typer.Context,
+    bundle: Optional[List[Path]] = typer.Option(None, "--bundle", metavar="DIR",
+                                                help="A bundle from `cfdeploy export` (repeatable); each is served under its "
+                                                "directory's name."),
     host: str = typer.Option("127.0.0.1", "--host", metavar="ADDRESS", help="Address to listen on (0.0.0.0: every interface)."),
     port: int = typer.Option(8000, "--port", metavar="PORT", help="HTTP port."),
     replicas: int = typer.Option(1, "--replicas", metavar="N", rich_help_panel=RESOURCES, help="Replicas per bundle."),
@@ -38,8 +53,10 @@ def serve_command(
                                            help="CPUs Ray reserves per replica (ONNX Runtime uses as many threads)."),
     gpus_per_replica: float = typer.Option(0.0, "--gpus-per-replica", metavar="F", rich_help_panel=RESOURCES,
                                            help="GPUs per replica; fractions share one (0.5: two replicas per GPU)."),
-    max_batch: int = typer.Option(8, "--max-batch", metavar="B", rich_help_panel=BATCHING,
-                                  help="Most images per generator call, gathered across concurrent requests."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", metavar="B", rich_help_panel=BATCHING,
+                                             help="Most images per generator call, gathered across concurrent requests. "
+                                             "\\[default: 8]"),
+    old_batch_size: Optional[int] = typer.Option(None, "--max-batch", hidden=True),
     batch_wait_ms: float = typer.Option(10.0, "--batch-wait-ms", metavar="MS", rich_help_panel=BATCHING,
                                         help="How long a generator call waits for more images to join it."),
     max_ongoing: int = typer.Option(32, "--max-ongoing", metavar="N", rich_help_panel=BATCHING,
@@ -51,10 +68,15 @@ def serve_command(
     POST /v1/edits (JSON: bundle, prompt or text_embedding, seed/num/truncation or latents, strength,
     return), GET /v1/bundles, GET /healthz. Images are the same PNG bytes `cfdeploy edit` writes.
 
-    Example: cfdeploy serve engines/green_lipstick --replicas 2 --port 8000
+    Example: cfdeploy serve --bundle engines/green_lipstick --replicas 2 --port 8000
     """
+    from cfdeploy.errors import CfdeployError
     from cfdeploy.serving.server import Server, ServeSettings
 
+    bundles = retired("a positional BUNDLE", positional(context, many=True), "--bundle", bundle)
+    if not bundles:
+        raise CfdeployError("give --bundle DIR (once per bundle to serve)")
+    max_batch = retired("--max-batch", old_batch_size, "--batch-size", batch_size) or DEFAULT_SERVED_BATCH
     settings = ServeSettings(tuple(bundles), backend.value, replicas, max_batch, batch_wait_ms, max_ongoing,
                              cpus_per_replica, gpus_per_replica, host, port)
     with console.status("starting Ray Serve and loading the bundles"):
@@ -69,10 +91,11 @@ def serve_command(
             say("stopping")
 
 
-@app.command("batch")
+@app.command("batch", context_settings=POSITIONAL_ARTIFACT)
 @user_errors
 def batch_command(
-    bundle: Path = typer.Argument(..., metavar="BUNDLE", help="Bundle from `cfdeploy export`."),
+    context: typer.Context,
+    bundle: Optional[Path] = typer.Option(None, "--bundle", metavar="DIR", help="Bundle from `cfdeploy export`."),
     latents: str = typer.Option(..., "--latents", "-l", metavar="SHARDS", help="A directory of .npy shards, or a glob ('shards/*.npy')."),
     text: Optional[str] = typer.Option(None, "--text", "-t", metavar="PROMPT", help="Prompt to edit toward."),
     text_embedding: Optional[Path] = typer.Option(None, "--text-embedding", metavar="FILE",
@@ -94,10 +117,12 @@ def batch_command(
     Rerun the same command after an interruption: shards with a completion record are skipped,
     partial ones are redone. Each shard's images equal `cfdeploy edit` on that shard.
 
-    Example: cfdeploy batch engines/green_lipstick --latents 'ffhq_codes/*.npy' -t "green lipstick" -o edits/ --ray-address auto
+    Example: cfdeploy batch --bundle engines/green_lipstick --latents 'ffhq_codes/*.npy' -t "green lipstick" -o edits/
+    --ray-address auto
     """
     from cfdeploy.serving.batch import BatchSettings, plan_batch, run_batch
 
+    bundle = artifact("--bundle", bundle, context)
     settings = BatchSettings(bundle, latents, text, out, text_embedding, strength, backend.value, workers, batch_size,
                              cpus_per_worker, gpus_per_worker)
     plan = plan_batch(settings, force)

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from cfdeploy.cli.common import app, progress_bar, resumable, say, user_errors, warn
+from cfdeploy.cli.common import Precision, app, progress_bar, resumable, say, user_errors, warn
 
 TRAINING = "Training"
 LOSSES = "Loss weights"
@@ -27,7 +27,7 @@ def train_command(
     id_weights: Optional[Path] = typer.Option(None, "--id-weights", metavar="FILE",
                                               help="ArcFace IR-SE50 (model_ir_se50.pth) for the identity loss; faces only."),
     steps: int = typer.Option(50_000, "--steps", rich_help_panel=TRAINING, help="Optimiser steps."),
-    batch_size: int = typer.Option(2, "--batch-size", rich_help_panel=TRAINING),
+    batch_size: int = typer.Option(2, "--batch-size", "-b", rich_help_panel=TRAINING, help="Latent codes per step."),
     lr: float = typer.Option(0.5, "--lr", rich_help_panel=TRAINING, help="Learning rate."),
     optimizer: str = typer.Option("ranger", "--optimizer", metavar="ranger|adam", rich_help_panel=TRAINING),
     nce_lambda: float = typer.Option(0.3, "--nce-lambda", rich_help_panel=LOSSES, help="Weight of the CLIP-NCE loss."),
@@ -44,7 +44,7 @@ def train_command(
     save_every: int = typer.Option(5000, "--save-every", rich_help_panel=TRAINING, help="Write iteration_N.pt every N steps."),
     seed: int = typer.Option(0, "--seed", rich_help_panel=TRAINING, help="Initial weights, data order and warps."),
     device: str = typer.Option("cpu", "--device", metavar="DEVICE", help="cpu, cuda or cuda:N."),
-    precision: str = typer.Option("fp32", "--precision", metavar="fp32|bf16|fp16",
+    precision: Precision = typer.Option(Precision("fp32"), "--precision",
                                   help="Autocast for the generator, CLIP and ArcFace; the mappers stay fp32."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last save, exactly."),
     force: bool = typer.Option(False, "--force", "-f", help="Replace an existing --out directory."),
@@ -76,7 +76,7 @@ def train_command(
         text, steps=steps, batch_size=batch_size, lr=lr, optimizer=optimizer, nce_lambda=nce_lambda, l2_lambda=l2_lambda,
         id_lambda=id_lambda, source_text=source_text, no_coarse_mapper=no_coarse_mapper, no_medium_mapper=no_medium_mapper,
         no_fine_mapper=no_fine_mapper, w_space=w_space, val_every=val_every, save_every=save_every, seed=seed,
-        precision=precision,
+        precision=precision.value,
     )
     inputs = TrainInputs(generator, clip_weights, latents, test_latents, id_weights)
     with resumable(out / TRAINING_STATE), progress_bar() as bar:

@@ -275,8 +275,8 @@ def abduct(
             checkpoint = Checkpoint(1 if reused_unet else 0, 0, {}, identity)
         on_stage("loading the base model")
         base = load_base_model(info, device)
-        base.check_prompt(settings.prompt, "--prompt")
-        base.check_prompt(settings.target, "--target")
+        base.check_prompt(settings.prompt, "--source-text")
+        base.check_prompt(settings.target, "--text")
         all_phases = phases(settings)
         for phase in all_phases:
             lora.add_adapter(_model_of(base, phase), phase.adapter, seed=settings.seed)

@@ -74,6 +74,7 @@ def edit(
     backend: str | None = None,
     refit_run: Path | None = None,
     noise: Path | None = None,
+    expect_manifest: str | None = None,
     force: bool = False,
     on_stage: Callable[[str], None] = lambda stage: None,
     on_sample: Callable[[str], None] = lambda name: None,
@@ -88,12 +89,13 @@ def edit(
             from cfdeploy.dac.predict import open_run
 
             if backend not in (None, "torch") or refit_run is not None:
-                raise CfdeployError(f"{source}: a run samples with PyTorch; export it for --backend {backend or 'tensorrt'} or --run")
+                raise CfdeployError(f"{source}: a run samples with PyTorch; export it (cfdeploy dac export) for --backend {backend or 'tensorrt'} or to sample it on a bundle")
             sampler, described = open_run(source, settings, base_model, device or "cpu", on_stage)
         else:
             if base_model is not None:
                 raise CfdeployError(f"{source}: a bundle carries its own graphs; --base-model is for runs")
-            sampler, described = open_bundle(source, settings, device, on_stage, backend or "onnxruntime", refit_run)
+            sampler, described = open_bundle(source, settings, device, on_stage, backend or "onnxruntime", refit_run,
+                                             expect_manifest)
         samples = seeded_draws(sampler, settings) if noise_file is None else noise_file.draws(sampler.latent_shape)
         on_stage("sampling")
         images: list[np.ndarray] = []
@@ -121,14 +123,14 @@ def edit(
 
 def open_bundle(
     path: Path, settings: PredictSettings, device: str | None, on_stage: Callable[[str], None], backend: str = "onnxruntime",
-    refit_run: Path | None = None,
+    refit_run: Path | None = None, expect_manifest: str | None = None,
 ) -> tuple[BundleSampler, dict[str, Any]]:
     """A sampler for the bundle at ``path`` (sampling ``refit_run`` instead, its U in place of the bundle's), and
     what ``edit.json`` records of it."""
     if backend not in BUNDLE_BACKENDS:
         raise CfdeployError(f"--backend {backend}: a bundle runs on {' or '.join(BUNDLE_BACKENDS)}")
     on_stage("checking the bundle")
-    bundle = DacBundle(path)
+    bundle = DacBundle(path, expect_manifest)
     sampled, weights, context = bundle.settings, None, None
     if refit_run is not None:
         sampled, weights, context = refit_inputs(bundle, refit_run, settings)

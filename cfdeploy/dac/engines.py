@@ -21,7 +21,7 @@ from cfdeploy.dac.bundle import NETWORKS, DacBundle
 from cfdeploy.errors import CfdeployError
 from cfdeploy.outputs import DirectoryLock
 from cfdeploy.trt.builder import BuiltEngine, build_wanted, wanted_key
-from cfdeploy.trt.cuda import gpu_identity
+from cfdeploy.trt.cuda import use_gpu
 from cfdeploy.trt.engine import EngineSet
 from cfdeploy.trt.log import LOGGER
 from cfdeploy.trt.plan import BatchProfile, BuildSettings
@@ -34,10 +34,11 @@ def build_settings(network: str, rebuild: bool) -> BuildSettings:
     return BuildSettings(profile=BatchProfile(batch, batch, batch), rebuild=rebuild)
 
 
-def build_dac_engines(bundle_path: Path, rebuild: bool = False, report: Callable[[str], None] = lambda message: None) -> list[BuiltEngine]:
-    """Build (or keep, when their keys match) the engines of a DAC bundle under ``BUNDLE/tensorrt``."""
+def build_dac_engines(bundle_path: Path, rebuild: bool = False, report: Callable[[str], None] = lambda message: None,
+                      device: str = "cuda") -> list[BuiltEngine]:
+    """Build (or keep, when their keys match) the engines of a DAC bundle under ``BUNDLE/tensorrt``, on GPU ``device``."""
     DacBundle(bundle_path)  # a clear error for a wrong path before any lock file is made
-    gpu = gpu_identity()
+    _, gpu = use_gpu(device)
     with DirectoryLock(bundle_path):
         bundle = DacBundle(bundle_path)
         contracts = bundle.contracts

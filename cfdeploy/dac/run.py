@@ -63,7 +63,7 @@ class AbductSettings:
             raise CfdeployError(f"--lr must be positive, got {self.lr}")
         if self.variant not in VARIANTS:
             raise CfdeployError(f"--variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
-        for option, text in (("--prompt", self.prompt), ("--target", self.target)):
+        for option, text in (("--source-text", self.prompt), ("--text", self.target)):
             if not text.strip():
                 raise CfdeployError(f"{option} is empty")
 

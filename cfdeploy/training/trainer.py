@@ -90,7 +90,7 @@ class TrainSettings:
         if self.optimizer not in OPTIMIZERS:
             raise CfdeployError(f"--optimizer {self.optimizer!r}: expected one of {', '.join(OPTIMIZERS)}")
         if self.precision not in PRECISIONS:
-            raise CfdeployError(f"--precision {self.precision!r}: expected one of {', '.join(PRECISIONS)}")
+            raise CfdeployError(f"--precision {self.precision}: training offers {', '.join(PRECISIONS)}")
         if self.no_coarse_mapper and self.no_medium_mapper and self.no_fine_mapper:
             raise CfdeployError("--no-coarse-mapper, --no-medium-mapper and --no-fine-mapper together leave nothing to train")
 

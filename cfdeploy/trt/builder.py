@@ -22,7 +22,7 @@ from cfdeploy.contracts import NetworkContract
 from cfdeploy.errors import CfdeployError
 from cfdeploy.files import sha256_file
 from cfdeploy.outputs import DirectoryLock, write_atomic
-from cfdeploy.trt.cuda import gpu_identity
+from cfdeploy.trt.cuda import gpu_identity, use_gpu
 from cfdeploy.trt.log import LOGGER
 from cfdeploy.trt.plan import (
     TIMING_CACHE,
@@ -168,12 +168,14 @@ def build_engine(
 
 
 def build_engines(
-    bundle_path: Path, settings: BuildSettings, report: Callable[[str], None] = lambda message: None
+    bundle_path: Path, settings: BuildSettings, report: Callable[[str], None] = lambda message: None,
+    device: str = "cuda",
 ) -> list[BuiltEngine]:
-    """Build (or keep, when their keys match) the engines of a bundle; refuse mismatches without ``rebuild``."""
+    """Build (or keep, when their keys match) the engines of a bundle on GPU ``device``; refuse mismatches without
+    ``rebuild``."""
     bundle_path = bundle_path.resolve()
     Bundle(bundle_path)  # a clear error for a wrong path before any lock file is made
-    gpu = gpu_identity()
+    _, gpu = use_gpu(device)
     with DirectoryLock(bundle_path):
         bundle = Bundle(bundle_path)
         contracts = bundle.contracts

@@ -45,8 +45,8 @@ def main() -> None:
         other = directory / "other_prompt.pt"
         torch.save(content, other)
         bundle = directory / "bundle"
-        export = ["export", "-c", str(other), "--clip-weights", str(clip_weights), "--prompt", "green lipstick", "-f"]
-        timed("export", "-c", str(checkpoint), "--clip-weights", str(clip_weights), "--prompt", "green lipstick",
+        export = ["export", "-c", str(other), "--clip-weights", str(clip_weights), "--text", "green lipstick", "-f"]
+        timed("export", "-c", str(checkpoint), "--clip-weights", str(clip_weights), "--text", "green lipstick",
               "-o", str(bundle))
         refits, exports = [], []
         for _ in range(args.runs):

@@ -86,7 +86,7 @@ def main() -> None:
     parser.add_argument("--replicas", type=int, default=2)
     parser.add_argument("--cpus-per-replica", type=float, default=1.0)
     parser.add_argument("--gpus-per-replica", type=float, default=0.0)
-    parser.add_argument("--max-batch", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=8, help="most images per generator call (serve --batch-size)")
     parser.add_argument("--out", type=Path, default=RESULTS / "serve_throughput.json")
     args = parser.parse_args()
 
@@ -102,11 +102,11 @@ def main() -> None:
     del dims
 
     threads = max(1, round(args.cpus_per_replica))
-    per_image = {batch: generator_per_image(bundle, args.backend, codes, batch, threads) for batch in (1, args.max_batch)}
+    per_image = {batch: generator_per_image(bundle, args.backend, codes, batch, threads) for batch in (1, args.batch_size)}
     print("sequential loop ...")
     loop = sequential_loop(bundle, args.backend, codes)
     rows = {"sequential loop (batch 1, one process)": loop}
-    settings = ServeSettings((bundle,), args.backend, args.replicas, args.max_batch, cpus_per_replica=args.cpus_per_replica,
+    settings = ServeSettings((bundle,), args.backend, args.replicas, args.batch_size, cpus_per_replica=args.cpus_per_replica,
                              gpus_per_replica=args.gpus_per_replica, max_ongoing=32, port=8765)
     with Server(settings) as server:
         client = Client(server.url)
@@ -115,7 +115,7 @@ def main() -> None:
             rows[f"serve, {clients} concurrent client(s)"] = drive(client, codes, clients)
 
     print(f"\n{dims_line(bundle)}; {args.requests} requests each; {args.replicas} replica(s) x {args.cpus_per_replica} CPU, "
-          f"backend {args.backend}, max batch {args.max_batch}\n")
+          f"backend {args.backend}, max batch {args.batch_size}\n")
     print("| run | requests/s | vs loop | p50 (ms) | p99 (ms) | p99/p50 | mean generator batch |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, row in rows.items():
@@ -124,7 +124,7 @@ def main() -> None:
         print(f"| {name} | {row['requests_per_s']:.2f} | {row['vs_loop']:.2f}x | {row['p50_ms']:.0f} | {row['p99_ms']:.0f} "
               f"| {row['p99_ms'] / row['p50_ms']:.2f} | {'' if batch is None else f'{batch:.2f}'} |")
     print(f"\ngenerator alone, {threads} thread(s): {1000 * per_image[1]:.0f} ms per image at batch 1, "
-          f"{1000 * per_image[args.max_batch]:.0f} ms at batch {args.max_batch} (batching gains {per_image[1] / per_image[args.max_batch]:.2f}x)")
+          f"{1000 * per_image[args.batch_size]:.0f} ms at batch {args.batch_size} (batching gains {per_image[1] / per_image[args.batch_size]:.2f}x)")
     write_json({"bundle": str(bundle), "generator_s_per_image": {str(key): value for key, value in per_image.items()}, "settings": {key: str(value) for key, value in vars(args).items()},
                 "machine": {"node": platform.node(), "processor": platform.processor()}, "results": rows}, args.out)
 

@@ -19,7 +19,7 @@ for checkpoint in "$checkpoints"/*.pt; do
   prompt=$(cfdeploy inspect "$checkpoint" --json | python3 -c 'import json, sys; print(json.load(sys.stdin).get("trained_description") or "")')
   prompt_args=()
   if [ -n "$prompt" ]; then
-    prompt_args=(--prompt "$prompt")
+    prompt_args=(--text "$prompt")
   fi
   cfdeploy export --checkpoint "$checkpoint" --clip-weights "$clip_weights" \
     --out "engines/$(basename "$checkpoint" .pt)" "${prompt_args[@]}" "$@"

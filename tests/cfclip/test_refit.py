@@ -31,7 +31,7 @@ def test_refit_swaps_mappers_and_next_edit_uses_them(tmp_path, cli, bundle_copy,
     before = edit(cli, bundle_copy, tmp_path / "before", latents_256, "--text", "green lipstick")
     generator_graph = (bundle_copy / "generator.onnx").stat().st_ino
 
-    result = cli("refit", bundle_copy, "-c", other)
+    result = cli("refit", "--bundle", bundle_copy, "-c", other)
     assert result.exit_code == 0, result.stderr
     assert "blue eyes" in result.stderr
 
@@ -63,7 +63,7 @@ def test_refit_refuses_another_generator_or_mapper_layout(tmp_path, cli, bundle_
     other = tmp_path / "other.pt"
     checkpoint_with_generator_of(other, generator_seed=generator_seed, mapper_seed=7, **opts)
     manifest = (bundle_copy / "manifest.json").read_bytes()
-    result = cli("refit", bundle_copy, "-c", other)
+    result = cli("refit", "--bundle", bundle_copy, "-c", other)
     assert result.exit_code == 2, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and message in errors[0] and "Traceback" not in result.stderr, result.stderr
@@ -84,7 +84,7 @@ def test_refit_leaves_tensorrt_engines_it_cannot_refit_stale_and_refused(tmp_pat
     other = tmp_path / "other.pt"
     checkpoint_with_generator_of(other, generator_seed=1, mapper_seed=7)
 
-    result = cli("refit", bundle_copy, "-c", other)
+    result = cli("refit", "--bundle", bundle_copy, "-c", other)
     assert result.exit_code == 0, result.stderr
     assert "engines for text_mapper not refitted here" in result.stderr
     engines = json.loads(cli("inspect", bundle_copy, "--json").stdout)["tensorrt_engines"]

@@ -165,9 +165,9 @@ def test_generator_hash_depends_on_values_not_on_key_order():
 
 
 @pytest.mark.parametrize("args,message", [
-    (["build-engines", "{bundle}", "--workspace", "lots"], "--workspace 'lots': expected a size such as 512MiB or 2GiB"),
-    (["build-engines", "{bundle}", "--min-batch", "4", "--max-batch", "2"], "1 <= --min-batch <= --opt-batch <= --max-batch"),
-    (["build-engines", "{tmp}/missing"], "no such bundle directory"),
+    (["build-engines", "--bundle", "{bundle}", "--workspace", "lots"], "--workspace 'lots': expected a size such as 512MiB or 2GiB"),
+    (["build-engines", "--bundle", "{bundle}", "--min-batch", "4", "--max-batch", "2"], "1 <= --min-batch <= --opt-batch <= --max-batch"),
+    (["build-engines", "--bundle", "{tmp}/missing"], "no such bundle directory"),
 ])
 def test_build_engines_refuses_bad_options_before_touching_tensorrt(tmp_path, cli, args, message):
     result = cli(*(arg.format(bundle=tmp_path, tmp=tmp_path) for arg in args))

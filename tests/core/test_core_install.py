@@ -62,10 +62,10 @@ def test_core_install_edits_a_bundle(core_python, tmp_path, bundle_256, cfclip_2
 def test_core_install_samples_a_dac_bundle_like_torch(core_python, tmp_path, dac_bundle, dac_run, cli):
     """The DAC runtime is torch-free too: ONNX Runtime and numpy's PLMS give the PyTorch edit's pixels."""
     out, reference = tmp_path / "out", tmp_path / "reference"
-    process = run_core(core_python, "dac", "edit", dac_bundle, "-o", out, "--samples", 1, "--steps", 4)
+    process = run_core(core_python, "dac", "edit", "--bundle", dac_bundle, "-o", out, "--num", 1, "--steps", 4)
     assert process.returncode == 0, process.stderr
     assert "torch" not in json.loads((out / "edit.json").read_text())["versions"]
-    assert cli("dac", "edit", dac_run, "-o", reference, "--samples", 1, "--steps", 4).exit_code == 0
+    assert cli("dac", "edit", "--run", dac_run, "-o", reference, "--num", 1, "--steps", 4).exit_code == 0
     ours, theirs = (np.asarray(Image.open(path / "seed_0029.png")).astype(int) for path in (out, reference))
     assert np.abs(ours - theirs).max() <= 1
 
@@ -87,7 +87,8 @@ def test_core_install_refuses_refinement_in_one_line(core_python, tmp_path, bund
     (("demo", "-o", "{out}"), "cfdeploy demo", "export"),
     (("embed", "blue dog", "--clip-weights", "{checkpoint}", "-o", "{out}.npy"), "cfdeploy embed", "export"),
     (("bench", "--synthetic", 8, "--backends", "torch"), "cfdeploy bench", "bench"),
-    (("dac", "abduct", "-i", "{checkpoint}", "-p", "A cat.", "-t", "A dog.", "-b", "{out}", "-o", "{out}"), "cfdeploy dac abduct",
+    (("dac", "abduct", "-i", "{checkpoint}", "--source-text", "A cat.", "-t", "A dog.", "--base-model", "{out}", "-o", "{out}"),
+     "cfdeploy dac abduct",
      "dac"),
 ])
 def test_core_install_names_the_extra_a_command_needs(core_python, tmp_path, cfclip_256, embedding_file, command,

@@ -221,7 +221,7 @@ def test_refit_of_a_bundle_without_clip_refuses_before_any_work(cli, bundle, cfc
     del manifest["networks"]["clip_text"], manifest["files"]["clip_text.onnx"]
     write_raw_manifest(bundle, manifest)
     before = (bundle / "manifest.json").read_bytes()
-    assert_refused(cli("refit", bundle, "-c", cfclip_256), None,
+    assert_refused(cli("refit", "--bundle", bundle, "-c", cfclip_256), None,
                    f"{bundle.resolve()}: its precomputed prompts would need recomputing, but it has no CLIP text graph "
                    "(exported --without-clip); export the new checkpoint instead")
     assert (bundle / "manifest.json").read_bytes() == before

@@ -40,6 +40,14 @@ def one_thread():
         yield
 
 
+def source_of(path: Path) -> list:
+    """How ``dac edit`` names ``path``: ``--bundle`` for a DAC bundle, ``--run`` for anything else (a run, or a folder
+    that is neither, which the run check refuses)."""
+    manifest = path / "manifest.json"
+    is_bundle = manifest.is_file() and json.loads(manifest.read_text()).get("format") == "cfdeploy-dac-bundle"
+    return ["--bundle" if is_bundle else "--run", path]
+
+
 def loaded(dac_base: Path, dac_run: Path | None = None, beta: float = 1.0):
     """The base model, with the run's U and Δ loaded when a run is given."""
     from cfdeploy.dac.predict import load_run_adapters
@@ -267,7 +275,7 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(dac_base: Path, dac_image:
 
 def test_edit_cli_writes_samples_sheet_and_report(cli, dac_run: Path, dac_base: Path, tmp_path: Path):
     out = tmp_path / "edits"
-    result = cli("dac", "edit", dac_run, "--out", out, "--samples", "2", "--steps", "3", "--seed", "7")
+    result = cli("dac", "edit", *source_of(dac_run), "--out", out, "--num", "2", "--steps", "3", "--seed", "7")
     assert result.exit_code == 0, result.stderr
     assert sorted(p.name for p in out.iterdir()) == ["contact_sheet.png", "edit.json", "seed_0007.png", "seed_0008.png"]
     report = json.loads((out / "edit.json").read_text())
@@ -279,7 +287,7 @@ def test_edit_cli_writes_samples_sheet_and_report(cli, dac_run: Path, dac_base: 
     assert np.array_equal(np.asarray(Image.open(out / "seed_0008.png")), expected)
     sheet = np.asarray(Image.open(out / "contact_sheet.png"))
     assert sheet.shape == (IMAGE_SIZE, 2 * IMAGE_SIZE, 3) and np.array_equal(sheet[:, IMAGE_SIZE:], expected)
-    assert_refused(cli("dac", "edit", dac_run, "--out", out, "--samples", "1"), None, f"{out}: directory is not empty")
+    assert_refused(cli("dac", "edit", *source_of(dac_run), "--out", out, "--num", "1"), None, f"{out}: directory is not empty")
 
 
 def _copy_base(dac_base: Path, tmp_path: Path) -> Path:
@@ -291,7 +299,7 @@ def _copy_base(dac_base: Path, tmp_path: Path) -> Path:
 def test_bad_base_models_are_refused_in_one_line(cli, dac_base: Path, dac_image: Path, tmp_path: Path):
     def refused(base: Path, *fragments: str) -> None:
         out = tmp_path / "out"
-        result = cli("dac", "abduct", "-i", dac_image, "-p", PROMPT, "-t", TARGET, "-b", base, "-o", out, "--rank", "4",
+        result = cli("dac", "abduct", "-i", dac_image, "--source-text", PROMPT, "-t", TARGET, "--base-model", base, "-o", out, "--rank", "4",
                      "--resolution", IMAGE_SIZE)
         assert_refused(result, out, *fragments)
 
@@ -320,19 +328,19 @@ def test_bad_inputs_are_refused_in_one_line(cli, dac_base: Path, dac_image: Path
     out = tmp_path / "out"
 
     def abduct_with(*extra: object) -> object:
-        return cli("dac", "abduct", "-b", dac_base, "-o", out, "--rank", "4", "--resolution", IMAGE_SIZE, *extra)
+        return cli("dac", "abduct", "--base-model", dac_base, "-o", out, "--rank", "4", "--resolution", IMAGE_SIZE, *extra)
 
     text_file = tmp_path / "notes.png"
     text_file.write_text("not an image")
-    assert_refused(abduct_with("-i", text_file, "-p", PROMPT, "-t", TARGET), out, "notes.png: not a JPEG, PNG or WebP image")
+    assert_refused(abduct_with("-i", text_file, "--source-text", PROMPT, "-t", TARGET), out, "notes.png: not a JPEG, PNG or WebP image")
     tiny = tmp_path / "tiny.png"
     Image.new("RGB", (20, 20)).save(tiny)
-    assert_refused(abduct_with("-i", tiny, "-p", PROMPT, "-t", TARGET), out, "20x20 pixels; DAC needs at least 64")
-    assert_refused(abduct_with("-i", dac_image, "-p", PROMPT, "-t", TARGET, "--eta", "nan"), out, "--eta must be a finite number")
-    assert_refused(abduct_with("-i", dac_image, "-p", PROMPT, "-t", TARGET, "--eta", "1.5"), out, "--eta must be from 0 to 1")
-    assert_refused(abduct_with("-i", dac_image, "-p", PROMPT, "-t", TARGET, "--resume", "--force"), out, "give one of them")
-    assert_refused(abduct_with("-i", dac_image, "-t", TARGET), out, "--prompt is needed")
-    assert_refused(abduct_with("-i", dac_image, "-p", PROMPT, "-t", "word " * 80), out, "tokens; the text encoder reads at most 77")
+    assert_refused(abduct_with("-i", tiny, "--source-text", PROMPT, "-t", TARGET), out, "20x20 pixels; DAC needs at least 64")
+    assert_refused(abduct_with("-i", dac_image, "--source-text", PROMPT, "-t", TARGET, "--eta", "nan"), out, "--eta must be a finite number")
+    assert_refused(abduct_with("-i", dac_image, "--source-text", PROMPT, "-t", TARGET, "--eta", "1.5"), out, "--eta must be from 0 to 1")
+    assert_refused(abduct_with("-i", dac_image, "--source-text", PROMPT, "-t", TARGET, "--resume", "--force"), out, "give one of them")
+    assert_refused(abduct_with("-i", dac_image, "-t", TARGET), out, "--source-text is needed")
+    assert_refused(abduct_with("-i", dac_image, "--source-text", PROMPT, "-t", "word " * 80), out, "tokens; the text encoder reads at most 77")
     other_image = tmp_path / "other.png"
     Image.new("RGB", (64, 64), (200, 10, 10)).save(other_image)
     assert_refused(abduct_with("-i", other_image, "-t", TARGET, "--unet-lora", dac_run), out, "its U was fitted to another image")
@@ -347,12 +355,12 @@ def test_bad_inputs_are_refused_in_one_line(cli, dac_base: Path, dac_image: Path
     save_file(weights, moved / "vae" / "diffusion_pytorch_model.safetensors")
     assert text_config["hidden_size"] == 32
     edits = tmp_path / "edits"
-    assert_refused(cli("dac", "edit", dac_run, "-o", edits, "-b", moved), edits, "was fitted to another base model", "vae")
+    assert_refused(cli("dac", "edit", *source_of(dac_run), "-o", edits, "--base-model", moved), edits, "was fitted to another base model", "vae")
 
     without_unet = tmp_path / "without_unet"
     shutil.copytree(dac_run, without_unet)
     (without_unet / UNET_LORA).unlink()
-    assert_refused(cli("dac", "edit", without_unet, "-o", edits), edits, f"{UNET_LORA}: missing from the DAC run")
+    assert_refused(cli("dac", "edit", *source_of(without_unet), "-o", edits), edits, f"{UNET_LORA}: missing from the DAC run")
     poisoned = tmp_path / "poisoned"
     shutil.copytree(dac_run, poisoned)
     state = load_file(poisoned / TEXT_LORA)
@@ -363,11 +371,11 @@ def test_bad_inputs_are_refused_in_one_line(cli, dac_base: Path, dac_image: Path
     with safe_open(str(dac_run / TEXT_LORA), framework="pt") as handle:
         metadata = handle.metadata()
     save_file(state, poisoned / TEXT_LORA, metadata=metadata)
-    assert_refused(cli("dac", "edit", poisoned, "-o", edits), edits, f"{key} holds NaN or infinite values")
-    assert_refused(cli("dac", "edit", dac_run, "-o", edits, "--beta", "inf"), edits, "--beta must be a finite number")
-    assert_refused(cli("dac", "edit", dac_run, "-o", edits, "--scheduler", "euler"), edits, "--scheduler must be one of pndm, ddim")
+    assert_refused(cli("dac", "edit", *source_of(poisoned), "-o", edits), edits, f"{key} holds NaN or infinite values")
+    assert_refused(cli("dac", "edit", *source_of(dac_run), "-o", edits, "--beta", "inf"), edits, "--beta must be a finite number")
+    assert_refused(cli("dac", "edit", *source_of(dac_run), "-o", edits, "--scheduler", "euler"), edits, "--scheduler must be one of pndm, ddim")
     (tmp_path / "empty").mkdir()
-    assert_refused(cli("dac", "edit", tmp_path / "empty", "-o", edits), edits, "no manifest.json, not a DAC run or bundle")
+    assert_refused(cli("dac", "edit", *source_of(tmp_path / "empty"), "-o", edits), edits, "no manifest.json, not a DAC run or bundle")
 
 
 def test_onnx_unet_with_lora_scale_matches_peft_at_several_scales(dac_bundle: Path, dac_run: Path, dac_base: Path):
@@ -408,7 +416,7 @@ def test_bundle_edit_equals_the_torch_edit(cli, dac_bundle: Path, dac_run: Path,
     for beta in ("1", "0.5"):
         torch_out, bundle_out = tmp_path / f"torch-{beta}", tmp_path / f"bundle-{beta}"
         for source, out in ((dac_run, torch_out), (dac_bundle, bundle_out)):
-            result = cli("dac", "edit", source, "--out", out, "--samples", "2", "--steps", "6", "--beta", beta)
+            result = cli("dac", "edit", *source_of(source), "--out", out, "--num", "2", "--steps", "6", "--beta", beta)
             assert result.exit_code == 0, result.stderr
         assert json.loads((bundle_out / "edit.json").read_text())["backend"] == "onnxruntime"
         for name in ("seed_0029.png", "seed_0030.png"):
@@ -493,7 +501,7 @@ def test_dac_edit_starts_from_the_official_generators_latents(cli, dac_run: Path
     seed; a bundle starts from the CPU generator's very numbers."""
     recorded = _recorded_latents(monkeypatch)
     for source, name in ((dac_run, "torch"), (dac_bundle, "bundle")):
-        result = cli("dac", "edit", source, "--out", tmp_path / name, "--samples", "2", "--steps", "2", "--seed", "41")
+        result = cli("dac", "edit", *source_of(source), "--out", tmp_path / name, "--num", "2", "--steps", "2", "--seed", "41")
         assert result.exit_code == 0, result.stderr
     for index, seed in enumerate((41, 42, 41, 42)):
         expected = torch.randn((1, 4, 16, 16), generator=torch.Generator("cpu").manual_seed(seed)).numpy()
@@ -508,7 +516,7 @@ def test_noise_file_gives_the_initial_latents_on_both_paths(cli, dac_run: Path, 
                                                             monkeypatch: pytest.MonkeyPatch):
     """--noise: [N,C,H,W] samples N edits, [C,H,W] one; seed 29's own latents from a file make seed 29's edit."""
     seeded = tmp_path / "seeded"
-    assert cli("dac", "edit", dac_run, "--out", seeded, "--samples", "1", "--steps", "3").exit_code == 0
+    assert cli("dac", "edit", *source_of(dac_run), "--out", seeded, "--num", "1", "--steps", "3").exit_code == 0
     official = torch.randn((1, 4, 16, 16), generator=torch.Generator("cpu").manual_seed(29)).numpy()
     other = torch.randn((1, 4, 16, 16), generator=torch.Generator("cpu").manual_seed(1000)).numpy()
     pair, single = tmp_path / "pair.npy", tmp_path / "single.npy"
@@ -516,7 +524,7 @@ def test_noise_file_gives_the_initial_latents_on_both_paths(cli, dac_run: Path, 
     np.save(single, other[0].astype(np.float64))
     recorded = _recorded_latents(monkeypatch)
     for source, noise, name in ((dac_run, pair, "torch"), (dac_bundle, pair, "bundle"), (dac_bundle, single, "single")):
-        result = cli("dac", "edit", source, "--out", tmp_path / name, "--steps", "3", "--noise", noise)
+        result = cli("dac", "edit", *source_of(source), "--out", tmp_path / name, "--steps", "3", "--noise", noise)
         assert result.exit_code == 0, result.stderr
     assert [np.array_equal(latents, expected) for latents, expected in zip(recorded, [official, other] * 2 + [other])] == [True] * 5
     assert sorted(path.name for path in (tmp_path / "torch").iterdir()) == ["contact_sheet.png", "edit.json", "noise_0000.png",
@@ -542,21 +550,21 @@ def test_bad_noise_files_are_refused_in_one_line(cli, dac_run: Path, dac_bundle:
     np.save(integers, np.zeros((1, 4, 16, 16), np.int64))
     out = tmp_path / "edits"
     for source in (dac_run, dac_bundle):
-        assert_refused(cli("dac", "edit", source, "-o", out, "--noise", wrong_shape), out,
+        assert_refused(cli("dac", "edit", *source_of(source), "-o", out, "--noise", wrong_shape), out,
                        f"{wrong_shape}: expected initial latents [N,4,16,16]", "found [2, 4, 8, 8]")
-        assert_refused(cli("dac", "edit", source, "-o", out, "--noise", not_finite), out,
+        assert_refused(cli("dac", "edit", *source_of(source), "-o", out, "--noise", not_finite), out,
                        f"{not_finite}: initial latents contain 1 NaN/inf values")
-    assert_refused(cli("dac", "edit", dac_run, "-o", out, "--noise", integers), out, f"{integers}: expected floating-point")
-    assert_refused(cli("dac", "edit", dac_run, "-o", out, "--noise", tmp_path / "absent.npy"), out, "absent.npy")
-    assert_refused(cli("dac", "edit", dac_run, "-o", out, "--noise", wrong_shape, "--seed", "3"), out,
-                   "--noise gives the initial latents; leave out --seed and --samples")
+    assert_refused(cli("dac", "edit", *source_of(dac_run), "-o", out, "--noise", integers), out, f"{integers}: expected floating-point")
+    assert_refused(cli("dac", "edit", *source_of(dac_run), "-o", out, "--noise", tmp_path / "absent.npy"), out, "absent.npy")
+    assert_refused(cli("dac", "edit", *source_of(dac_run), "-o", out, "--noise", wrong_shape, "--seed", "3"), out,
+                   "--noise gives the initial latents; leave out --seed and --num")
 
 
 def test_merged_export_is_a_stock_unet_and_records_its_error(cli, dac_run: Path, tmp_path: Path):
     import onnxruntime
 
     out = tmp_path / "merged"
-    result = cli("dac", "export", dac_run, "--out", out, "--unet", "merged")
+    result = cli("dac", "export", "--run", dac_run, "--out", out, "--unet", "merged")
     assert result.exit_code == 0, result.stderr
     manifest = json.loads((out / "manifest.json").read_text())
     session = onnxruntime.InferenceSession(str(out / "unet.onnx"), providers=["CPUExecutionProvider"])
@@ -579,11 +587,11 @@ def test_damaged_bundles_are_refused_in_one_line(cli, dac_bundle: Path, tmp_path
         handle.seek(100)
         handle.write(b"\x00\x01\x02\x03")
     edits = tmp_path / "edits"
-    assert_refused(cli("dac", "edit", damaged, "-o", edits), edits, "unet.onnx.data: sha256 ",
+    assert_refused(cli("dac", "edit", *source_of(damaged), "-o", edits), edits, "unet.onnx.data: sha256 ",
                    "differs from the manifest's", "(file changed or damaged)")
-    assert_refused(cli("dac", "edit", dac_bundle, "-o", edits, "--scheduler", "ddim"), edits,
+    assert_refused(cli("dac", "edit", *source_of(dac_bundle), "-o", edits, "--scheduler", "ddim"), edits,
                    "--scheduler ddim: a bundle samples with the base model's PNDM scheduler only")
-    assert_refused(cli("dac", "edit", dac_bundle, "-o", edits, "-b", tmp_path), edits, "--base-model is for runs")
+    assert_refused(cli("dac", "edit", *source_of(dac_bundle), "-o", edits, "--base-model", tmp_path), edits, "--base-model is for runs")
 
 
 def test_a_reused_unet_lora_makes_a_complete_run(cli, dac_run: Path, dac_base: Path, dac_image: Path, tmp_path: Path,
@@ -596,9 +604,9 @@ def test_a_reused_unet_lora_makes_a_complete_run(cli, dac_run: Path, dac_base: P
     (out / "old.txt").write_text("replaced with --force")
     monkeypatch.chdir(out)
     options = ["--text-steps", "2", "--rank", "4", "--resolution", IMAGE_SIZE]
-    assert_refused(cli("dac", "abduct", "-i", dac_image, "-t", "A dog.", "-b", dac_base, "-o", dac_run, "--force",
+    assert_refused(cli("dac", "abduct", "-i", dac_image, "-t", "A dog.", "--base-model", dac_base, "-o", dac_run, "--force",
                        "--unet-lora", dac_run, *options), None, f"{dac_run}: is the input {dac_run}")
-    result = cli("dac", "abduct", "-i", dac_image, "-t", "A dog.", "-b", dac_base, "-o", ".", "--force", "--unet-lora", dac_run, *options)
+    result = cli("dac", "abduct", "-i", dac_image, "-t", "A dog.", "--base-model", dac_base, "-o", ".", "--force", "--unet-lora", dac_run, *options)
     assert result.exit_code == 0, result.stderr
     assert Path.cwd() == out and sorted(p.name for p in out.iterdir()) == sorted([EDIT_EMBEDDINGS, "manifest.json", TEXT_LORA, UNET_LORA])
     ours, theirs = load_file(out / UNET_LORA), load_file(dac_run / UNET_LORA)
@@ -606,7 +614,7 @@ def test_a_reused_unet_lora_makes_a_complete_run(cli, dac_run: Path, dac_base: P
     manifest = read_run(out).manifest
     assert manifest["unet_lora_from"] == str(dac_run) and list(manifest["losses"]) == ["Abduction-2 (Δ)"]
     assert manifest["settings"]["prompt"] == PROMPT  # taken from the reused run
-    result = cli("dac", "edit", out, "--out", tmp_path / "edits", "--samples", "1", "--steps", "2")
+    result = cli("dac", "edit", *source_of(out), "--out", tmp_path / "edits", "--num", "1", "--steps", "2")
     assert result.exit_code == 0, result.stderr
 
 
@@ -626,7 +634,7 @@ def test_variant_t_predicts_with_t_plus_one_and_delta_minus_beta(cli, dac_base: 
     t_state, delta_state = load_file(out / SOURCE_TEXT_LORA), load_file(out / TEXT_LORA)
     assert t_state.keys() == delta_state.keys() and not torch.equal(next(iter(t_state.values())), next(iter(delta_state.values())))
     edits = tmp_path / "edits"
-    result = cli("dac", "edit", out, "--out", edits, "--samples", "1", "--steps", "2", "--beta", "0.5")
+    result = cli("dac", "edit", *source_of(out), "--out", edits, "--num", "1", "--steps", "2", "--beta", "0.5")
     assert result.exit_code == 0, result.stderr
     half = edit_embeddings(base, TARGET, {lora.SOURCE_ADAPTER: 1.0, lora.EDIT_ADAPTER: -0.5})
     expected = to_pixels(sample(base, half[0], half[1], initial_latents(base, 29, IMAGE_SIZE), PredictSettings(steps=2),
@@ -646,13 +654,13 @@ def test_ctrl_c_in_abduct_says_how_to_resume(cli, dac_base: Path, dac_image: Pat
 
     monkeypatch.setattr(Abduction, "loss", interrupted_at_step_3)
     out = tmp_path / "run"
-    result = cli("dac", "abduct", "-i", dac_image, "-p", PROMPT, "-t", TARGET, "-b", dac_base, "-o", out, "--unet-steps", "4",
+    result = cli("dac", "abduct", "-i", dac_image, "--source-text", PROMPT, "-t", TARGET, "--base-model", dac_base, "-o", out, "--unet-steps", "4",
                  "--text-steps", "4", "--rank", "4", "--resolution", IMAGE_SIZE, "--save-every", "2")
     assert result.exit_code == 130
     assert result.stderr.strip() == (f"error: interrupted; {out / CHECKPOINT} keeps the last save: continue with the same "
                                      "command and --resume")
     early = tmp_path / "early"
-    result = cli("dac", "abduct", "-i", dac_image, "-p", PROMPT, "-t", TARGET, "-b", dac_base, "-o", early, "--unet-steps", "4",
+    result = cli("dac", "abduct", "-i", dac_image, "--source-text", PROMPT, "-t", TARGET, "--base-model", dac_base, "-o", early, "--unet-steps", "4",
                  "--rank", "4", "--resolution", IMAGE_SIZE, "--save-every", "3")
     assert result.exit_code == 130 and result.stderr.strip() == "error: interrupted; nothing was written"
 
@@ -662,11 +670,11 @@ def test_devices_are_honoured_or_refused(cli, dac_bundle: Path, dac_run: Path, t
 
     edits = tmp_path / "edits"
     for source in (dac_bundle, dac_run):
-        assert_refused(cli("dac", "edit", source, "-o", edits, "--device", "cudafoo"), edits, "--device 'cudafoo': expected cpu, cuda or cuda:N")
+        assert_refused(cli("dac", "edit", *source_of(source), "-o", edits, "--device", "cudafoo"), edits, "--device 'cudafoo': expected cpu, cuda or cuda:N")
     if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
-        assert_refused(cli("dac", "edit", dac_bundle, "-o", edits, "--device", "cuda:1"), edits,
+        assert_refused(cli("dac", "edit", *source_of(dac_bundle), "-o", edits, "--device", "cuda:1"), edits,
                        "--device cuda:1: this ONNX Runtime has no CUDA provider", "onnxruntime-gpu")
-    result = cli("dac", "edit", dac_bundle, "-o", edits, "--device", "cpu", "--samples", "1", "--steps", "1")
+    result = cli("dac", "edit", *source_of(dac_bundle), "-o", edits, "--device", "cpu", "--num", "1", "--steps", "1")
     assert result.exit_code == 0, result.stderr
     assert json.loads((edits / "edit.json").read_text())["providers"] == ["CPUExecutionProvider"]
 
@@ -685,47 +693,47 @@ def test_damaged_runs_adapters_and_weights_are_refused(cli, dac_run: Path, dac_b
 
     swapped = damaged_run("swapped")
     shutil.copy(dac_run / TEXT_LORA, swapped / UNET_LORA)
-    assert_refused(cli("dac", "edit", swapped, "-o", edits), edits, f"{UNET_LORA}: holds adapter 'delta', expected 'U'")
+    assert_refused(cli("dac", "edit", *source_of(swapped), "-o", edits), edits, f"{UNET_LORA}: holds adapter 'delta', expected 'U'")
     relabelled = damaged_run("relabelled")
     with safe_open(str(dac_run / TEXT_LORA), framework="pt") as handle:
         metadata = handle.metadata()
     save_file(load_file(dac_run / TEXT_LORA), relabelled / TEXT_LORA, metadata={**metadata, "rank": "8"})
-    assert_refused(cli("dac", "edit", relabelled, "-o", edits), edits, "not rank 8 as its metadata says")
+    assert_refused(cli("dac", "edit", *source_of(relabelled), "-o", edits), edits, "not rank 8 as its metadata says")
     stale = damaged_run("stale")
     embeddings = load_file(dac_run / EDIT_EMBEDDINGS)
     save_file({"cond": embeddings["cond"][:, :5]}, stale / EDIT_EMBEDDINGS)
-    assert_refused(cli("dac", "edit", stale, "-o", edits), edits, f"{EDIT_EMBEDDINGS}: expected 'cond' of shape (1, 77, 32), found (1, 5, 32)")
+    assert_refused(cli("dac", "edit", *source_of(stale), "-o", edits), edits, f"{EDIT_EMBEDDINGS}: expected 'cond' of shape (1, 77, 32), found (1, 5, 32)")
     garbled = damaged_run("garbled")
     manifest = json.loads((dac_run / "manifest.json").read_text())
     (garbled / "manifest.json").write_text(json.dumps({**manifest, "settings": {**manifest["settings"], "eta": "high"}}))
-    assert_refused(cli("dac", "edit", garbled, "-o", edits), edits, "manifest.json: settings.eta is 'high', expected a float")
+    assert_refused(cli("dac", "edit", *source_of(garbled), "-o", edits), edits, "manifest.json: settings.eta is 'high', expected a float")
     (garbled / "manifest.json").write_text(json.dumps({**manifest, "settings": {**manifest["settings"], "eta": 7.0}}))
-    assert_refused(cli("dac", "export", garbled, "-o", edits), edits, "recorded settings refused: --eta must be from 0 to 1")
+    assert_refused(cli("dac", "export", "--run", garbled, "-o", edits), edits, "recorded settings refused: --eta must be from 0 to 1")
 
     bundle = tmp_path / "bundle"
     shutil.copytree(dac_bundle, bundle)
     bundle_manifest = json.loads((dac_bundle / "manifest.json").read_text())
     (bundle / "manifest.json").write_text(json.dumps({**bundle_manifest, "latent_shape": [4, -16, 16]}))
-    assert_refused(cli("dac", "edit", bundle, "-o", edits), edits, "latent_shape is [4, -16, 16]")
+    assert_refused(cli("dac", "edit", *source_of(bundle), "-o", edits), edits, "latent_shape is [4, -16, 16]")
 
     base = _copy_base(dac_base, tmp_path)
     weights = load_file(base / "text_encoder" / "model.safetensors")
     dropped = sorted(weights)[0]
     save_file({key: value for key, value in weights.items() if key != dropped}, base / "text_encoder" / "model.safetensors")
     out = tmp_path / "out"
-    result = cli("dac", "abduct", "-i", dac_image, "-p", PROMPT, "-t", TARGET, "-b", base, "-o", out, "--rank", "4",
+    result = cli("dac", "abduct", "-i", dac_image, "--source-text", PROMPT, "-t", TARGET, "--base-model", base, "-o", out, "--rank", "4",
                  "--resolution", IMAGE_SIZE)
     assert_refused(result, out, "text_encoder: its weights do not fit its config.json: 1 missing keys", dropped)
 
 
 def test_export_refusals(cli, dac_run: Path, tmp_path: Path):
-    assert_refused(cli("dac", "export", dac_run, "-o", tmp_path / "b", "--unet", "fp8"), tmp_path / "b",
+    assert_refused(cli("dac", "export", "--run", dac_run, "-o", tmp_path / "b", "--unet", "fp8"), tmp_path / "b",
                    "--unet must be one of scale-input, merged, got 'fp8'")
-    assert_refused(cli("dac", "export", dac_run, "-o", dac_run / "bundle"), None, f"lies inside the input {dac_run}")
+    assert_refused(cli("dac", "export", "--run", dac_run, "-o", dac_run / "bundle"), None, f"lies inside the input {dac_run}")
     unfinished = tmp_path / "unfinished"
     unfinished.mkdir()
     (unfinished / CHECKPOINT).write_bytes(b"")
-    assert_refused(cli("dac", "export", unfinished, "-o", tmp_path / "b"), tmp_path / "b", "an unfinished run")
+    assert_refused(cli("dac", "export", "--run", unfinished, "-o", tmp_path / "b"), tmp_path / "b", "an unfinished run")
 
 
 def test_the_bundle_records_where_each_unet_lora_tensor_is(dac_bundle: Path, dac_run: Path):
@@ -776,24 +784,24 @@ def test_another_run_sampled_on_a_bundle_equals_its_torch_edit(cli, dac_bundle: 
     other = tmp_path / "other"
     abduct(AbductSettings(PROMPT, "A cat in the snow.", **{**FAST, "seed": 7}), AbductInputs(dac_image, dac_base), other)
     torch_out, bundle_out = tmp_path / "torch", tmp_path / "bundle"
-    assert cli("dac", "edit", other, "--out", torch_out, "--samples", 1, "--steps", 4).exit_code == 0
-    result = cli("dac", "edit", dac_bundle, "--run", other, "--out", bundle_out, "--samples", 1, "--steps", 4)
+    assert cli("dac", "edit", *source_of(other), "--out", torch_out, "--num", 1, "--steps", 4).exit_code == 0
+    result = cli("dac", "edit", *source_of(dac_bundle), "--run", other, "--out", bundle_out, "--num", 1, "--steps", 4)
     assert result.exit_code == 0, result.stderr
     report = json.loads((bundle_out / "edit.json").read_text())
     assert report["refit_run"] == str(other) and report["target"] == "A cat in the snow."
     ours = np.asarray(Image.open(bundle_out / "seed_0029.png")).astype(int)
     assert np.abs(ours - np.asarray(Image.open(torch_out / "seed_0029.png")).astype(int)).max() <= 1
     own = tmp_path / "own"
-    assert cli("dac", "edit", dac_bundle, "--out", own, "--samples", 1, "--steps", 4).exit_code == 0
+    assert cli("dac", "edit", *source_of(dac_bundle), "--out", own, "--num", 1, "--steps", 4).exit_code == 0
     assert np.abs(ours - np.asarray(Image.open(own / "seed_0029.png")).astype(int)).max() > 8  # the other U took effect
 
     edits = tmp_path / "edits"
-    assert_refused(cli("dac", "edit", dac_bundle, "--run", other, "-o", edits, "--beta", "0.5"), edits,
+    assert_refused(cli("dac", "edit", *source_of(dac_bundle), "--run", other, "-o", edits, "--beta", "0.5"), edits,
                    f"--run samples {other}'s stored embeddings (β 1); for --beta 0.5 export that run")
-    assert_refused(cli("dac", "edit", other, "-o", edits, "--backend", "tensorrt"), edits, "a run samples with PyTorch")
-    assert_refused(cli("dac", "edit", dac_bundle, "-o", edits, "--backend", "torch"), edits,
+    assert_refused(cli("dac", "edit", *source_of(other), "-o", edits, "--backend", "tensorrt"), edits, "a run samples with PyTorch")
+    assert_refused(cli("dac", "edit", *source_of(dac_bundle), "-o", edits, "--backend", "torch"), edits,
                    "--backend torch: a bundle runs on onnxruntime or tensorrt")
     wider = tmp_path / "wider"
     abduct(AbductSettings(PROMPT, TARGET, **{**FAST, "rank": 8}), AbductInputs(dac_image, dac_base), wider)
-    assert_refused(cli("dac", "edit", dac_bundle, "--run", wider, "-o", edits), edits,
+    assert_refused(cli("dac", "edit", *source_of(dac_bundle), "--run", wider, "-o", edits), edits,
                    f"{wider / UNET_LORA}: ", "has shape (8, ", "the bundle's UNet needs (4, ")

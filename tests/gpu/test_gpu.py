@@ -59,7 +59,7 @@ def test_torch_cuda_matches_the_cpu_reference(request, checkpoint_fixture, batch
 def test_tensorrt_engines_edit_like_the_reference_and_refit(tmp_path, cli, bundle_256, cfclip_256, latents_256, embedding_file):
     bundle = tmp_path / "bundle"
     shutil.copytree(bundle_256, bundle, ignore=shutil.ignore_patterns("cache", "tensorrt"))
-    result = cli("build-engines", bundle, "--static-batch", 2)
+    result = cli("build-engines", "--bundle", bundle, "--static-batch", 2)
     assert result.exit_code == 0, result.stderr
     out = tmp_path / "out"
     result = cli("edit", "--bundle", bundle, "--backend", "tensorrt", "-l", latents_256, "--text-embedding", embedding_file,
@@ -75,10 +75,10 @@ def test_tensorrt_engines_edit_like_the_reference_and_refit(tmp_path, cli, bundl
     result = cli("edit", "--bundle", bundle, "--backend", "tensorrt", "-l", latents_256, "--text-embedding", embedding_file,
                  "-o", tmp_path / "refused")
     assert result.exit_code == 2 and "TensorRT version: engine has 1.0.0" in result.stderr
-    assert cli("build-engines", bundle, "--static-batch", 2).exit_code == 2  # mismatch needs --rebuild
-    assert cli("build-engines", bundle, "--static-batch", 2, "--rebuild").exit_code == 0
+    assert cli("build-engines", "--bundle", bundle, "--static-batch", 2).exit_code == 2  # mismatch needs --rebuild
+    assert cli("build-engines", "--bundle", bundle, "--static-batch", 2, "--rebuild").exit_code == 0
 
-    result = cli("build-engines", bundle, "--min-batch", 1, "--max-batch", 4, "--rebuild")  # dynamic profile
+    result = cli("build-engines", "--bundle", bundle, "--min-batch", 1, "--max-batch", 4, "--rebuild")  # dynamic profile
     assert result.exit_code == 0, result.stderr
     dynamic = tmp_path / "dynamic"
     result = cli("edit", "--bundle", bundle, "--backend", "tensorrt", "-l", latents_256, "--text-embedding", embedding_file,
@@ -89,7 +89,7 @@ def test_tensorrt_engines_edit_like_the_reference_and_refit(tmp_path, cli, bundl
 
     other = tmp_path / "other.pt"
     checkpoint_with_generator_of(other, generator_seed=1, mapper_seed=7)
-    result = cli("refit", bundle, "-c", other)
+    result = cli("refit", "--bundle", bundle, "-c", other)
     assert result.exit_code == 0 and "refitted the latent_editor TensorRT engine" in result.stderr, result.stderr
     refitted = tmp_path / "refitted"
     result = cli("edit", "--bundle", bundle, "--backend", "tensorrt", "-l", latents_256, "--text-embedding", embedding_file,
@@ -104,11 +104,11 @@ def test_tensorrt_paths_say_tensorrt_is_missing(tmp_path, cli, bundle_256, cfcli
                                                 dac_bundle):
     message = "needs TensorRT, which is not installed here (No module named 'tensorrt')"
     for args in (
-        ["build-engines", bundle_256],
+        ["build-engines", "--bundle", bundle_256],
         ["edit", "--bundle", bundle_256, "--backend", "tensorrt", "-l", latents_256, "-t", "x", "-o", tmp_path / "out"],
         ["export", "-c", cfclip_256, "--clip-weights", clip_state_dict_file, "-o", tmp_path / "out", "--tensorrt"],
-        ["dac", "build-engines", dac_bundle],
-        ["dac", "edit", dac_bundle, "--backend", "tensorrt", "-o", tmp_path / "out"],
+        ["dac", "build-engines", "--bundle", dac_bundle],
+        ["dac", "edit", "--bundle", dac_bundle, "--backend", "tensorrt", "-o", tmp_path / "out"],
     ):
         result = cli(*args)
         assert result.exit_code == 2 and result.stderr.strip().count("\n") == 0 and message in result.stderr, result.stderr
@@ -133,12 +133,12 @@ def test_dac_abduction_and_edit_on_cuda_match_the_cpu(tmp_path, cli, dac_base, d
     noise = tmp_path / "seed_29_cpu.npy"
     np.save(noise, torch.randn((1, 4, 16, 16), generator=torch.Generator("cpu").manual_seed(29)).numpy())
     cpu_edit, cuda_edit, cuda_seeded = tmp_path / "edit-cpu", tmp_path / "edit-cuda", tmp_path / "edit-cuda-seeded"
-    assert cli("dac", "edit", dac_run, "-o", cpu_edit, "--samples", 1, "--steps", 6).exit_code == 0
-    assert cli("dac", "edit", dac_run, "-o", cuda_edit, "--noise", noise, "--steps", 6, "--device", "cuda").exit_code == 0
+    assert cli("dac", "edit", "--run", dac_run, "-o", cpu_edit, "--num", 1, "--steps", 6).exit_code == 0
+    assert cli("dac", "edit", "--run", dac_run, "-o", cuda_edit, "--noise", noise, "--steps", 6, "--device", "cuda").exit_code == 0
     cpu = np.asarray(Image.open(cpu_edit / "seed_0029.png")).astype(np.float64)
     cuda = np.asarray(Image.open(cuda_edit / "noise_0000.png")).astype(np.float64)
     assert psnr(cuda / 127.5 - 1, cpu / 127.5 - 1) >= FP32_CROSS_DEVICE_MIN_PSNR_DB
-    assert cli("dac", "edit", dac_run, "-o", cuda_seeded, "--samples", 1, "--steps", 2, "--device", "cuda").exit_code == 0
+    assert cli("dac", "edit", "--run", dac_run, "-o", cuda_seeded, "--num", 1, "--steps", 2, "--device", "cuda").exit_code == 0
     assert json.loads((cuda_seeded / "edit.json").read_text())["noise"] == ["torch.Generator(cuda) seed 29"]
 
 
@@ -149,7 +149,7 @@ def test_dac_bundle_on_onnxruntime_cuda_matches_the_cpu(tmp_path, cli, dac_bundl
 
     edits = {device: tmp_path / f"edit-{device}" for device in ("cpu", "cuda")}
     for device, edit_dir in edits.items():
-        result = cli("dac", "edit", dac_bundle, "-o", edit_dir, "--samples", 1, "--steps", 6, "--device", device)
+        result = cli("dac", "edit", "--bundle", dac_bundle, "-o", edit_dir, "--num", 1, "--steps", 6, "--device", device)
         assert result.exit_code == 0, result.stderr
     assert json.loads((edits["cuda"] / "edit.json").read_text())["providers"][0] == "CUDAExecutionProvider"
     cpu, cuda = (np.asarray(Image.open(path / "seed_0029.png")).astype(np.float64) for path in edits.values())
@@ -176,7 +176,7 @@ def test_dac_tensorrt_engines_sample_like_onnxruntime_and_refit_another_run(tmp_
     for extra in ([], ["--run", other]):
         outs = {backend: tmp_path / f"{backend}-{len(extra)}" for backend in ("onnxruntime", "tensorrt")}
         for backend, out in outs.items():
-            result = cli("dac", "edit", bundle, "-o", out, "--samples", 1, "--steps", 6, "--backend", backend, *extra)
+            result = cli("dac", "edit", "--bundle", bundle, "-o", out, "--num", 1, "--steps", 6, "--backend", backend, *extra)
             assert result.exit_code == 0, result.stderr
         ort, trt_image = (np.asarray(Image.open(out / "seed_0029.png")).astype(np.float64) for out in outs.values())
         assert psnr(trt_image / 127.5 - 1, ort / 127.5 - 1) >= FP16_MIN_PSNR_DB, extra

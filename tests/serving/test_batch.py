@@ -23,7 +23,7 @@ def test_batch_survives_a_killed_worker_and_writes_every_image_once(bundle_256: 
     for index in range(8):
         np.save(shards / f"part{index}.npy", np.random.default_rng(100 + index).standard_normal((8, 14, 512)).astype(np.float32))
     np.save(shards / "wrong.npy", np.zeros((2, 10, 512), np.float32))  # refused by its worker; the others go on
-    command = [sys.executable, "-m", "cfdeploy", "batch", str(bundle_256), "--latents", str(shards), "--text", PROMPT,
+    command = [sys.executable, "-m", "cfdeploy", "batch", "--bundle", str(bundle_256), "--latents", str(shards), "--text", PROMPT,
                "--out", str(out), "--workers", "2"]
     refusal = f"error: 1 shard(s) refused, the others are done (rerun after fixing them): {shards.resolve() / 'wrong.npy'}: latents have 10 levels"
     with own_ray() as our_ray:  # the command's Ray, started by the child, which inherits RAY_TMPDIR
@@ -71,20 +71,20 @@ def test_batch_refuses_another_runs_output_and_bad_shards(bundle_256: Path, bund
         shards = tmp_path / "shards"
         shards.mkdir()
         np.save(shards / "a.npy", np.zeros((1, 14, 512), np.float32))
-        assert_refused(cli("batch", bundle_256, "--latents", shards, "--text", PROMPT, "--out", out), None,
+        assert_refused(cli("batch", "--bundle", bundle_256, "--latents", shards, "--text", PROMPT, "--out", out), None,
                        f"{out}: is not empty and is not a cfdeploy batch output; pass --force to write into it")
-        assert_refused(cli("batch", bundle_256, "--latents", tmp_path / "none", "--text", PROMPT, "--out", tmp_path / "o"),
+        assert_refused(cli("batch", "--bundle", bundle_256, "--latents", tmp_path / "none", "--text", PROMPT, "--out", tmp_path / "o"),
                        tmp_path / "o", "no .npy shards found")
         (shards / "b").mkdir()
         np.save(shards / "b" / "a.npy", np.zeros((1, 14, 512), np.float32))
-        assert_refused(cli("batch", bundle_256, "--latents", f"{shards}/**/a.npy", "--text", PROMPT, "--out", tmp_path / "o"),
+        assert_refused(cli("batch", "--bundle", bundle_256, "--latents", f"{shards}/**/a.npy", "--text", PROMPT, "--out", tmp_path / "o"),
                        tmp_path / "o", "two shards are named 'a'")
-        assert_refused(cli("batch", bundle_256, "--latents", shards, "--text", PROMPT, "--out", tmp_path / "o", "--workers", 0),
+        assert_refused(cli("batch", "--bundle", bundle_256, "--latents", shards, "--text", PROMPT, "--out", tmp_path / "o", "--workers", 0),
                        tmp_path / "o", "--workers must be 1 or more, got 0")
         _, without_clip, _ = bundle_with_encoder
-        assert_refused(cli("batch", without_clip, "--latents", shards, "--text", "blue dog", "--out", tmp_path / "o"),
+        assert_refused(cli("batch", "--bundle", without_clip, "--latents", shards, "--text", "blue dog", "--out", tmp_path / "o"),
                        tmp_path / "o", "exported --without-clip, so it edits only the prompts precomputed at export (none) or --text-embedding features")
-        assert_refused(cli("batch", bundle_256, "--latents", shards, "--out", tmp_path / "o"), tmp_path / "o",
+        assert_refused(cli("batch", "--bundle", bundle_256, "--latents", shards, "--out", tmp_path / "o"), tmp_path / "o",
                        "give exactly one of --text or --text-embedding")
         assert (out / "mine.txt").read_text() == "keep"
         assert not ray_is_connected() and not our_ray.processes()

@@ -24,10 +24,10 @@ BUNDLE = "green_lipstick_256"
 
 def test_serve_refuses_bad_settings_in_one_line_before_starting_ray(cli, bundle_256: Path, tmp_path: Path) -> None:
     with own_ray() as our_ray:
-        assert_refused(cli("serve", bundle_256, "--replicas", 0), None, "--replicas must be 1 or more, got 0")
-        assert_refused(cli("serve", bundle_256, "--backend", "tensorrt"), None, "--backend tensorrt needs a GPU")
-        assert_refused(cli("serve", tmp_path / "absent"), None, "absent")
-        assert_refused(cli("serve", bundle_256, bundle_256), None, "two bundles are named 'green_lipstick_256'")
+        assert_refused(cli("serve", "--bundle", bundle_256, "--replicas", 0), None, "--replicas must be 1 or more, got 0")
+        assert_refused(cli("serve", "--bundle", bundle_256, "--backend", "tensorrt"), None, "--backend tensorrt needs a GPU")
+        assert_refused(cli("serve", "--bundle", tmp_path / "absent"), None, "absent")
+        assert_refused(cli("serve", "--bundle", bundle_256, "--bundle", bundle_256), None, "two bundles are named 'green_lipstick_256'")
         assert not ray_is_connected() and not our_ray.processes()
 
 

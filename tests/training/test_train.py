@@ -205,7 +205,7 @@ def test_cli_writes_official_checkpoints_that_edit_and_export_accept(cli, run_fi
     assert result.exit_code == 0, result.stderr
     expected_w_hat, _ = official_edit(out / "best_model.pt", latents, np.load(embedding_file).reshape(1, 512))
     assert rel_l2(np.load(edited / "latents.npy"), expected_w_hat) <= 1e-5
-    result = cli("export", "-c", out / "iteration_2.pt", "--clip-weights", run_files["clip"], "--without-clip", "--prompt", PROMPT,
+    result = cli("export", "-c", out / "iteration_2.pt", "--clip-weights", run_files["clip"], "--without-clip", "--text", PROMPT,
                  "-o", tmp_path / "bundle")
     assert result.exit_code == 0, result.stderr
 

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from collections import defaultdict
 from contextlib import contextmanager
@@ -18,7 +17,7 @@ import numpy as np
 
 from cfdeploy.bundle import TextLatentCache
 from cfdeploy.environment import versions
-from cfdeploy.errors import CfdeployError
+from cfdeploy.errors import CfdeployError, require_finite
 from cfdeploy.inputs import broadcast_latents, load_latents, seeded_z
 from cfdeploy.outputs import StagedDirectory, to_uint8
 
@@ -138,8 +137,7 @@ class EditJob:
             raise CfdeployError("give exactly one of a prompt (--text) or text features (--text-embedding)")
         if self.batch_size < 1:
             raise CfdeployError(f"batch size must be at least 1, got {self.batch_size}")
-        if not math.isfinite(self.strength):
-            raise CfdeployError(f"--strength must be a finite number, got {self.strength}")
+        require_finite(strength=self.strength)
 
 
 @dataclass
@@ -165,8 +163,7 @@ def check_sampling(seed: int, num: int, truncation: float) -> None:
     """``--seed``, ``--num`` and ``--truncation``, checked before anything is loaded or allocated."""
     if not 0 <= seed < 2**63:
         raise CfdeployError(f"--seed must be from 0 to 2^63-1, got {seed}")
-    if not math.isfinite(truncation):
-        raise CfdeployError(f"--truncation must be a finite number, got {truncation}")
+    require_finite(truncation=truncation)
     if not 1 <= num <= MAX_SAMPLED_CODES:
         raise CfdeployError(f"--num must be between 1 and {MAX_SAMPLED_CODES:,}, got {num}")
 
@@ -191,7 +188,8 @@ def resolve_latents(
 def sample_codes(backend: EditBackend, seed: int, num: int, truncation: float) -> np.ndarray:
     """W+ codes ``[num, n, 512]`` from ``seed`` through the backend's mapping network, truncated toward the mean W."""
     w = backend.sample_w(seeded_z(seed, num, backend.style_dim), truncation)
-    return broadcast_latents(w, backend.n_latent, backend.style_dim, f"seed {seed}")
+    return finite_result(broadcast_latents(w, backend.n_latent, backend.style_dim, f"seed {seed}"), "sampled codes",
+                         f"--truncation {truncation}")
 
 
 def prompt_mismatch(backend: EditBackend, prompt: str | None) -> str | None:
@@ -233,10 +231,23 @@ def edit_codes(backend: EditBackend, w: np.ndarray, text_latents: np.ndarray, st
     (~2e-7, enough to flip a few pixels), and an edit must not depend on how codes were batched: ``--batch-size``,
     ``cfdeploy serve``'s dynamic batching and ``cfdeploy batch`` all give the same bytes. The mapper is cheap."""
     per_code = text_latents.shape[0] > 1
-    return np.concatenate([
+    w_hat = np.concatenate([
         backend.edit_latents(w[index : index + 1], text_latents[index : index + 1] if per_code else text_latents, strength)
         for index in range(len(w))
     ])
+    return finite_result(w_hat, "edited codes", f"--strength {strength}")
+
+
+def synthesize(backend: EditBackend, latents: np.ndarray) -> np.ndarray:
+    """The generator's images for ``latents``, refused if any value is NaN/inf (never written or returned)."""
+    return finite_result(backend.synthesize(latents), "images", "the codes")
+
+
+def finite_result(array: np.ndarray, what: str, suspect: str) -> np.ndarray:
+    """``array`` if every value is finite: a non-finite result is an error, never a file or a reply."""
+    if not np.isfinite(array).all():
+        raise CfdeployError(f"the {what} hold NaN/inf values: {suspect} took the networks out of float32's range")
+    return array
 
 
 def iter_edits(backend: EditBackend, job: EditJob, timer: StageTimer) -> Iterator[EditBatch]:
@@ -252,11 +263,11 @@ def iter_edits(backend: EditBackend, job: EditJob, timer: StageTimer) -> Iterato
             with timer.stage("refine"):
                 w_hat = job.refiner(w, w_hat)
         with timer.stage("generator"):
-            images = backend.synthesize(w_hat)
+            images = synthesize(backend, w_hat)
         sources = None
         if job.with_sources:
             with timer.stage("source_generator"):
-                sources = backend.synthesize(w)
+                sources = synthesize(backend, w)
         yield EditBatch(start, w, w_hat, images, sources)
 
 

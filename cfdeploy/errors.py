@@ -48,8 +48,23 @@ COMMAND_EXTRAS = {
 }
 
 
+MAX_MESSAGE_CHARS = 500  # a message quotes what it refuses, but never a 1 MB field name back at its sender
+
+
+def shortened(message: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """``message`` cut to ``limit`` characters, saying how long it was."""
+    if len(message) <= limit:
+        return message
+    suffix = f"… ({len(message):,} characters in all)"
+    return message[: limit - len(suffix)] + suffix
+
+
 class CfdeployError(Exception):
-    """Bad input or environment; the CLI prints ``error: <message>`` and exits with code 2."""
+    """Bad input or environment; the CLI prints ``error: <message>`` and exits with code 2. Messages are kept short
+    whatever they quote (:func:`shortened`)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(shortened(message))
 
 
 def missing_extra(package: str, needed_for: str, cause: BaseException | None = None, extra: str | None = None) -> CfdeployError:
@@ -64,11 +79,21 @@ def missing_extra(package: str, needed_for: str, cause: BaseException | None = N
     return CfdeployError(f"{needed_for} needs {package}, which this install lacks: pip install \"cfdeploy[{extra}]\"")
 
 
+FLOAT32_MAX = 3.4028234663852886e38  # the networks compute in float32: a larger value is inf there
+
+
+def finite_in_float32(value: float) -> bool:
+    """Whether ``value`` stays finite once converted to float32, the type the networks compute in."""
+    return math.isfinite(value) and abs(value) <= FLOAT32_MAX
+
+
 def require_finite(**options: float | None) -> None:
-    """Refuse nan and inf where a number means a setting (``require_finite(strength=s)`` names ``--strength``)."""
+    """Refuse nan, inf, and numbers that become inf in float32, where a number means a setting
+    (``require_finite(strength=s)`` names ``--strength``)."""
     for name, value in options.items():
-        if value is not None and not math.isfinite(value):
-            raise CfdeployError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+        if value is not None and not finite_in_float32(value):
+            raise CfdeployError(f"--{name.replace('_', '-')} must be a finite number within float32's range, "
+                                f"got {str(value)[:40]}")
 
 
 def require_range(low: int, high: int | None = None, **options: int | None) -> None:

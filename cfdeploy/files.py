@@ -105,12 +105,16 @@ def _read_npy_stream(file: BinaryIO, size: int, source: str, what: str) -> np.nd
 
 
 def require_finite_array(array: np.ndarray, source: object, what: str) -> None:
-    """Floating-point values with no NaN or inf, or one line naming ``source``."""
+    """Floating-point values that are finite in float32, the type the networks compute in (a float64 1e300 is inf
+    there), or one line naming ``source``."""
     if not np.issubdtype(array.dtype, np.floating):
         raise CfdeployError(f"{source}: expected floating-point {what}, found dtype {array.dtype}")
-    bad = ~np.isfinite(array)
+    with np.errstate(over="ignore"):
+        bad = ~np.isfinite(array.astype(np.float32, copy=False))
     if bad.any():
-        raise CfdeployError(f"{source}: {what} contain {int(bad.sum())} NaN/inf values")
+        beyond = int((bad & np.isfinite(array)).sum())
+        detail = f" ({beyond} beyond float32's range, ±3.4e38)" if beyond else ""
+        raise CfdeployError(f"{source}: {what} contain {int(bad.sum())} NaN/inf values{detail}")
 
 
 def read_regular(path: Path, limit: int) -> bytes:

@@ -29,6 +29,8 @@ N_MERGES = 49152 - 256 - 2
 SPECIAL_TOKENS = ("<start_of_text>", "<end_of_text>")
 END_OF_WORD = "</w>"
 MAX_VOCAB_BYTES = 16 << 20  # open_clip's merges file is 3.2 MB uncompressed; more is not a vocabulary
+MAX_PROMPT_CHARS = 2000  # 77 tokens of the longest words; a longer prompt is refused before it is tokenised
+MAX_CACHED_WORDS = 50_000
 
 
 def packaged_vocab_path() -> Path:
@@ -123,11 +125,17 @@ class ClipTokenizer:
                     merged.append(symbols[index])
                     index += 1
             symbols = merged
+        if len(self._word_cache) >= MAX_CACHED_WORDS:  # a server sees unbounded distinct words
+            self._word_cache = {token: [token] for token in SPECIAL_TOKENS}
         self._word_cache[word] = symbols
         return symbols
 
     def encode(self, prompt: str) -> list[int]:
-        """BPE ids of one prompt, without start/end tokens."""
+        """BPE ids of one prompt, without start/end tokens. A prompt is bounded in characters before it is tokenised:
+        byte-pair merging is quadratic in a word's length, and no prompt CLIP can read (77 tokens) is that long."""
+        if len(prompt) > MAX_PROMPT_CHARS:
+            raise CfdeployError(f"prompt {prompt[:40]!r}… is {len(prompt):,} characters; at most {MAX_PROMPT_CHARS:,} "
+                                f"are read (CLIP reads {CONTEXT_LENGTH} tokens)")
         try:
             prompt.encode("utf-8")
         except UnicodeEncodeError:

@@ -20,6 +20,7 @@ import numpy as np
 from cfdeploy.bundle import without_clip_message
 from cfdeploy.editing import check_sampling
 from cfdeploy.errors import CfdeployError
+from cfdeploy.errors import finite_in_float32
 from cfdeploy.files import npy_from_bytes, require_finite_array
 from cfdeploy.inputs import broadcast_latents, check_text_embedding
 
@@ -128,8 +129,8 @@ def _number(body: dict[str, Any], name: str, default: float) -> float:
         number = float(value)
     except OverflowError:
         number = math.inf
-    if not math.isfinite(number):
-        raise RequestError(f"{name} must be a finite number, got {str(value)[:40]}")
+    if not finite_in_float32(number):
+        raise RequestError(f"{name} must be a finite number within float32's range, got {str(value)[:40]}")
     return number
 
 

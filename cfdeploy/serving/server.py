@@ -30,6 +30,7 @@ from cfdeploy.editing import (
     DEFAULT_PNG_COMPRESSION,
     StageTimer,
     edit_codes,
+    finite_result,
     sample_codes,
     text_branch,
 )
@@ -105,6 +106,11 @@ class BundleEditor:
         except CfdeployError as error:
             return RequestError(str(error))
         rendered = [] if request.returns == "npy" else await asyncio.gather(*(self.render(code) for code in w_hat))
+        try:  # checked per request: a batch shared with other requests must not fail them all
+            for image, _ in rendered:
+                finite_result(image, "images", "the codes")
+        except CfdeployError as error:
+            return RequestError(str(error))
         pngs: list[bytes] = []
         if rendered:
             png_started = time.perf_counter()

@@ -1,0 +1,75 @@
+"""Numbers that are finite in float64 but not in float32 (what the networks compute in) are refused, and a
+non-finite result is an error, never a black image on disk or in a reply."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import assert_refused
+
+from cfdeploy.errors import CfdeployError, require_finite
+from cfdeploy.inputs import load_latents
+from cfdeploy.serving.protocol import BundleInfo, RequestError, parse_edit_request
+
+
+def test_latents_beyond_float32_in_a_float64_file_are_refused(tmp_path):
+    latents = np.zeros((1, 14, 512))
+    latents[0, 3, 7] = 1e300
+    path = tmp_path / "huge.npy"
+    np.save(path, latents)
+    with pytest.raises(CfdeployError, match=r"huge\.npy: latents contain 1 NaN/inf values \(1 beyond float32's range"):
+        load_latents(path, 14)
+
+
+@pytest.mark.parametrize("value", [1e39, -1e39, float("nan"), float("inf")])
+def test_settings_that_overflow_float32_are_refused(value):
+    with pytest.raises(CfdeployError, match="--strength must be a finite number within float32's range"):
+        require_finite(strength=value)
+    require_finite(strength=3.0e38)
+
+
+@pytest.mark.parametrize("field", ["strength", "truncation"])
+def test_a_request_number_beyond_float32_is_a_400(field):
+    served = {"b": BundleInfo("b", 64, 10, 512, (), None, "onnxruntime", has_clip=True, has_encoder=False)}
+    body = json.dumps({"bundle": "b", "prompt": "blue dog", "seed": 1, field: 1e39}).encode()
+    with pytest.raises(RequestError, match=f"{field} must be a finite number within float32's range") as refused:
+        parse_edit_request(body, served)
+    assert refused.value.status == 400
+
+
+def test_edit_refuses_strength_and_truncation_that_overflow_float32(cli, bundle_256, tmp_path):
+    out = tmp_path / "out"
+    for option, value in (("--strength", "1e39"), ("--truncation", "1e39")):
+        assert_refused(cli("edit", "--bundle", bundle_256, "--text", "blue dog", "--seed", 1, option, value, "-o", out),
+                       out, f"{option} must be a finite number within float32's range, got 1e+39")
+
+
+def test_an_edit_that_leaves_float32_is_refused_and_writes_nothing(cli, bundle_256, tmp_path):
+    """A strength finite in float32 but large enough that the networks overflow: refused, never a black PNG."""
+    out = tmp_path / "out"
+    assert_refused(cli("edit", "--bundle", bundle_256, "--text", "blue dog", "--seed", 1, "--strength", "3e38", "-o", out),
+                   out, "hold NaN/inf values", "took the networks out of float32's range")
+
+
+def test_a_huge_one_word_prompt_is_refused_before_tokenising_in_milliseconds():
+    import time
+
+    from cfdeploy.tokenizer import ClipTokenizer
+
+    tokenizer = ClipTokenizer()
+    started = time.perf_counter()
+    with pytest.raises(CfdeployError, match=r"is 100,000 characters; at most 2,000 are read"):
+        tokenizer(["x" * 100_000])
+    assert time.perf_counter() - started < 1.0  # the quadratic merge would take minutes: this is not a timing target
+
+
+def test_an_error_quotes_a_short_prefix_of_what_it_refuses_not_all_of_it():
+    served = {"b": BundleInfo("b", 64, 10, 512, (), None, "onnxruntime", has_clip=True, has_encoder=False)}
+    body = json.dumps({"bundle": "b", "x" * 1_000_000: 1}).encode()
+    with pytest.raises(RequestError) as refused:
+        parse_edit_request(body, served)
+    message = str(refused.value)
+    assert message.startswith("unknown field(s) xxxx") and len(message) <= 500
+    assert message.endswith(" characters in all)") and "1,000,0" in message[-40:], message[-60:]

@@ -217,7 +217,7 @@ def _identity(
 ) -> dict[str, Any]:
     """What must not change between a run and its resumption (another device draws other rounding, so it counts too)."""
     return {"settings": {key: value for key, value in asdict(settings).items() if key != "save_every"},
-            "image_sha256": image_sha256, "base_model": info.weights_sha256,
+            "image_sha256": image_sha256, "base_model": info.files_sha256,
             "unet_lora": hashlib.sha256(reused_unet.read_bytes()).hexdigest() if reused_unet else None,
             "device": torch.device(device).type}
 

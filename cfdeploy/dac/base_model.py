@@ -24,16 +24,18 @@ WEIGHTED_PARTS = {
 }
 TOKENIZER_FILES = ("vocab.json", "merges.txt")
 SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
+MODEL_INDEX = "model_index.json"
 MAX_CONFIG_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
 class BaseModelInfo:
-    """A checked base-model folder: its configs and the sha256 of each weight file (its identity)."""
+    """A checked base-model folder: its configs and, as its identity, the sha256 of every file that decides its weights
+    or the pipeline's behaviour (weights, model and scheduler configs, tokenizer files), by path in the folder."""
 
     path: Path
     configs: dict[str, dict[str, Any]]
-    weights_sha256: dict[str, str] = field(default_factory=dict)
+    files_sha256: dict[str, str] = field(default_factory=dict)
 
     @property
     def latent_channels(self) -> int:
@@ -49,7 +51,7 @@ class BaseModelInfo:
 
     def identity(self) -> dict[str, Any]:
         """What a DAC run records of its base model, and what ``dac edit`` compares."""
-        return {"path": str(self.path), "weights_sha256": dict(self.weights_sha256)}
+        return {"path": str(self.path), "files_sha256": dict(self.files_sha256)}
 
 
 def _read_config(path: Path) -> dict[str, Any]:
@@ -115,17 +117,22 @@ def inspect_base_model(path: Path) -> BaseModelInfo:
         if not (path / "tokenizer" / name).is_file():
             raise CfdeployError(f"{path / 'tokenizer' / name}: missing (a CLIP tokenizer has vocab.json and merges.txt)")
     _check_unet(configs["unet"], path / "unet" / "config.json", int(configs["text_encoder"].get("hidden_size", -1)))
-    return BaseModelInfo(path.resolve(), configs, {part: sha256_file(file) for part, file in weights.items()})
+    decisive = [*weights.values(), *(path / part / "config.json" for part in WEIGHTED_PARTS), path / SCHEDULER_CONFIG,
+                *sorted(entry for entry in (path / "tokenizer").iterdir() if entry.is_file()),
+                *([path / MODEL_INDEX] if (path / MODEL_INDEX).is_file() else [])]
+    return BaseModelInfo(path.resolve(), configs, {file.relative_to(path).as_posix(): sha256_file(file) for file in decisive})
 
 
 def check_same_base_model(info: BaseModelInfo, recorded: Any, source: Path) -> None:
     """Refuse a run's adapters on a base model other than the one they were fitted to."""
-    recorded_sha = recorded.get("weights_sha256") if isinstance(recorded, dict) else None
-    if recorded_sha != info.weights_sha256:
-        differing = sorted(part for part in info.weights_sha256 if (recorded_sha or {}).get(part) != info.weights_sha256[part])
+    recorded_sha = recorded.get("files_sha256") if isinstance(recorded, dict) else None
+    if not isinstance(recorded_sha, dict):
+        raise CfdeployError(f"{source}: records no base-model files (written by an older cfdeploy?); abduct it again")
+    if recorded_sha != info.files_sha256:
+        differing = sorted(name for name in {*recorded_sha, *info.files_sha256} if recorded_sha.get(name) != info.files_sha256.get(name))
         raise CfdeployError(
-            f"{source}: was fitted to another base model ({recorded.get('path') if isinstance(recorded, dict) else '?'}); "
-            f"the weights of {', '.join(differing) or 'every part'} in {info.path} differ"
+            f"{source}: was fitted to another base model ({recorded.get('path')}); "
+            f"{', '.join(differing[:4])}{' …' if len(differing) > 4 else ''} in {info.path} differ"
         )
 
 

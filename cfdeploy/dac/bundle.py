@@ -185,7 +185,7 @@ def refit_inputs(bundle: DacBundle, run_path: Path, settings: PredictSettings) -
         raise CfdeployError(f"{bundle.path}: its UNet has U merged in; a refit with another run's U needs a scale-input bundle")
     run = read_run(run_path)
     recorded = bundle.manifest["run"].get("base_model")
-    if not isinstance(recorded, dict) or run.manifest["base_model"].get("weights_sha256") != recorded.get("weights_sha256"):
+    if not isinstance(recorded, dict) or run.manifest["base_model"].get("files_sha256") != recorded.get("files_sha256"):
         raise CfdeployError(f"{run_path}: was fitted to another base model than {bundle.path}'s")
     if settings.beta != 1.0:
         raise CfdeployError(f"--run samples {run_path}'s stored embeddings (β 1); for --beta {settings.beta} export that run")

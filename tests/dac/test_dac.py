@@ -77,7 +77,9 @@ def test_run_files_and_manifest(dac_run: Path, dac_base: Path):
     manifest = json.loads((dac_run / "manifest.json").read_text())
     assert sorted(p.name for p in dac_run.iterdir()) == sorted([EDIT_EMBEDDINGS, "manifest.json", TEXT_LORA, UNET_LORA])
     assert manifest["adapted_layers"] == {lora.UNET_ADAPTER: UNET_LAYERS, lora.EDIT_ADAPTER: TEXT_LAYERS}
-    assert manifest["base_model"]["weights_sha256"] == inspect_base_model(dac_base).weights_sha256
+    assert manifest["base_model"]["files_sha256"] == inspect_base_model(dac_base).files_sha256
+    assert {"unet/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json", "tokenizer/merges.txt",
+            "text_encoder/config.json"} <= set(manifest["base_model"]["files_sha256"])
     assert manifest["settings"]["prompt"] == PROMPT and manifest["settings"]["target"] == TARGET
     assert [len(losses) for losses in manifest["losses"].values()] == [4, 4]
     assert set(manifest["versions"]) >= {"torch", "diffusers", "transformers", "peft"}
@@ -356,6 +358,12 @@ def test_bad_inputs_are_refused_in_one_line(cli, dac_base: Path, dac_image: Path
     assert text_config["hidden_size"] == 32
     edits = tmp_path / "edits"
     assert_refused(cli("dac", "edit", *source_of(dac_run), "-o", edits, "--base-model", moved), edits, "was fitted to another base model", "vae")
+    for changed in ("scheduler/scheduler_config.json", "tokenizer/merges.txt"):  # the pipeline, not only the weights
+        other = _copy_base(dac_base, tmp_path / changed.replace("/", "_"))
+        with open(other / changed, "a") as handle:
+            handle.write("\n")
+        assert_refused(cli("dac", "edit", *source_of(dac_run), "-o", edits, "--base-model", other), edits,
+                       "was fitted to another base model", f"{changed} in ")
 
     without_unet = tmp_path / "without_unet"
     shutil.copytree(dac_run, without_unet)

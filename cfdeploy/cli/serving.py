@@ -20,6 +20,7 @@ from cfdeploy.cli.common import (
     retired,
     say,
     user_errors,
+    warn,
 )
 from cfdeploy.editing import DEFAULT_BATCH_SIZE
 
@@ -126,6 +127,8 @@ def batch_command(
     settings = BatchSettings(bundle, latents, text, out, text_embedding, strength, backend.value, workers, batch_size,
                              cpus_per_worker, gpus_per_worker)
     plan = plan_batch(settings, force)
+    for shard, reason in plan.redone.items():
+        warn(f"redoing shard {shard}: {reason}")
     skipped = len(plan.shards) - len(plan.pending)
     if skipped:
         say(f"skipping {skipped} shard(s) already done")

@@ -15,7 +15,7 @@ import json
 import os
 import platform
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -106,13 +106,28 @@ def _done_record(out: Path, name: str) -> Path:
     return out / DONE_DIR / f"{name}.json"
 
 
-def is_done(out: Path, shard: Path) -> bool:
-    """A shard is done when its completion record names this very file content."""
+def redo_reason(out: Path, shard: Path) -> str | None:
+    """None when the shard is done: its completion record names this very shard content, and every output file it
+    records is on disk, unchanged. Otherwise why it is (re)done: "" for a shard never done, else a sentence."""
+    record_path = _done_record(out, shard.stem)
+    if not record_path.is_file():
+        return ""
     try:
-        record = json.loads(_done_record(out, shard.stem).read_text())
-        return bool(record["source_sha256"] == sha256_file(shard))
+        record = json.loads(record_path.read_text())
+        source, files = record["source_sha256"], record["files"]
+        if not isinstance(files, dict) or not files:
+            raise TypeError
     except (OSError, ValueError, KeyError, TypeError):
-        return False
+        return "its completion record is damaged"
+    if source != sha256_file(shard):
+        return "the shard changed since it was edited"
+    for name, digest in files.items():
+        output = out / shard.stem / str(name)
+        if "/" in str(name) or str(name).startswith(".") or not output.is_file():
+            return f"{output.name} is recorded but missing"
+        if sha256_file(output) != digest:
+            return f"{output.name} changed since it was recorded"
+    return None
 
 
 def prepare_output(settings: BatchSettings, force: bool) -> None:
@@ -191,6 +206,7 @@ class BatchPlan:
     settings: BatchSettings
     shards: list[Path]
     pending: list[Path]
+    redone: dict[str, str] = field(default_factory=dict)  # shards recorded done whose outputs are not: why
 
 
 def plan_batch(settings: BatchSettings, force: bool = False) -> BatchPlan:
@@ -207,7 +223,9 @@ def plan_batch(settings: BatchSettings, force: bool = False) -> BatchPlan:
         raise CfdeployError(without_clip_message(settings.bundle, bundle.manifest.get("prompts", {})))
     shards = find_shards(settings.shards)
     prepare_output(settings, force)
-    return BatchPlan(settings, shards, [shard for shard in shards if not is_done(settings.out, shard)])
+    reasons = {shard: redo_reason(settings.out, shard) for shard in shards}
+    return BatchPlan(settings, shards, [shard for shard, reason in reasons.items() if reason is not None],
+                     {shard.stem: reason for shard, reason in reasons.items() if reason})
 
 
 def run_batch(

@@ -19,8 +19,7 @@ import numpy as np
 
 from cfdeploy.bundle import without_clip_message
 from cfdeploy.editing import check_sampling
-from cfdeploy.errors import CfdeployError
-from cfdeploy.errors import finite_in_float32
+from cfdeploy.errors import CfdeployError, finite_in_float32
 from cfdeploy.files import npy_from_bytes, require_finite_array
 from cfdeploy.inputs import broadcast_latents, check_text_embedding
 

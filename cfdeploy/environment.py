@@ -67,3 +67,13 @@ def machine_info() -> dict[str, Any]:
                  for package in ("cfdeploy", "numpy", "torch", "onnxruntime", "onnxruntime-gpu", "tensorrt")}
     return {"cpu": model, "logical_cpus": os.cpu_count(), "platform": platform.platform(),
             "python": platform.python_version(), "versions": {key: value for key, value in installed.items() if value}}
+
+
+def runtimes() -> dict[str, str]:
+    """Each runtime cfdeploy can use, with its installed version or "not installed" (nothing heavy is imported)."""
+    found = {}
+    for package in ("onnxruntime", "onnxruntime-gpu", "torch", "tensorrt", "cuda-python", "diffusers", "ray"):
+        installed = package_version(package, "")
+        if installed or package not in ("onnxruntime-gpu", "cuda-python"):
+            found[package] = installed or "not installed"
+    return found

@@ -33,6 +33,25 @@ app = typer.Typer(
     rich_markup_mode="rich",
 )
 console = Console(stderr=True, highlight=False)
+
+
+def show_version(asked: bool) -> None:
+    if asked:
+        from cfdeploy.environment import package_version, runtimes
+
+        typer.echo(f"cfdeploy {package_version('cfdeploy')}")
+        for package, version in runtimes().items():
+            typer.echo(f"  {package} {version}")
+        raise typer.Exit()
+
+
+@app.callback()
+def cfdeploy_options(
+    version: bool = typer.Option(False, "--version", is_eager=True, callback=show_version,
+                                 help="Print cfdeploy's version and the runtimes installed, then exit."),
+) -> None:
+    """Deploy CF-CLIP text-driven StyleGAN2 editors (and DAC on Stable Diffusion)."""
+
 # One precision vocabulary for every command: the registry's, in its order (each backend takes the subset it lists).
 PRECISIONS = tuple(dict.fromkeys(precision for info in BACKENDS.values() for precision in info.precisions))
 Precision = Enum("Precision", [(name, name) for name in PRECISIONS], type=str)  # type: ignore[misc]

@@ -99,3 +99,14 @@ def test_a_retired_spelling_still_works_with_a_warning_and_never_beside_its_new_
     result = cli("export", "-c", missing, "--clip-weights", missing, "--prompt", "a", "--text", "b", "-o", tmp_path / "out")
     assert result.exit_code == 2
     assert result.stderr.strip() == "error: --prompt is the old name of --text: give --text only"
+
+
+def test_version_names_cfdeploy_and_every_runtime_it_can_use(cli):
+    from importlib.metadata import version
+
+    result = cli("--version")
+    assert result.exit_code == 0
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"cfdeploy {version('cfdeploy')}"
+    listed = dict(line.split(maxsplit=1) for line in lines[1:])
+    assert listed["onnxruntime"] == version("onnxruntime") and listed["tensorrt"] in ("not installed", version("tensorrt"))

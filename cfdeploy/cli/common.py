@@ -6,6 +6,7 @@ import contextlib
 import functools
 import os
 import re
+import warnings
 from collections.abc import Iterator
 from enum import Enum
 from pathlib import Path
@@ -142,31 +143,43 @@ def fail(message: str, code: int = 2) -> typer.Exit:
 
 
 def user_errors(command: Command) -> Command:
-    """Library errors and missing extras become one line on stderr and exit 2; anything else exit 1, no traceback."""
+    """Library errors and missing extras become one line on stderr and exit 2; anything else exit 1, no traceback.
+
+    Libraries' warnings (PyTorch's, Ray's) are held until the command ends: shown after a success, dropped with an
+    error, so a refusal is one line."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return command(*args, **kwargs)
-        except CfdeployError as error:
-            raise fail(str(error)) from None
-        except ModuleNotFoundError as error:
-            package = (error.name or "").split(".")[0]
-            if package not in EXTRAS and package != "tensorrt":
-                raise
-            group = COMMAND_GROUPS.get(command.__module__)
-            name = " ".join(filter(None, (group, command.__name__.removesuffix("_command").replace("_", "-"))))
-            raise fail(str(missing_extra(package, f"cfdeploy {name}", error, extra=COMMAND_EXTRAS.get(name)))) from None
-        except KeyboardInterrupt as error:  # a command that kept something says what, in the interrupt's message
-            raise fail(f"interrupted; {str(error) or 'nothing was written'}", code=130) from None
-        except MemoryError:
-            raise fail("out of memory (an input declares more data than this machine holds?)") from None
-        except Exception as error:
-            if os.environ.get("CFDEPLOY_DEBUG"):
-                raise
-            raise fail(f"unexpected {type(error).__name__}: {error} (set CFDEPLOY_DEBUG=1 for a traceback)", 1) from None
+        with warnings.catch_warnings(record=True) as held:
+            outcome = _one_line_errors(command, *args, **kwargs)
+        for caught in held:
+            warnings.showwarning(caught.message, caught.category, caught.filename, caught.lineno)
+        return outcome
 
     return wrapper  # type: ignore[return-value]
+
+
+def _one_line_errors(command: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Run ``command``; each kind of failure becomes one line and its exit code."""
+    try:
+        return command(*args, **kwargs)
+    except CfdeployError as error:
+        raise fail(str(error)) from None
+    except ModuleNotFoundError as error:
+        package = (error.name or "").split(".")[0]
+        if package not in EXTRAS and package != "tensorrt":
+            raise
+        group = COMMAND_GROUPS.get(command.__module__)
+        name = " ".join(filter(None, (group, command.__name__.removesuffix("_command").replace("_", "-"))))
+        raise fail(str(missing_extra(package, f"cfdeploy {name}", error, extra=COMMAND_EXTRAS.get(name)))) from None
+    except KeyboardInterrupt as error:  # a command that kept something says what, in the interrupt's message
+        raise fail(f"interrupted; {str(error) or 'nothing was written'}", code=130) from None
+    except MemoryError:
+        raise fail("out of memory (an input declares more data than this machine holds?)") from None
+    except Exception as error:
+        if os.environ.get("CFDEPLOY_DEBUG"):
+            raise
+        raise fail(f"unexpected {type(error).__name__}: {error} (set CFDEPLOY_DEBUG=1 for a traceback)", 1) from None
 
 
 @contextlib.contextmanager

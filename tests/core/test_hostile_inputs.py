@@ -1,5 +1,6 @@
-"""Numbers that are finite in float64 but not in float32 (what the networks compute in) are refused, and a
-non-finite result is an error, never a black image on disk or in a reply."""
+"""Hostile or careless inputs around the edit: numbers finite in float64 but not in float32 (what the networks
+compute in) are refused and a non-finite result is an error, never a black image; prompts too long to tokenise
+quickly are refused before tokenising; messages quote a short prefix; a refusal is one line, whatever libraries warn."""
 
 from __future__ import annotations
 
@@ -73,3 +74,25 @@ def test_an_error_quotes_a_short_prefix_of_what_it_refuses_not_all_of_it():
     message = str(refused.value)
     assert message.startswith("unknown field(s) xxxx") and len(message) <= 500
     assert message.endswith(" characters in all)") and "(1,000," in message[-40:], message[-60:]
+
+
+def test_a_library_warning_beside_a_refusal_is_dropped_and_shown_after_a_success(capsys):
+    import typer
+    import warnings
+
+    from cfdeploy.cli.common import user_errors
+
+    @user_errors
+    def command(refuse: bool) -> str:
+        warnings.warn("a library's aside", UserWarning, stacklevel=1)
+        if refuse:
+            raise CfdeployError("refused")
+        return "done"
+
+    with pytest.raises(typer.Exit):
+        command(True)
+    assert "a library's aside" not in capsys.readouterr().err
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        assert command(False) == "done"
+    assert [str(warning.message) for warning in shown] == ["a library's aside"]

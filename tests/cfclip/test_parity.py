@@ -69,7 +69,7 @@ def test_text_prompt_goes_through_clip_like_open_clip(tmp_path, cli, cfclip_64, 
     assert rel_l2(np.load(out / "images.npy"), image) <= TOLERANCE
 
 
-def test_per_latent_embeddings_and_strength(tmp_path, cli, cfclip_64, latents_64):
+def test_per_latent_embeddings_and_strength_scale_the_official_edit(tmp_path, cli, cfclip_64, latents_64):
     w = np.load(latents_64)
     features = np.random.default_rng(9).standard_normal((len(w), 512)).astype(np.float32)
     np.save(tmp_path / "t.npy", features)

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import TOLERANCE, assert_refused, official_edit, open_clip_features, rel_l2
+from conftest import TOLERANCE, assert_refused, official_edit, official_w_hat, open_clip_features, rel_l2
 
 
 def test_manifest_lists_every_file_with_hash_contract_and_parity(bundle_256):
@@ -54,7 +54,7 @@ def test_text_prompt_is_encoded_by_the_bundle_then_cached(tmp_path, cli, bundle_
     assert "clip_text" in first_timings and "clip_text" not in second_timings and "text_mapper" not in second_timings
     assert np.array_equal(first, second)
     assert len(list((bundle_256 / "cache").glob("*.npy"))) >= 1
-    w_hat, _ = official_edit(cfclip_256, np.load(latents_256), open_clip_features([prompt]))
+    w_hat = official_w_hat(cfclip_256, np.load(latents_256), open_clip_features([prompt]))
     assert rel_l2(first, w_hat) <= TOLERANCE
 
 
@@ -62,7 +62,7 @@ def test_precomputed_prompt_needs_no_clip(tmp_path, cli, bundle_256, cfclip_256,
     out = tmp_path / "out"
     assert cli("edit", "--bundle", bundle_256, "-l", latents_256, "--text", "green lipstick", "-o", out, "--save-latents").exit_code == 0
     assert "text_encoder" not in json.loads((out / "edit.json").read_text())["timings_s"]
-    w_hat, _ = official_edit(cfclip_256, np.load(latents_256), open_clip_features(["green lipstick"]))
+    w_hat = official_w_hat(cfclip_256, np.load(latents_256), open_clip_features(["green lipstick"]))
     assert rel_l2(np.load(out / "latents.npy"), w_hat) <= TOLERANCE
 
 

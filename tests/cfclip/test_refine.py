@@ -117,9 +117,8 @@ def test_curve_starts_at_the_edit_and_the_best_latent_seen_is_returned(tiny_gene
     assert objective(refined) == pytest.approx(min(curve), rel=1e-5)
 
 
-def test_refinement_on_the_command_line_writes_its_loss_curve(cli, tmp_path, cfclip_64, embedding_file):
-    weights = tmp_path / "clip_full.pt"
-    torch.save(ClipText.random(seed=7).clip.state_dict(), weights)  # ViT-B/32 text and image towers
+def test_refinement_on_the_command_line_writes_its_loss_curve(cli, tmp_path, cfclip_64, embedding_file, clip_vit_b32_file):
+    weights = clip_vit_b32_file  # ViT-B/32 text and image towers
     latents = tmp_path / "w.npy"
     np.save(latents, np.random.default_rng(3).standard_normal((1, 10, 512)).astype(np.float32))
     out = tmp_path / "out"

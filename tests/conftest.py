@@ -7,15 +7,20 @@ Test modules import the helpers from here (``from conftest import …``), never 
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import ctypes
 import functools
+import gc
+import inspect
 import os
 import shutil
 import socket
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -60,6 +65,27 @@ def official_edit(checkpoint: Path, w: np.ndarray, text_features: np.ndarray) ->
     """The official formulation's ``w_hat`` and image (memoised: several tests share inputs)."""
     w, text_features = np.asarray(w, np.float32), np.asarray(text_features, np.float32)
     return _official_edit(checkpoint, w.tobytes(), w.shape, text_features.tobytes(), text_features.shape)
+
+
+@functools.lru_cache(maxsize=16)
+def _official_w_hat(checkpoint: Path, w: bytes, w_shape: tuple, features: bytes, features_shape: tuple) -> np.ndarray:
+    content = torch.load(checkpoint, weights_only=True)
+    w_array = np.frombuffer(w, np.float32).reshape(w_shape)
+    features_array = np.frombuffer(features, np.float32).reshape(features_shape)
+    no_image = torch.empty(0)
+    with torch.no_grad(), mock.patch.object(reference, "generator", lambda state, latents: no_image):
+        w_hat, image = reference.cfclip_edit(
+            content["state_dict"], content["opts"], torch.from_numpy(w_array.copy()), torch.from_numpy(features_array.copy())
+        )
+    assert image is no_image
+    return w_hat.numpy()
+
+
+def official_w_hat(checkpoint: Path, w: np.ndarray, text_features: np.ndarray) -> np.ndarray:
+    """The official formulation's ``w_hat`` alone: :func:`official_edit` without synthesising the image, which is
+    most of its time (``reference.cfclip_edit`` with its generator step left out), for tests that check no image."""
+    w, text_features = np.asarray(w, np.float32), np.asarray(text_features, np.float32)
+    return _official_w_hat(checkpoint, w.tobytes(), w.shape, text_features.tobytes(), text_features.shape)
 
 
 @functools.lru_cache(maxsize=1)
@@ -173,6 +199,59 @@ def checkpoint_with_generator_of(path: Path, generator_seed: int, mapper_seed: i
     torch.save(content, path)
 
 
+# --- slow subprocess work started as soon as the tests are collected ---------------------------------------------
+
+_EARLY: dict[str, tuple[str, Callable[[Path], Any]]] = {}
+_STARTED: dict[str, concurrent.futures.Future] = {}
+_EARLY_DIRECTORIES: list[Path] = []
+
+
+def prepare_early(key: str, work: Callable[[Path], Any]) -> None:
+    """Register ``work(directory)``, slow work in subprocesses (a virtual environment, a type check), from a test
+    module: once collection is done, it starts in a background thread if a test of that module was selected, so it
+    overlaps with the tests before them. :func:`early_result` waits for it (or runs it there, if it never started)."""
+    caller = inspect.currentframe().f_back  # type: ignore[union-attr]
+    _EARLY[key] = (caller.f_code.co_filename, work)  # type: ignore[union-attr]
+
+
+def _start_early(key: str) -> None:
+    directory = Path(tempfile.mkdtemp(prefix=f"cfdeploy-{key.replace(' ', '-')}-"))
+    _EARLY_DIRECTORIES.append(directory)
+    executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=key)
+    _STARTED[key] = executor.submit(_EARLY[key][1], directory)
+    executor.shutdown(wait=False)
+
+
+def early_result(key: str) -> Any:
+    if key not in _STARTED:
+        _start_early(key)
+    return _STARTED[key].result()
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    selected = {str(item.path) for item in session.items}
+    for key, (module, _) in _EARLY.items():
+        if module in selected and key not in _STARTED:
+            _start_early(key)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    for future in _STARTED.values():
+        concurrent.futures.wait([future])  # running work finishes before its directory goes
+    for directory in _EARLY_DIRECTORIES:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def memory_back_after_each_module() -> Iterator[None]:
+    """After each module (its module fixtures gone first: autouse ones are set up first, torn down last), free
+    what cycles hold and give the freed heap back to the system, so one module's peak is not the next one's floor."""
+    yield
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # glibc only
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 @pytest.fixture(scope="session")
 def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("official")
@@ -216,6 +295,17 @@ def clip_torchscript_file(files: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def clip_vit_b32_file(files: Path) -> Path:
+    """Full CLIP ViT-B/32 weights, text and image towers (open_clip's state dict, seeded random): what refinement and
+    training read. 600 MB, written once for the session."""
+    from cfdeploy.models.clip_text import ClipText
+
+    path = files / "clip_vit_b32_full.pt"
+    torch.save(ClipText.random(seed=7).clip.state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def latents_64(files: Path) -> Path:
     path = files / "latents_64.npy"
     np.save(path, np.random.default_rng(4).standard_normal((5, 10, 512)).astype(np.float32))
@@ -236,19 +326,19 @@ def embedding_file(files: Path) -> Path:
     return path
 
 
-@pytest.fixture
-def cli():
+def run_cli(*args: object):
     """Invoke ``cfdeploy`` in-process; returns click's Result (exit_code, stdout, stderr)."""
     from typer.testing import CliRunner
 
     from cfdeploy.cli import app
 
-    runner = CliRunner()
+    return CliRunner().invoke(app, [str(arg) for arg in args])
 
-    def invoke(*args: object):
-        return runner.invoke(app, [str(arg) for arg in args])
 
-    return invoke
+@pytest.fixture
+def cli():
+    """:func:`run_cli`, for tests."""
+    return run_cli
 
 
 @pytest.fixture(scope="session")

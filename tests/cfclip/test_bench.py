@@ -13,7 +13,7 @@ import torch
 from cfdeploy.bench import STAGES, generator_gflop, summarize
 
 
-def test_summary_statistics():
+def test_summary_statistics_are_median_p90_p99_and_mean():
     stats = summarize([5.0, 1.0, 3.0, 2.0, 4.0])
     assert stats == {"median": 3.0, "p90": 5.0, "p99": 5.0, "mean": 3.0}
     assert summarize([float(i) for i in range(1, 101)])["p90"] == 90.0

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import TOLERANCE, assert_refused, official_edit, open_clip_features, rel_l2
+from conftest import TOLERANCE, assert_refused, official_edit, official_w_hat, open_clip_features, rel_l2
 
 
 def test_manifest_lists_every_file_with_hash_contract_and_parity(bundle_256):
@@ -54,7 +54,7 @@ def test_text_prompt_is_encoded_by_the_bundle_then_cached(tmp_path, cli, bundle_
     assert "clip_text" in first_timings and "clip_text" not in second_timings and "text_mapper" not in second_timings
     assert np.array_equal(first, second)
     assert len(list((bundle_256 / "cache").glob("*.npy"))) >= 1
-    w_hat, _ = official_edit(cfclip_256, np.load(latents_256), open_clip_features([prompt]))
+    w_hat = official_w_hat(cfclip_256, np.load(latents_256), open_clip_features([prompt]))
     assert rel_l2(first, w_hat) <= TOLERANCE
 
 
@@ -62,11 +62,11 @@ def test_precomputed_prompt_needs_no_clip(tmp_path, cli, bundle_256, cfclip_256,
     out = tmp_path / "out"
     assert cli("edit", "--bundle", bundle_256, "-l", latents_256, "--text", "green lipstick", "-o", out, "--save-latents").exit_code == 0
     assert "text_encoder" not in json.loads((out / "edit.json").read_text())["timings_s"]
-    w_hat, _ = official_edit(cfclip_256, np.load(latents_256), open_clip_features(["green lipstick"]))
+    w_hat = official_w_hat(cfclip_256, np.load(latents_256), open_clip_features(["green lipstick"]))
     assert rel_l2(np.load(out / "latents.npy"), w_hat) <= TOLERANCE
 
 
-def test_seeds_match_the_torch_backend(tmp_path, cli, bundle_256, cfclip_256, embedding_file):
+def test_seed_latents_on_a_bundle_match_the_torch_backend(tmp_path, cli, bundle_256, cfclip_256, embedding_file):
     results = {}
     for backend, source in (("onnxruntime", ("--bundle", bundle_256)), ("torch", ("--checkpoint", cfclip_256))):
         out = tmp_path / backend
@@ -91,13 +91,13 @@ def run_on(cli, bundle: Path, out: Path, latents: Path, embedding: Path):
     return cli("edit", "--bundle", bundle, "-l", latents, "--text-embedding", embedding, "-o", out)
 
 
-def test_bundle_missing_a_graph(tmp_path, cli, bundle_copy, latents_256, embedding_file):
+def test_a_bundle_missing_a_graph_is_refused_naming_it(tmp_path, cli, bundle_copy, latents_256, embedding_file):
     (bundle_copy / "generator.onnx").unlink()
     assert_refused(run_on(cli, bundle_copy, tmp_path / "out", latents_256, embedding_file), tmp_path / "out",
                    f"{bundle_copy / 'generator.onnx'}: missing from the bundle")
 
 
-def test_bundle_file_with_wrong_hash(tmp_path, cli, bundle_copy, latents_256, embedding_file):
+def test_a_bundle_file_with_the_wrong_hash_is_refused(tmp_path, cli, bundle_copy, latents_256, embedding_file):
     graph = bundle_copy / "latent_editor.onnx"
     data = bytearray(graph.read_bytes())
     graph.unlink()
@@ -107,7 +107,7 @@ def test_bundle_file_with_wrong_hash(tmp_path, cli, bundle_copy, latents_256, em
                    str(graph), "differs from the manifest")
 
 
-def test_bundle_of_unknown_format_version(tmp_path, cli, bundle_copy, latents_256, embedding_file):
+def test_a_bundle_of_an_unknown_format_version_is_refused(tmp_path, cli, bundle_copy, latents_256, embedding_file):
     manifest = json.loads((bundle_copy / "manifest.json").read_text())
     manifest["format_version"] = 99
     (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
@@ -115,21 +115,21 @@ def test_bundle_of_unknown_format_version(tmp_path, cli, bundle_copy, latents_25
                    "bundle format version 99, this cfdeploy reads version 1")
 
 
-def test_not_a_bundle(tmp_path, cli, latents_256, embedding_file):
+def test_a_directory_without_a_manifest_is_refused_as_no_bundle(tmp_path, cli, latents_256, embedding_file):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert_refused(run_on(cli, empty, tmp_path / "out", latents_256, embedding_file), tmp_path / "out",
                    "manifest.json: missing; not a cfdeploy bundle")
 
 
-def test_latents_of_another_size_than_the_bundle(tmp_path, cli, bundle_256, embedding_file):
+def test_latents_for_another_generator_size_than_the_bundles_are_refused(tmp_path, cli, bundle_256, embedding_file):
     latents = tmp_path / "w1024.npy"
     np.save(latents, np.zeros((2, 18, 512), np.float32))
     assert_refused(run_on(cli, bundle_256, tmp_path / "out", latents, embedding_file), tmp_path / "out",
                    str(latents), "latents have 18 levels, the generator needs 14")
 
 
-def test_unknown_provider(tmp_path, cli, bundle_256, latents_256, embedding_file):
+def test_an_unavailable_onnxruntime_provider_is_refused(tmp_path, cli, bundle_256, latents_256, embedding_file):
     result = cli("edit", "--bundle", bundle_256, "-l", latents_256, "--text-embedding", embedding_file,
                  "-o", tmp_path / "out", "--providers", "NoSuchExecutionProvider")
     assert_refused(result, tmp_path / "out", "NoSuchExecutionProvider are not available here")
@@ -142,7 +142,7 @@ def test_export_refuses_existing_bundle_without_force(tmp_path, cli, bundle_256,
     assert (bundle_256 / "manifest.json").read_bytes() == before
 
 
-def test_inspect_bundle(cli, bundle_256):
+def test_inspect_of_a_bundle_reports_size_prompts_and_parity(cli, bundle_256):
     report = json.loads(cli("inspect", bundle_256, "--json").stdout)
     assert report["kind"] == "cfdeploy bundle" and report["resolution"] == 256
     assert report["precomputed_prompts"] == ["green lipstick"] and report["worst_parity_rel_l2"] <= 1e-5

@@ -30,7 +30,7 @@ def test_demo_writes_before_after_pairs_and_says_weights_are_synthetic(cli, tmp_
     assert cli("demo", "--out", out, "--size", 64).exit_code == 2  # not empty, no --force
 
 
-def test_inspect_cfclip_checkpoint(cli, cfclip_256):
+def test_inspect_of_a_cfclip_checkpoint_reports_size_description_and_mapper_parameters(cli, cfclip_256):
     result = cli("inspect", cfclip_256, "--json")
     assert result.exit_code == 0, result.stderr
     report = json.loads(result.stdout)
@@ -42,14 +42,14 @@ def test_inspect_cfclip_checkpoint(cli, cfclip_256):
     assert report["parameters"]["mapper"] == expected
 
 
-def test_inspect_checkpoint_without_coarse_mapper(cli, tmp_path):
+def test_inspect_of_a_checkpoint_without_coarse_mapper_lists_the_other_groups(cli, tmp_path):
     path = tmp_path / "no_coarse.pt"
     torch.save(synthetic_files.cfclip_checkpoint(64, no_coarse_mapper=True), path)
     report = json.loads(cli("inspect", path, "--json").stdout)
     assert report["mapper_groups"] == ["medium", "fine"]
 
 
-def test_inspect_clip_archive_and_arrays(cli, clip_torchscript_file, latents_256, embedding_file):
+def test_inspect_of_a_clip_archive_and_arrays_reports_kind_parameters_and_shape(cli, clip_torchscript_file, latents_256, embedding_file):
     report = json.loads(cli("inspect", clip_torchscript_file, "--json").stdout)
     assert report["kind"] == "CLIP weights" and report["format"].startswith("TorchScript")
     assert report["parameters"]["text_tower"] == sum(

@@ -12,7 +12,7 @@ import torch
 
 from cfdeploy.models import reference
 from cfdeploy.models.clip_text import CLIP_ARCHITECTURE
-from conftest import CLIP_SEED, TOLERANCE, official_edit, open_clip_features, rel_l2
+from conftest import CLIP_SEED, TOLERANCE, official_edit, official_w_hat, open_clip_features, rel_l2
 from synthetic_files import clip_text_state
 
 PROMPTS = ["A Photo of a DOG!!", "green   lipstick", "rock &amp; roll, baby.", "Hello,World?  sunglasses\n"]
@@ -69,15 +69,15 @@ def test_text_prompt_goes_through_clip_like_open_clip(tmp_path, cli, cfclip_64, 
     assert rel_l2(np.load(out / "images.npy"), image) <= TOLERANCE
 
 
-def test_per_latent_embeddings_and_strength(tmp_path, cli, cfclip_64, latents_64):
+def test_per_latent_embeddings_and_strength_scale_the_official_edit(tmp_path, cli, cfclip_64, latents_64):
     w = np.load(latents_64)
     features = np.random.default_rng(9).standard_normal((len(w), 512)).astype(np.float32)
     np.save(tmp_path / "t.npy", features)
     out = tmp_path / "out"
     assert cli("edit", "-c", cfclip_64, "-l", latents_64, "--text-embedding", tmp_path / "t.npy", "-o", out,
                "--strength", "2.5", "--save-latents").exit_code == 0
-    official_w_hat, _ = official_edit(cfclip_64, w, features)
-    expected = w + 2.5 * (official_w_hat - w)
+    unscaled = official_w_hat(cfclip_64, w, features)
+    expected = w + 2.5 * (unscaled - w)
     assert rel_l2(np.load(out / "latents.npy"), expected) <= TOLERANCE
 
 
@@ -89,7 +89,7 @@ def test_w_latents_broadcast_to_every_level(tmp_path, cli, cfclip_64, embedding_
         out = tmp_path / f"out_{name}"
         assert cli("edit", "-c", cfclip_64, "-l", tmp_path / name, "--text-embedding", embedding_file, "-o", out,
                    "--save-latents").exit_code == 0
-        w_hat, _ = official_edit(cfclip_64, np.repeat(w[:, None], 10, axis=1), np.load(embedding_file)[None])
+        w_hat = official_w_hat(cfclip_64, np.repeat(w[:, None], 10, axis=1), np.load(embedding_file)[None])
         assert rel_l2(np.load(out / "latents.npy"), w_hat) <= TOLERANCE
 
 

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import TOLERANCE, checkpoint_with_generator_of, official_edit, open_clip_features, rel_l2
+from typer.testing import Result
+
+from conftest import TOLERANCE, checkpoint_with_generator_of, official_edit, open_clip_features, rel_l2, run_cli
 
 
 @pytest.fixture
@@ -25,13 +28,43 @@ def edit(cli, bundle: Path, out: Path, latents: Path, *text: str) -> np.ndarray:
     return np.load(out / "latents.npy")
 
 
-def test_refit_swaps_mappers_and_next_edit_uses_them(tmp_path, cli, bundle_copy, latents_256, embedding_file):
-    other = tmp_path / "blue_eyes.pt"
-    checkpoint_with_generator_of(other, generator_seed=1, mapper_seed=7, description="blue eyes")
-    before = edit(cli, bundle_copy, tmp_path / "before", latents_256, "--text", "green lipstick")
-    generator_graph = (bundle_copy / "generator.onnx").stat().st_ino
+OLD_ENGINE = ("10.3.0", "Orin", "8.7", "fp32", (1, 4, 8), True)  # a TensorRT engine's key, but for the text mapper's hash
 
-    result = cli("refit", "--bundle", bundle_copy, "-c", other)
+
+@dataclass
+class Refit:
+    bundle: Path
+    checkpoint: Path  # the other prompt's file: its mappers, the bundle's generator
+    before: np.ndarray  # an edit's w_hat before the refit
+    generator_inode: int
+    text_mapper_sha: str  # before the refit
+    result: Result
+
+
+@pytest.fixture(scope="module")
+def refitted(tmp_path_factory, bundle_256, latents_256) -> Refit:
+    """A copy of the session bundle holding an engine for its text mapper, edited once, then refitted with another
+    prompt's mappers ("blue eyes", the same generator): one refit, which the tests below check from both sides."""
+    from cfdeploy.trt.plan import EngineKey, engine_paths
+
+    directory = tmp_path_factory.mktemp("refit")
+    bundle = directory / "bundle"
+    shutil.copytree(bundle_256, bundle, ignore=shutil.ignore_patterns("cache"))
+    engine_dir = bundle / "tensorrt"
+    engine_dir.mkdir()
+    old_sha = json.loads((bundle / "manifest.json").read_text())["files"]["text_mapper.onnx"]
+    engine_path, key_path = engine_paths(engine_dir, "text_mapper")
+    engine_path.write_bytes(b"serialized engine")
+    key_path.write_text(json.dumps(EngineKey("text_mapper", old_sha, *OLD_ENGINE).as_dict()))
+    other = directory / "blue_eyes.pt"
+    checkpoint_with_generator_of(other, generator_seed=1, mapper_seed=7, description="blue eyes")
+    before = edit(run_cli, bundle, directory / "before", latents_256, "--text", "green lipstick")
+    generator_inode = (bundle / "generator.onnx").stat().st_ino
+    return Refit(bundle, other, before, generator_inode, old_sha, run_cli("refit", "--bundle", bundle, "-c", other))
+
+
+def test_refit_swaps_mappers_and_next_edit_uses_them(tmp_path, cli, refitted, latents_256, embedding_file):
+    bundle_copy, other, result = refitted.bundle, refitted.checkpoint, refitted.result
     assert result.exit_code == 0, result.stderr
     assert "blue eyes" in result.stderr
 
@@ -45,14 +78,14 @@ def test_refit_swaps_mappers_and_next_edit_uses_them(tmp_path, cli, bundle_copy,
         expected_w_hat, expected_image = official_edit(other, w, features)
         assert rel_l2(w_hat, expected_w_hat) <= TOLERANCE, name
         assert rel_l2(np.load(tmp_path / name / "images.npy"), expected_image) <= TOLERANCE, name
-    assert rel_l2(before, expected_w_hat) > 1e-2  # the old mappers really edited differently
+    assert rel_l2(refitted.before, expected_w_hat) > 1e-2  # the old mappers really edited differently
 
     manifest = json.loads((bundle_copy / "manifest.json").read_text())
     assert manifest["opts"]["description"] == "blue eyes"
     assert manifest["refits"][-1]["checkpoint"] == str(other)
     assert len(manifest["refits"][-1]["changed_weights"]["latent_editor"]) > 0
-    assert (bundle_copy / "generator.onnx").stat().st_ino == generator_graph  # kept, not rewritten
-    assert [p.name for p in tmp_path.glob(".bundle.*")] == []  # no lock, staging or old copy left
+    assert (bundle_copy / "generator.onnx").stat().st_ino == refitted.generator_inode  # kept, not rewritten
+    assert [p.name for p in bundle_copy.parent.glob(".bundle.*")] == []  # no lock, staging or old copy left
 
 
 @pytest.mark.parametrize("generator_seed,opts,message", [
@@ -71,25 +104,15 @@ def test_refit_refuses_another_generator_or_mapper_layout(tmp_path, cli, bundle_
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".bundle")) == []
 
 
-def test_refit_leaves_tensorrt_engines_it_cannot_refit_stale_and_refused(tmp_path, cli, bundle_copy):
-    from cfdeploy.trt.plan import EngineKey, check_engine, engine_paths
+def test_refit_leaves_tensorrt_engines_it_cannot_refit_stale_and_refused(cli, refitted):
+    from cfdeploy.trt.plan import EngineKey, check_engine
 
-    engine_dir = bundle_copy / "tensorrt"
-    engine_dir.mkdir()
-    old_sha = json.loads((bundle_copy / "manifest.json").read_text())["files"]["text_mapper.onnx"]
-    key = EngineKey("text_mapper", old_sha, "10.3.0", "Orin", "8.7", "fp32", (1, 4, 8), True)
-    engine_path, key_path = engine_paths(engine_dir, "text_mapper")
-    engine_path.write_bytes(b"serialized engine")
-    key_path.write_text(json.dumps(key.as_dict()))
-    other = tmp_path / "other.pt"
-    checkpoint_with_generator_of(other, generator_seed=1, mapper_seed=7)
-
-    result = cli("refit", "--bundle", bundle_copy, "-c", other)
+    bundle_copy, result = refitted.bundle, refitted.result
     assert result.exit_code == 0, result.stderr
     assert "engines for text_mapper not refitted here" in result.stderr
     engines = json.loads(cli("inspect", bundle_copy, "--json").stdout)["tensorrt_engines"]
     assert engines == {"text_mapper": "fp32, batch 1..8 (opt 4), TensorRT 10.3.0, Orin (compute 8.7); stale: the graph changed since"}
     new_sha = json.loads((bundle_copy / "manifest.json").read_text())["files"]["text_mapper.onnx"]
-    assert new_sha != old_sha
+    assert new_sha != refitted.text_mapper_sha
     with pytest.raises(Exception, match=r"ONNX graph sha256: engine has [0-9a-f]{12}…, wanted [0-9a-f]{12}…"):
-        check_engine(engine_dir, EngineKey("text_mapper", new_sha, "10.3.0", "Orin", "8.7", "fp32", (1, 4, 8), True))
+        check_engine(bundle_copy / "tensorrt", EngineKey("text_mapper", new_sha, *OLD_ENGINE))

@@ -22,7 +22,7 @@ def test_token_ids_equal_open_clip(tokenizers, prompt):
     assert np.array_equal(ours([prompt]), theirs([prompt]).numpy())
 
 
-def test_batch_shape_and_dtype(tokenizers):
+def test_a_batch_is_int64_ids_of_77_tokens_with_start_and_end(tokenizers):
     tokens = tokenizers[0](TOKENIZER_PROMPTS[:3])
     assert tokens.shape == (3, 77) and tokens.dtype == np.int64
     assert tokens[0, 0] == 49406 and 49407 in tokens[0]

@@ -27,7 +27,7 @@ from cfdeploy.trt.plan import (
 KEY = EngineKey("generator", "ab" * 32, "10.3.0", "Orin", "8.7", "mixed", (1, 4, 8), False)
 
 
-def test_profiles_from_options():
+def test_batch_profiles_follow_the_options_and_refuse_bad_ones():
     assert batch_profile(1, None, 8) == BatchProfile(1, 8, 8)
     assert batch_profile(2, 4, 16) == BatchProfile(2, 4, 16) and not batch_profile(2, 4, 16).static
     assert batch_profile(static_batch=4) == BatchProfile(4, 4, 4) and batch_profile(static_batch=4).static
@@ -77,7 +77,7 @@ def test_mixed_precision_pins_everything_but_heavy_non_rgb_layers(precision, kin
 
 
 @pytest.mark.parametrize("text,expected", [("2GiB", 2 << 30), ("512M", 512 << 20), ("1.5g", 3 << 29), ("1048576", 1 << 20)])
-def test_workspace_sizes(text, expected):
+def test_workspace_sizes_are_parsed_with_binary_units(text, expected):
     assert parse_bytes(text) == expected
 
 
@@ -142,7 +142,7 @@ def test_second_writer_waits_then_gives_up_with_a_clear_message(tmp_path):
         pass  # released on exit
 
 
-def test_weight_matching_for_refit():
+def test_refit_matches_weights_by_name_and_shape_and_lists_the_changed():
     from cfdeploy.refit import WeightInfo, match_weights
 
     old = {"a": WeightInfo((2, 3), "x"), "b": WeightInfo((4,), "y")}

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import early_result, prepare_early
+
 STUBS = "tensorrt-stubs==10.13.0.35.1"
 ROOT = Path(__file__).resolve().parents[2]
 # The published stubs have lines mypy cannot parse (a parameter named `in`; a required parameter after
@@ -25,15 +27,15 @@ STUB_REPAIRS = [
 ]
 
 
-def test_package_type_checks_with_tensorrt_against_the_published_api(tmp_path):
-    stubs = tmp_path / "stubs"
+def type_check(directory: Path) -> tuple[subprocess.CompletedProcess, subprocess.CompletedProcess | None]:
+    """pip's install of the stubs, and mypy's run over the package with them (None when the install failed)."""
+    stubs = directory / "stubs"
     installed = subprocess.run(
         [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(stubs), STUBS],
         capture_output=True, text=True,
     )
-    if installed.returncode != 0 and re.search(r"NewConnectionError|Network is unreachable|name resolution", installed.stderr):
-        pytest.skip(f"the package registry is unreachable, so {STUBS} cannot be fetched")
-    assert installed.returncode == 0, installed.stderr
+    if installed.returncode != 0:
+        return installed, None
     api = stubs / "tensorrt_bindings" / "tensorrt.pyi"
     text = api.read_text()
     for pattern, replacement in STUB_REPAIRS:
@@ -41,5 +43,17 @@ def test_package_type_checks_with_tensorrt_against_the_published_api(tmp_path):
     api.write_text(text)
     result = subprocess.run([sys.executable, "-m", "mypy", "--no-incremental"], cwd=ROOT, capture_output=True, text=True,
                             env={**os.environ, "MYPYPATH": str(stubs)})
+    return installed, result
+
+
+prepare_early("type check", type_check)  # mypy runs in its own process while the tests before this one run
+
+
+def test_package_type_checks_with_tensorrt_against_the_published_api():
+    installed, result = early_result("type check")
+    if installed.returncode != 0 and re.search(r"NewConnectionError|Network is unreachable|name resolution", installed.stderr):
+        pytest.skip(f"the package registry is unreachable, so {STUBS} cannot be fetched")
+    assert installed.returncode == 0, installed.stderr
+    assert result is not None
     assert result.returncode == 0, result.stdout + result.stderr
     assert re.search(r"Success: no issues found in \d+ source files", result.stdout)

@@ -37,24 +37,24 @@ def saved(tmp_path: Path, name: str, content) -> Path:
     return path
 
 
-def test_missing_checkpoint(edit, tmp_path):
+def test_a_missing_checkpoint_is_refused_naming_it(edit, tmp_path):
     missing = tmp_path / "nope.pt"
     assert_refused(edit(**{"--checkpoint": missing}), tmp_path / "out", str(missing), "no such file")
 
 
-def test_truncated_checkpoint(edit, tmp_path, cfclip_256):
+def test_a_truncated_checkpoint_is_refused_as_truncated_or_corrupt(edit, tmp_path, cfclip_256):
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(cfclip_256.read_bytes()[: 1 << 20])
     assert_refused(edit(**{"--checkpoint": truncated}), tmp_path / "out", str(truncated), "truncated or corrupt")
 
 
-def test_garbage_checkpoint(edit, tmp_path):
+def test_a_file_that_is_no_torch_checkpoint_is_refused(edit, tmp_path):
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a checkpoint at all" * 100)
     assert_refused(edit(**{"--checkpoint": garbage}), tmp_path / "out", str(garbage), "not a readable torch checkpoint")
 
 
-def test_checkpoint_missing_noise_buffer(edit, tmp_path):
+def test_a_checkpoint_missing_a_noise_buffer_is_refused_never_inventing_noise(edit, tmp_path):
     content = synthetic_files.cfclip_checkpoint(256)
     del content["state_dict"]["decoder.noises.noise_3"]
     path = saved(tmp_path, "no_noise.pt", content)
@@ -62,7 +62,7 @@ def test_checkpoint_missing_noise_buffer(edit, tmp_path):
                    "never invents noise")
 
 
-def test_checkpoint_with_wrong_shape(edit, tmp_path):
+def test_a_checkpoint_weight_of_the_wrong_shape_is_refused_naming_both_shapes(edit, tmp_path):
     content = synthetic_files.cfclip_checkpoint(256)
     content["state_dict"]["mapper.fc.weight"] = torch.zeros(512, 512)
     path = saved(tmp_path, "wrong_shape.pt", content)
@@ -70,7 +70,7 @@ def test_checkpoint_with_wrong_shape(edit, tmp_path):
                    "wrong shapes mapper.fc.weight [512, 512] (expected [512, 1024])")
 
 
-def test_checkpoint_with_unexpected_key(edit, tmp_path):
+def test_a_checkpoint_with_an_unexpected_key_is_refused_naming_it(edit, tmp_path):
     content = synthetic_files.cfclip_checkpoint(256)
     content["state_dict"]["text_mapper.mapper_14.mapping.1.weight"] = torch.zeros(512, 512)
     path = saved(tmp_path, "extra_key.pt", content)
@@ -98,41 +98,41 @@ def test_pickle_that_would_run_code_is_refused_and_never_runs(edit, tmp_path):
      ((2, 18, 512), "latents have 18 levels, the generator needs 14"),
      ((2, 3, 14, 512), "found [2, 3, 14, 512]")],
 )
-def test_latents_of_wrong_shape(edit, tmp_path, shape, message):
+def test_latents_of_the_wrong_shape_are_refused_naming_the_shape(edit, tmp_path, shape, message):
     path = saved(tmp_path, "bad_latents.npy", np.zeros(shape, np.float32))
     assert_refused(edit(**{"--latents": path}), tmp_path / "out", str(path), message)
 
 
-def test_latents_with_nan_and_inf(edit, tmp_path):
+def test_latents_with_nan_and_inf_are_refused_counting_them(edit, tmp_path):
     latents = np.zeros((3, 14, 512), np.float32)
     latents[1, 2, 3], latents[2, 0, 0] = np.nan, np.inf
     path = saved(tmp_path, "nan.npy", latents)
     assert_refused(edit(**{"--latents": path}), tmp_path / "out", str(path), "2 NaN/inf values")
 
 
-def test_embedding_count_matching_neither_one_nor_n(edit, tmp_path):
+def test_text_embeddings_numbering_neither_one_nor_one_per_latent_are_refused(edit, tmp_path):
     path = saved(tmp_path, "three.npy", np.zeros((3, 512), np.float32))
     assert_refused(edit(**{"--text-embedding": path}), tmp_path / "out", str(path),
                    "3 text embeddings match neither 1", "the 5 latents")
 
 
-def test_unknown_device(edit, tmp_path):
+def test_an_unknown_device_is_refused(edit, tmp_path):
     assert_refused(edit(**{"--device": "tpu"}), tmp_path / "out", "unknown device 'tpu'")
 
 
-def test_cuda_without_gpu(edit, tmp_path):
+def test_cuda_without_a_gpu_is_refused(edit, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has a CUDA GPU")
     assert_refused(edit(**{"--device": "cuda"}), tmp_path / "out", "sees no CUDA GPU")
 
 
-def test_cuda_graphs_on_cpu(cli, tmp_path, cfclip_256, latents_256, embedding_file):
+def test_cuda_graphs_on_the_cpu_are_refused(cli, tmp_path, cfclip_256, latents_256, embedding_file):
     out = tmp_path / "out"
     result = cli("edit", "-c", cfclip_256, "-l", latents_256, "--text-embedding", embedding_file, "-o", out, "--cuda-graphs")
     assert_refused(result, out, "CUDA graphs need --device cuda")
 
 
-def test_torch_precision_with_a_bundle_backend(cli, tmp_path, latents_256, embedding_file):
+def test_a_torch_precision_with_a_bundle_backend_is_refused(cli, tmp_path, latents_256, embedding_file):
     out = tmp_path / "out"
     (tmp_path / "bundle").mkdir()
     result = cli("edit", "--bundle", tmp_path / "bundle", "-l", latents_256, "--text-embedding", embedding_file, "-o", out,
@@ -140,11 +140,11 @@ def test_torch_precision_with_a_bundle_backend(cli, tmp_path, latents_256, embed
     assert_refused(result, out, "--precision: not an option of the onnxruntime backend")
 
 
-def test_text_without_clip_weights(edit, tmp_path):
+def test_text_without_clip_weights_is_refused(edit, tmp_path):
     assert_refused(edit(**{"--text-embedding": None, "--text": "blue dog"}), tmp_path / "out", "--text needs --clip-weights")
 
 
-def test_overlong_prompt(edit, tmp_path, clip_state_dict_file):
+def test_a_prompt_over_77_tokens_is_refused(edit, tmp_path, clip_state_dict_file):
     prompt = "a very " * 60 + "blue dog"
     result = edit(**{"--text-embedding": None, "--text": prompt, "--clip-weights": clip_state_dict_file})
     assert_refused(result, tmp_path / "out", "CLIP reads at most 77")
@@ -159,7 +159,7 @@ def test_non_empty_out_needs_force_and_is_left_untouched(edit, tmp_path):
     assert [p.name for p in out.iterdir()] == ["mine.txt"]
 
 
-def test_force_replaces_out(cli, tmp_path, cfclip_256, latents_256, embedding_file):
+def test_force_replaces_the_previous_output(cli, tmp_path, cfclip_256, latents_256, embedding_file):
     out = tmp_path / "out"
     out.mkdir()
     (out / "mine.txt").write_text("old")

@@ -12,18 +12,25 @@ import open_clip
 import pytest
 from PIL import Image
 
-from conftest import TOKENIZER_PROMPTS, TOLERANCE, official_edit, open_clip_features, rel_l2
+from conftest import TOKENIZER_PROMPTS, TOLERANCE, early_result, official_edit, open_clip_features, prepare_early, rel_l2
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def core_python(tmp_path_factory) -> Path:
+def core_install(env_dir: Path) -> Path:
     """Python of a fresh venv with ``pip install <repo>`` and nothing else."""
-    env_dir = tmp_path_factory.mktemp("core-venv")
     venv.create(env_dir, with_pip=True)
     python = env_dir / "bin" / "python"
     subprocess.run([python, "-m", "pip", "install", "-q", str(REPO)], check=True)
+    return python
+
+
+prepare_early("core venv", core_install)  # pip's downloads and unpacking overlap with the tests before these
+
+
+@pytest.fixture(scope="module")
+def core_python() -> Path:
+    python = early_result("core venv")
     probe = subprocess.run([python, "-c", "import torch"], capture_output=True)
     assert probe.returncode != 0, "the core install must not bring torch"
     return python

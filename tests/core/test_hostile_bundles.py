@@ -136,7 +136,7 @@ def test_malformed_manifest_refuses_an_edit_before_any_output(tmp_path, cli, bun
                    f"{bundle / 'manifest.json'}: files must be an object, found a list")
 
 
-def test_manifest_of_invalid_utf8(cli, bundle):
+def test_a_manifest_of_invalid_utf8_is_refused_naming_the_byte(cli, bundle):
     content = (bundle / "manifest.json").read_bytes()
     replace_file(bundle / "manifest.json", content.replace(b'"green lipstick"', b'"green \xff lipstick"', 1))
     offset = content.index(b'"green lipstick"') + len(b'"green ')

@@ -167,9 +167,9 @@ def test_dac_tensorrt_engines_sample_like_onnxruntime_and_refit_another_run(tmp_
 
     bundle = tmp_path / "bundle"
     shutil.copytree(dac_bundle, bundle)
-    result = cli("dac", "build-engines", bundle)
+    result = cli("dac", "build-engines", "--bundle", bundle)
     assert result.exit_code == 0, result.stderr
-    assert cli("dac", "build-engines", bundle).stderr.count("kept") == 3  # keyed: nothing rebuilt
+    assert cli("dac", "build-engines", "--bundle", bundle).stderr.count("kept") == 3  # keyed: nothing rebuilt
     other = tmp_path / "other"
     abduct(AbductSettings("A cat.", "A cat in the snow.", unet_steps=4, text_steps=4, rank=4, resolution=32, save_every=2, seed=7),
            AbductInputs(dac_image, dac_base), other)

@@ -106,21 +106,26 @@ def retired(old: str, old_value: Any, new: str, new_value: Any) -> Any:
 POSITIONAL_ARTIFACT = {"allow_extra_args": True}
 
 
-def positional(context: typer.Context, many: bool = False) -> list[Path]:
-    """The retired positional arguments a command was given (at most one unless ``many``)."""
-    extra = [Path(argument) for argument in context.args]
-    if len(extra) > 1 and not many:
+def positional(context: typer.Context) -> list[Path]:
+    """The retired positional arguments a command was given (``serve`` takes several)."""
+    return [Path(argument) for argument in context.args]
+
+
+def one_positional(context: typer.Context) -> Path | None:
+    """The retired positional argument of a command that names one artifact, if given."""
+    given = positional(context)
+    if len(given) > 1:
         raise CfdeployError(f"unexpected arguments {' '.join(plain(argument)[:60] for argument in context.args)}")
-    return extra
+    return given[0] if given else None
 
 
 def artifact(option: str, given: Path | None, context: typer.Context) -> Path:
     """The artifact named by ``option``, or by the retired positional argument; one of them is required."""
     name = option.removeprefix("--").upper()
-    found = retired(f"a positional {name}", (positional(context) or [None])[0], option, given)
+    found: Path | None = retired(f"a positional {name}", one_positional(context), option, given)
     if found is None:
         raise CfdeployError(f"give {option} {name}")
-    return found  # type: ignore[no-any-return]
+    return found
 
 
 def precision_among(precision: Any, allowed: tuple[str, ...], where: str) -> str | None:

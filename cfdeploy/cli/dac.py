@@ -11,7 +11,7 @@ from cfdeploy.cli.common import (
     POSITIONAL_ARTIFACT,
     app,
     artifact,
-    positional,
+    one_positional,
     progress_bar,
     resumable,
     retired,
@@ -156,7 +156,7 @@ def edit_command(
     from cfdeploy.dac.run import FORMAT as RUN_FORMAT
     from cfdeploy.errors import CfdeployError
 
-    old_source = (positional(context) or [None])[0]
+    old_source = one_positional(context)
     if old_source is not None:  # the retired positional RUN|DACBUNDLE
         is_run = source_format(old_source) == RUN_FORMAT
         if is_run:

@@ -74,7 +74,7 @@ def serve_command(
     from cfdeploy.errors import CfdeployError
     from cfdeploy.serving.server import Server, ServeSettings
 
-    bundles = retired("a positional BUNDLE", positional(context, many=True), "--bundle", bundle)
+    bundles = retired("a positional BUNDLE", positional(context), "--bundle", bundle)
     if not bundles:
         raise CfdeployError("give --bundle DIR (once per bundle to serve)")
     max_batch = retired("--max-batch", old_batch_size, "--batch-size", batch_size) or DEFAULT_SERVED_BATCH

@@ -30,7 +30,6 @@ from cfdeploy.dac.bundle import (
     BUNDLE_FORMAT,
     EMBEDDINGS,
     FORMAT_VERSION,
-    MANIFEST,
     SCHEDULER_CONFIG,
     TOKENS,
     UNET_MODES,
@@ -42,7 +41,7 @@ from cfdeploy.dac.predict import (
     text_adapter_weights,
 )
 from cfdeploy.dac.refit_map import match_initializers
-from cfdeploy.dac.run import read_run
+from cfdeploy.dac.run import MANIFEST, read_run
 from cfdeploy.environment import versions
 from cfdeploy.errors import CfdeployError
 from cfdeploy.exporter import DEFAULT_OPSET, check_parity, export_graph

@@ -51,7 +51,9 @@ def confined(directory: Path, relative: Any, field_name: str, source: Path) -> s
         raise CfdeployError(f"{source}: {field_name} must be a path inside the bundle, found {type(relative).__name__}")
     pure = PurePosixPath(relative)
     if not pure.parts or pure.is_absolute() or ".." in pure.parts or "\\" in relative or "\0" in relative:
-        raise CfdeployError(f"{source}: {field_name} {show(relative)} leads outside the bundle (absolute, empty or with '..')")
+        raise CfdeployError(
+            f"{source}: {field_name} {show(relative)} leads outside the bundle (absolute, empty or with '..')"
+        )
     if leads_outside(directory / relative, directory):
         raise CfdeployError(f"{source}: {field_name} {show(relative)} is a symlink leading outside the bundle")
     return relative
@@ -65,7 +67,9 @@ def engine_dir(bundle: Path) -> Path:
     return engines
 
 
-def read_manifest(path: Path, name: str, what: str, hint: str, expect_manifest: str | None) -> tuple[dict[str, Any], str]:
+def read_manifest(
+    path: Path, name: str, what: str, hint: str, expect_manifest: str | None
+) -> tuple[dict[str, Any], str]:
     """The manifest ``path/name`` as a JSON object and its sha256, checked against ``expect_manifest`` if pinned."""
     manifest_path = path / name
     if not path.is_dir():
@@ -133,7 +137,7 @@ class VerifiedFiles:
         path = self.path / relative
         if not os.path.lexists(path):
             raise CfdeployError(f"{path}: missing from the bundle")
-        if path.is_symlink() and leads_outside(path, self.path) or not path.is_file():
+        if (path.is_symlink() and leads_outside(path, self.path)) or not path.is_file():
             raise CfdeployError(f"{path}: not a regular file inside the bundle")
         return path
 

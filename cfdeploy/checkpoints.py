@@ -10,9 +10,10 @@ from __future__ import annotations
 import argparse
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -70,7 +71,7 @@ def load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], source: Pa
 
 
 def strip_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+    return {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
 
 
 def generator_config_from_state(state: dict[str, torch.Tensor], source: Path) -> GeneratorConfig:
@@ -110,7 +111,9 @@ def load_stylegan2(path: Path) -> StyleGAN2Checkpoint:
 
 def _stylegan2_from_content(content: Any, path: Path) -> StyleGAN2Checkpoint:
     if not isinstance(content, dict) or "g_ema" not in content:
-        raise CfdeployError(f"{path}: expected a rosinality StyleGAN2 checkpoint with 'g_ema', found {describe(content)}")
+        raise CfdeployError(
+            f"{path}: expected a rosinality StyleGAN2 checkpoint with 'g_ema', found {describe(content)}"
+        )
     state = tensor_dict(content["g_ema"], path, "'g_ema'")
     require_finite_weights(state, path, prefix="g_ema.")
     latent_avg = content.get("latent_avg")
@@ -198,7 +201,9 @@ def load_generator(path: Path) -> Generator:
 
 def _cfclip_from_content(content: Any, path: Path) -> CFClipCheckpoint:
     if not isinstance(content, dict) or "state_dict" not in content:
-        raise CfdeployError(f"{path}: expected a CF-CLIP checkpoint {{'state_dict', 'opts'}}, found {describe(content)}")
+        raise CfdeployError(
+            f"{path}: expected a CF-CLIP checkpoint {{'state_dict', 'opts'}}, found {describe(content)}"
+        )
     state = tensor_dict(content["state_dict"], path, "'state_dict'")
     opts = content.get("opts") or {}
     if not isinstance(opts, dict):
@@ -373,7 +378,9 @@ def load_arcface(path: Path) -> ArcFace:
     """ArcFace IR-SE-50 (``model_ir_se50.pth``, a bare state dict as the CF-CLIP and e4e repositories use it), strictly."""
     content = safe_torch_load(path)
     if not isinstance(content, dict) or "input_layer.0.weight" not in content:
-        raise CfdeployError(f"{path}: expected the ArcFace IR-SE-50 state dict (model_ir_se50.pth), found {describe(content)}")
+        raise CfdeployError(
+            f"{path}: expected the ArcFace IR-SE-50 state dict (model_ir_se50.pth), found {describe(content)}"
+        )
     state = tensor_dict(content, path, "the ArcFace state dict")
     with memory_guard(path):
         with torch.device("meta"):

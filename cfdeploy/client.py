@@ -1,10 +1,10 @@
 """A small client for ``cfdeploy serve``, standard library and numpy only.
 
-    from cfdeploy.client import Client
+from cfdeploy.client import Client
 
-    client = Client("http://127.0.0.1:8000")
-    edit = client.edit(prompt="green lipstick", seed=1, num=4)
-    open("0.png", "wb").write(edit.images[0])
+client = Client("http://127.0.0.1:8000")
+edit = client.edit(prompt="green lipstick", seed=1, num=4)
+open("0.png", "wb").write(edit.images[0])
 """
 
 from __future__ import annotations
@@ -48,7 +48,9 @@ class Client:
         self.url = url.rstrip("/")
         self.timeout = timeout
 
-    def request(self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None) -> bytes:
+    def request(
+        self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None
+    ) -> bytes:
         """One raw HTTP exchange; a refusal becomes :class:`ServerError` with the server's message."""
         sent = urllib.request.Request(self.url + path, data=body, method=method, headers=headers or {})
         try:
@@ -100,8 +102,9 @@ class Client:
             body["latents"] = encode_npy(np.asarray(latents, np.float32))
         if image is not None:
             body["image"] = base64.b64encode(image).decode("ascii")
-        reply = json.loads(self.request("POST", "/v1/edits", json.dumps(body).encode(),
-                                        {"Content-Type": "application/json"}))
+        reply = json.loads(
+            self.request("POST", "/v1/edits", json.dumps(body).encode(), {"Content-Type": "application/json"})
+        )
         return Edit(
             [base64.b64decode(image) for image in reply.get("images", [])],
             decode_npy(reply["latents"], "latents") if "latents" in reply else None,

@@ -36,15 +36,21 @@ def synthetic_models(size: int = 256, seed: int = 0) -> SyntheticModels:
         if name.endswith("noise.weight"):
             parameter.data.fill_(0.1)
     config = MapperConfig(n_latent=generator.config.n_latent)
-    return SyntheticModels(generator.eval(), FullTextMapper(config).eval(), LevelsMapper(config).eval(), ClipText.random(seed))
+    return SyntheticModels(
+        generator.eval(), FullTextMapper(config).eval(), LevelsMapper(config).eval(), ClipText.random(seed)
+    )
 
 
 def synthetic_backend(size: int = 256, seed: int = 0, device: str = "cpu") -> TorchBackend:
     models = synthetic_models(size, seed)
-    return TorchBackend(models.generator, models.text_mapper, models.mapper, models.clip, description=DEMO_PROMPT, device=device)
+    return TorchBackend(
+        models.generator, models.text_mapper, models.mapper, models.clip, description=DEMO_PROMPT, device=device
+    )
 
 
-def save_synthetic_files(directory: Path, size: int = 256, seed: int = 0, with_visual: bool = False) -> tuple[Path, Path]:
+def save_synthetic_files(
+    directory: Path, size: int = 256, seed: int = 0, with_visual: bool = False
+) -> tuple[Path, Path]:
     """Write a CF-CLIP checkpoint and CLIP weights (text tower, or whole) in the official formats."""
     models = synthetic_models(size, seed)
     state = {
@@ -52,13 +58,22 @@ def save_synthetic_files(directory: Path, size: int = 256, seed: int = 0, with_v
         **{f"decoder.{key}": value for key, value in models.generator.state_dict().items()},
         **{f"text_mapper.{key}": value for key, value in models.text_mapper.state_dict().items()},
     }
-    opts = {"stylegan_size": size, "mapper_type": "LevelsMapper", "no_coarse_mapper": False, "no_medium_mapper": False,
-            "no_fine_mapper": False, "w_space": False, "description": DEMO_PROMPT, "source_text": "face"}
+    opts = {
+        "stylegan_size": size,
+        "mapper_type": "LevelsMapper",
+        "no_coarse_mapper": False,
+        "no_medium_mapper": False,
+        "no_fine_mapper": False,
+        "w_space": False,
+        "description": DEMO_PROMPT,
+        "source_text": "face",
+    }
     directory.mkdir(parents=True, exist_ok=True)
     checkpoint, clip_weights = directory / f"synthetic_{size}.pt", directory / "synthetic_clip_text.pt"
     torch.save({"state_dict": state, "opts": opts}, checkpoint)
     clip_state = {
-        key: value for key, value in models.clip.clip.state_dict().items()
+        key: value
+        for key, value in models.clip.clip.state_dict().items()
         if is_text_tower_key(key) or (with_visual and key.startswith("visual."))
     }
     torch.save(clip_state, clip_weights)

@@ -7,8 +7,9 @@ ordinal to make current. A device a runtime cannot use is refused in one line, b
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 from cfdeploy.errors import CfdeployError
 
@@ -73,13 +74,16 @@ def onnxruntime_providers(
     if requested:
         unknown = [name for name in requested if name not in available]
         if unknown:
-            raise CfdeployError(f"ONNX Runtime providers {', '.join(unknown)} are not available here "
-                                f"(have: {', '.join(available)})")
+            raise CfdeployError(
+                f"ONNX Runtime providers {', '.join(unknown)} are not available here (have: {', '.join(available)})"
+            )
         providers = list(requested)
     elif device.is_cuda:
         if CUDA_PROVIDER not in available:
-            raise CfdeployError(f"--device {device}: this ONNX Runtime has no CUDA provider "
-                                f"(has {', '.join(available)}); install onnxruntime-gpu")
+            raise CfdeployError(
+                f"--device {device}: this ONNX Runtime has no CUDA provider "
+                f"(has {', '.join(available)}); install onnxruntime-gpu"
+            )
         providers = [name for name in (TENSORRT_PROVIDER, CUDA_PROVIDER, CPU_PROVIDER) if name in available]
     else:
         providers = [CPU_PROVIDER]

@@ -8,10 +8,11 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -23,8 +24,18 @@ from cfdeploy.outputs import StagedDirectory, to_uint8
 
 # One vocabulary for the pipeline: each stage is named after the network it runs (the graph names of
 # cfdeploy.contracts), plus the host-side work around them. Timers, edit.json and bench columns use these.
-STAGES = ("align", "encoder", "tokenize", "clip_text", "text_mapper", "latent_editor", "refine", "generator",
-          "source_generator", "png")
+STAGES = (
+    "align",
+    "encoder",
+    "tokenize",
+    "clip_text",
+    "text_mapper",
+    "latent_editor",
+    "refine",
+    "generator",
+    "source_generator",
+    "png",
+)
 DEFAULT_PNG_COMPRESSION = 6  # Pillow's default zlib level; 1 encodes a 1024 px image several times faster
 DEFAULT_BATCH_SIZE = 4  # codes per generator call
 MAX_SAMPLED_CODES = 100_000  # --num: 3.7 GB of W+ codes at 18 levels; more is a typo, not a job
@@ -188,8 +199,11 @@ def resolve_latents(
 def sample_codes(backend: EditBackend, seed: int, num: int, truncation: float) -> np.ndarray:
     """W+ codes ``[num, n, 512]`` from ``seed`` through the backend's mapping network, truncated toward the mean W."""
     w = backend.sample_w(seeded_z(seed, num, backend.style_dim), truncation)
-    return finite_result(broadcast_latents(w, backend.n_latent, backend.style_dim, f"seed {seed}"), "sampled codes",
-                         f"--truncation {truncation}")
+    return finite_result(
+        broadcast_latents(w, backend.n_latent, backend.style_dim, f"seed {seed}"),
+        "sampled codes",
+        f"--truncation {truncation}",
+    )
 
 
 def prompt_mismatch(backend: EditBackend, prompt: str | None) -> str | None:
@@ -197,8 +211,10 @@ def prompt_mismatch(backend: EditBackend, prompt: str | None) -> str | None:
     trained = backend.description
     if prompt is None or not trained or prompt.strip().lower() == trained.strip().lower():
         return None
-    return (f"this checkpoint was trained for {trained!r}, not {prompt!r}; "
-            "CF-CLIP mappers are per prompt, so expect a weak or odd edit")
+    return (
+        f"this checkpoint was trained for {trained!r}, not {prompt!r}; "
+        "CF-CLIP mappers are per prompt, so expect a weak or odd edit"
+    )
 
 
 def text_branch(
@@ -231,10 +247,14 @@ def edit_codes(backend: EditBackend, w: np.ndarray, text_latents: np.ndarray, st
     (~2e-7, enough to flip a few pixels), and an edit must not depend on how codes were batched: ``--batch-size``,
     ``cfdeploy serve``'s dynamic batching and ``cfdeploy batch`` all give the same bytes. The mapper is cheap."""
     per_code = text_latents.shape[0] > 1
-    w_hat = np.concatenate([
-        backend.edit_latents(w[index : index + 1], text_latents[index : index + 1] if per_code else text_latents, strength)
-        for index in range(len(w))
-    ])
+    w_hat = np.concatenate(
+        [
+            backend.edit_latents(
+                w[index : index + 1], text_latents[index : index + 1] if per_code else text_latents, strength
+            )
+            for index in range(len(w))
+        ]
+    )
     return finite_result(w_hat, "edited codes", f"--strength {strength}")
 
 
@@ -306,7 +326,8 @@ def edit_to_directory(
     photos: np.ndarray | None = None,
     prior_timings: dict[str, float] | None = None,
 ) -> dict[str, Any]:
-    """Write ``NNNNNN.png`` (source|edit pairs if ``job.with_sources``), optional ``latents.npy``/``images.npy``, and ``edit.json``.
+    """Write ``NNNNNN.png`` (source|edit pairs if ``job.with_sources``), optional ``latents.npy``/``images.npy``,
+    and ``edit.json``.
 
     Everything goes into ``staged``, which the caller entered before loading models; it replaces the
     output directory only when the caller's block ends without error. ``photos`` (uint8 ``[N, S, S, 3]``,
@@ -354,7 +375,9 @@ def edit_to_directory(
             "latents": "latents.npy" if save_latents else None,
             "raw": "images.npy" if save_raw else None,
         },
-        "refinement": None if job.refiner is None else {
+        "refinement": None
+        if job.refiner is None
+        else {
             "settings": dataclasses.asdict(job.refiner.settings),
             "loss_curves": job.refiner.curves,
         },

@@ -10,14 +10,25 @@ from pathlib import Path
 from typing import Any
 
 # Runtimes a result may depend on: module name → distribution.
-RUNTIMES = {"torch": "torch", "open_clip": "open_clip_torch", "onnx": "onnx", "onnxruntime": "onnxruntime",
-            "diffusers": "diffusers", "transformers": "transformers", "peft": "peft", "tensorrt": "tensorrt"}
+RUNTIMES = {
+    "torch": "torch",
+    "open_clip": "open_clip_torch",
+    "onnx": "onnx",
+    "onnxruntime": "onnxruntime",
+    "diffusers": "diffusers",
+    "transformers": "transformers",
+    "peft": "peft",
+    "tensorrt": "tensorrt",
+}
 
 
 def versions() -> dict[str, str]:
     """cfdeploy's, numpy's and Python's versions, and those of the runtimes this process has imported (what ran)."""
-    found = {"cfdeploy": package_version("cfdeploy"), "numpy": package_version("numpy"),
-             "python": platform.python_version()}
+    found = {
+        "cfdeploy": package_version("cfdeploy"),
+        "numpy": package_version("numpy"),
+        "python": platform.python_version(),
+    }
     for module, package in RUNTIMES.items():
         if module in sys.modules:
             found[module] = package_version(package, getattr(sys.modules[module], "__version__", "unknown"))
@@ -59,14 +70,24 @@ def machine_info() -> dict[str, Any]:
     """The CPU, platform and installed runtimes, for benchmark reports (results from two machines do not compare)."""
     model = platform.processor()
     try:
-        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                     if line.startswith("model name"))
+        model = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
     except (OSError, StopIteration):
         pass
-    installed = {package: package_version(package, "")
-                 for package in ("cfdeploy", "numpy", "torch", "onnxruntime", "onnxruntime-gpu", "tensorrt")}
-    return {"cpu": model, "logical_cpus": os.cpu_count(), "platform": platform.platform(),
-            "python": platform.python_version(), "versions": {key: value for key, value in installed.items() if value}}
+    installed = {
+        package: package_version(package, "")
+        for package in ("cfdeploy", "numpy", "torch", "onnxruntime", "onnxruntime-gpu", "tensorrt")
+    }
+    return {
+        "cpu": model,
+        "logical_cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "versions": {key: value for key, value in installed.items() if value},
+    }
 
 
 def runtimes() -> dict[str, str]:

@@ -67,7 +67,9 @@ class CfdeployError(Exception):
         super().__init__(shortened(message))
 
 
-def missing_extra(package: str, needed_for: str, cause: BaseException | None = None, extra: str | None = None) -> CfdeployError:
+def missing_extra(
+    package: str, needed_for: str, cause: BaseException | None = None, extra: str | None = None
+) -> CfdeployError:
     """The error for a package a command needs but the install lacks, naming the extra to install: ``extra`` (the
     command's, from COMMAND_EXTRAS), else the package's own (EXTRAS)."""
     if package == "tensorrt":
@@ -76,7 +78,7 @@ def missing_extra(package: str, needed_for: str, cause: BaseException | None = N
             "elsewhere `pip install tensorrt`"
         )
     extra = extra or EXTRAS.get(package, "export")
-    return CfdeployError(f"{needed_for} needs {package}, which this install lacks: pip install \"cfdeploy[{extra}]\"")
+    return CfdeployError(f'{needed_for} needs {package}, which this install lacks: pip install "cfdeploy[{extra}]"')
 
 
 FLOAT32_MAX = 3.4028234663852886e38  # the networks compute in float32: a larger value is inf there
@@ -92,8 +94,9 @@ def require_finite(**options: float | None) -> None:
     (``require_finite(strength=s)`` names ``--strength``)."""
     for name, value in options.items():
         if value is not None and not finite_in_float32(value):
-            raise CfdeployError(f"--{name.replace('_', '-')} must be a finite number within float32's range, "
-                                f"got {str(value)[:40]}")
+            raise CfdeployError(
+                f"--{name.replace('_', '-')} must be a finite number within float32's range, got {str(value)[:40]}"
+            )
 
 
 def require_range(low: int, high: int | None = None, **options: int | None) -> None:

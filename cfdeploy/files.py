@@ -12,9 +12,10 @@ import io
 import json
 import math
 import stat
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterator
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -87,7 +88,9 @@ def _read_npy_stream(file: BinaryIO, size: int, source: str, what: str) -> np.nd
         version = np.lib.format.read_magic(file)
         read_header = NPY_HEADER_READERS.get(version)
         if read_header is None:
-            raise CfdeployError(f"{source}: .npy format version {version[0]}.{version[1]} is not read (1.0 and 2.0 are)")
+            raise CfdeployError(
+                f"{source}: .npy format version {version[0]}.{version[1]} is not read (1.0 and 2.0 are)"
+            )
         shape, _, dtype = read_header(file)
         if dtype.hasobject:
             raise CfdeployError(f"{source}: the .npy {what} holds Python objects (pickled), which are never loaded")

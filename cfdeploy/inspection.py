@@ -50,8 +50,10 @@ def inspect_file(path: Path) -> dict[str, Any]:
     if path.suffix == ".safetensors":
         return _describe_clip(load_clip(path), "safetensors state dict")
     if path.suffix not in TORCH_SUFFIXES and not zipfile.is_zipfile(path):
-        raise CfdeployError(f"{path}: not a file cfdeploy knows (expected a bundle directory, a .npy array, a torch "
-                            f"checkpoint {'/'.join(TORCH_SUFFIXES)} or .safetensors CLIP weights)")
+        raise CfdeployError(
+            f"{path}: not a file cfdeploy knows (expected a bundle directory, a .npy array, a torch "
+            f"checkpoint {'/'.join(TORCH_SUFFIXES)} or .safetensors CLIP weights)"
+        )
     if is_torchscript_archive(path):
         return _describe_clip(load_clip(path), "TorchScript archive (OpenAI)")
     content = safe_torch_load(path)
@@ -106,7 +108,11 @@ def _describe_bundle(path: Path) -> dict[str, Any]:
         "trained_description": bundle.description,
         "networks": list(manifest["networks"]),
         "worst_parity_rel_l2": max(
-            (result["rel_l2"] for network in manifest["networks"].values() for result in network.get("parity", {}).values()),
+            (
+                result["rel_l2"]
+                for network in manifest["networks"].values()
+                for result in network.get("parity", {}).values()
+            ),
             default=None,
         ),
         "precomputed_prompts": list(manifest.get("prompts", {})),
@@ -141,9 +147,14 @@ def _describe_dac_bundle(path: Path) -> dict[str, Any]:
         "resolution": bundle.settings.resolution,
         "unet": bundle.unet_mode,
         "networks": list(manifest.get("networks", {})),
-        "worst_parity_rel_l2": max((entry["rel_l2"] for entry in parity.values()
-                                    if isinstance(entry, dict) and isinstance(entry.get("rel_l2"), (int, float))),
-                                   default=None),
+        "worst_parity_rel_l2": max(
+            (
+                entry["rel_l2"]
+                for entry in parity.values()
+                if isinstance(entry, dict) and isinstance(entry.get("rel_l2"), (int, float))
+            ),
+            default=None,
+        ),
         "exported_with": manifest.get("versions", {}),
     }
 
@@ -176,4 +187,3 @@ def _describe_clip(clip: Any, file_format: str) -> dict[str, Any]:
         "visual_weights": clip.has_visual_weights,
         "parameters": {"text_tower": text_parameters},
     }
-

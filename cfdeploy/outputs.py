@@ -197,8 +197,12 @@ def _refuse_links(target: Path) -> None:
     if not target.is_symlink():
         return
     if not target.exists():
-        raise CfdeployError(f"{target}: is a dangling symbolic link (to {os.readlink(target)}); remove it or choose another path")
-    raise CfdeployError(f"{target}: is a symbolic link (to {os.readlink(target)}); give the real path, cfdeploy never replaces a link")
+        raise CfdeployError(
+            f"{target}: is a dangling symbolic link (to {os.readlink(target)}); remove it or choose another path"
+        )
+    raise CfdeployError(
+        f"{target}: is a symbolic link (to {os.readlink(target)}); give the real path, cfdeploy never replaces a link"
+    )
 
 
 def _refuse_inputs(target: Path, inputs: Sequence[Path]) -> None:
@@ -492,7 +496,9 @@ class ArrayWriter:
         if self._stream is None:
             raise CfdeployError(f"{self._shown}: already closed")
         if block.shape[1:] != self.shape[1:] or self.rows + len(block) > self.shape[0]:
-            raise CfdeployError(f"{self._shown}: rows of shape {block.shape} do not fit {self.shape} after {self.rows} rows")
+            raise CfdeployError(
+                f"{self._shown}: rows of shape {block.shape} do not fit {self.shape} after {self.rows} rows"
+            )
         with self._disk_errors():
             self._stream.write(block.data)
         self.rows += len(block)

@@ -8,9 +8,9 @@ optimised further for that image, through the differentiable torch generator, to
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -84,7 +84,9 @@ class ClipNCELoss(nn.Module):
     ) -> None:
         super().__init__()
         if not clip.has_visual_weights:
-            raise CfdeployError("refinement needs CLIP's image encoder, but the CLIP weights file has no visual.* weights")
+            raise CfdeployError(
+                "refinement needs CLIP's image encoder, but the CLIP weights file has no visual.* weights"
+            )
         self.clip = clip.clip
         self.augmentations = augmentations
         self.distortion = distortion
@@ -115,11 +117,18 @@ class ClipNCELoss(nn.Module):
 
         height, width = images.shape[-2:]
         corners = [[0, 0], [width - 1, 0], [width - 1, height - 1], [0, height - 1]]
-        return torch.cat([
-            perspective(images, corners, perspective_endpoints(width, height, self.distortion, generator),
-                        InterpolationMode.BILINEAR, fill=[0.0])
-            for _ in range(self.augmentations)
-        ])
+        return torch.cat(
+            [
+                perspective(
+                    images,
+                    corners,
+                    perspective_endpoints(width, height, self.distortion, generator),
+                    InterpolationMode.BILINEAR,
+                    fill=[0.0],
+                )
+                for _ in range(self.augmentations)
+            ]
+        )
 
     def forward(self, edited: torch.Tensor, source: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         source_features = self.image_features(source).repeat(self.augmentations, 1)
@@ -231,7 +240,9 @@ def refiner_for(
     clip = getattr(backend, "clip", None)
     if not isinstance(generator, Generator) or clip is None:
         if checkpoint is None or clip_weights is None:
-            raise CfdeployError("refinement with a bundle needs the torch models too: pass --checkpoint and --clip-weights")
+            raise CfdeployError(
+                "refinement with a bundle needs the torch models too: pass --checkpoint and --clip-weights"
+            )
         from cfdeploy.checkpoints import load_cfclip, load_clip
 
         device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -31,8 +31,9 @@ def load_failure(error: Exception) -> str:
     return message.split(") ")[-1][:300] if "onnxruntime::" in message else message[:300]
 
 
-def provider_options(providers: Sequence[str], base: Sequence[dict[str, Any]], precision: str,
-                     engine_cache: Path | None) -> list[dict[str, Any]]:
+def provider_options(
+    providers: Sequence[str], base: Sequence[dict[str, Any]], precision: str, engine_cache: Path | None
+) -> list[dict[str, Any]]:
     """Per-provider options for one network's session.
 
     TensorRT's provider caches its engines and timing data under ``engine_cache`` (ONNX Runtime keys them by the
@@ -46,8 +47,12 @@ def provider_options(providers: Sequence[str], base: Sequence[dict[str, Any]], p
         if provider == TENSORRT_PROVIDER:
             if engine_cache is not None:
                 engine_cache.mkdir(parents=True, exist_ok=True)
-                extra = {"trt_engine_cache_enable": "True", "trt_engine_cache_path": str(engine_cache),
-                         "trt_timing_cache_enable": "True", "trt_timing_cache_path": str(engine_cache)}
+                extra = {
+                    "trt_engine_cache_enable": "True",
+                    "trt_engine_cache_path": str(engine_cache),
+                    "trt_timing_cache_enable": "True",
+                    "trt_timing_cache_path": str(engine_cache),
+                }
             extra["trt_fp16_enable"] = "True" if precision != "fp32" else "False"
         elif provider == CUDA_PROVIDER:
             extra = {"cudnn_conv_algo_search": "EXHAUSTIVE", "do_copy_in_default_stream": "True"}
@@ -93,7 +98,9 @@ class Sessions:
         self.engine_cache = engine_cache
         # ONNX Runtime reads the replacing values from these OrtValues: they are kept alive here
         self._initializers = {
-            network: {name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value)) for name, value in values.items()}
+            network: {
+                name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value)) for name, value in values.items()
+            }
             for network, values in (initializers or {}).items()
         }
         self._sessions: dict[str, ort.InferenceSession] = {}
@@ -116,15 +123,19 @@ class Sessions:
             options.add_external_initializers_from_files_in_memory(names, buffers, [len(buffer) for buffer in buffers])
         for name, value in self._initializers.get(network, {}).items():
             options.add_initializer(name, value)
-        provider_settings = provider_options(self.providers, self._base_options, self.precision(network), self.engine_cache)
+        provider_settings = provider_options(
+            self.providers, self._base_options, self.precision(network), self.engine_cache
+        )
         try:
-            session = ort.InferenceSession(graph.content, options, providers=self.providers,
-                                           provider_options=provider_settings)
+            session = ort.InferenceSession(
+                graph.content, options, providers=self.providers, provider_options=provider_settings
+            )
         except Exception as error:  # ONNX Runtime has one exception class per failure, none shared but Exception
             raise CfdeployError(f"{graph.path}: ONNX Runtime cannot load this graph: {load_failure(error)}") from None
         if session.get_providers()[0] != self.providers[0]:
-            raise CfdeployError(f"--device {self.device}: ONNX Runtime could not start {self.providers[0]} "
-                                "(its CUDA libraries?)")
+            raise CfdeployError(
+                f"--device {self.device}: ONNX Runtime could not start {self.providers[0]} (its CUDA libraries?)"
+            )
         return session
 
     def __call__(self, network: str, **inputs: np.ndarray) -> np.ndarray:

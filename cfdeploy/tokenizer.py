@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import gzip
 import html
+import itertools
 import zlib
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Sequence
 
 import ftfy
 import numpy as np
@@ -95,7 +96,12 @@ class ClipTokenizer:
     def __init__(self, vocab_path: Path | None = None) -> None:
         merges = read_merges(vocab_path or packaged_vocab_path())
         alphabet = list(byte_alphabet().values())
-        vocab = [*alphabet, *(symbol + END_OF_WORD for symbol in alphabet), *("".join(m) for m in merges), *SPECIAL_TOKENS]
+        vocab = [
+            *alphabet,
+            *(symbol + END_OF_WORD for symbol in alphabet),
+            *("".join(m) for m in merges),
+            *SPECIAL_TOKENS,
+        ]
         self.ids = {token: index for index, token in enumerate(vocab)}
         self.merge_rank = {merge: rank for rank, merge in enumerate(merges)}
         self.start_id, self.end_id = (self.ids[token] for token in SPECIAL_TOKENS)
@@ -111,7 +117,7 @@ class ClipTokenizer:
             return self._word_cache[word]
         symbols = [*word[:-1], word[-1] + END_OF_WORD]
         while len(symbols) > 1:
-            pairs = set(zip(symbols, symbols[1:]))
+            pairs = set(itertools.pairwise(symbols))
             best = min(pairs, key=lambda pair: self.merge_rank.get(pair, N_MERGES))
             if best not in self.merge_rank:
                 break
@@ -134,8 +140,10 @@ class ClipTokenizer:
         """BPE ids of one prompt, without start/end tokens. A prompt is bounded in characters before it is tokenised:
         byte-pair merging is quadratic in a word's length, and no prompt CLIP can read (77 tokens) is that long."""
         if len(prompt) > MAX_PROMPT_CHARS:
-            raise CfdeployError(f"prompt {prompt[:40]!r}… is {len(prompt):,} characters; at most {MAX_PROMPT_CHARS:,} "
-                                f"are read (CLIP reads {CONTEXT_LENGTH} tokens)")
+            raise CfdeployError(
+                f"prompt {prompt[:40]!r}… is {len(prompt):,} characters; at most {MAX_PROMPT_CHARS:,} "
+                f"are read (CLIP reads {CONTEXT_LENGTH} tokens)"
+            )
         try:
             prompt.encode("utf-8")
         except UnicodeEncodeError:

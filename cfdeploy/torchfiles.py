@@ -16,8 +16,9 @@ import pickle
 import re
 import sys
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -45,6 +46,7 @@ STORAGE_DTYPES = {
     "LongStorage": torch.int64,
     "BoolStorage": torch.bool,
 }
+
 
 def _runs_code(global_name: str) -> str:
     return f"it references {global_name:.100}, which could run code (only weights are loaded)"
@@ -89,7 +91,9 @@ def safe_torch_load(path: Path) -> Any:
         found = re.search(r"GLOBAL (\S+)", str(error))
         if found:
             raise CfdeployError(f"{path}: refused to load: {_runs_code(found.group(1))}") from None
-        raise CfdeployError(f"{path}: not a readable torch checkpoint (truncated or corrupt?): bad pickle data") from None
+        raise CfdeployError(
+            f"{path}: not a readable torch checkpoint (truncated or corrupt?): bad pickle data"
+        ) from None
     except Exception as error:  # torch raises RuntimeError, KeyError, EOFError… for damaged files
         detail = str(error).split(".")[0].strip() or type(error).__name__
         raise CfdeployError(f"{path}: not a readable torch checkpoint (truncated or corrupt?): {detail}") from None
@@ -124,8 +128,13 @@ class ModuleRecord:
 
 
 def _rebuild_tensor(
-    storage: torch.Tensor, offset: int, size: tuple[int, ...], stride: tuple[int, ...], requires_grad: bool,
-    backward_hooks: Mapping[Any, Any], metadata: Any = None,
+    storage: torch.Tensor,
+    offset: int,
+    size: tuple[int, ...],
+    stride: tuple[int, ...],
+    requires_grad: bool,
+    backward_hooks: Mapping[Any, Any],
+    metadata: Any = None,
 ) -> torch.Tensor:
     """What ``torch._utils._rebuild_tensor_v2`` stands for, for plain tensors only: a view of its storage."""
     if not isinstance(storage, torch.Tensor) or backward_hooks or metadata:
@@ -167,7 +176,9 @@ class _ArchiveUnpickler(pickle.Unpickler):
         if key not in self.storages:
             entry = self.archive.getinfo(f"{self.tensor_dir}/{key}")
             if entry.file_size != numel * dtype.itemsize:
-                raise ValueError(f"{entry.filename} holds {entry.file_size:,} bytes, not the {numel:,} {dtype} declared")
+                raise ValueError(
+                    f"{entry.filename} holds {entry.file_size:,} bytes, not the {numel:,} {dtype} declared"
+                )
             data = bytearray(self.archive.read(entry))
             self.storages[key] = torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
         return self.storages[key]
@@ -245,7 +256,9 @@ def tensor_dict(content: Any, source: Path, what: str) -> dict[str, torch.Tensor
     """``content`` if it is a dict of named tensors; otherwise one line saying what it is instead."""
     if not isinstance(content, dict):
         raise CfdeployError(f"{source}: expected {what} as a dict of tensors, found {describe(content)}")
-    wrong = [str(key) for key, value in content.items() if not isinstance(key, str) or not isinstance(value, torch.Tensor)]
+    wrong = [
+        str(key) for key, value in content.items() if not isinstance(key, str) or not isinstance(value, torch.Tensor)
+    ]
     if wrong:
         raise CfdeployError(f"{source}: expected {what} as a dict of tensors; not tensors: {listed(wrong)}")
     return content
@@ -263,5 +276,3 @@ def require_finite_weights(state: Mapping[str, torch.Tensor], source: Path, pref
         if not bool(torch.isfinite(value).all()):
             count = int((~torch.isfinite(value)).sum())
             raise CfdeployError(f"{source}: {prefix}{key} has {count} NaN/inf values")
-
-

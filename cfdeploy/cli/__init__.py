@@ -7,14 +7,14 @@ Importing a command module registers its commands; the order here is the order o
 from __future__ import annotations
 
 from cfdeploy.cli import (
-    bench,  # noqa: F401,I001  (bench)
-    bundles,  # noqa: F401,I001  (export, build-engines, refit)
-    dac,  # noqa: F401,I001  (dac abduct, dac edit, dac export)
+    bench,  # noqa: F401  (bench)
+    bundles,  # noqa: F401  (export, build-engines, refit)
+    dac,  # noqa: F401  (dac abduct, dac edit, dac export)
     edit,  # noqa: F401  (edit, demo)
-    photos,  # noqa: F401,I001  (invert)
-    serving,  # noqa: F401,I001  (serve, batch)
-    tools,  # noqa: F401,I001  (embed, inspect)
-    train,  # noqa: F401,I001  (train)
+    photos,  # noqa: F401  (invert)
+    serving,  # noqa: F401  (serve, batch)
+    tools,  # noqa: F401  (embed, inspect)
+    train,  # noqa: F401  (train)
 )
 from cfdeploy.cli.common import app
 

@@ -7,10 +7,10 @@ import functools
 import os
 import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from enum import Enum
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -48,10 +48,16 @@ def show_version(asked: bool) -> None:
 
 @app.callback()
 def cfdeploy_options(
-    version: bool = typer.Option(False, "--version", is_eager=True, callback=show_version,
-                                 help="Print cfdeploy's version and the runtimes installed, then exit."),
+    version: bool = typer.Option(
+        False,
+        "--version",
+        is_eager=True,
+        callback=show_version,
+        help="Print cfdeploy's version and the runtimes installed, then exit.",
+    ),
 ) -> None:
     """Deploy CF-CLIP text-driven StyleGAN2 editors (and DAC on Stable Diffusion)."""
+
 
 # One precision vocabulary for every command: the registry's, in its order (each backend takes the subset it lists).
 PRECISIONS = tuple(dict.fromkeys(precision for info in BACKENDS.values() for precision in info.precisions))
@@ -194,7 +200,9 @@ def resumable(save: Path) -> Iterator[None]:
         yield
     except KeyboardInterrupt:
         if save.is_file():
-            raise KeyboardInterrupt(f"{save} keeps the last save: continue with the same command and --resume") from None
+            raise KeyboardInterrupt(
+                f"{save} keeps the last save: continue with the same command and --resume"
+            ) from None
         raise
 
 

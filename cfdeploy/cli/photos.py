@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any
 
 import typer
 
@@ -24,53 +24,91 @@ FACES = "Faces"
 
 
 def landmark_options(
-    aligned: bool, landmarks: Optional[Path], landmarks_model: Optional[Path], all_faces: bool, skip_missing: bool
+    aligned: bool, landmarks: Path | None, landmarks_model: Path | None, all_faces: bool, skip_missing: bool
 ) -> dict[str, Any]:
     if sum((aligned, landmarks is not None, landmarks_model is not None)) != 1:
         raise CfdeployError("give exactly one of --aligned, --landmarks FILE or --landmarks-model FILE")
-    return {"aligned": aligned, "landmarks": landmarks, "landmarks_model": landmarks_model, "all_faces": all_faces,
-            "skip_missing": skip_missing}
+    return {
+        "aligned": aligned,
+        "landmarks": landmarks,
+        "landmarks_model": landmarks_model,
+        "all_faces": all_faces,
+        "skip_missing": skip_missing,
+    }
 
 
-ALIGNED = typer.Option(False, "--aligned", rich_help_panel=FACES,
-                       help="The photos are aligned face crops already (FFHQ-style): only resized to 256 px.")
-LANDMARKS = typer.Option(None, "--landmarks", metavar="FILE", rich_help_panel=FACES,
-                         help="Face points from any detector, one entry per photo (.json or .npy): 68x2 (dlib order) "
-                         "or 5x2 (left eye, right eye, nose, left and right mouth corner).")
-LANDMARKS_MODEL = typer.Option(None, "--landmarks-model", metavar="FILE", rich_help_panel=FACES,
-                               help="dlib's shape_predictor_68_face_landmarks.dat: detect faces with dlib (the "
-                               "'photos' extra). Its training data's licence excludes commercial use.")
-ALL_FACES = typer.Option(False, "--all-faces", rich_help_panel=FACES,
-                         help="Every face in a photo, not only the largest.")
-SKIP_MISSING = typer.Option(False, "--skip-missing", rich_help_panel=FACES,
-                            help="Skip photos without a face (listed in index.json) instead of stopping.")
+ALIGNED = typer.Option(
+    False,
+    "--aligned",
+    rich_help_panel=FACES,
+    help="The photos are aligned face crops already (FFHQ-style): only resized to 256 px.",
+)
+LANDMARKS = typer.Option(
+    None,
+    "--landmarks",
+    metavar="FILE",
+    rich_help_panel=FACES,
+    help="Face points from any detector, one entry per photo (.json or .npy): 68x2 (dlib order) "
+    "or 5x2 (left eye, right eye, nose, left and right mouth corner).",
+)
+LANDMARKS_MODEL = typer.Option(
+    None,
+    "--landmarks-model",
+    metavar="FILE",
+    rich_help_panel=FACES,
+    help="dlib's shape_predictor_68_face_landmarks.dat: detect faces with dlib (the "
+    "'photos' extra). Its training data's licence excludes commercial use.",
+)
+ALL_FACES = typer.Option(
+    False, "--all-faces", rich_help_panel=FACES, help="Every face in a photo, not only the largest."
+)
+SKIP_MISSING = typer.Option(
+    False,
+    "--skip-missing",
+    rich_help_panel=FACES,
+    help="Skip photos without a face (listed in index.json) instead of stopping.",
+)
 
 
 @app.command("invert")
 @user_errors
 def invert_command(
-    photos: List[Path] = typer.Argument(..., metavar="PHOTO_OR_DIR...", help="JPEG, PNG or WebP files, or folders of them."),
-    out: Path = typer.Option(..., "--out", "-o", metavar="DIR", help="Output directory (empty or absent unless --force)."),
-    encoder: Optional[Path] = typer.Option(None, "--encoder", metavar="FILE",
-                                           help="e4e checkpoint (e4e_ffhq_encode.pt): runs in torch."),
-    bundle: Optional[Path] = typer.Option(None, "--bundle", metavar="DIR",
-                                          help="A bundle exported with --encoder: runs on ONNX Runtime, no torch."),
+    photos: list[Path] = typer.Argument(
+        ..., metavar="PHOTO_OR_DIR...", help="JPEG, PNG or WebP files, or folders of them."
+    ),
+    out: Path = typer.Option(
+        ..., "--out", "-o", metavar="DIR", help="Output directory (empty or absent unless --force)."
+    ),
+    encoder: Path | None = typer.Option(
+        None, "--encoder", metavar="FILE", help="e4e checkpoint (e4e_ffhq_encode.pt): runs in torch."
+    ),
+    bundle: Path | None = typer.Option(
+        None, "--bundle", metavar="DIR", help="A bundle exported with --encoder: runs on ONNX Runtime, no torch."
+    ),
     aligned: bool = ALIGNED,
-    landmarks: Optional[Path] = LANDMARKS,
-    landmarks_model: Optional[Path] = LANDMARKS_MODEL,
+    landmarks: Path | None = LANDMARKS,
+    landmarks_model: Path | None = LANDMARKS_MODEL,
     all_faces: bool = ALL_FACES,
     skip_missing: bool = SKIP_MISSING,
-    save_aligned: bool = typer.Option(False, "--save-aligned", help="Also write the aligned crops, aligned/NNNNNN.png."),
+    save_aligned: bool = typer.Option(
+        False, "--save-aligned", help="Also write the aligned crops, aligned/NNNNNN.png."
+    ),
     save_reconstruction: bool = typer.Option(
-        False, "--save-reconstruction", help="Also write the generator's image of each code, reconstructions/NNNNNN.png."),
+        False,
+        "--save-reconstruction",
+        help="Also write the generator's image of each code, reconstructions/NNNNNN.png.",
+    ),
     batch_size: int = typer.Option(4, "--batch-size", "-b", metavar="B", help="Faces per encoder call."),
     device: str = typer.Option("cpu", "--device", metavar="DEVICE", help="With --encoder: cpu, cuda or cuda:N."),
-    force: bool = typer.Option(False, "--force", "-f", help="Replace a non-empty --out (never one that holds an input)."),
+    force: bool = typer.Option(
+        False, "--force", "-f", help="Replace a non-empty --out (never one that holds an input)."
+    ),
 ) -> None:
     """Invert photos to W+ codes with e4e: DIR/latents.npy ([N,18,512] float32, for `cfdeploy edit --latents`)
     and DIR/index.json (row → photo, face box, landmarks, alignment transform).
 
-    Example: cfdeploy invert photos/ --encoder e4e_ffhq_encode.pt --landmarks-model shape_predictor_68_face_landmarks.dat --out codes/
+    Example: cfdeploy invert photos/ --encoder e4e_ffhq_encode.pt --landmarks-model shape_predictor_68_face_landmarks.dat
+    --out codes/
     """
     import numpy as np
 
@@ -111,12 +149,17 @@ def invert_command(
             for start in range(0, len(codes), batch_size):
                 for offset, pixels in enumerate(to_uint8(inverter.synthesize(codes[start : start + batch_size]))):
                     staged.write_png(f"reconstructions/{start + offset:06d}.png", pixels)
-        staged.write_json("index.json", {
-            "encoder": str(encoder) if encoder is not None else None, "bundle": str(bundle) if bundle else None,
-            "faces": {key: str(value) if isinstance(value, Path) else value for key, value in faces.items()},
-            "rows": [{"row": row, **crop.record} for row, crop in enumerate(found.crops)],
-            "skipped": found.skipped, "total_s": round(time.perf_counter() - started, 3),
-        })
+        staged.write_json(
+            "index.json",
+            {
+                "encoder": str(encoder) if encoder is not None else None,
+                "bundle": str(bundle) if bundle else None,
+                "faces": {key: str(value) if isinstance(value, Path) else value for key, value in faces.items()},
+                "rows": [{"row": row, **crop.record} for row, crop in enumerate(found.crops)],
+                "skipped": found.skipped,
+                "total_s": round(time.perf_counter() - started, 3),
+            },
+        )
     for skipped in found.skipped:
         warn(f"skipped {skipped['source']}: {skipped['reason']}")
     say(f"wrote {len(codes)} code(s) from {len(found.crops)} face(s) to {out}/latents.npy (index: {out}/index.json)")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from enum import Enum
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 
@@ -33,36 +32,75 @@ class ServedBackend(str, Enum):
     tensorrt = "tensorrt"
 
 
-RAY_ADDRESS = typer.Option(None, "--ray-address", metavar="ADDRESS", rich_help_panel=CLUSTER,
-                           help="Join a running Ray cluster (`auto`, or host:port). \\[default: start a local one]")
-BACKEND = typer.Option(ServedBackend.onnxruntime, "--backend", rich_help_panel=RESOURCES,
-                       help="Runtime in each replica or worker (tensorrt needs --gpus-per-replica / --gpus-per-worker).")
+RAY_ADDRESS = typer.Option(
+    None,
+    "--ray-address",
+    metavar="ADDRESS",
+    rich_help_panel=CLUSTER,
+    help="Join a running Ray cluster (`auto`, or host:port). \\[default: start a local one]",
+)
+BACKEND = typer.Option(
+    ServedBackend.onnxruntime,
+    "--backend",
+    rich_help_panel=RESOURCES,
+    help="Runtime in each replica or worker (tensorrt needs --gpus-per-replica / --gpus-per-worker).",
+)
 
 
 @app.command("serve", context_settings=POSITIONAL_ARTIFACT)
 @user_errors
 def serve_command(
     context: typer.Context,
-    bundle: Optional[List[Path]] = typer.Option(None, "--bundle", metavar="DIR",
-                                                help="A bundle from `cfdeploy export` (repeatable); each is served under its "
-                                                "directory's name."),
-    host: str = typer.Option("127.0.0.1", "--host", metavar="ADDRESS", help="Address to listen on (0.0.0.0: every interface)."),
+    bundle: list[Path] | None = typer.Option(
+        None,
+        "--bundle",
+        metavar="DIR",
+        help="A bundle from `cfdeploy export` (repeatable); each is served under its directory's name.",
+    ),
+    host: str = typer.Option(
+        "127.0.0.1", "--host", metavar="ADDRESS", help="Address to listen on (0.0.0.0: every interface)."
+    ),
     port: int = typer.Option(8000, "--port", metavar="PORT", help="HTTP port."),
     replicas: int = typer.Option(1, "--replicas", metavar="N", rich_help_panel=RESOURCES, help="Replicas per bundle."),
     backend: ServedBackend = BACKEND,
-    cpus_per_replica: float = typer.Option(1.0, "--cpus-per-replica", metavar="F", rich_help_panel=RESOURCES,
-                                           help="CPUs Ray reserves per replica (ONNX Runtime uses as many threads)."),
-    gpus_per_replica: float = typer.Option(0.0, "--gpus-per-replica", metavar="F", rich_help_panel=RESOURCES,
-                                           help="GPUs per replica; fractions share one (0.5: two replicas per GPU)."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", metavar="B", rich_help_panel=BATCHING,
-                                             help="Most images per generator call, gathered across concurrent requests. "
-                                             "\\[default: 8]"),
-    old_batch_size: Optional[int] = typer.Option(None, "--max-batch", hidden=True),
-    batch_wait_ms: float = typer.Option(10.0, "--batch-wait-ms", metavar="MS", rich_help_panel=BATCHING,
-                                        help="How long a generator call waits for more images to join it."),
-    max_ongoing: int = typer.Option(32, "--max-ongoing", metavar="N", rich_help_panel=BATCHING,
-                                    help="Requests a replica works on at once; as many again per replica may wait, past that 503."),
-    ray_address: Optional[str] = RAY_ADDRESS,
+    cpus_per_replica: float = typer.Option(
+        1.0,
+        "--cpus-per-replica",
+        metavar="F",
+        rich_help_panel=RESOURCES,
+        help="CPUs Ray reserves per replica (ONNX Runtime uses as many threads).",
+    ),
+    gpus_per_replica: float = typer.Option(
+        0.0,
+        "--gpus-per-replica",
+        metavar="F",
+        rich_help_panel=RESOURCES,
+        help="GPUs per replica; fractions share one (0.5: two replicas per GPU).",
+    ),
+    batch_size: int | None = typer.Option(
+        None,
+        "--batch-size",
+        "-b",
+        metavar="B",
+        rich_help_panel=BATCHING,
+        help="Most images per generator call, gathered across concurrent requests. \\[default: 8]",
+    ),
+    old_batch_size: int | None = typer.Option(None, "--max-batch", hidden=True),
+    batch_wait_ms: float = typer.Option(
+        10.0,
+        "--batch-wait-ms",
+        metavar="MS",
+        rich_help_panel=BATCHING,
+        help="How long a generator call waits for more images to join it.",
+    ),
+    max_ongoing: int = typer.Option(
+        32,
+        "--max-ongoing",
+        metavar="N",
+        rich_help_panel=BATCHING,
+        help="Requests a replica works on at once; as many again per replica may wait, past that 503.",
+    ),
+    ray_address: str | None = RAY_ADDRESS,
 ) -> None:
     """Serve bundles over HTTP with dynamic batching and replicas on Ray Serve, until Ctrl-C.
 
@@ -78,13 +116,25 @@ def serve_command(
     if not bundles:
         raise CfdeployError("give --bundle DIR (once per bundle to serve)")
     max_batch = retired("--max-batch", old_batch_size, "--batch-size", batch_size) or DEFAULT_SERVED_BATCH
-    settings = ServeSettings(tuple(bundles), backend.value, replicas, max_batch, batch_wait_ms, max_ongoing,
-                             cpus_per_replica, gpus_per_replica, host, port)
+    settings = ServeSettings(
+        tuple(bundles),
+        backend.value,
+        replicas,
+        max_batch,
+        batch_wait_ms,
+        max_ongoing,
+        cpus_per_replica,
+        gpus_per_replica,
+        host,
+        port,
+    )
     with console.status("starting Ray Serve and loading the bundles"):
         server = Server(settings, ray_address)
     with server:
-        say(f"serving {', '.join(path.resolve().name for path in bundles)} at {server.url} "
-            f"({replicas} replica(s) each, {backend.value}); Ctrl-C stops")
+        say(
+            f"serving {', '.join(path.resolve().name for path in bundles)} at {server.url} "
+            f"({replicas} replica(s) each, {backend.value}); Ctrl-C stops"
+        )
         try:
             while True:
                 time.sleep(1)
@@ -96,22 +146,47 @@ def serve_command(
 @user_errors
 def batch_command(
     context: typer.Context,
-    bundle: Optional[Path] = typer.Option(None, "--bundle", metavar="DIR", help="Bundle from `cfdeploy export`."),
-    latents: str = typer.Option(..., "--latents", "-l", metavar="SHARDS", help="A directory of .npy shards, or a glob ('shards/*.npy')."),
-    text: Optional[str] = typer.Option(None, "--text", "-t", metavar="PROMPT", help="Prompt to edit toward."),
-    text_embedding: Optional[Path] = typer.Option(None, "--text-embedding", metavar="FILE",
-                                                  help=".npy of unnormalised CLIP text features [512] for every code; bypasses CLIP."),
-    out: Path = typer.Option(..., "--out", "-o", metavar="DIR", help="OUT/<shard>/000000.png …, latents.npy; OUT/_done/<shard>.json."),
+    bundle: Path | None = typer.Option(None, "--bundle", metavar="DIR", help="Bundle from `cfdeploy export`."),
+    latents: str = typer.Option(
+        ..., "--latents", "-l", metavar="SHARDS", help="A directory of .npy shards, or a glob ('shards/*.npy')."
+    ),
+    text: str | None = typer.Option(None, "--text", "-t", metavar="PROMPT", help="Prompt to edit toward."),
+    text_embedding: Path | None = typer.Option(
+        None,
+        "--text-embedding",
+        metavar="FILE",
+        help=".npy of unnormalised CLIP text features [512] for every code; bypasses CLIP.",
+    ),
+    out: Path = typer.Option(
+        ..., "--out", "-o", metavar="DIR", help="OUT/<shard>/000000.png …, latents.npy; OUT/_done/<shard>.json."
+    ),
     strength: float = typer.Option(1.0, "--strength", "-s", metavar="S", help="Edit strength (1 = official)."),
-    workers: int = typer.Option(2, "--workers", metavar="N", rich_help_panel=RESOURCES, help="Actors, each with the bundle loaded once."),
-    batch_size: int = typer.Option(DEFAULT_BATCH_SIZE, "--batch-size", "-b", metavar="B", rich_help_panel=RESOURCES, help="Codes per generator call."),
+    workers: int = typer.Option(
+        2, "--workers", metavar="N", rich_help_panel=RESOURCES, help="Actors, each with the bundle loaded once."
+    ),
+    batch_size: int = typer.Option(
+        DEFAULT_BATCH_SIZE,
+        "--batch-size",
+        "-b",
+        metavar="B",
+        rich_help_panel=RESOURCES,
+        help="Codes per generator call.",
+    ),
     backend: ServedBackend = BACKEND,
-    cpus_per_worker: float = typer.Option(1.0, "--cpus-per-worker", metavar="F", rich_help_panel=RESOURCES,
-                                          help="CPUs Ray reserves per worker (ONNX Runtime uses as many threads)."),
-    gpus_per_worker: float = typer.Option(0.0, "--gpus-per-worker", metavar="F", rich_help_panel=RESOURCES,
-                                          help="GPUs per worker; fractions share one."),
-    force: bool = typer.Option(False, "--force", "-f", help="Write into a DIR from another run or of other files, redoing every shard."),
-    ray_address: Optional[str] = RAY_ADDRESS,
+    cpus_per_worker: float = typer.Option(
+        1.0,
+        "--cpus-per-worker",
+        metavar="F",
+        rich_help_panel=RESOURCES,
+        help="CPUs Ray reserves per worker (ONNX Runtime uses as many threads).",
+    ),
+    gpus_per_worker: float = typer.Option(
+        0.0, "--gpus-per-worker", metavar="F", rich_help_panel=RESOURCES, help="GPUs per worker; fractions share one."
+    ),
+    force: bool = typer.Option(
+        False, "--force", "-f", help="Write into a DIR from another run or of other files, redoing every shard."
+    ),
+    ray_address: str | None = RAY_ADDRESS,
 ) -> None:
     """Edit every latent of a dataset of .npy shards on a Ray cluster, each image exactly once.
 
@@ -124,8 +199,19 @@ def batch_command(
     from cfdeploy.serving.batch import BatchSettings, plan_batch, run_batch
 
     bundle = artifact("--bundle", bundle, context)
-    settings = BatchSettings(bundle, latents, text, out, text_embedding, strength, backend.value, workers, batch_size,
-                             cpus_per_worker, gpus_per_worker)
+    settings = BatchSettings(
+        bundle,
+        latents,
+        text,
+        out,
+        text_embedding,
+        strength,
+        backend.value,
+        workers,
+        batch_size,
+        cpus_per_worker,
+        gpus_per_worker,
+    )
     plan = plan_batch(settings, force)
     for shard, reason in plan.redone.items():
         warn(f"redoing shard {shard}: {reason}")
@@ -145,7 +231,10 @@ def batch_command(
         try:
             summary = run_batch(plan, ray_address=ray_address, on_shard=landed)
         except KeyboardInterrupt:
-            raise fail(f"interrupted; finished shards are recorded in {out}/_done: rerun the same command to resume",
-                       130) from None
-    say(f"{summary.edited} shard(s) edited ({summary.images} images), {summary.skipped} already done, of "
-        f"{summary.shards}, in {summary.seconds:.1f}s; completion records in {out}/_done")
+            raise fail(
+                f"interrupted; finished shards are recorded in {out}/_done: rerun the same command to resume", 130
+            ) from None
+    say(
+        f"{summary.edited} shard(s) edited ({summary.images} images), {summary.skipped} already done, of "
+        f"{summary.shards}, in {summary.seconds:.1f}s; completion records in {out}/_done"
+    )

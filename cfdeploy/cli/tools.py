@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, List
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -17,7 +17,7 @@ from cfdeploy.cli.common import app, console, plain, say, user_errors
 @app.command("embed")
 @user_errors
 def embed_command(
-    prompts: List[str] = typer.Argument(..., metavar="PROMPT...", help="One or more prompts."),
+    prompts: list[str] = typer.Argument(..., metavar="PROMPT...", help="One or more prompts."),
     clip_weights: Path = typer.Option(..., "--clip-weights", metavar="FILE", help="CLIP ViT-B/32 weights file."),
     out: Path = typer.Option(..., "--out", "-o", metavar="FILE", help="Output .npy: float32 [N,512], unnormalised."),
     device: str = typer.Option("cpu", "--device", metavar="DEVICE", help="cpu, cuda or cuda:N."),
@@ -40,7 +40,9 @@ def _cell(value: Any) -> Text:
     if isinstance(value, dict) and all(isinstance(entry, str) for entry in value.values()):
         value = "\n".join(f"{name}: {entry}" for name, entry in value.items()) or "-"
     elif isinstance(value, dict):
-        value = ", ".join(f"{name} {count:,}" if isinstance(count, int) else f"{name} {count}" for name, count in value.items())
+        value = ", ".join(
+            f"{name} {count:,}" if isinstance(count, int) else f"{name} {count}" for name, count in value.items()
+        )
     elif isinstance(value, list):
         value = ", ".join(map(str, value)) or "-"
     return Text(plain(value))
@@ -49,7 +51,9 @@ def _cell(value: Any) -> Text:
 @app.command("inspect")
 @user_errors
 def inspect_command(
-    file: Path = typer.Argument(..., metavar="PATH", help="Checkpoint, CLIP weights, latents/embedding array, or bundle directory."),
+    file: Path = typer.Argument(
+        ..., metavar="PATH", help="Checkpoint, CLIP weights, latents/embedding array, or bundle directory."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Say what a file is: kind, resolution, levels, trained prompt, mapper groups, parameter counts; for a

@@ -106,7 +106,9 @@ def load_image(path: Path) -> tuple[Image.Image, str]:
     """The source image and the sha256 of its file; tiny images are refused."""
     image = load_photo(path)
     if min(image.size) < MIN_IMAGE_SIDE:
-        raise CfdeployError(f"{path}: {image.size[0]}x{image.size[1]} pixels; DAC needs at least {MIN_IMAGE_SIDE} on each side")
+        raise CfdeployError(
+            f"{path}: {image.size[0]}x{image.size[1]} pixels; DAC needs at least {MIN_IMAGE_SIDE} on each side"
+        )
     return image, hashlib.sha256(path.read_bytes()).hexdigest()
 
 
@@ -198,13 +200,17 @@ class Checkpoint:
     optimizer: dict[str, Any] = field(default_factory=dict)
 
     def save(self, path: Path) -> None:
-        content = {entry.name: getattr(self, entry.name) for entry in fields(self)}  # asdict would deep-copy the tensors
+        content = {
+            entry.name: getattr(self, entry.name) for entry in fields(self)
+        }  # asdict would deep-copy the tensors
         write_atomic(path, lambda stream: torch.save(content, stream))
 
     @classmethod
     def read(cls, path: Path) -> Checkpoint:
         if not path.is_file():
-            raise CfdeployError(f"{path.parent}: nothing to resume (no {CHECKPOINT}; a run saves one every --save-every steps)")
+            raise CfdeployError(
+                f"{path.parent}: nothing to resume (no {CHECKPOINT}; a run saves one every --save-every steps)"
+            )
         content = safe_torch_load(path)
         try:
             return cls(**content)
@@ -216,22 +222,33 @@ def _identity(
     settings: AbductSettings, image_sha256: str, info: BaseModelInfo, reused_unet: Path | None, device: str
 ) -> dict[str, Any]:
     """What must not change between a run and its resumption (another device draws other rounding, so it counts too)."""
-    return {"settings": {key: value for key, value in asdict(settings).items() if key != "save_every"},
-            "image_sha256": image_sha256, "base_model": info.files_sha256,
-            "unet_lora": hashlib.sha256(reused_unet.read_bytes()).hexdigest() if reused_unet else None,
-            "device": torch.device(device).type}
+    return {
+        "settings": {key: value for key, value in asdict(settings).items() if key != "save_every"},
+        "image_sha256": image_sha256,
+        "base_model": info.files_sha256,
+        "unet_lora": hashlib.sha256(reused_unet.read_bytes()).hexdigest() if reused_unet else None,
+        "device": torch.device(device).type,
+    }
 
 
 def _check_resumable(checkpoint: Checkpoint, identity: dict[str, Any], source: Path) -> None:
     differing = [key for key in identity if checkpoint.identity.get(key) != identity[key]]
     if "settings" in differing:
         saved, current = checkpoint.identity.get("settings") or {}, identity["settings"]
-        shown = ", ".join(f"{key} {saved.get(key)!r} → {current[key]!r}" for key in current if saved.get(key) != current[key])
+        shown = ", ".join(
+            f"{key} {saved.get(key)!r} → {current[key]!r}" for key in current if saved.get(key) != current[key]
+        )
         raise CfdeployError(f"{source}: --resume needs the settings of the interrupted run; these differ: {shown}")
     if differing:
-        named = {"image_sha256": "the image", "base_model": "the base model's weights", "unet_lora": "the --unet-lora run's U",
-                 "device": f"the device type ({checkpoint.identity.get('device')} → {identity['device']})"}
-        raise CfdeployError(f"{source}: --resume needs the inputs of the interrupted run; {named[differing[0]]} changed")
+        named = {
+            "image_sha256": "the image",
+            "base_model": "the base model's weights",
+            "unet_lora": "the --unet-lora run's U",
+            "device": f"the device type ({checkpoint.identity.get('device')} → {identity['device']})",
+        }
+        raise CfdeployError(
+            f"{source}: --resume needs the inputs of the interrupted run; {named[differing[0]]} changed"
+        )
 
 
 def _model_of(base: BaseModel, phase: Phase) -> torch.nn.Module:
@@ -282,7 +299,9 @@ def abduct(
             lora.add_adapter(_model_of(base, phase), phase.adapter, seed=settings.seed)
         for index, phase in enumerate(all_phases[: checkpoint.phase]):
             source = reused_unet if index == 0 and reused_unet and not resume else out / phase.file
-            lora.fill_adapter(_model_of(base, phase), phase.adapter.name, lora.read_adapter(source, phase.adapter.name)[1], source)
+            lora.fill_adapter(
+                _model_of(base, phase), phase.adapter.name, lora.read_adapter(source, phase.adapter.name)[1], source
+            )
         if not resume:
             _empty_directory(out)
             if reused_unet:
@@ -309,7 +328,10 @@ def abduct(
             "image_sha256": image_sha256,
             "settings": asdict(settings),
             "unet_lora_from": str(inputs.unet_lora_run) if inputs.unet_lora_run else None,
-            "adapted_layers": {phase.adapter.name: len(lora.lora_layers(_model_of(base, phase), phase.adapter.name)) for phase in all_phases},
+            "adapted_layers": {
+                phase.adapter.name: len(lora.lora_layers(_model_of(base, phase), phase.adapter.name))
+                for phase in all_phases
+            },
             "losses": checkpoint.losses,
             "device": device,
             "versions": versions(),
@@ -320,7 +342,11 @@ def abduct(
 
 
 def _fit(
-    abduction: Abduction, all_phases: list[Phase], index: int, checkpoint: Checkpoint, checkpoint_path: Path,
+    abduction: Abduction,
+    all_phases: list[Phase],
+    index: int,
+    checkpoint: Checkpoint,
+    checkpoint_path: Path,
     on_progress: Callable[[Progress], None],
 ) -> None:
     """Fit phase ``index`` from where ``checkpoint`` stands, saving every ``save_every`` steps."""
@@ -353,7 +379,9 @@ def _fit(
         progress = Progress(phase.name, step, phase.steps, value, time.perf_counter() - started)
         if step % settings.save_every == 0 and step < phase.steps and _all_finite(parameters):
             adapter = {f"{number}": parameter.detach().cpu().clone() for number, parameter in enumerate(parameters)}
-            Checkpoint(index, step, checkpoint.losses, checkpoint.identity, adapter, optimizer.state_dict()).save(checkpoint_path)
+            Checkpoint(index, step, checkpoint.losses, checkpoint.identity, adapter, optimizer.state_dict()).save(
+                checkpoint_path
+            )
             last_saved = step
         on_progress(progress)
 

@@ -56,7 +56,9 @@ class BaseModelInfo:
 
 def _read_config(path: Path) -> dict[str, Any]:
     if not path.is_file():
-        raise CfdeployError(f"{path}: missing (a diffusers Stable Diffusion folder has unet/, text_encoder/, vae/, tokenizer/, scheduler/)")
+        raise CfdeployError(
+            f"{path}: missing (a diffusers Stable Diffusion folder has unet/, text_encoder/, vae/, tokenizer/, scheduler/)"
+        )
     return read_json_object(path, "a diffusers config", MAX_CONFIG_BYTES)
 
 
@@ -88,14 +90,18 @@ def _check_unet(config: dict[str, Any], source: Path, text_hidden: int) -> None:
             f"hidden size {text_hidden}: unet/ and text_encoder/ come from different models"
         )
     if config.get("in_channels") != config.get("out_channels"):
-        raise CfdeployError(f"{source}: {config.get('in_channels')} input and {config.get('out_channels')} output channels "
-                            "(an inpainting or depth UNet?); DAC needs a text-to-image UNet")
+        raise CfdeployError(
+            f"{source}: {config.get('in_channels')} input and {config.get('out_channels')} output channels "
+            "(an inpainting or depth UNet?); DAC needs a text-to-image UNet"
+        )
 
 
 def inspect_base_model(path: Path) -> BaseModelInfo:
     """Check ``path`` is a usable base model and hash its weight files; loads no weights."""
     if not path.is_dir():
-        raise CfdeployError(f"{path}: not a directory (--base-model is a local diffusers folder, e.g. stable-diffusion-2-1-base)")
+        raise CfdeployError(
+            f"{path}: not a directory (--base-model is a local diffusers folder, e.g. stable-diffusion-2-1-base)"
+        )
     configs: dict[str, dict[str, Any]] = {}
     weights: dict[str, Path] = {}
     for part, (class_name, file_name) in WEIGHTED_PARTS.items():
@@ -115,12 +121,20 @@ def inspect_base_model(path: Path) -> BaseModelInfo:
     configs["scheduler"] = scheduler
     for name in TOKENIZER_FILES:
         if not (path / "tokenizer" / name).is_file():
-            raise CfdeployError(f"{path / 'tokenizer' / name}: missing (a CLIP tokenizer has vocab.json and merges.txt)")
+            raise CfdeployError(
+                f"{path / 'tokenizer' / name}: missing (a CLIP tokenizer has vocab.json and merges.txt)"
+            )
     _check_unet(configs["unet"], path / "unet" / "config.json", int(configs["text_encoder"].get("hidden_size", -1)))
-    decisive = [*weights.values(), *(path / part / "config.json" for part in WEIGHTED_PARTS), path / SCHEDULER_CONFIG,
-                *sorted(entry for entry in (path / "tokenizer").iterdir() if entry.is_file()),
-                *([path / MODEL_INDEX] if (path / MODEL_INDEX).is_file() else [])]
-    return BaseModelInfo(path.resolve(), configs, {file.relative_to(path).as_posix(): sha256_file(file) for file in decisive})
+    decisive = [
+        *weights.values(),
+        *(path / part / "config.json" for part in WEIGHTED_PARTS),
+        path / SCHEDULER_CONFIG,
+        *sorted(entry for entry in (path / "tokenizer").iterdir() if entry.is_file()),
+        *([path / MODEL_INDEX] if (path / MODEL_INDEX).is_file() else []),
+    ]
+    return BaseModelInfo(
+        path.resolve(), configs, {file.relative_to(path).as_posix(): sha256_file(file) for file in decisive}
+    )
 
 
 def check_same_base_model(info: BaseModelInfo, recorded: Any, source: Path) -> None:
@@ -129,7 +143,11 @@ def check_same_base_model(info: BaseModelInfo, recorded: Any, source: Path) -> N
     if not isinstance(recorded_sha, dict):
         raise CfdeployError(f"{source}: records no base-model files (written by an older cfdeploy?); abduct it again")
     if recorded_sha != info.files_sha256:
-        differing = sorted(name for name in {*recorded_sha, *info.files_sha256} if recorded_sha.get(name) != info.files_sha256.get(name))
+        differing = sorted(
+            name
+            for name in {*recorded_sha, *info.files_sha256}
+            if recorded_sha.get(name) != info.files_sha256.get(name)
+        )
         raise CfdeployError(
             f"{source}: was fitted to another base model ({recorded.get('path')}); "
             f"{', '.join(differing[:4])}{' …' if len(differing) > 4 else ''} in {info.path} differ"
@@ -149,7 +167,11 @@ class BaseModel:
     def tokens(self, prompt: str) -> Any:
         """Token ids ``[1, 77]``, padded and truncated as the official scripts tokenise."""
         return self.tokenizer(
-            [prompt], max_length=self.tokenizer.model_max_length, padding="max_length", truncation=True, return_tensors="pt"
+            [prompt],
+            max_length=self.tokenizer.model_max_length,
+            padding="max_length",
+            truncation=True,
+            return_tensors="pt",
         ).input_ids
 
     def check_prompt(self, prompt: str, option: str) -> None:
@@ -173,8 +195,12 @@ def load_base_model(info: BaseModelInfo, device: str = "cpu") -> BaseModel:
     diffusers_logging.set_verbosity_error()
     transformers_logging.set_verbosity_error()
     transformers_logging.disable_progress_bar()
-    options: dict[str, Any] = {"use_safetensors": True, "local_files_only": True, "torch_dtype": torch.float32,
-                               "output_loading_info": True}
+    options: dict[str, Any] = {
+        "use_safetensors": True,
+        "local_files_only": True,
+        "torch_dtype": torch.float32,
+        "output_loading_info": True,
+    }
     path = info.path
     parts: list[Any] = []
     try:

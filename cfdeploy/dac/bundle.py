@@ -68,9 +68,13 @@ class DacBundle:
             path, MANIFEST, "a cfdeploy DAC bundle", "make one with cfdeploy dac export", expect_manifest
         )
         if manifest.get("format") != BUNDLE_FORMAT:
-            raise CfdeployError(f"{manifest_path}: not a cfdeploy DAC bundle manifest (format {show(manifest.get('format'))})")
+            raise CfdeployError(
+                f"{manifest_path}: not a cfdeploy DAC bundle manifest (format {show(manifest.get('format'))})"
+            )
         if manifest.get("format_version") != FORMAT_VERSION:
-            raise CfdeployError(f"{manifest_path}: format version {show(manifest.get('format_version'))}, this cfdeploy reads {FORMAT_VERSION}")
+            raise CfdeployError(
+                f"{manifest_path}: format version {show(manifest.get('format_version'))}, this cfdeploy reads {FORMAT_VERSION}"
+            )
         files = check_file_table(path, manifest.get("files"), manifest_path)
         expected = {TOKENS, EMBEDDINGS, SCHEDULER_CONFIG, *(f"{name}.onnx" for name in NETWORKS)}
         missing = sorted(expected - set(files))
@@ -81,16 +85,25 @@ class DacBundle:
         self.manifest = manifest
         self.files = VerifiedFiles(path, MANIFEST, files)
         run = manifest.get("run")
-        self.settings = AbductSettings.from_manifest(run.get("settings") if isinstance(run, dict) else None, manifest_path)
+        self.settings = AbductSettings.from_manifest(
+            run.get("settings") if isinstance(run, dict) else None, manifest_path
+        )
         latent_shape = manifest.get("latent_shape")
-        if not (isinstance(latent_shape, list) and len(latent_shape) == 3
-                and all(type(value) is int and 0 < value <= 4096 for value in latent_shape)):
-            raise CfdeployError(f"{manifest_path}: latent_shape is {show(latent_shape)}, expected [channels, side, side] of positive integers")
+        if not (
+            isinstance(latent_shape, list)
+            and len(latent_shape) == 3
+            and all(type(value) is int and 0 < value <= 4096 for value in latent_shape)
+        ):
+            raise CfdeployError(
+                f"{manifest_path}: latent_shape is {show(latent_shape)}, expected [channels, side, side] of positive integers"
+            )
         self.latent_shape: tuple[int, ...] = tuple(latent_shape)
         unet = manifest.get("unet")
         self.unet_mode = unet.get("mode") if isinstance(unet, dict) else None
         if self.unet_mode not in UNET_MODES:
-            raise CfdeployError(f"{manifest_path}: unet.mode is {show(self.unet_mode)}, expected one of {', '.join(UNET_MODES)}")
+            raise CfdeployError(
+                f"{manifest_path}: unet.mode is {show(self.unet_mode)}, expected one of {', '.join(UNET_MODES)}"
+            )
 
     @property
     def contracts(self) -> dict[str, NetworkContract]:
@@ -99,7 +112,9 @@ class DacBundle:
         hidden = int(self.array(EMBEDDINGS).shape[-1])
         contracts = dac_contracts(channels, side, self.settings.resolution, hidden, self.unet_mode == "scale-input")
         if {name: contract.as_dict() for name, contract in contracts.items()} != self.manifest.get("networks"):
-            raise CfdeployError(f"{self.path / MANIFEST}: its network contracts differ from this cfdeploy's (another version?)")
+            raise CfdeployError(
+                f"{self.path / MANIFEST}: its network contracts differ from this cfdeploy's (another version?)"
+            )
         return contracts
 
     def graph_sha256(self, network: str) -> str:
@@ -120,15 +135,23 @@ class DacBundle:
         except (UnicodeDecodeError, ValueError, RecursionError) as error:
             raise CfdeployError(f"{self.path / SCHEDULER_CONFIG}: not a JSON scheduler config ({error})") from None
         if not isinstance(config, dict):
-            raise CfdeployError(f"{self.path / SCHEDULER_CONFIG}: expected a JSON object, found {type(config).__name__}")
+            raise CfdeployError(
+                f"{self.path / SCHEDULER_CONFIG}: expected a JSON object, found {type(config).__name__}"
+            )
         return config
 
 
-def onnxruntime_networks(bundle: DacBundle, device: str = "cpu", unet_weights: dict[str, np.ndarray] | None = None,
-                         threads: int | None = None) -> Sessions:
+def onnxruntime_networks(
+    bundle: DacBundle,
+    device: str = "cpu",
+    unet_weights: dict[str, np.ndarray] | None = None,
+    threads: int | None = None,
+) -> Sessions:
     """The bundle's graphs as ONNX Runtime sessions; ``unet_weights`` (another run's U, by initializer name) replace
     the UNet graph's own, as a TensorRT refit does."""
-    return Sessions(bundle.graph, device, threads=threads, initializers={"unet": unet_weights} if unet_weights else None)
+    return Sessions(
+        bundle.graph, device, threads=threads, initializers={"unet": unet_weights} if unet_weights else None
+    )
 
 
 class BundleSampler:
@@ -138,10 +161,18 @@ class BundleSampler:
     the networks (by default the bundle's own, at ``settings.beta``).
     """
 
-    def __init__(self, bundle: DacBundle, settings: PredictSettings, networks: Callable[..., np.ndarray], eta: float,
-                 context: np.ndarray | None = None) -> None:
+    def __init__(
+        self,
+        bundle: DacBundle,
+        settings: PredictSettings,
+        networks: Callable[..., np.ndarray],
+        eta: float,
+        context: np.ndarray | None = None,
+    ) -> None:
         if settings.scheduler != "pndm":
-            raise CfdeployError(f"--scheduler {settings.scheduler}: a bundle samples with the base model's PNDM scheduler only")
+            raise CfdeployError(
+                f"--scheduler {settings.scheduler}: a bundle samples with the base model's PNDM scheduler only"
+            )
         self.bundle = bundle
         self.settings = settings
         self.networks = networks
@@ -152,7 +183,9 @@ class BundleSampler:
         """(uncond, cond) ``[2, 77, D]`` with Δ at −β: the shipped ones at β = 1, else from the text encoder graph."""
         if beta == 1.0:
             return self.bundle.array(EMBEDDINGS)
-        return self.networks("text_encoder", tokens=self.bundle.array(TOKENS), text_lora_scale=np.array([-beta], np.float32))
+        return self.networks(
+            "text_encoder", tokens=self.bundle.array(TOKENS), text_lora_scale=np.array([-beta], np.float32)
+        )
 
     @property
     def latent_shape(self) -> tuple[int, ...]:
@@ -160,14 +193,19 @@ class BundleSampler:
 
     def seeded_latents(self, seed: int) -> tuple[np.ndarray, str]:
         channels, side, _ = self.bundle.latent_shape
-        return noise_latents(seed, channels, side), f"torch.Generator(cpu) seed {seed} (numpy, ATen's {aten_cpu_kernel()} kernel)"
+        return noise_latents(
+            seed, channels, side
+        ), f"torch.Generator(cpu) seed {seed} (numpy, ATen's {aten_cpu_kernel()} kernel)"
 
     def sample(self, latents: np.ndarray, on_call: Callable[[int], None]) -> np.ndarray:
         scheduler = PlmsScheduler(self.bundle.scheduler_config())
         for timestep in scheduler.set_timesteps(self.settings.steps):
             on_call(int(timestep))
-            feed = {"sample": np.concatenate([latents, latents]), "timestep": np.array([timestep], np.float32),
-                    "encoder_hidden_states": self.context}
+            feed = {
+                "sample": np.concatenate([latents, latents]),
+                "timestep": np.array([timestep], np.float32),
+                "encoder_hidden_states": self.context,
+            }
             if self.bundle.unet_mode == "scale-input":
                 feed["lora_scale"] = np.array([anneal(int(timestep), self.eta)], np.float32)
             noise_uncond, noise_cond = self.networks("unet", **feed)
@@ -178,17 +216,23 @@ class BundleSampler:
         return unit
 
 
-def refit_inputs(bundle: DacBundle, run_path: Path, settings: PredictSettings) -> tuple[AbductSettings, dict[str, np.ndarray], np.ndarray]:
+def refit_inputs(
+    bundle: DacBundle, run_path: Path, settings: PredictSettings
+) -> tuple[AbductSettings, dict[str, np.ndarray], np.ndarray]:
     """Another run's settings, U as engine weights for the bundle's UNet, and its stored embeddings (uncond, cond)."""
     refit = bundle.manifest["unet"].get("refit")
     if bundle.unet_mode != "scale-input" or not isinstance(refit, dict) or not isinstance(refit.get("weights"), dict):
-        raise CfdeployError(f"{bundle.path}: its UNet has U merged in; a refit with another run's U needs a scale-input bundle")
+        raise CfdeployError(
+            f"{bundle.path}: its UNet has U merged in; a refit with another run's U needs a scale-input bundle"
+        )
     run = read_run(run_path)
     recorded = bundle.manifest["run"].get("base_model")
     if not isinstance(recorded, dict) or run.manifest["base_model"].get("files_sha256") != recorded.get("files_sha256"):
         raise CfdeployError(f"{run_path}: was fitted to another base model than {bundle.path}'s")
     if settings.beta != 1.0:
-        raise CfdeployError(f"--run samples {run_path}'s stored embeddings (β 1); for --beta {settings.beta} export that run")
+        raise CfdeployError(
+            f"--run samples {run_path}'s stored embeddings (β 1); for --beta {settings.beta} export that run"
+        )
     unet_lora, _ = read_tensors(run.file(UNET_LORA))
     weights = refit_weights(refit["weights"], unet_lora, run.file(UNET_LORA))
     hidden = bundle.array(EMBEDDINGS).shape[1:]

@@ -89,13 +89,17 @@ def edit(
             from cfdeploy.dac.predict import open_run
 
             if backend not in (None, "torch") or refit_run is not None:
-                raise CfdeployError(f"{source}: a run samples with PyTorch; export it (cfdeploy dac export) for --backend {backend or 'tensorrt'} or to sample it on a bundle")
+                raise CfdeployError(
+                    f"{source}: a run samples with PyTorch; export it (cfdeploy dac export) for "
+                    f"--backend {backend or 'tensorrt'} or to sample it on a bundle"
+                )
             sampler, described = open_run(source, settings, base_model, device or "cpu", on_stage)
         else:
             if base_model is not None:
                 raise CfdeployError(f"{source}: a bundle carries its own graphs; --base-model is for runs")
-            sampler, described = open_bundle(source, settings, device, on_stage, backend or "onnxruntime", refit_run,
-                                             expect_manifest)
+            sampler, described = open_bundle(
+                source, settings, device, on_stage, backend or "onnxruntime", refit_run, expect_manifest
+            )
         samples = seeded_draws(sampler, settings) if noise_file is None else noise_file.draws(sampler.latent_shape)
         on_stage("sampling")
         images: list[np.ndarray] = []
@@ -113,17 +117,27 @@ def edit(
         recorded = asdict(settings)
         if noise_file is not None:  # the file's latents were sampled, no seed
             recorded.update(seed=None, samples=len(samples))
-        report = {**described, "settings": recorded, "seeds": None if noise_file else settings.seeds,
-                  "noise": [draw.source for draw in samples], "unet_timesteps": list(timesteps),
-                  "seconds_per_sample": seconds, "versions": versions()}
+        report = {
+            **described,
+            "settings": recorded,
+            "seeds": None if noise_file else settings.seeds,
+            "noise": [draw.source for draw in samples],
+            "unet_timesteps": list(timesteps),
+            "seconds_per_sample": seconds,
+            "versions": versions(),
+        }
         staged.write_json("edit.json", report)
     return report
 
 
-
 def open_bundle(
-    path: Path, settings: PredictSettings, device: str | None, on_stage: Callable[[str], None], backend: str = "onnxruntime",
-    refit_run: Path | None = None, expect_manifest: str | None = None,
+    path: Path,
+    settings: PredictSettings,
+    device: str | None,
+    on_stage: Callable[[str], None],
+    backend: str = "onnxruntime",
+    refit_run: Path | None = None,
+    expect_manifest: str | None = None,
 ) -> tuple[BundleSampler, dict[str, Any]]:
     """A sampler for the bundle at ``path`` (sampling ``refit_run`` instead, its U in place of the bundle's), and
     what ``edit.json`` records of it."""
@@ -145,6 +159,10 @@ def open_bundle(
         networks = onnxruntime_networks(bundle, device or "cpu", weights)
         described = networks.describe()
     sampler = BundleSampler(bundle, settings, networks, sampled.eta, context)
-    return sampler, {"bundle": str(path), **described, "unet_mode": bundle.unet_mode,
-                     "refit_run": str(refit_run) if refit_run else None,
-                     **{key: getattr(sampled, key) for key in DESCRIBED_SETTINGS}}
+    return sampler, {
+        "bundle": str(path),
+        **described,
+        "unet_mode": bundle.unet_mode,
+        "refit_run": str(refit_run) if refit_run else None,
+        **{key: getattr(sampled, key) for key in DESCRIBED_SETTINGS},
+    }

@@ -34,8 +34,9 @@ def build_settings(network: str, rebuild: bool) -> BuildSettings:
     return BuildSettings(profile=BatchProfile(batch, batch, batch), rebuild=rebuild)
 
 
-def build_dac_engines(bundle_path: Path, rebuild: bool = False, report: Callable[[str], None] = lambda message: None,
-                      device: str = "cuda") -> list[BuiltEngine]:
+def build_dac_engines(
+    bundle_path: Path, rebuild: bool = False, report: Callable[[str], None] = lambda message: None, device: str = "cuda"
+) -> list[BuiltEngine]:
     """Build (or keep, when their keys match) the engines of a DAC bundle under ``BUNDLE/tensorrt``, on GPU ``device``."""
     DacBundle(bundle_path)  # a clear error for a wrong path before any lock file is made
     _, gpu = use_gpu(device)
@@ -44,9 +45,13 @@ def build_dac_engines(bundle_path: Path, rebuild: bool = False, report: Callable
         contracts = bundle.contracts
         engines = engine_dir(bundle_path)
         engines.mkdir(exist_ok=True)
-        wanted = [wanted_key(contracts[name], bundle.graph_sha256(name), build_settings(name, rebuild), gpu) for name in NETWORKS]
-        return build_wanted(engines, wanted, contracts, bundle.graph, lambda name: build_settings(name, rebuild), rebuild,
-                            report)
+        wanted = [
+            wanted_key(contracts[name], bundle.graph_sha256(name), build_settings(name, rebuild), gpu)
+            for name in NETWORKS
+        ]
+        return build_wanted(
+            engines, wanted, contracts, bundle.graph, lambda name: build_settings(name, rebuild), rebuild, report
+        )
 
 
 def refit_unet(engine: trt.ICudaEngine, weights: dict[str, np.ndarray]) -> None:
@@ -55,22 +60,34 @@ def refit_unet(engine: trt.ICudaEngine, weights: dict[str, np.ndarray]) -> None:
     refittable = set(refitter.get_all_weights())
     absent = sorted(set(weights) - refittable)
     if absent:
-        raise CfdeployError(f"the UNet engine has no refittable weight {absent[0]} ({len(absent)} of U's tensors); "
-                            "rebuild it with cfdeploy dac build-engines --rebuild")
+        raise CfdeployError(
+            f"the UNet engine has no refittable weight {absent[0]} ({len(absent)} of U's tensors); "
+            "rebuild it with cfdeploy dac build-engines --rebuild"
+        )
     for name, value in weights.items():
         if not refitter.set_named_weights(name, trt.Weights(value)):
             raise CfdeployError(f"the UNet engine refused the refit weight {name} of shape {value.shape}")
     missing = refitter.get_missing_weights()
     if missing or not refitter.refit_cuda_engine():
-        raise CfdeployError(f"the UNet engine's refit failed (weights still missing: {', '.join(missing[:4]) or 'none'})")
+        raise CfdeployError(
+            f"the UNet engine's refit failed (weights still missing: {', '.join(missing[:4]) or 'none'})"
+        )
 
 
-def tensorrt_networks(bundle: DacBundle, device: str = "cuda", unet_weights: dict[str, np.ndarray] | None = None) -> EngineSet:
+def tensorrt_networks(
+    bundle: DacBundle, device: str = "cuda", unet_weights: dict[str, np.ndarray] | None = None
+) -> EngineSet:
     """The bundle's engines on one CUDA stream with CUDA graphs; U refitted from ``unet_weights`` if given."""
     refit = {"unet": lambda engine: refit_unet(engine, unet_weights)} if unet_weights else None
-    return EngineSet(engine_dir(bundle.path), bundle.contracts, bundle.graph_sha256, device, cuda_graphs=True, prepare=refit)
+    return EngineSet(
+        engine_dir(bundle.path), bundle.contracts, bundle.graph_sha256, device, cuda_graphs=True, prepare=refit
+    )
 
 
 def describe(engines: EngineSet) -> dict[str, Any]:
-    return {"backend": "tensorrt", "device": engines.device, "tensorrt": trt.__version__,
-            "precisions": {name: contract.precision for name, contract in engines.contracts.items()}}
+    return {
+        "backend": "tensorrt",
+        "device": engines.device,
+        "tensorrt": trt.__version__,
+        "precisions": {name: contract.precision for name, contract in engines.contracts.items()},
+    }

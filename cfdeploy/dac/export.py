@@ -72,7 +72,9 @@ class _LoraScaleInput(nn.Module):
 class ScaledUNet(_LoraScaleInput):
     """``noise = unet(sample, timestep, encoder_hidden_states)`` with U at weight ``lora_scale``."""
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, lora_scale: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, sample: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, lora_scale: torch.Tensor
+    ) -> torch.Tensor:
         with self.weighted(lora_scale):
             noise: torch.Tensor = self.model(sample, timestep, encoder_hidden_states=context).sample
         return noise
@@ -171,8 +173,11 @@ def export_dac_bundle(
             unet_cases = [(*case, torch.tensor([anneal(float(case[1][0]), eta)])) for case in cases]
             parity["unet"] = _export(unet, contracts["unet"], staged.path, opset, unet_cases)
             merged_scale = None
-            refit = {"adapter": lora.UNET_ADAPTER, "rank": settings.rank,
-                     "weights": _unet_refit_map(staged.path / contracts["unet"].filename, base.unet)}
+            refit = {
+                "adapter": lora.UNET_ADAPTER,
+                "rank": settings.rank,
+                "weights": _unet_refit_map(staged.path / contracts["unet"].filename, base.unet),
+            }
         else:
             exact = ScaledUNet(base.unet, lora.UNET_ADAPTER).eval()
             with torch.no_grad():
@@ -184,20 +189,29 @@ def export_dac_bundle(
             unet = MergedUNet(base.unet).eval()
             parity["unet"] = _export(unet, contracts["unet"], staged.path, opset, cases)
             with torch.no_grad():
-                differences = [float((unet(*case) - reference).norm() / reference.norm()) for case, reference in zip(cases, references, strict=True)]
+                differences = [
+                    float((unet(*case) - reference).norm() / reference.norm())
+                    for case, reference in zip(cases, references, strict=True)
+                ]
             parity["unet"]["merged_vs_exact_rel_l2"] = max(differences)
             refit = None  # U is folded into the UNet's weights
 
         on_stage("exporting the VAE decoder")
         decoder = VaeDecoder(base.vae, info.scaling_factor).eval()
-        parity["vae_decoder"] = _export(decoder, contracts["vae_decoder"], staged.path, opset, [(latents,), (latents[:1],)])
+        parity["vae_decoder"] = _export(
+            decoder, contracts["vae_decoder"], staged.path, opset, [(latents,), (latents[:1],)]
+        )
 
         files = sorted(entry.name for entry in staged.path.iterdir())
         manifest = {
             "format": BUNDLE_FORMAT,
             "format_version": FORMAT_VERSION,
-            "run": {"path": str(run_path), "image_sha256": run.manifest["image_sha256"], "settings": asdict(settings),
-                    "base_model": info.identity()},
+            "run": {
+                "path": str(run_path),
+                "image_sha256": run.manifest["image_sha256"],
+                "settings": asdict(settings),
+                "base_model": info.identity(),
+            },
             "latent_shape": [info.latent_channels, side, side],
             "unet": {"mode": unet_mode, "merged_scale": merged_scale, "refit": refit},
             "networks": {name: contract.as_dict() for name, contract in contracts.items()},
@@ -217,9 +231,12 @@ def _unet_refit_map(path: Path, unet: nn.Module) -> dict[str, dict[str, Any]]:
 
     initializers = {entry.name: entry for entry in onnx.load(str(path), load_external_data=False).graph.initializer}
     state = {key: tensor.numpy() for key, tensor in lora.adapter_state(unet, lora.UNET_ADAPTER).items()}
-    return match_initializers({name: tuple(entry.dims) for name, entry in initializers.items()},
-                              lambda name: numpy_helper.to_array(initializers[name], base_dir=str(path.parent)),
-                              state, lora.UNET_ADAPTER)
+    return match_initializers(
+        {name: tuple(entry.dims) for name, entry in initializers.items()},
+        lambda name: numpy_helper.to_array(initializers[name], base_dir=str(path.parent)),
+        state,
+        lora.UNET_ADAPTER,
+    )
 
 
 def _export(
@@ -229,7 +246,12 @@ def _export(
     path = directory / contract.filename
     export_graph(module, contract, path, opset, example=cases[0], large=True)
     names = [spec.name for spec in contract.inputs]
-    feeds = {f"case_{index}": {name: value.numpy() for name, value in zip(names, case, strict=True)}
-             for index, case in enumerate(cases)}
+    feeds = {
+        f"case_{index}": {name: value.numpy() for name, value in zip(names, case, strict=True)}
+        for index, case in enumerate(cases)
+    }
     results = check_parity(module, contract, path, feeds).values()
-    return {"rel_l2": max(result["rel_l2"] for result in results), "max_abs": max(result["max_abs"] for result in results)}
+    return {
+        "rel_l2": max(result["rel_l2"] for result in results),
+        "max_abs": max(result["max_abs"] for result in results),
+    }

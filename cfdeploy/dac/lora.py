@@ -22,8 +22,20 @@ from cfdeploy.files import read_tensors
 from cfdeploy.outputs import write_atomic
 
 UNET_TARGETS = (
-    "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
-    "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj",
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "proj_in",
+    "proj_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "conv1",
+    "conv2",
+    "conv_shortcut",
+    "downsamplers.0.conv",
+    "upsamplers.0.conv",
+    "time_emb_proj",
 )
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 UNET_ADAPTER = "U"
@@ -41,7 +53,12 @@ class AdapterSpec:
     targets: tuple[str, ...]
 
     def metadata(self) -> dict[str, str]:
-        return {"format": FORMAT, "adapter": self.name, "rank": str(self.rank), "targets": json.dumps(list(self.targets))}
+        return {
+            "format": FORMAT,
+            "adapter": self.name,
+            "rank": str(self.rank),
+            "targets": json.dumps(list(self.targets)),
+        }
 
 
 def lora_layers(model: nn.Module, adapter: str | None = None) -> dict[str, Any]:
@@ -59,7 +76,9 @@ def add_adapter(model: nn.Module, spec: AdapterSpec, seed: int) -> int:
     """Inject ``spec`` into ``model`` (initialised from ``seed`` alone) and return how many layers it adapts."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    config = LoraConfig(r=spec.rank, lora_alpha=spec.rank, init_lora_weights="gaussian", target_modules=list(spec.targets))
+    config = LoraConfig(
+        r=spec.rank, lora_alpha=spec.rank, init_lora_weights="gaussian", target_modules=list(spec.targets)
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         inject_adapter_in_model(config, model, adapter_name=spec.name)
@@ -120,7 +139,9 @@ def read_adapter(path: Path, name: str) -> tuple[AdapterSpec, dict[str, torch.Te
         raise CfdeployError(f"{path}: holds adapter {metadata.get('adapter')!r}, expected {name!r}")
     for key, tensor in state.items():
         if "lora_A" in key and (tensor.ndim < 2 or tensor.shape[0] != spec.rank):
-            raise CfdeployError(f"{path}: {key} has shape {tuple(tensor.shape)}, not rank {spec.rank} as its metadata says")
+            raise CfdeployError(
+                f"{path}: {key} has shape {tuple(tensor.shape)}, not rank {spec.rank} as its metadata says"
+            )
     if spec.rank < 1 or not state:
         raise CfdeployError(f"{path}: an empty adapter (rank {spec.rank}, {len(state)} tensors)")
     return spec, state
@@ -139,11 +160,15 @@ def fill_adapter(model: nn.Module, name: str, state: dict[str, torch.Tensor], so
     extra = sorted(set(state) - set(wanted))
     count = len(lora_layers(model, name))
     if missing or extra:
-        detail = f"{len(missing)} missing (e.g. {missing[0]})" if missing else f"{len(extra)} unexpected (e.g. {extra[0]})"
+        detail = (
+            f"{len(missing)} missing (e.g. {missing[0]})" if missing else f"{len(extra)} unexpected (e.g. {extra[0]})"
+        )
         raise CfdeployError(f"{source}: does not match this model's {count} adapted layers: {detail}")
     for key, tensor in state.items():
         if tensor.shape != wanted[key]:
-            raise CfdeployError(f"{source}: {key} has shape {tuple(tensor.shape)}, this model needs {tuple(wanted[key])}")
+            raise CfdeployError(
+                f"{source}: {key} has shape {tuple(tensor.shape)}, this model needs {tuple(wanted[key])}"
+            )
     set_peft_model_state_dict(model, state, adapter_name=name)
     model.requires_grad_(False)
     return count

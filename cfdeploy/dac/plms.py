@@ -1,10 +1,10 @@
 """DAC's sampling schedules in numpy: U's weight γ(t), the initial noise, and Stable Diffusion's default scheduler.
 
-The scheduler is PNDM with ``skip_prk_steps`` (pseudo linear multistep), the torch-free runtime's: the same timesteps and updates as diffusers' ``PNDMScheduler`` for
-an ε-predicting model. Each step turns the UNet's noise estimate into x_{t−δ} with the DDIM-like
-transfer of PNDM's paper, after mixing the last noise estimates Adams–Bashforth style (1, 2, 3, then
-4 terms). The first step is taken twice, at t and again from t−δ (a Heun-like start), so n steps
-make n + 1 UNet calls.
+The scheduler is PNDM with ``skip_prk_steps`` (pseudo linear multistep), the torch-free runtime's: the same
+timesteps and updates as diffusers' ``PNDMScheduler`` for an ε-predicting model. Each step turns the UNet's noise
+estimate into x_{t−δ} with the DDIM-like transfer of PNDM's paper, after mixing the last noise estimates
+Adams–Bashforth style (1, 2, 3, then 4 terms). The first step is taken twice, at t and again from t−δ (a Heun-like
+start), so n steps make n + 1 UNet calls.
 """
 
 from __future__ import annotations
@@ -51,9 +51,13 @@ class PlmsScheduler:
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         if not config.get("skip_prk_steps", False):
-            raise CfdeployError("the scheduler config has skip_prk_steps false; only PNDM's PLMS form (Stable Diffusion's) is supported")
+            raise CfdeployError(
+                "the scheduler config has skip_prk_steps false; only PNDM's PLMS form (Stable Diffusion's) is supported"
+            )
         if config.get("prediction_type", "epsilon") != "epsilon":
-            raise CfdeployError(f"scheduler prediction_type {config.get('prediction_type')!r}: only epsilon is supported")
+            raise CfdeployError(
+                f"scheduler prediction_type {config.get('prediction_type')!r}: only epsilon is supported"
+            )
         self.spacing = config.get("timestep_spacing", "leading")
         if self.spacing not in SPACINGS:
             raise CfdeployError(f"scheduler timestep_spacing {self.spacing!r} is not supported ({', '.join(SPACINGS)})")

@@ -135,22 +135,31 @@ class TorchSampler:
             shape = (1, self.base.tokenizer.model_max_length, int(info.configs["text_encoder"]["hidden_size"]))
             self.cond, self.uncond = (torch.from_numpy(array).to(device) for array in read_edit_embeddings(run, shape))
         else:
-            self.cond, self.uncond = edit_embeddings(self.base, run.settings.target,
-                                                     text_adapter_weights(run.settings.variant, settings.beta))
+            self.cond, self.uncond = edit_embeddings(
+                self.base, run.settings.target, text_adapter_weights(run.settings.variant, settings.beta)
+            )
 
     def seeded_latents(self, seed: int) -> tuple[np.ndarray, str]:
         latents: np.ndarray = initial_latents(self.base, seed, self.resolution, self.device).cpu().numpy()
         return latents, f"torch.Generator({self.device}) seed {seed}"
 
     def sample(self, latents: np.ndarray, on_call: Callable[[int], None]) -> np.ndarray:
-        image = sample(self.base, self.cond, self.uncond, torch.from_numpy(latents), self.settings,
-                       lambda t: anneal(t, self.eta), on_call)
+        image = sample(
+            self.base,
+            self.cond,
+            self.uncond,
+            torch.from_numpy(latents),
+            self.settings,
+            lambda t: anneal(t, self.eta),
+            on_call,
+        )
         unit: np.ndarray = image.float().cpu().numpy()
         return unit
 
 
-def open_run(run_path: Path, settings: PredictSettings, base_model: Path | None, device: str,
-             on_stage: Callable[[str], None]) -> tuple[TorchSampler, dict[str, Any]]:
+def open_run(
+    run_path: Path, settings: PredictSettings, base_model: Path | None, device: str, on_stage: Callable[[str], None]
+) -> tuple[TorchSampler, dict[str, Any]]:
     """A sampler for the run at ``run_path`` on its own base model (checked by hash), and what ``edit.json`` records of it."""
     from cfdeploy.devices import torch_device
 
@@ -162,5 +171,10 @@ def open_run(run_path: Path, settings: PredictSettings, base_model: Path | None,
     check_same_base_model(info, recorded, run_path)
     on_stage("loading the base model")
     sampler = TorchSampler(run, info, settings, device)
-    return sampler, {"run": str(run_path), "backend": "torch", "device": device, "base_model": info.identity(),
-                     **{key: getattr(run.settings, key) for key in DESCRIBED_SETTINGS}}
+    return sampler, {
+        "run": str(run_path),
+        "backend": "torch",
+        "device": device,
+        "base_model": info.identity(),
+        **{key: getattr(run.settings, key) for key in DESCRIBED_SETTINGS},
+    }

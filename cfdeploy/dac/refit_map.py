@@ -64,7 +64,9 @@ def match_initializers(
         mapping[key] = {"initializer": name, "transposed": transposed, "shape": list(value.shape)}
     used = [entry["initializer"] for entry in mapping.values()]
     if len(set(used)) != len(used):
-        raise CfdeployError("two of the adapter's tensors map to one initializer; the graph cannot be refitted reliably")
+        raise CfdeployError(
+            "two of the adapter's tensors map to one initializer; the graph cannot be refitted reliably"
+        )
     return mapping
 
 
@@ -83,18 +85,23 @@ def _digests(
     return found
 
 
-def refit_weights(mapping: Mapping[str, Mapping[str, Any]], adapter_state: Mapping[str, np.ndarray],
-                  source: Path) -> dict[str, np.ndarray]:
+def refit_weights(
+    mapping: Mapping[str, Mapping[str, Any]], adapter_state: Mapping[str, np.ndarray], source: Path
+) -> dict[str, np.ndarray]:
     """The engine weights for ``adapter_state`` (another run's U): by initializer name, transposed where recorded."""
     missing = sorted(set(mapping) - set(adapter_state))
     extra = sorted(set(adapter_state) - set(mapping))
     if missing or extra:
-        detail = f"{len(missing)} missing (e.g. {missing[0]})" if missing else f"{len(extra)} unexpected (e.g. {extra[0]})"
+        detail = (
+            f"{len(missing)} missing (e.g. {missing[0]})" if missing else f"{len(extra)} unexpected (e.g. {extra[0]})"
+        )
         raise CfdeployError(f"{source}: does not fit the bundle's UNet ({len(mapping)} LoRA tensors): {detail}")
     weights = {}
     for key, entry in mapping.items():
         value = np.asarray(adapter_state[key], dtype=np.float32)
         if list(value.shape) != list(entry["shape"]):
-            raise CfdeployError(f"{source}: {key} has shape {tuple(value.shape)}, the bundle's UNet needs {tuple(entry['shape'])}")
+            raise CfdeployError(
+                f"{source}: {key} has shape {tuple(value.shape)}, the bundle's UNet needs {tuple(entry['shape'])}"
+            )
         weights[str(entry["initializer"])] = np.ascontiguousarray(value.T if entry["transposed"] else value)
     return weights

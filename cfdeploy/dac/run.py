@@ -52,8 +52,15 @@ class AbductSettings:
     save_every: int = 250
 
     def __post_init__(self) -> None:
-        require_range(1, None, unet_steps=self.unet_steps, text_steps=self.text_steps, rank=self.rank,
-                      text_rank=self.text_rank, save_every=self.save_every)
+        require_range(
+            1,
+            None,
+            unet_steps=self.unet_steps,
+            text_steps=self.text_steps,
+            rank=self.rank,
+            text_rank=self.text_rank,
+            save_every=self.save_every,
+        )
         require_range(0, 2**63 - 1, seed=self.seed)
         require_range(8, 4096, resolution=self.resolution)
         require_finite(eta=self.eta, lr=self.lr)
@@ -106,7 +113,9 @@ def read_edit_embeddings(run: DacRun, shape: tuple[int, ...]) -> tuple[np.ndarra
     for key in ("cond", "uncond"):
         found = stored[key].shape if key in stored else None
         if found != shape:
-            raise CfdeployError(f"{path}: expected {key!r} of shape {shape}, found {'nothing' if found is None else found}")
+            raise CfdeployError(
+                f"{path}: expected {key!r} of shape {shape}, found {'nothing' if found is None else found}"
+            )
     return stored["cond"], stored["uncond"]
 
 
@@ -117,7 +126,11 @@ def require_manifest(path: Path, expected: str) -> Path:
         raise CfdeployError(f"{path}: not a directory (expected {expected})")
     if not manifest_path.is_file():
         unfinished = (path / CHECKPOINT).is_file()
-        reason = "an unfinished run: continue it with `cfdeploy dac abduct ... --resume`" if unfinished else f"not {expected}"
+        reason = (
+            "an unfinished run: continue it with `cfdeploy dac abduct ... --resume`"
+            if unfinished
+            else f"not {expected}"
+        )
         raise CfdeployError(f"{path}: no {MANIFEST}, {reason}")
     return manifest_path
 
@@ -129,7 +142,9 @@ def read_run(path: Path) -> DacRun:
     if manifest.get("format") != FORMAT:
         raise CfdeployError(f"{manifest_path}: not a cfdeploy DAC run manifest")
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise CfdeployError(f"{manifest_path}: format version {manifest.get('format_version')}, this cfdeploy reads {FORMAT_VERSION}")
+        raise CfdeployError(
+            f"{manifest_path}: format version {manifest.get('format_version')}, this cfdeploy reads {FORMAT_VERSION}"
+        )
     if not isinstance(manifest.get("base_model"), dict) or not isinstance(manifest.get("image_sha256"), str):
         raise CfdeployError(f"{manifest_path}: damaged (expected a 'base_model' table and an 'image_sha256' string)")
     return DacRun(path, manifest, AbductSettings.from_manifest(manifest.get("settings"), manifest_path))

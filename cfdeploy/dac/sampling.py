@@ -83,10 +83,14 @@ class NoiseFile:
         latents = self.latents[None] if self.latents.ndim == len(latent_shape) else self.latents
         if latents.shape[1:] != tuple(latent_shape) or not 1 <= len(latents) <= MAX_SAMPLES:
             shape = ",".join(str(size) for size in latent_shape)
-            raise CfdeployError(f"{self.path}: expected initial latents [N,{shape}] (N from 1 to {MAX_SAMPLES}) or [{shape}] "
-                                f"for this model, found {list(self.latents.shape)}")
-        return [Draw(f"noise_{index:04d}.png", latents[index : index + 1], f"file {self.path} [{index}]")
-                for index in range(len(latents))]
+            raise CfdeployError(
+                f"{self.path}: expected initial latents [N,{shape}] (N from 1 to {MAX_SAMPLES}) or [{shape}] "
+                f"for this model, found {list(self.latents.shape)}"
+            )
+        return [
+            Draw(f"noise_{index:04d}.png", latents[index : index + 1], f"file {self.path} [{index}]")
+            for index in range(len(latents))
+        ]
 
 
 def seeded_draws(sampler: Sampler, settings: PredictSettings) -> list[Draw]:

@@ -136,7 +136,10 @@ def libm_sincosf(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         sincosf(value, ctypes.byref(sin), ctypes.byref(cos))
         sines.append(sin.value)
         cosines.append(cos.value)
-    return (np.array(sines, dtype=np.float32).reshape(values.shape), np.array(cosines, dtype=np.float32).reshape(values.shape))
+    return (
+        np.array(sines, dtype=np.float32).reshape(values.shape),
+        np.array(cosines, dtype=np.float32).reshape(values.shape),
+    )
 
 
 def _bits(values: np.ndarray) -> np.ndarray:
@@ -147,8 +150,20 @@ def _floats(bits: np.ndarray) -> np.ndarray:
     return bits.astype(np.int32).view(np.float32)
 
 
-LOG_POLYNOMIAL = [F(c) for c in (7.0376836292e-2, -1.1514610310e-1, 1.1676998740e-1, -1.2420140846e-1, 1.4249322787e-1,
-                                 -1.6668057665e-1, 2.0000714765e-1, -2.4999993993e-1, 3.3333331174e-1)]
+LOG_POLYNOMIAL = [
+    F(c)
+    for c in (
+        7.0376836292e-2,
+        -1.1514610310e-1,
+        1.1676998740e-1,
+        -1.2420140846e-1,
+        1.4249322787e-1,
+        -1.6668057665e-1,
+        2.0000714765e-1,
+        -2.4999993993e-1,
+        3.3333331174e-1,
+    )
+]
 SQRT_HALF, LOG_Q1, LOG_Q2 = F(0.707106781186547524), F(-2.12194440e-4), F(0.693359375)
 FOUR_OVER_PI = F(1.27323954473516)
 MINUS_DP = (F(-0.78515625), F(-2.4187564849853515625e-4), F(-3.77489497744594108e-8))

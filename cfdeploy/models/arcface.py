@@ -35,11 +35,13 @@ class ArcFace(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.input_layer = nn.Sequential(nn.Conv2d(3, 64, 3, 1, 1, bias=False), InferenceBatchNorm2d(64), nn.PReLU(64))
-        self.body = nn.Sequential(*(
-            BottleneckIRSE(in_channels if unit == 0 else out_channels, out_channels, 2 if unit == 0 else 1)
-            for in_channels, out_channels, count in IR_SE_50_STAGES
-            for unit in range(count)
-        ))
+        self.body = nn.Sequential(
+            *(
+                BottleneckIRSE(in_channels if unit == 0 else out_channels, out_channels, 2 if unit == 0 else 1)
+                for in_channels, out_channels, count in IR_SE_50_STAGES
+                for unit in range(count)
+            )
+        )
         # Dropout(0.6) sits at index 1 in the official head; in inference it is the identity.
         self.output_layer = nn.Sequential(
             InferenceBatchNorm2d(EMBEDDING_DIM),

@@ -8,8 +8,9 @@ computed in float32 and are **not** L2-normalised, as the mappers expect. Weight
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -49,7 +50,7 @@ class ClipText(nn.Module):
         return self.clip.encode_text(tokens)
 
     @classmethod
-    def random(cls, seed: int) -> "ClipText":
+    def random(cls, seed: int) -> ClipText:
         """The real architecture with seeded random weights (demo and tests; no download)."""
         torch.manual_seed(seed)
         return cls(build_clip(), has_visual_weights=False).eval()

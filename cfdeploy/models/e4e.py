@@ -133,7 +133,9 @@ class Encoder4Editing(nn.Module):
         self.body = nn.Sequential(*units)
         # the three feature taps: where stages 2, 3 and 4 end (after units 6, 20 and 23)
         self.stage_ends = tuple(itertools.accumulate(count for _, _, count in IR_SE_50_STAGES))[1:]
-        self.styles = nn.ModuleList(GradualStyleBlock(PYRAMID_SPATIAL[pyramid_level(level)]) for level in range(n_styles))
+        self.styles = nn.ModuleList(
+            GradualStyleBlock(PYRAMID_SPATIAL[pyramid_level(level)]) for level in range(n_styles)
+        )
         self.latlayer1 = nn.Conv2d(256, STYLE_DIM, 1)
         self.latlayer2 = nn.Conv2d(128, STYLE_DIM, 1)
 

@@ -82,7 +82,9 @@ class LevelsMapper(nn.Module):
         parts = []
         for group, levels in LEVEL_GROUPS.items():
             part = x[:, levels]
-            parts.append(getattr(self, GROUP_ATTRIBUTES[group])(part) if group in self.groups else torch.zeros_like(part))
+            parts.append(
+                getattr(self, GROUP_ATTRIBUTES[group])(part) if group in self.groups else torch.zeros_like(part)
+            )
         return torch.cat(parts, dim=1)
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 from torch.nn import functional as F
@@ -96,7 +96,9 @@ def generator(state: State, latents: torch.Tensor) -> torch.Tensor:
     level = 1
     for block in range(n_blocks):
         out = styled_conv(out, latents[:, level], noises[level], state, f"convs.{2 * block}.", upsample=True)
-        out = styled_conv(out, latents[:, level + 1], noises[level + 1], state, f"convs.{2 * block + 1}.", upsample=False)
+        out = styled_conv(
+            out, latents[:, level + 1], noises[level + 1], state, f"convs.{2 * block + 1}.", upsample=False
+        )
         skip = to_rgb(out, latents[:, level + 2], skip, state, f"to_rgbs.{block}.")
         level += 2
     return skip
@@ -138,7 +140,7 @@ def levels_mapper(state: State, x: torch.Tensor, opts: Mapping[str, object]) -> 
 
 
 def _sub(state: State, prefix: str) -> dict[str, torch.Tensor]:
-    return {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+    return {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
 
 
 def cfclip_edit(
@@ -173,8 +175,14 @@ def _ir_se_input_layer(images: torch.Tensor, state: State) -> torch.Tensor:
 
 def _batch_norm(x: torch.Tensor, state: State, prefix: str) -> torch.Tensor:
     return F.batch_norm(
-        x, state[prefix + "running_mean"], state[prefix + "running_var"], state[prefix + "weight"],
-        state[prefix + "bias"], training=False, momentum=0.1, eps=1e-5,
+        x,
+        state[prefix + "running_mean"],
+        state[prefix + "running_var"],
+        state[prefix + "weight"],
+        state[prefix + "bias"],
+        training=False,
+        momentum=0.1,
+        eps=1e-5,
     )
 
 
@@ -183,8 +191,9 @@ def _ir_se_unit(x: torch.Tensor, state: State, prefix: str, in_channel: int, dep
     if in_channel == depth:
         shortcut = F.max_pool2d(x, kernel_size=1, stride=stride)
     else:
-        shortcut = _batch_norm(F.conv2d(x, state[prefix + "shortcut_layer.0.weight"], stride=stride), state,
-                               prefix + "shortcut_layer.1.")
+        shortcut = _batch_norm(
+            F.conv2d(x, state[prefix + "shortcut_layer.0.weight"], stride=stride), state, prefix + "shortcut_layer.1."
+        )
     res = _batch_norm(x, state, prefix + "res_layer.0.")
     res = F.conv2d(res, state[prefix + "res_layer.1.weight"], stride=1, padding=1)
     res = F.prelu(res, state[prefix + "res_layer.2.weight"])
@@ -200,7 +209,9 @@ def _gradual_style_block(x: torch.Tensor, state: State, prefix: str) -> torch.Te
     """``GradualStyleBlock``: (conv 3x3 stride 2, LeakyReLU()) per ``convs.N``, ``view(-1, 512)``, EqualLinear."""
     index = 0
     while f"{prefix}convs.{index}.weight" in state:
-        x = F.conv2d(x, state[f"{prefix}convs.{index}.weight"], state[f"{prefix}convs.{index}.bias"], stride=2, padding=1)
+        x = F.conv2d(
+            x, state[f"{prefix}convs.{index}.weight"], state[f"{prefix}convs.{index}.bias"], stride=2, padding=1
+        )
         x = F.leaky_relu(x)
         index += 2
     return equal_linear(x.view(-1, 512), state, prefix + "linear.", 1.0, activate=False)

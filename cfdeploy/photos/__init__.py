@@ -16,8 +16,21 @@ from cfdeploy.photos.landmarks import (
 from cfdeploy.photos.preprocess import ENCODER_SIZE, batch_inputs, encoder_input
 
 __all__ = [
-    "AlignedFace", "align_face", "alignment_points", "face_frame",
-    "MAX_PHOTO_PIXELS", "as_rgb", "load_photo", "photo_paths",
-    "DlibLandmarks", "Face", "NoFaceFound", "largest_face", "read_landmarks", "select_faces",
-    "ENCODER_SIZE", "batch_inputs", "encoder_input",
+    "ENCODER_SIZE",
+    "MAX_PHOTO_PIXELS",
+    "AlignedFace",
+    "DlibLandmarks",
+    "Face",
+    "NoFaceFound",
+    "align_face",
+    "alignment_points",
+    "as_rgb",
+    "batch_inputs",
+    "encoder_input",
+    "face_frame",
+    "largest_face",
+    "load_photo",
+    "photo_paths",
+    "read_landmarks",
+    "select_faces",
 ]

@@ -69,10 +69,14 @@ def alignment_points(landmarks: np.ndarray) -> np.ndarray:
     """The four points the geometry uses, ``[4, 2]``: left eye, right eye, left and right mouth corners."""
     points = np.asarray(landmarks, dtype=np.float64)
     if points.shape == (68, 2):
-        return np.stack([
-            points[EYE_LEFT_68].mean(axis=0), points[EYE_RIGHT_68].mean(axis=0),
-            points[MOUTH_LEFT_68], points[MOUTH_RIGHT_68],
-        ])
+        return np.stack(
+            [
+                points[EYE_LEFT_68].mean(axis=0),
+                points[EYE_RIGHT_68].mean(axis=0),
+                points[MOUTH_LEFT_68],
+                points[MOUTH_RIGHT_68],
+            ]
+        )
     if points.shape == (5, 2):
         return points[[EYE_LEFT_5, EYE_RIGHT_5, MOUTH_LEFT_5, MOUTH_RIGHT_5]]
     raise ValueError(f"landmarks must be [68,2] or [5,2], got {list(points.shape)}")
@@ -89,7 +93,9 @@ def face_frame(landmarks: np.ndarray, source: str = "landmarks") -> tuple[np.nda
     eye_to_eye = eye_right - eye_left
     eye_to_mouth = (mouth_left + mouth_right) * 0.5 - eye_avg
     if not eye_to_eye[0] * eye_to_mouth[1] - eye_to_eye[1] * eye_to_mouth[0] > 0:
-        raise CfdeployError(f"{source}: the eye and mouth points are mirrored, collinear or not finite (left and right swapped?)")
+        raise CfdeployError(
+            f"{source}: the eye and mouth points are mirrored, collinear or not finite (left and right swapped?)"
+        )
     x = eye_to_eye - np.flipud(eye_to_mouth) * [-1, 1]
     x /= np.hypot(*x)
     x *= max(np.hypot(*eye_to_eye) * 2.0, np.hypot(*eye_to_mouth) * 1.8)
@@ -98,12 +104,17 @@ def face_frame(landmarks: np.ndarray, source: str = "landmarks") -> tuple[np.nda
     quad = np.stack([centre - x - y, centre - x + y, centre + x + y, centre + x - y])
     qsize = float(np.hypot(*x) * 2)
     if not qsize >= MIN_FACE_SIZE:
-        raise CfdeployError(f"{source}: the face spans {qsize:.1f} pixels, under the {MIN_FACE_SIZE} an alignment needs")
+        raise CfdeployError(
+            f"{source}: the face spans {qsize:.1f} pixels, under the {MIN_FACE_SIZE} an alignment needs"
+        )
     return quad, qsize
 
 
 def align_face(
-    image: Image.Image, landmarks: np.ndarray, output_size: int = E4E_SIZE, transform_size: int = E4E_SIZE,
+    image: Image.Image,
+    landmarks: np.ndarray,
+    output_size: int = E4E_SIZE,
+    transform_size: int = E4E_SIZE,
     source: str = "landmarks",
 ) -> AlignedFace:
     """The aligned crop of the face whose ``landmarks`` ([68,2] or [5,2], pixels of ``image``) are given.
@@ -126,15 +137,23 @@ def align_face(
 
     border = max(int(np.rint(qsize * 0.1)), 3)
     left, top, right, bottom = _bounds(quad)
-    crop_box = (max(left - border, 0), max(top - border, 0),
-                min(right + border, image.size[0]), min(bottom + border, image.size[1]))
+    crop_box = (
+        max(left - border, 0),
+        max(top - border, 0),
+        min(right + border, image.size[0]),
+        min(bottom + border, image.size[1]),
+    )
     if crop_box[2] - crop_box[0] < image.size[0] or crop_box[3] - crop_box[1] < image.size[1]:
         image = image.crop(crop_box)
         quad -= crop_box[0:2]
 
     left, top, right, bottom = _bounds(quad)
-    padding = (max(border - left, 0), max(border - top, 0),
-               max(right - image.size[0] + border, 0), max(bottom - image.size[1] + border, 0))
+    padding = (
+        max(border - left, 0),
+        max(border - top, 0),
+        max(right - image.size[0] + border, 0),
+        max(bottom - image.size[1] + border, 0),
+    )
     if max(padding) > border - 4:
         least = int(np.rint(qsize * 0.3))
         padding = (max(padding[0], least), max(padding[1], least), max(padding[2], least), max(padding[3], least))
@@ -143,8 +162,9 @@ def align_face(
     else:
         padding = (0, 0, 0, 0)
 
-    image = image.transform((transform_size, transform_size), Image.Transform.QUAD, tuple((quad + 0.5).flatten()),
-                            Image.Resampling.BILINEAR)
+    image = image.transform(
+        (transform_size, transform_size), Image.Transform.QUAD, tuple((quad + 0.5).flatten()), Image.Resampling.BILINEAR
+    )
     if output_size < transform_size:
         image = image.resize((output_size, output_size), Image.Resampling.LANCZOS)
     return AlignedFace(image, source_quad, shrink, crop_box, padding, output_size, transform_size)
@@ -152,8 +172,12 @@ def align_face(
 
 def _bounds(quad: np.ndarray) -> tuple[int, int, int, int]:
     """The quad's integer bounding box: floor of the minima, ceiling of the maxima."""
-    return (int(np.floor(quad[:, 0].min())), int(np.floor(quad[:, 1].min())),
-            int(np.ceil(quad[:, 0].max())), int(np.ceil(quad[:, 1].max())))
+    return (
+        int(np.floor(quad[:, 0].min())),
+        int(np.floor(quad[:, 1].min())),
+        int(np.ceil(quad[:, 0].max())),
+        int(np.ceil(quad[:, 1].max())),
+    )
 
 
 def _pad_with_blurred_reflection(image: Image.Image, padding: tuple[int, int, int, int], sigma: float) -> Image.Image:

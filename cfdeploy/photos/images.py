@@ -111,6 +111,7 @@ def _directory_photos(directory: Path) -> list[Path]:
     except OSError as error:
         raise CfdeployError(f"{directory}: cannot be listed: {error.strerror}") from None
     return [
-        require_file(entry) for entry in entries
+        require_file(entry)
+        for entry in entries
         if entry.suffix.lower() in PHOTO_SUFFIXES and not entry.name.startswith(".") and not entry.is_dir()
     ]

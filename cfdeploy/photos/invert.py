@@ -5,9 +5,10 @@ exported with ``--encoder``), or on an e4e file alone (:class:`E4EInverter`).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 from PIL import Image
@@ -94,8 +95,9 @@ def find_faces(
     return found
 
 
-def encode_faces(encoder: Encoder, crops: Sequence[FaceCrop], batch_size: int,
-                 on_batch: Callable[[int], None] = lambda done: None) -> np.ndarray:
+def encode_faces(
+    encoder: Encoder, crops: Sequence[FaceCrop], batch_size: int, on_batch: Callable[[int], None] = lambda done: None
+) -> np.ndarray:
     """W+ codes ``[N, n, 512]`` float32 of the aligned faces, ``batch_size`` at a time."""
     codes = []
     for start in range(0, len(crops), batch_size):
@@ -126,9 +128,11 @@ def generator_mismatch(backend: Any, crop: FaceCrop, codes: np.ndarray) -> str |
     if trained_with is None or trained_with == renders_with:
         return None
     error = reconstruction_error(backend, crop, codes)
-    return (f"the e4e encoder was trained with another generator (sha256 {trained_with[:12]}…) than the one that renders "
-            f"its codes ({renders_with[:12]}…): e4e codes live in their own generator's W+; the reconstruction of "
-            f"{crop.source.name} differs from the photo by rel L2 {error:.3f}")
+    return (
+        f"the e4e encoder was trained with another generator (sha256 {trained_with[:12]}…) than the one that renders "
+        f"its codes ({renders_with[:12]}…): e4e codes live in their own generator's W+; the reconstruction of "
+        f"{crop.source.name} differs from the photo by rel L2 {error:.3f}"
+    )
 
 
 class E4EInverter:
@@ -153,7 +157,9 @@ class E4EInverter:
         import torch
 
         with torch.inference_mode():
-            return np.asarray(module(torch.from_numpy(np.ascontiguousarray(array, np.float32)).to(self.device)).float().cpu())
+            return np.asarray(
+                module(torch.from_numpy(np.ascontiguousarray(array, np.float32)).to(self.device)).float().cpu()
+            )
 
     def encode(self, images: np.ndarray) -> np.ndarray:
         return self._run(self.encoder, images)

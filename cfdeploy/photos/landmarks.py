@@ -9,9 +9,10 @@ here the largest face is kept (or every face, when asked) and a photo without on
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -79,13 +80,19 @@ def read_landmarks(path: Path, photos: Sequence[Path]) -> list[list[Face]]:
         raise CfdeployError(f"{path}: landmarks must be a .json or .npy file, found suffix {suffix or '(none)'}")
     entries = _json_list(path) if suffix == ".json" else _npy_array(path)
     if len(entries) != len(photos):
-        raise CfdeployError(f"{path}: {len(entries)} landmark entries for {len(photos)} photos (one entry per photo, in order)")
+        raise CfdeployError(
+            f"{path}: {len(entries)} landmark entries for {len(photos)} photos (one entry per photo, in order)"
+        )
     faces = []
-    for index, (entry, photo) in enumerate(zip(entries, photos)):
+    for index, (entry, photo) in enumerate(zip(entries, photos, strict=True)):
         where = f"{path}: entry {index} ({photo.name})"
         arrays = _json_faces(entry, where) if suffix == ".json" else _npy_faces(entry)
-        faces.append([_checked_face(points, f"{where}, face {number}" if len(arrays) > 1 else where)
-                      for number, points in enumerate(arrays)])
+        faces.append(
+            [
+                _checked_face(points, f"{where}, face {number}" if len(arrays) > 1 else where)
+                for number, points in enumerate(arrays)
+            ]
+        )
     return faces
 
 
@@ -102,7 +109,9 @@ def _npy_array(path: Path) -> np.ndarray:
     if array.dtype.kind not in "iuf":
         raise CfdeployError(f"{path}: expected integer or floating-point landmarks, found dtype {array.dtype}")
     if array.ndim not in (3, 4):
-        raise CfdeployError(f"{path}: expected landmarks [N,P,2] or [N,faces,P,2] (P = 68 or 5), found {list(array.shape)}")
+        raise CfdeployError(
+            f"{path}: expected landmarks [N,P,2] or [N,faces,P,2] (P = 68 or 5), found {list(array.shape)}"
+        )
     return array.astype(np.float64)
 
 
@@ -124,7 +133,9 @@ def _json_list(path: Path) -> list[Any]:
 def _json_faces(entry: Any, where: str) -> list[np.ndarray]:
     """One entry: a face (a list of [x, y] pairs) or a list of faces (empty: no face)."""
     if not isinstance(entry, list):
-        raise CfdeployError(f"{where}: expected a face (a list of [x, y] pairs) or a list of faces, found {_shown(entry)}")
+        raise CfdeployError(
+            f"{where}: expected a face (a list of [x, y] pairs) or a list of faces, found {_shown(entry)}"
+        )
     holds_faces = bool(entry) and isinstance(entry[0], list) and bool(entry[0]) and isinstance(entry[0][0], list)
     faces = entry if holds_faces else [entry] if entry else []
     for number, face in enumerate(faces):
@@ -137,7 +148,8 @@ def _json_faces(entry: Any, where: str) -> list[np.ndarray]:
 
 def _is_pair(value: Any) -> bool:
     return (
-        isinstance(value, list) and len(value) == 2
+        isinstance(value, list)
+        and len(value) == 2
         and all(isinstance(number, (int, float)) and not isinstance(number, bool) for number in value)
     )
 

@@ -15,9 +15,10 @@ import json
 import os
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -40,8 +41,10 @@ from cfdeploy.serving.cluster import (
 )
 
 DONE_DIR = "_done"
-RUN_RECORD = "_batch.json"
-MAX_RESTARTS = 3  # a worker that dies this often (a shard that runs it out of memory, say) ends the run; a rerun resumes  # what the output directory was made with; a rerun must match it
+RUN_RECORD = "_batch.json"  # what the output directory was made with; a rerun must match it
+MAX_RESTARTS = (
+    3  # a worker that dies this often (a shard that runs it out of memory, say) ends the run; a rerun resumes
+)
 
 
 @dataclass(frozen=True)
@@ -71,9 +74,14 @@ class BatchSettings:
     def identity(self) -> dict[str, Any]:
         """What makes two runs' images the same: a rerun into the same directory must agree on all of it."""
         embedding = None if self.text_embedding is None else sha256_file(require_file(self.text_embedding))
-        return {"bundle_manifest_sha256": sha256_file(self.bundle / MANIFEST), "prompt": self.prompt,
-                "text_embedding_sha256": embedding,
-                "strength": self.strength, "backend": self.backend, "png_compression": self.png_compression}
+        return {
+            "bundle_manifest_sha256": sha256_file(self.bundle / MANIFEST),
+            "prompt": self.prompt,
+            "text_embedding_sha256": embedding,
+            "strength": self.strength,
+            "backend": self.backend,
+            "png_compression": self.png_compression,
+        }
 
 
 @dataclass
@@ -88,16 +96,24 @@ class BatchSummary:
 def find_shards(spec: str) -> list[Path]:
     """The ``.npy`` files of a directory, or those a glob matches, sorted; names (stems) must be unique."""
     path = Path(spec)
-    found = sorted(path.glob("*.npy")) if path.is_dir() else sorted(Path(match) for match in glob.glob(spec, recursive=True))
+    found = (
+        sorted(path.glob("*.npy"))
+        if path.is_dir()
+        else sorted(Path(match) for match in glob.glob(spec, recursive=True))
+    )
     found = [shard for shard in found if shard.suffix == ".npy" and shard.is_file()]
     if not found:
-        raise CfdeployError(f"{spec}: no .npy shards found (give a directory of .npy files or a glob such as 'shards/*.npy')")
+        raise CfdeployError(
+            f"{spec}: no .npy shards found (give a directory of .npy files or a glob such as 'shards/*.npy')"
+        )
     names: dict[str, Path] = {}
     for shard in found:
         if shard.stem.startswith(("_", ".")):
             raise CfdeployError(f"{shard}: shard names may not start with '_' or '.' (reserved in the output)")
         if shard.stem in names:
-            raise CfdeployError(f"{shard}: two shards are named {shard.stem!r} ({names[shard.stem]}); names must be unique")
+            raise CfdeployError(
+                f"{shard}: two shards are named {shard.stem!r} ({names[shard.stem]}); names must be unique"
+            )
         names[shard.stem] = shard
     return found
 
@@ -140,16 +156,22 @@ def prepare_output(settings: BatchSettings, force: bool) -> None:
         try:
             recorded = json.loads(record_path.read_text())["identity"]
         except (OSError, ValueError, KeyError, TypeError):
-            raise CfdeployError(f"{out}: is not empty and is not a cfdeploy batch output; pass --force to write into it") from None
+            raise CfdeployError(
+                f"{out}: is not empty and is not a cfdeploy batch output; pass --force to write into it"
+            ) from None
         changed = sorted(key for key in identity if recorded.get(key) != identity[key])
         if changed:
-            raise CfdeployError(f"{out}: was made with another {', '.join(changed)}; use another --out, or --force to redo every shard")
+            raise CfdeployError(
+                f"{out}: was made with another {', '.join(changed)}; use another --out, or --force to redo every shard"
+            )
     (out / DONE_DIR).mkdir(parents=True, exist_ok=True)
     if force:
         for record in (out / DONE_DIR).glob("*.json"):
             record.unlink()
-    write_atomic(record_path, (json.dumps({"identity": identity, "settings": asdict(settings)}, indent=2, default=str)
-                               + "\n").encode())
+    write_atomic(
+        record_path,
+        (json.dumps({"identity": identity, "settings": asdict(settings)}, indent=2, default=str) + "\n").encode(),
+    )
 
 
 def edit_shard(backend: Any, settings: BatchSettings, shard: Path) -> dict[str, Any]:
@@ -161,12 +183,20 @@ def edit_shard(backend: Any, settings: BatchSettings, shard: Path) -> dict[str, 
     job = EditJob(latents, settings.prompt, features, settings.strength, settings.batch_size)
     target = settings.out / shard.stem
     with StagedDirectory(target, force=True) as staged:
-        summary = edit_to_directory(backend, job, staged, save_latents=True, png_compression=settings.png_compression,
-                                    inputs={"backend": settings.backend, "bundle": str(settings.bundle),
-                                            "latents": str(shard)})
+        summary = edit_to_directory(
+            backend,
+            job,
+            staged,
+            save_latents=True,
+            png_compression=settings.png_compression,
+            inputs={"backend": settings.backend, "bundle": str(settings.bundle), "latents": str(shard)},
+        )
     files = sorted(entry.name for entry in target.iterdir() if entry.is_file())
     record = {
-        "shard": shard.stem, "source": str(shard), "source_sha256": source_sha256, "count": len(latents),
+        "shard": shard.stem,
+        "source": str(shard),
+        "source_sha256": source_sha256,
+        "count": len(latents),
         "files": {name: sha256_file(target / name) for name in files},
         "timings_s": {**summary["timings_s"], "total": round(time.perf_counter() - started, 6)},
         "worker": {"host": platform.node(), "pid": os.getpid()},
@@ -214,18 +244,30 @@ def plan_batch(settings: BatchSettings, force: bool = False) -> BatchPlan:
     from cfdeploy.bundle import Bundle
 
     settings.check()
-    settings = replace(settings, bundle=settings.bundle.resolve(), out=settings.out.resolve(),
-                       text_embedding=None if settings.text_embedding is None else settings.text_embedding.resolve())
+    settings = replace(
+        settings,
+        bundle=settings.bundle.resolve(),
+        out=settings.out.resolve(),
+        text_embedding=None if settings.text_embedding is None else settings.text_embedding.resolve(),
+    )
     if settings.text_embedding is not None:
         load_text_embedding(settings.text_embedding, 1)
     bundle = Bundle(settings.bundle)
-    if settings.prompt is not None and not bundle.has_network("clip_text") and bundle.precomputed_text_latents(settings.prompt) is None:
+    if (
+        settings.prompt is not None
+        and not bundle.has_network("clip_text")
+        and bundle.precomputed_text_latents(settings.prompt) is None
+    ):
         raise CfdeployError(without_clip_message(settings.bundle, bundle.manifest.get("prompts", {})))
     shards = find_shards(settings.shards)
     prepare_output(settings, force)
     reasons = {shard: redo_reason(settings.out, shard) for shard in shards}
-    return BatchPlan(settings, shards, [shard for shard, reason in reasons.items() if reason is not None],
-                     {shard.stem: reason for shard, reason in reasons.items() if reason})
+    return BatchPlan(
+        settings,
+        shards,
+        [shard for shard, reason in reasons.items() if reason is not None],
+        {shard.stem: reason for shard, reason in reasons.items() if reason},
+    )
 
 
 def run_batch(
@@ -250,12 +292,18 @@ def run_batch(
             context = ray.data.DataContext.get_current()
             context.enable_progress_bars = False
             context.print_on_execution_start = False
-            dataset = ray.data.from_items([{"path": str(shard.resolve())} for shard in pending],
-                                          override_num_blocks=len(pending))
+            dataset = ray.data.from_items(
+                [{"path": str(shard.resolve())} for shard in pending], override_num_blocks=len(pending)
+            )
             edited = dataset.map_batches(
-                ShardEditor, fn_constructor_kwargs={"settings": settings}, batch_size=1,
-                compute=ray.data.ActorPoolStrategy(size=settings.workers), num_cpus=settings.cpus_per_worker,
-                num_gpus=settings.gpus_per_worker, max_restarts=MAX_RESTARTS, max_task_retries=MAX_RESTARTS,
+                ShardEditor,
+                fn_constructor_kwargs={"settings": settings},
+                batch_size=1,
+                compute=ray.data.ActorPoolStrategy(size=settings.workers),
+                num_cpus=settings.cpus_per_worker,
+                num_gpus=settings.gpus_per_worker,
+                max_restarts=MAX_RESTARTS,
+                max_task_retries=MAX_RESTARTS,
             )
             for row in edited.iter_rows():
                 if row["error"]:
@@ -267,5 +315,7 @@ def run_batch(
             if connected:
                 ray.shutdown()
     if failures:
-        raise CfdeployError(f"{len(failures)} shard(s) refused, the others are done (rerun after fixing them): {failures[0]}")
+        raise CfdeployError(
+            f"{len(failures)} shard(s) refused, the others are done (rerun after fixing them): {failures[0]}"
+        )
     return BatchSummary(len(shards), len(shards) - len(pending), len(pending), images, time.perf_counter() - started)

@@ -21,11 +21,18 @@ def connect(address: str | None, num_cpus: int | None = None, *, driver_logs: bo
         return False
     try:
         # "local": a new Ray even where RAY_ADDRESS or `ray start` points at a cluster, which would otherwise be joined.
-        ray.init(address=address or "local", num_cpus=num_cpus if address is None else None, include_dashboard=False,
-                 logging_level=logging.WARNING, log_to_driver=driver_logs)
+        ray.init(
+            address=address or "local",
+            num_cpus=num_cpus if address is None else None,
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+            log_to_driver=driver_logs,
+        )
     except (ConnectionError, RuntimeError, ValueError) as error:
         where = f"the Ray cluster at {address}" if address else "a local Ray"
-        raise CfdeployError(f"could not join {where}: {str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
+        raise CfdeployError(
+            f"could not join {where}: {str(error).splitlines()[0] if str(error) else type(error).__name__}"
+        ) from None
     return True
 
 
@@ -43,7 +50,9 @@ def check_resources(backend: str, cpus: float, gpus: float, unit: str) -> None:
         if not math.isfinite(value) or value < 0:
             raise CfdeployError(f"--{kind}-per-{unit} must be a finite number, 0 or more, got {value}")
     if backend == "tensorrt" and gpus == 0:
-        raise CfdeployError(f"--backend tensorrt needs a GPU: give --gpus-per-{unit} (a fraction such as 0.5 shares one)")
+        raise CfdeployError(
+            f"--backend tensorrt needs a GPU: give --gpus-per-{unit} (a fraction such as 0.5 shares one)"
+        )
 
 
 def require_resources(cpus: float, gpus: float, unit: str) -> None:
@@ -53,5 +62,7 @@ def require_resources(cpus: float, gpus: float, unit: str) -> None:
     nodes: list[dict[str, float]] = [node.get("Resources", {}) for node in ray.nodes() if node.get("Alive")]
     if not any(node.get("CPU", 0) >= cpus and node.get("GPU", 0) >= gpus for node in nodes):
         largest: dict[str, float] = max(nodes, key=lambda node: (node.get("GPU", 0), node.get("CPU", 0)), default={})
-        raise CfdeployError(f"no Ray node has {cpus:g} CPU and {gpus:g} GPU for one {unit} (the largest has "
-                            f"{largest.get('CPU', 0):g} CPU, {largest.get('GPU', 0):g} GPU)")
+        raise CfdeployError(
+            f"no Ray node has {cpus:g} CPU and {gpus:g} GPU for one {unit} (the largest has "
+            f"{largest.get('CPU', 0):g} CPU, {largest.get('GPU', 0):g} GPU)"
+        )

@@ -52,9 +52,17 @@ class BundleInfo:
     has_encoder: bool
 
     def as_json(self) -> dict[str, Any]:
-        return {"name": self.name, "size": self.size, "n_latent": self.n_latent, "style_dim": self.style_dim,
-                "prompts": list(self.prompts), "description": self.description, "backend": self.backend,
-                "has_clip": self.has_clip, "has_encoder": self.has_encoder}
+        return {
+            "name": self.name,
+            "size": self.size,
+            "n_latent": self.n_latent,
+            "style_dim": self.style_dim,
+            "prompts": list(self.prompts),
+            "description": self.description,
+            "backend": self.backend,
+            "has_clip": self.has_clip,
+            "has_encoder": self.has_encoder,
+        }
 
 
 @dataclass(frozen=True)
@@ -204,28 +212,36 @@ def parse_edit_request(body: bytes, bundles: dict[str, BundleInfo], png_only: bo
     if png_only and count != 1:
         raise RequestError(f"Accept: image/png returns one image; this request makes {count}", 406)
     if count > MAX_CODES_PER_REQUEST:
-        raise RequestError(f"{count} images in one request; the limit is {MAX_CODES_PER_REQUEST} "
-                           "(use cfdeploy batch for datasets)", 413)
+        raise RequestError(
+            f"{count} images in one request; the limit is {MAX_CODES_PER_REQUEST} (use cfdeploy batch for datasets)",
+            413,
+        )
 
     features = None
     if embedding is not None:
         try:
-            features = check_text_embedding(decode_npy(embedding, "text_embedding"), count, info.style_dim,
-                                            "text_embedding")
+            features = check_text_embedding(
+                decode_npy(embedding, "text_embedding"), count, info.style_dim, "text_embedding"
+            )
         except CfdeployError as error:
             raise RequestError(str(error)) from None
 
     returns = parsed.get("return", "png")
     if returns not in RETURNS:
         raise RequestError(f"return: expected one of {', '.join(RETURNS)}, found {json.dumps(returns)[:40]}")
-    return EditRequest(name, prompt, features, latents, seed, num, truncation, image, _number(parsed, "strength", 1.0),
-                       returns)
+    return EditRequest(
+        name, prompt, features, latents, seed, num, truncation, image, _number(parsed, "strength", 1.0), returns
+    )
 
 
 def reply_json(request: EditRequest, reply: EditReply) -> dict[str, Any]:
     """The JSON answer: base64 PNGs and/or the edited codes as a base64 ``.npy``, with what the server did."""
-    content: dict[str, Any] = {"bundle": request.bundle, "count": len(reply.latents),
-                               "generator_batches": reply.generator_batches, "timings_s": reply.timings_s}
+    content: dict[str, Any] = {
+        "bundle": request.bundle,
+        "count": len(reply.latents),
+        "generator_batches": reply.generator_batches,
+        "timings_s": reply.timings_s,
+    }
     if request.returns in ("png", "both"):
         content["images"] = [base64.b64encode(png).decode("ascii") for png in reply.pngs]
     if request.returns in ("npy", "both"):

@@ -54,7 +54,9 @@ from cfdeploy.serving.protocol import (
 
 APP_NAME = "cfdeploy"
 DRAIN_LIMIT = 4 * MAX_BODY_BYTES  # an oversize body is read and dropped up to this, then the connection is cut
-ROUTER_MIN_ONGOING = 256  # the router only parses and forwards: it holds what the bundles queue, and refuses the rest fast
+ROUTER_MIN_ONGOING = (
+    256  # the router only parses and forwards: it holds what the bundles queue, and refuses the rest fast
+)
 _log = logging.getLogger("ray.serve")
 
 
@@ -115,10 +117,14 @@ class BundleEditor:
         if rendered:
             png_started = time.perf_counter()
             loop = asyncio.get_running_loop()
-            pngs = list(await asyncio.gather(*(
-                loop.run_in_executor(None, png_bytes, to_uint8(image[None])[0], DEFAULT_PNG_COMPRESSION)
-                for image, _ in rendered
-            )))
+            pngs = list(
+                await asyncio.gather(
+                    *(
+                        loop.run_in_executor(None, png_bytes, to_uint8(image[None])[0], DEFAULT_PNG_COMPRESSION)
+                        for image, _ in rendered
+                    )
+                )
+            )
             timings["png"] = time.perf_counter() - png_started
         timings["total"] = time.perf_counter() - started
         return EditReply(pngs, w_hat, [batch for _, batch in rendered], {k: round(v, 6) for k, v in timings.items()})
@@ -167,8 +173,9 @@ class Router:
                 return JSONResponse({"error": str(error)}, status_code=error.status)
         if path in ("/healthz", "/v1/bundles", "/v1/edits"):
             return JSONResponse({"error": f"{method} is not allowed on {path}"}, status_code=405)
-        return JSONResponse({"error": f"no such endpoint {path} (GET /healthz, GET /v1/bundles, POST /v1/edits)"},
-                            status_code=404)
+        return JSONResponse(
+            {"error": f"no such endpoint {path} (GET /healthz, GET /v1/bundles, POST /v1/edits)"}, status_code=404
+        )
 
     async def _edit(self, request: Request) -> Response:
         body = bytearray()
@@ -188,8 +195,9 @@ class Router:
         if isinstance(reply, RequestError):
             raise reply
         if png_only and parsed.returns != "npy":
-            return Response(reply.pngs[0], media_type="image/png",
-                            headers={"X-Generator-Batch": str(reply.generator_batches[0])})
+            return Response(
+                reply.pngs[0], media_type="image/png", headers={"X-Generator-Batch": str(reply.generator_batches[0])}
+            )
         content = await asyncio.to_thread(lambda: json.dumps(reply_json(parsed, reply)))
         return Response(content, media_type="application/json")
 
@@ -208,10 +216,20 @@ def bundle_infos(settings: ServeSettings) -> dict[str, BundleInfo]:
         bundle = Bundle(path)
         name = path.resolve().name
         if name in infos:
-            raise CfdeployError(f"{path}: two bundles are named {name!r}; serve bundles from directories with different names")
-        infos[name] = BundleInfo(name, bundle.size, bundle.n_latent, bundle.style_dim,
-                                 tuple(bundle.manifest.get("prompts", {})), bundle.description, settings.backend,
-                                 bundle.has_network("clip_text"), bundle.has_network("encoder"))
+            raise CfdeployError(
+                f"{path}: two bundles are named {name!r}; serve bundles from directories with different names"
+            )
+        infos[name] = BundleInfo(
+            name,
+            bundle.size,
+            bundle.n_latent,
+            bundle.style_dim,
+            tuple(bundle.manifest.get("prompts", {})),
+            bundle.description,
+            settings.backend,
+            bundle.has_network("clip_text"),
+            bundle.has_network("encoder"),
+        )
     return infos
 
 
@@ -220,17 +238,26 @@ def build_application(settings: ServeSettings, infos: dict[str, BundleInfo]) -> 
     actor_options = {"num_cpus": settings.cpus_per_replica, "num_gpus": settings.gpus_per_replica}
     editors = {
         name: EDITOR.options(
-            name=f"edit-{name}", num_replicas=settings.replicas, ray_actor_options=actor_options,
+            name=f"edit-{name}",
+            num_replicas=settings.replicas,
+            ray_actor_options=actor_options,
             max_ongoing_requests=settings.max_ongoing,
             max_queued_requests=settings.max_ongoing * settings.replicas,
-        ).bind(str(path.resolve()), settings.backend,
-               actor_backend_options(settings.backend, settings.cpus_per_replica, settings.gpus_per_replica), settings.max_batch,
-               settings.batch_wait_ms / 1000)
-        for name, path in zip(infos, settings.bundles)
+        ).bind(
+            str(path.resolve()),
+            settings.backend,
+            actor_backend_options(settings.backend, settings.cpus_per_replica, settings.gpus_per_replica),
+            settings.max_batch,
+            settings.batch_wait_ms / 1000,
+        )
+        for name, path in zip(infos, settings.bundles, strict=True)
     }
-    router_limit = max(ROUTER_MIN_ONGOING, 4 * settings.max_ongoing * settings.replicas * len(infos))  # never the bottleneck
-    return ROUTER.options(max_ongoing_requests=router_limit, max_queued_requests=router_limit,
-                          ray_actor_options={"num_cpus": 0}).bind(editors, infos)
+    router_limit = max(
+        ROUTER_MIN_ONGOING, 4 * settings.max_ongoing * settings.replicas * len(infos)
+    )  # never the bottleneck
+    return ROUTER.options(
+        max_ongoing_requests=router_limit, max_queued_requests=router_limit, ray_actor_options={"num_cpus": 0}
+    ).bind(editors, infos)
 
 
 class Server:
@@ -250,8 +277,10 @@ class Server:
         try:
             require_resources(settings.cpus_per_replica, settings.gpus_per_replica, "replica")
             if self._shared_cluster and APP_NAME in serve.status().applications:
-                raise CfdeployError(f"the Ray cluster at {ray_address} already serves an application named {APP_NAME!r} "
-                                    "(another cfdeploy serve?); stop it first")
+                raise CfdeployError(
+                    f"the Ray cluster at {ray_address} already serves an application named {APP_NAME!r} "
+                    "(another cfdeploy serve?); stop it first"
+                )
             serve.start(http_options={"host": settings.host, "port": settings.port})
             self._deployed = True
             serve.run(build_application(settings, infos), name=APP_NAME, route_prefix="/")

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Mapping
 
 import tensorrt as trt
 
@@ -152,7 +152,10 @@ def build_engine(
     for spec in contract.batched_inputs:
         rest = [int(dim) for dim in spec.shape[1:]]
         profile.set_shape(
-            spec.name, trt.Dims([key.profile[0], *rest]), trt.Dims([key.profile[1], *rest]), trt.Dims([key.profile[2], *rest])
+            spec.name,
+            trt.Dims([key.profile[0], *rest]),
+            trt.Dims([key.profile[1], *rest]),
+            trt.Dims([key.profile[2], *rest]),
         )
     config.add_optimization_profile(profile)
     cache = config.create_timing_cache(timing_cache_path.read_bytes() if timing_cache_path.is_file() else b"")
@@ -168,7 +171,9 @@ def build_engine(
 
 
 def build_engines(
-    bundle_path: Path, settings: BuildSettings, report: Callable[[str], None] = lambda message: None,
+    bundle_path: Path,
+    settings: BuildSettings,
+    report: Callable[[str], None] = lambda message: None,
     device: str = "cuda",
 ) -> list[BuiltEngine]:
     """Build (or keep, when their keys match) the engines of a bundle on GPU ``device``; refuse mismatches without
@@ -189,7 +194,9 @@ def build_engines(
         engine_dir.mkdir(parents=True, exist_ok=True)
         # keyed on the manifest's hashes; a graph is read (and its hash verified) only if it is built
         wanted = [wanted_key(contracts[name], bundle.network_sha256(name), settings, gpu) for name in names]
-        return build_wanted(engine_dir, wanted, contracts, bundle.network, lambda name: settings, settings.rebuild, report)
+        return build_wanted(
+            engine_dir, wanted, contracts, bundle.network, lambda name: settings, settings.rebuild, report
+        )
 
 
 def build_wanted(
@@ -214,8 +221,14 @@ def build_wanted(
         network_settings = settings(key.network)
         report(f"{key.network}: building {key.precision} engine, {network_settings.profile.label()}")
         started = time.perf_counter()
-        engine = build_engine(graph(key.network), contracts[key.network], key, network_settings, engine_dir / TIMING_CACHE,
-                              prefixed(report, key.network))
+        engine = build_engine(
+            graph(key.network),
+            contracts[key.network],
+            key,
+            network_settings,
+            engine_dir / TIMING_CACHE,
+            prefixed(report, key.network),
+        )
         key_path.unlink(missing_ok=True)  # an engine without a key is refused, never trusted
         write_atomic(engine_path, engine)
         write_atomic(key_path, json_text(key).encode())
@@ -236,7 +249,9 @@ def refit_engine(engine_dir: Path, network: str, onnx_path: Path) -> EngineKey:
     if key is None or not engine_path.is_file():
         raise CfdeployError(f"{engine_path}: no engine with a key to refit")
     if not key.refittable:
-        raise CfdeployError(f"{engine_path}: was built without the refit flag (rebuild it with cfdeploy build-engines --rebuild)")
+        raise CfdeployError(
+            f"{engine_path}: was built without the refit flag (rebuild it with cfdeploy build-engines --rebuild)"
+        )
     gpu = gpu_identity()
     here = replace(key, tensorrt_version=trt.__version__, gpu_name=gpu[0], compute_capability=gpu[1])
     problems = key_mismatches(key, here)

@@ -73,7 +73,7 @@ class DeviceBuffer:
         call("cudaStreamSynchronize", stream)
         return out
 
-    def copy_from(self, source: "DeviceBuffer", nbytes: int, stream: int) -> None:
+    def copy_from(self, source: DeviceBuffer, nbytes: int, stream: int) -> None:
         kind = require_cudart().cudaMemcpyKind.cudaMemcpyDeviceToDevice
         call("cudaMemcpyAsync", self.address, source.address, nbytes, kind, stream)
 

@@ -43,7 +43,13 @@ class Engine:
     """One engine: execution context, fixed device buffers, and a CUDA graph once static and warm."""
 
     def __init__(
-        self, path: Path, contract: NetworkContract, key: EngineKey, runtime: trt.Runtime, stream: int, cuda_graphs: bool,
+        self,
+        path: Path,
+        contract: NetworkContract,
+        key: EngineKey,
+        runtime: trt.Runtime,
+        stream: int,
+        cuda_graphs: bool,
         prepare: Prepare | None = None,
     ) -> None:
         """``prepare`` sees the engine before its execution context is made (a refit with other weights)."""
@@ -122,7 +128,9 @@ class Engine:
         """Copy ``array`` into the input buffer, padded along the batch to ``run_batch`` by repeating its last row."""
         spec = next(spec for spec in self.contract.inputs if spec.name == name)
         host = np.ascontiguousarray(array, np.dtype(spec.dtype))
-        self.buffers[name].upload(pad_batch(host, run_batch) if spec in self.contract.batched_inputs else host, self.stream)
+        self.buffers[name].upload(
+            pad_batch(host, run_batch) if spec in self.contract.batched_inputs else host, self.stream
+        )
 
     def download(self, name: str, rows: int) -> np.ndarray:
         spec = next(spec for spec in self.contract.outputs if spec.name == name)
@@ -165,8 +173,13 @@ class EngineSet:
     """
 
     def __init__(
-        self, engine_dir: Path, contracts: Mapping[str, NetworkContract], graph_sha256: Callable[[str], str],
-        device: str = "cuda", cuda_graphs: bool = True, prepare: Mapping[str, Prepare] | None = None,
+        self,
+        engine_dir: Path,
+        contracts: Mapping[str, NetworkContract],
+        graph_sha256: Callable[[str], str],
+        device: str = "cuda",
+        cuda_graphs: bool = True,
+        prepare: Mapping[str, Prepare] | None = None,
     ) -> None:
         self.engine_dir = engine_dir
         self.contracts = contracts
@@ -183,8 +196,15 @@ class EngineSet:
         loaded = self.engines.get(network)
         if loaded is None:
             key = check_runnable(self.engine_dir, network, self.graph_sha256(network), trt.__version__, self.gpu)
-            loaded = Engine(engine_paths(self.engine_dir, network)[0], self.contracts[network], key, self.runtime,
-                            self.stream, self.cuda_graphs, self.prepare.get(network))
+            loaded = Engine(
+                engine_paths(self.engine_dir, network)[0],
+                self.contracts[network],
+                key,
+                self.runtime,
+                self.stream,
+                self.cuda_graphs,
+                self.prepare.get(network),
+            )
             self.engines[network] = loaded
         return loaded
 

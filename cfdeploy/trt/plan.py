@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -141,7 +142,7 @@ class EngineKey:
         return {"format": KEY_FORMAT, **asdict(self), "profile": list(self.profile)}
 
     @classmethod
-    def from_dict(cls, content: dict[str, Any], source: Path) -> "EngineKey":
+    def from_dict(cls, content: dict[str, Any], source: Path) -> EngineKey:
         if not isinstance(content, dict) or content.get("format") != KEY_FORMAT:
             raise CfdeployError(f"{source}: not a cfdeploy engine key (expected format {KEY_FORMAT})")
         try:
@@ -216,14 +217,19 @@ def _refuse_mismatch(engine_path: Path, found: EngineKey, wanted: EngineKey) -> 
         raise CfdeployError(f"{engine_path}: built for something else: {'; '.join(problems)} (rebuild with --rebuild)")
 
 
-def check_runnable(engine_dir: Path, network: str, onnx_sha256: str, tensorrt_version: str, gpu: tuple[str, str]) -> EngineKey:
+def check_runnable(
+    engine_dir: Path, network: str, onnx_sha256: str, tensorrt_version: str, gpu: tuple[str, str]
+) -> EngineKey:
     """At run time any precision and profile will do, but not another graph, TensorRT or GPU; returns the key."""
     engine_path, key_path = engine_paths(engine_dir, network)
     found = read_key(key_path) if engine_path.is_file() else None
     if found is None:
-        raise CfdeployError(f"{engine_path}: no engine (with its key) for {network}; build it with cfdeploy build-engines")
-    wanted = replace(found, onnx_sha256=onnx_sha256, tensorrt_version=tensorrt_version, gpu_name=gpu[0],
-                     compute_capability=gpu[1])
+        raise CfdeployError(
+            f"{engine_path}: no engine (with its key) for {network}; build it with cfdeploy build-engines"
+        )
+    wanted = replace(
+        found, onnx_sha256=onnx_sha256, tensorrt_version=tensorrt_version, gpu_name=gpu[0], compute_capability=gpu[1]
+    )
     _refuse_mismatch(engine_path, found, wanted)
     return found
 

@@ -38,9 +38,9 @@ def connect(address: str | None, num_cpus: int | None = None, *, driver_logs: bo
 
 def actor_backend_options(backend: str, cpus: float, gpus: float) -> dict[str, Any]:
     """Backend options for a replica or worker given its Ray resources: ONNX Runtime runs one thread per CPU
-    reserved, on the CPU unless a GPU share is reserved (then its best provider)."""
+    reserved, on the CPU unless a GPU share is reserved (then on the GPU Ray assigned, which it sees as cuda:0)."""
     if backend == "onnxruntime":
-        return {"providers": None if gpus > 0 else ["CPUExecutionProvider"], "threads": max(1, round(cpus))}
+        return {"device": "cuda" if gpus > 0 else "cpu", "threads": max(1, round(cpus))}
     return {}
 
 

@@ -29,6 +29,12 @@ app.add_typer(dac_app, name="dac")
 FITTING = "Fitting"
 SAMPLING = "Sampling"
 DEVICE = typer.Option("cpu", "--device", metavar="DEVICE", help="cpu, cuda or cuda:N.")
+MOVED_BASE_MODEL = typer.Option(
+    None,
+    "--base-model",
+    metavar="DIR",
+    help="The base model folder, if it moved since abduct (its weights must be the same).",
+)
 OLD_BASE_MODEL = typer.Option(None, "-b", hidden=True)  # -b means --batch-size everywhere else
 
 
@@ -221,12 +227,7 @@ def edit_command(
         rich_help_panel=SAMPLING,
         help="pndm: the base model's own (official); ddim from the same config.",
     ),
-    base_model: Path | None = typer.Option(
-        None,
-        "--base-model",
-        metavar="DIR",
-        help="The base model folder, if it moved since abduct (its weights must be the same).",
-    ),
+    base_model: Path | None = MOVED_BASE_MODEL,
     old_base_model: Path | None = OLD_BASE_MODEL,
     backend: str | None = typer.Option(
         None,
@@ -322,12 +323,7 @@ def export_command(
         help="scale-input: U unmerged, its weight γ(t) a graph input (exact); merged: U folded in at the mean "
         "γ of the default schedule (a stock UNet graph, faster, an approximation: the difference is recorded).",
     ),
-    base_model: Path | None = typer.Option(
-        None,
-        "--base-model",
-        metavar="DIR",
-        help="The base model folder, if it moved since abduct (its weights must be the same).",
-    ),
+    base_model: Path | None = MOVED_BASE_MODEL,
     old_base_model: Path | None = OLD_BASE_MODEL,
     force: bool = typer.Option(False, "--force", "-f", help="Replace an existing --out directory."),
 ) -> None:

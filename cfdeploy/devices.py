@@ -54,10 +54,10 @@ def torch_device(text: str | Device) -> torch.device:
     if not device.is_cuda:
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise CfdeployError(f"--device {device}: this torch sees no CUDA GPU")
+        raise CfdeployError(f"--device {text}: this torch sees no CUDA GPU")
     count = torch.cuda.device_count()
     if device.index is not None and device.index >= count:
-        raise CfdeployError(f"--device {device}: this machine has {count} CUDA GPU(s), numbered from 0")
+        raise CfdeployError(f"--device {text}: this machine has {count} CUDA GPU(s), numbered from 0")
     return torch.device(str(device))
 
 

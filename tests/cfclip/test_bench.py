@@ -34,7 +34,7 @@ def test_bench_synthetic_reports_every_field(cli, tmp_path):
                  "--json", paths["json"], "--csv", paths["csv"], "--plot", paths["png"])
     assert result.exit_code == 0, result.stderr
     if not torch.cuda.is_available():
-        assert "skipped torch-cuda-fp16: device 'cuda' requested but this torch sees no CUDA GPU" in result.stdout
+        assert "skipped torch-cuda-fp16: --device cuda: this torch sees no CUDA GPU" in result.stdout
     if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
         assert "skipped onnxruntime-cuda: ONNX Runtime providers CUDAExecutionProvider are not available" in result.stdout
     if importlib.util.find_spec("tensorrt") is None:

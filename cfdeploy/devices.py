@@ -81,7 +81,7 @@ def onnxruntime_providers(
     elif device.is_cuda:
         if CUDA_PROVIDER not in available:
             raise CfdeployError(
-                f"--device {device}: this ONNX Runtime has no CUDA provider "
+                f"--device {text}: this ONNX Runtime has no CUDA provider "
                 f"(has {', '.join(available)}); install onnxruntime-gpu"
             )
         providers = [name for name in (TENSORRT_PROVIDER, CUDA_PROVIDER, CPU_PROVIDER) if name in available]

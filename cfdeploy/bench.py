@@ -296,8 +296,9 @@ def measure(name: str, backend: EditBackend, settings: BenchSettings, on_progres
             "per_image_s": stages["total"]["median"] / batch,
             "images": images,
         })
+    compiled = getattr(backend, "compile_s", None)
     return {"results": results, "peak_rss_mb": peak_rss_mb(), "gpu_memory_mb": gpu_memory_mb(name, backend),
-            "threads": thread_counts(backend)}
+            "threads": thread_counts(backend), **({"compile_s": compiled()} if compiled is not None and compiled() else {})}
 
 
 def make_refiner(backend: Any, settings: BenchSettings) -> Refiner | None:

@@ -359,6 +359,9 @@ def edit_to_directory(
     for array in (latents_file, raw_file):
         if array is not None:
             array.close()
+    compiled = getattr(backend, "compile_s", None)
+    if compiled is not None and compiled():  # torch --compile: part of the generator's time was compiling
+        timer.seconds["generator_compile"] = compiled()
     summary = {
         "backend": backend.name,
         "inputs": inputs or {},

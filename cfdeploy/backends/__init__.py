@@ -43,7 +43,7 @@ BACKENDS: dict[str, BackendInfo] = {
     for info in (
         BackendInfo(
             "torch", "checkpoint", "cfdeploy.backends.torch_backend:TorchBackend", ("cpu", "cuda"), ("fp32", "fp16", "bf16"),
-            "torch", ("clip_weights", "device", "precision", "cuda_graphs", "encoder"),
+            "torch", ("clip_weights", "device", "precision", "cuda_graphs", "encoder", "compile"),
             "the exact PyTorch models; reduced precision is for the generator only",
         ),
         BackendInfo(
@@ -82,6 +82,7 @@ PRESETS: dict[str, Preset] = {
         Preset("torch-bf16", "torch", {"precision": "bf16"}),
         Preset("torch-cuda", "torch", {"device": "cuda"}),
         Preset("torch-cuda-fp16", "torch", {"device": "cuda", "precision": "fp16", "cuda_graphs": True}),
+        Preset("torch-cuda-compile", "torch", {"device": "cuda", "precision": "fp16", "compile": True}),
         Preset("onnxruntime", "onnxruntime", {"device": "cpu"}),
         Preset("onnxruntime-cuda", "onnxruntime", {"device": "cuda", "providers": ["CUDAExecutionProvider", "CPUExecutionProvider"]}),
         Preset(

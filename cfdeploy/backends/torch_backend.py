@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -24,6 +25,10 @@ from cfdeploy.torchfiles import weights_sha256
 # fp16 runs under autocast (convolutions and matmuls in fp16, reductions such as demodulation in fp32);
 # bf16 runs a bf16 copy of the generator, the fastest form on CPUs with bf16 matrix units.
 GENERATOR_PRECISIONS = BACKENDS["torch"].precisions
+# torch.compile of the generator: "reduce-overhead" (inductor kernels replayed as CUDA graphs) on CUDA; on a CPU
+# there are no CUDA graphs to replay, so the CPU gets inductor's "default" mode (its C++ kernels), the same code path
+# without the graph trees.
+COMPILE_MODES = {"cuda": "reduce-overhead", "cpu": "default"}
 
 
 class TorchBackend:
@@ -42,10 +47,13 @@ class TorchBackend:
         device: str = "cpu",
         precision: str = "fp32",
         cuda_graphs: bool = False,
+        compile: bool = False,
     ) -> None:
         self.device = torch_device(device)
         if precision not in GENERATOR_PRECISIONS:
             raise CfdeployError(f"unknown precision {precision!r} (expected {', '.join(GENERATOR_PRECISIONS)})")
+        if compile and cuda_graphs:
+            raise CfdeployError("--compile replays CUDA graphs itself (mode reduce-overhead): give --compile or --cuda-graphs")
         if cuda_graphs and self.device.type != "cuda":
             raise CfdeployError("CUDA graphs need --device cuda")
         self.precision = precision
@@ -54,6 +62,13 @@ class TorchBackend:
         self._generator_gpu_ms = 0.0
         self.generator = generator.eval().to(self.device)
         self._bf16_generator = copy.deepcopy(self.generator).to(torch.bfloat16) if precision == "bf16" else None
+        self.compile_mode = COMPILE_MODES[self.device.type] if compile else None
+        self._compiled: torch.nn.Module | None = None
+        if self.compile_mode is not None:
+            module = self._bf16_generator if self._bf16_generator is not None else self.generator
+            self._compiled = torch.compile(module, mode=self.compile_mode, fullgraph=True, dynamic=False)  # type: ignore[assignment]
+        self._compiled_batches: set[int] = set()
+        self._compile_s = 0.0
         self.text_mapper = text_mapper.eval().to(self.device)
         self.editor = LatentEditor(mapper).eval().to(self.device)
         self.clip = clip.eval().to(self.device) if clip is not None else None
@@ -74,6 +89,7 @@ class TorchBackend:
         precision: str = "fp32",
         cuda_graphs: bool = False,
         encoder: Path | None = None,
+        compile: bool = False,
     ) -> "TorchBackend":
         """The CF-CLIP checkpoint's models; CLIP's text tower from ``clip_weights``, e4e from ``encoder`` (photos)."""
         torch_device(device)
@@ -85,7 +101,8 @@ class TorchBackend:
 
             inverter = load_e4e(encoder)
         backend = cls(
-            loaded.generator, loaded.text_mapper, loaded.mapper, clip, None, loaded.description, device, precision, cuda_graphs
+            loaded.generator, loaded.text_mapper, loaded.mapper, clip, None, loaded.description, device, precision, cuda_graphs,
+            compile,
         )
         backend.source_text = loaded.source_text
         if inverter is not None:
@@ -141,12 +158,42 @@ class TorchBackend:
         return self._run(self.editor, w, np.broadcast_to(text_latents, w.shape), np.array([strength], np.float32))
 
     def _generate(self, latents: torch.Tensor) -> torch.Tensor:
+        if self._compiled is not None:
+            return self._compiled_generate(latents)
         if self._bf16_generator is not None:
             return self._bf16_generator(latents.to(torch.bfloat16))
         if self.precision == "fp16":
             with torch.autocast(self.device.type, dtype=torch.float16):
                 return self.generator(latents)
         return self.generator(latents)
+
+    def _compiled_generate(self, latents: torch.Tensor) -> torch.Tensor:
+        """The compiled generator; a batch size's first call compiles (and, on CUDA, records the graphs): its wall
+        time goes to :meth:`compile_s`. The output is cloned, as CUDA graph trees reuse their output memory."""
+        assert self._compiled is not None
+        first = latents.shape[0] not in self._compiled_batches
+        started = time.perf_counter()
+        calls = 3 if first and self.device.type == "cuda" else 1  # reduce-overhead records its graphs on the 3rd call
+        for _ in range(calls):
+            if self.device.type == "cuda":
+                torch.compiler.cudagraph_mark_step_begin()
+            if self._bf16_generator is not None:
+                image = self._compiled(latents.to(torch.bfloat16))
+            elif self.precision == "fp16":
+                with torch.autocast(self.device.type, dtype=torch.float16):
+                    image = self._compiled(latents)
+            else:
+                image = self._compiled(latents)
+        if first:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self._compile_s += time.perf_counter() - started
+            self._compiled_batches.add(latents.shape[0])
+        return image.clone()
+
+    def compile_s(self) -> float:
+        """Seconds spent compiling the generator (each batch size's first call); 0 without ``compile``."""
+        return self._compile_s
 
     def _replay(self, latents: torch.Tensor) -> torch.Tensor:
         """The generator as a CUDA graph per batch size: captured after two warm-up runs, then replayed."""

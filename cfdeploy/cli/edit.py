@@ -173,6 +173,9 @@ def edit_command(
         "backends run what their bundle or engines hold. \\[default: fp32]"),
     cuda_graphs: bool = typer.Option(False, "--cuda-graphs", rich_help_panel=RUNTIME,
                                      help="torch on CUDA: replay the generator as a CUDA graph (TensorRT static engines always do)."),
+    compile: bool = typer.Option(False, "--compile", rich_help_panel=RUNTIME,
+                                 help="torch backend: torch.compile the generator (reduce-overhead on CUDA, default "
+                                      "on a CPU); each batch size's first call compiles."),
     engines: Optional[Path] = typer.Option(None, "--engines", metavar="DIR", rich_help_panel=RUNTIME,
                                            help="tensorrt backend: engine directory. \\[default: BUNDLE/tensorrt]"),
     providers: Optional[str] = typer.Option(
@@ -241,7 +244,8 @@ def edit_command(
         raise CfdeployError("--text needs --clip-weights (CLIP ViT-B/32 weights); or pass --text-embedding")
     options = {
         "clip_weights": clip_weights if needs_clip else None, "device": device,
-        "precision": precision_among(precision, info.precisions, f"the {name} backend") if precision else None, "cuda_graphs": cuda_graphs or None, "engines": engines,
+        "precision": precision_among(precision, info.precisions, f"the {name} backend") if precision else None,
+        "cuda_graphs": cuda_graphs or None, "compile": compile or None, "engines": engines,
         "providers": [part.strip() for part in providers.split(",") if part.strip()] if providers else None,
         "cache_max": cache_max, "expect_manifest": expect_manifest, "encoder": encoder,
     }

@@ -19,13 +19,20 @@ def train_command(
     text: str = typer.Option(..., "--text", "-t", metavar="PROMPT", help="What the edit should do, e.g. \"green lipstick\"."),
     generator: Path = typer.Option(..., "--generator", "-g", metavar="FILE",
                                    help="StyleGAN2: a rosinality checkpoint (g_ema) or a CF-CLIP checkpoint (its decoder is reused)."),
-    clip_weights: Path = typer.Option(..., "--clip-weights", metavar="FILE", help="CLIP ViT-B/32 weights with the image tower (ViT-B-32.pt)."),
+    clip_weights: Optional[Path] = typer.Option(None, "--clip-weights", metavar="FILE",
+                                                help="CLIP ViT-B/32 weights with the image tower (ViT-B-32.pt); not needed with "
+                                                     "--text-embedding and --nce-lambda 0."),
     latents: Path = typer.Option(..., "--latents", "-l", metavar="FILE", help="Training W+ codes [N,n,512] (.pt or .npy), e.g. e4e inversions."),
     out: Path = typer.Option(..., "--out", "-o", metavar="DIR", help="Run directory: checkpoints, metrics.jsonl, loss.png, validation grids."),
     test_latents: Optional[Path] = typer.Option(None, "--test-latents", metavar="FILE",
                                                 help="Validation codes (default: the first 4 training codes)."),
     id_weights: Optional[Path] = typer.Option(None, "--id-weights", metavar="FILE",
                                               help="ArcFace IR-SE50 (model_ir_se50.pth) for the identity loss; faces only."),
+    init_from: Optional[Path] = typer.Option(None, "--init-from", metavar="FILE",
+                                             help="Start the mappers from this CF-CLIP checkpoint (the optimiser starts fresh)."),
+    text_embedding: Optional[Path] = typer.Option(None, "--text-embedding", metavar="FILE",
+                                                  help="The prompt's CLIP text features (.npy [512], unnormalised) instead of "
+                                                       "CLIP's text tower; --text then only names the edit and CLIP-NCE's target."),
     steps: int = typer.Option(50_000, "--steps", rich_help_panel=TRAINING, help="Optimiser steps."),
     batch_size: int = typer.Option(2, "--batch-size", "-b", rich_help_panel=TRAINING, help="Latent codes per step."),
     lr: float = typer.Option(0.5, "--lr", rich_help_panel=TRAINING, help="Learning rate."),
@@ -33,7 +40,7 @@ def train_command(
     nce_lambda: float = typer.Option(0.3, "--nce-lambda", rich_help_panel=LOSSES, help="Weight of the CLIP-NCE loss."),
     l2_lambda: float = typer.Option(0.8, "--l2-lambda", rich_help_panel=LOSSES, help="Weight of mean((w_hat - w)^2)."),
     id_lambda: Optional[float] = typer.Option(None, "--id-lambda", rich_help_panel=LOSSES,
-                                              help="Weight of the identity loss [default: 0.2 with --id-weights, else 0]."),
+                                              help="Weight of the identity loss \\[default: 0.2 with --id-weights, else 0]."),
     source_text: str = typer.Option("face", "--source-text", metavar="TEXT", rich_help_panel=LOSSES,
                                     help="What the source images show (CLIP-NCE's negatives): face, dog, cat..."),
     no_coarse_mapper: bool = typer.Option(False, "--no-coarse-mapper", rich_help_panel=TRAINING, help="Leave levels 0-3 unedited."),
@@ -78,7 +85,7 @@ def train_command(
         no_fine_mapper=no_fine_mapper, w_space=w_space, val_every=val_every, save_every=save_every, seed=seed,
         precision=precision.value,
     )
-    inputs = TrainInputs(generator, clip_weights, latents, test_latents, id_weights)
+    inputs = TrainInputs(generator, clip_weights, latents, test_latents, id_weights, init_from, text_embedding)
     with resumable(out / TRAINING_STATE), progress_bar() as bar:
         task = bar.add_task("loading", total=steps)
 

@@ -17,11 +17,12 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from cfdeploy.checkpoints import load_arcface, load_clip, load_generator
+from cfdeploy.checkpoints import CFClipCheckpoint, load_arcface, load_cfclip, load_clip, load_generator
 from cfdeploy.devices import torch_device
 from cfdeploy.errors import CfdeployError
 from cfdeploy.files import require_file
-from cfdeploy.inputs import load_latents
+from cfdeploy.inputs import load_latents, load_text_embedding
+from cfdeploy.models.stylegan2 import Generator
 from cfdeploy.outputs import check_output_dir, write_atomic
 from cfdeploy.refine import ClipNCELoss
 from cfdeploy.tokenizer import ClipTokenizer
@@ -103,11 +104,22 @@ def png_bytes(image: Image.Image) -> bytes:
 
 
 def prepare(settings: TrainSettings, inputs: TrainInputs, device: str, on_stage: Callable[[str], None]) -> Trainer:
-    """Load and check every input (before any file is written), then build the trainer."""
+    """Load and check every input (before any file is written), then build the trainer.
+
+    CLIP is loaded only for what needs it: its text tower for the prompt's features unless ``inputs.text_embedding``
+    gives them, and the CLIP-NCE term (its image tower and the templates' text features) unless ``nce_lambda`` is 0.
+    """
     target = torch_device(device)
     if settings.precision == "fp16" and target.type != "cuda":
         raise CfdeployError("--precision fp16 needs --device cuda (use bf16 on a CPU)")
-    for path in (inputs.generator, inputs.clip_weights, inputs.latents, inputs.test_latents, inputs.id_weights):
+    needs_clip = settings.nce_lambda > 0 or inputs.text_embedding is None
+    if needs_clip and inputs.clip_weights is None:
+        needed = "the CLIP-NCE loss" if settings.nce_lambda > 0 else "the prompt's text features"
+        raise CfdeployError(
+            f"{needed} needs CLIP: pass --clip-weights ViT-B-32.pt (or --text-embedding FILE with --nce-lambda 0)"
+        )
+    for path in (inputs.generator, inputs.clip_weights, inputs.latents, inputs.test_latents, inputs.id_weights,
+                 inputs.init_from, inputs.text_embedding):
         if path is not None:
             require_file(path)
     tokens = torch.from_numpy(ClipTokenizer()([settings.description]))
@@ -120,18 +132,45 @@ def prepare(settings: TrainSettings, inputs: TrainInputs, device: str, on_stage:
         for path, latents in ((inputs.latents, train_latents), (inputs.test_latents, test_latents)):
             if path is not None and not np.array_equal(latents, np.repeat(latents[:, :1], n_latent, axis=1)):
                 raise CfdeployError(f"{path}: --w-space trains on W codes [N,512], but these latents differ across levels (W+)")
-    on_stage("loading CLIP")
-    clip = load_clip(inputs.clip_weights)
-    with torch.no_grad():
-        text_features = clip(tokens).float()
-    nce = ClipNCELoss(clip, settings.source_text, settings.description, augmentations=settings.augmentations)
+    start = initial_mappers(inputs.init_from, settings, generator) if inputs.init_from is not None else None
+    if inputs.text_embedding is not None:
+        text_features = torch.from_numpy(load_text_embedding(inputs.text_embedding, 1, generator.config.style_dim))
+    clip = nce = None
+    if needs_clip:
+        on_stage("loading CLIP")
+        clip = load_clip(inputs.clip_weights)  # type: ignore[arg-type]  # needs_clip implies a file
+    if clip is not None and inputs.text_embedding is None:
+        with torch.no_grad():
+            text_features = clip(tokens).float()
+    if clip is not None and settings.nce_lambda > 0:
+        nce = ClipNCELoss(clip, settings.source_text, settings.description, augmentations=settings.augmentations)
     arcface = None
     if inputs.id_weights is not None and settings.id_lambda:
         on_stage("loading ArcFace")
         arcface = load_arcface(inputs.id_weights)
     data = TrainingData(train_latents, test_latents, inputs)
     model = CFClipTraining(generator, nce, text_features, settings, arcface)
+    if start is not None:  # the mappers' weights only: the optimiser starts fresh, as the official code's does
+        model.text_mapper.load_state_dict(start.text_mapper.state_dict())
+        model.mapper.load_state_dict(start.mapper.state_dict())
     return Trainer(model, data, target)
+
+
+def initial_mappers(path: Path, settings: TrainSettings, generator: Generator) -> CFClipCheckpoint:
+    """``--init-from``: a CF-CLIP checkpoint (read strictly and safely) whose mappers fit this generator and run."""
+    checkpoint = load_cfclip(path)
+    config, expected = checkpoint.mapper_config, settings.mapper_config(generator.config.n_latent)
+    if (config.n_latent, config.dim) != (expected.n_latent, generator.config.style_dim):
+        raise CfdeployError(
+            f"{path}: --init-from mappers are for {config.n_latent} levels of width {config.dim}; the generator "
+            f"has {generator.config.n_latent} levels of width {generator.config.style_dim}"
+        )
+    for flag in ("no_coarse_mapper", "no_medium_mapper", "no_fine_mapper"):
+        if getattr(config, flag) != getattr(expected, flag):
+            option = "--" + flag.replace("_", "-")
+            state = "was" if getattr(config, flag) else "was not"
+            raise CfdeployError(f"{path}: --init-from checkpoint {state} trained with {option}; give the same mapper options")
+    return checkpoint
 
 
 def train(

@@ -49,6 +49,7 @@ TRAINING_STATE = "training_state.pt"
 METRICS = "metrics.jsonl"
 VALIDATION_DIR = "validation"
 GRID_ROWS = 4
+STATE_KEYS = ("step", "best_validation", "text_mapper", "mapper", "optimizer", "settings")
 # opts the official training writes that cfdeploy has no use for, with the official defaults (workers: the
 # data are in memory here), so the official code reads the file as one of its own.
 OFFICIAL_FIXED_OPTS = {"mapper_type": "LevelsMapper", "test_batch_size": 1, "workers": 0, "test_workers": 0,
@@ -103,10 +104,12 @@ class TrainInputs:
     """The files a run reads (recorded as given in the checkpoints' ``opts``)."""
 
     generator: Path
-    clip_weights: Path
+    clip_weights: Path | None
     latents: Path
     test_latents: Path | None = None
     id_weights: Path | None = None
+    init_from: Path | None = None  # a CF-CLIP checkpoint whose mappers the run starts from
+    text_embedding: Path | None = None  # the prompt's CLIP text features [512], instead of CLIP's text tower
 
 
 @dataclass
@@ -141,7 +144,7 @@ class CFClipTraining(nn.Module):
     def __init__(
         self,
         generator: Generator,
-        nce: ClipNCELoss,
+        nce: ClipNCELoss | None,
         text_features: torch.Tensor,
         settings: TrainSettings,
         arcface: ArcFace | None = None,
@@ -149,9 +152,11 @@ class CFClipTraining(nn.Module):
         super().__init__()
         if settings.id_lambda and arcface is None:
             raise CfdeployError("the identity loss needs ArcFace weights: pass --id-weights model_ir_se50.pth or --id-lambda 0")
+        if settings.nce_lambda and nce is None:
+            raise CfdeployError("the CLIP-NCE loss needs CLIP: pass --clip-weights ViT-B-32.pt or --nce-lambda 0")
         self.settings = settings
         self.generator = generator.eval().requires_grad_(False)
-        self.nce = nce.eval().requires_grad_(False)
+        self.nce = nce.eval().requires_grad_(False) if nce is not None and settings.nce_lambda else None
         self.arcface = arcface.eval().requires_grad_(False) if arcface is not None else None
         config = settings.mapper_config(generator.config.n_latent)
         torch.manual_seed(settings.seed)
@@ -180,7 +185,7 @@ class CFClipTraining(nn.Module):
         w_hat = self.edit(w)
         with self.reduced_precision():
             edited = self.generator(w_hat).to(w.dtype)
-            nce = self.nce(edited, source, warps).to(w.dtype)
+            nce = self.nce(edited, source, warps).to(w.dtype) if self.nce is not None else edited.new_zeros(())
             identity = identity_loss(self.arcface, edited, source).to(w.dtype) if self.arcface is not None else nce.new_zeros(())
         l2 = F.mse_loss(w_hat, w)
         s = self.settings
@@ -211,6 +216,7 @@ def official_opts(settings: TrainSettings, data: TrainingData, out: Path, size: 
     """The ``opts`` dict of an official checkpoint: every field its training writes, with this run's values."""
     return {
         **OFFICIAL_FIXED_OPTS,
+        "checkpoint_path": None if data.inputs.init_from is None else str(data.inputs.init_from),
         "exp_dir": str(out),
         "no_coarse_mapper": settings.no_coarse_mapper,
         "no_medium_mapper": settings.no_medium_mapper,
@@ -309,17 +315,26 @@ class Trainer:
         }
 
     def load_state(self, state: dict[str, Any], source: Path) -> None:
+        missing = [key for key in STATE_KEYS if key not in state]
+        if missing:
+            raise CfdeployError(f"{source}: damaged training state: no {', '.join(repr(key) for key in missing)}")
         saved = state.get("settings")
+        if not isinstance(saved, dict):
+            raise CfdeployError(f"{source}: damaged training state: 'settings' is a {type(saved).__name__}, not a dict")
         current = asdict(self.settings)
-        differing = [key for key in current if key != "steps" and (saved or {}).get(key) != current[key]]
+        differing = [key for key in current if key != "steps" and saved.get(key) != current[key]]
         if differing:
-            shown = ", ".join(f"{key} {saved.get(key)!r} → {current[key]!r}" for key in differing[:4]) if saved else "none saved"
+            shown = ", ".join(f"{key} {saved.get(key)!r} → {current[key]!r}" for key in differing[:4])
             raise CfdeployError(f"{source}: --resume needs the settings of the interrupted run; these differ: {shown}")
-        self.model.text_mapper.load_state_dict(state["text_mapper"])
-        self.model.mapper.load_state_dict(state["mapper"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.step = int(state["step"])
-        self.best_validation = state["best_validation"]
+        try:
+            self.model.text_mapper.load_state_dict(state["text_mapper"])
+            self.model.mapper.load_state_dict(state["mapper"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.step = int(state["step"])
+            self.best_validation = None if state["best_validation"] is None else float(state["best_validation"])
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as error:
+            detail = f"no {error}" if isinstance(error, KeyError) else str(error).splitlines()[0][:200]
+            raise CfdeployError(f"{source}: damaged training state: {detail}") from None
 
 
 def validation_grid(pairs: torch.Tensor) -> np.ndarray:

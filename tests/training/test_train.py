@@ -259,3 +259,117 @@ def test_a_nan_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(run_f
     saved = torch.load(tmp_path / "run" / "iteration_1.pt", weights_only=True)["state_dict"]
     assert all(torch.isfinite(value).all() for value in saved.values() if value.is_floating_point())
     assert not (tmp_path / "run" / "iteration_2.pt").exists()
+
+
+@pytest.fixture(scope="module")
+def init_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """CF-CLIP checkpoints to start from (mappers unlike the generator file's) and a prompt's text features."""
+    directory = tmp_path_factory.mktemp("init_files")
+    files = {"init": directory / "init.pt", "no_coarse": directory / "no_coarse.pt", "levels12": directory / "levels12.pt",
+             "embedding": directory / "prompt.npy", "bad_embedding": directory / "bad.npy"}
+    torch.save(synthetic_files.cfclip_checkpoint(64, seed=11), files["init"])
+    torch.save(synthetic_files.cfclip_checkpoint(64, seed=12, no_coarse_mapper=True), files["no_coarse"])
+    torch.save(synthetic_files.cfclip_checkpoint(128, seed=13), files["levels12"])
+    rng = np.random.default_rng(21)
+    np.save(files["embedding"], (4 * rng.standard_normal(512)).astype(np.float32))
+    np.save(files["bad_embedding"], rng.standard_normal((2, 511)).astype(np.float32))
+    return files
+
+
+def test_one_step_from_a_checkpoint_and_a_text_embedding_is_the_official_update(run_files, init_files):
+    """The official loop with checkpoint_path set: mappers from the checkpoint, a fresh Ranger, one update. With
+    --text-embedding and --nce-lambda 0 no CLIP file is given and none is loaded."""
+    settings = TrainSettings(PROMPT, steps=1, seed=4, nce_lambda=0)
+    inputs = TrainInputs(run_files["generator"], None, run_files["latents"], run_files["test"], run_files["arcface"],
+                         init_files["init"], init_files["embedding"])
+    trainer = prepare(settings, inputs, "cpu", lambda stage: None)
+    assert trainer.model.nce is None and not trainer.optimizer.state
+    trainer.model.double()
+    mappers = {"text_mapper": trainer.model.text_mapper, "mapper": trainer.model.mapper}
+    init_state = torch.load(init_files["init"], weights_only=True)["state_dict"]
+    start = {name: {key[len(name) + 1:]: value.double() for key, value in init_state.items() if key.startswith(name + ".")}
+             for name in mappers}
+    for name, module in mappers.items():  # the checkpoint's mappers, key for key
+        assert set(module.state_dict()) == set(start[name])
+        assert all(torch.equal(value, start[name][key]) for key, value in module.state_dict().items()), name
+    progress = trainer.train_step()
+
+    content = torch.load(run_files["generator"], weights_only=True)
+    generator_state = {key[len("decoder."):]: value.double() for key, value in content["state_dict"].items()
+                       if key.startswith("decoder.")}
+    arcface_state = {key: value.double() if value.is_floating_point() else value
+                     for key, value in torch.load(run_files["arcface"], weights_only=True).items()}
+    rows = batch_indices(4, 1, 6, 2)
+    w = torch.from_numpy(np.load(run_files["latents"])[rows]).double()
+    text_features = torch.from_numpy(np.load(init_files["embedding"])).double().reshape(1, 512)
+    leaves = {name: {key: value.clone().requires_grad_(True) for key, value in state.items()} for name, state in start.items()}
+    with torch.no_grad():
+        source = reference.generator(generator_state, w)
+    text_latents = reference.text_mapper(leaves["text_mapper"], text_features.expand(2, -1), N_LATENT_64)
+    w_hat = w + 0.1 * reference.levels_mapper(leaves["mapper"], torch.cat([w, text_latents], dim=2), {})
+    edited = reference.generator(generator_state, w_hat)
+    expected = {"l2": F.mse_loss(w_hat, w), "id": official_identity(arcface_state, edited, source)}
+    expected["loss"] = 0.8 * expected["l2"] + 0.2 * expected["id"]
+    for name, value in expected.items():
+        assert progress.losses[name] == pytest.approx(float(value.detach()), rel=1e-5), name
+    assert progress.losses["nce"] == 0 and expected["id"] > 1e-4
+
+    names = [(name, key) for name in leaves for key in leaves[name]]
+    grads = torch.autograd.grad(expected["loss"], [leaves[name][key] for name, key in names])
+    for (name, key), grad in zip(names, grads, strict=True):
+        parameter = dict(mappers[name].named_parameters())[key]
+        centred = grad - grad.mean(dim=tuple(range(1, grad.dim())), keepdim=True) if grad.dim() > 1 else grad
+        assert rel_l2(parameter.detach() - start[name][key], -0.5 * centred) <= 1e-5, f"{name}.{key} update"
+
+
+def test_cli_trains_from_a_checkpoint_with_a_text_embedding(cli, run_files, init_files, tmp_path):
+    """Both branches: without CLIP (--nce-lambda 0), and with CLIP for the NCE term only."""
+    base = ["train", "-t", PROMPT, "-g", run_files["generator"], "-l", run_files["latents"], "--steps", 1,
+            "--init-from", init_files["init"], "--text-embedding", init_files["embedding"], "--id-lambda", 0]
+    result = cli(*base, "--nce-lambda", 0, "-o", tmp_path / "no_clip")
+    assert result.exit_code == 0, result.stderr
+    content = torch.load(tmp_path / "no_clip" / "iteration_1.pt", weights_only=True)
+    assert content["opts"]["checkpoint_path"] == str(init_files["init"]) and content["opts"]["nce_lambda"] == 0
+    result = cli(*base, "--clip-weights", run_files["clip"], "--seed", 2, "-o", tmp_path / "nce")
+    assert result.exit_code == 0, result.stderr
+    losses = json.loads((tmp_path / "nce" / "metrics.jsonl").read_text().splitlines()[0])
+    assert losses["nce"] > 0 and losses["id"] == 0
+
+
+@pytest.mark.parametrize(
+    "change, fragments",
+    [
+        ({"--init-from": "no_coarse"}, ("no_coarse.pt: --init-from checkpoint was trained with --no-coarse-mapper",)),
+        ({"--init-from": "levels12"}, ("mappers are for 12 levels of width 512; the generator has 10 levels",)),
+        ({"--text-embedding": "bad_embedding"}, ("bad.npy: expected text features [512] or [N,512], found [2, 511]",)),
+        ({"--clip-weights": None}, ("the CLIP-NCE loss needs CLIP: pass --clip-weights",)),
+        ({"--clip-weights": None, "--text-embedding": None, "--nce-lambda": "0"}, ("the prompt's text features needs CLIP",)),
+    ],
+)
+def test_cli_refuses_a_checkpoint_or_embedding_that_does_not_fit(cli, run_files, init_files, tmp_path, change, fragments):
+    options = {"-t": PROMPT, "-g": run_files["generator"], "--clip-weights": run_files["clip"], "-l": run_files["latents"],
+               "-o": tmp_path / "run", "--steps": "1", "--init-from": init_files["init"],
+               "--text-embedding": init_files["embedding"]}
+    options.update({key: init_files.get(value, value) for key, value in change.items()})
+    result = cli("train", *[item for key, value in options.items() if value is not None for item in (key, value)])
+    assert_refused(result, tmp_path / "run", *fragments)
+
+
+def test_a_damaged_training_state_is_refused_naming_what_is_missing(run_files, tmp_path):
+    settings = TrainSettings(PROMPT, steps=1, seed=3, nce_lambda=0, id_lambda=0)
+    inputs = TrainInputs(run_files["generator"], run_files["clip"], run_files["latents"])
+    train(settings, inputs, tmp_path / "run")
+    state_path = tmp_path / "run" / "training_state.pt"
+    state = torch.load(state_path, weights_only=True)
+    del state["mapper"]
+    torch.save(state, state_path)
+    with pytest.raises(CfdeployError) as refused:
+        train(TrainSettings(PROMPT, steps=2, seed=3, nce_lambda=0, id_lambda=0), inputs, tmp_path / "run", resume=True)
+    assert str(refused.value) == f"{state_path}: damaged training state: no 'mapper'"
+
+
+def test_help_keeps_the_id_lambda_default_and_the_new_options(cli):
+    result = cli("train", "--help")
+    assert result.exit_code == 0
+    text = " ".join(result.stdout.split())
+    assert "[default: 0.2 with" in text and "--init-from" in text and "--text-embedding" in text

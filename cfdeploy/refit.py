@@ -86,7 +86,7 @@ def match_weights(
     if weights and not any(name in old for name in weights):
         raise CfdeployError(
             f"{network}: cannot place the checkpoint's weight {weights[0]}: the bundle's graph names its weights after "
-            f"the exporter's folded constants (such as {min(old)}), as cfdeploy did before each weight kept its own "
+            f"the exporter's folded constants (such as {min(old, default='mul_15')}), as cfdeploy did before each weight kept its own "
             "name, so another checkpoint's weights cannot be placed in it; export the bundle again, then refit it"
         )
     more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""

@@ -41,7 +41,9 @@ def main() -> None:
         generator = torch.Generator().manual_seed(1)
         for key, value in content["state_dict"].items():
             if not key.startswith("decoder."):
-                content["state_dict"][key] = torch.randn(value.shape, generator=generator) * value.std()
+                # another prompt's values everywhere, biases too (zero in a new run's mappers, whose std is 0)
+                scale = value.std() if value.std() > 0 else 0.1
+                content["state_dict"][key] = torch.randn(value.shape, generator=generator) * scale
         other = directory / "other_prompt.pt"
         torch.save(content, other)
         bundle = directory / "bundle"

@@ -35,6 +35,7 @@ from cfdeploy.contracts import BATCH, NetworkContract, TensorSpec, network_contr
 from cfdeploy.environment import versions
 from cfdeploy.errors import CfdeployError
 from cfdeploy.files import sha256_file
+from cfdeploy.models.layers import with_scaled_linears
 from cfdeploy.models.mappers import LatentEditor
 from cfdeploy.models.stylegan2 import mean_latent
 from cfdeploy.outputs import StagedDirectory
@@ -86,18 +87,29 @@ def export_graph(
     opset: int,
     example: tuple[torch.Tensor, ...] | None = None,
     large: bool = False,
-) -> None:
+) -> tuple[str, ...]:
     """Export ``module`` to ``path`` under ``contract``'s names, traced on ``example`` (default: random inputs).
 
     ``large``: weights beside the graph in ``<file>.data`` (protobuf stops at 2 GB, a Stable Diffusion UNet is
     larger), and the graph kept as the exporter wrote it.
+
+    A refittable network (``contract.refittable``) keeps each weight as a graph initializer of its own, named by
+    its module path, whatever its values: its equalised-lr layers are exported with their scales applied
+    (:class:`ScaledLinear`) and onnxslim never sees the weights, so it cannot fold them into constants named by
+    the op that made them (``mul_111``) nor merge equal ones (a new run's zero biases). Any checkpoint of the
+    same architecture then gives a graph with the same initializers, which refit relies on. Returns the names
+    of those weights (none for other networks).
     """
+    weights: tuple[str, ...] = ()
     batch = torch.export.Dim(BATCH, min=1, max=MAX_BATCH)
     rng = np.random.default_rng(0)
     args = example or tuple(torch.from_numpy(sample_input(spec, TRACE_BATCH, rng)) for spec in contract.inputs)
     dynamic = tuple({0: batch} if spec.shape[0] == BATCH else None for spec in contract.inputs)
     with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
         warnings.simplefilter("ignore")
+        if contract.refittable and not large:
+            module = with_scaled_linears(module)
+            weights = tuple(name for name, _ in module.named_parameters())
         torch.onnx.export(
             module.eval(),
             args,
@@ -112,12 +124,38 @@ def export_graph(
             verbose=False,
         )
     if large:
-        return
+        return weights
     graph = onnx.load(str(path))
     drop_zero_conv_biases(graph)
+    onnx.save(slim_keeping(graph, weights, contract.name), str(path))
+    return weights
+
+
+def slim_keeping(model: onnx.ModelProto, weights: Sequence[str], network: str) -> onnx.ModelProto:
+    """onnxslim's graph (constant folding, dead nodes, merged duplicates) with the initializers named in ``weights``
+    kept as they are: they are graph inputs while onnxslim runs, initializers again after."""
+    kept = {tensor.name: tensor for tensor in model.graph.initializer if tensor.name in weights}
+    missing = [name for name in weights if name not in kept]
+    if missing:
+        raise CfdeployError(f"{network}: the exporter did not keep weight {missing[0]} as an initializer of its own")
+    others = [tensor for tensor in model.graph.initializer if tensor.name not in kept]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(others)
+    model.graph.input.extend(
+        onnx.helper.make_tensor_value_info(name, tensor.data_type, tensor.dims) for name, tensor in kept.items()
+    )
     # The exporter already records the shapes; onnxslim's own shape inference adds nothing to the graph (the same
     # nodes come out) and takes half a minute on the 1 GB encoder.
-    onnx.save(onnxslim.slim(graph, no_shape_infer=True), str(path))
+    slimmed = onnxslim.slim(model, no_shape_infer=True)
+    inputs = [value for value in slimmed.graph.input if value.name not in kept]
+    del slimmed.graph.input[:]
+    slimmed.graph.input.extend(inputs)
+    slimmed.graph.initializer.extend(kept.values())
+    used = {name for node in slimmed.graph.node for name in node.input}
+    unused = [name for name in weights if name not in used]
+    if unused:
+        raise CfdeployError(f"{network}: weight {unused[0]} is no longer used by the slimmed graph")
+    return slimmed
 
 
 def drop_zero_conv_biases(model: onnx.ModelProto) -> int:

@@ -2,7 +2,8 @@
 
 CF-CLIP trains one checkpoint per prompt, each carrying the same generator. Refit checks that the new
 checkpoint's generator weights hash to the bundle's, that its mappers have the same architecture
-(every weight matched by name and shape), then replaces the text-mapper and latent-editor graphs,
+(every weight matched by name and shape: export keeps each mapper weight as an initializer named by its
+module path, whatever its values), then replaces the text-mapper and latent-editor graphs,
 recomputes the stored prompts' text branch, and refits refittable TensorRT mapper engines where
 TensorRT and a GPU are present. The new bundle is assembled beside the old one (unchanged files are
 hard links) and swapped in, under the bundle's lock.
@@ -16,7 +17,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import onnx
 from onnx import numpy_helper
@@ -56,21 +57,40 @@ def onnx_weights(graph: bytes) -> dict[str, WeightInfo]:
     return weights
 
 
-def match_weights(network: str, old: dict[str, WeightInfo], new: dict[str, WeightInfo]) -> list[str]:
-    """Names of the weights that change; refuses when the two graphs do not hold the same weights."""
-    missing = sorted(set(old) - set(new))
-    extra = sorted(set(new) - set(old))
-    reshaped = sorted(name for name in set(old) & set(new) if old[name].shape != new[name].shape)
-    problems = []
-    if missing:
-        problems.append(f"missing {', '.join(missing[:3])}")
-    if extra:
-        problems.append(f"unexpected {', '.join(extra[:3])}")
-    if reshaped:
-        problems.append(", ".join(f"{name} {list(new[name].shape)} (bundle {list(old[name].shape)})" for name in reshaped[:3]))
-    if problems:
-        raise CfdeployError(f"{network}: the new mapper's weights do not match the bundle's: {'; '.join(problems)}")
-    return sorted(name for name in old if old[name].sha256 != new[name].sha256)
+def match_weights(
+    network: str, old: dict[str, WeightInfo], new: dict[str, WeightInfo], weights: Sequence[str] = ()
+) -> list[str]:
+    """Names of the initializers that change; refuses, in one line, when the new graph's do not fit the bundle's.
+
+    ``old`` and ``new`` are every initializer of the bundle's graph and of the checkpoint's (:func:`onnx_weights`);
+    ``weights`` names the new graph's refittable weights (what :func:`export_graph` returns), to say what the
+    bundle's graph lacks when it was exported before every weight kept a name of its own.
+    """
+    problems = [
+        f"cannot place the checkpoint's weight {name} {list(new[name].shape)}: the bundle's graph has no initializer of that name"
+        for name in new
+        if name not in old
+    ]
+    problems += [
+        f"cannot place the checkpoint's weight {name} {list(new[name].shape)}: the bundle's is {list(old[name].shape)}"
+        for name in new
+        if name in old and old[name].shape != new[name].shape
+    ]
+    problems += [
+        f"the bundle's weight {name} {list(old[name].shape)} has no counterpart in the checkpoint's graph"
+        for name in old
+        if name not in new
+    ]
+    if not problems:
+        return sorted(name for name in old if old[name].sha256 != new[name].sha256)
+    if weights and not any(name in old for name in weights):
+        raise CfdeployError(
+            f"{network}: cannot place the checkpoint's weight {weights[0]}: the bundle's graph names its weights after "
+            f"the exporter's folded constants (such as {min(old, default='mul_15')}), as cfdeploy did before each weight kept its own "
+            "name, so another checkpoint's weights cannot be placed in it; export the bundle again, then refit it"
+        )
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    raise CfdeployError(f"{network}: {problems[0]}{more}")
 
 
 def _link_tree(source: Path, target: Path) -> None:
@@ -168,8 +188,8 @@ def refit_bundle(bundle_path: Path, checkpoint_path: Path, report: Callable[[str
                 old = onnx_weights(bundle.network(name).content)
                 path.unlink()
                 report(f"exporting {name}")
-                export_graph(modules[name], contract, path, manifest.get("export", {}).get("opset", DEFAULT_OPSET))
-                changed[name] = match_weights(name, old, onnx_weights(path.read_bytes()))
+                weights = export_graph(modules[name], contract, path, manifest.get("export", {}).get("opset", DEFAULT_OPSET))
+                changed[name] = match_weights(name, old, onnx_weights(path.read_bytes()), weights)
                 report(f"checking {name} against torch")
                 manifest["networks"][name]["parity"] = check_parity(modules[name], contract, path)
                 manifest["files"][contract.filename] = sha256_file(path)

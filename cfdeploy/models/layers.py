@@ -7,6 +7,7 @@ as they are; the arithmetic is written for export (no custom ops, no batch-depen
 from __future__ import annotations
 
 import math
+from copy import deepcopy
 
 import torch
 from torch import nn
@@ -57,6 +58,37 @@ class EqualLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.linear(x, self.weight * self.scale, self.bias * self.lr_mul)
         return scaled_leaky_relu(out) if self.activate else out
+
+
+class ScaledLinear(nn.Module):
+    """An :class:`EqualLinear` with its run-time scales applied once: ``x @ weight_t + bias``, activated.
+
+    ``weight_t`` is the effective weight transposed (``(weight * scale).T``), ``bias`` the effective bias
+    (``bias * lr_mul``): the same floats the scaled layer computes. Exported graphs of refittable networks
+    use it, so each layer's weights are graph initializers of their own, named by module path, that feed
+    the MatMul and Add directly, whatever their values.
+    """
+
+    def __init__(self, layer: EqualLinear) -> None:
+        super().__init__()
+        with torch.no_grad():
+            self.weight_t = nn.Parameter((layer.weight * layer.scale).t().contiguous(), requires_grad=False)
+            self.bias = nn.Parameter(layer.bias * layer.lr_mul, requires_grad=False)
+        self.activate = layer.activate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.matmul(x, self.weight_t) + self.bias
+        return scaled_leaky_relu(out) if self.activate else out
+
+
+def with_scaled_linears(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` with every :class:`EqualLinear` replaced by its :class:`ScaledLinear`."""
+    copy = deepcopy(module)
+    for name, child in list(copy.named_modules()):
+        if isinstance(child, EqualLinear):
+            parent_name, _, attribute = name.rpartition(".")
+            setattr(copy.get_submodule(parent_name), attribute, ScaledLinear(child))
+    return copy
 
 
 class BiasedActivation(nn.Module):

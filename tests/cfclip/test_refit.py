@@ -9,9 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
+import torch
 from typer.testing import Result
 
+import synthetic_files
 from conftest import TOLERANCE, checkpoint_with_generator_of, official_edit, open_clip_features, rel_l2, run_cli
 
 
@@ -116,3 +117,146 @@ def test_refit_leaves_tensorrt_engines_it_cannot_refit_stale_and_refused(cli, re
     assert new_sha != refitted.text_mapper_sha
     with pytest.raises(Exception, match=r"ONNX graph sha256: engine has [0-9a-f]{12}…, wanted [0-9a-f]{12}…"):
         check_engine(bundle_copy / "tensorrt", EngineKey("text_mapper", new_sha, *OLD_ENGINE))
+
+
+# Refit with any checkpoint of the bundle's architecture: the bundle below is exported from a checkpoint whose
+# mappers are as a new training run starts them (every bias zero, as `cfdeploy train` and the demo's files make
+# them), and refitted with checkpoints whose weights and biases all differ from it.
+
+EDIT_TOLERANCE = 1e-6  # refit against a fresh export: the same graphs, so (nearly) the same floats
+
+
+def zero_mapper_biases(content: dict) -> dict:
+    for key, value in content["state_dict"].items():
+        if not key.startswith("decoder.") and key.endswith(".bias"):
+            value.zero_()
+    return content
+
+
+def with_generator_of(content: dict, donor: Path) -> dict:
+    generator = torch.load(donor, weights_only=True)["state_dict"]
+    content["state_dict"].update({key: value for key, value in generator.items() if key.startswith("decoder.")})
+    return content
+
+
+def export_without_clip(checkpoint: Path, clip_weights: Path, out: Path) -> Path:
+    from cfdeploy.exporter import export_bundle
+
+    export_bundle(checkpoint, clip_weights, out, include_clip_text=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def new_run_bundle(tmp_path_factory, cfclip_64, clip_state_dict_file) -> Path:
+    """A 64 px bundle (no CLIP graph) of a checkpoint with cfclip_64's generator and freshly initialised mappers."""
+    directory = tmp_path_factory.mktemp("refit_any")
+    checkpoint = directory / "new_run.pt"
+    torch.save(zero_mapper_biases(torch.load(cfclip_64, weights_only=True)), checkpoint)
+    return export_without_clip(checkpoint, clip_state_dict_file, directory / "bundle")
+
+
+def refitted_copy(bundle: Path, checkpoint: Path, out: Path) -> Path:
+    from cfdeploy.refit import refit_bundle
+
+    shutil.copytree(bundle, out)
+    refit_bundle(out, checkpoint)
+    return out
+
+
+def edit_end_to_end(bundle: Path, w: np.ndarray, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``w_hat`` and the image, every stage through the bundle's graphs in ONNX Runtime."""
+    from cfdeploy.backends import open_backend
+
+    backend = open_backend("onnxruntime", bundle, providers=["CPUExecutionProvider"])
+    text_latents = np.repeat(backend.text_latents(features), len(w), axis=0)
+    w_hat = backend.edit_latents(w, text_latents, 1.0)
+    return w_hat, backend.synthesize(w_hat)
+
+
+def network_outputs(bundle: Path, network: str) -> list[np.ndarray]:
+    from cfdeploy.backends import open_backend
+    from cfdeploy.exporter import parity_cases
+
+    backend = open_backend("onnxruntime", bundle, providers=["CPUExecutionProvider"])
+    return [backend.run(network, **inputs) for inputs in parity_cases(backend.bundle.contracts[network]).values()]
+
+
+def test_refit_with_a_checkpoint_whose_weights_and_biases_all_differ_matches_its_fresh_export(
+    tmp_path, new_run_bundle, cfclip_64, clip_state_dict_file
+):
+    from cfdeploy.refit import REFIT_NETWORKS, onnx_weights
+
+    other = tmp_path / "other.pt"
+    content = with_generator_of(synthetic_files.cfclip_checkpoint(64, seed=11), cfclip_64)
+    bundled = zero_mapper_biases(torch.load(cfclip_64, weights_only=True))["state_dict"]
+    for key, value in content["state_dict"].items():
+        if not key.startswith("decoder."):  # every mapper tensor differs from the bundle's; no bias is zero
+            assert not torch.equal(value, bundled[key]) and (not key.endswith(".bias") or value.all()), key
+    torch.save(content, other)
+
+    refitted = refitted_copy(new_run_bundle, other, tmp_path / "refitted")
+    fresh = export_without_clip(other, clip_state_dict_file, tmp_path / "fresh")
+
+    for network in REFIT_NETWORKS:
+        graph = f"{network}.onnx"
+        assert onnx_weights((refitted / graph).read_bytes()) == onnx_weights((fresh / graph).read_bytes()), network
+        for got, expected in zip(network_outputs(refitted, network), network_outputs(fresh, network), strict=True):
+            assert rel_l2(got, expected) <= EDIT_TOLERANCE, network
+    w = np.random.default_rng(5).standard_normal((2, 10, 512)).astype(np.float32)
+    features = np.random.default_rng(6).standard_normal((1, 512)).astype(np.float32)
+    (w_hat, image), (fresh_w_hat, fresh_image) = edit_end_to_end(refitted, w, features), edit_end_to_end(fresh, w, features)
+    assert rel_l2(w_hat, fresh_w_hat) <= EDIT_TOLERANCE and rel_l2(image, fresh_image) <= EDIT_TOLERANCE
+    expected_w_hat, expected_image = official_edit(other, w, features)
+    assert rel_l2(w_hat, expected_w_hat) <= TOLERANCE and rel_l2(image, expected_image) <= TOLERANCE
+    assert rel_l2(edit_end_to_end(new_run_bundle, w, features)[0], w_hat) > 1e-2  # the refit really changed the edit
+
+
+def test_refit_with_a_checkpoint_written_by_cfdeploy_train(tmp_path, new_run_bundle, cfclip_64, clip_vit_b32_file):
+    from cfdeploy.training.run import train
+    from cfdeploy.training.trainer import TrainInputs, TrainSettings
+
+    latents = tmp_path / "latents.npy"
+    np.save(latents, np.random.default_rng(3).standard_normal((2, 10, 512)).astype(np.float32))
+    settings = TrainSettings("blue eyes", steps=2, val_every=2, save_every=2, seed=1, id_lambda=0, augmentations=1)
+    train(settings, TrainInputs(cfclip_64, clip_vit_b32_file, latents, latents, None), tmp_path / "run")
+    trained = tmp_path / "run" / "iteration_2.pt"
+
+    refitted = refitted_copy(new_run_bundle, trained, tmp_path / "refitted")
+
+    w = np.load(latents)
+    features = np.random.default_rng(6).standard_normal((1, 512)).astype(np.float32)
+    w_hat, image = edit_end_to_end(refitted, w, features)
+    expected_w_hat, expected_image = official_edit(trained, w, features)
+    assert rel_l2(w_hat, expected_w_hat) <= TOLERANCE and rel_l2(image, expected_image) <= TOLERANCE
+    assert json.loads((refitted / "manifest.json").read_text())["opts"]["description"] == "blue eyes"
+
+
+def test_refit_names_in_one_line_the_weight_it_cannot_place_and_why():
+    from cfdeploy.errors import CfdeployError
+    from cfdeploy.refit import WeightInfo, match_weights
+
+    bundle = {"mapper_0.mapping.1.weight_t": WeightInfo((4, 4), "a"), "mapper_0.mapping.1.bias": WeightInfo((4,), "b"),
+              "val_0": WeightInfo((1,), "c")}
+    weights = ["mapper_0.mapping.1.weight_t", "mapper_0.mapping.1.bias"]
+    cases = [
+        ({**bundle, "mapper_0.mapping.1.bias": WeightInfo((5,), "b")},
+         "text_mapper: cannot place the checkpoint's weight mapper_0.mapping.1.bias [5]: the bundle's is [4]"),
+        ({**bundle, "mapper_1.mapping.1.bias": WeightInfo((4,), "d")},
+         "text_mapper: cannot place the checkpoint's weight mapper_1.mapping.1.bias [4]: the bundle's graph has no "
+         "initializer of that name"),
+        ({name: info for name, info in bundle.items() if name != "val_0"},
+         "text_mapper: the bundle's weight val_0 [1] has no counterpart in the checkpoint's graph"),
+    ]
+    for new, message in cases:
+        with pytest.raises(CfdeployError) as refused:
+            match_weights("text_mapper", bundle, new, weights)
+        assert str(refused.value) == message
+    older = {"mul_111": WeightInfo((4,), "b"), "mul_15": WeightInfo((4,), "b"), "val_7": WeightInfo((4, 4), "a")}
+    with pytest.raises(CfdeployError) as refused:
+        match_weights("text_mapper", older, bundle, weights)
+    assert "\n" not in str(refused.value) and "mul_" not in str(refused.value).split("(")[0]
+    assert "weight mapper_0.mapping.1.weight_t: the bundle's graph names its weights after" in str(refused.value)
+    assert "export the bundle again, then refit it" in str(refused.value)
+    assert match_weights("text_mapper", bundle, {**bundle, "mapper_0.mapping.1.bias": WeightInfo((4,), "e")}, weights) == [
+        "mapper_0.mapping.1.bias"
+    ]

@@ -24,22 +24,34 @@ from cfdeploy.errors import CfdeployError
 from cfdeploy.trt import tensorrt_builder
 from cfdeploy.trt.plan import BuildSettings, batch_profile
 
-BACKENDS = ("torch", "torch-cuda", "torch-cuda-fp16", "onnxruntime-cuda", "onnxruntime-tensorrt", "tensorrt")
+BACKENDS = ("torch", "torch-cuda", "torch-cuda-fp16", "torch-cuda-compile", "onnxruntime-cuda", "onnxruntime-tensorrt",
+            "tensorrt")
 BATCHES = [1, 8]
 BASELINE = "torch-cuda"
+GENERATOR_GFLOP = {1024: 150.7}  # per image, multiply-adds counted twice (docs/performance.md)
+# The dense peaks the floor is drawn from (TFLOP/s, without sparsity) for the cards the GPU machine has.
+PEAK_TFLOPS = {"H100": {"fp32": 67.0, "fp16": 989.0}, "H200": {"fp32": 67.0, "fp16": 989.0}}
 
 
-def measure(size: int, runs: int) -> None:
+def measure(size: int, runs: int, backends: tuple[str, ...] = BACKENDS, batches: list[int] = BATCHES,
+            out: Path = RESULTS) -> Path:
+    """Time ``backends`` at ``size`` px; a bundle is exported and engines built only when a bundle backend is asked."""
+    from cfdeploy.bench import reads_bundle
+
     with tempfile.TemporaryDirectory() as scratch:
-        sources = prepare_sources(Path(scratch), synthetic=size)
-        try:
-            settings = BuildSettings(batch_profile(1, max(BATCHES), max(BATCHES)))
-            tensorrt_builder().build_engines(sources.bundle, settings, print)
-        except CfdeployError as why:
-            print(f"no TensorRT engines: {why}")
-        report = run_bench(sources, BenchSettings(BACKENDS, BATCHES, 2, runs), on_progress=print)
+        need_bundle = any(reads_bundle(name) for name in backends)
+        sources = prepare_sources(Path(scratch), synthetic=size, need_bundle=need_bundle)
+        if need_bundle:
+            try:
+                settings = BuildSettings(batch_profile(1, max(batches), max(batches)))
+                tensorrt_builder().build_engines(sources.bundle, settings, print)
+            except CfdeployError as why:
+                print(f"no TensorRT engines: {why}")
+        report = run_bench(sources, BenchSettings(backends, batches, 2, runs), on_progress=print)
     report["size"] = size
-    write_json(report, RESULTS / f"gpu_{size}.json")
+    path = out / f"gpu_{size}.json"
+    write_json(report, path)
+    return path
 
 
 def render(report: dict) -> str:
@@ -70,18 +82,81 @@ def render(report: dict) -> str:
     return "\n".join(lines + ([f"\nskipped: {'; '.join(skipped)}"] if skipped else []))
 
 
+def floor_ms(size: int, card: str | None, precision: str) -> float | None:
+    """The physics floor of one image's generator: its FLOPs at the card's dense peak (None where either is unknown)."""
+    gflop = GENERATOR_GFLOP.get(size)
+    peaks = next((peaks for name, peaks in PEAK_TFLOPS.items() if card and name in card), None)
+    if gflop is None or peaks is None:
+        return None
+    return gflop / peaks[precision]
+
+
+def render_run(results: Path) -> str:
+    """benchmarks/gpu/run.sh's results folder as tables: the card, driver and date, each step, each figure."""
+    environment = json.loads((results / "environment.json").read_text()) if (results / "environment.json").is_file() else {}
+    steps = [json.loads(line) for line in (results / "steps.jsonl").read_text().splitlines() if line.strip()]
+    gpu = (environment.get("gpus") or [{}])[0]
+    card = gpu.get("name") or environment.get("torch_device") or "no GPU"
+    lines = [
+        f"**{card}**, driver {gpu.get('driver_version', '-')}, torch {environment.get('torch', '-')} (CUDA "
+        f"{environment.get('torch_cuda', '-')}), {environment.get('date', '-')}"
+        + (" — a dry run on the CPU: these figures check the script, they measure nothing" if environment.get("dry_run") else ""),
+        "",
+        "| step | result | seconds (budget) |",
+        "| --- | --- | ---: |",
+    ]
+    for step in steps:
+        state = "ok" if step["ok"] else ("ran out of time" if step["timed_out"] else f"failed (exit {step['rc']})")
+        lines.append(f"| {step['step']} | {state} | {step['seconds']:.1f} ({step['budget_s']}) |")
+    for size in (256, 1024):
+        path = results / f"gpu_{size}.json"
+        if path.is_file():
+            report = json.loads(path.read_text())
+            lines += ["", render(report)]
+            floors = [(precision, floor_ms(size, card, precision)) for precision in ("fp32", "fp16")]
+            if all(value is not None for _, value in floors):
+                lines.append("\nphysics floor of the generator at the card's dense peak: "
+                             + ", ".join(f"{precision} {value:.2f} ms/image" for precision, value in floors)
+                             + f" ({GENERATOR_GFLOP[size]} GFLOP per image)")
+    for name in ("encoder_clip", "edit_e2e", "refine", "train_fp32", "train_bf16", "dac"):
+        path = results / f"{name}.json"
+        if path.is_file():
+            figures = json.loads(path.read_text())
+            shown = ", ".join(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}"
+                              for key, value in flatten(figures).items())
+            lines += ["", f"**{name}**: {shown}"]
+    return "\n".join(lines)
+
+
+def flatten(figures: dict, prefix: str = "") -> dict:
+    flat: dict = {}
+    for key, value in figures.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key} "))
+        elif isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--render", action="store_true", help="only render the committed JSON")
+    parser.add_argument("--render-run", type=Path, metavar="DIR", help="only render a benchmarks/gpu/run.sh results folder")
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 1024])
+    parser.add_argument("--backends", default=",".join(BACKENDS), help="comma-separated bench presets")
+    parser.add_argument("--batches", type=int, nargs="+", default=BATCHES)
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where gpu_SIZE.json go")
     args = parser.parse_args()
+    if args.render_run:
+        print(render_run(args.render_run))
+        return
     if not args.render:
-        RESULTS.mkdir(exist_ok=True)
+        args.out.mkdir(parents=True, exist_ok=True)
         for size in args.sizes:
-            measure(size, args.runs)
+            measure(size, args.runs, tuple(args.backends.split(",")), args.batches, args.out)
     for size in args.sizes:
-        path = RESULTS / f"gpu_{size}.json"
+        path = args.out / f"gpu_{size}.json"
         if path.is_file():
             print(render(json.loads(path.read_text())), end="\n\n")
 

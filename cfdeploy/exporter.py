@@ -223,7 +223,7 @@ def check_parity(
 
 def export_bundle(
     checkpoint_path: Path,
-    clip_weights: Path,
+    clip_weights: Path | None,
     out: Path,
     *,
     opset: int = DEFAULT_OPSET,
@@ -239,7 +239,15 @@ def export_bundle(
     precomputed here, or given text features. With ``encoder`` (an e4e checkpoint) it also has the
     ``encoder`` graph, photos to W+; the manifest records the hash of the generator e4e was trained
     against (``weights.encoder_generator_sha256``), to compare with ``weights.generator_sha256``.
+    ``clip_weights`` may be None only without ``include_clip_text`` and ``prompts``: such a bundle edits
+    only with given text features (``--text-embedding``).
     """
+    needs_clip = include_clip_text or bool(prompts)
+    if needs_clip and clip_weights is None:
+        raise CfdeployError(
+            "CLIP weights are needed for the CLIP text graph and for precomputed prompts: pass --clip-weights "
+            "(or --without-clip and no --prompt, for a bundle used only with --text-embedding)"
+        )
     on_stage("loading checkpoint and CLIP weights" if encoder is None else "loading checkpoint, CLIP weights and encoder")
     checkpoint = load_cfclip(checkpoint_path)
     generator = checkpoint.generator
@@ -250,7 +258,7 @@ def export_bundle(
             f"{encoder}: the encoder makes W+ codes of {e4e.n_latent} levels x {e4e.style_dim}, the CF-CLIP generator of "
             f"{checkpoint_path} takes {config.n_latent} x {config.style_dim}"
         )
-    clip = load_clip(clip_weights)
+    clip = load_clip(clip_weights) if needs_clip and clip_weights is not None else None
     contracts = {
         name: contract
         for name, contract in network_contracts(
@@ -260,7 +268,7 @@ def export_bundle(
     }
     modules: dict[str, nn.Module] = {
         **({} if e4e is None else {"encoder": e4e.encoder}),
-        "clip_text": clip,
+        **({} if clip is None else {"clip_text": clip}),
         "text_mapper": checkpoint.text_mapper,
         "latent_editor": LatentEditor(checkpoint.mapper),
         "generator": generator,
@@ -287,7 +295,7 @@ def export_bundle(
         (staged.path / TOKENIZER_VOCAB).parent.mkdir()
         shutil.copyfile(packaged_vocab_path(), staged.path / TOKENIZER_VOCAB)
         np.save(staged.path / MEAN_W, mean_latent(generator).numpy())
-        if prompt_tokens is not None:
+        if prompt_tokens is not None and clip is not None:
             (staged.path / PROMPTS_DIR).mkdir()
             with torch.no_grad():
                 text_latents = checkpoint.text_mapper(clip(torch.from_numpy(prompt_tokens))).numpy()
@@ -305,7 +313,7 @@ def export_bundle(
             "source": {
                 "checkpoint": str(checkpoint_path),
                 "checkpoint_sha256": sha256_file(checkpoint_path),
-                "clip_weights": str(clip_weights),
+                "clip_weights": None if clip_weights is None else str(clip_weights),
                 **({} if encoder is None else {"encoder": str(encoder), "encoder_sha256": sha256_file(encoder)}),
             },
             "weights": {

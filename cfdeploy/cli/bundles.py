@@ -43,7 +43,10 @@ WORKSPACE = typer.Option(None, "--workspace", help="TensorRT workspace limit, e.
 @user_errors
 def export_command(
     checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="CF-CLIP checkpoint to export."),
-    clip_weights: Path = typer.Option(..., "--clip-weights", help="CLIP ViT-B/32 weights (OpenAI's ViT-B-32.pt or open_clip)."),
+    clip_weights: Optional[Path] = typer.Option(
+        None, "--clip-weights", help="CLIP ViT-B/32 weights (OpenAI's ViT-B-32.pt or open_clip); not needed with "
+        "--without-clip and no --text."
+    ),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Bundle directory \\[default: engines/<checkpoint name>]."),
     opset: int = typer.Option(18, "--opset", help="ONNX opset (18 or newer)."),
     text: Optional[List[str]] = typer.Option(
@@ -57,7 +60,8 @@ def export_command(
     ),
     without_clip: bool = typer.Option(
         False, "--without-clip", help="Leave out the CLIP text graph (about 250 MB): the bundle then edits only the "
-        "--text prompts precomputed here, or --text-embedding features. For small edge devices."
+        "--text prompts precomputed here (these need --clip-weights), or --text-embedding features (no CLIP needed at "
+        "all). For small edge devices."
     ),
     force: bool = typer.Option(False, "--force", "-f", help="Replace an existing bundle directory."),
     tensorrt: bool = typer.Option(False, "--tensorrt", help="Then build TensorRT engines into BUNDLE/tensorrt (options below)."),
@@ -79,8 +83,11 @@ def export_command(
     prompt = retired("--prompt", old_prompt, "--text", text)
     target = out or Path("engines") / checkpoint.stem
     check_output_dir(target, force, [path for path in (checkpoint, clip_weights, encoder) if path is not None])
-    if without_clip and not prompt:
-        raise CfdeployError("--without-clip needs at least one --text to precompute (or the bundle could edit no text)")
+    if clip_weights is None and (not without_clip or prompt):
+        needed = "--text" if without_clip else "the CLIP text graph"
+        raise CfdeployError(
+            f"{needed} needs --clip-weights (a bundle with --without-clip and no --text edits only with --text-embedding)"
+        )
     if opset < 18:
         raise CfdeployError(f"--opset {opset}: the exporter needs opset 18 or newer")
     build_settings = None

@@ -120,6 +120,16 @@ def render_gpu(size: int) -> Callable[[], tuple[str, str | None]]:
     return render
 
 
+def render_gpu_run() -> tuple[str, str | None]:
+    """benchmarks/gpu/run.sh's results, committed as benchmarks/results/gpu_run/ (the folder names its own machine)."""
+    folder = RESULTS / "gpu_run"
+    if not (folder / "steps.jsonl").is_file():
+        return ("**Every CUDA path (benchmarks/gpu/run.sh): not measured on a GPU yet** (`benchmarks/gpu/prepare.sh`, then "
+                "`benchmarks/gpu/run.sh DIR` on a GPU machine; its folder goes to `benchmarks/results/gpu_run/`).", None)
+    table = benchmark("gpu_backends").render_run(folder)
+    return f"{table}\n\n*Rendered from `benchmarks/results/gpu_run/` (measured by `benchmarks/gpu/run.sh`).*", None
+
+
 def from_json(file: str, render: Callable[[dict[str, Any]], str]) -> Callable[[], tuple[str, str | None]]:
     def rendered() -> tuple[str, str | None]:
         return render(load(file)), file
@@ -140,6 +150,7 @@ FIGURES: dict[str, tuple[Callable[[], tuple[str, str | None]], str]] = {
     "serve_throughput": (from_json("serve_throughput.json", render_serve_throughput), "benchmarks/serve_throughput.py"),
     "gpu_256": (render_gpu(256), "benchmarks/gpu_backends.py"),
     "gpu_1024": (render_gpu(1024), "benchmarks/gpu_backends.py"),
+    "gpu_run": (render_gpu_run, "benchmarks/gpu/run.sh"),
 }
 
 

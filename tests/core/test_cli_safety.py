@@ -3,6 +3,7 @@ drive the terminal. Each refusal is one line on stderr, exit 2, nothing written.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -116,13 +117,31 @@ def test_png_compression_changes_size_not_pixels(cli, tmp_path, cfclip_256, late
     np.testing.assert_array_equal(pixels[0], pixels[1])
 
 
-def test_without_clip_needs_a_prompt_to_precompute(cli, tmp_path, cfclip_64, clip_state_dict_file):
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--without-clip", "--text", "blue dog"], "--text needs --clip-weights"),
+        ([], "the CLIP text graph needs --clip-weights"),
+    ],
+)
+def test_export_asks_for_clip_weights_only_when_it_uses_them(cli, tmp_path, cfclip_64, options, message):
     out = tmp_path / "bundle"
-    result = cli("export", "-c", cfclip_64, "--clip-weights", clip_state_dict_file, "--without-clip", "-o", out)
+    result = cli("export", "-c", cfclip_64, *options, "-o", out)
     assert result.exit_code == 2 and not out.exists()
     assert result.stderr.strip() == (
-        "error: --without-clip needs at least one --prompt to precompute (or the bundle could edit no text)"
+        f"error: {message} (a bundle with --without-clip and no --text edits only with --text-embedding)"
     )
+
+
+def test_without_clip_and_no_prompt_exports_a_bundle_for_text_embeddings(cli, tmp_path, cfclip_64, embedding_file):
+    out = tmp_path / "bundle"
+    result = cli("export", "-c", cfclip_64, "--without-clip", "-o", out)
+    assert result.exit_code == 0, result.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["source"]["clip_weights"] is None and manifest["prompts"] == {}
+    assert "clip_text" not in manifest["networks"]
+    result = cli("edit", "--bundle", out, "--seed", 1, "--text-embedding", embedding_file, "-o", tmp_path / "edits")
+    assert result.exit_code == 0, result.stderr
 
 
 def test_a_bundle_without_clip_says_which_prompts_it_can_edit(cli, tmp_path, bundle_with_encoder):

@@ -16,6 +16,7 @@ import inspect
 import os
 import shutil
 import socket
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -214,6 +215,22 @@ def prepare_early(key: str, work: Callable[[Path], Any]) -> None:
     _EARLY[key] = (caller.f_code.co_filename, work)  # type: ignore[union-attr]
 
 
+_EARLY_PROCESSES: set[subprocess.Popen] = set()
+
+
+def early_run(args: list, check: bool = False, **options: Any) -> subprocess.CompletedProcess:
+    """``subprocess.run`` for early work: a session that ends before the work does (Ctrl-C, ``-x``) stops it."""
+    with subprocess.Popen(args, **options) as process:
+        _EARLY_PROCESSES.add(process)
+        try:
+            stdout, stderr = process.communicate()
+        finally:
+            _EARLY_PROCESSES.discard(process)
+    if check and process.returncode:
+        raise subprocess.CalledProcessError(process.returncode, args, stdout, stderr)
+    return subprocess.CompletedProcess(args, process.returncode, stdout, stderr)
+
+
 def _start_early(key: str) -> None:
     directory = Path(tempfile.mkdtemp(prefix=f"cfdeploy-{key.replace(' ', '-')}-"))
     _EARLY_DIRECTORIES.append(directory)
@@ -236,8 +253,10 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
+    for process in list(_EARLY_PROCESSES):  # work no test waited for
+        process.terminate()
     for future in _STARTED.values():
-        concurrent.futures.wait([future])  # running work finishes before its directory goes
+        concurrent.futures.wait([future])  # the work's thread is done before its directory goes
     for directory in _EARLY_DIRECTORIES:
         shutil.rmtree(directory, ignore_errors=True)
 

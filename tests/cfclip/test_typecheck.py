@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import early_result, prepare_early
+from conftest import early_result, early_run, prepare_early
 
 STUBS = "tensorrt-stubs==10.13.0.35.1"
 ROOT = Path(__file__).resolve().parents[2]
@@ -30,9 +30,9 @@ STUB_REPAIRS = [
 def type_check(directory: Path) -> tuple[subprocess.CompletedProcess, subprocess.CompletedProcess | None]:
     """pip's install of the stubs, and mypy's run over the package with them (None when the install failed)."""
     stubs = directory / "stubs"
-    installed = subprocess.run(
+    installed = early_run(
         [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(stubs), STUBS],
-        capture_output=True, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     if installed.returncode != 0:
         return installed, None
@@ -41,8 +41,8 @@ def type_check(directory: Path) -> tuple[subprocess.CompletedProcess, subprocess
     for pattern, replacement in STUB_REPAIRS:
         text = pattern.sub(replacement, text)
     api.write_text(text)
-    result = subprocess.run([sys.executable, "-m", "mypy", "--no-incremental"], cwd=ROOT, capture_output=True, text=True,
-                            env={**os.environ, "MYPYPATH": str(stubs)})
+    result = early_run([sys.executable, "-m", "mypy", "--no-incremental"], cwd=ROOT, stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, text=True, env={**os.environ, "MYPYPATH": str(stubs)})
     return installed, result
 
 

@@ -12,7 +12,7 @@ import open_clip
 import pytest
 from PIL import Image
 
-from conftest import TOKENIZER_PROMPTS, TOLERANCE, early_result, official_edit, open_clip_features, prepare_early, rel_l2
+from conftest import TOKENIZER_PROMPTS, TOLERANCE, early_result, early_run, official_edit, open_clip_features, prepare_early, rel_l2
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -21,7 +21,7 @@ def core_install(env_dir: Path) -> Path:
     """Python of a fresh venv with ``pip install <repo>`` and nothing else."""
     venv.create(env_dir, with_pip=True)
     python = env_dir / "bin" / "python"
-    subprocess.run([python, "-m", "pip", "install", "-q", str(REPO)], check=True)
+    early_run([python, "-m", "pip", "install", "-q", str(REPO)], check=True)
     return python
 
 

@@ -56,7 +56,8 @@ def render_latency(report: dict) -> str:
     lines = [
         f"**{size} px**, batch 1, median of {report['settings']['runs']} (ms); fp32 GEMM peak measured {peak:.0f} GFLOP/s",
         "",
-        "| backend | " + " | ".join(SHOWN_STAGES)
+        "| backend | "
+        + " | ".join(SHOWN_STAGES)
         + " | vs torch-reference (edit) | generator GFLOP/s | PSNR vs torch fp32 (dB) | peak RSS (MB) |",
         "| --- |" + " ---: |" * (len(SHOWN_STAGES) + 4),
     ]
@@ -65,7 +66,8 @@ def render_latency(report: dict) -> str:
         stages = result["stages_s"]
         psnr = result.get("parity", {}).get("psnr_db")
         lines.append(
-            f"| {name} | " + " | ".join(f"{1000 * stages[stage]['median']:.0f}" for stage in SHOWN_STAGES)
+            f"| {name} | "
+            + " | ".join(f"{1000 * stages[stage]['median']:.0f}" for stage in SHOWN_STAGES)
             + f" | {edit_seconds(baseline) / edit_seconds(result):.2f}x"
             + f" | {generator_gflop(size) / stages['generator']['median']:.0f}"
             + f" | {'exact' if psnr == float('inf') else f'{psnr:.1f}'} | {backend['peak_rss_mb']:.0f} |"
@@ -77,7 +79,8 @@ def render_scaling(report: dict) -> str:
     rows = backend_rows(report)
     batches = [result["batch"] for result in next(iter(rows.values()))["results"]]
     lines = [
-        f"**{report['size']} px batch scaling**: ms per image (latent_editor + generator), median of {report['settings']['runs']}",
+        f"**{report['size']} px batch scaling**: ms per image (latent_editor + generator), "
+        f"median of {report['settings']['runs']}",
         "",
         "| backend | " + " | ".join(f"batch {b}" for b in batches) + " |",
         "| --- |" + " ---: |" * len(batches),

@@ -29,8 +29,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 RESULTS = Path(__file__).parent / "results" / "dac.json"
 PROMPT, TARGET = "A cat.", "A cat wearing a wool cap."
@@ -83,13 +84,28 @@ def abduction(cache: Path, shape: str, steps: int, device: str) -> dict[str, Any
 
     base, image = prepare(cache, shape)
     times: dict[str, list[float]] = {}
-    settings = AbductSettings(PROMPT, TARGET, unet_steps=steps + 1, text_steps=steps + 1, save_every=10**9,
-                              resolution=SHAPES[shape]["image_size"])
+    settings = AbductSettings(
+        PROMPT,
+        TARGET,
+        unet_steps=steps + 1,
+        text_steps=steps + 1,
+        save_every=10**9,
+        resolution=SHAPES[shape]["image_size"],
+    )
     out = cache / f"run-{shape}"
-    abduct(settings, AbductInputs(image, base), out, device=device, force=True,
-           on_progress=lambda progress: times.setdefault(progress.phase, []).append(progress.step_s))
-    return {"per_step_s": {phase: statistics.median(values[1:]) for phase, values in times.items()},
-            "peak_memory_mb": peak_memory_mb(device), "run": str(out)}
+    abduct(
+        settings,
+        AbductInputs(image, base),
+        out,
+        device=device,
+        force=True,
+        on_progress=lambda progress: times.setdefault(progress.phase, []).append(progress.step_s),
+    )
+    return {
+        "per_step_s": {phase: statistics.median(values[1:]) for phase, values in times.items()},
+        "peak_memory_mb": peak_memory_mb(device),
+        "run": str(out),
+    }
 
 
 def prediction(cache: Path, shape: str, runs: int, device: str) -> dict[str, Any]:
@@ -113,7 +129,9 @@ def prediction(cache: Path, shape: str, runs: int, device: str) -> dict[str, Any
 
     def call(timestep: int = 500) -> torch.Tensor:
         with torch.no_grad():
-            noise: torch.Tensor = base.unet(latents, torch.tensor([timestep], device=device), encoder_hidden_states=context).sample
+            noise: torch.Tensor = base.unet(
+                latents, torch.tensor([timestep], device=device), encoder_hidden_states=context
+            ).sample
         return noise
 
     figures: dict[str, Any] = {"torch": {}}
@@ -131,9 +149,13 @@ def prediction(cache: Path, shape: str, runs: int, device: str) -> dict[str, Any
         layer.set_scale(lora.UNET_ADAPTER, scale)
         layer.merge(adapter_names=[lora.UNET_ADAPTER])
     figures["torch"]["unet_call_s merged"] = median_time(call, runs, device)
-    figures["merged_vs_exact_rel_l2"] = max(float((call(t) - e).norm() / e.norm()) for t, e in zip(timesteps, exact))
+    figures["merged_vs_exact_rel_l2"] = max(
+        float((call(t) - e).norm() / e.norm()) for t, e in zip(timesteps, exact, strict=True)
+    )
     with torch.no_grad():
-        figures["torch"]["vae_decode_s"] = median_time(lambda: base.vae.decode(latents[:1] / info.scaling_factor), runs, device)
+        figures["torch"]["vae_decode_s"] = median_time(
+            lambda: base.vae.decode(latents[:1] / info.scaling_factor), runs, device
+        )
     figures["peak_memory_mb"] = peak_memory_mb(device)
     return figures
 
@@ -166,14 +188,29 @@ def onnx_prediction(cache: Path, shape: str, runs: int) -> dict[str, Any]:
         if mode == "scale-input":
             feed["lora_scale"] = np.array([anneal(500, eta)], np.float32)
         session.run(None, feed)
-        figures[f"unet_call_s {mode}"] = median_time(lambda: session.run(None, feed), runs)
+        figures[f"unet_call_s {mode}"] = median_time(lambda session=session, feed=feed: session.run(None, feed), runs)
     return figures
 
 
 def child(kind: str, cache: Path, shape: str, steps: int, device: str) -> dict[str, Any]:
-    process = subprocess.run([sys.executable, __file__, "--child", kind, "--cache", str(cache), "--shapes", shape,
-                              "--steps", str(steps), "--device", device],
-                             capture_output=True, text=True)
+    process = subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--child",
+            kind,
+            "--cache",
+            str(cache),
+            "--shapes",
+            shape,
+            "--steps",
+            str(steps),
+            "--device",
+            device,
+        ],
+        capture_output=True,
+        text=True,
+    )
     if process.returncode != 0:
         raise SystemExit(f"{kind} on {shape} failed:\n{process.stderr[-3000:]}")
     result: dict[str, Any] = json.loads(process.stdout.strip().splitlines()[-1])
@@ -188,25 +225,35 @@ def table(results: dict[str, Any], device: str) -> str:
         for phase, seconds in steps.items():
             lines.append(f"| {shape} | {phase}: s/step | {seconds:.3f} | |")
         torch_figures, onnx_figures = figures["prediction"]["torch"], figures.get("onnxruntime", {})
-        for label, torch_key, onnx_key in (("UNet call, U exact (γ(t) input)", "unet_call_s exact (U unmerged)", "unet_call_s scale-input"),
-                                           ("UNet call, U merged", "unet_call_s merged", "unet_call_s merged"),
-                                           ("UNet call, no U", "unet_call_s without U", None),
-                                           ("VAE decode", "vae_decode_s", None)):
+        for label, torch_key, onnx_key in (
+            ("UNet call, U exact (γ(t) input)", "unet_call_s exact (U unmerged)", "unet_call_s scale-input"),
+            ("UNet call, U merged", "unet_call_s merged", "unet_call_s merged"),
+            ("UNet call, no U", "unet_call_s without U", None),
+            ("VAE decode", "vae_decode_s", None),
+        ):
             onnx_value = f"{onnx_figures[onnx_key]:.3f}" if onnx_key and onnx_key in onnx_figures else ""
             lines.append(f"| {shape} | {label}: s | {torch_figures[torch_key]:.3f} | {onnx_value} |")
         exact = torch_figures["unet_call_s exact (U unmerged)"]
-        lines.append(f"| {shape} | 30-step sample (31 exact calls + decode): s | {31 * exact + torch_figures['vae_decode_s']:.1f} | |")
-        lines.append(f"| {shape} | merged vs exact UNet output: rel L2 | {figures['prediction']['merged_vs_exact_rel_l2']:.2e} | |")
+        lines.append(
+            f"| {shape} | 30-step sample (31 exact calls + decode): s | {31 * exact + torch_figures['vae_decode_s']:.1f} | |"
+        )
+        lines.append(
+            f"| {shape} | merged vs exact UNet output: rel L2 | {figures['prediction']['merged_vs_exact_rel_l2']:.2e} | |"
+        )
         for mode in ("scale-input", "merged"):
             if f"parity {mode}" in onnx_figures:
                 parity = onnx_figures[f"parity {mode}"]
                 exported = onnx_figures.get(f"export_s {mode}")
                 took = f"export {exported:.0f} s; " if exported is not None else ""
-                lines.append(f"| {shape} | {mode} bundle: {took}ONNX Runtime vs PyTorch rel L2, text / UNet / VAE | | "
-                             f"{parity['text_encoder']['rel_l2']:.1e} / {parity['unet']['rel_l2']:.1e} / "
-                             f"{parity['vae_decoder']['rel_l2']:.1e} |")
-        lines.append(f"| {shape} | peak memory ({memory}), abduction / prediction: MB | "
-                     f"{figures['abduction']['peak_memory_mb']:.0f} / {figures['prediction']['peak_memory_mb']:.0f} | |")
+                lines.append(
+                    f"| {shape} | {mode} bundle: {took}ONNX Runtime vs PyTorch rel L2, text / UNet / VAE | | "
+                    f"{parity['text_encoder']['rel_l2']:.1e} / {parity['unet']['rel_l2']:.1e} / "
+                    f"{parity['vae_decoder']['rel_l2']:.1e} |"
+                )
+        lines.append(
+            f"| {shape} | peak memory ({memory}), abduction / prediction: MB | "
+            f"{figures['abduction']['peak_memory_mb']:.0f} / {figures['prediction']['peak_memory_mb']:.0f} | |"
+        )
     return "\n".join(lines)
 
 
@@ -243,8 +290,16 @@ def main() -> None:
             figures["onnxruntime"] = child("onnxruntime", arguments.cache, shape, arguments.steps, "cpu")
         results[shape] = figures
     print(table(results, arguments.device))
-    report = {"machine": {"platform": platform.platform(), "processor": platform.processor(), "threads": torch.get_num_threads(),
-                          "device": arguments.device}, "steps": arguments.steps, "results": results}
+    report = {
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "threads": torch.get_num_threads(),
+            "device": arguments.device,
+        },
+        "steps": arguments.steps,
+        "results": results,
+    }
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps(report, indent=2) + "\n")
 

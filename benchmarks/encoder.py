@@ -36,9 +36,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -48,7 +49,11 @@ from cfdeploy.environment import machine_info
 RESULTS = Path(__file__).parent / "results"
 TESTS = Path(__file__).resolve().parent.parent / "tests"
 BATCHES = (1, 8)
-OFFICIAL, TORCH, ONNXRUNTIME = "official formulation (PyTorch)", "cfdeploy model (PyTorch)", "ONNX Runtime (bundle graph)"
+OFFICIAL, TORCH, ONNXRUNTIME = (
+    "official formulation (PyTorch)",
+    "cfdeploy model (PyTorch)",
+    "ONNX Runtime (bundle graph)",
+)
 CONTENDERS = (OFFICIAL, TORCH, ONNXRUNTIME)
 COMPRESSIONS = (1, 6)
 # A close-up: eyes 256 px apart, so the crop's square (4x that) leaves the photo and alignment pads it.
@@ -68,8 +73,12 @@ class Files:
 def prepare_files(cache: Path, size: int) -> Files:
     """The synthetic files and the bundle for ``size`` px, written into ``cache`` unless a previous run left them there."""
     directory = cache / f"{size}px"
-    files = Files(directory / f"synthetic_{size}.pt", directory / "synthetic_clip_text.pt", directory / f"e4e_{size}.pt",
-                  directory / "bundle")  # where prepare_sources exports it
+    files = Files(
+        directory / f"synthetic_{size}.pt",
+        directory / "synthetic_clip_text.pt",
+        directory / f"e4e_{size}.pt",
+        directory / "bundle",
+    )  # where prepare_sources exports it
     if (files.bundle / "manifest.json").is_file():
         print(f"reusing {directory}")
         return files
@@ -83,14 +92,22 @@ def prepare_files(cache: Path, size: int) -> Files:
     print(f"writing synthetic {size} px files into {directory}")
     save_synthetic_files(directory, size)
     e4e = synthetic_files.e4e_checkpoint(seed=0, size=size)
-    generator = {key: value for key, value in torch.load(files.checkpoint, weights_only=True)["state_dict"].items()
-                 if key.startswith("decoder.")}
+    generator = {
+        key: value
+        for key, value in torch.load(files.checkpoint, weights_only=True)["state_dict"].items()
+        if key.startswith("decoder.")
+    }
     assert generator.keys() == {key for key in e4e["state_dict"] if key.startswith("decoder.")}
     e4e["state_dict"].update(generator)
     torch.save(e4e, files.encoder)
     del e4e, generator
-    prepare_sources(directory, checkpoint=files.checkpoint, clip_weights=files.clip_weights, encoder=files.encoder,
-                    on_progress=print)
+    prepare_sources(
+        directory,
+        checkpoint=files.checkpoint,
+        clip_weights=files.clip_weights,
+        encoder=files.encoder,
+        on_progress=print,
+    )
     return files
 
 
@@ -102,8 +119,11 @@ def official_encoder(files: Files) -> Callable[[np.ndarray], np.ndarray]:
 
     content = torch.load(files.encoder, weights_only=True)  # written by this script
     assert content["opts"]["start_from_latent_avg"]
-    state = {key.removeprefix("encoder."): value
-             for key, value in content["state_dict"].items() if key.startswith("encoder.")}
+    state = {
+        key.removeprefix("encoder."): value
+        for key, value in content["state_dict"].items()
+        if key.startswith("encoder.")
+    }
     latent_avg = content["latent_avg"]
 
     def encode(images: np.ndarray) -> np.ndarray:
@@ -113,7 +133,9 @@ def official_encoder(files: Files) -> Callable[[np.ndarray], np.ndarray]:
     return encode
 
 
-def open_contender(name: str, files: Files, threads: int | None) -> tuple[Callable[[np.ndarray], np.ndarray], Any, dict]:
+def open_contender(
+    name: str, files: Files, threads: int | None
+) -> tuple[Callable[[np.ndarray], np.ndarray], Any, dict]:
     """The contender's encode function, the backend behind it (None for the official one), and its thread counts."""
     if name == ONNXRUNTIME:
         from cfdeploy.backends import open_backend
@@ -144,8 +166,13 @@ def photo_to_png(backend: Any, photo: Path, points: Path, features: np.ndarray, 
     with timer.stage("encoder"):
         codes = encode_faces(backend, found.crops, 1)
     with StagedDirectory(out, force=True) as staged:
-        return edit_to_directory(backend, EditJob(codes, None, features, batch_size=1), staged,
-                                 png_compression=compression, prior_timings=dict(timer.seconds))
+        return edit_to_directory(
+            backend,
+            EditJob(codes, None, features, batch_size=1),
+            staged,
+            png_compression=compression,
+            prior_timings=dict(timer.seconds),
+        )
 
 
 def serve(name: str, files: Files, threads: int | None, connection: Any) -> None:
@@ -204,7 +231,7 @@ def measure_encoders(files: Files, threads: int | None, warmup: int, runs: int) 
     samples: dict[int, dict[str, list[float]]] = {batch: {name: [] for name in CONTENDERS} for batch in BATCHES}
     codes: dict[int, dict[str, np.ndarray]] = {batch: {} for batch in BATCHES}
     for round_number in range(warmup + runs):
-        order = contenders[round_number % len(contenders):] + contenders[:round_number % len(contenders)]
+        order = contenders[round_number % len(contenders) :] + contenders[: round_number % len(contenders)]
         for batch in BATCHES:
             for contender in order:
                 seconds, codes[batch][contender.name] = contender.time("encode", inputs[batch])
@@ -219,7 +246,9 @@ def measure_encoders(files: Files, threads: int | None, warmup: int, runs: int) 
         results[str(batch)] = {
             "timings": timings,
             "speedup_vs_official": {name: official / timings[name]["median_s"] for name in CONTENDERS},
-            "codes_rel_l2_vs_official": {name: rel_l2(codes[batch][name], codes[batch][OFFICIAL]) for name in CONTENDERS},
+            "codes_rel_l2_vs_official": {
+                name: rel_l2(codes[batch][name], codes[batch][OFFICIAL]) for name in CONTENDERS
+            },
         }
     threads_used = {contender.name: contender.threads for contender in contenders}
     for contender in contenders[:-1]:
@@ -256,9 +285,25 @@ def measure_e2e(files: Files, onnxruntime: Contender, directory: Path, runs: int
     for _ in range(runs):
         for compression in COMPRESSIONS:
             out = directory / f"cold_{compression}"
-            command = [sys.executable, "-m", "cfdeploy", "edit", "--bundle", str(files.bundle), "--images", str(photo),
-                       "--landmarks", str(points), "--text-embedding", str(embedding), "--out", str(out), "--force",
-                       "--png-compression", str(compression)]
+            command = [
+                sys.executable,
+                "-m",
+                "cfdeploy",
+                "edit",
+                "--bundle",
+                str(files.bundle),
+                "--images",
+                str(photo),
+                "--landmarks",
+                str(points),
+                "--text-embedding",
+                str(embedding),
+                "--out",
+                str(out),
+                "--force",
+                "--png-compression",
+                str(compression),
+            ]
             started = time.perf_counter()
             completed = subprocess.run(command, capture_output=True, text=True)
             seconds = time.perf_counter() - started
@@ -268,8 +313,10 @@ def measure_e2e(files: Files, onnxruntime: Contender, directory: Path, runs: int
             cold[compression].append((seconds, json.loads((out / "edit.json").read_text())))
     return {
         mode: {
-            str(compression): {**summary([seconds for seconds, _ in measured[compression]]),
-                               "stages_median_s": stage_split([edited for _, edited in measured[compression]])}
+            str(compression): {
+                **summary([seconds for seconds, _ in measured[compression]]),
+                "stages_median_s": stage_split([edited for _, edited in measured[compression]]),
+            }
             for compression in COMPRESSIONS
         }
         for mode, measured in (("fresh_process", cold), ("warm_process", warm))
@@ -296,23 +343,31 @@ def render(report: dict) -> str:
     size, runs, e2e_runs = report["settings"]["size"], report["settings"]["runs"], report["settings"]["e2e_runs"]
     lines = [
         f"**e4e encoder for {size} px, fp32 CPU**: seconds per batch, median of {runs} alternating rounds; intra-op "
-        "threads " + ", ".join(f"{runtime} {count}" for runtime, count in sorted(
-            {item for counts in encoder["threads"].values() for item in counts.items()})),
+        "threads "
+        + ", ".join(
+            f"{runtime} {count}"
+            for runtime, count in sorted({item for counts in encoder["threads"].values() for item in counts.items()})
+        ),
         "",
-        "| batch | " + " | ".join(f"{name} (s)" for name in CONTENDERS)
+        "| batch | "
+        + " | ".join(f"{name} (s)" for name in CONTENDERS)
         + f" | ONNX Runtime vs official (target ≥ {ENCODER_TARGET}x) | cfdeploy torch vs official"
         + " | codes rel L2 vs official (ORT) |",
         "| ---: |" + " ---: |" * (len(CONTENDERS) + 3),
     ]
     for batch, result in encoder["batches"].items():
         timings, speedup = result["timings"], result["speedup_vs_official"]
-        lines.append(f"| {batch} | " + " | ".join(f"{timings[name]['median_s']:.2f}" for name in CONTENDERS)
-                     + f" | {speedup[ONNXRUNTIME]:.2f}x | {speedup[TORCH]:.2f}x"
-                     + f" | {result['codes_rel_l2_vs_official'][ONNXRUNTIME]:.1e} |")
+        lines.append(
+            f"| {batch} | "
+            + " | ".join(f"{timings[name]['median_s']:.2f}" for name in CONTENDERS)
+            + f" | {speedup[ONNXRUNTIME]:.2f}x | {speedup[TORCH]:.2f}x"
+            + f" | {result['codes_rel_l2_vs_official'][ONNXRUNTIME]:.1e} |"
+        )
     lines += [
         "",
         f"**Photo → edited PNG, {size} px, ONNX Runtime, {report['machine']['logical_cpus']} CPU cores** "
-        f"(target < {E2E_TARGET_S:.0f} s): median of {e2e_runs}; stages from edit.json (a fresh process's first runs include creating the ONNX Runtime sessions)",
+        f"(target < {E2E_TARGET_S:.0f} s): median of {e2e_runs}; stages from edit.json "
+        "(a fresh process's first runs include creating the ONNX Runtime sessions)",
         "",
         "| run | --png-compression | wall (s) | " + " | ".join(E2E_STAGES) + " | outside the stages |",
         "| --- | ---: | ---: |" + " ---: |" * (len(E2E_STAGES) + 1),
@@ -321,11 +376,16 @@ def render(report: dict) -> str:
     for mode, label in modes:
         for compression, result in e2e[mode].items():
             stages = result["stages_median_s"]
-            lines.append(f"| {label} | {compression} | {result['median_s']:.2f} | "
-                         + " | ".join(f"{stages[stage]:.2f}" for stage in E2E_STAGES)
-                         + f" | {result['median_s'] - sum(stages.values()):.2f} |")
-    lines += ["", f"**align_face, 1024 px photo**, median of {runs}: "
-              + "; ".join(f"{name} {1000 * result['median_s']:.0f} ms" for name, result in align.items())]
+            lines.append(
+                f"| {label} | {compression} | {result['median_s']:.2f} | "
+                + " | ".join(f"{stages[stage]:.2f}" for stage in E2E_STAGES)
+                + f" | {result['median_s'] - sum(stages.values()):.2f} |"
+            )
+    lines += [
+        "",
+        f"**align_face, 1024 px photo**, median of {runs}: "
+        + "; ".join(f"{name} {1000 * result['median_s']:.0f} ms" for name, result in align.items()),
+    ]
     return "\n".join(lines)
 
 
@@ -346,8 +406,14 @@ def main() -> None:
         align = measure_alignment(args.runs)
         encoder, onnxruntime = measure_encoders(files, args.threads, args.warmup, args.runs)
         e2e = measure_e2e(files, onnxruntime, Path(scratch), args.e2e_runs)
-    settings = {"size": args.size, "batches": list(BATCHES), "runs": args.runs, "warmup": args.warmup,
-                "e2e_runs": args.e2e_runs, "threads": args.threads}
+    settings = {
+        "size": args.size,
+        "batches": list(BATCHES),
+        "runs": args.runs,
+        "warmup": args.warmup,
+        "e2e_runs": args.e2e_runs,
+        "threads": args.threads,
+    }
     report = {"machine": machine_info(), "settings": settings, "encoder": encoder, "photo_to_png": e2e, "align": align}
     args.json.write_text(json.dumps(report, indent=2) + "\n")
     print(render(report))

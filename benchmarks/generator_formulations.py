@@ -63,16 +63,24 @@ def main() -> None:
     args = parser.parse_args()
 
     results = [measure(size, args.batch, args.warmup, args.runs) for size in args.sizes]
-    table = Table(title=f"generator forward, batch {args.batch}, fp32, {torch.get_num_threads()} threads, median of {args.runs}")
+    table = Table(
+        title=f"generator forward, batch {args.batch}, fp32, {torch.get_num_threads()} threads, median of {args.runs}"
+    )
     for column in ("size", "cfdeploy (s)", "official grouped conv (s)", "official / cfdeploy", "rel L2"):
         table.add_column(column, justify="right")
     for result in results:
         ours, official = result["median_s"]["cfdeploy"], result["median_s"]["official grouped conv"]
-        table.add_row(str(result["size"]), f"{ours:.3f}", f"{official:.3f}", f"{official / ours:.2f}x", f"{result['rel_l2']:.1e}")
+        table.add_row(
+            str(result["size"]), f"{ours:.3f}", f"{official:.3f}", f"{official / ours:.2f}x", f"{result['rel_l2']:.1e}"
+        )
     Console().print(table)
     if args.json:
-        machine = {"platform": platform.platform(), "processor": platform.processor(), "torch": torch.__version__,
-                   "threads": torch.get_num_threads()}
+        machine = {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+        }
         with open(args.json, "w") as handle:
             json.dump({"machine": machine, "results": results}, handle, indent=2)
 

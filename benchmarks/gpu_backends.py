@@ -24,8 +24,15 @@ from cfdeploy.errors import CfdeployError
 from cfdeploy.trt import tensorrt_builder
 from cfdeploy.trt.plan import BuildSettings, batch_profile
 
-BACKENDS = ("torch", "torch-cuda", "torch-cuda-fp16", "torch-cuda-compile", "onnxruntime-cuda", "onnxruntime-tensorrt",
-            "tensorrt")
+BACKENDS = (
+    "torch",
+    "torch-cuda",
+    "torch-cuda-fp16",
+    "torch-cuda-compile",
+    "onnxruntime-cuda",
+    "onnxruntime-tensorrt",
+    "tensorrt",
+)
 BATCHES = [1, 8]
 BASELINE = "torch-cuda"
 GENERATOR_GFLOP = {1024: 150.7}  # per image, multiply-adds counted twice (docs/performance.md)
@@ -33,8 +40,9 @@ GENERATOR_GFLOP = {1024: 150.7}  # per image, multiply-adds counted twice (docs/
 PEAK_TFLOPS = {"H100": {"fp32": 67.0, "fp16": 989.0}, "H200": {"fp32": 67.0, "fp16": 989.0}}
 
 
-def measure(size: int, runs: int, backends: tuple[str, ...] = BACKENDS, batches: list[int] = BATCHES,
-            out: Path = RESULTS) -> Path:
+def measure(
+    size: int, runs: int, backends: tuple[str, ...] = BACKENDS, batches: list[int] = BATCHES, out: Path = RESULTS
+) -> Path:
     """Time ``backends`` at ``size`` px; a bundle is exported and engines built only when a bundle backend is asked."""
     from cfdeploy.bench import reads_bundle
 
@@ -59,7 +67,8 @@ def render(report: dict) -> str:
     lines = [
         f"**{report['size']} px**, median of {report['settings']['runs']}: ms per image for latent_editor + generator",
         "",
-        "| backend | batch | latent_editor + generator (ms/image) | vs torch-cuda fp32 | GPU ms per run (CUDA events) | GPU MB | PSNR vs CPU fp32 (dB) |",
+        "| backend | batch | latent_editor + generator (ms/image) | vs torch-cuda fp32 "
+        "| GPU ms per run (CUDA events) | GPU MB | PSNR vs CPU fp32 (dB) |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     baseline = {r["batch"]: r for r in rows[BASELINE]["results"]} if BASELINE in rows else {}
@@ -93,14 +102,20 @@ def floor_ms(size: int, card: str | None, precision: str) -> float | None:
 
 def render_run(results: Path) -> str:
     """benchmarks/gpu/run.sh's results folder as tables: the card, driver and date, each step, each figure."""
-    environment = json.loads((results / "environment.json").read_text()) if (results / "environment.json").is_file() else {}
+    environment = (
+        json.loads((results / "environment.json").read_text()) if (results / "environment.json").is_file() else {}
+    )
     steps = [json.loads(line) for line in (results / "steps.jsonl").read_text().splitlines() if line.strip()]
     gpu = (environment.get("gpus") or [{}])[0]
     card = gpu.get("name") or environment.get("torch_device") or "no GPU"
     lines = [
         f"**{card}**, driver {gpu.get('driver_version', '-')}, torch {environment.get('torch', '-')} (CUDA "
         f"{environment.get('torch_cuda', '-')}), {environment.get('date', '-')}"
-        + (" — a dry run on the CPU: these figures check the script, they measure nothing" if environment.get("dry_run") else ""),
+        + (
+            " — a dry run on the CPU: these figures check the script, they measure nothing"
+            if environment.get("dry_run")
+            else ""
+        ),
         "",
         "| step | result | seconds (budget) |",
         "| --- | --- | ---: |",
@@ -115,15 +130,19 @@ def render_run(results: Path) -> str:
             lines += ["", render(report)]
             floors = [(precision, floor_ms(size, card, precision)) for precision in ("fp32", "fp16")]
             if all(value is not None for _, value in floors):
-                lines.append("\nphysics floor of the generator at the card's dense peak: "
-                             + ", ".join(f"{precision} {value:.2f} ms/image" for precision, value in floors)
-                             + f" ({GENERATOR_GFLOP[size]} GFLOP per image)")
+                lines.append(
+                    "\nphysics floor of the generator at the card's dense peak: "
+                    + ", ".join(f"{precision} {value:.2f} ms/image" for precision, value in floors)
+                    + f" ({GENERATOR_GFLOP[size]} GFLOP per image)"
+                )
     for name in ("encoder_clip", "edit_e2e", "refine", "train_fp32", "train_bf16", "dac"):
         path = results / f"{name}.json"
         if path.is_file():
             figures = json.loads(path.read_text())
-            shown = ", ".join(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}"
-                              for key, value in flatten(figures).items())
+            shown = ", ".join(
+                f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}"
+                for key, value in flatten(figures).items()
+            )
             lines += ["", f"**{name}**: {shown}"]
     return "\n".join(lines)
 
@@ -141,7 +160,9 @@ def flatten(figures: dict, prefix: str = "") -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--render", action="store_true", help="only render the committed JSON")
-    parser.add_argument("--render-run", type=Path, metavar="DIR", help="only render a benchmarks/gpu/run.sh results folder")
+    parser.add_argument(
+        "--render-run", type=Path, metavar="DIR", help="only render a benchmarks/gpu/run.sh results folder"
+    )
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 1024])
     parser.add_argument("--backends", default=",".join(BACKENDS), help="comma-separated bench presets")

@@ -59,8 +59,21 @@ def measure(size: int, workdir: Path, warmup: int, runs: int) -> dict:
 
     np.save(workdir / "w1.npy", w)
     np.save(workdir / "t.npy", rng.standard_normal(512).astype(np.float32))
-    edit_command = [sys.executable, "-m", "cfdeploy", "edit", "--bundle", str(bundle), "-l", str(workdir / "w1.npy"),
-                    "--text-embedding", str(workdir / "t.npy"), "-o", str(workdir / "cold"), "--force"]
+    edit_command = [
+        sys.executable,
+        "-m",
+        "cfdeploy",
+        "edit",
+        "--bundle",
+        str(bundle),
+        "-l",
+        str(workdir / "w1.npy"),
+        "--text-embedding",
+        str(workdir / "t.npy"),
+        "-o",
+        str(workdir / "cold"),
+        "--force",
+    ]
     cold = {"cfdeploy edit --bundle": [], "import torch": []}
     for _ in range(runs):
         cold["cfdeploy edit --bundle"].append(process_seconds(edit_command))
@@ -84,18 +97,35 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         results = [measure(size, Path(scratch), args.warmup, args.runs) for size in args.sizes]
 
-    table = Table(title=f"edit (latent_editor + generator), batch 1, fp32, CPU, median of {args.runs} after {args.warmup} warm-up")
-    for column in ("size", "torch (s)", "onnxruntime (s)", "torch / onnxruntime",
-                   "cold `cfdeploy edit --bundle` (s)", "`import torch` alone (s)"):
+    table = Table(
+        title=f"edit (latent_editor + generator), batch 1, fp32, CPU, median of {args.runs} after {args.warmup} warm-up"
+    )
+    for column in (
+        "size",
+        "torch (s)",
+        "onnxruntime (s)",
+        "torch / onnxruntime",
+        "cold `cfdeploy edit --bundle` (s)",
+        "`import torch` alone (s)",
+    ):
         table.add_column(column, justify="right")
     for result in results:
         edit, cold = result["edit_median_s"], result["cold_start_median_s"]
-        table.add_row(str(result["size"]), f"{edit['torch']:.3f}", f"{edit['onnxruntime']:.3f}",
-                      f"{edit['torch'] / edit['onnxruntime']:.2f}x", f"{cold['cfdeploy edit --bundle']:.2f}",
-                      f"{cold['import torch']:.2f}")
+        table.add_row(
+            str(result["size"]),
+            f"{edit['torch']:.3f}",
+            f"{edit['onnxruntime']:.3f}",
+            f"{edit['torch'] / edit['onnxruntime']:.2f}x",
+            f"{cold['cfdeploy edit --bundle']:.2f}",
+            f"{cold['import torch']:.2f}",
+        )
     Console().print(table)
     if args.json:
-        machine = {"platform": platform.platform(), "processor": platform.processor(), "python": platform.python_version()}
+        machine = {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "python": platform.python_version(),
+        }
         Path(args.json).write_text(json.dumps({"machine": machine, "results": results}, indent=2) + "\n")
 
 

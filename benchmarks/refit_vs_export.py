@@ -48,15 +48,26 @@ def main() -> None:
         torch.save(content, other)
         bundle = directory / "bundle"
         export = ["export", "-c", str(other), "--clip-weights", str(clip_weights), "--text", "green lipstick", "-f"]
-        timed("export", "-c", str(checkpoint), "--clip-weights", str(clip_weights), "--text", "green lipstick",
-              "-o", str(bundle))
+        timed(
+            "export",
+            "-c",
+            str(checkpoint),
+            "--clip-weights",
+            str(clip_weights),
+            "--text",
+            "green lipstick",
+            "-o",
+            str(bundle),
+        )
         refits, exports = [], []
         for _ in range(args.runs):
             refits.append(timed("refit", str(bundle), "-c", str(other)))
             exports.append(timed(*export, "-o", str(directory / "fresh")))
     refit, fresh = statistics.median(refits), statistics.median(exports)
-    print(f"| size | cfdeploy refit (s) | cfdeploy export (s) | export / refit |\n| ---: | ---: | ---: | ---: |\n"
-          f"| {args.size} | {refit:.1f} | {fresh:.1f} | {fresh / refit:.1f}x |")
+    print(
+        f"| size | cfdeploy refit (s) | cfdeploy export (s) | export / refit |\n| ---: | ---: | ---: | ---: |\n"
+        f"| {args.size} | {refit:.1f} | {fresh:.1f} | {fresh / refit:.1f}x |"
+    )
 
 
 if __name__ == "__main__":

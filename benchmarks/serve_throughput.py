@@ -31,8 +31,11 @@ PROMPT = "green lipstick"
 
 
 def summary(latencies: list[float], wall: float) -> dict[str, float]:
-    return {"requests_per_s": len(latencies) / wall, "p50_ms": 1000 * float(np.percentile(latencies, 50)),
-            "p99_ms": 1000 * float(np.percentile(latencies, 99))}
+    return {
+        "requests_per_s": len(latencies) / wall,
+        "p50_ms": 1000 * float(np.percentile(latencies, 50)),
+        "p99_ms": 1000 * float(np.percentile(latencies, 99)),
+    }
 
 
 def sequential_loop(bundle: Path, backend: str, codes: np.ndarray) -> dict[str, float]:
@@ -73,14 +76,18 @@ def drive(client: Client, codes: np.ndarray, clients: int) -> dict[str, float]:
         started = time.perf_counter()
         results = list(pool.map(one, codes))
     wall = time.perf_counter() - started
-    return {**summary([latency for latency, _ in results], wall),
-            "mean_generator_batch": float(np.mean([batch for _, batches in results for batch in batches]))}
+    return {
+        **summary([latency for latency, _ in results], wall),
+        "mean_generator_batch": float(np.mean([batch for _, batches in results for batch in batches])),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", type=Path, help="a bundle to serve (default: a synthetic 256 px one in --cache)")
-    parser.add_argument("--cache", type=Path, default=Path("/tmp/cfdeploy-serve-bench"), help="where the synthetic bundle is kept")
+    parser.add_argument(
+        "--cache", type=Path, default=Path("/tmp/cfdeploy-serve-bench"), help="where the synthetic bundle is kept"
+    )
     parser.add_argument("--requests", type=int, default=32, help="requests per measurement")
     parser.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "tensorrt"))
     parser.add_argument("--replicas", type=int, default=2)
@@ -102,31 +109,56 @@ def main() -> None:
     del dims
 
     threads = max(1, round(args.cpus_per_replica))
-    per_image = {batch: generator_per_image(bundle, args.backend, codes, batch, threads) for batch in (1, args.batch_size)}
+    per_image = {
+        batch: generator_per_image(bundle, args.backend, codes, batch, threads) for batch in (1, args.batch_size)
+    }
     print("sequential loop ...")
     loop = sequential_loop(bundle, args.backend, codes)
     rows = {"sequential loop (batch 1, one process)": loop}
-    settings = ServeSettings((bundle,), args.backend, args.replicas, args.batch_size, cpus_per_replica=args.cpus_per_replica,
-                             gpus_per_replica=args.gpus_per_replica, max_ongoing=32, port=8765)
+    settings = ServeSettings(
+        (bundle,),
+        args.backend,
+        args.replicas,
+        args.batch_size,
+        cpus_per_replica=args.cpus_per_replica,
+        gpus_per_replica=args.gpus_per_replica,
+        max_ongoing=32,
+        port=8765,
+    )
     with Server(settings) as server:
         client = Client(server.url)
         for clients in (1, 4, 16):
             print(f"serve, {clients} client(s) ...")
             rows[f"serve, {clients} concurrent client(s)"] = drive(client, codes, clients)
 
-    print(f"\n{dims_line(bundle)}; {args.requests} requests each; {args.replicas} replica(s) x {args.cpus_per_replica} CPU, "
-          f"backend {args.backend}, max batch {args.batch_size}\n")
+    print(
+        f"\n{dims_line(bundle)}; {args.requests} requests each; {args.replicas} replica(s) x {args.cpus_per_replica} CPU, "
+        f"backend {args.backend}, max batch {args.batch_size}\n"
+    )
     print("| run | requests/s | vs loop | p50 (ms) | p99 (ms) | p99/p50 | mean generator batch |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, row in rows.items():
         row["vs_loop"] = row["requests_per_s"] / loop["requests_per_s"]
         batch = row.get("mean_generator_batch")
-        print(f"| {name} | {row['requests_per_s']:.2f} | {row['vs_loop']:.2f}x | {row['p50_ms']:.0f} | {row['p99_ms']:.0f} "
-              f"| {row['p99_ms'] / row['p50_ms']:.2f} | {'' if batch is None else f'{batch:.2f}'} |")
-    print(f"\ngenerator alone, {threads} thread(s): {1000 * per_image[1]:.0f} ms per image at batch 1, "
-          f"{1000 * per_image[args.batch_size]:.0f} ms at batch {args.batch_size} (batching gains {per_image[1] / per_image[args.batch_size]:.2f}x)")
-    write_json({"bundle": str(bundle), "generator_s_per_image": {str(key): value for key, value in per_image.items()}, "settings": {key: str(value) for key, value in vars(args).items()},
-                "machine": {"node": platform.node(), "processor": platform.processor()}, "results": rows}, args.out)
+        print(
+            f"| {name} | {row['requests_per_s']:.2f} | {row['vs_loop']:.2f}x | {row['p50_ms']:.0f} | {row['p99_ms']:.0f} "
+            f"| {row['p99_ms'] / row['p50_ms']:.2f} | {'' if batch is None else f'{batch:.2f}'} |"
+        )
+    print(
+        f"\ngenerator alone, {threads} thread(s): {1000 * per_image[1]:.0f} ms per image at batch 1, "
+        f"{1000 * per_image[args.batch_size]:.0f} ms at batch {args.batch_size} "
+        f"(batching gains {per_image[1] / per_image[args.batch_size]:.2f}x)"
+    )
+    write_json(
+        {
+            "bundle": str(bundle),
+            "generator_s_per_image": {str(key): value for key, value in per_image.items()},
+            "settings": {key: str(value) for key, value in vars(args).items()},
+            "machine": {"node": platform.node(), "processor": platform.processor()},
+            "results": rows,
+        },
+        args.out,
+    )
 
 
 def dims_line(bundle: Path) -> str:

@@ -24,8 +24,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 RESULTS = Path(__file__).parent / "results"
 SIZES = (256, 1024)
@@ -107,19 +108,31 @@ def measure(cache: Path, size: int, device: str, precision: str, warmup: int, st
             loss = identity_loss(model.arcface, edited, source)
         loss.backward()
 
-    parts = {name: timed(function, steps, synchronize)
-             for name, function in zip(PARTS, (generator_source, generator_backward, nce_backward, identity_backward))}
+    parts = {
+        name: timed(function, steps, synchronize)
+        for name, function in zip(
+            PARTS, (generator_source, generator_backward, nce_backward, identity_backward), strict=True
+        )
+    }
     if device.startswith("cuda"):
         peak = torch.cuda.max_memory_allocated() / 2**30
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    return {"size": size, "device": device, "precision": precision, "step_s": step_s, "parts_s": parts,
-            "peak_memory_gib": peak, "threads": torch.get_num_threads()}
+    return {
+        "size": size,
+        "device": device,
+        "precision": precision,
+        "step_s": step_s,
+        "parts_s": parts,
+        "peak_memory_gib": peak,
+        "threads": torch.get_num_threads(),
+    }
 
 
 def render(results: list[dict[str, Any]]) -> str:
     lines = [
-        "| size | device | precision | step (s) | " + " | ".join(f"{part} (s)" for part in PARTS)
+        "| size | device | precision | step (s) | "
+        + " | ".join(f"{part} (s)" for part in PARTS)
         + " | 1,000 steps | peak memory (GiB) |",
         "| ---: | --- | --- | ---: |" + " ---: |" * (len(PARTS) + 2),
     ]
@@ -155,8 +168,20 @@ def main() -> None:
     for size in args.sizes:
         files_for(args.cache, size)  # written once, outside the timed processes
         for device, precision in configurations:
-            command = [sys.executable, __file__, "--cache", str(args.cache), "--warmup", str(args.warmup),
-                       "--steps", str(args.steps), "--one", str(size), device, precision]
+            command = [
+                sys.executable,
+                __file__,
+                "--cache",
+                str(args.cache),
+                "--warmup",
+                str(args.warmup),
+                "--steps",
+                str(args.steps),
+                "--one",
+                str(size),
+                device,
+                precision,
+            ]
             completed = subprocess.run(command, capture_output=True, text=True)
             if completed.returncode != 0:
                 raise SystemExit(completed.stderr[-2000:])
@@ -164,8 +189,11 @@ def main() -> None:
             print(render(results[-1:]).splitlines()[-1], flush=True)
     from cfdeploy.environment import machine_info
 
-    report = {"machine": machine_info(), "settings": vars(args) | {"cache": str(args.cache), "json": str(args.json)},
-              "results": results}
+    report = {
+        "machine": machine_info(),
+        "settings": vars(args) | {"cache": str(args.cache), "json": str(args.json)},
+        "results": results,
+    }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2) + "\n")
     print(render(results))

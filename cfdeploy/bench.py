@@ -20,9 +20,10 @@ import queue
 import statistics
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -154,8 +155,10 @@ def open_for_bench(name: str, sources: Sources) -> EditBackend:
         backend = open_preset(name, sources.checkpoint, clip_weights=sources.clip_weights, encoder=sources.encoder)
         encoder = getattr(backend, "encoder", None)
         if encoder is not None and encoder.n_latent != backend.n_latent:
-            raise CfdeployError(f"{sources.encoder}: the encoder makes W+ codes of {encoder.n_latent} levels, the "
-                                f"generator of {sources.checkpoint} takes {backend.n_latent}")
+            raise CfdeployError(
+                f"{sources.encoder}: the encoder makes W+ codes of {encoder.n_latent} levels, the "
+                f"generator of {sources.checkpoint} takes {backend.n_latent}"
+            )
     backend.text_cache = None  # every run times the whole text branch (and writes nothing into the bundle)
     return backend
 
@@ -228,8 +231,12 @@ def summarize(samples: Sequence[float]) -> dict[str, float]:
     def percentile(q: float) -> float:
         return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
-    return {"median": statistics.median(ordered), "p90": percentile(0.9), "p99": percentile(0.99),
-            "mean": statistics.fmean(ordered)}
+    return {
+        "median": statistics.median(ordered),
+        "p90": percentile(0.9),
+        "p99": percentile(0.99),
+        "mean": statistics.fmean(ordered),
+    }
 
 
 def measure_backend(
@@ -283,22 +290,38 @@ def measure(name: str, backend: EditBackend, settings: BenchSettings, on_progres
                     samples[stage].append(timer.seconds[stage])
         stages = {stage: summarize(values) for stage, values in samples.items() if values}
         if refiner is not None:
-            stages["refine_per_step"] = summarize([
-                seconds / max(1, len(curve)) for seconds, curve in zip(samples["refine"], refiner.curves[-settings.runs:])
-            ])
-        device_ms = {network: (ms - device_ms_before.get(network, 0.0)) / settings.runs
-                     for network, ms in backend.device_ms().items()} if hasattr(backend, "device_ms") else None
-        results.append({
-            "batch": batch,
-            "device_ms_per_run": device_ms,
-            "stages_s": stages,
-            "images_per_s": batch / stages["total"]["median"],
-            "per_image_s": stages["total"]["median"] / batch,
-            "images": images,
-        })
+            stages["refine_per_step"] = summarize(
+                [
+                    seconds / max(1, len(curve))
+                    for seconds, curve in zip(samples["refine"], refiner.curves[-settings.runs :], strict=False)
+                ]
+            )
+        device_ms = (
+            {
+                network: (ms - device_ms_before.get(network, 0.0)) / settings.runs
+                for network, ms in backend.device_ms().items()
+            }
+            if hasattr(backend, "device_ms")
+            else None
+        )
+        results.append(
+            {
+                "batch": batch,
+                "device_ms_per_run": device_ms,
+                "stages_s": stages,
+                "images_per_s": batch / stages["total"]["median"],
+                "per_image_s": stages["total"]["median"] / batch,
+                "images": images,
+            }
+        )
     compiled = getattr(backend, "compile_s", None)
-    return {"results": results, "peak_rss_mb": peak_rss_mb(), "gpu_memory_mb": gpu_memory_mb(name, backend),
-            "threads": thread_counts(backend), **({"compile_s": compiled()} if compiled is not None and compiled() else {})}
+    return {
+        "results": results,
+        "peak_rss_mb": peak_rss_mb(),
+        "gpu_memory_mb": gpu_memory_mb(name, backend),
+        "threads": thread_counts(backend),
+        **({"compile_s": compiled()} if compiled is not None and compiled() else {}),
+    }
 
 
 def make_refiner(backend: Any, settings: BenchSettings) -> Refiner | None:
@@ -331,8 +354,11 @@ def parity(images: np.ndarray, expected: np.ndarray) -> dict[str, Any]:
     """Max abs error and PSNR (data range 2: images live in about [-1, 1]) against the reference images."""
     error = images.astype(np.float64) - expected
     mse = float(np.mean(error**2))
-    return {"reference": PARITY_REFERENCE, "max_abs": float(np.abs(error).max()),
-            "psnr_db": float("inf") if mse == 0 else 10 * math.log10(4.0 / mse)}
+    return {
+        "reference": PARITY_REFERENCE,
+        "max_abs": float(np.abs(error).max()),
+        "psnr_db": float("inf") if mse == 0 else 10 * math.log10(4.0 / mse),
+    }
 
 
 def measure_in_child(messages: Any, name: str, sources: Sources, settings: BenchSettings) -> None:
@@ -389,8 +415,11 @@ def run_bench(sources: Sources, settings: BenchSettings, on_progress: Progress =
             images = result.pop("images")
             if result["batch"] in reference_images:
                 result["parity"] = parity(images, reference_images[result["batch"]])
-    return {"machine": machine_info(), "settings": {**settings.__dict__, "backends": list(settings.backends)},
-            "backends": reports}
+    return {
+        "machine": machine_info(),
+        "settings": {**settings.__dict__, "backends": list(settings.backends)},
+        "backends": reports,
+    }
 
 
 def table_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
@@ -400,15 +429,25 @@ def table_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
         for result in backend.get("results", []):
             row: dict[str, Any] = {"backend": backend["backend"], "batch": result["batch"]}
             for stage in STAGES:
-                row[f"{stage}_median_ms"] = 1000 * result["stages_s"][stage]["median"] if stage in result["stages_s"] else None
+                row[f"{stage}_median_ms"] = (
+                    1000 * result["stages_s"][stage]["median"] if stage in result["stages_s"] else None
+                )
             total = result["stages_s"]["total"]
-            row.update(total_p90_ms=1000 * total["p90"], total_p99_ms=1000 * total["p99"], total_mean_ms=1000 * total["mean"],
-                       images_per_s=result["images_per_s"], per_image_ms=1000 * result["per_image_s"],
-                       peak_rss_mb=backend.get("peak_rss_mb"), gpu_memory_mb=backend.get("gpu_memory_mb"),
-                       gpu_ms=sum((result.get("device_ms_per_run") or {}).values()) or None,
-                       refine_per_step_ms=1000 * result["stages_s"]["refine_per_step"]["median"]
-                       if "refine_per_step" in result["stages_s"] else None,
-                       max_abs_error=result.get("parity", {}).get("max_abs"), psnr_db=result.get("parity", {}).get("psnr_db"))
+            row.update(
+                total_p90_ms=1000 * total["p90"],
+                total_p99_ms=1000 * total["p99"],
+                total_mean_ms=1000 * total["mean"],
+                images_per_s=result["images_per_s"],
+                per_image_ms=1000 * result["per_image_s"],
+                peak_rss_mb=backend.get("peak_rss_mb"),
+                gpu_memory_mb=backend.get("gpu_memory_mb"),
+                gpu_ms=sum((result.get("device_ms_per_run") or {}).values()) or None,
+                refine_per_step_ms=1000 * result["stages_s"]["refine_per_step"]["median"]
+                if "refine_per_step" in result["stages_s"]
+                else None,
+                max_abs_error=result.get("parity", {}).get("max_abs"),
+                psnr_db=result.get("parity", {}).get("psnr_db"),
+            )
             rows.append(row)
     return rows
 
@@ -450,8 +489,11 @@ WIDE_COLUMNS = (
 
 def table_columns(rows: Sequence[dict[str, Any]], wide: bool = False) -> list[Column]:
     """The compact (or wide: per stage) columns that hold a value in some row."""
-    return [column for column in (WIDE_COLUMNS if wide else COMPACT_COLUMNS)
-            if any(row[column.key] is not None for row in rows)]
+    return [
+        column
+        for column in (WIDE_COLUMNS if wide else COMPACT_COLUMNS)
+        if any(row[column.key] is not None for row in rows)
+    ]
 
 
 def cell_text(value: Any, column: Column) -> str:

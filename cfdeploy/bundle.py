@@ -16,9 +16,10 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable, Iterable
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -71,8 +72,10 @@ def prompt_file(prompt: str) -> str:
 def without_clip_message(where: object, prompts: Iterable[str]) -> str:
     """Why a bundle exported ``--without-clip`` cannot edit a prompt: one message for edit, batch and serve."""
     stored = ", ".join(repr(prompt) for prompt in prompts) or "none"
-    return (f"{where}: exported --without-clip, so it edits only the prompts precomputed at export ({stored}) "
-            "or --text-embedding features")
+    return (
+        f"{where}: exported --without-clip, so it edits only the prompts precomputed at export ({stored}) "
+        "or --text-embedding features"
+    )
 
 
 def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
@@ -325,7 +328,9 @@ class TextLatentCache:
         self.on_warning = on_warning
         self.directory = bundle.path / CACHE_DIR
         if self.directory.is_symlink():
-            raise CfdeployError(f"{self.directory}: is a symlink; the prompt cache must be a directory inside the bundle")
+            raise CfdeployError(
+                f"{self.directory}: is a symlink; the prompt cache must be a directory inside the bundle"
+            )
         self._shape = (1, bundle.n_latent, bundle.style_dim)
 
     def _paths(self, prompt: str) -> tuple[Path, Path]:

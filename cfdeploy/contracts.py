@@ -117,7 +117,9 @@ def network_contracts(
     return {contract.name: contract for contract in contracts}
 
 
-def dac_contracts(latent_channels: int, latent_side: int, image_side: int, text_hidden: int, unet_scale_input: bool) -> dict[str, NetworkContract]:
+def dac_contracts(
+    latent_channels: int, latent_side: int, image_side: int, text_hidden: int, unet_scale_input: bool
+) -> dict[str, NetworkContract]:
     """The graphs of a DAC bundle (``cfdeploy dac export``): text encoder with Δ, UNet with U, VAE decoder.
 
     U's weight changes at every UNet call (γ(t)), so the exact UNet takes it as the scalar ``lora_scale``
@@ -127,7 +129,11 @@ def dac_contracts(latent_channels: int, latent_side: int, image_side: int, text_
     """
     latents = (BATCH, latent_channels, latent_side, latent_side)
     hidden = (BATCH, TOKENS, text_hidden)
-    unet_inputs = [TensorSpec("sample", latents), TensorSpec("timestep", (1,)), TensorSpec("encoder_hidden_states", hidden)]
+    unet_inputs = [
+        TensorSpec("sample", latents),
+        TensorSpec("timestep", (1,)),
+        TensorSpec("encoder_hidden_states", hidden),
+    ]
     if unet_scale_input:
         unet_inputs.append(TensorSpec("lora_scale", (1,)))
     contracts = [
@@ -141,7 +147,8 @@ def dac_contracts(latent_channels: int, latent_side: int, image_side: int, text_
             "unet",
             tuple(unet_inputs),
             (TensorSpec("noise", latents),),
-            "UNet with U: unmerged low-rank branches scaled by lora_scale (γ(t) per call)" if unet_scale_input
+            "UNet with U: unmerged low-rank branches scaled by lora_scale (γ(t) per call)"
+            if unet_scale_input
             else "UNet with U merged at one weight (an approximation of γ(t))",
             precision="fp16",
             refittable=True,

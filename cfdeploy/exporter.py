@@ -11,9 +11,9 @@ from __future__ import annotations
 import shutil
 import time
 import warnings
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -194,14 +194,21 @@ def drop_zero_conv_biases(model: onnx.ModelProto) -> int:
     return removed
 
 
-def parity_cases(contract: NetworkContract, batches: Sequence[int] = PARITY_BATCHES) -> dict[str, dict[str, np.ndarray]]:
+def parity_cases(
+    contract: NetworkContract, batches: Sequence[int] = PARITY_BATCHES
+) -> dict[str, dict[str, np.ndarray]]:
     """Fresh random inputs for each batch size, as the contract describes them."""
     rng = np.random.default_rng(1234)
-    return {f"batch_{batch}": {spec.name: sample_input(spec, batch, rng) for spec in contract.inputs} for batch in batches}
+    return {
+        f"batch_{batch}": {spec.name: sample_input(spec, batch, rng) for spec in contract.inputs} for batch in batches
+    }
 
 
 def check_parity(
-    module: nn.Module, contract: NetworkContract, path: Path, cases: Mapping[str, Mapping[str, np.ndarray]] | None = None
+    module: nn.Module,
+    contract: NetworkContract,
+    path: Path,
+    cases: Mapping[str, Mapping[str, np.ndarray]] | None = None,
 ) -> dict[str, dict[str, float]]:
     """The exported graph in ONNX Runtime against ``module`` on each case (default: :func:`parity_cases`), by case;
     export fails where a case drifts past the contract's ``parity_rel_l2``. Both editors' exports check here."""
@@ -212,12 +219,16 @@ def check_parity(
             expected = module(*(torch.from_numpy(value) for value in inputs.values())).numpy().astype(np.float64)
         got = sessions(contract.name, **inputs).astype(np.float64)
         if got.shape != expected.shape:
-            raise CfdeployError(f"{contract.name}: exported graph gives shape {list(got.shape)}, torch {list(expected.shape)}")
+            raise CfdeployError(
+                f"{contract.name}: exported graph gives shape {list(got.shape)}, torch {list(expected.shape)}"
+            )
         rel_l2 = float(np.linalg.norm(got - expected)) / max(float(np.linalg.norm(expected)), 1e-30)
         results[label] = {"max_abs": float(np.abs(got - expected).max()), "rel_l2": rel_l2}
         if not rel_l2 <= contract.parity_rel_l2:
-            raise CfdeployError(f"{contract.name}: ONNX graph differs from torch at {label.replace('_', ' ')}: "
-                                f"rel L2 {rel_l2:.2e} > {contract.parity_rel_l2:.0e}")
+            raise CfdeployError(
+                f"{contract.name}: ONNX graph differs from torch at {label.replace('_', ' ')}: "
+                f"rel L2 {rel_l2:.2e} > {contract.parity_rel_l2:.0e}"
+            )
     return results
 
 
@@ -248,7 +259,9 @@ def export_bundle(
             "CLIP weights are needed for the CLIP text graph and for precomputed prompts: pass --clip-weights "
             "(or --without-clip and no --prompt, for a bundle used only with --text-embedding)"
         )
-    on_stage("loading checkpoint and CLIP weights" if encoder is None else "loading checkpoint, CLIP weights and encoder")
+    on_stage(
+        "loading checkpoint and CLIP weights" if encoder is None else "loading checkpoint, CLIP weights and encoder"
+    )
     checkpoint = load_cfclip(checkpoint_path)
     generator = checkpoint.generator
     config = generator.config
@@ -299,12 +312,10 @@ def export_bundle(
             (staged.path / PROMPTS_DIR).mkdir()
             with torch.no_grad():
                 text_latents = checkpoint.text_mapper(clip(torch.from_numpy(prompt_tokens))).numpy()
-            for prompt, latents in zip(prompts, text_latents):
+            for prompt, latents in zip(prompts, text_latents, strict=True):
                 np.save(staged.path / stored_prompts[prompt], latents[None])
 
-        files = sorted(
-            str(path.relative_to(staged.path)) for path in staged.path.rglob("*") if path.is_file()
-        )
+        files = sorted(str(path.relative_to(staged.path)) for path in staged.path.rglob("*") if path.is_file())
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -329,9 +340,13 @@ def export_bundle(
                 "w_space": bool(checkpoint.opts.get("w_space", False)),
                 "mapper_groups": list(checkpoint.mapper_config.groups),
             },
-            "export": {"exporter": "torch.onnx (dynamo)", "opset": opset, "precision": "fp32",
-                       "parity_batches": list(PARITY_BATCHES),
-                       "seconds": {key: round(value, 3) for key, value in timings.items()}},
+            "export": {
+                "exporter": "torch.onnx (dynamo)",
+                "opset": opset,
+                "precision": "fp32",
+                "parity_batches": list(PARITY_BATCHES),
+                "seconds": {key: round(value, 3) for key, value in timings.items()},
+            },
             "networks": networks,
             "tokenizer": {"vocab": TOKENIZER_VOCAB},
             "mean_w": MEAN_W,
@@ -340,4 +355,3 @@ def export_bundle(
         }
         write_manifest(staged.path, manifest)
     return manifest
-

@@ -15,9 +15,9 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import onnx
 from onnx import numpy_helper
@@ -86,7 +86,8 @@ def match_weights(
     if weights and not any(name in old for name in weights):
         raise CfdeployError(
             f"{network}: cannot place the checkpoint's weight {weights[0]}: the bundle's graph names its weights after "
-            f"the exporter's folded constants (such as {min(old, default='mul_15')}), as cfdeploy did before each weight kept its own "
+            f"the exporter's folded constants (such as {min(old, default='mul_15')}), as cfdeploy did before each "
+            "weight kept its own "
             "name, so another checkpoint's weights cannot be placed in it; export the bundle again, then refit it"
         )
     more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
@@ -115,7 +116,7 @@ def _recompute_prompts(staged: Path, manifest: dict) -> None:
     write_manifest(staged, manifest)
     backend = open_backend("onnxruntime", staged, providers=["CPUExecutionProvider"])
     text_latents = backend.text_latents(backend.text_features(backend.tokenize(list(prompts))))
-    for relative, latents in zip(prompts.values(), text_latents):
+    for relative, latents in zip(prompts.values(), text_latents, strict=True):
         content = npy_bytes(latents[None])
         write_atomic(staged / relative, content)  # a new file: the live bundle's hard link is untouched
         manifest["files"][relative] = hashlib.sha256(content).hexdigest()
@@ -124,7 +125,9 @@ def _recompute_prompts(staged: Path, manifest: dict) -> None:
 def _refit_engines(staged: Path, report: Callable[[str], None]) -> list[str]:
     """Refit the mapper engines that exist; returns the networks whose engines could not be (now stale)."""
     engine_dir = staged / ENGINE_DIR
-    shutil.rmtree(engine_dir / ORT_ENGINE_CACHE, ignore_errors=True)  # ONNX Runtime keys these by graph name, not weights
+    shutil.rmtree(
+        engine_dir / ORT_ENGINE_CACHE, ignore_errors=True
+    )  # ONNX Runtime keys these by graph name, not weights
     present = [name for name in REFIT_NETWORKS if engine_paths(engine_dir, name)[0].is_file()]
     if not present:
         return []
@@ -133,12 +136,16 @@ def _refit_engines(staged: Path, report: Callable[[str], None]) -> list[str]:
 
         refit_engine = tensorrt_builder().refit_engine
     except CfdeployError as why:
-        report(f"TensorRT engines for {', '.join(present)} not refitted here ({why}); they will be refused until rebuilt")
+        report(
+            f"TensorRT engines for {', '.join(present)} not refitted here ({why}); they will be refused until rebuilt"
+        )
         return present
     stale = []
     for name in present:
         try:
-            refit_engine(engine_dir, name, staged / f"{name}.onnx")  # writes new files: the live bundle's links are untouched
+            refit_engine(
+                engine_dir, name, staged / f"{name}.onnx"
+            )  # writes new files: the live bundle's links are untouched
             report(f"refitted the {name} TensorRT engine")
         except CfdeployError as why:
             report(f"TensorRT engine for {name} not refitted ({why}); it will be refused until rebuilt")
@@ -146,7 +153,9 @@ def _refit_engines(staged: Path, report: Callable[[str], None]) -> list[str]:
     return stale
 
 
-def refit_bundle(bundle_path: Path, checkpoint_path: Path, report: Callable[[str], None] = lambda message: None) -> dict:
+def refit_bundle(
+    bundle_path: Path, checkpoint_path: Path, report: Callable[[str], None] = lambda message: None
+) -> dict:
     """Swap the bundle's mappers for ``checkpoint_path``'s; returns a summary of what changed."""
     bundle_path = bundle_path.resolve()
     Bundle(bundle_path)  # a clear error for a wrong path before any lock file is made
@@ -155,7 +164,9 @@ def refit_bundle(bundle_path: Path, checkpoint_path: Path, report: Callable[[str
         manifest = json.loads(json.dumps(bundle.manifest))
         bundle_generator = manifest.get("weights", {}).get("generator_sha256")
         if not bundle_generator:
-            raise CfdeployError(f"{bundle_path / MANIFEST}: records no generator hash (exported by an older cfdeploy); re-export it")
+            raise CfdeployError(
+                f"{bundle_path / MANIFEST}: records no generator hash (exported by an older cfdeploy); re-export it"
+            )
         if manifest.get("prompts") and not bundle.has_network("clip_text"):
             raise CfdeployError(
                 f"{bundle_path}: its precomputed prompts would need recomputing, but it has no CLIP text graph "
@@ -188,7 +199,9 @@ def refit_bundle(bundle_path: Path, checkpoint_path: Path, report: Callable[[str
                 old = onnx_weights(bundle.network(name).content)
                 path.unlink()
                 report(f"exporting {name}")
-                weights = export_graph(modules[name], contract, path, manifest.get("export", {}).get("opset", DEFAULT_OPSET))
+                weights = export_graph(
+                    modules[name], contract, path, manifest.get("export", {}).get("opset", DEFAULT_OPSET)
+                )
                 changed[name] = match_weights(name, old, onnx_weights(path.read_bytes()), weights)
                 report(f"checking {name} against torch")
                 manifest["networks"][name]["parity"] = check_parity(modules[name], contract, path)
@@ -202,16 +215,21 @@ def refit_bundle(bundle_path: Path, checkpoint_path: Path, report: Callable[[str
             manifest["opts"]["description"] = checkpoint.description
             manifest["opts"]["source_text"] = checkpoint.source_text
             manifest["opts"]["w_space"] = bool(checkpoint.opts.get("w_space", False))
-            manifest.setdefault("refits", []).append({
-                "checkpoint": str(checkpoint_path),
-                "changed_weights": changed,
-                "versions": versions(),
-                "stale_engines": stale,
-            })
+            manifest.setdefault("refits", []).append(
+                {
+                    "checkpoint": str(checkpoint_path),
+                    "changed_weights": changed,
+                    "versions": versions(),
+                    "stale_engines": stale,
+                }
+            )
             write_manifest(staged, manifest)
             replace_directory(staged, bundle_path)
         except BaseException:
             shutil.rmtree(staged, ignore_errors=True)
             raise
-    return {"description": checkpoint.description, "changed_weights": {k: len(v) for k, v in changed.items()},
-            "stale_engines": stale}
+    return {
+        "description": checkpoint.description,
+        "changed_weights": {k: len(v) for k, v in changed.items()},
+        "stale_engines": stale,
+    }

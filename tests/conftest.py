@@ -19,29 +19,46 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 from unittest import mock
 
 import numpy as np
 import pytest
-import synthetic_files
 import torch
 from PIL import Image
 
+import synthetic_files
 from cfdeploy.models import reference
 
 TOLERANCE = 1e-4  # relative L2 against the official formulation, on every output
 TOKENIZER_PROMPTS = [
-    "green lipstick", "A Photo of a DOG!!", "green   lipstick", "rock &amp; roll, baby.", "&lt;b&gt;bold&lt;/b&gt;",
-    "&amp;amp;lt;", "Hello,World?", "it's they're I'll don't", "café naïve Straße", "Ünïcödé ÅÆØ", "日本語のテキスト",
-    "😀 blue dog 🐶", "\tTabs\nand\r\nnewlines ", "3.14159 x2", "mixed-CASE_Under_score", "ﬁ ligature",
-    "<start_of_text>literal specials<end_of_text>", "word " * 75,
+    "green lipstick",
+    "A Photo of a DOG!!",
+    "green   lipstick",
+    "rock &amp; roll, baby.",
+    "&lt;b&gt;bold&lt;/b&gt;",
+    "&amp;amp;lt;",
+    "Hello,World?",
+    "it's they're I'll don't",
+    "café naïve Straße",
+    "Ünïcödé ÅÆØ",
+    "日本語のテキスト",
+    "😀 blue dog 🐶",
+    "\tTabs\nand\r\nnewlines ",
+    "3.14159 x2",
+    "mixed-CASE_Under_score",
+    "ﬁ ligature",
+    "<start_of_text>literal specials<end_of_text>",
+    "word " * 75,
 ]
 CLIP_SEED = 3  # the CLIP weights every CLIP file of the session holds
 DAC_PROMPT, DAC_TARGET = "A cat.", "A cat wearing a wool cap."
 DAC_IMAGE_SIZE = 32  # the tiny random model's (cfdeploy.dac.synthetic): 16×16 latents
-FAST_DAC = dict(unet_steps=4, text_steps=4, rank=4, resolution=DAC_IMAGE_SIZE, save_every=2)  # the tiny DAC model's settings
+FAST_DAC = dict(
+    unet_steps=4, text_steps=4, rank=4, resolution=DAC_IMAGE_SIZE, save_every=2
+)  # the tiny DAC model's settings
 
 
 def rel_l2(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> float:
@@ -57,7 +74,10 @@ def _official_edit(checkpoint: Path, w: bytes, w_shape: tuple, features: bytes, 
     features_array = np.frombuffer(features, np.float32).reshape(features_shape)
     with torch.no_grad():
         w_hat, image = reference.cfclip_edit(
-            content["state_dict"], content["opts"], torch.from_numpy(w_array.copy()), torch.from_numpy(features_array.copy())
+            content["state_dict"],
+            content["opts"],
+            torch.from_numpy(w_array.copy()),
+            torch.from_numpy(features_array.copy()),
         )
     return w_hat.numpy(), image.numpy()
 
@@ -74,9 +94,12 @@ def _official_w_hat(checkpoint: Path, w: bytes, w_shape: tuple, features: bytes,
     w_array = np.frombuffer(w, np.float32).reshape(w_shape)
     features_array = np.frombuffer(features, np.float32).reshape(features_shape)
     no_image = torch.empty(0)
-    with torch.no_grad(), mock.patch.object(reference, "generator", lambda state, latents: no_image):
+    with torch.no_grad(), mock.patch.object(reference, "generator", return_value=no_image):
         w_hat, image = reference.cfclip_edit(
-            content["state_dict"], content["opts"], torch.from_numpy(w_array.copy()), torch.from_numpy(features_array.copy())
+            content["state_dict"],
+            content["opts"],
+            torch.from_numpy(w_array.copy()),
+            torch.from_numpy(features_array.copy()),
         )
     assert image is no_image
     return w_hat.numpy()
@@ -368,8 +391,20 @@ def bundle_256(tmp_path_factory: pytest.TempPathFactory, cfclip_256: Path, clip_
     from cfdeploy.cli import app
 
     out = tmp_path_factory.mktemp("bundles") / "green_lipstick_256"
-    result = CliRunner().invoke(app, ["export", "-c", str(cfclip_256), "--clip-weights", str(clip_state_dict_file),
-                                      "--out", str(out), "--prompt", "green lipstick"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "export",
+            "-c",
+            str(cfclip_256),
+            "--clip-weights",
+            str(clip_state_dict_file),
+            "--out",
+            str(out),
+            "--prompt",
+            "green lipstick",
+        ],
+    )
     assert result.exit_code == 0, result.stderr
     return out
 

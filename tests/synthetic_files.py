@@ -20,6 +20,7 @@ MANIFESTS = Path(__file__).resolve().parent / "manifests"
 MANIFEST_SIZES = (256, 1024)
 BLOCK_KEY = re.compile(r"(decoder\.convs\.|decoder\.to_rgbs\.|decoder\.noises\.noise_|text_mapper\.mapper_)(\d+)")
 
+
 def manifest(name: str) -> dict:
     return json.loads((MANIFESTS / name).read_text())
 
@@ -59,8 +60,12 @@ def cfclip_keys(size: int) -> list:
     if size not in (64, 128):
         raise ValueError(f"synthetic CF-CLIP checkpoints are 64, 128, 256 or 1024 px, not {size}")
     blocks = int(math.log2(size)) - 2  # upsampling blocks after the 4 px input
-    counts = {"decoder.convs.": 2 * blocks, "decoder.to_rgbs.": blocks, "decoder.noises.noise_": 2 * blocks + 1,
-              "text_mapper.mapper_": 2 * blocks + 2}
+    counts = {
+        "decoder.convs.": 2 * blocks,
+        "decoder.to_rgbs.": blocks,
+        "decoder.noises.noise_": 2 * blocks + 1,
+        "text_mapper.mapper_": 2 * blocks + 2,
+    }
 
     def kept(key: str) -> bool:
         found = BLOCK_KEY.match(key)

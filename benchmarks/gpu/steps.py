@@ -23,7 +23,18 @@ DRY = os.environ.get("CFDEPLOY_GPU_RUN_DRY") == "1"
 # What each GPU step runs at, and (dry run) at what the CPU checks it.
 SIZES = {"backends_256": 256, "backends_1024": 1024, "edit": 1024, "train": 1024}
 DRY_SIZE = 16
-NEEDED_MODULES = ("open_clip", "ftfy", "onnxslim", "typer", "diffusers", "torchvision", "onnxscript", "PIL", "rich", "pytest")
+NEEDED_MODULES = (
+    "open_clip",
+    "ftfy",
+    "onnxslim",
+    "typer",
+    "diffusers",
+    "torchvision",
+    "onnxscript",
+    "PIL",
+    "rich",
+    "pytest",
+)
 
 
 def write(results: Path, name: str, figures: dict) -> None:
@@ -56,7 +67,9 @@ def install(args: argparse.Namespace) -> None:
     """Unpack each carried wheel whose distribution is missing here (or installed in a version its keep: rule
     refuses) into the site directory that PYTHONPATH puts first: no pip, no network."""
     rules = keep_rules()
-    installed = {normalised(dist.metadata["Name"]): dist.version for dist in metadata.distributions() if dist.metadata["Name"]}
+    installed = {
+        normalised(dist.metadata["Name"]): dist.version for dist in metadata.distributions() if dist.metadata["Name"]
+    }
     done, kept = [], []
     args.site.mkdir(parents=True, exist_ok=True)
     for wheel in sorted(args.wheels.glob("*.whl")) if args.wheels.is_dir() else []:
@@ -68,12 +81,25 @@ def install(args: argparse.Namespace) -> None:
         with zipfile.ZipFile(wheel) as archive:
             archive.extractall(args.site)
         done.append(f"{name} {version}")
-    check = ("import importlib, sys\nfor name in sys.argv[1:]:\n    try:\n        importlib.import_module(name)\n"
-             "    except Exception as why:\n        print(f'{name}: {type(why).__name__}: {why}'[:300])")
-    found = subprocess.run([sys.executable, "-c", check, *NEEDED_MODULES], capture_output=True, text=True)  # the new path
+    check = (
+        "import importlib, sys\nfor name in sys.argv[1:]:\n    try:\n        importlib.import_module(name)\n"
+        "    except Exception as why:\n        print(f'{name}: {type(why).__name__}: {why}'[:300])"
+    )
+    found = subprocess.run(
+        [sys.executable, "-c", check, *NEEDED_MODULES], capture_output=True, text=True
+    )  # the new path
     missing = found.stdout.strip().splitlines() + ([found.stderr.strip()[-300:]] if found.returncode else [])
-    write(args.results, "install", {"installed": done, "already_here": kept, "missing": missing,
-                                    "wheels_dir": str(args.wheels), "wheels_found": args.wheels.is_dir()})
+    write(
+        args.results,
+        "install",
+        {
+            "installed": done,
+            "already_here": kept,
+            "missing": missing,
+            "wheels_dir": str(args.wheels),
+            "wheels_found": args.wheels.is_dir(),
+        },
+    )
     if missing:
         sys.exit("cannot import: " + "; ".join(missing))
 
@@ -81,28 +107,70 @@ def install(args: argparse.Namespace) -> None:
 def environment(args: argparse.Namespace) -> None:
     import torch
 
-    info: dict = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "dry_run": DRY,
-                  "python": sys.version.split()[0], "torch": torch.__version__, "torch_cuda": torch.version.cuda,
-                  "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
-                  "cuda_available": torch.cuda.is_available()}
+    info: dict = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "dry_run": DRY,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "cuda_available": torch.cuda.is_available(),
+    }
     if torch.cuda.is_available():
         properties = torch.cuda.get_device_properties(0)
-        info.update(torch_device=properties.name, capability=f"{properties.major}.{properties.minor}",
-                    memory_gib=round(properties.total_memory / 2**30, 1), multiprocessors=properties.multi_processor_count)
-    fields = ("name", "driver_version", "memory.total", "clocks.sm", "clocks.max.sm", "clocks.mem", "clocks.max.mem",
-              "power.limit", "temperature.gpu", "pstate", "compute_mode", "mig.mode.current")
+        info.update(
+            torch_device=properties.name,
+            capability=f"{properties.major}.{properties.minor}",
+            memory_gib=round(properties.total_memory / 2**30, 1),
+            multiprocessors=properties.multi_processor_count,
+        )
+    fields = (
+        "name",
+        "driver_version",
+        "memory.total",
+        "clocks.sm",
+        "clocks.max.sm",
+        "clocks.mem",
+        "clocks.max.mem",
+        "power.limit",
+        "temperature.gpu",
+        "pstate",
+        "compute_mode",
+        "mig.mode.current",
+    )
     try:
-        query = subprocess.run(["nvidia-smi", f"--query-gpu={','.join(fields)}", "--format=csv,noheader"],
-                               capture_output=True, text=True, timeout=10)
-        info["gpus"] = [dict(zip(fields, (part.strip() for part in line.split(",")), strict=False))
-                        for line in query.stdout.strip().splitlines()] if query.returncode == 0 else []
+        query = subprocess.run(
+            ["nvidia-smi", f"--query-gpu={','.join(fields)}", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        info["gpus"] = (
+            [
+                dict(zip(fields, (part.strip() for part in line.split(",")), strict=False))
+                for line in query.stdout.strip().splitlines()
+            ]
+            if query.returncode == 0
+            else []
+        )
         info["nvidia_smi"] = query.stdout.strip() or query.stderr.strip()
     except (OSError, subprocess.TimeoutExpired) as why:
         info["gpus"], info["nvidia_smi"] = [], f"nvidia-smi: {why}"
     try:
-        info["packages"] = {name: metadata.version(name) for name in
-                            ("numpy", "onnx", "onnxruntime", "open_clip_torch", "diffusers", "transformers", "torchvision",
-                             "typer", "triton")}
+        info["packages"] = {
+            name: metadata.version(name)
+            for name in (
+                "numpy",
+                "onnx",
+                "onnxruntime",
+                "open_clip_torch",
+                "diffusers",
+                "transformers",
+                "torchvision",
+                "typer",
+                "triton",
+            )
+        }
     except metadata.PackageNotFoundError:
         pass
     write(args.results, "environment", info)
@@ -113,10 +181,17 @@ def backends(args: argparse.Namespace) -> None:
     if DRY:  # compile takes minutes on a small CPU: the dry run checks the bench's plumbing with the eager CPU path
         command = ["--sizes", str(DRY_SIZE), "--backends", "torch", "--batches", "1", "--runs", "1"]
     else:
-        command = ["--sizes", str(args.size), "--backends", "torch-cuda,torch-cuda-fp16,torch-cuda-compile",
-                   "--runs", "10" if args.size <= 256 else "5"]
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_backends.py"), *command, "--out", str(args.results)],
-                   check=True)
+        command = [
+            "--sizes",
+            str(args.size),
+            "--backends",
+            "torch-cuda,torch-cuda-fp16,torch-cuda-compile",
+            "--runs",
+            "10" if args.size <= 256 else "5",
+        ]
+    subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_backends.py"), *command, "--out", str(args.results)], check=True
+    )
     produced = args.results / f"gpu_{DRY_SIZE if DRY else args.size}.json"
     write(args.results, f"backends_{args.size}", {"report": produced.name})
 
@@ -154,6 +229,7 @@ def encoder_clip(args: argparse.Namespace) -> None:
         for batch in batches:
             photos = torch.randn(batch, 3, 256, 256, device=args.device)
             tokens = torch.randint(1, 49000, (batch, 77), device=args.device)
+
             def run_encoder(photos=photos):
                 return encoder(photos)
 
@@ -188,15 +264,41 @@ def edit(args: argparse.Namespace) -> None:
     np.save(embedding, np.random.default_rng(0).standard_normal(512).astype(np.float32))
     out = args.scratch / "edit"
     started = time.perf_counter()
-    cfdeploy("edit", "-c", checkpoint, "--text-embedding", embedding, "--seed", 0, "--num", count, "--batch-size", 8,
-             "--device", args.device, "-o", out, "--force")
+    cfdeploy(
+        "edit",
+        "-c",
+        checkpoint,
+        "--text-embedding",
+        embedding,
+        "--seed",
+        0,
+        "--num",
+        count,
+        "--batch-size",
+        8,
+        "--device",
+        args.device,
+        "-o",
+        out,
+        "--force",
+    )
     wall = time.perf_counter() - started
     summary = json.loads((out / "edit.json").read_text())
     timings = summary["timings_s"]
-    write(args.results, "edit_e2e", {"size": size, "images": count, "device": args.device, "command_wall_s": wall,
-                                     "edit_total_s": summary["total_s"], "timings_s": timings,
-                                     "png_share": timings.get("png", 0.0) / summary["total_s"],
-                                     "outside_the_edit_s": wall - summary["total_s"]})
+    write(
+        args.results,
+        "edit_e2e",
+        {
+            "size": size,
+            "images": count,
+            "device": args.device,
+            "command_wall_s": wall,
+            "edit_total_s": summary["total_s"],
+            "timings_s": timings,
+            "png_share": timings.get("png", 0.0) / summary["total_s"],
+            "outside_the_edit_s": wall - summary["total_s"],
+        },
+    )
 
 
 def refine(args: argparse.Namespace) -> None:
@@ -204,11 +306,38 @@ def refine(args: argparse.Namespace) -> None:
     size, steps = (DRY_SIZE, 1) if DRY else (1024, 10)
     checkpoint, clip = synthetic_checkpoint(args.scratch, size, with_visual=True)
     out = args.scratch / "refine"
-    cfdeploy("edit", "-c", checkpoint, "--clip-weights", clip, "--text", "green lipstick", "--seed", 0, "--num", 1,
-             "--refine-steps", steps, "--device", args.device, "-o", out, "--force")
+    cfdeploy(
+        "edit",
+        "-c",
+        checkpoint,
+        "--clip-weights",
+        clip,
+        "--text",
+        "green lipstick",
+        "--seed",
+        0,
+        "--num",
+        1,
+        "--refine-steps",
+        steps,
+        "--device",
+        args.device,
+        "-o",
+        out,
+        "--force",
+    )
     summary = json.loads((out / "edit.json").read_text())
-    write(args.results, "refine", {"size": size, "steps": steps, "device": args.device, "timings_s": summary["timings_s"],
-                                   "total_s": summary["total_s"]})
+    write(
+        args.results,
+        "refine",
+        {
+            "size": size,
+            "steps": steps,
+            "device": args.device,
+            "timings_s": summary["timings_s"],
+            "total_s": summary["total_s"],
+        },
+    )
 
 
 def train(args: argparse.Namespace) -> None:
@@ -216,8 +345,21 @@ def train(args: argparse.Namespace) -> None:
     size = 64 if DRY else SIZES["train"]
     cache = args.scratch / "train_cache"
     steps = ["--warmup", "0", "--steps", "1"] if DRY else ["--warmup", "1", "--steps", "3"]
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_step.py"), "--cache", str(cache), *steps,
-                           "--one", str(size), args.device, args.precision], capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "train_step.py"),
+            "--cache",
+            str(cache),
+            *steps,
+            "--one",
+            str(size),
+            args.device,
+            args.precision,
+        ],
+        capture_output=True,
+        text=True,
+    )
     sys.stderr.write(done.stderr[-3000:])
     done.check_returncode()
     write(args.results, f"train_{args.precision}", json.loads(done.stdout.strip().splitlines()[-1]))
@@ -237,11 +379,34 @@ def dac(args: argparse.Namespace) -> None:
     figures: dict = {"shape": shape, "device": args.device, "random_weights_s": time.perf_counter() - started}
     run, out = cache / "run", cache / "edit"
     started = time.perf_counter()
-    cfdeploy("dac", "abduct", "-i", image, "-p", PROMPT, "-t", TARGET, "-b", base, "-o", run, "--unet-steps", 1,
-             "--text-steps", 1, "--resolution", SHAPES[shape]["image_size"], "--device", args.device, "--force")
+    cfdeploy(
+        "dac",
+        "abduct",
+        "-i",
+        image,
+        "-p",
+        PROMPT,
+        "-t",
+        TARGET,
+        "-b",
+        base,
+        "-o",
+        run,
+        "--unet-steps",
+        1,
+        "--text-steps",
+        1,
+        "--resolution",
+        SHAPES[shape]["image_size"],
+        "--device",
+        args.device,
+        "--force",
+    )
     figures["abduct_1_and_1_steps_s"] = time.perf_counter() - started
     started = time.perf_counter()
-    cfdeploy("dac", "edit", run, "-o", out, "--steps", steps, "--seed", 0, "--samples", 1, "--device", args.device, "--force")
+    cfdeploy(
+        "dac", "edit", run, "-o", out, "--steps", steps, "--seed", 0, "--samples", 1, "--device", args.device, "--force"
+    )
     figures["sample_command_s"] = time.perf_counter() - started
     figures["steps"] = steps
     summary = json.loads((out / "edit.json").read_text())
@@ -252,17 +417,25 @@ def dac(args: argparse.Namespace) -> None:
 def summary(args: argparse.Namespace) -> None:
     records = [json.loads(line) for line in (args.results / "steps.jsonl").read_text().splitlines() if line.strip()]
     steps = list({record["step"]: record for record in records}.values())  # a rerun's record replaces the first
-    report = {"total_s": round(time.time() - args.started, 1), "dry_run": DRY, "steps": steps,
-              "failed": [step["step"] for step in steps if not step["ok"]]}
+    report = {
+        "total_s": round(time.time() - args.started, 1),
+        "dry_run": DRY,
+        "steps": steps,
+        "failed": [step["step"] for step in steps if not step["ok"]],
+    }
     (args.results / "run.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(f"{len(steps) - len(report['failed'])}/{len(steps)} steps ok in {report['total_s']}s"
-          + (f"; failed: {', '.join(report['failed'])}" if report["failed"] else ""))
+    print(
+        f"{len(steps) - len(report['failed'])}/{len(steps)} steps ok in {report['total_s']}s"
+        + (f"; failed: {', '.join(report['failed'])}" if report["failed"] else "")
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("step", choices=["install", "environment", "backends", "encoder-clip", "edit", "refine", "train",
-                                         "dac", "summary"])
+    parser.add_argument(
+        "step",
+        choices=["install", "environment", "backends", "encoder-clip", "edit", "refine", "train", "dac", "summary"],
+    )
     parser.add_argument("--results", type=Path, required=True)
     parser.add_argument("--wheels", type=Path)
     parser.add_argument("--site", type=Path)
@@ -272,8 +445,17 @@ def main() -> None:
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--started", type=float)
     args = parser.parse_args()
-    {"install": install, "environment": environment, "backends": backends, "encoder-clip": encoder_clip, "edit": edit,
-     "refine": refine, "train": train, "dac": dac, "summary": summary}[args.step](args)
+    {
+        "install": install,
+        "environment": environment,
+        "backends": backends,
+        "encoder-clip": encoder_clip,
+        "edit": edit,
+        "refine": refine,
+        "train": train,
+        "dac": dac,
+        "summary": summary,
+    }[args.step](args)
 
 
 if __name__ == "__main__":

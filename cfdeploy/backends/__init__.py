@@ -42,23 +42,43 @@ BACKENDS: dict[str, BackendInfo] = {
     info.name: info
     for info in (
         BackendInfo(
-            "torch", "checkpoint", "cfdeploy.backends.torch_backend:TorchBackend", ("cpu", "cuda"), ("fp32", "fp16", "bf16"),
-            "torch", ("clip_weights", "device", "precision", "cuda_graphs", "encoder", "compile"),
+            "torch",
+            "checkpoint",
+            "cfdeploy.backends.torch_backend:TorchBackend",
+            ("cpu", "cuda"),
+            ("fp32", "fp16", "bf16"),
+            "torch",
+            ("clip_weights", "device", "precision", "cuda_graphs", "encoder", "compile"),
             "the exact PyTorch models; reduced precision is for the generator only",
         ),
         BackendInfo(
-            "torch-reference", "checkpoint", "cfdeploy.backends.reference_backend:TorchReferenceBackend", ("cpu", "cuda"),
-            ("fp32",), "torch", ("clip_weights", "device", "encoder"),
+            "torch-reference",
+            "checkpoint",
+            "cfdeploy.backends.reference_backend:TorchReferenceBackend",
+            ("cpu", "cuda"),
+            ("fp32",),
+            "torch",
+            ("clip_weights", "device", "encoder"),
             "the official formulation (grouped conv, upfirdn2d): the baseline users migrate from",
         ),
         BackendInfo(
-            "onnxruntime", "bundle", "cfdeploy.backends.onnxruntime_backend:OnnxRuntimeBackend", ("cpu", "cuda"), ("fp32",),
-            "onnxruntime", ("device", "providers", "threads", *BUNDLE_OPTIONS),
+            "onnxruntime",
+            "bundle",
+            "cfdeploy.backends.onnxruntime_backend:OnnxRuntimeBackend",
+            ("cpu", "cuda"),
+            ("fp32",),
+            "onnxruntime",
+            ("device", "providers", "threads", *BUNDLE_OPTIONS),
             "the bundle's ONNX graphs, torch-free; CUDA and TensorRT through onnxruntime-gpu's providers",
         ),
         BackendInfo(
-            "tensorrt", "bundle", "cfdeploy.backends.tensorrt_backend:TensorRTBackend", ("cuda",), ("fp32", "fp16", "mixed"),
-            "tensorrt", ("device", "engines", "cuda_graphs", *BUNDLE_OPTIONS),
+            "tensorrt",
+            "bundle",
+            "cfdeploy.backends.tensorrt_backend:TensorRTBackend",
+            ("cuda",),
+            ("fp32", "fp16", "mixed"),
+            "tensorrt",
+            ("device", "engines", "cuda_graphs", *BUNDLE_OPTIONS),
             "engines from `cfdeploy build-engines` on one CUDA stream, torch-free",
         ),
     )
@@ -84,10 +104,18 @@ PRESETS: dict[str, Preset] = {
         Preset("torch-cuda-fp16", "torch", {"device": "cuda", "precision": "fp16", "cuda_graphs": True}),
         Preset("torch-cuda-compile", "torch", {"device": "cuda", "precision": "fp16", "compile": True}),
         Preset("onnxruntime", "onnxruntime", {"device": "cpu"}),
-        Preset("onnxruntime-cuda", "onnxruntime", {"device": "cuda", "providers": ["CUDAExecutionProvider", "CPUExecutionProvider"]}),
         Preset(
-            "onnxruntime-tensorrt", "onnxruntime",
-            {"device": "cuda", "providers": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]},
+            "onnxruntime-cuda",
+            "onnxruntime",
+            {"device": "cuda", "providers": ["CUDAExecutionProvider", "CPUExecutionProvider"]},
+        ),
+        Preset(
+            "onnxruntime-tensorrt",
+            "onnxruntime",
+            {
+                "device": "cuda",
+                "providers": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+            },
         ),
         Preset("tensorrt", "tensorrt"),
     )
@@ -111,7 +139,7 @@ def backend_class(info: BackendInfo) -> Any:
     return getattr(importlib.import_module(module_name), class_name)
 
 
-def open_backend(name: str, source: Path, **options: Any) -> "EditBackend":
+def open_backend(name: str, source: Path, **options: Any) -> EditBackend:
     """Open backend ``name`` over ``source`` (a checkpoint or a bundle, as the backend reads).
 
     Args:
@@ -139,7 +167,7 @@ def open_backend(name: str, source: Path, **options: Any) -> "EditBackend":
     return implementation.from_bundle(source, **given)  # type: ignore[no-any-return]
 
 
-def open_preset(name: str, source: Path, **options: Any) -> "EditBackend":
+def open_preset(name: str, source: Path, **options: Any) -> EditBackend:
     """Open a :data:`PRESETS` entry; ``options`` add to its fixed ones (e.g. ``clip_weights``)."""
     preset = PRESETS.get(name)
     if preset is None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -26,7 +26,9 @@ class BundleBackend(ABC):
         self._tokenizer: ClipTokenizer | None = None
         self.description = bundle.description
         self.source_text = bundle.opts.get("source_text")
-        self.text_cache = TextLatentCache(bundle) if cache_max is None else TextLatentCache(bundle, max_entries=cache_max)
+        self.text_cache = (
+            TextLatentCache(bundle) if cache_max is None else TextLatentCache(bundle, max_entries=cache_max)
+        )
 
     @abstractmethod
     def run(self, network: str, **inputs: np.ndarray) -> np.ndarray:
@@ -80,7 +82,9 @@ class BundleBackend(ABC):
     def encode(self, images: np.ndarray) -> np.ndarray:
         """Aligned photos ``[B, 3, 256, 256]`` in [-1, 1] to W+ codes through the bundle's e4e graph."""
         if not self.bundle.has_network("encoder"):
-            raise CfdeployError(f"{self.bundle.path}: has no e4e encoder graph (export it with cfdeploy export --encoder)")
+            raise CfdeployError(
+                f"{self.bundle.path}: has no e4e encoder graph (export it with cfdeploy export --encoder)"
+            )
         return self.run("encoder", images=np.ascontiguousarray(images, np.float32))
 
     def sample_w(self, z: np.ndarray, truncation: float) -> np.ndarray:

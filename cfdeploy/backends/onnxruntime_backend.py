@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -18,12 +18,19 @@ class OnnxRuntimeBackend(BundleBackend):
     name = "onnxruntime"
 
     def __init__(
-        self, bundle: Bundle, device: str = "cpu", providers: Sequence[str] | None = None, threads: int | None = None,
+        self,
+        bundle: Bundle,
+        device: str = "cpu",
+        providers: Sequence[str] | None = None,
+        threads: int | None = None,
         cache_max: int | None = None,
     ) -> None:
         super().__init__(bundle, cache_max)
         self.sessions = Sessions(
-            bundle.network, device, providers, threads,
+            bundle.network,
+            device,
+            providers,
+            threads,
             precision=lambda network: bundle.contracts[network].precision,
             engine_cache=bundle.engine_dir / ORT_ENGINE_CACHE,
         )
@@ -38,7 +45,7 @@ class OnnxRuntimeBackend(BundleBackend):
         threads: int | None = None,
         cache_max: int | None = None,
         expect_manifest: str | None = None,
-    ) -> "OnnxRuntimeBackend":
+    ) -> OnnxRuntimeBackend:
         """Open the bundle at ``path`` (pinned to a manifest sha256 if ``expect_manifest``) on ``device``."""
         return cls(Bundle(path, expect_manifest=expect_manifest), device or "cpu", providers, threads, cache_max)
 

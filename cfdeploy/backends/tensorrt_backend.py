@@ -22,12 +22,17 @@ class TensorRTBackend(BundleBackend):
     name = "tensorrt"
 
     def __init__(
-        self, bundle: Bundle, engine_dir: Path | None = None, cuda_graphs: bool = True, cache_max: int | None = None,
+        self,
+        bundle: Bundle,
+        engine_dir: Path | None = None,
+        cuda_graphs: bool = True,
+        cache_max: int | None = None,
         device: str = "cuda",
     ) -> None:
         super().__init__(bundle, cache_max)
-        self.engine_set = EngineSet(engine_dir or bundle.engine_dir, bundle.contracts, bundle.network_sha256, device,
-                                    cuda_graphs)
+        self.engine_set = EngineSet(
+            engine_dir or bundle.engine_dir, bundle.contracts, bundle.network_sha256, device, cuda_graphs
+        )
         self.device = self.engine_set.device
         self._edited: np.ndarray | None = None  # the last w_hat handed out, still in the editor's output buffer
 
@@ -40,7 +45,7 @@ class TensorRTBackend(BundleBackend):
         cache_max: int | None = None,
         expect_manifest: str | None = None,
         device: str | None = None,
-    ) -> "TensorRTBackend":
+    ) -> TensorRTBackend:
         """Open the bundle at ``path`` with its engines (``BUNDLE/tensorrt``, or ``engines``) on GPU ``device``."""
         return cls(Bundle(path, expect_manifest=expect_manifest), engines, cuda_graphs, cache_max, device or "cuda")
 
@@ -69,8 +74,9 @@ class TensorRTBackend(BundleBackend):
         edited, self._edited = self._edited, None
         if latents is edited and editor is not None and len(chunks) == 1 and editor.batch == run_batch:
             # w_hat never left the device: copy it buffer to buffer instead of uploading the host copy
-            generator.buffers["latents"].copy_from(editor.buffers["w_hat"], editor.nbytes("w_hat", run_batch),
-                                                   self.engine_set.stream)
+            generator.buffers["latents"].copy_from(
+                editor.buffers["w_hat"], editor.nbytes("w_hat", run_batch), self.engine_set.stream
+            )
             generator.execute(run_batch)
             return generator.download("image", latents.shape[0])
         return super().synthesize(latents)

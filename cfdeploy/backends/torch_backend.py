@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -53,7 +53,9 @@ class TorchBackend:
         if precision not in GENERATOR_PRECISIONS:
             raise CfdeployError(f"unknown precision {precision!r} (expected {', '.join(GENERATOR_PRECISIONS)})")
         if compile and cuda_graphs:
-            raise CfdeployError("--compile replays CUDA graphs itself (mode reduce-overhead): give --compile or --cuda-graphs")
+            raise CfdeployError(
+                "--compile replays CUDA graphs itself (mode reduce-overhead): give --compile or --cuda-graphs"
+            )
         if cuda_graphs and self.device.type != "cuda":
             raise CfdeployError("CUDA graphs need --device cuda")
         self.precision = precision
@@ -90,7 +92,7 @@ class TorchBackend:
         cuda_graphs: bool = False,
         encoder: Path | None = None,
         compile: bool = False,
-    ) -> "TorchBackend":
+    ) -> TorchBackend:
         """The CF-CLIP checkpoint's models; CLIP's text tower from ``clip_weights``, e4e from ``encoder`` (photos)."""
         torch_device(device)
         loaded = load_cfclip(checkpoint)
@@ -101,7 +103,15 @@ class TorchBackend:
 
             inverter = load_e4e(encoder)
         backend = cls(
-            loaded.generator, loaded.text_mapper, loaded.mapper, clip, None, loaded.description, device, precision, cuda_graphs,
+            loaded.generator,
+            loaded.text_mapper,
+            loaded.mapper,
+            clip,
+            None,
+            loaded.description,
+            device,
+            precision,
+            cuda_graphs,
             compile,
         )
         backend.source_text = loaded.source_text

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import sys
 import tempfile
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -51,14 +52,20 @@ def progress_lines() -> Iterator[Callable[[str], None]]:
 @app.command("bench")
 @user_errors
 def bench_command(
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="CF-CLIP checkpoint to benchmark."),
-    bundle: Optional[Path] = typer.Option(None, "--bundle", help="Exported bundle to benchmark."),
-    synthetic: Optional[int] = typer.Option(
-        None, "--synthetic", help="Benchmark the real architecture at this size with synthetic weights (no files needed)."
+    checkpoint: Path | None = typer.Option(None, "--checkpoint", "-c", help="CF-CLIP checkpoint to benchmark."),
+    bundle: Path | None = typer.Option(None, "--bundle", help="Exported bundle to benchmark."),
+    synthetic: int | None = typer.Option(
+        None,
+        "--synthetic",
+        help="Benchmark the real architecture at this size with synthetic weights (no files needed).",
     ),
-    clip_weights: Optional[Path] = typer.Option(None, "--clip-weights", help="CLIP weights, to time the text stages on torch."),
-    encoder: Optional[Path] = typer.Option(
-        None, "--encoder", metavar="FILE",
+    clip_weights: Path | None = typer.Option(
+        None, "--clip-weights", help="CLIP weights, to time the text stages on torch."
+    ),
+    encoder: Path | None = typer.Option(
+        None,
+        "--encoder",
+        metavar="FILE",
         help="e4e checkpoint: each run aligns and encodes a synthetic 1024 px photo per image (the align and encoder "
         "stages), then edits its codes. Torch backends open it; the bundle exported for the others includes it.",
     ),
@@ -68,16 +75,21 @@ def bench_command(
     batch_sizes: str = typer.Option("1", "--batch-sizes", help="Comma-separated batch sizes, e.g. 1,2,4,8."),
     warmup: int = typer.Option(1, "--warmup", help="Untimed runs first."),
     runs: int = typer.Option(5, "--runs", help="Timed runs per backend and batch size."),
-    text: Optional[str] = typer.Option(None, "--text", "-t", metavar="PROMPT",
-                                       help="Prompt for the text stages. \\[default: green lipstick]"),
-    old_text: Optional[str] = typer.Option(None, "--prompt", hidden=True),
-    refine_steps: int = typer.Option(
-        0, "--refine-steps", help="Also time K CLIP-NCE refinement steps per batch (torch backends; needs CLIP visual weights)."
+    text: str | None = typer.Option(
+        None, "--text", "-t", metavar="PROMPT", help="Prompt for the text stages. \\[default: green lipstick]"
     ),
-    wide: bool = typer.Option(False, "--wide", help="Show every stage's median, p99 and max abs error (the JSON and CSV always have them)."),
-    json_file: Optional[Path] = typer.Option(None, "--json", help="Write the full report as JSON."),
-    csv_file: Optional[Path] = typer.Option(None, "--csv", help="Write one row per backend and batch size, every field."),
-    plot_file: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG of latency per stage and backend."),
+    old_text: str | None = typer.Option(None, "--prompt", hidden=True),
+    refine_steps: int = typer.Option(
+        0,
+        "--refine-steps",
+        help="Also time K CLIP-NCE refinement steps per batch (torch backends; needs CLIP visual weights).",
+    ),
+    wide: bool = typer.Option(
+        False, "--wide", help="Show every stage's median, p99 and max abs error (the JSON and CSV always have them)."
+    ),
+    json_file: Path | None = typer.Option(None, "--json", help="Write the full report as JSON."),
+    csv_file: Path | None = typer.Option(None, "--csv", help="Write one row per backend and batch size, every field."),
+    plot_file: Path | None = typer.Option(None, "--plot", help="Write a PNG of latency per stage and backend."),
 ) -> None:
     """Latency, images/s, peak RSS and image parity of each backend.
 
@@ -100,12 +112,25 @@ def bench_command(
     require_range(1, runs=runs)
     names = [name.strip() for name in backends.split(",") if name.strip()]
     check_backend_names(names)
-    settings = BenchSettings(names, _int_list(batch_sizes, "--batch-sizes"), warmup, runs, retired("--prompt", old_text, "--text", text) or "green lipstick",
-                             refine_steps=refine_steps)
+    settings = BenchSettings(
+        names,
+        _int_list(batch_sizes, "--batch-sizes"),
+        warmup,
+        runs,
+        retired("--prompt", old_text, "--text", text) or "green lipstick",
+        refine_steps=refine_steps,
+    )
     with tempfile.TemporaryDirectory(prefix="cfdeploy-bench-") as scratch, progress_lines() as progress:
         sources = prepare_sources(
-            Path(scratch), synthetic=synthetic, checkpoint=checkpoint, clip_weights=clip_weights, bundle=bundle,
-            encoder=encoder, need_bundle=any(reads_bundle(name) for name in names), with_visual=refine_steps > 0, on_progress=progress,
+            Path(scratch),
+            synthetic=synthetic,
+            checkpoint=checkpoint,
+            clip_weights=clip_weights,
+            bundle=bundle,
+            encoder=encoder,
+            need_bundle=any(reads_bundle(name) for name in names),
+            with_visual=refine_steps > 0,
+            on_progress=progress,
         )
         report = run_bench(sources, settings, on_progress=progress)
     print_bench(report, wide)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any
 
 import typer
 
@@ -25,7 +25,8 @@ from cfdeploy.errors import CfdeployError
 
 # Engine build options, shared by `export --tensorrt` and `build-engines`.
 ENGINE_PRECISION = typer.Option(
-    None, "--precision",
+    None,
+    "--precision",
     help="Engine precision for CLIP text and the generator: fp32, fp16, or mixed (fp16 convolutions; style, demodulation "
     "and RGB layers fp32). Default: each network's contract (generator mixed, CLIP text fp16). The mappers and the "
     "mapping network are always fp32.",
@@ -34,43 +35,59 @@ MIN_BATCH = typer.Option(1, "--min-batch", help="Engine profile: smallest batch.
 OPT_BATCH = typer.Option(None, "--opt-batch", help="Engine profile: batch tuned for \\[default: --max-batch].")
 MAX_BATCH = typer.Option(8, "--max-batch", help="Engine profile: largest batch.")
 STATIC_BATCH = typer.Option(
-    None, "--static-batch", help="Build for exactly this batch (smaller batches are padded): less memory, and CUDA graphs."
+    None,
+    "--static-batch",
+    help="Build for exactly this batch (smaller batches are padded): less memory, and CUDA graphs.",
 )
-WORKSPACE = typer.Option(None, "--workspace", help="TensorRT workspace limit, e.g. 512MiB on a small Jetson \\[default: TensorRT's].")
+WORKSPACE = typer.Option(
+    None, "--workspace", help="TensorRT workspace limit, e.g. 512MiB on a small Jetson \\[default: TensorRT's]."
+)
 
 
 @app.command("export")
 @user_errors
 def export_command(
     checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="CF-CLIP checkpoint to export."),
-    clip_weights: Optional[Path] = typer.Option(
-        None, "--clip-weights", help="CLIP ViT-B/32 weights (OpenAI's ViT-B-32.pt or open_clip); not needed with "
-        "--without-clip and no --text."
+    clip_weights: Path | None = typer.Option(
+        None,
+        "--clip-weights",
+        help="CLIP ViT-B/32 weights (OpenAI's ViT-B-32.pt or open_clip); not needed with --without-clip and no --text.",
     ),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Bundle directory \\[default: engines/<checkpoint name>]."),
+    out: Path | None = typer.Option(
+        None, "--out", "-o", help="Bundle directory \\[default: engines/<checkpoint name>]."
+    ),
     opset: int = typer.Option(18, "--opset", help="ONNX opset (18 or newer)."),
-    text: Optional[List[str]] = typer.Option(
-        None, "--text", "-t", metavar="PROMPT",
-        help="Precompute the text branch for this prompt (repeatable); it then needs no CLIP at run time."
+    text: list[str] | None = typer.Option(
+        None,
+        "--text",
+        "-t",
+        metavar="PROMPT",
+        help="Precompute the text branch for this prompt (repeatable); it then needs no CLIP at run time.",
     ),
-    old_prompt: Optional[List[str]] = typer.Option(None, "--prompt", hidden=True),
-    encoder: Optional[Path] = typer.Option(
-        None, "--encoder", help="Also export the e4e encoder (e4e_ffhq_encode.pt) as encoder.onnx, for photos in "
-        "(`cfdeploy invert --bundle`, `cfdeploy edit --images`) without torch."
+    old_prompt: list[str] | None = typer.Option(None, "--prompt", hidden=True),
+    encoder: Path | None = typer.Option(
+        None,
+        "--encoder",
+        help="Also export the e4e encoder (e4e_ffhq_encode.pt) as encoder.onnx, for photos in "
+        "(`cfdeploy invert --bundle`, `cfdeploy edit --images`) without torch.",
     ),
     without_clip: bool = typer.Option(
-        False, "--without-clip", help="Leave out the CLIP text graph (about 250 MB): the bundle then edits only the "
+        False,
+        "--without-clip",
+        help="Leave out the CLIP text graph (about 250 MB): the bundle then edits only the "
         "--text prompts precomputed here (these need --clip-weights), or --text-embedding features (no CLIP needed at "
-        "all). For small edge devices."
+        "all). For small edge devices.",
     ),
     force: bool = typer.Option(False, "--force", "-f", help="Replace an existing bundle directory."),
-    tensorrt: bool = typer.Option(False, "--tensorrt", help="Then build TensorRT engines into BUNDLE/tensorrt (options below)."),
-    engine_precision: Optional[Precision] = ENGINE_PRECISION,
+    tensorrt: bool = typer.Option(
+        False, "--tensorrt", help="Then build TensorRT engines into BUNDLE/tensorrt (options below)."
+    ),
+    engine_precision: Precision | None = ENGINE_PRECISION,
     min_batch: int = MIN_BATCH,
-    opt_batch: Optional[int] = OPT_BATCH,
+    opt_batch: int | None = OPT_BATCH,
     max_batch: int = MAX_BATCH,
-    static_batch: Optional[int] = STATIC_BATCH,
-    workspace: Optional[str] = WORKSPACE,
+    static_batch: int | None = STATIC_BATCH,
+    workspace: str | None = WORKSPACE,
 ) -> None:
     """Export a checkpoint to a self-contained ONNX bundle that runs without torch (and, with --tensorrt, engines).
 
@@ -103,20 +120,35 @@ def export_command(
     started = time.perf_counter()
     with console.status("exporting") as status:
         manifest = export_bundle(
-            checkpoint, clip_weights, target, opset=opset, prompts=prompt or [], force=force,
-            include_clip_text=not without_clip, encoder=encoder,
+            checkpoint,
+            clip_weights,
+            target,
+            opset=opset,
+            prompts=prompt or [],
+            force=force,
+            include_clip_text=not without_clip,
+            encoder=encoder,
             on_stage=reporter(status),
         )
     worst = max(result["rel_l2"] for network in manifest["networks"].values() for result in network["parity"].values())
-    say(f"wrote bundle {target} in {time.perf_counter() - started:.1f}s: {len(manifest['networks'])} graphs, "
-        f"worst parity rel L2 {worst:.1e}")
+    say(
+        f"wrote bundle {target} in {time.perf_counter() - started:.1f}s: {len(manifest['networks'])} graphs, "
+        f"worst parity rel L2 {worst:.1e}"
+    )
     if build_settings is not None:
         build_bundle_engines(target, build_settings)
 
 
 def engine_build_settings(
-    precision: Optional[Precision], min_batch: int, opt_batch: Optional[int], max_batch: int,
-    static_batch: Optional[int], workspace: Optional[str], networks: Optional[str], rebuild: bool, engines: Optional[Path],
+    precision: Precision | None,
+    min_batch: int,
+    opt_batch: int | None,
+    max_batch: int,
+    static_batch: int | None,
+    workspace: str | None,
+    networks: str | None,
+    rebuild: bool,
+    engines: Path | None,
 ) -> Any:
     """Options checked before anything slow starts; TensorRT itself is only imported to build."""
     from cfdeploy.trt.plan import PRECISIONS as ENGINE_PRECISIONS
@@ -149,17 +181,23 @@ def build_bundle_engines(bundle: Path, settings: Any, device: str = "cuda") -> N
 @user_errors
 def build_engines_command(
     context: typer.Context,
-    bundle: Optional[Path] = typer.Option(None, "--bundle", metavar="DIR", help="Bundle directory from `cfdeploy export`."),
+    bundle: Path | None = typer.Option(
+        None, "--bundle", metavar="DIR", help="Bundle directory from `cfdeploy export`."
+    ),
     device: str = typer.Option("cuda", "--device", metavar="DEVICE", help="The GPU to build for: cuda or cuda:N."),
-    engine_precision: Optional[Precision] = ENGINE_PRECISION,
+    engine_precision: Precision | None = ENGINE_PRECISION,
     min_batch: int = MIN_BATCH,
-    opt_batch: Optional[int] = OPT_BATCH,
+    opt_batch: int | None = OPT_BATCH,
     max_batch: int = MAX_BATCH,
-    static_batch: Optional[int] = STATIC_BATCH,
-    workspace: Optional[str] = WORKSPACE,
-    networks: Optional[str] = typer.Option(None, "--networks", help="Comma-separated subset \\[default: all in the bundle]."),
-    engines: Optional[Path] = typer.Option(None, "--engines", help="Engine directory \\[default: BUNDLE/tensorrt]."),
-    rebuild: bool = typer.Option(False, "--rebuild", help="Replace engines built for another graph, TensorRT, GPU or profile."),
+    static_batch: int | None = STATIC_BATCH,
+    workspace: str | None = WORKSPACE,
+    networks: str | None = typer.Option(
+        None, "--networks", help="Comma-separated subset \\[default: all in the bundle]."
+    ),
+    engines: Path | None = typer.Option(None, "--engines", help="Engine directory \\[default: BUNDLE/tensorrt]."),
+    rebuild: bool = typer.Option(
+        False, "--rebuild", help="Replace engines built for another graph, TensorRT, GPU or profile."
+    ),
 ) -> None:
     """Build TensorRT engines for a bundle on this GPU (run it on the target device: engines do not travel).
 
@@ -183,8 +221,10 @@ def build_engines_command(
 @user_errors
 def refit_command(
     context: typer.Context,
-    bundle: Optional[Path] = typer.Option(None, "--bundle", metavar="DIR", help="Bundle directory to update in place."),
-    checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="CF-CLIP checkpoint of another prompt, same generator."),
+    bundle: Path | None = typer.Option(None, "--bundle", metavar="DIR", help="Bundle directory to update in place."),
+    checkpoint: Path = typer.Option(
+        ..., "--checkpoint", "-c", help="CF-CLIP checkpoint of another prompt, same generator."
+    ),
 ) -> None:
     """Swap a bundle's mappers for another prompt's checkpoint, keeping its generator graph and engines.
 
@@ -202,5 +242,7 @@ def refit_command(
     changed = ", ".join(f"{name} {count} weights" for name, count in summary["changed_weights"].items())
     say(f"refitted {bundle} to {summary['description']!r}: {changed}")
     if summary["stale_engines"]:
-        warn(f"stale TensorRT engines (rebuild on the target GPU with cfdeploy build-engines --rebuild): "
-             f"{', '.join(summary['stale_engines'])}")
+        warn(
+            f"stale TensorRT engines (rebuild on the target GPU with cfdeploy build-engines --rebuild): "
+            f"{', '.join(summary['stale_engines'])}"
+        )

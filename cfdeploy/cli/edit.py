@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from enum import Enum
 from pathlib import Path
-from typing import Any, List, Optional, Sequence
+from typing import Any
 
 import typer
 
@@ -47,8 +48,8 @@ def run_edit(
     staged: Any,
     codes: Any,
     *,
-    text: Optional[str],
-    text_embedding: Optional[Path],
+    text: str | None,
+    text_embedding: Path | None,
     strength: float,
     batch_size: int,
     side_by_side: bool,
@@ -58,7 +59,7 @@ def run_edit(
     inputs: dict[str, Any],
     refiner: Any = None,
     photos: Any = None,
-    prior_timings: Optional[dict[str, float]] = None,
+    prior_timings: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """Shared by ``edit`` and ``demo``: the text, then the edit of ``codes`` with progress; returns edit.json's content."""
     from cfdeploy.editing import EditJob, edit_to_directory
@@ -75,8 +76,15 @@ def run_edit(
             steps = progress.add_task("refining", total=refiner.settings.steps * -(-len(codes) // batch_size))
             refiner.on_step = lambda loss: progress.update(steps, advance=1, description=f"refining (loss {loss:.4f})")
         return edit_to_directory(
-            backend, job, staged, save_latents=save_latents, save_raw=save_raw, png_compression=png_compression,
-            inputs=inputs, on_image=lambda: progress.advance(task), photos=photos if side_by_side else None,
+            backend,
+            job,
+            staged,
+            save_latents=save_latents,
+            save_raw=save_raw,
+            png_compression=png_compression,
+            inputs=inputs,
+            on_image=lambda: progress.advance(task),
+            photos=photos if side_by_side else None,
             prior_timings=prior_timings,
         )
 
@@ -104,7 +112,7 @@ def photo_codes(backend: Any, images: list[Path], faces: dict[str, Any], batch_s
     return codes, record, photo_pixels(found.crops, backend.size), dict(timer.seconds), notes
 
 
-def report(summary: dict[str, Any], out: Path, backend: Any, text: Optional[str], notes: Sequence[str] = ()) -> None:
+def report(summary: dict[str, Any], out: Path, backend: Any, text: str | None, notes: Sequence[str] = ()) -> None:
     from cfdeploy.editing import prompt_mismatch
 
     for note in (*notes, prompt_mismatch(backend, text)):
@@ -117,89 +125,206 @@ def report(summary: dict[str, Any], out: Path, backend: Any, text: Optional[str]
 @app.command("edit")
 @user_errors
 def edit_command(
-    out: Path = typer.Option(..., "--out", "-o", metavar="DIR", rich_help_panel=OUTPUT,
-                             help="Output directory (must be empty or absent unless --force; `.` works)."),
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", metavar="FILE", rich_help_panel=INPUT,
-                                              help="CF-CLIP checkpoint (.pt with state_dict and opts): the torch backend."),
-    bundle: Optional[Path] = typer.Option(None, "--bundle", metavar="DIR", rich_help_panel=INPUT,
-                                          help="Bundle from `cfdeploy export`: the onnxruntime or tensorrt backend."),
-    latents: Optional[Path] = typer.Option(None, "--latents", "-l", metavar="FILE", rich_help_panel=INPUT,
-                                           help="W+ [N,n,512] or W [N,512] codes (.npy, or a torch-saved tensor)."),
-    seed: Optional[int] = typer.Option(None, "--seed", metavar="N", rich_help_panel=INPUT,
-                                       help="Sample codes from this seed instead of --latents."),
-    images: Optional[List[Path]] = typer.Option(
-        None, "--images", metavar="PHOTO_OR_DIR", rich_help_panel=INPUT,
+    out: Path = typer.Option(
+        ...,
+        "--out",
+        "-o",
+        metavar="DIR",
+        rich_help_panel=OUTPUT,
+        help="Output directory (must be empty or absent unless --force; `.` works).",
+    ),
+    checkpoint: Path | None = typer.Option(
+        None,
+        "--checkpoint",
+        "-c",
+        metavar="FILE",
+        rich_help_panel=INPUT,
+        help="CF-CLIP checkpoint (.pt with state_dict and opts): the torch backend.",
+    ),
+    bundle: Path | None = typer.Option(
+        None,
+        "--bundle",
+        metavar="DIR",
+        rich_help_panel=INPUT,
+        help="Bundle from `cfdeploy export`: the onnxruntime or tensorrt backend.",
+    ),
+    latents: Path | None = typer.Option(
+        None,
+        "--latents",
+        "-l",
+        metavar="FILE",
+        rich_help_panel=INPUT,
+        help="W+ [N,n,512] or W [N,512] codes (.npy, or a torch-saved tensor).",
+    ),
+    seed: int | None = typer.Option(
+        None, "--seed", metavar="N", rich_help_panel=INPUT, help="Sample codes from this seed instead of --latents."
+    ),
+    images: list[Path] | None = typer.Option(
+        None,
+        "--images",
+        metavar="PHOTO_OR_DIR",
+        rich_help_panel=INPUT,
         help="Edit your photos (repeatable; files or folders): align each face, invert it with e4e (--encoder, or a "
-        "bundle exported with --encoder), then edit. With --side-by-side: photo | reconstruction | edit."),
-    encoder: Optional[Path] = typer.Option(None, "--encoder", metavar="FILE", rich_help_panel=INPUT,
-                                           help="torch backend with --images: the e4e checkpoint (e4e_ffhq_encode.pt)."),
+        "bundle exported with --encoder), then edit. With --side-by-side: photo | reconstruction | edit.",
+    ),
+    encoder: Path | None = typer.Option(
+        None,
+        "--encoder",
+        metavar="FILE",
+        rich_help_panel=INPUT,
+        help="torch backend with --images: the e4e checkpoint (e4e_ffhq_encode.pt).",
+    ),
     aligned: bool = ALIGNED,
-    landmarks: Optional[Path] = LANDMARKS,
-    landmarks_model: Optional[Path] = LANDMARKS_MODEL,
+    landmarks: Path | None = LANDMARKS,
+    landmarks_model: Path | None = LANDMARKS_MODEL,
     all_faces: bool = ALL_FACES,
     skip_missing: bool = SKIP_MISSING,
-    num: int = typer.Option(1, "--num", metavar="K", rich_help_panel=INPUT, help="With --seed: how many codes to sample."),
-    truncation: float = typer.Option(0.7, "--truncation", metavar="PSI", rich_help_panel=INPUT,
-                                     help="With --seed: truncation psi toward the mean W."),
-    text: Optional[str] = typer.Option(None, "--text", "-t", metavar="PROMPT", rich_help_panel=PROMPT,
-                                       help="Prompt to edit toward."),
-    text_embedding: Optional[Path] = typer.Option(
-        None, "--text-embedding", metavar="FILE", rich_help_panel=PROMPT,
-        help=".npy of unnormalised CLIP text features, [512] or [N,512]; bypasses CLIP."),
-    clip_weights: Optional[Path] = typer.Option(
-        None, "--clip-weights", metavar="FILE", rich_help_panel=PROMPT,
-        help="CLIP ViT-B/32 weights (OpenAI's ViT-B-32.pt or open_clip): torch backend with --text, and refinement."),
-    strength: float = typer.Option(1.0, "--strength", "-s", metavar="S", rich_help_panel=PROMPT,
-                                   help="Edit strength: w_hat = w + S*0.1*delta (1 = official, 0 = the source)."),
-    side_by_side: bool = typer.Option(False, "--side-by-side", rich_help_panel=OUTPUT,
-                                      help="Write source|edit pairs instead of edits."),
-    save_latents: bool = typer.Option(False, "--save-latents", rich_help_panel=OUTPUT,
-                                      help="Also write latents.npy (edited W+, float32)."),
-    save_raw: bool = typer.Option(False, "--save-raw", rich_help_panel=OUTPUT,
-                                  help="Also write images.npy (raw generator output, float32)."),
+    num: int = typer.Option(
+        1, "--num", metavar="K", rich_help_panel=INPUT, help="With --seed: how many codes to sample."
+    ),
+    truncation: float = typer.Option(
+        0.7, "--truncation", metavar="PSI", rich_help_panel=INPUT, help="With --seed: truncation psi toward the mean W."
+    ),
+    text: str | None = typer.Option(
+        None, "--text", "-t", metavar="PROMPT", rich_help_panel=PROMPT, help="Prompt to edit toward."
+    ),
+    text_embedding: Path | None = typer.Option(
+        None,
+        "--text-embedding",
+        metavar="FILE",
+        rich_help_panel=PROMPT,
+        help=".npy of unnormalised CLIP text features, [512] or [N,512]; bypasses CLIP.",
+    ),
+    clip_weights: Path | None = typer.Option(
+        None,
+        "--clip-weights",
+        metavar="FILE",
+        rich_help_panel=PROMPT,
+        help="CLIP ViT-B/32 weights (OpenAI's ViT-B-32.pt or open_clip): torch backend with --text, and refinement.",
+    ),
+    strength: float = typer.Option(
+        1.0,
+        "--strength",
+        "-s",
+        metavar="S",
+        rich_help_panel=PROMPT,
+        help="Edit strength: w_hat = w + S*0.1*delta (1 = official, 0 = the source).",
+    ),
+    side_by_side: bool = typer.Option(
+        False, "--side-by-side", rich_help_panel=OUTPUT, help="Write source|edit pairs instead of edits."
+    ),
+    save_latents: bool = typer.Option(
+        False, "--save-latents", rich_help_panel=OUTPUT, help="Also write latents.npy (edited W+, float32)."
+    ),
+    save_raw: bool = typer.Option(
+        False, "--save-raw", rich_help_panel=OUTPUT, help="Also write images.npy (raw generator output, float32)."
+    ),
     png_compression: int = typer.Option(
-        DEFAULT_PNG_COMPRESSION, "--png-compression", metavar="0-9", rich_help_panel=OUTPUT,
-        help="zlib level of the PNGs: 1 is several times faster to write at 1024 px, files ~1.3x larger."),
-    force: bool = typer.Option(False, "--force", "-f", rich_help_panel=OUTPUT,
-                               help="Replace a non-empty --out (never one that holds an input)."),
-    backend: Optional[BackendName] = typer.Option(
-        None, "--backend", rich_help_panel=RUNTIME,
-        help="torch (from --checkpoint), onnxruntime or tensorrt (from --bundle). \\[default: by input]"),
-    device: Optional[str] = typer.Option(None, "--device", metavar="DEVICE", rich_help_panel=RUNTIME,
-                                         help="cpu, cuda or cuda:N, for every backend. \\[default: cpu; tensorrt: cuda]"),
-    precision: Optional[Precision] = typer.Option(
-        None, "--precision", rich_help_panel=RUNTIME,
+        DEFAULT_PNG_COMPRESSION,
+        "--png-compression",
+        metavar="0-9",
+        rich_help_panel=OUTPUT,
+        help="zlib level of the PNGs: 1 is several times faster to write at 1024 px, files ~1.3x larger.",
+    ),
+    force: bool = typer.Option(
+        False,
+        "--force",
+        "-f",
+        rich_help_panel=OUTPUT,
+        help="Replace a non-empty --out (never one that holds an input).",
+    ),
+    backend: BackendName | None = typer.Option(
+        None,
+        "--backend",
+        rich_help_panel=RUNTIME,
+        help="torch (from --checkpoint), onnxruntime or tensorrt (from --bundle). \\[default: by input]",
+    ),
+    device: str | None = typer.Option(
+        None,
+        "--device",
+        metavar="DEVICE",
+        rich_help_panel=RUNTIME,
+        help="cpu, cuda or cuda:N, for every backend. \\[default: cpu; tensorrt: cuda]",
+    ),
+    precision: Precision | None = typer.Option(
+        None,
+        "--precision",
+        rich_help_panel=RUNTIME,
         help="torch backend, generator only: fp16 (autocast, for CUDA) or bf16 (CPUs with bf16 units); the other "
-        "backends run what their bundle or engines hold. \\[default: fp32]"),
-    cuda_graphs: bool = typer.Option(False, "--cuda-graphs", rich_help_panel=RUNTIME,
-                                     help="torch on CUDA: replay the generator as a CUDA graph (TensorRT static engines always do)."),
-    compile: bool = typer.Option(False, "--compile", rich_help_panel=RUNTIME,
-                                 help="torch backend: torch.compile the generator (reduce-overhead on CUDA, default "
-                                      "on a CPU); each batch size's first call compiles."),
-    engines: Optional[Path] = typer.Option(None, "--engines", metavar="DIR", rich_help_panel=RUNTIME,
-                                           help="tensorrt backend: engine directory. \\[default: BUNDLE/tensorrt]"),
-    providers: Optional[str] = typer.Option(
-        None, "--providers", metavar="LIST", rich_help_panel=RUNTIME,
+        "backends run what their bundle or engines hold. \\[default: fp32]",
+    ),
+    cuda_graphs: bool = typer.Option(
+        False,
+        "--cuda-graphs",
+        rich_help_panel=RUNTIME,
+        help="torch on CUDA: replay the generator as a CUDA graph (TensorRT static engines always do).",
+    ),
+    compile: bool = typer.Option(
+        False,
+        "--compile",
+        rich_help_panel=RUNTIME,
+        help="torch backend: torch.compile the generator (reduce-overhead on CUDA, default "
+        "on a CPU); each batch size's first call compiles.",
+    ),
+    engines: Path | None = typer.Option(
+        None,
+        "--engines",
+        metavar="DIR",
+        rich_help_panel=RUNTIME,
+        help="tensorrt backend: engine directory. \\[default: BUNDLE/tensorrt]",
+    ),
+    providers: str | None = typer.Option(
+        None,
+        "--providers",
+        metavar="LIST",
+        rich_help_panel=RUNTIME,
         help="onnxruntime backend, expert override of --device: comma-separated execution providers. "
-        "\\[default: those --device picks]"),
-    batch_size: int = typer.Option(DEFAULT_BATCH_SIZE, "--batch-size", "-b", metavar="B", rich_help_panel=RUNTIME,
-                                   help="Codes per generator call."),
-    cache_max: Optional[int] = typer.Option(
-        None, "--cache-max", metavar="N", rich_help_panel=RUNTIME,
-        help="Bundles: keep at most N prompts in BUNDLE/cache (least recently used go first). \\[default: 256]"),
-    expect_manifest: Optional[str] = typer.Option(
-        None, "--expect-manifest", metavar="SHA256", rich_help_panel=RUNTIME,
-        help="Bundles: refuse the bundle unless its manifest.json has this sha256 (`cfdeploy inspect BUNDLE` prints it)."),
-    refine_steps: int = typer.Option(0, "--refine-steps", metavar="K", rich_help_panel=REFINE,
-                                     help="After the one-pass edit, optimise each latent for up to K steps of CLIP-NCE."),
-    refine_lr: float = typer.Option(0.01, "--refine-lr", metavar="LR", rich_help_panel=REFINE, help="Adam learning rate."),
-    refine_l2: float = typer.Option(0.8, "--refine-l2", metavar="L", rich_help_panel=REFINE,
-                                    help="Weight L of mean((w - w_hat)^2)."),
-    source_text: Optional[str] = typer.Option(
-        None, "--source-text", metavar="TEXT", rich_help_panel=REFINE,
-        help="What the source images show. \\[default: the checkpoint's, or 'face']"),
-    refine_layers: str = typer.Option("all", "--refine-layers", metavar="LEVELS", rich_help_panel=REFINE,
-                                      help="Levels refined: all, coarse, medium or fine."),
+        "\\[default: those --device picks]",
+    ),
+    batch_size: int = typer.Option(
+        DEFAULT_BATCH_SIZE, "--batch-size", "-b", metavar="B", rich_help_panel=RUNTIME, help="Codes per generator call."
+    ),
+    cache_max: int | None = typer.Option(
+        None,
+        "--cache-max",
+        metavar="N",
+        rich_help_panel=RUNTIME,
+        help="Bundles: keep at most N prompts in BUNDLE/cache (least recently used go first). \\[default: 256]",
+    ),
+    expect_manifest: str | None = typer.Option(
+        None,
+        "--expect-manifest",
+        metavar="SHA256",
+        rich_help_panel=RUNTIME,
+        help="Bundles: refuse the bundle unless its manifest.json has this sha256 (`cfdeploy inspect BUNDLE` prints it).",
+    ),
+    refine_steps: int = typer.Option(
+        0,
+        "--refine-steps",
+        metavar="K",
+        rich_help_panel=REFINE,
+        help="After the one-pass edit, optimise each latent for up to K steps of CLIP-NCE.",
+    ),
+    refine_lr: float = typer.Option(
+        0.01, "--refine-lr", metavar="LR", rich_help_panel=REFINE, help="Adam learning rate."
+    ),
+    refine_l2: float = typer.Option(
+        0.8, "--refine-l2", metavar="L", rich_help_panel=REFINE, help="Weight L of mean((w - w_hat)^2)."
+    ),
+    source_text: str | None = typer.Option(
+        None,
+        "--source-text",
+        metavar="TEXT",
+        rich_help_panel=REFINE,
+        help="What the source images show. \\[default: the checkpoint's, or 'face']",
+    ),
+    refine_layers: str = typer.Option(
+        "all",
+        "--refine-layers",
+        metavar="LEVELS",
+        rich_help_panel=REFINE,
+        help="Levels refined: all, coarse, medium or fine.",
+    ),
 ) -> None:
     """Edit images toward a text prompt with a CF-CLIP checkpoint (torch) or a bundle (onnxruntime, tensorrt).
 
@@ -243,14 +368,32 @@ def edit_command(
     if needs_clip and clip_weights is None:
         raise CfdeployError("--text needs --clip-weights (CLIP ViT-B/32 weights); or pass --text-embedding")
     options = {
-        "clip_weights": clip_weights if needs_clip else None, "device": device,
+        "clip_weights": clip_weights if needs_clip else None,
+        "device": device,
         "precision": precision_among(precision, info.precisions, f"the {name} backend") if precision else None,
-        "cuda_graphs": cuda_graphs or None, "compile": compile or None, "engines": engines,
+        "cuda_graphs": cuda_graphs or None,
+        "compile": compile or None,
+        "engines": engines,
         "providers": [part.strip() for part in providers.split(",") if part.strip()] if providers else None,
-        "cache_max": cache_max, "expect_manifest": expect_manifest, "encoder": encoder,
+        "cache_max": cache_max,
+        "expect_manifest": expect_manifest,
+        "encoder": encoder,
     }
-    inputs = [path for path in (checkpoint, bundle, latents, text_embedding, clip_weights, encoder, landmarks,
-                                landmarks_model, *(images or [])) if path is not None]
+    inputs = [
+        path
+        for path in (
+            checkpoint,
+            bundle,
+            latents,
+            text_embedding,
+            clip_weights,
+            encoder,
+            landmarks,
+            landmarks_model,
+            *(images or []),
+        )
+        if path is not None
+    ]
     with StagedDirectory(out, force, inputs) as staged:
         with console.status("loading models"):
             editor = open_backend(name, source, **options)
@@ -259,9 +402,15 @@ def edit_command(
         refiner = None
         if refine_settings is not None:
             refiner = build_refiner(editor, refine_settings, text, source_text, checkpoint, clip_weights)
-        recorded = {"backend": name, info.source: str(source),
-                    **{key: str(value) if isinstance(value, Path) else value
-                       for key, value in options.items() if value is not None}}
+        recorded = {
+            "backend": name,
+            info.source: str(source),
+            **{
+                key: str(value) if isinstance(value, Path) else value
+                for key, value in options.items()
+                if value is not None
+            },
+        }
         photos, timings, notes = None, None, []
         if images:
             assert faces is not None
@@ -271,16 +420,32 @@ def edit_command(
 
             codes, origin = resolve_latents(editor, latents, seed, num, truncation)
         summary = run_edit(
-            editor, staged, codes, text=text, text_embedding=text_embedding, strength=strength, batch_size=batch_size,
-            side_by_side=side_by_side, save_latents=save_latents, save_raw=save_raw, png_compression=png_compression,
-            inputs={**recorded, **origin}, refiner=refiner, photos=photos, prior_timings=timings,
+            editor,
+            staged,
+            codes,
+            text=text,
+            text_embedding=text_embedding,
+            strength=strength,
+            batch_size=batch_size,
+            side_by_side=side_by_side,
+            save_latents=save_latents,
+            save_raw=save_raw,
+            png_compression=png_compression,
+            inputs={**recorded, **origin},
+            refiner=refiner,
+            photos=photos,
+            prior_timings=timings,
         )
     report(summary, out, editor, text, notes)
 
 
 def build_refiner(
-    editor: Any, settings: Any, text: Optional[str], source_text: Optional[str], checkpoint: Optional[Path],
-    clip_weights: Optional[Path],
+    editor: Any,
+    settings: Any,
+    text: str | None,
+    source_text: str | None,
+    checkpoint: Path | None,
+    clip_weights: Path | None,
 ) -> Any:
     from dataclasses import replace
 
@@ -327,9 +492,20 @@ def demo_command(
         build_s = time.perf_counter() - started
         codes, origin = resolve_latents(editor, seed=0, num=num, truncation=0.7)
         summary = run_edit(
-            editor, staged, codes, text=DEMO_PROMPT, text_embedding=None, strength=1.0, batch_size=2, side_by_side=True,
-            save_latents=True, save_raw=False, png_compression=DEFAULT_PNG_COMPRESSION,
+            editor,
+            staged,
+            codes,
+            text=DEMO_PROMPT,
+            text_embedding=None,
+            strength=1.0,
+            batch_size=2,
+            side_by_side=True,
+            save_latents=True,
+            save_raw=False,
+            png_compression=DEFAULT_PNG_COMPRESSION,
             inputs={"synthetic_weights": True, "model_build_s": round(build_s, 3), **origin},
         )
     report(summary, out, editor, DEMO_PROMPT)
-    say(f"before|after pairs: {plain(out)}/000000.png …; edited codes: {plain(out)}/latents.npy; details: {plain(out)}/edit.json")
+    say(
+        f"before|after pairs: {plain(out)}/000000.png …; edited codes: {plain(out)}/latents.npy; details: {plain(out)}/edit.json"
+    )

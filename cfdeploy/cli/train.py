@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -16,43 +15,93 @@ LOSSES = "Loss weights"
 @app.command("train")
 @user_errors
 def train_command(
-    text: str = typer.Option(..., "--text", "-t", metavar="PROMPT", help="What the edit should do, e.g. \"green lipstick\"."),
-    generator: Path = typer.Option(..., "--generator", "-g", metavar="FILE",
-                                   help="StyleGAN2: a rosinality checkpoint (g_ema) or a CF-CLIP checkpoint (its decoder is reused)."),
-    clip_weights: Optional[Path] = typer.Option(None, "--clip-weights", metavar="FILE",
-                                                help="CLIP ViT-B/32 weights with the image tower (ViT-B-32.pt); not needed with "
-                                                     "--text-embedding and --nce-lambda 0."),
-    latents: Path = typer.Option(..., "--latents", "-l", metavar="FILE", help="Training W+ codes [N,n,512] (.pt or .npy), e.g. e4e inversions."),
-    out: Path = typer.Option(..., "--out", "-o", metavar="DIR", help="Run directory: checkpoints, metrics.jsonl, loss.png, validation grids."),
-    test_latents: Optional[Path] = typer.Option(None, "--test-latents", metavar="FILE",
-                                                help="Validation codes (default: the first 4 training codes)."),
-    id_weights: Optional[Path] = typer.Option(None, "--id-weights", metavar="FILE",
-                                              help="ArcFace IR-SE50 (model_ir_se50.pth) for the identity loss; faces only."),
-    init_from: Optional[Path] = typer.Option(None, "--init-from", metavar="FILE",
-                                             help="Start the mappers from this CF-CLIP checkpoint (the optimiser starts fresh)."),
-    text_embedding: Optional[Path] = typer.Option(None, "--text-embedding", metavar="FILE",
-                                                  help="The prompt's CLIP text features (.npy [512], unnormalised) instead of "
-                                                       "CLIP's text tower; --text then only names the edit and CLIP-NCE's target."),
+    text: str = typer.Option(
+        ..., "--text", "-t", metavar="PROMPT", help='What the edit should do, e.g. "green lipstick".'
+    ),
+    generator: Path = typer.Option(
+        ...,
+        "--generator",
+        "-g",
+        metavar="FILE",
+        help="StyleGAN2: a rosinality checkpoint (g_ema) or a CF-CLIP checkpoint (its decoder is reused).",
+    ),
+    clip_weights: Path | None = typer.Option(
+        None,
+        "--clip-weights",
+        metavar="FILE",
+        help="CLIP ViT-B/32 weights with the image tower (ViT-B-32.pt); not needed with "
+        "--text-embedding and --nce-lambda 0.",
+    ),
+    latents: Path = typer.Option(
+        ..., "--latents", "-l", metavar="FILE", help="Training W+ codes [N,n,512] (.pt or .npy), e.g. e4e inversions."
+    ),
+    out: Path = typer.Option(
+        ..., "--out", "-o", metavar="DIR", help="Run directory: checkpoints, metrics.jsonl, loss.png, validation grids."
+    ),
+    test_latents: Path | None = typer.Option(
+        None, "--test-latents", metavar="FILE", help="Validation codes (default: the first 4 training codes)."
+    ),
+    id_weights: Path | None = typer.Option(
+        None,
+        "--id-weights",
+        metavar="FILE",
+        help="ArcFace IR-SE50 (model_ir_se50.pth) for the identity loss; faces only.",
+    ),
+    init_from: Path | None = typer.Option(
+        None,
+        "--init-from",
+        metavar="FILE",
+        help="Start the mappers from this CF-CLIP checkpoint (the optimiser starts fresh).",
+    ),
+    text_embedding: Path | None = typer.Option(
+        None,
+        "--text-embedding",
+        metavar="FILE",
+        help="The prompt's CLIP text features (.npy [512], unnormalised) instead of "
+        "CLIP's text tower; --text then only names the edit and CLIP-NCE's target.",
+    ),
     steps: int = typer.Option(50_000, "--steps", rich_help_panel=TRAINING, help="Optimiser steps."),
     batch_size: int = typer.Option(2, "--batch-size", "-b", rich_help_panel=TRAINING, help="Latent codes per step."),
     lr: float = typer.Option(0.5, "--lr", rich_help_panel=TRAINING, help="Learning rate."),
     optimizer: str = typer.Option("ranger", "--optimizer", metavar="ranger|adam", rich_help_panel=TRAINING),
     nce_lambda: float = typer.Option(0.3, "--nce-lambda", rich_help_panel=LOSSES, help="Weight of the CLIP-NCE loss."),
     l2_lambda: float = typer.Option(0.8, "--l2-lambda", rich_help_panel=LOSSES, help="Weight of mean((w_hat - w)^2)."),
-    id_lambda: Optional[float] = typer.Option(None, "--id-lambda", rich_help_panel=LOSSES,
-                                              help="Weight of the identity loss \\[default: 0.2 with --id-weights, else 0]."),
-    source_text: str = typer.Option("face", "--source-text", metavar="TEXT", rich_help_panel=LOSSES,
-                                    help="What the source images show (CLIP-NCE's negatives): face, dog, cat..."),
-    no_coarse_mapper: bool = typer.Option(False, "--no-coarse-mapper", rich_help_panel=TRAINING, help="Leave levels 0-3 unedited."),
-    no_medium_mapper: bool = typer.Option(False, "--no-medium-mapper", rich_help_panel=TRAINING, help="Leave levels 4-7 unedited."),
-    no_fine_mapper: bool = typer.Option(False, "--no-fine-mapper", rich_help_panel=TRAINING, help="Leave levels 8+ unedited."),
-    w_space: bool = typer.Option(False, "--w-space", rich_help_panel=TRAINING, help="The latents are W codes [N,512] (e.g. AFHQ)."),
-    val_every: int = typer.Option(5000, "--val-every", rich_help_panel=TRAINING, help="Validate and write a grid every N steps."),
-    save_every: int = typer.Option(5000, "--save-every", rich_help_panel=TRAINING, help="Write iteration_N.pt every N steps."),
+    id_lambda: float | None = typer.Option(
+        None,
+        "--id-lambda",
+        rich_help_panel=LOSSES,
+        help="Weight of the identity loss \\[default: 0.2 with --id-weights, else 0].",
+    ),
+    source_text: str = typer.Option(
+        "face",
+        "--source-text",
+        metavar="TEXT",
+        rich_help_panel=LOSSES,
+        help="What the source images show (CLIP-NCE's negatives): face, dog, cat...",
+    ),
+    no_coarse_mapper: bool = typer.Option(
+        False, "--no-coarse-mapper", rich_help_panel=TRAINING, help="Leave levels 0-3 unedited."
+    ),
+    no_medium_mapper: bool = typer.Option(
+        False, "--no-medium-mapper", rich_help_panel=TRAINING, help="Leave levels 4-7 unedited."
+    ),
+    no_fine_mapper: bool = typer.Option(
+        False, "--no-fine-mapper", rich_help_panel=TRAINING, help="Leave levels 8+ unedited."
+    ),
+    w_space: bool = typer.Option(
+        False, "--w-space", rich_help_panel=TRAINING, help="The latents are W codes [N,512] (e.g. AFHQ)."
+    ),
+    val_every: int = typer.Option(
+        5000, "--val-every", rich_help_panel=TRAINING, help="Validate and write a grid every N steps."
+    ),
+    save_every: int = typer.Option(
+        5000, "--save-every", rich_help_panel=TRAINING, help="Write iteration_N.pt every N steps."
+    ),
     seed: int = typer.Option(0, "--seed", rich_help_panel=TRAINING, help="Initial weights, data order and warps."),
     device: str = typer.Option("cpu", "--device", metavar="DEVICE", help="cpu, cuda or cuda:N."),
-    precision: Precision = typer.Option(Precision("fp32"), "--precision",
-                                  help="Autocast for the generator, CLIP and ArcFace; the mappers stay fp32."),
+    precision: Precision = typer.Option(
+        Precision("fp32"), "--precision", help="Autocast for the generator, CLIP and ArcFace; the mappers stay fp32."
+    ),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last save, exactly."),
     force: bool = typer.Option(False, "--force", "-f", help="Replace an existing --out directory."),
 ) -> None:
@@ -78,11 +127,26 @@ def train_command(
     if id_lambda is None:
         id_lambda = 0.2 if id_weights is not None else 0.0
         if id_weights is None:
-            notes.append("no --id-weights: the identity loss is off (--id-lambda 0); pass model_ir_se50.pth to keep faces' identity")
+            notes.append(
+                "no --id-weights: the identity loss is off (--id-lambda 0); pass model_ir_se50.pth to keep faces' identity"
+            )
     settings = TrainSettings(
-        text, steps=steps, batch_size=batch_size, lr=lr, optimizer=optimizer, nce_lambda=nce_lambda, l2_lambda=l2_lambda,
-        id_lambda=id_lambda, source_text=source_text, no_coarse_mapper=no_coarse_mapper, no_medium_mapper=no_medium_mapper,
-        no_fine_mapper=no_fine_mapper, w_space=w_space, val_every=val_every, save_every=save_every, seed=seed,
+        text,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        optimizer=optimizer,
+        nce_lambda=nce_lambda,
+        l2_lambda=l2_lambda,
+        id_lambda=id_lambda,
+        source_text=source_text,
+        no_coarse_mapper=no_coarse_mapper,
+        no_medium_mapper=no_medium_mapper,
+        no_fine_mapper=no_fine_mapper,
+        w_space=w_space,
+        val_every=val_every,
+        save_every=save_every,
+        seed=seed,
         precision=precision.value,
     )
     inputs = TrainInputs(generator, clip_weights, latents, test_latents, id_weights, init_from, text_embedding)
@@ -99,6 +163,14 @@ def train_command(
             for name in progress.saved:
                 say(f"step {progress.step}: wrote {out / name}")
 
-        trainer = train(settings, inputs, out, device=device, resume=resume, force=force,
-                        on_stage=lambda stage: bar.update(task, description=stage), on_progress=on_progress)
+        trainer = train(
+            settings,
+            inputs,
+            out,
+            device=device,
+            resume=resume,
+            force=force,
+            on_stage=lambda stage: bar.update(task, description=stage),
+            on_progress=on_progress,
+        )
     say(f"trained {trainer.step} steps; best validation loss {trainer.best_validation:.4f}: {out / 'best_model.pt'}")

@@ -14,7 +14,7 @@ Per parameter and step t (defaults as the official training uses them):
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -81,7 +82,7 @@ def plot_losses(records: Sequence[dict[str, Any]]) -> Image.Image:
             continue
         low, high = min(values), max(max(values), min(values) + 1e-12)
 
-        def xy(step: float, value: float) -> tuple[float, float]:
+        def xy(step: float, value: float, low: float = low, high: float = high) -> tuple[float, float]:
             x = margin + (step - first) / (last - first) * (width - 1.5 * margin)
             return x, height - margin - (value - low) / (high - low) * (height - 1.5 * margin)
 
@@ -118,8 +119,15 @@ def prepare(settings: TrainSettings, inputs: TrainInputs, device: str, on_stage:
         raise CfdeployError(
             f"{needed} needs CLIP: pass --clip-weights ViT-B-32.pt (or --text-embedding FILE with --nce-lambda 0)"
         )
-    for path in (inputs.generator, inputs.clip_weights, inputs.latents, inputs.test_latents, inputs.id_weights,
-                 inputs.init_from, inputs.text_embedding):
+    for path in (
+        inputs.generator,
+        inputs.clip_weights,
+        inputs.latents,
+        inputs.test_latents,
+        inputs.id_weights,
+        inputs.init_from,
+        inputs.text_embedding,
+    ):
         if path is not None:
             require_file(path)
     tokens = torch.from_numpy(ClipTokenizer()([settings.description]))
@@ -131,7 +139,9 @@ def prepare(settings: TrainSettings, inputs: TrainInputs, device: str, on_stage:
     if settings.w_space:
         for path, latents in ((inputs.latents, train_latents), (inputs.test_latents, test_latents)):
             if path is not None and not np.array_equal(latents, np.repeat(latents[:, :1], n_latent, axis=1)):
-                raise CfdeployError(f"{path}: --w-space trains on W codes [N,512], but these latents differ across levels (W+)")
+                raise CfdeployError(
+                    f"{path}: --w-space trains on W codes [N,512], but these latents differ across levels (W+)"
+                )
     start = initial_mappers(inputs.init_from, settings, generator) if inputs.init_from is not None else None
     if inputs.text_embedding is not None:
         text_features = torch.from_numpy(load_text_embedding(inputs.text_embedding, 1, generator.config.style_dim))
@@ -169,7 +179,9 @@ def initial_mappers(path: Path, settings: TrainSettings, generator: Generator) -
         if getattr(config, flag) != getattr(expected, flag):
             option = "--" + flag.replace("_", "-")
             state = "was" if getattr(config, flag) else "was not"
-            raise CfdeployError(f"{path}: --init-from checkpoint {state} trained with {option}; give the same mapper options")
+            raise CfdeployError(
+                f"{path}: --init-from checkpoint {state} trained with {option}; give the same mapper options"
+            )
     return checkpoint
 
 
@@ -188,7 +200,9 @@ def train(
     state_path = out / TRAINING_STATE
     if resume:
         if not state_path.is_file():
-            raise CfdeployError(f"{out}: nothing to resume (no {TRAINING_STATE}; a run saves one every --save-every steps)")
+            raise CfdeployError(
+                f"{out}: nothing to resume (no {TRAINING_STATE}; a run saves one every --save-every steps)"
+            )
     else:
         check_output_dir(out, force, inputs=[p for p in vars(inputs).values() if p is not None])
     trainer = prepare(settings, inputs, device, on_stage)
@@ -213,7 +227,12 @@ def train(
             except CfdeployError as error:
                 last_good = f"the last good checkpoint is {last_saved}" if last_saved else "no checkpoint was saved yet"
                 raise CfdeployError(f"{error}; {last_good}") from None
-            record: dict[str, Any] = {"step": progress.step, **progress.losses, "lr": settings.lr, "step_s": progress.step_s}
+            record: dict[str, Any] = {
+                "step": progress.step,
+                **progress.losses,
+                "lr": settings.lr,
+                "step_s": progress.step_s,
+            }
             metrics.write(json.dumps(record) + "\n")
             step = progress.step
             if step % settings.val_every == 0 or step == settings.steps:

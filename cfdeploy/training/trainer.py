@@ -19,9 +19,10 @@ import contextlib
 import math
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -52,9 +53,17 @@ GRID_ROWS = 4
 STATE_KEYS = ("step", "best_validation", "text_mapper", "mapper", "optimizer", "settings")
 # opts the official training writes that cfdeploy has no use for, with the official defaults (workers: the
 # data are in memory here), so the official code reads the file as one of its own.
-OFFICIAL_FIXED_OPTS = {"mapper_type": "LevelsMapper", "test_batch_size": 1, "workers": 0, "test_workers": 0,
-                       "perc_lambda": 0, "vgg_weights": None, "checkpoint_path": None, "image_interval": 500,
-                       "board_interval": 50}
+OFFICIAL_FIXED_OPTS = {
+    "mapper_type": "LevelsMapper",
+    "test_batch_size": 1,
+    "workers": 0,
+    "test_workers": 0,
+    "perc_lambda": 0,
+    "vgg_weights": None,
+    "checkpoint_path": None,
+    "image_interval": 500,
+    "board_interval": 50,
+}
 
 
 @dataclass
@@ -87,13 +96,18 @@ class TrainSettings:
         for name in ("lr", "nce_lambda", "l2_lambda", "id_lambda"):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0 or (name == "lr" and value == 0):
-                raise CfdeployError(f"--{name.replace('_', '-')} must be a finite number {'above' if name == 'lr' else 'of at least'} 0, got {value}")
+                raise CfdeployError(
+                    f"--{name.replace('_', '-')} must be a finite number "
+                    f"{'above' if name == 'lr' else 'of at least'} 0, got {value}"
+                )
         if self.optimizer not in OPTIMIZERS:
             raise CfdeployError(f"--optimizer {self.optimizer!r}: expected one of {', '.join(OPTIMIZERS)}")
         if self.precision not in PRECISIONS:
             raise CfdeployError(f"--precision {self.precision}: training offers {', '.join(PRECISIONS)}")
         if self.no_coarse_mapper and self.no_medium_mapper and self.no_fine_mapper:
-            raise CfdeployError("--no-coarse-mapper, --no-medium-mapper and --no-fine-mapper together leave nothing to train")
+            raise CfdeployError(
+                "--no-coarse-mapper, --no-medium-mapper and --no-fine-mapper together leave nothing to train"
+            )
 
     def mapper_config(self, n_latent: int) -> MapperConfig:
         return MapperConfig(n_latent, 512, self.no_coarse_mapper, self.no_medium_mapper, self.no_fine_mapper)
@@ -124,7 +138,9 @@ class TrainingData:
 def step_generator(seed: int, *position: int) -> torch.Generator:
     """The random draws of one step, from (seed, step) alone: a resumed run draws what the uninterrupted one drew
     (``position`` may have more parts, e.g. (phase, step))."""
-    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, *position]).generate_state(1, np.uint64)[0] >> 1))
+    return torch.Generator().manual_seed(
+        int(np.random.SeedSequence([seed, *position]).generate_state(1, np.uint64)[0] >> 1)
+    )
 
 
 def batch_indices(seed: int, step: int, count: int, batch_size: int) -> np.ndarray:
@@ -151,7 +167,9 @@ class CFClipTraining(nn.Module):
     ) -> None:
         super().__init__()
         if settings.id_lambda and arcface is None:
-            raise CfdeployError("the identity loss needs ArcFace weights: pass --id-weights model_ir_se50.pth or --id-lambda 0")
+            raise CfdeployError(
+                "the identity loss needs ArcFace weights: pass --id-weights model_ir_se50.pth or --id-lambda 0"
+            )
         if settings.nce_lambda and nce is None:
             raise CfdeployError("the CLIP-NCE loss needs CLIP: pass --clip-weights ViT-B-32.pt or --nce-lambda 0")
         self.settings = settings
@@ -186,7 +204,11 @@ class CFClipTraining(nn.Module):
         with self.reduced_precision():
             edited = self.generator(w_hat).to(w.dtype)
             nce = self.nce(edited, source, warps).to(w.dtype) if self.nce is not None else edited.new_zeros(())
-            identity = identity_loss(self.arcface, edited, source).to(w.dtype) if self.arcface is not None else nce.new_zeros(())
+            identity = (
+                identity_loss(self.arcface, edited, source).to(w.dtype)
+                if self.arcface is not None
+                else nce.new_zeros(())
+            )
         l2 = F.mse_loss(w_hat, w)
         s = self.settings
         total = s.nce_lambda * nce + s.l2_lambda * l2 + s.id_lambda * identity
@@ -263,7 +285,8 @@ class Trainer:
         self.best_validation: float | None = None
         if len(data.train_latents) < self.settings.batch_size:
             raise CfdeployError(
-                f"{data.inputs.latents}: {len(data.train_latents)} training latents, fewer than one batch of {self.settings.batch_size}"
+                f"{data.inputs.latents}: {len(data.train_latents)} training latents, "
+                f"fewer than one batch of {self.settings.batch_size}"
             )
 
     def latents(self, rows: np.ndarray | slice, test: bool = False) -> torch.Tensor:
@@ -297,7 +320,9 @@ class Trainer:
         shown: list[torch.Tensor] = []
         count = len(self.data.test_latents)
         for row in range(count):
-            terms = self.model.losses(self.latents(slice(row, row + 1), test=True), step_generator(self.settings.seed, 0))
+            terms = self.model.losses(
+                self.latents(slice(row, row + 1), test=True), step_generator(self.settings.seed, 0)
+            )
             for name in LOSS_TERMS:
                 sums[name] += float(terms[name]) / count
             if len(shown) < GRID_ROWS:

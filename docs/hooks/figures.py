@@ -17,9 +17,10 @@ import importlib.util
 import json
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -73,15 +74,18 @@ def machine(report: dict[str, Any]) -> str:
 def render_onnxruntime_vs_torch(report: dict[str, Any]) -> str:
     """benchmarks/onnxruntime_vs_torch.py's table (the script prints it with rich; it imports torch)."""
     lines = [
-        "| size | torch (s) | onnxruntime (s) | torch / onnxruntime | cold `cfdeploy edit --bundle` (s) | `import torch` alone (s) |",
+        "| size | torch (s) | onnxruntime (s) | torch / onnxruntime "
+        "| cold `cfdeploy edit --bundle` (s) | `import torch` alone (s) |",
         "| ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for result in report["results"]:
         edit, cold = result["edit_median_s"], result["cold_start_median_s"]
         runs = len(next(iter(result["edit_samples_s"].values())))
-        lines.append(f"| {result['size']} | {edit['torch']:.3f} | {edit['onnxruntime']:.3f} | "
-                     f"{edit['torch'] / edit['onnxruntime']:.2f}x | {cold['cfdeploy edit --bundle']:.2f} | "
-                     f"{cold['import torch']:.2f} |")
+        lines.append(
+            f"| {result['size']} | {edit['torch']:.3f} | {edit['onnxruntime']:.3f} | "
+            f"{edit['torch'] / edit['onnxruntime']:.2f}x | {cold['cfdeploy edit --bundle']:.2f} | "
+            f"{cold['import torch']:.2f} |"
+        )
     return f"Edit (latent_editor + generator), batch 1, fp32, CPU, median of {runs}\n\n" + "\n".join(lines)
 
 
@@ -98,13 +102,18 @@ def render_serve_throughput(report: dict[str, Any]) -> str:
     ]
     for name, row in report["results"].items():
         batch = row.get("mean_generator_batch")
-        lines.append(f"| {name} | {row['requests_per_s']:.2f} | {row['requests_per_s'] / loop['requests_per_s']:.2f}x "
-                     f"| {row['p50_ms']:.0f} | {row['p99_ms']:.0f} | {row['p99_ms'] / row['p50_ms']:.2f} "
-                     f"| {'' if batch is None else f'{batch:.2f}'} |")
+        lines.append(
+            f"| {name} | {row['requests_per_s']:.2f} | {row['requests_per_s'] / loop['requests_per_s']:.2f}x "
+            f"| {row['p50_ms']:.0f} | {row['p99_ms']:.0f} | {row['p99_ms'] / row['p50_ms']:.2f} "
+            f"| {'' if batch is None else f'{batch:.2f}'} |"
+        )
     per_image = report["generator_s_per_image"]
     largest = max(per_image, key=int)
-    lines += ["", f"Generator alone: {1000 * per_image['1']:.0f} ms per image at batch 1, "
-              f"{1000 * per_image[largest]:.0f} ms at batch {largest}."]
+    lines += [
+        "",
+        f"Generator alone: {1000 * per_image['1']:.0f} ms per image at batch 1, "
+        f"{1000 * per_image[largest]:.0f} ms at batch {largest}.",
+    ]
     return "\n".join(lines)
 
 
@@ -112,8 +121,11 @@ def render_gpu(size: int) -> Callable[[], tuple[str, str | None]]:
     def render() -> tuple[str, str | None]:
         file = f"gpu_{size}.json"
         if not (RESULTS / file).is_file():
-            return (f"**{size} px on a GPU: not measured on a GPU yet** (`python benchmarks/gpu_backends.py` "
-                    f"writes `benchmarks/results/{file}` on a GPU machine).", None)
+            return (
+                f"**{size} px on a GPU: not measured on a GPU yet** (`python benchmarks/gpu_backends.py` "
+                f"writes `benchmarks/results/{file}` on a GPU machine).",
+                None,
+            )
         report = load(file)
         return benchmark("gpu_backends").render(report), file
 
@@ -124,8 +136,11 @@ def render_gpu_run() -> tuple[str, str | None]:
     """benchmarks/gpu/run.sh's results, committed as benchmarks/results/gpu_run/ (the folder names its own machine)."""
     folder = RESULTS / "gpu_run"
     if not (folder / "steps.jsonl").is_file():
-        return ("**Every CUDA path (benchmarks/gpu/run.sh): not measured on a GPU yet** (`benchmarks/gpu/prepare.sh`, then "
-                "`benchmarks/gpu/run.sh DIR` on a GPU machine; its folder goes to `benchmarks/results/gpu_run/`).", None)
+        return (
+            "**Every CUDA path (benchmarks/gpu/run.sh): not measured on a GPU yet** (`benchmarks/gpu/prepare.sh`, then "
+            "`benchmarks/gpu/run.sh DIR` on a GPU machine; its folder goes to `benchmarks/results/gpu_run/`).",
+            None,
+        )
     table = benchmark("gpu_backends").render_run(folder)
     return f"{table}\n\n*Rendered from `benchmarks/results/gpu_run/` (measured by `benchmarks/gpu/run.sh`).*", None
 
@@ -139,14 +154,31 @@ def from_json(file: str, render: Callable[[dict[str, Any]], str]) -> Callable[[]
 
 # NAME -> (renderer returning (Markdown, JSON file or None), the script that measures it)
 FIGURES: dict[str, tuple[Callable[[], tuple[str, str | None]], str]] = {
-    "cpu_256": (from_json("cpu_256.json", lambda r: benchmark("cpu_backends").render_latency(r)), "benchmarks/cpu_backends.py"),
-    "cpu_1024": (from_json("cpu_1024.json", lambda r: benchmark("cpu_backends").render_latency(r)), "benchmarks/cpu_backends.py"),
-    "cpu_256_batches": (from_json("cpu_256_batches.json", lambda r: benchmark("cpu_backends").render_scaling(r)),
-                        "benchmarks/cpu_backends.py"),
+    "cpu_256": (
+        from_json("cpu_256.json", lambda r: benchmark("cpu_backends").render_latency(r)),
+        "benchmarks/cpu_backends.py",
+    ),
+    "cpu_1024": (
+        from_json("cpu_1024.json", lambda r: benchmark("cpu_backends").render_latency(r)),
+        "benchmarks/cpu_backends.py",
+    ),
+    "cpu_256_batches": (
+        from_json("cpu_256_batches.json", lambda r: benchmark("cpu_backends").render_scaling(r)),
+        "benchmarks/cpu_backends.py",
+    ),
     "encoder": (from_json("encoder.json", lambda r: benchmark("encoder").render(r)), "benchmarks/encoder.py"),
-    "train_step": (from_json("train_step.json", lambda r: benchmark("train_step").render(r["results"])), "benchmarks/train_step.py"),
-    "dac": (from_json("dac.json", lambda r: benchmark("dac").table(r["results"], r["machine"]["device"])), "benchmarks/dac.py"),
-    "onnxruntime_vs_torch": (from_json("onnxruntime_vs_torch.json", render_onnxruntime_vs_torch), "benchmarks/onnxruntime_vs_torch.py"),
+    "train_step": (
+        from_json("train_step.json", lambda r: benchmark("train_step").render(r["results"])),
+        "benchmarks/train_step.py",
+    ),
+    "dac": (
+        from_json("dac.json", lambda r: benchmark("dac").table(r["results"], r["machine"]["device"])),
+        "benchmarks/dac.py",
+    ),
+    "onnxruntime_vs_torch": (
+        from_json("onnxruntime_vs_torch.json", render_onnxruntime_vs_torch),
+        "benchmarks/onnxruntime_vs_torch.py",
+    ),
     "serve_throughput": (from_json("serve_throughput.json", render_serve_throughput), "benchmarks/serve_throughput.py"),
     "gpu_256": (render_gpu(256), "benchmarks/gpu_backends.py"),
     "gpu_1024": (render_gpu(1024), "benchmarks/gpu_backends.py"),

@@ -29,14 +29,32 @@ def test_generator_gflop_matches_hand_count():
 def test_bench_synthetic_reports_every_field(cli, tmp_path):
     paths = {suffix: tmp_path / f"bench.{suffix}" for suffix in ("json", "csv", "png")}
     gpu_backends = "torch-cuda-fp16,onnxruntime-cuda,tensorrt"
-    result = cli("bench", "--synthetic", 32, "--backends", f"torch-reference,torch,onnxruntime,{gpu_backends}",
-                 "--batch-sizes", "1,2", "--warmup", 1, "--runs", 3,
-                 "--json", paths["json"], "--csv", paths["csv"], "--plot", paths["png"])
+    result = cli(
+        "bench",
+        "--synthetic",
+        32,
+        "--backends",
+        f"torch-reference,torch,onnxruntime,{gpu_backends}",
+        "--batch-sizes",
+        "1,2",
+        "--warmup",
+        1,
+        "--runs",
+        3,
+        "--json",
+        paths["json"],
+        "--csv",
+        paths["csv"],
+        "--plot",
+        paths["png"],
+    )
     assert result.exit_code == 0, result.stderr
     if not torch.cuda.is_available():
         assert "skipped torch-cuda-fp16: --device cuda: this torch sees no CUDA GPU" in result.stdout
     if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
-        assert "skipped onnxruntime-cuda: ONNX Runtime providers CUDAExecutionProvider are not available" in result.stdout
+        assert (
+            "skipped onnxruntime-cuda: ONNX Runtime providers CUDAExecutionProvider are not available" in result.stdout
+        )
     if importlib.util.find_spec("tensorrt") is None:
         assert "skipped tensorrt: the tensorrt backend needs TensorRT, which is not installed here" in result.stdout
     report = json.loads(paths["json"].read_text())
@@ -74,8 +92,21 @@ def test_bench_refuses_unknown_backend(cli):
 
 def test_bench_times_refinement_steps(cli, tmp_path):
     report_path = tmp_path / "bench.json"
-    result = cli("bench", "--synthetic", 32, "--backends", "torch", "--refine-steps", 2, "--warmup", 0, "--runs", 1,
-                 "--json", report_path)
+    result = cli(
+        "bench",
+        "--synthetic",
+        32,
+        "--backends",
+        "torch",
+        "--refine-steps",
+        2,
+        "--warmup",
+        0,
+        "--runs",
+        1,
+        "--json",
+        report_path,
+    )
     assert result.exit_code == 0, result.stderr
     stages = json.loads(report_path.read_text())["backends"][0]["results"][0]["stages_s"]
     assert stages["refine"]["median"] > 0

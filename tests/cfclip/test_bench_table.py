@@ -27,8 +27,22 @@ STAGES_RUN = ["tokenize", "clip_text", "text_mapper", "latent_editor", "generato
 def piped_bench(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess, dict]:
     """`cfdeploy bench` as a user pipes it (stdout and stderr not terminals), and the report it wrote."""
     report_path = tmp_path_factory.mktemp("bench") / "bench.json"
-    command = [sys.executable, "-m", "cfdeploy", "bench", "--synthetic", "16", "--backends", "torch-reference,torch",
-               "--warmup", "1", "--runs", "1", "--json", str(report_path)]
+    command = [
+        sys.executable,
+        "-m",
+        "cfdeploy",
+        "bench",
+        "--synthetic",
+        "16",
+        "--backends",
+        "torch-reference,torch",
+        "--warmup",
+        "1",
+        "--runs",
+        "1",
+        "--json",
+        str(report_path),
+    ]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stderr
     return completed, json.loads(report_path.read_text())
@@ -63,8 +77,11 @@ def test_piped_progress_is_plain_lines_with_run_counts(piped_bench):
     lines = [re.sub(r"in \d+\.\d\d s$", "in S s", line) for line in completed.stderr.splitlines()]
     expected = ["writing synthetic 16 px files"]  # and no export: only torch backends were asked for
     for index, name in enumerate(("torch-reference", "torch"), 1):
-        expected += [f"{name}: opening (backend {index}/2)", f"{name}: batch 1, warm-up 1/1 in S s",
-                     f"{name}: batch 1, run 1/1 in S s"]
+        expected += [
+            f"{name}: opening (backend {index}/2)",
+            f"{name}: batch 1, warm-up 1/1 in S s",
+            f"{name}: batch 1, run 1/1 in S s",
+        ]
     assert lines[:-1] == expected and lines[-1].startswith("wrote ")
 
 
@@ -80,7 +97,17 @@ def test_piped_table_fits_100_columns_without_cpu_gpu_columns(piped_bench):
 
 def test_compact_table_fits_100_columns_with_gpu_columns(gpu_report):
     table = bench_table(gpu_report)
-    assert headings(table) == ["backend", "batch", "total ms", "p90 ms", "img/s", "RSS MB", "GPU ms", "GPU MB", "PSNR dB"]
+    assert headings(table) == [
+        "backend",
+        "batch",
+        "total ms",
+        "p90 ms",
+        "img/s",
+        "RSS MB",
+        "GPU ms",
+        "GPU MB",
+        "PSNR dB",
+    ]
     lines = rendered(table)
     assert max(len(line) for line in lines) <= 100 and not any("…" in line for line in lines)
     widest = next(line for line in lines if max(PRESETS, key=len) in line)
@@ -89,8 +116,18 @@ def test_compact_table_fits_100_columns_with_gpu_columns(gpu_report):
 
 def test_wide_table_shows_the_stages_that_ran(piped_bench):
     table = bench_table(piped_bench[1], wide=True)
-    assert headings(table) == ["backend", "batch", *STAGES_RUN, "total", "p90", "p99", "img/s", "RSS MB",
-                               "max abs err", "PSNR dB"]
+    assert headings(table) == [
+        "backend",
+        "batch",
+        *STAGES_RUN,
+        "total",
+        "p90",
+        "p99",
+        "img/s",
+        "RSS MB",
+        "max abs err",
+        "PSNR dB",
+    ]
     assert table.row_count == 2
 
 
@@ -112,13 +149,25 @@ def test_encoder_runs_time_align_and_encoder_and_the_wide_table_shows_them(cfcli
     (result,) = report["results"]
     assert list(result["stages_s"]) == ["align", "encoder", "text_mapper", "latent_editor", "generator", "png", "total"]
     assert headings(bench_table({"backends": [report]}, wide=True))[:9] == [
-        "backend", "batch", "align", "encoder", "text_mapper", "latent_editor", "generator", "png", "total"]
+        "backend",
+        "batch",
+        "align",
+        "encoder",
+        "text_mapper",
+        "latent_editor",
+        "generator",
+        "png",
+        "total",
+    ]
 
 
-@pytest.mark.parametrize(("name", "sources", "reason"), [
-    ("torch", Sources(), "needs --checkpoint (or --synthetic)"),
-    ("tensorrt", Sources(), "needs --bundle (or --checkpoint with --clip-weights, or --synthetic, to export one)"),
-])
+@pytest.mark.parametrize(
+    ("name", "sources", "reason"),
+    [
+        ("torch", Sources(), "needs --checkpoint (or --synthetic)"),
+        ("tensorrt", Sources(), "needs --bundle (or --checkpoint with --clip-weights, or --synthetic, to export one)"),
+    ],
+)
 def test_backend_without_its_source_is_skipped_with_the_reason(name, sources, reason):
     assert measure_backend(name, sources, BenchSettings([name])) == {"backend": name, "skipped": reason}
 
@@ -130,13 +179,17 @@ def test_backend_the_registry_cannot_open_is_skipped_with_its_error(tmp_path):
 
 
 def test_torch_backend_on_a_core_install_is_skipped_naming_the_extra(tmp_path):
-    script = ("import sys; sys.modules['torch'] = None  # a core install: importing torch fails\n"
-              "from pathlib import Path\n"
-              "from cfdeploy.bench import BenchSettings, Sources, measure_backend\n"
-              "print(measure_backend('torch', Sources(checkpoint=Path(sys.argv[1])), BenchSettings(['torch']))['skipped'])")
+    script = (
+        "import sys; sys.modules['torch'] = None  # a core install: importing torch fails\n"
+        "from pathlib import Path\n"
+        "from cfdeploy.bench import BenchSettings, Sources, measure_backend\n"
+        "print(measure_backend('torch', Sources(checkpoint=Path(sys.argv[1])), BenchSettings(['torch']))['skipped'])"
+    )
     completed = subprocess.run([sys.executable, "-c", script, str(tmp_path / "any.pt")], capture_output=True, text=True)
     assert completed.returncode == 0, completed.stderr
-    assert completed.stdout == 'the torch backend needs torch, which this install lacks: pip install "cfdeploy[export]"\n'
+    assert (
+        completed.stdout == 'the torch backend needs torch, which this install lacks: pip install "cfdeploy[export]"\n'
+    )
 
 
 def test_unknown_backend_names_listed_with_the_known_ones():
@@ -145,12 +198,15 @@ def test_unknown_backend_names_listed_with_the_known_ones():
     assert str(error.value) == f"unknown backends cuda-magic, trt (known: {', '.join(PRESETS)})"
 
 
-@pytest.mark.parametrize(("given", "message"), [
-    ({"synthetic": 48}, "--synthetic must be a power of two of at least 8, got 48"),
-    ({"synthetic": 4}, "--synthetic must be a power of two of at least 8, got 4"),
-    ({}, "give exactly one of --checkpoint, --bundle or --synthetic SIZE"),
-    ({"synthetic": 16, "bundle": Path("b")}, "give exactly one of --checkpoint, --bundle or --synthetic SIZE"),
-])
+@pytest.mark.parametrize(
+    ("given", "message"),
+    [
+        ({"synthetic": 48}, "--synthetic must be a power of two of at least 8, got 48"),
+        ({"synthetic": 4}, "--synthetic must be a power of two of at least 8, got 4"),
+        ({}, "give exactly one of --checkpoint, --bundle or --synthetic SIZE"),
+        ({"synthetic": 16, "bundle": Path("b")}, "give exactly one of --checkpoint, --bundle or --synthetic SIZE"),
+    ],
+)
 def test_prepare_sources_refuses_bad_choices_and_writes_nothing(tmp_path, given, message):
     with pytest.raises(CfdeployError) as error:
         prepare_sources(tmp_path, **given)

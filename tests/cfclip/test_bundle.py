@@ -18,23 +18,51 @@ def test_manifest_lists_every_file_with_hash_contract_and_parity(bundle_256):
 
     manifest = json.loads((bundle_256 / "manifest.json").read_text())
     assert manifest["format"] == "cfdeploy-bundle" and manifest["format_version"] == 1
-    assert manifest["opts"] == {"size": 256, "n_latent": 14, "style_dim": 512, "description": "green lipstick",
-                                "source_text": "face", "w_space": False, "mapper_groups": ["coarse", "medium", "fine"]}
+    assert manifest["opts"] == {
+        "size": 256,
+        "n_latent": 14,
+        "style_dim": 512,
+        "description": "green lipstick",
+        "source_text": "face",
+        "w_space": False,
+        "mapper_groups": ["coarse", "medium", "fine"],
+    }
     assert set(manifest["networks"]) == {"clip_text", "text_mapper", "latent_editor", "generator", "mapping"}
     for network in manifest["networks"].values():
         assert set(network["parity"]) == {"batch_1", "batch_3"}
         assert all(result["rel_l2"] <= 1e-5 for result in network["parity"].values())
-    on_disk = sorted(str(p.relative_to(bundle_256)) for p in bundle_256.rglob("*") if p.is_file() and "cache" not in p.parts)
+    on_disk = sorted(
+        str(p.relative_to(bundle_256)) for p in bundle_256.rglob("*") if p.is_file() and "cache" not in p.parts
+    )
     assert sorted([*manifest["files"], "manifest.json"]) == on_disk
     assert all(sha256_file(bundle_256 / name) == digest for name, digest in manifest["files"].items())
-    assert manifest["networks"]["generator"]["inputs"] == [{"name": "latents", "shape": ["batch", 14, 512], "dtype": "float32"}]
+    assert manifest["networks"]["generator"]["inputs"] == [
+        {"name": "latents", "shape": ["batch", 14, 512], "dtype": "float32"}
+    ]
 
 
 @pytest.mark.parametrize("batch_size", [1, 2, 5])
-def test_onnxruntime_edit_reproduces_official(tmp_path, cli, bundle_256, cfclip_256, latents_256, embedding_file, batch_size):
+def test_onnxruntime_edit_reproduces_official(
+    tmp_path, cli, bundle_256, cfclip_256, latents_256, embedding_file, batch_size
+):
     out = tmp_path / "out"
-    result = cli("edit", "--bundle", bundle_256, "--backend", "onnxruntime", "-l", latents_256, "--text-embedding",
-                 embedding_file, "-o", out, "-b", batch_size, "--save-latents", "--save-raw")
+    result = cli(
+        "edit",
+        "--bundle",
+        bundle_256,
+        "--backend",
+        "onnxruntime",
+        "-l",
+        latents_256,
+        "--text-embedding",
+        embedding_file,
+        "-o",
+        out,
+        "-b",
+        batch_size,
+        "--save-latents",
+        "--save-raw",
+    )
     assert result.exit_code == 0, result.stderr
     w_hat, image = official_edit(cfclip_256, np.load(latents_256), np.load(embedding_file)[None])
     assert rel_l2(np.load(out / "latents.npy"), w_hat) <= TOLERANCE
@@ -60,7 +88,12 @@ def test_text_prompt_is_encoded_by_the_bundle_then_cached(tmp_path, cli, bundle_
 
 def test_precomputed_prompt_needs_no_clip(tmp_path, cli, bundle_256, cfclip_256, latents_256):
     out = tmp_path / "out"
-    assert cli("edit", "--bundle", bundle_256, "-l", latents_256, "--text", "green lipstick", "-o", out, "--save-latents").exit_code == 0
+    assert (
+        cli(
+            "edit", "--bundle", bundle_256, "-l", latents_256, "--text", "green lipstick", "-o", out, "--save-latents"
+        ).exit_code
+        == 0
+    )
     assert "text_encoder" not in json.loads((out / "edit.json").read_text())["timings_s"]
     w_hat = official_w_hat(cfclip_256, np.load(latents_256), open_clip_features(["green lipstick"]))
     assert rel_l2(np.load(out / "latents.npy"), w_hat) <= TOLERANCE
@@ -70,8 +103,26 @@ def test_seed_latents_on_a_bundle_match_the_torch_backend(tmp_path, cli, bundle_
     results = {}
     for backend, source in (("onnxruntime", ("--bundle", bundle_256)), ("torch", ("--checkpoint", cfclip_256))):
         out = tmp_path / backend
-        assert cli("edit", *source, "--backend", backend, "--seed", 3, "--num", 2, "--truncation", 0.5,
-                   "--text-embedding", embedding_file, "-o", out, "--save-latents").exit_code == 0
+        assert (
+            cli(
+                "edit",
+                *source,
+                "--backend",
+                backend,
+                "--seed",
+                3,
+                "--num",
+                2,
+                "--truncation",
+                0.5,
+                "--text-embedding",
+                embedding_file,
+                "-o",
+                out,
+                "--save-latents",
+            ).exit_code
+            == 0
+        )
         results[backend] = np.load(out / "latents.npy")
     assert rel_l2(results["onnxruntime"], results["torch"]) <= TOLERANCE
 
@@ -93,8 +144,11 @@ def run_on(cli, bundle: Path, out: Path, latents: Path, embedding: Path):
 
 def test_a_bundle_missing_a_graph_is_refused_naming_it(tmp_path, cli, bundle_copy, latents_256, embedding_file):
     (bundle_copy / "generator.onnx").unlink()
-    assert_refused(run_on(cli, bundle_copy, tmp_path / "out", latents_256, embedding_file), tmp_path / "out",
-                   f"{bundle_copy / 'generator.onnx'}: missing from the bundle")
+    assert_refused(
+        run_on(cli, bundle_copy, tmp_path / "out", latents_256, embedding_file),
+        tmp_path / "out",
+        f"{bundle_copy / 'generator.onnx'}: missing from the bundle",
+    )
 
 
 def test_a_bundle_file_with_the_wrong_hash_is_refused(tmp_path, cli, bundle_copy, latents_256, embedding_file):
@@ -103,35 +157,60 @@ def test_a_bundle_file_with_the_wrong_hash_is_refused(tmp_path, cli, bundle_copy
     graph.unlink()
     data[-1] ^= 1
     graph.write_bytes(bytes(data))
-    assert_refused(run_on(cli, bundle_copy, tmp_path / "out", latents_256, embedding_file), tmp_path / "out",
-                   str(graph), "differs from the manifest")
+    assert_refused(
+        run_on(cli, bundle_copy, tmp_path / "out", latents_256, embedding_file),
+        tmp_path / "out",
+        str(graph),
+        "differs from the manifest",
+    )
 
 
 def test_a_bundle_of_an_unknown_format_version_is_refused(tmp_path, cli, bundle_copy, latents_256, embedding_file):
     manifest = json.loads((bundle_copy / "manifest.json").read_text())
     manifest["format_version"] = 99
     (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
-    assert_refused(run_on(cli, bundle_copy, tmp_path / "out", latents_256, embedding_file), tmp_path / "out",
-                   "bundle format version 99, this cfdeploy reads version 1")
+    assert_refused(
+        run_on(cli, bundle_copy, tmp_path / "out", latents_256, embedding_file),
+        tmp_path / "out",
+        "bundle format version 99, this cfdeploy reads version 1",
+    )
 
 
 def test_a_directory_without_a_manifest_is_refused_as_no_bundle(tmp_path, cli, latents_256, embedding_file):
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert_refused(run_on(cli, empty, tmp_path / "out", latents_256, embedding_file), tmp_path / "out",
-                   "manifest.json: missing; not a cfdeploy bundle")
+    assert_refused(
+        run_on(cli, empty, tmp_path / "out", latents_256, embedding_file),
+        tmp_path / "out",
+        "manifest.json: missing; not a cfdeploy bundle",
+    )
 
 
 def test_latents_for_another_generator_size_than_the_bundles_are_refused(tmp_path, cli, bundle_256, embedding_file):
     latents = tmp_path / "w1024.npy"
     np.save(latents, np.zeros((2, 18, 512), np.float32))
-    assert_refused(run_on(cli, bundle_256, tmp_path / "out", latents, embedding_file), tmp_path / "out",
-                   str(latents), "latents have 18 levels, the generator needs 14")
+    assert_refused(
+        run_on(cli, bundle_256, tmp_path / "out", latents, embedding_file),
+        tmp_path / "out",
+        str(latents),
+        "latents have 18 levels, the generator needs 14",
+    )
 
 
 def test_an_unavailable_onnxruntime_provider_is_refused(tmp_path, cli, bundle_256, latents_256, embedding_file):
-    result = cli("edit", "--bundle", bundle_256, "-l", latents_256, "--text-embedding", embedding_file,
-                 "-o", tmp_path / "out", "--providers", "NoSuchExecutionProvider")
+    result = cli(
+        "edit",
+        "--bundle",
+        bundle_256,
+        "-l",
+        latents_256,
+        "--text-embedding",
+        embedding_file,
+        "-o",
+        tmp_path / "out",
+        "--providers",
+        "NoSuchExecutionProvider",
+    )
     assert_refused(result, tmp_path / "out", "NoSuchExecutionProvider are not available here")
 
 

@@ -37,8 +37,11 @@ def test_inspect_of_a_cfclip_checkpoint_reports_size_description_and_mapper_para
     assert report["kind"] == "CF-CLIP checkpoint"
     assert (report["resolution"], report["n_latent"], report["trained_description"]) == (256, 14, "green lipstick")
     assert report["mapper_groups"] == ["coarse", "medium", "fine"]
-    expected = sum(int(np.prod(shape)) for key, shape, _ in synthetic_files.manifest("cfclip_manifest_256.json")["keys"]
-                   if key.startswith("mapper.") and "kernel" not in key)
+    expected = sum(
+        int(np.prod(shape))
+        for key, shape, _ in synthetic_files.manifest("cfclip_manifest_256.json")["keys"]
+        if key.startswith("mapper.") and "kernel" not in key
+    )
     assert report["parameters"]["mapper"] == expected
 
 
@@ -49,11 +52,15 @@ def test_inspect_of_a_checkpoint_without_coarse_mapper_lists_the_other_groups(cl
     assert report["mapper_groups"] == ["medium", "fine"]
 
 
-def test_inspect_of_a_clip_archive_and_arrays_reports_kind_parameters_and_shape(cli, clip_torchscript_file, latents_256, embedding_file):
+def test_inspect_of_a_clip_archive_and_arrays_reports_kind_parameters_and_shape(
+    cli, clip_torchscript_file, latents_256, embedding_file
+):
     report = json.loads(cli("inspect", clip_torchscript_file, "--json").stdout)
     assert report["kind"] == "CLIP weights" and report["format"].startswith("TorchScript")
     assert report["parameters"]["text_tower"] == sum(
-        int(np.prod(shape)) for key, shape, _ in synthetic_files.manifest("clip_text_manifest.json")["keys"] if key != "logit_scale"
+        int(np.prod(shape))
+        for key, shape, _ in synthetic_files.manifest("clip_text_manifest.json")["keys"]
+        if key != "logit_scale"
     )
     assert json.loads(cli("inspect", latents_256, "--json").stdout)["shape"] == [5, 14, 512]
     table = cli("inspect", embedding_file)
@@ -84,8 +91,21 @@ def test_rosinality_checkpoint_without_noise_buffers_is_refused(tmp_path):
 
 
 def test_prompt_other_than_trained_description_warns(cli, tmp_path, cfclip_64, latents_64, clip_state_dict_file):
-    result = cli("edit", "-c", cfclip_64, "-l", latents_64, "--text", "blue dog", "--clip-weights", clip_state_dict_file,
-                 "-o", tmp_path / "out", "--batch-size", 5)
+    result = cli(
+        "edit",
+        "-c",
+        cfclip_64,
+        "-l",
+        latents_64,
+        "--text",
+        "blue dog",
+        "--clip-weights",
+        clip_state_dict_file,
+        "-o",
+        tmp_path / "out",
+        "--batch-size",
+        5,
+    )
     assert result.exit_code == 0, result.stderr
     assert "trained for 'green lipstick', not 'blue dog'" in result.stderr
 

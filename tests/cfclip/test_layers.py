@@ -61,7 +61,9 @@ def mapper_numpy(x: np.ndarray, state: dict[str, np.ndarray], prefix: str) -> np
     """The official Mapper: PixelNorm over dim 1 (the level axis of ``[B, levels, dim]``), four layers."""
     x = x / np.sqrt((x**2).mean(axis=1, keepdims=True) + 1e-8)
     for layer in range(1, 5):
-        x = equal_linear_numpy(x, state[f"{prefix}mapping.{layer}.weight"], state[f"{prefix}mapping.{layer}.bias"], 0.01)
+        x = equal_linear_numpy(
+            x, state[f"{prefix}mapping.{layer}.weight"], state[f"{prefix}mapping.{layer}.bias"], 0.01
+        )
     return x
 
 
@@ -180,8 +182,17 @@ def test_latent_editor_is_w_plus_strength_times_tenth_of_delta():
     editor = LatentEditor(mapper)
     w, t = torch.randn(2, 10, 16), torch.randn(2, 10, 16)
     x = equal_linear_numpy(torch.cat([w, t], -1).double().numpy(), state["fc.weight"], state["fc.bias"], 0.01)
-    delta = np.concatenate([mapper_numpy(x[:, levels], state, f"{group}.") for levels, group in (
-        (slice(0, 4), "course_mapping"), (slice(4, 8), "medium_mapping"), (slice(8, None), "fine_mapping"))], axis=1)
+    delta = np.concatenate(
+        [
+            mapper_numpy(x[:, levels], state, f"{group}.")
+            for levels, group in (
+                (slice(0, 4), "course_mapping"),
+                (slice(4, 8), "medium_mapping"),
+                (slice(8, None), "fine_mapping"),
+            )
+        ],
+        axis=1,
+    )
     for strength in (0.0, 1.0, 2.5):
         with torch.no_grad():
             got = editor(w, t, torch.tensor([strength]))

@@ -32,8 +32,23 @@ def test_edit_reproduces_official_w_hat_and_image(request, tmp_path, cli, checkp
     np.save(tmp_path / "w.npy", w)
     np.save(tmp_path / "t.npy", features[0])
     out = tmp_path / "out"
-    result = cli("edit", "--checkpoint", checkpoint, "--latents", tmp_path / "w.npy", "--text-embedding", tmp_path / "t.npy",
-                 "--out", out, "--backend", "torch", "--batch-size", batch_size, "--save-latents", "--save-raw")
+    result = cli(
+        "edit",
+        "--checkpoint",
+        checkpoint,
+        "--latents",
+        tmp_path / "w.npy",
+        "--text-embedding",
+        tmp_path / "t.npy",
+        "--out",
+        out,
+        "--backend",
+        "torch",
+        "--batch-size",
+        batch_size,
+        "--save-latents",
+        "--save-raw",
+    )
     assert result.exit_code == 0, result.stderr
 
     w_hat, image = official_edit(checkpoint, w, features)
@@ -49,15 +64,35 @@ def test_png_is_the_clamped_raw_image(tmp_path, cli, cfclip_64, latents_64, embe
     from PIL import Image
 
     out = tmp_path / "out"
-    assert cli("edit", "-c", cfclip_64, "-l", latents_64, "--text-embedding", embedding_file, "-o", out, "--save-raw").exit_code == 0
+    assert (
+        cli(
+            "edit", "-c", cfclip_64, "-l", latents_64, "--text-embedding", embedding_file, "-o", out, "--save-raw"
+        ).exit_code
+        == 0
+    )
     raw = np.load(out / "images.npy")[2]
     assert np.array_equal(np.asarray(Image.open(out / "000002.png")), png_values(raw))
 
 
 def test_text_prompt_goes_through_clip_like_open_clip(tmp_path, cli, cfclip_64, latents_64, clip_torchscript_file):
     out = tmp_path / "out"
-    result = cli("edit", "-c", cfclip_64, "-l", latents_64, "--text", "green lipstick", "--clip-weights",
-                 clip_torchscript_file, "-o", out, "--save-latents", "--save-raw", "--strength", "1")
+    result = cli(
+        "edit",
+        "-c",
+        cfclip_64,
+        "-l",
+        latents_64,
+        "--text",
+        "green lipstick",
+        "--clip-weights",
+        clip_torchscript_file,
+        "-o",
+        out,
+        "--save-latents",
+        "--save-raw",
+        "--strength",
+        "1",
+    )
     assert result.exit_code == 0, result.stderr
     # OpenAI's archive stores fp16 weights: the independent reference uses the same rounded values.
     model = open_clip.create_model(CLIP_ARCHITECTURE, pretrained=None)
@@ -74,8 +109,23 @@ def test_per_latent_embeddings_and_strength_scale_the_official_edit(tmp_path, cl
     features = np.random.default_rng(9).standard_normal((len(w), 512)).astype(np.float32)
     np.save(tmp_path / "t.npy", features)
     out = tmp_path / "out"
-    assert cli("edit", "-c", cfclip_64, "-l", latents_64, "--text-embedding", tmp_path / "t.npy", "-o", out,
-               "--strength", "2.5", "--save-latents").exit_code == 0
+    assert (
+        cli(
+            "edit",
+            "-c",
+            cfclip_64,
+            "-l",
+            latents_64,
+            "--text-embedding",
+            tmp_path / "t.npy",
+            "-o",
+            out,
+            "--strength",
+            "2.5",
+            "--save-latents",
+        ).exit_code
+        == 0
+    )
     unscaled = official_w_hat(cfclip_64, w, features)
     expected = w + 2.5 * (unscaled - w)
     assert rel_l2(np.load(out / "latents.npy"), expected) <= TOLERANCE
@@ -87,18 +137,51 @@ def test_w_latents_broadcast_to_every_level(tmp_path, cli, cfclip_64, embedding_
     torch.save(torch.from_numpy(w), tmp_path / "w.pt")
     for name in ("w.npy", "w.pt"):
         out = tmp_path / f"out_{name}"
-        assert cli("edit", "-c", cfclip_64, "-l", tmp_path / name, "--text-embedding", embedding_file, "-o", out,
-                   "--save-latents").exit_code == 0
+        assert (
+            cli(
+                "edit",
+                "-c",
+                cfclip_64,
+                "-l",
+                tmp_path / name,
+                "--text-embedding",
+                embedding_file,
+                "-o",
+                out,
+                "--save-latents",
+            ).exit_code
+            == 0
+        )
         w_hat = official_w_hat(cfclip_64, np.repeat(w[:, None], 10, axis=1), np.load(embedding_file)[None])
         assert rel_l2(np.load(out / "latents.npy"), w_hat) <= TOLERANCE
 
 
 def test_seed_latents_are_the_mapping_network_of_numpy_z(tmp_path, cli, cfclip_64, embedding_file):
     out = tmp_path / "out"
-    assert cli("edit", "-c", cfclip_64, "--seed", 11, "--num", 3, "--truncation", 1, "--text-embedding", embedding_file,
-               "-o", out, "--strength", 0, "--save-latents", "--side-by-side").exit_code == 0
+    assert (
+        cli(
+            "edit",
+            "-c",
+            cfclip_64,
+            "--seed",
+            11,
+            "--num",
+            3,
+            "--truncation",
+            1,
+            "--text-embedding",
+            embedding_file,
+            "-o",
+            out,
+            "--strength",
+            0,
+            "--save-latents",
+            "--side-by-side",
+        ).exit_code
+        == 0
+    )
     state = torch.load(cfclip_64, weights_only=True)["state_dict"]
-    decoder = {k[len("decoder."):]: v for k, v in state.items() if k.startswith("decoder.")}
+    decoder = {k[len("decoder.") :]: v for k, v in state.items() if k.startswith("decoder.")}
     z = torch.from_numpy(np.random.default_rng(11).standard_normal((3, 512)).astype(np.float32))
     with torch.no_grad():
         w_plus = reference.mapping(decoder, z)[:, None].repeat(1, 10, 1)

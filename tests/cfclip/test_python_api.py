@@ -15,9 +15,14 @@ def python_api_example() -> str:
     return re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
 
 
-def test_readme_python_api_example_matches_the_cli(tmp_path, monkeypatch, cli, cfclip_256, clip_state_dict_file, latents_256):
-    for name, target in (("green_lipstick.pt", cfclip_256), ("ViT-B-32.pt", clip_state_dict_file),
-                         ("test_faces.npy", latents_256)):
+def test_readme_python_api_example_matches_the_cli(
+    tmp_path, monkeypatch, cli, cfclip_256, clip_state_dict_file, latents_256
+):
+    for name, target in (
+        ("green_lipstick.pt", cfclip_256),
+        ("ViT-B-32.pt", clip_state_dict_file),
+        ("test_faces.npy", latents_256),
+    ):
         (tmp_path / name).symlink_to(target)
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
@@ -28,8 +33,21 @@ def test_readme_python_api_example_matches_the_cli(tmp_path, monkeypatch, cli, c
     assert {"clip_text", "text_mapper", "latent_editor", "generator"} <= set(result.timings)
 
     out = tmp_path / "edits"
-    ran = cli("edit", "-c", cfclip_256, "--clip-weights", clip_state_dict_file, "--text", "green lipstick",
-              "--latents", latents_256, "--out", out, "--save-latents", "--save-raw")
+    ran = cli(
+        "edit",
+        "-c",
+        cfclip_256,
+        "--clip-weights",
+        clip_state_dict_file,
+        "--text",
+        "green lipstick",
+        "--latents",
+        latents_256,
+        "--out",
+        out,
+        "--save-latents",
+        "--save-raw",
+    )
     assert ran.exit_code == 0, ran.stderr
     np.testing.assert_array_equal(np.load(out / "latents.npy"), result.w_hat)
     np.testing.assert_array_equal(np.load(out / "images.npy"), result.images)

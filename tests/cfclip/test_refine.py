@@ -117,22 +117,41 @@ def test_curve_starts_at_the_edit_and_the_best_latent_seen_is_returned(tiny_gene
     assert objective(refined) == pytest.approx(min(curve), rel=1e-5)
 
 
-def test_refinement_on_the_command_line_writes_its_loss_curve(cli, tmp_path, cfclip_64, embedding_file, clip_vit_b32_file):
+def test_refinement_on_the_command_line_writes_its_loss_curve(
+    cli, tmp_path, cfclip_64, embedding_file, clip_vit_b32_file
+):
     weights = clip_vit_b32_file  # ViT-B/32 text and image towers
     latents = tmp_path / "w.npy"
     np.save(latents, np.random.default_rng(3).standard_normal((1, 10, 512)).astype(np.float32))
     out = tmp_path / "out"
-    result = cli("edit", "-c", cfclip_64, "-l", latents, "--text-embedding", embedding_file, "--clip-weights", weights,
-                 "-o", out, "--refine-steps", 2, "--save-latents")
+    result = cli(
+        "edit",
+        "-c",
+        cfclip_64,
+        "-l",
+        latents,
+        "--text-embedding",
+        embedding_file,
+        "--clip-weights",
+        weights,
+        "-o",
+        out,
+        "--refine-steps",
+        2,
+        "--save-latents",
+    )
     assert result.exit_code == 0, result.stderr
     summary = json.loads((out / "edit.json").read_text())
     assert len(summary["refinement"]["loss_curves"][0]) == 2 and "refine" in summary["timings_s"]
     assert summary["refinement"]["settings"]["source_text"] == "face"
 
 
-def test_refinement_options_are_refused_in_one_line(cli, tmp_path, cfclip_64, latents_64, embedding_file, clip_state_dict_file):
+def test_refinement_options_are_refused_in_one_line(
+    cli, tmp_path, cfclip_64, latents_64, embedding_file, clip_state_dict_file
+):
     base = ["edit", "-c", cfclip_64, "-l", latents_64, "--text-embedding", embedding_file, "-o", tmp_path / "out"]
     assert_refused(cli(*base, "--refine-steps", -1), tmp_path / "out", "--refine-steps must be 0 or more, got -1")
     assert_refused(cli(*base, "--refine-steps", 1), tmp_path / "out", "--refine-steps needs --clip-weights")
-    assert_refused(cli(*base, "--refine-steps", 1, "--clip-weights", clip_state_dict_file), tmp_path / "out",
-                   "no visual.* weights")
+    assert_refused(
+        cli(*base, "--refine-steps", 1, "--clip-weights", clip_state_dict_file), tmp_path / "out", "no visual.* weights"
+    )

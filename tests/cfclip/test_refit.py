@@ -29,7 +29,14 @@ def edit(cli, bundle: Path, out: Path, latents: Path, *text: str) -> np.ndarray:
     return np.load(out / "latents.npy")
 
 
-OLD_ENGINE = ("10.3.0", "Orin", "8.7", "fp32", (1, 4, 8), True)  # a TensorRT engine's key, but for the text mapper's hash
+OLD_ENGINE = (
+    "10.3.0",
+    "Orin",
+    "8.7",
+    "fp32",
+    (1, 4, 8),
+    True,
+)  # a TensorRT engine's key, but for the text mapper's hash
 
 
 @dataclass
@@ -89,10 +96,17 @@ def test_refit_swaps_mappers_and_next_edit_uses_them(tmp_path, cli, refitted, la
     assert [p.name for p in bundle_copy.parent.glob(".bundle.*")] == []  # no lock, staging or old copy left
 
 
-@pytest.mark.parametrize("generator_seed,opts,message", [
-    (9, {}, "generator weights"),
-    (1, {"no_fine_mapper": True}, "mapper groups ['coarse', 'medium'] differ from the bundle's ['coarse', 'medium', 'fine']"),
-])
+@pytest.mark.parametrize(
+    "generator_seed,opts,message",
+    [
+        (9, {}, "generator weights"),
+        (
+            1,
+            {"no_fine_mapper": True},
+            "mapper groups ['coarse', 'medium'] differ from the bundle's ['coarse', 'medium', 'fine']",
+        ),
+    ],
+)
 def test_refit_refuses_another_generator_or_mapper_layout(tmp_path, cli, bundle_copy, generator_seed, opts, message):
     other = tmp_path / "other.pt"
     checkpoint_with_generator_of(other, generator_seed=generator_seed, mapper_seed=7, **opts)
@@ -112,7 +126,9 @@ def test_refit_leaves_tensorrt_engines_it_cannot_refit_stale_and_refused(cli, re
     assert result.exit_code == 0, result.stderr
     assert "engines for text_mapper not refitted here" in result.stderr
     engines = json.loads(cli("inspect", bundle_copy, "--json").stdout)["tensorrt_engines"]
-    assert engines == {"text_mapper": "fp32, batch 1..8 (opt 4), TensorRT 10.3.0, Orin (compute 8.7); stale: the graph changed since"}
+    assert engines == {
+        "text_mapper": "fp32, batch 1..8 (opt 4), TensorRT 10.3.0, Orin (compute 8.7); stale: the graph changed since"
+    }
     new_sha = json.loads((bundle_copy / "manifest.json").read_text())["files"]["text_mapper.onnx"]
     assert new_sha != refitted.text_mapper_sha
     with pytest.raises(Exception, match=r"ONNX graph sha256: engine has [0-9a-f]{12}…, wanted [0-9a-f]{12}…"):
@@ -204,7 +220,10 @@ def test_refit_with_a_checkpoint_whose_weights_and_biases_all_differ_matches_its
             assert rel_l2(got, expected) <= EDIT_TOLERANCE, network
     w = np.random.default_rng(5).standard_normal((2, 10, 512)).astype(np.float32)
     features = np.random.default_rng(6).standard_normal((1, 512)).astype(np.float32)
-    (w_hat, image), (fresh_w_hat, fresh_image) = edit_end_to_end(refitted, w, features), edit_end_to_end(fresh, w, features)
+    (w_hat, image), (fresh_w_hat, fresh_image) = (
+        edit_end_to_end(refitted, w, features),
+        edit_end_to_end(fresh, w, features),
+    )
     assert rel_l2(w_hat, fresh_w_hat) <= EDIT_TOLERANCE and rel_l2(image, fresh_image) <= EDIT_TOLERANCE
     expected_w_hat, expected_image = official_edit(other, w, features)
     assert rel_l2(w_hat, expected_w_hat) <= TOLERANCE and rel_l2(image, expected_image) <= TOLERANCE
@@ -235,17 +254,26 @@ def test_refit_names_in_one_line_the_weight_it_cannot_place_and_why():
     from cfdeploy.errors import CfdeployError
     from cfdeploy.refit import WeightInfo, match_weights
 
-    bundle = {"mapper_0.mapping.1.weight_t": WeightInfo((4, 4), "a"), "mapper_0.mapping.1.bias": WeightInfo((4,), "b"),
-              "val_0": WeightInfo((1,), "c")}
+    bundle = {
+        "mapper_0.mapping.1.weight_t": WeightInfo((4, 4), "a"),
+        "mapper_0.mapping.1.bias": WeightInfo((4,), "b"),
+        "val_0": WeightInfo((1,), "c"),
+    }
     weights = ["mapper_0.mapping.1.weight_t", "mapper_0.mapping.1.bias"]
     cases = [
-        ({**bundle, "mapper_0.mapping.1.bias": WeightInfo((5,), "b")},
-         "text_mapper: cannot place the checkpoint's weight mapper_0.mapping.1.bias [5]: the bundle's is [4]"),
-        ({**bundle, "mapper_1.mapping.1.bias": WeightInfo((4,), "d")},
-         "text_mapper: cannot place the checkpoint's weight mapper_1.mapping.1.bias [4]: the bundle's graph has no "
-         "initializer of that name"),
-        ({name: info for name, info in bundle.items() if name != "val_0"},
-         "text_mapper: the bundle's weight val_0 [1] has no counterpart in the checkpoint's graph"),
+        (
+            {**bundle, "mapper_0.mapping.1.bias": WeightInfo((5,), "b")},
+            "text_mapper: cannot place the checkpoint's weight mapper_0.mapping.1.bias [5]: the bundle's is [4]",
+        ),
+        (
+            {**bundle, "mapper_1.mapping.1.bias": WeightInfo((4,), "d")},
+            "text_mapper: cannot place the checkpoint's weight mapper_1.mapping.1.bias [4]: the bundle's graph has no "
+            "initializer of that name",
+        ),
+        (
+            {name: info for name, info in bundle.items() if name != "val_0"},
+            "text_mapper: the bundle's weight val_0 [1] has no counterpart in the checkpoint's graph",
+        ),
     ]
     for new, message in cases:
         with pytest.raises(CfdeployError) as refused:
@@ -257,6 +285,6 @@ def test_refit_names_in_one_line_the_weight_it_cannot_place_and_why():
     assert "\n" not in str(refused.value) and "mul_" not in str(refused.value).split("(")[0]
     assert "weight mapper_0.mapping.1.weight_t: the bundle's graph names its weights after" in str(refused.value)
     assert "export the bundle again, then refit it" in str(refused.value)
-    assert match_weights("text_mapper", bundle, {**bundle, "mapper_0.mapping.1.bias": WeightInfo((4,), "e")}, weights) == [
-        "mapper_0.mapping.1.bias"
-    ]
+    assert match_weights(
+        "text_mapper", bundle, {**bundle, "mapper_0.mapping.1.bias": WeightInfo((4,), "e")}, weights
+    ) == ["mapper_0.mapping.1.bias"]

@@ -37,13 +37,16 @@ def test_batch_profiles_follow_the_options_and_refuse_bad_ones():
         batch_profile(static_batch=0)
 
 
-@pytest.mark.parametrize("batch,profile,chunks", [
-    (5, BatchProfile(1, 4, 4), [(0, 4, 4), (4, 5, 1)]),
-    (3, BatchProfile(4, 4, 4), [(0, 3, 4)]),
-    (9, BatchProfile(4, 4, 4), [(0, 4, 4), (4, 8, 4), (8, 9, 4)]),
-    (1, BatchProfile(2, 4, 8), [(0, 1, 2)]),
-    (8, BatchProfile(1, 8, 8), [(0, 8, 8)]),
-])
+@pytest.mark.parametrize(
+    "batch,profile,chunks",
+    [
+        (5, BatchProfile(1, 4, 4), [(0, 4, 4), (4, 5, 1)]),
+        (3, BatchProfile(4, 4, 4), [(0, 3, 4)]),
+        (9, BatchProfile(4, 4, 4), [(0, 4, 4), (4, 8, 4), (8, 9, 4)]),
+        (1, BatchProfile(2, 4, 8), [(0, 1, 2)]),
+        (8, BatchProfile(1, 8, 8), [(0, 8, 8)]),
+    ],
+)
 def test_batches_are_cut_to_the_profile_maximum_and_padded_to_its_minimum(batch, profile, chunks):
     assert batch_chunks(batch, profile) == chunks
 
@@ -51,8 +54,13 @@ def test_batches_are_cut_to_the_profile_maximum_and_padded_to_its_minimum(batch,
 def test_precision_plan_follows_contracts_and_keeps_mappers_fp32():
     contracts = network_contracts(256, 14)
     defaults = {name: network_precision(contract, None) for name, contract in contracts.items()}
-    assert defaults == {"clip_text": "fp16", "text_mapper": "fp32", "latent_editor": "fp32", "generator": "mixed",
-                        "mapping": "fp32"}
+    assert defaults == {
+        "clip_text": "fp16",
+        "text_mapper": "fp32",
+        "latent_editor": "fp32",
+        "generator": "mixed",
+        "mapping": "fp32",
+    }
     forced = {name: network_precision(contract, "fp16") for name, contract in contracts.items()}
     assert forced == {**defaults, "clip_text": "fp16", "generator": "fp16"}
     assert {name: network_precision(c, "fp32") for name, c in contracts.items()} == dict.fromkeys(contracts, "fp32")
@@ -61,22 +69,27 @@ def test_precision_plan_follows_contracts_and_keeps_mappers_fp32():
         network_precision(contracts["generator"], "int8")
 
 
-@pytest.mark.parametrize("precision,kind,channels,pinned", [
-    ("mixed", "CONVOLUTION", 512, False),     # the main modulated convolutions: fp16
-    ("mixed", "DECONVOLUTION", 512, False),   # upsampling convolutions: fp16
-    ("mixed", "CONVOLUTION", 3, True),        # ToRGB
-    ("mixed", "DECONVOLUTION", 3, True),      # the RGB skip's upsampling
-    ("mixed", "REDUCE", 512, True),           # demodulation sums
-    ("mixed", "ELEMENTWISE", 512, True),      # style scaling, noise, bias
-    ("mixed", "NORMALIZATION", None, True),
-    ("fp16", "REDUCE", 512, False),
-    ("fp32", "ELEMENTWISE", 512, False),
-])
+@pytest.mark.parametrize(
+    "precision,kind,channels,pinned",
+    [
+        ("mixed", "CONVOLUTION", 512, False),  # the main modulated convolutions: fp16
+        ("mixed", "DECONVOLUTION", 512, False),  # upsampling convolutions: fp16
+        ("mixed", "CONVOLUTION", 3, True),  # ToRGB
+        ("mixed", "DECONVOLUTION", 3, True),  # the RGB skip's upsampling
+        ("mixed", "REDUCE", 512, True),  # demodulation sums
+        ("mixed", "ELEMENTWISE", 512, True),  # style scaling, noise, bias
+        ("mixed", "NORMALIZATION", None, True),
+        ("fp16", "REDUCE", 512, False),
+        ("fp32", "ELEMENTWISE", 512, False),
+    ],
+)
 def test_mixed_precision_pins_everything_but_heavy_non_rgb_layers(precision, kind, channels, pinned):
     assert keeps_fp32(precision, kind, channels) is pinned
 
 
-@pytest.mark.parametrize("text,expected", [("2GiB", 2 << 30), ("512M", 512 << 20), ("1.5g", 3 << 29), ("1048576", 1 << 20)])
+@pytest.mark.parametrize(
+    "text,expected", [("2GiB", 2 << 30), ("512M", 512 << 20), ("1.5g", 3 << 29), ("1048576", 1 << 20)]
+)
 def test_workspace_sizes_are_parsed_with_binary_units(text, expected):
     assert parse_bytes(text) == expected
 
@@ -99,26 +112,34 @@ def test_matching_engine_is_accepted(tmp_path):
     assert EngineKey.from_dict(KEY.as_dict(), tmp_path) == KEY
 
 
-@pytest.mark.parametrize("change,message", [
-    ({"onnx_sha256": "cd" * 32}, "ONNX graph sha256: engine has abababababab…, wanted cdcdcdcdcdcd…"),
-    ({"tensorrt_version": "10.13.0"}, "TensorRT version: engine has 10.3.0, wanted 10.13.0"),
-    ({"gpu_name": "NVIDIA H100"}, "GPU: engine has Orin, wanted NVIDIA H100"),
-    ({"compute_capability": "9.0"}, "compute capability: engine has 8.7, wanted 9.0"),
-    ({"precision": "fp32"}, "precision: engine has mixed, wanted fp32"),
-    ({"profile": (4, 4, 4)}, "batch profile (min, opt, max): engine has (1, 4, 8), wanted (4, 4, 4)"),
-    ({"refittable": True}, "refittable: engine has False, wanted True"),
-])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"onnx_sha256": "cd" * 32}, "ONNX graph sha256: engine has abababababab…, wanted cdcdcdcdcdcd…"),
+        ({"tensorrt_version": "10.13.0"}, "TensorRT version: engine has 10.3.0, wanted 10.13.0"),
+        ({"gpu_name": "NVIDIA H100"}, "GPU: engine has Orin, wanted NVIDIA H100"),
+        ({"compute_capability": "9.0"}, "compute capability: engine has 8.7, wanted 9.0"),
+        ({"precision": "fp32"}, "precision: engine has mixed, wanted fp32"),
+        ({"profile": (4, 4, 4)}, "batch profile (min, opt, max): engine has (1, 4, 8), wanted (4, 4, 4)"),
+        ({"refittable": True}, "refittable: engine has False, wanted True"),
+    ],
+)
 def test_each_kind_of_mismatch_is_refused_by_name(tmp_path, change, message):
     store(tmp_path, KEY)
     wanted = replace(KEY, **change)
     assert key_mismatches(KEY, wanted) == [message]
     with pytest.raises(CfdeployError) as refused:
         check_engine(tmp_path, wanted)
-    assert str(refused.value) == f"{tmp_path / 'generator.engine'}: built for something else: {message} (rebuild with --rebuild)"
+    assert (
+        str(refused.value)
+        == f"{tmp_path / 'generator.engine'}: built for something else: {message} (rebuild with --rebuild)"
+    )
 
 
 def test_missing_engine_key_or_damaged_key_is_refused(tmp_path):
-    with pytest.raises(CfdeployError, match=r"generator.engine: no engine for generator \(build it with cfdeploy build-engines\)"):
+    with pytest.raises(
+        CfdeployError, match=r"generator.engine: no engine for generator \(build it with cfdeploy build-engines\)"
+    ):
         check_engine(tmp_path, KEY)
     (tmp_path / "generator.engine").write_bytes(b"plan")
     with pytest.raises(CfdeployError, match=r"generator.key.json: missing, so generator.engine cannot be checked"):
@@ -147,7 +168,9 @@ def test_refit_matches_weights_by_name_and_shape_and_lists_the_changed():
 
     old = {"a": WeightInfo((2, 3), "x"), "b": WeightInfo((4,), "y")}
     assert match_weights("text_mapper", old, {"a": WeightInfo((2, 3), "x"), "b": WeightInfo((4,), "z")}) == ["b"]
-    with pytest.raises(CfdeployError, match=r"text_mapper: cannot place the checkpoint's weight c \[4\]: .* \(and 1 more\)"):
+    with pytest.raises(
+        CfdeployError, match=r"text_mapper: cannot place the checkpoint's weight c \[4\]: .* \(and 1 more\)"
+    ):
         match_weights("text_mapper", old, {"a": WeightInfo((2, 3), "x"), "c": WeightInfo((4,), "y")})
     with pytest.raises(CfdeployError, match=r"weight a \[3, 2\]: the bundle's is \[2, 3\]"):
         match_weights("text_mapper", old, {"a": WeightInfo((3, 2), "x"), "b": WeightInfo((4,), "y")})
@@ -164,11 +187,20 @@ def test_generator_hash_depends_on_values_not_on_key_order():
     assert weights_sha256({**state, "a": state["a"].float()}) != weights_sha256(state)
 
 
-@pytest.mark.parametrize("args,message", [
-    (["build-engines", "--bundle", "{bundle}", "--workspace", "lots"], "--workspace 'lots': expected a size such as 512MiB or 2GiB"),
-    (["build-engines", "--bundle", "{bundle}", "--min-batch", "4", "--max-batch", "2"], "1 <= --min-batch <= --opt-batch <= --max-batch"),
-    (["build-engines", "--bundle", "{tmp}/missing"], "no such bundle directory"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (
+            ["build-engines", "--bundle", "{bundle}", "--workspace", "lots"],
+            "--workspace 'lots': expected a size such as 512MiB or 2GiB",
+        ),
+        (
+            ["build-engines", "--bundle", "{bundle}", "--min-batch", "4", "--max-batch", "2"],
+            "1 <= --min-batch <= --opt-batch <= --max-batch",
+        ),
+        (["build-engines", "--bundle", "{tmp}/missing"], "no such bundle directory"),
+    ],
+)
 def test_build_engines_refuses_bad_options_before_touching_tensorrt(tmp_path, cli, args, message):
     result = cli(*(arg.format(bundle=tmp_path, tmp=tmp_path) for arg in args))
     assert result.exit_code == 2 and result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
@@ -182,9 +214,14 @@ def test_onnxruntime_gpu_provider_options_follow_the_network_precision(tmp_path)
     chosen, on_gpu = onnxruntime_providers("cuda:1", providers)
     assert chosen == providers and on_gpu == [{"device_id": "1"}, {"device_id": "1"}, {}]
     generator = provider_options(chosen, on_gpu, "mixed", tmp_path)
-    assert generator[0] == {"device_id": "1", "trt_engine_cache_enable": "True", "trt_engine_cache_path": str(tmp_path),
-                            "trt_timing_cache_enable": "True", "trt_timing_cache_path": str(tmp_path),
-                            "trt_fp16_enable": "True"}
+    assert generator[0] == {
+        "device_id": "1",
+        "trt_engine_cache_enable": "True",
+        "trt_engine_cache_path": str(tmp_path),
+        "trt_timing_cache_enable": "True",
+        "trt_timing_cache_path": str(tmp_path),
+        "trt_fp16_enable": "True",
+    }
     assert generator[1]["cudnn_conv_algo_search"] == "EXHAUSTIVE" and generator[1]["device_id"] == "1"
     assert generator[2] == {}
     assert provider_options(chosen, on_gpu, "fp32", tmp_path)[0]["trt_fp16_enable"] == "False"
@@ -222,11 +259,13 @@ def test_build_plan_keeps_builds_refuses_and_rebuilds(tmp_path):
     other_gpu = replace(mapper, gpu_name="NVIDIA H100", compute_capability="9.0")
     with pytest.raises(CfdeployError) as refused:
         plan_builds(tmp_path, [KEY, new_clip, other_gpu], rebuild=False)  # refused before anything is built
-    assert str(refused.value) == (f"{tmp_path}: engines exist for something else: text_mapper.engine: GPU: engine has "
-                                  "Orin, wanted NVIDIA H100; compute capability: engine has 8.7, wanted 9.0 (use --rebuild)")
+    assert str(refused.value) == (
+        f"{tmp_path}: engines exist for something else: text_mapper.engine: GPU: engine has "
+        "Orin, wanted NVIDIA H100; compute capability: engine has 8.7, wanted 9.0 (use --rebuild)"
+    )
     assert plan_builds(tmp_path, [KEY, other_gpu], rebuild=True) == [other_gpu]
     (tmp_path / "generator.key.json").write_text("{not json")
-    with pytest.raises(CfdeployError, match="generator.key.json: not valid JSON"):
+    with pytest.raises(CfdeployError, match=r"generator\.key\.json: not valid JSON"):
         plan_builds(tmp_path, [KEY], rebuild=False)
     assert plan_builds(tmp_path, [KEY], rebuild=True) == [KEY]
 
@@ -236,7 +275,9 @@ def test_runtime_accepts_any_precision_and_profile_but_not_another_gpu_or_graph(
 
     store(tmp_path, KEY)
     assert check_runnable(tmp_path, "generator", KEY.onnx_sha256, "10.3.0", ("Orin", "8.7")) == KEY
-    with pytest.raises(CfdeployError, match=r"GPU: engine has Orin, wanted NVIDIA H100; compute capability: engine has 8.7, wanted 9.0"):
+    with pytest.raises(
+        CfdeployError, match=r"GPU: engine has Orin, wanted NVIDIA H100; compute capability: engine has 8.7, wanted 9.0"
+    ):
         check_runnable(tmp_path, "generator", KEY.onnx_sha256, "10.3.0", ("NVIDIA H100", "9.0"))
     with pytest.raises(CfdeployError, match=r"ONNX graph sha256: engine has abababababab…, wanted 000000000000…"):
         check_runnable(tmp_path, "generator", "0" * 64, "10.3.0", ("Orin", "8.7"))

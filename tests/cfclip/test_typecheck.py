@@ -32,7 +32,9 @@ def type_check(directory: Path) -> tuple[subprocess.CompletedProcess, subprocess
     stubs = directory / "stubs"
     installed = early_run(
         [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(stubs), STUBS],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     if installed.returncode != 0:
         return installed, None
@@ -41,8 +43,14 @@ def type_check(directory: Path) -> tuple[subprocess.CompletedProcess, subprocess
     for pattern, replacement in STUB_REPAIRS:
         text = pattern.sub(replacement, text)
     api.write_text(text)
-    result = early_run([sys.executable, "-m", "mypy", "--no-incremental"], cwd=ROOT, stdout=subprocess.PIPE,
-                       stderr=subprocess.PIPE, text=True, env={**os.environ, "MYPYPATH": str(stubs)})
+    result = early_run(
+        [sys.executable, "-m", "mypy", "--no-incremental"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "MYPYPATH": str(stubs)},
+    )
     return installed, result
 
 
@@ -51,7 +59,9 @@ prepare_early("type check", type_check)  # mypy runs in its own process while th
 
 def test_package_type_checks_with_tensorrt_against_the_published_api():
     installed, result = early_result("type check")
-    if installed.returncode != 0 and re.search(r"NewConnectionError|Network is unreachable|name resolution", installed.stderr):
+    if installed.returncode != 0 and re.search(
+        r"NewConnectionError|Network is unreachable|name resolution", installed.stderr
+    ):
         pytest.skip(f"the package registry is unreachable, so {STUBS} cannot be fetched")
     assert installed.returncode == 0, installed.stderr
     assert result is not None

@@ -20,8 +20,13 @@ def edit(cli, tmp_path, cfclip_256, latents_256, embedding_file):
     """Run ``cfdeploy edit`` with good defaults, any of them overridden by keyword."""
 
     def run(**overrides):
-        options = {"--checkpoint": cfclip_256, "--latents": latents_256, "--text-embedding": embedding_file,
-                   "--out": tmp_path / "out", **overrides}
+        options = {
+            "--checkpoint": cfclip_256,
+            "--latents": latents_256,
+            "--text-embedding": embedding_file,
+            "--out": tmp_path / "out",
+            **overrides,
+        }
         args = [part for key, value in options.items() if value is not None for part in (key, value)]
         return cli("edit", *args)
 
@@ -58,23 +63,34 @@ def test_a_checkpoint_missing_a_noise_buffer_is_refused_never_inventing_noise(ed
     content = synthetic_files.cfclip_checkpoint(256)
     del content["state_dict"]["decoder.noises.noise_3"]
     path = saved(tmp_path, "no_noise.pt", content)
-    assert_refused(edit(**{"--checkpoint": path}), tmp_path / "out", str(path), "missing keys decoder.noises.noise_3",
-                   "never invents noise")
+    assert_refused(
+        edit(**{"--checkpoint": path}),
+        tmp_path / "out",
+        str(path),
+        "missing keys decoder.noises.noise_3",
+        "never invents noise",
+    )
 
 
 def test_a_checkpoint_weight_of_the_wrong_shape_is_refused_naming_both_shapes(edit, tmp_path):
     content = synthetic_files.cfclip_checkpoint(256)
     content["state_dict"]["mapper.fc.weight"] = torch.zeros(512, 512)
     path = saved(tmp_path, "wrong_shape.pt", content)
-    assert_refused(edit(**{"--checkpoint": path}), tmp_path / "out", str(path),
-                   "wrong shapes mapper.fc.weight [512, 512] (expected [512, 1024])")
+    assert_refused(
+        edit(**{"--checkpoint": path}),
+        tmp_path / "out",
+        str(path),
+        "wrong shapes mapper.fc.weight [512, 512] (expected [512, 1024])",
+    )
 
 
 def test_a_checkpoint_with_an_unexpected_key_is_refused_naming_it(edit, tmp_path):
     content = synthetic_files.cfclip_checkpoint(256)
     content["state_dict"]["text_mapper.mapper_14.mapping.1.weight"] = torch.zeros(512, 512)
     path = saved(tmp_path, "extra_key.pt", content)
-    assert_refused(edit(**{"--checkpoint": path}), tmp_path / "out", "unexpected keys text_mapper.mapper_14.mapping.1.weight")
+    assert_refused(
+        edit(**{"--checkpoint": path}), tmp_path / "out", "unexpected keys text_mapper.mapper_14.mapping.1.weight"
+    )
 
 
 class RunsCode:
@@ -94,9 +110,11 @@ def test_pickle_that_would_run_code_is_refused_and_never_runs(edit, tmp_path):
 
 @pytest.mark.parametrize(
     "shape,message",
-    [((2, 14, 256), "expected latents [N,14,512] (W+) or [N,512] (W), found [2, 14, 256]"),
-     ((2, 18, 512), "latents have 18 levels, the generator needs 14"),
-     ((2, 3, 14, 512), "found [2, 3, 14, 512]")],
+    [
+        ((2, 14, 256), "expected latents [N,14,512] (W+) or [N,512] (W), found [2, 14, 256]"),
+        ((2, 18, 512), "latents have 18 levels, the generator needs 14"),
+        ((2, 3, 14, 512), "found [2, 3, 14, 512]"),
+    ],
 )
 def test_latents_of_the_wrong_shape_are_refused_naming_the_shape(edit, tmp_path, shape, message):
     path = saved(tmp_path, "bad_latents.npy", np.zeros(shape, np.float32))
@@ -112,8 +130,13 @@ def test_latents_with_nan_and_inf_are_refused_counting_them(edit, tmp_path):
 
 def test_text_embeddings_numbering_neither_one_nor_one_per_latent_are_refused(edit, tmp_path):
     path = saved(tmp_path, "three.npy", np.zeros((3, 512), np.float32))
-    assert_refused(edit(**{"--text-embedding": path}), tmp_path / "out", str(path),
-                   "3 text embeddings match neither 1", "the 5 latents")
+    assert_refused(
+        edit(**{"--text-embedding": path}),
+        tmp_path / "out",
+        str(path),
+        "3 text embeddings match neither 1",
+        "the 5 latents",
+    )
 
 
 def test_an_unknown_device_is_refused(edit, tmp_path):
@@ -128,20 +151,35 @@ def test_cuda_without_a_gpu_is_refused(edit, tmp_path):
 
 def test_cuda_graphs_on_the_cpu_are_refused(cli, tmp_path, cfclip_256, latents_256, embedding_file):
     out = tmp_path / "out"
-    result = cli("edit", "-c", cfclip_256, "-l", latents_256, "--text-embedding", embedding_file, "-o", out, "--cuda-graphs")
+    result = cli(
+        "edit", "-c", cfclip_256, "-l", latents_256, "--text-embedding", embedding_file, "-o", out, "--cuda-graphs"
+    )
     assert_refused(result, out, "CUDA graphs need --device cuda")
 
 
 def test_a_torch_precision_with_a_bundle_backend_is_refused(cli, tmp_path, latents_256, embedding_file):
     out = tmp_path / "out"
     (tmp_path / "bundle").mkdir()
-    result = cli("edit", "--bundle", tmp_path / "bundle", "-l", latents_256, "--text-embedding", embedding_file, "-o", out,
-                 "--precision", "fp16")
+    result = cli(
+        "edit",
+        "--bundle",
+        tmp_path / "bundle",
+        "-l",
+        latents_256,
+        "--text-embedding",
+        embedding_file,
+        "-o",
+        out,
+        "--precision",
+        "fp16",
+    )
     assert_refused(result, out, "--precision: not an option of the onnxruntime backend")
 
 
 def test_text_without_clip_weights_is_refused(edit, tmp_path):
-    assert_refused(edit(**{"--text-embedding": None, "--text": "blue dog"}), tmp_path / "out", "--text needs --clip-weights")
+    assert_refused(
+        edit(**{"--text-embedding": None, "--text": "blue dog"}), tmp_path / "out", "--text needs --clip-weights"
+    )
 
 
 def test_a_prompt_over_77_tokens_is_refused(edit, tmp_path, clip_state_dict_file):
@@ -187,9 +225,23 @@ def test_failure_mid_run_leaves_nothing(edit, tmp_path, monkeypatch):
 def test_real_process_prints_one_line_and_exits_2(tmp_path, cfclip_256, latents_256):
     missing = tmp_path / "missing.npy"
     process = subprocess.run(
-        [sys.executable, "-m", "cfdeploy", "edit", "-c", str(cfclip_256), "-l", str(latents_256), "--text-embedding",
-         str(missing), "-o", str(tmp_path / "out")],
-        capture_output=True, text=True, env={**os.environ, "COLUMNS": "40"},
+        [
+            sys.executable,
+            "-m",
+            "cfdeploy",
+            "edit",
+            "-c",
+            str(cfclip_256),
+            "-l",
+            str(latents_256),
+            "--text-embedding",
+            str(missing),
+            "-o",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COLUMNS": "40"},
     )
     assert process.returncode == 2
     assert process.stderr.strip() == f"error: {missing}: no such file"

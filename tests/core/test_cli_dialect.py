@@ -16,10 +16,19 @@ from cfdeploy.cli.common import PRECISIONS
 
 # concept (the parameter's name in code) → its one spelling, and its short form where it has one
 SPELLINGS = {
-    "text": ("--text", "-t"), "source_text": ("--source-text", None), "num": ("--num", None),
-    "batch_size": ("--batch-size", "-b"), "device": ("--device", None), "precision": ("--precision", None),
-    "bundle": ("--bundle", None), "run": ("--run", None), "checkpoint": ("--checkpoint", "-c"), "out": ("--out", "-o"),
-    "force": ("--force", "-f"), "seed": ("--seed", None), "text_embedding": ("--text-embedding", None),
+    "text": ("--text", "-t"),
+    "source_text": ("--source-text", None),
+    "num": ("--num", None),
+    "batch_size": ("--batch-size", "-b"),
+    "device": ("--device", None),
+    "precision": ("--precision", None),
+    "bundle": ("--bundle", None),
+    "run": ("--run", None),
+    "checkpoint": ("--checkpoint", "-c"),
+    "out": ("--out", "-o"),
+    "force": ("--force", "-f"),
+    "seed": ("--seed", None),
+    "text_embedding": ("--text-embedding", None),
 }
 RETIRED = ("--prompt", "--target", "--samples", "-p")  # old spellings: hidden aliases that warn, never shown
 TENSORRT_PROFILE = {"--min-batch", "--opt-batch", "--max-batch", "--static-batch"}
@@ -49,8 +58,24 @@ def spellings(option: Any) -> list[str]:
 
 
 def test_every_command_is_found():
-    assert {"edit", "demo", "bench", "export", "build-engines", "refit", "invert", "embed", "inspect", "serve", "batch",
-            "train", "dac abduct", "dac edit", "dac export", "dac build-engines"} <= set(commands())
+    assert {
+        "edit",
+        "demo",
+        "bench",
+        "export",
+        "build-engines",
+        "refit",
+        "invert",
+        "embed",
+        "inspect",
+        "serve",
+        "batch",
+        "train",
+        "dac abduct",
+        "dac edit",
+        "dac export",
+        "dac build-engines",
+    } <= set(commands())
 
 
 @pytest.mark.parametrize("name", sorted(commands()))
@@ -96,7 +121,9 @@ def test_a_retired_spelling_still_works_with_a_warning_and_never_beside_its_new_
         "warning: a positional BUNDLE is now --bundle; the old name will be removed",
         f"error: {missing}: no such bundle directory",
     ]
-    result = cli("export", "-c", missing, "--clip-weights", missing, "--prompt", "a", "--text", "b", "-o", tmp_path / "out")
+    result = cli(
+        "export", "-c", missing, "--clip-weights", missing, "--prompt", "a", "--text", "b", "-o", tmp_path / "out"
+    )
     assert result.exit_code == 2
     assert result.stderr.strip() == "error: --prompt is the old name of --text: give --text only"
 

@@ -22,23 +22,32 @@ def assert_refused(result, out: Path, message: str) -> None:
     assert not out.exists()
 
 
-@pytest.mark.parametrize("option, value, message", [
-    ("--strength", "nan", "--strength must be a finite number, got nan"),
-    ("--strength", "inf", "--strength must be a finite number, got inf"),
-    ("--refine-lr", "nan", "--refine-lr must be a finite number, got nan"),
-])
-def test_non_finite_settings_are_refused_before_any_work(cli, tmp_path, cfclip_256, latents_256, embedding_file,
-                                                        option, value, message):
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("--strength", "nan", "--strength must be a finite number, got nan"),
+        ("--strength", "inf", "--strength must be a finite number, got inf"),
+        ("--refine-lr", "nan", "--refine-lr must be a finite number, got nan"),
+    ],
+)
+def test_non_finite_settings_are_refused_before_any_work(
+    cli, tmp_path, cfclip_256, latents_256, embedding_file, option, value, message
+):
     out = tmp_path / "out"
-    result = cli("edit", "-c", cfclip_256, "-l", latents_256, "--text-embedding", embedding_file, "-o", out, option, value)
+    result = cli(
+        "edit", "-c", cfclip_256, "-l", latents_256, "--text-embedding", embedding_file, "-o", out, option, value
+    )
     assert_refused(result, out, message)
 
 
-@pytest.mark.parametrize("options, message", [
-    (("--truncation", "inf"), "--truncation must be a finite number, got inf"),
-    (("--num", "1000000"), "--num must be between 1 and 100,000, got 1000000"),
-    (("--seed", "-1"), "--seed must be from 0 to 2^63-1, got -1"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (("--truncation", "inf"), "--truncation must be a finite number, got inf"),
+        (("--num", "1000000"), "--num must be between 1 and 100,000, got 1000000"),
+        (("--seed", "-1"), "--seed must be from 0 to 2^63-1, got -1"),
+    ],
+)
 def test_sampling_settings_are_refused_before_any_work(cli, tmp_path, cfclip_256, embedding_file, options, message):
     out = tmp_path / "out"
     result = cli("edit", "-c", cfclip_256, "--seed", 1, "--text-embedding", embedding_file, "-o", out, *options)
@@ -48,8 +57,9 @@ def test_sampling_settings_are_refused_before_any_work(cli, tmp_path, cfclip_256
 @pytest.mark.parametrize("prompt", ["", "   \t "])
 def test_empty_prompt_is_refused(cli, tmp_path, cfclip_256, latents_256, clip_state_dict_file, prompt):
     out = tmp_path / "out"
-    result = cli("edit", "-c", cfclip_256, "-l", latents_256, "--clip-weights", clip_state_dict_file, "--text", prompt,
-                 "-o", out)
+    result = cli(
+        "edit", "-c", cfclip_256, "-l", latents_256, "--clip-weights", clip_state_dict_file, "--text", prompt, "-o", out
+    )
     assert result.exit_code == 2 and "prompt" in result.stderr and "empty" in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not out.exists()
 
@@ -88,13 +98,25 @@ def test_inspect_shows_markup_and_escapes_from_a_checkpoint_literally(cli, hosti
     assert "\\x1b]8;;https://example.invalid" in result.stdout
 
 
-def test_warnings_and_reports_never_pass_escape_sequences(cli, tmp_path, hostile_description_checkpoint,
-                                                          latents_256, clip_state_dict_file):
+def test_warnings_and_reports_never_pass_escape_sequences(
+    cli, tmp_path, hostile_description_checkpoint, latents_256, clip_state_dict_file
+):
     out = tmp_path / "out"
     one_code = tmp_path / "one.npy"
     np.save(one_code, np.load(latents_256)[:1])
-    result = cli("edit", "-c", hostile_description_checkpoint, "-l", one_code, "--clip-weights", clip_state_dict_file,
-                 "--text", "blue dog \x1b[2J", "-o", out)
+    result = cli(
+        "edit",
+        "-c",
+        hostile_description_checkpoint,
+        "-l",
+        one_code,
+        "--clip-weights",
+        clip_state_dict_file,
+        "--text",
+        "blue dog \x1b[2J",
+        "-o",
+        out,
+    )
     assert result.exit_code == 0, result.stderr
     assert "\x1b" not in result.stderr
     assert "trained for" in result.stderr and "[/bold][red]" in result.stderr and "\\x1b[2J" in result.stderr
@@ -108,8 +130,19 @@ def test_png_compression_changes_size_not_pixels(cli, tmp_path, cfclip_256, late
     sizes, pixels = [], []
     for level in (0, 9):
         out = tmp_path / f"level{level}"
-        result = cli("edit", "-c", cfclip_256, "-l", one_code, "--text-embedding", embedding_file, "-o", out,
-                     "--png-compression", level)
+        result = cli(
+            "edit",
+            "-c",
+            cfclip_256,
+            "-l",
+            one_code,
+            "--text-embedding",
+            embedding_file,
+            "-o",
+            out,
+            "--png-compression",
+            level,
+        )
         assert result.exit_code == 0, result.stderr
         sizes.append((out / "000000.png").stat().st_size)
         pixels.append(np.asarray(Image.open(out / "000000.png")))

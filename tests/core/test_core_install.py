@@ -12,7 +12,16 @@ import open_clip
 import pytest
 from PIL import Image
 
-from conftest import TOKENIZER_PROMPTS, TOLERANCE, early_result, early_run, official_edit, open_clip_features, prepare_early, rel_l2
+from conftest import (
+    TOKENIZER_PROMPTS,
+    TOLERANCE,
+    early_result,
+    early_run,
+    official_edit,
+    open_clip_features,
+    prepare_early,
+    rel_l2,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -47,13 +56,19 @@ def test_core_install_tokenizes_like_open_clip(core_python, bundle_256):
         "tok = ClipTokenizer(Path(sys.argv[1]) / 'tokenizer' / 'bpe_simple_vocab_16e6.txt.gz');"
         "print(json.dumps(tok(json.loads(sys.argv[2])).tolist()))"
     )
-    process = subprocess.run([core_python, "-c", code, str(bundle_256), json.dumps(TOKENIZER_PROMPTS)], capture_output=True, text=True)
+    process = subprocess.run(
+        [core_python, "-c", code, str(bundle_256), json.dumps(TOKENIZER_PROMPTS)], capture_output=True, text=True
+    )
     assert process.returncode == 0, process.stderr
-    assert np.array_equal(np.array(json.loads(process.stdout)), open_clip.get_tokenizer("ViT-B-32")(TOKENIZER_PROMPTS).numpy())
+    assert np.array_equal(
+        np.array(json.loads(process.stdout)), open_clip.get_tokenizer("ViT-B-32")(TOKENIZER_PROMPTS).numpy()
+    )
 
 
 @pytest.mark.parametrize("text_source", ["text", "embedding"])
-def test_core_install_edits_a_bundle(core_python, tmp_path, bundle_256, cfclip_256, latents_256, embedding_file, text_source):
+def test_core_install_edits_a_bundle(
+    core_python, tmp_path, bundle_256, cfclip_256, latents_256, embedding_file, text_source
+):
     if text_source == "text":
         source, features = ("--text", "rosy cheeks"), open_clip_features(["rosy cheeks"])
     else:
@@ -79,8 +94,20 @@ def test_core_install_samples_a_dac_bundle_like_torch(core_python, tmp_path, dac
 
 def test_core_install_refuses_refinement_in_one_line(core_python, tmp_path, bundle_256, latents_256, embedding_file):
     out = tmp_path / "out"
-    process = run_core(core_python, "edit", "--bundle", bundle_256, "-l", latents_256, "--text-embedding", embedding_file,
-                       "-o", out, "--refine-steps", 3)
+    process = run_core(
+        core_python,
+        "edit",
+        "--bundle",
+        bundle_256,
+        "-l",
+        latents_256,
+        "--text-embedding",
+        embedding_file,
+        "-o",
+        out,
+        "--refine-steps",
+        3,
+    )
     assert process.returncode == 2
     assert process.stderr.strip() == (
         'error: refinement (--refine-steps) needs torch, which this install lacks: pip install "cfdeploy[export]"'
@@ -88,18 +115,40 @@ def test_core_install_refuses_refinement_in_one_line(core_python, tmp_path, bund
     assert not out.exists()
 
 
-@pytest.mark.parametrize("command, needed_for, extra", [
-    (("edit", "--checkpoint", "{checkpoint}", "--text-embedding", "{embedding}", "--seed", 1, "-o", "{out}"),
-     "the torch backend", "export"),
-    (("demo", "-o", "{out}"), "cfdeploy demo", "export"),
-    (("embed", "blue dog", "--clip-weights", "{checkpoint}", "-o", "{out}.npy"), "cfdeploy embed", "export"),
-    (("bench", "--synthetic", 8, "--backends", "torch"), "cfdeploy bench", "bench"),
-    (("dac", "abduct", "-i", "{checkpoint}", "--source-text", "A cat.", "-t", "A dog.", "--base-model", "{out}", "-o", "{out}"),
-     "cfdeploy dac abduct",
-     "dac"),
-])
-def test_core_install_names_the_extra_a_command_needs(core_python, tmp_path, cfclip_256, embedding_file, command,
-                                                      needed_for, extra):
+@pytest.mark.parametrize(
+    "command, needed_for, extra",
+    [
+        (
+            ("edit", "--checkpoint", "{checkpoint}", "--text-embedding", "{embedding}", "--seed", 1, "-o", "{out}"),
+            "the torch backend",
+            "export",
+        ),
+        (("demo", "-o", "{out}"), "cfdeploy demo", "export"),
+        (("embed", "blue dog", "--clip-weights", "{checkpoint}", "-o", "{out}.npy"), "cfdeploy embed", "export"),
+        (("bench", "--synthetic", 8, "--backends", "torch"), "cfdeploy bench", "bench"),
+        (
+            (
+                "dac",
+                "abduct",
+                "-i",
+                "{checkpoint}",
+                "--source-text",
+                "A cat.",
+                "-t",
+                "A dog.",
+                "--base-model",
+                "{out}",
+                "-o",
+                "{out}",
+            ),
+            "cfdeploy dac abduct",
+            "dac",
+        ),
+    ],
+)
+def test_core_install_names_the_extra_a_command_needs(
+    core_python, tmp_path, cfclip_256, embedding_file, command, needed_for, extra
+):
     out = tmp_path / "out"
     values = {"checkpoint": cfclip_256, "embedding": embedding_file, "out": out}
     process = run_core(core_python, *(str(part).format(**values) for part in command))

@@ -34,7 +34,11 @@ def ci_setup_commands() -> list[str]:
     commands = []
     for number, line in enumerate(lines):
         if line.startswith("# README"):
-            following = (candidate for candidate in lines[number + 1:] if candidate.strip() and not candidate.startswith(("#", "set ")))
+            following = (
+                candidate
+                for candidate in lines[number + 1 :]
+                if candidate.strip() and not candidate.startswith(("#", "set "))
+            )
             commands.append(next(following))
     return commands
 
@@ -64,7 +68,9 @@ def test_every_relative_link_in_the_readme_points_at_a_file_that_exists():
 def test_every_docs_page_is_linked_from_the_readme_and_listed_in_the_navigation():
     readme, config = README.read_text(), (ROOT / "mkdocs.yml").read_text()
     for page in sorted(DOCS.glob("*.md")):
-        assert re.search(rf"^\s*- .*: {re.escape(page.name)}$", config, re.MULTILINE), f"{page.name} is not in mkdocs.yml's nav"
+        assert re.search(rf"^\s*- .*: {re.escape(page.name)}$", config, re.MULTILINE), (
+            f"{page.name} is not in mkdocs.yml's nav"
+        )
         if page.name != "index.md":
             assert f"(docs/{page.name})" in readme, f"README.md does not link docs/{page.name}"
 
@@ -131,15 +137,39 @@ def test_the_docs_build_strictly_with_no_warnings_and_without_torch(tmp_path):
     blocker = tmp_path / "no_torch" / "torch"
     blocker.mkdir(parents=True)
     (blocker / "__init__.py").write_text("raise ImportError('the docs build must not import torch')\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(blocker.parent), os.environ.get("PYTHONPATH")])),
-           "NO_MKDOCS_2_WARNING": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(blocker.parent), os.environ.get("PYTHONPATH")])),
+        "NO_MKDOCS_2_WARNING": "1",
+    }
     site = tmp_path / "site"
-    built = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--config-file", str(ROOT / "mkdocs.yml"),
-                            "--site-dir", str(site)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    built = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mkdocs",
+            "build",
+            "--strict",
+            "--config-file",
+            str(ROOT / "mkdocs.yml"),
+            "--site-dir",
+            str(site),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     output = built.stdout + built.stderr
     assert built.returncode == 0, output
     assert "WARNING" not in output, output
     pages = {path.relative_to(site).as_posix(): path.read_text() for path in site.rglob("index.html")}
     assert not [name for name, page in pages.items() if "<!-- figures:" in page]
-    assert "Rendered from" in pages["performance/index.html"] and "not measured on a GPU yet" in pages["performance/index.html"]
-    assert "open_backend" in pages["python-api/index.html"], "the README's Python API example is included in python-api.md"
+    assert (
+        "Rendered from" in pages["performance/index.html"]
+        and "not measured on a GPU yet" in pages["performance/index.html"]
+    )
+    assert "open_backend" in pages["python-api/index.html"], (
+        "the README's Python API example is included in python-api.md"
+    )

@@ -722,7 +722,9 @@ def test_a_command_without_its_extra_names_that_extra(monkeypatch, tmp_path):
     for module in [name for name in sys.modules if name in ("cfdeploy.dac.export", "cfdeploy.exporter")]:
         monkeypatch.delitem(sys.modules, module)
     monkeypatch.setitem(sys.modules, "onnx", None)  # `import onnx` raises ModuleNotFoundError
-    result = CliRunner().invoke(app, ["dac", "export", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "bundle")])
+    result = CliRunner().invoke(
+        app, ["dac", "export", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "bundle")]
+    )
     assert result.exit_code == 2
     assert (
         'error: cfdeploy dac export needs onnx, which this install lacks: pip install "cfdeploy[dac]"' in result.output

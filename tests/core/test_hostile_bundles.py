@@ -94,27 +94,41 @@ MALFORMED = {
     "no networks": (_drop("networks"), "networks is missing"),
     "files as a list": (_set("files", ["mean_w.npy"]), "files must be an object, found a list"),
     "numeric sha256": (_set("files", "mean_w.npy", 12), "files['mean_w.npy'] must be a sha256 string, found a number"),
-    "short sha256": (_set("files", "mean_w.npy", "abc"),
-                     "files['mean_w.npy'] is not a sha256 (64 lowercase hex digits): 'abc'"),
+    "short sha256": (
+        _set("files", "mean_w.npy", "abc"),
+        "files['mean_w.npy'] is not a sha256 (64 lowercase hex digits): 'abc'",
+    ),
     "text size": (_set("opts", "size", "256"), "opts.size must be a whole number from 1 to 8192, found '256'"),
     "negative size": (_set("opts", "size", -256), "opts.size must be a whole number from 1 to 8192, found -256"),
-    "fractional levels": (_set("opts", "n_latent", 14.5),
-                          "opts.n_latent must be a whole number from 1 to 64, found 14.5"),
+    "fractional levels": (
+        _set("opts", "n_latent", 14.5),
+        "opts.n_latent must be a whole number from 1 to 64, found 14.5",
+    ),
     "zero style_dim": (_set("opts", "style_dim", 0), "opts.style_dim must be a whole number from 1 to 4096, found 0"),
     "levels the graphs do not have": (
         _set("opts", "n_latent", 18),
         "networks.text_mapper.outputs is text_latents ['batch', 14, 512], which disagrees with opts "
         "(size, n_latent, style_dim): expected text_latents ['batch', 18, 512]",
     ),
-    "unknown graph": (_set("networks", "decoder", {}), "networks has an unknown graph 'decoder' (format version 1 has none)"),
+    "unknown graph": (
+        _set("networks", "decoder", {}),
+        "networks has an unknown graph 'decoder' (format version 1 has none)",
+    ),
     "future format": (_set("format_version", 2), "bundle format version 2, this cfdeploy reads version 1"),
-    "boolean format version": (_set("format_version", True), "bundle format version True, this cfdeploy reads version 1"),
-    "unlisted mean W": (_set("mean_w", "prompts/other.npy"),
-                        "mean_w 'prompts/other.npy' is not listed in files, so it cannot be verified"),
+    "boolean format version": (
+        _set("format_version", True),
+        "bundle format version True, this cfdeploy reads version 1",
+    ),
+    "unlisted mean W": (
+        _set("mean_w", "prompts/other.npy"),
+        "mean_w 'prompts/other.npy' is not listed in files, so it cannot be verified",
+    ),
     "refits as text": (_set("refits", "many"), "refits must be a list, found a string"),
     "no mean W": (_drop("mean_w"), "mean_w is missing"),
-    "NaN parity": (_set("networks", "generator", "parity", "batch_1", "rel_l2", float("nan")),
-                   "networks.generator.parity.batch_1.rel_l2 must be a finite number, found nan"),
+    "NaN parity": (
+        _set("networks", "generator", "parity", "batch_1", "rel_l2", float("nan")),
+        "networks.generator.parity.batch_1.rel_l2 must be a finite number, found nan",
+    ),
 }
 
 
@@ -132,8 +146,11 @@ def test_malformed_manifest_refuses_an_edit_before_any_output(tmp_path, cli, bun
     manifest["files"] = list(manifest["files"])
     write_raw_manifest(bundle, manifest)
     out = tmp_path / "out"
-    assert_refused(edit(cli, bundle, out, "-l", latents_256, "--text-embedding", embedding_file), out,
-                   f"{bundle / 'manifest.json'}: files must be an object, found a list")
+    assert_refused(
+        edit(cli, bundle, out, "-l", latents_256, "--text-embedding", embedding_file),
+        out,
+        f"{bundle / 'manifest.json'}: files must be an object, found a list",
+    )
 
 
 def test_a_manifest_of_invalid_utf8_is_refused_naming_the_byte(cli, bundle):
@@ -150,8 +167,11 @@ OUTSIDE = {
     "mean W absolute": (("mean_w",), "/etc/passwd", "mean_w '/etc/passwd'"),
     "tokenizer": (("tokenizer", "vocab"), "../../etc/passwd", "tokenizer.vocab '../../etc/passwd'"),
     "graph": (("networks", "generator", "file"), "/etc/passwd", "networks.generator.file '/etc/passwd'"),
-    "prompt": (("prompts", "green lipstick"), "prompts/../../../etc/passwd",
-               "prompts['green lipstick'] 'prompts/../../../etc/passwd'"),
+    "prompt": (
+        ("prompts", "green lipstick"),
+        "prompts/../../../etc/passwd",
+        "prompts['green lipstick'] 'prompts/../../../etc/passwd'",
+    ),
 }
 
 
@@ -166,12 +186,17 @@ def test_manifest_path_leading_out_is_refused_without_reading_it(tmp_path, cli, 
     result = edit(cli, bundle, out, "--text", "green lipstick", "--seed", 1, "--truncation", 0.5)
     assert manifest["files"][target][:8] not in result.stderr and "root:" not in result.stdout + result.stderr
     # the files entry is checked first: the refusal never gets as far as the field naming it
-    assert_refused(result, out, f"{bundle / 'manifest.json'}: files entry {target!r} leads outside the bundle "
-                                "(absolute, empty or with '..')")
+    assert_refused(
+        result,
+        out,
+        f"{bundle / 'manifest.json'}: files entry {target!r} leads outside the bundle (absolute, empty or with '..')",
+    )
     del manifest["files"][target]
     write_raw_manifest(bundle, manifest)
     result = edit(cli, bundle, out, "--text", "green lipstick", "--seed", 1, "--truncation", 0.5)
-    assert_refused(result, out, f"{bundle / 'manifest.json'}: {field} leads outside the bundle (absolute, empty or with '..')")
+    assert_refused(
+        result, out, f"{bundle / 'manifest.json'}: {field} leads outside the bundle (absolute, empty or with '..')"
+    )
 
 
 def test_symlinked_graph_leading_out_is_refused(tmp_path, cli, bundle, latents_256, embedding_file):
@@ -181,8 +206,11 @@ def test_symlinked_graph_leading_out_is_refused(tmp_path, cli, bundle, latents_2
     (bundle / "generator.onnx").unlink()
     (bundle / "generator.onnx").symlink_to(outside)
     out = tmp_path / "out"
-    assert_refused(edit(cli, bundle, out, "-l", latents_256, "--text-embedding", embedding_file), out,
-                   f"{bundle / 'manifest.json'}: files entry 'generator.onnx' is a symlink leading outside the bundle")
+    assert_refused(
+        edit(cli, bundle, out, "-l", latents_256, "--text-embedding", embedding_file),
+        out,
+        f"{bundle / 'manifest.json'}: files entry 'generator.onnx' is a symlink leading outside the bundle",
+    )
 
 
 def test_symlinked_manifest_leading_out_is_refused_without_its_hash(tmp_path, cli, bundle):
@@ -191,8 +219,19 @@ def test_symlinked_manifest_leading_out_is_refused_without_its_hash(tmp_path, cl
     (bundle / "manifest.json").unlink()
     (bundle / "manifest.json").symlink_to(outside)
     digest = hashlib.sha256(outside.read_bytes()).hexdigest()
-    result = cli("edit", "--bundle", bundle, "--seed", 1, "--text", "green lipstick", "--out", tmp_path / "out",
-                 "--expect-manifest", "0" * 64)
+    result = cli(
+        "edit",
+        "--bundle",
+        bundle,
+        "--seed",
+        1,
+        "--text",
+        "green lipstick",
+        "--out",
+        tmp_path / "out",
+        "--expect-manifest",
+        "0" * 64,
+    )
     assert_refused(result, tmp_path / "out", f"{bundle / 'manifest.json'}: is a symlink leading outside the bundle")
     assert digest[:8] not in result.stderr
 
@@ -221,9 +260,12 @@ def test_refit_of_a_bundle_without_clip_refuses_before_any_work(cli, bundle, cfc
     del manifest["networks"]["clip_text"], manifest["files"]["clip_text.onnx"]
     write_raw_manifest(bundle, manifest)
     before = (bundle / "manifest.json").read_bytes()
-    assert_refused(cli("refit", "--bundle", bundle, "-c", cfclip_256), None,
-                   f"{bundle.resolve()}: its precomputed prompts would need recomputing, but it has no CLIP text graph "
-                   "(exported --without-clip); export the new checkpoint instead")
+    assert_refused(
+        cli("refit", "--bundle", bundle, "-c", cfclip_256),
+        None,
+        f"{bundle.resolve()}: its precomputed prompts would need recomputing, but it has no CLIP text graph "
+        "(exported --without-clip); export the new checkpoint instead",
+    )
     assert (bundle / "manifest.json").read_bytes() == before
 
 
@@ -243,8 +285,11 @@ def test_mean_w_declaring_a_huge_shape_is_refused_before_allocating(tmp_path, cl
     np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": (10**12,)})
     rehash(bundle, "mean_w.npy", header.getvalue() + bytes(64))
     out = tmp_path / "out"
-    assert_refused(edit(cli, bundle, out, "--text", "green lipstick", "--seed", 1, "--truncation", 0.5), out,
-                   f"{bundle / 'mean_w.npy'}: holds float32 [1000000000000], expected float32 [512]")
+    assert_refused(
+        edit(cli, bundle, out, "--text", "green lipstick", "--seed", 1, "--truncation", 0.5),
+        out,
+        f"{bundle / 'mean_w.npy'}: holds float32 [1000000000000], expected float32 [512]",
+    )
 
 
 def test_precomputed_prompt_of_the_wrong_shape_is_refused(tmp_path, cli, bundle, latents_256):
@@ -252,8 +297,11 @@ def test_precomputed_prompt_of_the_wrong_shape_is_refused(tmp_path, cli, bundle,
     manifest["prompts"]["green lipstick"] = "mean_w.npy"  # listed and hashed, but not a t_w
     write_raw_manifest(bundle, manifest)
     out = tmp_path / "out"
-    assert_refused(edit(cli, bundle, out, "-l", latents_256, "--text", "green lipstick"), out,
-                   f"{bundle / 'mean_w.npy'}: holds float32 [512], expected float32 [1, 14, 512]")
+    assert_refused(
+        edit(cli, bundle, out, "-l", latents_256, "--text", "green lipstick"),
+        out,
+        f"{bundle / 'mean_w.npy'}: holds float32 [512], expected float32 [1, 14, 512]",
+    )
 
 
 def test_graph_asking_for_unlisted_external_data_is_refused(tmp_path, bundle):
@@ -263,9 +311,11 @@ def test_graph_asking_for_unlisted_external_data_is_refused(tmp_path, bundle):
 
     secret = numpy_helper.from_array(np.ones((1, 512), np.float32), "w")
     graph = helper.make_graph(
-        [helper.make_node("Add", ["z", "w"], ["w_out"])], "mapping",
+        [helper.make_node("Add", ["z", "w"], ["w_out"])],
+        "mapping",
         [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["batch", 512])],
-        [helper.make_tensor_value_info("w_out", TensorProto.FLOAT, ["batch", 512])], [secret],
+        [helper.make_tensor_value_info("w_out", TensorProto.FLOAT, ["batch", 512])],
+        [secret],
     )
     staging = tmp_path / "graph"
     staging.mkdir()
@@ -276,8 +326,10 @@ def test_graph_asking_for_unlisted_external_data_is_refused(tmp_path, bundle):
     out = tmp_path / "out"
     ran = run_cfdeploy("edit", "--bundle", bundle, "--out", out, "--text", "green lipstick", "--seed", 1)
     assert ran.returncode == 2, ran.stderr
-    assert ran.stderr.strip() == (f"error: {bundle / 'mapping.onnx'}: ONNX Runtime cannot load this graph: it reads "
-                                  "external data files the manifest does not list (only files it hashes are read)")
+    assert ran.stderr.strip() == (
+        f"error: {bundle / 'mapping.onnx'}: ONNX Runtime cannot load this graph: it reads "
+        "external data files the manifest does not list (only files it hashes are read)"
+    )
     assert not out.exists()
 
 
@@ -288,15 +340,22 @@ def test_inspect_prints_the_manifest_sha256_and_edit_refuses_any_other(tmp_path,
     digest = hashlib.sha256((bundle / "manifest.json").read_bytes()).hexdigest()
     assert json.loads(cli("inspect", bundle, "--json").stdout)["manifest_sha256"] == digest
     pinned = tmp_path / "pinned"
-    assert edit(cli, bundle, pinned, "-l", one_code, "--text-embedding", embedding_file,
-                "--expect-manifest", digest.upper()).exit_code == 0
+    assert (
+        edit(
+            cli, bundle, pinned, "-l", one_code, "--text-embedding", embedding_file, "--expect-manifest", digest.upper()
+        ).exit_code
+        == 0
+    )
     manifest = read_manifest(bundle)
     manifest["opts"]["description"] = "something else"  # a consistent rewrite: every hash still matches
     write_raw_manifest(bundle, manifest)
     rewritten = hashlib.sha256((bundle / "manifest.json").read_bytes()).hexdigest()
     out = tmp_path / "out"
-    assert_refused(edit(cli, bundle, out, "-l", one_code, "--text-embedding", embedding_file, "--expect-manifest", digest),
-                   out, f"{bundle / 'manifest.json'}: sha256 {rewritten[:12]}… is not the pinned {digest[:12]}…")
+    assert_refused(
+        edit(cli, bundle, out, "-l", one_code, "--text-embedding", embedding_file, "--expect-manifest", digest),
+        out,
+        f"{bundle / 'manifest.json'}: sha256 {rewritten[:12]}… is not the pinned {digest[:12]}…",
+    )
 
 
 def test_a_pin_that_is_not_a_sha256_is_refused(bundle):
@@ -311,8 +370,9 @@ PROMPT = "purple hair"
 
 def run_cfdeploy(*args: object) -> subprocess.CompletedProcess:
     """The real command line (the cache's warning goes through the process's own stderr)."""
-    return subprocess.run([sys.executable, "-m", "cfdeploy", *map(str, args)], capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "cfdeploy", *map(str, args)], capture_output=True, text=True, timeout=300
+    )
 
 
 def cache_entry(bundle: Path) -> tuple[Path, Path]:
@@ -324,8 +384,9 @@ def cache_entry(bundle: Path) -> tuple[Path, Path]:
 def test_tampered_cache_entry_is_recomputed_with_a_warning_and_rewritten(tmp_path, bundle, one_code):
     def edit_with_prompt(name: str) -> tuple[np.ndarray, list[str], dict]:
         out = tmp_path / name
-        result = run_cfdeploy("edit", "--bundle", bundle, "-l", one_code, "--text", PROMPT, "--out", out,
-                              "--save-latents")
+        result = run_cfdeploy(
+            "edit", "--bundle", bundle, "-l", one_code, "--text", PROMPT, "--out", out, "--save-latents"
+        )
         assert result.returncode == 0, result.stderr
         return np.load(out / "latents.npy"), result.stderr.splitlines(), json.loads((out / "edit.json").read_text())
 
@@ -336,11 +397,17 @@ def test_tampered_cache_entry_is_recomputed_with_a_warning_and_rewritten(tmp_pat
     replace_file(entry, npy_bytes(np.zeros((1, 14, 512), np.float32)))  # a valid array, but not this prompt's
     recomputed, stderr, third = edit_with_prompt("tampered")
 
-    warning = (f"{entry}: prompt cache entry does not match its recorded sha256 (changed or damaged); "
-               "ignoring it and recomputing the prompt")
+    warning = (
+        f"{entry}: prompt cache entry does not match its recorded sha256 (changed or damaged); "
+        "ignoring it and recomputing the prompt"
+    )
     assert len([line for line in stderr if line.endswith(warning)]) == 1
     assert not [line for line in cached_stderr if "prompt cache" in line]
-    assert "clip_text" in first["timings_s"] and "clip_text" not in second["timings_s"] and "clip_text" in third["timings_s"]
+    assert (
+        "clip_text" in first["timings_s"]
+        and "clip_text" not in second["timings_s"]
+        and "clip_text" in third["timings_s"]
+    )
     assert np.array_equal(cached, uncached) and np.array_equal(recomputed, uncached)
     assert cache_entry(bundle) == (entry, digest) and entry.read_bytes() == computed
     assert digest.read_text() == f"{hashlib.sha256(computed).hexdigest()}\n"
@@ -351,8 +418,11 @@ def test_cache_that_is_a_symlink_is_refused(tmp_path, cli, bundle, latents_256):
     elsewhere.mkdir()
     (bundle / "cache").symlink_to(elsewhere)
     out = tmp_path / "out"
-    assert_refused(edit(cli, bundle, out, "-l", latents_256, "--text", PROMPT), out,
-                   f"{bundle / 'cache'}: is a symlink; the prompt cache must be a directory inside the bundle")
+    assert_refused(
+        edit(cli, bundle, out, "-l", latents_256, "--text", PROMPT),
+        out,
+        f"{bundle / 'cache'}: is a symlink; the prompt cache must be a directory inside the bundle",
+    )
     assert list(elsewhere.iterdir()) == []
 
 
@@ -401,11 +471,18 @@ def _fifo(entry: Path, digest: Path) -> None:
 DAMAGED = {
     "overwritten": (_overwritten, "does not match its recorded sha256 (changed or damaged)"),
     "truncated": (_truncated, "does not match its recorded sha256 (changed or damaged)"),
-    "not an array": (_rehashed(b"not an array at all"),
-                     "is not a .npy file of format 1.0 or 2.0 (or its header is malformed)"),
-    "truncated with its hash": (_rehashed(npy_bytes(TEXT_LATENTS)[:-100]),
-                                "has 28572 data bytes, expected 28672 (truncated or padded)"),
-    "another shape": (_rehashed(npy_bytes(TEXT_LATENTS[:, :2])), "holds float32 [1, 2, 512], expected float32 [1, 14, 512]"),
+    "not an array": (
+        _rehashed(b"not an array at all"),
+        "is not a .npy file of format 1.0 or 2.0 (or its header is malformed)",
+    ),
+    "truncated with its hash": (
+        _rehashed(npy_bytes(TEXT_LATENTS)[:-100]),
+        "has 28572 data bytes, expected 28672 (truncated or padded)",
+    ),
+    "another shape": (
+        _rehashed(npy_bytes(TEXT_LATENTS[:, :2])),
+        "holds float32 [1, 2, 512], expected float32 [1, 14, 512]",
+    ),
     "NaN": (_rehashed(npy_bytes(np.full_like(TEXT_LATENTS, np.nan))), "holds NaN or infinite values"),
     "pickled objects": (_rehashed(pickled_npy()), "holds object [1], expected float32 [1, 14, 512]"),
     "no hash beside it": (_without_hash, "has no readable {digest} beside it"),

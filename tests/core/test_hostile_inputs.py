@@ -8,11 +8,11 @@ import json
 
 import numpy as np
 import pytest
-from conftest import assert_refused
 
 from cfdeploy.errors import CfdeployError, require_finite
 from cfdeploy.inputs import load_latents
 from cfdeploy.serving.protocol import BundleInfo, RequestError, parse_edit_request
+from conftest import assert_refused
 
 
 def test_latents_beyond_float32_in_a_float64_file_are_refused(tmp_path):
@@ -43,15 +43,22 @@ def test_a_request_number_beyond_float32_is_a_400(field):
 def test_edit_refuses_strength_and_truncation_that_overflow_float32(cli, bundle_256, tmp_path):
     out = tmp_path / "out"
     for option, value in (("--strength", "1e39"), ("--truncation", "1e39")):
-        assert_refused(cli("edit", "--bundle", bundle_256, "--text", "blue dog", "--seed", 1, option, value, "-o", out),
-                       out, f"{option} must be a finite number within float32's range, got 1e+39")
+        assert_refused(
+            cli("edit", "--bundle", bundle_256, "--text", "blue dog", "--seed", 1, option, value, "-o", out),
+            out,
+            f"{option} must be a finite number within float32's range, got 1e+39",
+        )
 
 
 def test_an_edit_that_leaves_float32_is_refused_and_writes_nothing(cli, bundle_256, tmp_path):
     """A strength finite in float32 but large enough that the networks overflow: refused, never a black PNG."""
     out = tmp_path / "out"
-    assert_refused(cli("edit", "--bundle", bundle_256, "--text", "blue dog", "--seed", 1, "--strength", "3e38", "-o", out),
-                   out, "hold NaN/inf values", "took the networks out of float32's range")
+    assert_refused(
+        cli("edit", "--bundle", bundle_256, "--text", "blue dog", "--seed", 1, "--strength", "3e38", "-o", out),
+        out,
+        "hold NaN/inf values",
+        "took the networks out of float32's range",
+    )
 
 
 def test_a_huge_one_word_prompt_is_refused_before_tokenising_in_milliseconds():
@@ -77,8 +84,9 @@ def test_an_error_quotes_a_short_prefix_of_what_it_refuses_not_all_of_it():
 
 
 def test_a_library_warning_beside_a_refusal_is_dropped_and_shown_after_a_success(capsys):
-    import typer
     import warnings
+
+    import typer
 
     from cfdeploy.cli.common import user_errors
 

@@ -10,7 +10,6 @@ import sys
 import threading
 import zipfile
 from pathlib import Path
-from typing import Tuple
 
 import numpy as np
 import pytest
@@ -20,9 +19,9 @@ from torch import nn
 
 import synthetic_files
 from cfdeploy.checkpoints import read_clip_state
-from conftest import assert_refused
 from cfdeploy.errors import CfdeployError
 from cfdeploy.tokenizer import ClipTokenizer, packaged_vocab_path
+from conftest import assert_refused
 
 FIFO_RESCUE_AFTER_S = 20.0
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:FutureWarning")
@@ -34,8 +33,13 @@ def edit(cli, tmp_path, cfclip_256, latents_256, embedding_file):
 
     def run(**overrides):
         out = tmp_path / "out"
-        options = {"--checkpoint": cfclip_256, "--latents": latents_256, "--text-embedding": embedding_file,
-                   "--out": out, **overrides}
+        options = {
+            "--checkpoint": cfclip_256,
+            "--latents": latents_256,
+            "--text-embedding": embedding_file,
+            "--out": out,
+            **overrides,
+        }
         return cli("edit", *[part for pair in options.items() for part in pair]), out
 
     return run
@@ -71,11 +75,11 @@ class Planter(nn.Module):
         return x
 
     @torch.jit.export
-    def __getstate__(self) -> Tuple[str, torch.Tensor, bool]:
+    def __getstate__(self) -> tuple[str, torch.Tensor, bool]:
         return (self.marker, self.weight, self.training)
 
     @torch.jit.export
-    def __setstate__(self, state: Tuple[str, torch.Tensor, bool]) -> None:
+    def __setstate__(self, state: tuple[str, torch.Tensor, bool]) -> None:
         self.marker = state[0]
         self.training = state[2]
         # shared=True maps the named file read-write, creating it: any file the archive names is planted.
@@ -149,8 +153,10 @@ def test_scripted_setstate_is_refused_and_never_runs(cli, tmp_path):
     marker = tmp_path / "planted.pth"
     archive = tmp_path / "ViT-B-32.pt"
     torch.jit.save(torch.jit.script(Planter(str(marker))), str(archive))
-    refusal = (f"error: {archive}: refused to load: __torch__.", "Planter restores its state with its own TorchScript "
-               "code (__setstate__), which cfdeploy never runs")
+    refusal = (
+        f"error: {archive}: refused to load: __torch__.",
+        "Planter restores its state with its own TorchScript code (__setstate__), which cfdeploy never runs",
+    )
     assert_refused(cli("inspect", archive), None, *refusal)
     out = tmp_path / "features.npy"
     assert_refused(cli("embed", "green lipstick", "--clip-weights", archive, "--out", out), out, *refusal)
@@ -167,8 +173,11 @@ def test_pickle_payload_in_an_archive_is_refused_naming_the_global(cli, tmp_path
     payload = pickle.dumps(Payload(function, argument), protocol=4)  # protocol 2 would name builtins __builtin__
     archive = rewritten(tiny_archive, tmp_path / "ViT-B-32.pt", {entry: payload})
     global_name = f"{function.__module__}.{function.__name__}"
-    assert_refused(cli("inspect", archive), None, f"error: {archive}: refused to load: it references {global_name}, "
-                   "which could run code")
+    assert_refused(
+        cli("inspect", archive),
+        None,
+        f"error: {archive}: refused to load: it references {global_name}, which could run code",
+    )
     assert not marker.exists()
     pickle.loads(payload)  # what an unrestricted unpickler does with it
     assert marker.exists()
@@ -176,7 +185,12 @@ def test_pickle_payload_in_an_archive_is_refused_naming_the_global(cli, tmp_path
 
 def test_archive_whose_tensor_entry_is_short_is_refused(cli, tmp_path, tiny_archive):
     archive = rewritten(tiny_archive, tmp_path / "short.pt", {"data/0": b"\0" * 4})
-    assert_refused(cli("inspect", archive), None, f"{archive}: not a readable TorchScript archive", "holds 4 bytes, not the 6 torch.float32 declared")
+    assert_refused(
+        cli("inspect", archive),
+        None,
+        f"{archive}: not a readable TorchScript archive",
+        "holds 4 bytes, not the 6 torch.float32 declared",
+    )
 
 
 # --- Declared sizes checked before allocating ---------------------------------------------------------------
@@ -188,7 +202,9 @@ def test_zip_declaring_far_more_than_it_holds_is_refused_before_reading(cli, edi
     assert bomb.stat().st_size < 1 << 20
     with zipfile.ZipFile(bomb) as archive:
         data_entry = next(name for name in archive.namelist() if name.endswith("/data/0"))
-    message = f"{bomb}: zip entry {data_entry} declares 16,777,216 bytes, far more than the {bomb.stat().st_size:,}-byte"
+    message = (
+        f"{bomb}: zip entry {data_entry} declares 16,777,216 bytes, far more than the {bomb.stat().st_size:,}-byte"
+    )
     result, out = edit(**{"--checkpoint": bomb})
     assert_refused(result, out, message)
     assert_refused(cli("inspect", bomb), None, message)
@@ -204,15 +220,21 @@ def write_npy_header(path: Path, shape: tuple[int, ...], data: bytes) -> Path:
 def test_npy_declaring_more_than_it_holds_is_refused_before_allocating(cli, edit, tmp_path):
     path = write_npy_header(tmp_path / "huge.npy", (100_000, 14, 512), b"\0" * 1024)
     result, out = edit(**{"--latents": path})
-    assert_refused(result, out, f"{path}: the .npy header declares latents [100000, 14, 512] float32 (2,867,200,000 bytes) "
-                   "but the file holds 1,024 bytes of data")
+    assert_refused(
+        result,
+        out,
+        f"{path}: the .npy header declares latents [100000, 14, 512] float32 (2,867,200,000 bytes) "
+        "but the file holds 1,024 bytes of data",
+    )
     assert_refused(cli("inspect", path), None, f"{path}: the .npy header declares array [100000, 14, 512]")
 
 
 def test_npy_of_python_objects_is_refused(cli, tmp_path):
     path = tmp_path / "objects.npy"
     np.save(path, np.array([{"w": 1}], dtype=object), allow_pickle=True)
-    assert_refused(cli("inspect", path), None, f"{path}: the .npy array holds Python objects (pickled), which are never loaded")
+    assert_refused(
+        cli("inspect", path), None, f"{path}: the .npy array holds Python objects (pickled), which are never loaded"
+    )
 
 
 @pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="needs Linux's /proc to set a memory limit")
@@ -229,8 +251,13 @@ def test_memory_error_while_reading_names_the_file(tmp_path):
         "resource.setrlimit(resource.RLIMIT_AS, (used + (64 << 20), resource.RLIM_INFINITY))\n"
         "app(['inspect', sys.argv[1]])\n"
     )
-    process = subprocess.run([sys.executable, "-c", limit_then_inspect, str(path)], capture_output=True, text=True,
-                             env={**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}, timeout=120)
+    process = subprocess.run(
+        [sys.executable, "-c", limit_then_inspect, str(path)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"},
+        timeout=120,
+    )
     assert process.returncode == 2, process.stderr
     assert process.stderr.strip() == f"error: {path}: reading it needs more memory than this machine has"
 
@@ -264,7 +291,9 @@ def test_fifo_input_is_refused_not_read(edit, fifo, option):
 
 def test_fifo_clip_weights_and_inspect_are_refused(cli, tmp_path, fifo):
     out = tmp_path / "features.npy"
-    assert_refused(cli("embed", "a dog", "--clip-weights", fifo, "--out", out), out, f"{fifo}: not a regular file (a FIFO)")
+    assert_refused(
+        cli("embed", "a dog", "--clip-weights", fifo, "--out", out), out, f"{fifo}: not a regular file (a FIFO)"
+    )
     assert_refused(cli("inspect", fifo), None, f"{fifo}: not a regular file (a FIFO)")
 
 
@@ -292,12 +321,21 @@ def test_cfclip_checkpoint_with_nan_weights_is_refused_naming_the_first_bad_key(
     assert_refused(result, out, f"error: {path}: {first} has {count} NaN/inf values")
 
 
-@pytest.mark.parametrize("key,message", [("g_ema.to_rgbs.0.conv.weight", "g_ema.to_rgbs.0.conv.weight has 3 NaN/inf values"),
-                                         ("latent_avg", "latent_avg has 3 NaN/inf values")])
+@pytest.mark.parametrize(
+    "key,message",
+    [
+        ("g_ema.to_rgbs.0.conv.weight", "g_ema.to_rgbs.0.conv.weight has 3 NaN/inf values"),
+        ("latent_avg", "latent_avg has 3 NaN/inf values"),
+    ],
+)
 def test_rosinality_checkpoint_with_inf_is_refused(cli, tmp_path, key, message):
     generator = synthetic_files.cfclip_checkpoint(256, seed=7)["state_dict"]
-    content = {"g_ema": {name.removeprefix("decoder."): value for name, value in generator.items()
-                         if name.startswith("decoder.")}, "latent_avg": torch.randn(512)}
+    content = {
+        "g_ema": {
+            name.removeprefix("decoder."): value for name, value in generator.items() if name.startswith("decoder.")
+        },
+        "latent_avg": torch.randn(512),
+    }
     bad = content["latent_avg"] if key == "latent_avg" else content["g_ema"][key.removeprefix("g_ema.")]
     bad.view(-1)[:3] = float("-inf")
     path = saved(tmp_path / "stylegan2.pt", content)
@@ -306,7 +344,10 @@ def test_rosinality_checkpoint_with_inf_is_refused(cli, tmp_path, key, message):
 
 @pytest.mark.parametrize("file_format", ["pt", "safetensors", "torchscript"])
 def test_clip_weights_with_nan_are_refused(cli, tmp_path, file_format):
-    state = {"ln_final.weight": torch.ones(512, dtype=torch.float16), "ln_final.bias": torch.zeros(512, dtype=torch.float16)}
+    state = {
+        "ln_final.weight": torch.ones(512, dtype=torch.float16),
+        "ln_final.bias": torch.zeros(512, dtype=torch.float16),
+    }
     state["ln_final.bias"][7] = float("nan")
     path = tmp_path / f"clip.{'safetensors' if file_format == 'safetensors' else 'pt'}"
     if file_format == "pt":
@@ -325,11 +366,13 @@ def test_non_numeric_stylegan_size_is_refused(cli, tmp_path):
     assert_refused(cli("inspect", path), None, f"error: {path}: opts.stylegan_size 'abc' is not a number")
 
 
-
 def test_a_mapper_flag_that_is_not_a_boolean_is_refused(cli, tmp_path):
     """The string "False" is truthy: read as a flag it would drop the fine mapper of a file that has one."""
     path = saved(tmp_path / "odd_flag.pt", synthetic_files.cfclip_checkpoint(64, no_fine_mapper="False"))
-    assert_refused(cli("inspect", path), None, f"error: {path}: opts.no_fine_mapper must be true or false, found 'False'")
+    assert_refused(
+        cli("inspect", path), None, f"error: {path}: opts.no_fine_mapper must be true or false, found 'False'"
+    )
+
 
 # --- Prompts and the tokenizer's vocabulary ---------------------------------------------------------------------
 

@@ -11,9 +11,21 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / "cfdeploy"
 # The deploy core both editors stand on: it may import only itself and the floor below it.
-CORE = ("cfdeploy.errors", "cfdeploy.files", "cfdeploy.torchfiles", "cfdeploy.bundle_files", "cfdeploy.sessions",
-        "cfdeploy.devices", "cfdeploy.environment", "cfdeploy.contracts", "cfdeploy.outputs", "cfdeploy.trt.engine",
-        "cfdeploy.trt.cuda", "cfdeploy.trt.log", "cfdeploy.trt.plan")
+CORE = (
+    "cfdeploy.errors",
+    "cfdeploy.files",
+    "cfdeploy.torchfiles",
+    "cfdeploy.bundle_files",
+    "cfdeploy.sessions",
+    "cfdeploy.devices",
+    "cfdeploy.environment",
+    "cfdeploy.contracts",
+    "cfdeploy.outputs",
+    "cfdeploy.trt.engine",
+    "cfdeploy.trt.cuda",
+    "cfdeploy.trt.log",
+    "cfdeploy.trt.plan",
+)
 
 
 def module_names() -> dict[str, Path]:
@@ -37,8 +49,12 @@ def import_graph() -> dict[str, set[str]]:
     graph = {}
     for module, path in modules.items():
         tree = ast.parse(path.read_text())
-        unrun = {id(node) for block in ast.walk(tree) if isinstance(block, ast.If) and "TYPE_CHECKING" in ast.unparse(block.test)
-                 for node in ast.walk(block)}
+        unrun = {
+            id(node)
+            for block in ast.walk(tree)
+            if isinstance(block, ast.If) and "TYPE_CHECKING" in ast.unparse(block.test)
+            for node in ast.walk(block)
+        }
         found = set()
         for node in ast.walk(tree):
             if id(node) in unrun:
@@ -94,15 +110,24 @@ def test_the_cycle_finder_finds_a_circle_through_a_lazy_import():
 
 def test_the_deploy_core_imports_nothing_above_it():
     graph = import_graph()
-    upward = {module: sorted(imported for imported in graph[module] if imported not in CORE)
-              for module in CORE if module in graph}
+    upward = {
+        module: sorted(imported for imported in graph[module] if imported not in CORE)
+        for module in CORE
+        if module in graph
+    }
     assert {module: found for module, found in upward.items() if found} == {}
     assert set(CORE) <= set(graph), sorted(set(CORE) - set(graph))
 
 
 def test_dac_imports_nothing_from_cf_clips_backends_or_bundle():
     graph = import_graph()
-    reached = {module: sorted(imported for imported in graph[module]
-                              if imported.startswith("cfdeploy.backends") or imported == "cfdeploy.bundle")
-               for module in graph if module.startswith("cfdeploy.dac")}
+    reached = {
+        module: sorted(
+            imported
+            for imported in graph[module]
+            if imported.startswith("cfdeploy.backends") or imported == "cfdeploy.bundle"
+        )
+        for module in graph
+        if module.startswith("cfdeploy.dac")
+    }
     assert {module: found for module, found in reached.items() if found} == {}

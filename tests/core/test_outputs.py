@@ -78,7 +78,10 @@ def default_signals() -> None:
 
 def hold(tmp_path: Path, out: Path) -> tuple[subprocess.Popen[str], Path]:
     process = subprocess.Popen(
-        [sys.executable, script(tmp_path, HOLDER), str(out)], stdout=subprocess.PIPE, text=True, preexec_fn=default_signals
+        [sys.executable, script(tmp_path, HOLDER), str(out)],
+        stdout=subprocess.PIPE,
+        text=True,
+        preexec_fn=default_signals,
     )
     assert process.stdout is not None
     staging = Path(process.stdout.readline().strip())
@@ -123,7 +126,10 @@ def test_an_output_that_contains_the_working_directory_is_refused_even_with_forc
     inside = work / "inside"
     inside.mkdir()
     monkeypatch.chdir(inside)
-    assert refusal(Path(".."), force=True) == f"{work}: contains the working directory {inside}; cfdeploy will not replace it"
+    assert (
+        refusal(Path(".."), force=True)
+        == f"{work}: contains the working directory {inside}; cfdeploy will not replace it"
+    )
     assert names(work) == ["inside"] and names(work.parent) == ["work"]
 
 
@@ -143,10 +149,12 @@ def test_kill_9_leaves_the_previous_output_and_the_next_run_removes_the_staging_
     assert names(work) == ["out"] and names(out) == ["result.json"]
 
 
-@pytest.mark.parametrize(("number", "status"), [(signal.SIGTERM, 128 + 15), (signal.SIGHUP, 128 + 1), (signal.SIGINT, -2)])
+@pytest.mark.parametrize(
+    ("number", "status"), [(signal.SIGTERM, 128 + 15), (signal.SIGHUP, 128 + 1), (signal.SIGINT, -2)]
+)
 def test_a_terminated_run_removes_its_staging_directory_and_leaves_the_output(tmp_path, work, number, status):
     out = previous_output(work)
-    process, staging = hold(tmp_path, out)
+    process, _ = hold(tmp_path, out)
     process.send_signal(number)
     try:
         assert process.wait(timeout=30) == status
@@ -189,17 +197,20 @@ def test_a_second_run_for_the_same_output_fails_at_once_naming_the_first(tmp_pat
     assert names(work) == ["out"] and contents(out) == {"old.json": "old"}
 
 
+def fail_while_writing(out, force: bool, failure: BaseException) -> None:
+    """Write into a staged ``out``, then fail inside the block."""
+    with StagedDirectory(out, force) as staged:
+        staged.write_json("result.json", {})
+        raise failure
+
+
 def test_an_error_in_the_block_removes_staging_and_the_parents_it_made(work):
     out = previous_output(work)
     with pytest.raises(ValueError, match="model failed"):
-        with StagedDirectory(out, True) as staged:
-            staged.write_json("result.json", {})
-            raise ValueError("model failed")
+        fail_while_writing(out, True, ValueError("model failed"))
     assert names(work) == ["out"] and contents(out) == {"old.json": "old"}
     with pytest.raises(KeyboardInterrupt):
-        with StagedDirectory(work / "made" / "for" / "out", False) as staged:
-            staged.write_json("result.json", {})
-            raise KeyboardInterrupt
+        fail_while_writing(work / "made" / "for" / "out", False, KeyboardInterrupt())
     assert names(work) == ["out"]
 
 
@@ -302,9 +313,18 @@ def test_force_never_replaces_an_input(work):
     (out / "linked.pt").symlink_to(elsewhere)
     before = {name: names(work / name) for name in ("bundle", "out")}
     assert refusal(bundle, True, (bundle,)) == f"{bundle}: is the input {bundle}; choose another output"
-    assert refusal(out, True, (out / "latents.npy",)) == f"{out}: contains the input {out / 'latents.npy'}; choose another output"
-    assert refusal(out, True, (elsewhere, out / "linked.pt")) == f"{out}: contains the input {out / 'linked.pt'}; choose another output"
-    assert refusal(bundle / "edits", True, (bundle,)) == f"{bundle / 'edits'}: lies inside the input {bundle}; choose an output outside it"
+    assert (
+        refusal(out, True, (out / "latents.npy",))
+        == f"{out}: contains the input {out / 'latents.npy'}; choose another output"
+    )
+    assert (
+        refusal(out, True, (elsewhere, out / "linked.pt"))
+        == f"{out}: contains the input {out / 'linked.pt'}; choose another output"
+    )
+    assert (
+        refusal(bundle / "edits", True, (bundle,))
+        == f"{bundle / 'edits'}: lies inside the input {bundle}; choose an output outside it"
+    )
     assert {name: names(work / name) for name in ("bundle", "out")} == before
     check_output_dir(out, True, (elsewhere,))  # the link's target outside out is fine on its own
 
@@ -315,7 +335,9 @@ def test_output_files_are_checked_like_directories(work):
     (work / "link.npy").symlink_to(existing)
     with pytest.raises(CfdeployError, match=r"embedding\.npy: file exists \(use --force to replace it\)$"):
         write_npy_atomic(existing, np.zeros(2), force=False)
-    with pytest.raises(CfdeployError, match=r"link\.npy: is a symbolic link \(to .*embedding\.npy\); give the real path"):
+    with pytest.raises(
+        CfdeployError, match=r"link\.npy: is a symbolic link \(to .*embedding\.npy\); give the real path"
+    ):
         write_npy_atomic(work / "link.npy", np.zeros(2), force=True)
     with pytest.raises(CfdeployError, match=rf"^{work}: is a directory, expected a file path$"):
         check_output_file(work, force=True)
@@ -350,7 +372,9 @@ def test_arrays_are_written_block_by_block_and_their_row_count_is_checked(work):
         writer = staged.open_array("latents.npy", (5, 2, 3))
         writer.write(rows[:2])
         writer.write(rows[2:])
-        with pytest.raises(CfdeployError, match=r"latents\.npy: rows of shape \(1, 2, 3\) do not fit \(5, 2, 3\) after 5 rows$"):
+        with pytest.raises(
+            CfdeployError, match=r"latents\.npy: rows of shape \(1, 2, 3\) do not fit \(5, 2, 3\) after 5 rows$"
+        ):
             writer.write(rows[:1])
         staged.open_array("unclosed.npy", (1, 2)).write(np.ones((1, 2)))
     assert np.array_equal(np.load(work / "out" / "latents.npy"), rows.astype(np.float32))
@@ -415,7 +439,15 @@ def small_tmpfs(tmp_path_factory):
     """How to run a command with a real 512 KiB file system mounted at its first argument (a user namespace)."""
     if shutil.which("unshare") is None:
         pytest.skip("unshare (util-linux) is not installed")
-    command = ["unshare", "--mount", "--map-root-user", "sh", "-c", 'mount -t tmpfs -o size=512k cfdeploy "$1" && shift && exec "$@"', "sh"]
+    command = [
+        "unshare",
+        "--mount",
+        "--map-root-user",
+        "sh",
+        "-c",
+        'mount -t tmpfs -o size=512k cfdeploy "$1" && shift && exec "$@"',
+        "sh",
+    ]
     probe = subprocess.run([*command, str(tmp_path_factory.mktemp("probe")), "true"], capture_output=True, text=True)
     if probe.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs in a user namespace here: {probe.stderr.strip()}")
@@ -427,7 +459,9 @@ def test_a_full_disk_is_one_line_naming_the_file_and_leaves_nothing_behind(tmp_p
     disk.mkdir()
     result = subprocess.run(
         [*small_tmpfs, str(disk), sys.executable, script(tmp_path, FULL_DISK), str(disk)],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
@@ -462,7 +496,9 @@ except CfdeployError as error:
 
 
 def test_a_file_size_limit_is_one_line_too(tmp_path, work):
-    result = subprocess.run([sys.executable, script(tmp_path, EFBIG), str(work / "out")], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, script(tmp_path, EFBIG), str(work / "out")], capture_output=True, text=True
+    )
     assert result.returncode == 0 and result.stderr == "", result.stderr
     assert result.stdout == (
         f"{work}/out/images.npy: file too large for the file system (or the process's file size limit); "

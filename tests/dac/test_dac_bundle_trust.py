@@ -47,7 +47,7 @@ def test_a_dac_bundle_refuses_listed_paths_that_lead_outside_it(dac_bundle: Path
     outside = tmp_path / "tokens.npy"
     shutil.move(bundle / "tokens.npy", outside)
     (bundle / "tokens.npy").symlink_to(outside)
-    with pytest.raises(CfdeployError, match="files entry 'tokens.npy' is a symlink leading outside the bundle"):
+    with pytest.raises(CfdeployError, match=r"files entry 'tokens\.npy' is a symlink leading outside the bundle"):
         DacBundle(bundle)
 
 
@@ -63,7 +63,9 @@ def test_a_dac_bundle_checks_each_file_when_it_is_used_not_before(dac_bundle: Pa
         bundle.graph("vae_decoder")
 
 
-def test_onnx_runtime_runs_the_dac_graph_bytes_that_were_hashed_and_reads_no_file_after(dac_bundle: Path, tmp_path: Path):
+def test_onnx_runtime_runs_the_dac_graph_bytes_that_were_hashed_and_reads_no_file_after(
+    dac_bundle: Path, tmp_path: Path
+):
     bundle_path = copy_of(dac_bundle, tmp_path)
     graph = DacBundle(bundle_path).graph("vae_decoder")
     assert set(graph.external) == {"vae_decoder.onnx.data"}

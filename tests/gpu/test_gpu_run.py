@@ -10,20 +10,49 @@ import sys
 from pathlib import Path
 
 ROOT = next(folder for folder in Path(__file__).resolve().parents if (folder / "pyproject.toml").is_file())
-STEPS = ["install", "environment", "pytest_gpu", "backends_256", "backends_1024", "encoder_clip", "edit_e2e", "refine",
-         "train_fp32", "train_bf16", "dac"]
-RESULT_FILES = {"install": "install.json", "environment": "environment.json", "pytest_gpu": "pytest_gpu.xml",
-                "backends_256": "backends_256.json", "backends_1024": "backends_1024.json",
-                "encoder_clip": "encoder_clip.json", "edit_e2e": "edit_e2e.json", "refine": "refine.json",
-                "train_fp32": "train_fp32.json", "train_bf16": "train_bf16.json", "dac": "dac.json"}
+STEPS = [
+    "install",
+    "environment",
+    "pytest_gpu",
+    "backends_256",
+    "backends_1024",
+    "encoder_clip",
+    "edit_e2e",
+    "refine",
+    "train_fp32",
+    "train_bf16",
+    "dac",
+]
+RESULT_FILES = {
+    "install": "install.json",
+    "environment": "environment.json",
+    "pytest_gpu": "pytest_gpu.xml",
+    "backends_256": "backends_256.json",
+    "backends_1024": "backends_1024.json",
+    "encoder_clip": "encoder_clip.json",
+    "edit_e2e": "edit_e2e.json",
+    "refine": "refine.json",
+    "train_fp32": "train_fp32.json",
+    "train_bf16": "train_bf16.json",
+    "dac": "dac.json",
+}
 
 
 def test_the_dry_run_covers_every_step_and_each_succeeds(tmp_path):
     results = tmp_path / "results"
     # A step's own dry-run limit is seconds on an idle 2-core machine; a busy one gets more here.
-    environment = {**os.environ, "PYTHON": sys.executable, "GPU_RUN_DRY_BUDGET_S": os.environ.get("GPU_RUN_DRY_BUDGET_S", "120")}
-    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu" / "run.sh"), str(results), "--dry-run"],
-                          capture_output=True, text=True, env=environment, cwd=tmp_path)
+    environment = {
+        **os.environ,
+        "PYTHON": sys.executable,
+        "GPU_RUN_DRY_BUDGET_S": os.environ.get("GPU_RUN_DRY_BUDGET_S", "120"),
+    }
+    done = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu" / "run.sh"), str(results), "--dry-run"],
+        capture_output=True,
+        text=True,
+        env=environment,
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     steps = [json.loads(line) for line in (results / "steps.jsonl").read_text().splitlines()]
     assert [step["step"] for step in steps] == STEPS
@@ -34,7 +63,12 @@ def test_the_dry_run_covers_every_step_and_each_succeeds(tmp_path):
     run = json.loads((results / "run.json").read_text())
     assert run["dry_run"] and run["failed"] == []
     assert json.loads((results / "environment.json").read_text())["dry_run"] is True
-    rendered = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_backends.py"), "--render-run", str(results)],
-                              capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'benchmarks'}"})
+    rendered = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_backends.py"), "--render-run", str(results)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'benchmarks'}"},
+    )
     assert rendered.returncode == 0, rendered.stderr[-2000:]
     assert "a dry run on the CPU" in rendered.stdout and "| dac | ok |" in rendered.stdout

@@ -8,8 +8,8 @@ after them, for this module alone.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import onnx
@@ -224,17 +224,23 @@ def _psp_encoder(content):
     content["opts"]["encoder_type"] = "GradualStyleEncoder"
 
 
-@pytest.mark.parametrize("change,problem", [
-    (_missing, "missing keys encoder.body.5.res_layer.1.weight"),
-    (_unexpected, "unexpected keys encoder.styles.18.linear.weight"),
-    (_wrong_shape, "wrong shapes encoder.styles.17.linear.weight [512, 256] (expected [512, 512])"),
-    (_nan, "encoder.body.3.res_layer.1.weight has 1 NaN/inf values"),
-    (_latent_avg_shape, "latent_avg is [512], expected [18, 512]"),
-    (_latent_avg_inf, "latent_avg has 1 NaN/inf values"),
-    (_no_latent_avg, "opts.start_from_latent_avg is set but the file has no latent_avg "
-                     "(the official code would sample a random one)"),
-    (_psp_encoder, "expected opts.encoder_type 'Encoder4Editing', found 'GradualStyleEncoder'"),
-])
+@pytest.mark.parametrize(
+    "change,problem",
+    [
+        (_missing, "missing keys encoder.body.5.res_layer.1.weight"),
+        (_unexpected, "unexpected keys encoder.styles.18.linear.weight"),
+        (_wrong_shape, "wrong shapes encoder.styles.17.linear.weight [512, 256] (expected [512, 512])"),
+        (_nan, "encoder.body.3.res_layer.1.weight has 1 NaN/inf values"),
+        (_latent_avg_shape, "latent_avg is [512], expected [18, 512]"),
+        (_latent_avg_inf, "latent_avg has 1 NaN/inf values"),
+        (
+            _no_latent_avg,
+            "opts.start_from_latent_avg is set but the file has no latent_avg "
+            "(the official code would sample a random one)",
+        ),
+        (_psp_encoder, "expected opts.encoder_type 'Encoder4Editing', found 'GradualStyleEncoder'"),
+    ],
+)
 def test_refuses_a_damaged_checkpoint_in_one_line_naming_file_and_key(tmp_path, change, problem):
     content = compact_checkpoint()
     change(content)

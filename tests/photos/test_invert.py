@@ -10,10 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import assert_refused, rel_l2
 from cfdeploy.checkpoints import load_e4e
 from cfdeploy.models import reference
 from cfdeploy.photos import align_face, load_photo
+from conftest import assert_refused, rel_l2
 
 # A face's five points (left eye, right eye, nose, mouth corners) in a 320 x 300 photo.
 FIVE_POINTS = [[120.0, 130.0], [200.0, 128.0], [160.0, 170.0], [130.0, 210.0], [192.0, 208.0]]
@@ -24,8 +24,10 @@ def photos(tmp_path_factory) -> tuple[Path, Path]:
     """Two photos (a JPEG and a PNG) and their landmarks file, one face each."""
     folder = tmp_path_factory.mktemp("photos")
     rng = np.random.default_rng(3)
-    for index, name in enumerate(("a.jpg", "b.png")):
-        smooth = np.asarray(Image.fromarray(rng.integers(0, 255, (30, 32, 3), np.uint8)).resize((320, 300), Image.BICUBIC))
+    for name in ("a.jpg", "b.png"):
+        smooth = np.asarray(
+            Image.fromarray(rng.integers(0, 255, (30, 32, 3), np.uint8)).resize((320, 300), Image.BICUBIC)
+        )
         Image.fromarray(smooth).save(folder / name)
     landmarks = folder.parent / "points.json"
     landmarks.write_text(json.dumps([FIVE_POINTS, [[x + 6, y - 4] for x, y in FIVE_POINTS]]))
@@ -42,10 +44,12 @@ def official_codes(state: dict, photo: Path, points: list) -> np.ndarray:
     from torchvision import transforms
 
     aligned = align_face(load_photo(photo), np.array(points)).image
-    official = transforms.Compose([transforms.Resize((256, 256)), transforms.ToTensor(),
-                                   transforms.Normalize([0.5] * 3, [0.5] * 3)])
-    encoder = {key.removeprefix("encoder."): value for key, value in state["state_dict"].items()
-               if key.startswith("encoder.")}
+    official = transforms.Compose(
+        [transforms.Resize((256, 256)), transforms.ToTensor(), transforms.Normalize([0.5] * 3, [0.5] * 3)]
+    )
+    encoder = {
+        key.removeprefix("encoder."): value for key, value in state["state_dict"].items() if key.startswith("encoder.")
+    }
     with torch.no_grad():
         return reference.e4e(encoder, official(aligned)[None], state["latent_avg"]).numpy()[0]
 
@@ -53,8 +57,18 @@ def official_codes(state: dict, photo: Path, points: list) -> np.ndarray:
 def test_invert_with_the_torch_encoder_writes_codes_index_and_crops(cli, tmp_path, photos, e4e_64, e4e_64_state):
     folder, landmarks = photos
     out = tmp_path / "codes"
-    result = cli("invert", folder, "--encoder", e4e_64, "--landmarks", landmarks, "--out", out, "--save-aligned",
-                 "--save-reconstruction")
+    result = cli(
+        "invert",
+        folder,
+        "--encoder",
+        e4e_64,
+        "--landmarks",
+        landmarks,
+        "--out",
+        out,
+        "--save-aligned",
+        "--save-reconstruction",
+    )
     assert result.exit_code == 0, result.stderr
     codes = np.load(out / "latents.npy")
     assert codes.shape == (2, 10, 512) and codes.dtype == np.float32
@@ -79,12 +93,26 @@ def test_invert_from_a_bundle_matches_torch(cli, tmp_path, photos, e4e_64, bundl
     assert rel_l2(runs["bundle"], runs["torch"]) <= 1e-5
 
 
-def test_edit_images_on_a_bundle_shows_photo_reconstruction_and_edit(cli, tmp_path, photos, bundle_with_encoder,
-                                                                     e4e_64, embedding_file):
+def test_edit_images_on_a_bundle_shows_photo_reconstruction_and_edit(
+    cli, tmp_path, photos, bundle_with_encoder, e4e_64, embedding_file
+):
     folder, landmarks = photos
     out = tmp_path / "edits"
-    result = cli("edit", "--bundle", bundle_with_encoder[1], "--images", folder, "--landmarks", landmarks,
-                 "--text-embedding", embedding_file, "--side-by-side", "--save-latents", "--out", out)
+    result = cli(
+        "edit",
+        "--bundle",
+        bundle_with_encoder[1],
+        "--images",
+        folder,
+        "--landmarks",
+        landmarks,
+        "--text-embedding",
+        embedding_file,
+        "--side-by-side",
+        "--save-latents",
+        "--out",
+        out,
+    )
     assert result.exit_code == 0, result.stderr
     assert Image.open(out / "000001.png").size == (3 * 64, 64)
     summary = json.loads((out / "edit.json").read_text())
@@ -93,23 +121,63 @@ def test_edit_images_on_a_bundle_shows_photo_reconstruction_and_edit(cli, tmp_pa
     inverted = tmp_path / "codes"
     assert cli("invert", folder, "--encoder", e4e_64, "--landmarks", landmarks, "--out", inverted).exit_code == 0
     from_codes = tmp_path / "from_codes"
-    assert cli("edit", "--bundle", bundle_with_encoder[1], "--latents", inverted / "latents.npy", "--text-embedding",
-               embedding_file, "--save-latents", "--out", from_codes).exit_code == 0
+    assert (
+        cli(
+            "edit",
+            "--bundle",
+            bundle_with_encoder[1],
+            "--latents",
+            inverted / "latents.npy",
+            "--text-embedding",
+            embedding_file,
+            "--save-latents",
+            "--out",
+            from_codes,
+        ).exit_code
+        == 0
+    )
     assert rel_l2(np.load(out / "latents.npy"), np.load(from_codes / "latents.npy")) <= 1e-5
 
 
 def test_edit_images_warns_when_the_encoder_was_trained_with_another_generator(
-        cli, tmp_path, photos, e4e_64, cfclip_64, embedding_file):
+    cli, tmp_path, photos, e4e_64, cfclip_64, embedding_file
+):
     folder, landmarks = photos
     out = tmp_path / "edits"
-    result = cli("edit", "-c", cfclip_64, "--encoder", e4e_64, "--images", folder / "a.jpg", "--landmarks",
-                 landmarks, "--text-embedding", embedding_file, "--out", out)
+    result = cli(
+        "edit",
+        "-c",
+        cfclip_64,
+        "--encoder",
+        e4e_64,
+        "--images",
+        folder / "a.jpg",
+        "--landmarks",
+        landmarks,
+        "--text-embedding",
+        embedding_file,
+        "--out",
+        out,
+    )
     assert result.exit_code == 2  # one landmarks entry per photo: two entries for one photo
     assert "entries" in result.stderr or "entry" in result.stderr
     single = tmp_path / "one.json"
     single.write_text(json.dumps([FIVE_POINTS]))
-    result = cli("edit", "-c", cfclip_64, "--encoder", e4e_64, "--images", folder / "a.jpg", "--landmarks", single,
-                 "--text-embedding", embedding_file, "--out", out)
+    result = cli(
+        "edit",
+        "-c",
+        cfclip_64,
+        "--encoder",
+        e4e_64,
+        "--images",
+        folder / "a.jpg",
+        "--landmarks",
+        single,
+        "--text-embedding",
+        embedding_file,
+        "--out",
+        out,
+    )
     assert result.exit_code == 0, result.stderr
     trained_with = load_e4e(e4e_64).generator_sha256()
     assert f"the e4e encoder was trained with another generator (sha256 {trained_with[:12]}…)" in result.stderr
@@ -121,8 +189,11 @@ def test_photos_without_a_face_stop_the_run_or_are_skipped(cli, tmp_path, photos
     landmarks = tmp_path / "points.json"
     landmarks.write_text(json.dumps([FIVE_POINTS, []]))
     out = tmp_path / "codes"
-    assert_refused(cli("invert", folder, "--encoder", e4e_64, "--landmarks", landmarks, "--out", out), out,
-                   f"{folder / 'b.png'}: no face found")
+    assert_refused(
+        cli("invert", folder, "--encoder", e4e_64, "--landmarks", landmarks, "--out", out),
+        out,
+        f"{folder / 'b.png'}: no face found",
+    )
     result = cli("invert", folder, "--encoder", e4e_64, "--landmarks", landmarks, "--out", out, "--skip-missing")
     assert result.exit_code == 0, result.stderr
     assert np.load(out / "latents.npy").shape[0] == 1
@@ -131,13 +202,19 @@ def test_photos_without_a_face_stop_the_run_or_are_skipped(cli, tmp_path, photos
 
 
 def test_photo_inputs_are_refused_in_one_line(cli, tmp_path, photos, e4e_64, cfclip_64, embedding_file):
-    folder, landmarks = photos
+    folder, _ = photos
     out = tmp_path / "out"
     text = tmp_path / "notes.jpg"
     text.write_text("not an image")
     result = cli("invert", text, "--encoder", e4e_64, "--aligned", "--out", out)
     assert result.exit_code == 2 and str(text) in result.stderr and not out.exists()
-    assert_refused(cli("invert", folder, "--encoder", e4e_64, "--out", out), out,
-                   "give exactly one of --aligned, --landmarks FILE or --landmarks-model FILE")
-    assert_refused(cli("edit", "-c", cfclip_64, "--images", folder, "--aligned", "--text-embedding", embedding_file,
-                       "--out", out), out, "encoding photos needs the e4e encoder: pass --encoder e4e_ffhq_encode.pt")
+    assert_refused(
+        cli("invert", folder, "--encoder", e4e_64, "--out", out),
+        out,
+        "give exactly one of --aligned, --landmarks FILE or --landmarks-model FILE",
+    )
+    assert_refused(
+        cli("edit", "-c", cfclip_64, "--images", folder, "--aligned", "--text-embedding", embedding_file, "--out", out),
+        out,
+        "encoding photos needs the e4e encoder: pass --encoder e4e_ffhq_encode.pt",
+    )

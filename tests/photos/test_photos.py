@@ -23,8 +23,18 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from cfdeploy.errors import CfdeployError, missing_extra
 from cfdeploy.photos import (
-    DlibLandmarks, Face, NoFaceFound, align_face, alignment_points, as_rgb, batch_inputs, encoder_input, load_photo,
-    photo_paths, read_landmarks, select_faces,
+    DlibLandmarks,
+    Face,
+    NoFaceFound,
+    align_face,
+    alignment_points,
+    as_rgb,
+    batch_inputs,
+    encoder_input,
+    load_photo,
+    photo_paths,
+    read_landmarks,
+    select_faces,
 )
 from cfdeploy.photos.align import gaussian_blur
 
@@ -37,8 +47,10 @@ EYE_CONTOUR = np.array([[-0.25, 0.0], [-0.1, -0.09], [0.1, -0.09], [0.25, 0.0], 
 def _template_68() -> np.ndarray:
     jaw = np.stack([np.array([np.cos(a), np.sin(a)]) * [1.0, 1.3] + [0, 0.2] for a in np.linspace(np.pi, 0, 17)[::-1]])
     jaw[:, 1] = np.abs(jaw[:, 1]) + 0.2
-    brows = np.stack([[-0.9 + 0.15 * i, -0.35 - 0.05 * np.sin(np.pi * i / 4)] for i in range(5)]
-                     + [[0.3 + 0.15 * i, -0.35 - 0.05 * np.sin(np.pi * i / 4)] for i in range(5)])
+    brows = np.stack(
+        [[-0.9 + 0.15 * i, -0.35 - 0.05 * np.sin(np.pi * i / 4)] for i in range(5)]
+        + [[0.3 + 0.15 * i, -0.35 - 0.05 * np.sin(np.pi * i / 4)] for i in range(5)]
+    )
     nose_bridge = np.stack([[0.0, 0.1 + 0.12 * i] for i in range(4)])
     nostrils = np.stack([[-0.16 + 0.08 * i, 0.6 + 0.03 * (2 - abs(i - 2))] for i in range(5)])
     eye_right_contour = EYE_CONTOUR * [-1, 1]  # mirrored: 42 is the inner corner, 45 the outer one
@@ -62,8 +74,9 @@ def synthetic_landmarks(centre: tuple[float, float], eye_distance: float, degree
 
 def five_from_68(landmarks: np.ndarray) -> np.ndarray:
     """What a 5-point detector reports for the same face: eye centres (the contours' means), nose tip, mouth corners."""
-    return np.stack([landmarks[36:42].mean(axis=0), landmarks[42:48].mean(axis=0), landmarks[30], landmarks[48],
-                     landmarks[54]])
+    return np.stack(
+        [landmarks[36:42].mean(axis=0), landmarks[42:48].mean(axis=0), landmarks[30], landmarks[48], landmarks[54]]
+    )
 
 
 def textured_image(width: int, height: int, seed: int = 0) -> Image.Image:
@@ -77,6 +90,7 @@ def textured_image(width: int, height: int, seed: int = 0) -> Image.Image:
 
 # ---------------------------------------------------------------------------------------------------
 # The official utils/alignment.py align_face, transcribed step by step (image and landmarks passed in).
+
 
 def official_align(image: Image.Image, lm: np.ndarray, output_size: int = 256, transform_size: int = 256):
     eye_left = np.mean(lm[36:42], axis=0)
@@ -103,33 +117,52 @@ def official_align(image: Image.Image, lm: np.ndarray, output_size: int = 256, t
         qsize /= shrink
         steps["shrink"] = shrink
     border = max(int(np.rint(qsize * 0.1)), 3)
-    crop = (int(np.floor(min(quad[:, 0]))), int(np.floor(min(quad[:, 1]))), int(np.ceil(max(quad[:, 0]))),
-            int(np.ceil(max(quad[:, 1]))))
-    crop = (max(crop[0] - border, 0), max(crop[1] - border, 0), min(crop[2] + border, img.size[0]),
-            min(crop[3] + border, img.size[1]))
+    crop = (
+        int(np.floor(min(quad[:, 0]))),
+        int(np.floor(min(quad[:, 1]))),
+        int(np.ceil(max(quad[:, 0]))),
+        int(np.ceil(max(quad[:, 1]))),
+    )
+    crop = (
+        max(crop[0] - border, 0),
+        max(crop[1] - border, 0),
+        min(crop[2] + border, img.size[0]),
+        min(crop[3] + border, img.size[1]),
+    )
     steps["crop_box"] = crop
     if crop[2] - crop[0] < img.size[0] or crop[3] - crop[1] < img.size[1]:
         img = img.crop(crop)
         quad -= crop[0:2]
-    pad = (int(np.floor(min(quad[:, 0]))), int(np.floor(min(quad[:, 1]))), int(np.ceil(max(quad[:, 0]))),
-           int(np.ceil(max(quad[:, 1]))))
-    pad = (max(-pad[0] + border, 0), max(-pad[1] + border, 0), max(pad[2] - img.size[0] + border, 0),
-           max(pad[3] - img.size[1] + border, 0))
+    pad = (
+        int(np.floor(min(quad[:, 0]))),
+        int(np.floor(min(quad[:, 1]))),
+        int(np.ceil(max(quad[:, 0]))),
+        int(np.ceil(max(quad[:, 1]))),
+    )
+    pad = (
+        max(-pad[0] + border, 0),
+        max(-pad[1] + border, 0),
+        max(pad[2] - img.size[0] + border, 0),
+        max(pad[3] - img.size[1] + border, 0),
+    )
     if max(pad) > border - 4:
         pad = np.maximum(pad, int(np.rint(qsize * 0.3)))
         img = np.pad(np.float32(img), ((pad[1], pad[3]), (pad[0], pad[2]), (0, 0)), "reflect")
         h, w, _ = img.shape
         y, x, _ = np.ogrid[:h, :w, :1]
-        mask = np.maximum(1.0 - np.minimum(np.float32(x) / pad[0], np.float32(w - 1 - x) / pad[2]),
-                          1.0 - np.minimum(np.float32(y) / pad[1], np.float32(h - 1 - y) / pad[3]))
+        mask = np.maximum(
+            1.0 - np.minimum(np.float32(x) / pad[0], np.float32(w - 1 - x) / pad[2]),
+            1.0 - np.minimum(np.float32(y) / pad[1], np.float32(h - 1 - y) / pad[3]),
+        )
         blur = qsize * 0.02
         img += (scipy.ndimage.gaussian_filter(img, [blur, blur, 0]) - img) * np.clip(mask * 3.0 + 1.0, 0.0, 1.0)
         img += (np.median(img, axis=(0, 1)) - img) * np.clip(mask, 0.0, 1.0)
         img = Image.fromarray(np.uint8(np.clip(np.rint(img), 0, 255)), "RGB")
         quad += pad[:2]
         steps["padding"] = tuple(int(p) for p in pad)
-    img = img.transform((transform_size, transform_size), Image.Transform.QUAD, (quad + 0.5).flatten(),
-                        Image.Resampling.BILINEAR)
+    img = img.transform(
+        (transform_size, transform_size), Image.Transform.QUAD, (quad + 0.5).flatten(), Image.Resampling.BILINEAR
+    )
     if output_size < transform_size:
         img = img.resize((output_size, output_size), Image.Resampling.LANCZOS)
     return img, source_quad, steps
@@ -158,10 +191,12 @@ def test_alignment_matches_the_official_geometry(case):
     assert difference.max() <= 1, difference.max()
     np.testing.assert_array_equal(aligned.quad, expected_quad)
     assert (aligned.shrink, aligned.crop_box, aligned.padding) == (steps["shrink"], steps["crop_box"], steps["padding"])
-    took_the_path = {"rotated": aligned.padding == (0, 0, 0, 0) and aligned.crop_box != (0, 0, *size),
-                     "near_the_border": min(aligned.padding) > 0,
-                     "large_image_shrunk": aligned.shrink == 2,
-                     "output_smaller_than_transform": aligned.transform_size == 256}
+    took_the_path = {
+        "rotated": aligned.padding == (0, 0, 0, 0) and aligned.crop_box != (0, 0, *size),
+        "near_the_border": min(aligned.padding) > 0,
+        "large_image_shrunk": aligned.shrink == 2,
+        "output_smaller_than_transform": aligned.transform_size == 256,
+    }
     assert took_the_path[case], aligned.transform_record()
 
 
@@ -180,11 +215,15 @@ def test_the_transform_record_is_json_and_names_the_source_quad():
     aligned = align_face(textured_image(1600, 1500), landmarks)
     record = json.loads(json.dumps(aligned.transform_record()))
     assert record["shrink"] == 2 and record["output_size"] == record["transform_size"] == 256
-    np.testing.assert_allclose(np.mean(record["quad"], axis=0),
-                               alignment_points(landmarks)[:2].mean(axis=0) * 0.9 + alignment_points(landmarks)[2:].mean(axis=0) * 0.1)
+    np.testing.assert_allclose(
+        np.mean(record["quad"], axis=0),
+        alignment_points(landmarks)[:2].mean(axis=0) * 0.9 + alignment_points(landmarks)[2:].mean(axis=0) * 0.1,
+    )
 
 
-@pytest.mark.parametrize("shape, sigma", [((20, 30, 3), 0.3), ((31, 17, 3), 2.4), ((9, 7, 3), 5.0), ((150, 140, 3), 6.3)])
+@pytest.mark.parametrize(
+    "shape, sigma", [((20, 30, 3), 0.3), ((31, 17, 3), 2.4), ((9, 7, 3), 5.0), ((150, 140, 3), 6.3)]
+)
 def test_gaussian_blur_matches_scipy(shape, sigma):
     """Including a kernel wider than the image (sigma 5 on 9x7), where the reflection repeats."""
     pixels = (np.random.default_rng(1).random(shape) * 255).astype(np.float32)
@@ -193,12 +232,27 @@ def test_gaussian_blur_matches_scipy(shape, sigma):
     np.testing.assert_allclose(blurred, scipy.ndimage.gaussian_filter(pixels, [sigma, sigma, 0]), rtol=0, atol=1e-4)
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda lm: lm[[1, 0, 2, 4, 3]], "face.jpg: the eye and mouth points are mirrored, collinear or not finite (left and right swapped?)"),
-    (lambda lm: np.repeat(lm[:1], 5, axis=0), "face.jpg: the eye and mouth points are mirrored, collinear or not finite (left and right swapped?)"),
-    (lambda lm: np.where(np.arange(5)[:, None] == 0, np.nan, lm), "face.jpg: the eye and mouth points are mirrored, collinear or not finite (left and right swapped?)"),
-    (lambda lm: (lm - lm.mean(axis=0)) * 0.02 + 50, "face.jpg: the face spans 4.0 pixels, under the 8 an alignment needs"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            lambda lm: lm[[1, 0, 2, 4, 3]],
+            "face.jpg: the eye and mouth points are mirrored, collinear or not finite (left and right swapped?)",
+        ),
+        (
+            lambda lm: np.repeat(lm[:1], 5, axis=0),
+            "face.jpg: the eye and mouth points are mirrored, collinear or not finite (left and right swapped?)",
+        ),
+        (
+            lambda lm: np.where(np.arange(5)[:, None] == 0, np.nan, lm),
+            "face.jpg: the eye and mouth points are mirrored, collinear or not finite (left and right swapped?)",
+        ),
+        (
+            lambda lm: (lm - lm.mean(axis=0)) * 0.02 + 50,
+            "face.jpg: the face spans 4.0 pixels, under the 8 an alignment needs",
+        ),
+    ],
+)
 def test_unusable_points_are_refused_naming_the_photo(change, message):
     points = change(five_from_68(synthetic_landmarks((100, 100), 50.0)))
     with pytest.raises(CfdeployError) as error:
@@ -209,12 +263,14 @@ def test_unusable_points_are_refused_naming_the_photo(change, message):
 # ---------------------------------------------------------------------------------------------------
 # Preprocessing: torchvision's official transform_inference.
 
+
 @pytest.mark.parametrize("size", [(300, 200), (100, 180), (256, 256), (257, 611)])
 def test_encoder_input_is_the_official_transform(size):
     from torchvision import transforms
 
-    official = transforms.Compose([transforms.Resize((256, 256)), transforms.ToTensor(),
-                                   transforms.Normalize([0.5, 0.5, 0.5], [0.5, 0.5, 0.5])])
+    official = transforms.Compose(
+        [transforms.Resize((256, 256)), transforms.ToTensor(), transforms.Normalize([0.5, 0.5, 0.5], [0.5, 0.5, 0.5])]
+    )
     image = textured_image(*size, seed=size[0])
     ours = encoder_input(image)
     assert ours.dtype == np.float32 and ours.shape == (3, 256, 256)
@@ -231,6 +287,7 @@ def test_batch_inputs_stacks_the_encoder_inputs():
 # ---------------------------------------------------------------------------------------------------
 # Reading photos.
 
+
 def refusal(path: Path, **options) -> str:
     """The one-line message ``load_photo`` refuses ``path`` with."""
     with pytest.raises(CfdeployError) as error:
@@ -242,6 +299,7 @@ def refusal(path: Path, **options) -> str:
 
 def png_declaring(path: Path, width: int, height: int) -> Path:
     """A PNG holding only a header that declares ``width`` x ``height`` RGB pixels (and no pixel data)."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
 
@@ -344,11 +402,14 @@ def test_a_header_over_the_photo_limit_is_refused_before_decoding(tmp_path):
     )
 
 
-@pytest.mark.parametrize("format, kept, message", [
-    ("JPEG", 700, r"the image data is truncated or damaged: image file is truncated \(\d+ bytes not processed\)"),
-    ("JPEG", 100, r"the image header is damaged: Truncated File Read"),
-    ("PNG", 100, r"the image data is truncated or damaged: image file is truncated"),
-])
+@pytest.mark.parametrize(
+    "format, kept, message",
+    [
+        ("JPEG", 700, r"the image data is truncated or damaged: image file is truncated \(\d+ bytes not processed\)"),
+        ("JPEG", 100, r"the image header is damaged: Truncated File Read"),
+        ("PNG", 100, r"the image data is truncated or damaged: image file is truncated"),
+    ],
+)
 def test_truncated_files_are_refused(tmp_path, format, kept, message):
     path = tmp_path / f"cut.{format.lower()}"
     textured_image(64, 48).save(path, format=format)
@@ -384,7 +445,9 @@ def test_photo_paths_lists_directories_in_name_order_and_keeps_files_as_given(tm
         (folder / name).write_bytes(b"x")
     single = tmp_path / "single.bmp"
     single.write_bytes(b"x")
-    assert photo_paths([single, folder]) == [single] + [folder / name for name in ["A.JPG", "b.png", "c.webp", "d.jpeg"]]
+    assert photo_paths([single, folder]) == [single] + [
+        folder / name for name in ["A.JPG", "b.png", "c.webp", "d.jpeg"]
+    ]
 
 
 def test_photo_paths_refuses_nothing_found_and_bad_entries(tmp_path):
@@ -400,8 +463,10 @@ def test_photo_paths_refuses_nothing_found_and_bad_entries(tmp_path):
 
 
 def test_the_photo_path_imports_neither_torch_nor_scipy_nor_dlib():
-    code = ("import sys, cfdeploy.photos; "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'scipy', 'dlib', 'torchvision')))")
+    code = (
+        "import sys, cfdeploy.photos; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'scipy', 'dlib', 'torchvision')))"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
 
@@ -439,15 +504,34 @@ def test_npy_landmarks_files_one_or_several_faces_per_photo(tmp_path):
 GOOD_68 = np.round(synthetic_landmarks((100, 90), 40.0), 2).tolist()
 BAD_JSON_FILES = {
     "count": ([GOOD_68, GOOD_68], "{path}: 2 landmark entries for 3 photos (one entry per photo, in order)"),
-    "shape": ([GOOD_68, GOOD_68[:3], GOOD_68], "{path}: entry 1 (two.png): expected [68,2] or [5,2] points, found [3, 2]"),
-    "shape_in_list": ([GOOD_68, [GOOD_68, GOOD_68[:7]], GOOD_68],
-                      "{path}: entry 1 (two.png), face 1: expected [68,2] or [5,2] points, found [7, 2]"),
-    "triple": ([GOOD_68, GOOD_68, [[1, 2, 3]] * 5], "{path}: entry 2 (three.webp): expected [x, y] number pairs, found [1, 2, 3]"),
-    "string": ([GOOD_68, [["1", 2]] * 5, GOOD_68], "{path}: entry 1 (two.png): expected [x, y] number pairs, found [\"1\", 2]"),
-    "boolean": ([[[True, 2]] * 5, GOOD_68, GOOD_68], "{path}: entry 0 (one.jpg): expected [x, y] number pairs, found [true, 2]"),
-    "not_a_list": ([GOOD_68, {"x": 1}, GOOD_68],
-                   "{path}: entry 1 (two.png): expected a face (a list of [x, y] pairs) or a list of faces, found {{\"x\": 1}}"),
-    "top_level": ({"photo": "x" * 50}, "{path}: expected a JSON list with one entry per photo, found {{\"photo\": \"" + "x" * 26 + "..."),
+    "shape": (
+        [GOOD_68, GOOD_68[:3], GOOD_68],
+        "{path}: entry 1 (two.png): expected [68,2] or [5,2] points, found [3, 2]",
+    ),
+    "shape_in_list": (
+        [GOOD_68, [GOOD_68, GOOD_68[:7]], GOOD_68],
+        "{path}: entry 1 (two.png), face 1: expected [68,2] or [5,2] points, found [7, 2]",
+    ),
+    "triple": (
+        [GOOD_68, GOOD_68, [[1, 2, 3]] * 5],
+        "{path}: entry 2 (three.webp): expected [x, y] number pairs, found [1, 2, 3]",
+    ),
+    "string": (
+        [GOOD_68, [["1", 2]] * 5, GOOD_68],
+        '{path}: entry 1 (two.png): expected [x, y] number pairs, found ["1", 2]',
+    ),
+    "boolean": (
+        [[[True, 2]] * 5, GOOD_68, GOOD_68],
+        "{path}: entry 0 (one.jpg): expected [x, y] number pairs, found [true, 2]",
+    ),
+    "not_a_list": (
+        [GOOD_68, {"x": 1}, GOOD_68],
+        '{path}: entry 1 (two.png): expected a face (a list of [x, y] pairs) or a list of faces, found {{"x": 1}}',
+    ),
+    "top_level": (
+        {"photo": "x" * 50},
+        '{path}: expected a JSON list with one entry per photo, found {{"photo": "' + "x" * 26 + "...",
+    ),
 }
 
 
@@ -464,24 +548,37 @@ def test_bad_json_landmarks_are_refused_naming_the_file_and_entry(tmp_path, case
 def test_nan_and_broken_json_landmarks_are_refused(tmp_path):
     path = tmp_path / "landmarks.json"
     path.write_text(json.dumps([GOOD_68, GOOD_68, [[float("nan"), 1.0]] * 5]))
-    with pytest.raises(CfdeployError, match=rf"^{re.escape(str(path))}: entry 2 \(three.webp\): the points hold NaN or infinity$"):
+    with pytest.raises(
+        CfdeployError, match=rf"^{re.escape(str(path))}: entry 2 \(three.webp\): the points hold NaN or infinity$"
+    ):
         read_landmarks(path, PHOTOS)
     path.write_text("[[1, 2], ")
-    with pytest.raises(CfdeployError, match=rf"^{re.escape(str(path))}: not valid JSON \(Expecting value: line 1 column 10 \(char 9\)\)$"):
+    with pytest.raises(
+        CfdeployError,
+        match=rf"^{re.escape(str(path))}: not valid JSON \(Expecting value: line 1 column 10 \(char 9\)\)$",
+    ):
         read_landmarks(path, PHOTOS)
     path.write_text("[" * 100_000)
-    with pytest.raises(CfdeployError, match=rf"^{re.escape(str(path))}: not valid JSON \(maximum recursion depth exceeded"):
+    with pytest.raises(
+        CfdeployError, match=rf"^{re.escape(str(path))}: not valid JSON \(maximum recursion depth exceeded"
+    ):
         read_landmarks(path, PHOTOS)
 
 
-@pytest.mark.parametrize("array, message", [
-    (np.zeros((3, 68, 3)), "{path}: entry 0 (one.jpg): expected [68,2] or [5,2] points, found [68, 3]"),
-    (np.zeros((3, 2, 6, 2)), "{path}: entry 0 (one.jpg), face 0: expected [68,2] or [5,2] points, found [6, 2]"),
-    (np.zeros((4, 5, 2)), "{path}: 4 landmark entries for 3 photos (one entry per photo, in order)"),
-    (np.zeros((3, 10)), "{path}: expected landmarks [N,P,2] or [N,faces,P,2] (P = 68 or 5), found [3, 10]"),
-    (np.zeros((3, 5, 2), bool), "{path}: expected integer or floating-point landmarks, found dtype bool"),
-    (np.where(np.arange(30).reshape(3, 5, 2) == 17, np.inf, 1.0), "{path}: entry 1 (two.png): the points hold NaN or infinity"),
-])
+@pytest.mark.parametrize(
+    "array, message",
+    [
+        (np.zeros((3, 68, 3)), "{path}: entry 0 (one.jpg): expected [68,2] or [5,2] points, found [68, 3]"),
+        (np.zeros((3, 2, 6, 2)), "{path}: entry 0 (one.jpg), face 0: expected [68,2] or [5,2] points, found [6, 2]"),
+        (np.zeros((4, 5, 2)), "{path}: 4 landmark entries for 3 photos (one entry per photo, in order)"),
+        (np.zeros((3, 10)), "{path}: expected landmarks [N,P,2] or [N,faces,P,2] (P = 68 or 5), found [3, 10]"),
+        (np.zeros((3, 5, 2), bool), "{path}: expected integer or floating-point landmarks, found dtype bool"),
+        (
+            np.where(np.arange(30).reshape(3, 5, 2) == 17, np.inf, 1.0),
+            "{path}: entry 1 (two.png): the points hold NaN or infinity",
+        ),
+    ],
+)
 def test_bad_npy_landmarks_are_refused_naming_the_file_and_entry(tmp_path, array, message):
     path = tmp_path / "landmarks.npy"
     np.save(path, array)
@@ -493,7 +590,9 @@ def test_bad_npy_landmarks_are_refused_naming_the_file_and_entry(tmp_path, array
 def test_landmarks_in_another_format_are_refused(tmp_path):
     path = tmp_path / "landmarks.csv"
     path.write_text("1,2\n")
-    with pytest.raises(CfdeployError, match=rf"^{re.escape(str(path))}: landmarks must be a .json or .npy file, found suffix .csv$"):
+    with pytest.raises(
+        CfdeployError, match=rf"^{re.escape(str(path))}: landmarks must be a .json or .npy file, found suffix .csv$"
+    ):
         read_landmarks(path, PHOTOS)
 
 
@@ -508,6 +607,7 @@ def test_the_largest_face_is_kept_unless_all_are_asked_for():
 # ---------------------------------------------------------------------------------------------------
 # dlib: its real HOG detector on drawn faces, with a tiny 68-point predictor trained here.
 
+
 def cartoon_faces(size: tuple[int, int], faces: list[tuple[int, int, int]]) -> Image.Image:
     """Drawn faces dlib's HOG detector finds: (left, top, side) each, on a grey background."""
     image = Image.new("RGB", size, (90, 90, 90))
@@ -515,7 +615,7 @@ def cartoon_faces(size: tuple[int, int], faces: list[tuple[int, int, int]]) -> I
     for left, top, side in faces:
         s = side / 200
 
-        def at(x: float, y: float) -> tuple[float, float]:
+        def at(x: float, y: float, left: float = left, top: float = top, s: float = s) -> tuple[float, float]:
             return left + x * s, top + y * s
 
         draw.ellipse([*at(50, 30), *at(150, 170)], fill=(200, 170, 150))
@@ -551,7 +651,9 @@ def predictor_files(tmp_path_factory) -> dict[int, Path]:
             points = cartoon_landmarks(left, top, side)
             points = points if count == 68 else five_from_68(points)
             box = dlib.rectangle(left + side // 5, top + side // 5, left + side * 4 // 5, top + side * 4 // 5)
-            detections.append([dlib.full_object_detection(box, [dlib.point(int(x), int(y)) for x, y in np.rint(points)])])
+            detections.append(
+                [dlib.full_object_detection(box, [dlib.point(int(x), int(y)) for x, y in np.rint(points)])]
+            )
         files[count] = folder / f"predictor_{count}.dat"
         dlib.train_shape_predictor(images, detections, options).save(str(files[count]))
     return files
@@ -582,12 +684,17 @@ def test_dlib_models_that_cannot_serve_are_refused(tmp_path, predictor_files):
         DlibLandmarks(missing)
     garbage = tmp_path / "garbage.dat"
     garbage.write_text("not a model\n" * 10)
-    with pytest.raises(CfdeployError, match=rf"^{re.escape(str(garbage))}: not a dlib shape predictor \(Error deserializing object of type int\)$"):
+    with pytest.raises(
+        CfdeployError,
+        match=rf"^{re.escape(str(garbage))}: not a dlib shape predictor \(Error deserializing object of type int\)$",
+    ):
         DlibLandmarks(garbage)
     with pytest.raises(CfdeployError) as error:
         DlibLandmarks(predictor_files[5])
-    assert str(error.value) == (f"{predictor_files[5]}: a 5-point shape predictor; the alignment needs dlib's 68-point "
-                                "shape_predictor_68_face_landmarks.dat")
+    assert str(error.value) == (
+        f"{predictor_files[5]}: a 5-point shape predictor; the alignment needs dlib's 68-point "
+        "shape_predictor_68_face_landmarks.dat"
+    )
 
 
 def test_without_dlib_the_photos_extra_is_named(monkeypatch, tmp_path):

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+
 from conftest import assert_refused, own_ray, ray_is_connected
 
 PROMPT = "green lipstick"  # precomputed in bundle_256
@@ -21,11 +22,31 @@ def test_batch_survives_a_killed_worker_and_writes_every_image_once(bundle_256: 
     shards, out = tmp_path / "shards", tmp_path / "edits"
     shards.mkdir()
     for index in range(8):
-        np.save(shards / f"part{index}.npy", np.random.default_rng(100 + index).standard_normal((8, 14, 512)).astype(np.float32))
+        np.save(
+            shards / f"part{index}.npy",
+            np.random.default_rng(100 + index).standard_normal((8, 14, 512)).astype(np.float32),
+        )
     np.save(shards / "wrong.npy", np.zeros((2, 10, 512), np.float32))  # refused by its worker; the others go on
-    command = [sys.executable, "-m", "cfdeploy", "batch", "--bundle", str(bundle_256), "--latents", str(shards), "--text", PROMPT,
-               "--out", str(out), "--workers", "2"]
-    refusal = f"error: 1 shard(s) refused, the others are done (rerun after fixing them): {shards.resolve() / 'wrong.npy'}: latents have 10 levels"
+    command = [
+        sys.executable,
+        "-m",
+        "cfdeploy",
+        "batch",
+        "--bundle",
+        str(bundle_256),
+        "--latents",
+        str(shards),
+        "--text",
+        PROMPT,
+        "--out",
+        str(out),
+        "--workers",
+        "2",
+    ]
+    refusal = (
+        "error: 1 shard(s) refused, the others are done (rerun after fixing them): "
+        f"{shards.resolve() / 'wrong.npy'}: latents have 10 levels"
+    )
     with own_ray() as our_ray:  # the command's Ray, started by the child, which inherits RAY_TMPDIR
         run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 240
@@ -49,21 +70,41 @@ def test_batch_survives_a_killed_worker_and_writes_every_image_once(bundle_256: 
     for index in range(8):
         shard = out / f"part{index}"
         record = json.loads((out / "_done" / f"part{index}.json").read_text())
-        assert sorted(path.name for path in shard.iterdir()) == [f"{i:06d}.png" for i in range(8)] + ["edit.json", "latents.npy"]
+        assert sorted(path.name for path in shard.iterdir()) == [f"{i:06d}.png" for i in range(8)] + [
+            "edit.json",
+            "latents.npy",
+        ]
         assert record["count"] == 8
         for name, digest in record["files"].items():
             assert digest == hashlib.sha256((shard / name).read_bytes()).hexdigest()
     assert not [path for path in out.rglob("*") if path.name.endswith((".partial", ".old", ".lock"))]
     for index in (7,):  # the last shard, edited after the kill; every shard runs the same code
         reference = tmp_path / f"reference{index}"
-        assert cli("edit", "--bundle", bundle_256, "--latents", shards / f"part{index}.npy", "--text", PROMPT,
-                   "--save-latents", "--out", reference).exit_code == 0
+        assert (
+            cli(
+                "edit",
+                "--bundle",
+                bundle_256,
+                "--latents",
+                shards / f"part{index}.npy",
+                "--text",
+                PROMPT,
+                "--save-latents",
+                "--out",
+                reference,
+            ).exit_code
+            == 0
+        )
         for image in range(8):
-            assert (out / f"part{index}" / f"{image:06d}.png").read_bytes() == (reference / f"{image:06d}.png").read_bytes()
+            assert (out / f"part{index}" / f"{image:06d}.png").read_bytes() == (
+                reference / f"{image:06d}.png"
+            ).read_bytes()
         assert np.array_equal(np.load(out / f"part{index}" / "latents.npy"), np.load(reference / "latents.npy"))
 
 
-def test_batch_refuses_another_runs_output_and_bad_shards(bundle_256: Path, bundle_with_encoder, cli, tmp_path: Path) -> None:
+def test_batch_refuses_another_runs_output_and_bad_shards(
+    bundle_256: Path, bundle_with_encoder, cli, tmp_path: Path
+) -> None:
     with own_ray() as our_ray:
         out = tmp_path / "edits"
         out.mkdir()
@@ -71,20 +112,70 @@ def test_batch_refuses_another_runs_output_and_bad_shards(bundle_256: Path, bund
         shards = tmp_path / "shards"
         shards.mkdir()
         np.save(shards / "a.npy", np.zeros((1, 14, 512), np.float32))
-        assert_refused(cli("batch", "--bundle", bundle_256, "--latents", shards, "--text", PROMPT, "--out", out), None,
-                       f"{out}: is not empty and is not a cfdeploy batch output; pass --force to write into it")
-        assert_refused(cli("batch", "--bundle", bundle_256, "--latents", tmp_path / "none", "--text", PROMPT, "--out", tmp_path / "o"),
-                       tmp_path / "o", "no .npy shards found")
+        assert_refused(
+            cli("batch", "--bundle", bundle_256, "--latents", shards, "--text", PROMPT, "--out", out),
+            None,
+            f"{out}: is not empty and is not a cfdeploy batch output; pass --force to write into it",
+        )
+        assert_refused(
+            cli(
+                "batch",
+                "--bundle",
+                bundle_256,
+                "--latents",
+                tmp_path / "none",
+                "--text",
+                PROMPT,
+                "--out",
+                tmp_path / "o",
+            ),
+            tmp_path / "o",
+            "no .npy shards found",
+        )
         (shards / "b").mkdir()
         np.save(shards / "b" / "a.npy", np.zeros((1, 14, 512), np.float32))
-        assert_refused(cli("batch", "--bundle", bundle_256, "--latents", f"{shards}/**/a.npy", "--text", PROMPT, "--out", tmp_path / "o"),
-                       tmp_path / "o", "two shards are named 'a'")
-        assert_refused(cli("batch", "--bundle", bundle_256, "--latents", shards, "--text", PROMPT, "--out", tmp_path / "o", "--workers", 0),
-                       tmp_path / "o", "--workers must be 1 or more, got 0")
+        assert_refused(
+            cli(
+                "batch",
+                "--bundle",
+                bundle_256,
+                "--latents",
+                f"{shards}/**/a.npy",
+                "--text",
+                PROMPT,
+                "--out",
+                tmp_path / "o",
+            ),
+            tmp_path / "o",
+            "two shards are named 'a'",
+        )
+        assert_refused(
+            cli(
+                "batch",
+                "--bundle",
+                bundle_256,
+                "--latents",
+                shards,
+                "--text",
+                PROMPT,
+                "--out",
+                tmp_path / "o",
+                "--workers",
+                0,
+            ),
+            tmp_path / "o",
+            "--workers must be 1 or more, got 0",
+        )
         _, without_clip, _ = bundle_with_encoder
-        assert_refused(cli("batch", "--bundle", without_clip, "--latents", shards, "--text", "blue dog", "--out", tmp_path / "o"),
-                       tmp_path / "o", "exported --without-clip, so it edits only the prompts precomputed at export (none) or --text-embedding features")
-        assert_refused(cli("batch", "--bundle", bundle_256, "--latents", shards, "--out", tmp_path / "o"), tmp_path / "o",
-                       "give exactly one of --text or --text-embedding")
+        assert_refused(
+            cli("batch", "--bundle", without_clip, "--latents", shards, "--text", "blue dog", "--out", tmp_path / "o"),
+            tmp_path / "o",
+            "exported --without-clip, so it edits only the prompts precomputed at export (none) or --text-embedding features",
+        )
+        assert_refused(
+            cli("batch", "--bundle", bundle_256, "--latents", shards, "--out", tmp_path / "o"),
+            tmp_path / "o",
+            "give exactly one of --text or --text-embedding",
+        )
         assert (out / "mine.txt").read_text() == "keep"
         assert not ray_is_connected() and not our_ray.processes()

@@ -21,7 +21,9 @@ def batch_out(tmp_path_factory, bundle_256):
     rng = np.random.default_rng(0)
     for name in ("first", "second"):
         np.save(shards / f"{name}.npy", rng.standard_normal((1, 14, 512)).astype(np.float32) * 0.1)
-    settings = BatchSettings(bundle_256, str(shards), "blue dog", root / "out", None, 1.0, "onnxruntime", 1, 1, 1.0, 0.0)
+    settings = BatchSettings(
+        bundle_256, str(shards), "blue dog", root / "out", None, 1.0, "onnxruntime", 1, 1, 1.0, 0.0
+    )
     plan = plan_batch(settings)
     edit_shard(open_backend("onnxruntime", plan.settings.bundle), plan.settings, shards / "first.npy")
     return settings

@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from conftest import assert_refused, free_port, own_ray, ray_is_connected
 
 from cfdeploy.client import Client, ServerError
 from cfdeploy.outputs import npy_bytes
 from cfdeploy.serving.protocol import MAX_BODY_BYTES
+from conftest import assert_refused, free_port, own_ray, ray_is_connected
 
 PROMPT = "green lipstick"  # precomputed in bundle_256
 BUNDLE = "green_lipstick_256"
@@ -24,10 +24,18 @@ BUNDLE = "green_lipstick_256"
 
 def test_serve_refuses_bad_settings_in_one_line_before_starting_ray(cli, bundle_256: Path, tmp_path: Path) -> None:
     with own_ray() as our_ray:
-        assert_refused(cli("serve", "--bundle", bundle_256, "--replicas", 0), None, "--replicas must be 1 or more, got 0")
-        assert_refused(cli("serve", "--bundle", bundle_256, "--backend", "tensorrt"), None, "--backend tensorrt needs a GPU")
+        assert_refused(
+            cli("serve", "--bundle", bundle_256, "--replicas", 0), None, "--replicas must be 1 or more, got 0"
+        )
+        assert_refused(
+            cli("serve", "--bundle", bundle_256, "--backend", "tensorrt"), None, "--backend tensorrt needs a GPU"
+        )
         assert_refused(cli("serve", "--bundle", tmp_path / "absent"), None, "absent")
-        assert_refused(cli("serve", "--bundle", bundle_256, "--bundle", bundle_256), None, "two bundles are named 'green_lipstick_256'")
+        assert_refused(
+            cli("serve", "--bundle", bundle_256, "--bundle", bundle_256),
+            None,
+            "two bundles are named 'green_lipstick_256'",
+        )
         assert not ray_is_connected() and not our_ray.processes()
 
 
@@ -48,8 +56,15 @@ def served(tmp_path_factory: pytest.TempPathFactory, bundle_256: Path, bundle_wi
     bundle = tmp_path_factory.mktemp("served") / BUNDLE
     shutil.copytree(bundle_256, bundle, copy_function=os.link)
     _, with_encoder, _ = bundle_with_encoder
-    settings = ServeSettings((bundle, with_encoder), replicas=2, max_batch=8, batch_wait_ms=10, max_ongoing=8,
-                             cpus_per_replica=0.5, port=free_port())
+    settings = ServeSettings(
+        (bundle, with_encoder),
+        replicas=2,
+        max_batch=8,
+        batch_wait_ms=10,
+        max_ongoing=8,
+        cpus_per_replica=0.5,
+        port=free_port(),
+    )
     with own_ray() as our_ray:
         with Server(settings, num_cpus=2) as server:
             yield Client(server.url), bundle
@@ -59,9 +74,19 @@ def served(tmp_path_factory: pytest.TempPathFactory, bundle_256: Path, bundle_wi
 def test_served_edits_equal_cfdeploy_edit_and_are_batched(served, codes: Path, cli, tmp_path: Path) -> None:
     client, bundle = served
     reference = tmp_path / "reference"
-    assert cli("edit", "--bundle", bundle, "--latents", codes, "--text", PROMPT, "--save-latents", "--out", reference).exit_code == 0
+    assert (
+        cli(
+            "edit", "--bundle", bundle, "--latents", codes, "--text", PROMPT, "--save-latents", "--out", reference
+        ).exit_code
+        == 0
+    )
     seeded = tmp_path / "seeded"
-    assert cli("edit", "--bundle", bundle, "--seed", 3, "--num", 2, "--text", PROMPT, "--save-latents", "--out", seeded).exit_code == 0
+    assert (
+        cli(
+            "edit", "--bundle", bundle, "--seed", 3, "--num", 2, "--text", PROMPT, "--save-latents", "--out", seeded
+        ).exit_code
+        == 0
+    )
     w = np.load(codes)
     expected_w_hat = np.load(reference / "latents.npy")
 
@@ -79,7 +104,9 @@ def test_served_edits_equal_cfdeploy_edit_and_are_batched(served, codes: Path, c
     assert by_seed.images == [(seeded / f"{index:06d}.png").read_bytes() for index in range(2)]
     np.testing.assert_allclose(by_seed.latents, np.load(seeded / "latents.npy"), atol=1e-6, rtol=0)
 
-    body = json.dumps({"bundle": BUNDLE, "latents": base64.b64encode(npy_bytes(w[:1])).decode(), "prompt": PROMPT}).encode()
+    body = json.dumps(
+        {"bundle": BUNDLE, "latents": base64.b64encode(npy_bytes(w[:1])).decode(), "prompt": PROMPT}
+    ).encode()
     png = client.request("POST", "/v1/edits", body, {"Accept": "image/png"})
     assert png == (reference / "000000.png").read_bytes()
     listed = {entry["name"]: entry for entry in client.bundles()}
@@ -95,22 +122,46 @@ def test_a_served_photo_edit_equals_cfdeploy_edit_images(served, bundle_with_enc
     embedding = tmp_path / "embedding.npy"
     np.save(embedding, np.random.default_rng(4).standard_normal(512).astype(np.float32))
     reference = tmp_path / "reference"
-    assert cli("edit", "--bundle", with_encoder, "--images", face, "--aligned", "--text-embedding", embedding,
-               "--save-latents", "--out", reference).exit_code == 0
-    edit = client.edit(bundle="with_encoder_64", image=face.read_bytes(), text_embedding=np.load(embedding), returns="both")
+    assert (
+        cli(
+            "edit",
+            "--bundle",
+            with_encoder,
+            "--images",
+            face,
+            "--aligned",
+            "--text-embedding",
+            embedding,
+            "--save-latents",
+            "--out",
+            reference,
+        ).exit_code
+        == 0
+    )
+    edit = client.edit(
+        bundle="with_encoder_64", image=face.read_bytes(), text_embedding=np.load(embedding), returns="both"
+    )
     assert edit.images == [(reference / "000000.png").read_bytes()]
     np.testing.assert_allclose(edit.latents, np.load(reference / "latents.npy"), atol=1e-6, rtol=0)
     with pytest.raises(ServerError) as refusal:
         client.edit(bundle=BUNDLE, image=face.read_bytes(), prompt=PROMPT)
     assert (refusal.value.status, refusal.value.message) == (
-        400, f"bundle '{BUNDLE}' has no e4e encoder graph (export it with cfdeploy export --encoder)")
+        400,
+        f"bundle '{BUNDLE}' has no e4e encoder graph (export it with cfdeploy export --encoder)",
+    )
     with pytest.raises(ServerError) as refusal:
         client.edit(bundle="with_encoder_64", prompt="blue dog", seed=1)
-    assert (refusal.value.status, refusal.value.message) == (400, "bundle 'with_encoder_64': exported --without-clip, so it "
-                                                             "edits only the prompts precomputed at export (none) or --text-embedding features")
+    assert (refusal.value.status, refusal.value.message) == (
+        400,
+        "bundle 'with_encoder_64': exported --without-clip, so it "
+        "edits only the prompts precomputed at export (none) or --text-embedding features",
+    )
     with pytest.raises(ServerError) as refusal:
         client.edit(bundle="with_encoder_64", image=b"GIF89a not a photo", text_embedding=np.load(embedding))
-    assert (refusal.value.status, refusal.value.message) == (400, "image: not a JPEG, PNG or WebP image, or its header is damaged")
+    assert (refusal.value.status, refusal.value.message) == (
+        400,
+        "image: not a JPEG, PNG or WebP image, or its header is damaged",
+    )
 
 
 def test_bad_requests_get_their_status_and_one_line(served) -> None:
@@ -130,30 +181,57 @@ def test_bad_requests_get_their_status_and_one_line(served) -> None:
     assert refused(b"{not json")[1].startswith("request body is not valid JSON")
     assert refused({"prompt": PROMPT, "latents": "@@@"}) == (400, "latents: not valid base64")
     assert refused({"prompt": PROMPT, "latents": levels}) == (
-        400, "latents: latents have 10 levels, the generator needs 14 (shape [1, 10, 512])")
+        400,
+        "latents: latents have 10 levels, the generator needs 14 (shape [1, 10, 512])",
+    )
     assert refused({"prompt": PROMPT, "latents": base64.b64encode(npy_bytes(nan)).decode()}) == (
-        400, "latents: latents contain 1 NaN/inf values")
+        400,
+        "latents: latents contain 1 NaN/inf values",
+    )
     assert refused({"prompt": PROMPT, "latents": base64.b64encode(b"not an npy").decode()})[1].startswith(
-        "latents: not a readable .npy latents")
+        "latents: not a readable .npy latents"
+    )
     assert refused({"bundle": "blue_dog", "prompt": PROMPT, "latents": good}) == (
-        404, "unknown bundle 'blue_dog' (served: green_lipstick_256, with_encoder_64)")
-    assert refused({"prompt": PROMPT, "seed": 1, "latents": good}) == (400, "give exactly one of latents, seed or image")
+        404,
+        "unknown bundle 'blue_dog' (served: green_lipstick_256, with_encoder_64)",
+    )
+    assert refused({"prompt": PROMPT, "seed": 1, "latents": good}) == (
+        400,
+        "give exactly one of latents, seed or image",
+    )
     assert refused({"latents": good}) == (400, "give exactly one of prompt or text_embedding")
     assert refused({"prompt": PROMPT, "seed": 1, "num": 0}) == (400, "num must be between 1 and 100,000, got 0")
-    assert refused({"prompt": PROMPT, "seed": 1, "strength": "strong"}) == (400, 'strength: expected a number, found "strong"')
+    assert refused({"prompt": PROMPT, "seed": 1, "strength": "strong"}) == (
+        400,
+        'strength: expected a number, found "strong"',
+    )
     assert refused({"prompt": PROMPT, "seed": 1, "num": 65}) == (
-        413, "65 images in one request; the limit is 64 (use cfdeploy batch for datasets)")
+        413,
+        "65 images in one request; the limit is 64 (use cfdeploy batch for datasets)",
+    )
     assert refused(b" " * (MAX_BODY_BYTES + 1)) == (413, f"request body is over the limit of {MAX_BODY_BYTES:,} bytes")
-    status, message = refused({"prompt": "lipstick " * 80, "latents": good})  # over CLIP's 77 tokens: found in a replica
+    status, message = refused(
+        {"prompt": "lipstick " * 80, "latents": good}
+    )  # over CLIP's 77 tokens: found in a replica
     assert status == 400 and "77" in message
     assert refused({"prompt": PROMPT, "seed": -1}) == (400, "seed must be from 0 to 2^63-1, got -1")
-    assert refused({"prompt": PROMPT, "seed": 1, "strength": 10**400}) == (400, f"strength must be a finite number, got {str(10**400)[:40]}")
+    assert refused({"prompt": PROMPT, "seed": 1, "strength": 10**400}) == (
+        400,
+        f"strength must be a finite number, got {str(10**400)[:40]}",
+    )
     assert refused(b"[" * 100_000)[1].startswith("request body is not valid JSON")
     assert refused(b'{"seed": 1' + b"0" * 5000 + b"}")[1].startswith("request body is not valid JSON")
     with pytest.raises(ServerError) as refusal:
-        client.request("POST", "/v1/edits", json.dumps({"bundle": BUNDLE, "prompt": PROMPT, "seed": 1, "num": 2}).encode(),
-                       {"Accept": "image/png"})
-    assert (refusal.value.status, refusal.value.message) == (406, "Accept: image/png returns one image; this request makes 2")
+        client.request(
+            "POST",
+            "/v1/edits",
+            json.dumps({"bundle": BUNDLE, "prompt": PROMPT, "seed": 1, "num": 2}).encode(),
+            {"Accept": "image/png"},
+        )
+    assert (refusal.value.status, refusal.value.message) == (
+        406,
+        "Accept: image/png returns one image; this request makes 2",
+    )
     only_codes = client.edit(bundle=BUNDLE, prompt=PROMPT, seed=1, returns="npy")
     assert (only_codes.images, only_codes.generator_batches, only_codes.latents.shape) == ([], [], (1, 14, 512))
     assert refused(b"", "/v1/edits", "GET") == (405, "GET is not allowed on /v1/edits")

@@ -48,7 +48,9 @@ def test_updates_follow_the_rule_over_fourteen_steps(shape):
     for step, gradient in enumerate(gradients):
         parameter.grad = torch.from_numpy(gradient.copy())
         optimizer.step()
-        np.testing.assert_allclose(parameter.detach().numpy(), expected[step], rtol=1e-5, atol=1e-6, err_msg=f"step {step + 1}")
+        np.testing.assert_allclose(
+            parameter.detach().numpy(), expected[step], rtol=1e-5, atol=1e-6, err_msg=f"step {step + 1}"
+        )
 
 
 def test_rectification_starts_at_step_six_and_lookahead_halves_the_way_back_at_k():

@@ -35,8 +35,13 @@ N_LATENT_64 = 10
 def run_files(tmp_path_factory: pytest.TempPathFactory, cfclip_64: Path, clip_vit_b32_file: Path) -> dict[str, Path]:
     """The generator (a 64 px CF-CLIP checkpoint), full CLIP ViT-B/32 and ArcFace IR-SE-50 weights, W+ codes."""
     directory = tmp_path_factory.mktemp("train_files")
-    files = {"generator": cfclip_64, "clip": clip_vit_b32_file, "arcface": directory / "arcface.pt",
-             "latents": directory / "train.npy", "test": directory / "test.npy"}
+    files = {
+        "generator": cfclip_64,
+        "clip": clip_vit_b32_file,
+        "arcface": directory / "arcface.pt",
+        "latents": directory / "train.npy",
+        "test": directory / "test.npy",
+    }
     torch.manual_seed(3)
     arcface = ArcFace()
     with torch.no_grad():  # running statistics other than 0 and 1, so eval-mode BatchNorm is exercised
@@ -52,17 +57,20 @@ def run_files(tmp_path_factory: pytest.TempPathFactory, cfclip_64: Path, clip_vi
 
 
 def inputs_of(files: dict[str, Path], identity: bool = True) -> TrainInputs:
-    return TrainInputs(files["generator"], files["clip"], files["latents"], files["test"],
-                       files["arcface"] if identity else None)
+    return TrainInputs(
+        files["generator"], files["clip"], files["latents"], files["test"], files["arcface"] if identity else None
+    )
 
 
 def official_clip_features(clip, images: torch.Tensor) -> torch.Tensor:
     """CF-CLIP's image side: [-1, 1] → [0, 1] → Resize(224, bicubic) → CenterCrop(224) → Normalize → encode, L2-normalised."""
-    preprocess = transforms.Compose([
-        transforms.Resize(224, interpolation=transforms.InterpolationMode.BICUBIC, antialias=True),
-        transforms.CenterCrop(224),
-        transforms.Normalize(CLIP_MEAN, CLIP_STD),
-    ])
+    preprocess = transforms.Compose(
+        [
+            transforms.Resize(224, interpolation=transforms.InterpolationMode.BICUBIC, antialias=True),
+            transforms.CenterCrop(224),
+            transforms.Normalize(CLIP_MEAN, CLIP_STD),
+        ]
+    )
     return F.normalize(clip.encode_image(preprocess((images + 1) / 2)), dim=-1)
 
 
@@ -76,11 +84,18 @@ def official_nce(clip, edited, source, warps: torch.Generator, augmentations: in
     """criteria/nce_loss.py as the spec states it, written out here."""
     height, width = edited.shape[-2:]
     corners = [[0, 0], [width - 1, 0], [width - 1, height - 1], [0, height - 1]]
-    augmented = torch.cat([
-        perspective(edited, corners, perspective_endpoints(width, height, 0.5, warps),
-                    transforms.InterpolationMode.BILINEAR, fill=[0.0])
-        for _ in range(augmentations)
-    ])
+    augmented = torch.cat(
+        [
+            perspective(
+                edited,
+                corners,
+                perspective_endpoints(width, height, 0.5, warps),
+                transforms.InterpolationMode.BILINEAR,
+                fill=[0.0],
+            )
+            for _ in range(augmentations)
+        ]
+    )
     source_features = official_clip_features(clip, source).repeat(augmentations, 1)
     t_src, t_tgt = official_text_features(clip, source_text), official_text_features(clip, target_text)
     query = F.normalize(official_clip_features(clip, augmented) - source_features, dim=-1)
@@ -110,22 +125,34 @@ def test_one_step_reproduces_the_official_computation(run_files):
     trainer = prepare(settings, inputs_of(run_files), "cpu", lambda stage: None)
     trainer.model.double()  # both sides in float64: float32 alone differs by ~4e-5 in the gradients after 20-odd layers
     mappers = {"text_mapper": trainer.model.text_mapper, "mapper": trainer.model.mapper}
-    start = {name: {key: value.detach().clone() for key, value in module.state_dict().items()} for name, module in mappers.items()}
+    start = {
+        name: {key: value.detach().clone() for key, value in module.state_dict().items()}
+        for name, module in mappers.items()
+    }
     progress = trainer.train_step()
-    del trainer  # the mappers keep their gradients; its float64 CLIP, ArcFace and generator (~2 GB) go before the reference's own
+    del (
+        trainer
+    )  # the mappers keep their gradients; its float64 CLIP, ArcFace and generator (~2 GB) go before the reference's own
     gc.collect()
 
     content = torch.load(run_files["generator"], weights_only=True)
-    generator_state = {key[len("decoder."):]: value.double() for key, value in content["state_dict"].items()
-                       if key.startswith("decoder.")}
+    generator_state = {
+        key[len("decoder.") :]: value.double()
+        for key, value in content["state_dict"].items()
+        if key.startswith("decoder.")
+    }
     clip = open_clip.create_model("ViT-B-32-quickgelu", pretrained=None)
     clip.load_state_dict(torch.load(run_files["clip"], weights_only=True), strict=False)
     clip.eval().double()
-    arcface_state = {key: value.double() if value.is_floating_point() else value
-                     for key, value in torch.load(run_files["arcface"], weights_only=True).items()}
+    arcface_state = {
+        key: value.double() if value.is_floating_point() else value
+        for key, value in torch.load(run_files["arcface"], weights_only=True).items()
+    }
     rows = batch_indices(5, 1, 6, 2)
     w = torch.from_numpy(np.load(run_files["latents"])[rows]).double()
-    leaves = {name: {key: value.clone().requires_grad_(True) for key, value in state.items()} for name, state in start.items()}
+    leaves = {
+        name: {key: value.clone().requires_grad_(True) for key, value in state.items()} for name, state in start.items()
+    }
     with torch.no_grad():
         text_features = clip.encode_text(open_clip.tokenize([PROMPT]))
         source = reference.generator(generator_state, w)
@@ -144,7 +171,7 @@ def test_one_step_reproduces_the_official_computation(run_files):
 
     names = [(name, key) for name in leaves for key in leaves[name]]
     grads = torch.autograd.grad(expected["loss"], [leaves[name][key] for name, key in names])
-    for (name, key), grad in zip(names, grads):
+    for (name, key), grad in zip(names, grads, strict=True):
         parameter = dict(mappers[name].named_parameters())[key]
         assert rel_l2(parameter.grad, grad) <= 1e-5, f"{name}.{key} gradient"
         # Ranger's first step is momentum SGD with bias correction: w - lr * centralised g.
@@ -153,7 +180,10 @@ def test_one_step_reproduces_the_official_computation(run_files):
 
 
 def metric_lines(path: Path) -> list[dict]:
-    return [{key: value for key, value in json.loads(line).items() if key != "step_s"} for line in path.read_text().splitlines()]
+    return [
+        {key: value for key, value in json.loads(line).items() if key != "step_s"}
+        for line in path.read_text().splitlines()
+    ]
 
 
 def test_a_resumed_run_equals_the_uninterrupted_one(run_files, tmp_path):
@@ -178,36 +208,89 @@ def test_a_resumed_run_equals_the_uninterrupted_one(run_files, tmp_path):
 
 def test_cli_writes_official_checkpoints_that_edit_and_export_accept(cli, run_files, tmp_path, embedding_file):
     out = tmp_path / "run"
-    result = cli("train", "-t", PROMPT, "-g", run_files["generator"], "--clip-weights", run_files["clip"],
-                 "-l", run_files["latents"], "--test-latents", run_files["test"], "--id-weights", run_files["arcface"],
-                 "-o", out, "--steps", 2, "--val-every", 1, "--save-every", 2)
+    result = cli(
+        "train",
+        "-t",
+        PROMPT,
+        "-g",
+        run_files["generator"],
+        "--clip-weights",
+        run_files["clip"],
+        "-l",
+        run_files["latents"],
+        "--test-latents",
+        run_files["test"],
+        "--id-weights",
+        run_files["arcface"],
+        "-o",
+        out,
+        "--steps",
+        2,
+        "--val-every",
+        1,
+        "--save-every",
+        2,
+    )
     assert result.exit_code == 0, result.stderr
-    assert {"best_model.pt", "iteration_2.pt", "training_state.pt", "metrics.jsonl", "loss.png"} <= {p.name for p in out.iterdir()}
+    assert {"best_model.pt", "iteration_2.pt", "training_state.pt", "metrics.jsonl", "loss.png"} <= {
+        p.name for p in out.iterdir()
+    }
     assert sorted(p.name for p in (out / "validation").iterdir()) == ["step_000001.png", "step_000002.png"]
     content = torch.load(out / "iteration_2.pt", weights_only=True)
     assert set(content) == {"state_dict", "opts"}
     keys = list(content["state_dict"])
     assert set(keys) == {key for key, _, _ in synthetic_files.cfclip_keys(64)}
-    assert [key.split(".")[0] for key in keys] == sorted((key.split(".")[0] for key in keys), key=["mapper", "decoder", "text_mapper"].index)
+    assert [key.split(".")[0] for key in keys] == sorted(
+        (key.split(".")[0] for key in keys), key=["mapper", "decoder", "text_mapper"].index
+    )
     official_opts = synthetic_files.manifest("cfclip_manifest_1024.json")["checkpoint_opts"]
     assert set(content["opts"]) == set(official_opts)
     assert content["opts"]["description"] == PROMPT and content["opts"]["stylegan_size"] == 64
     assert content["opts"]["id_lambda"] == 0.2 and content["opts"]["max_steps"] == 2
     generator = torch.load(run_files["generator"], weights_only=True)["state_dict"]
-    assert all(torch.equal(value, generator[key]) for key, value in content["state_dict"].items() if key.startswith("decoder."))
+    assert all(
+        torch.equal(value, generator[key]) for key, value in content["state_dict"].items() if key.startswith("decoder.")
+    )
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in metrics] == [1, 1, 2, 2] and set(metrics[0]) >= {"loss", "nce", "l2", "id", "lr", "step_s"}
+    assert [m["step"] for m in metrics] == [1, 1, 2, 2] and set(metrics[0]) >= {
+        "loss",
+        "nce",
+        "l2",
+        "id",
+        "lr",
+        "step_s",
+    }
     assert load_cfclip(out / "best_model.pt").description == PROMPT
 
     edited = tmp_path / "edited"
     latents = np.load(run_files["test"])
-    result = cli("edit", "-c", out / "best_model.pt", "-l", run_files["test"], "--text-embedding", embedding_file,
-                 "-o", edited, "--save-latents")
+    result = cli(
+        "edit",
+        "-c",
+        out / "best_model.pt",
+        "-l",
+        run_files["test"],
+        "--text-embedding",
+        embedding_file,
+        "-o",
+        edited,
+        "--save-latents",
+    )
     assert result.exit_code == 0, result.stderr
     expected_w_hat = official_w_hat(out / "best_model.pt", latents, np.load(embedding_file).reshape(1, 512))
     assert rel_l2(np.load(edited / "latents.npy"), expected_w_hat) <= 1e-5
-    result = cli("export", "-c", out / "iteration_2.pt", "--clip-weights", run_files["clip"], "--without-clip", "--text", PROMPT,
-                 "-o", tmp_path / "bundle")
+    result = cli(
+        "export",
+        "-c",
+        out / "iteration_2.pt",
+        "--clip-weights",
+        run_files["clip"],
+        "--without-clip",
+        "--text",
+        PROMPT,
+        "-o",
+        tmp_path / "bundle",
+    )
     assert result.exit_code == 0, result.stderr
 
 
@@ -229,8 +312,14 @@ def test_cli_refuses_bad_input_before_writing(cli, run_files, tmp_path, change, 
     nan[1, 2, 3] = np.nan
     np.save(tmp_path / "nan.npy", nan)
     named = {"levels18": tmp_path / "levels18.npy", "nan": tmp_path / "nan.npy", "clip": run_files["clip"]}
-    options = {"-t": PROMPT, "-g": run_files["generator"], "--clip-weights": run_files["clip"], "-l": run_files["latents"],
-               "-o": tmp_path / "run", "--steps": "2"}
+    options = {
+        "-t": PROMPT,
+        "-g": run_files["generator"],
+        "--clip-weights": run_files["clip"],
+        "-l": run_files["latents"],
+        "-o": tmp_path / "run",
+        "--steps": "2",
+    }
     options.update({key: named.get(value, value) for key, value in change.items()})
     result = cli("train", *[item for pair in options.items() for item in pair])
     assert_refused(result, tmp_path / "run", *fragments)
@@ -240,8 +329,21 @@ def test_existing_output_needs_force_and_resume_needs_a_save(cli, run_files, tmp
     out = tmp_path / "run"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    base = ["train", "-t", PROMPT, "-g", run_files["generator"], "--clip-weights", run_files["clip"],
-            "-l", run_files["latents"], "-o", out, "--steps", 1]
+    base = [
+        "train",
+        "-t",
+        PROMPT,
+        "-g",
+        run_files["generator"],
+        "--clip-weights",
+        run_files["clip"],
+        "-l",
+        run_files["latents"],
+        "-o",
+        out,
+        "--steps",
+        1,
+    ]
     result = cli(*base)
     assert result.exit_code == 2 and "--force" in result.stderr and (out / "notes.txt").read_text() == "mine"
     result = cli(*base, "--resume")
@@ -265,8 +367,13 @@ def test_a_nan_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(run_f
 def init_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """CF-CLIP checkpoints to start from (mappers unlike the generator file's) and a prompt's text features."""
     directory = tmp_path_factory.mktemp("init_files")
-    files = {"init": directory / "init.pt", "no_coarse": directory / "no_coarse.pt", "levels12": directory / "levels12.pt",
-             "embedding": directory / "prompt.npy", "bad_embedding": directory / "bad.npy"}
+    files = {
+        "init": directory / "init.pt",
+        "no_coarse": directory / "no_coarse.pt",
+        "levels12": directory / "levels12.pt",
+        "embedding": directory / "prompt.npy",
+        "bad_embedding": directory / "bad.npy",
+    }
     torch.save(synthetic_files.cfclip_checkpoint(64, seed=11), files["init"])
     torch.save(synthetic_files.cfclip_checkpoint(64, seed=12, no_coarse_mapper=True), files["no_coarse"])
     torch.save(synthetic_files.cfclip_checkpoint(128, seed=13), files["levels12"])
@@ -280,29 +387,45 @@ def test_one_step_from_a_checkpoint_and_a_text_embedding_is_the_official_update(
     """The official loop with checkpoint_path set: mappers from the checkpoint, a fresh Ranger, one update. With
     --text-embedding and --nce-lambda 0 no CLIP file is given and none is loaded."""
     settings = TrainSettings(PROMPT, steps=1, seed=4, nce_lambda=0)
-    inputs = TrainInputs(run_files["generator"], None, run_files["latents"], run_files["test"], run_files["arcface"],
-                         init_files["init"], init_files["embedding"])
+    inputs = TrainInputs(
+        run_files["generator"],
+        None,
+        run_files["latents"],
+        run_files["test"],
+        run_files["arcface"],
+        init_files["init"],
+        init_files["embedding"],
+    )
     trainer = prepare(settings, inputs, "cpu", lambda stage: None)
     assert trainer.model.nce is None and not trainer.optimizer.state
     trainer.model.double()
     mappers = {"text_mapper": trainer.model.text_mapper, "mapper": trainer.model.mapper}
     init_state = torch.load(init_files["init"], weights_only=True)["state_dict"]
-    start = {name: {key[len(name) + 1:]: value.double() for key, value in init_state.items() if key.startswith(name + ".")}
-             for name in mappers}
+    start = {
+        name: {key[len(name) + 1 :]: value.double() for key, value in init_state.items() if key.startswith(name + ".")}
+        for name in mappers
+    }
     for name, module in mappers.items():  # the checkpoint's mappers, key for key
         assert set(module.state_dict()) == set(start[name])
         assert all(torch.equal(value, start[name][key]) for key, value in module.state_dict().items()), name
     progress = trainer.train_step()
 
     content = torch.load(run_files["generator"], weights_only=True)
-    generator_state = {key[len("decoder."):]: value.double() for key, value in content["state_dict"].items()
-                       if key.startswith("decoder.")}
-    arcface_state = {key: value.double() if value.is_floating_point() else value
-                     for key, value in torch.load(run_files["arcface"], weights_only=True).items()}
+    generator_state = {
+        key[len("decoder.") :]: value.double()
+        for key, value in content["state_dict"].items()
+        if key.startswith("decoder.")
+    }
+    arcface_state = {
+        key: value.double() if value.is_floating_point() else value
+        for key, value in torch.load(run_files["arcface"], weights_only=True).items()
+    }
     rows = batch_indices(4, 1, 6, 2)
     w = torch.from_numpy(np.load(run_files["latents"])[rows]).double()
     text_features = torch.from_numpy(np.load(init_files["embedding"])).double().reshape(1, 512)
-    leaves = {name: {key: value.clone().requires_grad_(True) for key, value in state.items()} for name, state in start.items()}
+    leaves = {
+        name: {key: value.clone().requires_grad_(True) for key, value in state.items()} for name, state in start.items()
+    }
     with torch.no_grad():
         source = reference.generator(generator_state, w)
     text_latents = reference.text_mapper(leaves["text_mapper"], text_features.expand(2, -1), N_LATENT_64)
@@ -324,8 +447,23 @@ def test_one_step_from_a_checkpoint_and_a_text_embedding_is_the_official_update(
 
 def test_cli_trains_from_a_checkpoint_with_a_text_embedding(cli, run_files, init_files, tmp_path):
     """Both branches: without CLIP (--nce-lambda 0), and with CLIP for the NCE term only."""
-    base = ["train", "-t", PROMPT, "-g", run_files["generator"], "-l", run_files["latents"], "--steps", 1,
-            "--init-from", init_files["init"], "--text-embedding", init_files["embedding"], "--id-lambda", 0]
+    base = [
+        "train",
+        "-t",
+        PROMPT,
+        "-g",
+        run_files["generator"],
+        "-l",
+        run_files["latents"],
+        "--steps",
+        1,
+        "--init-from",
+        init_files["init"],
+        "--text-embedding",
+        init_files["embedding"],
+        "--id-lambda",
+        0,
+    ]
     result = cli(*base, "--nce-lambda", 0, "-o", tmp_path / "no_clip")
     assert result.exit_code == 0, result.stderr
     content = torch.load(tmp_path / "no_clip" / "iteration_1.pt", weights_only=True)
@@ -343,13 +481,25 @@ def test_cli_trains_from_a_checkpoint_with_a_text_embedding(cli, run_files, init
         ({"--init-from": "levels12"}, ("mappers are for 12 levels of width 512; the generator has 10 levels",)),
         ({"--text-embedding": "bad_embedding"}, ("bad.npy: expected text features [512] or [N,512], found [2, 511]",)),
         ({"--clip-weights": None}, ("the CLIP-NCE loss needs CLIP: pass --clip-weights",)),
-        ({"--clip-weights": None, "--text-embedding": None, "--nce-lambda": "0"}, ("the prompt's text features needs CLIP",)),
+        (
+            {"--clip-weights": None, "--text-embedding": None, "--nce-lambda": "0"},
+            ("the prompt's text features needs CLIP",),
+        ),
     ],
 )
-def test_cli_refuses_a_checkpoint_or_embedding_that_does_not_fit(cli, run_files, init_files, tmp_path, change, fragments):
-    options = {"-t": PROMPT, "-g": run_files["generator"], "--clip-weights": run_files["clip"], "-l": run_files["latents"],
-               "-o": tmp_path / "run", "--steps": "1", "--init-from": init_files["init"],
-               "--text-embedding": init_files["embedding"]}
+def test_cli_refuses_a_checkpoint_or_embedding_that_does_not_fit(
+    cli, run_files, init_files, tmp_path, change, fragments
+):
+    options = {
+        "-t": PROMPT,
+        "-g": run_files["generator"],
+        "--clip-weights": run_files["clip"],
+        "-l": run_files["latents"],
+        "-o": tmp_path / "run",
+        "--steps": "1",
+        "--init-from": init_files["init"],
+        "--text-embedding": init_files["embedding"],
+    }
     options.update({key: init_files.get(value, value) for key, value in change.items()})
     result = cli("train", *[item for key, value in options.items() if value is not None for item in (key, value)])
     assert_refused(result, tmp_path / "run", *fragments)

@@ -341,9 +341,9 @@ def make_refiner(backend: Any, settings: BenchSettings) -> Refiner | None:
 def thread_counts(backend: Any) -> dict[str, int]:
     """Intra-op threads of the runtimes this process loaded (torch counts only if the backend imported it)."""
     counts = {}
-    options = getattr(backend, "options", None)
-    if options is not None:
-        counts["onnxruntime_intra_op"] = options.intra_op_num_threads
+    sessions = getattr(backend, "sessions", None)
+    if sessions is not None:
+        counts["onnxruntime_intra_op"] = sessions.threads
     torch = sys.modules.get("torch")
     if torch is not None:
         counts["torch_intra_op"] = torch.get_num_threads()

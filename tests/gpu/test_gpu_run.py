@@ -40,8 +40,10 @@ RESULT_FILES = {
 }
 
 
-@pytest.mark.skip(reason="the dry run takes about 13 minutes on 2 cores and its bf16 training step runs past any budget "
-                         "there (bf16 CLIP-NCE is slow on this CPU); every other step passes")
+@pytest.mark.skip(
+    reason="the dry run takes about 13 minutes on 2 cores and its bf16 training step runs past any budget "
+    "there (bf16 CLIP-NCE is slow on this CPU); every other step passes"
+)
 def test_the_dry_run_covers_every_step_and_each_succeeds(tmp_path):
     results = tmp_path / "results"
     # A step's own dry-run limit is seconds on an idle 2-core machine; a busy one gets more here.

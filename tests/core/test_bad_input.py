@@ -140,7 +140,7 @@ def test_text_embeddings_numbering_neither_one_nor_one_per_latent_are_refused(ed
 
 
 def test_an_unknown_device_is_refused(edit, tmp_path):
-    assert_refused(edit(**{"--device": "tpu"}), tmp_path / "out", "unknown device 'tpu'")
+    assert_refused(edit(**{"--device": "tpu"}), tmp_path / "out", "--device 'tpu': expected cpu, cuda or cuda:N")
 
 
 def test_cuda_without_a_gpu_is_refused(edit, tmp_path):
@@ -173,7 +173,7 @@ def test_a_torch_precision_with_a_bundle_backend_is_refused(cli, tmp_path, laten
         "--precision",
         "fp16",
     )
-    assert_refused(result, out, "--precision: not an option of the onnxruntime backend")
+    assert_refused(result, out, "--precision fp16: the onnxruntime backend offers fp32")
 
 
 def test_text_without_clip_weights_is_refused(edit, tmp_path):

@@ -25,9 +25,9 @@ def assert_refused(result, out: Path, message: str) -> None:
 @pytest.mark.parametrize(
     "option, value, message",
     [
-        ("--strength", "nan", "--strength must be a finite number, got nan"),
-        ("--strength", "inf", "--strength must be a finite number, got inf"),
-        ("--refine-lr", "nan", "--refine-lr must be a finite number, got nan"),
+        ("--strength", "nan", "--strength must be a finite number within float32's range, got nan"),
+        ("--strength", "inf", "--strength must be a finite number within float32's range, got inf"),
+        ("--refine-lr", "nan", "--refine-lr must be a finite number within float32's range, got nan"),
     ],
 )
 def test_non_finite_settings_are_refused_before_any_work(
@@ -43,7 +43,7 @@ def test_non_finite_settings_are_refused_before_any_work(
 @pytest.mark.parametrize(
     "options, message",
     [
-        (("--truncation", "inf"), "--truncation must be a finite number, got inf"),
+        (("--truncation", "inf"), "--truncation must be a finite number within float32's range, got inf"),
         (("--num", "1000000"), "--num must be between 1 and 100,000, got 1000000"),
         (("--seed", "-1"), "--seed must be from 0 to 2^63-1, got -1"),
     ],

@@ -51,10 +51,12 @@ def test_edit_refuses_strength_and_truncation_that_overflow_float32(cli, bundle_
 
 
 def test_an_edit_that_leaves_float32_is_refused_and_writes_nothing(cli, bundle_256, tmp_path):
-    """A strength finite in float32 but large enough that the networks overflow: refused, never a black PNG."""
+    """Latents finite in float32 but so large that the networks overflow: refused, never a black PNG."""
+    huge = tmp_path / "huge.npy"
+    np.save(huge, np.full((1, 14, 512), 3e38, np.float32))
     out = tmp_path / "out"
     assert_refused(
-        cli("edit", "--bundle", bundle_256, "--text", "blue dog", "--seed", 1, "--strength", "3e38", "-o", out),
+        cli("edit", "--bundle", bundle_256, "--text", "blue dog", "--latents", huge, "-o", out),
         out,
         "hold NaN/inf values",
         "took the networks out of float32's range",

@@ -70,7 +70,7 @@ def test_bundle_records_the_encoder_and_its_generator(bundle_with_encoder, cfcli
 
 def test_exported_encoder_convolutions_have_no_run_time_bias(bundle_with_encoder):
     _, out, _ = bundle_with_encoder
-    graph = onnx.load(str(Bundle(out).network("encoder"))).graph
+    graph = onnx.load_from_string(Bundle(out).network("encoder").content).graph
     initializers = {tensor.name for tensor in graph.initializer}
     convolutions = [node for node in graph.node if node.op_type == "Conv"]
     assert len(convolutions) >= 100

@@ -82,7 +82,7 @@ def test_exported_encoder_convolutions_have_no_run_time_bias(bundle_with_encoder
 def exported_encoder(bundle_with_encoder) -> tuple[onnxruntime.InferenceSession, dict]:
     """The bundle's encoder graph in ONNX Runtime, and the e4e file it came from as torch reads it."""
     encoder, out, _ = bundle_with_encoder
-    session = onnxruntime.InferenceSession(str(Bundle(out).network("encoder")), providers=["CPUExecutionProvider"])
+    session = onnxruntime.InferenceSession(Bundle(out).network("encoder").content, providers=["CPUExecutionProvider"])
     return session, torch.load(encoder, weights_only=True)
 
 

@@ -41,7 +41,7 @@ def test_manifest_lists_every_file_with_hash_contract_and_parity(bundle_256):
     ]
 
 
-@pytest.mark.parametrize("batch_size", [1, 2, 5])
+@pytest.mark.parametrize("batch_size", [1, 2, 3])
 def test_onnxruntime_edit_reproduces_official(
     tmp_path, cli, bundle_256, cfclip_256, latents_256, embedding_file, batch_size
 ):
@@ -67,7 +67,7 @@ def test_onnxruntime_edit_reproduces_official(
     w_hat, image = official_edit(cfclip_256, np.load(latents_256), np.load(embedding_file)[None])
     assert rel_l2(np.load(out / "latents.npy"), w_hat) <= TOLERANCE
     assert rel_l2(np.load(out / "images.npy"), image) <= TOLERANCE
-    assert len(list(out.glob("*.png"))) == 5 and json.loads((out / "edit.json").read_text())["backend"] == "onnxruntime"
+    assert len(list(out.glob("*.png"))) == 3 and json.loads((out / "edit.json").read_text())["backend"] == "onnxruntime"
 
 
 def test_text_prompt_is_encoded_by_the_bundle_then_cached(tmp_path, cli, bundle_256, cfclip_256, latents_256):

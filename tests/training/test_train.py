@@ -25,7 +25,7 @@ from cfdeploy.models.arcface import ArcFace
 from cfdeploy.refine import CLIP_MEAN, CLIP_STD, perspective_endpoints
 from cfdeploy.training.run import prepare, train
 from cfdeploy.training.trainer import TrainInputs, TrainSettings, batch_indices, step_generator
-from conftest import assert_refused, official_w_hat, rel_l2
+from conftest import TOLERANCE, assert_refused, official_edit, official_w_hat, rel_l2
 
 PROMPT = "green lipstick"
 N_LATENT_64 = 10
@@ -229,10 +229,10 @@ def test_cli_writes_official_checkpoints_that_edit_and_export_accept(cli, run_fi
         "--val-every",
         1,
         "--save-every",
-        2,
+        1,
     )
     assert result.exit_code == 0, result.stderr
-    assert {"best_model.pt", "iteration_2.pt", "training_state.pt", "metrics.jsonl", "loss.png"} <= {
+    assert {"best_model.pt", "iteration_1.pt", "iteration_2.pt", "training_state.pt", "metrics.jsonl", "loss.png"} <= {
         p.name for p in out.iterdir()
     }
     assert sorted(p.name for p in (out / "validation").iterdir()) == ["step_000001.png", "step_000002.png"]
@@ -292,6 +292,30 @@ def test_cli_writes_official_checkpoints_that_edit_and_export_accept(cli, run_fi
         tmp_path / "bundle",
     )
     assert result.exit_code == 0, result.stderr
+
+    # refit that bundle with the run's other checkpoint: the next edit is the official one of that checkpoint
+    result = cli("refit", "--bundle", tmp_path / "bundle", "-c", out / "iteration_1.pt")
+    assert result.exit_code == 0, result.stderr
+    refitted = tmp_path / "refitted"
+    result = cli(
+        "edit",
+        "--bundle",
+        tmp_path / "bundle",
+        "-l",
+        run_files["test"],
+        "--text-embedding",
+        embedding_file,
+        "-o",
+        refitted,
+        "--save-latents",
+        "--save-raw",
+    )
+    assert result.exit_code == 0, result.stderr
+    expected_w_hat, expected_image = official_edit(out / "iteration_1.pt", latents, np.load(embedding_file)[None])
+    assert rel_l2(np.load(refitted / "latents.npy"), expected_w_hat) <= TOLERANCE
+    assert rel_l2(np.load(refitted / "images.npy"), expected_image) <= TOLERANCE
+    before = official_w_hat(out / "iteration_2.pt", latents, np.load(embedding_file)[None])
+    assert rel_l2(before, expected_w_hat) > 1e-3, rel_l2(before, expected_w_hat)  # step 1's mappers edit differently
 
 
 @pytest.mark.parametrize(

@@ -123,7 +123,7 @@ def encoder_image(text: object) -> np.ndarray:
 
     content = _base64_field(text, "image", "a JPEG, PNG or WebP file")
     try:
-        return batch_inputs([photo_from_bytes(content, "image")])
+        return batch_inputs([photo_from_bytes(content, "image").image])
     except CfdeployError as error:
         raise RequestError(str(error)) from None
 

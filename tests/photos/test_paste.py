@@ -9,6 +9,7 @@ deliberately wrong inverse must fail.
 from __future__ import annotations
 
 import io
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from cfdeploy.errors import CfdeployError
 from cfdeploy.photos.align import align_face
 from cfdeploy.photos.images import PhotoEncoding, read_photo, save_photo
 from cfdeploy.photos.paste import FaceEdit, MaskSettings, edited_to_photo, face_outline, paste_faces
+from conftest import assert_refused
 
 GPS_IFD, GPS_LATITUDE = 0x8825, 2
 
@@ -185,3 +187,133 @@ def test_a_png_copy_keeps_its_alpha_and_its_pixels_outside_the_face(tmp_path):
     outside = pasted.mask == 0
     np.testing.assert_array_equal(pixels[..., :3][outside], np.asarray(colour)[outside])
     assert (pixels[..., :3][pasted.mask == 255] != np.asarray(colour)[pasted.mask == 255]).any(axis=-1).mean() > 0.9
+
+
+# ---------------------------------------------------------------------------------------------------
+# cfdeploy edit --images: whole photos back, on a 64 px bundle with an encoder.
+
+
+@pytest.fixture(scope="module")
+def group_photos(tmp_path_factory) -> tuple[Path, Path, list]:
+    """A PNG with two faces (68 and 5 points) and an EXIF-rotated JPEG with one, a colour profile and a GPS
+    position; the landmarks file (name order: group.png, then portrait.jpg) and the faces' points."""
+    folder = tmp_path_factory.mktemp("group")
+    smooth_photo(640, 420, 16, seed=1).save(folder / "group.png")
+    photo_with_profile_and_gps(folder / "portrait.jpg", smooth_photo(360, 480, 16, seed=2), orientation=6, quality=95)
+    big = synthetic_landmarks((200, 190), 70.0, 10.0)
+    small = five_from_68(synthetic_landmarks((480, 230), 50.0, -15.0))
+    upright = synthetic_landmarks((240, 170), 60.0, 0.0)  # in the upright portrait: 480 wide, 360 high
+    faces = [[big.tolist(), small.tolist()], upright.tolist()]
+    landmarks = folder.parent / "group_points.json"
+    landmarks.write_text(json.dumps(faces))
+    return folder, landmarks, faces
+
+
+def test_edit_pastes_every_face_back_into_its_photo(cli, tmp_path, group_photos, bundle_with_encoder, embedding_file):
+    folder, landmarks, _ = group_photos
+    out = tmp_path / "edits"
+    result = cli(
+        "edit", "--bundle", bundle_with_encoder[1], "--images", folder, "--landmarks", landmarks,
+        "--text-embedding", embedding_file, "--all-faces", "--save-mask", "--crops", "--out", out,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    assert sorted(path.name for path in out.iterdir()) == ["crops", "edit.json", "group.png", "masks", "portrait.jpg"]
+    assert sorted(path.name for path in (out / "crops").iterdir()) == ["000000.png", "000001.png", "000002.png"]
+
+    source = np.asarray(Image.open(folder / "group.png"))
+    edited = Image.open(out / "group.png")
+    mask = np.asarray(Image.open(out / "masks" / "group.png.png"))
+    assert edited.format == "PNG" and edited.size == (640, 420) and mask.shape == (420, 640)
+    pixels = np.asarray(edited)
+    np.testing.assert_array_equal(pixels[mask == 0], source[mask == 0])
+    for left, right in ((0, 320), (320, 640)):  # each face was edited
+        face = mask[:, left:right] == 255
+        assert (
+            face.sum() > 2000 and (pixels[:, left:right][face] != source[:, left:right][face]).any(axis=-1).mean() > 0.5
+        )
+
+    portrait = Image.open(out / "portrait.jpg")
+    assert (portrait.format, portrait.size) == ("JPEG", (480, 360))
+    assert portrait.info.get("icc_profile") == Image.open(folder / "portrait.jpg").info["icc_profile"]
+    assert 0x0112 not in portrait.getexif() and GPS_LATITUDE not in portrait.getexif().get_ifd(GPS_IFD)
+
+    summary = json.loads((out / "edit.json").read_text())
+    assert [photo["output"] for photo in summary["photos"]] == ["group.png", "portrait.jpg"]
+    group = summary["photos"][0]
+    assert [face["row"] for face in group["faces"]] == [0, 1] and group["mask_file"] == "masks/group.png.png"
+    assert {"box", "alignment", "transform", "mask", "window", "paste_s"} <= set(group["faces"][0])
+    assert group["faces"][1]["mask"]["outline"] == "ellipse around the eyes and mouth (5 points)"
+    assert summary["timings_s"]["paste"] > 0 and summary["outputs"]["images"][0] == "crops/000000.png"
+
+
+def test_the_largest_face_is_pasted_photos_without_one_are_skipped_and_python_computes_the_same(
+    cli, tmp_path, group_photos, bundle_with_encoder, embedding_file
+):
+    """A photo without a face is skipped with --skip-missing, and no copy of it written; the largest face is
+    the one edited; ``edit_photo`` computes what the CLI writes."""
+    from cfdeploy.backends import open_backend
+    from cfdeploy.photos.invert import edit_photo
+    from cfdeploy.photos.landmarks import Face, largest_face
+
+    folder, _, faces = group_photos
+    landmarks = tmp_path / "points.json"
+    landmarks.write_text(json.dumps([faces[0], []]))
+    out = tmp_path / "edits"
+    edit = ("edit", "--bundle", bundle_with_encoder[1], "--images", folder, "--landmarks", landmarks)
+    options = ("--text-embedding", embedding_file, "--out", out)
+    result = cli(*edit, *options, "--skip-missing")  # without it, the run stops as invert's does (test_invert)
+    assert result.exit_code == 0, result.stderr
+    assert sorted(path.name for path in out.iterdir()) == ["edit.json", "group.png"]
+    summary = json.loads((out / "edit.json").read_text())
+    assert summary["inputs"]["skipped"] == [
+        {"source": str(folder / "portrait.jpg"), "reason": f"{folder / 'portrait.jpg'}: no face found"}
+    ]
+    assert [face["row"] for face in summary["photos"][0]["faces"]] == [0]  # the largest face only
+    assert summary["photos"][0]["faces"][0]["box"] == summary["inputs"]["images"][0]["box"]
+    assert summary["inputs"]["images"][0]["landmarks"] == faces[0][0]
+
+    photo = read_photo(folder / "group.png")
+    in_memory = edit_photo(
+        open_backend("onnxruntime", bundle_with_encoder[1]),
+        photo,
+        [largest_face([Face.from_points(np.array(points)) for points in faces[0]])],
+        text_features=np.load(embedding_file)[None],
+    )
+    np.testing.assert_array_equal(in_memory.pixels, np.asarray(Image.open(out / "group.png")))
+    buffer = io.BytesIO()
+    save_photo(buffer, photo, in_memory.pixels)
+    assert buffer.getvalue() == (out / "group.png").read_bytes()
+
+
+def test_photos_that_would_share_an_output_name_and_paste_options_without_photos_are_refused(
+    cli, tmp_path, bundle_with_encoder, embedding_file
+):
+    for folder in ("one", "two"):
+        (tmp_path / folder).mkdir()
+        smooth_photo(64, 64, 8).save(tmp_path / folder / "Me.png")
+    out = tmp_path / "edits"
+    common = ("--bundle", bundle_with_encoder[1], "--text-embedding", embedding_file, "--out", out)
+    assert_refused(
+        cli(
+            "edit",
+            *common,
+            "--images",
+            tmp_path / "one" / "Me.png",
+            "--images",
+            tmp_path / "two",
+            "--landmarks-model",
+            tmp_path / "none.dat",
+        ),
+        out,
+        f"{tmp_path / 'one' / 'Me.png'} and {tmp_path / 'two' / 'Me.png'} would both be written as Me.png",
+    )
+    assert_refused(
+        cli("edit", *common, "--images", tmp_path / "one", "--aligned", "--save-mask", "--jpeg-quality", 80),
+        out,
+        "--save-mask, --jpeg-quality: only for --images photos that are not --aligned (pasted back)",
+    )
+    assert_refused(
+        cli("edit", *common, "--images", tmp_path / "one", "--landmarks-model", tmp_path / "none.dat", "--feather", 2),
+        out,
+        "--feather must be a fraction of the face's size from 0 to 1, got 2.0",
+    )

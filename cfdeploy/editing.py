@@ -35,7 +35,6 @@ STAGES = (
     "generator",
     "source_generator",
     "png",
-    "paste",
 )
 DEFAULT_PNG_COMPRESSION = 6  # Pillow's default zlib level; 1 encodes a 1024 px image several times faster
 DEFAULT_BATCH_SIZE = 4  # codes per generator call

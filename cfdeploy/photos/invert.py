@@ -95,13 +95,30 @@ def find_faces(
                 raise
             found.skipped.append({"source": str(path), "reason": str(missing)})
             continue
-        for number, face in enumerate(chosen):
-            crop = align_face(photo, face.points, source=str(path))
-            record = {"source": str(path), "face": number, **face.record(), "alignment": crop.transform_record()}
-            found.crops.append(FaceCrop(path, number, crop.image, record, face, crop))
+        found.crops.extend(align_faces(photo, chosen, path))
     if not found.crops:
         raise CfdeployError(f"no face to invert in {len(paths)} photo(s) (all skipped: no face found)")
     return found
+
+
+def align_faces(photo: Image.Image, faces: Sequence[Face], path: Path) -> list[FaceCrop]:
+    """Each face of ``photo`` (RGB, read from ``path``) aligned as e4e was trained, with what pastes it back."""
+    crops = []
+    for number, face in enumerate(faces):
+        crop = align_face(photo, face.points, source=str(path))
+        record = {"source": str(path), "face": number, **face.record(), "alignment": crop.transform_record()}
+        crops.append(FaceCrop(path, number, crop.image, record, face, crop))
+    return crops
+
+
+def face_edits(crops: Sequence[FaceCrop], edited: Sequence[np.ndarray]) -> list[FaceEdit]:
+    """The faces' edits (``[S, S, 3]`` uint8 each), ready to paste back where the crops came from."""
+    edits = []
+    for crop, pixels in zip(crops, edited, strict=True):
+        if crop.landmarks is None or crop.alignment is None:
+            raise ValueError(f"{crop.source} was given aligned: its face has no place in a photo to go back to")
+        edits.append(FaceEdit(Image.fromarray(pixels), crop.landmarks.points, crop.alignment))
+    return edits
 
 
 def encode_faces(
@@ -193,15 +210,10 @@ def edit_photo(
 
     mask = mask or MaskSettings()
     mask.check()
-    aligned = [align_face(photo.image, face.points, source=photo.source) for face in faces]
-    crops = [FaceCrop(Path(photo.source), number, crop.image, {}) for number, crop in enumerate(aligned)]
+    crops = align_faces(photo.image, faces, Path(photo.source))
     codes = encode_faces(backend, crops, DEFAULT_BATCH_SIZE)
     result = edit(backend, EditJob(codes, prompt, text_features, strength))
-    edits = [
-        FaceEdit(Image.fromarray(pixels), face.points, crop)
-        for pixels, face, crop in zip(to_uint8(result.images), faces, aligned, strict=True)
-    ]
-    return paste_faces(photo.image, edits, mask)
+    return paste_faces(photo.image, face_edits(crops, list(to_uint8(result.images))), mask)
 
 
 @dataclass(frozen=True)
@@ -249,13 +261,13 @@ class PhotoPaster:
         photos = list(dict.fromkeys(crop.source for crop in crops))
         self.names = dict(zip(photos, pasted_names(photos), strict=True))
         self.pending: list[int] = []
-        self.edited: list[Image.Image] = []
+        self.edited: list[np.ndarray] = []
         self.records: list[dict[str, Any]] = []
 
     def add(self, row: int, pixels: np.ndarray) -> None:
         """Take the edit of face ``row`` (``[S, S, 3]`` uint8); paste and write its photo if it was the last one."""
         self.pending.append(row)
-        self.edited.append(Image.fromarray(pixels))
+        self.edited.append(pixels)
         source = self.crops[row].source
         if row + 1 == len(self.crops) or self.crops[row + 1].source != source:
             self._write_photo(source)
@@ -268,15 +280,10 @@ class PhotoPaster:
     def _write_photo(self, source: Path) -> None:
         started = time.perf_counter()
         photo = read_photo(source)
-        edits, faces = [], []
-        for row, edited in zip(self.pending, self.edited, strict=True):
-            crop = self.crops[row]
-            if crop.landmarks is None or crop.alignment is None:
-                raise ValueError(f"row {row} ({source}) was given aligned: it has no place in a photo to go back to")
-            if crop.alignment.source_size != photo.image.size:
-                raise CfdeployError(f"{source}: changed while it was being edited (its size differs); run again")
-            edits.append(FaceEdit(edited, crop.landmarks.points, crop.alignment))
-            faces.append({"row": row, "box": list(crop.landmarks.box), "alignment": crop.alignment.transform_record()})
+        crops = [self.crops[row] for row in self.pending]
+        if any(crop.alignment is not None and crop.alignment.source_size != photo.image.size for crop in crops):
+            raise CfdeployError(f"{source}: changed while it was being edited (its size differs); run again")
+        edits = face_edits(crops, self.edited)
         pasted = paste_faces(photo.image, edits, self.settings.mask)
         pasted_s = time.perf_counter() - started
         name = self.names[source]
@@ -289,7 +296,10 @@ class PhotoPaster:
                 "source": str(source),
                 "output": name,
                 "mask_file": mask_name,
-                "faces": [{**face, **pasted_face} for face, pasted_face in zip(faces, pasted.faces, strict=True)],
+                "faces": [
+                    {"row": row, "box": crop.record["box"], "alignment": crop.record["alignment"], **pasted_face}
+                    for row, crop, pasted_face in zip(self.pending, crops, pasted.faces, strict=True)
+                ],
                 "paste_s": round(pasted_s, 6),
                 "write_s": round(time.perf_counter() - started - pasted_s, 6),
             }

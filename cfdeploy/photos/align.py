@@ -43,7 +43,7 @@ class AlignedFace:
     ``transform_size`` crop samples the bilinear interpolation of the corners at (u/size, v/size).
     ``shrink``, ``crop_box`` (in the shrunk image) and ``padding`` (left, top, right, bottom; zeros when
     the padding step did not run) are the intermediate steps, which change pixels but not the geometry,
-    save the shrunk image's exact scale, which ``source_size`` (the photo's width and height) gives.
+    except for the shrunk image's exact scale, which ``source_size`` (the photo's width and height) gives.
     """
 
     image: Image.Image

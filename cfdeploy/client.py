@@ -13,7 +13,7 @@ import base64
 import json
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -33,12 +33,15 @@ class ServerError(CfdeployError):
 
 @dataclass
 class Edit:
-    """A served edit: PNG bytes per image (if asked), the edited W+ codes (if asked), the generator batches they ran in."""
+    """A served edit: PNG bytes per image (if asked), the edited W+ codes (if asked), the generator batches they ran in;
+    for ``returns="photo"``, the edited photo's bytes (in the format sent) and what was done to each face."""
 
     images: list[bytes]
     latents: np.ndarray | None
     generator_batches: list[int]
     timings_s: dict[str, float]
+    photo: bytes | None = None
+    faces: list[dict[str, Any]] = field(default_factory=list)
 
 
 class Client:
@@ -84,14 +87,25 @@ class Client:
         num: int = 1,
         truncation: float = 0.7,
         image: bytes | None = None,
+        landmarks: list[Any] | np.ndarray | None = None,
+        all_faces: bool | None = None,
         strength: float = 1.0,
         returns: str = "png",
     ) -> Edit:
         """``POST /v1/edits``: the same choices as ``cfdeploy edit`` (a prompt or features; codes, a seed, or
-        ``image``: the bytes of an aligned face photo, for a bundle with an encoder). Conflicting choices are
-        sent as given, for the server to refuse."""
+        ``image``: the bytes of an aligned face photo, for a bundle with an encoder; or, with ``returns="photo"``,
+        of any photo, whose faces are found by the server's ``--landmarks-model`` or given as ``landmarks``, one
+        face or a list of faces of [x, y] points, as in a ``--landmarks`` file). Conflicting choices are sent as
+        given, for the server to refuse."""
         body: dict[str, Any] = {"strength": strength, "return": returns}
-        for name, value in (("bundle", bundle), ("prompt", prompt), ("seed", seed)):
+        named = (
+            ("bundle", bundle),
+            ("prompt", prompt),
+            ("seed", seed),
+            ("landmarks", landmarks),
+            ("all_faces", all_faces),
+        )
+        for name, value in named:
             if value is not None:
                 body[name] = value
         if seed is not None:
@@ -110,4 +124,6 @@ class Client:
             decode_npy(reply["latents"], "latents") if "latents" in reply else None,
             list(reply["generator_batches"]),
             dict(reply["timings_s"]),
+            base64.b64decode(reply["photo"]) if "photo" in reply else None,
+            list(reply.get("faces", [])),
         )

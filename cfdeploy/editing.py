@@ -121,6 +121,16 @@ class StageTimer:
             self.seconds[name] += time.perf_counter() - start
 
 
+class EditedImages(Protocol):
+    """Takes each edited image as the edit makes it (``cfdeploy edit --images`` pastes them back into the photos)."""
+
+    def add(self, row: int, pixels: np.ndarray) -> None:
+        """The edit of code ``row``, ``[S, S, 3]`` uint8."""
+
+    def record(self) -> list[dict[str, Any]]:
+        """What ``edit.json`` records under ``photos``."""
+
+
 @dataclass
 class EditJob:
     """One edit request: W+ latents and either a prompt or precomputed CLIP text features.
@@ -325,6 +335,8 @@ def edit_to_directory(
     on_image: Callable[[], None] | None = None,
     photos: np.ndarray | None = None,
     prior_timings: dict[str, float] | None = None,
+    pasted: EditedImages | None = None,
+    crops: str | None = "",
 ) -> dict[str, Any]:
     """Write ``NNNNNN.png`` (source|edit pairs if ``job.with_sources``), optional ``latents.npy``/``images.npy``,
     and ``edit.json``.
@@ -332,7 +344,9 @@ def edit_to_directory(
     Everything goes into ``staged``, which the caller entered before loading models; it replaces the
     output directory only when the caller's block ends without error. ``photos`` (uint8 ``[N, S, S, 3]``,
     the aligned faces the codes came from) lead each side-by-side row; ``prior_timings`` are stages the
-    caller ran first (alignment, encoding). Returns what ``edit.json`` holds.
+    caller ran first (alignment, encoding). ``pasted`` takes each edit too (the ``paste`` stage); ``crops``
+    is the folder the images go to (``""``: the directory itself; None: not written). Returns what
+    ``edit.json`` holds.
     """
     count, n_latent = job.latents.shape[:2]
     size = backend.size
@@ -341,15 +355,23 @@ def edit_to_directory(
     started = time.perf_counter()
     latents_file = staged.open_array("latents.npy", (count, n_latent, job.latents.shape[2])) if save_latents else None
     raw_file = staged.open_array("images.npy", (count, 3, size, size)) if save_raw else None
+    if crops:
+        (staged.path / crops).mkdir()
+    names = [f"{crops}/{index:06d}.png" if crops else f"{index:06d}.png" for index in range(count)]
     for batch in iter_edits(backend, job, timer):
-        pixels = to_uint8(batch.images)
+        edits = to_uint8(batch.images)
+        pixels = edits
         if batch.sources is not None:
             pixels = np.concatenate([to_uint8(batch.sources), pixels], axis=2)
             if photos is not None:
                 pixels = np.concatenate([photos[batch.start : batch.start + len(pixels)], pixels], axis=2)
         for offset, image in enumerate(pixels):
-            with timer.stage("png"):
-                staged.write_png(f"{batch.start + offset:06d}.png", image, png_compression)
+            if crops is not None:
+                with timer.stage("png"):
+                    staged.write_png(names[batch.start + offset], image, png_compression)
+            if pasted is not None:
+                with timer.stage("paste"):
+                    pasted.add(batch.start + offset, edits[offset])
             if on_image is not None:
                 on_image()
         if latents_file is not None:
@@ -374,10 +396,11 @@ def edit_to_directory(
         "batch_size": job.batch_size,
         "side_by_side": job.with_sources,
         "outputs": {
-            "images": [f"{index:06d}.png" for index in range(count)],
+            "images": names if crops is not None else [],
             "latents": "latents.npy" if save_latents else None,
             "raw": "images.npy" if save_raw else None,
         },
+        "photos": pasted.record() if pasted is not None else None,
         "refinement": None
         if job.refiner is None
         else {

@@ -588,13 +588,13 @@ class StagedDirectory:
 
     def write_png(self, name: str, pixels: np.ndarray, compress_level: int = 6) -> None:
         """Save ``[H, W, 3]`` uint8 ``pixels``; zlib level 0-9 (1 is several times faster than Pillow's 6)."""
-        self._write(name, lambda stream: save_png(stream, pixels, compress_level))
+        self.write(name, lambda stream: save_png(stream, pixels, compress_level))
 
     def write_json(self, name: str, content: Mapping[str, Any]) -> None:
-        self._write(name, (json.dumps(content, indent=2, default=str) + "\n").encode())
+        self.write(name, (json.dumps(content, indent=2, default=str) + "\n").encode())
 
     def write_npy(self, name: str, array: np.ndarray) -> None:
-        self._write(name, npy_bytes(array))
+        self.write(name, npy_bytes(array))
 
     def open_array(self, name: str, shape: tuple[int, ...]) -> ArrayWriter:
         """A float32 ``.npy`` of ``shape`` to fill block by block (see :class:`ArrayWriter`); closed on success if not before."""
@@ -603,7 +603,8 @@ class StagedDirectory:
         self._writers.append(writer)
         return writer
 
-    def _write(self, name: str, content: bytes | Callable[[BinaryIO], None]) -> None:
+    def write(self, name: str, content: bytes | Callable[[BinaryIO], None]) -> None:
+        """Write the file ``name`` (bytes, or a function that writes to a binary stream) into the staging directory."""
         with self._disk_errors(self.out / name):
             _replace_file(self.path / name, content)
 

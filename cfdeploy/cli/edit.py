@@ -26,10 +26,17 @@ from cfdeploy.cli.common import (
 from cfdeploy.cli.photos import (
     ALIGNED,
     ALL_FACES,
+    CROPS,
+    FEATHER,
+    JPEG_QUALITY,
+    KEEP_METADATA,
     LANDMARKS,
     LANDMARKS_MODEL,
+    MASK_DILATE,
+    SAVE_MASK,
     SKIP_MISSING,
     landmark_options,
+    paste_settings,
 )
 from cfdeploy.editing import DEFAULT_BATCH_SIZE, DEFAULT_PNG_COMPRESSION, check_sampling
 from cfdeploy.errors import CfdeployError, missing_extra
@@ -60,6 +67,8 @@ def run_edit(
     refiner: Any = None,
     photos: Any = None,
     prior_timings: dict[str, float] | None = None,
+    pasted: Any = None,
+    crops: str | None = "",
 ) -> dict[str, Any]:
     """Shared by ``edit`` and ``demo``: the text, then the edit of ``codes`` with progress; returns edit.json's content."""
     from cfdeploy.editing import EditJob, edit_to_directory
@@ -86,17 +95,18 @@ def run_edit(
             on_image=lambda: progress.advance(task),
             photos=photos if side_by_side else None,
             prior_timings=prior_timings,
+            pasted=pasted,
+            crops=crops,
         )
 
 
 def photo_codes(backend: Any, images: list[Path], faces: dict[str, Any], batch_size: int) -> tuple[Any, ...]:
-    """``edit --images``: align and encode the photos' faces; codes, input record, photos, timings, warnings."""
+    """``edit --images``: align and encode the photos' faces; codes, input record, faces, timings, warnings."""
     from cfdeploy.editing import StageTimer
     from cfdeploy.photos.invert import (
         encode_faces,
         find_faces,
         generator_mismatch,
-        photo_pixels,
     )
 
     timer = StageTimer()
@@ -109,7 +119,7 @@ def photo_codes(backend: Any, images: list[Path], faces: dict[str, Any], batch_s
     if mismatch:
         notes.append(mismatch)
     record = {"images": [crop.record for crop in found.crops], "skipped": found.skipped}
-    return codes, record, photo_pixels(found.crops, backend.size), dict(timer.seconds), notes
+    return codes, record, found.crops, dict(timer.seconds), notes
 
 
 def report(summary: dict[str, Any], out: Path, backend: Any, text: str | None, notes: Sequence[str] = ()) -> None:
@@ -119,7 +129,11 @@ def report(summary: dict[str, Any], out: Path, backend: Any, text: str | None, n
         if note:
             warn(note)
     timings = ", ".join(f"{name} {seconds:.3f}s" for name, seconds in summary["timings_s"].items())
-    say(f"wrote {summary['count']} image(s) to {out} in {summary['total_s']:.2f}s ({timings})")
+    photos = summary["photos"]
+    written = (
+        f"{len(photos)} photo(s), {summary['count']} face(s) edited," if photos else f"{summary['count']} image(s)"
+    )
+    say(f"wrote {written} to {out} in {summary['total_s']:.2f}s ({timings})")
 
 
 @app.command("edit")
@@ -179,6 +193,12 @@ def edit_command(
     landmarks_model: Path | None = LANDMARKS_MODEL,
     all_faces: bool = ALL_FACES,
     skip_missing: bool = SKIP_MISSING,
+    crops: bool = CROPS,
+    mask_dilate: float = MASK_DILATE,
+    feather: float = FEATHER,
+    save_mask: bool = SAVE_MASK,
+    jpeg_quality: int = JPEG_QUALITY,
+    keep_metadata: bool = KEEP_METADATA,
     num: int = typer.Option(
         1, "--num", metavar="K", rich_help_panel=INPUT, help="With --seed: how many codes to sample."
     ),
@@ -329,7 +349,8 @@ def edit_command(
     """Edit images toward a text prompt with a CF-CLIP checkpoint (torch) or a bundle (onnxruntime, tensorrt).
 
     Writes DIR/000000.png, 000001.png, … and DIR/edit.json (inputs, timings, versions) through a
-    staging directory: if anything fails or the run is killed, DIR is left as it was.
+    staging directory: if anything fails or the run is killed, DIR is left as it was. Photos that are not
+    --aligned come back whole, edited: DIR/<photo's name>, the faces pasted back.
 
     Example: cfdeploy edit --bundle engines/green_lipstick --text "green lipstick" --seed 1 --num 8 --out edits/
     """
@@ -343,6 +364,10 @@ def edit_command(
     if sum(given is not None for given in (latents, seed, images)) != 1:
         raise CfdeployError("give exactly one of --latents, --seed or --images")
     faces = landmark_options(aligned, landmarks, landmarks_model, all_faces, skip_missing) if images else None
+    pasting = bool(images) and not aligned
+    pasted_settings = paste_settings(
+        pasting, crops, mask_dilate, feather, save_mask, jpeg_quality, keep_metadata, png_compression
+    )
     if encoder is not None and (info.source != "checkpoint" or not images):
         raise CfdeployError("--encoder is for --images on the torch backend (a bundle carries its encoder)")
     require_finite(strength=strength, refine_lr=refine_lr, refine_l2=refine_l2)
@@ -394,6 +419,11 @@ def edit_command(
         )
         if path is not None
     ]
+    if pasting:
+        from cfdeploy.photos.images import photo_paths
+        from cfdeploy.photos.invert import pasted_names
+
+        pasted_names(photo_paths(list(images or [])))  # two photos with one name stop the run before it starts
     with StagedDirectory(out, force, inputs) as staged:
         with console.status("loading models"):
             editor = open_backend(name, source, **options)
@@ -411,10 +441,17 @@ def edit_command(
                 if value is not None
             },
         }
-        photos, timings, notes = None, None, []
+        photos, timings, notes, pasted = None, None, [], None
         if images:
+            from cfdeploy.photos.invert import PhotoPaster, photo_pixels
+
             assert faces is not None
-            codes, origin, photos, timings, notes = photo_codes(editor, images, faces, batch_size)
+            codes, origin, found, timings, notes = photo_codes(editor, images, faces, batch_size)
+            photos = photo_pixels(found, editor.size) if side_by_side else None
+            if pasted_settings is not None:
+                pasted = PhotoPaster(found, staged.write, pasted_settings)
+                if pasted_settings.save_mask:
+                    (staged.path / "masks").mkdir()
         else:
             from cfdeploy.editing import resolve_latents
 
@@ -435,6 +472,8 @@ def edit_command(
             refiner=refiner,
             photos=photos,
             prior_timings=timings,
+            pasted=pasted,
+            crops=("crops" if crops or side_by_side else None) if pasting else "",
         )
     report(summary, out, editor, text, notes)
 

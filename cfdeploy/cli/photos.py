@@ -21,6 +21,7 @@ from cfdeploy.cli.common import (
 from cfdeploy.errors import CfdeployError
 
 FACES = "Faces"
+PASTE = "Your photo back (photos not --aligned)"
 
 
 def landmark_options(
@@ -35,6 +36,43 @@ def landmark_options(
         "all_faces": all_faces,
         "skip_missing": skip_missing,
     }
+
+
+def paste_settings(
+    pasting: bool,
+    crops: bool,
+    mask_dilate: float,
+    feather: float,
+    save_mask: bool,
+    jpeg_quality: int,
+    keep_metadata: bool,
+    png_compression: int,
+) -> Any:
+    """The paste-back's settings (a ``PasteSettings``), or None when nothing is pasted, where its options are refused."""
+    from cfdeploy.photos.images import DEFAULT_JPEG_QUALITY, PhotoEncoding
+    from cfdeploy.photos.invert import PasteSettings
+    from cfdeploy.photos.paste import MaskSettings
+
+    mask = MaskSettings(mask_dilate, feather)
+    if not pasting:
+        given = [
+            name
+            for name, value, default in (
+                ("--crops", crops, False),
+                ("--mask-dilate", mask_dilate, MaskSettings.dilate),
+                ("--feather", feather, MaskSettings.feather),
+                ("--save-mask", save_mask, False),
+                ("--jpeg-quality", jpeg_quality, DEFAULT_JPEG_QUALITY),
+                ("--keep-metadata", keep_metadata, False),
+            )
+            if value != default
+        ]
+        if given:
+            raise CfdeployError(f"{', '.join(given)}: only for --images photos that are not --aligned (pasted back)")
+        return None
+    mask.check()
+    require_range(1, 100, jpeg_quality=jpeg_quality)
+    return PasteSettings(mask, PhotoEncoding(jpeg_quality, png_compression, keep_metadata), save_mask)
 
 
 ALIGNED = typer.Option(
@@ -163,3 +201,37 @@ def invert_command(
     for skipped in found.skipped:
         warn(f"skipped {skipped['source']}: {skipped['reason']}")
     say(f"wrote {len(codes)} code(s) from {len(found.crops)} face(s) to {out}/latents.npy (index: {out}/index.json)")
+
+
+CROPS = typer.Option(
+    False,
+    "--crops",
+    rich_help_panel=PASTE,
+    help="Also write the aligned edits, crops/NNNNNN.png (--side-by-side writes them as rows).",
+)
+MASK_DILATE = typer.Option(
+    0.03,
+    "--mask-dilate",
+    metavar="F",
+    rich_help_panel=PASTE,
+    help="How far the mask reaches past the face's outline, as a fraction of the aligned square's side.",
+)
+FEATHER = typer.Option(
+    0.06,
+    "--feather",
+    metavar="F",
+    rich_help_panel=PASTE,
+    help="Over how much the mask fades out, as a fraction of the aligned square's side.",
+)
+SAVE_MASK = typer.Option(
+    False, "--save-mask", rich_help_panel=PASTE, help="Also write each photo's mask, masks/NAME.png (255: the edit)."
+)
+JPEG_QUALITY = typer.Option(
+    95, "--jpeg-quality", metavar="1-100", rich_help_panel=PASTE, help="Quality of the edited copies of JPEG photos."
+)
+KEEP_METADATA = typer.Option(
+    False,
+    "--keep-metadata",
+    rich_help_panel=PASTE,
+    help="Keep the photos' EXIF (camera, date, GPS position) in the edited copies; the colour profile is always kept.",
+)

@@ -100,12 +100,20 @@ def serve_command(
         rich_help_panel=BATCHING,
         help="Requests a replica works on at once; as many again per replica may wait, past that 503.",
     ),
+    landmarks_model: Path | None = typer.Option(
+        None,
+        "--landmarks-model",
+        metavar="FILE",
+        help="dlib's shape_predictor_68_face_landmarks.dat: replicas find the faces in photos sent with "
+        "return photo (the 'photos' extra). Its training data's licence excludes commercial use.",
+    ),
     ray_address: str | None = RAY_ADDRESS,
 ) -> None:
     """Serve bundles over HTTP with dynamic batching and replicas on Ray Serve, until Ctrl-C.
 
-    POST /v1/edits (JSON: bundle, prompt or text_embedding, seed/num/truncation or latents, strength,
-    return), GET /v1/bundles, GET /healthz. Images are the same PNG bytes `cfdeploy edit` writes.
+    POST /v1/edits (JSON: bundle, prompt or text_embedding, seed/num/truncation, latents or image, strength,
+    return; with return photo, any photo comes back edited, its faces pasted back), GET /v1/bundles,
+    GET /healthz. Images are the same PNG bytes `cfdeploy edit` writes.
 
     Example: cfdeploy serve --bundle engines/green_lipstick --replicas 2 --port 8000
     """
@@ -127,6 +135,7 @@ def serve_command(
         gpus_per_replica,
         host,
         port,
+        landmarks_model,
     )
     with console.status("starting Ray Serve and loading the bundles"):
         server = Server(settings, ray_address)

@@ -1,10 +1,11 @@
-"""Photos in, encoder inputs out, without torch: reading, face landmarks, FFHQ-style alignment, preprocessing.
+"""Photos in, encoder inputs out, without torch: reading, face landmarks, FFHQ-style alignment, preprocessing;
+and the edited faces pasted back into their photos (:mod:`cfdeploy.photos.paste`).
 
 numpy and Pillow only; dlib (the ``photos`` extra) is imported only by :class:`DlibLandmarks`.
 """
 
 from cfdeploy.photos.align import AlignedFace, align_face, alignment_points, face_frame
-from cfdeploy.photos.images import MAX_PHOTO_PIXELS, as_rgb, load_photo, photo_paths
+from cfdeploy.photos.images import MAX_PHOTO_PIXELS, Photo, as_rgb, load_photo, photo_paths, read_photo
 from cfdeploy.photos.landmarks import (
     DlibLandmarks,
     Face,
@@ -22,6 +23,7 @@ __all__ = [
     "DlibLandmarks",
     "Face",
     "NoFaceFound",
+    "Photo",
     "align_face",
     "alignment_points",
     "as_rgb",
@@ -32,5 +34,6 @@ __all__ = [
     "load_photo",
     "photo_paths",
     "read_landmarks",
+    "read_photo",
     "select_faces",
 ]

@@ -42,7 +42,8 @@ class AlignedFace:
     bottom-left, bottom-right, top-right of the aligned crop): output pixel (u, v) of a
     ``transform_size`` crop samples the bilinear interpolation of the corners at (u/size, v/size).
     ``shrink``, ``crop_box`` (in the shrunk image) and ``padding`` (left, top, right, bottom; zeros when
-    the padding step did not run) are the intermediate steps, which change pixels but not the geometry.
+    the padding step did not run) are the intermediate steps, which change pixels but not the geometry,
+    except for the shrunk image's exact scale, which ``source_size`` (the photo's width and height) gives.
     """
 
     image: Image.Image
@@ -52,6 +53,7 @@ class AlignedFace:
     padding: tuple[int, int, int, int]
     output_size: int
     transform_size: int
+    source_size: tuple[int, int]
 
     def transform_record(self) -> dict[str, Any]:
         """The alignment transform as JSON-ready values, for an index file."""
@@ -62,6 +64,7 @@ class AlignedFace:
             "padding": list(self.padding),
             "output_size": self.output_size,
             "transform_size": self.transform_size,
+            "source_size": list(self.source_size),
         }
 
 
@@ -125,6 +128,7 @@ def align_face(
         raise ValueError(f"align_face needs an RGB image, got mode {image.mode}")
     source_quad, qsize = face_frame(landmarks, source)
     quad = source_quad.copy()
+    source_size = image.size
 
     shrink = int(np.floor(qsize / output_size * 0.5))
     if shrink > 1:
@@ -167,7 +171,7 @@ def align_face(
     )
     if output_size < transform_size:
         image = image.resize((output_size, output_size), Image.Resampling.LANCZOS)
-    return AlignedFace(image, source_quad, shrink, crop_box, padding, output_size, transform_size)
+    return AlignedFace(image, source_quad, shrink, crop_box, padding, output_size, transform_size, source_size)
 
 
 def _bounds(quad: np.ndarray) -> tuple[int, int, int, int]:

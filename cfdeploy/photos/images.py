@@ -1,4 +1,5 @@
-"""Reading the user's photos: JPEG, PNG or WebP in, an oriented 8-bit RGB PIL image out.
+"""Reading the user's photos: JPEG, PNG or WebP in, an oriented 8-bit RGB PIL image out; and writing an
+edited copy back in the photo's own format.
 
 Every refusal is one line naming the file. Only Pillow's JPEG, PNG and WebP parsers are ever run on a
 file, and the pixel count its header declares is checked before any pixel is decoded, so a small file
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -24,6 +26,36 @@ PHOTO_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp"})
 SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})  # "I": 16-bit grey PNGs before Pillow 10.4
 PALETTE_MODES = frozenset({"P", "PA"})
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError)  # what Pillow raises for damaged data
+RGB_PROFILE_MODES = frozenset({"RGB", "RGBA", "RGBX", "P", "PA"})  # sources whose ICC profile describes RGB pixels
+ORIENTATION_TAG = 0x0112
+DEFAULT_JPEG_QUALITY = 95
+
+
+@dataclass(frozen=True, eq=False)  # compared by identity: images have no single truth value
+class Photo:
+    """A decoded photo and what an edited copy of it keeps.
+
+    ``image`` is upright RGB (EXIF orientation applied); ``alpha`` its transparency, upright too, or None;
+    ``format`` what an edited copy is written as (``JPEG`` for phones' MPO files); ``icc_profile`` the
+    colour profile when it describes RGB pixels (a CMYK or grey profile cannot describe the RGB copy);
+    ``exif`` the EXIF block without its orientation tag, since the pixels are upright now.
+    """
+
+    image: Image.Image
+    alpha: Image.Image | None
+    format: str
+    icc_profile: bytes | None
+    exif: bytes | None
+    source: str
+
+
+@dataclass(frozen=True)
+class PhotoEncoding:
+    """How an edited copy is encoded: JPEG quality, PNG zlib level, and whether EXIF (GPS included) is kept."""
+
+    jpeg_quality: int = DEFAULT_JPEG_QUALITY
+    png_compression: int = 6
+    keep_metadata: bool = False
 
 
 def load_photo(path: Path, max_pixels: int = MAX_PHOTO_PIXELS) -> Image.Image:
@@ -32,16 +64,46 @@ def load_photo(path: Path, max_pixels: int = MAX_PHOTO_PIXELS) -> Image.Image:
     The size is checked against ``max_pixels`` from the header, before decoding; Pillow's own
     decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``, 89 MP by default) refuses larger headers first.
     """
+    return read_photo(path, max_pixels).image
+
+
+def read_photo(path: Path, max_pixels: int = MAX_PHOTO_PIXELS) -> Photo:
+    """:func:`load_photo` with the transparency, colour profile, format and EXIF an edited copy keeps."""
     require_file(path)
     return _decode(path, str(path), max_pixels)
 
 
-def photo_from_bytes(content: bytes, source: str, max_pixels: int = MAX_PHOTO_PIXELS) -> Image.Image:
-    """:func:`load_photo` for an encoded photo that came over the network (``source`` names it in errors)."""
+def photo_from_bytes(content: bytes, source: str, max_pixels: int = MAX_PHOTO_PIXELS) -> Photo:
+    """:func:`read_photo` for an encoded photo that came over the network (``source`` names it in errors)."""
     return _decode(io.BytesIO(content), source, max_pixels)
 
 
-def _decode(opened: Path | BinaryIO, source: str, max_pixels: int) -> Image.Image:
+def save_photo(stream: BinaryIO, photo: Photo, pixels: np.ndarray, encoding: PhotoEncoding = PhotoEncoding()) -> None:
+    """Write ``pixels`` (``[H, W, 3]`` uint8, upright, the photo's size) as an edited copy of ``photo``.
+
+    Same format (JPEG at ``jpeg_quality``, PNG at ``png_compression``, WebP lossless), the photo's alpha
+    and colour profile, no orientation tag; EXIF only with ``keep_metadata``.
+    """
+    image = Image.fromarray(pixels, "RGB")
+    if image.size != photo.image.size:
+        raise ValueError(f"save_photo: pixels of {image.size}, the photo is {photo.image.size}")
+    if photo.alpha is not None and photo.format != "JPEG":
+        image.putalpha(photo.alpha)
+    options: dict[str, object] = {}
+    if photo.icc_profile:
+        options["icc_profile"] = photo.icc_profile
+    if encoding.keep_metadata and photo.exif:
+        options["exif"] = photo.exif
+    if photo.format == "JPEG":
+        options["quality"] = encoding.jpeg_quality
+    elif photo.format == "PNG":
+        options["compress_level"] = encoding.png_compression
+    else:
+        options["lossless"] = True
+    image.save(stream, format=photo.format, **options)
+
+
+def _decode(opened: Path | BinaryIO, source: str, max_pixels: int) -> Photo:
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
@@ -64,9 +126,32 @@ def _decode(opened: Path | BinaryIO, source: str, max_pixels: int) -> Image.Imag
             )
         try:
             image.load()
-            return as_rgb(ImageOps.exif_transpose(image))
+            upright = ImageOps.exif_transpose(image)
+            return Photo(
+                as_rgb(upright),
+                _alpha(upright),
+                "JPEG" if image.format == "MPO" else str(image.format),
+                image.info.get("icc_profile") if image.mode in RGB_PROFILE_MODES else None,
+                _exif_without_orientation(image),
+                source,
+            )
         except DECODE_ERRORS as error:
             raise CfdeployError(f"{source}: the image data is truncated or damaged: {error}") from None
+
+
+def _alpha(image: Image.Image) -> Image.Image | None:
+    """The image's transparency as an ``L`` image, or None where it has none."""
+    if "A" in image.getbands():
+        return image.getchannel("A")
+    if "transparency" in image.info:
+        return image.convert("RGBA").getchannel("A")
+    return None
+
+
+def _exif_without_orientation(image: Image.Image) -> bytes | None:
+    exif = image.getexif()
+    exif.pop(ORIENTATION_TAG, None)
+    return exif.tobytes() if len(exif) else None
 
 
 def as_rgb(image: Image.Image) -> Image.Image:

@@ -1,21 +1,24 @@
 """Photos to W+ codes: find and align each face, then encode it with e4e. What ``cfdeploy invert`` and
 ``cfdeploy edit --images`` run, on any backend that can ``encode`` (torch with ``--encoder``, a bundle
-exported with ``--encoder``), or on an e4e file alone (:class:`E4EInverter`).
+exported with ``--encoder``), or on an e4e file alone (:class:`E4EInverter`). And back: the edited faces
+pasted into their photos (:func:`edit_photo`, :class:`PhotoPaster`).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, BinaryIO, Protocol
 
 import numpy as np
 from PIL import Image
 
 from cfdeploy.errors import CfdeployError
-from cfdeploy.photos.align import E4E_SIZE, align_face
-from cfdeploy.photos.images import load_photo, photo_paths
+from cfdeploy.outputs import save_png, to_uint8
+from cfdeploy.photos.align import E4E_SIZE, AlignedFace, align_face
+from cfdeploy.photos.images import Photo, PhotoEncoding, load_photo, photo_paths, read_photo, save_photo
 from cfdeploy.photos.landmarks import (
     DlibLandmarks,
     Face,
@@ -23,7 +26,10 @@ from cfdeploy.photos.landmarks import (
     read_landmarks,
     select_faces,
 )
+from cfdeploy.photos.paste import FaceEdit, MaskSettings, PastedPhoto, paste_faces
 from cfdeploy.photos.preprocess import batch_inputs
+
+RESERVED_NAMES = frozenset({"edit.json", "latents.npy", "images.npy", "crops", "masks"})  # what else edit writes
 
 
 class Encoder(Protocol):
@@ -34,12 +40,15 @@ class Encoder(Protocol):
 
 @dataclass
 class FaceCrop:
-    """One aligned face, ready for the encoder, and what the index records about it."""
+    """One aligned face, ready for the encoder, and what the index records about it; for a face found in a
+    photo (not ``--aligned``), its landmarks and the alignment, which paste it back."""
 
     source: Path
     face: int
     image: Image.Image
     record: dict[str, Any]
+    landmarks: Face | None = None
+    alignment: AlignedFace | None = None
 
 
 @dataclass
@@ -86,13 +95,30 @@ def find_faces(
                 raise
             found.skipped.append({"source": str(path), "reason": str(missing)})
             continue
-        for number, face in enumerate(chosen):
-            crop = align_face(photo, face.points, source=str(path))
-            record = {"source": str(path), "face": number, **face.record(), "alignment": crop.transform_record()}
-            found.crops.append(FaceCrop(path, number, crop.image, record))
+        found.crops.extend(align_faces(photo, chosen, path))
     if not found.crops:
         raise CfdeployError(f"no face to invert in {len(paths)} photo(s) (all skipped: no face found)")
     return found
+
+
+def align_faces(photo: Image.Image, faces: Sequence[Face], path: Path) -> list[FaceCrop]:
+    """Each face of ``photo`` (RGB, read from ``path``) aligned as e4e was trained, with what pastes it back."""
+    crops = []
+    for number, face in enumerate(faces):
+        crop = align_face(photo, face.points, source=str(path))
+        record = {"source": str(path), "face": number, **face.record(), "alignment": crop.transform_record()}
+        crops.append(FaceCrop(path, number, crop.image, record, face, crop))
+    return crops
+
+
+def face_edits(crops: Sequence[FaceCrop], edited: Sequence[np.ndarray]) -> list[FaceEdit]:
+    """The faces' edits (``[S, S, 3]`` uint8 each), ready to paste back where the crops came from."""
+    edits = []
+    for crop, pixels in zip(crops, edited, strict=True):
+        if crop.landmarks is None or crop.alignment is None:
+            raise ValueError(f"{crop.source} was given aligned: its face has no place in a photo to go back to")
+        edits.append(FaceEdit(Image.fromarray(pixels), crop.landmarks.points, crop.alignment))
+    return edits
 
 
 def encode_faces(
@@ -166,3 +192,115 @@ class E4EInverter:
 
     def synthesize(self, latents: np.ndarray) -> np.ndarray:
         return self._run(self.generator, latents)
+
+
+def edit_photo(
+    backend: Any,
+    photo: Photo,
+    faces: Sequence[Face],
+    *,
+    prompt: str | None = None,
+    text_features: np.ndarray | None = None,
+    strength: float = 1.0,
+    mask: MaskSettings | None = None,
+) -> PastedPhoto:
+    """``photo`` with each of ``faces`` aligned, inverted, edited toward the prompt (or text features) and pasted
+    back: what ``cfdeploy edit --images`` writes, in memory. Save it with :func:`cfdeploy.photos.images.save_photo`."""
+    from cfdeploy.editing import DEFAULT_BATCH_SIZE, EditJob, edit
+
+    mask = mask or MaskSettings()
+    mask.check()
+    crops = align_faces(photo.image, faces, Path(photo.source))
+    codes = encode_faces(backend, crops, DEFAULT_BATCH_SIZE)
+    result = edit(backend, EditJob(codes, prompt, text_features, strength))
+    return paste_faces(photo.image, face_edits(crops, list(to_uint8(result.images))), mask)
+
+
+@dataclass(frozen=True)
+class PasteSettings:
+    """``cfdeploy edit --images``' paste-back: the mask, the output encoding, and whether masks are written too."""
+
+    mask: MaskSettings = field(default_factory=MaskSettings)
+    encoding: PhotoEncoding = field(default_factory=PhotoEncoding)
+    save_mask: bool = False
+
+
+def pasted_names(photos: Sequence[Path]) -> list[str]:
+    """Each photo's output name (its own file name), refused when two photos, or a photo and another output,
+    would share one (compared without case, as some file systems do)."""
+    named: dict[str, Path] = {}
+    for photo in photos:
+        key = photo.name.lower()
+        if key in RESERVED_NAMES:
+            raise CfdeployError(f"{photo}: its edited copy would be written as {photo.name}, a name edit uses itself")
+        if key in named:
+            raise CfdeployError(
+                f"{named[key]} and {photo} would both be written as {photo.name}; give photos with different names"
+            )
+        named[key] = photo
+    return [photo.name for photo in photos]
+
+
+class PhotoPaster:
+    """Pastes each photo's edited faces back as the edit makes them (they come in photo order) and writes the
+    photo under its own name once its last face is in, with ``save_mask`` its mask as ``masks/<name>.png``.
+
+    ``write(name, writer)`` writes a file of the output directory. The photo is read again from its file
+    (keeping every photo decoded until its faces are edited would hold them all in memory).
+    """
+
+    def __init__(
+        self,
+        crops: Sequence[FaceCrop],
+        write: Callable[[str, Callable[[BinaryIO], None]], None],
+        settings: PasteSettings | None = None,
+    ) -> None:
+        self.crops = crops
+        self.write = write
+        self.settings = settings or PasteSettings()
+        photos = list(dict.fromkeys(crop.source for crop in crops))
+        self.names = dict(zip(photos, pasted_names(photos), strict=True))
+        self.pending: list[int] = []
+        self.edited: list[np.ndarray] = []
+        self.records: list[dict[str, Any]] = []
+
+    def add(self, row: int, pixels: np.ndarray) -> None:
+        """Take the edit of face ``row`` (``[S, S, 3]`` uint8); paste and write its photo if it was the last one."""
+        self.pending.append(row)
+        self.edited.append(pixels)
+        source = self.crops[row].source
+        if row + 1 == len(self.crops) or self.crops[row + 1].source != source:
+            self._write_photo(source)
+            self.pending, self.edited = [], []
+
+    def record(self) -> list[dict[str, Any]]:
+        """Per photo: its output, and per face its box, transform, mask and paste time (edit.json's ``photos``)."""
+        return self.records
+
+    def _write_photo(self, source: Path) -> None:
+        started = time.perf_counter()
+        photo = read_photo(source)
+        crops = [self.crops[row] for row in self.pending]
+        if any(crop.alignment is not None and crop.alignment.source_size != photo.image.size for crop in crops):
+            raise CfdeployError(f"{source}: changed while it was being edited (its size differs); run again")
+        edits = face_edits(crops, self.edited)
+        pasted = paste_faces(photo.image, edits, self.settings.mask)
+        pasted_s = time.perf_counter() - started
+        name = self.names[source]
+        self.write(name, lambda stream: save_photo(stream, photo, pasted.pixels, self.settings.encoding))
+        mask_name = f"masks/{name}.png" if self.settings.save_mask else None
+        if mask_name is not None:
+            self.write(mask_name, lambda stream: save_png(stream, pasted.mask, self.settings.encoding.png_compression))
+        self.records.append(
+            {
+                "source": str(source),
+                "output": name,
+                "mask_file": mask_name,
+                "faces": [
+                    {"row": row, "box": crop.record["box"], "alignment": crop.record["alignment"], **pasted_face}
+                    for row, crop, pasted_face in zip(self.pending, crops, pasted.faces, strict=True)
+                ],
+                "paste_s": round(pasted_s, 6),
+                "write_s": round(time.perf_counter() - started - pasted_s, 6),
+            }
+        )

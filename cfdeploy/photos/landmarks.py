@@ -86,14 +86,20 @@ def read_landmarks(path: Path, photos: Sequence[Path]) -> list[list[Face]]:
     faces = []
     for index, (entry, photo) in enumerate(zip(entries, photos, strict=True)):
         where = f"{path}: entry {index} ({photo.name})"
-        arrays = _json_faces(entry, where) if suffix == ".json" else _npy_faces(entry)
-        faces.append(
-            [
-                _checked_face(points, f"{where}, face {number}" if len(arrays) > 1 else where)
-                for number, points in enumerate(arrays)
-            ]
-        )
+        faces.append(faces_from_json(entry, where) if suffix == ".json" else _checked_faces(_npy_faces(entry), where))
     return faces
+
+
+def faces_from_json(entry: Any, where: str) -> list[Face]:
+    """One photo's faces from JSON: a face (a list of [x, y] pairs) or a list of faces; ``where`` names it in errors."""
+    return _checked_faces(_json_faces(entry, where), where)
+
+
+def _checked_faces(arrays: list[np.ndarray], where: str) -> list[Face]:
+    return [
+        _checked_face(points, f"{where}, face {number}" if len(arrays) > 1 else where)
+        for number, points in enumerate(arrays)
+    ]
 
 
 def _checked_face(points: np.ndarray, where: str) -> Face:

@@ -22,15 +22,31 @@ from cfdeploy.editing import check_sampling
 from cfdeploy.errors import CfdeployError, finite_in_float32
 from cfdeploy.files import npy_from_bytes, require_finite_array
 from cfdeploy.inputs import broadcast_latents, check_text_embedding
+from cfdeploy.photos.landmarks import Face, faces_from_json
 
 MAX_BODY_BYTES = 16 << 20  # a request's JSON: 64 W+ codes at 1024 px are 3.1 MB of base64
 MAX_CODES_PER_REQUEST = 64  # images per request; more belongs in `cfdeploy batch`
-RETURNS = ("png", "npy", "both")
-FIELDS = ("bundle", "prompt", "text_embedding", "latents", "seed", "num", "truncation", "image", "strength", "return")
+RETURNS = ("png", "npy", "both", "photo")
+FIELDS = (
+    "bundle",
+    "prompt",
+    "text_embedding",
+    "latents",
+    "seed",
+    "num",
+    "truncation",
+    "image",
+    "landmarks",
+    "all_faces",
+    "strength",
+    "return",
+)
+LANDMARKS_MODEL_HINT = "start cfdeploy serve with --landmarks-model shape_predictor_68_face_landmarks.dat"
 
 
 class RequestError(CfdeployError):
-    """A request refused with an HTTP status (400 bad input, 404 unknown bundle, 413 too large, 503 busy)."""
+    """A request refused with an HTTP status (400 bad input, 404 unknown bundle, 413 too large, 422 no face in
+    the photo, 503 busy)."""
 
     def __init__(self, message: str, status: int = 400) -> None:
         super().__init__(message)
@@ -67,8 +83,9 @@ class BundleInfo:
 
 @dataclass(frozen=True)
 class EditRequest:
-    """One checked ``POST /v1/edits``: ``latents``, ``seed``/``num``/``truncation`` or an aligned face ``image``
-    (as the encoder's input ``[1, 3, 256, 256]``); a prompt or text features."""
+    """One checked ``POST /v1/edits``: ``latents``, ``seed``/``num``/``truncation``, an aligned face ``image``
+    (as the encoder's input ``[1, 3, 256, 256]``) or, with ``return: photo``, a ``photo`` (its encoded bytes,
+    decoded in the replica) with its faces' ``landmarks`` if the client sent them; a prompt or text features."""
 
     bundle: str
     prompt: str | None
@@ -80,16 +97,22 @@ class EditRequest:
     image: np.ndarray | None
     strength: float
     returns: str
+    photo: bytes | None = None
+    landmarks: list[Face] | None = None
+    all_faces: bool = False
 
 
 @dataclass
 class EditReply:
-    """A replica's answer: PNG bytes per image (unless ``npy`` only), the edited codes, and how it went."""
+    """A replica's answer: PNG bytes per image (unless ``npy`` only), the edited codes, and how it went; for
+    ``return: photo``, the edited photo's bytes and what was done to each face instead of PNGs."""
 
     pngs: list[bytes]
     latents: np.ndarray
     generator_batches: list[int]  # the generator batch each image was rendered in (dynamic batching at work)
     timings_s: dict[str, float] = field(default_factory=dict)
+    photo: bytes | None = None
+    faces: list[dict[str, Any]] = field(default_factory=list)
 
 
 def encode_npy(array: np.ndarray) -> str:
@@ -123,7 +146,7 @@ def encoder_image(text: object) -> np.ndarray:
 
     content = _base64_field(text, "image", "a JPEG, PNG or WebP file")
     try:
-        return batch_inputs([photo_from_bytes(content, "image")])
+        return batch_inputs([photo_from_bytes(content, "image").image])
     except CfdeployError as error:
         raise RequestError(str(error)) from None
 
@@ -148,10 +171,32 @@ def _integer(body: dict[str, Any], name: str, default: int | None) -> int | None
     return value
 
 
-def parse_edit_request(body: bytes, bundles: dict[str, BundleInfo], png_only: bool = False) -> EditRequest:
+def photo_request(parsed: dict[str, Any], aligns_photos: bool) -> tuple[bytes, list[Face] | None, bool]:
+    """``return: photo``: the photo's bytes, the faces' landmarks if sent, and whether every face is edited."""
+    photo = _base64_field(parsed["image"], "image", "a JPEG, PNG or WebP file")
+    landmarks = None
+    if parsed.get("landmarks") is not None:
+        try:
+            landmarks = faces_from_json(parsed["landmarks"], "landmarks")
+        except CfdeployError as error:
+            raise RequestError(str(error)) from None
+    elif not aligns_photos:
+        raise RequestError(
+            f"image: this server finds no faces in photos; {LANDMARKS_MODEL_HINT}, or send the faces' landmarks"
+        )
+    all_faces = parsed.get("all_faces", False)
+    if not isinstance(all_faces, bool):
+        raise RequestError(f"all_faces: expected true or false, found {json.dumps(all_faces)[:40]}")
+    return photo, landmarks, all_faces
+
+
+def parse_edit_request(
+    body: bytes, bundles: dict[str, BundleInfo], png_only: bool = False, aligns_photos: bool = False
+) -> EditRequest:
     """Check a ``POST /v1/edits`` body against the served bundles; every refusal is a :class:`RequestError`.
 
-    ``png_only``: the client asked for ``Accept: image/png``, which answers one image.
+    ``png_only``: the client asked for ``Accept: image/png``, which answers one image. ``aligns_photos``: the
+    replicas find faces themselves (``--landmarks-model``), so a photo may come without landmarks.
     """
     if len(body) > MAX_BODY_BYTES:
         raise RequestError(f"request body is over the limit of {MAX_BODY_BYTES:,} bytes", 413)
@@ -185,10 +230,20 @@ def parse_edit_request(body: bytes, bundles: dict[str, BundleInfo], png_only: bo
     latents_field, seed, image_field = parsed.get("latents"), _integer(parsed, "seed", None), parsed.get("image")
     if sum(given is not None for given in (latents_field, seed, image_field)) != 1:
         raise RequestError("give exactly one of latents, seed or image")
+    returns = parsed.get("return", "png")
+    if returns not in RETURNS:
+        raise RequestError(f"return: expected one of {', '.join(RETURNS)}, found {json.dumps(returns)[:40]}")
+    if returns == "photo" and image_field is None:
+        raise RequestError("return: photo needs image, the photo to edit")
+    if returns != "photo" and ("landmarks" in parsed or "all_faces" in parsed):
+        raise RequestError("landmarks and all_faces are for a photo to edit and paste back (return: photo)")
+    if returns == "photo" and png_only:
+        raise RequestError("Accept: image/png returns one face; an edited photo comes back in JSON", 406)
     num = _integer(parsed, "num", 1)
     assert num is not None
     truncation = _number(parsed, "truncation", 0.7)
-    latents = image = None
+    latents = image = photo = landmarks = None
+    all_faces = False
     count = 1
     if latents_field is not None:
         array = decode_npy(latents_field, "latents")
@@ -201,7 +256,10 @@ def parse_edit_request(body: bytes, bundles: dict[str, BundleInfo], png_only: bo
     elif image_field is not None:
         if not info.has_encoder:
             raise RequestError(f"bundle {name!r} has no e4e encoder graph (export it with cfdeploy export --encoder)")
-        image = encoder_image(image_field)
+        if returns == "photo":
+            photo, landmarks, all_faces = photo_request(parsed, aligns_photos)
+        else:
+            image = encoder_image(image_field)
     else:
         assert seed is not None
         try:
@@ -226,11 +284,9 @@ def parse_edit_request(body: bytes, bundles: dict[str, BundleInfo], png_only: bo
         except CfdeployError as error:
             raise RequestError(str(error)) from None
 
-    returns = parsed.get("return", "png")
-    if returns not in RETURNS:
-        raise RequestError(f"return: expected one of {', '.join(RETURNS)}, found {json.dumps(returns)[:40]}")
+    strength = _number(parsed, "strength", 1.0)
     return EditRequest(
-        name, prompt, features, latents, seed, num, truncation, image, _number(parsed, "strength", 1.0), returns
+        name, prompt, features, latents, seed, num, truncation, image, strength, returns, photo, landmarks, all_faces
     )
 
 
@@ -246,4 +302,7 @@ def reply_json(request: EditRequest, reply: EditReply) -> dict[str, Any]:
         content["images"] = [base64.b64encode(png).decode("ascii") for png in reply.pngs]
     if request.returns in ("npy", "both"):
         content["latents"] = encode_npy(reply.latents)
+    if request.returns == "photo" and reply.photo is not None:
+        content["photo"] = base64.b64encode(reply.photo).decode("ascii")
+        content["faces"] = reply.faces
     return content

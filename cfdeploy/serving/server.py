@@ -11,6 +11,7 @@ the queueing, replicas and back-pressure; nothing here schedules.
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import logging
 import time
@@ -27,6 +28,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from cfdeploy.editing import (
+    DEFAULT_BATCH_SIZE,
     DEFAULT_PNG_COMPRESSION,
     StageTimer,
     edit_codes,
@@ -36,6 +38,10 @@ from cfdeploy.editing import (
 )
 from cfdeploy.errors import CfdeployError, require_range
 from cfdeploy.outputs import png_bytes, to_uint8
+from cfdeploy.photos.images import Photo, photo_from_bytes, save_photo
+from cfdeploy.photos.invert import FaceCrop, align_faces, encode_faces, face_edits
+from cfdeploy.photos.landmarks import DlibLandmarks, NoFaceFound, select_faces
+from cfdeploy.photos.paste import paste_faces
 from cfdeploy.serving.cluster import (
     actor_backend_options,
     check_resources,
@@ -44,6 +50,7 @@ from cfdeploy.serving.cluster import (
 )
 from cfdeploy.serving.protocol import (
     MAX_BODY_BYTES,
+    MAX_CODES_PER_REQUEST,
     BundleInfo,
     EditReply,
     EditRequest,
@@ -74,9 +81,12 @@ class ServeSettings:
     gpus_per_replica: float = 0.0
     host: str = "127.0.0.1"
     port: int = 8000
+    landmarks_model: Path | None = None
 
     def check(self) -> None:
         require_range(1, replicas=self.replicas, max_batch=self.max_batch, max_ongoing=self.max_ongoing)
+        if self.landmarks_model is not None:  # dlib installed, the file a 68-point predictor: known before Ray starts
+            DlibLandmarks(self.landmarks_model)
         if not np.isfinite(self.batch_wait_ms) or self.batch_wait_ms < 0:
             raise CfdeployError(f"--batch-wait-ms must be a finite number, 0 or more, got {self.batch_wait_ms}")
         check_resources(self.backend, self.cpus_per_replica, self.gpus_per_replica, "replica")
@@ -88,10 +98,19 @@ class BundleEditor:
     """One bundle on one backend. Backend calls go through one thread, in order: TensorRT's execution
     contexts are not thread-safe, and the event loop stays free to take requests into the next batch."""
 
-    def __init__(self, bundle: str, backend: str, options: dict[str, Any], max_batch: int, batch_wait_s: float) -> None:
+    def __init__(
+        self,
+        bundle: str,
+        backend: str,
+        options: dict[str, Any],
+        max_batch: int,
+        batch_wait_s: float,
+        landmarks_model: str | None = None,
+    ) -> None:
         from cfdeploy.backends import open_backend
 
         self.backend = open_backend(backend, Path(bundle), **options)
+        self.landmarks = DlibLandmarks(Path(landmarks_model)) if landmarks_model is not None else None
         self.runner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="backend")
         batched: Any = self.render  # Ray's overloads type a batched method as a plain callable
         batched.set_max_batch_size(max_batch)
@@ -104,7 +123,11 @@ class BundleEditor:
         """Edit one request's codes; bad input the router could not see (a prompt over 77 tokens) is returned, not raised."""
         started = time.perf_counter()
         try:
-            w_hat, timings = await self._call(self._edit_latents, request)
+            w_hat, timings, faces = await self._call(self._edit_latents, request)
+        except NoFaceFound as error:
+            return RequestError(str(error), 422)
+        except RequestError as error:
+            return error
         except CfdeployError as error:
             return RequestError(str(error))
         rendered = [] if request.returns == "npy" else await asyncio.gather(*(self.render(code) for code in w_hat))
@@ -113,6 +136,15 @@ class BundleEditor:
                 finite_result(image, "images", "the codes")
         except CfdeployError as error:
             return RequestError(str(error))
+        batches = [batch for _, batch in rendered]
+        if faces is not None:
+            paste_started = time.perf_counter()
+            edited = list(to_uint8(np.stack([image for image, _ in rendered])))
+            photo, records = await asyncio.get_running_loop().run_in_executor(None, faces.paste, edited)
+            timings["paste"] = time.perf_counter() - paste_started
+            timings["total"] = time.perf_counter() - started
+            rounded = {name: round(seconds, 6) for name, seconds in timings.items()}
+            return EditReply([], w_hat, batches, rounded, photo, records)
         pngs: list[bytes] = []
         if rendered:
             png_started = time.perf_counter()
@@ -127,23 +159,29 @@ class BundleEditor:
             )
             timings["png"] = time.perf_counter() - png_started
         timings["total"] = time.perf_counter() - started
-        return EditReply(pngs, w_hat, [batch for _, batch in rendered], {k: round(v, 6) for k, v in timings.items()})
+        return EditReply(pngs, w_hat, batches, {k: round(v, 6) for k, v in timings.items()})
 
-    def _edit_latents(self, request: EditRequest) -> tuple[np.ndarray, dict[str, float]]:
+    def _edit_latents(self, request: EditRequest) -> tuple[np.ndarray, dict[str, float], PhotoFaces | None]:
         timer = StageTimer()
         backend = self.backend
+        faces = None
         if request.latents is not None:
             w = request.latents
         elif request.image is not None:
             with timer.stage("encoder"):
                 w = backend.encode(request.image)
+        elif request.photo is not None:
+            with timer.stage("align"):
+                faces = PhotoFaces.found(request, self.landmarks)
+            with timer.stage("encoder"):
+                w = encode_faces(backend, faces.crops, DEFAULT_BATCH_SIZE)
         else:
             assert request.seed is not None
             w = sample_codes(backend, request.seed, request.num, request.truncation)
         text_latents = text_branch(backend, request.prompt, request.text_features, timer)  # the bundle's prompt cache
         with timer.stage("latent_editor"):
             w_hat = edit_codes(backend, w, text_latents, request.strength)
-        return w_hat, dict(timer.seconds)
+        return w_hat, dict(timer.seconds), faces
 
     @serve.batch  # its size and wait are set per deployment in __init__
     async def render(self, codes: list[np.ndarray]) -> list[tuple[np.ndarray, int]]:
@@ -153,12 +191,52 @@ class BundleEditor:
         return [(image, len(codes)) for image in images]
 
 
+@dataclass(frozen=True)
+class PhotoFaces:
+    """A request's photo (``return: photo``), decoded with ``load_photo``'s limits, and its faces aligned."""
+
+    photo: Photo
+    crops: list[FaceCrop]
+
+    @classmethod
+    def found(cls, request: EditRequest, landmarks: DlibLandmarks | None) -> PhotoFaces:
+        """The request's landmarks if it sent them, else dlib's; the largest face unless ``all_faces``."""
+        assert request.photo is not None
+        photo = photo_from_bytes(request.photo, "image")
+        if request.landmarks is not None:
+            faces = request.landmarks
+            width, height = photo.image.size
+            for face in faces:
+                left, top, right, bottom = face.box
+                if left < -width or top < -height or right > 2 * width or bottom > 2 * height:
+                    raise CfdeployError(f"landmarks: a face lies far outside the {width}x{height} photo")
+        else:
+            assert landmarks is not None  # parse_edit_request refuses a photo without landmarks otherwise
+            faces = landmarks.faces(photo.image)
+        chosen = select_faces(faces, "image", request.all_faces)
+        if len(chosen) > MAX_CODES_PER_REQUEST:
+            raise RequestError(f"image: {len(chosen)} faces; the limit is {MAX_CODES_PER_REQUEST}", 413)
+        return cls(photo, align_faces(photo.image, chosen, Path("image")))
+
+    def paste(self, edited: list[np.ndarray]) -> tuple[bytes, list[dict[str, Any]]]:
+        """The photo with the faces' edits pasted back, encoded as it came; what was done to each face."""
+        pasted = paste_faces(self.photo.image, face_edits(self.crops, edited))
+        buffer = io.BytesIO()
+        save_photo(buffer, self.photo, pasted.pixels)
+        records = [
+            {"box": crop.record["box"], "alignment": crop.record["alignment"], **face}
+            for crop, face in zip(self.crops, pasted.faces, strict=True)
+        ]
+        return buffer.getvalue(), records
+
+
 class Router:
     """The HTTP ingress: parses and checks requests, routes each to its bundle's deployment, encodes replies."""
 
-    def __init__(self, editors: dict[str, Any], infos: dict[str, BundleInfo]) -> None:
+    def __init__(self, editors: dict[str, Any], infos: dict[str, BundleInfo], aligns_photos: bool = False) -> None:
         self.editors = editors
         self.infos = infos
+        self.aligns_photos = aligns_photos
 
     async def __call__(self, request: Request) -> Response:
         path, method = request.url.path.rstrip("/") or "/", request.method
@@ -187,7 +265,9 @@ class Router:
             if received > DRAIN_LIMIT:
                 break
         png_only = "image/png" in request.headers.get("accept", "")
-        parsed = await asyncio.to_thread(parse_edit_request, bytes(body), self.infos, png_only)  # off the event loop
+        parsed = await asyncio.to_thread(  # off the event loop
+            parse_edit_request, bytes(body), self.infos, png_only, self.aligns_photos
+        )
         try:
             reply = await self.editors[parsed.bundle].edit.remote(parsed)
         except BackPressureError:
@@ -249,6 +329,7 @@ def build_application(settings: ServeSettings, infos: dict[str, BundleInfo]) -> 
             actor_backend_options(settings.backend, settings.cpus_per_replica, settings.gpus_per_replica),
             settings.max_batch,
             settings.batch_wait_ms / 1000,
+            str(settings.landmarks_model.resolve()) if settings.landmarks_model is not None else None,
         )
         for name, path in zip(infos, settings.bundles, strict=True)
     }
@@ -257,7 +338,7 @@ def build_application(settings: ServeSettings, infos: dict[str, BundleInfo]) -> 
     )  # never the bottleneck
     return ROUTER.options(
         max_ongoing_requests=router_limit, max_queued_requests=router_limit, ray_actor_options={"num_cpus": 0}
-    ).bind(editors, infos)
+    ).bind(editors, infos, settings.landmarks_model is not None)
 
 
 class Server:

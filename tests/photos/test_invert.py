@@ -114,7 +114,8 @@ def test_edit_images_on_a_bundle_shows_photo_reconstruction_and_edit(
         out,
     )
     assert result.exit_code == 0, result.stderr
-    assert Image.open(out / "000001.png").size == (3 * 64, 64)
+    assert Image.open(out / "crops" / "000001.png").size == (3 * 64, 64)
+    assert Image.open(out / "b.png").size == (320, 300)  # the photo back, edited
     summary = json.loads((out / "edit.json").read_text())
     assert {"align", "encoder", "latent_editor", "generator"} <= set(summary["timings_s"])
     assert [image["source"] for image in summary["inputs"]["images"]] == [str(folder / "a.jpg"), str(folder / "b.png")]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import io
 import json
 import os
 import shutil
@@ -161,6 +162,46 @@ def test_a_served_photo_edit_equals_cfdeploy_edit_images(served, bundle_with_enc
     assert (refusal.value.status, refusal.value.message) == (
         400,
         "image: not a JPEG, PNG or WebP image, or its header is damaged",
+    )
+
+
+def test_a_photo_comes_back_whole_with_its_face_pasted_and_no_face_is_422(served, embedding_file, tmp_path) -> None:
+    """An unaligned photo with the face's landmarks (the server here has no --landmarks-model): the edited photo,
+    the source's size and format, every pixel outside the pasted face's window the source's own."""
+    client, _ = served
+    rng = np.random.default_rng(8)
+    source = np.asarray(Image.fromarray(rng.integers(0, 256, (13, 17, 3), np.uint8)).resize((340, 260), Image.BICUBIC))
+    sent = io.BytesIO()
+    Image.fromarray(source).save(sent, format="PNG")
+    five_points = [[140.0, 110.0], [200.0, 112.0], [170.0, 140.0], [148.0, 170.0], [194.0, 172.0]]
+    features = np.load(embedding_file)
+    edit = client.edit(
+        bundle="with_encoder_64", image=sent.getvalue(), landmarks=five_points, text_embedding=features, returns="photo"
+    )
+    photo = Image.open(io.BytesIO(edit.photo))
+    assert (photo.format, photo.size) == ("PNG", (340, 260)) and edit.images == [] and len(edit.faces) == 1
+    left, top, right, bottom = edit.faces[0]["window"]
+    outside = np.ones((260, 340), bool)
+    outside[top:bottom, left:right] = False
+    pixels = np.asarray(photo)
+    np.testing.assert_array_equal(pixels[outside], source[outside])
+    assert (pixels[150, 170] != source[150, 170]).any()  # the nose: edited
+    assert {"align", "encoder", "latent_editor", "paste"} <= set(edit.timings_s)
+
+    def refused(**request) -> tuple[int, str]:
+        with pytest.raises(ServerError) as refusal:
+            client.edit(bundle="with_encoder_64", image=sent.getvalue(), text_embedding=features, **request)
+        return refusal.value.status, refusal.value.message
+
+    assert refused(landmarks=[], returns="photo") == (422, "image: no face found")
+    assert refused(returns="photo") == (
+        400,
+        "image: this server finds no faces in photos; start cfdeploy serve with --landmarks-model "
+        "shape_predictor_68_face_landmarks.dat, or send the faces' landmarks",
+    )
+    assert refused(landmarks=five_points) == (
+        400,
+        "landmarks and all_faces are for a photo to edit and paste back (return: photo)",
     )
 
 

@@ -7,7 +7,8 @@ The CLI, ``cfdeploy bench``, refit and the Python API all open backends here::
 
 A backend reads either a CF-CLIP checkpoint (torch runtimes) or an exported bundle (ONNX Runtime,
 TensorRT). Its module is imported only when it is opened, so a core install (no torch) can open the
-bundle backends, and a missing runtime is one line saying what to install.
+bundle backends, and a missing runtime is one line saying what to install. Over bundles, ONNX Runtime and
+OpenVINO run the same graphs on the CPU; :func:`default_bundle_backend` picks between them.
 """
 
 from __future__ import annotations
@@ -68,8 +69,19 @@ BACKENDS: dict[str, BackendInfo] = {
             ("cpu", "cuda"),
             ("fp32",),
             "onnxruntime",
-            ("device", "providers", "threads", *BUNDLE_OPTIONS),
+            ("device", "providers", "threads", "session_cache", *BUNDLE_OPTIONS),
             "the bundle's ONNX graphs, torch-free; CUDA and TensorRT through onnxruntime-gpu's providers",
+        ),
+        BackendInfo(
+            "openvino",
+            "bundle",
+            "cfdeploy.backends.openvino_backend:OpenVinoBackend",
+            ("cpu", "gpu", "npu"),
+            ("fp32", "bf16"),
+            "openvino",
+            ("device", "threads", "precision", "session_cache", *BUNDLE_OPTIONS),
+            "the bundle's ONNX graphs on OpenVINO, torch-free; bf16 on CPUs with AMX or AVX-512 BF16 "
+            "(GPU and NPU untested)",
         ),
         BackendInfo(
             "tensorrt",
@@ -117,6 +129,8 @@ PRESETS: dict[str, Preset] = {
                 "providers": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
             },
         ),
+        Preset("openvino", "openvino", {"device": "cpu"}),
+        Preset("openvino-bf16", "openvino", {"device": "cpu", "precision": "bf16"}),
         Preset("tensorrt", "tensorrt"),
     )
 }

@@ -74,6 +74,8 @@ class ServeSettings:
     gpus_per_replica: float = 0.0
     host: str = "127.0.0.1"
     port: int = 8000
+    precision: str | None = None  # openvino: bf16
+    session_cache: bool | None = None  # False: --no-session-cache
 
     def check(self) -> None:
         require_range(1, replicas=self.replicas, max_batch=self.max_batch, max_ongoing=self.max_ongoing)
@@ -246,7 +248,13 @@ def build_application(settings: ServeSettings, infos: dict[str, BundleInfo]) -> 
         ).bind(
             str(path.resolve()),
             settings.backend,
-            actor_backend_options(settings.backend, settings.cpus_per_replica, settings.gpus_per_replica),
+            actor_backend_options(
+                settings.backend,
+                settings.cpus_per_replica,
+                settings.gpus_per_replica,
+                settings.precision,
+                settings.session_cache,
+            ),
             settings.max_batch,
             settings.batch_wait_ms / 1000,
         )

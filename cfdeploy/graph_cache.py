@@ -134,38 +134,37 @@ class GraphCache:
 
     def put(self, parts: Mapping[str, Any], files: Mapping[str, bytes]) -> None:
         """Store ``files`` (name → bytes) as the entry for ``parts``; a full disk or read-only cache only warns."""
-        entry = self.root / entry_key(parts)
-        record = {
-            "parts": parts,
-            "files": {name: hashlib.sha256(content).hexdigest() for name, content in files.items()},
-            "created": time.time(),
-        }
         try:
-            self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
-            staging = Path(tempfile.mkdtemp(prefix=".partial-", dir=self.root))
-            try:
+            with self.staging() as staging:
                 for name, content in files.items():
                     (staging / name).write_bytes(content)
-                (staging / ENTRY_RECORD).write_text(json.dumps(record, sort_keys=True))
-                if os.path.lexists(entry):
-                    self._remove(entry)
-                os.rename(staging, entry)
-            except OSError:
-                shutil.rmtree(staging, ignore_errors=True)
-                raise
+                self.commit(parts, staging)
         except OSError as error:
-            if entry.is_dir() and not entry.is_symlink():
-                return  # another process stored the same entry first
             self.on_warning(f"{self.root}: could not store a compiled graph ({error.strerror or error})")
-            return
-        self.evict(keep=entry)
 
     @contextlib.contextmanager
-    def scratch(self) -> Iterator[Path]:
-        """A temporary directory inside the cache, for a runtime that writes its files itself (removed after)."""
+    def staging(self) -> Iterator[Path]:
+        """A new directory inside the cache for an entry's files (a runtime may write them there itself); what is not
+        committed is removed."""
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix=".partial-", dir=self.root) as directory:
+        with tempfile.TemporaryDirectory(prefix=".partial-", dir=self.root, ignore_cleanup_errors=True) as directory:
             yield Path(directory)
+
+    def commit(self, parts: Mapping[str, Any], staging: Path) -> None:
+        """Record the sha256 of each file in ``staging`` and rename it into place as the entry for ``parts``."""
+        entry = self.root / entry_key(parts)
+        files = {path.name: _sha256_of(path) for path in staging.iterdir()}
+        record = {"parts": parts, "files": files, "created": time.time()}
+        (staging / ENTRY_RECORD).write_text(json.dumps(record, sort_keys=True))
+        if os.path.lexists(entry):
+            self._remove(entry)
+        try:
+            os.rename(staging, entry)
+        except OSError:
+            if not (entry.is_dir() and not entry.is_symlink()):
+                raise
+            return  # another process stored the same entry first
+        self.evict(keep=entry)
 
     def evict(self, keep: Path | None = None) -> None:
         """Remove the least recently used entries (and any partial ones) until the cache holds at most its bound."""
@@ -205,6 +204,14 @@ def _regular_bytes(path: Path, limit: int | None) -> bytes:
     if limit is not None and len(content) > limit:
         raise RefusedEntry(f"{path.name} is larger than {limit} bytes")
     return content
+
+
+def _sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _last_used(path: Path) -> float:

@@ -151,10 +151,15 @@ class Sessions:
             cached = self.cache.load(network, parts)
             if cached is not None:
                 return self._from_cache(network, cached)
-            with self.cache.scratch() as scratch:
-                session = self._optimise(network, scratch / OPTIMIZED_GRAPH)
-                written = {path.name: path.read_bytes() for path in scratch.iterdir()}
-            self.cache.put(parts, written)
+            try:
+                with self.cache.staging() as staging:
+                    session = self._optimise(network, staging / OPTIMIZED_GRAPH)
+                    self.cache.commit(parts, staging)  # ONNX Runtime's own file, renamed into place with its sha256
+            except OSError as error:
+                self.cache.on_warning(
+                    f"{self.cache.root}: could not store a compiled graph ({error.strerror or error})"
+                )
+                return self._optimise(network, None)
             return session
         return self._optimise(network, None)
 

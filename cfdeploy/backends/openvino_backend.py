@@ -30,7 +30,13 @@ class OpenVinoBackend(RunnerBackend):
         features: frozenset[str] | None = None,
     ) -> None:
         graphs = CompiledGraphs(
-            bundle.network, bundle.network_sha256, device, threads, precision, graph_cache(session_cache), features
+            bundle.network,
+            bundle.checked_network_sha256,
+            device,
+            threads,
+            precision,
+            graph_cache(session_cache),
+            features,
         )
         super().__init__(bundle, graphs, cache_max)
 

@@ -145,3 +145,21 @@ def test_no_session_cache_neither_reads_nor_writes_it(bundle, cache_dir, cli, tm
     assert result.exit_code == 0, result.stderr
     assert json.loads((tmp_path / "out" / "edit.json").read_text())["runtime"]["session_cache"] == "off"
     assert not cache_dir.exists()
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_a_cache_hit_still_refuses_a_damaged_bundle(runtime, bundle, cache_dir, tmp_path):
+    import shutil
+
+    from cfdeploy.errors import CfdeployError
+
+    mapping_run(runtime, bundle)  # the cache now holds the mapping network
+    damaged = tmp_path / "damaged"
+    shutil.copytree(bundle, damaged, copy_function=os.link)
+    graph = damaged / "mapping.onnx"
+    content = bytearray(graph.read_bytes())
+    content[-1] ^= 1
+    graph.unlink()  # the link, not the original bundle's file
+    graph.write_bytes(bytes(content))
+    with pytest.raises(CfdeployError, match=r"differs from the manifest's .* \(file changed or damaged\)$"):
+        mapping_run(runtime, damaged)

@@ -138,8 +138,9 @@ PRESETS: dict[str, Preset] = {
 }
 
 
-# CPU features under which OpenVINO's fp32 convolutions are faster than ONNX Runtime's (measured on Intel Xeons with
-# AMX and AVX-512). On an AVX2-only CPU (AMD EPYC) OpenVINO's fp32 generator measured 1.3x slower: ONNX Runtime there.
+# CPU features under which OpenVINO's fp32 convolutions are clearly faster than ONNX Runtime's (1.3x for the 1024 px
+# generator on Intel Xeons with AMX and AVX-512). On an AVX2-only AMD EPYC they measured 1.0-1.18x, too close to
+# switch: ONNX Runtime stays the default there (benchmarks/results/openvino.json).
 OPENVINO_FASTER_FEATURES = ("avx512f", "amx_tile")
 
 

@@ -6,14 +6,28 @@ the reports to benchmarks/results/, then prints the Markdown tables rendered fro
 
     python benchmarks/cpu_backends.py            # measure (about 10 minutes on 2 cores), then render
     python benchmarks/cpu_backends.py --render   # render benchmarks/results/*.json
+
+`--runtimes BUNDLE [BUNDLE...]` compares the bundle runtimes side by side instead: ONNX Runtime fp32, OpenVINO fp32
+and OpenVINO bf16 (a row saying why where the CPU has no bf16), each in its own process with its compiled-graph
+cache warm, driven in turn with the order rotating each round; medians of --runs, ratios from the same run. It times
+the generator at batch 1 and 8, the edit (latent editor + generator, batch 1) and, for a bundle with one, the e4e
+encoder at batch 1 and 8, and writes benchmarks/results/openvino.json:
+
+    python benchmarks/cpu_backends.py --runtimes engines/b256 engines/with_encoder --runs 3
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+import statistics
 import tempfile
+import time
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from cfdeploy.bench import (
     BenchSettings,
@@ -91,11 +105,118 @@ def render_scaling(report: dict) -> str:
     return "\n".join(lines)
 
 
+RUNTIMES = {"onnxruntime fp32": ("onnxruntime", None), "openvino fp32": ("openvino", None)}
+RUNTIMES["openvino bf16"] = ("openvino", "bf16")
+RUNTIME_BASELINE = "onnxruntime fp32"
+
+
+def runtime_worker(connection: Any, runtime: str, precision: str | None, bundle: str) -> None:
+    """One runtime over one bundle in its own process: answers (stage, batch) with the seconds it took, or why not."""
+    from cfdeploy.backends import open_backend
+    from cfdeploy.errors import CfdeployError
+
+    try:
+        backend = open_backend(runtime, Path(bundle), precision=precision)
+    except CfdeployError as why:
+        connection.send(str(why))
+        return
+    connection.send("ready")
+    rng = np.random.default_rng(0)
+    while (job := connection.recv()) is not None:
+        stage, batch = job
+        w = (0.5 * rng.standard_normal((batch, backend.n_latent, backend.style_dim))).astype(np.float32)
+        images = rng.uniform(-1, 1, (batch, 3, 256, 256)).astype(np.float32)
+        started = time.perf_counter()
+        if stage == "generator":
+            backend.synthesize(w)
+        elif stage == "encoder":
+            backend.encode(images)
+        else:
+            backend.synthesize(backend.edit_latents(w, w[:1], 1.0))
+        connection.send(time.perf_counter() - started)
+    connection.send(backend.describe())
+
+
+def measure_runtimes(bundles: list[str], runs: int) -> dict[str, Any]:
+    """Every stage of every bundle on every runtime, alternating processes; medians in seconds."""
+    from cfdeploy.bundle import Bundle
+    from cfdeploy.environment import machine_info
+
+    rows: list[dict[str, Any]] = []
+    context = multiprocessing.get_context("spawn")
+    for bundle in bundles:
+        opened = Bundle(Path(bundle))
+        stages = [("generator", 1), ("generator", 8), ("edit", 1)]
+        stages += [("encoder", 1), ("encoder", 8)] if opened.has_network("encoder") else []
+        workers, skipped = {}, {}
+        for label, (runtime, precision) in RUNTIMES.items():
+            ours, theirs = context.Pipe()
+            process = context.Process(target=runtime_worker, args=(theirs, runtime, precision, bundle))
+            process.start()
+            answer = ours.recv()
+            if answer == "ready":
+                workers[label] = (process, ours)
+            else:
+                skipped[label] = answer
+                process.join()
+        for stage, batch in stages:
+            for _, connection in workers.values():  # warm-up: first call at this shape
+                connection.send((stage, batch))
+                connection.recv()
+            times: dict[str, list[float]] = {label: [] for label in workers}
+            order = list(workers)
+            for round_index in range(runs):
+                for label in order[round_index % len(order) :] + order[: round_index % len(order)]:
+                    workers[label][1].send((stage, batch))
+                    times[label].append(workers[label][1].recv())
+            row = {"bundle": Path(bundle).name, "size": opened.size, "stage": stage, "batch": batch}
+            row["seconds"] = {label: statistics.median(values) for label, values in times.items()}
+            row["skipped"] = skipped
+            rows.append(row)
+            print(row)
+        for process, connection in workers.values():
+            connection.send(None)
+            connection.recv()
+            process.join()
+    return {"rows": rows, "settings": {"runs": runs}, "machine": machine_info()}
+
+
+def render_runtimes(report: dict[str, Any]) -> str:
+    """ONNX Runtime against OpenVINO, per stage: medians and ratios to ONNX Runtime fp32 from the same run."""
+    lines = [
+        f"Bundle runtimes, side by side (alternating processes, median of {report['settings']['runs']}, seconds; "
+        f"x = speed relative to {RUNTIME_BASELINE})",
+        "",
+        "| bundle | stage | batch | " + " | ".join(RUNTIMES) + " |",
+        "| --- | --- | ---: |" + " ---: |" * len(RUNTIMES),
+    ]
+    for row in report["rows"]:
+        baseline = row["seconds"][RUNTIME_BASELINE]
+        cells = [
+            f"{row['seconds'][label]:.3f} ({baseline / row['seconds'][label]:.2f}x)"
+            if label in row["seconds"]
+            else "not run here"
+            for label in RUNTIMES
+        ]
+        lines.append(
+            f"| {row['bundle']} ({row['size']} px) | {row['stage']} | {row['batch']} | " + " | ".join(cells) + " |"
+        )
+    reasons = {label: why for row in report["rows"] for label, why in row["skipped"].items()}
+    lines += ["", *(f"{label}: not run here: {why}" for label, why in reasons.items())]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--render", action="store_true", help="only render the committed JSON")
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--runtimes", nargs="+", metavar="BUNDLE", help="compare ONNX Runtime and OpenVINO instead")
     args = parser.parse_args()
+    if args.runtimes:
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / "openvino.json").write_text(json.dumps(measure_runtimes(args.runtimes, args.runs), indent=2) + "\n")
+        print(render_runtimes(json.loads((RESULTS / "openvino.json").read_text())))
+        return
     if not args.render:
         RESULTS.mkdir(exist_ok=True)
         measure(256, [1], BACKENDS, args.runs, "cpu_256.json")

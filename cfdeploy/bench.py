@@ -73,6 +73,7 @@ class BenchSettings:
     prompt: str = "green lipstick"
     seed: int = 0
     refine_steps: int = 0
+    session_cache: bool | None = None  # False: --no-session-cache
 
 
 def reads_bundle(name: str) -> bool:
@@ -140,12 +141,12 @@ def prepare_sources(
     return sources
 
 
-def open_for_bench(name: str, sources: Sources) -> EditBackend:
+def open_for_bench(name: str, sources: Sources, session_cache: bool | None = None) -> EditBackend:
     """Open preset ``name`` over its source, or raise a :class:`CfdeployError` saying why it cannot run here."""
     if reads_bundle(name):
         if sources.bundle is None:
             raise CfdeployError("needs --bundle (or --checkpoint with --clip-weights, or --synthetic, to export one)")
-        backend = open_preset(name, sources.bundle)
+        backend = open_preset(name, sources.bundle, session_cache=session_cache)
         if PRESETS[name].backend == "tensorrt":
             for network in networks_run(backend):
                 backend.engine(network)  # type: ignore[attr-defined]  # each engine built, and for this GPU
@@ -244,7 +245,7 @@ def measure_backend(
 ) -> dict[str, Any]:
     """Time every stage at every batch size; return stats and images, or why the backend was skipped."""
     try:
-        backend = open_for_bench(name, sources)
+        backend = open_for_bench(name, sources, settings.session_cache)
         return {"backend": name, **measure(name, backend, settings, on_progress)}
     except CfdeployError as reason:
         return {"backend": name, "skipped": str(reason)}
@@ -341,9 +342,9 @@ def make_refiner(backend: Any, settings: BenchSettings) -> Refiner | None:
 def thread_counts(backend: Any) -> dict[str, int]:
     """Intra-op threads of the runtimes this process loaded (torch counts only if the backend imported it)."""
     counts = {}
-    sessions = getattr(backend, "sessions", None)
-    if sessions is not None:
-        counts["onnxruntime_intra_op"] = sessions.threads
+    graphs = getattr(backend, "graphs", None)
+    if graphs is not None:
+        counts[f"{graphs.describe()['backend']}_intra_op"] = graphs.threads
     torch = sys.modules.get("torch")
     if torch is not None:
         counts["torch_intra_op"] = torch.get_num_threads()

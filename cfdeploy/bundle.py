@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from cfdeploy.bundle_files import (
+    EXTERNAL_DATA_SUFFIX,
     SHA256,
     VerifiedFiles,
     VerifiedGraph,
@@ -279,6 +280,16 @@ class Bundle:
     def network_sha256(self, name: str) -> str:
         """The sha256 the manifest records for a graph (what engines are keyed on); the file is not read."""
         return self.files.digest(self._network_file(name))
+
+    def checked_network_sha256(self, name: str) -> str:
+        """The sha256 the manifest records for a graph, once the graph's files are checked against it (streamed, not
+        kept): what compiled-graph caches are keyed on, so a damaged bundle is refused even where a cached compiled
+        graph would run in its place."""
+        relative = self._network_file(name)
+        self.files.file(relative)
+        if f"{relative}{EXTERNAL_DATA_SUFFIX}" in self.files.files:
+            self.files.file(f"{relative}{EXTERNAL_DATA_SUFFIX}")
+        return self.files.digest(relative)
 
     @property
     def vocab_path(self) -> Path:

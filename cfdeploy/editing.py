@@ -384,8 +384,10 @@ def edit_to_directory(
     compiled = getattr(backend, "compile_s", None)
     if compiled is not None and compiled():  # torch --compile: part of the generator's time was compiling
         timer.seconds["generator_compile"] = compiled()
+    describe = getattr(backend, "describe", None)
     summary = {
         "backend": backend.name,
+        "runtime": describe() if describe is not None else None,  # device, threads, precisions, graph cache hits
         "inputs": inputs or {},
         "prompt": job.prompt,
         "trained_description": backend.description,

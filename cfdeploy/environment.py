@@ -19,7 +19,11 @@ RUNTIMES = {
     "transformers": "transformers",
     "peft": "peft",
     "tensorrt": "tensorrt",
+    "openvino": "openvino",
 }
+# The CPU features that run bf16 natively: Intel AMX's bf16 tiles, or AVX-512's bf16 dot products. Elsewhere bf16
+# would be emulated, slower than fp32.
+BF16_FEATURES = ("amx_bf16", "avx512_bf16")
 
 
 def versions() -> dict[str, str]:
@@ -66,6 +70,39 @@ def physical_cores() -> int:
     return os.cpu_count() or 1
 
 
+def cpu_features() -> frozenset[str]:
+    """The CPU's feature flags as Linux reports them (``flags`` on x86, ``Features`` on ARM); empty elsewhere."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("flags", "Features"):
+                return frozenset(value.split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def cpu_signature(features: frozenset[str]) -> str:
+    """The CPU's architecture, model and features as one string: what compiled graphs depend on."""
+    model = platform.processor()
+    try:
+        model = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith(("model name", "CPU part"))
+        )
+    except (OSError, StopIteration):
+        pass
+    return f"{platform.machine()} {model} {' '.join(sorted(features))}"
+
+
+def bf16_missing(features: frozenset[str]) -> str | None:
+    """None where the CPU runs bf16 natively, else one clause saying what it lacks."""
+    if any(feature in features for feature in BF16_FEATURES):
+        return None
+    return "this CPU has neither AMX (amx_bf16) nor AVX-512 BF16 (avx512_bf16), so bf16 would run slower than fp32"
+
+
 def machine_info() -> dict[str, Any]:
     """The CPU, platform and installed runtimes, for benchmark reports (results from two machines do not compare)."""
     model = platform.processor()
@@ -79,13 +116,14 @@ def machine_info() -> dict[str, Any]:
         pass
     installed = {
         package: package_version(package, "")
-        for package in ("cfdeploy", "numpy", "torch", "onnxruntime", "onnxruntime-gpu", "tensorrt")
+        for package in ("cfdeploy", "numpy", "torch", "onnxruntime", "onnxruntime-gpu", "openvino", "tensorrt")
     }
     return {
         "cpu": model,
         "logical_cpus": os.cpu_count(),
         "platform": platform.platform(),
         "python": platform.python_version(),
+        "bf16": bf16_missing(cpu_features()) or "native",
         "versions": {key: value for key, value in installed.items() if value},
     }
 
@@ -93,7 +131,16 @@ def machine_info() -> dict[str, Any]:
 def runtimes() -> dict[str, str]:
     """Each runtime cfdeploy can use, with its installed version or "not installed" (nothing heavy is imported)."""
     found = {}
-    for package in ("onnxruntime", "onnxruntime-gpu", "torch", "tensorrt", "cuda-python", "diffusers", "ray"):
+    for package in (
+        "onnxruntime",
+        "onnxruntime-gpu",
+        "openvino",
+        "torch",
+        "tensorrt",
+        "cuda-python",
+        "diffusers",
+        "ray",
+    ):
         installed = package_version(package, "")
         if installed or package not in ("onnxruntime-gpu", "cuda-python"):
             found[package] = installed or "not installed"

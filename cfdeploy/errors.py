@@ -15,6 +15,7 @@ EXTRAS = {
     "onnxslim": "export",
     "matplotlib": "bench",
     "cuda": "cuda",
+    "openvino": "openvino",
     "dlib": "photos",
     "ray": "serve",
     "starlette": "serve",

@@ -32,6 +32,38 @@ def _describe_array(array: np.ndarray) -> dict[str, Any]:
     return {"kind": "array", "shape": shape, "dtype": str(array.dtype), "meaning": meaning}
 
 
+# The CPU features that decide which backend and precision to use (docs/performance.md#which-backend-on-which-cpu).
+DECIDING_FEATURES = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "asimd", "bf16")
+
+
+def system_report() -> dict[str, Any]:
+    """This machine as the backends see it: the CPU and its deciding features, the runtimes installed, OpenVINO's and
+    ONNX Runtime's devices, whether bf16 runs natively, and the backend ``edit --bundle`` picks."""
+    import onnxruntime
+
+    from cfdeploy.backends import default_bundle_backend
+    from cfdeploy.environment import bf16_missing, cpu_features, machine_info, physical_cores, runtimes
+
+    features = cpu_features()
+    machine = machine_info()
+    try:
+        import openvino
+
+        openvino_devices = ", ".join(openvino.Core().available_devices)
+    except ImportError:
+        openvino_devices = 'not installed (pip install "cfdeploy[openvino]")'
+    return {
+        "cpu": machine["cpu"],
+        "cores": f"{physical_cores()} physical, {machine['logical_cpus']} logical",
+        "cpu features": " ".join(name for name in DECIDING_FEATURES if name in features) or "none of note",
+        "bf16": bf16_missing(features) or "native (AMX or AVX-512 BF16): --backend openvino --precision bf16",
+        "runtimes": ", ".join(f"{package} {version}" for package, version in runtimes().items()),
+        "onnxruntime providers": ", ".join(onnxruntime.get_available_providers()),
+        "openvino devices": openvino_devices,
+        "edit --bundle runs on": default_bundle_backend(features, None),
+    }
+
+
 def inspect_file(path: Path) -> dict[str, Any]:
     """A flat description of a checkpoint, CLIP weights file, or latent/embedding array."""
     if path.is_dir():

@@ -5,7 +5,9 @@ threads, the options of each provider (TensorRT's engine cache and fp16 where a 
 reduced precision; CUDA's exhaustive convolution search), initializer overrides (another run's weights in
 place of the graph's own) and the one-line message for a graph ONNX Runtime cannot load. Every graph
 comes from :class:`~cfdeploy.bundle_files.VerifiedGraph` bytes, external weights included, so ONNX Runtime
-reads no file after its hash was checked.
+reads no file after its hash was checked. On the CPU, each graph's optimised form (weights already re-laid out for
+the CPU's convolutions) is kept in the verified :class:`~cfdeploy.graph_cache.GraphCache`, so the next process
+loads it without optimising again.
 """
 
 from __future__ import annotations
@@ -18,9 +20,13 @@ import numpy as np
 import onnxruntime as ort
 
 from cfdeploy.bundle_files import EXTERNAL_DATA_SUFFIX, VerifiedGraph
-from cfdeploy.devices import CUDA_PROVIDER, TENSORRT_PROVIDER, onnxruntime_providers
-from cfdeploy.environment import physical_cores
+from cfdeploy.devices import CPU_PROVIDER, CUDA_PROVIDER, TENSORRT_PROVIDER, onnxruntime_providers
+from cfdeploy.environment import cpu_features, cpu_signature, physical_cores
 from cfdeploy.errors import CfdeployError
+from cfdeploy.graph_cache import GraphCache, entry_parts
+
+OPTIMIZED_GRAPH = "graph.onnx"  # a cache entry's optimised graph, and its external weights if it has any
+OPTIMIZED_WEIGHTS = OPTIMIZED_GRAPH + EXTERNAL_DATA_SUFFIX
 
 
 def load_failure(error: Exception) -> str:
@@ -78,6 +84,9 @@ class Sessions:
         precision: a network's reduced-precision allowance (TensorRT's provider), by name.
         engine_cache: where TensorRT's provider keeps its engines.
         initializers: per network, tensors that replace the graph's initializers of those names.
+        digest: a network's graph sha256 (the manifest's); with ``cache``, what cache entries are keyed on.
+        cache: where optimised graphs are kept between processes (CPU provider only, graphs without initializer
+            overrides); None: optimise in every process.
     """
 
     def __init__(
@@ -89,6 +98,8 @@ class Sessions:
         precision: Callable[[str], str] = lambda name: "fp32",
         engine_cache: Path | None = None,
         initializers: Mapping[str, Mapping[str, np.ndarray]] | None = None,
+        digest: Callable[[str], str] | None = None,
+        cache: GraphCache | None = None,
     ) -> None:
         self.graph = graph
         self.device = device
@@ -104,6 +115,8 @@ class Sessions:
             for network, values in (initializers or {}).items()
         }
         self._sessions: dict[str, ort.InferenceSession] = {}
+        self.digest = digest
+        self.cache = cache if digest is not None and self.providers == [CPU_PROVIDER] else None
 
     def session(self, network: str) -> ort.InferenceSession:
         session = self._sessions.get(network)
@@ -111,16 +124,61 @@ class Sessions:
             session = self._sessions[network] = self._open(network)
         return session
 
-    def _open(self, network: str) -> ort.InferenceSession:
-        graph = self.graph(network)
+    def _options(self, level: ort.GraphOptimizationLevel, external: Mapping[str, bytes]) -> ort.SessionOptions:
         options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.graph_optimization_level = level
         options.intra_op_num_threads = self.threads
         options.log_severity_level = 4  # errors come back as exceptions; its own log would add lines
-        if graph.external:
-            names = list(graph.external)
-            buffers = [np.frombuffer(graph.external[name], np.uint8) for name in names]
+        if external:
+            names = list(external)
+            buffers = [np.frombuffer(external[name], np.uint8) for name in names]
             options.add_external_initializers_from_files_in_memory(names, buffers, [len(buffer) for buffer in buffers])
+        return options
+
+    def _cache_parts(self, network: str) -> dict[str, Any] | None:
+        """What the network's cached optimised graph depends on, or None where it is not cached."""
+        if self.cache is None or self.digest is None or network in self._initializers:
+            return None
+        settings = {"level": "all", "providers": list(self.providers)}
+        return entry_parts(
+            "onnxruntime", ort.__version__, self.digest(network), cpu_signature(cpu_features()), settings
+        )
+
+    def _open(self, network: str) -> ort.InferenceSession:
+        parts = self._cache_parts(network)
+        if parts is not None:
+            assert self.cache is not None
+            cached = self.cache.load(network, parts)
+            if cached is not None:
+                return self._from_cache(network, cached)
+            try:
+                with self.cache.staging() as staging:
+                    session = self._optimise(network, staging / OPTIMIZED_GRAPH)
+                    self.cache.commit(parts, staging)  # ONNX Runtime's own file, renamed into place with its sha256
+            except OSError as error:
+                self.cache.on_warning(
+                    f"{self.cache.root}: could not store a compiled graph ({error.strerror or error})"
+                )
+                return self._optimise(network, None)
+            return session
+        return self._optimise(network, None)
+
+    def _from_cache(self, network: str, cached: dict[str, bytes]) -> ort.InferenceSession:
+        """A session over a cached optimised graph: optimised already, so ONNX Runtime optimises nothing again."""
+        external = {name: content for name, content in cached.items() if name != OPTIMIZED_GRAPH}
+        options = self._options(ort.GraphOptimizationLevel.ORT_DISABLE_ALL, external)
+        return ort.InferenceSession(cached[OPTIMIZED_GRAPH], options, providers=self.providers)
+
+    def _optimise(self, network: str, save_to: Path | None) -> ort.InferenceSession:
+        """A session over the network's verified graph, fully optimised (its optimised form written to ``save_to``)."""
+        graph = self.graph(network)
+        options = self._options(ort.GraphOptimizationLevel.ORT_ENABLE_ALL, graph.external)
+        if save_to is not None:
+            options.optimized_model_filepath = str(save_to)
+            if graph.external:  # over protobuf's 2 GB: the optimised graph keeps its weights beside it, as the bundle's
+                options.add_session_config_entry(
+                    "session.optimized_model_external_initializers_file_name", OPTIMIZED_WEIGHTS
+                )
         for name, value in self._initializers.get(network, {}).items():
             options.add_initializer(name, value)
         provider_settings = provider_options(
@@ -143,4 +201,10 @@ class Sessions:
         return output
 
     def describe(self) -> dict[str, Any]:
-        return {"backend": "onnxruntime", "device": self.device, "providers": list(self.providers)}
+        return {
+            "backend": "onnxruntime",
+            "device": self.device,
+            "providers": list(self.providers),
+            "threads": self.threads,
+            "session_cache": dict(self.cache.outcomes) if self.cache is not None else "off",
+        }

@@ -294,6 +294,19 @@ def memory_back_after_each_module() -> Iterator[None]:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def graph_cache_in_a_temporary_directory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Compiled graphs go to the session's temporary directory, never the user's ~/.cache (subprocesses inherit it)."""
+    root = tmp_path_factory.mktemp("graph-cache")
+    previous = os.environ.get("CFDEPLOY_CACHE_DIR")
+    os.environ["CFDEPLOY_CACHE_DIR"] = str(root)
+    yield root
+    if previous is None:
+        del os.environ["CFDEPLOY_CACHE_DIR"]
+    else:
+        os.environ["CFDEPLOY_CACHE_DIR"] = previous
+
+
 @pytest.fixture(scope="session")
 def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("official")

@@ -4,12 +4,32 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from typing import Any, Protocol
 
 import numpy as np
 
 from cfdeploy.bundle import Bundle, TextLatentCache, without_clip_message
 from cfdeploy.errors import CfdeployError
+from cfdeploy.graph_cache import GraphCache
 from cfdeploy.tokenizer import ClipTokenizer
+
+
+class GraphRunner(Protocol):
+    """A runtime's graphs of one bundle, each opened on first use (ONNX Runtime's sessions, OpenVINO's compiled
+    models): ``runner(network, **inputs)`` returns the graph's output."""
+
+    threads: int
+
+    def __call__(self, network: str, **inputs: np.ndarray) -> np.ndarray: ...
+
+    def describe(self) -> dict[str, Any]:
+        """The runtime, device, threads and precisions that ran, and what the graph cache did per network."""
+        ...
+
+
+def graph_cache(session_cache: bool | None) -> GraphCache | None:
+    """The per-user compiled-graph cache, unless ``--no-session-cache`` (``session_cache=False``)."""
+    return None if session_cache is False else GraphCache()
 
 
 class BundleBackend(ABC):
@@ -94,3 +114,18 @@ class BundleBackend(ABC):
             mean_w = self.bundle.mean_w()
             w = mean_w + truncation * (w - mean_w)
         return w.astype(np.float32)
+
+
+class RunnerBackend(BundleBackend):
+    """A bundle backend whose graphs a :class:`GraphRunner` runs; what edit.json and ``inspect`` report is its
+    :meth:`describe`."""
+
+    def __init__(self, bundle: Bundle, graphs: GraphRunner, cache_max: int | None = None) -> None:
+        super().__init__(bundle, cache_max)
+        self.graphs = graphs
+
+    def run(self, network: str, **inputs: np.ndarray) -> np.ndarray:
+        return self.graphs(network, **inputs)
+
+    def describe(self) -> dict[str, Any]:
+        return self.graphs.describe()

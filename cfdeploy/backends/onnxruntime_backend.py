@@ -5,14 +5,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
-
-from cfdeploy.backends.bundle_backend import BundleBackend
+from cfdeploy.backends.bundle_backend import RunnerBackend, graph_cache
 from cfdeploy.bundle import ORT_ENGINE_CACHE, Bundle
 from cfdeploy.sessions import Sessions
 
 
-class OnnxRuntimeBackend(BundleBackend):
+class OnnxRuntimeBackend(RunnerBackend):
     """Each stage of the edit as an ONNX Runtime session over the bundle's verified graphs (created on first use)."""
 
     name = "onnxruntime"
@@ -24,8 +22,8 @@ class OnnxRuntimeBackend(BundleBackend):
         providers: Sequence[str] | None = None,
         threads: int | None = None,
         cache_max: int | None = None,
+        session_cache: bool | None = None,
     ) -> None:
-        super().__init__(bundle, cache_max)
         self.sessions = Sessions(
             bundle.network,
             device,
@@ -33,7 +31,10 @@ class OnnxRuntimeBackend(BundleBackend):
             threads,
             precision=lambda network: bundle.contracts[network].precision,
             engine_cache=bundle.engine_dir / ORT_ENGINE_CACHE,
+            digest=bundle.checked_network_sha256,
+            cache=graph_cache(session_cache),
         )
+        super().__init__(bundle, self.sessions, cache_max)
         self.providers = self.sessions.providers
 
     @classmethod
@@ -45,9 +46,10 @@ class OnnxRuntimeBackend(BundleBackend):
         threads: int | None = None,
         cache_max: int | None = None,
         expect_manifest: str | None = None,
+        session_cache: bool | None = None,
     ) -> OnnxRuntimeBackend:
-        """Open the bundle at ``path`` (pinned to a manifest sha256 if ``expect_manifest``) on ``device``."""
-        return cls(Bundle(path, expect_manifest=expect_manifest), device or "cpu", providers, threads, cache_max)
-
-    def run(self, network: str, **inputs: np.ndarray) -> np.ndarray:
-        return self.sessions(network, **inputs)
+        """Open the bundle at ``path`` (pinned to a manifest sha256 if ``expect_manifest``) on ``device``; compiled
+        graphs are kept in the per-user cache unless ``session_cache`` is False."""
+        return cls(
+            Bundle(path, expect_manifest=expect_manifest), device or "cpu", providers, threads, cache_max, session_cache
+        )

@@ -17,11 +17,13 @@ from cfdeploy.backends import PRESETS
 from cfdeploy.cli.common import (
     app,
     console,
+    no_session_cache_option,
     plain,
     require_range,
     retired,
     safe,
     say,
+    session_cache_option,
     user_errors,
 )
 from cfdeploy.errors import CfdeployError
@@ -84,6 +86,7 @@ def bench_command(
         "--refine-steps",
         help="Also time K CLIP-NCE refinement steps per batch (torch backends; needs CLIP visual weights).",
     ),
+    no_session_cache: bool = no_session_cache_option(),
     wide: bool = typer.Option(
         False, "--wide", help="Show every stage's median, p99 and max abs error (the JSON and CSV always have them)."
     ),
@@ -119,6 +122,7 @@ def bench_command(
         runs,
         retired("--prompt", old_text, "--text", text) or "green lipstick",
         refine_steps=refine_steps,
+        session_cache=session_cache_option(no_session_cache),
     )
     with tempfile.TemporaryDirectory(prefix="cfdeploy-bench-") as scratch, progress_lines() as progress:
         sources = prepare_sources(

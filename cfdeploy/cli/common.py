@@ -134,6 +134,32 @@ def artifact(option: str, given: Path | None, context: typer.Context) -> Path:
     return found
 
 
+def no_session_cache_option(panel: str | None = None) -> Any:
+    """``--no-session-cache``, the same option in every command that opens a bundle backend."""
+    return typer.Option(
+        False,
+        "--no-session-cache",
+        rich_help_panel=panel,
+        help="Bundles on ONNX Runtime or OpenVINO: neither read nor fill the per-user cache of compiled graphs "
+        "(~/.cache/cfdeploy, or $CFDEPLOY_CACHE_DIR) that lets a fresh process skip compiling them.",
+    )
+
+
+def threads_option(panel: str | None = None) -> Any:
+    return typer.Option(
+        None,
+        "--threads",
+        metavar="N",
+        rich_help_panel=panel,
+        help="onnxruntime and openvino backends: inference threads. \\[default: the physical cores]",
+    )
+
+
+def session_cache_option(no_session_cache: bool) -> bool | None:
+    """The backends' ``session_cache`` option from ``--no-session-cache`` (None: the backend's default, on)."""
+    return False if no_session_cache else None
+
+
 def precision_among(precision: Any, allowed: tuple[str, ...], where: str) -> str | None:
     """``--precision``'s value if ``where`` offers it, else one line naming what it offers."""
     if precision is None:

@@ -14,12 +14,15 @@ from cfdeploy.cli.common import (
     Precision,
     app,
     console,
+    no_session_cache_option,
     plain,
     precision_among,
     progress_bar,
     require_finite,
     require_range,
     say,
+    session_cache_option,
+    threads_option,
     user_errors,
     warn,
 )
@@ -47,6 +50,7 @@ INPUT, PROMPT, OUTPUT, RUNTIME, REFINE = "Input", "Prompt", "Output", "Runtime",
 class BackendName(str, Enum):
     torch = "torch"
     onnxruntime = "onnxruntime"
+    openvino = "openvino"
     tensorrt = "tensorrt"
 
 
@@ -133,7 +137,7 @@ def report(summary: dict[str, Any], out: Path, backend: Any, text: str | None, n
     written = (
         f"{len(photos)} photo(s), {summary['count']} face(s) edited," if photos else f"{summary['count']} image(s)"
     )
-    say(f"wrote {written} to {out} in {summary['total_s']:.2f}s ({timings})")
+    say(f"wrote {written} to {out} with {backend.name} in {summary['total_s']:.2f}s ({timings})")
 
 
 @app.command("edit")
@@ -257,21 +261,25 @@ def edit_command(
         None,
         "--backend",
         rich_help_panel=RUNTIME,
-        help="torch (from --checkpoint), onnxruntime or tensorrt (from --bundle). \\[default: by input]",
+        help="torch (from --checkpoint), onnxruntime, openvino or tensorrt (from --bundle). \\[default: torch for "
+        "--checkpoint; for --bundle the fastest exact one installed: openvino on CPUs with AVX-512 or AMX, else "
+        "onnxruntime]",
     ),
     device: str | None = typer.Option(
         None,
         "--device",
         metavar="DEVICE",
         rich_help_panel=RUNTIME,
-        help="cpu, cuda or cuda:N, for every backend. \\[default: cpu; tensorrt: cuda]",
+        help="cpu, cuda or cuda:N, for every backend (openvino: cpu, or gpu/npu where OpenVINO finds them). "
+        "\\[default: cpu; tensorrt: cuda]",
     ),
     precision: Precision | None = typer.Option(
         None,
         "--precision",
         rich_help_panel=RUNTIME,
-        help="torch backend, generator only: fp16 (autocast, for CUDA) or bf16 (CPUs with bf16 units); the other "
-        "backends run what their bundle or engines hold. \\[default: fp32]",
+        help="torch backend, generator only: fp16 (autocast, for CUDA) or bf16 (CPUs with bf16 units); openvino: "
+        "bf16 for the generator and encoder on CPUs with AMX or AVX-512 BF16; the other backends run what their "
+        "bundle or engines hold. \\[default: fp32]",
     ),
     cuda_graphs: bool = typer.Option(
         False,
@@ -304,6 +312,8 @@ def edit_command(
     batch_size: int = typer.Option(
         DEFAULT_BATCH_SIZE, "--batch-size", "-b", metavar="B", rich_help_panel=RUNTIME, help="Codes per generator call."
     ),
+    threads: int | None = threads_option(RUNTIME),
+    no_session_cache: bool = no_session_cache_option(RUNTIME),
     cache_max: int | None = typer.Option(
         None,
         "--cache-max",
@@ -354,10 +364,13 @@ def edit_command(
 
     Example: cfdeploy edit --bundle engines/green_lipstick --text "green lipstick" --seed 1 --num 8 --out edits/
     """
-    from cfdeploy.backends import backend_info, open_backend
+    from cfdeploy.backends import backend_info, default_bundle_backend, open_backend
+    from cfdeploy.environment import cpu_features
     from cfdeploy.outputs import StagedDirectory
 
-    name = backend.value if backend else ("onnxruntime" if bundle is not None and checkpoint is None else "torch")
+    name = backend.value if backend else "torch"
+    if backend is None and bundle is not None and checkpoint is None:
+        name = "onnxruntime" if providers else default_bundle_backend(cpu_features(), device)
     info = backend_info(name)
     if (text is None) == (text_embedding is None):
         raise CfdeployError("give exactly one of --text or --text-embedding")
@@ -372,7 +385,7 @@ def edit_command(
         raise CfdeployError("--encoder is for --images on the torch backend (a bundle carries its encoder)")
     require_finite(strength=strength, refine_lr=refine_lr, refine_l2=refine_l2)
     require_range(0, refine_steps=refine_steps, cache_max=cache_max)
-    require_range(1, batch_size=batch_size)
+    require_range(1, batch_size=batch_size, threads=threads)
     require_range(0, 9, png_compression=png_compression)
     if seed is not None:
         check_sampling(seed, num, truncation)
@@ -403,6 +416,8 @@ def edit_command(
         "cache_max": cache_max,
         "expect_manifest": expect_manifest,
         "encoder": encoder,
+        "threads": threads,
+        "session_cache": session_cache_option(no_session_cache) if "session_cache" in info.options else None,
     }
     inputs = [
         path
@@ -429,6 +444,9 @@ def edit_command(
             editor = open_backend(name, source, **options)
         if editor.text_cache is not None:
             editor.text_cache.on_warning = warn
+        compiled_cache = getattr(getattr(editor, "graphs", None), "cache", None)
+        if compiled_cache is not None:
+            compiled_cache.on_warning = warn
         refiner = None
         if refine_settings is not None:
             refiner = build_refiner(editor, refine_settings, text, source_text, checkpoint, clip_weights)

@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import time
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import typer
 
 from cfdeploy.cli.common import (
+    Precision,
     app,
     console,
+    no_session_cache_option,
     plain,
+    precision_among,
     progress_bar,
     require_range,
     say,
+    session_cache_option,
+    threads_option,
     user_errors,
     warn,
 )
@@ -22,6 +28,11 @@ from cfdeploy.errors import CfdeployError
 
 FACES = "Faces"
 PASTE = "Your photo back (photos not --aligned)"
+
+
+class BundleRuntime(str, Enum):
+    onnxruntime = "onnxruntime"
+    openvino = "openvino"
 
 
 def landmark_options(
@@ -138,6 +149,16 @@ def invert_command(
     ),
     batch_size: int = typer.Option(4, "--batch-size", "-b", metavar="B", help="Faces per encoder call."),
     device: str = typer.Option("cpu", "--device", metavar="DEVICE", help="With --encoder: cpu, cuda or cuda:N."),
+    backend: BundleRuntime | None = typer.Option(
+        None,
+        "--backend",
+        help="With --bundle: onnxruntime or openvino. \\[default: the fastest exact one installed, as for edit]",
+    ),
+    precision: Precision | None = typer.Option(
+        None, "--precision", help="With --backend openvino: bf16 on CPUs with AMX or AVX-512 BF16. \\[default: fp32]"
+    ),
+    threads: int | None = threads_option(),
+    no_session_cache: bool = no_session_cache_option(),
     force: bool = typer.Option(
         False, "--force", "-f", help="Replace a non-empty --out (never one that holds an input)."
     ),
@@ -152,9 +173,11 @@ def invert_command(
 
     from cfdeploy.outputs import StagedDirectory
 
-    require_range(1, batch_size=batch_size)
+    require_range(1, batch_size=batch_size, threads=threads)
     if (encoder is None) == (bundle is None):
         raise CfdeployError("give exactly one of --encoder (torch) or --bundle (a bundle exported with --encoder)")
+    if encoder is not None and (backend, precision, threads) != (None, None, None):
+        raise CfdeployError("--backend, --precision and --threads are for --bundle (--encoder runs in torch)")
     faces = landmark_options(aligned, landmarks, landmarks_model, all_faces, skip_missing)
     inputs = [path for path in (*photos, encoder, bundle, landmarks, landmarks_model) if path is not None]
     with StagedDirectory(out, force, inputs) as staged:
@@ -165,10 +188,18 @@ def invert_command(
             if encoder is not None:
                 inverter: Any = E4EInverter(encoder, device)
             else:
-                from cfdeploy.backends import open_backend
+                from cfdeploy.backends import backend_info, default_bundle_backend, open_backend
+                from cfdeploy.environment import cpu_features
 
                 assert bundle is not None
-                inverter = open_backend("onnxruntime", bundle)
+                name = backend.value if backend else default_bundle_backend(cpu_features(), "cpu")
+                inverter = open_backend(
+                    name,
+                    bundle,
+                    precision=precision_among(precision, backend_info(name).precisions, f"the {name} backend"),
+                    threads=threads,
+                    session_cache=session_cache_option(no_session_cache),
+                )
         with console.status("finding faces") as status:
             found = find_faces(photos, **faces, on_photo=lambda path: status.update(f"aligning {plain(path.name)}"))
         with progress_bar() as progress:

@@ -10,14 +10,18 @@ import typer
 
 from cfdeploy.cli.common import (
     POSITIONAL_ARTIFACT,
+    Precision,
     app,
     artifact,
     console,
     fail,
+    no_session_cache_option,
     positional,
+    precision_among,
     progress_bar,
     retired,
     say,
+    session_cache_option,
     user_errors,
     warn,
 )
@@ -29,6 +33,7 @@ DEFAULT_SERVED_BATCH = 8
 
 class ServedBackend(str, Enum):
     onnxruntime = "onnxruntime"
+    openvino = "openvino"
     tensorrt = "tensorrt"
 
 
@@ -45,6 +50,18 @@ BACKEND = typer.Option(
     rich_help_panel=RESOURCES,
     help="Runtime in each replica or worker (tensorrt needs --gpus-per-replica / --gpus-per-worker).",
 )
+PRECISION = typer.Option(
+    None,
+    "--precision",
+    rich_help_panel=RESOURCES,
+    help="openvino: bf16 for the generator and encoder, on CPUs with AMX or AVX-512 BF16. \\[default: fp32]",
+)
+
+
+def served_precision(backend: ServedBackend, precision: Precision | None) -> str | None:
+    from cfdeploy.backends import backend_info
+
+    return precision_among(precision, backend_info(backend.value).precisions, f"the {backend.value} backend")
 
 
 @app.command("serve", context_settings=POSITIONAL_ARTIFACT)
@@ -63,12 +80,14 @@ def serve_command(
     port: int = typer.Option(8000, "--port", metavar="PORT", help="HTTP port."),
     replicas: int = typer.Option(1, "--replicas", metavar="N", rich_help_panel=RESOURCES, help="Replicas per bundle."),
     backend: ServedBackend = BACKEND,
+    precision: Precision | None = PRECISION,
+    no_session_cache: bool = no_session_cache_option(RESOURCES),
     cpus_per_replica: float = typer.Option(
         1.0,
         "--cpus-per-replica",
         metavar="F",
         rich_help_panel=RESOURCES,
-        help="CPUs Ray reserves per replica (ONNX Runtime uses as many threads).",
+        help="CPUs Ray reserves per replica (ONNX Runtime and OpenVINO use as many threads).",
     ),
     gpus_per_replica: float = typer.Option(
         0.0,
@@ -135,6 +154,8 @@ def serve_command(
         gpus_per_replica,
         host,
         port,
+        served_precision(backend, precision),
+        session_cache_option(no_session_cache),
         landmarks_model,
     )
     with console.status("starting Ray Serve and loading the bundles"):
@@ -182,12 +203,14 @@ def batch_command(
         help="Codes per generator call.",
     ),
     backend: ServedBackend = BACKEND,
+    precision: Precision | None = PRECISION,
+    no_session_cache: bool = no_session_cache_option(RESOURCES),
     cpus_per_worker: float = typer.Option(
         1.0,
         "--cpus-per-worker",
         metavar="F",
         rich_help_panel=RESOURCES,
-        help="CPUs Ray reserves per worker (ONNX Runtime uses as many threads).",
+        help="CPUs Ray reserves per worker (ONNX Runtime and OpenVINO use as many threads).",
     ),
     gpus_per_worker: float = typer.Option(
         0.0, "--gpus-per-worker", metavar="F", rich_help_panel=RESOURCES, help="GPUs per worker; fractions share one."
@@ -220,6 +243,8 @@ def batch_command(
         batch_size,
         cpus_per_worker,
         gpus_per_worker,
+        precision=served_precision(backend, precision),
+        session_cache=session_cache_option(no_session_cache),
     )
     plan = plan_batch(settings, force)
     for shard, reason in plan.redone.items():

@@ -12,6 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 from cfdeploy.cli.common import app, console, plain, say, user_errors
+from cfdeploy.errors import CfdeployError
 
 
 @app.command("embed")
@@ -51,17 +52,28 @@ def _cell(value: Any) -> Text:
 @app.command("inspect")
 @user_errors
 def inspect_command(
-    file: Path = typer.Argument(
-        ..., metavar="PATH", help="Checkpoint, CLIP weights, latents/embedding array, or bundle directory."
+    file: Path | None = typer.Argument(
+        None, metavar="PATH", help="Checkpoint, CLIP weights, latents/embedding array, or bundle directory."
+    ),
+    system: bool = typer.Option(
+        False, "--system", help="Describe this machine instead: CPU features, runtimes, devices, the default backend."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Say what a file is: kind, resolution, levels, trained prompt, mapper groups, parameter counts; for a
-    bundle also its manifest's sha256 (pin it with `cfdeploy edit --expect-manifest`) and its TensorRT engines."""
-    from cfdeploy.inspection import inspect_file
+    bundle also its manifest's sha256 (pin it with `cfdeploy edit --expect-manifest`) and its TensorRT engines.
+    With --system: which runtimes, devices and CPU features this machine has, and so which backend to use."""
+    from cfdeploy.inspection import inspect_file, system_report
 
-    with console.status(f"reading {plain(file)}"):
-        report = inspect_file(file)
+    if (file is None) == (not system):
+        raise CfdeployError("give exactly one of PATH or --system")
+    if system:
+        report = system_report()
+        file = Path("this machine")
+    else:
+        assert file is not None
+        with console.status(f"reading {plain(file)}"):
+            report = inspect_file(file)
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return

@@ -63,6 +63,8 @@ class BatchSettings:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
     png_compression: int = DEFAULT_PNG_COMPRESSION
+    precision: str | None = None  # openvino: bf16
+    session_cache: bool | None = None  # False: --no-session-cache
 
     def check(self) -> None:
         if (self.prompt is None) == (self.text_embedding is None):
@@ -212,7 +214,13 @@ class ShardEditor:
         from cfdeploy.backends import open_backend
 
         self.settings = settings
-        options = actor_backend_options(settings.backend, settings.cpus_per_worker, settings.gpus_per_worker)
+        options = actor_backend_options(
+            settings.backend,
+            settings.cpus_per_worker,
+            settings.gpus_per_worker,
+            settings.precision,
+            settings.session_cache,
+        )
         self.backend = open_backend(settings.backend, settings.bundle, **options)
 
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

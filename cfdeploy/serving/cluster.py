@@ -36,11 +36,16 @@ def connect(address: str | None, num_cpus: int | None = None, *, driver_logs: bo
     return True
 
 
-def actor_backend_options(backend: str, cpus: float, gpus: float) -> dict[str, Any]:
-    """Backend options for a replica or worker given its Ray resources: ONNX Runtime runs one thread per CPU
-    reserved, on the CPU unless a GPU share is reserved (then on the GPU Ray assigned, which it sees as cuda:0)."""
+def actor_backend_options(
+    backend: str, cpus: float, gpus: float, precision: str | None = None, session_cache: bool | None = None
+) -> dict[str, Any]:
+    """Backend options for a replica or worker given its Ray resources: ONNX Runtime and OpenVINO run one thread per
+    CPU reserved; ONNX Runtime on the CPU unless a GPU share is reserved (then on the GPU Ray assigned, which it sees
+    as cuda:0). ``precision`` (OpenVINO's bf16) and ``session_cache`` pass through."""
     if backend == "onnxruntime":
-        return {"device": "cuda" if gpus > 0 else "cpu", "threads": max(1, round(cpus))}
+        return {"device": "cuda" if gpus > 0 else "cpu", "threads": max(1, round(cpus)), "session_cache": session_cache}
+    if backend == "openvino":
+        return {"threads": max(1, round(cpus)), "precision": precision, "session_cache": session_cache}
     return {}
 
 

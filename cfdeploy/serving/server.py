@@ -81,6 +81,8 @@ class ServeSettings:
     gpus_per_replica: float = 0.0
     host: str = "127.0.0.1"
     port: int = 8000
+    precision: str | None = None  # openvino: bf16
+    session_cache: bool | None = None  # False: --no-session-cache
     landmarks_model: Path | None = None
 
     def check(self) -> None:
@@ -326,7 +328,13 @@ def build_application(settings: ServeSettings, infos: dict[str, BundleInfo]) -> 
         ).bind(
             str(path.resolve()),
             settings.backend,
-            actor_backend_options(settings.backend, settings.cpus_per_replica, settings.gpus_per_replica),
+            actor_backend_options(
+                settings.backend,
+                settings.cpus_per_replica,
+                settings.gpus_per_replica,
+                settings.precision,
+                settings.session_cache,
+            ),
             settings.max_batch,
             settings.batch_wait_ms / 1000,
             str(settings.landmarks_model.resolve()) if settings.landmarks_model is not None else None,

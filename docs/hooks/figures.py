@@ -166,6 +166,10 @@ FIGURES: dict[str, tuple[Callable[[], tuple[str, str | None]], str]] = {
         from_json("cpu_256_batches.json", lambda r: benchmark("cpu_backends").render_scaling(r)),
         "benchmarks/cpu_backends.py",
     ),
+    "openvino": (
+        from_json("openvino.json", lambda r: benchmark("cpu_backends").render_runtimes(r)),
+        "benchmarks/cpu_backends.py --runtimes",
+    ),
     "encoder": (from_json("encoder.json", lambda r: benchmark("encoder").render(r)), "benchmarks/encoder.py"),
     "train_step": (
         from_json("train_step.json", lambda r: benchmark("train_step").render(r["results"])),

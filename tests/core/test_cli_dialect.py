@@ -29,6 +29,8 @@ SPELLINGS = {
     "force": ("--force", "-f"),
     "seed": ("--seed", None),
     "text_embedding": ("--text-embedding", None),
+    "threads": ("--threads", None),
+    "no_session_cache": ("--no-session-cache", None),
 }
 RETIRED = ("--prompt", "--target", "--samples", "-p")  # old spellings: hidden aliases that warn, never shown
 TENSORRT_PROFILE = {"--min-batch", "--opt-batch", "--max-batch", "--static-batch"}

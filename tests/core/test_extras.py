@@ -47,8 +47,15 @@ UNDECLARED = {"tensorrt": "TensorRT: JetPack or NVIDIA's index, never an extra"}
 NOT_INSTALLED = {"cuda": "cuda-python"}
 # Needed at run time without an import of our own: torch.onnx.export(dynamo=True) imports onnxscript.
 IMPLIED = {"torch.onnx": "onnxscript"}
+# Backends whose runtime their own extra brings: opened without it, the registry says so in one line naming that extra
+# (backend_class's guard, from EXTRAS), so a command's walk leaves them out and a test of their own checks their extra.
+OWN_EXTRA_BACKENDS = {"openvino": "openvino"}
+WALKED_BACKENDS = tuple(name for name in BACKENDS if name not in OWN_EXTRA_BACKENDS)
 # A command whose --backend is a fixed list opens only those backends (the registry imports them by name).
-COMMAND_BACKENDS = {command: tuple(backend.value for backend in ServedBackend) for command in ("serve", "batch")}
+COMMAND_BACKENDS = {
+    command: tuple(backend.value for backend in ServedBackend if backend.value in WALKED_BACKENDS)
+    for command in ("serve", "batch")
+}
 # Named by a class the walk takes whole, yet called only on a path the class's users here do not take.
 NOT_CALLED = {
     "cfdeploy.tokenizer:packaged_vocab_path": "ClipTokenizer's fallback without a vocab_path: export only (open_clip's "
@@ -161,7 +168,7 @@ class Guard:
 class Walk:
     """Every third-party import (and runtime need) reached from some entry points, with where it was met."""
 
-    backends: tuple[str, ...] = tuple(BACKENDS)
+    backends: tuple[str, ...] = WALKED_BACKENDS
     cut: dict[str, str] = field(
         default_factory=lambda: dict(NOT_CALLED)
     )  # "module" or "module:name" -> why it is skipped
@@ -500,7 +507,7 @@ def _full_walk(command: str) -> Walk:
 
 def _walk(command: str, backends: Iterable[str] | None, cut: dict[str, str] | None) -> Walk:
     walk = Walk(
-        backends=tuple(COMMAND_BACKENDS.get(command, BACKENDS) if backends is None else backends),
+        backends=tuple(COMMAND_BACKENDS.get(command, WALKED_BACKENDS) if backends is None else backends),
         cut={**NOT_CALLED, **(cut or {})},
     )
     walk.module("cfdeploy.cli")
@@ -657,6 +664,19 @@ def test_each_guarded_import_s_message_names_an_extra_that_brings_it(command):
         assert unprovided(inner, list(requirements()), guard.extra) == {}, (
             f'{guard.where} says pip install "cfdeploy[{guard.extra}]", which does not bring all it guards'
         )
+
+
+@pytest.mark.parametrize("backend", sorted(OWN_EXTRA_BACKENDS))
+def test_a_backend_with_its_own_extra_runs_on_the_core_install_and_that_extra(backend):
+    info = BACKENDS[backend]
+    assert EXTRAS[info.requires] == OWN_EXTRA_BACKENDS[backend]  # what backend_class's one line names
+    walk = Walk(backends=(backend,))
+    walk.definition(*info.implementation.split(":"))
+    walk.run()
+    assert info.requires in walk.imports
+    assert unprovided(walk, list(requirements()), OWN_EXTRA_BACKENDS[backend]) == {}, (
+        f'pip install "cfdeploy[{OWN_EXTRA_BACKENDS[backend]}]" cannot run the {backend} backend'
+    )
 
 
 def test_optional_imports_are_declared_by_some_extra():

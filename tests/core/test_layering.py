@@ -17,6 +17,8 @@ CORE = (
     "cfdeploy.torchfiles",
     "cfdeploy.bundle_files",
     "cfdeploy.sessions",
+    "cfdeploy.graph_cache",
+    "cfdeploy.openvino_graphs",
     "cfdeploy.devices",
     "cfdeploy.environment",
     "cfdeploy.contracts",

@@ -85,6 +85,8 @@ def test_batch_survives_a_killed_worker_and_writes_every_image_once(bundle_256: 
                 "edit",
                 "--bundle",
                 bundle_256,
+                "--backend",
+                "onnxruntime",
                 "--latents",
                 shards / f"part{index}.npy",
                 "--text",

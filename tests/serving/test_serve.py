@@ -77,14 +77,38 @@ def test_served_edits_equal_cfdeploy_edit_and_are_batched(served, codes: Path, c
     reference = tmp_path / "reference"
     assert (
         cli(
-            "edit", "--bundle", bundle, "--latents", codes, "--text", PROMPT, "--save-latents", "--out", reference
+            "edit",
+            "--bundle",
+            bundle,
+            "--backend",
+            "onnxruntime",
+            "--latents",
+            codes,
+            "--text",
+            PROMPT,
+            "--save-latents",
+            "--out",
+            reference,
         ).exit_code
         == 0
     )
     seeded = tmp_path / "seeded"
     assert (
         cli(
-            "edit", "--bundle", bundle, "--seed", 3, "--num", 2, "--text", PROMPT, "--save-latents", "--out", seeded
+            "edit",
+            "--bundle",
+            bundle,
+            "--backend",
+            "onnxruntime",
+            "--seed",
+            3,
+            "--num",
+            2,
+            "--text",
+            PROMPT,
+            "--save-latents",
+            "--out",
+            seeded,
         ).exit_code
         == 0
     )
@@ -128,6 +152,8 @@ def test_a_served_photo_edit_equals_cfdeploy_edit_images(served, bundle_with_enc
             "edit",
             "--bundle",
             with_encoder,
+            "--backend",
+            "onnxruntime",
             "--images",
             face,
             "--aligned",

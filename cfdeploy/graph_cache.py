@@ -1,0 +1,227 @@
+"""A per-user cache of compiled graphs, so a fresh process skips the runtime's graph optimisation or compilation.
+
+ONNX Runtime spends seconds re-laying out convolution weights each time it opens a graph, and OpenVINO compiles
+each graph on first load. Both write what they made into this cache (ONNX Runtime its optimised graph, OpenVINO
+its exported compiled model) and read it back in the next process.
+
+An entry is a directory ``ROOT/KEY/`` holding the runtime's files and ``entry.json``, which records the key's parts
+and each file's sha256. The key is the sha256 of the graph's own sha256 (the bundle manifest's), the runtime and its
+version, the CPU's features and the session settings, so another runtime version, another CPU or other settings
+miss. Before use every file is read into memory and checked against its recorded sha256; an entry that is damaged,
+records another key, or is (or holds) a symlink is refused with a one-line warning, removed, and rebuilt. Entries
+are written to a temporary directory and renamed into place, so a reader never sees half of one. The least recently
+used entries go first once the cache holds more than its bound.
+
+The cache guards against damage and mix-ups, not against someone who can write the user's cache directory (they
+could rewrite ``entry.json`` too): its place is under the user's home, like the installed packages themselves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import stat
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+CACHE_DIR_ENV = "CFDEPLOY_CACHE_DIR"  # overrides where the cache lives (tests point it at a temporary directory)
+CACHE_MAX_ENV = "CFDEPLOY_CACHE_MAX_GB"  # overrides the size bound
+DEFAULT_MAX_BYTES = 8 << 30
+ENTRY_RECORD = "entry.json"
+MAX_RECORD_BYTES = 64 << 10
+GRAPHS_DIR = "graphs"
+_log = logging.getLogger(__name__)
+
+
+def cache_root(environ: Mapping[str, str] = os.environ) -> Path:
+    """``$CFDEPLOY_CACHE_DIR``, else ``$XDG_CACHE_HOME/cfdeploy``, else ``~/.cache/cfdeploy``."""
+    if environ.get(CACHE_DIR_ENV):
+        return Path(environ[CACHE_DIR_ENV])
+    base = environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "cfdeploy"
+
+
+def cache_bound(environ: Mapping[str, str] = os.environ) -> int:
+    """The cache's size bound in bytes: ``$CFDEPLOY_CACHE_MAX_GB`` if it is a number, else 8 GiB."""
+    try:
+        return max(0, int(float(environ[CACHE_MAX_ENV]) * (1 << 30)))
+    except (KeyError, ValueError):
+        return DEFAULT_MAX_BYTES
+
+
+def entry_parts(runtime: str, version: str, graph_sha256: str, cpu: str, settings: Mapping[str, Any]) -> dict[str, Any]:
+    """What a compiled graph depends on; an entry's key is the hash of these parts."""
+    return {"runtime": runtime, "version": version, "graph_sha256": graph_sha256, "cpu": cpu, "settings": settings}
+
+
+def entry_key(parts: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+class RefusedEntry(Exception):
+    """An entry that must not be used; the message says why (it is rebuilt)."""
+
+
+class GraphCache:
+    """The entries under ``root`` (default :func:`cache_root`/graphs), at most ``max_bytes`` in all.
+
+    Args:
+        root: the cache directory; created (mode 0700) on the first write.
+        max_bytes: the size bound; the least recently used entries are removed past it.
+        on_warning: told, in one line, about each refused entry and each failed write.
+    """
+
+    def __init__(
+        self,
+        root: Path | None = None,
+        max_bytes: int | None = None,
+        on_warning: Callable[[str], None] = _log.warning,
+    ) -> None:
+        self.root = root if root is not None else cache_root() / GRAPHS_DIR
+        self.max_bytes = cache_bound() if max_bytes is None else max_bytes
+        self.on_warning = on_warning
+        self.outcomes: dict[str, str] = {}  # network → hit, miss or refused: what describe() reports
+
+    def load(self, network: str, parts: Mapping[str, Any]) -> dict[str, bytes] | None:
+        """The entry's files (name → verified bytes), or None on a miss; a refused entry is removed and warned of.
+
+        What happened is recorded in :attr:`outcomes` under ``network``: ``hit``, ``miss`` or ``refused``.
+        """
+        entry = self.root / entry_key(parts)
+        files = None
+        if os.path.lexists(entry):
+            try:
+                files = self._read(entry, parts)
+            except RefusedEntry as why:
+                self.on_warning(f"{entry}: {why}; refused, and rebuilt")
+                self._remove(entry)
+                self.outcomes[network] = "refused"
+                return None
+            with contextlib.suppress(OSError):
+                os.utime(entry / ENTRY_RECORD)  # a hit makes it recently used
+        self.outcomes[network] = "miss" if files is None else "hit"
+        return files
+
+    def _read(self, entry: Path, parts: Mapping[str, Any]) -> dict[str, bytes]:
+        if entry.is_symlink() or not entry.is_dir():
+            raise RefusedEntry("is a symlink or not a directory")
+        record = _regular_bytes(entry / ENTRY_RECORD, MAX_RECORD_BYTES)
+        try:
+            recorded = json.loads(record.decode("utf-8"))
+        except ValueError:
+            raise RefusedEntry(f"its {ENTRY_RECORD} is not JSON") from None
+        if not isinstance(recorded, dict) or recorded.get("parts") != json.loads(json.dumps(parts)):
+            raise RefusedEntry(f"its {ENTRY_RECORD} records another graph, runtime, CPU or settings")
+        digests = recorded.get("files")
+        if not isinstance(digests, dict) or not digests:
+            raise RefusedEntry(f"its {ENTRY_RECORD} lists no files")
+        files = {}
+        for name, digest in digests.items():
+            if not isinstance(name, str) or "/" in name or name in ("", ".", "..", ENTRY_RECORD):
+                raise RefusedEntry(f"its {ENTRY_RECORD} names a file outside the entry")
+            content = _regular_bytes(entry / name, None)
+            if hashlib.sha256(content).hexdigest() != digest:
+                raise RefusedEntry(f"{name} does not match its recorded sha256 (changed or damaged)")
+            files[name] = content
+        return files
+
+    def put(self, parts: Mapping[str, Any], files: Mapping[str, bytes]) -> None:
+        """Store ``files`` (name → bytes) as the entry for ``parts``; a full disk or read-only cache only warns."""
+        try:
+            with self.staging() as staging:
+                for name, content in files.items():
+                    (staging / name).write_bytes(content)
+                self.commit(parts, staging)
+        except OSError as error:
+            self.on_warning(f"{self.root}: could not store a compiled graph ({error.strerror or error})")
+
+    @contextlib.contextmanager
+    def staging(self) -> Iterator[Path]:
+        """A new directory inside the cache for an entry's files (a runtime may write them there itself); what is not
+        committed is removed."""
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".partial-", dir=self.root, ignore_cleanup_errors=True) as directory:
+            yield Path(directory)
+
+    def commit(self, parts: Mapping[str, Any], staging: Path) -> None:
+        """Record the sha256 of each file in ``staging`` and rename it into place as the entry for ``parts``."""
+        entry = self.root / entry_key(parts)
+        files = {path.name: _sha256_of(path) for path in staging.iterdir()}
+        record = {"parts": parts, "files": files, "created": time.time()}
+        (staging / ENTRY_RECORD).write_text(json.dumps(record, sort_keys=True))
+        if os.path.lexists(entry):
+            self._remove(entry)
+        try:
+            os.rename(staging, entry)
+        except OSError:
+            if not (entry.is_dir() and not entry.is_symlink()):
+                raise
+            return  # another process stored the same entry first
+        self.evict(keep=entry)
+
+    def evict(self, keep: Path | None = None) -> None:
+        """Remove the least recently used entries (and any partial ones) until the cache holds at most its bound."""
+        entries = []
+        for path in self.root.iterdir():
+            if path.name.startswith(".partial-") and time.time() - path.lstat().st_mtime > 3600:
+                self._remove(path)  # left by a process that was killed while writing
+            elif not path.name.startswith("."):
+                entries.append((_last_used(path), _size(path), path))
+        total = sum(size for _, size, _ in entries)
+        for _, size, path in sorted(entries):
+            if total <= self.max_bytes:
+                break
+            if path != keep:
+                self._remove(path)
+                total -= size
+
+    def _remove(self, path: Path) -> None:
+        """Remove an entry without following symlinks."""
+        with contextlib.suppress(OSError):
+            if path.is_symlink() or not path.is_dir():
+                path.unlink()
+            else:
+                shutil.rmtree(path)
+
+
+def _regular_bytes(path: Path, limit: int | None) -> bytes:
+    """A regular file's content (never through a symlink), or RefusedEntry."""
+    try:
+        mode = path.lstat().st_mode
+    except OSError:
+        raise RefusedEntry(f"{path.name} is missing") from None
+    if not stat.S_ISREG(mode):
+        raise RefusedEntry(f"{path.name} is a symlink or not a regular file")
+    with open(path, "rb") as handle:
+        content = handle.read() if limit is None else handle.read(limit + 1)
+    if limit is not None and len(content) > limit:
+        raise RefusedEntry(f"{path.name} is larger than {limit} bytes")
+    return content
+
+
+def _sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _last_used(path: Path) -> float:
+    try:
+        return (path / ENTRY_RECORD).lstat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def _size(path: Path) -> int:
+    if path.is_symlink() or not path.is_dir():
+        return 0
+    return sum(child.lstat().st_size for child in path.iterdir())

@@ -1,0 +1,165 @@
+"""The compiled-graph cache ONNX Runtime and OpenVINO share: hits are recorded, and a damaged, symlinked or foreign
+entry is refused with a warning and rebuilt, never loaded.
+
+Hits and misses are asserted from what the backends record (``describe()``), not from timings. The graphs are a
+64 px bundle's mapping network (8 MB): every rule is the cache's, whatever the graph.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cfdeploy.backends import open_backend
+from cfdeploy.graph_cache import ENTRY_RECORD, GraphCache, cache_root, entry_key, entry_parts
+
+RUNTIMES = ("onnxruntime", "openvino")
+Z = np.random.default_rng(0).standard_normal((2, 512)).astype(np.float32)
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("CFDEPLOY_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "graphs"
+
+
+@pytest.fixture(scope="module")
+def bundle(bundle_with_encoder) -> Path:
+    return bundle_with_encoder[1]
+
+
+def mapping_run(runtime: str, bundle: Path, warnings: list[str] | None = None) -> tuple[np.ndarray, str]:
+    """The mapping network's output from a newly opened backend (as a fresh process opens it), and the cache's
+    outcome for it."""
+    backend = open_backend(runtime, bundle)
+    if warnings is not None:
+        backend.graphs.cache.on_warning = warnings.append
+    w = backend.run("mapping", z=Z)
+    return w, backend.describe()["session_cache"]["mapping"]
+
+
+def only_entry(cache_dir: Path) -> Path:
+    (entry,) = [path for path in cache_dir.iterdir() if not path.name.startswith(".")]
+    return entry
+
+
+def blob_of(entry: Path) -> Path:
+    (blob,) = [path for path in entry.iterdir() if path.name != ENTRY_RECORD]
+    return blob
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_a_second_opening_hits_the_cache_and_computes_the_same(runtime, bundle, cache_dir):
+    first, outcome = mapping_run(runtime, bundle)
+    assert outcome == "miss"
+    second, outcome = mapping_run(runtime, bundle)
+    assert outcome == "hit"
+    np.testing.assert_array_equal(first, second)
+    record = json.loads((only_entry(cache_dir) / ENTRY_RECORD).read_text())
+    assert (
+        record["parts"]["runtime"] == runtime
+        and record["parts"]["graph_sha256"]
+        == (json.loads((bundle / "manifest.json").read_text())["files"]["mapping.onnx"])
+    )
+    assert not [path for path in cache_dir.iterdir() if path.name.startswith(".partial-")]
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_a_damaged_blob_is_refused_with_a_warning_then_rebuilt(runtime, bundle, cache_dir):
+    expected, _ = mapping_run(runtime, bundle)
+    entry = only_entry(cache_dir)
+    blob = blob_of(entry)
+    content = bytearray(blob.read_bytes())
+    content[len(content) // 2] ^= 0xFF
+    blob.write_bytes(bytes(content))
+    warnings: list[str] = []
+    found, outcome = mapping_run(runtime, bundle, warnings)
+    assert outcome == "refused"
+    assert warnings == [
+        f"{entry}: {blob.name} does not match its recorded sha256 (changed or damaged); refused, and rebuilt"
+    ]
+    np.testing.assert_array_equal(found, expected)
+    assert mapping_run(runtime, bundle)[1] == "hit"
+
+
+def test_a_symlinked_entry_or_blob_is_refused_and_rebuilt(bundle, cache_dir, tmp_path):
+    mapping_run("onnxruntime", bundle)
+    entry = only_entry(cache_dir)
+    elsewhere = tmp_path / "elsewhere"
+    entry.rename(elsewhere)
+    entry.symlink_to(elsewhere)
+    warnings: list[str] = []
+    assert mapping_run("onnxruntime", bundle, warnings)[1] == "refused"
+    assert warnings == [f"{entry}: is a symlink or not a directory; refused, and rebuilt"]
+    assert elsewhere.is_dir() and not only_entry(cache_dir).is_symlink()  # the link went, not what it led to
+    blob = blob_of(entry)
+    (tmp_path / "blob").write_bytes(blob.read_bytes())
+    blob.unlink()
+    blob.symlink_to(tmp_path / "blob")
+    warnings.clear()
+    assert mapping_run("onnxruntime", bundle, warnings)[1] == "refused"
+    assert warnings == [f"{entry}: {blob.name} is a symlink or not a regular file; refused, and rebuilt"]
+
+
+def test_another_runtime_version_misses_and_an_entry_recording_other_parts_is_refused(tmp_path):
+    cache = GraphCache(tmp_path / "graphs")
+    parts = entry_parts("onnxruntime", "1.22.0", "ab" * 32, "x86_64 cpu avx2", {"level": "all"})
+    cache.put(parts, {"graph.onnx": b"optimised"})
+    assert cache.load("mapping", parts) == {"graph.onnx": b"optimised"}
+    foreign = {**parts, "version": "1.23.0"}
+    assert cache.load("mapping", foreign) is None and cache.outcomes["mapping"] == "miss"
+    (tmp_path / "graphs" / entry_key(parts)).rename(tmp_path / "graphs" / entry_key(foreign))  # mislabelled
+    warnings: list[str] = []
+    cache.on_warning = warnings.append
+    assert cache.load("mapping", foreign) is None and cache.outcomes["mapping"] == "refused"
+    assert warnings[0].endswith(
+        f"its {ENTRY_RECORD} records another graph, runtime, CPU or settings; refused, and rebuilt"
+    )
+
+
+def test_the_least_recently_used_entries_go_first_past_the_bound(tmp_path):
+    cache = GraphCache(tmp_path / "graphs", max_bytes=3000)
+    parts = [entry_parts("openvino", "1", f"{index:064x}", "cpu", {}) for index in range(3)]
+    for index, part in enumerate(parts):
+        cache.put(part, {"compiled.blob": bytes(1000)})
+        os.utime(tmp_path / "graphs" / entry_key(part) / ENTRY_RECORD, (index, index))  # written in this order
+    assert cache.load("a", parts[0]) is None  # the oldest went when the third came
+    assert cache.load("b", parts[1]) is not None and cache.load("c", parts[2]) is not None
+
+
+def test_the_cache_lives_in_the_users_cache_directory_unless_overridden():
+    assert cache_root({"HOME": "/home/u"}) == Path.home() / ".cache" / "cfdeploy"
+    assert cache_root({"XDG_CACHE_HOME": "/x"}) == Path("/x/cfdeploy")
+    assert cache_root({"XDG_CACHE_HOME": "/x", "CFDEPLOY_CACHE_DIR": "/c"}) == Path("/c")
+
+
+def test_no_session_cache_neither_reads_nor_writes_it(bundle, cache_dir, cli, tmp_path, embedding_file):
+    result = cli(
+        "edit", "--bundle", bundle, "--backend", "onnxruntime", "--seed", "1", "--text-embedding", embedding_file,
+        "--no-session-cache", "-o", tmp_path / "out",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    assert json.loads((tmp_path / "out" / "edit.json").read_text())["runtime"]["session_cache"] == "off"
+    assert not cache_dir.exists()
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_a_cache_hit_still_refuses_a_damaged_bundle(runtime, bundle, cache_dir, tmp_path):
+    import shutil
+
+    from cfdeploy.errors import CfdeployError
+
+    mapping_run(runtime, bundle)  # the cache now holds the mapping network
+    damaged = tmp_path / "damaged"
+    shutil.copytree(bundle, damaged, copy_function=os.link)
+    graph = damaged / "mapping.onnx"
+    content = bytearray(graph.read_bytes())
+    content[-1] ^= 1
+    graph.unlink()  # the link, not the original bundle's file
+    graph.write_bytes(bytes(content))
+    with pytest.raises(CfdeployError, match=r"differs from the manifest's .* \(file changed or damaged\)$"):
+        mapping_run(runtime, damaged)

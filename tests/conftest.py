@@ -268,7 +268,39 @@ def early_result(key: str) -> Any:
     return _STARTED[key].result()
 
 
+# The suite runs on two workers (pytest-xdist, one module at a time each): the longest modules go first, so that
+# neither worker is left with a long one at the end while the other waits.
+LONGEST_FIRST = [
+    "training/test_train.py",
+    "serving/test_serve.py",
+    "photos/test_e4e.py",
+    "serving/test_batch.py",
+    "dac/test_dac.py",
+    "cfclip/test_refit.py",
+    "core/test_core_install.py",
+    "cfclip/test_bench.py",
+    "photos/test_paste.py",
+    "cfclip/test_bundle.py",
+]
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+
+
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        module = "/".join(item.path.parts[-2:])
+        return LONGEST_FIRST.index(module) if module in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: each module keeps its own order
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if XDIST_WORKER is not None:  # each worker gets its share of the cores, not all of them
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+
+
 def pytest_collection_finish(session: pytest.Session) -> None:
+    if XDIST_WORKER is not None:
+        return  # every worker collects every module, not knowing which it will run: early work starts when asked for
     selected = {str(item.path) for item in session.items}
     for key, (module, _) in _EARLY.items():
         if module in selected and key not in _STARTED:

@@ -129,13 +129,13 @@ def test_latents_with_nan_and_inf_are_refused_counting_them(edit, tmp_path):
 
 
 def test_text_embeddings_numbering_neither_one_nor_one_per_latent_are_refused(edit, tmp_path):
-    path = saved(tmp_path, "three.npy", np.zeros((3, 512), np.float32))
+    path = saved(tmp_path, "two.npy", np.zeros((2, 512), np.float32))
     assert_refused(
         edit(**{"--text-embedding": path}),
         tmp_path / "out",
         str(path),
-        "3 text embeddings match neither 1",
-        "the 5 latents",
+        "2 text embeddings match neither 1",
+        "the 3 latents",
     )
 
 
@@ -203,7 +203,7 @@ def test_force_replaces_the_previous_output(cli, tmp_path, cfclip_256, latents_2
     (out / "mine.txt").write_text("old")
     result = cli("edit", "-c", cfclip_256, "-l", latents_256, "--text-embedding", embedding_file, "-o", out, "--force")
     assert result.exit_code == 0, result.stderr
-    assert not (out / "mine.txt").exists() and (out / "000004.png").exists()
+    assert not (out / "mine.txt").exists() and (out / "000002.png").exists()
 
 
 def test_failure_mid_run_leaves_nothing(edit, tmp_path, monkeypatch):

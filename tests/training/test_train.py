@@ -80,8 +80,9 @@ def official_text_features(clip, text: str) -> torch.Tensor:
         return F.normalize(clip.encode_text(open_clip.tokenize(templates)), dim=-1)
 
 
-def official_nce(clip, edited, source, warps: torch.Generator, augmentations: int, source_text: str, target_text: str):
-    """criteria/nce_loss.py as the spec states it, written out here."""
+def official_nce(clip, edited, source, warps: torch.Generator, augmentations: int, t_src, t_tgt):
+    """criteria/nce_loss.py as the spec states it, written out here; ``t_src``, ``t_tgt``: the source and target
+    prompts' template features (:func:`official_text_features`)."""
     height, width = edited.shape[-2:]
     corners = [[0, 0], [width - 1, 0], [width - 1, height - 1], [0, height - 1]]
     augmented = torch.cat(
@@ -97,7 +98,6 @@ def official_nce(clip, edited, source, warps: torch.Generator, augmentations: in
         ]
     )
     source_features = official_clip_features(clip, source).repeat(augmentations, 1)
-    t_src, t_tgt = official_text_features(clip, source_text), official_text_features(clip, target_text)
     query = F.normalize(official_clip_features(clip, augmented) - source_features, dim=-1)
     positive_1 = F.normalize((t_tgt - t_src).mean(0, keepdim=True), dim=-1).expand_as(query)
     positive_2 = F.normalize(t_tgt.mean(0, keepdim=True) - source_features, dim=-1)
@@ -143,7 +143,10 @@ def test_one_step_reproduces_the_official_computation(run_files):
     }
     clip = open_clip.create_model("ViT-B-32-quickgelu", pretrained=None)
     clip.load_state_dict(torch.load(run_files["clip"], weights_only=True), strict=False)
-    clip.eval().double()
+    # The 158 template prompts are constants of the loss, computed in float32 as the trainer computes them (in
+    # float64 they would take most of this test's time); everything the gradients flow through runs in float64.
+    t_src, t_tgt = (official_text_features(clip.eval(), text).double() for text in ("face", PROMPT))
+    clip.double()
     arcface_state = {
         key: value.double() if value.is_floating_point() else value
         for key, value in torch.load(run_files["arcface"], weights_only=True).items()
@@ -160,7 +163,7 @@ def test_one_step_reproduces_the_official_computation(run_files):
     w_hat = w + 0.1 * reference.levels_mapper(leaves["mapper"], torch.cat([w, text_latents], dim=2), {})
     edited = reference.generator(generator_state, w_hat)
     expected = {
-        "nce": official_nce(clip, edited, source, step_generator(5, 1), 2, "face", PROMPT),
+        "nce": official_nce(clip, edited, source, step_generator(5, 1), 2, t_src, t_tgt),
         "l2": F.mse_loss(w_hat, w),
         "id": official_identity(arcface_state, edited, source),
     }
@@ -188,7 +191,8 @@ def metric_lines(path: Path) -> list[dict]:
 
 def test_a_resumed_run_equals_the_uninterrupted_one(run_files, tmp_path):
     def settings(steps: int) -> TrainSettings:
-        return TrainSettings(PROMPT, steps=steps, val_every=1, save_every=1, seed=9, id_lambda=0, augmentations=2)
+        # the state a resumption restores is the mappers' and the optimiser's: the loss terms' models add only time
+        return TrainSettings(PROMPT, steps=steps, val_every=1, save_every=1, seed=9, nce_lambda=0, id_lambda=0)
 
     inputs = inputs_of(run_files, identity=False)
     train(settings(2), inputs, tmp_path / "whole")
@@ -206,7 +210,7 @@ def test_a_resumed_run_equals_the_uninterrupted_one(run_files, tmp_path):
     assert not torch.equal(start["mapper.fc.weight"], end["mapper.fc.weight"])
 
 
-def test_cli_writes_official_checkpoints_that_edit_and_export_accept(cli, run_files, tmp_path, embedding_file):
+def test_cli_writes_official_checkpoints_that_edit_and_refit_accept(cli, run_files, tmp_path, embedding_file):
     out = tmp_path / "run"
     result = cli(
         "train",
@@ -229,10 +233,10 @@ def test_cli_writes_official_checkpoints_that_edit_and_export_accept(cli, run_fi
         "--val-every",
         1,
         "--save-every",
-        1,
+        2,
     )
     assert result.exit_code == 0, result.stderr
-    assert {"best_model.pt", "iteration_1.pt", "iteration_2.pt", "training_state.pt", "metrics.jsonl", "loss.png"} <= {
+    assert {"best_model.pt", "iteration_2.pt", "training_state.pt", "metrics.jsonl", "loss.png"} <= {
         p.name for p in out.iterdir()
     }
     assert sorted(p.name for p in (out / "validation").iterdir()) == ["step_000001.png", "step_000002.png"]
@@ -279,28 +283,16 @@ def test_cli_writes_official_checkpoints_that_edit_and_export_accept(cli, run_fi
     assert result.exit_code == 0, result.stderr
     expected_w_hat = official_w_hat(out / "best_model.pt", latents, np.load(embedding_file).reshape(1, 512))
     assert rel_l2(np.load(edited / "latents.npy"), expected_w_hat) <= 1e-5
-    result = cli(
-        "export",
-        "-c",
-        out / "iteration_2.pt",
-        "--clip-weights",
-        run_files["clip"],
-        "--without-clip",
-        "--text",
-        PROMPT,
-        "-o",
-        tmp_path / "bundle",
-    )
-    assert result.exit_code == 0, result.stderr
-
-    # refit that bundle with the run's other checkpoint: the next edit is the official one of that checkpoint
-    result = cli("refit", "--bundle", tmp_path / "bundle", "-c", out / "iteration_1.pt")
+    # refit a bundle of the generator's own checkpoint with the run's: the next edit is the run's official one
+    bundle = tmp_path / "bundle"
+    assert cli("export", "-c", run_files["generator"], "--without-clip", "-o", bundle).exit_code == 0
+    result = cli("refit", "--bundle", bundle, "-c", out / "iteration_2.pt")
     assert result.exit_code == 0, result.stderr
     refitted = tmp_path / "refitted"
     result = cli(
         "edit",
         "--bundle",
-        tmp_path / "bundle",
+        bundle,
         "-l",
         run_files["test"],
         "--text-embedding",
@@ -311,11 +303,11 @@ def test_cli_writes_official_checkpoints_that_edit_and_export_accept(cli, run_fi
         "--save-raw",
     )
     assert result.exit_code == 0, result.stderr
-    expected_w_hat, expected_image = official_edit(out / "iteration_1.pt", latents, np.load(embedding_file)[None])
+    features = np.load(embedding_file)[None]
+    expected_w_hat, expected_image = official_edit(out / "iteration_2.pt", latents, features)
     assert rel_l2(np.load(refitted / "latents.npy"), expected_w_hat) <= TOLERANCE
     assert rel_l2(np.load(refitted / "images.npy"), expected_image) <= TOLERANCE
-    before = official_w_hat(out / "iteration_2.pt", latents, np.load(embedding_file)[None])
-    assert rel_l2(before, expected_w_hat) > 1e-3, rel_l2(before, expected_w_hat)  # step 1's mappers edit differently
+    assert rel_l2(official_w_hat(run_files["generator"], latents, features), expected_w_hat) > 1e-2  # it changed
 
 
 @pytest.mark.parametrize(
@@ -375,11 +367,11 @@ def test_existing_output_needs_force_and_resume_needs_a_save(cli, run_files, tmp
 
 
 def test_a_nan_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(run_files, tmp_path):
-    settings = TrainSettings(PROMPT, steps=4, val_every=10, save_every=1, seed=1, lr=1e30, id_lambda=0, augmentations=2)
+    settings = TrainSettings(PROMPT, steps=4, val_every=10, save_every=1, seed=1, lr=1e30, nce_lambda=0, id_lambda=0)
     with pytest.raises(CfdeployError) as refused:
         train(settings, inputs_of(run_files, identity=False), tmp_path / "run")
     assert str(refused.value) == (
-        "step 2: the loss is not finite (loss nan, nce nan, l2 nan, id 0); the weights were not updated; "
+        "step 2: the loss is not finite (loss nan, nce 0, l2 nan, id 0); the weights were not updated; "
         f"the last good checkpoint is {tmp_path / 'run' / 'iteration_1.pt'}"
     )
     saved = torch.load(tmp_path / "run" / "iteration_1.pt", weights_only=True)["state_dict"]

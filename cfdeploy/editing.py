@@ -19,6 +19,7 @@ import numpy as np
 from cfdeploy.bundle import TextLatentCache
 from cfdeploy.environment import versions
 from cfdeploy.errors import CfdeployError, require_finite
+from cfdeploy.identity import identity_scores
 from cfdeploy.inputs import broadcast_latents, load_latents, seeded_z
 from cfdeploy.outputs import StagedDirectory, to_uint8
 
@@ -34,6 +35,7 @@ STAGES = (
     "refine",
     "generator",
     "source_generator",
+    "identity",
     "png",
 )
 DEFAULT_PNG_COMPRESSION = 6  # Pillow's default zlib level; 1 encodes a 1024 px image several times faster
@@ -47,7 +49,8 @@ class EditBackend(Protocol):
     Each method runs one network of the pipeline (its stage name in brackets)::
 
         tokenize [tokenize] → text_features [clip_text] → text_latents [text_mapper]
-        → edit_latents [latent_editor] → synthesize [generator];   sample_w runs [mapping], encode [encoder]
+        → edit_latents [latent_editor] → synthesize [generator];   sample_w runs [mapping], encode [encoder],
+        identity_features [identity]
 
     Backends are opened with :func:`cfdeploy.backends.open_backend`.
     """
@@ -105,6 +108,14 @@ class EditBackend(Protocol):
     def encoder_generator_sha256(self) -> str | None:
         """Hash of the generator the e4e encoder was trained with (its codes live in that one's W+), if any."""
 
+    def identity_features(self, faces: np.ndarray) -> np.ndarray:
+        """Faces at 256 px ``[B, 3, 256, 256]`` in [-1, 1] to unit ArcFace embeddings ``[B, 512]`` (the official
+        identity loss's crop and pooling to 112 px inside), where it has the identity network."""
+
+    @property
+    def identity_source(self) -> str | None:
+        """Where its identity network comes from (the ArcFace weights, the bundle's graph), or None without one."""
+
 
 class StageTimer:
     """Wall-clock seconds per named stage (:data:`STAGES`), summed over batches."""
@@ -143,6 +154,9 @@ class EditJob:
         batch_size: codes per generator call.
         with_sources: also render the unedited codes (for before|after pairs).
         refiner: a :class:`cfdeploy.refine.Refiner` run on each batch's ``w_hat``, or None.
+        identity: score each edit with the backend's identity network (:mod:`cfdeploy.identity`).
+        faces: the aligned photos the codes came from, ``[N, 3, 256, 256]`` in [-1, 1]: the identity score's
+            reference (without them, the source code's image is).
     """
 
     latents: np.ndarray
@@ -152,6 +166,8 @@ class EditJob:
     batch_size: int = DEFAULT_BATCH_SIZE
     with_sources: bool = False
     refiner: Any = None
+    identity: bool = False
+    faces: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if (self.prompt is None) == (self.text_features is None):
@@ -159,6 +175,8 @@ class EditJob:
         if self.batch_size < 1:
             raise CfdeployError(f"batch size must be at least 1, got {self.batch_size}")
         require_finite(strength=self.strength)
+        if self.faces is not None and len(self.faces) != len(self.latents):
+            raise CfdeployError(f"{len(self.faces)} faces for {len(self.latents)} codes: give one face per code")
 
 
 @dataclass
@@ -167,17 +185,19 @@ class EditBatch:
     w: np.ndarray
     w_hat: np.ndarray
     images: np.ndarray
-    sources: np.ndarray | None
+    sources: np.ndarray | None  # rendered for side-by-side pairs or for the identity score
+    identity: dict[str, np.ndarray] | None = None
 
 
 @dataclass
 class EditResult:
-    """What :func:`edit` returns: edited codes, images (and sources if asked), seconds per stage."""
+    """What :func:`edit` returns: edited codes, images (and sources, identity scores if asked), seconds per stage."""
 
     w_hat: np.ndarray
     images: np.ndarray
     sources: np.ndarray | None
     timings: dict[str, float] = field(default_factory=dict)
+    identity: dict[str, np.ndarray] | None = None
 
 
 def check_sampling(seed: int, num: int, truncation: float) -> None:
@@ -295,10 +315,16 @@ def iter_edits(backend: EditBackend, job: EditJob, timer: StageTimer) -> Iterato
         with timer.stage("generator"):
             images = synthesize(backend, w_hat)
         sources = None
-        if job.with_sources:
+        if job.with_sources or job.identity:
             with timer.stage("source_generator"):
                 sources = synthesize(backend, w)
-        yield EditBatch(start, w, w_hat, images, sources)
+        identity = None
+        if job.identity:
+            assert sources is not None
+            faces = None if job.faces is None else job.faces[start : start + len(w)]
+            with timer.stage("identity"):
+                identity = identity_scores(backend, images, sources, faces)
+        yield EditBatch(start, w, w_hat, images, sources, identity)
 
 
 def edit(backend: EditBackend, job: EditJob) -> EditResult:
@@ -310,7 +336,7 @@ def edit(backend: EditBackend, job: EditJob) -> EditResult:
 
     Returns:
         Edited W+ ``[N, n, 512]``, raw images ``[N, 3, S, S]`` (and the sources' if
-        ``job.with_sources``), and seconds per stage.
+        ``job.with_sources``), seconds per stage, and the identity scores ``[N]`` by name if ``job.identity``.
     """
     timer = StageTimer()
     batches = list(iter_edits(backend, job, timer))
@@ -320,7 +346,25 @@ def edit(backend: EditBackend, job: EditJob) -> EditResult:
         np.concatenate([b.images for b in batches]),
         sources,
         dict(timer.seconds),
+        joined_scores([b.identity for b in batches if b.identity is not None]) if job.identity else None,
     )
+
+
+def joined_scores(batches: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Each batch's identity scores, in code order."""
+    return {name: np.concatenate([scores[name] for scores in batches]) for name in batches[0]}
+
+
+def identity_record(backend: EditBackend, job: EditJob, scores: dict[str, np.ndarray]) -> dict[str, Any]:
+    """``edit.json``'s ``identity``: what was compared, with which network, and the cosines per code (``row``)."""
+    return {
+        "network": backend.identity_source,
+        "reference": "the aligned photo" if job.faces is not None else "the source code's image",
+        "scores": [
+            {"row": row, **{name: round(float(values[row]), 6) for name, values in scores.items()}}
+            for row in range(len(job.latents))
+        ],
+    }
 
 
 def edit_to_directory(
@@ -358,10 +402,13 @@ def edit_to_directory(
     if crops:
         (staged.path / crops).mkdir()
     names = [f"{crops}/{index:06d}.png" if crops else f"{index:06d}.png" for index in range(count)]
+    scores = []
     for batch in iter_edits(backend, job, timer):
         edits = to_uint8(batch.images)
         pixels = edits
-        if batch.sources is not None:
+        if batch.identity is not None:
+            scores.append(batch.identity)
+        if job.with_sources and batch.sources is not None:
             pixels = np.concatenate([to_uint8(batch.sources), pixels], axis=2)
             if photos is not None:
                 pixels = np.concatenate([photos[batch.start : batch.start + len(pixels)], pixels], axis=2)
@@ -401,6 +448,7 @@ def edit_to_directory(
             "raw": "images.npy" if save_raw else None,
         },
         "photos": pasted.record() if pasted is not None else None,
+        "identity": identity_record(backend, job, joined_scores(scores)) if scores else None,
         "refinement": None
         if job.refiner is None
         else {

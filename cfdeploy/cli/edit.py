@@ -69,8 +69,12 @@ def run_edit(
     prior_timings: dict[str, float] | None = None,
     pasted: Any = None,
     crops: str | None = "",
+    faces: Any = None,
 ) -> dict[str, Any]:
-    """Shared by ``edit`` and ``demo``: the text, then the edit of ``codes`` with progress; returns edit.json's content."""
+    """Shared by ``edit`` and ``demo``: the text, then the edit of ``codes`` with progress; returns edit.json's content.
+
+    The edit is scored for identity where the backend has the network (``faces``: the photos' aligned faces).
+    """
     from cfdeploy.editing import EditJob, edit_to_directory
     from cfdeploy.inputs import load_text_embedding
 
@@ -78,7 +82,17 @@ def run_edit(
     if text_embedding is not None:
         features = load_text_embedding(text_embedding, len(codes))
         inputs = {**inputs, "text_embedding": str(text_embedding)}
-    job = EditJob(codes, text, features, strength, batch_size, with_sources=side_by_side, refiner=refiner)
+    job = EditJob(
+        codes,
+        text,
+        features,
+        strength,
+        batch_size,
+        with_sources=side_by_side,
+        refiner=refiner,
+        identity=backend.identity_source is not None,
+        faces=faces,
+    )
     with progress_bar() as progress:
         task = progress.add_task(f"editing ({backend.name})", total=len(codes))
         if refiner is not None:
@@ -134,6 +148,13 @@ def report(summary: dict[str, Any], out: Path, backend: Any, text: str | None, n
         f"{len(photos)} photo(s), {summary['count']} face(s) edited," if photos else f"{summary['count']} image(s)"
     )
     say(f"wrote {written} to {out} in {summary['total_s']:.2f}s ({timings})")
+    identity = summary["identity"]
+    if identity is not None:
+        scores = identity["scores"]
+        means = ", ".join(
+            f"{name} {sum(score[name] for score in scores) / len(scores):.3f}" for name in scores[0] if name != "row"
+        )
+        say(f"identity (ArcFace cosine with {identity['reference']}, mean of {len(scores)}): {means}")
 
 
 @app.command("edit")
@@ -187,6 +208,14 @@ def edit_command(
         metavar="FILE",
         rich_help_panel=INPUT,
         help="torch backend with --images: the e4e checkpoint (e4e_ffhq_encode.pt).",
+    ),
+    identity_weights: Path | None = typer.Option(
+        None,
+        "--identity-weights",
+        metavar="FILE",
+        rich_help_panel=OUTPUT,
+        help="torch backend: ArcFace IR-SE-50 (model_ir_se50.pth); edit.json then scores each edit's identity (a "
+        "bundle exported with --identity-weights always does).",
     ),
     aligned: bool = ALIGNED,
     landmarks: Path | None = LANDMARKS,
@@ -370,6 +399,11 @@ def edit_command(
     )
     if encoder is not None and (info.source != "checkpoint" or not images):
         raise CfdeployError("--encoder is for --images on the torch backend (a bundle carries its encoder)")
+    if identity_weights is not None and info.source != "checkpoint":
+        raise CfdeployError(
+            "--identity-weights is for the torch backend (a bundle carries its identity graph: "
+            "cfdeploy export --identity-weights)"
+        )
     require_finite(strength=strength, refine_lr=refine_lr, refine_l2=refine_l2)
     require_range(0, refine_steps=refine_steps, cache_max=cache_max)
     require_range(1, batch_size=batch_size)
@@ -403,6 +437,7 @@ def edit_command(
         "cache_max": cache_max,
         "expect_manifest": expect_manifest,
         "encoder": encoder,
+        "identity_weights": identity_weights,
     }
     inputs = [
         path
@@ -413,6 +448,7 @@ def edit_command(
             text_embedding,
             clip_weights,
             encoder,
+            identity_weights,
             landmarks,
             landmarks_model,
             *(images or []),
@@ -441,13 +477,16 @@ def edit_command(
                 if value is not None
             },
         }
-        photos, timings, notes, pasted = None, None, [], None
+        photos, timings, notes, pasted, aligned_faces = None, None, [], None, None
         if images:
+            from cfdeploy.photos import batch_inputs
             from cfdeploy.photos.invert import PhotoPaster, photo_pixels
 
             assert faces is not None
             codes, origin, found, timings, notes = photo_codes(editor, images, faces, batch_size)
             photos = photo_pixels(found, editor.size) if side_by_side else None
+            if editor.identity_source is not None:
+                aligned_faces = batch_inputs([crop.image for crop in found])
             if pasted_settings is not None:
                 pasted = PhotoPaster(found, staged.write, pasted_settings)
                 if pasted_settings.save_mask:
@@ -474,6 +513,7 @@ def edit_command(
             prior_timings=timings,
             pasted=pasted,
             crops=("crops" if crops or side_by_side else None) if pasting else "",
+            faces=aligned_faces,
         )
     report(summary, out, editor, text, notes)
 

@@ -38,7 +38,7 @@ from cfdeploy.cli.photos import (
     landmark_options,
     paste_settings,
 )
-from cfdeploy.editing import DEFAULT_BATCH_SIZE, DEFAULT_PNG_COMPRESSION, check_sampling
+from cfdeploy.editing import DEFAULT_BATCH_SIZE, DEFAULT_PNG_COMPRESSION, check_sampling, paired_strengths
 from cfdeploy.errors import CfdeployError, missing_extra
 
 INPUT, PROMPT, OUTPUT, RUNTIME, REFINE = "Input", "Prompt", "Output", "Runtime", "Refinement (optional, torch)"
@@ -55,9 +55,9 @@ def run_edit(
     staged: Any,
     codes: Any,
     *,
-    text: str | None,
-    text_embedding: Path | None,
-    strength: float,
+    text: str | list[str] | None,
+    text_embedding: list[Path],
+    strength: float | list[float],
     batch_size: int,
     side_by_side: bool,
     save_latents: bool,
@@ -73,15 +73,18 @@ def run_edit(
 ) -> dict[str, Any]:
     """Shared by ``edit`` and ``demo``: the text, then the edit of ``codes`` with progress; returns edit.json's content.
 
+    Several prompts (or text embeddings) compose into one edit; one of each is the paper's edit, recorded as before.
     The edit is scored for identity where the backend has the network (``faces``: the photos' aligned faces).
     """
     from cfdeploy.editing import EditJob, edit_to_directory
     from cfdeploy.inputs import load_text_embedding
 
     features = None
-    if text_embedding is not None:
-        features = load_text_embedding(text_embedding, len(codes))
-        inputs = {**inputs, "text_embedding": str(text_embedding)}
+    if text_embedding:
+        loaded = [load_text_embedding(path, len(codes)) for path in text_embedding]
+        features = loaded[0] if len(loaded) == 1 else loaded
+        named = [str(path) for path in text_embedding]
+        inputs = {**inputs, "text_embedding": named[0] if len(named) == 1 else named}
     job = EditJob(
         codes,
         text,
@@ -136,10 +139,10 @@ def photo_codes(backend: Any, images: list[Path], faces: dict[str, Any], batch_s
     return codes, record, found.crops, dict(timer.seconds), notes
 
 
-def report(summary: dict[str, Any], out: Path, backend: Any, text: str | None, notes: Sequence[str] = ()) -> None:
+def report(summary: dict[str, Any], out: Path, backend: Any, texts: Sequence[str], notes: Sequence[str] = ()) -> None:
     from cfdeploy.editing import prompt_mismatch
 
-    for note in (*notes, prompt_mismatch(backend, text)):
+    for note in (*notes, *(prompt_mismatch(backend, text) for text in texts)):
         if note:
             warn(note)
     timings = ", ".join(f"{name} {seconds:.3f}s" for name, seconds in summary["timings_s"].items())
@@ -234,15 +237,21 @@ def edit_command(
     truncation: float = typer.Option(
         0.7, "--truncation", metavar="PSI", rich_help_panel=INPUT, help="With --seed: truncation psi toward the mean W."
     ),
-    text: str | None = typer.Option(
-        None, "--text", "-t", metavar="PROMPT", rich_help_panel=PROMPT, help="Prompt to edit toward."
+    text: list[str] | None = typer.Option(
+        None,
+        "--text",
+        "-t",
+        metavar="PROMPT",
+        rich_help_panel=PROMPT,
+        help="Prompt to edit toward; repeat it to compose several edits, w + sum of S_i*0.1*delta_i (beyond the "
+        "paper, which edits one prompt).",
     ),
-    text_embedding: Path | None = typer.Option(
+    text_embedding: list[Path] | None = typer.Option(
         None,
         "--text-embedding",
         metavar="FILE",
         rich_help_panel=PROMPT,
-        help=".npy of unnormalised CLIP text features, [512] or [N,512]; bypasses CLIP.",
+        help=".npy of unnormalised CLIP text features, [512] or [N,512]; bypasses CLIP. Repeatable, as --text.",
     ),
     clip_weights: Path | None = typer.Option(
         None,
@@ -251,13 +260,14 @@ def edit_command(
         rich_help_panel=PROMPT,
         help="CLIP ViT-B/32 weights (OpenAI's ViT-B-32.pt or open_clip): torch backend with --text, and refinement.",
     ),
-    strength: float = typer.Option(
-        1.0,
+    strength: list[float] | None = typer.Option(
+        None,
         "--strength",
         "-s",
         metavar="S",
         rich_help_panel=PROMPT,
-        help="Edit strength: w_hat = w + S*0.1*delta (1 = official, 0 = the source).",
+        help="Edit strength: w_hat = w + S*0.1*delta (1 = official, 0 = the source); one for all prompts, or one per "
+        "prompt in their order. \\[default: 1]",
     ),
     side_by_side: bool = typer.Option(
         False, "--side-by-side", rich_help_panel=OUTPUT, help="Write source|edit pairs instead of edits."
@@ -388,8 +398,9 @@ def edit_command(
 
     name = backend.value if backend else ("onnxruntime" if bundle is not None and checkpoint is None else "torch")
     info = backend_info(name)
-    if (text is None) == (text_embedding is None):
-        raise CfdeployError("give exactly one of --text or --text-embedding")
+    if bool(text) == bool(text_embedding):
+        raise CfdeployError("give --text or --text-embedding (each may be repeated), not both")
+    strengths = paired_strengths(len(text or text_embedding or []), strength or [1.0])
     if sum(given is not None for given in (latents, seed, images)) != 1:
         raise CfdeployError("give exactly one of --latents, --seed or --images")
     faces = landmark_options(aligned, landmarks, landmarks_model, all_faces, skip_missing) if images else None
@@ -404,7 +415,7 @@ def edit_command(
             "--identity-weights is for the torch backend (a bundle carries its identity graph: "
             "cfdeploy export --identity-weights)"
         )
-    require_finite(strength=strength, refine_lr=refine_lr, refine_l2=refine_l2)
+    require_finite(refine_lr=refine_lr, refine_l2=refine_l2)
     require_range(0, refine_steps=refine_steps, cache_max=cache_max)
     require_range(1, batch_size=batch_size)
     require_range(0, 9, png_compression=png_compression)
@@ -422,8 +433,10 @@ def edit_command(
             raise missing_extra(missing.name or "torch", "refinement (--refine-steps)") from None
         if clip_weights is None:
             raise CfdeployError("--refine-steps needs --clip-weights (CLIP ViT-B/32 with its image encoder)")
+        if len(strengths) > 1:
+            raise CfdeployError("--refine-steps refines toward one prompt: give one --text")
         refine_settings = RefineSettings(refine_steps, refine_lr, refine_l2, source_text or "face", refine_layers)
-    needs_clip = info.source == "checkpoint" and (text is not None or refine_steps > 0)
+    needs_clip = info.source == "checkpoint" and (bool(text) or refine_steps > 0)
     if needs_clip and clip_weights is None:
         raise CfdeployError("--text needs --clip-weights (CLIP ViT-B/32 weights); or pass --text-embedding")
     options = {
@@ -445,7 +458,7 @@ def edit_command(
             checkpoint,
             bundle,
             latents,
-            text_embedding,
+            *(text_embedding or []),
             clip_weights,
             encoder,
             identity_weights,
@@ -467,7 +480,9 @@ def edit_command(
             editor.text_cache.on_warning = warn
         refiner = None
         if refine_settings is not None:
-            refiner = build_refiner(editor, refine_settings, text, source_text, checkpoint, clip_weights)
+            refiner = build_refiner(
+                editor, refine_settings, text[0] if text else None, source_text, checkpoint, clip_weights
+            )
         recorded = {
             "backend": name,
             info.source: str(source),
@@ -499,9 +514,9 @@ def edit_command(
             editor,
             staged,
             codes,
-            text=text,
-            text_embedding=text_embedding,
-            strength=strength,
+            text=text[0] if text and len(text) == 1 else text,
+            text_embedding=text_embedding or [],
+            strength=strengths[0] if len(strengths) == 1 else strengths,
             batch_size=batch_size,
             side_by_side=side_by_side,
             save_latents=save_latents,
@@ -515,7 +530,7 @@ def edit_command(
             crops=("crops" if crops or side_by_side else None) if pasting else "",
             faces=aligned_faces,
         )
-    report(summary, out, editor, text, notes)
+    report(summary, out, editor, text or [], notes)
 
 
 def build_refiner(
@@ -575,7 +590,7 @@ def demo_command(
             staged,
             codes,
             text=DEMO_PROMPT,
-            text_embedding=None,
+            text_embedding=[],
             strength=1.0,
             batch_size=2,
             side_by_side=True,
@@ -584,7 +599,7 @@ def demo_command(
             png_compression=DEFAULT_PNG_COMPRESSION,
             inputs={"synthetic_weights": True, "model_build_s": round(build_s, 3), **origin},
         )
-    report(summary, out, editor, DEMO_PROMPT)
+    report(summary, out, editor, [DEMO_PROMPT])
     say(
         f"before|after pairs: {plain(out)}/000000.png …; edited codes: {plain(out)}/latents.npy; details: {plain(out)}/edit.json"
     )

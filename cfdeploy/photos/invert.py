@@ -199,14 +199,14 @@ def edit_photo(
     photo: Photo,
     faces: Sequence[Face],
     *,
-    prompt: str | None = None,
-    text_features: np.ndarray | None = None,
-    strength: float = 1.0,
+    prompt: str | Sequence[str] | None = None,
+    text_features: np.ndarray | Sequence[np.ndarray] | None = None,
+    strength: float | Sequence[float] = 1.0,
     mask: MaskSettings | None = None,
     identity: bool = False,
 ) -> PastedPhoto:
-    """``photo`` with each of ``faces`` aligned, inverted, edited toward the prompt (or text features) and pasted
-    back: what ``cfdeploy edit --images`` writes, in memory. Save it with
+    """``photo`` with each of ``faces`` aligned, inverted, edited toward the prompt (or text features; several
+    compose) and pasted back: what ``cfdeploy edit --images`` writes, in memory. Save it with
     :func:`cfdeploy.photos.images.save_photo`. With ``identity`` (a backend with the identity network), each face's
     record holds its ``identity`` scores: the aligned face against its reconstruction and its edit."""
     from cfdeploy.editing import DEFAULT_BATCH_SIZE, EditJob, edit

@@ -5,7 +5,9 @@ Each backend runs in a fresh child process (so its peak RSS is its own), through
 (device work is synchronised inside each stage, since every stage returns host arrays). Backends
 that hold the e4e encoder (torch opened with ``--encoder``, a bundle with its encoder graph) start
 each run from photos, as ``edit --images`` does: a synthetic photo aligned once per image, then the
-batch encoded. GPU backends also report GPU time from CUDA events (TensorRT per engine, torch for the
+batch encoded. Backends that hold ArcFace (torch opened with ``--identity-weights``, a bundle with its
+identity graph) score each edit's identity, as ``edit`` does: the ``source_generator`` and ``identity``
+stages. GPU backends also report GPU time from CUDA events (TensorRT per engine, torch for the
 generator) and GPU memory. Images are compared against the torch fp32 backend for a parity column
 (max abs error and PSNR).
 """
@@ -56,12 +58,14 @@ def ignore_progress(message: str) -> None:
 
 @dataclass
 class Sources:
-    """The files the backends read: torch ones the checkpoint (and CLIP weights, the e4e encoder), the others the bundle."""
+    """The files the backends read: torch ones the checkpoint (and CLIP weights, the e4e encoder, ArcFace), the others
+    the bundle."""
 
     checkpoint: Path | None = None
     clip_weights: Path | None = None
     bundle: Path | None = None
     encoder: Path | None = None
+    identity_weights: Path | None = None
 
 
 @dataclass
@@ -95,6 +99,7 @@ def prepare_sources(
     clip_weights: Path | None = None,
     bundle: Path | None = None,
     encoder: Path | None = None,
+    identity_weights: Path | None = None,
     need_bundle: bool = True,
     with_visual: bool = False,
     on_progress: Progress = ignore_progress,
@@ -110,6 +115,8 @@ def prepare_sources(
         bundle: an exported bundle (its encoder graph, if it has one, is timed on photos).
         encoder: an e4e checkpoint, with ``checkpoint`` or ``synthetic``: torch backends open it and the
             exported bundle includes it, so every run starts from photos.
+        identity_weights: ArcFace IR-SE-50, with ``checkpoint`` or ``synthetic``: torch backends open it and the
+            exported bundle includes it, so every run scores its edits' identity.
         need_bundle: export a bundle from the checkpoint when none is given and CLIP weights are there
             (bundle backends are then skipped if they cannot be had).
         with_visual: synthetic CLIP weights include the image encoder (what refinement needs).
@@ -124,7 +131,12 @@ def prepare_sources(
         raise CfdeployError(
             "--encoder goes with --checkpoint or --synthetic (a bundle's own encoder graph is timed if it has one)"
         )
-    sources = Sources(checkpoint, clip_weights, bundle, encoder)
+    if identity_weights is not None and bundle is not None:
+        raise CfdeployError(
+            "--identity-weights goes with --checkpoint or --synthetic (a bundle's own identity graph is timed if it "
+            "has one)"
+        )
+    sources = Sources(checkpoint, clip_weights, bundle, encoder, identity_weights)
     if synthetic is not None:
         if synthetic < 8 or synthetic & (synthetic - 1):
             raise CfdeployError(f"--synthetic must be a power of two of at least 8, got {synthetic}")
@@ -137,7 +149,14 @@ def prepare_sources(
 
         on_progress("exporting a bundle for the bundle backends")
         sources.bundle = scratch / "bundle"
-        export_bundle(sources.checkpoint, sources.clip_weights, sources.bundle, encoder=encoder, on_stage=on_progress)
+        export_bundle(
+            sources.checkpoint,
+            sources.clip_weights,
+            sources.bundle,
+            encoder=encoder,
+            identity_weights=identity_weights,
+            on_stage=on_progress,
+        )
     return sources
 
 
@@ -153,7 +172,13 @@ def open_for_bench(name: str, sources: Sources, session_cache: bool | None = Non
     else:
         if sources.checkpoint is None:
             raise CfdeployError("needs --checkpoint (or --synthetic)")
-        backend = open_preset(name, sources.checkpoint, clip_weights=sources.clip_weights, encoder=sources.encoder)
+        backend = open_preset(
+            name,
+            sources.checkpoint,
+            clip_weights=sources.clip_weights,
+            encoder=sources.encoder,
+            identity_weights=sources.identity_weights,
+        )
         encoder = getattr(backend, "encoder", None)
         if encoder is not None and encoder.n_latent != backend.n_latent:
             raise CfdeployError(
@@ -192,15 +217,19 @@ def synthetic_photo(seed: int, size: int = PHOTO_SIZE) -> Image.Image:
     return Image.fromarray(blobs).resize((size, size), Image.Resampling.BICUBIC)
 
 
-def encode_photos(backend: EditBackend, photo: Image.Image, count: int, timer: editing.StageTimer) -> np.ndarray:
+def encode_photos(
+    backend: EditBackend, photo: Image.Image, count: int, timer: editing.StageTimer
+) -> tuple[np.ndarray, np.ndarray]:
     """What ``edit --images`` runs before the edit, as its ``align`` and ``encoder`` stages: the face of
-    ``photo`` at :data:`CENTRED_FACE` aligned once per image, then the ``count`` crops encoded in one batch."""
+    ``photo`` at :data:`CENTRED_FACE` aligned once per image, then the ``count`` crops encoded in one batch.
+    Returns the codes and the encoder's inputs (the aligned faces, which identity scores compare with)."""
     from cfdeploy.photos import align_face, batch_inputs
 
     with timer.stage("align"):
         faces = [align_face(photo, CENTRED_FACE).image for _ in range(count)]
     with timer.stage("encoder"):
-        return backend.encode(batch_inputs(faces))
+        inputs = batch_inputs(faces)
+        return backend.encode(inputs), inputs
 
 
 def gpu_memory_mb(name: str, backend: Any) -> float | None:
@@ -254,7 +283,8 @@ def measure_backend(
 def measure(name: str, backend: EditBackend, settings: BenchSettings, on_progress: Progress) -> dict[str, Any]:
     """Warm-up and timed runs of the edit (and PNG encoding) at each batch size; stats per stage, the last images.
 
-    A backend that holds the e4e encoder edits the codes of photos (:func:`encode_photos`), others random codes.
+    A backend that holds the e4e encoder edits the codes of photos (:func:`encode_photos`), others random codes;
+    one that holds ArcFace scores every edit's identity.
     """
     from PIL import Image
 
@@ -274,8 +304,16 @@ def measure(name: str, backend: EditBackend, settings: BenchSettings, on_progres
                 device_ms_before = backend.device_ms()
             timer = editing.StageTimer()
             started = time.perf_counter()
-            codes = latents[:batch] if photo is None else encode_photos(backend, photo, batch, timer)
-            job = editing.EditJob(codes, prompt, features, batch_size=batch, refiner=refiner)
+            codes, faces = (latents[:batch], None) if photo is None else encode_photos(backend, photo, batch, timer)
+            job = editing.EditJob(
+                codes,
+                prompt,
+                features,
+                batch_size=batch,
+                refiner=refiner,
+                identity=backend.identity_source is not None,
+                faces=faces,
+            )
             for edited in editing.iter_edits(backend, job, timer):
                 images = edited.images
                 with timer.stage("png"):

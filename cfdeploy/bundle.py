@@ -190,7 +190,7 @@ class _ManifestCheck:
             if not isinstance(opts.get(name), (str, type(None))):
                 raise self.fail(f"opts.{name}", f"must be text, found {_kind(opts[name])}")
         size, n_latent, style_dim = (self.dimension(opts, name) for name in ("size", "n_latent", "style_dim"))
-        contracts = network_contracts(size, n_latent, style_dim, with_encoder=True)
+        contracts = network_contracts(size, n_latent, style_dim, with_encoder=True, with_identity=True)
         for name, entry in networks.items():
             self.network(name, entry, contracts.get(name), files)
         self.listed(tokenizer.get("vocab"), "tokenizer.vocab", files)

@@ -15,6 +15,8 @@ BATCH = "batch"
 TOKENS = 77
 TEXT_DIM = 512
 ENCODER_IMAGE_SIZE = 256  # e4e reads aligned faces at 256 px whatever the generator's size
+IDENTITY_IMAGE_SIZE = 256  # the official identity loss pools every image to 256 px before it crops the face
+IDENTITY_DIM = 512
 
 
 @dataclass(frozen=True)
@@ -70,11 +72,25 @@ def encoder_contract(n_latent: int, style_dim: int = 512) -> NetworkContract:
     )
 
 
+def identity_contract() -> NetworkContract:
+    """ArcFace IR-SE-50, in bundles exported with it: the identity score of an edit (``edit.json``).
+
+    It takes faces already pooled to 256 px (the generator's size differs from bundle to bundle, the aligned
+    photo is 256 px), so one graph serves every size; inside it, the official crop and pooling to 112 px.
+    """
+    return NetworkContract(
+        "identity",
+        (TensorSpec("images", (BATCH, 3, IDENTITY_IMAGE_SIZE, IDENTITY_IMAGE_SIZE)),),
+        (TensorSpec("features", (BATCH, IDENTITY_DIM)),),
+        "ArcFace IR-SE-50: faces at 256 px in [-1, 1], cropped and pooled to 112 px, to unit identity embeddings",
+    )
+
+
 def network_contracts(
-    size: int, n_latent: int, style_dim: int = 512, with_encoder: bool = False
+    size: int, n_latent: int, style_dim: int = 512, with_encoder: bool = False, with_identity: bool = False
 ) -> dict[str, NetworkContract]:
     """The graphs of a CF-CLIP bundle, in pipeline order: the encoder first if ``with_encoder``, then the five
-    every bundle may have."""
+    every bundle may have, then ArcFace if ``with_identity``."""
     w_plus = (BATCH, n_latent, style_dim)
     contracts = [
         NetworkContract(
@@ -114,6 +130,8 @@ def network_contracts(
     ]
     if with_encoder:
         contracts.insert(0, encoder_contract(n_latent, style_dim))
+    if with_identity:
+        contracts.append(identity_contract())
     return {contract.name: contract for contract in contracts}
 
 

@@ -1,6 +1,7 @@
 """The edit itself, independent of backend: text branch once, then mapper and generator batch by batch.
 
 ``edit`` returns arrays (the Python API); ``edit_to_directory`` writes what ``cfdeploy edit`` writes.
+Several prompts compose, ``w_hat = w + Σᵢ sᵢ·0.1·Δᵢ``: an extension beyond the paper's single edit.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import numpy as np
 from cfdeploy.bundle import TextLatentCache
 from cfdeploy.environment import versions
 from cfdeploy.errors import CfdeployError, require_finite
+from cfdeploy.identity import identity_scores
 from cfdeploy.inputs import broadcast_latents, load_latents, seeded_z
 from cfdeploy.outputs import StagedDirectory, to_uint8
 
@@ -34,6 +36,7 @@ STAGES = (
     "refine",
     "generator",
     "source_generator",
+    "identity",
     "png",
 )
 DEFAULT_PNG_COMPRESSION = 6  # Pillow's default zlib level; 1 encodes a 1024 px image several times faster
@@ -47,7 +50,8 @@ class EditBackend(Protocol):
     Each method runs one network of the pipeline (its stage name in brackets)::
 
         tokenize [tokenize] → text_features [clip_text] → text_latents [text_mapper]
-        → edit_latents [latent_editor] → synthesize [generator];   sample_w runs [mapping], encode [encoder]
+        → edit_latents [latent_editor] → synthesize [generator];   sample_w runs [mapping], encode [encoder],
+        identity_features [identity]
 
     Backends are opened with :func:`cfdeploy.backends.open_backend`.
     """
@@ -105,6 +109,14 @@ class EditBackend(Protocol):
     def encoder_generator_sha256(self) -> str | None:
         """Hash of the generator the e4e encoder was trained with (its codes live in that one's W+), if any."""
 
+    def identity_features(self, faces: np.ndarray) -> np.ndarray:
+        """Faces at 256 px ``[B, 3, 256, 256]`` in [-1, 1] to unit ArcFace embeddings ``[B, 512]`` (the official
+        identity loss's crop and pooling to 112 px inside), where it has the identity network."""
+
+    @property
+    def identity_source(self) -> str | None:
+        """Where its identity network comes from (the ArcFace weights, the bundle's graph), or None without one."""
+
 
 class StageTimer:
     """Wall-clock seconds per named stage (:data:`STAGES`), summed over batches."""
@@ -131,34 +143,86 @@ class EditedImages(Protocol):
         """What ``edit.json`` records under ``photos``."""
 
 
+@dataclass(frozen=True)
+class TextEdit:
+    """One prompt of an edit (or its CLIP text features) and its strength."""
+
+    prompt: str | None
+    text_features: np.ndarray | None
+    strength: float
+
+
 @dataclass
 class EditJob:
-    """One edit request: W+ latents and either a prompt or precomputed CLIP text features.
+    """One edit request: W+ latents and either prompts or precomputed CLIP text features.
 
     Args:
         latents: source W+ codes ``[N, n_latent, 512]`` float32.
-        prompt: the text to edit toward; or
-        text_features: unnormalised CLIP text features ``[1 | N, 512]`` (bypasses CLIP).
-        strength: edit strength S in ``w_hat = w + S·0.1·delta`` (1 is the official edit).
+        prompt: the text to edit toward, or several texts; or
+        text_features: unnormalised CLIP text features ``[1 | N, 512]`` (bypasses CLIP), or a list of such arrays,
+            one per edit.
+        strength: edit strength S in ``w_hat = w + S·0.1·delta`` (1 is the official edit); with several prompts,
+            one for all or one per prompt.
         batch_size: codes per generator call.
         with_sources: also render the unedited codes (for before|after pairs).
         refiner: a :class:`cfdeploy.refine.Refiner` run on each batch's ``w_hat``, or None.
+        identity: score each edit with the backend's identity network (:mod:`cfdeploy.identity`).
+        faces: the aligned photos the codes came from, ``[N, 3, 256, 256]`` in [-1, 1]: the identity score's
+            reference (without them, the source code's image is).
+
+    Several prompts compose into one edit, each delta taken from the source codes:
+    ``w_hat = w + Σᵢ sᵢ·0.1·Δᵢ`` (:func:`compose`). The paper edits one prompt at a time.
     """
 
     latents: np.ndarray
-    prompt: str | None = None
-    text_features: np.ndarray | None = None
-    strength: float = 1.0
+    prompt: str | Sequence[str] | None = None
+    text_features: np.ndarray | Sequence[np.ndarray] | None = None
+    strength: float | Sequence[float] = 1.0
     batch_size: int = DEFAULT_BATCH_SIZE
     with_sources: bool = False
     refiner: Any = None
+    identity: bool = False
+    faces: np.ndarray | None = None
+    edits: tuple[TextEdit, ...] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         if (self.prompt is None) == (self.text_features is None):
             raise CfdeployError("give exactly one of a prompt (--text) or text features (--text-embedding)")
         if self.batch_size < 1:
             raise CfdeployError(f"batch size must be at least 1, got {self.batch_size}")
-        require_finite(strength=self.strength)
+        self.edits = text_edits(self.prompt, self.text_features, self.strength)
+        if self.faces is not None and len(self.faces) != len(self.latents):
+            raise CfdeployError(f"{len(self.faces)} faces for {len(self.latents)} codes: give one face per code")
+
+
+def paired_strengths(prompts: int, strength: float | Sequence[float]) -> list[float]:
+    """One strength per prompt: those given, or the one given for all; any other count is refused."""
+    if prompts < 1:
+        raise CfdeployError("give at least one prompt (--text) or text features (--text-embedding)")
+    strengths = [float(value) for value in (strength if isinstance(strength, Sequence) else [strength])]
+    if len(strengths) not in (1, prompts):
+        raise CfdeployError(
+            f"{len(strengths)} strengths for {prompts} prompts: give one --strength for all, or one per prompt"
+        )
+    for value in strengths:
+        require_finite(strength=value)
+    return strengths * prompts if len(strengths) == 1 else strengths
+
+
+def text_edits(
+    prompt: str | Sequence[str] | None,
+    text_features: np.ndarray | Sequence[np.ndarray] | None,
+    strength: float | Sequence[float],
+) -> tuple[TextEdit, ...]:
+    """Each prompt (or text features) with its strength; one strength serves every prompt."""
+    texts: list[str | None] = [prompt] if isinstance(prompt, str) else list(prompt or [])
+    features: list[np.ndarray | None] = (
+        [text_features] if isinstance(text_features, np.ndarray) else list(text_features or [])
+    )
+    strengths = paired_strengths(len(texts or features), strength)
+    if texts:
+        return tuple(TextEdit(text, None, value) for text, value in zip(texts, strengths, strict=True))
+    return tuple(TextEdit(None, array, value) for array, value in zip(features, strengths, strict=True))
 
 
 @dataclass
@@ -167,17 +231,19 @@ class EditBatch:
     w: np.ndarray
     w_hat: np.ndarray
     images: np.ndarray
-    sources: np.ndarray | None
+    sources: np.ndarray | None  # rendered for side-by-side pairs or for the identity score
+    identity: dict[str, np.ndarray] | None = None
 
 
 @dataclass
 class EditResult:
-    """What :func:`edit` returns: edited codes, images (and sources if asked), seconds per stage."""
+    """What :func:`edit` returns: edited codes, images (and sources, identity scores if asked), seconds per stage."""
 
     w_hat: np.ndarray
     images: np.ndarray
     sources: np.ndarray | None
     timings: dict[str, float] = field(default_factory=dict)
+    identity: dict[str, np.ndarray] | None = None
 
 
 def check_sampling(seed: int, num: int, truncation: float) -> None:
@@ -268,6 +334,16 @@ def edit_codes(backend: EditBackend, w: np.ndarray, text_latents: np.ndarray, st
     return finite_result(w_hat, "edited codes", f"--strength {strength}")
 
 
+def compose(w: np.ndarray, edited: Sequence[np.ndarray]) -> np.ndarray:
+    """Several prompts' edits of the same codes as one: ``w + Σᵢ (edited_i − w)``, which is ``w + Σᵢ sᵢ·0.1·Δᵢ``
+    with every delta taken from the source codes (no prompt edits another's result), summed in float64.
+    One prompt's edit comes back as it is: the paper's edit, bit for bit."""
+    if len(edited) == 1:
+        return edited[0]
+    deltas = np.stack([codes.astype(np.float64) for codes in edited]) - w
+    return finite_result((w + deltas.sum(axis=0)).astype(np.float32), "edited codes", "the sum of the edits")
+
+
 def synthesize(backend: EditBackend, latents: np.ndarray) -> np.ndarray:
     """The generator's images for ``latents``, refused if any value is NaN/inf (never written or returned)."""
     return finite_result(backend.synthesize(latents), "images", "the codes")
@@ -281,24 +357,34 @@ def finite_result(array: np.ndarray, what: str, suspect: str) -> np.ndarray:
 
 
 def iter_edits(backend: EditBackend, job: EditJob, timer: StageTimer) -> Iterator[EditBatch]:
-    """Compute the prompt's text branch once (or take it from the backend's cache), then edit batch by batch."""
-    text_latents = text_branch(backend, job.prompt, job.text_features, timer)
-    per_latent = text_latents.shape[0] > 1
+    """Compute each prompt's text branch once (or take it from the backend's cache), then edit batch by batch."""
+    branches = [(text_branch(backend, edit.prompt, edit.text_features, timer), edit.strength) for edit in job.edits]
     for start in range(0, job.latents.shape[0], job.batch_size):
         w = job.latents[start : start + job.batch_size]
-        batch_text = text_latents[start : start + len(w)] if per_latent else text_latents
         with timer.stage("latent_editor"):
-            w_hat = edit_codes(backend, w, batch_text, job.strength)
+            w_hat = compose(
+                w,
+                [
+                    edit_codes(backend, w, text[start : start + len(w)] if text.shape[0] > 1 else text, strength)
+                    for text, strength in branches
+                ],
+            )
         if job.refiner is not None:
             with timer.stage("refine"):
                 w_hat = job.refiner(w, w_hat)
         with timer.stage("generator"):
             images = synthesize(backend, w_hat)
         sources = None
-        if job.with_sources:
+        if job.with_sources or job.identity:
             with timer.stage("source_generator"):
                 sources = synthesize(backend, w)
-        yield EditBatch(start, w, w_hat, images, sources)
+        identity = None
+        if job.identity:
+            assert sources is not None
+            faces = None if job.faces is None else job.faces[start : start + len(w)]
+            with timer.stage("identity"):
+                identity = identity_scores(backend, images, sources, faces)
+        yield EditBatch(start, w, w_hat, images, sources, identity)
 
 
 def edit(backend: EditBackend, job: EditJob) -> EditResult:
@@ -310,7 +396,7 @@ def edit(backend: EditBackend, job: EditJob) -> EditResult:
 
     Returns:
         Edited W+ ``[N, n, 512]``, raw images ``[N, 3, S, S]`` (and the sources' if
-        ``job.with_sources``), and seconds per stage.
+        ``job.with_sources``), seconds per stage, and the identity scores ``[N]`` by name if ``job.identity``.
     """
     timer = StageTimer()
     batches = list(iter_edits(backend, job, timer))
@@ -320,7 +406,25 @@ def edit(backend: EditBackend, job: EditJob) -> EditResult:
         np.concatenate([b.images for b in batches]),
         sources,
         dict(timer.seconds),
+        joined_scores([b.identity for b in batches if b.identity is not None]) if job.identity else None,
     )
+
+
+def joined_scores(batches: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Each batch's identity scores, in code order."""
+    return {name: np.concatenate([scores[name] for scores in batches]) for name in batches[0]}
+
+
+def identity_record(backend: EditBackend, job: EditJob, scores: dict[str, np.ndarray]) -> dict[str, Any]:
+    """``edit.json``'s ``identity``: what was compared, with which network, and the cosines per code (``row``)."""
+    return {
+        "network": backend.identity_source,
+        "reference": "the aligned photo" if job.faces is not None else "the source code's image",
+        "scores": [
+            {"row": row, **{name: round(float(values[row]), 6) for name, values in scores.items()}}
+            for row in range(len(job.latents))
+        ],
+    }
 
 
 def edit_to_directory(
@@ -358,10 +462,13 @@ def edit_to_directory(
     if crops:
         (staged.path / crops).mkdir()
     names = [f"{crops}/{index:06d}.png" if crops else f"{index:06d}.png" for index in range(count)]
+    scores = []
     for batch in iter_edits(backend, job, timer):
         edits = to_uint8(batch.images)
         pixels = edits
-        if batch.sources is not None:
+        if batch.identity is not None:
+            scores.append(batch.identity)
+        if job.with_sources and batch.sources is not None:
             pixels = np.concatenate([to_uint8(batch.sources), pixels], axis=2)
             if photos is not None:
                 pixels = np.concatenate([photos[batch.start : batch.start + len(pixels)], pixels], axis=2)
@@ -403,6 +510,7 @@ def edit_to_directory(
             "raw": "images.npy" if save_raw else None,
         },
         "photos": pasted.record() if pasted is not None else None,
+        "identity": identity_record(backend, job, joined_scores(scores)) if scores else None,
         "refinement": None
         if job.refiner is None
         else {

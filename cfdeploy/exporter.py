@@ -30,11 +30,12 @@ from cfdeploy.bundle import (
     prompt_file,
     write_manifest,
 )
-from cfdeploy.checkpoints import load_cfclip, load_clip, load_e4e
+from cfdeploy.checkpoints import load_arcface, load_cfclip, load_clip, load_e4e
 from cfdeploy.contracts import BATCH, NetworkContract, TensorSpec, network_contracts
 from cfdeploy.environment import versions
 from cfdeploy.errors import CfdeployError
 from cfdeploy.files import sha256_file
+from cfdeploy.models.arcface import IdentityNetwork
 from cfdeploy.models.layers import with_scaled_linears
 from cfdeploy.models.mappers import LatentEditor
 from cfdeploy.models.stylegan2 import mean_latent
@@ -240,6 +241,7 @@ def export_bundle(
     force: bool = False,
     include_clip_text: bool = True,
     encoder: Path | None = None,
+    identity_weights: Path | None = None,
     on_stage: Callable[[str], None] = lambda stage: None,
 ) -> dict:
     """Write a bundle to ``out`` (atomically) and return its manifest.
@@ -248,6 +250,7 @@ def export_bundle(
     precomputed here, or given text features. With ``encoder`` (an e4e checkpoint) it also has the
     ``encoder`` graph, photos to W+; the manifest records the hash of the generator e4e was trained
     against (``weights.encoder_generator_sha256``), to compare with ``weights.generator_sha256``.
+    With ``identity_weights`` (ArcFace IR-SE-50) it also has the ``identity`` graph, which scores edits.
     ``clip_weights`` may be None only without ``include_clip_text`` and ``prompts``: such a bundle edits
     only with given text features (``--text-embedding``).
     """
@@ -270,10 +273,15 @@ def export_bundle(
             f"{checkpoint_path} takes {config.n_latent} x {config.style_dim}"
         )
     clip = load_clip(clip_weights) if needs_clip and clip_weights is not None else None
+    arcface = None if identity_weights is None else load_arcface(identity_weights)
     contracts = {
         name: contract
         for name, contract in network_contracts(
-            config.size, config.n_latent, config.style_dim, with_encoder=e4e is not None
+            config.size,
+            config.n_latent,
+            config.style_dim,
+            with_encoder=e4e is not None,
+            with_identity=arcface is not None,
         ).items()
         if include_clip_text or name != "clip_text"
     }
@@ -284,6 +292,7 @@ def export_bundle(
         "latent_editor": LatentEditor(checkpoint.mapper),
         "generator": generator,
         "mapping": generator.style,
+        **({} if arcface is None else {"identity": IdentityNetwork(arcface)}),
     }
     tokenizer = ClipTokenizer()
     prompt_tokens = tokenizer(list(prompts)) if prompts else None
@@ -324,6 +333,11 @@ def export_bundle(
                 "checkpoint_sha256": sha256_file(checkpoint_path),
                 "clip_weights": None if clip_weights is None else str(clip_weights),
                 **({} if encoder is None else {"encoder": str(encoder), "encoder_sha256": sha256_file(encoder)}),
+                **(
+                    {}
+                    if identity_weights is None
+                    else {"identity_weights": str(identity_weights), "identity_sha256": sha256_file(identity_weights)}
+                ),
             },
             "weights": {
                 "generator_sha256": checkpoint.generator_sha256(),

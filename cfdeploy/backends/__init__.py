@@ -51,7 +51,7 @@ BACKENDS: dict[str, BackendInfo] = {
             ("cpu", "cuda"),
             ("fp32", "fp16", "bf16"),
             "torch",
-            ("clip_weights", "device", "precision", "cuda_graphs", "encoder", "compile"),
+            ("clip_weights", "device", "precision", "cuda_graphs", "encoder", "compile", "identity_weights"),
             "the exact PyTorch models; reduced precision is for the generator only",
         ),
         BackendInfo(
@@ -61,7 +61,7 @@ BACKENDS: dict[str, BackendInfo] = {
             ("cpu", "cuda"),
             ("fp32",),
             "torch",
-            ("clip_weights", "device", "encoder"),
+            ("clip_weights", "device", "encoder", "identity_weights"),
             "the official formulation (grouped conv, upfirdn2d): the baseline users migrate from",
         ),
         BackendInfo(

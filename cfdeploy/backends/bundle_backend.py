@@ -107,6 +107,19 @@ class BundleBackend(ABC):
             )
         return self.run("encoder", images=np.ascontiguousarray(images, np.float32))
 
+    @property
+    def identity_source(self) -> str | None:
+        """The bundle's ArcFace graph, if it was exported with one (``export --identity-weights``)."""
+        return f"{self.bundle.path}/identity.onnx" if self.bundle.has_network("identity") else None
+
+    def identity_features(self, faces: np.ndarray) -> np.ndarray:
+        """Faces at 256 px ``[B, 3, 256, 256]`` in [-1, 1] to unit ArcFace embeddings through the identity graph."""
+        if not self.bundle.has_network("identity"):
+            raise CfdeployError(
+                f"{self.bundle.path}: has no identity graph (export it with cfdeploy export --identity-weights)"
+            )
+        return self.run("identity", images=np.ascontiguousarray(faces, np.float32))
+
     def sample_w(self, z: np.ndarray, truncation: float) -> np.ndarray:
         """``z → w`` through the mapping graph, truncated toward the bundle's mean W."""
         w = self.run("mapping", z=np.ascontiguousarray(z, np.float32))

@@ -81,6 +81,8 @@ class TorchBackend:
         self.text_cache: TextLatentCache | None = None  # checkpoints have no prompt cache; bundles do
         self.encoder: torch.nn.Module | None = None
         self.encoder_generator_sha256: str | None = None
+        self.identity: torch.nn.Module | None = None
+        self.identity_source: str | None = None
 
     @classmethod
     def from_checkpoint(
@@ -92,8 +94,10 @@ class TorchBackend:
         cuda_graphs: bool = False,
         encoder: Path | None = None,
         compile: bool = False,
+        identity_weights: Path | None = None,
     ) -> TorchBackend:
-        """The CF-CLIP checkpoint's models; CLIP's text tower from ``clip_weights``, e4e from ``encoder`` (photos)."""
+        """The CF-CLIP checkpoint's models; CLIP's text tower from ``clip_weights``, e4e from ``encoder`` (photos),
+        ArcFace from ``identity_weights`` (identity scores)."""
         torch_device(device)
         loaded = load_cfclip(checkpoint)
         clip = load_clip(clip_weights) if clip_weights is not None else None
@@ -118,6 +122,12 @@ class TorchBackend:
         if inverter is not None:
             backend.encoder = inverter.encoder.eval().to(backend.device)
             backend.encoder_generator_sha256 = inverter.generator_sha256()
+        if identity_weights is not None:
+            from cfdeploy.checkpoints import load_arcface
+            from cfdeploy.models.arcface import IdentityNetwork
+
+            backend.identity = IdentityNetwork(load_arcface(identity_weights)).eval().to(backend.device)
+            backend.identity_source = str(identity_weights)
         return backend
 
     def generator_sha256(self) -> str:
@@ -129,6 +139,12 @@ class TorchBackend:
         if self.encoder is None:
             raise CfdeployError("encoding photos needs the e4e encoder: pass --encoder e4e_ffhq_encode.pt")
         return self._run(self.encoder, np.ascontiguousarray(images, np.float32))
+
+    def identity_features(self, faces: np.ndarray) -> np.ndarray:
+        """Faces at 256 px ``[B, 3, 256, 256]`` in [-1, 1] to unit ArcFace embeddings (``--identity-weights``)."""
+        if self.identity is None:
+            raise CfdeployError("identity scores need ArcFace: pass --identity-weights model_ir_se50.pth")
+        return self._run(self.identity, np.ascontiguousarray(faces, np.float32))
 
     @property
     def size(self) -> int:

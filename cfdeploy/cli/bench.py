@@ -71,6 +71,13 @@ def bench_command(
         help="e4e checkpoint: each run aligns and encodes a synthetic 1024 px photo per image (the align and encoder "
         "stages), then edits its codes. Torch backends open it; the bundle exported for the others includes it.",
     ),
+    identity_weights: Path | None = typer.Option(
+        None,
+        "--identity-weights",
+        metavar="FILE",
+        help="ArcFace IR-SE-50 (model_ir_se50.pth): each run scores its edits' identity, as edit does (the "
+        "source_generator and identity stages). Torch backends open it; the exported bundle includes it.",
+    ),
     backends: str = typer.Option(
         "torch-reference,torch,onnxruntime", "--backends", help=f"Comma-separated, of: {', '.join(PRESETS)}."
     ),
@@ -99,7 +106,8 @@ def bench_command(
     The table fits 100 columns; --wide adds each stage's median. Each backend
     runs in its own process; parity is against the torch fp32 backend.
     Backends that cannot run here are listed as skipped, with the reason.
-    With --encoder (or a bundle holding the encoder graph) runs start from photos.
+    With --encoder (or a bundle holding the encoder graph) runs start from photos; with --identity-weights (or a
+    bundle holding the identity graph) they score identity.
 
     Example: cfdeploy bench --synthetic 256 --backends torch,onnxruntime
     """
@@ -132,6 +140,7 @@ def bench_command(
             clip_weights=clip_weights,
             bundle=bundle,
             encoder=encoder,
+            identity_weights=identity_weights,
             need_bundle=any(reads_bundle(name) for name in names),
             with_visual=refine_steps > 0,
             on_progress=progress,

@@ -71,6 +71,13 @@ def export_command(
         help="Also export the e4e encoder (e4e_ffhq_encode.pt) as encoder.onnx, for photos in "
         "(`cfdeploy invert --bundle`, `cfdeploy edit --images`) without torch.",
     ),
+    identity_weights: Path | None = typer.Option(
+        None,
+        "--identity-weights",
+        metavar="FILE",
+        help="Also export ArcFace IR-SE-50 (model_ir_se50.pth) as identity.onnx: `cfdeploy edit` then reports each "
+        "edit's identity score (edit.json) without torch.",
+    ),
     without_clip: bool = typer.Option(
         False,
         "--without-clip",
@@ -99,7 +106,9 @@ def export_command(
 
     prompt = retired("--prompt", old_prompt, "--text", text)
     target = out or Path("engines") / checkpoint.stem
-    check_output_dir(target, force, [path for path in (checkpoint, clip_weights, encoder) if path is not None])
+    check_output_dir(
+        target, force, [path for path in (checkpoint, clip_weights, encoder, identity_weights) if path is not None]
+    )
     if clip_weights is None and (not without_clip or prompt):
         needed = "--text" if without_clip else "the CLIP text graph"
         raise CfdeployError(
@@ -128,6 +137,7 @@ def export_command(
             force=force,
             include_clip_text=not without_clip,
             encoder=encoder,
+            identity_weights=identity_weights,
             on_stage=reporter(status),
         )
     worst = max(result["rel_l2"] for network in manifest["networks"].values() for result in network["parity"].values())

@@ -41,7 +41,7 @@ from cfdeploy.cli.photos import (
     landmark_options,
     paste_settings,
 )
-from cfdeploy.editing import DEFAULT_BATCH_SIZE, DEFAULT_PNG_COMPRESSION, check_sampling
+from cfdeploy.editing import DEFAULT_BATCH_SIZE, DEFAULT_PNG_COMPRESSION, check_sampling, paired_strengths
 from cfdeploy.errors import CfdeployError, missing_extra
 
 INPUT, PROMPT, OUTPUT, RUNTIME, REFINE = "Input", "Prompt", "Output", "Runtime", "Refinement (optional, torch)"
@@ -59,9 +59,9 @@ def run_edit(
     staged: Any,
     codes: Any,
     *,
-    text: str | None,
-    text_embedding: Path | None,
-    strength: float,
+    text: str | list[str] | None,
+    text_embedding: list[Path],
+    strength: float | list[float],
     batch_size: int,
     side_by_side: bool,
     save_latents: bool,
@@ -73,16 +73,33 @@ def run_edit(
     prior_timings: dict[str, float] | None = None,
     pasted: Any = None,
     crops: str | None = "",
+    faces: Any = None,
 ) -> dict[str, Any]:
-    """Shared by ``edit`` and ``demo``: the text, then the edit of ``codes`` with progress; returns edit.json's content."""
+    """Shared by ``edit`` and ``demo``: the text, then the edit of ``codes`` with progress; returns edit.json's content.
+
+    Several prompts (or text embeddings) compose into one edit; one of each is the paper's edit, recorded as before.
+    The edit is scored for identity where the backend has the network (``faces``: the photos' aligned faces).
+    """
     from cfdeploy.editing import EditJob, edit_to_directory
     from cfdeploy.inputs import load_text_embedding
 
     features = None
-    if text_embedding is not None:
-        features = load_text_embedding(text_embedding, len(codes))
-        inputs = {**inputs, "text_embedding": str(text_embedding)}
-    job = EditJob(codes, text, features, strength, batch_size, with_sources=side_by_side, refiner=refiner)
+    if text_embedding:
+        loaded = [load_text_embedding(path, len(codes)) for path in text_embedding]
+        features = loaded[0] if len(loaded) == 1 else loaded
+        named = [str(path) for path in text_embedding]
+        inputs = {**inputs, "text_embedding": named[0] if len(named) == 1 else named}
+    job = EditJob(
+        codes,
+        text,
+        features,
+        strength,
+        batch_size,
+        with_sources=side_by_side,
+        refiner=refiner,
+        identity=backend.identity_source is not None,
+        faces=faces,
+    )
     with progress_bar() as progress:
         task = progress.add_task(f"editing ({backend.name})", total=len(codes))
         if refiner is not None:
@@ -126,10 +143,10 @@ def photo_codes(backend: Any, images: list[Path], faces: dict[str, Any], batch_s
     return codes, record, found.crops, dict(timer.seconds), notes
 
 
-def report(summary: dict[str, Any], out: Path, backend: Any, text: str | None, notes: Sequence[str] = ()) -> None:
+def report(summary: dict[str, Any], out: Path, backend: Any, texts: Sequence[str], notes: Sequence[str] = ()) -> None:
     from cfdeploy.editing import prompt_mismatch
 
-    for note in (*notes, prompt_mismatch(backend, text)):
+    for note in (*notes, *(prompt_mismatch(backend, text) for text in texts)):
         if note:
             warn(note)
     timings = ", ".join(f"{name} {seconds:.3f}s" for name, seconds in summary["timings_s"].items())
@@ -138,6 +155,13 @@ def report(summary: dict[str, Any], out: Path, backend: Any, text: str | None, n
         f"{len(photos)} photo(s), {summary['count']} face(s) edited," if photos else f"{summary['count']} image(s)"
     )
     say(f"wrote {written} to {out} with {backend.name} in {summary['total_s']:.2f}s ({timings})")
+    identity = summary["identity"]
+    if identity is not None:
+        scores = identity["scores"]
+        means = ", ".join(
+            f"{name} {sum(score[name] for score in scores) / len(scores):.3f}" for name in scores[0] if name != "row"
+        )
+        say(f"identity (ArcFace cosine with {identity['reference']}, mean of {len(scores)}): {means}")
 
 
 @app.command("edit")
@@ -192,6 +216,14 @@ def edit_command(
         rich_help_panel=INPUT,
         help="torch backend with --images: the e4e checkpoint (e4e_ffhq_encode.pt).",
     ),
+    identity_weights: Path | None = typer.Option(
+        None,
+        "--identity-weights",
+        metavar="FILE",
+        rich_help_panel=OUTPUT,
+        help="torch backend: ArcFace IR-SE-50 (model_ir_se50.pth); edit.json then scores each edit's identity (a "
+        "bundle exported with --identity-weights always does).",
+    ),
     aligned: bool = ALIGNED,
     landmarks: Path | None = LANDMARKS,
     landmarks_model: Path | None = LANDMARKS_MODEL,
@@ -209,15 +241,21 @@ def edit_command(
     truncation: float = typer.Option(
         0.7, "--truncation", metavar="PSI", rich_help_panel=INPUT, help="With --seed: truncation psi toward the mean W."
     ),
-    text: str | None = typer.Option(
-        None, "--text", "-t", metavar="PROMPT", rich_help_panel=PROMPT, help="Prompt to edit toward."
+    text: list[str] | None = typer.Option(
+        None,
+        "--text",
+        "-t",
+        metavar="PROMPT",
+        rich_help_panel=PROMPT,
+        help="Prompt to edit toward; repeat it to compose several edits, w + sum of S_i*0.1*delta_i (beyond the "
+        "paper, which edits one prompt).",
     ),
-    text_embedding: Path | None = typer.Option(
+    text_embedding: list[Path] | None = typer.Option(
         None,
         "--text-embedding",
         metavar="FILE",
         rich_help_panel=PROMPT,
-        help=".npy of unnormalised CLIP text features, [512] or [N,512]; bypasses CLIP.",
+        help=".npy of unnormalised CLIP text features, [512] or [N,512]; bypasses CLIP. Repeatable, as --text.",
     ),
     clip_weights: Path | None = typer.Option(
         None,
@@ -226,13 +264,14 @@ def edit_command(
         rich_help_panel=PROMPT,
         help="CLIP ViT-B/32 weights (OpenAI's ViT-B-32.pt or open_clip): torch backend with --text, and refinement.",
     ),
-    strength: float = typer.Option(
-        1.0,
+    strength: list[float] | None = typer.Option(
+        None,
         "--strength",
         "-s",
         metavar="S",
         rich_help_panel=PROMPT,
-        help="Edit strength: w_hat = w + S*0.1*delta (1 = official, 0 = the source).",
+        help="Edit strength: w_hat = w + S*0.1*delta (1 = official, 0 = the source); one for all prompts, or one per "
+        "prompt in their order. \\[default: 1]",
     ),
     side_by_side: bool = typer.Option(
         False, "--side-by-side", rich_help_panel=OUTPUT, help="Write source|edit pairs instead of edits."
@@ -372,8 +411,9 @@ def edit_command(
     if backend is None and bundle is not None and checkpoint is None:
         name = "onnxruntime" if providers else default_bundle_backend(cpu_features(), device)
     info = backend_info(name)
-    if (text is None) == (text_embedding is None):
-        raise CfdeployError("give exactly one of --text or --text-embedding")
+    if bool(text) == bool(text_embedding):
+        raise CfdeployError("give --text or --text-embedding (each may be repeated), not both")
+    strengths = paired_strengths(len(text or text_embedding or []), strength or [1.0])
     if sum(given is not None for given in (latents, seed, images)) != 1:
         raise CfdeployError("give exactly one of --latents, --seed or --images")
     faces = landmark_options(aligned, landmarks, landmarks_model, all_faces, skip_missing) if images else None
@@ -383,7 +423,12 @@ def edit_command(
     )
     if encoder is not None and (info.source != "checkpoint" or not images):
         raise CfdeployError("--encoder is for --images on the torch backend (a bundle carries its encoder)")
-    require_finite(strength=strength, refine_lr=refine_lr, refine_l2=refine_l2)
+    if identity_weights is not None and info.source != "checkpoint":
+        raise CfdeployError(
+            "--identity-weights is for the torch backend (a bundle carries its identity graph: "
+            "cfdeploy export --identity-weights)"
+        )
+    require_finite(refine_lr=refine_lr, refine_l2=refine_l2)
     require_range(0, refine_steps=refine_steps, cache_max=cache_max)
     require_range(1, batch_size=batch_size, threads=threads)
     require_range(0, 9, png_compression=png_compression)
@@ -401,8 +446,10 @@ def edit_command(
             raise missing_extra(missing.name or "torch", "refinement (--refine-steps)") from None
         if clip_weights is None:
             raise CfdeployError("--refine-steps needs --clip-weights (CLIP ViT-B/32 with its image encoder)")
+        if len(strengths) > 1:
+            raise CfdeployError("--refine-steps refines toward one prompt: give one --text")
         refine_settings = RefineSettings(refine_steps, refine_lr, refine_l2, source_text or "face", refine_layers)
-    needs_clip = info.source == "checkpoint" and (text is not None or refine_steps > 0)
+    needs_clip = info.source == "checkpoint" and (bool(text) or refine_steps > 0)
     if needs_clip and clip_weights is None:
         raise CfdeployError("--text needs --clip-weights (CLIP ViT-B/32 weights); or pass --text-embedding")
     options = {
@@ -418,6 +465,7 @@ def edit_command(
         "encoder": encoder,
         "threads": threads,
         "session_cache": session_cache_option(no_session_cache) if "session_cache" in info.options else None,
+        "identity_weights": identity_weights,
     }
     inputs = [
         path
@@ -425,9 +473,10 @@ def edit_command(
             checkpoint,
             bundle,
             latents,
-            text_embedding,
+            *(text_embedding or []),
             clip_weights,
             encoder,
+            identity_weights,
             landmarks,
             landmarks_model,
             *(images or []),
@@ -449,7 +498,9 @@ def edit_command(
             compiled_cache.on_warning = warn
         refiner = None
         if refine_settings is not None:
-            refiner = build_refiner(editor, refine_settings, text, source_text, checkpoint, clip_weights)
+            refiner = build_refiner(
+                editor, refine_settings, text[0] if text else None, source_text, checkpoint, clip_weights
+            )
         recorded = {
             "backend": name,
             info.source: str(source),
@@ -459,13 +510,16 @@ def edit_command(
                 if value is not None
             },
         }
-        photos, timings, notes, pasted = None, None, [], None
+        photos, timings, notes, pasted, aligned_faces = None, None, [], None, None
         if images:
+            from cfdeploy.photos import batch_inputs
             from cfdeploy.photos.invert import PhotoPaster, photo_pixels
 
             assert faces is not None
             codes, origin, found, timings, notes = photo_codes(editor, images, faces, batch_size)
             photos = photo_pixels(found, editor.size) if side_by_side else None
+            if editor.identity_source is not None:
+                aligned_faces = batch_inputs([crop.image for crop in found])
             if pasted_settings is not None:
                 pasted = PhotoPaster(found, staged.write, pasted_settings)
                 if pasted_settings.save_mask:
@@ -478,9 +532,9 @@ def edit_command(
             editor,
             staged,
             codes,
-            text=text,
-            text_embedding=text_embedding,
-            strength=strength,
+            text=text[0] if text and len(text) == 1 else text,
+            text_embedding=text_embedding or [],
+            strength=strengths[0] if len(strengths) == 1 else strengths,
             batch_size=batch_size,
             side_by_side=side_by_side,
             save_latents=save_latents,
@@ -492,8 +546,9 @@ def edit_command(
             prior_timings=timings,
             pasted=pasted,
             crops=("crops" if crops or side_by_side else None) if pasting else "",
+            faces=aligned_faces,
         )
-    report(summary, out, editor, text, notes)
+    report(summary, out, editor, text or [], notes)
 
 
 def build_refiner(
@@ -553,7 +608,7 @@ def demo_command(
             staged,
             codes,
             text=DEMO_PROMPT,
-            text_embedding=None,
+            text_embedding=[],
             strength=1.0,
             batch_size=2,
             side_by_side=True,
@@ -562,7 +617,7 @@ def demo_command(
             png_compression=DEFAULT_PNG_COMPRESSION,
             inputs={"synthetic_weights": True, "model_build_s": round(build_s, 3), **origin},
         )
-    report(summary, out, editor, DEMO_PROMPT)
+    report(summary, out, editor, [DEMO_PROMPT])
     say(
         f"before|after pairs: {plain(out)}/000000.png …; edited codes: {plain(out)}/latents.npy; details: {plain(out)}/edit.json"
     )

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from cfdeploy.cli.common import Precision, app, progress_bar, resumable, say, user_errors, warn
+from cfdeploy.cli.common import Precision, app, progress_bar, resumable, retired, say, user_errors, warn
 
 TRAINING = "Training"
 LOSSES = "Loss weights"
@@ -41,12 +41,13 @@ def train_command(
     test_latents: Path | None = typer.Option(
         None, "--test-latents", metavar="FILE", help="Validation codes (default: the first 4 training codes)."
     ),
-    id_weights: Path | None = typer.Option(
+    identity_weights: Path | None = typer.Option(
         None,
-        "--id-weights",
+        "--identity-weights",
         metavar="FILE",
         help="ArcFace IR-SE50 (model_ir_se50.pth) for the identity loss; faces only.",
     ),
+    old_identity_weights: Path | None = typer.Option(None, "--id-weights", hidden=True),
     init_from: Path | None = typer.Option(
         None,
         "--init-from",
@@ -70,7 +71,7 @@ def train_command(
         None,
         "--id-lambda",
         rich_help_panel=LOSSES,
-        help="Weight of the identity loss \\[default: 0.2 with --id-weights, else 0].",
+        help="Weight of the identity loss \\[default: 0.2 with --identity-weights, else 0].",
     ),
     source_text: str = typer.Option(
         "face",
@@ -110,7 +111,7 @@ def train_command(
     official checkpoint format: `cfdeploy edit -c`, `export` and `refit` take them.
 
     Example: cfdeploy train -t "green lipstick" -g stylegan2-ffhq-config-f.pt --clip-weights ViT-B-32.pt
-    -l train_faces.pt --test-latents test_faces.pt --id-weights model_ir_se50.pth -o runs/green_lipstick
+    -l train_faces.pt --test-latents test_faces.pt --identity-weights model_ir_se50.pth -o runs/green_lipstick
     """
     from cfdeploy.errors import CfdeployError
     from cfdeploy.training.run import train
@@ -121,14 +122,16 @@ def train_command(
         TrainSettings,
     )
 
+    identity_weights = retired("--id-weights", old_identity_weights, "--identity-weights", identity_weights)
     if resume and force:
         raise CfdeployError("--resume continues the run in --out; --force would replace it: give one of them")
     notes = []
     if id_lambda is None:
-        id_lambda = 0.2 if id_weights is not None else 0.0
-        if id_weights is None:
+        id_lambda = 0.2 if identity_weights is not None else 0.0
+        if identity_weights is None:
             notes.append(
-                "no --id-weights: the identity loss is off (--id-lambda 0); pass model_ir_se50.pth to keep faces' identity"
+                "no --identity-weights: the identity loss is off (--id-lambda 0); pass model_ir_se50.pth to keep "
+                "faces' identity"
             )
     settings = TrainSettings(
         text,
@@ -149,7 +152,7 @@ def train_command(
         seed=seed,
         precision=precision.value,
     )
-    inputs = TrainInputs(generator, clip_weights, latents, test_latents, id_weights, init_from, text_embedding)
+    inputs = TrainInputs(generator, clip_weights, latents, test_latents, identity_weights, init_from, text_embedding)
     with resumable(out / TRAINING_STATE), progress_bar() as bar:
         task = bar.add_task("loading", total=steps)
 

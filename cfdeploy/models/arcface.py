@@ -12,13 +12,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from cfdeploy.contracts import IDENTITY_DIM, IDENTITY_IMAGE_SIZE
 from cfdeploy.models.e4e import IR_SE_50_STAGES, BottleneckIRSE, InferenceBatchNorm2d
 
 FACE_SIZE = 112
-EMBEDDING_DIM = 512
+EMBEDDING_DIM = IDENTITY_DIM
 HEAD_SPATIAL = 7  # 112 px halved four times
 # The official identity loss first brings images to 256 px, then keeps this window (the face) and pools it to 112.
-ID_POOL_SIZE = 256
+ID_POOL_SIZE = IDENTITY_IMAGE_SIZE
 ID_CROP = (slice(35, 223), slice(32, 220))
 
 
@@ -56,12 +57,29 @@ class ArcFace(nn.Module):
         return features / features.norm(dim=1, keepdim=True)
 
 
+def face_features(arcface: ArcFace, images: torch.Tensor) -> torch.Tensor:
+    """Images at 256 px to ArcFace embeddings: the official identity loss's face window, pooled to 112 px."""
+    rows, cols = ID_CROP
+    return arcface(F.adaptive_avg_pool2d(images[:, :, rows, cols], FACE_SIZE))
+
+
 def identity_features(arcface: ArcFace, images: torch.Tensor) -> torch.Tensor:
     """Generator output at any size to ArcFace embeddings, cropped and pooled as the official identity loss does."""
     if images.shape[-1] != ID_POOL_SIZE:
         images = F.adaptive_avg_pool2d(images, ID_POOL_SIZE)
-    rows, cols = ID_CROP
-    return arcface(F.adaptive_avg_pool2d(images[:, :, rows, cols], FACE_SIZE))
+    return face_features(arcface, images)
+
+
+class IdentityNetwork(nn.Module):
+    """A bundle's ``identity`` graph: :func:`face_features` of images already pooled to 256 px (the host pools the
+    generator's images, whatever their size; :mod:`cfdeploy.identity`)."""
+
+    def __init__(self, arcface: ArcFace) -> None:
+        super().__init__()
+        self.arcface = arcface
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return face_features(self.arcface, images)
 
 
 def identity_loss(arcface: ArcFace, edited: torch.Tensor, source: torch.Tensor) -> torch.Tensor:

@@ -199,21 +199,29 @@ def edit_photo(
     photo: Photo,
     faces: Sequence[Face],
     *,
-    prompt: str | None = None,
-    text_features: np.ndarray | None = None,
-    strength: float = 1.0,
+    prompt: str | Sequence[str] | None = None,
+    text_features: np.ndarray | Sequence[np.ndarray] | None = None,
+    strength: float | Sequence[float] = 1.0,
     mask: MaskSettings | None = None,
+    identity: bool = False,
 ) -> PastedPhoto:
-    """``photo`` with each of ``faces`` aligned, inverted, edited toward the prompt (or text features) and pasted
-    back: what ``cfdeploy edit --images`` writes, in memory. Save it with :func:`cfdeploy.photos.images.save_photo`."""
+    """``photo`` with each of ``faces`` aligned, inverted, edited toward the prompt (or text features; several
+    compose) and pasted back: what ``cfdeploy edit --images`` writes, in memory. Save it with
+    :func:`cfdeploy.photos.images.save_photo`. With ``identity`` (a backend with the identity network), each face's
+    record holds its ``identity`` scores: the aligned face against its reconstruction and its edit."""
     from cfdeploy.editing import DEFAULT_BATCH_SIZE, EditJob, edit
 
     mask = mask or MaskSettings()
     mask.check()
     crops = align_faces(photo.image, faces, Path(photo.source))
     codes = encode_faces(backend, crops, DEFAULT_BATCH_SIZE)
-    result = edit(backend, EditJob(codes, prompt, text_features, strength))
-    return paste_faces(photo.image, face_edits(crops, list(to_uint8(result.images))), mask)
+    aligned = batch_inputs([crop.image for crop in crops]) if identity else None
+    result = edit(backend, EditJob(codes, prompt, text_features, strength, identity=identity, faces=aligned))
+    pasted = paste_faces(photo.image, face_edits(crops, list(to_uint8(result.images))), mask)
+    if result.identity is not None:
+        for row, record in enumerate(pasted.faces):
+            record["identity"] = {name: float(scores[row]) for name, scores in result.identity.items()}
+    return pasted
 
 
 @dataclass(frozen=True)

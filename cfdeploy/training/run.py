@@ -124,7 +124,7 @@ def prepare(settings: TrainSettings, inputs: TrainInputs, device: str, on_stage:
         inputs.clip_weights,
         inputs.latents,
         inputs.test_latents,
-        inputs.id_weights,
+        inputs.identity_weights,
         inputs.init_from,
         inputs.text_embedding,
     ):
@@ -155,9 +155,9 @@ def prepare(settings: TrainSettings, inputs: TrainInputs, device: str, on_stage:
     if clip is not None and settings.nce_lambda > 0:
         nce = ClipNCELoss(clip, settings.source_text, settings.description, augmentations=settings.augmentations)
     arcface = None
-    if inputs.id_weights is not None and settings.id_lambda:
+    if inputs.identity_weights is not None and settings.id_lambda:
         on_stage("loading ArcFace")
-        arcface = load_arcface(inputs.id_weights)
+        arcface = load_arcface(inputs.identity_weights)
     data = TrainingData(train_latents, test_latents, inputs)
     model = CFClipTraining(generator, nce, text_features, settings, arcface)
     if start is not None:  # the mappers' weights only: the optimiser starts fresh, as the official code's does

@@ -121,7 +121,7 @@ class TrainInputs:
     clip_weights: Path | None
     latents: Path
     test_latents: Path | None = None
-    id_weights: Path | None = None
+    identity_weights: Path | None = None
     init_from: Path | None = None  # a CF-CLIP checkpoint whose mappers the run starts from
     text_embedding: Path | None = None  # the prompt's CLIP text features [512], instead of CLIP's text tower
 
@@ -168,7 +168,7 @@ class CFClipTraining(nn.Module):
         super().__init__()
         if settings.id_lambda and arcface is None:
             raise CfdeployError(
-                "the identity loss needs ArcFace weights: pass --id-weights model_ir_se50.pth or --id-lambda 0"
+                "the identity loss needs ArcFace weights: pass --identity-weights model_ir_se50.pth or --id-lambda 0"
             )
         if settings.nce_lambda and nce is None:
             raise CfdeployError("the CLIP-NCE loss needs CLIP: pass --clip-weights ViT-B-32.pt or --nce-lambda 0")
@@ -256,7 +256,7 @@ def official_opts(settings: TrainSettings, data: TrainingData, out: Path, size: 
         "latent_l2_lambda": settings.l2_lambda,
         "stylegan_weights": str(data.inputs.generator),
         "stylegan_size": size,
-        "ir_se50_weights": None if data.inputs.id_weights is None else str(data.inputs.id_weights),
+        "ir_se50_weights": None if data.inputs.identity_weights is None else str(data.inputs.identity_weights),
         "max_steps": settings.steps,
         "val_interval": settings.val_every,
         "save_interval": settings.save_every,

@@ -31,8 +31,10 @@ SPELLINGS = {
     "text_embedding": ("--text-embedding", None),
     "threads": ("--threads", None),
     "no_session_cache": ("--no-session-cache", None),
+    "identity_weights": ("--identity-weights", None),
 }
-RETIRED = ("--prompt", "--target", "--samples", "-p")  # old spellings: hidden aliases that warn, never shown
+# old spellings: hidden aliases that warn, never shown
+RETIRED = ("--prompt", "--target", "--samples", "-p", "--id-weights")
 TENSORRT_PROFILE = {"--min-batch", "--opt-batch", "--max-batch", "--static-batch"}
 DATA_ARGUMENTS = {"invert": "photos", "embed": "prompts", "inspect": "file"}  # the only positional arguments
 

@@ -224,7 +224,7 @@ def test_cli_writes_official_checkpoints_that_edit_and_refit_accept(cli, run_fil
         run_files["latents"],
         "--test-latents",
         run_files["test"],
-        "--id-weights",
+        "--identity-weights",
         run_files["arcface"],
         "-o",
         out,
@@ -318,7 +318,7 @@ def test_cli_writes_official_checkpoints_that_edit_and_refit_accept(cli, run_fil
         ({"-t": " ".join(["lipstick"] * 80)}, ("is 82 tokens; CLIP reads at most 77",)),
         ({"--precision": "fp16"}, ("--precision fp16 needs --device cuda",)),
         ({"--steps": "0"}, ("--steps must be 1 or more, got 0",)),
-        ({"--id-weights": "clip"}, ("expected the ArcFace IR-SE-50 state dict",)),
+        ({"--identity-weights": "clip"}, ("expected the ArcFace IR-SE-50 state dict",)),
     ],
 )
 def test_cli_refuses_bad_input_before_writing(cli, run_files, tmp_path, change, fragments):

@@ -279,7 +279,9 @@ LONGEST_FIRST = [
     "cfclip/test_refit.py",
     "core/test_core_install.py",
     "cfclip/test_bench.py",
+    "photos/test_identity.py",
     "photos/test_paste.py",
+    "cfclip/test_several_prompts.py",
     "cfclip/test_bundle.py",
 ]
 XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")

@@ -10,9 +10,11 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import ctypes
+import fcntl
 import functools
 import gc
 import inspect
+import json
 import os
 import shutil
 import socket
@@ -341,23 +343,47 @@ def graph_cache_in_a_temporary_directory(tmp_path_factory: pytest.TempPathFactor
         os.environ["CFDEPLOY_CACHE_DIR"] = previous
 
 
+def built_once(path: Path, build: Callable[[Path], Any]) -> Path:
+    """``build(path)`` once for every worker of the run: the first worker to ask builds it, holding a lock, and the
+    others wait for it and use what it built (a file or a directory that no test changes)."""
+    done = path.with_name(path.name + ".done")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            if path.is_dir():
+                shutil.rmtree(path)
+            path.unlink(missing_ok=True)  # a build that failed half-way
+            build(path)
+            done.touch()
+    return path
+
+
 @pytest.fixture(scope="session")
-def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("official")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the session's synthetic files and bundles are built once for all workers (pytest-xdist's workers share
+    the parent of their own temporary directories)."""
+    root = tmp_path_factory.getbasetemp()
+    return (root.parent if XDIST_WORKER is not None else root) / "shared"
+
+
+@pytest.fixture(scope="session")
+def files(shared: Path) -> Path:
+    return shared / "official"
 
 
 @pytest.fixture(scope="session")
 def cfclip_64(files: Path) -> Path:
-    path = files / "green_lipstick_64.pt"
-    torch.save(synthetic_files.cfclip_checkpoint(64, seed=6), path)
-    return path
+    return built_once(
+        files / "green_lipstick_64.pt", lambda path: torch.save(synthetic_files.cfclip_checkpoint(64, seed=6), path)
+    )
 
 
 @pytest.fixture(scope="session")
 def cfclip_256(files: Path) -> Path:
-    path = files / "green_lipstick_256.pt"
-    torch.save(synthetic_files.cfclip_checkpoint(256, seed=1), path)
-    return path
+    return built_once(
+        files / "green_lipstick_256.pt", lambda path: torch.save(synthetic_files.cfclip_checkpoint(256, seed=1), path)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -371,48 +397,53 @@ def cfclip_1024(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 @pytest.fixture(scope="session")
 def clip_state_dict_file(files: Path) -> Path:
-    path = files / "clip_text_open_clip.pt"
-    torch.save(synthetic_files.clip_text_state(seed=CLIP_SEED), path)
-    return path
+    return built_once(
+        files / "clip_text_open_clip.pt", lambda path: torch.save(synthetic_files.clip_text_state(seed=CLIP_SEED), path)
+    )
 
 
 @pytest.fixture(scope="session")
 def clip_torchscript_file(files: Path) -> Path:
-    path = files / "ViT-B-32.pt"
-    synthetic_files.save_torchscript_archive(synthetic_files.clip_text_state(seed=CLIP_SEED, dtype=torch.float16), path)
-    return path
+    return built_once(
+        files / "ViT-B-32.pt",
+        lambda path: synthetic_files.save_torchscript_archive(
+            synthetic_files.clip_text_state(seed=CLIP_SEED, dtype=torch.float16), path
+        ),
+    )
 
 
 @pytest.fixture(scope="session")
 def clip_vit_b32_file(files: Path) -> Path:
     """Full CLIP ViT-B/32 weights, text and image towers (open_clip's state dict, seeded random): what refinement and
-    training read. 600 MB, written once for the session."""
+    training read. 600 MB, written once for the run."""
     from cfdeploy.models.clip_text import ClipText
 
-    path = files / "clip_vit_b32_full.pt"
-    torch.save(ClipText.random(seed=7).clip.state_dict(), path)
-    return path
+    return built_once(
+        files / "clip_vit_b32_full.pt", lambda path: torch.save(ClipText.random(seed=7).clip.state_dict(), path)
+    )
+
+
+def saved_array(path: Path, array: np.ndarray) -> Path:
+    return built_once(path, lambda target: np.save(target, array))
 
 
 @pytest.fixture(scope="session")
 def latents_64(files: Path) -> Path:
-    path = files / "latents_64.npy"
-    np.save(path, np.random.default_rng(4).standard_normal((5, 10, 512)).astype(np.float32))
-    return path
+    return saved_array(
+        files / "latents_64.npy", np.random.default_rng(4).standard_normal((5, 10, 512)).astype(np.float32)
+    )
 
 
 @pytest.fixture(scope="session")
 def latents_256(files: Path) -> Path:
-    path = files / "latents_256.npy"
-    np.save(path, np.random.default_rng(4).standard_normal((3, 14, 512)).astype(np.float32))
-    return path
+    return saved_array(
+        files / "latents_256.npy", np.random.default_rng(4).standard_normal((3, 14, 512)).astype(np.float32)
+    )
 
 
 @pytest.fixture(scope="session")
 def embedding_file(files: Path) -> Path:
-    path = files / "embedding.npy"
-    np.save(path, np.random.default_rng(5).standard_normal(512).astype(np.float32))
-    return path
+    return saved_array(files / "embedding.npy", np.random.default_rng(5).standard_normal(512).astype(np.float32))
 
 
 def run_cli(*args: object):
@@ -431,50 +462,38 @@ def cli():
 
 
 @pytest.fixture(scope="session")
-def bundle_256(tmp_path_factory: pytest.TempPathFactory, cfclip_256: Path, clip_state_dict_file: Path) -> Path:
+def bundle_256(shared: Path, cfclip_256: Path, clip_state_dict_file: Path) -> Path:
     """An ONNX bundle exported through the CLI, with one precomputed prompt."""
-    from typer.testing import CliRunner
 
-    from cfdeploy.cli import app
+    def export(out: Path) -> None:
+        args = ("export", "-c", cfclip_256, "--clip-weights", clip_state_dict_file, "--out", out)
+        result = run_cli(*args, "--prompt", "green lipstick")
+        assert result.exit_code == 0, result.stderr
 
-    out = tmp_path_factory.mktemp("bundles") / "green_lipstick_256"
-    result = CliRunner().invoke(
-        app,
-        [
-            "export",
-            "-c",
-            str(cfclip_256),
-            "--clip-weights",
-            str(clip_state_dict_file),
-            "--out",
-            str(out),
-            "--prompt",
-            "green lipstick",
-        ],
-    )
-    assert result.exit_code == 0, result.stderr
-    return out
+    return built_once(shared / "bundles" / "green_lipstick_256", export)
 
 
 @pytest.fixture(scope="session")
 def e4e_64(files: Path) -> Path:
     """An e4e checkpoint for the 64 px generator: the official encoder with 10 style blocks (what the official code
     builds for ``stylegan_size`` 64), its own generator, latent_avg; 600 MB."""
-    path = files / "e4e_64.pt"
-    torch.save(synthetic_files.e4e_checkpoint(seed=13, size=64), path)
-    return path
+    return built_once(
+        files / "e4e_64.pt", lambda path: torch.save(synthetic_files.e4e_checkpoint(seed=13, size=64), path)
+    )
 
 
 @pytest.fixture(scope="session")
 def bundle_with_encoder(
-    tmp_path_factory: pytest.TempPathFactory, cfclip_64: Path, clip_state_dict_file: Path, e4e_64: Path
+    shared: Path, cfclip_64: Path, clip_state_dict_file: Path, e4e_64: Path
 ) -> tuple[Path, Path, dict]:
     """``(e4e file, bundle, manifest)``: a 64 px bundle exported with the e4e encoder and without CLIP."""
     from cfdeploy.exporter import export_bundle
 
-    out = tmp_path_factory.mktemp("bundles") / "with_encoder_64"
-    manifest = export_bundle(cfclip_64, clip_state_dict_file, out, include_clip_text=False, encoder=e4e_64)
-    return e4e_64, out, manifest
+    out = built_once(
+        shared / "bundles" / "with_encoder_64",
+        lambda path: export_bundle(cfclip_64, clip_state_dict_file, path, include_clip_text=False, encoder=e4e_64),
+    )
+    return e4e_64, out, json.loads((out / "manifest.json").read_text())
 
 
 @contextlib.contextmanager
@@ -489,37 +508,38 @@ def torch_threads(count: int) -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def dac_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def dac_base(shared: Path) -> Path:
     """A tiny random Stable Diffusion folder (cfdeploy.dac.synthetic)."""
     from cfdeploy.dac.synthetic import write_random_base_model
 
-    return write_random_base_model(tmp_path_factory.mktemp("dac") / "tiny-sd", "tiny")
+    return built_once(shared / "dac" / "tiny-sd", lambda path: write_random_base_model(path, "tiny"))
 
 
 @pytest.fixture(scope="session")
-def dac_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("dac-image") / "cat.png"
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (80, 96, 3), dtype=np.uint8)).save(path)
-    return path
+def dac_image(shared: Path) -> Path:
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (80, 96, 3), dtype=np.uint8))
+    return built_once(shared / "dac-image" / "cat.png", image.save)
 
 
 @pytest.fixture(scope="session")
-def dac_run(tmp_path_factory: pytest.TempPathFactory, dac_base: Path, dac_image: Path) -> Path:
+def dac_run(shared: Path, dac_base: Path, dac_image: Path) -> Path:
     """A complete DAC run on the tiny model, never interrupted."""
     from cfdeploy.dac.abduct import AbductInputs, AbductSettings, abduct
 
-    out = tmp_path_factory.mktemp("dac-runs") / "cat_cap"
-    with torch_threads(1):
-        abduct(AbductSettings(DAC_PROMPT, DAC_TARGET, **FAST_DAC), AbductInputs(dac_image, dac_base), out)
-    return out
+    def run(out: Path) -> None:
+        with torch_threads(1):
+            abduct(AbductSettings(DAC_PROMPT, DAC_TARGET, **FAST_DAC), AbductInputs(dac_image, dac_base), out)
+
+    return built_once(shared / "dac-runs" / "cat_cap", run)
 
 
 @pytest.fixture(scope="session")
-def dac_bundle(tmp_path_factory: pytest.TempPathFactory, dac_run: Path) -> Path:
+def dac_bundle(shared: Path, dac_run: Path) -> Path:
     """``dac_run`` exported with the exact (scale-input) UNet."""
     from cfdeploy.dac.export import export_dac_bundle
 
-    out = tmp_path_factory.mktemp("dac-bundles") / "cat_cap"
-    with torch_threads(1):
-        export_dac_bundle(dac_run, out)
-    return out
+    def export(out: Path) -> None:
+        with torch_threads(1):
+            export_dac_bundle(dac_run, out)
+
+    return built_once(shared / "dac-bundles" / "cat_cap", export)

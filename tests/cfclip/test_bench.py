@@ -72,7 +72,13 @@ def test_bench_synthetic_reports_every_field(cli, tmp_path):
         assert backend["peak_rss_mb"] > 0 and backend["threads"] and backend["gpu_memory_mb"] is None
         assert [r["batch"] for r in backend["results"]] == [1, 2]
         for result_ in backend["results"]:
-            assert set(result_["stages_s"]) == set(STAGES) - {"align", "encoder", "refine", "source_generator", "identity"}
+            assert set(result_["stages_s"]) == set(STAGES) - {
+                "align",
+                "encoder",
+                "refine",
+                "source_generator",
+                "identity",
+            }
             for stats in result_["stages_s"].values():
                 assert set(stats) == {"median", "p90", "p99", "mean"} and stats["median"] > 0
             assert result_["images_per_s"] > 0

@@ -160,6 +160,16 @@ def session_cache_option(no_session_cache: bool) -> bool | None:
     return False if no_session_cache else None
 
 
+def require_files(*paths: Path | None) -> None:
+    """Every input file given is there and regular, checked before anything slow loads: a typo in the last option
+    should not cost the minute the models take to load."""
+    from cfdeploy.files import require_file
+
+    for path in paths:
+        if path is not None:
+            require_file(path)
+
+
 def precision_among(precision: Any, allowed: tuple[str, ...], where: str) -> str | None:
     """``--precision``'s value if ``where`` offers it, else one line naming what it offers."""
     if precision is None:

@@ -18,6 +18,7 @@ from cfdeploy.cli.common import (
     plain,
     precision_among,
     progress_bar,
+    require_files,
     require_finite,
     require_range,
     say,
@@ -467,22 +468,9 @@ def edit_command(
         "session_cache": session_cache_option(no_session_cache) if "session_cache" in info.options else None,
         "identity_weights": identity_weights,
     }
-    inputs = [
-        path
-        for path in (
-            checkpoint,
-            bundle,
-            latents,
-            *(text_embedding or []),
-            clip_weights,
-            encoder,
-            identity_weights,
-            landmarks,
-            landmarks_model,
-            *(images or []),
-        )
-        if path is not None
-    ]
+    files = (checkpoint, latents, *(text_embedding or []), clip_weights, encoder, identity_weights, landmarks_model)
+    require_files(*files, landmarks)
+    inputs = [path for path in (*files, landmarks, bundle, *(images or [])) if path is not None]
     if pasting:
         from cfdeploy.photos.images import photo_paths
         from cfdeploy.photos.invert import pasted_names

@@ -17,6 +17,7 @@ from cfdeploy.cli.common import (
     plain,
     precision_among,
     progress_bar,
+    require_files,
     require_range,
     say,
     session_cache_option,
@@ -180,6 +181,7 @@ def invert_command(
         raise CfdeployError("--backend, --precision and --threads are for --bundle (--encoder runs in torch)")
     faces = landmark_options(aligned, landmarks, landmarks_model, all_faces, skip_missing)
     inputs = [path for path in (*photos, encoder, bundle, landmarks, landmarks_model) if path is not None]
+    require_files(encoder, landmarks, landmarks_model)
     with StagedDirectory(out, force, inputs) as staged:
         from cfdeploy.photos.invert import E4EInverter, encode_faces, find_faces
 

@@ -219,3 +219,23 @@ def test_photo_inputs_are_refused_in_one_line(cli, tmp_path, photos, e4e_64, cfc
         out,
         "encoding photos needs the e4e encoder: pass --encoder e4e_ffhq_encode.pt",
     )
+
+
+def test_a_missing_file_is_refused_before_any_model_loads(cli, tmp_path):
+    """The checkpoint and encoder here are not loadable: a refusal naming the landmarks model shows nothing was
+    loaded before the files were checked."""
+    photo = tmp_path / "me.png"
+    Image.new("RGB", (32, 32)).save(photo)
+    checkpoint, encoder = tmp_path / "green_lipstick.pt", tmp_path / "e4e_ffhq_encode.pt"
+    for unloadable in (checkpoint, encoder):
+        unloadable.write_bytes(b"not a checkpoint")
+    embedding = tmp_path / "embedding.npy"
+    np.save(embedding, np.zeros(512, np.float32))
+    missing = tmp_path / "shape_predictor_68_face_landmarks.dat"
+    out = tmp_path / "out"
+    faces = ("--landmarks-model", missing, "--out", out)
+    edit = ("edit", "-c", checkpoint, "--encoder", encoder, "--images", photo, "--text-embedding", embedding, *faces)
+    for command in (edit, ("invert", photo, "--encoder", encoder, *faces)):
+        result = cli(*command)
+        assert_refused(result, out)
+        assert result.stderr == f"error: {missing}: no such file\n"

@@ -239,3 +239,16 @@ def test_a_missing_file_is_refused_before_any_model_loads(cli, tmp_path):
         result = cli(*command)
         assert_refused(result, out)
         assert result.stderr == f"error: {missing}: no such file\n"
+
+
+def test_the_total_counts_the_alignment_and_encoding_run_before_the_edit(tmp_path):
+    from cfdeploy.demo import synthetic_backend
+    from cfdeploy.editing import EditJob, edit_to_directory
+    from cfdeploy.outputs import StagedDirectory
+
+    backend = synthetic_backend(size=8)
+    job = EditJob(np.zeros((1, backend.n_latent, 512), np.float32), text_features=np.ones((1, 512), np.float32))
+    with StagedDirectory(tmp_path / "edits", force=False) as staged:
+        summary = edit_to_directory(backend, job, staged, prior_timings={"align": 30.0, "encoder": 20.0})
+    assert summary["timings_s"]["align"] == 30.0 and summary["timings_s"]["encoder"] == 20.0
+    assert 50.0 < summary["total_s"] < 50.0 + 10.0

@@ -11,6 +11,7 @@ from typing import Any
 import typer
 
 from cfdeploy.cli.common import (
+    PRECISION_CHOICES,
     Precision,
     app,
     console,
@@ -300,6 +301,7 @@ def edit_command(
     backend: BackendName | None = typer.Option(
         None,
         "--backend",
+        metavar="NAME",
         rich_help_panel=RUNTIME,
         help="torch (from --checkpoint), onnxruntime, openvino or tensorrt (from --bundle). \\[default: torch for "
         "--checkpoint; for --bundle the fastest exact one installed: openvino on CPUs with AVX-512 or AMX, else "
@@ -316,6 +318,7 @@ def edit_command(
     precision: Precision | None = typer.Option(
         None,
         "--precision",
+        metavar=PRECISION_CHOICES,
         rich_help_panel=RUNTIME,
         help="torch backend, generator only: fp16 (autocast, for CUDA) or bf16 (CPUs with bf16 units); openvino: "
         "bf16 for the generator and encoder on CPUs with AMX or AVX-512 BF16; the other backends run what their "

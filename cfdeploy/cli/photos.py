@@ -10,6 +10,7 @@ from typing import Any
 import typer
 
 from cfdeploy.cli.common import (
+    PRECISION_CHOICES,
     Precision,
     app,
     console,
@@ -153,10 +154,14 @@ def invert_command(
     backend: BundleRuntime | None = typer.Option(
         None,
         "--backend",
+        metavar="NAME",
         help="With --bundle: onnxruntime or openvino. \\[default: the fastest exact one installed, as for edit]",
     ),
     precision: Precision | None = typer.Option(
-        None, "--precision", help="With --backend openvino: bf16 on CPUs with AMX or AVX-512 BF16. \\[default: fp32]"
+        None,
+        "--precision",
+        metavar=PRECISION_CHOICES,
+        help="With --backend openvino: bf16 on CPUs with AMX or AVX-512 BF16. \\[default: fp32]",
     ),
     threads: int | None = threads_option(),
     no_session_cache: bool = no_session_cache_option(),

@@ -10,6 +10,7 @@ import typer
 
 from cfdeploy.cli.common import (
     POSITIONAL_ARTIFACT,
+    PRECISION_CHOICES,
     Precision,
     app,
     artifact,
@@ -47,12 +48,15 @@ RAY_ADDRESS = typer.Option(
 BACKEND = typer.Option(
     ServedBackend.onnxruntime,
     "--backend",
+    metavar="NAME",
     rich_help_panel=RESOURCES,
-    help="Runtime in each replica or worker (tensorrt needs --gpus-per-replica / --gpus-per-worker).",
+    help="Runtime in each replica or worker: onnxruntime, openvino or tensorrt (tensorrt needs --gpus-per-replica / "
+    "--gpus-per-worker).",
 )
 PRECISION = typer.Option(
     None,
     "--precision",
+    metavar=PRECISION_CHOICES,
     rich_help_panel=RESOURCES,
     help="openvino: bf16 for the generator and encoder, on CPUs with AMX or AVX-512 BF16. \\[default: fp32]",
 )

@@ -149,10 +149,15 @@ def bench_command(
     print_bench(report, wide)
     from cfdeploy.bench import write_csv, write_json, write_plot
 
+    written = []
     for path, writer in ((json_file, write_json), (csv_file, write_csv), (plot_file, write_plot)):
         if path is not None:
             writer(report, path)
             say(f"wrote {path}")
+            written.append(str(path))
+    if "interrupted_at" in report:
+        kept = f"kept the backends measured before {report['interrupted_at']}"
+        raise KeyboardInterrupt(f"{kept} (in {', '.join(written)})" if written else kept)
 
 
 def bench_tables(report: dict[str, Any], wide: bool = False, width: int | None = None) -> list[Table]:

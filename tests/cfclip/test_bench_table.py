@@ -251,3 +251,28 @@ def test_the_wide_table_in_100_columns_is_split_into_tables_that_cut_no_value():
         assert headings(table)[:2] == ["backend", "batch"] and f"({number} of {len(tables)})" in str(table.title)
     measures = [heading for table in tables for heading in headings(table)[2:]]
     assert measures == [column.heading for column in WIDE_COLUMNS[2:]]
+
+
+def test_an_interrupted_bench_keeps_the_backends_measured_before_it(cli, monkeypatch, tmp_path):
+    import cfdeploy.bench
+
+    measured = every_stage_report(("torch-reference",))["backends"][0]
+
+    def measure_in_process(name, sources, settings, on_progress):
+        if name == "torch":
+            raise KeyboardInterrupt
+        return copy.deepcopy(measured)
+
+    monkeypatch.setattr(cfdeploy.bench, "prepare_sources", lambda scratch, **given: Sources())
+    monkeypatch.setattr(cfdeploy.bench, "measure_in_process", measure_in_process)
+    report_path = tmp_path / "bench.json"
+    result = cli("bench", "--synthetic", 16, "--backends", "torch-reference,torch,onnxruntime", "--json", report_path)
+    assert result.exit_code == 130
+    assert result.stderr.splitlines()[-1] == (
+        f"error: interrupted; kept the backends measured before torch (in {report_path})"
+    )
+    report = json.loads(report_path.read_text())
+    assert report["interrupted_at"] == "torch"
+    assert [backend["backend"] for backend in report["backends"]] == ["torch-reference"]
+    body = [line for line in result.stdout.splitlines() if line.startswith("│")]
+    assert [line.split("│")[1].strip() for line in body] == ["torch-reference"]

@@ -228,6 +228,8 @@ def _one_line_errors(command: Callable[..., Any], *args: Any, **kwargs: Any) -> 
     """Run ``command``; each kind of failure becomes one line and its exit code."""
     try:
         return command(*args, **kwargs)
+    except typer.Exit:  # a command that said why itself, with its own exit code
+        raise
     except CfdeployError as error:
         raise fail(str(error)) from None
     except ModuleNotFoundError as error:

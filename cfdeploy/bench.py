@@ -441,12 +441,23 @@ def measure_in_process(name: str, sources: Sources, settings: BenchSettings, on_
 
 
 def run_bench(sources: Sources, settings: BenchSettings, on_progress: Progress = ignore_progress) -> dict[str, Any]:
-    """Measure every requested backend (:data:`PRESETS` names), each in its own process, and assemble the report."""
+    """Measure every requested backend (:data:`PRESETS` names), each in its own process, and assemble the report.
+
+    Ctrl-C after a backend was measured ends the run with the report of those measured so far, ``interrupted_at``
+    naming the backend it stopped (an interrupt before any was measured propagates).
+    """
     check_backend_names(settings.backends)
-    reports = []
+    reports: list[dict[str, Any]] = []
+    interrupted_at = None
     for index, name in enumerate(settings.backends, 1):
         on_progress(f"{name}: opening (backend {index}/{len(settings.backends)})")
-        reports.append(measure_in_process(name, sources, settings, on_progress))
+        try:
+            reports.append(measure_in_process(name, sources, settings, on_progress))
+        except KeyboardInterrupt:
+            if not any("results" in report for report in reports):
+                raise
+            interrupted_at = name
+            break
     reference = next((r for r in reports if r["backend"] == PARITY_REFERENCE and "results" in r), None)
     reference_images = {result["batch"]: result["images"] for result in reference["results"]} if reference else {}
     for report in reports:
@@ -458,6 +469,7 @@ def run_bench(sources: Sources, settings: BenchSettings, on_progress: Progress =
         "machine": machine_info(),
         "settings": {**settings.__dict__, "backends": list(settings.backends)},
         "backends": reports,
+        **({"interrupted_at": interrupted_at} if interrupted_at else {}),
     }
 
 

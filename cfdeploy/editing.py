@@ -448,9 +448,9 @@ def edit_to_directory(
     Everything goes into ``staged``, which the caller entered before loading models; it replaces the
     output directory only when the caller's block ends without error. ``photos`` (uint8 ``[N, S, S, 3]``,
     the aligned faces the codes came from) lead each side-by-side row; ``prior_timings`` are stages the
-    caller ran first (alignment, encoding). ``pasted`` takes each edit too (the ``paste`` stage); ``crops``
-    is the folder the images go to (``""``: the directory itself; None: not written). Returns what
-    ``edit.json`` holds.
+    caller ran first (alignment, encoding), counted in ``total_s``. ``pasted`` takes each edit too (the
+    ``paste`` stage); ``crops`` is the folder the images go to (``""``: the directory itself; None: not
+    written). Returns what ``edit.json`` holds.
     """
     count, n_latent = job.latents.shape[:2]
     size = backend.size
@@ -518,7 +518,7 @@ def edit_to_directory(
             "loss_curves": job.refiner.curves,
         },
         "timings_s": {name: round(seconds, 6) for name, seconds in timer.seconds.items()},
-        "total_s": round(time.perf_counter() - started, 6),
+        "total_s": round(time.perf_counter() - started + sum((prior_timings or {}).values()), 6),
         "versions": versions(),
     }
     staged.write_json("edit.json", summary)

@@ -65,7 +65,7 @@ def system_report() -> dict[str, Any]:
 
 
 def inspect_file(path: Path) -> dict[str, Any]:
-    """A flat description of a checkpoint, CLIP weights file, or latent/embedding array."""
+    """A flat description of a checkpoint (CF-CLIP, StyleGAN2, e4e), CLIP weights file, or latent/embedding array."""
     if path.is_dir():
         return _describe_bundle(path)
     require_file(path)
@@ -74,7 +74,7 @@ def inspect_file(path: Path) -> dict[str, Any]:
     try:
         import torch
 
-        from cfdeploy.checkpoints import load_cfclip, load_clip, load_stylegan2
+        from cfdeploy.checkpoints import load_cfclip, load_clip, load_e4e, load_stylegan2
         from cfdeploy.torchfiles import is_torchscript_archive, safe_torch_load
     except ModuleNotFoundError as missing:
         raise missing_extra(missing.name or "torch", f"inspecting {path}") from None
@@ -92,6 +92,16 @@ def inspect_file(path: Path) -> dict[str, Any]:
     if isinstance(content, torch.Tensor):
         return _describe_array(content.numpy())
     state = content.get("state_dict") if isinstance(content, dict) else None
+    if isinstance(state, dict) and any(str(key).startswith("encoder.") for key in state):
+        e4e = load_e4e(path)
+        return {
+            "kind": "e4e encoder checkpoint",
+            "resolution": e4e.generator.config.size,
+            "n_latent": e4e.n_latent,
+            "dataset_type": e4e.opts.get("dataset_type"),
+            "start_from_latent_avg": bool(e4e.opts.get("start_from_latent_avg", False)),
+            "parameters": {"encoder": _parameters(e4e.encoder), "generator": _parameters(e4e.generator)},
+        }
     if isinstance(state, dict) and any(str(key).startswith("decoder.") for key in state):
         checkpoint = load_cfclip(path)
         return {
@@ -120,7 +130,7 @@ def inspect_file(path: Path) -> dict[str, Any]:
         }
     if isinstance(content, dict) and ("token_embedding.weight" in content or "state_dict" in content):
         return _describe_clip(load_clip(path), "state dict")
-    raise CfdeployError(f"{path}: not a CF-CLIP, StyleGAN2 or CLIP file cfdeploy knows")
+    raise CfdeployError(f"{path}: not a CF-CLIP, StyleGAN2, e4e or CLIP file cfdeploy knows")
 
 
 def _describe_bundle(path: Path) -> dict[str, Any]:

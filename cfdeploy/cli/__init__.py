@@ -16,9 +16,11 @@ from cfdeploy.cli import (
     tools,  # noqa: F401  (embed, inspect)
     train,  # noqa: F401  (train)
 )
-from cfdeploy.cli.common import app
+from cfdeploy.cli.common import app, flow_help
 
 __all__ = ["app", "main"]
+
+flow_help(app)
 
 
 def main() -> None:

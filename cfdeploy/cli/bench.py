@@ -103,8 +103,8 @@ def bench_command(
 ) -> None:
     """Latency, images/s, peak RSS and image parity of each backend.
 
-    The table fits 100 columns; --wide adds each stage's median. Each backend
-    runs in its own process; parity is against the torch fp32 backend.
+    The table fits 100 columns; --wide adds each stage's median, in as many tables as the terminal's width takes.
+    Each backend runs in its own process; parity is against the torch fp32 backend.
     Backends that cannot run here are listed as skipped, with the reason.
     With --encoder (or a bundle holding the encoder graph) runs start from photos; with --identity-weights (or a
     bundle holding the identity graph) they score identity.
@@ -149,20 +149,45 @@ def bench_command(
     print_bench(report, wide)
     from cfdeploy.bench import write_csv, write_json, write_plot
 
+    written = []
     for path, writer in ((json_file, write_json), (csv_file, write_csv), (plot_file, write_plot)):
         if path is not None:
             writer(report, path)
             say(f"wrote {path}")
+            written.append(str(path))
+    if "interrupted_at" in report:
+        kept = f"kept the backends measured before {report['interrupted_at']}"
+        raise KeyboardInterrupt(f"{kept} (in {', '.join(written)})" if written else kept)
 
 
-def bench_table(report: dict[str, Any], wide: bool = False) -> Table:
-    """The report as a table: compact (whole-edit latency, fits 100 columns) or wide (every stage); no empty columns."""
-    from cfdeploy.bench import cell_text, table_columns, table_rows
+def bench_tables(report: dict[str, Any], wide: bool = False, width: int | None = None) -> list[Table]:
+    """The report as a table: compact (whole-edit latency, fits 100 columns) or wide (every stage); no empty columns.
+
+    Given a ``width``, the columns that do not fit go to further tables, each led by the backend and batch, so that
+    no value is cut short."""
+    from cfdeploy.bench import NAME_COLUMNS, table_columns, table_rows
 
     rows = table_rows(report)
-    columns = table_columns(rows, wide)
-    title = "median ms per stage, per batch" if wide else "ms per batch (median, p90)"
-    table = Table(title=f"cfdeploy bench: {title}; PSNR against torch fp32")
+    parts: list[list[Any]] = [[*NAME_COLUMNS]]
+    for column in table_columns(rows, wide):
+        if column in NAME_COLUMNS:
+            continue
+        grown = [*parts[-1], column]
+        if width is not None and len(parts[-1]) > len(NAME_COLUMNS) and _width(_table("", rows, grown)) > width:
+            parts.append([*NAME_COLUMNS, column])
+        else:
+            parts[-1] = grown
+    measured = "median ms per stage, per batch" if wide else "ms per batch (median, p90)"
+    title = f"cfdeploy bench: {measured}; PSNR against torch fp32"
+    if len(parts) == 1:
+        return [_table(title, rows, parts[0])]
+    return [_table(f"{title} ({number} of {len(parts)})", rows, part) for number, part in enumerate(parts, 1)]
+
+
+def _table(title: str, rows: list[dict[str, Any]], columns: list[Any]) -> Table:
+    from cfdeploy.bench import cell_text
+
+    table = Table(title=title)
     for column in columns:
         table.add_column(column.heading, justify="left" if column.key == "backend" else "right", no_wrap=True)
     for row in rows:
@@ -170,13 +195,21 @@ def bench_table(report: dict[str, Any], wide: bool = False) -> Table:
     return table
 
 
+def _width(table: Table) -> int:
+    """Columns ``table`` needs to show every value whole."""
+    return Console(width=10_000).measure(table).maximum
+
+
 def print_bench(report: dict[str, Any], wide: bool) -> None:
-    """The table on stdout (as wide as it needs when piped), then the skipped backends and why."""
-    table = bench_table(report, wide)
-    width = None if sys.stdout.isatty() else max(SCREEN_WIDTH, Console(width=1000).measure(table).maximum)
-    screen = Console(width=width, highlight=False)
-    if table.row_count:
-        screen.print(table)
+    """The tables on stdout (in a terminal, as many as its width takes; piped, one as wide as it needs), then the
+    skipped backends and why."""
+    terminal = sys.stdout.isatty()
+    tables = bench_tables(report, wide, Console().width if terminal else None)
+    widest = max([SCREEN_WIDTH, *map(_width, tables)])
+    screen = Console(width=None if terminal else widest, highlight=False)
+    for table in tables:
+        if table.row_count:
+            screen.print(table)
     for backend in report["backends"]:
         if "skipped" in backend:
             screen.print(plain(f"skipped {backend['backend']}: {backend['skipped']}"), markup=False, soft_wrap=True)

@@ -10,6 +10,7 @@ import typer
 
 from cfdeploy.cli.common import (
     POSITIONAL_ARTIFACT,
+    PRECISION_CHOICES,
     Precision,
     app,
     artifact,
@@ -27,6 +28,7 @@ from cfdeploy.errors import CfdeployError
 ENGINE_PRECISION = typer.Option(
     None,
     "--precision",
+    metavar=PRECISION_CHOICES,
     help="Engine precision for CLIP text and the generator: fp32, fp16, or mixed (fp16 convolutions; style, demodulation "
     "and RGB layers fp32). Default: each network's contract (generator mixed, CLIP text fp16). The mappers and the "
     "mapping network are always fp32.",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import os
 import re
 import warnings
@@ -36,6 +37,21 @@ app = typer.Typer(
 console = Console(stderr=True, highlight=False)
 
 
+def flowed(text: str) -> str:
+    """``text`` with each paragraph on one line. Typer keeps a docstring's line breaks after its first paragraph, so
+    a docstring wrapped for the source would break mid-sentence in a terminal; a flowing paragraph Rich wraps."""
+    return "\n\n".join(" ".join(paragraph.split("\n")) for paragraph in text.split("\n\n"))
+
+
+def flow_help(typer_app: typer.Typer) -> None:
+    """Every command's help in ``typer_app`` and its groups as flowing paragraphs (:func:`flowed`)."""
+    for command in typer_app.registered_commands:
+        command.help = flowed(command.help or inspect.getdoc(command.callback) or "")
+    for group in typer_app.registered_groups:
+        assert group.typer_instance is not None
+        flow_help(group.typer_instance)
+
+
 def show_version(asked: bool) -> None:
     if asked:
         from cfdeploy.environment import package_version, runtimes
@@ -62,6 +78,8 @@ def cfdeploy_options(
 # One precision vocabulary for every command: the registry's, in its order (each backend takes the subset it lists).
 PRECISIONS = tuple(dict.fromkeys(precision for info in BACKENDS.values() for precision in info.precisions))
 Precision = Enum("Precision", [(name, name) for name in PRECISIONS], type=str)  # type: ignore[misc]
+# --precision's metavar: Typer's "[fp32|fp16|bf16|mixed]" is split mid-word in an 80-column terminal.
+PRECISION_CHOICES = "|".join(PRECISIONS)
 Command = TypeVar("Command", bound=Callable[..., Any])
 COMMAND_GROUPS = {"cfdeploy.cli.dac": "dac"}  # a command group's module: the group's name
 # C0 and C1 control characters (ESC starts terminal escape sequences and OSC 8 links), DEL, and the
@@ -160,6 +178,16 @@ def session_cache_option(no_session_cache: bool) -> bool | None:
     return False if no_session_cache else None
 
 
+def require_files(*paths: Path | None) -> None:
+    """Every input file given is there and regular, checked before anything slow loads: a typo in the last option
+    should not cost the minute the models take to load."""
+    from cfdeploy.files import require_file
+
+    for path in paths:
+        if path is not None:
+            require_file(path)
+
+
 def precision_among(precision: Any, allowed: tuple[str, ...], where: str) -> str | None:
     """``--precision``'s value if ``where`` offers it, else one line naming what it offers."""
     if precision is None:
@@ -200,6 +228,8 @@ def _one_line_errors(command: Callable[..., Any], *args: Any, **kwargs: Any) -> 
     """Run ``command``; each kind of failure becomes one line and its exit code."""
     try:
         return command(*args, **kwargs)
+    except typer.Exit:  # a command that said why itself, with its own exit code
+        raise
     except CfdeployError as error:
         raise fail(str(error)) from None
     except ModuleNotFoundError as error:

@@ -232,7 +232,7 @@ def edit_command(
     backend: str | None = typer.Option(
         None,
         "--backend",
-        metavar="torch|onnxruntime|tensorrt",
+        metavar="NAME",
         help="torch for a run; onnxruntime (default) or tensorrt (engines from `dac build-engines`) for a bundle.",
     ),
     expect_manifest: str | None = typer.Option(

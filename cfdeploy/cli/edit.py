@@ -11,6 +11,7 @@ from typing import Any
 import typer
 
 from cfdeploy.cli.common import (
+    PRECISION_CHOICES,
     Precision,
     app,
     console,
@@ -18,6 +19,7 @@ from cfdeploy.cli.common import (
     plain,
     precision_among,
     progress_bar,
+    require_files,
     require_finite,
     require_range,
     say,
@@ -299,6 +301,7 @@ def edit_command(
     backend: BackendName | None = typer.Option(
         None,
         "--backend",
+        metavar="NAME",
         rich_help_panel=RUNTIME,
         help="torch (from --checkpoint), onnxruntime, openvino or tensorrt (from --bundle). \\[default: torch for "
         "--checkpoint; for --bundle the fastest exact one installed: openvino on CPUs with AVX-512 or AMX, else "
@@ -315,6 +318,7 @@ def edit_command(
     precision: Precision | None = typer.Option(
         None,
         "--precision",
+        metavar=PRECISION_CHOICES,
         rich_help_panel=RUNTIME,
         help="torch backend, generator only: fp16 (autocast, for CUDA) or bf16 (CPUs with bf16 units); openvino: "
         "bf16 for the generator and encoder on CPUs with AMX or AVX-512 BF16; the other backends run what their "
@@ -467,22 +471,9 @@ def edit_command(
         "session_cache": session_cache_option(no_session_cache) if "session_cache" in info.options else None,
         "identity_weights": identity_weights,
     }
-    inputs = [
-        path
-        for path in (
-            checkpoint,
-            bundle,
-            latents,
-            *(text_embedding or []),
-            clip_weights,
-            encoder,
-            identity_weights,
-            landmarks,
-            landmarks_model,
-            *(images or []),
-        )
-        if path is not None
-    ]
+    files = (checkpoint, latents, *(text_embedding or []), clip_weights, encoder, identity_weights, landmarks_model)
+    require_files(*files, landmarks)
+    inputs = [path for path in (*files, landmarks, bundle, *(images or [])) if path is not None]
     if pasting:
         from cfdeploy.photos.images import photo_paths
         from cfdeploy.photos.invert import pasted_names

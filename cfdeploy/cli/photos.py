@@ -10,6 +10,7 @@ from typing import Any
 import typer
 
 from cfdeploy.cli.common import (
+    PRECISION_CHOICES,
     Precision,
     app,
     console,
@@ -17,6 +18,7 @@ from cfdeploy.cli.common import (
     plain,
     precision_among,
     progress_bar,
+    require_files,
     require_range,
     say,
     session_cache_option,
@@ -152,10 +154,14 @@ def invert_command(
     backend: BundleRuntime | None = typer.Option(
         None,
         "--backend",
+        metavar="NAME",
         help="With --bundle: onnxruntime or openvino. \\[default: the fastest exact one installed, as for edit]",
     ),
     precision: Precision | None = typer.Option(
-        None, "--precision", help="With --backend openvino: bf16 on CPUs with AMX or AVX-512 BF16. \\[default: fp32]"
+        None,
+        "--precision",
+        metavar=PRECISION_CHOICES,
+        help="With --backend openvino: bf16 on CPUs with AMX or AVX-512 BF16. \\[default: fp32]",
     ),
     threads: int | None = threads_option(),
     no_session_cache: bool = no_session_cache_option(),
@@ -180,6 +186,7 @@ def invert_command(
         raise CfdeployError("--backend, --precision and --threads are for --bundle (--encoder runs in torch)")
     faces = landmark_options(aligned, landmarks, landmarks_model, all_faces, skip_missing)
     inputs = [path for path in (*photos, encoder, bundle, landmarks, landmarks_model) if path is not None]
+    require_files(encoder, landmarks, landmarks_model)
     with StagedDirectory(out, force, inputs) as staged:
         from cfdeploy.photos.invert import E4EInverter, encode_faces, find_faces
 

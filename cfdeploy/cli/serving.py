@@ -5,11 +5,13 @@ from __future__ import annotations
 import time
 from enum import Enum
 from pathlib import Path
+from typing import Any
 
 import typer
 
 from cfdeploy.cli.common import (
     POSITIONAL_ARTIFACT,
+    PRECISION_CHOICES,
     Precision,
     app,
     artifact,
@@ -47,12 +49,15 @@ RAY_ADDRESS = typer.Option(
 BACKEND = typer.Option(
     ServedBackend.onnxruntime,
     "--backend",
+    metavar="NAME",
     rich_help_panel=RESOURCES,
-    help="Runtime in each replica or worker (tensorrt needs --gpus-per-replica / --gpus-per-worker).",
+    help="Runtime in each replica or worker: onnxruntime, openvino or tensorrt (tensorrt needs --gpus-per-replica / "
+    "--gpus-per-worker).",
 )
 PRECISION = typer.Option(
     None,
     "--precision",
+    metavar=PRECISION_CHOICES,
     rich_help_panel=RESOURCES,
     help="openvino: bf16 for the generator and encoder, on CPUs with AMX or AVX-512 BF16. \\[default: fp32]",
 )
@@ -160,16 +165,27 @@ def serve_command(
     )
     with console.status("starting Ray Serve and loading the bundles"):
         server = Server(settings, ray_address)
-    with server:
+    try:
         say(
             f"serving {', '.join(path.resolve().name for path in bundles)} at {server.url} "
             f"({replicas} replica(s) each, {backend.value}); Ctrl-C stops"
         )
-        try:
-            while True:
-                time.sleep(1)
-        except KeyboardInterrupt:
-            say("stopping")
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        say("stopping")
+    finally:
+        stop_serving(server)
+
+
+def stop_serving(server: Any) -> None:
+    """Stop ``server``. Ctrl-C is how a server is stopped, so a second one while Ray shuts down is no error either."""
+    try:
+        server.stop()
+    except KeyboardInterrupt:
+        say("stopped before Ray finished shutting down")
+        raise typer.Exit(130) from None
+    say("stopped")
 
 
 @app.command("batch", context_settings=POSITIONAL_ARTIFACT)

@@ -53,7 +53,9 @@ def _cell(value: Any) -> Text:
 @user_errors
 def inspect_command(
     file: Path | None = typer.Argument(
-        None, metavar="PATH", help="Checkpoint, CLIP weights, latents/embedding array, or bundle directory."
+        None,
+        metavar="PATH",
+        help="Checkpoint (CF-CLIP, StyleGAN2, e4e), CLIP weights, latents/embedding array, or bundle directory.",
     ),
     system: bool = typer.Option(
         False, "--system", help="Describe this machine instead: CPU features, runtimes, devices, the default backend."

@@ -6,7 +6,17 @@ from pathlib import Path
 
 import typer
 
-from cfdeploy.cli.common import Precision, app, progress_bar, resumable, retired, say, user_errors, warn
+from cfdeploy.cli.common import (
+    PRECISION_CHOICES,
+    Precision,
+    app,
+    progress_bar,
+    resumable,
+    retired,
+    say,
+    user_errors,
+    warn,
+)
 
 TRAINING = "Training"
 LOSSES = "Loss weights"
@@ -101,7 +111,10 @@ def train_command(
     seed: int = typer.Option(0, "--seed", rich_help_panel=TRAINING, help="Initial weights, data order and warps."),
     device: str = typer.Option("cpu", "--device", metavar="DEVICE", help="cpu, cuda or cuda:N."),
     precision: Precision = typer.Option(
-        Precision("fp32"), "--precision", help="Autocast for the generator, CLIP and ArcFace; the mappers stay fp32."
+        Precision("fp32"),
+        "--precision",
+        metavar=PRECISION_CHOICES,
+        help="Autocast for the generator, CLIP and ArcFace; the mappers stay fp32.",
     ),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last save, exactly."),
     force: bool = typer.Option(False, "--force", "-f", help="Replace an existing --out directory."),

@@ -12,12 +12,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from rich.console import Console
 
 from cfdeploy.backends import PRESETS
 from cfdeploy.bench import BenchSettings, Sources, check_backend_names, measure_backend, plot_figure, prepare_sources
-from cfdeploy.cli.bench import bench_table
+from cfdeploy.cli.bench import bench_tables
 from cfdeploy.errors import CfdeployError
 
 STAGES_RUN = ["tokenize", "clip_text", "text_mapper", "latent_editor", "generator", "png"]  # no refine, no sources
@@ -89,14 +90,15 @@ def test_piped_table_fits_100_columns_without_cpu_gpu_columns(piped_bench):
     completed, report = piped_bench
     table_lines = completed.stdout.splitlines()
     assert max(len(line) for line in table_lines) <= 100 and "…" not in completed.stdout
-    assert headings(bench_table(report)) == ["backend", "batch", "total ms", "p90 ms", "img/s", "RSS MB", "PSNR dB"]
+    (table,) = bench_tables(report)
+    assert headings(table) == ["backend", "batch", "total ms", "p90 ms", "img/s", "RSS MB", "PSNR dB"]
     body = [line for line in table_lines if line.startswith("│")]
     assert [line.split("│")[1].strip() for line in body] == ["torch-reference", "torch"]
     assert body[1].split("│")[-2].strip() == "inf"  # torch against itself
 
 
 def test_compact_table_fits_100_columns_with_gpu_columns(gpu_report):
-    table = bench_table(gpu_report)
+    (table,) = bench_tables(gpu_report)
     assert headings(table) == [
         "backend",
         "batch",
@@ -115,7 +117,7 @@ def test_compact_table_fits_100_columns_with_gpu_columns(gpu_report):
 
 
 def test_wide_table_shows_the_stages_that_ran(piped_bench):
-    table = bench_table(piped_bench[1], wide=True)
+    (table,) = bench_tables(piped_bench[1], wide=True)
     assert headings(table) == [
         "backend",
         "batch",
@@ -148,7 +150,8 @@ def test_encoder_runs_time_align_and_encoder_and_the_wide_table_shows_them(cfcli
     report = measure_backend("torch", sources, BenchSettings(["torch"], warmup=0, runs=1))
     (result,) = report["results"]
     assert list(result["stages_s"]) == ["align", "encoder", "text_mapper", "latent_editor", "generator", "png", "total"]
-    assert headings(bench_table({"backends": [report]}, wide=True))[:9] == [
+    (table,) = bench_tables({"backends": [report]}, wide=True)
+    assert headings(table)[:9] == [
         "backend",
         "batch",
         "align",
@@ -217,3 +220,59 @@ def test_prepare_sources_exports_nothing_without_clip_weights(tmp_path):
     checkpoint = tmp_path / "given.pt"  # not read: only a bundle export would read it
     assert prepare_sources(tmp_path / "scratch", checkpoint=checkpoint) == Sources(checkpoint)
     assert not (tmp_path / "scratch").exists()
+
+
+def every_stage_report(backends: tuple[str, ...] = (max(PRESETS, key=len),)) -> dict:
+    """A report as bench writes it, with a value in every column of the wide table, each as wide as it gets."""
+    from cfdeploy.bench import STAGES
+
+    timing = {"median": 98.7654, "p90": 98.7654, "p99": 98.7654, "mean": 98.7654}
+    result = {
+        "batch": 128,
+        "device_ms_per_run": {"generator": 98765.4},
+        "stages_s": {**dict.fromkeys(STAGES, timing), "refine_per_step": timing},
+        "images_per_s": 1234.56,
+        "per_image_s": 0.1,
+        "images": np.zeros((1, 3, 8, 8), np.float32),
+        "parity": {"reference": "torch", "max_abs": 0.123456, "psnr_db": 48.2},
+    }
+    entry = {"peak_rss_mb": 12345.6, "gpu_memory_mb": 81559.4, "results": [result]}
+    return {"backends": [{"backend": name, **copy.deepcopy(entry)} for name in backends]}
+
+
+def test_the_wide_table_in_100_columns_is_split_into_tables_that_cut_no_value():
+    from cfdeploy.bench import WIDE_COLUMNS
+
+    tables = bench_tables(every_stage_report(), wide=True, width=100)
+    assert len(tables) > 1
+    for number, table in enumerate(tables, 1):
+        lines = rendered(table)
+        assert max(len(line) for line in lines) <= 100 and not any("…" in line for line in lines)
+        assert headings(table)[:2] == ["backend", "batch"] and f"({number} of {len(tables)})" in str(table.title)
+    measures = [heading for table in tables for heading in headings(table)[2:]]
+    assert measures == [column.heading for column in WIDE_COLUMNS[2:]]
+
+
+def test_an_interrupted_bench_keeps_the_backends_measured_before_it(cli, monkeypatch, tmp_path):
+    import cfdeploy.bench
+
+    measured = every_stage_report(("torch-reference",))["backends"][0]
+
+    def measure_in_process(name, sources, settings, on_progress):
+        if name == "torch":
+            raise KeyboardInterrupt
+        return copy.deepcopy(measured)
+
+    monkeypatch.setattr(cfdeploy.bench, "prepare_sources", lambda scratch, **given: Sources())
+    monkeypatch.setattr(cfdeploy.bench, "measure_in_process", measure_in_process)
+    report_path = tmp_path / "bench.json"
+    result = cli("bench", "--synthetic", 16, "--backends", "torch-reference,torch,onnxruntime", "--json", report_path)
+    assert result.exit_code == 130
+    assert result.stderr.splitlines()[-1] == (
+        f"error: interrupted; kept the backends measured before torch (in {report_path})"
+    )
+    report = json.loads(report_path.read_text())
+    assert report["interrupted_at"] == "torch"
+    assert [backend["backend"] for backend in report["backends"]] == ["torch-reference"]
+    body = [line for line in result.stdout.splitlines() if line.startswith("│")]
+    assert [line.split("│")[1].strip() for line in body] == ["torch-reference"]

@@ -6,10 +6,12 @@ second spelling of a known concept fails here.
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import pytest
 import typer.main
+from typer.testing import CliRunner
 
 from cfdeploy.cli import app
 from cfdeploy.cli.common import PRECISIONS
@@ -115,6 +117,27 @@ def test_precision_has_one_vocabulary_and_batch_limits_two_names(name):
     assert not profile or {"--min-batch", "--max-batch"} <= profile, (name, profile)  # --max-batch: a TensorRT profile
     if "--device" in options:
         assert options["--device"].metavar == "DEVICE"
+    if "--backend" in options:
+        assert options["--backend"].metavar == "NAME"
+
+
+@pytest.mark.parametrize("columns", [80, 100])
+@pytest.mark.parametrize("name", sorted(commands()))
+def test_help_wraps_to_the_terminal_without_breaking_a_sentence_or_a_choice(name, columns):
+    result = CliRunner().invoke(app, [*name.split(), "--help"], env={"COLUMNS": str(columns)})
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    usage = next(number for number, line in enumerate(lines) if line.strip().startswith("Usage:"))
+    options = next(number for number, line in enumerate(lines) if line.startswith("╭"))
+    description = [line.strip() for line in lines[usage + 1 : options]]
+    assert any(description)
+    for line, following in itertools.pairwise(description):
+        if line and following:  # a line break inside a paragraph: only where the next word did not fit
+            assert len(line) + 1 + len(following.split()[0]) > columns - 2, (line, following)
+    for option in visible_options(commands()[name]):
+        choices = getattr(option.type, "choices", None)
+        shown = option.metavar or (f"[{'|'.join(map(str, choices))}]" if choices else None)
+        assert shown is None or shown in result.stdout, (option.name, shown)
 
 
 def test_a_retired_spelling_still_works_with_a_warning_and_never_beside_its_new_name(cli, tmp_path):

@@ -7,6 +7,7 @@ after them, for this module alone.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -249,6 +250,25 @@ def test_refuses_a_damaged_checkpoint_in_one_line_naming_file_and_key(tmp_path, 
     with pytest.raises(CfdeployError) as refused:
         load_e4e(path)
     assert str(refused.value) == f"{path}: {problem}"
+
+
+def test_inspect_identifies_an_e4e_checkpoint(cli, tmp_path):
+    path = tmp_path / "e4e_ffhq_encode.pt"
+    torch.save(compact_checkpoint(), path)
+    result = cli("inspect", path, "--json")
+    assert result.exit_code == 0, result.stderr
+    parameters = {"encoder": 0, "decoder": 0}  # the weights, biases and constant input; not BatchNorm's or blur buffers
+    for key, shape, _ in synthetic_files.manifest("e4e_manifest.json")["keys"]:
+        if key.rsplit(".", 1)[1] in ("weight", "bias", "input"):
+            parameters[key.split(".", 1)[0]] += math.prod(shape)
+    assert json.loads(result.stdout) == {
+        "kind": "e4e encoder checkpoint",
+        "resolution": 1024,
+        "n_latent": N_LATENT_1024,
+        "dataset_type": "ffhq_encode",
+        "start_from_latent_avg": True,
+        "parameters": {"encoder": parameters["encoder"], "generator": parameters["decoder"]},
+    }
 
 
 def test_codes_are_not_shifted_when_the_file_was_trained_without_the_mean(tmp_path):

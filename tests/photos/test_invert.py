@@ -219,3 +219,36 @@ def test_photo_inputs_are_refused_in_one_line(cli, tmp_path, photos, e4e_64, cfc
         out,
         "encoding photos needs the e4e encoder: pass --encoder e4e_ffhq_encode.pt",
     )
+
+
+def test_a_missing_file_is_refused_before_any_model_loads(cli, tmp_path):
+    """The checkpoint and encoder here are not loadable: a refusal naming the landmarks model shows nothing was
+    loaded before the files were checked."""
+    photo = tmp_path / "me.png"
+    Image.new("RGB", (32, 32)).save(photo)
+    checkpoint, encoder = tmp_path / "green_lipstick.pt", tmp_path / "e4e_ffhq_encode.pt"
+    for unloadable in (checkpoint, encoder):
+        unloadable.write_bytes(b"not a checkpoint")
+    embedding = tmp_path / "embedding.npy"
+    np.save(embedding, np.zeros(512, np.float32))
+    missing = tmp_path / "shape_predictor_68_face_landmarks.dat"
+    out = tmp_path / "out"
+    faces = ("--landmarks-model", missing, "--out", out)
+    edit = ("edit", "-c", checkpoint, "--encoder", encoder, "--images", photo, "--text-embedding", embedding, *faces)
+    for command in (edit, ("invert", photo, "--encoder", encoder, *faces)):
+        result = cli(*command)
+        assert_refused(result, out)
+        assert result.stderr == f"error: {missing}: no such file\n"
+
+
+def test_the_total_counts_the_alignment_and_encoding_run_before_the_edit(tmp_path):
+    from cfdeploy.demo import synthetic_backend
+    from cfdeploy.editing import EditJob, edit_to_directory
+    from cfdeploy.outputs import StagedDirectory
+
+    backend = synthetic_backend(size=8)
+    job = EditJob(np.zeros((1, backend.n_latent, 512), np.float32), text_features=np.ones((1, 512), np.float32))
+    with StagedDirectory(tmp_path / "edits", force=False) as staged:
+        summary = edit_to_directory(backend, job, staged, prior_timings={"align": 30.0, "encoder": 20.0})
+    assert summary["timings_s"]["align"] == 30.0 and summary["timings_s"]["encoder"] == 20.0
+    assert 50.0 < summary["total_s"] < 50.0 + 10.0

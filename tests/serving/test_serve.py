@@ -305,3 +305,43 @@ def test_bad_requests_get_their_status_and_one_line(served) -> None:
     assert refused(b"", "/v2/things", "GET")[0] == 404
     assert client.health()["status"] == "ok"
     assert len(client.edit(bundle=BUNDLE, prompt=PROMPT, latents=np.zeros((1, 14, 512), np.float32)).images) == 1
+
+
+class StoppingServer:
+    """What serve_command needs of a started server, without Ray: its address, and a stop that may be interrupted."""
+
+    def __init__(self, interrupted_stop: bool) -> None:
+        self.url = "http://127.0.0.1:8000"
+        self.interrupted_stop = interrupted_stop
+        self.stops = 0
+
+    def stop(self) -> None:
+        self.stops += 1
+        if self.interrupted_stop:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize(
+    ("interrupted_stop", "status", "last_line"),
+    [(False, 0, "stopped"), (True, 130, "stopped before Ray finished shutting down")],
+)
+def test_ctrl_c_stops_the_server_without_an_error(
+    cli, monkeypatch, tmp_path: Path, interrupted_stop: bool, status: int, last_line: str
+) -> None:
+    import sys
+    import time
+    import types
+
+    server = StoppingServer(interrupted_stop)
+    started = types.ModuleType("cfdeploy.serving.server")
+    started.ServeSettings = lambda *settings: settings
+    started.Server = lambda settings, ray_address: server
+    monkeypatch.setitem(sys.modules, "cfdeploy.serving.server", started)
+
+    def ctrl_c(seconds: float) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(time, "sleep", ctrl_c)
+    result = cli("serve", "--bundle", tmp_path / BUNDLE)
+    assert result.exit_code == status and server.stops == 1
+    assert result.stderr.splitlines()[-2:] == ["stopping", last_line] and "error" not in result.stderr

@@ -293,6 +293,8 @@ def test_photos_that_would_share_an_output_name_and_paste_options_without_photos
         smooth_photo(64, 64, 8).save(tmp_path / folder / "Me.png")
     out = tmp_path / "edits"
     common = ("--bundle", bundle_with_encoder[1], "--text-embedding", embedding_file, "--out", out)
+    never_loaded = tmp_path / "shape_predictor.dat"  # the refusals below come before any model loads
+    never_loaded.write_bytes(b"")
     assert_refused(
         cli(
             "edit",
@@ -302,7 +304,7 @@ def test_photos_that_would_share_an_output_name_and_paste_options_without_photos
             "--images",
             tmp_path / "two",
             "--landmarks-model",
-            tmp_path / "none.dat",
+            never_loaded,
         ),
         out,
         f"{tmp_path / 'one' / 'Me.png'} and {tmp_path / 'two' / 'Me.png'} would both be written as Me.png",
@@ -313,7 +315,7 @@ def test_photos_that_would_share_an_output_name_and_paste_options_without_photos
         "--save-mask, --jpeg-quality: only for --images photos that are not --aligned (pasted back)",
     )
     assert_refused(
-        cli("edit", *common, "--images", tmp_path / "one", "--landmarks-model", tmp_path / "none.dat", "--feather", 2),
+        cli("edit", *common, "--images", tmp_path / "one", "--landmarks-model", never_loaded, "--feather", 2),
         out,
         "--feather must be a fraction of the face's size from 0 to 1, got 2.0",
     )

@@ -170,6 +170,8 @@ def test_a_torch_precision_with_a_bundle_backend_is_refused(cli, tmp_path, laten
         embedding_file,
         "-o",
         out,
+        "--backend",
+        "onnxruntime",
         "--precision",
         "fp16",
     )

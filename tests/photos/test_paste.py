@@ -259,7 +259,8 @@ def test_the_largest_face_is_pasted_photos_without_one_are_skipped_and_python_co
     landmarks = tmp_path / "points.json"
     landmarks.write_text(json.dumps([faces[0], []]))
     out = tmp_path / "edits"
-    edit = ("edit", "--bundle", bundle_with_encoder[1], "--images", folder, "--landmarks", landmarks)
+    edit = ("edit", "--bundle", bundle_with_encoder[1], "--backend", "onnxruntime", "--images", folder)
+    edit = (*edit, "--landmarks", landmarks)
     options = ("--text-embedding", embedding_file, "--out", out)
     result = cli(*edit, *options, "--skip-missing")  # without it, the run stops as invert's does (test_invert)
     assert result.exit_code == 0, result.stderr

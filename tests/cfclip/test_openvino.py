@@ -6,6 +6,7 @@ refusal is tested with an injected feature set (OpenVINO's inference itself is n
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -214,3 +215,19 @@ def test_external_weights_are_read_from_the_verified_bytes_never_from_the_workin
     np.testing.assert_array_equal(graphs("given", x=x), [[3.0, 5.0, 7.0]])
     with pytest.raises(CfdeployError, match=r"^m.onnx: OpenVINO cannot load this graph: "):
         graphs("hostile", x=x)
+
+
+def test_inspect_system_reports_the_cpu_features_that_decide_bf16_and_the_default_backend(cli):
+    result = cli("inspect", "--system", "--json")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    flags = next(
+        set(line.partition(":")[2].split())
+        for line in Path("/proc/cpuinfo").read_text().splitlines()
+        if line.partition(":")[0].strip() in ("flags", "Features")
+    )
+    has_bf16 = bool({"amx_bf16", "avx512_bf16"} & flags)
+    assert report["bf16"].startswith("native") == has_bf16
+    assert ("openvino" if {"avx512f", "amx_tile"} & flags else "onnxruntime") == report["edit --bundle runs on"]
+    assert set(report["cpu features"].split()) <= flags and ("avx2" in flags) == ("avx2" in report["cpu features"])
+    assert "openvino " in report["runtimes"] and "CPU" in report["openvino devices"]

@@ -82,18 +82,21 @@ def cpu_features() -> frozenset[str]:
     return frozenset()
 
 
-def cpu_signature(features: frozenset[str]) -> str:
-    """The CPU's architecture, model and features as one string: what compiled graphs depend on."""
-    model = platform.processor()
+def cpu_model(keys: tuple[str, ...] = ("model name",)) -> str:
+    """The CPU's model from the first /proc/cpuinfo line starting with one of ``keys``, else Python's guess."""
     try:
-        model = next(
+        return next(
             line.split(":", 1)[1].strip()
             for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith(("model name", "CPU part"))
+            if line.startswith(keys)
         )
     except (OSError, StopIteration):
-        pass
-    return f"{platform.machine()} {model} {' '.join(sorted(features))}"
+        return platform.processor()
+
+
+def cpu_signature(features: frozenset[str]) -> str:
+    """The CPU's architecture, model and features as one string: what compiled graphs depend on."""
+    return f"{platform.machine()} {cpu_model(('model name', 'CPU part'))} {' '.join(sorted(features))}"
 
 
 def bf16_missing(features: frozenset[str]) -> str | None:
@@ -105,21 +108,12 @@ def bf16_missing(features: frozenset[str]) -> str | None:
 
 def machine_info() -> dict[str, Any]:
     """The CPU, platform and installed runtimes, for benchmark reports (results from two machines do not compare)."""
-    model = platform.processor()
-    try:
-        model = next(
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        )
-    except (OSError, StopIteration):
-        pass
     installed = {
         package: package_version(package, "")
         for package in ("cfdeploy", "numpy", "torch", "onnxruntime", "onnxruntime-gpu", "openvino", "tensorrt")
     }
     return {
-        "cpu": model,
+        "cpu": cpu_model(),
         "logical_cpus": os.cpu_count(),
         "platform": platform.platform(),
         "python": platform.python_version(),

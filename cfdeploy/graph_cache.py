@@ -31,6 +31,8 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from cfdeploy.files import sha256_file
+
 CACHE_DIR_ENV = "CFDEPLOY_CACHE_DIR"  # overrides where the cache lives (tests point it at a temporary directory)
 CACHE_MAX_ENV = "CFDEPLOY_CACHE_MAX_GB"  # overrides the size bound
 DEFAULT_MAX_BYTES = 8 << 30
@@ -153,7 +155,7 @@ class GraphCache:
     def commit(self, parts: Mapping[str, Any], staging: Path) -> None:
         """Record the sha256 of each file in ``staging`` and rename it into place as the entry for ``parts``."""
         entry = self.root / entry_key(parts)
-        files = {path.name: _sha256_of(path) for path in staging.iterdir()}
+        files = {path.name: sha256_file(path) for path in staging.iterdir()}
         record = {"parts": parts, "files": files, "created": time.time()}
         (staging / ENTRY_RECORD).write_text(json.dumps(record, sort_keys=True))
         if os.path.lexists(entry):
@@ -204,14 +206,6 @@ def _regular_bytes(path: Path, limit: int | None) -> bytes:
     if limit is not None and len(content) > limit:
         raise RefusedEntry(f"{path.name} is larger than {limit} bytes")
     return content
-
-
-def _sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _last_used(path: Path) -> float:

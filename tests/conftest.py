@@ -16,6 +16,7 @@ import gc
 import inspect
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -133,10 +134,20 @@ def open_clip_features(prompts: list[str], seed: int = CLIP_SEED) -> np.ndarray:
         return _open_clip_model(seed).encode_text(open_clip.tokenize(prompts)).numpy()
 
 
+# What a command prints on stderr outside a terminal as it works: a phase done with its time, or work counted.
+PROGRESS_LINE = re.compile(r"(?!error: |warning: )(.+ \(\d+\.\d s\)|.+ \[\d+(/\d+)?\])")
+
+
+def messages(stderr: str) -> str:
+    """``stderr`` without the progress lines a command prints outside a terminal: its errors and warnings."""
+    return "\n".join(line for line in stderr.strip().splitlines() if not PROGRESS_LINE.fullmatch(line))
+
+
 def assert_refused(result, out: Path | None, *fragments: str) -> None:
-    """Exit 2 with one ``error:`` line holding every fragment, no traceback, and nothing written at ``out``."""
+    """Exit 2 with one ``error:`` line holding every fragment (after any progress lines), no traceback, and nothing
+    written at ``out``."""
     assert result.exit_code == 2, (result.exit_code, result.stdout, result.stderr)
-    lines = result.stderr.strip().splitlines()
+    lines = messages(result.stderr).splitlines()
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("error: ")
     for fragment in fragments:

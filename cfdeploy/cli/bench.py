@@ -18,6 +18,7 @@ from cfdeploy.cli.common import (
     app,
     console,
     no_session_cache_option,
+    phase,
     plain,
     require_range,
     retired,
@@ -47,7 +48,7 @@ def progress_lines() -> Iterator[Callable[[str], None]]:
     if not console.is_terminal:
         yield say
         return
-    with console.status("starting") as status:
+    with phase("starting") as status:
         yield lambda message: status.update(safe(message))
 
 

@@ -14,7 +14,7 @@ from cfdeploy.cli.common import (
     Precision,
     app,
     artifact,
-    console,
+    phase,
     precision_among,
     reporter,
     retired,
@@ -129,7 +129,7 @@ def export_command(
     from cfdeploy.exporter import export_bundle
 
     started = time.perf_counter()
-    with console.status("exporting") as status:
+    with phase("exporting") as status:
         manifest = export_bundle(
             checkpoint,
             clip_weights,
@@ -181,7 +181,7 @@ def build_bundle_engines(bundle: Path, settings: Any, device: str = "cuda") -> N
 
     builder = tensorrt_builder()
     started = time.perf_counter()
-    with console.status("building TensorRT engines") as status:
+    with phase("building TensorRT engines") as status:
         built = builder.build_engines(bundle, settings, reporter(status), device)
     for engine in built:
         made = "kept (up to date)" if engine.seconds is None else f"built in {engine.seconds:.1f}s"
@@ -249,7 +249,7 @@ def refit_command(
 
     bundle = artifact("--bundle", bundle, context)
     require_file(checkpoint)
-    with console.status("refitting") as status:
+    with phase("refitting") as status:
         summary = refit_bundle(bundle, checkpoint, reporter(status))
     changed = ", ".join(f"{name} {count} weights" for name, count in summary["changed_weights"].items())
     say(f"refitted {bundle} to {summary['description']!r}: {changed}")

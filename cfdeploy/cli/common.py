@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import inspect
+import math
 import os
 import re
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from enum import Enum
@@ -262,7 +265,122 @@ def resumable(save: Path) -> Iterator[None]:
         raise
 
 
+class PhaseLines:
+    """:func:`phase` outside a terminal: a line when the phase ends, with its time, so logs show where a command
+    went. A phase that fails prints nothing of its own: the error is the one line."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+        self.started = time.monotonic()
+
+    def __enter__(self) -> PhaseLines:
+        return self
+
+    def __exit__(self, failure: type[BaseException] | None, *exc_info: object) -> None:
+        if failure is None:
+            console.print(f"{self.message} ({time.monotonic() - self.started:.1f} s)", soft_wrap=True)
+
+    def update(self, message: str) -> None:
+        """Spinner text in a terminal; a log has the phase's line at its end."""
+
+
+def phase(message: str) -> Any:
+    """A spinner with ``message`` in a terminal; in a log, the message and its time as a line when it is done."""
+    return console.status(message) if console.is_terminal else PhaseLines(message)
+
+
+@dataclasses.dataclass
+class LineTask:
+    description: str
+    total: float | None
+    completed: float = 0
+    stage: str | None = None
+    stage_started: float = 0.0
+    printed_at: float | None = None
+    printed_step: float = -1
+
+
+class ProgressLines:
+    """:func:`progress_bar` outside a terminal (logs, CI, ``nohup``), where Rich's bar shows nothing: a line for each
+    stage (a description set without progress) when it ends, with its time; then a line per twentieth of the work,
+    and at least one a minute while work goes on. A stage that fails prints nothing of its own."""
+
+    LINES_PER_TASK = 20
+    QUIET_S = 60.0
+
+    def __init__(self) -> None:
+        self.tasks: list[LineTask] = []
+
+    def __enter__(self) -> ProgressLines:
+        return self
+
+    def __exit__(self, failure: type[BaseException] | None, *exc_info: object) -> None:
+        if failure is None:
+            for task in self.tasks:
+                self.end_stage(task)
+                if task.completed > max(task.printed_step, 0):
+                    self.print_progress(task)
+
+    def add_task(self, description: str, total: float | None = None) -> int:
+        self.tasks.append(LineTask(description, total))
+        return len(self.tasks) - 1
+
+    def advance(self, task_id: int, advance: float = 1) -> None:
+        self.update(task_id, advance=advance)
+
+    def update(
+        self,
+        task_id: int,
+        *,
+        completed: float | None = None,
+        advance: float | None = None,
+        total: float | None = None,
+        description: str | None = None,
+    ) -> None:
+        task = self.tasks[task_id]
+        if total is not None:
+            task.total = total
+        moved = completed is not None or advance is not None
+        if not moved:
+            if description is not None and description != task.stage:
+                self.end_stage(task)
+                task.description = task.stage = description
+                task.stage_started = time.monotonic()
+            return
+        self.end_stage(task)
+        task.completed = completed if completed is not None else task.completed + (advance or 0)
+        if task.completed < task.printed_step:  # a phase that counts from zero again
+            task.printed_at, task.printed_step = None, -1
+        if description is not None:
+            task.description = description
+        if self.due(task):
+            self.print_progress(task)
+
+    def end_stage(self, task: LineTask) -> None:
+        if task.stage is not None:
+            console.print(f"{task.stage} ({time.monotonic() - task.stage_started:.1f} s)", soft_wrap=True)
+            task.stage = None
+
+    def print_progress(self, task: LineTask) -> None:
+        of = f"/{task.total:g}" if task.total else ""
+        console.print(f"{task.description} [{task.completed:g}{of}]", markup=False, soft_wrap=True)
+        task.printed_at, task.printed_step = time.monotonic(), task.completed
+
+    def due(self, task: LineTask) -> bool:
+        if task.completed <= task.printed_step:
+            return False
+        if task.printed_at is None or time.monotonic() - task.printed_at >= self.QUIET_S:
+            return True
+        if not task.total:
+            return False
+        every = max(1.0, math.ceil(task.total / self.LINES_PER_TASK))
+        return task.completed >= task.total or task.completed // every > max(task.printed_step, 0) // every
+
+
 def progress_bar() -> Any:
+    """Rich's bar in a terminal; :class:`ProgressLines` elsewhere."""
+    if not console.is_terminal:
+        return ProgressLines()
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,

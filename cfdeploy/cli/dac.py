@@ -11,6 +11,7 @@ from cfdeploy.cli.common import (
     app,
     artifact,
     one_positional,
+    phase,
     progress_bar,
     resumable,
     retired,
@@ -334,13 +335,12 @@ def export_command(
 
     Example: cfdeploy dac export --run runs/cat_cap --out bundles/cat_cap
     """
-    from cfdeploy.cli.common import console
     from cfdeploy.dac.export import export_dac_bundle
 
     run = artifact("--run", run, context)
     base_model = retired("-b", old_base_model, "--base-model", base_model)
 
-    with console.status("starting") as status:
+    with phase("starting") as status:
         manifest = export_dac_bundle(
             run, out, unet_mode=unet, base_model=base_model, force=force, on_stage=lambda stage: status.update(stage)
         )
@@ -369,14 +369,13 @@ def build_engines_command(
 
     Example: cfdeploy dac build-engines --bundle bundles/cat_cap
     """
-    from cfdeploy.cli.common import console
     from cfdeploy.devices import parse_device
 
     bundle = artifact("--bundle", bundle, context)
     parse_device(device)
     from cfdeploy.dac.engines import build_dac_engines
 
-    with console.status("starting") as status:
+    with phase("starting") as status:
         built = build_dac_engines(bundle, rebuild=rebuild, report=lambda message: status.update(message), device=device)
     for engine in built:
         say(

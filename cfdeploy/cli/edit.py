@@ -16,6 +16,7 @@ from cfdeploy.cli.common import (
     app,
     console,
     no_session_cache_option,
+    phase,
     plain,
     precision_among,
     progress_bar,
@@ -133,9 +134,9 @@ def photo_codes(backend: Any, images: list[Path], faces: dict[str, Any], batch_s
     )
 
     timer = StageTimer()
-    with console.status("finding faces") as status, timer.stage("align"):
+    with phase("finding faces") as status, timer.stage("align"):
         found = find_faces(images, **faces, on_photo=lambda path: status.update(f"aligning {plain(path.name)}"))
-    with console.status(f"encoding {len(found.crops)} face(s)"), timer.stage("encoder"):
+    with phase(f"encoding {len(found.crops)} face(s)"), timer.stage("encoder"):
         codes = encode_faces(backend, found.crops, batch_size)
     notes = [f"skipped {skipped['source']}: {skipped['reason']}" for skipped in found.skipped]
     mismatch = generator_mismatch(backend, found.crops[0], codes)
@@ -480,7 +481,7 @@ def edit_command(
 
         pasted_names(photo_paths(list(images or [])))  # two photos with one name stop the run before it starts
     with StagedDirectory(out, force, inputs) as staged:
-        with console.status("loading models"):
+        with phase("loading models"):
             editor = open_backend(name, source, **options)
         if editor.text_cache is not None:
             editor.text_cache.on_warning = warn
@@ -558,7 +559,7 @@ def build_refiner(
     if not target:
         raise CfdeployError("--refine-steps needs a target prompt: pass --text, or use a checkpoint that records one")
     settings = replace(settings, source_text=source_text or editor.source_text or "face")
-    with console.status("preparing the CLIP-NCE loss"):
+    with phase("preparing the CLIP-NCE loss"):
         return refiner_for(editor, settings, target, checkpoint, clip_weights)
 
 
@@ -590,7 +591,7 @@ def demo_command(
             "the pipeline and its timings are real, the pictures are not meaningful."
         )
         started = time.perf_counter()
-        with console.status("building synthetic models"):
+        with phase("building synthetic models"):
             editor = synthetic_backend(size=size, seed=0, device=device)
         build_s = time.perf_counter() - started
         codes, origin = resolve_latents(editor, seed=0, num=num, truncation=0.7)

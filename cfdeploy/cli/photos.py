@@ -13,8 +13,8 @@ from cfdeploy.cli.common import (
     PRECISION_CHOICES,
     Precision,
     app,
-    console,
     no_session_cache_option,
+    phase,
     plain,
     precision_among,
     progress_bar,
@@ -191,7 +191,7 @@ def invert_command(
         from cfdeploy.photos.invert import E4EInverter, encode_faces, find_faces
 
         started = time.perf_counter()
-        with console.status("loading the encoder"):
+        with phase("loading the encoder"):
             if encoder is not None:
                 inverter: Any = E4EInverter(encoder, device)
             else:
@@ -207,7 +207,7 @@ def invert_command(
                     threads=threads,
                     session_cache=session_cache_option(no_session_cache),
                 )
-        with console.status("finding faces") as status:
+        with phase("finding faces") as status:
             found = find_faces(photos, **faces, on_photo=lambda path: status.update(f"aligning {plain(path.name)}"))
         with progress_bar() as progress:
             task = progress.add_task("encoding", total=len(found.crops))

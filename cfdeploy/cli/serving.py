@@ -15,9 +15,9 @@ from cfdeploy.cli.common import (
     Precision,
     app,
     artifact,
-    console,
     fail,
     no_session_cache_option,
+    phase,
     positional,
     precision_among,
     progress_bar,
@@ -163,7 +163,7 @@ def serve_command(
         session_cache_option(no_session_cache),
         landmarks_model,
     )
-    with console.status("starting Ray Serve and loading the bundles"):
+    with phase("starting Ray Serve and loading the bundles"):
         server = Server(settings, ray_address)
     try:
         say(

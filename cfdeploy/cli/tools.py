@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from cfdeploy.cli.common import app, console, plain, say, user_errors
+from cfdeploy.cli.common import app, phase, plain, say, user_errors
 from cfdeploy.errors import CfdeployError
 
 
@@ -28,7 +28,7 @@ def embed_command(
     from cfdeploy.outputs import check_output_file, write_npy_atomic
 
     check_output_file(out, force, [clip_weights])
-    with console.status("loading CLIP and encoding"):
+    with phase("loading CLIP and encoding"):
         from cfdeploy.embedding import encode_prompts
 
         features = encode_prompts(prompts, clip_weights, device)
@@ -74,7 +74,7 @@ def inspect_command(
         file = Path("this machine")
     else:
         assert file is not None
-        with console.status(f"reading {plain(file)}"):
+        with phase(f"reading {plain(file)}"):
             report = inspect_file(file)
     if as_json:
         typer.echo(json.dumps(report, indent=2))

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import synthetic_files
-from conftest import assert_refused
+from conftest import assert_refused, messages
 
 
 @pytest.fixture
@@ -246,5 +246,5 @@ def test_real_process_prints_one_line_and_exits_2(tmp_path, cfclip_256, latents_
         env={**os.environ, "COLUMNS": "40"},
     )
     assert process.returncode == 2
-    assert process.stderr.strip() == f"error: {missing}: no such file"
+    assert messages(process.stderr) == f"error: {missing}: no such file"
     assert not (tmp_path / "out").exists()

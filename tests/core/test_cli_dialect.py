@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from cfdeploy.cli import app
 from cfdeploy.cli.common import PRECISIONS
+from conftest import messages
 
 # concept (the parameter's name in code) → its one spelling, and its short form where it has one
 SPELLINGS = {
@@ -152,7 +153,7 @@ def test_a_retired_spelling_still_works_with_a_warning_and_never_beside_its_new_
         "export", "-c", missing, "--clip-weights", missing, "--prompt", "a", "--text", "b", "-o", tmp_path / "out"
     )
     assert result.exit_code == 2
-    assert result.stderr.strip() == "error: --prompt is the old name of --text: give --text only"
+    assert messages(result.stderr) == "error: --prompt is the old name of --text: give --text only"
 
 
 def test_version_names_cfdeploy_and_every_runtime_it_can_use(cli):

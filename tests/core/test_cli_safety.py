@@ -11,14 +11,14 @@ import pytest
 import torch
 
 import synthetic_files
-from conftest import run_cli
+from conftest import messages, run_cli
 
 ESCAPES = "\x1b]8;;https://example.invalid\x1b\\link\x1b]8;;\x1b\\\x1b[31m[/bold][red]"
 
 
 def assert_refused(result, out: Path, message: str) -> None:
     assert result.exit_code == 2, (result.exit_code, result.stdout, result.stderr)
-    assert result.stderr.strip() == f"error: {message}"
+    assert messages(result.stderr) == f"error: {message}"
     assert "Traceback" not in result.stdout + result.stderr
     assert not out.exists()
 
@@ -62,7 +62,7 @@ def test_empty_prompt_is_refused(cli, tmp_path, cfclip_256, latents_256, clip_st
         "edit", "-c", cfclip_256, "-l", latents_256, "--clip-weights", clip_state_dict_file, "--text", prompt, "-o", out
     )
     assert result.exit_code == 2 and "prompt" in result.stderr and "empty" in result.stderr, result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1 and not out.exists()
+    assert len(messages(result.stderr).splitlines()) == 1 and not out.exists()
 
 
 def test_force_never_replaces_a_directory_holding_an_input(cli, tmp_path, cfclip_256, embedding_file):
@@ -72,7 +72,7 @@ def test_force_never_replaces_a_directory_holding_an_input(cli, tmp_path, cfclip
     np.save(latents, np.zeros((1, 14, 512), np.float32))
     result = cli("edit", "-c", cfclip_256, "-l", latents, "--text-embedding", embedding_file, "-o", inputs, "--force")
     assert result.exit_code == 2
-    assert result.stderr.strip() == f"error: {inputs}: contains the input {latents}; choose another output"
+    assert messages(result.stderr) == f"error: {inputs}: contains the input {latents}; choose another output"
     assert sorted(path.name for path in inputs.iterdir()) == ["codes.npy"]
 
 
@@ -162,7 +162,7 @@ def test_export_asks_for_clip_weights_only_when_it_uses_them(cli, tmp_path, cfcl
     out = tmp_path / "bundle"
     result = cli("export", "-c", cfclip_64, *options, "-o", out)
     assert result.exit_code == 2 and not out.exists()
-    assert result.stderr.strip() == (
+    assert messages(result.stderr) == (
         f"error: {message} (a bundle with --without-clip and no --text edits only with --text-embedding)"
     )
 
@@ -191,7 +191,7 @@ def test_a_bundle_without_clip_says_which_prompts_it_can_edit(cli, tmp_path, bun
     out = tmp_path / "out"
     result = cli("edit", "--bundle", bundle_without_clip, "--text", "blue dog", "--seed", 1, "-o", out)
     assert result.exit_code == 2 and not out.exists()
-    assert result.stderr.strip() == (
+    assert messages(result.stderr) == (
         f"error: {bundle_without_clip}: exported --without-clip, so it edits only the prompts precomputed at export "
         "(none) or --text-embedding features"
     )

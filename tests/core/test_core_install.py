@@ -17,6 +17,7 @@ from conftest import (
     TOLERANCE,
     early_result,
     early_run,
+    messages,
     official_edit,
     open_clip_features,
     prepare_early,
@@ -109,7 +110,7 @@ def test_core_install_refuses_refinement_in_one_line(core_python, tmp_path, bund
         3,
     )
     assert process.returncode == 2
-    assert process.stderr.strip() == (
+    assert messages(process.stderr) == (
         'error: refinement (--refine-steps) needs torch, which this install lacks: pip install "cfdeploy[export]"'
     )
     assert not out.exists()
@@ -153,7 +154,7 @@ def test_core_install_names_the_extra_a_command_needs(
     values = {"checkpoint": cfclip_256, "embedding": embedding_file, "out": out}
     process = run_core(core_python, *(str(part).format(**values) for part in command))
     assert process.returncode == 2, process.stderr
-    assert process.stderr.strip() == (
+    assert messages(process.stderr) == (
         f'error: {needed_for} needs torch, which this install lacks: pip install "cfdeploy[{extra}]"'
     )
     assert "Traceback" not in process.stderr and not out.exists()

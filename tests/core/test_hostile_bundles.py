@@ -22,6 +22,7 @@ import pytest
 from cfdeploy.bundle import Bundle, TextLatentCache, check_manifest, write_manifest
 from cfdeploy.errors import CfdeployError
 from cfdeploy.outputs import npy_bytes
+from conftest import messages
 
 
 @pytest.fixture
@@ -62,7 +63,7 @@ def edit(cli, bundle: Path, out: Path, *options: object):
 def assert_refused(result, out: Path | None, message: str) -> None:
     """Exit 2, exactly ``error: message`` on stderr, no traceback, nothing written."""
     assert result.exit_code == 2, (result.exit_code, result.stdout, result.stderr)
-    assert result.stderr.strip() == f"error: {message}"
+    assert messages(result.stderr) == f"error: {message}"
     assert "Traceback" not in result.stdout
     if out is not None:
         assert not out.exists()
@@ -326,7 +327,7 @@ def test_graph_asking_for_unlisted_external_data_is_refused(tmp_path, bundle):
     out = tmp_path / "out"
     ran = run_cfdeploy("edit", "--bundle", bundle, "--out", out, "--text", "green lipstick", "--seed", 1)
     assert ran.returncode == 2, ran.stderr
-    assert ran.stderr.strip() == (
+    assert messages(ran.stderr) == (
         f"error: {bundle / 'mapping.onnx'}: ONNX Runtime cannot load this graph: it reads "
         "external data files the manifest does not list (only files it hashes are read)"
     )

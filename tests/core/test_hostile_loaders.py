@@ -21,7 +21,7 @@ import synthetic_files
 from cfdeploy.checkpoints import read_clip_state
 from cfdeploy.errors import CfdeployError
 from cfdeploy.tokenizer import ClipTokenizer, packaged_vocab_path
-from conftest import assert_refused
+from conftest import assert_refused, messages
 
 FIFO_RESCUE_AFTER_S = 20.0
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:FutureWarning")
@@ -259,7 +259,7 @@ def test_memory_error_while_reading_names_the_file(tmp_path):
         timeout=120,
     )
     assert process.returncode == 2, process.stderr
-    assert process.stderr.strip() == f"error: {path}: reading it needs more memory than this machine has"
+    assert messages(process.stderr) == f"error: {path}: reading it needs more memory than this machine has"
 
 
 # --- FIFOs, devices and directories ----------------------------------------------------------------------------

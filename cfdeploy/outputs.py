@@ -27,6 +27,7 @@ import fcntl
 import io
 import json
 import os
+import platform
 import re
 import secrets
 import shutil
@@ -57,6 +58,7 @@ _TERMINATING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
 _EXCHANGE_UNSUPPORTED = {errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP}
+_MAX_SHOWN_COMMAND = 300  # characters of the lock holder's command line kept for the busy message
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -330,17 +332,45 @@ def _is_alive(pid: int) -> bool:
     return True
 
 
-def _clear_leftovers(directory: Path) -> None:
-    """Delete what killed runs (pid no longer alive) left for ``directory``; the caller holds its lock.
+def _process_start(pid: int) -> float | None:
+    """When process ``pid`` started (seconds since the epoch), from ``/proc``; None where that cannot be read."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        boot = next(line for line in Path("/proc/stat").read_text().splitlines() if line.startswith("btime "))
+        return int(boot.split()[1]) + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
 
-    Beside it: staging directories ``.NAME.<pid>.partial``, and the old directory ``.NAME.<pid>.old``
-    of an interrupted two-rename swap, which goes back in place if ``directory`` is missing. Inside it:
-    the staging directories of in-place runs.
+
+def _made_by_a_live_run(pid: int, path: Path) -> bool:
+    """Whether ``path``, named after ``pid``, may belong to a run still going.
+
+    Not when ``pid`` is dead, nor when it is ours or started after ``path`` last changed: a pid reused by
+    a later process (every run of a container may get the same one) does not keep a killed run's debris.
+    """
+    if pid == os.getpid() or not _is_alive(pid):
+        return False
+    started = _process_start(pid)
+    try:
+        changed = path.lstat().st_mtime
+    except FileNotFoundError:
+        return False
+    return started is None or started <= changed + 1.0  # a second for clock granularity
+
+
+def _clear_leftovers(directory: Path) -> None:
+    """Delete what killed runs left for ``directory``; the caller holds its lock.
+
+    Beside it: staging directories ``.NAME.<pid>.partial`` (a run killed during its final swap leaves
+    the old output there), and the old directory ``.NAME.<pid>.old`` of an interrupted two-rename swap,
+    which goes back in place if ``directory`` is missing. Inside it: the staging directories of in-place
+    runs. Only lock holders make them, so they are stale unless their pid is a live process that already
+    ran when they last changed (see :func:`_made_by_a_live_run`).
     """
     beside = re.compile(rf"\.{re.escape(directory.name)}\.(\d{{1,9}})\.(partial|old)")
     for entry in directory.parent.iterdir():
         match = beside.fullmatch(entry.name)
-        if match is None or _is_alive(int(match[1])):
+        if match is None or _made_by_a_live_run(int(match[1]), entry):
             continue
         if match[2] == "old" and not os.path.lexists(directory):
             os.rename(entry, directory)
@@ -349,7 +379,7 @@ def _clear_leftovers(directory: Path) -> None:
     if directory.is_dir() and not directory.is_symlink():
         for entry in directory.iterdir():
             match = _IN_PLACE_STAGING.fullmatch(entry.name)
-            if match is not None and not _is_alive(int(match[1])):
+            if match is not None and not _made_by_a_live_run(int(match[1]), entry):
                 _discard(entry)
 
 
@@ -358,9 +388,10 @@ class DirectoryLock:
 
     Every writer takes it (staged outputs, engine builds and refits of a bundle), so two cfdeploy runs
     never interleave their files. With ``timeout`` 0 a busy lock fails at once, otherwise it is retried
-    until ``timeout`` seconds have passed. The lock file holds the owner's pid (for the message) and is
-    deleted on release. On acquiring it, leftovers of killed runs for the directory are cleared. Like
-    the staging directory, the lock file is beside the directory, so its parent must be writable.
+    until ``timeout`` seconds have passed. The lock file records its holder's pid, host, start time and
+    command line (so that a run finding it busy says which run holds it) and is deleted on release. On
+    acquiring it, leftovers of killed runs for the directory are cleared. Like the staging directory,
+    the lock file is beside the directory, so its parent must be writable.
     """
 
     def __init__(self, directory: Path, timeout: float = 600.0) -> None:
@@ -383,10 +414,10 @@ class DirectoryLock:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                holder = os.pread(handle, 32, 0).strip()
+                holder = _read_holder(handle)
                 os.close(handle)
                 if time.monotonic() >= deadline:
-                    raise CfdeployError(self._busy(holder.decode() if holder.isdigit() else None)) from None
+                    raise CfdeployError(self._busy(holder)) from None
                 time.sleep(0.2)
                 continue
             if _is_same_file(handle, self.path):
@@ -395,7 +426,7 @@ class DirectoryLock:
         self._handle = handle
         try:
             os.ftruncate(handle, 0)
-            os.pwrite(handle, f"{os.getpid()}\n".encode(), 0)
+            os.pwrite(handle, _holder_record(), 0)
             _clear_leftovers(self.directory)
         except BaseException:
             self.release()
@@ -415,9 +446,38 @@ class DirectoryLock:
             raise CfdeployError(f"{self.path}: cannot create the lock file ({error.strerror})") from None
 
     def _busy(self, holder: str | None) -> str:
-        owner = f" (pid {holder})" if holder else ""
+        owner = f" ({holder})" if holder else ""
         waited = f"; gave up after {self.timeout:g}s" if self.timeout > 0 else ""
         return f"{self.directory}: another cfdeploy run is writing this directory{owner}{waited}"
+
+
+def _holder_record() -> bytes:
+    """Who holds a lock, for the message of whoever finds it busy: pid, host, start time and command line."""
+    command = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv and sys.argv[0] else "python"
+    record = {
+        "pid": os.getpid(),
+        "host": platform.node(),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "command": command[:_MAX_SHOWN_COMMAND],
+    }
+    return (json.dumps(record) + "\n").encode()
+
+
+def _read_holder(handle: int) -> str | None:
+    """The lock holder as a phrase (``pid 12 on host, since …: command``), or None when its record is unreadable.
+
+    The holder writes its record just after locking, so an empty file is read again for a moment.
+    """
+    for _ in range(10):
+        content = os.pread(handle, 4096, 0)
+        if content:
+            break
+        time.sleep(0.02)
+    try:
+        record = json.loads(content)
+        return f"pid {int(record['pid'])} on {record['host']}, since {record['started']}: {record['command']}"
+    except (ValueError, TypeError, KeyError):
+        return None
 
 
 def _is_same_file(handle: int, path: Path) -> bool:
@@ -528,7 +588,7 @@ class StagedDirectory:
 
     Enter it at the start of a command, before the slow work: the output is checked
     (:func:`check_output_dir`), missing parent directories are made, the directory's lock is taken (a
-    second run for the same output fails at once, naming the first one's pid), leftovers of killed runs
+    second run for the same output fails at once, naming the run that holds it), leftovers of killed runs
     are cleared, and the staging directory ``.NAME.<pid>.partial`` is made beside ``out`` (``path``).
     On success the staging directory replaces ``out`` in one step (see the module's docstring); the
     new directory keeps ``out``'s permissions, or gets the umask's. On an error, Ctrl-C, SIGTERM or

@@ -97,7 +97,7 @@ def write_atomic(path: Path, content: bytes | Callable[[BinaryIO], None]) -> Non
 def write_npy_atomic(path: Path, array: np.ndarray, force: bool) -> None:
     """Write ``array`` to the ``.npy`` file ``path`` atomically; an existing file needs ``force``."""
     check_output_file(path, force)
-    _make_parents(path)
+    make_parents(path)
     write_atomic(path, npy_bytes(array))
 
 
@@ -207,6 +207,14 @@ def _refuse_links(target: Path) -> None:
     )
 
 
+def refuse_inputs(out: Path, inputs: Sequence[Path]) -> None:
+    """Refuse an output path that is, contains or lies inside one of ``inputs``, for writers that do not stage.
+
+    :func:`check_output_dir` and :func:`check_output_file` check it too; ``--force`` never lifts it.
+    """
+    _refuse_inputs(_located(out), inputs)
+
+
 def _refuse_inputs(target: Path, inputs: Sequence[Path]) -> None:
     """An output must not be, contain or lie inside what the command reads (link or link target)."""
     for given in inputs:
@@ -232,7 +240,8 @@ def _working_directory() -> Path | None:
         return None
 
 
-def _make_parents(path: Path) -> None:
+def make_parents(path: Path) -> None:
+    """Create ``path``'s missing parent directories; failure is one line."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -619,7 +628,7 @@ class StagedDirectory:
         with contextlib.ExitStack() as on_failure:
             self._made_parents = [parent for parent in self.out.parents if not parent.exists()]
             on_failure.callback(self._remove_made_parents)
-            _make_parents(self.out)
+            make_parents(self.out)
             self._lock.acquire()
             on_failure.callback(self._lock.release)
             check_output_dir(self.out, self.force, self.inputs)  # again: a killed swap may have been undone

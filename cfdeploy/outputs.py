@@ -52,6 +52,8 @@ _DISK_FULL = {
     errno.EDQUOT: "disk quota exceeded",
     errno.EFBIG: "file too large for the file system (or the process's file size limit)",
 }
+# A write_atomic temporary file: .NAME.<pid>.<8 hex digits>.partial beside its target.
+_ATOMIC_PARTIAL = re.compile(r"\..+\.\d{1,9}\.[0-9a-f]{8}\.partial")
 # Staging directory of an in-place run (see StagedDirectory), inside the output directory itself.
 _IN_PLACE_STAGING = re.compile(r"\.cfdeploy\.(\d{1,9})\.partial")
 _TERMINATING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
@@ -123,6 +125,19 @@ def check_output_file(path: Path, force: bool, inputs: Sequence[Path] = ()) -> N
     _refuse_inputs(target, inputs)
     if target.exists() and not force:
         raise CfdeployError(f"{target}: file exists (use --force to replace it)")
+
+
+def clear_partial_files(directory: Path) -> None:
+    """Delete the temporary files of :func:`write_atomic` calls that were killed, in ``directory``.
+
+    Only for a caller that knows no writer into ``directory`` is running (it holds the lock every writer
+    there runs under): such a file is named after its writer's pid, which may be on another host.
+    """
+    with contextlib.suppress(FileNotFoundError), os.scandir(directory) as entries:
+        for entry in entries:
+            if _ATOMIC_PARTIAL.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
 
 
 def _replace_file(path: Path, content: bytes | Callable[[BinaryIO], None]) -> None:

@@ -33,7 +33,14 @@ from cfdeploy.editing import (
 from cfdeploy.errors import CfdeployError, require_finite, require_range
 from cfdeploy.files import require_file, sha256_file
 from cfdeploy.inputs import load_latents, load_text_embedding
-from cfdeploy.outputs import DirectoryLock, StagedDirectory, make_parents, refuse_inputs, write_atomic
+from cfdeploy.outputs import (
+    DirectoryLock,
+    StagedDirectory,
+    clear_partial_files,
+    make_parents,
+    refuse_inputs,
+    write_atomic,
+)
 from cfdeploy.serving.cluster import (
     actor_backend_options,
     check_resources,
@@ -186,7 +193,10 @@ def redo_reason(out: Path, shard: Path) -> str | None:
 
 
 def prepare_output(settings: BatchSettings, force: bool) -> None:
-    """Make ``OUT`` or check it is this run's: a directory from another run (or anything else) needs ``--force``."""
+    """Make ``OUT`` or check it is this run's: a directory from another run (or anything else) needs ``--force``.
+
+    The caller holds ``OUT``'s lock, so the temporary files of records left half-written are a killed run's.
+    """
     out, identity = settings.out, settings.identity()
     record_path = out / RUN_RECORD
     if out.exists() and not out.is_dir():
@@ -204,6 +214,8 @@ def prepare_output(settings: BatchSettings, force: bool) -> None:
                 f"{out}: was made with another {', '.join(changed)}; use another --out, or --force to redo every shard"
             )
     (out / DONE_DIR).mkdir(parents=True, exist_ok=True)
+    for directory in (out, out / DONE_DIR):  # records of a killed run half-written; its workers are gone
+        clear_partial_files(directory)
     if force:
         for record in (out / DONE_DIR).glob("*.json"):
             record.unlink()

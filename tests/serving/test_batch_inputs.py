@@ -31,7 +31,7 @@ def data(tmp_path: Path) -> Path:
     return data
 
 
-def test_a_recursive_glob_over_the_output_skips_its_own_results_and_non_files_with_a_line_each(
+def test_a_rerun_with_a_recursive_glob_over_its_output_skips_its_results_non_files_and_clears_debris(
     bundle_256: Path, cli, data: Path
 ):
     out = data / "edits"
@@ -45,12 +45,16 @@ def test_a_recursive_glob_over_the_output_skips_its_own_results_and_non_files_wi
     edit_shard(open_backend("onnxruntime", plan.settings.bundle), plan.settings, data / "codes.npy")
     assert (out / "codes" / "latents.npy").is_file()  # matched by the glob: a shard named "latents" to the old code
 
+    killed = [out / "_done" / f".codes.json.{os.getpid()}.0badf00d.partial", out / "._batch.json.7.12345678.partial"]
+    for debris in killed:  # a run killed while writing a record: its workers were on other hosts, perhaps
+        debris.write_text("{")
     result = cli("batch", "--bundle", bundle_256, "--latents", f"{data}/**/*.npy", "--text", PROMPT, "--out", out)
     assert result.exit_code == 0, result.stderr
     lines = result.stderr.splitlines()
     assert [line.removeprefix("warning: ") for line in lines if line.startswith("warning: ")] == skipped, lines
     assert "0 shard(s) edited (0 images), 1 already done, of 1" in result.stderr, lines
     assert sorted(path.name for path in out.iterdir()) == ["_batch.json", "_done", "codes"]
+    assert [path.name for path in (out / "_done").iterdir()] == ["codes.json"]
 
 
 def test_an_output_that_is_holds_or_lies_in_an_input_is_refused_even_with_force(

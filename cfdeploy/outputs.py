@@ -27,6 +27,7 @@ import fcntl
 import io
 import json
 import os
+import platform
 import re
 import secrets
 import shutil
@@ -51,12 +52,15 @@ _DISK_FULL = {
     errno.EDQUOT: "disk quota exceeded",
     errno.EFBIG: "file too large for the file system (or the process's file size limit)",
 }
+# A write_atomic temporary file: .NAME.<pid>.<8 hex digits>.partial beside its target.
+_ATOMIC_PARTIAL = re.compile(r"\..+\.\d{1,9}\.[0-9a-f]{8}\.partial")
 # Staging directory of an in-place run (see StagedDirectory), inside the output directory itself.
 _IN_PLACE_STAGING = re.compile(r"\.cfdeploy\.(\d{1,9})\.partial")
 _TERMINATING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
 _EXCHANGE_UNSUPPORTED = {errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP}
+_MAX_SHOWN_COMMAND = 300  # characters of the lock holder's command line kept for the busy message
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -95,7 +99,7 @@ def write_atomic(path: Path, content: bytes | Callable[[BinaryIO], None]) -> Non
 def write_npy_atomic(path: Path, array: np.ndarray, force: bool) -> None:
     """Write ``array`` to the ``.npy`` file ``path`` atomically; an existing file needs ``force``."""
     check_output_file(path, force)
-    _make_parents(path)
+    make_parents(path)
     write_atomic(path, npy_bytes(array))
 
 
@@ -121,6 +125,19 @@ def check_output_file(path: Path, force: bool, inputs: Sequence[Path] = ()) -> N
     _refuse_inputs(target, inputs)
     if target.exists() and not force:
         raise CfdeployError(f"{target}: file exists (use --force to replace it)")
+
+
+def clear_partial_files(directory: Path) -> None:
+    """Delete the temporary files of :func:`write_atomic` calls that were killed, in ``directory``.
+
+    Only for a caller that knows no writer into ``directory`` is running (it holds the lock every writer
+    there runs under): such a file is named after its writer's pid, which may be on another host.
+    """
+    with contextlib.suppress(FileNotFoundError), os.scandir(directory) as entries:
+        for entry in entries:
+            if _ATOMIC_PARTIAL.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
 
 
 def _replace_file(path: Path, content: bytes | Callable[[BinaryIO], None]) -> None:
@@ -205,6 +222,14 @@ def _refuse_links(target: Path) -> None:
     )
 
 
+def refuse_inputs(out: Path, inputs: Sequence[Path]) -> None:
+    """Refuse an output path that is, contains or lies inside one of ``inputs``, for writers that do not stage.
+
+    :func:`check_output_dir` and :func:`check_output_file` check it too; ``--force`` never lifts it.
+    """
+    _refuse_inputs(_located(out), inputs)
+
+
 def _refuse_inputs(target: Path, inputs: Sequence[Path]) -> None:
     """An output must not be, contain or lie inside what the command reads (link or link target)."""
     for given in inputs:
@@ -230,7 +255,8 @@ def _working_directory() -> Path | None:
         return None
 
 
-def _make_parents(path: Path) -> None:
+def make_parents(path: Path) -> None:
+    """Create ``path``'s missing parent directories; failure is one line."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -330,17 +356,45 @@ def _is_alive(pid: int) -> bool:
     return True
 
 
-def _clear_leftovers(directory: Path) -> None:
-    """Delete what killed runs (pid no longer alive) left for ``directory``; the caller holds its lock.
+def _process_start(pid: int) -> float | None:
+    """When process ``pid`` started (seconds since the epoch), from ``/proc``; None where that cannot be read."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        boot = next(line for line in Path("/proc/stat").read_text().splitlines() if line.startswith("btime "))
+        return int(boot.split()[1]) + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
 
-    Beside it: staging directories ``.NAME.<pid>.partial``, and the old directory ``.NAME.<pid>.old``
-    of an interrupted two-rename swap, which goes back in place if ``directory`` is missing. Inside it:
-    the staging directories of in-place runs.
+
+def _made_by_a_live_run(pid: int, path: Path) -> bool:
+    """Whether ``path``, named after ``pid``, may belong to a run still going.
+
+    Not when ``pid`` is dead, nor when it is ours or started after ``path`` last changed: a pid reused by
+    a later process (every run of a container may get the same one) does not keep a killed run's debris.
+    """
+    if pid == os.getpid() or not _is_alive(pid):
+        return False
+    started = _process_start(pid)
+    try:
+        changed = path.lstat().st_mtime
+    except FileNotFoundError:
+        return False
+    return started is None or started <= changed + 1.0  # a second for clock granularity
+
+
+def _clear_leftovers(directory: Path) -> None:
+    """Delete what killed runs left for ``directory``; the caller holds its lock.
+
+    Beside it: staging directories ``.NAME.<pid>.partial`` (a run killed during its final swap leaves
+    the old output there), and the old directory ``.NAME.<pid>.old`` of an interrupted two-rename swap,
+    which goes back in place if ``directory`` is missing. Inside it: the staging directories of in-place
+    runs. Only lock holders make them, so they are stale unless their pid is a live process that already
+    ran when they last changed (see :func:`_made_by_a_live_run`).
     """
     beside = re.compile(rf"\.{re.escape(directory.name)}\.(\d{{1,9}})\.(partial|old)")
     for entry in directory.parent.iterdir():
         match = beside.fullmatch(entry.name)
-        if match is None or _is_alive(int(match[1])):
+        if match is None or _made_by_a_live_run(int(match[1]), entry):
             continue
         if match[2] == "old" and not os.path.lexists(directory):
             os.rename(entry, directory)
@@ -349,7 +403,7 @@ def _clear_leftovers(directory: Path) -> None:
     if directory.is_dir() and not directory.is_symlink():
         for entry in directory.iterdir():
             match = _IN_PLACE_STAGING.fullmatch(entry.name)
-            if match is not None and not _is_alive(int(match[1])):
+            if match is not None and not _made_by_a_live_run(int(match[1]), entry):
                 _discard(entry)
 
 
@@ -358,9 +412,10 @@ class DirectoryLock:
 
     Every writer takes it (staged outputs, engine builds and refits of a bundle), so two cfdeploy runs
     never interleave their files. With ``timeout`` 0 a busy lock fails at once, otherwise it is retried
-    until ``timeout`` seconds have passed. The lock file holds the owner's pid (for the message) and is
-    deleted on release. On acquiring it, leftovers of killed runs for the directory are cleared. Like
-    the staging directory, the lock file is beside the directory, so its parent must be writable.
+    until ``timeout`` seconds have passed. The lock file records its holder's pid, host, start time and
+    command line (so that a run finding it busy says which run holds it) and is deleted on release. On
+    acquiring it, leftovers of killed runs for the directory are cleared. Like the staging directory,
+    the lock file is beside the directory, so its parent must be writable.
     """
 
     def __init__(self, directory: Path, timeout: float = 600.0) -> None:
@@ -383,10 +438,10 @@ class DirectoryLock:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                holder = os.pread(handle, 32, 0).strip()
+                holder = _read_holder(handle)
                 os.close(handle)
                 if time.monotonic() >= deadline:
-                    raise CfdeployError(self._busy(holder.decode() if holder.isdigit() else None)) from None
+                    raise CfdeployError(self._busy(holder)) from None
                 time.sleep(0.2)
                 continue
             if _is_same_file(handle, self.path):
@@ -395,7 +450,7 @@ class DirectoryLock:
         self._handle = handle
         try:
             os.ftruncate(handle, 0)
-            os.pwrite(handle, f"{os.getpid()}\n".encode(), 0)
+            os.pwrite(handle, _holder_record(), 0)
             _clear_leftovers(self.directory)
         except BaseException:
             self.release()
@@ -415,9 +470,38 @@ class DirectoryLock:
             raise CfdeployError(f"{self.path}: cannot create the lock file ({error.strerror})") from None
 
     def _busy(self, holder: str | None) -> str:
-        owner = f" (pid {holder})" if holder else ""
+        owner = f" ({holder})" if holder else ""
         waited = f"; gave up after {self.timeout:g}s" if self.timeout > 0 else ""
         return f"{self.directory}: another cfdeploy run is writing this directory{owner}{waited}"
+
+
+def _holder_record() -> bytes:
+    """Who holds a lock, for the message of whoever finds it busy: pid, host, start time and command line."""
+    command = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv and sys.argv[0] else "python"
+    record = {
+        "pid": os.getpid(),
+        "host": platform.node(),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "command": command[:_MAX_SHOWN_COMMAND],
+    }
+    return (json.dumps(record) + "\n").encode()
+
+
+def _read_holder(handle: int) -> str | None:
+    """The lock holder as a phrase (``pid 12 on host, since …: command``), or None when its record is unreadable.
+
+    The holder writes its record just after locking, so an empty file is read again for a moment.
+    """
+    for _ in range(10):
+        content = os.pread(handle, 4096, 0)
+        if content:
+            break
+        time.sleep(0.02)
+    try:
+        record = json.loads(content)
+        return f"pid {int(record['pid'])} on {record['host']}, since {record['started']}: {record['command']}"
+    except (ValueError, TypeError, KeyError):
+        return None
 
 
 def _is_same_file(handle: int, path: Path) -> bool:
@@ -528,7 +612,7 @@ class StagedDirectory:
 
     Enter it at the start of a command, before the slow work: the output is checked
     (:func:`check_output_dir`), missing parent directories are made, the directory's lock is taken (a
-    second run for the same output fails at once, naming the first one's pid), leftovers of killed runs
+    second run for the same output fails at once, naming the run that holds it), leftovers of killed runs
     are cleared, and the staging directory ``.NAME.<pid>.partial`` is made beside ``out`` (``path``).
     On success the staging directory replaces ``out`` in one step (see the module's docstring); the
     new directory keeps ``out``'s permissions, or gets the umask's. On an error, Ctrl-C, SIGTERM or
@@ -559,7 +643,7 @@ class StagedDirectory:
         with contextlib.ExitStack() as on_failure:
             self._made_parents = [parent for parent in self.out.parents if not parent.exists()]
             on_failure.callback(self._remove_made_parents)
-            _make_parents(self.out)
+            make_parents(self.out)
             self._lock.acquire()
             on_failure.callback(self._lock.release)
             check_output_dir(self.out, self.force, self.inputs)  # again: a killed swap may have been undone

@@ -263,6 +263,8 @@ def batch_command(
         session_cache=session_cache_option(no_session_cache),
     )
     plan = plan_batch(settings, force)
+    for line in plan.skipped:
+        warn(line)
     for shard, reason in plan.redone.items():
         warn(f"redoing shard {shard}: {reason}")
     skipped = len(plan.shards) - len(plan.pending)

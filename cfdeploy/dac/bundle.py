@@ -32,7 +32,7 @@ from cfdeploy.bundle_files import (
 )
 from cfdeploy.contracts import NetworkContract, dac_contracts
 from cfdeploy.dac.plms import PlmsScheduler, anneal, noise_latents
-from cfdeploy.dac.refit_map import refit_weights
+from cfdeploy.dac.refit_map import check_refit_map, refit_weights, require_initializers
 from cfdeploy.dac.run import (
     MANIFEST,
     UNET_LORA,
@@ -148,10 +148,15 @@ def onnxruntime_networks(
     threads: int | None = None,
 ) -> Sessions:
     """The bundle's graphs as ONNX Runtime sessions; ``unet_weights`` (another run's U, by initializer name) replace
-    the UNet graph's own, as a TensorRT refit does."""
-    return Sessions(
-        bundle.graph, device, threads=threads, initializers={"unet": unet_weights} if unet_weights else None
-    )
+    the UNet graph's own, as a TensorRT refit does, each checked to be in the graph (the bytes loaded, not a re-read)."""
+
+    def graph(network: str) -> VerifiedGraph:
+        loaded = bundle.graph(network)
+        if network == "unet" and unet_weights:
+            require_initializers(unet_weights, loaded.content, loaded.path, bundle.path / MANIFEST)
+        return loaded
+
+    return Sessions(graph, device, threads=threads, initializers={"unet": unet_weights} if unet_weights else None)
 
 
 class BundleSampler:
@@ -233,6 +238,7 @@ def refit_inputs(
         raise CfdeployError(
             f"--run samples {run_path}'s stored embeddings (β 1); for --beta {settings.beta} export that run"
         )
+    check_refit_map(refit["weights"], bundle.path / MANIFEST)
     unet_lora, _ = read_tensors(run.file(UNET_LORA))
     weights = refit_weights(refit["weights"], unet_lora, run.file(UNET_LORA))
     hidden = bundle.array(EMBEDDINGS).shape[1:]

@@ -43,6 +43,16 @@ def to_pixels(unit: np.ndarray) -> np.ndarray:
     return pixels
 
 
+def finite_sample(unit: np.ndarray, name: str, settings: PredictSettings) -> np.ndarray:
+    """A sampled image, refused if any value is NaN/inf: written, it would be a black PNG that looks like a result."""
+    if not np.isfinite(unit).all():
+        raise CfdeployError(
+            f"{name}: the sample holds NaN/inf values: the networks left float32's range "
+            f"(--guidance {settings.guidance:g}, --beta {settings.beta:g}); nothing was written"
+        )
+    return unit
+
+
 def contact_sheet(images: list[np.ndarray], columns: int = 4) -> np.ndarray:
     """Images ``[H, W, 3]`` side by side in rows of ``columns``, black where a row is short."""
     height, width, _ = images[0].shape
@@ -108,7 +118,7 @@ def edit(
         for draw in samples:
             started = time.perf_counter()
             timesteps.clear()
-            pixels = to_pixels(sampler.sample(draw.latents, timesteps.append))
+            pixels = to_pixels(finite_sample(sampler.sample(draw.latents, timesteps.append), draw.name, settings))
             staged.write_png(draw.name, pixels)
             images.append(pixels)
             seconds.append(time.perf_counter() - started)

@@ -11,7 +11,7 @@ Torch-free: the TensorRT runtime reads the map from the bundle's manifest.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +83,118 @@ def _digests(
         if value.ndim == 2:
             found.setdefault(value_digest(value.T), []).append((name, True))
     return found
+
+
+def check_refit_map(mapping: Mapping[str, Any], manifest: Path) -> None:
+    """Refuse a refit map whose entries are not ``{"initializer": str, "transposed": bool, "shape": [int, ...]}``."""
+    for key, entry in mapping.items():
+        if not (
+            isinstance(entry, dict)
+            and isinstance(entry.get("initializer"), str)
+            and isinstance(entry.get("transposed"), bool)
+            and isinstance(entry.get("shape"), list)
+            and all(isinstance(size, int) and not isinstance(size, bool) and size > 0 for size in entry["shape"])
+        ):
+            raise CfdeployError(
+                f"{manifest}: unet.refit.weights[{key!r}] is {entry!r:.120}, expected "
+                '{"initializer": NAME, "transposed": true|false, "shape": [sizes]}'
+            )
+
+
+def require_initializers(weights: Mapping[str, np.ndarray], graph: bytes, source: Path, manifest: Path) -> None:
+    """Refuse weights for initializers the graph lacks, or has in another shape.
+
+    ONNX Runtime ignores an override whose name is not in the graph, so a refit map that names
+    tensors the graph does not hold would sample the bundle's own U without a word (TensorRT's refitter
+    refuses it itself).
+    """
+    try:
+        shapes = graph_initializer_shapes(graph)
+    except ValueError as why:
+        raise CfdeployError(f"{source}: not a readable ONNX model ({why})") from None
+    for name, value in weights.items():
+        if name not in shapes:
+            raise CfdeployError(
+                f"{manifest}: its refit map names the initializer {name!r}, which {source.name} does not hold"
+            )
+        if shapes[name] != tuple(value.shape):
+            raise CfdeployError(
+                f"{manifest}: its refit map gives {name!r} the shape {tuple(value.shape)}, "
+                f"{source.name} holds {shapes[name]}"
+            )
+
+
+def graph_initializer_shapes(model: bytes) -> dict[str, tuple[int, ...]]:
+    """The main graph's initializers, name → shape, read from a serialised ONNX ``ModelProto``.
+
+    From the protobuf wire format itself (ModelProto.graph = 7, GraphProto.initializer = 5,
+    TensorProto.dims = 1 and name = 8): onnx is not a run-time dependency, and weights are skipped,
+    not copied. Raises ValueError on bytes that are not a well-formed message.
+    """
+    shapes: dict[str, tuple[int, ...]] = {}
+    for number, _, graph in _fields(memoryview(model)):
+        if number != 7 or not isinstance(graph, memoryview):
+            continue
+        for field, _, tensor in _fields(graph):
+            if field != 5 or not isinstance(tensor, memoryview):
+                continue
+            name, dims = "", []
+            for part, kind, value in _fields(tensor):
+                if part == 8 and isinstance(value, memoryview):
+                    name = bytes(value).decode("utf-8", "replace")
+                elif part == 1 and kind == 0 and isinstance(value, int):
+                    dims.append(value)
+                elif part == 1 and isinstance(value, memoryview):  # packed
+                    dims.extend(_packed_varints(value))
+            shapes[name] = tuple(dims)
+    return shapes
+
+
+def _varint(buffer: memoryview, position: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if position >= len(buffer) or shift > 63:
+            raise ValueError(f"a truncated number at byte {position}")
+        byte = buffer[position]
+        position += 1
+        result |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return result, position
+        shift += 7
+
+
+def _packed_varints(buffer: memoryview) -> list[int]:
+    values, position = [], 0
+    while position < len(buffer):
+        value, position = _varint(buffer, position)
+        values.append(value)
+    return values
+
+
+def _fields(buffer: memoryview) -> Iterator[tuple[int, int, int | memoryview]]:
+    """A message's fields as (number, wire type, value): an int for varints, else the field's bytes."""
+    position = 0
+    while position < len(buffer):
+        key, position = _varint(buffer, position)
+        number, kind = key >> 3, key & 7
+        value: int | memoryview
+        if kind == 0:
+            value, position = _varint(buffer, position)
+            yield number, kind, value
+            continue
+        if kind == 2:
+            size, position = _varint(buffer, position)
+        elif kind in _FIXED_SIZES:
+            size = _FIXED_SIZES[kind]
+        else:
+            raise ValueError(f"wire type {kind} at byte {position}")
+        if position + size > len(buffer):
+            raise ValueError(f"a field runs past the end at byte {position}")
+        yield number, kind, buffer[position : position + size]
+        position += size
+
+
+_FIXED_SIZES = {1: 8, 5: 4}  # protobuf's 64- and 32-bit wire types
 
 
 def refit_weights(

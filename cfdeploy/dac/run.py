@@ -12,12 +12,14 @@ A run is complete when ``manifest.json`` exists; it is written last.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from cfdeploy.bundle_files import leads_outside
 from cfdeploy.errors import CfdeployError, require_finite, require_range
 from cfdeploy.files import read_json_object, read_tensors
 
@@ -100,7 +102,10 @@ class DacRun:
     settings: AbductSettings
 
     def file(self, name: str) -> Path:
+        """One of the run's files; a symbolic link leading out of the run is refused, as in a bundle."""
         path = self.path / name
+        if path.is_symlink() and leads_outside(path, self.path):
+            raise CfdeployError(f"{path}: a symbolic link leading out of the DAC run (to {os.readlink(path)})")
         if not path.is_file():
             raise CfdeployError(f"{path}: missing from the DAC run")
         return path

@@ -14,6 +14,7 @@ import glob
 import json
 import os
 import platform
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -32,7 +33,14 @@ from cfdeploy.editing import (
 from cfdeploy.errors import CfdeployError, require_finite, require_range
 from cfdeploy.files import require_file, sha256_file
 from cfdeploy.inputs import load_latents, load_text_embedding
-from cfdeploy.outputs import StagedDirectory, write_atomic
+from cfdeploy.outputs import (
+    DirectoryLock,
+    StagedDirectory,
+    clear_partial_files,
+    make_parents,
+    refuse_inputs,
+    write_atomic,
+)
 from cfdeploy.serving.cluster import (
     actor_backend_options,
     check_resources,
@@ -95,21 +103,36 @@ class BatchSummary:
     seconds: float
 
 
-def find_shards(spec: str) -> list[Path]:
-    """The ``.npy`` files of a directory, or those a glob matches, sorted; names (stems) must be unique."""
+def find_shards(spec: str, out: Path | None = None) -> tuple[list[Path], list[str]]:
+    """The ``.npy`` files of a directory, or those a glob matches, sorted; names (stems) must be unique.
+
+    Also a line for each match skipped: anything not a regular file (a FIFO would block the run, a
+    dangling link fails it), and nothing inside ``out`` once it holds a run record: a recursive glob
+    over a tree that holds ``out`` would otherwise take this run's own ``latents.npy`` for new shards.
+    """
     path = Path(spec)
     found = (
         sorted(path.glob("*.npy"))
         if path.is_dir()
         else sorted(Path(match) for match in glob.glob(spec, recursive=True))
     )
-    found = [shard for shard in found if shard.suffix == ".npy" and shard.is_file()]
-    if not found:
+    own_tree = out if out is not None and (out / RUN_RECORD).is_file() else None
+    shards: list[Path] = []
+    skipped: list[str] = []
+    for candidate in found:
+        if candidate.suffix != ".npy" or (own_tree is not None and _lies_in(candidate, own_tree)):
+            continue
+        why = _not_a_shard(candidate)
+        if why:
+            skipped.append(f"{candidate}: {why}; skipped")
+        else:
+            shards.append(candidate)
+    if not shards:
         raise CfdeployError(
             f"{spec}: no .npy shards found (give a directory of .npy files or a glob such as 'shards/*.npy')"
         )
     names: dict[str, Path] = {}
-    for shard in found:
+    for shard in shards:
         if shard.stem.startswith(("_", ".")):
             raise CfdeployError(f"{shard}: shard names may not start with '_' or '.' (reserved in the output)")
         if shard.stem in names:
@@ -117,7 +140,28 @@ def find_shards(spec: str) -> list[Path]:
                 f"{shard}: two shards are named {shard.stem!r} ({names[shard.stem]}); names must be unique"
             )
         names[shard.stem] = shard
-    return found
+    return shards, skipped
+
+
+def _lies_in(path: Path, directory: Path) -> bool:
+    """Whether ``path`` (its parent directories resolved) is inside the resolved ``directory``."""
+    parent = path.absolute().parent.resolve()
+    return parent == directory or directory in parent.parents
+
+
+def _not_a_shard(path: Path) -> str:
+    """Why ``path`` cannot be read as a shard ("" when it can): only regular files, or links to them, are."""
+    if path.is_symlink() and not path.exists():
+        return f"a dangling symbolic link (to {os.readlink(path)})"
+    try:
+        mode = path.stat().st_mode
+    except OSError as error:
+        return f"cannot be read ({error.strerror})"
+    if stat.S_ISREG(mode):
+        return ""
+    kinds = {stat.S_ISDIR: "a directory", stat.S_ISFIFO: "a FIFO", stat.S_ISSOCK: "a socket"}
+    kind = next((name for test, name in kinds.items() if test(mode)), "a device file")
+    return f"{kind}, not a regular file"
 
 
 def _done_record(out: Path, name: str) -> Path:
@@ -149,7 +193,10 @@ def redo_reason(out: Path, shard: Path) -> str | None:
 
 
 def prepare_output(settings: BatchSettings, force: bool) -> None:
-    """Make ``OUT`` or check it is this run's: a directory from another run (or anything else) needs ``--force``."""
+    """Make ``OUT`` or check it is this run's: a directory from another run (or anything else) needs ``--force``.
+
+    The caller holds ``OUT``'s lock, so the temporary files of records left half-written are a killed run's.
+    """
     out, identity = settings.out, settings.identity()
     record_path = out / RUN_RECORD
     if out.exists() and not out.is_dir():
@@ -167,6 +214,8 @@ def prepare_output(settings: BatchSettings, force: bool) -> None:
                 f"{out}: was made with another {', '.join(changed)}; use another --out, or --force to redo every shard"
             )
     (out / DONE_DIR).mkdir(parents=True, exist_ok=True)
+    for directory in (out, out / DONE_DIR):  # records of a killed run half-written; its workers are gone
+        clear_partial_files(directory)
     if force:
         for record in (out / DONE_DIR).glob("*.json"):
             record.unlink()
@@ -245,6 +294,7 @@ class BatchPlan:
     shards: list[Path]
     pending: list[Path]
     redone: dict[str, str] = field(default_factory=dict)  # shards recorded done whose outputs are not: why
+    skipped: list[str] = field(default_factory=list)  # matches that are not shards, a line each
 
 
 def plan_batch(settings: BatchSettings, force: bool = False) -> BatchPlan:
@@ -267,14 +317,19 @@ def plan_batch(settings: BatchSettings, force: bool = False) -> BatchPlan:
         and bundle.precomputed_text_latents(settings.prompt) is None
     ):
         raise CfdeployError(without_clip_message(settings.bundle, bundle.manifest.get("prompts", {})))
-    shards = find_shards(settings.shards)
-    prepare_output(settings, force)
+    shards, skipped = find_shards(settings.shards, settings.out)
+    inputs = [settings.bundle, *shards] + ([settings.text_embedding] if settings.text_embedding else [])
+    refuse_inputs(settings.out, inputs)  # even with --force: a run would write over what it reads
+    make_parents(settings.out)
+    with DirectoryLock(settings.out, timeout=0):
+        prepare_output(settings, force)
     reasons = {shard: redo_reason(settings.out, shard) for shard in shards}
     return BatchPlan(
         settings,
         shards,
         [shard for shard, reason in reasons.items() if reason is not None],
         {shard.stem: reason for shard, reason in reasons.items() if reason},
+        skipped,
     )
 
 
@@ -285,7 +340,21 @@ def run_batch(
     num_cpus: int | None = None,
     on_shard: Callable[[str, int], None] | None = None,
 ) -> BatchSummary:
-    """Edit the plan's pending shards on Ray; ``on_shard(name, images)`` as each lands."""
+    """Edit the plan's pending shards on Ray; ``on_shard(name, images)`` as each lands.
+
+    Holds ``OUT``'s lock throughout: a second run into the same ``OUT`` is refused at once, naming this one.
+    """
+    with DirectoryLock(plan.settings.out, timeout=0):
+        return _edit_pending(plan, ray_address=ray_address, num_cpus=num_cpus, on_shard=on_shard)
+
+
+def _edit_pending(
+    plan: BatchPlan,
+    *,
+    ray_address: str | None,
+    num_cpus: int | None,
+    on_shard: Callable[[str, int], None] | None,
+) -> BatchSummary:
     started = time.perf_counter()
     settings, shards, pending = plan.settings, plan.shards, plan.pending
     images = 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import platform
 import shutil
 import signal
 import stat
@@ -177,24 +178,53 @@ def test_termination_handlers_are_restored_and_an_ignored_sighup_stays_ignored(w
 
 def test_a_second_run_for_the_same_output_fails_at_once_naming_the_first(tmp_path, work):
     out = previous_output(work)
+    before = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(time.time() - 1))
     process, staging = hold(tmp_path, out)
+    after = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(time.time() + 1))
     try:
         started = time.monotonic()
-        assert refusal(out, force=True) == f"{out}: another cfdeploy run is writing this directory (pid {process.pid})"
+        message = refusal(out, force=True)
+        holder = f"pid {process.pid} on {platform.node()}, since "
+        prefix = f"{out}: another cfdeploy run is writing this directory ({holder}"
+        assert message.startswith(prefix), message
+        since, command = message[len(prefix) :].split(": ", 1)
+        assert before <= since <= after, since
+        assert command.startswith("script_") and command.endswith(f".py {out})"), command
         assert time.monotonic() - started < 1.0
         with pytest.raises(CfdeployError) as refused:
             with DirectoryLock(out, timeout=0.3):
                 pass
-        assert str(refused.value) == (
-            f"{out}: another cfdeploy run is writing this directory (pid {process.pid}); gave up after 0.3s"
-        )
+        assert str(refused.value) == f"{message[:-1]}); gave up after 0.3s"
         assert names(work) == sorted([".out.lock", staging.name, "out"])
     finally:
         process.terminate()
         process.wait()
     with DirectoryLock(out, timeout=0.3):
-        assert (work / ".out.lock").read_text() == f"{os.getpid()}\n"
+        recorded = json.loads((work / ".out.lock").read_text())
+        assert recorded["pid"] == os.getpid() and recorded["host"] == platform.node()
     assert names(work) == ["out"] and contents(out) == {"old.json": "old"}
+
+
+def test_a_run_killed_in_its_final_swap_leaves_staging_that_the_next_run_clears_even_under_a_reused_pid(work):
+    """After the exchange the staging directory holds the old output; a kill while deleting it leaves it behind,
+    named after a pid that the next run (a container's, say) may well have itself or see reused by another process."""
+    out = previous_output(work)
+    own = work / f".out.{os.getpid()}.partial"
+    own.mkdir()
+    (own / "old.json").write_text("old")
+    later = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        reused = work / f".out.{later.pid}.partial"
+        reused.mkdir()
+        (reused / "old.json").write_text("old")
+        an_hour_ago = time.time() - 3600
+        os.utime(reused, (an_hour_ago, an_hour_ago))  # last changed before that process started
+        with StagedDirectory(out, True) as staged:
+            staged.write_json("result.json", {"run": "next"})
+    finally:
+        later.kill()
+        later.wait()
+    assert names(work) == ["out"] and names(out) == ["result.json"]
 
 
 def fail_while_writing(out, force: bool, failure: BaseException) -> None:

@@ -15,6 +15,7 @@ import functools
 import gc
 import inspect
 import json
+import multiprocessing
 import os
 import re
 import shutil
@@ -370,6 +371,20 @@ def built_once(path: Path, build: Callable[[Path], Any]) -> Path:
     return path
 
 
+def in_child(function: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+    """``function(*args, **kwargs)`` in a fresh Python process: a build of hundreds of MB gives its memory back when
+    that process ends, instead of raising this worker's peak for the rest of the run."""
+    process = multiprocessing.get_context("spawn").Process(target=function, args=args, kwargs=kwargs)
+    process.start()
+    process.join()
+    if process.exitcode != 0:
+        raise RuntimeError(f"{function.__qualname__} failed in a child process (exit code {process.exitcode})")
+
+
+def save_e4e_checkpoint(path: Path, seed: int, size: int) -> None:
+    torch.save(synthetic_files.e4e_checkpoint(seed=seed, size=size), path)
+
+
 @pytest.fixture(scope="session")
 def shared(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Where the session's synthetic files and bundles are built once for all workers (pytest-xdist's workers share
@@ -488,9 +503,7 @@ def bundle_256(shared: Path, cfclip_256: Path, clip_state_dict_file: Path) -> Pa
 def e4e_64(files: Path) -> Path:
     """An e4e checkpoint for the 64 px generator: the official encoder with 10 style blocks (what the official code
     builds for ``stylegan_size`` 64), its own generator, latent_avg; 600 MB."""
-    return built_once(
-        files / "e4e_64.pt", lambda path: torch.save(synthetic_files.e4e_checkpoint(seed=13, size=64), path)
-    )
+    return built_once(files / "e4e_64.pt", lambda path: in_child(save_e4e_checkpoint, path, seed=13, size=64))
 
 
 @pytest.fixture(scope="session")
@@ -502,7 +515,9 @@ def bundle_with_encoder(
 
     out = built_once(
         shared / "bundles" / "with_encoder_64",
-        lambda path: export_bundle(cfclip_64, clip_state_dict_file, path, include_clip_text=False, encoder=e4e_64),
+        lambda path: in_child(
+            export_bundle, cfclip_64, clip_state_dict_file, path, include_clip_text=False, encoder=e4e_64
+        ),
     )
     return e4e_64, out, json.loads((out / "manifest.json").read_text())
 

@@ -27,7 +27,7 @@ from cfdeploy.exporter import export_bundle, photo_like
 from cfdeploy.files import sha256_file
 from cfdeploy.models import reference
 from cfdeploy.torchfiles import weights_sha256
-from conftest import TOLERANCE, rel_l2
+from conftest import TOLERANCE, in_child, rel_l2, save_e4e_checkpoint
 
 N_LATENT_1024 = 18
 N_LATENT_64 = 10
@@ -79,23 +79,17 @@ def test_exported_encoder_convolutions_have_no_run_time_bias(bundle_with_encoder
     assert not {"CastLike", "Expand"} & {node.op_type for node in graph.node}
 
 
-@pytest.fixture(scope="module")
-def exported_encoder(bundle_with_encoder) -> tuple[onnxruntime.InferenceSession, dict]:
-    """The bundle's encoder graph in ONNX Runtime, and the e4e file it came from as torch reads it."""
+def test_exported_encoder_matches_the_official_formulation(bundle_with_encoder):
     encoder, out, _ = bundle_with_encoder
     session = onnxruntime.InferenceSession(Bundle(out).network("encoder").content, providers=["CPUExecutionProvider"])
-    return session, torch.load(encoder, weights_only=True)
-
-
-@pytest.mark.parametrize("batch", [1, 3])
-def test_exported_encoder_matches_the_official_formulation(exported_encoder, batch):
-    session, content = exported_encoder
-    images = faces(batch, seed=20 + batch)
-    got = session.run(None, {"images": images.numpy()})[0]
-    assert got.shape == (batch, N_LATENT_64, 512)
-    with torch.no_grad():
-        expected = reference.e4e(part(content, "encoder."), images, content["latent_avg"])
-    assert rel_l2(got, expected) <= TOLERANCE
+    content = torch.load(encoder, weights_only=True)
+    for batch in (1, 3):
+        images = faces(batch, seed=20 + batch)
+        got = session.run(None, {"images": images.numpy()})[0]
+        assert got.shape == (batch, N_LATENT_64, 512)
+        with torch.no_grad():
+            expected = reference.e4e(part(content, "encoder."), images, content["latent_avg"])
+        assert rel_l2(got, expected) <= TOLERANCE, batch
 
 
 def test_export_refuses_an_encoder_for_another_generator_before_exporting(
@@ -115,7 +109,7 @@ def test_export_refuses_an_encoder_for_another_generator_before_exporting(
 def e4e_1024(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """An e4e checkpoint in the layout of ``e4e_ffhq_encode.pt`` (1.2 GB), deleted when this module is done."""
     path = tmp_path_factory.mktemp("official_e4e") / "e4e_ffhq_encode.pt"
-    torch.save(synthetic_files.e4e_checkpoint(seed=11), path)
+    in_child(save_e4e_checkpoint, path, seed=11, size=1024)
     yield path
     path.unlink()
 

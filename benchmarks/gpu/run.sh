@@ -79,9 +79,9 @@ step backends_256 40 30 "$python" "$steps" backends --results "$results" --size 
 step backends_1024 50 30 "$python" "$steps" backends --results "$results" --size 1024 --scratch "$scratch"
 step encoder_clip 25 30 "$python" "$steps" encoder-clip --results "$results" --device "$device"
 step edit_e2e 35 30 "$python" "$steps" edit --results "$results" --device "$device" --scratch "$scratch"
-step refine 25 30 "$python" "$steps" refine --results "$results" --device "$device" --scratch "$scratch"
-step train_fp32 45 40 "$python" "$steps" train --results "$results" --device "$device" --precision fp32 --scratch "$scratch"
+step refine 25 60 "$python" "$steps" refine --results "$results" --device "$device" --scratch "$scratch"
+step train_fp32 45 60 "$python" "$steps" train --results "$results" --device "$device" --precision fp32 --scratch "$scratch"
 step train_bf16 30 40 "$python" "$steps" train --results "$results" --device "$device" --precision bf16 --scratch "$scratch"
-step dac 60 40 "$python" "$steps" dac --results "$results" --device "$device" --scratch "$scratch"
+step dac 60 60 "$python" "$steps" dac --results "$results" --device "$device" --scratch "$scratch"
 
 "$python" "$steps" summary --results "$results" --started "$started"

@@ -24,7 +24,7 @@ DRY = os.environ.get("CFDEPLOY_GPU_RUN_DRY") == "1"
 # every step is seconds on two cores (CLIP ViT-B/32 and ArcFace keep their fixed architectures and input sizes).
 SIZES = {"backends_256": 256, "backends_1024": 1024, "edit": 1024, "train": 1024}
 DRY_SIZE = 16
-DRY_E4E_SIZE = 32  # the smallest generator whose e4e has more W+ levels than its pyramid's middle
+DRY_E4E_SIZE = 64  # the smallest e4e checkpoint tests/synthetic_files.py writes
 DRY_TRAIN_SIZE = 32
 DRY_IMAGES = 2
 NEEDED_MODULES = (

@@ -25,7 +25,6 @@ DRY = os.environ.get("CFDEPLOY_GPU_RUN_DRY") == "1"
 SIZES = {"backends_256": 256, "backends_1024": 1024, "edit": 1024, "train": 1024}
 DRY_SIZE = 16
 DRY_E4E_SIZE = 64  # the smallest e4e checkpoint tests/synthetic_files.py writes
-DRY_TRAIN_SIZE = 32
 DRY_IMAGES = 2
 NEEDED_MODULES = (
     "open_clip",
@@ -346,7 +345,7 @@ def refine(args: argparse.Namespace) -> None:
 
 def train(args: argparse.Namespace) -> None:
     """benchmarks/train_step.py for one configuration (official settings, synthetic files)."""
-    size = DRY_TRAIN_SIZE if DRY else SIZES["train"]
+    size = DRY_SIZE if DRY else SIZES["train"]
     cache = args.scratch / "train_cache"
     steps = ["--warmup", "0", "--steps", "1"] if DRY else ["--warmup", "1", "--steps", "3"]
     if DRY:  # one image, one warp: CLIP's and ArcFace's fixed sizes are most of the step

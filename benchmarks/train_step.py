@@ -41,7 +41,10 @@ def files_for(cache: Path, size: int) -> dict[str, Path]:
     from cfdeploy.models.arcface import ArcFace
 
     directory = cache / f"{size}px"
-    sources = prepare_sources(directory, synthetic=size, need_bundle=False, with_visual=True)
+    checkpoint, clip = directory / f"synthetic_{size}.pt", directory / "synthetic_clip_text.pt"
+    if not (checkpoint.exists() and clip.exists()):  # each configuration's process reads the same files
+        sources = prepare_sources(directory, synthetic=size, need_bundle=False, with_visual=True)
+        assert (sources.checkpoint, sources.clip_weights) == (checkpoint, clip)
     arcface, latents = cache / "arcface.pt", directory / "latents.npy"
     if not arcface.exists():
         torch.manual_seed(0)
@@ -49,8 +52,7 @@ def files_for(cache: Path, size: int) -> dict[str, Path]:
     if not latents.exists():
         n_latent = 2 * (size.bit_length() - 1) - 2
         np.save(latents, np.random.default_rng(0).standard_normal((8, n_latent, 512)).astype(np.float32))
-    assert sources.checkpoint is not None and sources.clip_weights is not None
-    return {"generator": sources.checkpoint, "clip": sources.clip_weights, "arcface": arcface, "latents": latents}
+    return {"generator": checkpoint, "clip": clip, "arcface": arcface, "latents": latents}
 
 
 def timed(function: Callable[[], Any], runs: int, synchronize: Callable[[], None]) -> float:
@@ -63,8 +65,19 @@ def timed(function: Callable[[], Any], runs: int, synchronize: Callable[[], None
     return statistics.median(samples)
 
 
-def measure(cache: Path, size: int, device: str, precision: str, warmup: int, steps: int) -> dict[str, Any]:
-    """One configuration, in this process."""
+def measure(
+    cache: Path,
+    size: int,
+    device: str,
+    precision: str,
+    warmup: int,
+    steps: int,
+    batch_size: int = 2,
+    augmentations: int = 8,
+    frozen_losses: bool = True,
+) -> dict[str, Any]:
+    """One configuration, in this process. A check of the script may ask a smaller batch, fewer warps, or no
+    CLIP-NCE and identity terms (their networks' sizes are fixed); the official settings are the defaults."""
     import torch
 
     from cfdeploy.models.arcface import identity_loss
@@ -72,8 +85,15 @@ def measure(cache: Path, size: int, device: str, precision: str, warmup: int, st
     from cfdeploy.training.trainer import TrainInputs, TrainSettings, step_generator
 
     files = files_for(cache, size)
-    settings = TrainSettings("green lipstick", steps=warmup + steps, precision=precision)
-    inputs = TrainInputs(files["generator"], files["clip"], files["latents"], id_weights=files["arcface"])
+    settings = TrainSettings(
+        "green lipstick",
+        steps=warmup + steps,
+        precision=precision,
+        batch_size=batch_size,
+        augmentations=augmentations,
+        **({} if frozen_losses else {"nce_lambda": 0.0, "id_lambda": 0.0}),
+    )
+    inputs = TrainInputs(files["generator"], files["clip"], files["latents"], identity_weights=files["arcface"])
     trainer = prepare(settings, inputs, device, lambda stage: None)
     model = trainer.model
     synchronize = (lambda: torch.cuda.synchronize()) if device.startswith("cuda") else (lambda: None)
@@ -108,11 +128,15 @@ def measure(cache: Path, size: int, device: str, precision: str, warmup: int, st
             loss = identity_loss(model.arcface, edited, source)
         loss.backward()
 
+    functions = (
+        generator_source,
+        generator_backward,
+        nce_backward if model.nce is not None else None,
+        identity_backward if model.arcface is not None else None,
+    )
     parts = {
-        name: timed(function, steps, synchronize)
-        for name, function in zip(
-            PARTS, (generator_source, generator_backward, nce_backward, identity_backward), strict=True
-        )
+        name: timed(function, steps, synchronize) if function is not None else None
+        for name, function in zip(PARTS, functions, strict=True)
     }
     if device.startswith("cuda"):
         peak = torch.cuda.max_memory_allocated() / 2**30
@@ -122,6 +146,9 @@ def measure(cache: Path, size: int, device: str, precision: str, warmup: int, st
         "size": size,
         "device": device,
         "precision": precision,
+        "batch_size": batch_size,
+        "augmentations": augmentations,
+        "frozen_losses": frozen_losses,
         "step_s": step_s,
         "parts_s": parts,
         "peak_memory_gib": peak,
@@ -140,7 +167,7 @@ def render(results: list[dict[str, Any]]) -> str:
         hours = result["step_s"] * 1000 / 3600
         lines.append(
             f"| {result['size']} | {result['device']} | {result['precision']} | {result['step_s']:.2f} | "
-            + " | ".join(f"{result['parts_s'][part]:.2f}" for part in PARTS)
+            + " | ".join("-" if result["parts_s"][part] is None else f"{result['parts_s'][part]:.2f}" for part in PARTS)
             + f" | {hours:.1f} h | {result['peak_memory_gib']:.1f} |"
         )
     return "\n".join(lines)
@@ -154,10 +181,25 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps (and timed runs of each part)")
     parser.add_argument("--json", type=Path, default=RESULTS / "train_step.json")
     parser.add_argument("--one", nargs=3, metavar=("SIZE", "DEVICE", "PRECISION"), help=argparse.SUPPRESS)
+    # benchmarks/gpu/run.sh --dry-run checks the script with the smallest batch (not the official settings).
+    parser.add_argument("--batch-size", type=int, default=2, help=argparse.SUPPRESS)
+    parser.add_argument("--augmentations", type=int, default=8, help=argparse.SUPPRESS)
+    parser.add_argument("--no-frozen-losses", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         size, device, precision = args.one
-        print(json.dumps(measure(args.cache, int(size), device, precision, args.warmup, args.steps)))
+        figures = measure(
+            args.cache,
+            int(size),
+            device,
+            precision,
+            args.warmup,
+            args.steps,
+            args.batch_size,
+            args.augmentations,
+            not args.no_frozen_losses,
+        )
+        print(json.dumps(figures))
         return
     import torch
 

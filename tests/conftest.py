@@ -285,6 +285,7 @@ def early_result(key: str) -> Any:
 # The suite runs on two workers (pytest-xdist, one module at a time each): the longest modules go first, so that
 # neither worker is left with a long one at the end while the other waits.
 LONGEST_FIRST = [
+    "gpu/test_gpu_run.py",
     "training/test_train.py",
     "serving/test_serve.py",
     "photos/test_e4e.py",

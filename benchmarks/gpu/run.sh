@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every CUDA path cfdeploy has without TensorRT, checked and timed in one call on a GPU machine without network:
 #   benchmarks/gpu/run.sh RESULTS_DIR            # on the GPU machine (about 7 minutes at most)
-#   benchmarks/gpu/run.sh RESULTS_DIR --dry-run  # the same steps on the CPU at tiny sizes, in seconds
+#   benchmarks/gpu/run.sh RESULTS_DIR --dry-run  # the same steps on the CPU at tiny sizes (about 5 CPU-minutes)
 # It installs the wheels prepare.sh put in .whl/ into a temporary site directory (only those the machine lacks),
 # records the environment, then runs each step under its own time limit. A step that fails or runs out of time is
 # recorded (exit code, seconds, the end of its stderr) in RESULTS_DIR/steps.json and the next step runs.
@@ -79,9 +79,9 @@ step backends_256 40 30 "$python" "$steps" backends --results "$results" --size 
 step backends_1024 50 30 "$python" "$steps" backends --results "$results" --size 1024 --scratch "$scratch"
 step encoder_clip 25 30 "$python" "$steps" encoder-clip --results "$results" --device "$device"
 step edit_e2e 35 30 "$python" "$steps" edit --results "$results" --device "$device" --scratch "$scratch"
-step refine 25 30 "$python" "$steps" refine --results "$results" --device "$device" --scratch "$scratch"
-step train_fp32 45 40 "$python" "$steps" train --results "$results" --device "$device" --precision fp32 --scratch "$scratch"
+step refine 25 60 "$python" "$steps" refine --results "$results" --device "$device" --scratch "$scratch"
+step train_fp32 45 60 "$python" "$steps" train --results "$results" --device "$device" --precision fp32 --scratch "$scratch"
 step train_bf16 30 40 "$python" "$steps" train --results "$results" --device "$device" --precision bf16 --scratch "$scratch"
-step dac 60 40 "$python" "$steps" dac --results "$results" --device "$device" --scratch "$scratch"
+step dac 60 60 "$python" "$steps" dac --results "$results" --device "$device" --scratch "$scratch"
 
 "$python" "$steps" summary --results "$results" --started "$started"

@@ -20,9 +20,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 DRY = os.environ.get("CFDEPLOY_GPU_RUN_DRY") == "1"
-# What each GPU step runs at, and (dry run) at what the CPU checks it.
+# What each GPU step runs at, and (dry run) at what the CPU checks it: the smallest sizes each path takes, so that
+# every step is seconds on two cores (CLIP ViT-B/32 and ArcFace keep their fixed architectures and input sizes).
 SIZES = {"backends_256": 256, "backends_1024": 1024, "edit": 1024, "train": 1024}
 DRY_SIZE = 16
+DRY_E4E_SIZE = 64  # the smallest e4e checkpoint tests/synthetic_files.py writes
+DRY_IMAGES = 2
 NEEDED_MODULES = (
     "open_clip",
     "ftfy",
@@ -221,7 +224,7 @@ def encoder_clip(args: argparse.Namespace) -> None:
     batches, runs = ((1, 2), 1) if DRY else ((1, 8), 10)
     figures: dict = {"device": args.device}
     path = args.results / "logs" / "e4e.pt"
-    torch.save(synthetic_files.e4e_checkpoint(seed=0, size=64 if DRY else 1024), path)
+    torch.save(synthetic_files.e4e_checkpoint(seed=0, size=DRY_E4E_SIZE if DRY else 1024), path)
     encoder = load_e4e(path).encoder.eval().to(args.device)
     path.unlink()
     clip = ClipText.random(seed=0).eval().to(args.device)
@@ -258,7 +261,7 @@ def edit(args: argparse.Namespace) -> None:
     """`cfdeploy edit --device cuda` of 32 seeded codes at 1024 px: where the time goes (PNG, host, generator)."""
     import numpy as np
 
-    size, count = (DRY_SIZE, 4) if DRY else (SIZES["edit"], 32)
+    size, count = (DRY_SIZE, DRY_IMAGES) if DRY else (SIZES["edit"], 32)
     checkpoint, _ = synthetic_checkpoint(args.scratch, size)
     embedding = args.scratch / "embedding.npy"
     np.save(embedding, np.random.default_rng(0).standard_normal(512).astype(np.float32))
@@ -275,7 +278,7 @@ def edit(args: argparse.Namespace) -> None:
         "--num",
         count,
         "--batch-size",
-        8,
+        min(count, 8),
         "--device",
         args.device,
         "-o",
@@ -342,9 +345,13 @@ def refine(args: argparse.Namespace) -> None:
 
 def train(args: argparse.Namespace) -> None:
     """benchmarks/train_step.py for one configuration (official settings, synthetic files)."""
-    size = 64 if DRY else SIZES["train"]
+    size = DRY_SIZE if DRY else SIZES["train"]
     cache = args.scratch / "train_cache"
     steps = ["--warmup", "0", "--steps", "1"] if DRY else ["--warmup", "1", "--steps", "3"]
+    if DRY:  # one image, one warp: CLIP's and ArcFace's fixed sizes are most of the step
+        steps += ["--batch-size", "1", "--augmentations", "1"]
+        if args.precision != "fp32":  # bf16 matrix products are emulated, several times slower, on CPUs without AMX
+            steps.append("--no-frozen-losses")
     done = subprocess.run(
         [
             sys.executable,
@@ -370,7 +377,7 @@ def dac(args: argparse.Namespace) -> None:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from dac import PROMPT, TARGET, prepare
 
-    shape, steps = ("tiny", 3) if DRY else ("sd-2-1-base", 30)
+    shape, steps = ("tiny", 2) if DRY else ("sd-2-1-base", 30)
     cache = args.scratch / "dac"
     started = time.perf_counter()
     base, image = prepare(cache, shape)

@@ -251,11 +251,11 @@ def sample_commands(directory: Path, groups: tuple[str, ...] = tuple(GROUPS)) ->
                 ],
             ),
             (
-                "Train a mapper for your own prompt (4 steps here; the official run takes 50,000)",
+                "Train a mapper for your own prompt (2 steps here; the official run takes 50,000)",
                 [
                     f"cfdeploy train -t {prompt} -g {checkpoint} --clip-weights {clip} -l {latents}"
                     + (f" --identity-weights {arcface}" if "photos" in groups else "")
-                    + f" --steps 4 --val-every 2 --save-every 2 -o {to('runs', 'green_lipstick')}"
+                    + f" --steps 2 --val-every 2 --save-every 2 -o {to('runs', 'green_lipstick')}"
                 ],
             ),
         ]

@@ -14,7 +14,9 @@ from cfdeploy.errors import CfdeployError
 @app.command("samples")
 @user_errors
 def samples_command(
-    out: Path = typer.Argument(..., metavar="DIR", help="Folder to write (new, or empty; --force replaces it)."),
+    out: Path = typer.Option(
+        ..., "--out", "-o", metavar="DIR", help="Folder to write (new, or empty; --force replaces it)."
+    ),
     size: int = typer.Option(
         256, "--size", metavar="PX", help="Resolution of the CF-CLIP checkpoints, the e4e generator and the codes."
     ),

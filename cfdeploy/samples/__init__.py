@@ -1,4 +1,4 @@
-"""Sample files for every journey of the README, written by ``cfdeploy samples DIR``: seeded synthetic weights in
+"""Sample files for every journey of the README, written by ``cfdeploy samples -o DIR``: seeded synthetic weights in
 the official formats (:mod:`cfdeploy.samples.official`, the maker the tests use too), a photo set with its landmarks,
 W+ codes and their shards, a tiny Stable Diffusion folder and an image for DAC, and ``COMMANDS.md``: one ready-to-run
 command line per journey, using them.
@@ -106,8 +106,9 @@ def _photos(folder: Path) -> None:
     official.write_photos(folder, folder.parent / "points.json", seed=PHOTO_SEED)
 
 
-def require_dac_packages() -> None:
-    """Refuse at once, naming the extra, when the tiny Stable Diffusion folder cannot be written here."""
+def dac_model_writer() -> Callable[..., Path]:
+    """:func:`cfdeploy.dac.synthetic.write_random_base_model`; a one-line error naming the extra where diffusers or
+    transformers is missing (asked before anything is written)."""
     from cfdeploy.errors import missing_extra
 
     try:
@@ -115,13 +116,13 @@ def require_dac_packages() -> None:
         import transformers  # noqa: F401
     except ModuleNotFoundError as missing:
         raise missing_extra(missing.name or "diffusers", "the dac samples (leave them out with --only)") from None
+    from cfdeploy.dac.synthetic import write_random_base_model
+
+    return write_random_base_model
 
 
 def _tiny_sd(folder: Path) -> None:
-    require_dac_packages()
-    from cfdeploy.dac.synthetic import write_random_base_model
-
-    write_random_base_model(folder, "tiny")
+    dac_model_writer()(folder, "tiny")
 
 
 def _dac_image(path: Path) -> None:
@@ -176,7 +177,7 @@ def write_samples(
     """Write the samples of ``groups`` into ``directory`` (an empty folder) and ``COMMANDS.md``, whose commands name
     ``final`` (where the folder will be, if it is being staged); returns the journeys' commands."""
     if "dac" in groups:
-        require_dac_packages()
+        dac_model_writer()
     for sample in sample_files(size):
         if sample.group in groups:
             on_start(sample)

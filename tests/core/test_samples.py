@@ -27,7 +27,7 @@ RUN = ("cfdeploy inspect", "cfdeploy invert", "cfdeploy dac")  # run here; the r
 @pytest.fixture(scope="module")
 def samples(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     out = tmp_path_factory.mktemp("samples") / "files"
-    result = run_cli("samples", out, "--size", 64)
+    result = run_cli("samples", "-o", out, "--size", 64)
     assert result.exit_code == 0, result.stderr
     return out, result.stdout
 
@@ -116,16 +116,18 @@ def test_the_cheap_journeys_run_as_listed(samples):
 
 def test_a_non_empty_folder_needs_force_and_bad_options_are_refused(tmp_path):
     (tmp_path / "kept.txt").write_text("mine")
-    result = run_cli("samples", tmp_path, "--only", "dac")
+    result = run_cli("samples", "-o", tmp_path, "--only", "dac")
     assert_refused(result, None, str(tmp_path), "not empty", "--force")
     assert [entry.name for entry in tmp_path.iterdir()] == ["kept.txt"]
-    assert_refused(run_cli("samples", tmp_path / "new", "--size", 128), tmp_path / "new", "--size", "64, 256, 1024")
-    assert_refused(run_cli("samples", tmp_path / "new", "--only", "cats"), tmp_path / "new", "'cats'", *GROUPS)
+    assert_refused(
+        run_cli("samples", "-o", tmp_path / "new", "--size", 128), tmp_path / "new", "--size", "64, 256, 1024"
+    )
+    assert_refused(run_cli("samples", "-o", tmp_path / "new", "--only", "cats"), tmp_path / "new", "'cats'", *GROUPS)
 
 
 def test_only_writes_the_groups_asked_and_lists_only_their_commands(tmp_path):
     out = tmp_path / "dac"
-    result = run_cli("samples", out, "--only", "dac")
+    result = run_cli("samples", "-o", out, "--only", "dac")
     assert result.exit_code == 0, result.stderr
     assert sorted(entry.name for entry in out.iterdir()) == ["COMMANDS.md", "cat.png", "tiny-sd"]
     assert list(journeys(result.stdout)) == [next(iter(journeys(result.stdout)))]

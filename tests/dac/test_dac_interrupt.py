@@ -1,7 +1,8 @@
 """Ctrl-C in `cfdeploy dac abduct` on a real process: while the base model loads and during the first step, whose
-single backward pass at 256 px or more runs for many seconds on a CPU even on the tiny model, minutes at the default
-512 px (Python takes a signal only between the main thread's bytecodes, so the work runs in a worker thread). Each run is stopped at a stage the
-progress display names (Rich draws it into the pipe as into a terminal)."""
+single backward pass at 256 px or more runs for many seconds on a CPU even on the tiny model, minutes at the
+default 512 px (Python takes a signal only between the main thread's bytecodes, so the work runs in a worker
+thread). Each run is stopped at a stage the progress display names (Rich draws it into the pipe as into a
+terminal)."""
 
 from __future__ import annotations
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
+import os
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -43,11 +46,19 @@ MOVED_BASE_MODEL = typer.Option(
 OLD_BASE_MODEL = typer.Option(None, "-b", hidden=True)  # -b means --batch-size everywhere else
 
 
+def _exit_now(code: int) -> None:
+    """End the process without the interpreter's teardown: the worker may be inside a torch call, and tearing down
+    torch's thread pools under it aborts the process (``terminate called without an active exception``)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def interruptible(work: Callable[[], Result], writing: threading.Lock) -> Result:
     """``work()`` in a worker thread while this one waits, so that Ctrl-C stops the command at once: Python takes a
     signal only between the main thread's bytecodes, and a single torch call (a UNet's backward pass at 512 px on a
     CPU) can last minutes. On Ctrl-C the file being written (under ``writing``) is finished and ``writing`` kept, so
-    that no other write starts; the worker ends with the process."""
+    that no other write starts; the worker ends with the process, which exits without tearing the interpreter down."""
     outcome: dict[str, Any] = {}
 
     def run() -> None:
@@ -63,6 +74,7 @@ def interruptible(work: Callable[[], Result], writing: threading.Lock) -> Result
             worker.join(0.1)
     except KeyboardInterrupt:
         writing.acquire()
+        atexit.register(_exit_now, 130)
         raise
     if "error" in outcome:
         raise outcome["error"]

@@ -52,8 +52,8 @@ def samples_command(
         megabytes = sum(entry.stat().st_size for entry in files) / 1e6
         say(f"  {sample.name}: {sample.what} ({megabytes:,.1f} MB, {seconds:.1f} s)")
 
-    say(f"writing {', '.join(groups)} samples at {size} px into {plain(out)}")
     with StagedDirectory(out, force) as staged, console.status("writing") as status:
+        say(f"writing {', '.join(groups)} samples at {size} px into {plain(out)}")
         journeys = write_samples(
             staged.path,
             size,

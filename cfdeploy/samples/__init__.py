@@ -264,11 +264,11 @@ def sample_commands(directory: Path, groups: tuple[str, ...] = tuple(GROUPS)) ->
         run, dac_bundle = to("dac", "cat_cap"), to("dac", "bundle")
         journeys.append(
             (
-                f"DAC: the tiny path ({DAC_RESOLUTION} px, 20 + 20 steps, rank 4: under a minute on a CPU)",
+                f"DAC: the tiny path ({DAC_RESOLUTION} px, 10 + 10 steps, rank 4: under a minute on a CPU)",
                 [
                     f"cfdeploy dac abduct -i {at('cat.png')} --source-text {shlex.quote(DAC_SOURCE_TEXT)} "
                     f"-t {shlex.quote(DAC_TEXT)} --base-model {at('tiny-sd')} --resolution {DAC_RESOLUTION} "
-                    f"--unet-steps 20 --text-steps 20 --rank 4 --save-every 10 -o {run}",
+                    f"--unet-steps 10 --text-steps 10 --rank 4 --save-every 5 -o {run}",
                     f"cfdeploy dac edit --run {run} --steps 10 --num 2 --out {to('dac', 'edits')}",
                     f"cfdeploy dac export --run {run} --out {dac_bundle}",
                     f"cfdeploy dac edit --bundle {dac_bundle} --steps 10 --num 2 --out {to('dac', 'edits-bundle')}",

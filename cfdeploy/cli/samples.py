@@ -33,8 +33,8 @@ def samples_command(
     formats (seeded random weights), W+ codes and shards, photos with landmarks, a tiny Stable Diffusion folder and an
     image for DAC; then DIR/COMMANDS.md, one ready-to-run command per README journey, printed too.
 
-    The pictures mean nothing; the files load, export, train, serve and edit as the official ones do. About 1.5 GB
-    at 256 px (the e4e encoder is most of it), 3 GB at 1024 px. Needs the export extra (torch); the dac group also the
+    The pictures mean nothing; the files load, export, train, serve and edit as the official ones do. About 1.8 GB
+    at 256 px (the e4e encoder is half of it), more at 1024 px. Needs the export extra (torch); the dac group also the
     dac extra.
     """
     from cfdeploy.outputs import StagedDirectory

@@ -47,7 +47,6 @@ from cfdeploy.bench import CENTRED_FACE, prepare_sources, synthetic_photo
 from cfdeploy.environment import machine_info
 
 RESULTS = Path(__file__).parent / "results"
-TESTS = Path(__file__).resolve().parent.parent / "tests"
 BATCHES = (1, 8)
 OFFICIAL, TORCH, ONNXRUNTIME = (
     "official formulation (PyTorch)",
@@ -85,9 +84,7 @@ def prepare_files(cache: Path, size: int) -> Files:
     import torch
 
     from cfdeploy.demo import save_synthetic_files
-
-    sys.path.insert(0, str(TESTS))
-    import synthetic_files
+    from cfdeploy.samples import official as synthetic_files
 
     print(f"writing synthetic {size} px files into {directory}")
     save_synthetic_files(directory, size)

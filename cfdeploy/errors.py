@@ -32,6 +32,7 @@ EXTRAS = {
 COMMAND_EXTRAS = {
     "edit": "export",  # --checkpoint (the torch backend), --refine-steps, torch-saved --latents
     "demo": "export",
+    "samples": "export",  # the dac group also needs the dac extra, and says so
     "embed": "export",
     "inspect": "export",  # checkpoints and CLIP weights
     "export": "export",

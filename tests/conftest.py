@@ -31,7 +31,6 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import synthetic_files
 from cfdeploy.models import reference
@@ -231,10 +230,7 @@ def free_port() -> int:
 
 def checkpoint_with_generator_of(path: Path, generator_seed: int, mapper_seed: int, **opts) -> None:
     """A 256 px CF-CLIP file whose mappers come from ``mapper_seed`` and whose generator is ``generator_seed``'s."""
-    content = synthetic_files.cfclip_checkpoint(256, seed=mapper_seed, **opts)
-    donor = synthetic_files.cfclip_checkpoint(256, seed=generator_seed)["state_dict"]
-    content["state_dict"].update({key: value for key, value in donor.items() if key.startswith("decoder.")})
-    torch.save(content, path)
+    torch.save(synthetic_files.checkpoint_with_generator_of(generator_seed, mapper_seed, **opts), path)
 
 
 # --- slow subprocess work started as soon as the tests are collected ---------------------------------------------
@@ -544,8 +540,7 @@ def dac_base(shared: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def dac_image(shared: Path) -> Path:
-    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (80, 96, 3), dtype=np.uint8))
-    return built_once(shared / "dac-image" / "cat.png", image.save)
+    return built_once(shared / "dac-image" / "cat.png", synthetic_files.dac_image(seed=0).save)
 
 
 @pytest.fixture(scope="session")

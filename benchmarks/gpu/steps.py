@@ -216,10 +216,9 @@ def encoder_clip(args: argparse.Namespace) -> None:
     """The e4e encoder (256 px photos to W+) and CLIP's text tower at batch 1 and 8, median ms."""
     import torch
 
-    sys.path.insert(0, str(ROOT / "tests"))
-    import synthetic_files
     from cfdeploy.checkpoints import load_e4e
     from cfdeploy.models.clip_text import ClipText
+    from cfdeploy.samples import official as synthetic_files
 
     batches, runs = ((1, 2), 1) if DRY else ((1, 8), 10)
     figures: dict = {"device": args.device}

@@ -12,6 +12,7 @@ from cfdeploy.cli import (
     dac,  # noqa: F401  (dac abduct, dac edit, dac export)
     edit,  # noqa: F401  (edit, demo)
     photos,  # noqa: F401  (invert)
+    samples,  # noqa: F401  (samples)
     serving,  # noqa: F401  (serve, batch)
     tools,  # noqa: F401  (embed, inspect)
     train,  # noqa: F401  (train)

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
+import os
+import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import typer
 
@@ -27,6 +33,8 @@ dac_app = typer.Typer(
 )
 app.add_typer(dac_app, name="dac")
 
+Result = TypeVar("Result")
+
 FITTING = "Fitting"
 SAMPLING = "Sampling"
 DEVICE = typer.Option("cpu", "--device", metavar="DEVICE", help="cpu, cuda or cuda:N.")
@@ -37,6 +45,41 @@ MOVED_BASE_MODEL = typer.Option(
     help="The base model folder, if it moved since abduct (its weights must be the same).",
 )
 OLD_BASE_MODEL = typer.Option(None, "-b", hidden=True)  # -b means --batch-size everywhere else
+
+
+def _exit_now(code: int) -> None:
+    """End the process without the interpreter's teardown: the worker may be inside a torch call, and tearing down
+    torch's thread pools under it aborts the process (``terminate called without an active exception``)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def interruptible(work: Callable[[], Result], writing: threading.Lock) -> Result:
+    """``work()`` in a worker thread while this one waits, so that Ctrl-C stops the command at once: Python takes a
+    signal only between the main thread's bytecodes, and a single torch call (a UNet's backward pass at 512 px on a
+    CPU) can last minutes. On Ctrl-C the file being written (under ``writing``) is finished and ``writing`` kept, so
+    that no other write starts; the worker ends with the process, which exits without tearing the interpreter down."""
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = work()
+        except BaseException as error:  # handed to the main thread, which reports it as it would its own
+            outcome["error"] = error
+
+    worker = threading.Thread(target=run, name="cfdeploy-work", daemon=True)
+    worker.start()
+    try:
+        while worker.is_alive():
+            worker.join(0.1)
+    except KeyboardInterrupt:
+        writing.acquire()
+        atexit.register(_exit_now, 130)
+        raise
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
 
 
 @dac_app.command("abduct")
@@ -151,15 +194,21 @@ def abduct_command(
                 description=f"{progress.phase} loss {progress.loss:.4f} | {1 / progress.step_s:.2f} steps/s",
             )
 
-        manifest = abduct(
-            settings,
-            AbductInputs(image, base_model, unet_lora),
-            out,
-            device=device,
-            resume=resume,
-            force=force,
-            on_stage=lambda stage: bar.update(task, description=stage),
-            on_progress=on_progress,
+        writing = threading.Lock()
+        manifest = interruptible(
+            lambda: abduct(
+                settings,
+                AbductInputs(image, base_model, unet_lora),
+                out,
+                device=device,
+                resume=resume,
+                force=force,
+                on_stage=lambda stage: bar.update(task, description=stage),
+                on_progress=on_progress,
+                on_estimate=lambda estimate: say(estimate.describe()),
+                writing=writing,
+            ),
+            writing,
         )
     finals = ", ".join(f"{phase} {losses[-1]:.4f}" for phase, losses in manifest["losses"].items() if losses)
     say(

@@ -14,12 +14,14 @@ gives the same adapters as one that was never interrupted.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import shutil
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -58,6 +60,7 @@ from cfdeploy.torchfiles import safe_torch_load
 from cfdeploy.training.trainer import step_generator
 
 MIN_IMAGE_SIDE = 64
+UNGUARDED = contextlib.nullcontext()  # abduct's writes, when no other thread needs to hold them back
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,40 @@ class Progress:
     steps: int
     loss: float
     step_s: float
+
+
+@dataclass(frozen=True)
+class StepEstimate:
+    """What one step will take at the run's resolution, extrapolated from steps timed at smaller ones, and so the
+    whole run (the phases still to fit)."""
+
+    step_s: float
+    steps: int
+    resolution: int
+    timed: tuple[tuple[int, float], ...]  # (resolution, seconds of one step)
+    device: str
+
+    @property
+    def run_s(self) -> float:
+        return self.step_s * self.steps
+
+    def describe(self) -> str:
+        timed = " and ".join(f"{resolution} px" for resolution, _ in self.timed)
+        measured = "timed" if self.timed[-1][0] == self.resolution else f"extrapolated from steps timed at {timed}"
+        return (
+            f"a step takes about {_duration(self.step_s)} on {self.device} at {self.resolution} px ({measured}): "
+            f"{self.steps} steps ≈ {_duration(self.run_s)}"
+        )
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 1:
+        return f"{seconds * 1000:.0f} ms"
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def image_tensor(image: Image.Image, resolution: int) -> torch.Tensor:
@@ -256,6 +293,68 @@ def _model_of(base: BaseModel, phase: Phase) -> torch.nn.Module:
     return model
 
 
+PROBE_SIDE = 128  # up to this resolution a step is timed as it is; above it, at a quarter and half the side
+
+
+def _timed_step(
+    base: BaseModel,
+    image: Image.Image,
+    resolution: int,
+    phase_index: int,
+    all_phases: list[Phase],
+    settings: AbductSettings,
+    device: str,
+) -> float:
+    """Seconds of one step of phase ``phase_index`` at ``resolution`` (forward, backward; no update, the gradients
+    dropped, the random streams left as they were)."""
+    abduction = Abduction(base, image_tensor(image, resolution), settings, torch.device(device))
+    parameters = _prepare_phase(abduction, all_phases[phase_index], all_phases[:phase_index])
+    with torch.random.fork_rng(devices=[torch.device(device)] if torch.device(device).type == "cuda" else []):
+        started = time.perf_counter()
+        abduction.loss(all_phases[phase_index], phase_index, 1).backward()
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - started
+    for parameter in parameters:
+        parameter.grad = None
+    return seconds
+
+
+def estimate_step(
+    base: BaseModel,
+    image: Image.Image,
+    settings: AbductSettings,
+    unit: int,
+    all_phases: list[Phase],
+    first: int,
+    device: str,
+) -> StepEstimate:
+    """Time a step before the run starts. Small resolutions are timed as they are (after a warm-up step). Above
+    :data:`PROBE_SIDE`, steps at a quarter and half the side are timed and ``t = a·n + b·n²`` (n latent pixels: the
+    convolutions' cost and self-attention's) is fitted through them: a few percent of one full step, where a full
+    step at 512 px on a CPU can take minutes and gigabytes. A FLOP count would not do: the tiny model's steps are
+    bound by memory traffic, not arithmetic."""
+    steps = sum(phase.steps for phase in all_phases[first:])
+    resolution = settings.resolution
+    if resolution <= PROBE_SIDE:
+        sides = [resolution]
+    else:
+        sides = [max(unit, resolution // 4 // unit * unit), max(unit, resolution // 2 // unit * unit)]
+    _timed_step(base, image, sides[0], first, all_phases, settings, device)  # warm-up: allocators, kernels' first use
+    timed = tuple((side, _timed_step(base, image, side, first, all_phases, settings, device)) for side in sides)
+    if len(timed) == 1:
+        return StepEstimate(timed[0][1], steps, resolution, timed, device)
+    (side1, t1), (side2, t2) = timed
+    n1, n2, n = side1**2, side2**2, resolution**2
+    quadratic = (t2 * n1 - t1 * n2) / (n1 * n2 * (n2 - n1))
+    linear = (t1 - quadratic * n1 * n1) / n1
+    if quadratic < 0 or linear < 0:  # timing noise: the larger step, scaled with the pixels
+        step_s = t2 * n / n2
+    else:
+        step_s = linear * n + quadratic * n * n
+    return StepEstimate(step_s, steps, resolution, timed, device)
+
+
 def abduct(
     settings: AbductSettings,
     inputs: AbductInputs,
@@ -266,8 +365,14 @@ def abduct(
     force: bool = False,
     on_stage: Callable[[str], None] = lambda stage: None,
     on_progress: Callable[[Progress], None] = lambda progress: None,
+    on_estimate: Callable[[StepEstimate], None] | None = None,
+    writing: AbstractContextManager[Any] = UNGUARDED,
 ) -> dict[str, Any]:
-    """Fit the adapters into ``out`` (or, with ``resume``, continue the run there); returns the manifest."""
+    """Fit the adapters into ``out`` (or, with ``resume``, continue the run there); returns the manifest.
+
+    With ``on_estimate``, a step is timed first (:func:`estimate_step`) and the estimate passed on. Every file is
+    written inside ``writing``: a caller that holds it from another thread (on Ctrl-C) lets the write in progress end
+    and no other start."""
     if resume and force:
         raise CfdeployError("--resume continues the run in --out; --force would replace it: give one of them")
     image, image_sha256 = load_image(inputs.image)
@@ -302,24 +407,31 @@ def abduct(
             lora.fill_adapter(
                 _model_of(base, phase), phase.adapter.name, lora.read_adapter(source, phase.adapter.name)[1], source
             )
+        if on_estimate is not None and checkpoint.phase < len(all_phases):
+            on_stage("timing a step")
+            on_estimate(estimate_step(base, image, settings, unit, all_phases, checkpoint.phase, device))
         if not resume:
-            _empty_directory(out)
-            if reused_unet:
-                lora.save_adapter(out / UNET_LORA, base.unet, all_phases[0].adapter)
-                checkpoint.save(checkpoint_path)
+            with writing:
+                _empty_directory(out)
+                if reused_unet:
+                    lora.save_adapter(out / UNET_LORA, base.unet, all_phases[0].adapter)
+                    checkpoint.save(checkpoint_path)
         abduction = Abduction(base, image_tensor(image, settings.resolution), settings, torch.device(device))
         for index in range(checkpoint.phase, len(all_phases)):
-            _fit(abduction, all_phases, index, checkpoint, checkpoint_path, on_progress)
             phase = all_phases[index]
-            lora.save_adapter(out / phase.file, _model_of(base, phase), phase.adapter)
-            checkpoint = Checkpoint(index + 1, 0, checkpoint.losses, identity)
-            checkpoint.save(checkpoint_path)
+            on_stage(f"{phase.name}: first step")
+            _fit(abduction, all_phases, index, checkpoint, checkpoint_path, on_progress, writing)
+            with writing:
+                lora.save_adapter(out / phase.file, _model_of(base, phase), phase.adapter)
+                checkpoint = Checkpoint(index + 1, 0, checkpoint.losses, identity)
+                checkpoint.save(checkpoint_path)
         on_stage("encoding the edit embeddings")
         cond, uncond = edit_embeddings(base, settings.target, text_adapter_weights(settings.variant, 1.0))
         from safetensors.torch import save
 
         embeddings = {"cond": cond.cpu().contiguous(), "uncond": uncond.cpu().contiguous()}
-        write_atomic(out / EDIT_EMBEDDINGS, save(embeddings, metadata={"beta": "1.0"}))
+        with writing:
+            write_atomic(out / EDIT_EMBEDDINGS, save(embeddings, metadata={"beta": "1.0"}))
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -336,8 +448,9 @@ def abduct(
             "device": device,
             "versions": versions(),
         }
-        write_atomic(out / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
-        checkpoint_path.unlink(missing_ok=True)
+        with writing:
+            write_atomic(out / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+            checkpoint_path.unlink(missing_ok=True)
     return manifest
 
 
@@ -348,6 +461,7 @@ def _fit(
     checkpoint: Checkpoint,
     checkpoint_path: Path,
     on_progress: Callable[[Progress], None],
+    writing: AbstractContextManager[Any],
 ) -> None:
     """Fit phase ``index`` from where ``checkpoint`` stands, saving every ``save_every`` steps."""
     phase, settings = all_phases[index], abduction.settings
@@ -379,9 +493,10 @@ def _fit(
         progress = Progress(phase.name, step, phase.steps, value, time.perf_counter() - started)
         if step % settings.save_every == 0 and step < phase.steps and _all_finite(parameters):
             adapter = {f"{number}": parameter.detach().cpu().clone() for number, parameter in enumerate(parameters)}
-            Checkpoint(index, step, checkpoint.losses, checkpoint.identity, adapter, optimizer.state_dict()).save(
-                checkpoint_path
-            )
+            with writing:
+                Checkpoint(index, step, checkpoint.losses, checkpoint.identity, adapter, optimizer.state_dict()).save(
+                    checkpoint_path
+                )
             last_saved = step
         on_progress(progress)
 

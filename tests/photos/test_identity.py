@@ -18,12 +18,12 @@ import pytest
 import torch
 from PIL import Image
 
+import synthetic_files
 from cfdeploy.backends import open_backend
 from cfdeploy.bench import BenchSettings, Sources, measure_backend
 from cfdeploy.exporter import export_bundle, photo_like
 from cfdeploy.identity import identity_scores
 from cfdeploy.models import reference
-from cfdeploy.models.arcface import ArcFace
 from conftest import assert_refused, rel_l2
 
 
@@ -31,14 +31,7 @@ from conftest import assert_refused, rel_l2
 def arcface_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """ArcFace IR-SE-50's state dict, seeded random, with running statistics other than 0 and 1."""
     path = tmp_path_factory.mktemp("arcface") / "model_ir_se50.pth"
-    torch.manual_seed(11)
-    arcface = ArcFace()
-    with torch.no_grad():
-        for module in arcface.modules():
-            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-                module.running_mean.uniform_(-0.1, 0.1)
-                module.running_var.uniform_(0.8, 1.2)
-    torch.save(arcface.state_dict(), path)
+    torch.save(synthetic_files.arcface_state(seed=11), path)
     return path
 
 

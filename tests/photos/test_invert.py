@@ -10,27 +10,21 @@ import pytest
 import torch
 from PIL import Image
 
+import synthetic_files
 from cfdeploy.checkpoints import load_e4e
 from cfdeploy.models import reference
 from cfdeploy.photos import align_face, load_photo
 from conftest import assert_refused, rel_l2
 
-# A face's five points (left eye, right eye, nose, mouth corners) in a 320 x 300 photo.
-FIVE_POINTS = [[120.0, 130.0], [200.0, 128.0], [160.0, 170.0], [130.0, 210.0], [192.0, 208.0]]
+FIVE_POINTS = synthetic_files.FIVE_POINTS  # the first photo's face
 
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory) -> tuple[Path, Path]:
     """Two photos (a JPEG and a PNG) and their landmarks file, one face each."""
     folder = tmp_path_factory.mktemp("photos")
-    rng = np.random.default_rng(3)
-    for name in ("a.jpg", "b.png"):
-        smooth = np.asarray(
-            Image.fromarray(rng.integers(0, 255, (30, 32, 3), np.uint8)).resize((320, 300), Image.BICUBIC)
-        )
-        Image.fromarray(smooth).save(folder / name)
     landmarks = folder.parent / "points.json"
-    landmarks.write_text(json.dumps([FIVE_POINTS, [[x + 6, y - 4] for x, y in FIVE_POINTS]]))
+    synthetic_files.write_photos(folder, landmarks, seed=3)
     return folder, landmarks
 
 

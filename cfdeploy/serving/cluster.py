@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,6 +99,23 @@ def connect(
 def ray_logs() -> Path | None:
     """The log directory of the Ray this process connected to (its processes' logs, and :data:`DRIVER_LOG`)."""
     return _connection.logs
+
+
+def local_ray_lost(settle_s: float = 1.0) -> bool:
+    """Whether a process of the local Ray started here ended within ``settle_s``: a signal sent to the command's whole
+    process group (systemd's default stop, ``timeout``, ``kill -- -PGID``) reaches them too, and a Ray without its
+    GCS answers nothing (every call would wait a minute for it). False for a joined cluster."""
+    import ray
+
+    node = ray._private.worker._global_node
+    if node is None:
+        return False
+    deadline = time.monotonic() + settle_s
+    while not node.dead_processes():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
+    return True
 
 
 @contextlib.contextmanager

@@ -15,7 +15,6 @@ import errno
 import io
 import json
 import logging
-import re
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -51,6 +50,7 @@ from cfdeploy.serving.cluster import (
     check_resources,
     connect,
     disconnect,
+    local_ray_lost,
     ray_logs,
     ray_prints_to_log,
     require_resources,
@@ -366,7 +366,6 @@ def build_application(settings: ServeSettings, infos: dict[str, BundleInfo]) -> 
             ray_actor_options=actor_options,
             max_ongoing_requests=settings.max_ongoing,
             max_queued_requests=settings.max_ongoing * settings.replicas,
-            max_constructor_retry_count=1,  # a replica that cannot open its bundle fails the start, at once
             **STOP_AT_ONCE,
         ).bind(
             str(path.resolve()),
@@ -421,6 +420,7 @@ class Server:
         self.url = f"http://{settings.host}:{settings.port}"
         self._shared_cluster = ray_address is not None
         self._deployed = False
+        self._lost: bool | None = None
         self._connected = connect(ray_address, num_cpus, verbose=verbose)
         self.ray_logs = ray_logs()
         try:
@@ -438,10 +438,7 @@ class Server:
                 except RayError as error:
                     raise CfdeployError(f"Ray Serve could not start: {_first_line(error)}") from None
                 self._deployed = True
-                try:
-                    serve.run(build_application(settings, infos), name=APP_NAME, route_prefix="/")
-                except RuntimeError as error:
-                    raise CfdeployError(_failed_start(str(error))) from None
+                serve.run(build_application(settings, infos), name=APP_NAME, route_prefix="/")
         except BaseException:  # Ctrl-C while starting too: nothing of this server is left running
             self.stop(grace_s=0)
             raise
@@ -455,7 +452,7 @@ class Server:
     def drain(self, grace_s: float | None = None) -> int:
         """Refuse new edits, and wait up to ``grace_s`` (default: the settings') for those in flight; those left.
         A server whose router is gone (its processes stopped by the same signal, say) has nothing to drain."""
-        if not self._deployed:
+        if not self._deployed or self._ray_lost():
             return 0
         deadline = time.monotonic() + (self.settings.grace_s if grace_s is None else grace_s)
         try:
@@ -468,12 +465,19 @@ class Server:
             return 0
         return left
 
+    def _ray_lost(self) -> bool:
+        """Whether the local Ray started here was stopped with this process (by a signal to its process group):
+        then there is nothing left to drain or remove. Looked at once."""
+        if self._lost is None:
+            self._lost = self._connected and local_ray_lost()
+        return self._lost
+
     def stop(self, grace_s: float | None = None) -> None:
         """Drain (:meth:`drain`), then remove this application (on a shared cluster, only it: other Serve apps keep
         running) and leave Ray; a local Ray started here stops with every process it started."""
         with ray_prints_to_log():
             try:
-                if self._deployed:
+                if self._deployed and not self._ray_lost():
                     if grace_s != 0:
                         self.drain(grace_s)
                     self._deployed = False
@@ -491,13 +495,3 @@ def _first_line(error: BaseException) -> str:
     """The message of what a Ray actor raised (its cause), first line only."""
     cause = getattr(error, "cause", None) or error
     return (str(cause).strip().splitlines() or [type(cause).__name__])[0]
-
-
-def _failed_start(message: str) -> str:
-    """Ray Serve's report of a deployment that failed to start (its replica's traceback) as one line: the
-    replica's own error, of the bundle it was serving."""
-    deployment = re.search(r"Deployment\(name='edit-([^']*)'", message) or re.search(r"edit-(\S+?)['\s]", message)
-    raised = [line for line in message.splitlines() if re.match(r"\s*[\w.]+(Error|Exception)\b[^:]*: ", line)]
-    what = re.sub(r"^\s*[\w.]+?: ", "", raised[-1]) if raised else message.strip().splitlines()[-1]
-    where = f"bundle {deployment.group(1)!r}" if deployment else "the server"
-    return f"a replica of {where} failed to start: {what}"

@@ -85,7 +85,9 @@ def connect(
         for number, handler in handlers.items():  # Ray's core installs its own SIGTERM handler, which aborts
             if handler is not None:
                 signal.signal(number, handler)
-    _connection.logs = Path(ray._private.worker._global_node.get_logs_dir_path())
+    node = ray._private.worker._global_node
+    assert node is not None
+    _connection.logs = Path(node.get_logs_dir_path())
     if held is not None:
         _connection.log_file = logging.FileHandler(_connection.logs / DRIVER_LOG)
         _connection.log_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s -- %(message)s"))

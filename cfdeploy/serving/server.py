@@ -71,7 +71,7 @@ DRAIN_LIMIT = 4 * MAX_BODY_BYTES  # an oversize body is read and dropped up to t
 ROUTER_MIN_ONGOING = (
     256  # the router only parses and forwards: it holds what the bundles queue, and refuses the rest fast
 )
-STOP_AT_ONCE = {"graceful_shutdown_wait_loop_s": 0.2, "graceful_shutdown_timeout_s": 1.0}  # drained first: Server.stop
+STOP_WAIT_S, STOP_TIMEOUT_S = 0.2, 1.0  # replicas stop at once: Server.stop drains the edits in flight first
 DRAIN_POLL_S, DRAIN_CALL_S = 0.2, 5.0
 _log = logging.getLogger("ray.serve")
 
@@ -366,7 +366,8 @@ def build_application(settings: ServeSettings, infos: dict[str, BundleInfo]) -> 
             ray_actor_options=actor_options,
             max_ongoing_requests=settings.max_ongoing,
             max_queued_requests=settings.max_ongoing * settings.replicas,
-            **STOP_AT_ONCE,
+            graceful_shutdown_wait_loop_s=STOP_WAIT_S,
+            graceful_shutdown_timeout_s=STOP_TIMEOUT_S,
         ).bind(
             str(path.resolve()),
             settings.backend,
@@ -390,7 +391,8 @@ def build_application(settings: ServeSettings, infos: dict[str, BundleInfo]) -> 
         max_ongoing_requests=router_limit,
         max_queued_requests=router_limit,
         ray_actor_options={"num_cpus": 0},
-        **STOP_AT_ONCE,
+        graceful_shutdown_wait_loop_s=STOP_WAIT_S,
+        graceful_shutdown_timeout_s=STOP_TIMEOUT_S,
     ).bind(editors, infos, settings.landmarks_model is not None)
 
 

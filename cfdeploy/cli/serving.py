@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import time
+from collections.abc import Iterator
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -131,9 +134,18 @@ def serve_command(
         help="dlib's shape_predictor_68_face_landmarks.dat: replicas find the faces in photos sent with "
         "return photo (the 'photos' extra). Its training data's licence excludes commercial use.",
     ),
+    grace_s: float = typer.Option(
+        20.0,
+        "--grace-s",
+        metavar="S",
+        help="On Ctrl-C or SIGTERM, how long edits in flight may take to finish before the server stops.",
+    ),
+    verbose: bool = typer.Option(
+        False, "--verbose", help="Ray's log lines on the console too. \\[default: only in Ray's log directory]"
+    ),
     ray_address: str | None = RAY_ADDRESS,
 ) -> None:
-    """Serve bundles over HTTP with dynamic batching and replicas on Ray Serve, until Ctrl-C.
+    """Serve bundles over HTTP with dynamic batching and replicas on Ray Serve, until Ctrl-C or SIGTERM.
 
     POST /v1/edits (JSON: bundle, prompt or text_embedding, seed/num/truncation, latents or image, strength,
     return; with return photo, any photo comes back edited, its faces pasted back), GET /v1/bundles,
@@ -162,26 +174,46 @@ def serve_command(
         served_precision(backend, precision),
         session_cache_option(no_session_cache),
         landmarks_model,
+        grace_s,
     )
-    with phase("starting Ray Serve and loading the bundles"):
-        server = Server(settings, ray_address)
-    try:
-        say(
-            f"serving {', '.join(path.resolve().name for path in bundles)} at {server.url} "
-            f"({replicas} replica(s) each, {backend.value}); Ctrl-C stops"
-        )
-        while True:
-            time.sleep(1)
-    except KeyboardInterrupt:
-        say("stopping")
-    finally:
+    with terminate_as_interrupt():
+        with phase("starting Ray Serve and loading the bundles"):
+            server = Server(settings, ray_address, verbose=verbose)
+        try:
+            if server.ray_logs is not None and not verbose:
+                say(f"Ray's logs: {server.ray_logs}")
+            say(
+                f"serving {', '.join(path.resolve().name for path in bundles)} at {server.url} "
+                f"({replicas} replica(s) each, {backend.value}); Ctrl-C or SIGTERM stops"
+            )
+            while True:
+                time.sleep(1)
+        except KeyboardInterrupt:
+            say(f"stopping: edits in flight have {grace_s:g} s to finish (Ctrl-C again: stop now)")
         stop_serving(server)
 
 
-def stop_serving(server: Any) -> None:
-    """Stop ``server``. Ctrl-C is how a server is stopped, so a second one while Ray shuts down is no error either."""
+@contextlib.contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM (systemd, Docker, Kubernetes) stops a command as Ctrl-C does, by KeyboardInterrupt in the main thread."""
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        server.stop()
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def stop_serving(server: Any) -> None:
+    """Drain and stop ``server``. A signal is how a server is stopped, so another one is no error either: while the
+    edits in flight finish it stops at once, while Ray shuts down it leaves the rest to the reaper."""
+    try:
+        try:
+            left = server.drain()
+        except KeyboardInterrupt:
+            left = None
+        if left:
+            warn(f"{left} edit(s) still in flight were cut off")
+        server.stop(grace_s=0)
     except KeyboardInterrupt:
         say("stopped before Ray finished shutting down")
         raise typer.Exit(130) from None
@@ -281,7 +313,8 @@ def batch_command(
             progress.update(task, advance=1, description=f"shards ({done['images']} images, {rate:.1f} images/s)")
 
         try:
-            summary = run_batch(plan, ray_address=ray_address, on_shard=landed)
+            with terminate_as_interrupt():
+                summary = run_batch(plan, ray_address=ray_address, on_shard=landed)
         except KeyboardInterrupt:
             raise fail(
                 f"interrupted; finished shards are recorded in {out}/_done: rerun the same command to resume", 130

@@ -45,6 +45,7 @@ from cfdeploy.serving.cluster import (
     actor_backend_options,
     check_resources,
     connect,
+    disconnect,
     require_resources,
 )
 
@@ -365,7 +366,7 @@ def _edit_pending(
 
         connected = connect(ray_address, num_cpus, driver_logs=False)
         try:
-            require_resources(settings.cpus_per_worker, settings.gpus_per_worker, "worker")
+            require_resources(settings.cpus_per_worker, settings.gpus_per_worker, "worker", settings.workers)
             context = ray.data.DataContext.get_current()
             context.enable_progress_bars = False
             context.print_on_execution_start = False
@@ -390,7 +391,7 @@ def _edit_pending(
                     on_shard(str(row["shard"]), int(row["count"]))
         finally:
             if connected:
-                ray.shutdown()
+                disconnect()
     if failures:
         raise CfdeployError(
             f"{len(failures)} shard(s) refused, the others are done (rerun after fixing them): {failures[0]}"

@@ -11,9 +11,11 @@ the queueing, replicas and back-pressure; nothing here schedules.
 from __future__ import annotations
 
 import asyncio
+import errno
 import io
 import json
 import logging
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -22,8 +24,9 @@ from typing import Any, cast
 
 import numpy as np
 from ray import serve
+from ray.exceptions import RayError
 from ray.serve import Deployment
-from ray.serve.exceptions import BackPressureError
+from ray.serve.exceptions import BackPressureError, RayServeException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -46,6 +49,10 @@ from cfdeploy.serving.cluster import (
     actor_backend_options,
     check_resources,
     connect,
+    disconnect,
+    local_ray_lost,
+    ray_logs,
+    ray_prints_to_log,
     require_resources,
 )
 from cfdeploy.serving.protocol import (
@@ -64,6 +71,8 @@ DRAIN_LIMIT = 4 * MAX_BODY_BYTES  # an oversize body is read and dropped up to t
 ROUTER_MIN_ONGOING = (
     256  # the router only parses and forwards: it holds what the bundles queue, and refuses the rest fast
 )
+STOP_WAIT_S, STOP_TIMEOUT_S = 0.2, 1.0  # replicas stop at once: Server.stop drains the edits in flight first
+DRAIN_POLL_S, DRAIN_CALL_S = 0.2, 5.0
 _log = logging.getLogger("ray.serve")
 
 
@@ -84,6 +93,7 @@ class ServeSettings:
     precision: str | None = None  # openvino: bf16
     session_cache: bool | None = None  # False: --no-session-cache
     landmarks_model: Path | None = None
+    grace_s: float = 20.0  # on stopping, how long requests in flight may take to finish
 
     def check(self) -> None:
         require_range(1, replicas=self.replicas, max_batch=self.max_batch, max_ongoing=self.max_ongoing)
@@ -91,9 +101,21 @@ class ServeSettings:
             DlibLandmarks(self.landmarks_model)
         if not np.isfinite(self.batch_wait_ms) or self.batch_wait_ms < 0:
             raise CfdeployError(f"--batch-wait-ms must be a finite number, 0 or more, got {self.batch_wait_ms}")
+        if not np.isfinite(self.grace_s) or self.grace_s < 0:
+            raise CfdeployError(f"--grace-s must be a finite number, 0 or more, got {self.grace_s}")
         check_resources(self.backend, self.cpus_per_replica, self.gpus_per_replica, "replica")
         if not 0 < self.port < 65536:
             raise CfdeployError(f"--port must be from 1 to 65535, got {self.port}")
+
+
+def require_free_port(host: str, port: int) -> None:
+    """Refuse, before Ray starts, an address Ray Serve's proxy could not listen on (it binds the same way)."""
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.bind((host, port))
+    except OSError as error:
+        why = "already in use" if error.errno == errno.EADDRINUSE else (error.strerror or str(error))
+        raise CfdeployError(f"cannot listen on {host}:{port}: {why} (give another --port or --host)") from None
 
 
 class BundleEditor:
@@ -239,18 +261,35 @@ class Router:
         self.editors = editors
         self.infos = infos
         self.aligns_photos = aligns_photos
+        self.stopping = False
+        self.in_flight = 0
+
+    def drain(self) -> int:
+        """Take no new edits (503, and /healthz 503 so that load balancers look elsewhere); the edits in flight."""
+        self.stopping = True
+        return self.in_flight
+
+    def edits_in_flight(self) -> int:
+        return self.in_flight
 
     async def __call__(self, request: Request) -> Response:
         path, method = request.url.path.rstrip("/") or "/", request.method
         if path == "/healthz" and method == "GET":
+            if self.stopping:
+                return JSONResponse({"status": "stopping", "bundles": sorted(self.infos)}, status_code=503)
             return JSONResponse({"status": "ok", "bundles": sorted(self.infos)})
         if path == "/v1/bundles" and method == "GET":
             return JSONResponse({"bundles": [info.as_json() for info in self.infos.values()]})
         if path == "/v1/edits" and method == "POST":
+            if self.stopping:
+                return JSONResponse({"error": "the server is stopping; retry on another"}, status_code=503)
+            self.in_flight += 1
             try:
                 return await self._edit(request)
             except RequestError as error:
                 return JSONResponse({"error": str(error)}, status_code=error.status)
+            finally:
+                self.in_flight -= 1
         if path in ("/healthz", "/v1/bundles", "/v1/edits"):
             return JSONResponse({"error": f"{method} is not allowed on {path}"}, status_code=405)
         return JSONResponse(
@@ -296,6 +335,8 @@ def bundle_infos(settings: ServeSettings) -> dict[str, BundleInfo]:
     infos: dict[str, BundleInfo] = {}
     for path in settings.bundles:
         bundle = Bundle(path)
+        for network in bundle.manifest["networks"]:  # damage found here, in one line, not by every replica in turn
+            bundle.checked_network_sha256(network)
         name = path.resolve().name
         if name in infos:
             raise CfdeployError(
@@ -325,6 +366,8 @@ def build_application(settings: ServeSettings, infos: dict[str, BundleInfo]) -> 
             ray_actor_options=actor_options,
             max_ongoing_requests=settings.max_ongoing,
             max_queued_requests=settings.max_ongoing * settings.replicas,
+            graceful_shutdown_wait_loop_s=STOP_WAIT_S,
+            graceful_shutdown_timeout_s=STOP_TIMEOUT_S,
         ).bind(
             str(path.resolve()),
             settings.backend,
@@ -345,36 +388,61 @@ def build_application(settings: ServeSettings, infos: dict[str, BundleInfo]) -> 
         ROUTER_MIN_ONGOING, 4 * settings.max_ongoing * settings.replicas * len(infos)
     )  # never the bottleneck
     return ROUTER.options(
-        max_ongoing_requests=router_limit, max_queued_requests=router_limit, ray_actor_options={"num_cpus": 0}
+        max_ongoing_requests=router_limit,
+        max_queued_requests=router_limit,
+        ray_actor_options={"num_cpus": 0},
+        graceful_shutdown_wait_loop_s=STOP_WAIT_S,
+        graceful_shutdown_timeout_s=STOP_TIMEOUT_S,
     ).bind(editors, infos, settings.landmarks_model is not None)
 
 
 class Server:
     """A running ``cfdeploy serve``: a local Ray started here, or the cluster at ``ray_address``, with the application.
 
-    Use as a context manager, or call :meth:`stop`: on a local Ray, Serve and Ray stop; on a joined
-    cluster, only this application is removed (another application named ``cfdeploy`` there is refused).
+    Everything that can be checked is checked before Ray starts (settings, the bundles' files, the port); a start
+    that fails later stops what it started. Use as a context manager, or call :meth:`stop`: the edits in flight
+    finish (up to ``settings.grace_s``), then on a local Ray, Serve and Ray stop with every process they started;
+    on a joined cluster, only this application is removed (another application named ``cfdeploy`` there is refused).
+    ``verbose``: Ray's log lines on the console, not only in :attr:`ray_logs`.
     """
 
-    def __init__(self, settings: ServeSettings, ray_address: str | None = None, num_cpus: int | None = None) -> None:
+    def __init__(
+        self,
+        settings: ServeSettings,
+        ray_address: str | None = None,
+        num_cpus: int | None = None,
+        *,
+        verbose: bool = False,
+    ) -> None:
         settings.check()
         infos = bundle_infos(settings)
+        if ray_address is None:
+            require_free_port(settings.host, settings.port)
+        self.settings = settings
         self.url = f"http://{settings.host}:{settings.port}"
         self._shared_cluster = ray_address is not None
         self._deployed = False
-        self._connected = connect(ray_address, num_cpus)
+        self._lost: bool | None = None
+        self._connected = connect(ray_address, num_cpus, verbose=verbose)
+        self.ray_logs = ray_logs()
         try:
-            require_resources(settings.cpus_per_replica, settings.gpus_per_replica, "replica")
-            if self._shared_cluster and APP_NAME in serve.status().applications:
-                raise CfdeployError(
-                    f"the Ray cluster at {ray_address} already serves an application named {APP_NAME!r} "
-                    "(another cfdeploy serve?); stop it first"
+            with ray_prints_to_log():
+                require_resources(
+                    settings.cpus_per_replica, settings.gpus_per_replica, "replica", settings.replicas * len(infos)
                 )
-            serve.start(http_options={"host": settings.host, "port": settings.port})
-            self._deployed = True
-            serve.run(build_application(settings, infos), name=APP_NAME, route_prefix="/")
+                if self._shared_cluster and APP_NAME in serve.status().applications:
+                    raise CfdeployError(
+                        f"the Ray cluster at {ray_address} already serves an application named {APP_NAME!r} "
+                        "(another cfdeploy serve?); stop it first"
+                    )
+                try:
+                    serve.start(http_options={"host": settings.host, "port": settings.port})
+                except RayError as error:
+                    raise CfdeployError(f"Ray Serve could not start: {_first_line(error)}") from None
+                self._deployed = True
+                serve.run(build_application(settings, infos), name=APP_NAME, route_prefix="/")
         except BaseException:  # Ctrl-C while starting too: nothing of this server is left running
-            self.stop()
+            self.stop(grace_s=0)
             raise
 
     def __enter__(self) -> Server:
@@ -383,16 +451,49 @@ class Server:
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
-    def stop(self) -> None:
-        """Remove this application (on a shared cluster, only it: other Serve apps keep running); leave Ray if joined here."""
-        import ray
-
+    def drain(self, grace_s: float | None = None) -> int:
+        """Refuse new edits, and wait up to ``grace_s`` (default: the settings') for those in flight; those left.
+        A server whose router is gone (its processes stopped by the same signal, say) has nothing to drain."""
+        if not self._deployed or self._ray_lost():
+            return 0
+        deadline = time.monotonic() + (self.settings.grace_s if grace_s is None else grace_s)
         try:
-            if self._deployed:
-                if self._shared_cluster:
-                    serve.delete(APP_NAME)
-                else:
-                    serve.shutdown()
-        finally:
-            if self._connected:
-                ray.shutdown()
+            router = serve.get_app_handle(APP_NAME)
+            left: int = router.drain.remote().result(timeout_s=DRAIN_CALL_S)
+            while left and time.monotonic() < deadline:
+                time.sleep(DRAIN_POLL_S)
+                left = router.edits_in_flight.remote().result(timeout_s=DRAIN_CALL_S)
+        except (RayError, RayServeException, TimeoutError):
+            return 0
+        return left
+
+    def _ray_lost(self) -> bool:
+        """Whether the local Ray started here was stopped with this process (by a signal to its process group):
+        then there is nothing left to drain or remove. Looked at once."""
+        if self._lost is None:
+            self._lost = self._connected and local_ray_lost()
+        return self._lost
+
+    def stop(self, grace_s: float | None = None) -> None:
+        """Drain (:meth:`drain`), then remove this application (on a shared cluster, only it: other Serve apps keep
+        running) and leave Ray; a local Ray started here stops with every process it started."""
+        with ray_prints_to_log():
+            try:
+                if self._deployed and not self._ray_lost():
+                    if grace_s != 0:
+                        self.drain(grace_s)
+                    self._deployed = False
+                    if self._shared_cluster:
+                        serve.delete(APP_NAME)
+                    else:
+                        serve.shutdown()
+            finally:
+                if self._connected:
+                    self._connected = False
+                    disconnect()
+
+
+def _first_line(error: BaseException) -> str:
+    """The message of what a Ray actor raised (its cause), first line only."""
+    cause = getattr(error, "cause", None) or error
+    return (str(cause).strip().splitlines() or [type(cause).__name__])[0]

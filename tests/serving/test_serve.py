@@ -312,10 +312,14 @@ class StoppingServer:
 
     def __init__(self, interrupted_stop: bool) -> None:
         self.url = "http://127.0.0.1:8000"
+        self.ray_logs = None
         self.interrupted_stop = interrupted_stop
         self.stops = 0
 
-    def stop(self) -> None:
+    def drain(self) -> int:
+        return 0
+
+    def stop(self, grace_s: float | None = None) -> None:
         self.stops += 1
         if self.interrupted_stop:
             raise KeyboardInterrupt
@@ -335,7 +339,7 @@ def test_ctrl_c_stops_the_server_without_an_error(
     server = StoppingServer(interrupted_stop)
     started = types.ModuleType("cfdeploy.serving.server")
     started.ServeSettings = lambda *settings: settings
-    started.Server = lambda settings, ray_address: server
+    started.Server = lambda settings, ray_address, verbose: server
     monkeypatch.setitem(sys.modules, "cfdeploy.serving.server", started)
 
     def ctrl_c(seconds: float) -> None:
@@ -344,4 +348,8 @@ def test_ctrl_c_stops_the_server_without_an_error(
     monkeypatch.setattr(time, "sleep", ctrl_c)
     result = cli("serve", "--bundle", tmp_path / BUNDLE)
     assert result.exit_code == status and server.stops == 1
-    assert result.stderr.splitlines()[-2:] == ["stopping", last_line] and "error" not in result.stderr
+    assert result.stderr.splitlines()[-2:] == [
+        "stopping: edits in flight have 20 s to finish (Ctrl-C again: stop now)",
+        last_line,
+    ]
+    assert "error" not in result.stderr

@@ -233,7 +233,11 @@ def refuse_inputs(out: Path, inputs: Sequence[Path]) -> None:
 def _refuse_inputs(target: Path, inputs: Sequence[Path]) -> None:
     """An output must not be, contain or lie inside what the command reads (link or link target)."""
     for given in inputs:
-        for candidate in {_located(given), Path(given).resolve()}:
+        try:
+            candidates = {_located(given), Path(given).resolve()}
+        except (RuntimeError, OSError):  # Python before 3.13 raises RuntimeError for a loop, later ones OSError
+            raise CfdeployError(f"{given}: cannot be read: a loop of symbolic links") from None
+        for candidate in candidates:
             if candidate == target:
                 raise CfdeployError(f"{target}: is the input {given}; choose another output")
             if target in candidate.parents:

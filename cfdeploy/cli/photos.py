@@ -15,7 +15,6 @@ from cfdeploy.cli.common import (
     app,
     no_session_cache_option,
     phase,
-    plain,
     precision_among,
     progress_bar,
     require_files,
@@ -188,7 +187,7 @@ def invert_command(
     inputs = [path for path in (*photos, encoder, bundle, landmarks, landmarks_model) if path is not None]
     require_files(encoder, landmarks, landmarks_model)
     with StagedDirectory(out, force, inputs) as staged:
-        from cfdeploy.photos.invert import E4EInverter, encode_faces, find_faces
+        from cfdeploy.photos.invert import E4EInverter, encode_faces, photo_faces
 
         started = time.perf_counter()
         with phase("loading the encoder"):
@@ -207,11 +206,11 @@ def invert_command(
                     threads=threads,
                     session_cache=session_cache_option(no_session_cache),
                 )
-        with phase("finding faces") as status:
-            found = find_faces(photos, **faces, on_photo=lambda path: status.update(f"aligning {plain(path.name)}"))
-        with progress_bar() as progress:
-            task = progress.add_task("encoding", total=len(found.crops))
-            codes = encode_faces(inverter, found.crops, batch_size, lambda done: progress.advance(task, done))
+        with progress_bar() as progress:  # each batch's photos are decoded as the batch is encoded
+            task = progress.add_task("aligning and encoding photos", total=None)
+            found = photo_faces(photos, **faces, on_photo=lambda path: progress.advance(task))
+            progress.update(task, total=len(found.paths))
+            codes = encode_faces(inverter, found, batch_size)
         staged.write_npy("latents.npy", codes)
         for folder, wanted in (("aligned", save_aligned), ("reconstructions", save_reconstruction)):
             if wanted:

@@ -188,5 +188,6 @@ def train_command(
             force=force,
             on_stage=lambda stage: bar.update(task, description=stage),
             on_progress=on_progress,
+            on_warning=warn,
         )
     say(f"trained {trainer.step} steps; best validation loss {trainer.best_validation:.4f}: {out / 'best_model.pt'}")

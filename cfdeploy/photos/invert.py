@@ -6,8 +6,9 @@ pasted into their photos (:func:`edit_photo`, :class:`PhotoPaster`).
 
 from __future__ import annotations
 
+import itertools
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
@@ -27,7 +28,7 @@ from cfdeploy.photos.landmarks import (
     select_faces,
 )
 from cfdeploy.photos.paste import FaceEdit, MaskSettings, PastedPhoto, paste_faces
-from cfdeploy.photos.preprocess import batch_inputs
+from cfdeploy.photos.preprocess import ENCODER_SIZE, batch_inputs
 
 RESERVED_NAMES = frozenset({"edit.json", "latents.npy", "images.npy", "crops", "masks"})  # what else edit writes
 
@@ -51,12 +52,79 @@ class FaceCrop:
     alignment: AlignedFace | None = None
 
 
-@dataclass
 class Photos:
-    """Every face found (in photo order), and the photos skipped for having none (``--skip-missing``)."""
+    """The faces of the photos, found as iteration reaches them: iterating decodes and aligns one photo at a
+    time and yields its faces, so a run holds one decoded photo and the small aligned crops, however many photos
+    it is given (an encoder consuming batches decodes per batch). ``crops`` (in photo order) and ``skipped``
+    (photos without a face, with ``skip_missing``) grow as it goes; a photo that cannot be read stops the
+    iteration when it is reached, after the faces before it were yielded.
+    """
 
-    crops: list[FaceCrop]
-    skipped: list[dict[str, str]] = field(default_factory=list)
+    def __init__(self, paths: list[Path], faces_of: Callable[[int, Path], list[FaceCrop]], skip_missing: bool) -> None:
+        self.paths = paths
+        self.crops: list[FaceCrop] = []
+        self.skipped: list[dict[str, str]] = []
+        self._faces_of = faces_of
+        self._skip_missing = skip_missing
+        self._next = 0
+
+    def __iter__(self) -> Iterator[FaceCrop]:
+        yield from list(self.crops)
+        while self._next < len(self.paths):
+            index, path = self._next, self.paths[self._next]
+            self._next += 1
+            try:
+                crops = self._faces_of(index, path)
+            except NoFaceFound as missing:
+                if not self._skip_missing:
+                    raise
+                self.skipped.append({"source": str(path), "reason": str(missing)})
+                continue
+            self.crops.extend(crops)
+            yield from crops
+        if not self.crops:
+            raise CfdeployError(f"no face to invert in {len(self.paths)} photo(s) (all skipped: no face found)")
+
+    def complete(self) -> Photos:
+        """Every photo's faces found (each photo decoded in turn)."""
+        for _ in self:
+            pass
+        return self
+
+
+def photo_faces(
+    arguments: Sequence[Path],
+    *,
+    aligned: bool = False,
+    landmarks: Path | None = None,
+    landmarks_model: Path | None = None,
+    all_faces: bool = False,
+    skip_missing: bool = False,
+    on_photo: Callable[[Path], None] = lambda path: None,
+) -> Photos:
+    """The photos' faces, aligned the way e4e was trained (FFHQ crops) as :class:`Photos` reaches them.
+
+    Exactly one landmark source: ``aligned`` (the photos are aligned crops already: only resized to the
+    encoder's input size, as its preprocessing resizes them), ``landmarks`` (a file of points, one entry per
+    photo) or ``landmarks_model`` (dlib's detector and 68-point predictor). The arguments, the landmarks file
+    and the model are checked here, before any photo is decoded.
+    """
+    if sum((aligned, landmarks is not None, landmarks_model is not None)) != 1:
+        raise CfdeployError("give exactly one of --aligned, --landmarks FILE or --landmarks-model FILE")
+    paths = photo_paths(list(arguments))
+    listed = read_landmarks(landmarks, paths) if landmarks is not None else None
+    detector = DlibLandmarks(landmarks_model) if landmarks_model is not None else None
+
+    def faces_of(index: int, path: Path) -> list[FaceCrop]:
+        photo = load_photo(path)
+        on_photo(path)
+        if aligned:
+            resized = photo.resize((ENCODER_SIZE, ENCODER_SIZE), Image.Resampling.BILINEAR)
+            return [FaceCrop(path, 0, resized, {"source": str(path), "face": 0, "aligned_input": True})]
+        faces = listed[index] if listed is not None else detector.faces(photo)  # type: ignore[union-attr]
+        return align_faces(photo, select_faces(faces, path, all_faces, size=photo.size), path)
+
+    return Photos(paths, faces_of, skip_missing)
 
 
 def find_faces(
@@ -69,36 +137,16 @@ def find_faces(
     skip_missing: bool = False,
     on_photo: Callable[[Path], None] = lambda path: None,
 ) -> Photos:
-    """Load each photo and align its face(s) the way e4e was trained (FFHQ crops).
-
-    Exactly one landmark source: ``aligned`` (the photos are aligned crops already: only resized),
-    ``landmarks`` (a file of points, one entry per photo) or ``landmarks_model`` (dlib's detector and
-    68-point predictor).
-    """
-    if sum((aligned, landmarks is not None, landmarks_model is not None)) != 1:
-        raise CfdeployError("give exactly one of --aligned, --landmarks FILE or --landmarks-model FILE")
-    paths = photo_paths(list(arguments))
-    listed = read_landmarks(landmarks, paths) if landmarks is not None else None
-    detector = DlibLandmarks(landmarks_model) if landmarks_model is not None else None
-    found = Photos([])
-    for index, path in enumerate(paths):
-        photo = load_photo(path)
-        on_photo(path)
-        if aligned:
-            found.crops.append(FaceCrop(path, 0, photo, {"source": str(path), "face": 0, "aligned_input": True}))
-            continue
-        faces: list[Face] = listed[index] if listed is not None else detector.faces(photo)  # type: ignore[union-attr]
-        try:
-            chosen = select_faces(faces, path, all_faces)
-        except NoFaceFound as missing:
-            if not skip_missing:
-                raise
-            found.skipped.append({"source": str(path), "reason": str(missing)})
-            continue
-        found.crops.extend(align_faces(photo, chosen, path))
-    if not found.crops:
-        raise CfdeployError(f"no face to invert in {len(paths)} photo(s) (all skipped: no face found)")
-    return found
+    """:func:`photo_faces` with every photo's faces found before it returns."""
+    return photo_faces(
+        arguments,
+        aligned=aligned,
+        landmarks=landmarks,
+        landmarks_model=landmarks_model,
+        all_faces=all_faces,
+        skip_missing=skip_missing,
+        on_photo=on_photo,
+    ).complete()
 
 
 def align_faces(photo: Image.Image, faces: Sequence[Face], path: Path) -> list[FaceCrop]:
@@ -122,12 +170,13 @@ def face_edits(crops: Sequence[FaceCrop], edited: Sequence[np.ndarray]) -> list[
 
 
 def encode_faces(
-    encoder: Encoder, crops: Sequence[FaceCrop], batch_size: int, on_batch: Callable[[int], None] = lambda done: None
+    encoder: Encoder, crops: Iterable[FaceCrop], batch_size: int, on_batch: Callable[[int], None] = lambda done: None
 ) -> np.ndarray:
-    """W+ codes ``[N, n, 512]`` float32 of the aligned faces, ``batch_size`` at a time."""
+    """W+ codes ``[N, n, 512]`` float32 of the aligned faces, ``batch_size`` at a time; from :class:`Photos`, each
+    batch's photos are decoded when the batch is taken."""
     codes = []
-    for start in range(0, len(crops), batch_size):
-        batch = crops[start : start + batch_size]
+    faces = iter(crops)
+    while batch := list(itertools.islice(faces, batch_size)):
         codes.append(np.asarray(encoder.encode(batch_inputs([crop.image for crop in batch])), np.float32))
         on_batch(len(batch))
     return np.concatenate(codes)

@@ -59,11 +59,37 @@ def largest_face(faces: Sequence[Face]) -> Face:
     return max(faces, key=lambda face: face.area)
 
 
-def select_faces(faces: Sequence[Face], source: Path | str, all_faces: bool = False) -> list[Face]:
-    """Every face when ``all_faces``, else the largest; :class:`NoFaceFound` naming ``source`` when there is none."""
+def select_faces(
+    faces: Sequence[Face], source: Path | str, all_faces: bool = False, *, size: tuple[int, int]
+) -> list[Face]:
+    """The faces inside the photo of ``size`` (width, height): every one when ``all_faces``, else the largest.
+
+    A face counts when at least half its points lie in the photo; when none does, :class:`NoFaceFound` names
+    ``source`` (aligning a face outside the photo would encode a crop of nothing but padding). A counted face
+    whose points reach beyond one photo size around it is refused: no photo's face does, and its crop would
+    be sized by the stray point, not by the face.
+    """
     if not faces:
         raise NoFaceFound(f"{source}: no face found")
-    return list(faces) if all_faces else [largest_face(faces)]
+    width, height = size
+    inside = [face for face in faces if _share_inside(face.points, width, height) >= 0.5]
+    if not inside:
+        raise NoFaceFound(
+            f"{source}: no face inside the {width}x{height} photo (the landmarks of {len(faces)} face(s) lie outside it)"
+        )
+    for face in inside:
+        low, high = face.points.min(axis=0), face.points.max(axis=0)
+        if low[0] < -width or low[1] < -height or high[0] > 2 * width or high[1] > 2 * height:
+            raise CfdeployError(
+                f"{source}: a face's landmarks reach far outside the {width}x{height} photo "
+                f"(x {low[0]:.4g} to {high[0]:.4g}, y {low[1]:.4g} to {high[1]:.4g})"
+            )
+    return inside if all_faces else [largest_face(inside)]
+
+
+def _share_inside(points: np.ndarray, width: int, height: int) -> float:
+    x, y = points[:, 0], points[:, 1]
+    return float(((x >= 0) & (x <= width) & (y >= 0) & (y <= height)).mean())
 
 
 def read_landmarks(path: Path, photos: Sequence[Path]) -> list[list[Face]]:
@@ -153,11 +179,19 @@ def _json_faces(entry: Any, where: str) -> list[np.ndarray]:
 
 
 def _is_pair(value: Any) -> bool:
-    return (
-        isinstance(value, list)
-        and len(value) == 2
-        and all(isinstance(number, (int, float)) and not isinstance(number, bool) for number in value)
-    )
+    return isinstance(value, list) and len(value) == 2 and all(_is_number(number) for number in value)
+
+
+def _is_number(value: Any) -> bool:
+    """A JSON number that a float64 holds (NaN and infinity included, refused later with their own message): an
+    integer of hundreds of digits is not one."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        float(value)
+    except OverflowError:
+        return False
+    return True
 
 
 def _shown(value: Any) -> str:
@@ -184,6 +218,10 @@ class DlibLandmarks:
             predictor = dlib.shape_predictor(str(model_path))
         except RuntimeError as error:
             raise CfdeployError(f"{model_path}: not a dlib shape predictor ({' '.join(str(error).split())})") from None
+        except MemoryError:  # dlib allocates what the file's header declares, before reading the values
+            raise CfdeployError(
+                f"{model_path}: not a dlib shape predictor (its header declares a matrix larger than memory)"
+            ) from None
         parts = predictor(np.zeros((1, 1, 3), np.uint8), dlib.rectangle(0, 0, 0, 0)).num_parts
         if parts != 68:
             raise CfdeployError(

@@ -229,15 +229,10 @@ class PhotoFaces:
         photo = photo_from_bytes(request.photo, "image")
         if request.landmarks is not None:
             faces = request.landmarks
-            width, height = photo.image.size
-            for face in faces:
-                left, top, right, bottom = face.box
-                if left < -width or top < -height or right > 2 * width or bottom > 2 * height:
-                    raise CfdeployError(f"landmarks: a face lies far outside the {width}x{height} photo")
         else:
             assert landmarks is not None  # parse_edit_request refuses a photo without landmarks otherwise
             faces = landmarks.faces(photo.image)
-        chosen = select_faces(faces, "image", request.all_faces)
+        chosen = select_faces(faces, "image", request.all_faces, size=photo.image.size)
         if len(chosen) > MAX_CODES_PER_REQUEST:
             raise RequestError(f"image: {len(chosen)} faces; the limit is {MAX_CODES_PER_REQUEST}", 413)
         return cls(photo, align_faces(photo.image, chosen, Path("image")))

@@ -41,6 +41,8 @@ from cfdeploy.training.trainer import (
     TrainingData,
     TrainInputs,
     TrainSettings,
+    check_same_inputs,
+    input_hashes,
     official_opts,
 )
 
@@ -59,10 +61,32 @@ def save_torch(path: Path, content: Any) -> None:
     write_atomic(path, buffer.getvalue())
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
+def read_metrics(path: Path, on_warning: Callable[[str], None] = lambda message: None) -> list[dict[str, Any]]:
+    """The records of ``metrics.jsonl``. A last line cut short (a run killed while writing it, no newline after it)
+    is dropped with a warning; any other line that is not a record with a step is refused naming its number."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text = path.read_text(encoding="utf-8", errors="replace")
+    lines = text.split("\n")
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
+        elif number == len(lines):  # the text after the last newline: a line the run did not finish writing
+            on_warning(f"{path}: dropped line {number}, cut short when the run stopped ({_cut(line)})")
+        else:
+            raise CfdeployError(f"{path}: line {number} is not a metrics record with a step: {_cut(line)}")
+    return records
+
+
+def _cut(line: str) -> str:
+    return line if len(line) <= 40 else line[:37] + "..."
 
 
 def plot_losses(records: Sequence[dict[str, Any]]) -> Image.Image:
@@ -158,7 +182,7 @@ def prepare(settings: TrainSettings, inputs: TrainInputs, device: str, on_stage:
     if inputs.identity_weights is not None and settings.id_lambda:
         on_stage("loading ArcFace")
         arcface = load_arcface(inputs.identity_weights)
-    data = TrainingData(train_latents, test_latents, inputs)
+    data = TrainingData(train_latents, test_latents, inputs, input_hashes(inputs))
     model = CFClipTraining(generator, nce, text_features, settings, arcface)
     if start is not None:  # the mappers' weights only: the optimiser starts fresh, as the official code's does
         model.text_mapper.load_state_dict(start.text_mapper.state_dict())
@@ -195,24 +219,28 @@ def train(
     force: bool = False,
     on_stage: Callable[[str], None] = lambda stage: None,
     on_progress: Callable[[Progress], None] = lambda progress: None,
+    on_warning: Callable[[str], None] = lambda message: None,
 ) -> Trainer:
-    """Train (or with ``resume`` continue) a run in ``out``; returns the trainer after the last step."""
+    """Train (or with ``resume`` continue) a run in ``out``; returns the trainer after the last step.
+
+    A resume checks the saved state against this run's settings, model and input files before the first step."""
     state_path = out / TRAINING_STATE
     if resume:
         if not state_path.is_file():
             raise CfdeployError(
                 f"{out}: nothing to resume (no {TRAINING_STATE}; a run saves one every --save-every steps)"
             )
+        state = safe_torch_load(state_path)
+        if not isinstance(state, dict) or "optimizer" not in state:
+            raise CfdeployError(f"{state_path}: not a cfdeploy training state")
+        check_same_inputs(state, inputs, state_path)  # before the networks load: hashing is quicker
     else:
         check_output_dir(out, force, inputs=[p for p in vars(inputs).values() if p is not None])
     trainer = prepare(settings, inputs, device, on_stage)
     metrics_path = out / METRICS
     if resume:
-        state = safe_torch_load(state_path)
-        if not isinstance(state, dict) or "optimizer" not in state:
-            raise CfdeployError(f"{state_path}: not a cfdeploy training state")
         trainer.load_state(state, state_path)
-        kept = [record for record in read_metrics(metrics_path) if record["step"] <= trainer.step]
+        kept = [record for record in read_metrics(metrics_path, on_warning) if record["step"] <= trainer.step]
         write_atomic(metrics_path, "".join(json.dumps(record) + "\n" for record in kept).encode())
     else:
         (out / VALIDATION_DIR).mkdir(parents=True, exist_ok=True)

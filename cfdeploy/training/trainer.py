@@ -30,6 +30,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from cfdeploy.errors import CfdeployError
+from cfdeploy.files import require_file, sha256_file
 from cfdeploy.models.arcface import ArcFace, identity_loss
 from cfdeploy.models.mappers import (
     EDIT_SCALE,
@@ -133,6 +134,7 @@ class TrainingData:
     train_latents: np.ndarray
     test_latents: np.ndarray
     inputs: TrainInputs
+    input_sha256: dict[str, str | None] = field(default_factory=dict)  # see input_hashes
 
 
 def step_generator(seed: int, *position: int) -> torch.Generator:
@@ -337,9 +339,12 @@ class Trainer:
             "mapper": self.model.mapper.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "settings": asdict(self.settings),
+            "inputs": self.data.input_sha256,
         }
 
     def load_state(self, state: dict[str, Any], source: Path) -> None:
+        """Restore a saved state after checking all of it against this run's settings and model: a state
+        that does not fit is refused in one line before any weight changes."""
         missing = [key for key in STATE_KEYS if key not in state]
         if missing:
             raise CfdeployError(f"{source}: damaged training state: no {', '.join(repr(key) for key in missing)}")
@@ -351,15 +356,145 @@ class Trainer:
         if differing:
             shown = ", ".join(f"{key} {saved.get(key)!r} → {current[key]!r}" for key in differing[:4])
             raise CfdeployError(f"{source}: --resume needs the settings of the interrupted run; these differ: {shown}")
-        try:
-            self.model.text_mapper.load_state_dict(state["text_mapper"])
-            self.model.mapper.load_state_dict(state["mapper"])
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.step = int(state["step"])
-            self.best_validation = None if state["best_validation"] is None else float(state["best_validation"])
-        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as error:
-            detail = f"no {error}" if isinstance(error, KeyError) else str(error).splitlines()[0][:200]
-            raise CfdeployError(f"{source}: damaged training state: {detail}") from None
+        step = state["step"]
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise CfdeployError(f"{source}: damaged training state: 'step' is {_shown(step)}, not a step number")
+        if step > self.settings.steps:
+            raise CfdeployError(f"{source}: the run is at step {step}, beyond --steps {self.settings.steps}")
+        best = state["best_validation"]
+        if best is not None and (
+            isinstance(best, bool) or not isinstance(best, (int, float)) or not math.isfinite(best)
+        ):
+            raise CfdeployError(
+                f"{source}: damaged training state: 'best_validation' must be a finite number, found {_shown(best)}"
+            )
+        for name in ("text_mapper", "mapper"):
+            check_tensors(
+                state[name], getattr(self.model, name).state_dict(), f"{source}: damaged training state: {name!r}"
+            )
+        check_optimizer_state(state["optimizer"], self.optimizer, self.settings.optimizer, step, source)
+        self.model.text_mapper.load_state_dict(state["text_mapper"])
+        self.model.mapper.load_state_dict(state["mapper"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = step
+        self.best_validation = None if best is None else float(best)
+
+
+INPUT_OPTIONS = {  # the files whose bytes decide a run's steps, and the options that name them
+    "generator": "--generator",
+    "clip_weights": "--clip-weights",
+    "latents": "--latents",
+    "test_latents": "--test-latents",
+    "identity_weights": "--identity-weights",
+    "text_embedding": "--text-embedding",
+}
+OPTIMIZER_STATE = {
+    "ranger": {"step", "exp_avg", "exp_avg_sq", "slow_buffer"},
+    "adam": {"step", "exp_avg", "exp_avg_sq"},
+}
+
+
+def input_hashes(inputs: TrainInputs) -> dict[str, str | None]:
+    """The sha256 of each file that decides the run's steps (``--init-from`` does not: a resume restores the
+    mappers), recorded in the training state so a resume with other files is refused."""
+    return {
+        name: None if getattr(inputs, name) is None else sha256_file(require_file(getattr(inputs, name)))
+        for name in INPUT_OPTIONS
+    }
+
+
+def check_same_inputs(state: dict[str, Any], inputs: TrainInputs, source: Path) -> None:
+    """One line naming the first file that differs from the one the interrupted run in ``state`` was trained on
+    (states written before the inputs were recorded resume unchecked)."""
+    recorded = state.get("inputs", {})
+    if not isinstance(recorded, dict):
+        raise CfdeployError(f"{source}: damaged training state: 'inputs' is a {type(recorded).__name__}, not a dict")
+    hashes = input_hashes(inputs)
+    for name, option in INPUT_OPTIONS.items():
+        given, was, now = getattr(inputs, name), recorded.get(name), hashes[name]
+        if was == now or name not in recorded:
+            continue
+        if given is None:
+            raise CfdeployError(
+                f"{source}: the run was trained with {option} (sha256 {str(was)[:12]}…); give that file to resume"
+            )
+        if was is None:
+            raise CfdeployError(f"{given}: the run was trained without {option}; resume without it")
+        raise CfdeployError(
+            f"{given}: not the {option} file the run was trained on (sha256 {str(now)[:12]}…, the run's "
+            f"{str(was)[:12]}…); resume with the run's own files"
+        )
+
+
+def check_tensors(saved: Any, expected: dict[str, torch.Tensor], where: str) -> None:
+    """``saved`` holds exactly ``expected``'s names, each a finite tensor of its shape and dtype."""
+    if not isinstance(saved, dict):
+        raise CfdeployError(f"{where} is a {type(saved).__name__}, not a dict of tensors")
+    missing, extra = [key for key in expected if key not in saved], [key for key in saved if key not in expected]
+    if missing or extra:
+        shown = ", ".join([*(f"no {key!r}" for key in missing[:3]), *(f"unexpected {key!r}" for key in extra[:3])])
+        raise CfdeployError(f"{where}: {shown}")
+    for key, reference in expected.items():
+        _check_tensor(saved[key], reference, f"{where}: {key!r}")
+
+
+def _check_tensor(value: Any, reference: torch.Tensor, where: str) -> None:
+    if not isinstance(value, torch.Tensor):
+        raise CfdeployError(f"{where} is a {type(value).__name__}, not a tensor")
+    if value.shape != reference.shape or value.dtype != reference.dtype:
+        raise CfdeployError(
+            f"{where} is {value.dtype} {list(value.shape)}, expected {reference.dtype} {list(reference.shape)}"
+        )
+    if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        raise CfdeployError(f"{where} holds NaN or infinite values")
+
+
+def check_optimizer_state(saved: Any, optimizer: torch.optim.Optimizer, name: str, step: int, source: Path) -> None:
+    """The optimiser's saved moments fit the mappers' parameters and are finite; its counters are integers from 0
+    to the run's step; its hyperparameters are the settings' (NaN moments would make every later weight NaN)."""
+    where = f"{source}: damaged training state: optimiser"
+    fresh = optimizer.state_dict()
+    if (
+        not isinstance(saved, dict)
+        or not isinstance(saved.get("state"), dict)
+        or not isinstance(saved.get("param_groups"), list)
+    ):
+        raise CfdeployError(f"{where}: expected a dict with 'state' and 'param_groups'")
+    groups = saved["param_groups"]
+    if len(groups) != len(fresh["param_groups"]) or not all(isinstance(group, dict) for group in groups):
+        raise CfdeployError(f"{where}: {len(groups)} parameter groups, expected {len(fresh['param_groups'])}")
+    parameters: dict[Any, torch.Tensor] = {}
+    for group, expected, live in zip(groups, fresh["param_groups"], optimizer.param_groups, strict=True):
+        if group.get("params") != expected["params"]:
+            raise CfdeployError(f"{where}: its parameters are not the mappers' ({len(expected['params'])} tensors)")
+        for key, value in expected.items():
+            if key != "params" and key in group and group[key] != value:
+                raise CfdeployError(f"{where}: {key} is {_shown(group[key])}, the run's settings give {_shown(value)}")
+        parameters.update(zip(expected["params"], live["params"], strict=True))
+    for index, moments in saved["state"].items():
+        if index not in parameters:
+            raise CfdeployError(f"{where}: moments of parameter {_shown(index)}, which the mappers do not have")
+        label = f"{where}: parameter {index}"
+        if not isinstance(moments, dict) or set(moments) != OPTIMIZER_STATE[name]:
+            found = sorted(moments) if isinstance(moments, dict) else type(moments).__name__
+            raise CfdeployError(f"{label}: expected {sorted(OPTIMIZER_STATE[name])}, found {found}")
+        for key, value in moments.items():
+            if key == "step":
+                _check_counter(value, step, f"{label} step")
+            else:
+                _check_tensor(value, parameters[index].detach(), f"{label} {key}")
+
+
+def _check_counter(value: Any, step: int, where: str) -> None:
+    number = value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value
+    if isinstance(number, bool) or not isinstance(number, (int, float)) or not 0 <= number <= step or number % 1:
+        raise CfdeployError(f"{where} must be an integer from 0 to the run's step {step}, found {_shown(number)}")
+
+
+def _shown(value: Any) -> str:
+    """A value as one short line for an error message."""
+    text = " ".join(repr(value).split())
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def validation_grid(pairs: torch.Tensor) -> np.ndarray:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +13,10 @@ from PIL import Image
 
 import synthetic_files
 from cfdeploy.checkpoints import load_e4e
+from cfdeploy.errors import CfdeployError
 from cfdeploy.models import reference
 from cfdeploy.photos import align_face, load_photo
+from cfdeploy.photos.invert import encode_faces, photo_faces
 from conftest import assert_refused, rel_l2
 
 FIVE_POINTS = synthetic_files.FIVE_POINTS  # the first photo's face
@@ -246,3 +249,58 @@ def test_the_total_counts_the_alignment_and_encoding_run_before_the_edit(tmp_pat
         summary = edit_to_directory(backend, job, staged, prior_timings={"align": 30.0, "encoder": 20.0})
     assert summary["timings_s"]["align"] == 30.0 and summary["timings_s"]["encoder"] == 20.0
     assert 50.0 < summary["total_s"] < 50.0 + 10.0
+
+
+class RecordingEncoder:
+    """A stand-in for e4e that remembers how many photos had been decoded when each batch came."""
+
+    def __init__(self, decoded: list[Path]) -> None:
+        self.decoded = decoded
+        self.seen: list[int] = []
+
+    def encode(self, images: np.ndarray) -> np.ndarray:
+        self.seen.append(len(self.decoded))
+        return images.mean(axis=(2, 3))[:, None, :]
+
+
+def test_photos_are_decoded_per_batch_not_all_before_the_first(tmp_path):
+    """Memory follows --batch-size: each batch's photos are decoded as it is taken, a damaged photo late in the
+    list stops the run after the batches before it, and an aligned photo is kept at the encoder's size."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for index in range(5):
+        Image.new("RGB", (600, 500), (40 * index, 90, 200)).save(folder / f"{index}.png")
+    (folder / "5.png").write_bytes((folder / "0.png").read_bytes()[:200])  # cut short
+    decoded: list[Path] = []
+    encoder = RecordingEncoder(decoded)
+    found = photo_faces([folder], aligned=True, on_photo=decoded.append)
+    assert decoded == []
+    with pytest.raises(CfdeployError, match=rf"^{re.escape(str(folder / '5.png'))}: "):
+        encode_faces(encoder, found, 2)
+    assert encoder.seen == [2, 4] and len(found.crops) == 5
+    assert {crop.image.size for crop in found.crops} == {(256, 256)}
+
+
+def test_a_loop_of_symbolic_links_as_a_photo_is_refused_in_one_line(cli, tmp_path, photos):
+    _, landmarks = photos
+    loop = tmp_path / "loop.jpg"
+    loop.symlink_to(loop)
+    encoder = tmp_path / "e4e.pt"
+    encoder.write_bytes(b"never loaded")
+    out = tmp_path / "codes"
+    result = cli("invert", loop, "--encoder", encoder, "--landmarks", landmarks, "--out", out)
+    assert_refused(result, out, f"{loop}: cannot be read")
+
+
+def test_a_face_outside_its_photo_is_skipped_as_no_face(cli, tmp_path, photos, e4e_64):
+    folder, _ = photos
+    landmarks = tmp_path / "points.json"
+    landmarks.write_text(json.dumps([FIVE_POINTS, [[x + 1e6, y] for x, y in FIVE_POINTS]]))
+    out = tmp_path / "codes"
+    reason = f"{folder / 'b.png'}: no face inside the 320x300 photo (the landmarks of 1 face(s) lie outside it)"
+    assert_refused(cli("invert", folder, "--encoder", e4e_64, "--landmarks", landmarks, "--out", out), out, reason)
+    result = cli("invert", folder, "--encoder", e4e_64, "--landmarks", landmarks, "--out", out, "--skip-missing")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads((out / "index.json").read_text())["skipped"] == [
+        {"source": str(folder / "b.png"), "reason": reason}
+    ]

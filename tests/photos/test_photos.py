@@ -598,10 +598,10 @@ def test_landmarks_in_another_format_are_refused(tmp_path):
 
 def test_the_largest_face_is_kept_unless_all_are_asked_for():
     small, large = (Face.from_points(synthetic_landmarks((50, 50), size)) for size in (10.0, 30.0))
-    assert select_faces([small, large, small], "group.jpg") == [large]
-    assert select_faces([small, large], "group.jpg", all_faces=True) == [small, large]
+    assert select_faces([small, large, small], "group.jpg", size=(100, 100)) == [large]
+    assert select_faces([small, large], "group.jpg", all_faces=True, size=(100, 100)) == [small, large]
     with pytest.raises(NoFaceFound, match=r"^group.jpg: no face found$"):
-        select_faces([], "group.jpg")
+        select_faces([], "group.jpg", size=(100, 100))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -664,7 +664,7 @@ def test_dlib_finds_every_face_keeps_the_largest_and_the_crop_follows(predictor_
     faces = DlibLandmarks(predictor_files[68]).faces(photo)
     assert len(faces) == 2
     assert all(face.points.shape == (68, 2) for face in faces)
-    largest = select_faces(faces, "group.jpg")[0]
+    largest = select_faces(faces, "group.jpg", size=photo.size)[0]
     assert largest.box[0] > 150 and largest.area == max(face.area for face in faces)
     aligned = align_face(photo, largest.points)
     assert aligned.image.size == (256, 256)
@@ -675,7 +675,7 @@ def test_dlib_finding_no_face_is_a_no_face_error(predictor_files):
     faces = DlibLandmarks(predictor_files[68]).faces(Image.new("RGB", (120, 90), (128, 128, 128)))
     assert faces == []
     with pytest.raises(NoFaceFound, match=r"^blank.jpg: no face found$"):
-        select_faces(faces, "blank.jpg")
+        select_faces(faces, "blank.jpg", size=(120, 90))
 
 
 def test_dlib_models_that_cannot_serve_are_refused(tmp_path, predictor_files):
@@ -703,3 +703,44 @@ def test_without_dlib_the_photos_extra_is_named(monkeypatch, tmp_path):
         DlibLandmarks(tmp_path / "shape_predictor_68_face_landmarks.dat")
     assert str(error.value) == str(missing_extra("dlib", "--landmarks-model"))
     assert str(error.value) == '--landmarks-model needs dlib, which this install lacks: pip install "cfdeploy[photos]"'
+
+
+def test_faces_outside_the_photo_are_not_faces_and_stray_points_are_refused():
+    """At least half a face's points must lie in the photo; a counted face may not reach beyond one photo size."""
+    inside, outside = (Face.from_points(synthetic_landmarks(centre, 40.0)) for centre in ((100, 80), (1100, 80)))
+    assert select_faces([outside, inside], "p.jpg", all_faces=True, size=(200, 160)) == [inside]
+    at_the_edge = Face.from_points(synthetic_landmarks((195, 80), 40.0))  # its right half is beyond the photo
+    assert select_faces([at_the_edge], "p.jpg", size=(200, 160)) == [at_the_edge]
+    for far in (1e6, 1e300):
+        with pytest.raises(NoFaceFound) as missing:
+            select_faces([Face.from_points(synthetic_landmarks((100, 80), 40.0) + far)], "p.jpg", size=(200, 160))
+        assert (
+            str(missing.value) == "p.jpg: no face inside the 200x160 photo (the landmarks of 1 face(s) lie outside it)"
+        )
+    stray = synthetic_landmarks((100, 80), 40.0)
+    stray[0] = [1e300, 80]  # a jaw point: the alignment does not use it, the face's box would span 1e300
+    with pytest.raises(CfdeployError) as refused:
+        select_faces([Face.from_points(stray)], "p.jpg", size=(200, 160))
+    assert str(refused.value).startswith("p.jpg: a face's landmarks reach far outside the 200x160 photo (x ")
+
+
+def test_landmarks_beyond_float64_are_refused_where_they_are_parsed(tmp_path):
+    face = synthetic_landmarks((100, 80), 40.0).tolist()
+    face[3][0] = int("9" * 401)
+    path = tmp_path / "landmarks.json"
+    path.write_text(json.dumps([face]))
+    with pytest.raises(CfdeployError) as refused:
+        read_landmarks(path, PHOTOS[:1])
+    found = "[" + "9" * 36 + "..."  # the pair as JSON, cut to 40 characters
+    assert str(refused.value) == f"{path}: entry 0 (one.jpg): expected [x, y] number pairs, found {found}"
+
+
+def test_a_dlib_model_declaring_a_matrix_beyond_memory_is_refused_naming_it(tmp_path):
+    """dlib's format: a version, then the initial shape's rows and columns; 2^40 rows allocate before any value."""
+    bomb = tmp_path / "shape_predictor_68_face_landmarks.dat"
+    bomb.write_bytes(bytes([0x01, 0x01, 0x86, 0, 0, 0, 0, 0, 0x01, 0x81, 0x01]) + bytes(64))
+    with pytest.raises(CfdeployError) as refused:
+        DlibLandmarks(bomb)
+    assert str(refused.value) == (
+        f"{bomb}: not a dlib shape predictor (its header declares a matrix larger than memory)"
+    )

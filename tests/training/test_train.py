@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import gc
 import json
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -539,3 +541,123 @@ def test_help_keeps_the_id_lambda_default_and_the_new_options(cli):
     assert result.exit_code == 0
     text = " ".join(result.stdout.split())
     assert "[default: 0.2 with" in text and "--init-from" in text and "--text-embedding" in text
+
+
+def light_settings(steps: int) -> TrainSettings:
+    """Settings without CLIP-NCE or identity: a step takes the generator alone (what resumption is about)."""
+    return TrainSettings(PROMPT, steps=steps, save_every=1, val_every=1, seed=6, nce_lambda=0, id_lambda=0)
+
+
+def light_inputs(run_files: dict[str, Path], embedding: Path, **changed: Path) -> TrainInputs:
+    files = {"generator": run_files["generator"], "latents": run_files["latents"], "text_embedding": embedding}
+    return TrainInputs(clip_weights=None, **{**files, **changed})
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory: pytest.TempPathFactory, run_files, embedding_file) -> Path:
+    """A run saved after its first step: the state the resumption tests damage, each in its own copy."""
+    out = tmp_path_factory.mktemp("saved") / "run"
+    train(light_settings(1), light_inputs(run_files, embedding_file), out)
+    return out
+
+
+def copied_run(saved_run: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "run"
+    shutil.copytree(saved_run, out)
+    return out
+
+
+def resume_refused(run: Path, inputs: TrainInputs) -> str:
+    """The one-line refusal of resuming ``run``; nothing after step 1 may be written."""
+    before = {path.name: path.read_bytes() for path in run.iterdir() if path.is_file()}
+    with pytest.raises(CfdeployError) as refused:
+        train(light_settings(3), inputs, run, resume=True)
+    assert "\n" not in str(refused.value)
+    assert {path.name: path.read_bytes() for path in run.iterdir() if path.is_file()} == before
+    return str(refused.value)
+
+
+def _reshaped(state: dict) -> None:
+    state["mapper"]["fc.weight"] = state["mapper"]["fc.weight"][:, :-1].clone()
+
+
+def _nan_moment(state: dict) -> None:
+    state["optimizer"]["state"][0]["exp_avg"][0] = float("nan")
+
+
+def _half_counter(state: dict) -> None:
+    state["optimizer"]["state"][1]["step"] = 0.5
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda state: state["text_mapper"].popitem(), "damaged training state: 'text_mapper': no "),
+        (_reshaped, "damaged training state: 'mapper': 'fc.weight' is torch.float32 [512, 1023], expected"),
+        (lambda state: state.update(step=1.5), "damaged training state: 'step' is 1.5, not a step number"),
+        (lambda state: state.update(step="1"), "damaged training state: 'step' is '1', not a step number"),
+        (lambda state: state.update(step=10**30), f"the run is at step {10**30}, beyond --steps 3"),
+        (_nan_moment, "damaged training state: optimiser: parameter 0 exp_avg holds NaN or infinite values"),
+        (_half_counter, "damaged training state: optimiser: parameter 1 step must be an integer from 0 to the run's"),
+        (
+            lambda state: state.update(best_validation=float("inf")),
+            "'best_validation' must be a finite number, found inf",
+        ),
+        (
+            lambda state: state["optimizer"]["param_groups"][0].update(lr=float("nan")),
+            "optimiser: lr is nan, the run's settings give 0.5",
+        ),
+    ],
+    ids=[
+        "missing",
+        "shape",
+        "float-step",
+        "text-step",
+        "huge-step",
+        "nan-moment",
+        "half-counter",
+        "inf-best",
+        "nan-lr",
+    ],
+)
+def test_a_state_that_does_not_fit_the_model_is_refused_before_any_step(
+    run_files, embedding_file, saved_run, tmp_path, damage, message
+):
+    run = copied_run(saved_run, tmp_path)
+    state_path = run / "training_state.pt"
+    state = torch.load(state_path, weights_only=True)
+    damage(state)
+    torch.save(state, state_path)
+    refusal = resume_refused(run, light_inputs(run_files, embedding_file))
+    assert refusal.startswith(f"{state_path}: ") and message in refusal, refusal
+
+
+def test_resuming_with_other_input_files_is_refused_naming_the_file(
+    run_files, embedding_file, init_files, saved_run, tmp_path
+):
+    run = copied_run(saved_run, tmp_path)
+    other_latents = tmp_path / "other.npy"
+    np.save(other_latents, np.load(run_files["latents"])[::-1].copy())
+    refusal = resume_refused(run, light_inputs(run_files, embedding_file, latents=other_latents))
+    assert refusal.startswith(f"{other_latents}: not the --latents file the run was trained on (sha256 ")
+    refusal = resume_refused(run, light_inputs(run_files, embedding_file, generator=init_files["init"]))
+    assert refusal.startswith(f"{init_files['init']}: not the --generator file the run was trained on")
+    refusal = resume_refused(run, light_inputs(run_files, embedding_file, test_latents=run_files["test"]))
+    assert refusal == f"{run_files['test']}: the run was trained without --test-latents; resume without it"
+    train(light_settings(2), light_inputs(run_files, embedding_file), run, resume=True)  # its own files resume
+    assert (run / "iteration_2.pt").is_file()
+
+
+def test_a_metrics_file_cut_mid_line_is_repaired_with_a_warning(run_files, embedding_file, saved_run, tmp_path):
+    run = copied_run(saved_run, tmp_path)
+    metrics = run / "metrics.jsonl"
+    whole = metrics.read_text()
+    metrics.write_text(whole + '{"step": 2, "loss": 0.12')  # the killed run was writing step 2's record
+    warnings: list[str] = []
+    train(light_settings(2), light_inputs(run_files, embedding_file), run, resume=True, on_warning=warnings.append)
+    assert warnings == [f'{metrics}: dropped line 3, cut short when the run stopped ({{"step": 2, "loss": 0.12)']
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [record["step"] for record in records] == [1, 1, 2, 2] and metrics.read_text().startswith(whole)
+    metrics.write_text(whole.replace("\n", "\n{oops\n", 1))
+    with pytest.raises(CfdeployError, match=rf"^{re.escape(str(metrics))}: line 2 is not a metrics record"):
+        train(light_settings(3), light_inputs(run_files, embedding_file), run, resume=True)

@@ -35,6 +35,7 @@ SPELLINGS = {
     "threads": ("--threads", None),
     "no_session_cache": ("--no-session-cache", None),
     "identity_weights": ("--identity-weights", None),
+    "verbose": ("--verbose", None),
 }
 # old spellings: hidden aliases that warn, never shown
 RETIRED = ("--prompt", "--target", "--samples", "-p", "--id-weights")

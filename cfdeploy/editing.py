@@ -294,10 +294,15 @@ def prompt_mismatch(backend: EditBackend, prompt: str | None) -> str | None:
 
 
 def text_branch(
-    backend: EditBackend, prompt: str | None, text_features: np.ndarray | None, timer: StageTimer
+    backend: EditBackend,
+    prompt: str | None,
+    text_features: np.ndarray | None,
+    timer: StageTimer,
+    tokens: np.ndarray | None = None,
 ) -> np.ndarray:
     """A prompt's text latents ``[1, n, 512]`` from the backend's cache or CLIP and the text mapper (cached after),
-    or text features' ``[1 | N, n, 512]`` through the text mapper."""
+    or text features' ``[1 | N, n, 512]`` through the text mapper. ``tokens``: the prompt's, tokenised already
+    (a server does it off the thread its networks run on)."""
     cache = backend.text_cache
     if prompt is not None and cache is not None:
         with timer.stage("text_cache"):
@@ -306,8 +311,9 @@ def text_branch(
             return cached
     features = text_features
     if prompt is not None:
-        with timer.stage("tokenize"):
-            tokens = backend.tokenize([prompt])
+        if tokens is None:
+            with timer.stage("tokenize"):
+                tokens = backend.tokenize([prompt])
         with timer.stage("clip_text"):
             features = backend.text_features(tokens)
     assert features is not None

@@ -143,8 +143,8 @@ def save_torchscript_archive(state: dict[str, torch.Tensor], path: Path) -> None
             module.register_parameter(leaf, nn.Parameter(value, requires_grad=False))
         else:
             module.register_buffer(leaf, value)
-    for name, value in (("input_resolution", 224), ("context_length", 77), ("vocab_size", 49408)):
-        root.register_buffer(name, torch.tensor(value))
+    for name, number in (("input_resolution", 224), ("context_length", 77), ("vocab_size", 49408)):
+        root.register_buffer(name, torch.tensor(number))
     torch.jit.save(torch.jit.script(root), str(path))
 
 
@@ -216,6 +216,7 @@ def arcface_state(seed: int) -> dict[str, torch.Tensor]:
     with torch.no_grad():
         for module in arcface.modules():
             if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                assert module.running_mean is not None and module.running_var is not None  # tracked in ArcFace
                 module.running_mean.uniform_(-0.1, 0.1)
                 module.running_var.uniform_(0.8, 1.2)
     return arcface.state_dict()
@@ -233,7 +234,7 @@ def write_photos(folder: Path, landmarks: Path, seed: int = 3) -> None:
     rng = np.random.default_rng(seed)
     for name in PHOTO_NAMES:
         coarse = Image.fromarray(rng.integers(0, 255, (30, 32, 3), np.uint8))
-        Image.fromarray(np.asarray(coarse.resize((320, 300), Image.BICUBIC))).save(folder / name)
+        Image.fromarray(np.asarray(coarse.resize((320, 300), Image.Resampling.BICUBIC))).save(folder / name)
     landmarks.write_text(json.dumps([FIVE_POINTS, [[x + 6, y - 4] for x, y in FIVE_POINTS]]))
 
 

@@ -18,6 +18,8 @@ from pathlib import Path
 
 MARKER = "CFDEPLOY_RAY_OWNER"
 GRACE_S = 2.0  # SIGTERM first, for what is still shutting down; SIGKILL after this
+QUIET_S = 1.0
+LIMIT_S = 8.0
 
 
 def marked(token: str) -> list[int]:
@@ -35,17 +37,20 @@ def marked(token: str) -> list[int]:
 
 
 def end_marked(token: str) -> None:
-    """SIGTERM every marked process, then SIGKILL those left after :data:`GRACE_S`."""
-    deadline = time.monotonic() + GRACE_S
-    for sent in (signal.SIGTERM, signal.SIGKILL):
-        for pid in marked(token):
+    """SIGTERM the marked processes, SIGKILL those still there after :data:`GRACE_S`, and keep looking until none
+    has been seen for :data:`QUIET_S` (a dying raylet may still be starting an agent), :data:`LIMIT_S` at most."""
+    started = last_seen = time.monotonic()
+    while (now := time.monotonic()) - started < LIMIT_S:
+        found = marked(token)
+        if found:
+            last_seen = now
+        elif now - last_seen >= QUIET_S:
+            return
+        for pid in found:
             try:
-                os.kill(pid, sent)
+                os.kill(pid, signal.SIGTERM if now - started < GRACE_S else signal.SIGKILL)
             except OSError:
                 continue
-        while marked(token) and time.monotonic() < deadline:
-            time.sleep(0.1)
-    while marked(token) and time.monotonic() < deadline + GRACE_S:  # killed ones the kernel has yet to reap
         time.sleep(0.1)
 
 

@@ -147,7 +147,12 @@ class BundleEditor:
         """Edit one request's codes; bad input the router could not see (a prompt over 77 tokens) is returned, not raised."""
         started = time.perf_counter()
         try:
-            w_hat, timings, faces = await self._call(self._edit_latents, request)
+            # Byte-pair merging is Python work of up to a second for a long prompt: off the one backend thread, so
+            # other requests' networks run meanwhile.
+            tokens, tokenize_s = await asyncio.to_thread(self._tokenize, request.prompt)
+            w_hat, timings, faces = await self._call(self._edit_latents, request, tokens)
+            if tokens is not None:
+                timings["tokenize"] = tokenize_s
         except NoFaceFound as error:
             return RequestError(str(error), 422)
         except RequestError as error:
@@ -185,7 +190,14 @@ class BundleEditor:
         timings["total"] = time.perf_counter() - started
         return EditReply(pngs, w_hat, batches, {k: round(v, 6) for k, v in timings.items()})
 
-    def _edit_latents(self, request: EditRequest) -> tuple[np.ndarray, dict[str, float], PhotoFaces | None]:
+    def _tokenize(self, prompt: str | None) -> tuple[np.ndarray | None, float]:
+        started = time.perf_counter()
+        tokens = None if prompt is None else self.backend.tokenize([prompt])
+        return tokens, time.perf_counter() - started
+
+    def _edit_latents(
+        self, request: EditRequest, tokens: np.ndarray | None
+    ) -> tuple[np.ndarray, dict[str, float], PhotoFaces | None]:
         timer = StageTimer()
         backend = self.backend
         faces = None
@@ -202,7 +214,7 @@ class BundleEditor:
         else:
             assert request.seed is not None
             w = sample_codes(backend, request.seed, request.num, request.truncation)
-        text_latents = text_branch(backend, request.prompt, request.text_features, timer)  # the bundle's prompt cache
+        text_latents = text_branch(backend, request.prompt, request.text_features, timer, tokens)  # its prompt cache
         with timer.stage("latent_editor"):
             w_hat = edit_codes(backend, w, text_latents, request.strength)
         return w_hat, dict(timer.seconds), faces

@@ -11,7 +11,14 @@ import onnxruntime
 import pytest
 import torch
 
-from conftest import TOLERANCE, checkpoint_with_generator_of, official_edit, official_w_hat, rel_l2
+from conftest import (
+    TOLERANCE,
+    checkpoint_with_generator_of,
+    messages,
+    official_edit,
+    official_w_hat,
+    rel_l2,
+)
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible to torch")
 needs_tensorrt = pytest.mark.skipif(
@@ -171,7 +178,7 @@ def test_tensorrt_paths_say_tensorrt_is_missing(
         ["dac", "edit", "--bundle", dac_bundle, "--backend", "tensorrt", "-o", tmp_path / "out"],
     ):
         result = cli(*args)
-        assert result.exit_code == 2 and result.stderr.strip().count("\n") == 0 and message in result.stderr, (
+        assert result.exit_code == 2 and messages(result.stderr).count("\n") == 0 and message in result.stderr, (
             result.stderr
         )
     assert (

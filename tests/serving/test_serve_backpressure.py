@@ -6,13 +6,17 @@ however fast the machine drains requests.
 
 from __future__ import annotations
 
+import asyncio
+import re
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 from cfdeploy.client import Client, ServerError
-from cfdeploy.serving.server import Server, ServeSettings
+from cfdeploy.serving.protocol import EditRequest, RequestError
+from cfdeploy.serving.server import BundleEditor, Server, ServeSettings
 from conftest import free_port, own_ray, ray_is_connected
 
 PROMPT = "green lipstick"  # precomputed in bundle_256
@@ -42,3 +46,30 @@ def test_flooding_past_max_ongoing_gets_503_and_the_server_keeps_answering(bundl
             assert set(statuses) == {200, 503}, statuses  # how many are taken depends on Ray's routing; some always are
             assert len(client.edit(prompt=PROMPT, latents=w).images) == 1
         our_ray.assert_none_left()
+
+
+def test_a_long_prompt_is_refused_while_another_request_holds_the_backend_thread(bundle_256: Path) -> None:
+    """Byte-pair merging runs off the replica's one backend thread: a prompt of 1,999 letters is refused while that
+    thread is busy with another request's networks, instead of queueing behind them and then holding them up."""
+    editor = BundleEditor(str(bundle_256), "onnxruntime", {}, max_batch=1, batch_wait_s=0.0)
+    busy = threading.Event()
+    editor.runner.submit(busy.wait)
+    request = EditRequest(
+        bundle=bundle_256.name,
+        prompt="a" * 1999,
+        text_features=None,
+        latents=np.zeros((1, 14, 512), np.float32),
+        seed=None,
+        num=1,
+        truncation=1.0,
+        image=None,
+        strength=1.0,
+        returns="npy",
+    )
+    try:
+        reply = asyncio.run(asyncio.wait_for(editor.edit(request), timeout=20))
+    finally:
+        busy.set()
+        editor.runner.shutdown()
+    assert isinstance(reply, RequestError) and reply.status == 400
+    assert re.fullmatch(r"prompt 'a+'… is \d+ tokens; CLIP reads at most 77", str(reply)), str(reply)

@@ -19,7 +19,7 @@ from pathlib import Path
 MARKER = "CFDEPLOY_RAY_OWNER"
 GRACE_S = 2.0  # SIGTERM first, for what is still shutting down; SIGKILL after this
 QUIET_S = 1.0
-LIMIT_S = 8.0
+LIMIT_S = 20.0  # a killed process can take seconds to go on a machine short of memory
 
 
 def marked(token: str) -> list[int]:

@@ -155,11 +155,11 @@ def photo_to_png(backend: Any, photo: Path, points: Path, features: np.ndarray, 
     """What `cfdeploy edit --images` runs once its backend is open: align, encode, edit, write; edit.json's content."""
     from cfdeploy.editing import EditJob, StageTimer, edit_to_directory
     from cfdeploy.outputs import StagedDirectory
-    from cfdeploy.photos.invert import encode_faces, find_faces
+    from cfdeploy.photos.invert import encode_faces, photo_faces
 
     timer = StageTimer()
     with timer.stage("align"):
-        found = find_faces([photo], landmarks=points)
+        found = photo_faces([photo], landmarks=points).complete()
     with timer.stage("encoder"):
         codes = encode_faces(backend, found.crops, 1)
     with StagedDirectory(out, force=True) as staged:

@@ -129,13 +129,15 @@ def photo_codes(backend: Any, images: list[Path], faces: dict[str, Any], batch_s
     from cfdeploy.editing import StageTimer
     from cfdeploy.photos.invert import (
         encode_faces,
-        find_faces,
         generator_mismatch,
+        photo_faces,
     )
 
     timer = StageTimer()
     with phase("finding faces") as status, timer.stage("align"):
-        found = find_faces(images, **faces, on_photo=lambda path: status.update(f"aligning {plain(path.name)}"))
+        found = photo_faces(
+            images, **faces, on_photo=lambda path: status.update(f"aligning {plain(path.name)}")
+        ).complete()
     with phase(f"encoding {len(found.crops)} face(s)"), timer.stage("encoder"):
         codes = encode_faces(backend, found.crops, batch_size)
     notes = [f"skipped {skipped['source']}: {skipped['reason']}" for skipped in found.skipped]

@@ -127,28 +127,6 @@ def photo_faces(
     return Photos(paths, faces_of, skip_missing)
 
 
-def find_faces(
-    arguments: Sequence[Path],
-    *,
-    aligned: bool = False,
-    landmarks: Path | None = None,
-    landmarks_model: Path | None = None,
-    all_faces: bool = False,
-    skip_missing: bool = False,
-    on_photo: Callable[[Path], None] = lambda path: None,
-) -> Photos:
-    """:func:`photo_faces` with every photo's faces found before it returns."""
-    return photo_faces(
-        arguments,
-        aligned=aligned,
-        landmarks=landmarks,
-        landmarks_model=landmarks_model,
-        all_faces=all_faces,
-        skip_missing=skip_missing,
-        on_photo=on_photo,
-    ).complete()
-
-
 def align_faces(photo: Image.Image, faces: Sequence[Face], path: Path) -> list[FaceCrop]:
     """Each face of ``photo`` (RGB, read from ``path``) aligned as e4e was trained, with what pastes it back."""
     crops = []

@@ -21,7 +21,7 @@ from torch import nn
 from cfdeploy.errors import CfdeployError
 from cfdeploy.files import memory_guard, require_file
 from cfdeploy.models.arcface import ArcFace
-from cfdeploy.models.clip_text import ClipText, build_clip, is_text_tower_key
+from cfdeploy.models.clip_text import ClipText, build_clip_for_weights, is_text_tower_key
 from cfdeploy.models.e4e import MIDDLE_LEVELS, STYLE_DIM, E4EEncoder, Encoder4Editing
 from cfdeploy.models.mappers import FullTextMapper, LevelsMapper, MapperConfig
 from cfdeploy.models.stylegan2 import Generator, GeneratorConfig
@@ -264,7 +264,7 @@ def load_clip(path: Path) -> ClipText:
     visual tower if the file has one (refinement needs it), as float32."""
     state = read_clip_state(path)
     require_finite_weights(state, path)
-    model = build_clip()
+    model = build_clip_for_weights()
     expected = model.state_dict()
     text_state = {key: value for key, value in state.items() if is_text_tower_key(key)}
     check_keys({key: value for key, value in expected.items() if is_text_tower_key(key)}, text_state, path)

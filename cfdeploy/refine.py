@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from cfdeploy.errors import CfdeployError
-from cfdeploy.models.clip_text import ClipText
+from cfdeploy.models.clip_text import ClipText, encode_text_to_last_end
 from cfdeploy.models.mappers import LEVEL_GROUPS
 from cfdeploy.models.stylegan2 import Generator
 from cfdeploy.tokenizer import ClipTokenizer
@@ -103,7 +103,7 @@ class ClipNCELoss(nn.Module):
     def template_features(self, text: str, tokenizer: ClipTokenizer) -> torch.Tensor:
         tokens = torch.from_numpy(tokenizer([template.format(text) for template in nce_templates()]))
         device = next(self.clip.parameters()).device
-        return F.normalize(self.clip.encode_text(tokens.to(device)).float(), dim=-1)
+        return F.normalize(encode_text_to_last_end(self.clip, tokens.to(device)).float(), dim=-1)
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         """Generator output in [-1, 1] → CLIP's preprocessing on tensors → L2-normalised features."""

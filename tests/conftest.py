@@ -116,7 +116,8 @@ def official_w_hat(checkpoint: Path, w: np.ndarray, text_features: np.ndarray) -
 
 
 @functools.lru_cache(maxsize=1)
-def _open_clip_model(seed: int):
+def open_clip_model(seed: int = CLIP_SEED):
+    """open_clip's CLIP ViT-B/32 built by open_clip's API, holding the session's CLIP weights (memoised)."""
     import open_clip
 
     from cfdeploy.models.clip_text import CLIP_ARCHITECTURE
@@ -131,7 +132,7 @@ def open_clip_features(prompts: list[str], seed: int = CLIP_SEED) -> np.ndarray:
     import open_clip
 
     with torch.no_grad():
-        return _open_clip_model(seed).encode_text(open_clip.tokenize(prompts)).numpy()
+        return open_clip_model(seed).encode_text(open_clip.tokenize(prompts)).numpy()
 
 
 # What a command prints on stderr outside a terminal as it works: a phase done with its time, or work counted.

@@ -56,9 +56,40 @@ class ClipText(nn.Module):
         return cls(build_clip(), has_visual_weights=False).eval()
 
 
+def encode_text_to_last_end(clip: CLIP, tokens: torch.Tensor) -> torch.Tensor:
+    """``clip.encode_text(tokens)`` without the padding after the last end-of-text token. CLIP's causal mask lets a
+    position see only those before it and the features are read at each prompt's end-of-text token, so what follows
+    it changes nothing: the same features in a fraction of the time for short prompts (CLIP-NCE's 79 templates
+    are about 13 of the 77 tokens)."""
+    if clip.text_pool_type != "argmax" or not isinstance(clip.text_projection, nn.Parameter):
+        raise ValueError(f"{CLIP_ARCHITECTURE} reads features at the end-of-text token through a projection matrix")
+    ends = tokens.argmax(dim=-1)
+    length = int(ends.max()) + 1
+    cast_dtype = clip.transformer.get_cast_dtype()
+    x = clip.token_embedding(tokens[:, :length]).to(cast_dtype) + clip.positional_embedding[:length].to(cast_dtype)
+    x = clip.ln_final(clip.transformer(x, attn_mask=clip.attn_mask[:length, :length]))
+    return x[torch.arange(len(x), device=x.device), ends] @ clip.text_projection
+
+
 def build_clip() -> CLIP:
     """open_clip's CLIP ViT-B/32 (QuickGELU) with its own random initialisation."""
     import open_clip
 
     with _quiet_open_clip():
         return open_clip.create_model(CLIP_ARCHITECTURE, pretrained=None)
+
+
+def build_clip_for_weights() -> CLIP:
+    """open_clip's CLIP ViT-B/32 (QuickGELU) with every weight zero, for a state dict to be loaded into: built on
+    the meta device, so the 151 M parameters a load overwrites are never randomly initialised (a second or more)."""
+    import open_clip
+
+    with _quiet_open_clip(), torch.device("meta"):
+        model = open_clip.create_model(CLIP_ARCHITECTURE, pretrained=None, device="meta")
+    model = model.to_empty(device="cpu")
+    for tensor in model.state_dict().values():
+        tensor.zero_()
+    # The one buffer no state dict holds: the text tower's causal mask, -inf above the diagonal as open_clip builds it.
+    positions = model.positional_embedding.shape[0]
+    model.attn_mask = torch.full((positions, positions), float("-inf")).triu_(1)
+    return model

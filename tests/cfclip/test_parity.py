@@ -11,8 +11,17 @@ import pytest
 import torch
 
 from cfdeploy.models import reference
-from cfdeploy.models.clip_text import CLIP_ARCHITECTURE
-from conftest import CLIP_SEED, TOLERANCE, official_edit, official_w_hat, open_clip_features, rel_l2
+from cfdeploy.models.clip_text import CLIP_ARCHITECTURE, encode_text_to_last_end
+from conftest import (
+    CLIP_SEED,
+    TOKENIZER_PROMPTS,
+    TOLERANCE,
+    official_edit,
+    official_w_hat,
+    open_clip_features,
+    open_clip_model,
+    rel_l2,
+)
 from synthetic_files import clip_text_state
 
 PROMPTS = ["A Photo of a DOG!!", "green   lipstick", "rock &amp; roll, baby.", "Hello,World?  sunglasses\n"]
@@ -208,6 +217,20 @@ def test_embed_reproduces_open_clip_features(request, tmp_path, cli, weights_fix
     expected = open_clip_features(PROMPTS)
     for row in range(len(PROMPTS)):
         assert rel_l2(got[row], expected[row]) <= TOLERANCE
+
+
+def test_template_features_skip_the_padding_after_the_last_end_token_and_equal_open_clips():
+    """CF-CLIP's templates run through CLIP up to their longest prompt's end-of-text token, not all 77 positions."""
+    prompts = [*TOKENIZER_PROMPTS[:4], "word " * 75]  # short prompts beside one of 77 tokens: nothing to cut
+    tokens = open_clip.tokenize(prompts)
+    model = open_clip_model(CLIP_SEED)
+    with torch.no_grad():
+        for rows in (slice(0, 4), slice(0, 5)):
+            got = encode_text_to_last_end(model, tokens[rows])
+            expected = open_clip_features(prompts[rows])
+            assert got.shape == (len(expected), 512)
+            for row in range(len(expected)):
+                assert rel_l2(got[row], expected[row]) <= 1e-6
 
 
 @pytest.fixture(scope="session")

@@ -191,12 +191,12 @@ def metric_lines(path: Path) -> list[dict]:
     ]
 
 
-def test_a_resumed_run_equals_the_uninterrupted_one(run_files, tmp_path):
+def test_a_resumed_run_equals_the_uninterrupted_one(run_files, embedding_file, tmp_path):
     def settings(steps: int) -> TrainSettings:
         # the state a resumption restores is the mappers' and the optimiser's: the loss terms' models add only time
         return TrainSettings(PROMPT, steps=steps, val_every=1, save_every=1, seed=9, nce_lambda=0, id_lambda=0)
 
-    inputs = inputs_of(run_files, identity=False)
+    inputs = light_inputs(run_files, embedding_file, test_latents=run_files["test"])
     train(settings(2), inputs, tmp_path / "whole")
     train(settings(1), inputs, tmp_path / "parts")
     with (tmp_path / "parts" / "metrics.jsonl").open("a") as metrics:
@@ -549,6 +549,7 @@ def light_settings(steps: int) -> TrainSettings:
 
 
 def light_inputs(run_files: dict[str, Path], embedding: Path, **changed: Path) -> TrainInputs:
+    """The generator, codes and the prompt's text features: a run that loads no CLIP."""
     files = {"generator": run_files["generator"], "latents": run_files["latents"], "text_embedding": embedding}
     return TrainInputs(clip_weights=None, **{**files, **changed})
 

@@ -498,6 +498,17 @@ def bundle_256(shared: Path, cfclip_256: Path, clip_state_dict_file: Path) -> Pa
 
 
 @pytest.fixture(scope="session")
+def bundle_64_without_clip(shared: Path, cfclip_64: Path) -> Path:
+    """``cfclip_64`` exported through the CLI ``--without-clip`` and with no prompt: it edits with text embeddings."""
+
+    def export(out: Path) -> None:
+        result = run_cli("export", "-c", cfclip_64, "--without-clip", "-o", out)
+        assert result.exit_code == 0, result.stderr
+
+    return built_once(shared / "bundles" / "without_clip_64", export)
+
+
+@pytest.fixture(scope="session")
 def e4e_64(files: Path) -> Path:
     """An e4e checkpoint for the 64 px generator: the official encoder with 10 style blocks (what the official code
     builds for ``stylegan_size`` 64), its own generator, latent_avg; 600 MB."""

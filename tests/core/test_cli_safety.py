@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import synthetic_files
-from conftest import messages, run_cli
+from conftest import messages
 
 ESCAPES = "\x1b]8;;https://example.invalid\x1b\\link\x1b]8;;\x1b\\\x1b[31m[/bold][red]"
 
@@ -167,31 +167,22 @@ def test_export_asks_for_clip_weights_only_when_it_uses_them(cli, tmp_path, cfcl
     )
 
 
-@pytest.fixture(scope="module")
-def bundle_without_clip(tmp_path_factory, cfclip_64) -> Path:
-    """A 64 px bundle exported ``--without-clip`` and no prompt, through the CLI."""
-    out = tmp_path_factory.mktemp("without_clip") / "bundle"
-    result = run_cli("export", "-c", cfclip_64, "--without-clip", "-o", out)
-    assert result.exit_code == 0, result.stderr
-    return out
-
-
 def test_without_clip_and_no_prompt_exports_a_bundle_for_text_embeddings(
-    cli, tmp_path, bundle_without_clip, embedding_file
+    cli, tmp_path, bundle_64_without_clip, embedding_file
 ):
-    manifest = json.loads((bundle_without_clip / "manifest.json").read_text())
+    manifest = json.loads((bundle_64_without_clip / "manifest.json").read_text())
     assert manifest["source"]["clip_weights"] is None and manifest["prompts"] == {}
-    assert "clip_text" not in manifest["networks"] and not (bundle_without_clip / "clip_text.onnx").exists()
+    assert "clip_text" not in manifest["networks"] and not (bundle_64_without_clip / "clip_text.onnx").exists()
     out = tmp_path / "edits"
-    result = cli("edit", "--bundle", bundle_without_clip, "--seed", 1, "--text-embedding", embedding_file, "-o", out)
+    result = cli("edit", "--bundle", bundle_64_without_clip, "--seed", 1, "--text-embedding", embedding_file, "-o", out)
     assert result.exit_code == 0, result.stderr
 
 
-def test_a_bundle_without_clip_says_which_prompts_it_can_edit(cli, tmp_path, bundle_without_clip):
+def test_a_bundle_64_without_clip_says_which_prompts_it_can_edit(cli, tmp_path, bundle_64_without_clip):
     out = tmp_path / "out"
-    result = cli("edit", "--bundle", bundle_without_clip, "--text", "blue dog", "--seed", 1, "-o", out)
+    result = cli("edit", "--bundle", bundle_64_without_clip, "--text", "blue dog", "--seed", 1, "-o", out)
     assert result.exit_code == 2 and not out.exists()
     assert messages(result.stderr) == (
-        f"error: {bundle_without_clip}: exported --without-clip, so it edits only the prompts precomputed at export "
+        f"error: {bundle_64_without_clip}: exported --without-clip, so it edits only the prompts precomputed at export "
         "(none) or --text-embedding features"
     )

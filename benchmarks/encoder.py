@@ -20,10 +20,17 @@ takes minutes).
     library calls in one process whose sessions are loaded (a server's latency). Target: under 3 s.
 The photo is a synthetic 1024 px JPEG whose face sits at `cfdeploy.bench.CENTRED_FACE`; (c) times the
 alignment there and for a close-up whose crop leaves the photo (the blurred-padding path).
+(d) Cold start: a 2 MP JPEG (1600x1200, one face, found through --landmarks points.json) → the edited photo
+    (JPEG) in fresh `cfdeploy edit` processes, three modes in rotation for --e2e-runs rounds: the compiled-graph
+    cache empty (`$CFDEPLOY_CACHE_DIR` a fresh empty directory each round: the run that fills it), the cache
+    filled (a second process on the directory the first one filled) and no cache (`--no-session-cache`); wall
+    times, the stage split edit.json records, and its `runtime.session_cache` checked (misses, hits, off).
+    Target at 1024 px: the second process ≤ 4 s on 2 cores, the first no slower than without the cache.
 
 Run by hand (about 15 minutes on 2 cores, plus the export on the first run; --size 64 is a quick check):
 
     python benchmarks/encoder.py --cache /tmp/cfdeploy-encoder-bench
+    python benchmarks/encoder.py --cache /tmp/cfdeploy-encoder-bench --parts cold-start   # (d) alone
 """
 
 from __future__ import annotations
@@ -31,6 +38,8 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -43,7 +52,7 @@ from typing import Any
 
 import numpy as np
 
-from cfdeploy.bench import CENTRED_FACE, prepare_sources, synthetic_photo
+from cfdeploy.bench import CENTRED_FACE, PHOTO_SIZE, prepare_sources, synthetic_photo
 from cfdeploy.environment import machine_info
 
 RESULTS = Path(__file__).parent / "results"
@@ -59,6 +68,25 @@ COMPRESSIONS = (1, 6)
 CLOSE_UP_FACE = np.array([[384.0, 440.0], [640.0, 440.0], [512.0, 568.0], [410.0, 670.0], [614.0, 670.0]])
 E2E_STAGES = ("align", "encoder", "text_mapper", "latent_editor", "generator", "png")
 ENCODER_TARGET, E2E_TARGET_S = 1.5, 3.0
+# --parts: what each part is called on the command line, and its key in the JSON
+PARTS = {"encoder": "encoder", "e2e": "photo_to_png", "cold-start": "cold_start", "align": "align"}
+# the settings each part's figures depend on (a partial run must not change them under a part it keeps)
+PART_SETTINGS = {
+    "encoder": ("size", "batches", "runs", "warmup", "threads"),
+    "e2e": ("size", "e2e_runs"),
+    "align": ("runs",),
+    "cold-start": (),  # its settings and machine are recorded inside its own part
+}
+# (d): a 2 MP photo; the bench face scaled to the photo's height and centred across its width, so its alignment
+# square (938 px) lies inside the photo and is not shrunk: the same alignment path as at 1024 px.
+COLD_START_PHOTO = (1600, 1200)
+COLD_START_MODES = {
+    "cache_empty": "cache empty (first run, fills it)",
+    "cache_filled": "cache filled (a second process)",
+    "no_cache": "no cache (`--no-session-cache`)",
+}
+COLD_START_EXPECTED = {"cache_empty": "miss", "cache_filled": "hit", "no_cache": "off"}
+COLD_START_TARGET_SIZE, COLD_START_TARGET_S = 1024, 4.0
 
 
 @dataclass
@@ -262,6 +290,42 @@ def e2e_inputs(directory: Path) -> tuple[Path, Path, Path]:
     return photo, points, embedding
 
 
+def fresh_edit(
+    files: Files,
+    photo: Path,
+    points: Path,
+    embedding: Path,
+    out: Path,
+    options: list[str],
+    environment: dict[str, str] | None = None,
+) -> tuple[float, dict]:
+    """`cfdeploy edit --images photo` on the bundle in a fresh process: its wall time and its edit.json."""
+    command = [
+        sys.executable,
+        "-m",
+        "cfdeploy",
+        "edit",
+        "--bundle",
+        str(files.bundle),
+        "--images",
+        str(photo),
+        "--landmarks",
+        str(points),
+        "--text-embedding",
+        str(embedding),
+        "--out",
+        str(out),
+        "--force",
+        *options,
+    ]
+    started = time.perf_counter()
+    completed = subprocess.run(command, capture_output=True, text=True, env=environment)
+    seconds = time.perf_counter() - started
+    if completed.returncode != 0 or "warning" in completed.stderr.lower():
+        raise SystemExit(f"{' '.join(command)}\n{completed.stderr}")
+    return seconds, json.loads((out / "edit.json").read_text())
+
+
 def stage_split(summaries: list[dict]) -> dict:
     return {stage: statistics.median(s["timings_s"].get(stage, 0.0) for s in summaries) for stage in E2E_STAGES}
 
@@ -282,32 +346,9 @@ def measure_e2e(files: Files, onnxruntime: Contender, directory: Path, runs: int
     for _ in range(runs):
         for compression in COMPRESSIONS:
             out = directory / f"cold_{compression}"
-            command = [
-                sys.executable,
-                "-m",
-                "cfdeploy",
-                "edit",
-                "--bundle",
-                str(files.bundle),
-                "--images",
-                str(photo),
-                "--landmarks",
-                str(points),
-                "--text-embedding",
-                str(embedding),
-                "--out",
-                str(out),
-                "--force",
-                "--png-compression",
-                str(compression),
-            ]
-            started = time.perf_counter()
-            completed = subprocess.run(command, capture_output=True, text=True)
-            seconds = time.perf_counter() - started
-            if completed.returncode != 0 or "warning" in completed.stderr.lower():
-                raise SystemExit(f"{' '.join(command)}\n{completed.stderr}")
+            seconds, edited = fresh_edit(files, photo, points, embedding, out, ["--png-compression", str(compression)])
             print(f"photo → PNG, fresh `cfdeploy edit`, --png-compression {compression}: {seconds:.2f} s")
-            cold[compression].append((seconds, json.loads((out / "edit.json").read_text())))
+            cold[compression].append((seconds, edited))
     return {
         mode: {
             str(compression): {
@@ -317,6 +358,123 @@ def measure_e2e(files: Files, onnxruntime: Contender, directory: Path, runs: int
             for compression in COMPRESSIONS
         }
         for mode, measured in (("fresh_process", cold), ("warm_process", warm))
+    }
+
+
+def cold_start_inputs(directory: Path) -> tuple[Path, Path, Path, list[list[float]]]:
+    """The 2 MP JPEG (the synthetic scene at 1600 px, cropped to 1600x1200), its face's 5 points, a text embedding.
+
+    The face is the 1024 px photo's (CENTRED_FACE) scaled to the photo's height and centred across its width."""
+    width, height = COLD_START_PHOTO
+    scale = height / PHOTO_SIZE
+    top = (width - height) // 2
+    face = CENTRED_FACE * scale + [(width - PHOTO_SIZE * scale) / 2, 0.0]
+    photo, points, embedding = directory / "photo_2mp.jpg", directory / "points_2mp.json", directory / "t.npy"
+    synthetic_photo(0, width).crop((0, top, width, top + height)).save(photo, quality=90)
+    points.write_text(json.dumps([face.tolist()]))
+    np.save(embedding, np.random.default_rng(0).standard_normal(512).astype(np.float32))
+    return photo, points, embedding, face.tolist()
+
+
+def session_cache_outcomes(edited: dict) -> dict[str, str] | str | None:
+    """edit.json's ``runtime.session_cache``: network → hit, miss or refused; "off" without the cache."""
+    return (edited.get("runtime") or {}).get("session_cache")
+
+
+def check_cache_use(mode: str, round_label: str, edited: dict) -> None:
+    """Stop the run unless edit.json says the mode used the cache as it should: every network a miss (the cache
+    empty), a hit (the cache filled), or the cache off (--no-session-cache)."""
+    outcomes, expected = session_cache_outcomes(edited), COLD_START_EXPECTED[mode]
+    if expected == "off":
+        ok = outcomes == "off"
+    else:
+        ok = isinstance(outcomes, dict) and bool(outcomes) and set(outcomes.values()) == {expected}
+    if not ok:
+        wanted = "the cache off" if expected == "off" else f"every network a {expected}"
+        raise SystemExit(
+            f"cold start, {COLD_START_MODES[mode]}, {round_label}: edit.json's runtime.session_cache is "
+            f"{outcomes!r}, expected {wanted}"
+        )
+
+
+def stage_names(summaries: list[dict]) -> list[str]:
+    """The stages edit.json's ``timings_s`` names, in the order they first appear."""
+    return list(dict.fromkeys(stage for summary in summaries for stage in summary["timings_s"]))
+
+
+def measure_cold_start(files: Files, directory: Path, runs: int, size: int) -> dict:
+    """Part (d): fresh `cfdeploy edit` processes on a 2 MP JPEG, cache empty / cache filled / no cache in rotation.
+
+    One unrecorded --no-session-cache run first reads the bundle into the page cache, as the later runs find it."""
+    from cfdeploy.graph_cache import CACHE_DIR_ENV
+
+    directory = directory / "cold_start"
+    directory.mkdir()
+    photo, points, embedding, face = cold_start_inputs(directory)
+    no_cache_root = directory / "no_cache_root"  # --no-session-cache: nothing is to be read or written here
+    measured: dict[str, list[tuple[float, dict]]] = {mode: [] for mode in COLD_START_MODES}
+
+    def edit(mode: str, cache_root: Path, round_label: str) -> tuple[float, dict]:
+        out = directory / f"out_{mode}"
+        options = ["--no-session-cache"] if mode == "no_cache" else []
+        environment = {**os.environ, CACHE_DIR_ENV: str(cache_root)}
+        seconds, edited = fresh_edit(files, photo, points, embedding, out, options, environment)
+        check_cache_use(mode, round_label, edited)
+        written = out / photo.name
+        if not written.is_file() or written.read_bytes()[:3] != b"\xff\xd8\xff":
+            raise SystemExit(f"cold start, {COLD_START_MODES[mode]}: no JPEG photo at {written}")
+        print(f"cold start, 2 MP JPEG → edited JPEG, {COLD_START_MODES[mode]}, {round_label}: {seconds:.2f} s")
+        return seconds, edited
+
+    edit("no_cache", no_cache_root, "warm-up")
+    for round_number in range(runs):
+        cache_root = directory / f"cache_{round_number}"
+        cache_root.mkdir()  # empty: this round's first run fills it, its second reads it
+        order = [("cache_empty", cache_root), ("cache_filled", cache_root)]
+        order = (
+            order + [("no_cache", no_cache_root)] if round_number % 2 == 0 else [("no_cache", no_cache_root), *order]
+        )
+        for mode, root in order:
+            measured[mode].append(edit(mode, root, f"run {round_number + 1}/{runs}"))
+        shutil.rmtree(cache_root)  # at 1024 px an entry holds the encoder's re-laid-out GB
+    if (no_cache_root / "graphs").exists():
+        raise SystemExit(f"cold start: --no-session-cache wrote compiled graphs into {no_cache_root / 'graphs'}")
+    summaries = [edited for runs_of_mode in measured.values() for _, edited in runs_of_mode]
+    stages = stage_names(summaries)
+    modes = {}
+    for mode, results in measured.items():
+        edits = [edited for _, edited in results]
+        modes[mode] = {
+            **summary([seconds for seconds, _ in results]),
+            "stages_median_s": {
+                stage: statistics.median(edited["timings_s"].get(stage, 0.0) for edited in edits) for stage in stages
+            },
+            "session_cache": [session_cache_outcomes(edited) for edited in edits],
+        }
+    filled, empty, none = (modes[mode]["median_s"] for mode in ("cache_filled", "cache_empty", "no_cache"))
+    return {
+        "machine": machine_info(),
+        "size": size,
+        "runs": runs,
+        "photo": {
+            "width": COLD_START_PHOTO[0],
+            "height": COLD_START_PHOTO[1],
+            "format": "JPEG",
+            "jpeg_quality": 90,
+            "faces": 1,
+            "landmarks": face,
+        },
+        "output": "JPEG (the photo, the face edited and pasted back)",
+        "backend": sorted({edited["backend"] for edited in summaries}),
+        "stages": stages,
+        "modes": modes,
+        "target": {
+            "size": COLD_START_TARGET_SIZE,
+            "cache_filled_max_s": COLD_START_TARGET_S,
+            "cache_filled_met": filled <= COLD_START_TARGET_S,
+            "cache_empty_over_no_cache": empty / none,
+            "cache_empty_met": empty <= none,
+        },
     }
 
 
@@ -335,9 +493,8 @@ def measure_alignment(runs: int) -> dict:
     return {name: summary(values) for name, values in samples.items()}
 
 
-def render(report: dict) -> str:
-    encoder, e2e, align = report["encoder"], report["photo_to_png"], report["align"]
-    size, runs, e2e_runs = report["settings"]["size"], report["settings"]["runs"], report["settings"]["e2e_runs"]
+def render_encoder(report: dict) -> list[str]:
+    encoder, size, runs = report["encoder"], report["settings"]["size"], report["settings"]["runs"]
     lines = [
         f"**e4e encoder for {size} px, fp32 CPU**: seconds per batch, median of {runs} alternating rounds; intra-op "
         "threads "
@@ -360,8 +517,12 @@ def render(report: dict) -> str:
             + f" | {speedup[ONNXRUNTIME]:.2f}x | {speedup[TORCH]:.2f}x"
             + f" | {result['codes_rel_l2_vs_official'][ONNXRUNTIME]:.1e} |"
         )
-    lines += [
-        "",
+    return lines
+
+
+def render_e2e(report: dict) -> list[str]:
+    e2e, size, e2e_runs = report["photo_to_png"], report["settings"]["size"], report["settings"]["e2e_runs"]
+    lines = [
         f"**Photo → edited PNG, {size} px, ONNX Runtime, {report['machine']['logical_cpus']} CPU cores** "
         f"(target < {E2E_TARGET_S:.0f} s): median of {e2e_runs}; stages from edit.json "
         "(a fresh process's first runs include creating the ONNX Runtime sessions)",
@@ -378,12 +539,131 @@ def render(report: dict) -> str:
                 + " | ".join(f"{stages[stage]:.2f}" for stage in E2E_STAGES)
                 + f" | {result['median_s'] - sum(stages.values()):.2f} |"
             )
-    lines += [
-        "",
-        f"**align_face, 1024 px photo**, median of {runs}: "
-        + "; ".join(f"{name} {1000 * result['median_s']:.0f} ms" for name, result in align.items()),
+    return lines
+
+
+def render_align(report: dict) -> list[str]:
+    return [
+        f"**align_face, 1024 px photo**, median of {report['settings']['runs']}: "
+        + "; ".join(f"{name} {1000 * result['median_s']:.0f} ms" for name, result in report["align"].items()),
     ]
+
+
+def met(condition: bool) -> str:
+    return "**met**" if condition else "**not met**"
+
+
+def render_cold_start(report: dict) -> str:
+    """Part (d)'s table, or a line saying it has not been measured yet."""
+    part = report.get("cold_start")
+    if part is None:
+        return (
+            "**Photo cold start: not measured yet** (`python benchmarks/encoder.py --parts cold-start --cache DIR` "
+            "adds it to `benchmarks/results/encoder.json`)."
+        )
+    modes, stages, target = part["modes"], part["stages"], part["target"]
+    photo, machine = part["photo"], part["machine"]
+    cpus = f"{machine['logical_cpus']} CPU cores" if machine.get("logical_cpus") else "CPU cores not recorded"
+    size, target_size = part["size"], target["size"]
+    ratio = modes["cache_empty"]["median_s"] / modes["no_cache"]["median_s"]
+    limit = target["cache_filled_max_s"]
+    verdicts = {
+        "cache_empty": f"no slower than no cache: {ratio:.2f}x, {met(ratio <= 1)}",
+        "cache_filled": f"≤ {limit:.0f} s: {met(modes['cache_filled']['median_s'] <= limit)}",
+        "no_cache": "",
+    }
+    lines = [
+        f"**Photo cold start: a {photo['width'] * photo['height'] / 1e6:.1f} MP JPEG ({photo['width']}×{photo['height']}, "
+        f"{photo['faces']} face) → the edited photo (JPEG), {size} px, {', '.join(part['backend'])}, {cpus}**, "
+        f"fresh `cfdeploy edit` processes: wall time, median of {part['runs']} round{'s' * (part['runs'] != 1)}, "
+        "and the stages edit.json records "
+        "(each network's session is created, or loaded from the compiled-graph cache, in the first stage that runs "
+        "it). Target at "
+        f"{target_size} px: the second process ≤ {target['cache_filled_max_s']:.0f} s on 2 cores, the first "
+        "(cache-filling) one no slower than without the cache"
+        + ("." if size == target_size else f"; this run is at {size} px, so its verdicts only indicate."),
+        "",
+        "| process | graph cache (edit.json) | wall (s) | " + " | ".join(stages) + " | outside the stages | target |",
+        "| --- | --- | ---: |" + " ---: |" * (len(stages) + 1) + " --- |",
+    ]
+    for mode, label in COLD_START_MODES.items():
+        result = modes[mode]
+        split = result["stages_median_s"]
+        outcomes = sorted(
+            {
+                value
+                for record in result["session_cache"]
+                for value in (record.values() if isinstance(record, dict) else [record])
+            }
+        )
+        lines.append(
+            f"| {label} | {', '.join(outcomes)} | {result['median_s']:.2f} | "
+            + " | ".join(f"{split.get(stage, 0.0):.2f}" for stage in stages)
+            + f" | {result['median_s'] - sum(split.values()):.2f} | {verdicts[mode]} |"
+        )
     return "\n".join(lines)
+
+
+def render(report: dict, cold_start: bool = True) -> str:
+    """The tables of the parts the report holds; ``cold_start=False`` leaves part (d) out (the docs show it apart)."""
+    blocks = [
+        renderer(report)
+        for key, renderer in (("encoder", render_encoder), ("photo_to_png", render_e2e), ("align", render_align))
+        if key in report
+    ]
+    if cold_start:
+        blocks.append(render_cold_start(report).splitlines())
+    return "\n\n".join("\n".join(block) for block in blocks)
+
+
+def parse_parts(value: str) -> list[str]:
+    parts = [part.strip() for part in value.split(",") if part.strip()]
+    unknown = [part for part in parts if part not in PARTS]
+    if unknown or not parts:
+        raise argparse.ArgumentTypeError(f"unknown part(s) {', '.join(unknown) or value!r}; known: {', '.join(PARTS)}")
+    return parts
+
+
+def check_kept_parts(previous: dict, parts: list[str], settings: dict, json_file: Path) -> None:
+    """Refuse a partial run that would change, under a part the file keeps, the top-level settings or machine that
+    part was measured with (the encoder, e2e and align parts share them; the cold-start part records its own)."""
+    kept = [part for part in PARTS if part not in parts and PARTS[part] in previous]
+    ran = [part for part in parts if part != "cold-start"]
+    if not kept or not ran:
+        return
+    overwritten = {key for part in ran for key in PART_SETTINGS[part]}
+    before = previous.get("settings", {})
+    for part in kept:
+        changed = [
+            key for key in PART_SETTINGS[part] if key in overwritten and key in before and before[key] != settings[key]
+        ]
+        if changed:
+            raise SystemExit(
+                f"{json_file} keeps the {part} part, measured with "
+                + ", ".join(f"--{key.replace('_', '-')} {before[key]}" for key in changed)
+                + ": run it too (--parts), use the same settings, or write another file (--json)"
+            )
+    machine, measured_on = machine_info(), previous.get("machine", {})
+    if any(machine.get(key) != measured_on.get(key) for key in ("cpu", "logical_cpus")):
+        raise SystemExit(
+            f"{json_file} keeps the {', '.join(kept)} part(s), measured on another machine ({measured_on.get('cpu')}, "
+            f"{measured_on.get('logical_cpus')} CPUs): run them too (--parts) or write another file (--json)"
+        )
+
+
+def merged_report(previous: dict, parts: list[str], measured: dict, settings: dict) -> dict:
+    """This run's parts, and from ``previous`` (the --json file's content) every part this run did not measure;
+    the top-level machine and settings are this run's where it ran the encoder, e2e or align part."""
+    report = {key: value for key, value in previous.items() if key not in {PARTS[part] for part in parts}}
+    ran = [part for part in parts if part != "cold-start"]
+    if ran:
+        report["machine"] = machine_info()
+        report["settings"] = {
+            **previous.get("settings", {}),
+            **{key: value for key, value in settings.items() if any(key in PART_SETTINGS[part] for part in ran)},
+        }
+    report.update({PARTS[part]: measured[PARTS[part]] for part in parts})
+    return report
 
 
 def main() -> None:
@@ -392,17 +672,25 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=1024, help="generator size (1024: the official e4e)")
     parser.add_argument("--runs", type=int, default=5, help="timed rounds of the encoders (each batch size)")
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--e2e-runs", type=int, default=3, help="photo → PNG runs per --png-compression and mode")
+    parser.add_argument(
+        "--e2e-runs",
+        type=int,
+        default=3,
+        help="photo → PNG runs per --png-compression and mode; cold-start rounds (each runs the three modes)",
+    )
     parser.add_argument("--threads", type=int, help="intra-op threads for every runtime (default: each runtime's own)")
+    parser.add_argument(
+        "--parts",
+        type=parse_parts,
+        default=list(PARTS),
+        help=f"the parts to run, comma-separated (default: all, {','.join(PARTS)}). When the --json file exists, the "
+        "parts not run keep their values from it, so a partial run does not erase committed figures (a partial run "
+        "that would change the settings or the machine of a part it keeps is refused)",
+    )
     parser.add_argument("--json", type=Path, default=RESULTS / "encoder.json")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="cfdeploy-encoder-bench-") as scratch:
-        cache = args.cache or Path(scratch) / "files"
-        cache.mkdir(parents=True, exist_ok=True)
-        files = prepare_files(cache, args.size)
-        align = measure_alignment(args.runs)
-        encoder, onnxruntime = measure_encoders(files, args.threads, args.warmup, args.runs)
-        e2e = measure_e2e(files, onnxruntime, Path(scratch), args.e2e_runs)
+    parts = [part for part in PARTS if part in args.parts]
+    previous = json.loads(args.json.read_text()) if args.json.is_file() else {}
     settings = {
         "size": args.size,
         "batches": list(BATCHES),
@@ -411,7 +699,30 @@ def main() -> None:
         "e2e_runs": args.e2e_runs,
         "threads": args.threads,
     }
-    report = {"machine": machine_info(), "settings": settings, "encoder": encoder, "photo_to_png": e2e, "align": align}
+    check_kept_parts(previous, parts, settings, args.json)  # before minutes of measuring
+    measured: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="cfdeploy-encoder-bench-") as scratch:
+        cache = args.cache or Path(scratch) / "files"
+        cache.mkdir(parents=True, exist_ok=True)
+        files = prepare_files(cache, args.size) if set(parts) - {"align"} else None
+        if "align" in parts:
+            measured["align"] = measure_alignment(args.runs)
+        onnxruntime = None
+        if "encoder" in parts:
+            assert files is not None
+            measured["encoder"], onnxruntime = measure_encoders(files, args.threads, args.warmup, args.runs)
+        if "e2e" in parts:
+            assert files is not None
+            if onnxruntime is None:
+                print(f"opening {ONNXRUNTIME}")
+                onnxruntime = Contender(ONNXRUNTIME, files, args.threads)
+            measured["photo_to_png"] = measure_e2e(files, onnxruntime, Path(scratch), args.e2e_runs)
+        elif onnxruntime is not None:
+            onnxruntime.close()
+        if "cold-start" in parts:
+            assert files is not None
+            measured["cold_start"] = measure_cold_start(files, Path(scratch), args.e2e_runs, args.size)
+    report = merged_report(previous, parts, measured, settings)
     args.json.write_text(json.dumps(report, indent=2) + "\n")
     print(render(report))
     print(f"wrote {args.json}")

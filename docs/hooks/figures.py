@@ -5,7 +5,7 @@ JSON named in FIGURES, followed by a line naming the source file, the script tha
 machine the JSON records. Where a benchmark script has its own renderer (`cpu_backends.py --render`,
 `encoder.py`, `train_step.py`, `dac.py`, `gpu_backends.py --render`) that renderer is used; the others
 are rendered here from the JSON directly. An unknown NAME, or a missing JSON other than a GPU one, is an
-error (the build fails); GPU figures that have not been measured yet say so.
+error (the build fails); GPU figures, and encoder.py's cold-start part, that have not been measured yet say so.
 
 The docs build in a light environment: nothing here imports torch, and a benchmark script is imported
 only when its top level needs nothing heavier than numpy and `cfdeploy.bench`.
@@ -145,6 +145,19 @@ def render_gpu_run() -> tuple[str, str | None]:
     return f"{table}\n\n*Rendered from `benchmarks/results/gpu_run/` (measured by `benchmarks/gpu/run.sh`).*", None
 
 
+def render_photo_cold_start() -> tuple[str, str | None]:
+    """encoder.py's cold-start part, with the machine it records itself (it can be measured apart from the rest)."""
+    report = load("encoder.json")
+    table = benchmark("encoder").render_cold_start(report)
+    if "cold_start" not in report:
+        return table, None  # "not measured yet"
+    source = (
+        "*Rendered from `benchmarks/results/encoder.json` (measured by `benchmarks/encoder.py --parts cold-start`); "
+        f"machine: {machine(report['cold_start'])}.*"
+    )
+    return f"{table}\n\n{source}", None
+
+
 def from_json(file: str, render: Callable[[dict[str, Any]], str]) -> Callable[[], tuple[str, str | None]]:
     def rendered() -> tuple[str, str | None]:
         return render(load(file)), file
@@ -170,7 +183,11 @@ FIGURES: dict[str, tuple[Callable[[], tuple[str, str | None]], str]] = {
         from_json("openvino.json", lambda r: benchmark("cpu_backends").render_runtimes(r)),
         "benchmarks/cpu_backends.py --runtimes",
     ),
-    "encoder": (from_json("encoder.json", lambda r: benchmark("encoder").render(r)), "benchmarks/encoder.py"),
+    "encoder": (
+        from_json("encoder.json", lambda r: benchmark("encoder").render(r, cold_start=False)),
+        "benchmarks/encoder.py",
+    ),
+    "photo_cold_start": (render_photo_cold_start, "benchmarks/encoder.py --parts cold-start"),
     "train_step": (
         from_json("train_step.json", lambda r: benchmark("train_step").render(r["results"])),
         "benchmarks/train_step.py",

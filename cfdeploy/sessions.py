@@ -13,6 +13,7 @@ loads it without optimising again.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +86,8 @@ class Sessions:
         engine_cache: where TensorRT's provider keeps its engines.
         initializers: per network, tensors that replace the graph's initializers of those names.
         digest: a network's graph sha256 (the manifest's); with ``cache``, what cache entries are keyed on.
+        check: checks a network's graph files against ``digest`` (raising if they differ): with ``cache``, run while
+            the cache entry is read and hashed, so a damaged bundle is refused even where a cached graph would run.
         cache: where optimised graphs are kept between processes (CPU provider only, graphs without initializer
             overrides); None: optimise in every process.
     """
@@ -99,6 +102,7 @@ class Sessions:
         engine_cache: Path | None = None,
         initializers: Mapping[str, Mapping[str, np.ndarray]] | None = None,
         digest: Callable[[str], str] | None = None,
+        check: Callable[[str], object] | None = None,
         cache: GraphCache | None = None,
     ) -> None:
         self.graph = graph
@@ -116,7 +120,8 @@ class Sessions:
         }
         self._sessions: dict[str, ort.InferenceSession] = {}
         self.digest = digest
-        self.cache = cache if digest is not None and self.providers == [CPU_PROVIDER] else None
+        self.check = check
+        self.cache = cache if digest is not None and check is not None and self.providers == [CPU_PROVIDER] else None
 
     def session(self, network: str) -> ort.InferenceSession:
         session = self._sessions.get(network)
@@ -147,8 +152,11 @@ class Sessions:
     def _open(self, network: str) -> ort.InferenceSession:
         parts = self._cache_parts(network)
         if parts is not None:
-            assert self.cache is not None
-            cached = self.cache.load(network, parts)
+            assert self.cache is not None and self.check is not None
+            with ThreadPoolExecutor(1) as checking:  # both hash hundreds of MB, on two cores at once
+                checked = checking.submit(self.check, network)
+                cached = self.cache.load(network, parts)
+                checked.result()
             if cached is not None:
                 return self._from_cache(network, cached)
             try:

@@ -3,14 +3,17 @@
 Ray ties the processes it starts itself (GCS, raylet) to the driver, but the raylet's own children (the
 dashboard and runtime-env agents, workers) outlive a driver killed with SIGKILL by a minute or more. So
 :func:`~cfdeploy.serving.cluster.connect` starts this module beside a new local Ray, with a marker in the
-environment that every Ray process inherits; it waits on a pipe from the driver and, once the driver
-closes it or dies, ends every process still carrying the marker. Linux only (it reads ``/proc``); the
-standard library only, so it starts at once.
+environment that every Ray process inherits; it watches a pipe from the driver and, once the driver
+closes it or dies, ends every process of that Ray. A process that renames itself (Ray's agents do) may
+write its new name over the environment ``/proc`` shows, marker included, so while the driver runs the
+reaper also notes every descendant of a marked process, and ends those too. Linux only (it reads
+``/proc``); the standard library only, so it starts at once.
 """
 
 from __future__ import annotations
 
 import os
+import select
 import signal
 import sys
 import time
@@ -20,6 +23,9 @@ MARKER = "CFDEPLOY_RAY_OWNER"
 GRACE_S = 2.0  # SIGTERM first, for what is still shutting down; SIGKILL after this
 QUIET_S = 1.0
 LIMIT_S = 20.0  # a killed process can take seconds to go on a machine short of memory
+
+
+WATCH_S = 1.0  # how often the processes of the running Ray are noted
 
 
 def marked(token: str) -> list[int]:
@@ -36,12 +42,46 @@ def marked(token: str) -> list[int]:
     return found
 
 
-def end_marked(token: str) -> None:
-    """SIGTERM the marked processes, SIGKILL those still there after :data:`GRACE_S`, and keep looking until none
-    has been seen for :data:`QUIET_S` (a dying raylet may still be starting an agent), :data:`LIMIT_S` at most."""
+def process_table() -> dict[int, tuple[int, int]]:
+    """Every process: pid → (parent pid, start time), from ``/proc/PID/stat``."""
+    table = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            table[int(entry.name)] = (int(fields[1]), int(fields[19]))
+    return table
+
+
+def ours(token: str, known: dict[int, int]) -> list[int]:
+    """The Ray's processes: the marked ones, their descendants, and those noted before that still run (the same pid
+    and start time). Each is noted in ``known`` (pid → start time)."""
+    table = process_table()
+    found = set(marked(token))
+    children: dict[int, list[int]] = {}
+    for pid, (parent, _) in table.items():
+        children.setdefault(parent, []).append(pid)
+    unvisited = list(found)
+    while unvisited:
+        for child in children.get(unvisited.pop(), []):
+            if child not in found:
+                found.add(child)
+                unvisited.append(child)
+    found |= {pid for pid, started in known.items() if pid in table and table[pid][1] == started}
+    found.discard(os.getpid())
+    known.update({pid: table[pid][1] for pid in found if pid in table})
+    return sorted(found)
+
+
+def end_marked(token: str, known: dict[int, int]) -> None:
+    """SIGTERM the Ray's processes (:func:`ours`), SIGKILL those still there after :data:`GRACE_S`, and keep
+    looking until none has been seen for :data:`QUIET_S` (a dying raylet may still be starting an agent),
+    :data:`LIMIT_S` at most."""
     started = last_seen = time.monotonic()
     while (now := time.monotonic()) - started < LIMIT_S:
-        found = marked(token)
+        found = ours(token, known)
         if found:
             last_seen = now
         elif now - last_seen >= QUIET_S:
@@ -57,9 +97,15 @@ def end_marked(token: str) -> None:
 def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C to the terminal's group is the driver's to handle
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    while sys.stdin.buffer.read(4096):
-        pass
-    end_marked(sys.argv[1])
+    token = sys.argv[1]
+    known: dict[int, int] = {}  # pid → start time of each process of the Ray seen so far
+    pipe = sys.stdin.fileno()
+    while True:
+        readable, _, _ = select.select([pipe], [], [], WATCH_S)
+        if readable and not os.read(pipe, 4096):  # the driver closed the pipe, or died
+            break
+        ours(token, known)
+    end_marked(token, known)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ Real signals to real commands (subprocesses), each looking only at the processes
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -156,3 +157,46 @@ def test_a_local_ray_ends_with_a_driver_killed_with_sigkill() -> None:
         driver.kill()
         driver.wait()
         our_ray.assert_none_left(wait_s=30)  # without the reaper its agents outlive the driver by 60 s or more
+
+
+def process_ended(pid: int) -> bool:
+    """Gone, or a zombie (dead, waiting for whoever reaps orphans here)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def test_the_reaper_ends_a_process_of_its_ray_whose_environment_no_longer_shows_the_marker() -> None:
+    """Ray's agents write their new names over the environment /proc shows, marker included: the reaper knows them as
+    descendants of a marked process, and still once that process is gone and they are orphans."""
+    from cfdeploy.serving.reaper import MARKER, WATCH_S
+
+    token = f"reaper-test-{os.getpid()}"
+    starts_an_unmarked_child = (
+        "import subprocess, sys, time; "
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'], env={}); "
+        "print(child.pid, flush=True); time.sleep(120)"
+    )
+    marked = subprocess.Popen(
+        [sys.executable, "-c", starts_an_unmarked_child], env={**os.environ, MARKER: token}, stdout=subprocess.PIPE
+    )
+    assert marked.stdout is not None
+    child = int(marked.stdout.readline())
+    reaper = subprocess.Popen([sys.executable, "-m", "cfdeploy.serving.reaper", token], stdin=subprocess.PIPE)
+    try:
+        time.sleep(3 * WATCH_S)  # the driver runs: the reaper notes its Ray's processes
+        marked.kill()
+        marked.wait()  # the child is an orphan now, with no marker anywhere in its ancestry
+        assert not process_ended(child)
+        assert reaper.stdin is not None
+        reaper.stdin.close()  # the driver is gone
+        reaper.wait(timeout=30)
+        deadline = time.monotonic() + 5
+        while not process_ended(child) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert process_ended(child)
+    finally:
+        reaper.kill()
+        with contextlib.suppress(OSError):
+            os.kill(child, signal.SIGKILL)

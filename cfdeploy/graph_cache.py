@@ -28,6 +28,7 @@ import stat
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +110,18 @@ class GraphCache:
             with contextlib.suppress(OSError):
                 os.utime(entry / ENTRY_RECORD)  # a hit makes it recently used
         self.outcomes[network] = "miss" if files is None else "hit"
+        return files
+
+    def load_checking(
+        self, network: str, parts: Mapping[str, Any], check: Callable[[str], object]
+    ) -> dict[str, bytes] | None:
+        """:meth:`load`, with ``check(network)`` run meanwhile on a second thread: the bundle's own graph checked
+        against its manifest, so a damaged bundle is refused even where a cached graph would run in its place. Both
+        hash hundreds of MB; side by side they take the time of the longer."""
+        with ThreadPoolExecutor(1) as checking:
+            checked = checking.submit(check, network)
+            files = self.load(network, parts)
+            checked.result()
         return files
 
     def _read(self, entry: Path, parts: Mapping[str, Any]) -> dict[str, bytes]:

@@ -13,7 +13,6 @@ loads it without optimising again.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -86,8 +85,7 @@ class Sessions:
         engine_cache: where TensorRT's provider keeps its engines.
         initializers: per network, tensors that replace the graph's initializers of those names.
         digest: a network's graph sha256 (the manifest's); with ``cache``, what cache entries are keyed on.
-        check: checks a network's graph files against ``digest`` (raising if they differ): with ``cache``, run while
-            the cache entry is read and hashed, so a damaged bundle is refused even where a cached graph would run.
+        check: checks a network's graph files against ``digest`` (raising if they differ), beside each cache read.
         cache: where optimised graphs are kept between processes (CPU provider only, graphs without initializer
             overrides); None: optimise in every process.
     """
@@ -153,10 +151,7 @@ class Sessions:
         parts = self._cache_parts(network)
         if parts is not None:
             assert self.cache is not None and self.check is not None
-            with ThreadPoolExecutor(1) as checking:  # both hash hundreds of MB, on two cores at once
-                checked = checking.submit(self.check, network)
-                cached = self.cache.load(network, parts)
-                checked.result()
+            cached = self.cache.load_checking(network, parts, self.check)
             if cached is not None:
                 return self._from_cache(network, cached)
             try:

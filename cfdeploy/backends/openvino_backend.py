@@ -31,6 +31,7 @@ class OpenVinoBackend(RunnerBackend):
     ) -> None:
         graphs = CompiledGraphs(
             bundle.network,
+            bundle.network_sha256,
             bundle.checked_network_sha256,
             device,
             threads,

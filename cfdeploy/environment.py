@@ -46,6 +46,16 @@ def package_version(package: str, default: str = "unknown") -> str:
         return default
 
 
+def process_stat(pid: int) -> tuple[int, int]:
+    """Process ``pid``'s parent pid and start time (clock ticks after boot), from ``/proc/PID/stat`` (Linux).
+
+    Raises OSError where the process is gone or unreadable, ValueError or IndexError where the file is not as Linux
+    writes it. The name in parentheses may hold spaces and parentheses itself, so the fields are read after its last
+    ``)``."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[1]), int(fields[19])
+
+
 def physical_cores() -> int:
     """Physical cores (hyper-threads share one core's FPU, so more intra-op threads only contend)."""
     try:

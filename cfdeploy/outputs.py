@@ -44,6 +44,7 @@ from typing import Any, BinaryIO
 import numpy as np
 from PIL import Image
 
+from cfdeploy.environment import process_stat
 from cfdeploy.errors import CfdeployError
 
 # Errors that mean "the disk cannot take more", each with the words the one-line message uses.
@@ -363,9 +364,9 @@ def _is_alive(pid: int) -> bool:
 def _process_start(pid: int) -> float | None:
     """When process ``pid`` started (seconds since the epoch), from ``/proc``; None where that cannot be read."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        _, ticks = process_stat(pid)
         boot = next(line for line in Path("/proc/stat").read_text().splitlines() if line.startswith("btime "))
-        return int(boot.split()[1]) + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+        return int(boot.split()[1]) + ticks / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError, StopIteration):
         return None
 

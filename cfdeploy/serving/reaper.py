@@ -7,7 +7,7 @@ environment that every Ray process inherits; it watches a pipe from the driver a
 closes it or dies, ends every process of that Ray. A process that renames itself (Ray's agents do) may
 write its new name over the environment ``/proc`` shows, marker included, so while the driver runs the
 reaper also notes every descendant of a marked process, and ends those too. Linux only (it reads
-``/proc``); the standard library only, so it starts at once.
+``/proc``); the standard library and :mod:`cfdeploy.environment` only, so it starts at once.
 """
 
 from __future__ import annotations
@@ -19,47 +19,37 @@ import sys
 import time
 from pathlib import Path
 
+from cfdeploy.environment import process_stat
+
 MARKER = "CFDEPLOY_RAY_OWNER"
 GRACE_S = 2.0  # SIGTERM first, for what is still shutting down; SIGKILL after this
 QUIET_S = 1.0
 LIMIT_S = 20.0  # a killed process can take seconds to go on a machine short of memory
-
-
 WATCH_S = 1.0  # how often the processes of the running Ray are noted
 
 
-def marked(token: str) -> list[int]:
-    """The processes whose environment carries ``MARKER=token`` (this one aside)."""
+def scan(token: str) -> tuple[dict[int, tuple[int, int]], set[int]]:
+    """One pass over ``/proc``: every process's parent pid and start time (:func:`process_stat`), and the processes
+    whose environment carries ``MARKER=token`` (this one aside)."""
     needle = f"{MARKER}={token}".encode()
-    found = []
+    table, marked = {}, set()
     for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            try:
-                if needle in (entry / "environ").read_bytes().split(b"\0"):
-                    found.append(int(entry.name))
-            except OSError:  # gone meanwhile, or not ours
-                continue
-    return found
-
-
-def process_table() -> dict[int, tuple[int, int]]:
-    """Every process: pid → (parent pid, start time), from ``/proc/PID/stat``."""
-    table = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except (OSError, IndexError):
-                continue
-            table[int(entry.name)] = (int(fields[1]), int(fields[19]))
-    return table
+        if not entry.name.isdigit():
+            continue
+        pid = int(entry.name)
+        try:
+            table[pid] = process_stat(pid)
+            if pid != os.getpid() and needle in (entry / "environ").read_bytes().split(b"\0"):
+                marked.add(pid)
+        except (OSError, ValueError, IndexError):  # gone meanwhile, or not ours to read
+            continue
+    return table, marked
 
 
 def ours(token: str, known: dict[int, int]) -> list[int]:
     """The Ray's processes: the marked ones, their descendants, and those noted before that still run (the same pid
     and start time). Each is noted in ``known`` (pid → start time)."""
-    table = process_table()
-    found = set(marked(token))
+    table, found = scan(token)
     children: dict[int, list[int]] = {}
     for pid, (parent, _) in table.items():
         children.setdefault(parent, []).append(pid)
@@ -75,7 +65,7 @@ def ours(token: str, known: dict[int, int]) -> list[int]:
     return sorted(found)
 
 
-def end_marked(token: str, known: dict[int, int]) -> None:
+def end_ours(token: str, known: dict[int, int]) -> None:
     """SIGTERM the Ray's processes (:func:`ours`), SIGKILL those still there after :data:`GRACE_S`, and keep
     looking until none has been seen for :data:`QUIET_S` (a dying raylet may still be starting an agent),
     :data:`LIMIT_S` at most."""
@@ -105,7 +95,7 @@ def main() -> None:
         if readable and not os.read(pipe, 4096):  # the driver closed the pipe, or died
             break
         ours(token, known)
-    end_marked(token, known)
+    end_ours(token, known)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ RESULT_FILES = {
 
 @pytest.mark.skipif(
     not os.environ.get("CFDEPLOY_GPU_DRY_RUN"),
-    reason="the GPU run's dry run takes about 4 CPU-minutes (CLIP ViT-B/32, ArcFace and DAC at their own sizes in "
+    reason="the GPU run's dry run takes about 3 CPU-minutes (CLIP ViT-B/32, ArcFace and DAC at their own sizes in "
     "every step), more than the suite's time allows: CFDEPLOY_GPU_DRY_RUN=1 runs it",
 )
 def test_the_dry_run_covers_every_step_and_each_succeeds(tmp_path):

@@ -4,10 +4,18 @@ Each graph follows its contract in :mod:`cfdeploy.contracts`, is exported with a
 torch's ONNX exporter, cleaned by onnxslim (constant folding, dead nodes), and then
 run by ONNX Runtime on fresh random inputs at batch 1 and 3 against the torch model; export fails if
 any graph drifts past tolerance.
+
+Exported graphs are kept in a per-user cache (:func:`export_cache`): a network whose weights, code, contract,
+opset and exporter versions were exported before is reused instead of traced again. Official CF-CLIP checkpoints
+of different prompts share the generator and CLIP, so a second prompt's bundle exports only its two mappers.
+A reused graph is checked against torch like a new one.
 """
 
 from __future__ import annotations
 
+import hashlib
+import inspect
+import json
 import shutil
 import time
 import warnings
@@ -32,9 +40,11 @@ from cfdeploy.bundle import (
 )
 from cfdeploy.checkpoints import load_arcface, load_cfclip, load_clip, load_e4e
 from cfdeploy.contracts import BATCH, NetworkContract, TensorSpec, network_contracts
-from cfdeploy.environment import versions
+from cfdeploy.environment import package_version, versions
 from cfdeploy.errors import CfdeployError
 from cfdeploy.files import sha256_file
+from cfdeploy.graph_cache import GraphCache, cache_root
+from cfdeploy.models import layers
 from cfdeploy.models.arcface import IdentityNetwork
 from cfdeploy.models.layers import with_scaled_linears
 from cfdeploy.models.mappers import LatentEditor
@@ -48,6 +58,9 @@ PARITY_BATCHES = (1, 3)
 TRACE_BATCH = 2
 PHOTO_WAVES = 8
 MAX_BATCH = 1024
+EXPORTS_DIR = "exports"  # under the cache root, beside the compiled graphs
+EXPORTED_GRAPH, EXPORTED_WEIGHTS = "graph.onnx", "weights.json"
+EXPORTER_PACKAGES = ("torch", "onnx", "onnxscript", "onnxslim")
 
 
 def photo_like(shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
@@ -81,6 +94,54 @@ def sample_input(spec: TensorSpec, batch: int, rng: np.random.Generator) -> np.n
     return (rng.standard_normal(shape) * 10.0 ** rng.uniform(-5.0, 0.5, size=shape)).astype(np.float32)
 
 
+def export_cache() -> GraphCache:
+    """The cache of exported graphs (``exports/`` under :func:`~cfdeploy.graph_cache.cache_root`), with the
+    compiled-graph cache's checks: each file's sha256 recorded and checked, damaged entries refused and rebuilt."""
+    return GraphCache(cache_root() / EXPORTS_DIR)
+
+
+def module_sha256(module: nn.Module) -> str:
+    """What tracing ``module`` depends on besides code: the class and plain settings of every submodule (an
+    equalised layer's ``lr_mul``, a norm's ``eps``), and every parameter and buffer (name, dtype, shape, values)."""
+    digest = hashlib.sha256()
+    for name, submodule in module.named_modules():
+        settings = sorted(
+            (key, repr(value))
+            for key, value in vars(submodule).items()
+            if not key.startswith("_") and isinstance(value, (bool, int, float, str, tuple, type(None)))
+        )
+        digest.update(json.dumps([name, type(submodule).__module__, type(submodule).__qualname__, settings]).encode())
+    for name, tensor in (*module.named_parameters(), *module.named_buffers()):
+        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+    return digest.hexdigest()
+
+
+def code_sha256(module: nn.Module) -> str:
+    """The source files of every class in ``module``, of this exporter and of the layers it swaps in."""
+    files = {inspect.getsourcefile(type(submodule)) for submodule in module.modules()}
+    files |= {inspect.getsourcefile(export_graph), inspect.getsourcefile(layers)}
+    digest = hashlib.sha256()
+    for file in sorted(name for name in files if name is not None):
+        digest.update(Path(file).read_bytes())
+    return digest.hexdigest()
+
+
+def export_parts(
+    module: nn.Module, contract: NetworkContract, opset: int, example: tuple[torch.Tensor, ...] | None
+) -> dict:
+    """What an exported graph depends on: its cache entry's key is the hash of these parts."""
+    return {
+        "network": contract.name,
+        "contract": {**contract.as_dict(), "dynamic_batch_max": MAX_BATCH},
+        "opset": opset,
+        "module_sha256": module_sha256(module),
+        "code_sha256": code_sha256(module),
+        "example_shapes": None if example is None else [list(tensor.shape) for tensor in example],
+        "versions": {package: package_version(package) for package in EXPORTER_PACKAGES},
+    }
+
+
 def export_graph(
     module: nn.Module,
     contract: NetworkContract,
@@ -88,6 +149,7 @@ def export_graph(
     opset: int,
     example: tuple[torch.Tensor, ...] | None = None,
     large: bool = False,
+    cache: GraphCache | None = None,
 ) -> tuple[str, ...]:
     """Export ``module`` to ``path`` under ``contract``'s names, traced on ``example`` (default: random inputs).
 
@@ -100,7 +162,17 @@ def export_graph(
     the op that made them (``mul_111``) nor merge equal ones (a new run's zero biases). Any checkpoint of the
     same architecture then gives a graph with the same initializers, which refit relies on. Returns the names
     of those weights (none for other networks).
+
+    ``cache``: reuse the graph exported before from the same weights, code, contract and versions (see
+    :func:`export_parts`; ``cache.outcomes[contract.name]`` then says ``hit``), and keep a new one there.
+    Graphs with their weights beside them (``large``) are not cached.
     """
+    parts = None if cache is None or large else export_parts(module, contract, opset, example)
+    if cache is not None and parts is not None:
+        cached = cache.load(contract.name, parts)
+        if cached is not None and {EXPORTED_GRAPH, EXPORTED_WEIGHTS} <= set(cached):
+            path.write_bytes(cached[EXPORTED_GRAPH])
+            return tuple(json.loads(cached[EXPORTED_WEIGHTS]))
     weights: tuple[str, ...] = ()
     batch = torch.export.Dim(BATCH, min=1, max=MAX_BATCH)
     rng = np.random.default_rng(0)
@@ -129,6 +201,8 @@ def export_graph(
     graph = onnx.load(str(path))
     drop_zero_conv_biases(graph)
     onnx.save(slim_keeping(graph, weights, contract.name), str(path))
+    if cache is not None and parts is not None:
+        cache.put(parts, {EXPORTED_GRAPH: path, EXPORTED_WEIGHTS: json.dumps(weights).encode()})
     return weights
 
 
@@ -242,9 +316,13 @@ def export_bundle(
     include_clip_text: bool = True,
     encoder: Path | None = None,
     identity_weights: Path | None = None,
+    reuse_exports: bool = True,
     on_stage: Callable[[str], None] = lambda stage: None,
 ) -> dict:
     """Write a bundle to ``out`` (atomically) and return its manifest.
+
+    With ``reuse_exports`` a graph found in :func:`export_cache` is reused (the manifest lists it under
+    ``export.reused``) and each new one is kept there.
 
     Without ``include_clip_text`` the bundle has no CLIP graph: it edits only the ``prompts``
     precomputed here, or given text features. With ``encoder`` (an e4e checkpoint) it also has the
@@ -299,17 +377,32 @@ def export_bundle(
     stored_prompts = {prompt: prompt_file(prompt) for prompt in prompts}
     networks: dict[str, dict] = {}
     timings: dict[str, float] = {}
+    cache = export_cache() if reuse_exports else None
+    reused = []
     with StagedDirectory(out, force) as staged:
         for name, contract in contracts.items():
             on_stage(f"exporting {name}")
             started = time.perf_counter()
             path = staged.path / contract.filename
-            export_graph(modules[name], contract, path, opset)
+            export_graph(modules[name], contract, path, opset, cache=cache)
+            hit = cache is not None and cache.outcomes.get(name) == "hit"
             timings[f"export_{name}"] = time.perf_counter() - started
-            on_stage(f"checking {name} against torch")
+            on_stage(f"checking {name} against torch" + (" (reused from an earlier export)" if hit else ""))
             started = time.perf_counter()
-            networks[name] = {**contract.as_dict(), "parity": check_parity(modules[name], contract, path)}
+            try:
+                parity = check_parity(modules[name], contract, path)
+            except Exception as failure:  # a reused graph that drifts or cannot run is exported again
+                if not hit or cache is None:
+                    raise
+                on_stage(f"the reused {name} graph failed its check ({failure}); exporting it afresh")
+                cache.discard(export_parts(modules[name], contract, opset, None))
+                export_graph(modules[name], contract, path, opset, cache=cache)
+                parity = check_parity(modules[name], contract, path)
+                hit = False
+            networks[name] = {**contract.as_dict(), "parity": parity}
             timings[f"parity_{name}"] = time.perf_counter() - started
+            if hit:
+                reused.append(name)
 
         on_stage("writing tokenizer, mean W and prompts")
         (staged.path / TOKENIZER_VOCAB).parent.mkdir()
@@ -357,6 +450,7 @@ def export_bundle(
                 "opset": opset,
                 "precision": "fp32",
                 "parity_batches": list(PARITY_BATCHES),
+                "reused": reused,
                 "seconds": {key: round(value, 3) for key, value in timings.items()},
             },
             "networks": networks,

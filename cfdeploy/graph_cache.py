@@ -2,7 +2,8 @@
 
 ONNX Runtime spends seconds re-laying out convolution weights each time it opens a graph, and OpenVINO compiles
 each graph on first load. Both write what they made into this cache (ONNX Runtime its optimised graph, OpenVINO
-its exported compiled model) and read it back in the next process.
+its exported compiled model) and read it back in the next process. The exporter keeps the ONNX graphs it traced
+in a cache of the same kind (:func:`cfdeploy.exporter.export_cache`).
 
 An entry is a directory ``ROOT/KEY/`` holding the runtime's files and ``entry.json``, which records the key's parts
 and each file's sha256. The key is the sha256 of the graph's own sha256 (the bundle manifest's), the runtime and its
@@ -124,6 +125,10 @@ class GraphCache:
             checked.result()
         return files
 
+    def discard(self, parts: Mapping[str, Any]) -> None:
+        """Remove the entry for ``parts``, if any (it proved wrong in use)."""
+        self._remove(self.root / entry_key(parts))
+
     def _read(self, entry: Path, parts: Mapping[str, Any]) -> dict[str, bytes]:
         if entry.is_symlink() or not entry.is_dir():
             raise RefusedEntry("is a symlink or not a directory")
@@ -147,15 +152,19 @@ class GraphCache:
             files[name] = content
         return files
 
-    def put(self, parts: Mapping[str, Any], files: Mapping[str, bytes]) -> None:
-        """Store ``files`` (name → bytes) as the entry for ``parts``; a full disk or read-only cache only warns."""
+    def put(self, parts: Mapping[str, Any], files: Mapping[str, bytes | Path]) -> None:
+        """Store ``files`` (name → bytes, or a file to copy) as the entry for ``parts``; a full disk or read-only
+        cache only warns."""
         try:
             with self.staging() as staging:
                 for name, content in files.items():
-                    (staging / name).write_bytes(content)
+                    if isinstance(content, Path):
+                        shutil.copyfile(content, staging / name)
+                    else:
+                        (staging / name).write_bytes(content)
                 self.commit(parts, staging)
         except OSError as error:
-            self.on_warning(f"{self.root}: could not store a compiled graph ({error.strerror or error})")
+            self.on_warning(f"{self.root}: could not store a graph ({error.strerror or error})")
 
     @contextlib.contextmanager
     def staging(self) -> Iterator[Path]:

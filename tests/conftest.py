@@ -344,9 +344,10 @@ def memory_back_after_each_module() -> Iterator[None]:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def graph_cache_in_a_temporary_directory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """Compiled graphs go to the session's temporary directory, never the user's ~/.cache (subprocesses inherit it)."""
-    root = tmp_path_factory.mktemp("graph-cache")
+def graph_cache_in_a_temporary_directory(shared: Path) -> Iterator[Path]:
+    """Compiled and exported graphs go to the run's temporary directory, never the user's ~/.cache (subprocesses
+    inherit it). Both workers share it, as processes of one user do: a graph one exported the other reuses."""
+    root = shared / "cache"
     previous = os.environ.get("CFDEPLOY_CACHE_DIR")
     os.environ["CFDEPLOY_CACHE_DIR"] = str(root)
     yield root

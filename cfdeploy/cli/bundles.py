@@ -88,6 +88,13 @@ def export_command(
         "all). For small edge devices.",
     ),
     force: bool = typer.Option(False, "--force", "-f", help="Replace an existing bundle directory."),
+    no_export_cache: bool = typer.Option(
+        False,
+        "--no-export-cache",
+        help="Trace every graph afresh. By default a graph exported before from the same weights, code and "
+        "versions (the generator and CLIP that prompts share) is reused from the cache beside the compiled graphs "
+        "($CFDEPLOY_CACHE_DIR, else ~/.cache/cfdeploy), and checked against torch like a new one.",
+    ),
     tensorrt: bool = typer.Option(
         False, "--tensorrt", help="Then build TensorRT engines into BUNDLE/tensorrt (options below)."
     ),
@@ -140,12 +147,15 @@ def export_command(
             include_clip_text=not without_clip,
             encoder=encoder,
             identity_weights=identity_weights,
+            reuse_exports=not no_export_cache,
             on_stage=reporter(status),
         )
     worst = max(result["rel_l2"] for network in manifest["networks"].values() for result in network["parity"].values())
+    reused = manifest["export"]["reused"]
     say(
-        f"wrote bundle {target} in {time.perf_counter() - started:.1f}s: {len(manifest['networks'])} graphs, "
-        f"worst parity rel L2 {worst:.1e}"
+        f"wrote bundle {target} in {time.perf_counter() - started:.1f}s: {len(manifest['networks'])} graphs"
+        + (f" ({', '.join(reused)} reused from earlier exports)" if reused else "")
+        + f", worst parity rel L2 {worst:.1e}"
     )
     if build_settings is not None:
         build_bundle_engines(target, build_settings)

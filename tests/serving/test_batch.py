@@ -15,28 +15,28 @@ import numpy as np
 
 from conftest import assert_refused, own_ray, ray_is_connected
 
-PROMPT = "green lipstick"  # precomputed in bundle_256
+PROMPT = "green lipstick"  # precomputed in bundle_64
 
 
 SHARDS, IMAGES = 6, 4  # two workers, one killed after its first shard: work is left for Ray to retry
 
 
-def test_batch_survives_a_killed_worker_and_writes_every_image_once(bundle_256: Path, cli, tmp_path: Path) -> None:
+def test_batch_survives_a_killed_worker_and_writes_every_image_once(bundle_64: Path, cli, tmp_path: Path) -> None:
     shards, out = tmp_path / "shards", tmp_path / "edits"
     shards.mkdir()
     for index in range(SHARDS):
         np.save(
             shards / f"part{index}.npy",
-            np.random.default_rng(100 + index).standard_normal((IMAGES, 14, 512)).astype(np.float32),
+            np.random.default_rng(100 + index).standard_normal((IMAGES, 10, 512)).astype(np.float32),
         )
-    np.save(shards / "wrong.npy", np.zeros((2, 10, 512), np.float32))  # refused by its worker; the others go on
+    np.save(shards / "wrong.npy", np.zeros((2, 14, 512), np.float32))  # refused by its worker; the others go on
     command = [
         sys.executable,
         "-m",
         "cfdeploy",
         "batch",
         "--bundle",
-        str(bundle_256),
+        str(bundle_64),
         "--latents",
         str(shards),
         "--text",
@@ -48,7 +48,7 @@ def test_batch_survives_a_killed_worker_and_writes_every_image_once(bundle_256: 
     ]
     refusal = (
         "error: 1 shard(s) refused, the others are done (rerun after fixing them): "
-        f"{shards.resolve() / 'wrong.npy'}: latents have 10 levels"
+        f"{shards.resolve() / 'wrong.npy'}: latents have 14 levels"
     )
     with own_ray() as our_ray:  # the command's Ray, started by the child, which inherits RAY_TMPDIR
         run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -87,7 +87,7 @@ def test_batch_survives_a_killed_worker_and_writes_every_image_once(bundle_256: 
             cli(
                 "edit",
                 "--bundle",
-                bundle_256,
+                bundle_64,
                 "--backend",
                 "onnxruntime",
                 "--latents",
@@ -108,7 +108,7 @@ def test_batch_survives_a_killed_worker_and_writes_every_image_once(bundle_256: 
 
 
 def test_batch_refuses_another_runs_output_and_bad_shards(
-    bundle_256: Path, bundle_with_encoder, cli, tmp_path: Path
+    bundle_64: Path, bundle_with_encoder, cli, tmp_path: Path
 ) -> None:
     with own_ray() as our_ray:
         out = tmp_path / "edits"
@@ -116,9 +116,9 @@ def test_batch_refuses_another_runs_output_and_bad_shards(
         (out / "mine.txt").write_text("keep")
         shards = tmp_path / "shards"
         shards.mkdir()
-        np.save(shards / "a.npy", np.zeros((1, 14, 512), np.float32))
+        np.save(shards / "a.npy", np.zeros((1, 10, 512), np.float32))
         assert_refused(
-            cli("batch", "--bundle", bundle_256, "--latents", shards, "--text", PROMPT, "--out", out),
+            cli("batch", "--bundle", bundle_64, "--latents", shards, "--text", PROMPT, "--out", out),
             None,
             f"{out}: is not empty and is not a cfdeploy batch output; pass --force to write into it",
         )
@@ -126,7 +126,7 @@ def test_batch_refuses_another_runs_output_and_bad_shards(
             cli(
                 "batch",
                 "--bundle",
-                bundle_256,
+                bundle_64,
                 "--latents",
                 tmp_path / "none",
                 "--text",
@@ -138,12 +138,12 @@ def test_batch_refuses_another_runs_output_and_bad_shards(
             "no .npy shards found",
         )
         (shards / "b").mkdir()
-        np.save(shards / "b" / "a.npy", np.zeros((1, 14, 512), np.float32))
+        np.save(shards / "b" / "a.npy", np.zeros((1, 10, 512), np.float32))
         assert_refused(
             cli(
                 "batch",
                 "--bundle",
-                bundle_256,
+                bundle_64,
                 "--latents",
                 f"{shards}/**/a.npy",
                 "--text",
@@ -158,7 +158,7 @@ def test_batch_refuses_another_runs_output_and_bad_shards(
             cli(
                 "batch",
                 "--bundle",
-                bundle_256,
+                bundle_64,
                 "--latents",
                 shards,
                 "--text",
@@ -178,7 +178,7 @@ def test_batch_refuses_another_runs_output_and_bad_shards(
             "exported --without-clip, so it edits only the prompts precomputed at export (none) or --text-embedding features",
         )
         assert_refused(
-            cli("batch", "--bundle", bundle_256, "--latents", shards, "--out", tmp_path / "o"),
+            cli("batch", "--bundle", bundle_64, "--latents", shards, "--out", tmp_path / "o"),
             tmp_path / "o",
             "give exactly one of --text or --text-embedding",
         )

@@ -17,7 +17,7 @@ from cfdeploy.errors import CfdeployError
 from cfdeploy.serving.batch import RUN_RECORD, BatchSettings, edit_shard, plan_batch
 from conftest import assert_refused
 
-PROMPT = "green lipstick"  # precomputed in bundle_256
+PROMPT = "green lipstick"  # precomputed in bundle_64
 
 
 @pytest.fixture
@@ -25,17 +25,17 @@ def data(tmp_path: Path) -> Path:
     """One shard, and a FIFO and a dangling link named like shards."""
     data = tmp_path.resolve() / "data"
     data.mkdir()
-    np.save(data / "codes.npy", np.random.default_rng(0).standard_normal((1, 14, 512)).astype(np.float32) * 0.1)
+    np.save(data / "codes.npy", np.random.default_rng(0).standard_normal((1, 10, 512)).astype(np.float32) * 0.1)
     os.mkfifo(data / "pipe.npy")
     (data / "gone.npy").symlink_to(tmp_path / "nowhere.npy")
     return data
 
 
 def test_a_rerun_with_a_recursive_glob_over_its_output_skips_its_results_non_files_and_clears_debris(
-    bundle_256: Path, cli, data: Path
+    bundle_64: Path, cli, data: Path
 ):
     out = data / "edits"
-    settings = BatchSettings(bundle_256, f"{data}/**/*.npy", PROMPT, out, None, 1.0, "onnxruntime", 1, 1, 1.0, 0.0)
+    settings = BatchSettings(bundle_64, f"{data}/**/*.npy", PROMPT, out, None, 1.0, "onnxruntime", 1, 1, 1.0, 0.0)
     skipped = [
         f"{data / 'gone.npy'}: a dangling symbolic link (to {data.parent / 'nowhere.npy'}); skipped",
         f"{data / 'pipe.npy'}: a FIFO, not a regular file; skipped",
@@ -48,7 +48,7 @@ def test_a_rerun_with_a_recursive_glob_over_its_output_skips_its_results_non_fil
     killed = [out / "_done" / f".codes.json.{os.getpid()}.0badf00d.partial", out / "._batch.json.7.12345678.partial"]
     for debris in killed:  # a run killed while writing a record: its workers were on other hosts, perhaps
         debris.write_text("{")
-    result = cli("batch", "--bundle", bundle_256, "--latents", f"{data}/**/*.npy", "--text", PROMPT, "--out", out)
+    result = cli("batch", "--bundle", bundle_64, "--latents", f"{data}/**/*.npy", "--text", PROMPT, "--out", out)
     assert result.exit_code == 0, result.stderr
     lines = result.stderr.splitlines()
     assert [line.removeprefix("warning: ") for line in lines if line.startswith("warning: ")] == skipped, lines
@@ -58,9 +58,9 @@ def test_a_rerun_with_a_recursive_glob_over_its_output_skips_its_results_non_fil
 
 
 def test_an_output_that_is_holds_or_lies_in_an_input_is_refused_even_with_force(
-    bundle_256: Path, cli, data: Path, tmp_path: Path
+    bundle_64: Path, cli, data: Path, tmp_path: Path
 ):
-    bundle = bundle_256.resolve()  # the run reads the bundle's real path, so messages name it
+    bundle = bundle_64.resolve()  # the run reads the bundle's real path, so messages name it
 
     def refused(out: Path, latents: Path | str, *extra: object) -> str:
         result = cli("batch", "--bundle", bundle, "--latents", latents, "--out", out, "--force", *extra)
@@ -99,12 +99,12 @@ with DirectoryLock(Path(sys.argv[1])):
 """
 
 
-def test_a_second_run_into_one_output_is_told_which_run_holds_it(bundle_256: Path, data: Path, tmp_path: Path):
+def test_a_second_run_into_one_output_is_told_which_run_holds_it(bundle_64: Path, data: Path, tmp_path: Path):
     out = tmp_path / "edits"
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(out)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout is not None and holder.stdout.readline() == "holding\n"
-        settings = BatchSettings(bundle_256, str(data), PROMPT, out, None, 1.0, "onnxruntime", 1, 1, 1.0, 0.0)
+        settings = BatchSettings(bundle_64, str(data), PROMPT, out, None, 1.0, "onnxruntime", 1, 1, 1.0, 0.0)
         with pytest.raises(CfdeployError) as refused:
             plan_batch(settings)
         message = str(refused.value)

@@ -13,17 +13,15 @@ from cfdeploy.serving.batch import BatchSettings, edit_shard, plan_batch
 
 
 @pytest.fixture(scope="module")
-def batch_out(tmp_path_factory, bundle_256):
+def batch_out(tmp_path_factory, bundle_64):
     """Two shards of one code each, the first edited (as a worker would) and recorded done."""
     root = tmp_path_factory.mktemp("batch_records")
     shards = root / "shards"
     shards.mkdir()
     rng = np.random.default_rng(0)
     for name in ("first", "second"):
-        np.save(shards / f"{name}.npy", rng.standard_normal((1, 14, 512)).astype(np.float32) * 0.1)
-    settings = BatchSettings(
-        bundle_256, str(shards), "blue dog", root / "out", None, 1.0, "onnxruntime", 1, 1, 1.0, 0.0
-    )
+        np.save(shards / f"{name}.npy", rng.standard_normal((1, 10, 512)).astype(np.float32) * 0.1)
+    settings = BatchSettings(bundle_64, str(shards), "blue dog", root / "out", None, 1.0, "onnxruntime", 1, 1, 1.0, 0.0)
     plan = plan_batch(settings)
     edit_shard(open_backend("onnxruntime", plan.settings.bundle), plan.settings, shards / "first.npy")
     return settings

@@ -19,23 +19,23 @@ from cfdeploy.outputs import npy_bytes
 from cfdeploy.serving.protocol import MAX_BODY_BYTES
 from conftest import assert_refused, free_port, own_ray, ray_is_connected
 
-PROMPT = "green lipstick"  # precomputed in bundle_256
-BUNDLE = "green_lipstick_256"
+PROMPT = "green lipstick"  # precomputed in bundle_64
+BUNDLE = "green_lipstick_64"
 
 
-def test_serve_refuses_bad_settings_in_one_line_before_starting_ray(cli, bundle_256: Path, tmp_path: Path) -> None:
+def test_serve_refuses_bad_settings_in_one_line_before_starting_ray(cli, bundle_64: Path, tmp_path: Path) -> None:
     with own_ray() as our_ray:
         assert_refused(
-            cli("serve", "--bundle", bundle_256, "--replicas", 0), None, "--replicas must be 1 or more, got 0"
+            cli("serve", "--bundle", bundle_64, "--replicas", 0), None, "--replicas must be 1 or more, got 0"
         )
         assert_refused(
-            cli("serve", "--bundle", bundle_256, "--backend", "tensorrt"), None, "--backend tensorrt needs a GPU"
+            cli("serve", "--bundle", bundle_64, "--backend", "tensorrt"), None, "--backend tensorrt needs a GPU"
         )
         assert_refused(cli("serve", "--bundle", tmp_path / "absent"), None, "absent")
         assert_refused(
-            cli("serve", "--bundle", bundle_256, "--bundle", bundle_256),
+            cli("serve", "--bundle", bundle_64, "--bundle", bundle_64),
             None,
-            "two bundles are named 'green_lipstick_256'",
+            "two bundles are named 'green_lipstick_64'",
         )
         assert not ray_is_connected() and not our_ray.processes()
 
@@ -43,19 +43,19 @@ def test_serve_refuses_bad_settings_in_one_line_before_starting_ray(cli, bundle_
 @pytest.fixture(scope="module")
 def codes(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("serve_codes") / "codes.npy"
-    np.save(path, np.random.default_rng(21).standard_normal((8, 14, 512)).astype(np.float32))
+    np.save(path, np.random.default_rng(21).standard_normal((8, 10, 512)).astype(np.float32))
     return path
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory, bundle_256: Path, bundle_with_encoder):
-    """2 replicas each of the 256 px bundle (a hard-linked copy: served prompts are cached in it) and of the 64 px
-    bundle with an e4e encoder, half a CPU each, behind one router."""
+def served(tmp_path_factory: pytest.TempPathFactory, bundle_64: Path, bundle_with_encoder):
+    """2 replicas each of the 64 px bundle with CLIP (a hard-linked copy: served prompts are cached in it) and of the
+    64 px bundle with an e4e encoder, half a CPU each, behind one router."""
     from cfdeploy.serving.server import Server, ServeSettings
 
     assert not ray_is_connected()
     bundle = tmp_path_factory.mktemp("served") / BUNDLE
-    shutil.copytree(bundle_256, bundle, copy_function=os.link)
+    shutil.copytree(bundle_64, bundle, copy_function=os.link)
     _, with_encoder, _ = bundle_with_encoder
     settings = ServeSettings(
         (bundle, with_encoder),
@@ -135,7 +135,7 @@ def test_served_edits_equal_cfdeploy_edit_and_are_batched(served, codes: Path, c
     png = client.request("POST", "/v1/edits", body, {"Accept": "image/png"})
     assert png == (reference / "000000.png").read_bytes()
     listed = {entry["name"]: entry for entry in client.bundles()}
-    assert (listed[BUNDLE]["size"], listed[BUNDLE]["n_latent"], listed[BUNDLE]["prompts"]) == (256, 14, [PROMPT])
+    assert (listed[BUNDLE]["size"], listed[BUNDLE]["n_latent"], listed[BUNDLE]["prompts"]) == (64, 10, [PROMPT])
     assert (listed["with_encoder_64"]["has_encoder"], listed["with_encoder_64"]["has_clip"]) == (True, False)
 
 
@@ -233,7 +233,7 @@ def test_a_photo_comes_back_whole_with_its_face_pasted_and_no_face_is_422(served
 
 def test_bad_requests_get_their_status_and_one_line(served) -> None:
     client, _ = served
-    good = base64.b64encode(npy_bytes(np.zeros((1, 14, 512), np.float32))).decode()
+    good = base64.b64encode(npy_bytes(np.zeros((1, 10, 512), np.float32))).decode()
 
     def refused(body: bytes | dict, path: str = "/v1/edits", method: str = "POST") -> tuple[int, str]:
         sent = json.dumps({"bundle": BUNDLE, **body}).encode() if isinstance(body, dict) else body
@@ -242,14 +242,14 @@ def test_bad_requests_get_their_status_and_one_line(served) -> None:
         assert "\n" not in refusal.value.message
         return refusal.value.status, refusal.value.message
 
-    levels = base64.b64encode(npy_bytes(np.zeros((1, 10, 512), np.float32))).decode()
-    nan = np.zeros((1, 14, 512), np.float32)
+    levels = base64.b64encode(npy_bytes(np.zeros((1, 14, 512), np.float32))).decode()
+    nan = np.zeros((1, 10, 512), np.float32)
     nan[0, 3, 7] = np.nan
     assert refused(b"{not json")[1].startswith("request body is not valid JSON")
     assert refused({"prompt": PROMPT, "latents": "@@@"}) == (400, "latents: not valid base64")
     assert refused({"prompt": PROMPT, "latents": levels}) == (
         400,
-        "latents: latents have 10 levels, the generator needs 14 (shape [1, 10, 512])",
+        "latents: latents have 14 levels, the generator needs 10 (shape [1, 14, 512])",
     )
     assert refused({"prompt": PROMPT, "latents": base64.b64encode(npy_bytes(nan)).decode()}) == (
         400,
@@ -260,7 +260,7 @@ def test_bad_requests_get_their_status_and_one_line(served) -> None:
     )
     assert refused({"bundle": "blue_dog", "prompt": PROMPT, "latents": good}) == (
         404,
-        "unknown bundle 'blue_dog' (served: green_lipstick_256, with_encoder_64)",
+        "unknown bundle 'blue_dog' (served: green_lipstick_64, with_encoder_64)",
     )
     assert refused({"prompt": PROMPT, "seed": 1, "latents": good}) == (
         400,
@@ -300,11 +300,11 @@ def test_bad_requests_get_their_status_and_one_line(served) -> None:
         "Accept: image/png returns one image; this request makes 2",
     )
     only_codes = client.edit(bundle=BUNDLE, prompt=PROMPT, seed=1, returns="npy")
-    assert (only_codes.images, only_codes.generator_batches, only_codes.latents.shape) == ([], [], (1, 14, 512))
+    assert (only_codes.images, only_codes.generator_batches, only_codes.latents.shape) == ([], [], (1, 10, 512))
     assert refused(b"", "/v1/edits", "GET") == (405, "GET is not allowed on /v1/edits")
     assert refused(b"", "/v2/things", "GET")[0] == 404
     assert client.health()["status"] == "ok"
-    assert len(client.edit(bundle=BUNDLE, prompt=PROMPT, latents=np.zeros((1, 14, 512), np.float32)).images) == 1
+    assert len(client.edit(bundle=BUNDLE, prompt=PROMPT, latents=np.zeros((1, 10, 512), np.float32)).images) == 1
 
 
 class StoppingServer:

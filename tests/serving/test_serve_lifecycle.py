@@ -24,15 +24,15 @@ import pytest
 from cfdeploy.client import Client, ServerError
 from conftest import assert_refused, free_port, own_ray, ray_is_connected
 
-PROMPT = "green lipstick"  # precomputed in bundle_256
+PROMPT = "green lipstick"  # precomputed in bundle_64
 GRACE_S = 20  # serve's default --grace-s
 STOP_LIMIT_S = 25  # what a supervisor may wait for, with the default grace
 
 
-def test_refusals_before_ray_starts_are_one_line(cli, bundle_256: Path, tmp_path: Path) -> None:
+def test_refusals_before_ray_starts_are_one_line(cli, bundle_64: Path, tmp_path: Path) -> None:
     """Settings, a damaged graph and a port in use are found before Ray starts: one line, exit 2, nothing started."""
     damaged = tmp_path / "damaged"
-    shutil.copytree(bundle_256, damaged, copy_function=os.link)
+    shutil.copytree(bundle_64, damaged, copy_function=os.link)
     graph = damaged / "generator.onnx"
     content = bytearray(graph.read_bytes())
     content[len(content) // 2] ^= 0xFF
@@ -43,17 +43,17 @@ def test_refusals_before_ray_starts_are_one_line(cli, bundle_256: Path, tmp_path
         taken.listen()
         port = taken.getsockname()[1]
         assert_refused(
-            cli("serve", "--bundle", bundle_256, "--batch-wait-ms", "nan"),
+            cli("serve", "--bundle", bundle_64, "--batch-wait-ms", "nan"),
             None,
             "--batch-wait-ms must be a finite number, 0 or more, got nan",
         )
         assert_refused(
-            cli("serve", "--bundle", bundle_256, "--grace-s", "-1"),
+            cli("serve", "--bundle", bundle_64, "--grace-s", "-1"),
             None,
             "--grace-s must be a finite number, 0 or more, got -1.0",
         )
         assert_refused(
-            cli("serve", "--bundle", bundle_256, "--port", port),
+            cli("serve", "--bundle", bundle_64, "--port", port),
             None,
             f"cannot listen on 127.0.0.1:{port}: already in use (give another --port or --host)",
         )
@@ -70,10 +70,10 @@ def serve_command(*args: object) -> list[str]:
     return [sys.executable, "-m", "cfdeploy", "serve", *map(str, args)]
 
 
-def test_more_replicas_than_the_cpus_hold_is_refused_and_ray_stops(bundle_256: Path) -> None:
+def test_more_replicas_than_the_cpus_hold_is_refused_and_ray_stops(bundle_64: Path) -> None:
     with own_ray() as our_ray:
         refused = subprocess.run(
-            serve_command("--bundle", bundle_256, "--replicas", 5000, "--port", free_port()),
+            serve_command("--bundle", bundle_64, "--replicas", 5000, "--port", free_port()),
             capture_output=True,
             text=True,
             timeout=180,  # Ray would wait for room forever
@@ -88,11 +88,11 @@ def test_more_replicas_than_the_cpus_hold_is_refused_and_ray_stops(bundle_256: P
         assert not our_ray.processes()
 
 
-def test_sigterm_drains_the_edit_in_flight_and_exits_0_with_nothing_left(bundle_256: Path) -> None:
+def test_sigterm_drains_the_edit_in_flight_and_exits_0_with_nothing_left(bundle_64: Path) -> None:
     """An edit that waits 3 s for its generator batch is in flight when SIGTERM comes: it is answered, new edits get
     503 while it drains, and the command exits 0 within 25 s, every process gone; its console is its own lines."""
     port = free_port()
-    command = serve_command("--bundle", bundle_256, "--port", port, "--batch-wait-ms", 3000)
+    command = serve_command("--bundle", bundle_64, "--port", port, "--batch-wait-ms", 3000)
     with own_ray() as our_ray:
         server = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
         assert server.stderr is not None
@@ -102,7 +102,7 @@ def test_sigterm_drains_the_edit_in_flight_and_exits_0_with_nothing_left(bundle_
             assert line, (server.wait(), lines)
             lines.append(line.rstrip("\n"))
         client = Client(f"http://127.0.0.1:{port}")
-        codes = np.random.default_rng(5).standard_normal((1, 14, 512)).astype(np.float32)
+        codes = np.random.default_rng(5).standard_normal((1, 10, 512)).astype(np.float32)
         answered: list[object] = []
         in_flight = threading.Thread(target=lambda: answered.append(client.edit(prompt=PROMPT, latents=codes)))
         in_flight.start()
@@ -125,8 +125,7 @@ def test_sigterm_drains_the_edit_in_flight_and_exits_0_with_nothing_left(bundle_
     assert len(answered) == 1 and len(answered[0].images) == 1  # type: ignore[attr-defined]
     assert re.fullmatch(r"starting Ray Serve and loading the bundles \(\d+\.\d s\)", lines[0]), lines
     assert lines[2:] == [
-        f"serving {bundle_256.name} at http://127.0.0.1:{port} (1 replica(s) each, onnxruntime); "
-        "Ctrl-C or SIGTERM stops"
+        f"serving {bundle_64.name} at http://127.0.0.1:{port} (1 replica(s) each, onnxruntime); Ctrl-C or SIGTERM stops"
     ]
     assert rest.splitlines() == [
         f"stopping: edits in flight have {GRACE_S} s to finish (Ctrl-C again: stop now)",

@@ -51,14 +51,14 @@ def run_core(python: Path, *args: object) -> subprocess.CompletedProcess:
     return subprocess.run([python, "-c", code, *map(str, args)], capture_output=True, text=True)
 
 
-def test_core_install_tokenizes_like_open_clip(core_python, bundle_256):
+def test_core_install_tokenizes_like_open_clip(core_python, bundle_64):
     code = (
         "import json, sys; from pathlib import Path; from cfdeploy.tokenizer import ClipTokenizer;"
         "tok = ClipTokenizer(Path(sys.argv[1]) / 'tokenizer' / 'bpe_simple_vocab_16e6.txt.gz');"
         "print(json.dumps(tok(json.loads(sys.argv[2])).tolist()))"
     )
     process = subprocess.run(
-        [core_python, "-c", code, str(bundle_256), json.dumps(TOKENIZER_PROMPTS)], capture_output=True, text=True
+        [core_python, "-c", code, str(bundle_64), json.dumps(TOKENIZER_PROMPTS)], capture_output=True, text=True
     )
     assert process.returncode == 0, process.stderr
     assert np.array_equal(
@@ -68,17 +68,17 @@ def test_core_install_tokenizes_like_open_clip(core_python, bundle_256):
 
 @pytest.mark.parametrize("text_source", ["text", "embedding"])
 def test_core_install_edits_a_bundle(
-    core_python, tmp_path, bundle_256, cfclip_256, latents_256, embedding_file, text_source
+    core_python, tmp_path, bundle_64, cfclip_64, latents_64, embedding_file, text_source
 ):
     if text_source == "text":
         source, features = ("--text", "rosy cheeks"), open_clip_features(["rosy cheeks"])
     else:
         source, features = ("--text-embedding", embedding_file), np.load(embedding_file)[None]
     out = tmp_path / "out"
-    process = run_core(core_python, "edit", "--bundle", bundle_256, "-l", latents_256, *source, "-o", out, "--save-raw")
+    process = run_core(core_python, "edit", "--bundle", bundle_64, "-l", latents_64, *source, "-o", out, "--save-raw")
     assert process.returncode == 0, process.stderr
     assert "torch" not in json.loads((out / "edit.json").read_text())["versions"]
-    _, image = official_edit(cfclip_256, np.load(latents_256), features)
+    _, image = official_edit(cfclip_64, np.load(latents_64), features)
     assert rel_l2(np.load(out / "images.npy"), image) <= TOLERANCE
 
 
@@ -93,15 +93,15 @@ def test_core_install_samples_a_dac_bundle_like_torch(core_python, tmp_path, dac
     assert np.abs(ours - theirs).max() <= 1
 
 
-def test_core_install_refuses_refinement_in_one_line(core_python, tmp_path, bundle_256, latents_256, embedding_file):
+def test_core_install_refuses_refinement_in_one_line(core_python, tmp_path, bundle_64, latents_64, embedding_file):
     out = tmp_path / "out"
     process = run_core(
         core_python,
         "edit",
         "--bundle",
-        bundle_256,
+        bundle_64,
         "-l",
-        latents_256,
+        latents_64,
         "--text-embedding",
         embedding_file,
         "-o",
@@ -148,10 +148,10 @@ def test_core_install_refuses_refinement_in_one_line(core_python, tmp_path, bund
     ],
 )
 def test_core_install_names_the_extra_a_command_needs(
-    core_python, tmp_path, cfclip_256, embedding_file, command, needed_for, extra
+    core_python, tmp_path, cfclip_64, embedding_file, command, needed_for, extra
 ):
     out = tmp_path / "out"
-    values = {"checkpoint": cfclip_256, "embedding": embedding_file, "out": out}
+    values = {"checkpoint": cfclip_64, "embedding": embedding_file, "out": out}
     process = run_core(core_python, *(str(part).format(**values) for part in command))
     assert process.returncode == 2, process.stderr
     assert messages(process.stderr) == (

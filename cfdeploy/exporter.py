@@ -120,7 +120,7 @@ def module_sha256(module: nn.Module) -> str:
 def code_sha256(module: nn.Module) -> str:
     """The source files of every class in ``module``, of this exporter and of the layers it swaps in."""
     files = {inspect.getsourcefile(type(submodule)) for submodule in module.modules()}
-    files |= {inspect.getsourcefile(export_graph), inspect.getsourcefile(layers)}
+    files |= {__file__, inspect.getsourcefile(layers)}
     digest = hashlib.sha256()
     for file in sorted(name for name in files if name is not None):
         digest.update(Path(file).read_bytes())

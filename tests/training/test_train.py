@@ -4,7 +4,6 @@ format that edit and export accept, and refusals."""
 
 from __future__ import annotations
 
-import gc
 import json
 import re
 import shutil
@@ -27,7 +26,7 @@ from cfdeploy.models.arcface import ArcFace
 from cfdeploy.refine import CLIP_MEAN, CLIP_STD, perspective_endpoints
 from cfdeploy.training.run import prepare, train
 from cfdeploy.training.trainer import TrainInputs, TrainSettings, batch_indices, step_generator
-from conftest import TOLERANCE, assert_refused, official_edit, official_w_hat, rel_l2
+from conftest import TOLERANCE, assert_refused, give_memory_back, official_edit, official_w_hat, rel_l2
 
 PROMPT = "green lipstick"
 N_LATENT_64 = 10
@@ -132,10 +131,8 @@ def test_one_step_reproduces_the_official_computation(run_files):
         for name, module in mappers.items()
     }
     progress = trainer.train_step()
-    del (
-        trainer
-    )  # the mappers keep their gradients; its float64 CLIP, ArcFace and generator (~2 GB) go before the reference's own
-    gc.collect()
+    del trainer  # the mappers keep their gradients; its float64 CLIP, ArcFace and generator (~2 GB) go
+    give_memory_back()  # before the reference builds its own
 
     content = torch.load(run_files["generator"], weights_only=True)
     generator_state = {

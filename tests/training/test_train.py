@@ -4,6 +4,7 @@ format that edit and export accept, and refusals."""
 
 from __future__ import annotations
 
+import gc
 import json
 import re
 import shutil
@@ -26,7 +27,7 @@ from cfdeploy.models.arcface import ArcFace
 from cfdeploy.refine import CLIP_MEAN, CLIP_STD, perspective_endpoints
 from cfdeploy.training.run import prepare, train
 from cfdeploy.training.trainer import TrainInputs, TrainSettings, batch_indices, step_generator
-from conftest import TOLERANCE, assert_refused, give_memory_back, official_edit, official_w_hat, rel_l2
+from conftest import TOLERANCE, assert_refused, official_edit, official_w_hat, rel_l2
 
 PROMPT = "green lipstick"
 N_LATENT_64 = 10
@@ -132,7 +133,7 @@ def test_one_step_reproduces_the_official_computation(run_files):
     }
     progress = trainer.train_step()
     del trainer  # the mappers keep their gradients; its float64 CLIP, ArcFace and generator (~2 GB) go
-    give_memory_back()  # before the reference builds its own
+    gc.collect()  # before the reference builds its own
 
     content = torch.load(run_files["generator"], weights_only=True)
     generator_state = {
@@ -471,6 +472,8 @@ def test_cli_trains_from_a_checkpoint_with_a_text_embedding(cli, run_files, init
         run_files["generator"],
         "-l",
         run_files["latents"],
+        "--test-latents",  # validated on 2 codes, not the first 4 training codes
+        run_files["test"],
         "--steps",
         1,
         "--init-from",
@@ -523,7 +526,7 @@ def test_cli_refuses_a_checkpoint_or_embedding_that_does_not_fit(
 
 def test_a_damaged_training_state_is_refused_naming_what_is_missing(run_files, tmp_path):
     settings = TrainSettings(PROMPT, steps=1, seed=3, nce_lambda=0, id_lambda=0)
-    inputs = TrainInputs(run_files["generator"], run_files["clip"], run_files["latents"])
+    inputs = TrainInputs(run_files["generator"], run_files["clip"], run_files["latents"], run_files["test"])
     train(settings, inputs, tmp_path / "run")
     state_path = tmp_path / "run" / "training_state.pt"
     state = torch.load(state_path, weights_only=True)

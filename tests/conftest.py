@@ -337,14 +337,8 @@ def memory_back_after_each_module() -> Iterator[None]:
     What is left (imported libraries, the session's fixtures) is frozen: later collections, this one's and Python's
     own, no longer walk its millions of objects (they took half a minute of the run)."""
     yield
-    give_memory_back()
-    gc.freeze()
-
-
-def give_memory_back() -> None:
-    """Free what cycles hold and return the freed heap to the system: torch's tensors under 32 MB live on the heap,
-    which glibc keeps for reuse, so a process's resident size would otherwise stay at its highest."""
     gc.collect()
+    gc.freeze()
     with contextlib.suppress(OSError, AttributeError):  # glibc only
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
@@ -495,29 +489,28 @@ def cli():
     return run_cli
 
 
-@pytest.fixture(scope="session")
-def bundle_256(shared: Path, cfclip_256: Path, clip_state_dict_file: Path) -> Path:
-    """An ONNX bundle exported through the CLI, with one precomputed prompt."""
+def bundle_with_a_prompt(out: Path, checkpoint: Path, clip_weights: Path) -> Path:
+    """``checkpoint`` exported through the CLI once for the run, with the CLIP text graph and "green lipstick"
+    precomputed."""
 
-    def export(out: Path) -> None:
-        args = ("export", "-c", cfclip_256, "--clip-weights", clip_state_dict_file, "--out", out)
-        result = run_cli(*args, "--prompt", "green lipstick")
+    def export(target: Path) -> None:
+        args = ("export", "-c", checkpoint, "--clip-weights", clip_weights, "--out", target)
+        result = run_cli(*args, "--text", "green lipstick")
         assert result.exit_code == 0, result.stderr
 
-    return built_once(shared / "bundles" / "green_lipstick_256", export)
+    return built_once(out, export)
+
+
+@pytest.fixture(scope="session")
+def bundle_256(shared: Path, cfclip_256: Path, clip_state_dict_file: Path) -> Path:
+    return bundle_with_a_prompt(shared / "bundles" / "green_lipstick_256", cfclip_256, clip_state_dict_file)
 
 
 @pytest.fixture(scope="session")
 def bundle_64(shared: Path, cfclip_64: Path, clip_state_dict_file: Path) -> Path:
-    """``cfclip_64`` with the CLIP text graph and one precomputed prompt: what the serving tests serve (a 64 px image
-    costs a quarter of a 256 px one; its graphs are mostly reused from the run's other exports)."""
-
-    def export(out: Path) -> None:
-        args = ("export", "-c", cfclip_64, "--clip-weights", clip_state_dict_file, "--out", out)
-        result = run_cli(*args, "--text", "green lipstick")
-        assert result.exit_code == 0, result.stderr
-
-    return built_once(shared / "bundles" / "green_lipstick_64", export)
+    """What the serving tests serve: a 64 px image costs a quarter of a 256 px one, and its graphs are mostly reused
+    from the run's other exports."""
+    return bundle_with_a_prompt(shared / "bundles" / "green_lipstick_64", cfclip_64, clip_state_dict_file)
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,6 @@ import hashlib
 import json
 import os
 import shutil
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -21,12 +20,6 @@ from cfdeploy.models.layers import EqualLinear
 from conftest import official_w_hat, rel_l2
 
 NETWORKS = ["text_mapper", "latent_editor", "generator", "mapping"]  # a --without-clip bundle's, in export order
-
-
-def exported(cli, checkpoint: Path, out: Path) -> dict:
-    result = cli("export", "-c", checkpoint, "--without-clip", "-o", out)
-    assert result.exit_code == 0, result.stderr
-    return json.loads((out / "manifest.json").read_text())
 
 
 def test_a_second_export_of_a_checkpoint_reuses_every_graph_byte_for_byte(
@@ -50,7 +43,9 @@ def test_another_prompts_checkpoint_reuses_the_shared_generator_and_exports_its_
 ):
     other = tmp_path / "other_prompt.pt"
     torch.save(synthetic_files.checkpoint_with_generator_of(6, 7, size=64), other)  # cfclip_64's generator (seed 6)
-    manifest = exported(cli, other, tmp_path / "bundle")
+    result = cli("export", "-c", other, "--without-clip", "-o", tmp_path / "bundle")
+    assert result.exit_code == 0, result.stderr
+    manifest = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
     assert manifest["export"]["reused"] == ["generator", "mapping"]
     for name in ("generator.onnx", "mapping.onnx"):
         assert (tmp_path / "bundle" / name).read_bytes() == (bundle_64_without_clip / name).read_bytes()

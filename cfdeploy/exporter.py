@@ -183,10 +183,10 @@ def export_graph(
         if contract.refittable and not large:
             module = with_scaled_linears(module)
             weights = tuple(name for name, _ in module.named_parameters())
-        torch.onnx.export(
+        program = torch.onnx.export(
             module.eval(),
             args,
-            str(path),
+            str(path) if large else None,  # otherwise the graph goes on in memory, not through the disk
             input_names=[spec.name for spec in contract.inputs],
             output_names=[spec.name for spec in contract.outputs],
             dynamic_shapes=dynamic,
@@ -198,11 +198,13 @@ def export_graph(
         )
     if large:
         return weights
-    graph = onnx.load(str(path))
+    assert program is not None
+    graph = program.model_proto
     drop_zero_conv_biases(graph)
-    onnx.save(slim_keeping(graph, weights, contract.name), str(path))
+    serialized = slim_keeping(graph, weights, contract.name).SerializeToString()
+    path.write_bytes(serialized)
     if cache is not None and parts is not None:
-        cache.put(parts, {EXPORTED_GRAPH: path, EXPORTED_WEIGHTS: json.dumps(weights).encode()})
+        cache.put(parts, {EXPORTED_GRAPH: serialized, EXPORTED_WEIGHTS: json.dumps(weights).encode()})
     return weights
 
 

@@ -152,16 +152,12 @@ class GraphCache:
             files[name] = content
         return files
 
-    def put(self, parts: Mapping[str, Any], files: Mapping[str, bytes | Path]) -> None:
-        """Store ``files`` (name → bytes, or a file to copy) as the entry for ``parts``; a full disk or read-only
-        cache only warns."""
+    def put(self, parts: Mapping[str, Any], files: Mapping[str, bytes]) -> None:
+        """Store ``files`` (name → bytes) as the entry for ``parts``; a full disk or read-only cache only warns."""
         try:
             with self.staging() as staging:
                 for name, content in files.items():
-                    if isinstance(content, Path):
-                        shutil.copyfile(content, staging / name)
-                    else:
-                        (staging / name).write_bytes(content)
+                    (staging / name).write_bytes(content)
                 self.commit(parts, staging)
         except OSError as error:
             self.on_warning(f"{self.root}: could not store a graph ({error.strerror or error})")

@@ -3,8 +3,9 @@
 CF-CLIP trains one checkpoint per prompt, each carrying the same generator. Refit checks that the new
 checkpoint's generator weights hash to the bundle's, that its mappers have the same architecture
 (every weight matched by name and shape: export keeps each mapper weight as an initializer named by its
-module path, whatever its values), then replaces the text-mapper and latent-editor graphs,
-recomputes the stored prompts' text branch, and refits refittable TensorRT mapper engines where
+module path, whatever its values), then writes the new weights into the bundle's text-mapper and
+latent-editor graphs (nothing is traced again) and checks them against torch, recomputes the stored
+prompts' text branch, and refits refittable TensorRT mapper engines where
 TensorRT and a GPU are present. The new bundle is assembled beside the old one (unchanged files are
 hard links) and swapped in, under the bundle's lock.
 """
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import onnx
 from onnx import numpy_helper
+from torch import nn
 
 from cfdeploy.backends import open_backend
 from cfdeploy.bundle import (
@@ -33,8 +35,9 @@ from cfdeploy.bundle_files import ENGINE_DIR
 from cfdeploy.checkpoints import load_cfclip
 from cfdeploy.environment import versions
 from cfdeploy.errors import CfdeployError
-from cfdeploy.exporter import DEFAULT_OPSET, check_parity, export_graph
+from cfdeploy.exporter import check_parity
 from cfdeploy.files import sha256_file
+from cfdeploy.models.layers import with_scaled_linears
 from cfdeploy.models.mappers import LatentEditor
 from cfdeploy.outputs import DirectoryLock, npy_bytes, replace_directory, write_atomic
 from cfdeploy.trt.plan import engine_paths
@@ -63,8 +66,8 @@ def match_weights(
     """Names of the initializers that change; refuses, in one line, when the new graph's do not fit the bundle's.
 
     ``old`` and ``new`` are every initializer of the bundle's graph and of the checkpoint's (:func:`onnx_weights`);
-    ``weights`` names the new graph's refittable weights (what :func:`export_graph` returns), to say what the
-    bundle's graph lacks when it was exported before every weight kept a name of its own.
+    ``weights`` names the checkpoint's refittable weights (what :func:`cfdeploy.exporter.export_graph` keeps), to
+    say what the bundle's graph lacks when it was exported before every weight kept a name of its own.
     """
     problems = [
         f"cannot place the checkpoint's weight {name} {list(new[name].shape)}: the bundle's graph has no initializer of that name"
@@ -92,6 +95,29 @@ def match_weights(
         )
     more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
     raise CfdeployError(f"{network}: {problems[0]}{more}")
+
+
+def refitted_graph(network: str, graph: bytes, module: nn.Module) -> tuple[bytes, list[str]]:
+    """``graph`` with ``module``'s weights written over the initializers of their names, as export names and
+    scales them (:func:`cfdeploy.models.layers.with_scaled_linears`), and the names of those whose values changed.
+    The graph's other initializers are constants of the architecture, the same for every checkpoint of it."""
+    weights = {
+        name: parameter.detach().cpu().numpy() for name, parameter in with_scaled_linears(module).named_parameters()
+    }
+    old = onnx_weights(graph)
+    new = {
+        **old,
+        **{
+            name: WeightInfo(tuple(values.shape), hashlib.sha256(values.tobytes()).hexdigest())
+            for name, values in weights.items()
+        },
+    }
+    changed = match_weights(network, old, new, tuple(weights))
+    model = onnx.load_from_string(graph)
+    for tensor in model.graph.initializer:
+        if tensor.name in weights:
+            tensor.CopyFrom(numpy_helper.from_array(weights[tensor.name], tensor.name))
+    return model.SerializeToString(), changed
 
 
 def _link_tree(source: Path, target: Path) -> None:
@@ -196,13 +222,9 @@ def refit_bundle(
             for name in REFIT_NETWORKS:
                 contract = contracts[name]
                 path = staged / contract.filename
-                old = onnx_weights(bundle.network(name).content)
-                path.unlink()
-                report(f"exporting {name}")
-                weights = export_graph(
-                    modules[name], contract, path, manifest.get("export", {}).get("opset", DEFAULT_OPSET)
-                )
-                changed[name] = match_weights(name, old, onnx_weights(path.read_bytes()), weights)
+                report(f"writing the new weights into {name}")
+                graph, changed[name] = refitted_graph(name, bundle.network(name).content, modules[name])
+                write_atomic(path, graph)  # a new file: the live bundle's hard link is untouched
                 report(f"checking {name} against torch")
                 manifest["networks"][name]["parity"] = check_parity(modules[name], contract, path)
                 manifest["files"][contract.filename] = sha256_file(path)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from cfdeploy.backends.torch_backend import TorchBackend
-from cfdeploy.models.clip_text import ClipText, is_text_tower_key
+from cfdeploy.models.clip_text import ClipText
 from cfdeploy.models.mappers import FullTextMapper, LevelsMapper, MapperConfig
 from cfdeploy.models.stylegan2 import Generator, GeneratorConfig
 
@@ -51,7 +51,13 @@ def synthetic_backend(size: int = 256, seed: int = 0, device: str = "cpu") -> To
 def save_synthetic_files(
     directory: Path, size: int = 256, seed: int = 0, with_visual: bool = False
 ) -> tuple[Path, Path]:
-    """Write a CF-CLIP checkpoint and CLIP weights (text tower, or whole) in the official formats."""
+    """Write a CF-CLIP checkpoint and CLIP weights (text tower, or whole) in the official formats.
+
+    The text tower is the samples' (:func:`cfdeploy.samples.official.clip_text_state`) whatever ``seed``: one CLIP
+    text graph, traced once, serves every such file set from the export cache."""
+    from cfdeploy.samples import CLIP_SEED
+    from cfdeploy.samples.official import clip_text_state
+
     models = synthetic_models(size, seed)
     state = {
         **{f"mapper.{key}": value for key, value in models.mapper.state_dict().items()},
@@ -71,10 +77,10 @@ def save_synthetic_files(
     directory.mkdir(parents=True, exist_ok=True)
     checkpoint, clip_weights = directory / f"synthetic_{size}.pt", directory / "synthetic_clip_text.pt"
     torch.save({"state_dict": state, "opts": opts}, checkpoint)
-    clip_state = {
-        key: value
-        for key, value in models.clip.clip.state_dict().items()
-        if is_text_tower_key(key) or (with_visual and key.startswith("visual."))
-    }
+    clip_state = clip_text_state(CLIP_SEED)
+    if with_visual:
+        clip_state.update(
+            {key: value for key, value in models.clip.clip.state_dict().items() if key.startswith("visual.")}
+        )
     torch.save(clip_state, clip_weights)
     return checkpoint, clip_weights

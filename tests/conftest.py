@@ -17,6 +17,7 @@ import inspect
 import json
 import multiprocessing
 import os
+import pickle
 import re
 import shutil
 import socket
@@ -248,13 +249,14 @@ def checkpoint_with_generator_of(path: Path, generator_seed: int, mapper_seed: i
 
 _EARLY: dict[str, tuple[str, Callable[[Path], Any]]] = {}
 _STARTED: dict[str, concurrent.futures.Future] = {}
-_EARLY_DIRECTORIES: list[Path] = []
+EARLY_RESULT = "result.pickle"
 
 
 def prepare_early(key: str, work: Callable[[Path], Any]) -> None:
     """Register ``work(directory)``, slow work in subprocesses (a virtual environment, a type check), from a test
-    module: once collection is done, it starts in a background thread if a test of that module was selected, so it
-    overlaps with the tests before them. :func:`early_result` waits for it (or runs it there, if it never started)."""
+    module. Once collection is done it starts in a background thread if a test of that module was selected, once for
+    every worker of the run (:func:`built_once`), its processes at the lowest priority: it takes the CPU time the
+    tests leave (while they wait for Ray, say), not theirs. :func:`early_result` waits for it."""
     caller = inspect.currentframe().f_back  # type: ignore[union-attr]
     _EARLY[key] = (caller.f_code.co_filename, work)  # type: ignore[union-attr]
 
@@ -263,8 +265,9 @@ _EARLY_PROCESSES: set[subprocess.Popen] = set()
 
 
 def early_run(args: list, check: bool = False, **options: Any) -> subprocess.CompletedProcess:
-    """``subprocess.run`` for early work: a session that ends before the work does (Ctrl-C, ``-x``) stops it."""
-    with subprocess.Popen(args, **options) as process:
+    """``subprocess.run`` for early work, at the lowest priority; a session that ends before the work does (Ctrl-C,
+    ``-x``, or a worker none of whose tests needed it) stops it."""
+    with subprocess.Popen(["nice", "-n", "19", *map(str, args)], **options) as process:
         _EARLY_PROCESSES.add(process)
         try:
             stdout, stderr = process.communicate()
@@ -275,17 +278,23 @@ def early_run(args: list, check: bool = False, **options: Any) -> subprocess.Com
     return subprocess.CompletedProcess(args, process.returncode, stdout, stderr)
 
 
-def _start_early(key: str) -> None:
-    directory = Path(tempfile.mkdtemp(prefix=f"cfdeploy-{key.replace(' ', '-')}-"))
-    _EARLY_DIRECTORIES.append(directory)
+def _early_work(key: str, shared: Path) -> Any:
+    def build(directory: Path) -> None:
+        (directory / "work").mkdir(parents=True)
+        (directory / EARLY_RESULT).write_bytes(pickle.dumps(_EARLY[key][1](directory / "work")))
+
+    return pickle.loads((built_once(shared / "early" / key.replace(" ", "-"), build) / EARLY_RESULT).read_bytes())
+
+
+def _start_early(key: str, shared: Path) -> None:
     executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=key)
-    _STARTED[key] = executor.submit(_EARLY[key][1], directory)
+    _STARTED[key] = executor.submit(_early_work, key, shared)
     executor.shutdown(wait=False)
 
 
-def early_result(key: str) -> Any:
+def early_result(key: str, shared: Path) -> Any:
     if key not in _STARTED:
-        _start_early(key)
+        _start_early(key, shared)
     return _STARTED[key].result()
 
 
@@ -341,12 +350,10 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
-    if XDIST_WORKER is not None:
-        return  # every worker collects every module, not knowing which it will run: early work starts when asked for
-    selected = {str(item.path) for item in session.items}
+    selected = {str(item.path) for item in session.items}  # every worker collects the whole selection
     for key, (module, _) in _EARLY.items():
         if module in selected and key not in _STARTED:
-            _start_early(key)
+            _start_early(key, shared_directory(session.config._tmp_path_factory))  # type: ignore[attr-defined]
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
@@ -354,8 +361,6 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         process.terminate()
     for future in _STARTED.values():
         concurrent.futures.wait([future])  # the work's thread is done before its directory goes
-    for directory in _EARLY_DIRECTORIES:
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -417,6 +422,10 @@ def save_e4e_checkpoint(path: Path, seed: int, size: int) -> None:
 
 @pytest.fixture(scope="session")
 def shared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return shared_directory(tmp_path_factory)
+
+
+def shared_directory(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Where the session's synthetic files and bundles are built once for all workers (pytest-xdist's workers share
     the parent of their own temporary directories)."""
     root = tmp_path_factory.getbasetemp()

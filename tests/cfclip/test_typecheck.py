@@ -57,8 +57,8 @@ def type_check(directory: Path) -> tuple[subprocess.CompletedProcess, subprocess
 prepare_early("type check", type_check)  # mypy runs in its own process while the tests before this one run
 
 
-def test_package_type_checks_with_tensorrt_against_the_published_api():
-    installed, result = early_result("type check")
+def test_package_type_checks_with_tensorrt_against_the_published_api(shared):
+    installed, result = early_result("type check", shared)
     if installed.returncode != 0 and re.search(
         r"NewConnectionError|Network is unreachable|name resolution", installed.stderr
     ):

@@ -39,8 +39,8 @@ prepare_early("core venv", core_install)  # pip's downloads and unpacking overla
 
 
 @pytest.fixture(scope="module")
-def core_python() -> Path:
-    python = early_result("core venv")
+def core_python(shared: Path) -> Path:
+    python = early_result("core venv", shared)
     probe = subprocess.run([python, "-c", "import torch"], capture_output=True)
     assert probe.returncode != 0, "the core install must not bring torch"
     return python

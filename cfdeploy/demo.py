@@ -1,8 +1,8 @@
 """The embedded default: the real architecture with seeded synthetic weights, edited end to end.
 
 It needs no downloads, so the pipeline and its speed can be tried anywhere; the pictures mean nothing
-because the weights are random. The same models can be saved in the official file formats, so the
-export and benchmark paths can be exercised without the official files too.
+because the weights are random. The same generator and mappers can be saved in the official file formats,
+with a synthetic CLIP, so the export and benchmark paths can be exercised without the official files too.
 """
 
 from __future__ import annotations
@@ -53,8 +53,8 @@ def save_synthetic_files(
 ) -> tuple[Path, Path]:
     """Write a CF-CLIP checkpoint and CLIP weights (text tower, or whole) in the official formats.
 
-    The text tower is the samples' (:func:`cfdeploy.samples.official.clip_text_state`) whatever ``seed``: one CLIP
-    text graph, traced once, serves every such file set from the export cache."""
+    CLIP's text tower is :func:`cfdeploy.samples.official.clip_text_state` of the samples' CLIP seed, whatever
+    ``seed``: one CLIP text graph, traced once, serves every such file set from the export cache."""
     from cfdeploy.samples import CLIP_SEED
     from cfdeploy.samples.official import clip_text_state
 

@@ -59,7 +59,7 @@ TRACE_BATCH = 2
 PHOTO_WAVES = 8
 MAX_BATCH = 1024
 EXPORTS_DIR = "exports"  # under the cache root, beside the compiled graphs
-EXPORTED_GRAPH, EXPORTED_WEIGHTS = "graph.onnx", "weights.json"
+EXPORTED_GRAPH = "graph.onnx"
 EXPORTER_PACKAGES = ("torch", "onnx", "onnxscript", "onnxslim")
 
 
@@ -150,7 +150,7 @@ def export_graph(
     example: tuple[torch.Tensor, ...] | None = None,
     large: bool = False,
     cache: GraphCache | None = None,
-) -> tuple[str, ...]:
+) -> None:
     """Export ``module`` to ``path`` under ``contract``'s names, traced on ``example`` (default: random inputs).
 
     ``large``: weights beside the graph in ``<file>.data`` (protobuf stops at 2 GB, a Stable Diffusion UNet is
@@ -160,8 +160,7 @@ def export_graph(
     its module path, whatever its values: its equalised-lr layers are exported with their scales applied
     (:class:`ScaledLinear`) and onnxslim never sees the weights, so it cannot fold them into constants named by
     the op that made them (``mul_111``) nor merge equal ones (a new run's zero biases). Any checkpoint of the
-    same architecture then gives a graph with the same initializers, which refit relies on. Returns the names
-    of those weights (none for other networks).
+    same architecture then gives a graph with the same initializers, which refit relies on.
 
     ``cache``: reuse the graph exported before from the same weights, code, contract and versions (see
     :func:`export_parts`; ``cache.outcomes[contract.name]`` then says ``hit``), and keep a new one there.
@@ -170,9 +169,9 @@ def export_graph(
     parts = None if cache is None or large else export_parts(module, contract, opset, example)
     if cache is not None and parts is not None:
         cached = cache.load(contract.name, parts)
-        if cached is not None and {EXPORTED_GRAPH, EXPORTED_WEIGHTS} <= set(cached):
+        if cached is not None and EXPORTED_GRAPH in cached:
             path.write_bytes(cached[EXPORTED_GRAPH])
-            return tuple(json.loads(cached[EXPORTED_WEIGHTS]))
+            return
     weights: tuple[str, ...] = ()
     batch = torch.export.Dim(BATCH, min=1, max=MAX_BATCH)
     rng = np.random.default_rng(0)
@@ -197,15 +196,14 @@ def export_graph(
             verbose=False,
         )
     if large:
-        return weights
+        return
     assert program is not None
     graph = program.model_proto
     drop_zero_conv_biases(graph)
     serialized = slim_keeping(graph, weights, contract.name).SerializeToString()
     path.write_bytes(serialized)
     if cache is not None and parts is not None:
-        cache.put(parts, {EXPORTED_GRAPH: serialized, EXPORTED_WEIGHTS: json.dumps(weights).encode()})
-    return weights
+        cache.put(parts, {EXPORTED_GRAPH: serialized})
 
 
 def slim_keeping(model: onnx.ModelProto, weights: Sequence[str], network: str) -> onnx.ModelProto:

@@ -65,9 +65,10 @@ def match_weights(
 ) -> list[str]:
     """Names of the initializers that change; refuses, in one line, when the new graph's do not fit the bundle's.
 
-    ``old`` and ``new`` are every initializer of the bundle's graph and of the checkpoint's (:func:`onnx_weights`);
-    ``weights`` names the checkpoint's refittable weights (what :func:`cfdeploy.exporter.export_graph` keeps), to
-    say what the bundle's graph lacks when it was exported before every weight kept a name of its own.
+    ``old`` is every initializer of the bundle's graph (:func:`onnx_weights`), ``new`` the same with the checkpoint's
+    weights in place; ``weights`` names the checkpoint's refittable weights (what
+    :func:`cfdeploy.exporter.export_graph` keeps), to say what the bundle's graph lacks when it was exported before
+    every weight kept a name of its own.
     """
     problems = [
         f"cannot place the checkpoint's weight {name} {list(new[name].shape)}: the bundle's graph has no initializer of that name"
@@ -100,23 +101,33 @@ def match_weights(
 def refitted_graph(network: str, graph: bytes, module: nn.Module) -> tuple[bytes, list[str]]:
     """``graph`` with ``module``'s weights written over the initializers of their names, as export names and
     scales them (:func:`cfdeploy.models.layers.with_scaled_linears`), and the names of those whose values changed.
-    The graph's other initializers are constants of the architecture, the same for every checkpoint of it."""
-    weights = {
+
+    The graph's other initializers are constants of the architecture, the same for every checkpoint of it. A weight
+    the graph does not hold is one no node reads (a mapper group with no levels at this size), which export leaves
+    out; the parity check that follows refuses a graph that lacks one it needs."""
+    parameters = {
         name: parameter.detach().cpu().numpy() for name, parameter in with_scaled_linears(module).named_parameters()
     }
     old = onnx_weights(graph)
+    # none held: a graph from before each weight kept its own name, which match_weights names as such
+    placed = {name: values for name, values in parameters.items() if name in old} or parameters
     new = {
         **old,
         **{
             name: WeightInfo(tuple(values.shape), hashlib.sha256(values.tobytes()).hexdigest())
-            for name, values in weights.items()
+            for name, values in placed.items()
         },
     }
-    changed = match_weights(network, old, new, tuple(weights))
+    changed = match_weights(network, old, new, tuple(parameters))
     model = onnx.load_from_string(graph)
     for tensor in model.graph.initializer:
-        if tensor.name in weights:
-            tensor.CopyFrom(numpy_helper.from_array(weights[tensor.name], tensor.name))
+        if tensor.name in placed:
+            if tensor.data_type != onnx.helper.np_dtype_to_tensor_dtype(placed[tensor.name].dtype):
+                raise CfdeployError(
+                    f"{network}: the bundle's weight {tensor.name} is not {placed[tensor.name].dtype} as the "
+                    "checkpoint's is; export the bundle again, then refit it"
+                )
+            tensor.CopyFrom(numpy_helper.from_array(placed[tensor.name], tensor.name))
     return model.SerializeToString(), changed
 
 

@@ -23,6 +23,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -65,8 +66,8 @@ TOKENIZER_PROMPTS = [
     "<start_of_text>literal specials<end_of_text>",
     "word " * 75,
 ]
-# The CLIP text tower every CLIP file of the session holds; `cfdeploy bench --synthetic` writes the same one, so its
-# export reuses the text graph the session's bundles traced.
+# The seed of the CLIP text tower in the session's text-tower files (`clip_text_state`); `cfdeploy bench --synthetic`
+# writes the same one, so its export reuses the text graph the session's bundles traced.
 CLIP_SEED = samples.CLIP_SEED
 DAC_PROMPT, DAC_TARGET = "A cat.", "A cat wearing a wool cap."
 DAC_IMAGE_SIZE = 32  # the tiny random model's (cfdeploy.dac.synthetic): 16×16 latents
@@ -262,17 +263,22 @@ def prepare_early(key: str, work: Callable[[Path], Any]) -> None:
 
 
 _EARLY_PROCESSES: set[subprocess.Popen] = set()
+_EARLY_STOPPED = threading.Event()
 
 
 def early_run(args: list, check: bool = False, **options: Any) -> subprocess.CompletedProcess:
-    """``subprocess.run`` for early work, at the lowest priority; a session that ends before the work does (Ctrl-C,
-    ``-x``, or a worker none of whose tests needed it) stops it."""
+    """``subprocess.run`` for early work, at the lowest priority. A test run stopped before the work is done (Ctrl-C,
+    ``-x``) stops it, and a stopped process raises: it is never taken for the work's result."""
+    if _EARLY_STOPPED.is_set():
+        raise RuntimeError("the test run stopped")
     with subprocess.Popen(["nice", "-n", "19", *map(str, args)], **options) as process:
         _EARLY_PROCESSES.add(process)
         try:
             stdout, stderr = process.communicate()
         finally:
             _EARLY_PROCESSES.discard(process)
+    if _EARLY_STOPPED.is_set():
+        raise RuntimeError("the test run stopped")
     if check and process.returncode:
         raise subprocess.CalledProcessError(process.returncode, args, stdout, stderr)
     return subprocess.CompletedProcess(args, process.returncode, stdout, stderr)
@@ -356,11 +362,14 @@ def pytest_collection_finish(session: pytest.Session) -> None:
             _start_early(key, shared_directory(session.config._tmp_path_factory))  # type: ignore[attr-defined]
 
 
-def pytest_sessionfinish(session: pytest.Session) -> None:
-    for process in list(_EARLY_PROCESSES):  # work no test waited for
-        process.terminate()
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    # A worker whose own tests are done lets the work go on: the other worker's tests may be waiting for it.
+    if session.shouldstop or session.shouldfail or exitstatus == pytest.ExitCode.INTERRUPTED:
+        _EARLY_STOPPED.set()
+        for process in list(_EARLY_PROCESSES):
+            process.terminate()
     for future in _STARTED.values():
-        concurrent.futures.wait([future])  # the work's thread is done before its directory goes
+        concurrent.futures.wait([future])
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -279,3 +279,24 @@ def test_refit_names_in_one_line_the_weight_it_cannot_place_and_why():
     assert match_weights(
         "text_mapper", bundle, {**bundle, "mapper_0.mapping.1.bias": WeightInfo((4,), "e")}, weights
     ) == ["mapper_0.mapping.1.bias"]
+
+
+def test_at_32_px_refit_places_every_weight_the_graph_holds_as_a_fresh_export_of_the_new_mappers_does(tmp_path):
+    """At 32 px (8 levels) the fine mapper group has no levels: export leaves its weights out of the graph, and refit
+    writes the others, giving the initializers a fresh export of the new checkpoint has."""
+    from cfdeploy.contracts import network_contracts
+    from cfdeploy.exporter import DEFAULT_OPSET, export_graph
+    from cfdeploy.models.mappers import LatentEditor, LevelsMapper, MapperConfig
+    from cfdeploy.refit import onnx_weights, refitted_graph
+
+    contract = network_contracts(32, 8, 512)["latent_editor"]
+    torch.manual_seed(3)
+    bundled, other = (LatentEditor(LevelsMapper(MapperConfig(n_latent=8))).eval() for _ in range(2))
+    export_graph(bundled, contract, tmp_path / "bundled.onnx", DEFAULT_OPSET)
+    export_graph(other, contract, tmp_path / "fresh.onnx", DEFAULT_OPSET)
+    graph, changed = refitted_graph("latent_editor", (tmp_path / "bundled.onnx").read_bytes(), other)
+    fresh = onnx_weights((tmp_path / "fresh.onnx").read_bytes())
+    assert any(name.startswith("mapper.fine_mapping.") for name, _ in other.named_parameters())
+    assert not any(name.startswith("mapper.fine_mapping.") for name in fresh)
+    assert onnx_weights(graph) == fresh
+    assert changed and set(changed) < set(fresh)

@@ -28,17 +28,20 @@ class SyntheticModels:
     clip: ClipText
 
 
-def synthetic_models(size: int = 256, seed: int = 0) -> SyntheticModels:
-    """A CF-CLIP model set (CLIP text tower, both mappers, generator) with seeded random weights."""
+def synthetic_generator_and_mappers(size: int, seed: int) -> tuple[Generator, FullTextMapper, LevelsMapper]:
+    """The generator and both mappers of :func:`synthetic_models`, without building a CLIP."""
     torch.manual_seed(seed)
     generator = Generator(GeneratorConfig(size))
     for name, parameter in generator.named_parameters():
         if name.endswith("noise.weight"):
             parameter.data.fill_(0.1)
     config = MapperConfig(n_latent=generator.config.n_latent)
-    return SyntheticModels(
-        generator.eval(), FullTextMapper(config).eval(), LevelsMapper(config).eval(), ClipText.random(seed)
-    )
+    return generator.eval(), FullTextMapper(config).eval(), LevelsMapper(config).eval()
+
+
+def synthetic_models(size: int = 256, seed: int = 0) -> SyntheticModels:
+    """A CF-CLIP model set (CLIP text tower, both mappers, generator) with seeded random weights."""
+    return SyntheticModels(*synthetic_generator_and_mappers(size, seed), ClipText.random(seed))
 
 
 def synthetic_backend(size: int = 256, seed: int = 0, device: str = "cpu") -> TorchBackend:
@@ -58,11 +61,11 @@ def save_synthetic_files(
     from cfdeploy.samples import CLIP_SEED
     from cfdeploy.samples.official import clip_text_state
 
-    models = synthetic_models(size, seed)
+    generator, text_mapper, mapper = synthetic_generator_and_mappers(size, seed)
     state = {
-        **{f"mapper.{key}": value for key, value in models.mapper.state_dict().items()},
-        **{f"decoder.{key}": value for key, value in models.generator.state_dict().items()},
-        **{f"text_mapper.{key}": value for key, value in models.text_mapper.state_dict().items()},
+        **{f"mapper.{key}": value for key, value in mapper.state_dict().items()},
+        **{f"decoder.{key}": value for key, value in generator.state_dict().items()},
+        **{f"text_mapper.{key}": value for key, value in text_mapper.state_dict().items()},
     }
     opts = {
         "stylegan_size": size,
@@ -79,8 +82,7 @@ def save_synthetic_files(
     torch.save({"state_dict": state, "opts": opts}, checkpoint)
     clip_state = clip_text_state(CLIP_SEED)
     if with_visual:
-        clip_state.update(
-            {key: value for key, value in models.clip.clip.state_dict().items() if key.startswith("visual.")}
-        )
+        visual = ClipText.random(seed).clip.state_dict().items()
+        clip_state.update({key: value for key, value in visual if key.startswith("visual.")})
     torch.save(clip_state, clip_weights)
     return checkpoint, clip_weights

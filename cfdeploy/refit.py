@@ -53,8 +53,13 @@ class WeightInfo:
 
 def onnx_weights(graph: bytes) -> dict[str, WeightInfo]:
     """Every initializer of a graph (its bytes) by name: shape and hash of its values."""
+    return initializer_weights(onnx.load_from_string(graph))
+
+
+def initializer_weights(model: onnx.ModelProto) -> dict[str, WeightInfo]:
+    """Every initializer of ``model`` by name: shape and hash of its values."""
     weights = {}
-    for tensor in onnx.load_from_string(graph).graph.initializer:
+    for tensor in model.graph.initializer:
         values = numpy_helper.to_array(tensor)
         weights[tensor.name] = WeightInfo(tuple(values.shape), hashlib.sha256(values.tobytes()).hexdigest())
     return weights
@@ -108,7 +113,8 @@ def refitted_graph(network: str, graph: bytes, module: nn.Module) -> tuple[bytes
     parameters = {
         name: parameter.detach().cpu().numpy() for name, parameter in with_scaled_linears(module).named_parameters()
     }
-    old = onnx_weights(graph)
+    model = onnx.load_from_string(graph)
+    old = initializer_weights(model)
     # none held: a graph from before each weight kept its own name, which match_weights names as such
     placed = {name: values for name, values in parameters.items() if name in old} or parameters
     new = {
@@ -119,7 +125,6 @@ def refitted_graph(network: str, graph: bytes, module: nn.Module) -> tuple[bytes
         },
     }
     changed = match_weights(network, old, new, tuple(parameters))
-    model = onnx.load_from_string(graph)
     for tensor in model.graph.initializer:
         if tensor.name in placed:
             if tensor.data_type != onnx.helper.np_dtype_to_tensor_dtype(placed[tensor.name].dtype):
@@ -238,7 +243,7 @@ def refit_bundle(
                 write_atomic(path, graph)  # a new file: the live bundle's hard link is untouched
                 report(f"checking {name} against torch")
                 manifest["networks"][name]["parity"] = check_parity(modules[name], contract, path)
-                manifest["files"][contract.filename] = sha256_file(path)
+                manifest["files"][contract.filename] = hashlib.sha256(graph).hexdigest()
             report("recomputing stored prompts")
             _recompute_prompts(staged, manifest)
             stale = _refit_engines(staged, report)

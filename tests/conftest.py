@@ -66,8 +66,8 @@ TOKENIZER_PROMPTS = [
     "<start_of_text>literal specials<end_of_text>",
     "word " * 75,
 ]
-# The seed of the CLIP text tower in the session's text-tower files (`clip_text_state`); `cfdeploy bench --synthetic`
-# writes the same one, so its export reuses the text graph the session's bundles traced.
+# The seed of the CLIP text tower in the run's text-tower files (`clip_text_state`); `cfdeploy bench --synthetic`
+# writes the same one, so its export reuses the text graph the run's bundles traced.
 CLIP_SEED = samples.CLIP_SEED
 DAC_PROMPT, DAC_TARGET = "A cat.", "A cat wearing a wool cap."
 DAC_IMAGE_SIZE = 32  # the tiny random model's (cfdeploy.dac.synthetic): 16×16 latents

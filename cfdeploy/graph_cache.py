@@ -8,7 +8,8 @@ in a cache of the same kind (:func:`cfdeploy.exporter.export_cache`).
 An entry is a directory ``ROOT/KEY/`` holding the runtime's files and ``entry.json``, which records the key's parts
 and each file's sha256. The key is the sha256 of the graph's own sha256 (the bundle manifest's), the runtime and its
 version, the CPU's features and the session settings, so another runtime version, another CPU or other settings
-miss. Before use every file is read into memory and checked against its recorded sha256; an entry that is damaged,
+miss. Before use every file is checked against its recorded sha256 (read into memory, or, where the runtime maps it
+itself, hashed through a read-only mapping); an entry that is damaged,
 records another key, or is (or holds) a symlink is refused with a one-line warning, removed, and rebuilt. Entries
 are written to a temporary directory and renamed into place, so a reader never sees half of one. The least recently
 used entries go first once the cache holds more than its bound.
@@ -23,17 +24,16 @@ import contextlib
 import hashlib
 import json
 import logging
+import mmap
 import os
 import shutil
 import stat
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
-
-from cfdeploy.files import sha256_file
 
 CACHE_DIR_ENV = "CFDEPLOY_CACHE_DIR"  # overrides where the cache lives (tests point it at a temporary directory)
 CACHE_MAX_ENV = "CFDEPLOY_CACHE_MAX_GB"  # overrides the size bound
@@ -93,20 +93,27 @@ class GraphCache:
         self.on_warning = on_warning
         self.outcomes: dict[str, str] = {}  # network → hit, miss or refused: what describe() reports
 
-    def load(self, network: str, parts: Mapping[str, Any]) -> dict[str, bytes] | None:
+    def entry_path(self, parts: Mapping[str, Any]) -> Path:
+        """Where the entry for ``parts`` lies (whether or not it exists)."""
+        return self.root / entry_key(parts)
+
+    def load(self, network: str, parts: Mapping[str, Any], in_place: Collection[str] = ()) -> dict[str, bytes] | None:
         """The entry's files (name → verified bytes), or None on a miss; a refused entry is removed and warned of.
+
+        A file named in ``in_place`` is checked against its sha256 where it lies, through a read-only mapping, and
+        left out of the result: the runtime maps it from :meth:`entry_path` itself, so its pages are shared with
+        every process that maps it rather than copied into each (an entry is never changed once renamed into place;
+        it is only removed, and a file a runtime has mapped outlives its removal).
 
         What happened is recorded in :attr:`outcomes` under ``network``: ``hit``, ``miss`` or ``refused``.
         """
-        entry = self.root / entry_key(parts)
+        entry = self.entry_path(parts)
         files = None
         if os.path.lexists(entry):
             try:
-                files = self._read(entry, parts)
+                files = self._read(entry, parts, in_place)
             except RefusedEntry as why:
-                self.on_warning(f"{entry}: {why}; refused, and rebuilt")
-                self._remove(entry)
-                self.outcomes[network] = "refused"
+                self.refuse(network, parts, str(why))
                 return None
             with contextlib.suppress(OSError):
                 os.utime(entry / ENTRY_RECORD)  # a hit makes it recently used
@@ -114,22 +121,30 @@ class GraphCache:
         return files
 
     def load_checking(
-        self, network: str, parts: Mapping[str, Any], check: Callable[[str], object]
+        self, network: str, parts: Mapping[str, Any], check: Callable[[str], object], in_place: Collection[str] = ()
     ) -> dict[str, bytes] | None:
         """:meth:`load`, with ``check(network)`` run meanwhile on a second thread: the bundle's own graph checked
         against its manifest, so a damaged bundle is refused even where a cached graph would run in its place. Both
         hash hundreds of MB; side by side they take the time of the longer."""
         with ThreadPoolExecutor(1) as checking:
             checked = checking.submit(check, network)
-            files = self.load(network, parts)
+            files = self.load(network, parts, in_place)
             checked.result()
         return files
 
+    def refuse(self, network: str, parts: Mapping[str, Any], why: str) -> None:
+        """Warn that the entry for ``parts`` is not used and why, remove it, and record ``refused`` for ``network``
+        (also for an entry that passed its checks and then failed in the runtime's hands)."""
+        entry = self.entry_path(parts)
+        self.on_warning(f"{entry}: {why}; refused, and rebuilt")
+        self._remove(entry)
+        self.outcomes[network] = "refused"
+
     def discard(self, parts: Mapping[str, Any]) -> None:
         """Remove the entry for ``parts``, if any (it proved wrong in use)."""
-        self._remove(self.root / entry_key(parts))
+        self._remove(self.entry_path(parts))
 
-    def _read(self, entry: Path, parts: Mapping[str, Any]) -> dict[str, bytes]:
+    def _read(self, entry: Path, parts: Mapping[str, Any], in_place: Collection[str]) -> dict[str, bytes]:
         if entry.is_symlink() or not entry.is_dir():
             raise RefusedEntry("is a symlink or not a directory")
         record = _regular_bytes(entry / ENTRY_RECORD, MAX_RECORD_BYTES)
@@ -146,6 +161,10 @@ class GraphCache:
         for name, digest in digests.items():
             if not isinstance(name, str) or "/" in name or name in ("", ".", "..", ENTRY_RECORD):
                 raise RefusedEntry(f"its {ENTRY_RECORD} names a file outside the entry")
+            if name in in_place:
+                if _mapped_sha256(entry / name) != digest:
+                    raise RefusedEntry(f"{name} does not match its recorded sha256 (changed or damaged)")
+                continue
             content = _regular_bytes(entry / name, None)
             if hashlib.sha256(content).hexdigest() != digest:
                 raise RefusedEntry(f"{name} does not match its recorded sha256 (changed or damaged)")
@@ -172,8 +191,8 @@ class GraphCache:
 
     def commit(self, parts: Mapping[str, Any], staging: Path) -> None:
         """Record the sha256 of each file in ``staging`` and rename it into place as the entry for ``parts``."""
-        entry = self.root / entry_key(parts)
-        files = {path.name: sha256_file(path) for path in staging.iterdir()}
+        entry = self.entry_path(parts)
+        files = {path.name: _mapped_sha256(path) for path in staging.iterdir()}
         record = {"parts": parts, "files": files, "created": time.time()}
         (staging / ENTRY_RECORD).write_text(json.dumps(record, sort_keys=True))
         if os.path.lexists(entry):
@@ -211,19 +230,34 @@ class GraphCache:
                 shutil.rmtree(path)
 
 
-def _regular_bytes(path: Path, limit: int | None) -> bytes:
-    """A regular file's content (never through a symlink), or RefusedEntry."""
+def _regular_status(path: Path) -> None:
+    """RefusedEntry unless ``path`` is a regular file itself (not a symlink)."""
     try:
         mode = path.lstat().st_mode
     except OSError:
         raise RefusedEntry(f"{path.name} is missing") from None
     if not stat.S_ISREG(mode):
         raise RefusedEntry(f"{path.name} is a symlink or not a regular file")
+
+
+def _regular_bytes(path: Path, limit: int | None) -> bytes:
+    """A regular file's content (never through a symlink), or RefusedEntry."""
+    _regular_status(path)
     with open(path, "rb") as handle:
         content = handle.read() if limit is None else handle.read(limit + 1)
     if limit is not None and len(content) > limit:
         raise RefusedEntry(f"{path.name} is larger than {limit} bytes")
     return content
+
+
+def _mapped_sha256(path: Path) -> str:
+    """A regular file's sha256, hashed through a read-only mapping (never through a symlink), or RefusedEntry."""
+    _regular_status(path)
+    with open(path, "rb") as handle:
+        if os.fstat(handle.fileno()).st_size == 0:
+            return hashlib.sha256().hexdigest()
+        with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            return hashlib.sha256(mapped).hexdigest()
 
 
 def _last_used(path: Path) -> float:

@@ -5,9 +5,10 @@ threads, the options of each provider (TensorRT's engine cache and fp16 where a 
 reduced precision; CUDA's exhaustive convolution search), initializer overrides (another run's weights in
 place of the graph's own) and the one-line message for a graph ONNX Runtime cannot load. Every graph
 comes from :class:`~cfdeploy.bundle_files.VerifiedGraph` bytes, external weights included, so ONNX Runtime
-reads no file after its hash was checked. On the CPU, each graph's optimised form (weights already re-laid out for
-the CPU's convolutions) is kept in the verified :class:`~cfdeploy.graph_cache.GraphCache`, so the next process
-loads it without optimising again.
+reads no bundle file after its hash was checked. On the CPU, each graph's optimised form (weights already re-laid out
+for the CPU's convolutions) is kept in the verified :class:`~cfdeploy.graph_cache.GraphCache`, so the next process
+loads it without optimising again: its graph as checked bytes, its weights mapped from the entry once checked there
+(entries are never changed in place), so a process neither copies them nor keeps a private copy of the GB.
 """
 
 from __future__ import annotations
@@ -142,7 +143,7 @@ class Sessions:
         """What the network's cached optimised graph depends on, or None where it is not cached."""
         if self.cache is None or self.digest is None or network in self._initializers:
             return None
-        settings = {"level": "all", "providers": list(self.providers)}
+        settings = {"level": "all", "providers": list(self.providers), "weights": "mapped"}
         return entry_parts(
             "onnxruntime", ort.__version__, self.digest(network), cpu_signature(cpu_features()), settings
         )
@@ -151,13 +152,18 @@ class Sessions:
         parts = self._cache_parts(network)
         if parts is not None:
             assert self.cache is not None and self.check is not None
-            cached = self.cache.load_checking(network, parts, self.check)
+            cached = self.cache.load_checking(network, parts, self.check, in_place=(OPTIMIZED_WEIGHTS,))
             if cached is not None:
-                return self._from_cache(network, cached)
+                try:
+                    return self._from_cache(cached, self.cache.entry_path(parts))
+                except Exception as error:  # ONNX Runtime's exceptions share no class but Exception
+                    self.cache.refuse(
+                        network, parts, f"ONNX Runtime cannot load it ({' '.join(str(error).split())[:300]})"
+                    )
             try:
                 with self.cache.staging() as staging:
                     session = self._optimise(network, staging / OPTIMIZED_GRAPH)
-                    self.cache.commit(parts, staging)  # ONNX Runtime's own file, renamed into place with its sha256
+                    self.cache.commit(parts, staging)  # ONNX Runtime's own files, renamed into place with their sha256
             except OSError as error:
                 self.cache.on_warning(
                     f"{self.cache.root}: could not store a compiled graph ({error.strerror or error})"
@@ -166,10 +172,11 @@ class Sessions:
             return session
         return self._optimise(network, None)
 
-    def _from_cache(self, network: str, cached: dict[str, bytes]) -> ort.InferenceSession:
-        """A session over a cached optimised graph: optimised already, so ONNX Runtime optimises nothing again."""
-        external = {name: content for name, content in cached.items() if name != OPTIMIZED_GRAPH}
-        options = self._options(ort.GraphOptimizationLevel.ORT_DISABLE_ALL, external)
+    def _from_cache(self, cached: dict[str, bytes], entry: Path) -> ort.InferenceSession:
+        """A session over a cached optimised graph: optimised already, so ONNX Runtime optimises nothing again. Its
+        weights, checked where they lie, are mapped by ONNX Runtime from the entry rather than copied in."""
+        options = self._options(ort.GraphOptimizationLevel.ORT_DISABLE_ALL, {})
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(entry))
         return ort.InferenceSession(cached[OPTIMIZED_GRAPH], options, providers=self.providers)
 
     def _optimise(self, network: str, save_to: Path | None) -> ort.InferenceSession:
@@ -178,10 +185,9 @@ class Sessions:
         options = self._options(ort.GraphOptimizationLevel.ORT_ENABLE_ALL, graph.external)
         if save_to is not None:
             options.optimized_model_filepath = str(save_to)
-            if graph.external:  # over protobuf's 2 GB: the optimised graph keeps its weights beside it, as the bundle's
-                options.add_session_config_entry(
-                    "session.optimized_model_external_initializers_file_name", OPTIMIZED_WEIGHTS
-                )
+            options.add_session_config_entry(
+                "session.optimized_model_external_initializers_file_name", OPTIMIZED_WEIGHTS
+            )
         for name, value in self._initializers.get(network, {}).items():
             options.add_initializer(name, value)
         provider_settings = provider_options(

@@ -48,8 +48,8 @@ def only_entry(cache_dir: Path) -> Path:
 
 
 def blob_of(entry: Path) -> Path:
-    (blob,) = [path for path in entry.iterdir() if path.name != ENTRY_RECORD]
-    return blob
+    """The entry's weights: OpenVINO's compiled model, or the file of ONNX Runtime's weights that it maps in place."""
+    return max((path for path in entry.iterdir() if path.name != ENTRY_RECORD), key=lambda path: path.stat().st_size)
 
 
 @pytest.mark.parametrize("runtime", RUNTIMES)
@@ -84,6 +84,33 @@ def test_a_damaged_blob_is_refused_with_a_warning_then_rebuilt(runtime, bundle, 
     ]
     np.testing.assert_array_equal(found, expected)
     assert mapping_run(runtime, bundle)[1] == "hit"
+
+
+def test_a_hit_maps_onnx_runtimes_weights_from_the_entry_instead_of_copying_them(bundle, cache_dir):
+    mapping_run("onnxruntime", bundle)
+    weights = blob_of(only_entry(cache_dir))
+    assert weights.name == "graph.onnx.data"
+    backend = open_backend("onnxruntime", bundle)
+    backend.run("mapping", z=Z)
+    assert backend.describe()["session_cache"]["mapping"] == "hit"
+    mapped = {line.split(maxsplit=5)[-1] for line in Path("/proc/self/maps").read_text().splitlines()}
+    assert str(weights) in mapped
+
+
+def test_an_entry_that_passes_its_checks_but_onnx_runtime_cannot_load_is_refused_then_rebuilt(bundle, cache_dir):
+    expected, _ = mapping_run("onnxruntime", bundle)
+    entry = only_entry(cache_dir)
+    record = json.loads((entry / ENTRY_RECORD).read_text())
+    del record["files"]["graph.onnx.data"]  # as if the weights had gone: the graph alone checks out
+    (entry / ENTRY_RECORD).write_text(json.dumps(record))
+    (entry / "graph.onnx.data").unlink()
+    warnings: list[str] = []
+    found, outcome = mapping_run("onnxruntime", bundle, warnings)
+    assert outcome == "refused"
+    assert len(warnings) == 1 and warnings[0].startswith(f"{entry}: ONNX Runtime cannot load it (")
+    assert warnings[0].endswith("); refused, and rebuilt")
+    np.testing.assert_array_equal(found, expected)
+    assert mapping_run("onnxruntime", bundle)[1] == "hit"
 
 
 def test_a_symlinked_entry_or_blob_is_refused_and_rebuilt(bundle, cache_dir, tmp_path):

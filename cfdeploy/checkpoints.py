@@ -65,9 +65,13 @@ def check_keys(
 
 
 def load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], source: Path, prefix: str = "") -> None:
-    """Load ``state`` into ``module`` as float32 after :func:`check_keys`."""
+    """Load ``state`` into ``module`` after :func:`check_keys`, floating-point tensors as float32 (counters such as
+    batch norm's stay integers). The module takes the loaded tensors themselves rather than copies (a module built on
+    the meta device needs no memory of its own first), so a 600 MB encoder is held once while it loads, not twice."""
     check_keys(module.state_dict(), state, source, prefix)
-    module.load_state_dict({key: value.float() for key, value in state.items()})
+    module.load_state_dict(
+        {key: value.float() if value.is_floating_point() else value for key, value in state.items()}, assign=True
+    )
 
 
 def strip_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -363,13 +367,12 @@ def load_e4e(path: Path) -> E4ECheckpoint:
             )
         latent_avg = _e4e_latent_avg(content, opts, n_latent, path)
         # Built without weights (random init of ~270M parameters takes seconds), so the keys are checked at once
-        # and the memory is filled only by the file's values.
+        # and it takes the file's tensors themselves.
         with torch.device("meta"):
             encoder = Encoder4Editing(n_latent)
         encoder_state = strip_prefix(state, "encoder.")
         check_keys(encoder.state_dict(), encoder_state, path, prefix="encoder.")
         require_finite_weights(state, path)
-        encoder = encoder.to_empty(device="cpu")
         load_strict(encoder, encoder_state, path, prefix="encoder.")
     return E4ECheckpoint(path, dict(opts), E4EEncoder(encoder, latent_avg).eval(), generator, latent_avg)
 
@@ -387,6 +390,5 @@ def load_arcface(path: Path) -> ArcFace:
             arcface = ArcFace()
         check_keys(arcface.state_dict(), state, path)
         require_finite_weights(state, path)
-        arcface = arcface.to_empty(device="cpu")
         load_strict(arcface, state, path)
     return arcface.eval().requires_grad_(False)

@@ -50,7 +50,7 @@ from cfdeploy.models.layers import with_scaled_linears
 from cfdeploy.models.mappers import LatentEditor
 from cfdeploy.models.stylegan2 import mean_latent
 from cfdeploy.outputs import StagedDirectory
-from cfdeploy.sessions import Sessions, graph_from_file
+from cfdeploy.sessions import Sessions
 from cfdeploy.tokenizer import ClipTokenizer, packaged_vocab_path
 
 DEFAULT_OPSET = 18
@@ -200,7 +200,10 @@ def export_graph(
     assert program is not None
     graph = program.model_proto
     drop_zero_conv_biases(graph)
-    serialized = slim_keeping(graph, weights, contract.name).SerializeToString()
+    slimmed = slim_keeping(graph, weights, contract.name)
+    del graph, program  # as large as the weights each: gone before the slimmed graph's bytes are made
+    serialized = slimmed.SerializeToString()
+    del slimmed
     path.write_bytes(serialized)
     if cache is not None and parts is not None:
         cache.put(parts, {EXPORTED_GRAPH: serialized})
@@ -285,7 +288,7 @@ def check_parity(
 ) -> dict[str, dict[str, float]]:
     """The exported graph in ONNX Runtime against ``module`` on each case (default: :func:`parity_cases`), by case;
     export fails where a case drifts past the contract's ``parity_rel_l2``. Both editors' exports check here."""
-    sessions = Sessions(lambda name: graph_from_file(path), "cpu")
+    sessions = Sessions(lambda name: path, "cpu")
     results = {}
     for label, inputs in (parity_cases(contract) if cases is None else cases).items():
         with torch.no_grad():

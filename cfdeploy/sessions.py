@@ -67,18 +67,13 @@ def provider_options(
     return options
 
 
-def graph_from_file(path: Path) -> VerifiedGraph:
-    """A graph this process has just written (an export's own check), with its external weights if it has them;
-    bundles are read through :class:`~cfdeploy.bundle_files.VerifiedFiles` instead."""
-    external = path.with_name(path.name + EXTERNAL_DATA_SUFFIX)
-    return VerifiedGraph(path, path.read_bytes(), {external.name: external.read_bytes()} if external.is_file() else {})
-
-
 class Sessions:
     """A bundle's graphs as ONNX Runtime sessions on one device, each created on first use: ``sessions(name, **inputs)``.
 
     Args:
-        graph: the verified graph of a network, by name.
+        graph: the verified graph of a network, by name; or the path of a graph this process has just written itself
+            (an export's own check), which ONNX Runtime then reads from there, external weights included, sparing
+            this process a copy of its bytes (bundles are read through :class:`~cfdeploy.bundle_files.VerifiedFiles`).
         device: ``cpu``, ``cuda`` or ``cuda:N``.
         providers: an expert override of the providers ``device`` picks.
         threads: intra-op threads (default: the physical cores).
@@ -93,7 +88,7 @@ class Sessions:
 
     def __init__(
         self,
-        graph: Callable[[str], VerifiedGraph],
+        graph: Callable[[str], VerifiedGraph | Path],
         device: str = "cpu",
         providers: Sequence[str] | None = None,
         threads: int | None = None,
@@ -182,7 +177,10 @@ class Sessions:
     def _optimise(self, network: str, save_to: Path | None) -> ort.InferenceSession:
         """A session over the network's verified graph, fully optimised (its optimised form written to ``save_to``)."""
         graph = self.graph(network)
-        options = self._options(ort.GraphOptimizationLevel.ORT_ENABLE_ALL, graph.external)
+        path, source, external = (
+            (graph, str(graph), {}) if isinstance(graph, Path) else (graph.path, graph.content, graph.external)
+        )
+        options = self._options(ort.GraphOptimizationLevel.ORT_ENABLE_ALL, external)
         if save_to is not None:
             options.optimized_model_filepath = str(save_to)
             options.add_session_config_entry(
@@ -195,10 +193,10 @@ class Sessions:
         )
         try:
             session = ort.InferenceSession(
-                graph.content, options, providers=self.providers, provider_options=provider_settings
+                source, options, providers=self.providers, provider_options=provider_settings
             )
         except Exception as error:  # ONNX Runtime has one exception class per failure, none shared but Exception
-            raise CfdeployError(f"{graph.path}: ONNX Runtime cannot load this graph: {load_failure(error)}") from None
+            raise CfdeployError(f"{path}: ONNX Runtime cannot load this graph: {load_failure(error)}") from None
         if session.get_providers()[0] != self.providers[0]:
             raise CfdeployError(
                 f"--device {self.device}: ONNX Runtime could not start {self.providers[0]} (its CUDA libraries?)"

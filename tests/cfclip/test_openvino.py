@@ -51,7 +51,6 @@ def psnr(image: np.ndarray, reference: np.ndarray) -> float:
 
 
 def test_openvino_fp32_matches_onnx_runtime_at_256_px_with_clip(bundle_256):
-    """Before the module's 64 px backends open: both at once would be the suite's peak memory."""
     openvino, onnxruntime = open_backend("openvino", bundle_256), open_backend("onnxruntime", bundle_256)
     for network in ("clip_text", "generator"):
         inputs = sample_inputs(openvino, network, 1)
@@ -66,24 +65,22 @@ def test_bf16_images_stay_within_40_db_of_fp32_at_256_px(bundle_256):
     assert bf16.describe()["networks"] == {"generator": "bf16: as asked"}
 
 
-@pytest.fixture(scope="module")
-def backends_64(bundle_with_encoder):
+def test_openvino_fp32_matches_onnx_runtime_on_every_network_of_a_64_px_bundle_at_batch_1_and_3(
+    bundle_with_encoder,
+):
+    """Both runtimes hold the 600 MB encoder: they are opened here and gone when this test is."""
     _, bundle, _ = bundle_with_encoder
-    return open_backend("openvino", bundle), open_backend("onnxruntime", bundle)
-
-
-@pytest.mark.parametrize("batch", [1, 3])
-def test_openvino_fp32_matches_onnx_runtime_on_every_network_of_a_64_px_bundle(backends_64, batch):
-    openvino, onnxruntime = backends_64
+    openvino, onnxruntime = open_backend("openvino", bundle), open_backend("onnxruntime", bundle)
     networks = [name for name in openvino.bundle.contracts if openvino.bundle.has_network(name)]
     assert {"encoder", "text_mapper", "latent_editor", "generator", "mapping"} <= set(networks)
-    for network in networks:
-        if network == "encoder" and batch > 1:
-            continue  # the slowest graph by far: its batch dimension is the same Conv batch as the generator's
-        inputs = sample_inputs(openvino, network, batch)
-        found, expected = openvino.run(network, **inputs), onnxruntime.run(network, **inputs)
-        assert found.shape == expected.shape and found.dtype == np.float32, network
-        assert rel_l2(found, expected) <= 1e-5, network
+    for batch in (1, 3):
+        for network in networks:
+            if network == "encoder" and batch > 1:
+                continue  # the slowest graph by far: its batch dimension is the same Conv batch as the generator's
+            inputs = sample_inputs(openvino, network, batch)
+            found, expected = openvino.run(network, **inputs), onnxruntime.run(network, **inputs)
+            assert found.shape == expected.shape and found.dtype == np.float32, (network, batch)
+            assert rel_l2(found, expected) <= 1e-5, (network, batch)
     assert openvino.describe()["networks"] == dict.fromkeys(networks, "fp32: as asked")
 
 

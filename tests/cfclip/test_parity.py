@@ -32,7 +32,8 @@ def png_values(raw: np.ndarray) -> np.ndarray:
     return np.floor((np.clip(raw, -1, 1) + 1) / 2 * 255 + 0.5).astype(np.uint8).transpose(1, 2, 0)
 
 
-@pytest.mark.parametrize("checkpoint_fixture,count,batch_size", [("cfclip_64", 5, 2), ("cfclip_1024", 2, 2)])
+# Batching is checked at 64 px; at 1024 px one image (two held the test process at over 7 GB)
+@pytest.mark.parametrize("checkpoint_fixture,count,batch_size", [("cfclip_64", 5, 2), ("cfclip_1024", 1, 1)])
 def test_edit_reproduces_official_w_hat_and_image(request, tmp_path, cli, checkpoint_fixture, count, batch_size):
     checkpoint = request.getfixturevalue(checkpoint_fixture)
     n_latent = torch.load(checkpoint, weights_only=True)["opts"]["stylegan_size"].bit_length() * 2 - 4

@@ -65,13 +65,13 @@ def check_keys(
 
 
 def load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], source: Path, prefix: str = "") -> None:
-    """Load ``state`` into ``module`` after :func:`check_keys`, floating-point tensors as float32 (counters such as
-    batch norm's stay integers). The module takes the loaded tensors themselves rather than copies (a module built on
-    the meta device needs no memory of its own first), so a 600 MB encoder is held once while it loads, not twice."""
-    check_keys(module.state_dict(), state, source, prefix)
-    module.load_state_dict(
-        {key: value.float() if value.is_floating_point() else value for key, value in state.items()}, assign=True
-    )
+    """Load ``state`` into ``module`` after :func:`check_keys`, each tensor in the dtype the module gives it (float32
+    weights, integer counters). The module takes the loaded tensors themselves where they have that dtype, rather than
+    copies (a module built on the meta device needs no memory of its own first), so a 600 MB encoder is held once
+    while it loads, not twice."""
+    expected = module.state_dict()
+    check_keys(expected, state, source, prefix)
+    module.load_state_dict({key: value.to(expected[key].dtype) for key, value in state.items()}, assign=True)
 
 
 def strip_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

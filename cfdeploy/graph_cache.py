@@ -110,13 +110,15 @@ class GraphCache:
         entry = self.entry_path(parts)
         files = None
         if os.path.lexists(entry):
+            with contextlib.suppress(
+                OSError, NotImplementedError
+            ):  # recently used before its checks: not evicted meanwhile
+                os.utime(entry / ENTRY_RECORD, follow_symlinks=False)
             try:
                 files = self._read(entry, parts, in_place)
             except RefusedEntry as why:
                 self.refuse(network, parts, str(why))
                 return None
-            with contextlib.suppress(OSError):
-                os.utime(entry / ENTRY_RECORD)  # a hit makes it recently used
         self.outcomes[network] = "miss" if files is None else "hit"
         return files
 
@@ -157,12 +159,20 @@ class GraphCache:
         digests = recorded.get("files")
         if not isinstance(digests, dict) or not digests:
             raise RefusedEntry(f"its {ENTRY_RECORD} lists no files")
+        unlisted = sorted(set(os.listdir(entry)) - set(digests) - {ENTRY_RECORD})
+        if unlisted:
+            raise RefusedEntry(f"it holds {unlisted[0]}, which its {ENTRY_RECORD} does not list")
         files = {}
         for name, digest in digests.items():
             if not isinstance(name, str) or "/" in name or name in ("", ".", "..", ENTRY_RECORD):
                 raise RefusedEntry(f"its {ENTRY_RECORD} names a file outside the entry")
             if name in in_place:
-                if _mapped_sha256(entry / name) != digest:
+                _regular_status(entry / name)
+                try:
+                    mapped_digest = _mapped_sha256(entry / name)
+                except OSError as error:
+                    raise RefusedEntry(f"{name} cannot be read ({error.strerror or error})") from None
+                if mapped_digest != digest:
                     raise RefusedEntry(f"{name} does not match its recorded sha256 (changed or damaged)")
                 continue
             content = _regular_bytes(entry / name, None)
@@ -196,7 +206,7 @@ class GraphCache:
         record = {"parts": parts, "files": files, "created": time.time()}
         (staging / ENTRY_RECORD).write_text(json.dumps(record, sort_keys=True))
         if os.path.lexists(entry):
-            self._remove(entry)
+            return  # another process stored it first; an entry in place is never replaced, only removed
         try:
             os.rename(staging, entry)
         except OSError:
@@ -251,8 +261,7 @@ def _regular_bytes(path: Path, limit: int | None) -> bytes:
 
 
 def _mapped_sha256(path: Path) -> str:
-    """A regular file's sha256, hashed through a read-only mapping (never through a symlink), or RefusedEntry."""
-    _regular_status(path)
+    """A file's sha256, hashed through a read-only mapping rather than read into memory."""
     with open(path, "rb") as handle:
         if os.fstat(handle.fileno()).st_size == 0:
             return hashlib.sha256().hexdigest()

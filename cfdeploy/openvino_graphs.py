@@ -138,8 +138,13 @@ class CompiledGraphs:
         cached = self.cache.load_checking(network, parts, self.check)
         if cached is not None:
             blob = np.frombuffer(cached.pop(COMPILED_BLOB), np.uint8).copy()  # a Tensor shares writable memory only
-            self._blobs.append(blob)
-            return self.core.import_model(ov.Tensor(blob, shared_memory=True), self.device, config)
+            try:
+                imported = self.core.import_model(ov.Tensor(blob, shared_memory=True), self.device, config)
+            except RuntimeError as error:  # OpenVINO's exceptions are RuntimeErrors
+                self.cache.refuse(network, parts, f"OpenVINO cannot import it ({' '.join(str(error).split())[-300:]})")
+            else:
+                self._blobs.append(blob)
+                return imported
         compiled = self._compile(network, config)
         self.cache.put(parts, {COMPILED_BLOB: compiled.export_model().getvalue()})
         return compiled

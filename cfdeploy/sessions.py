@@ -152,9 +152,12 @@ class Sessions:
                 try:
                     return self._from_cache(cached, self.cache.entry_path(parts))
                 except Exception as error:  # ONNX Runtime's exceptions share no class but Exception
-                    self.cache.refuse(
-                        network, parts, f"ONNX Runtime cannot load it ({' '.join(str(error).split())[:300]})"
-                    )
+                    if self.cache.entry_path(parts).is_dir():
+                        self.cache.refuse(
+                            network, parts, f"ONNX Runtime cannot load it ({' '.join(str(error).split())[:300]})"
+                        )
+                    else:  # evicted by another process between its check and its use: made again, as on a miss
+                        self.cache.outcomes[network] = "miss"
             try:
                 with self.cache.staging() as staging:
                     session = self._optimise(network, staging / OPTIMIZED_GRAPH)

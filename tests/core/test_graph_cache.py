@@ -68,11 +68,15 @@ def test_a_second_opening_hits_the_cache_and_computes_the_same(runtime, bundle, 
     assert not [path for path in cache_dir.iterdir() if path.name.startswith(".partial-")]
 
 
-@pytest.mark.parametrize("runtime", RUNTIMES)
-def test_a_damaged_blob_is_refused_with_a_warning_then_rebuilt(runtime, bundle, cache_dir):
+@pytest.mark.parametrize(
+    "runtime,damaged",
+    [("onnxruntime", "graph.onnx.data"), ("onnxruntime", "graph.onnx"), ("openvino", "compiled.blob")],
+)
+def test_a_damaged_file_is_refused_with_a_warning_then_rebuilt(runtime, damaged, bundle, cache_dir):
+    """ONNX Runtime's weights are checked where they lie, its graph in memory, OpenVINO's compiled model in memory."""
     expected, _ = mapping_run(runtime, bundle)
     entry = only_entry(cache_dir)
-    blob = blob_of(entry)
+    blob = entry / damaged
     content = bytearray(blob.read_bytes())
     content[len(content) // 2] ^= 0xFF
     blob.write_bytes(bytes(content))
@@ -86,6 +90,7 @@ def test_a_damaged_blob_is_refused_with_a_warning_then_rebuilt(runtime, bundle, 
     assert mapping_run(runtime, bundle)[1] == "hit"
 
 
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="reads the process's mappings from Linux's /proc")
 def test_a_hit_maps_onnx_runtimes_weights_from_the_entry_instead_of_copying_them(bundle, cache_dir):
     mapping_run("onnxruntime", bundle)
     weights = blob_of(only_entry(cache_dir))
@@ -146,6 +151,32 @@ def test_another_runtime_version_misses_and_an_entry_recording_other_parts_is_re
     assert warnings[0].endswith(
         f"its {ENTRY_RECORD} records another graph, runtime, CPU or settings; refused, and rebuilt"
     )
+
+
+def test_an_entry_holding_a_file_its_record_does_not_list_is_refused(tmp_path):
+    cache, warnings = GraphCache(tmp_path / "graphs"), []
+    cache.on_warning = warnings.append
+    parts = entry_parts("onnxruntime", "1.32.0", "cd" * 32, "cpu", {})
+    cache.put(parts, {"graph.onnx": b"graph"})
+    (cache.entry_path(parts) / "graph.onnx.data").write_bytes(b"weights nobody hashed")
+    assert cache.load("mapping", parts, in_place=("graph.onnx.data",)) is None
+    assert cache.outcomes["mapping"] == "refused" and not cache.entry_path(parts).exists()
+    assert warnings == [
+        f"{cache.entry_path(parts)}: it holds graph.onnx.data, which its {ENTRY_RECORD} does not list; refused, and "
+        "rebuilt"
+    ]
+
+
+def test_an_entry_in_place_is_never_replaced_a_later_store_of_it_is_dropped(tmp_path):
+    """A process may be mapping the entry's files: another process that made the same entry keeps the first one."""
+    cache = GraphCache(tmp_path / "graphs")
+    parts = entry_parts("onnxruntime", "1.32.0", "ef" * 32, "cpu", {})
+    cache.put(parts, {"graph.onnx": b"first"})
+    first_inode = (cache.entry_path(parts) / "graph.onnx").stat().st_ino
+    cache.put(parts, {"graph.onnx": b"second"})
+    assert cache.load("mapping", parts) == {"graph.onnx": b"first"}
+    assert (cache.entry_path(parts) / "graph.onnx").stat().st_ino == first_inode
+    assert [path.name for path in (tmp_path / "graphs").iterdir()] == [cache.entry_path(parts).name]
 
 
 def test_the_least_recently_used_entries_go_first_past_the_bound(tmp_path):

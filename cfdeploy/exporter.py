@@ -13,6 +13,9 @@ A reused graph is checked against torch like a new one.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
 import hashlib
 import inspect
 import json
@@ -92,6 +95,16 @@ def sample_input(spec: TensorSpec, batch: int, rng: np.random.Generator) -> np.n
         return rng.uniform(0.5, 2.0, size=shape).astype(np.float32)
     # Magnitudes from 1e-5 to 3: PixelNorm's epsilon only matters for small values, so test them too.
     return (rng.standard_normal(shape) * 10.0 ** rng.uniform(-5.0, 0.5, size=shape)).astype(np.float32)
+
+
+def release_freed_memory() -> None:
+    """Free what reference cycles hold (onnxslim's graph is one) and hand the freed memory back to the system (glibc
+    keeps freed heap for reuse; an export frees several copies of a network's weights at once, in blocks below its
+    mmap threshold), so the parity check that follows does not stack its session on top of them. Where the C library
+    is not glibc, only the first."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def export_cache() -> GraphCache:
@@ -202,11 +215,25 @@ def export_graph(
     drop_zero_conv_biases(graph)
     slimmed = slim_keeping(graph, weights, contract.name)
     del graph, program  # as large as the weights each: gone before the slimmed graph's bytes are made
+    release_freed_memory()
     serialized = slimmed.SerializeToString()
     del slimmed
     path.write_bytes(serialized)
     if cache is not None and parts is not None:
         cache.put(parts, {EXPORTED_GRAPH: serialized})
+
+
+def forget_onnxslim_matches() -> None:
+    """onnxslim's fusion patterns are objects of its module that keep the nodes they matched last, and through them
+    the graph those came from (protobuf frees a graph's memory only once no part of it is referenced): forgetting
+    them lets the 600 MB encoder's graph go once it is slimmed. Nothing happens where onnxslim keeps them otherwise."""
+    with contextlib.suppress(ImportError, AttributeError):
+        from onnxslim.core.pattern.registry import DEFAULT_FUSION_PATTERNS
+
+        for matchers in DEFAULT_FUSION_PATTERNS.values():
+            for matcher in matchers:
+                for name in getattr(matcher, "pattern_dict", {}):
+                    vars(matcher).pop(name, None)
 
 
 def slim_keeping(model: onnx.ModelProto, weights: Sequence[str], network: str) -> onnx.ModelProto:
@@ -226,6 +253,7 @@ def slim_keeping(model: onnx.ModelProto, weights: Sequence[str], network: str) -
     # The exporter already records the shapes; onnxslim's own shape inference adds nothing to the graph (the same
     # nodes come out) and takes half a minute on the 1 GB encoder.
     slimmed = onnxslim.slim(model, no_shape_infer=True)
+    forget_onnxslim_matches()
     inputs = [value for value in slimmed.graph.input if value.name not in kept]
     del slimmed.graph.input[:]
     slimmed.graph.input.extend(inputs)

@@ -110,9 +110,8 @@ class GraphCache:
         entry = self.entry_path(parts)
         files = None
         if os.path.lexists(entry):
-            with contextlib.suppress(
-                OSError, NotImplementedError
-            ):  # recently used before its checks: not evicted meanwhile
+            # recently used before its checks, so no other process evicts it meanwhile
+            with contextlib.suppress(OSError, NotImplementedError):
                 os.utime(entry / ENTRY_RECORD, follow_symlinks=False)
             try:
                 files = self._read(entry, parts, in_place)
@@ -169,16 +168,14 @@ class GraphCache:
             if name in in_place:
                 _regular_status(entry / name)
                 try:
-                    mapped_digest = _mapped_sha256(entry / name)
+                    found = _mapped_sha256(entry / name)
                 except OSError as error:
                     raise RefusedEntry(f"{name} cannot be read ({error.strerror or error})") from None
-                if mapped_digest != digest:
-                    raise RefusedEntry(f"{name} does not match its recorded sha256 (changed or damaged)")
-                continue
-            content = _regular_bytes(entry / name, None)
-            if hashlib.sha256(content).hexdigest() != digest:
+            else:
+                files[name] = _regular_bytes(entry / name, None)
+                found = hashlib.sha256(files[name]).hexdigest()
+            if found != digest:
                 raise RefusedEntry(f"{name} does not match its recorded sha256 (changed or damaged)")
-            files[name] = content
         return files
 
     def put(self, parts: Mapping[str, Any], files: Mapping[str, bytes]) -> None:

@@ -67,6 +67,11 @@ def network_precision(network: str, precision: str) -> tuple[str, str]:
     return "fp32", KEPT_FP32
 
 
+def openvino_reason(error: RuntimeError) -> str:
+    """OpenVINO's error on one line: its end, which names the cause (its start is the call stack's files)."""
+    return " ".join(str(error).split())[-300:]
+
+
 def may_name_external_data(graph: VerifiedGraph) -> bool:
     """Whether OpenVINO could look for weights outside the graph's bytes: it has external weights, or its bytes
     hold ``location``, the key an external reference needs (random weights hold it about once per 10^10 graphs)."""
@@ -141,7 +146,7 @@ class CompiledGraphs:
             try:
                 imported = self.core.import_model(ov.Tensor(blob, shared_memory=True), self.device, config)
             except RuntimeError as error:  # OpenVINO's exceptions are RuntimeErrors
-                self.cache.refuse(network, parts, f"OpenVINO cannot import it ({' '.join(str(error).split())[-300:]})")
+                self.cache.refuse(network, parts, f"OpenVINO cannot import it ({openvino_reason(error)})")
             else:
                 self._blobs.append(blob)
                 return imported
@@ -158,8 +163,7 @@ class CompiledGraphs:
                 model = self.core.read_model(graph.content)
             return self.core.compile_model(model, self.device, config)
         except RuntimeError as error:  # OpenVINO's exceptions (its frontends' and plugins') are RuntimeErrors
-            reason = " ".join(str(error).split())[-300:]
-            raise CfdeployError(f"{graph.path}: OpenVINO cannot load this graph: {reason}") from None
+            raise CfdeployError(f"{graph.path}: OpenVINO cannot load this graph: {openvino_reason(error)}") from None
 
     def _read_in_private_directory(self, graph: VerifiedGraph) -> ov.Model:
         """Read a graph and its weights from verified bytes written to a new directory only this user can open."""

@@ -51,11 +51,6 @@ class WeightInfo:
     sha256: str
 
 
-def onnx_weights(graph: bytes) -> dict[str, WeightInfo]:
-    """Every initializer of a graph (its bytes) by name: shape and hash of its values."""
-    return initializer_weights(onnx.load_from_string(graph))
-
-
 def initializer_weights(model: onnx.ModelProto) -> dict[str, WeightInfo]:
     """Every initializer of ``model`` by name: shape and hash of its values."""
     weights = {}
@@ -70,7 +65,7 @@ def match_weights(
 ) -> list[str]:
     """Names of the initializers that change; refuses, in one line, when the new graph's do not fit the bundle's.
 
-    ``old`` is every initializer of the bundle's graph (:func:`onnx_weights`), ``new`` the same with the checkpoint's
+    ``old`` is every initializer of the bundle's graph (:func:`initializer_weights`), ``new`` the same with the checkpoint's
     weights in place; ``weights`` names the checkpoint's refittable weights (what
     :func:`cfdeploy.exporter.export_graph` keeps), to say what the bundle's graph lacks when it was exported before
     every weight kept a name of its own.

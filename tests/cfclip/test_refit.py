@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from typer.testing import Result
@@ -208,7 +209,7 @@ def network_outputs(bundle: Path, network: str) -> list[np.ndarray]:
 def test_refit_with_a_checkpoint_whose_weights_and_biases_all_differ_matches_its_fresh_export(
     tmp_path, new_run_bundle, cfclip_64, cli
 ):
-    from cfdeploy.refit import REFIT_NETWORKS, onnx_weights
+    from cfdeploy.refit import REFIT_NETWORKS, initializer_weights
 
     other = tmp_path / "other.pt"
     content = with_generator_of(synthetic_files.cfclip_checkpoint(64, seed=11), cfclip_64)
@@ -226,7 +227,9 @@ def test_refit_with_a_checkpoint_whose_weights_and_biases_all_differ_matches_its
 
     for network in REFIT_NETWORKS:
         graph = f"{network}.onnx"
-        assert onnx_weights((refitted / graph).read_bytes()) == onnx_weights((fresh / graph).read_bytes()), network
+        assert initializer_weights(onnx.load(refitted / graph)) == initializer_weights(onnx.load(fresh / graph)), (
+            network
+        )
         for got, expected in zip(network_outputs(refitted, network), network_outputs(fresh, network), strict=True):
             assert rel_l2(got, expected) <= EDIT_TOLERANCE, network
     w = np.random.default_rng(5).standard_normal((2, 10, 512)).astype(np.float32)
@@ -287,7 +290,7 @@ def test_at_32_px_refit_places_every_weight_the_graph_holds_as_a_fresh_export_of
     from cfdeploy.contracts import network_contracts
     from cfdeploy.exporter import DEFAULT_OPSET, export_graph
     from cfdeploy.models.mappers import LatentEditor, LevelsMapper, MapperConfig
-    from cfdeploy.refit import onnx_weights, refitted_graph
+    from cfdeploy.refit import initializer_weights, refitted_graph
 
     contract = network_contracts(32, 8, 512)["latent_editor"]
     torch.manual_seed(3)
@@ -295,8 +298,8 @@ def test_at_32_px_refit_places_every_weight_the_graph_holds_as_a_fresh_export_of
     export_graph(bundled, contract, tmp_path / "bundled.onnx", DEFAULT_OPSET)
     export_graph(other, contract, tmp_path / "fresh.onnx", DEFAULT_OPSET)
     graph, changed = refitted_graph("latent_editor", (tmp_path / "bundled.onnx").read_bytes(), other)
-    fresh = onnx_weights((tmp_path / "fresh.onnx").read_bytes())
+    fresh = initializer_weights(onnx.load(tmp_path / "fresh.onnx"))
     assert any(name.startswith("mapper.fine_mapping.") for name, _ in other.named_parameters())
     assert not any(name.startswith("mapper.fine_mapping.") for name in fresh)
-    assert onnx_weights(graph) == fresh
+    assert initializer_weights(onnx.load_from_string(graph)) == fresh
     assert changed and set(changed) < set(fresh)

@@ -43,6 +43,7 @@ def run_files(tmp_path_factory: pytest.TempPathFactory, cfclip_64: Path, clip_vi
         "arcface": directory / "arcface.pt",
         "latents": directory / "train.npy",
         "test": directory / "test.npy",
+        "light_latents": directory / "light.npy",
     }
     torch.manual_seed(3)
     arcface = ArcFace()
@@ -55,6 +56,7 @@ def run_files(tmp_path_factory: pytest.TempPathFactory, cfclip_64: Path, clip_vi
     rng = np.random.default_rng(3)
     np.save(files["latents"], rng.standard_normal((6, N_LATENT_64, 512)).astype(np.float32))
     np.save(files["test"], rng.standard_normal((2, N_LATENT_64, 512)).astype(np.float32))
+    np.save(files["light_latents"], np.load(files["latents"])[:2])
     return files
 
 
@@ -192,7 +194,9 @@ def metric_lines(path: Path) -> list[dict]:
 def test_a_resumed_run_equals_the_uninterrupted_one(run_files, embedding_file, tmp_path):
     def settings(steps: int) -> TrainSettings:
         # the state a resumption restores is the mappers' and the optimiser's: the loss terms' models add only time
-        return TrainSettings(PROMPT, steps=steps, val_every=1, save_every=1, seed=9, nce_lambda=0, id_lambda=0)
+        return TrainSettings(
+            PROMPT, steps=steps, batch_size=1, val_every=1, save_every=1, seed=9, nce_lambda=0, id_lambda=0
+        )
 
     inputs = light_inputs(run_files, embedding_file, test_latents=run_files["test"])
     train(settings(2), inputs, tmp_path / "whole")
@@ -232,6 +236,8 @@ def test_cli_writes_official_checkpoints_that_edit_and_refit_accept(
         out,
         "--steps",
         2,
+        "--batch-size",
+        1,
         "--val-every",
         1,
         "--save-every",
@@ -368,7 +374,9 @@ def test_existing_output_needs_force_and_resume_needs_a_save(cli, run_files, tmp
 
 
 def test_a_nan_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(run_files, tmp_path):
-    settings = TrainSettings(PROMPT, steps=4, val_every=10, save_every=1, seed=1, lr=1e30, nce_lambda=0, id_lambda=0)
+    settings = TrainSettings(
+        PROMPT, steps=4, batch_size=1, val_every=10, save_every=1, seed=1, lr=1e30, nce_lambda=0, id_lambda=0
+    )
     with pytest.raises(CfdeployError) as refused:
         train(settings, inputs_of(run_files, identity=False), tmp_path / "run")
     assert str(refused.value) == (
@@ -403,7 +411,7 @@ def init_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def test_one_step_from_a_checkpoint_and_a_text_embedding_is_the_official_update(run_files, init_files):
     """The official loop with checkpoint_path set: mappers from the checkpoint, a fresh Ranger, one update. With
     --text-embedding and --nce-lambda 0 no CLIP file is given and none is loaded."""
-    settings = TrainSettings(PROMPT, steps=1, seed=4, nce_lambda=0)
+    settings = TrainSettings(PROMPT, steps=1, batch_size=1, seed=4, nce_lambda=0)  # a batch of 2: the test above
     inputs = TrainInputs(
         run_files["generator"],
         None,
@@ -439,7 +447,7 @@ def test_one_step_from_a_checkpoint_and_a_text_embedding_is_the_official_update(
         key: value.double() if value.is_floating_point() else value
         for key, value in torch.load(run_files["arcface"], weights_only=True).items()
     }
-    rows = batch_indices(4, 1, 6, 2)
+    rows = batch_indices(4, 1, 6, 1)
     w = torch.from_numpy(np.load(run_files["latents"])[rows]).double()
     text_features = torch.from_numpy(np.load(init_files["embedding"])).double().reshape(1, 512)
     leaves = {
@@ -447,7 +455,7 @@ def test_one_step_from_a_checkpoint_and_a_text_embedding_is_the_official_update(
     }
     with torch.no_grad():
         source = reference.generator(generator_state, w)
-    text_latents = reference.text_mapper(leaves["text_mapper"], text_features.expand(2, -1), N_LATENT_64)
+    text_latents = reference.text_mapper(leaves["text_mapper"], text_features.expand(1, -1), N_LATENT_64)
     w_hat = w + 0.1 * reference.levels_mapper(leaves["mapper"], torch.cat([w, text_latents], dim=2), {})
     edited = reference.generator(generator_state, w_hat)
     expected = {"l2": F.mse_loss(w_hat, w), "id": official_identity(arcface_state, edited, source)}
@@ -477,6 +485,8 @@ def test_cli_trains_from_a_checkpoint_with_a_text_embedding(cli, run_files, init
         "--test-latents",  # validated on 2 codes, not the first 4 training codes
         run_files["test"],
         "--steps",
+        1,
+        "--batch-size",
         1,
         "--init-from",
         init_files["init"],
@@ -526,19 +536,6 @@ def test_cli_refuses_a_checkpoint_or_embedding_that_does_not_fit(
     assert_refused(result, tmp_path / "run", *fragments)
 
 
-def test_a_damaged_training_state_is_refused_naming_what_is_missing(run_files, tmp_path):
-    settings = TrainSettings(PROMPT, steps=1, seed=3, nce_lambda=0, id_lambda=0)
-    inputs = TrainInputs(run_files["generator"], run_files["clip"], run_files["latents"], run_files["test"])
-    train(settings, inputs, tmp_path / "run")
-    state_path = tmp_path / "run" / "training_state.pt"
-    state = torch.load(state_path, weights_only=True)
-    del state["mapper"]
-    torch.save(state, state_path)
-    with pytest.raises(CfdeployError) as refused:
-        train(TrainSettings(PROMPT, steps=2, seed=3, nce_lambda=0, id_lambda=0), inputs, tmp_path / "run", resume=True)
-    assert str(refused.value) == f"{state_path}: damaged training state: no 'mapper'"
-
-
 def test_help_keeps_the_id_lambda_default_and_the_new_options(cli):
     result = cli("train", "--help")
     assert result.exit_code == 0
@@ -547,13 +544,16 @@ def test_help_keeps_the_id_lambda_default_and_the_new_options(cli):
 
 
 def light_settings(steps: int) -> TrainSettings:
-    """Settings without CLIP-NCE or identity: a step takes the generator alone (what resumption is about)."""
-    return TrainSettings(PROMPT, steps=steps, save_every=1, val_every=1, seed=6, nce_lambda=0, id_lambda=0)
+    """Settings without CLIP-NCE or identity, one code a step: a step takes the generator alone, once (what
+    resumption is about; the batch and the loss terms are checked against the official update above)."""
+    return TrainSettings(
+        PROMPT, steps=steps, batch_size=1, save_every=1, val_every=1, seed=6, nce_lambda=0, id_lambda=0
+    )
 
 
 def light_inputs(run_files: dict[str, Path], embedding: Path, **changed: Path) -> TrainInputs:
-    """The generator, codes and the prompt's text features: a run that loads no CLIP."""
-    files = {"generator": run_files["generator"], "latents": run_files["latents"], "text_embedding": embedding}
+    """The generator, two codes (validation runs on both) and the prompt's text features: a run that loads no CLIP."""
+    files = {"generator": run_files["generator"], "latents": run_files["light_latents"], "text_embedding": embedding}
     return TrainInputs(clip_weights=None, **{**files, **changed})
 
 
@@ -638,12 +638,23 @@ def test_a_state_that_does_not_fit_the_model_is_refused_before_any_step(
     assert refusal.startswith(f"{state_path}: ") and message in refusal, refusal
 
 
+def test_a_damaged_training_state_is_refused_naming_what_is_missing(run_files, embedding_file, saved_run, tmp_path):
+    run = copied_run(saved_run, tmp_path)
+    state_path = run / "training_state.pt"
+    state = torch.load(state_path, weights_only=True)
+    del state["mapper"]
+    torch.save(state, state_path)
+    assert resume_refused(run, light_inputs(run_files, embedding_file)) == (
+        f"{state_path}: damaged training state: no 'mapper'"
+    )
+
+
 def test_resuming_with_other_input_files_is_refused_naming_the_file(
     run_files, embedding_file, init_files, saved_run, tmp_path
 ):
     run = copied_run(saved_run, tmp_path)
     other_latents = tmp_path / "other.npy"
-    np.save(other_latents, np.load(run_files["latents"])[::-1].copy())
+    np.save(other_latents, np.load(run_files["light_latents"])[::-1].copy())
     refusal = resume_refused(run, light_inputs(run_files, embedding_file, latents=other_latents))
     assert refusal.startswith(f"{other_latents}: not the --latents file the run was trained on (sha256 ")
     refusal = resume_refused(run, light_inputs(run_files, embedding_file, generator=init_files["init"]))

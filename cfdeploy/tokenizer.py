@@ -17,9 +17,7 @@ from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 
-import ftfy
 import numpy as np
-import regex
 
 from cfdeploy.errors import CfdeployError
 from cfdeploy.files import require_file
@@ -86,6 +84,8 @@ def read_merges(path: Path) -> list[tuple[str, str]]:
 
 
 def clean(text: str) -> str:
+    import ftfy  # here and in ClipTokenizer: imported when text is tokenised, not by every edit from text features
+
     text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
     return " ".join(text.split()).lower()
 
@@ -105,6 +105,8 @@ class ClipTokenizer:
         self.ids = {token: index for index, token in enumerate(vocab)}
         self.merge_rank = {merge: rank for rank, merge in enumerate(merges)}
         self.start_id, self.end_id = (self.ids[token] for token in SPECIAL_TOKENS)
+        import regex
+
         specials = "|".join(SPECIAL_TOKENS)
         self.pattern = regex.compile(
             specials + r"""|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""", regex.IGNORECASE

@@ -283,8 +283,8 @@ class Bundle:
 
     def checked_network_sha256(self, name: str) -> str:
         """The sha256 the manifest records for a graph, once the graph's files are checked against it (streamed, not
-        kept): a server checks every graph before it starts replicas, so damage is one line there, not one per
-        replica."""
+        kept): what compiled-graph caches are keyed on, so a damaged bundle is refused even where a cached compiled
+        graph would run in its place."""
         relative = self._network_file(name)
         self.files.file(relative)
         if f"{relative}{EXTERNAL_DATA_SUFFIX}" in self.files.files:

@@ -6,13 +6,11 @@ its exported compiled model) and read it back in the next process. The exporter 
 in a cache of the same kind (:func:`cfdeploy.exporter.export_cache`).
 
 An entry is a directory ``ROOT/KEY/`` holding the runtime's files and ``entry.json``, which records the key's parts
-and each file's sha256 (:func:`content_digest`: a file over 64 MB as the sha256 of its pieces' sha256s, hashed side
-by side). The key is the sha256 of the graph's own sha256 (the bundle manifest's), the runtime and its version, the
-CPU's features and the session settings, so another runtime version, another CPU or other settings miss. Before use
-every file is checked against its recorded digest (read into memory, or, where the runtime maps it itself, hashed
-through a read-only mapping); an entry that is damaged, records another key, or is (or holds) a symlink is refused
-with a one-line warning, removed, and rebuilt. A hit runs the entry, not the bundle's graph file, so that file is not
-read (a bundle's files are checked when they are used). Entries
+and each file's sha256. The key is the sha256 of the graph's own sha256 (the bundle manifest's), the runtime and its
+version, the CPU's features and the session settings, so another runtime version, another CPU or other settings
+miss. Before use every file is checked against its recorded sha256 (read into memory, or, where the runtime maps it
+itself, hashed through a read-only mapping); an entry that is damaged,
+records another key, or is (or holds) a symlink is refused with a one-line warning, removed, and rebuilt. Entries
 are written to a temporary directory and renamed into place, so a reader never sees half of one. The least recently
 used entries go first once the cache holds more than its bound.
 
@@ -43,8 +41,6 @@ DEFAULT_MAX_BYTES = 8 << 30
 ENTRY_RECORD = "entry.json"
 MAX_RECORD_BYTES = 64 << 10
 GRAPHS_DIR = "graphs"
-PIECE_BYTES = 64 << 20  # larger files are hashed in pieces of this size, side by side on every core
-RECORD_FORMAT = 2  # what entry.json's digests mean (2: content_digest); part of every key, so older entries miss
 _log = logging.getLogger(__name__)
 
 
@@ -70,20 +66,7 @@ def entry_parts(runtime: str, version: str, graph_sha256: str, cpu: str, setting
 
 
 def entry_key(parts: Mapping[str, Any]) -> str:
-    return hashlib.sha256(json.dumps({"record_format": RECORD_FORMAT, **parts}, sort_keys=True).encode()).hexdigest()
-
-
-def content_digest(buffer: bytes | mmap.mmap) -> str:
-    """The sha256 of ``buffer`` where it holds at most :data:`PIECE_BYTES`; of a larger one, the sha256 of its pieces'
-    sha256 digests in order (a hash list): the pieces are hashed side by side, so checking the GB of an encoder's
-    weights takes a fraction of one core's time where the cores are free (hashlib lets go of the GIL)."""
-    with memoryview(buffer) as view:
-        if view.nbytes <= PIECE_BYTES:
-            return hashlib.sha256(view).hexdigest()
-        starts = range(0, view.nbytes, PIECE_BYTES)
-        with ThreadPoolExecutor(min(len(starts), os.cpu_count() or 1)) as pool:
-            pieces = list(pool.map(lambda start: hashlib.sha256(view[start : start + PIECE_BYTES]).digest(), starts))
-        return hashlib.sha256(b"".join(pieces)).hexdigest()
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
 class RefusedEntry(Exception):
@@ -138,6 +121,18 @@ class GraphCache:
         self.outcomes[network] = "miss" if files is None else "hit"
         return files
 
+    def load_checking(
+        self, network: str, parts: Mapping[str, Any], check: Callable[[str], object], in_place: Collection[str] = ()
+    ) -> dict[str, bytes] | None:
+        """:meth:`load`, with ``check(network)`` run meanwhile on a second thread: the bundle's own graph checked
+        against its manifest, so a damaged bundle is refused even where a cached graph would run in its place. Both
+        hash hundreds of MB; side by side they take the time of the longer."""
+        with ThreadPoolExecutor(1) as checking:
+            checked = checking.submit(check, network)
+            files = self.load(network, parts, in_place)
+            checked.result()
+        return files
+
     def refuse(self, network: str, parts: Mapping[str, Any], why: str) -> None:
         """Warn that the entry for ``parts`` is not used and why, remove it, and record ``refused`` for ``network``
         (also for an entry that passed its checks and then failed in the runtime's hands)."""
@@ -173,12 +168,12 @@ class GraphCache:
             if name in in_place:
                 _regular_status(entry / name)
                 try:
-                    found = _mapped_digest(entry / name)
+                    found = _mapped_sha256(entry / name)
                 except OSError as error:
                     raise RefusedEntry(f"{name} cannot be read ({error.strerror or error})") from None
             else:
                 files[name] = _regular_bytes(entry / name, None)
-                found = content_digest(files[name])
+                found = hashlib.sha256(files[name]).hexdigest()
             if found != digest:
                 raise RefusedEntry(f"{name} does not match its recorded sha256 (changed or damaged)")
         return files
@@ -204,7 +199,7 @@ class GraphCache:
     def commit(self, parts: Mapping[str, Any], staging: Path) -> None:
         """Record the sha256 of each file in ``staging`` and rename it into place as the entry for ``parts``."""
         entry = self.entry_path(parts)
-        files = {path.name: _mapped_digest(path) for path in staging.iterdir()}
+        files = {path.name: _mapped_sha256(path) for path in staging.iterdir()}
         record = {"parts": parts, "files": files, "created": time.time()}
         (staging / ENTRY_RECORD).write_text(json.dumps(record, sort_keys=True))
         if os.path.lexists(entry):
@@ -262,13 +257,13 @@ def _regular_bytes(path: Path, limit: int | None) -> bytes:
     return content
 
 
-def _mapped_digest(path: Path) -> str:
-    """A file's :func:`content_digest`, hashed through a read-only mapping rather than read into memory."""
+def _mapped_sha256(path: Path) -> str:
+    """A file's sha256, hashed through a read-only mapping rather than read into memory."""
     with open(path, "rb") as handle:
         if os.fstat(handle.fileno()).st_size == 0:
-            return content_digest(b"")
+            return hashlib.sha256().hexdigest()
         with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-            return content_digest(mapped)
+            return hashlib.sha256(mapped).hexdigest()
 
 
 def _last_used(path: Path) -> float:

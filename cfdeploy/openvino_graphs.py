@@ -84,6 +84,7 @@ class CompiledGraphs:
     Args:
         graph: the verified graph of a network, by name.
         digest: a network's graph sha256 (the manifest's): what cache entries are keyed on.
+        check: checks a network's graph files against ``digest`` (raising if they differ), beside each cache read.
         device: ``cpu``, or an OpenVINO device it reports (``gpu``, ``npu``).
         threads: inference threads on the CPU (default: the physical cores).
         precision: ``fp32`` (exact), or ``bf16`` on CPUs that run it natively (per network: :func:`network_precision`).
@@ -95,6 +96,7 @@ class CompiledGraphs:
         self,
         graph: Callable[[str], VerifiedGraph],
         digest: Callable[[str], str],
+        check: Callable[[str], object],
         device: str = "cpu",
         threads: int | None = None,
         precision: str = "fp32",
@@ -109,6 +111,7 @@ class CompiledGraphs:
             raise CfdeployError(refusal)
         self.graph = graph
         self.digest = digest
+        self.check = check
         self.threads = threads or physical_cores()
         self.precision = precision
         self.cache = cache
@@ -137,7 +140,7 @@ class CompiledGraphs:
             return self._compile(network, config)
         settings = {"device": self.device, **config}
         parts = entry_parts("openvino", ov.__version__, self.digest(network), cpu_signature(self.features), settings)
-        cached = self.cache.load(network, parts)
+        cached = self.cache.load_checking(network, parts, self.check)
         if cached is not None:
             blob = np.frombuffer(cached.pop(COMPILED_BLOB), np.uint8).copy()  # a Tensor shares writable memory only
             try:

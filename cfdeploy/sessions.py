@@ -81,6 +81,7 @@ class Sessions:
         engine_cache: where TensorRT's provider keeps its engines.
         initializers: per network, tensors that replace the graph's initializers of those names.
         digest: a network's graph sha256 (the manifest's); with ``cache``, what cache entries are keyed on.
+        check: checks a network's graph files against ``digest`` (raising if they differ), beside each cache read.
         cache: where optimised graphs are kept between processes (CPU provider only, graphs without initializer
             overrides); None: optimise in every process.
     """
@@ -95,6 +96,7 @@ class Sessions:
         engine_cache: Path | None = None,
         initializers: Mapping[str, Mapping[str, np.ndarray]] | None = None,
         digest: Callable[[str], str] | None = None,
+        check: Callable[[str], object] | None = None,
         cache: GraphCache | None = None,
     ) -> None:
         self.graph = graph
@@ -112,7 +114,8 @@ class Sessions:
         }
         self._sessions: dict[str, ort.InferenceSession] = {}
         self.digest = digest
-        self.cache = cache if digest is not None and self.providers == [CPU_PROVIDER] else None
+        self.check = check
+        self.cache = cache if digest is not None and check is not None and self.providers == [CPU_PROVIDER] else None
 
     def session(self, network: str) -> ort.InferenceSession:
         session = self._sessions.get(network)
@@ -143,8 +146,8 @@ class Sessions:
     def _open(self, network: str) -> ort.InferenceSession:
         parts = self._cache_parts(network)
         if parts is not None:
-            assert self.cache is not None
-            cached = self.cache.load(network, parts, in_place=(OPTIMIZED_WEIGHTS,))
+            assert self.cache is not None and self.check is not None
+            cached = self.cache.load_checking(network, parts, self.check, in_place=(OPTIMIZED_WEIGHTS,))
             if cached is not None:
                 try:
                     return self._from_cache(cached, self.cache.entry_path(parts))

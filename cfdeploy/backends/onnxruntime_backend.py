@@ -32,6 +32,7 @@ class OnnxRuntimeBackend(RunnerBackend):
             precision=lambda network: bundle.contracts[network].precision,
             engine_cache=bundle.engine_dir / ORT_ENGINE_CACHE,
             digest=bundle.network_sha256,
+            check=bundle.checked_network_sha256,
             cache=graph_cache(session_cache),
         )
         super().__init__(bundle, self.sessions, cache_max)

@@ -32,6 +32,7 @@ class OpenVinoBackend(RunnerBackend):
         graphs = CompiledGraphs(
             bundle.network,
             bundle.network_sha256,
+            bundle.checked_network_sha256,
             device,
             threads,
             precision,

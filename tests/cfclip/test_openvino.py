@@ -218,7 +218,7 @@ def test_external_weights_are_read_from_the_verified_bytes_never_from_the_workin
     (tmp_path / "m.onnx.data").write_bytes(np.full(6, 7.0, np.float32).tobytes())  # not the verified weights
     verified = {"given": VerifiedGraph(Path("m.onnx"), content, {"m.onnx.data": data})}
     verified["hostile"] = VerifiedGraph(Path("m.onnx"), content)  # names external weights the manifest lacks
-    graphs = CompiledGraphs(verified.__getitem__, lambda name: name, threads=1)
+    graphs = CompiledGraphs(verified.__getitem__, lambda name: name, lambda name: None, threads=1)
     x = np.ones((1, 2), np.float32)
     np.testing.assert_array_equal(graphs("given", x=x), [[3.0, 5.0, 7.0]])
     with pytest.raises(CfdeployError, match=r"^m.onnx: OpenVINO cannot load this graph: "):

@@ -7,7 +7,6 @@ Hits and misses are asserted from what the backends record (``describe()``), not
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -15,9 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cfdeploy import graph_cache
 from cfdeploy.backends import open_backend
-from cfdeploy.graph_cache import ENTRY_RECORD, GraphCache, cache_root, content_digest, entry_key, entry_parts
+from cfdeploy.graph_cache import ENTRY_RECORD, GraphCache, cache_root, entry_key, entry_parts
 
 RUNTIMES = ("onnxruntime", "openvino")
 Z = np.random.default_rng(0).standard_normal((2, 512)).astype(np.float32)
@@ -208,14 +206,12 @@ def test_no_session_cache_neither_reads_nor_writes_it(bundle, cache_dir, cli, tm
 
 
 @pytest.mark.parametrize("runtime", RUNTIMES)
-def test_a_cache_hit_runs_the_checked_entry_and_reads_no_bundle_graph_until_one_is_built(
-    runtime, bundle, cache_dir, tmp_path
-):
+def test_a_cache_hit_still_refuses_a_damaged_bundle(runtime, bundle, cache_dir, tmp_path):
     import shutil
 
     from cfdeploy.errors import CfdeployError
 
-    intact, _ = mapping_run(runtime, bundle)  # the cache now holds the mapping network
+    mapping_run(runtime, bundle)  # the cache now holds the mapping network
     damaged = tmp_path / "damaged"
     shutil.copytree(bundle, damaged, copy_function=os.link)
     graph = damaged / "mapping.onnx"
@@ -223,19 +219,5 @@ def test_a_cache_hit_runs_the_checked_entry_and_reads_no_bundle_graph_until_one_
     content[-1] ^= 1
     graph.unlink()  # the link, not the original bundle's file
     graph.write_bytes(bytes(content))
-    w, outcome = mapping_run(runtime, damaged)
-    assert outcome == "hit"
-    np.testing.assert_array_equal(w, intact)  # the graph the manifest names, from the entry its record checks
-    shutil.rmtree(cache_dir)
     with pytest.raises(CfdeployError, match=r"differs from the manifest's .* \(file changed or damaged\)$"):
         mapping_run(runtime, damaged)
-
-
-def test_a_file_over_one_piece_is_recorded_as_the_sha256_of_its_pieces_sha256s(monkeypatch):
-    content = bytes(range(256)) * 3 + b"tail"  # 772 bytes: pieces of 256, 256, 256 and 4
-    monkeypatch.setattr(graph_cache, "PIECE_BYTES", 256)
-    pieces = [content[start : start + 256] for start in (0, 256, 512, 768)]
-    expected = hashlib.sha256(b"".join(hashlib.sha256(piece).digest() for piece in pieces)).hexdigest()
-    assert content_digest(content) == expected
-    assert content_digest(content[:256]) == hashlib.sha256(content[:256]).hexdigest()  # one piece: its own sha256
-    assert content_digest(b"") == hashlib.sha256(b"").hexdigest()

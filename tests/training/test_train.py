@@ -411,7 +411,8 @@ def init_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def test_one_step_from_a_checkpoint_and_a_text_embedding_is_the_official_update(run_files, init_files):
     """The official loop with checkpoint_path set: mappers from the checkpoint, a fresh Ranger, one update. With
     --text-embedding and --nce-lambda 0 no CLIP file is given and none is loaded."""
-    settings = TrainSettings(PROMPT, steps=1, batch_size=1, seed=4, nce_lambda=0)  # a batch of 2: the test above
+    # one code: test_one_step_reproduces_the_official_computation checks a batch of two
+    settings = TrainSettings(PROMPT, steps=1, batch_size=1, seed=4, nce_lambda=0)
     inputs = TrainInputs(
         run_files["generator"],
         None,

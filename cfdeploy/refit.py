@@ -65,8 +65,8 @@ def match_weights(
 ) -> list[str]:
     """Names of the initializers that change; refuses, in one line, when the new graph's do not fit the bundle's.
 
-    ``old`` is every initializer of the bundle's graph (:func:`initializer_weights`), ``new`` the same with the checkpoint's
-    weights in place; ``weights`` names the checkpoint's refittable weights (what
+    ``old`` is every initializer of the bundle's graph (:func:`initializer_weights`), ``new`` the same with the
+    checkpoint's weights in place; ``weights`` names the checkpoint's refittable weights (what
     :func:`cfdeploy.exporter.export_graph` keeps), to say what the bundle's graph lacks when it was exported before
     every weight kept a name of its own.
     """

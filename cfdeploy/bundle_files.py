@@ -5,8 +5,10 @@ manifest other than a pinned sha256 (``--expect-manifest``), and keeps every pat
 inside the directory (no ``..``, absolute paths or symlinks leading out). Files are checked against
 their sha256 before first use, and what is used is what was hashed: graphs and arrays are read once
 into memory, hashed, and those bytes are handed on (ONNX Runtime gets the graph and its external
-weights from memory, so it reads no file after the check). The manifest's hashes guard against damage;
-pinning the manifest guards against a bundle someone else rewrote, hashes and all.
+weights from memory, so it reads no file after the check); a graph that a compiled-graph cache runs in
+place of may be checked through the cache's record of earlier hashes instead (:class:`VerifiedFiles`).
+The manifest's hashes guard against damage; pinning the manifest guards against a bundle someone else
+rewrote, hashes and all.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from cfdeploy.errors import CfdeployError
-from cfdeploy.files import memory_guard, read_regular, sha256_file
+from cfdeploy.files import HashRecord, file_identity, memory_guard, read_regular, sha256_file
 
 MAX_MANIFEST_BYTES = 16 << 20
 SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -123,12 +125,18 @@ class VerifiedGraph:
 
 
 class VerifiedFiles:
-    """The files a bundle's manifest lists: each checked before use, hashed once per process."""
+    """The files a bundle's manifest lists: each checked before use, hashed once per process.
+
+    With :attr:`hashes` set (a compiled-graph cache is in use), a file checked but not read, whose cached compiled
+    form runs instead, is not hashed again while it stays untouched since a process of this user hashed it (see
+    :class:`~cfdeploy.files.HashRecord`); a file that is read is always hashed, and recorded for those checks.
+    """
 
     def __init__(self, path: Path, manifest_name: str, files: dict[str, str]) -> None:
         self.path = path
         self.source = path / manifest_name
         self.files = files
+        self.hashes: HashRecord | None = None
         self._verified: set[str] = set()
 
     def _listed_path(self, relative: str) -> Path:
@@ -154,18 +162,22 @@ class VerifiedFiles:
         such as TensorRT's parser; everything else uses :meth:`read_bytes`)."""
         path = self._listed_path(relative)
         if relative not in self._verified:
-            self._check_digest(path, relative, sha256_file(path))
+            self._check_digest(path, relative, sha256_file(path, self.hashes))
         return path
 
     def read_bytes(self, relative: str, limit: int | None = None) -> bytes:
         """A listed file's content, read once and checked: what is used is exactly what was hashed."""
         path = self._listed_path(relative)
+        identity = file_identity(path)
         try:
             with memory_guard(path):
                 content = read_regular(path, limit) if limit is not None else path.read_bytes()
         except ValueError as why:
             raise CfdeployError(f"{path}: {why}") from None
-        self._check_digest(path, relative, hashlib.sha256(content).hexdigest())
+        digest = hashlib.sha256(content).hexdigest()
+        self._check_digest(path, relative, digest)
+        if self.hashes is not None:
+            self.hashes.remember(path, identity, digest)
         return content
 
     def graph(self, relative: str) -> VerifiedGraph:

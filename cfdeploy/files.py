@@ -11,9 +11,13 @@ import hashlib
 import io
 import json
 import math
+import os
+import re
 import stat
+import tempfile
+import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -21,6 +25,7 @@ import numpy as np
 
 from cfdeploy.errors import CfdeployError
 
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 NON_REGULAR_KINDS: tuple[tuple[Callable[[int], bool], str], ...] = (
     (stat.S_ISDIR, "a directory"),
     (stat.S_ISFIFO, "a FIFO"),
@@ -152,21 +157,101 @@ def npy_array(content: bytes, shape: tuple[int, ...]) -> np.ndarray:
     return np.array(array)
 
 
-_HASHED: dict[tuple[str, int, int, int, int, int], str] = {}
+FileIdentity = tuple[int, int, int, int, int]
+RECORD_NAME_LENGTH = 40
+MAX_RECORD_BYTES = 4096
+SETTLED_NS = 2_000_000_000  # a file changed more recently than this may change again within one timestamp tick
+_HASHED: dict[FileIdentity, str] = {}
 
 
-def sha256_file(path: Path) -> str:
-    """The file's sha256, read once per process: a file whose inode, size and times are unchanged is not read again
-    (a base model's or a bundle's gigabytes are hashed once, however many times a command asks)."""
+def file_identity(path: Path) -> FileIdentity:
+    """What changes whenever a file's content does: its device, inode, size, modification and change times (no
+    system call sets a change time back, so a file written since, even with its modification time restored, differs)."""
     status = path.stat()
-    key = (str(path.resolve()), status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns)
-    found = _HASHED.get(key)
+    return (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns)
+
+
+def streamed_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class HashRecord:
+    """The sha256s that this user's earlier processes computed, kept by :func:`file_identity` in ``directory``, so a
+    file left untouched since is not hashed again: a fresh process trusts the record where it would read gigabytes.
+
+    This is weaker than hashing: it relies on the file system to change a file's identity whenever its content
+    changes, which local Linux file systems do (FAT and some network mounts keep coarse or no change times). A file
+    is recorded only when its identity was the same before and after hashing and, unless the caller wrote it itself,
+    it had not changed for two seconds (a file changed twice within one timestamp tick keeps its times, so a file
+    changed just now could change again unseen). Records name the file's identity, not its path, and are bounded
+    (the oldest go first); one that cannot be read or names another identity is ignored.
+    """
+
+    def __init__(self, directory: Path, max_records: int = 4096) -> None:
+        self.directory = directory
+        self.max_records = max_records
+
+    def _path(self, identity: FileIdentity) -> Path:
+        return self.directory / hashlib.sha256(repr(identity).encode()).hexdigest()[:RECORD_NAME_LENGTH]
+
+    def lookup(self, identity: FileIdentity) -> str | None:
+        """The recorded sha256 of the file with this identity, if any."""
+        path = self._path(identity)
+        try:
+            if not stat.S_ISREG(path.lstat().st_mode):
+                return None
+            with open(path, "rb") as handle:
+                record = json.loads(handle.read(MAX_RECORD_BYTES + 1).decode("utf-8"))
+        except (OSError, ValueError):
+            return None
+        if not isinstance(record, dict) or record.get("identity") != list(identity):
+            return None
+        found = record.get("sha256")
+        return found if isinstance(found, str) and SHA256_HEX.fullmatch(found) else None
+
+    def remember(self, path: Path, identity: FileIdentity, digest: str, written_here: bool = False) -> None:
+        """Record ``digest`` for ``path``, hashed while it had ``identity``, if that identity still holds and is
+        settled (``written_here``: this process wrote the file and is done with it, so no write can follow unseen)."""
+        try:
+            if file_identity(path) != identity:
+                return
+        except OSError:
+            return
+        if not written_here and time.time_ns() - max(identity[3], identity[4]) < SETTLED_NS:
+            return
+        record = json.dumps({"identity": list(identity), "sha256": digest}).encode()
+        with suppress(OSError):
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            descriptor, partial = tempfile.mkstemp(prefix=".partial-", dir=self.directory)
+            with open(descriptor, "wb") as handle:
+                handle.write(record)
+            os.replace(partial, self._path(identity))
+            self._bound()
+
+    def _bound(self) -> None:
+        names = os.listdir(self.directory)
+        if len(names) <= self.max_records:
+            return
+        aged = sorted((self.directory / name for name in names), key=lambda path: path.lstat().st_mtime)
+        for path in aged[: len(names) - self.max_records // 2]:
+            path.unlink(missing_ok=True)
+
+
+def sha256_file(path: Path, record: HashRecord | None = None) -> str:
+    """The file's sha256, read once per process: a file whose identity is unchanged is not read again (a base
+    model's or a bundle's gigabytes are hashed once, however many times a command asks); with ``record``, not
+    again in later processes either, as long as the file stays untouched."""
+    identity = file_identity(path)
+    found = _HASHED.get(identity) or (record.lookup(identity) if record is not None else None)
     if found is None:
-        digest = hashlib.sha256()
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 22), b""):
-                digest.update(block)
-        found = _HASHED[key] = digest.hexdigest()
+        found = streamed_sha256(path)
+        if record is not None:
+            record.remember(path, identity, found)
+    _HASHED[identity] = found
     return found
 
 

@@ -9,7 +9,7 @@ An entry is a directory ``ROOT/KEY/`` holding the runtime's files and ``entry.js
 and each file's sha256. The key is the sha256 of the graph's own sha256 (the bundle manifest's), the runtime and its
 version, the CPU's features and the session settings, so another runtime version, another CPU or other settings
 miss. Before use every file is checked against its recorded sha256 (read into memory, or, where the runtime maps it
-itself, hashed through a read-only mapping); an entry that is damaged,
+itself, where it lies, through the record of earlier hashes in ``ROOT/.hashes``); an entry that is damaged,
 records another key, or is (or holds) a symlink is refused with a one-line warning, removed, and rebuilt. Entries
 are written to a temporary directory and renamed into place, so a reader never sees half of one. The least recently
 used entries go first once the cache holds more than its bound.
@@ -35,12 +35,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from cfdeploy.files import HashRecord, file_identity, sha256_file
+
 CACHE_DIR_ENV = "CFDEPLOY_CACHE_DIR"  # overrides where the cache lives (tests point it at a temporary directory)
 CACHE_MAX_ENV = "CFDEPLOY_CACHE_MAX_GB"  # overrides the size bound
 DEFAULT_MAX_BYTES = 8 << 30
 ENTRY_RECORD = "entry.json"
 MAX_RECORD_BYTES = 64 << 10
 GRAPHS_DIR = "graphs"
+HASHES_DIR = ".hashes"  # inside the cache: the sha256s of files hashed before (cfdeploy.files.HashRecord)
 _log = logging.getLogger(__name__)
 
 
@@ -91,6 +94,7 @@ class GraphCache:
         self.root = root if root is not None else cache_root() / GRAPHS_DIR
         self.max_bytes = cache_bound() if max_bytes is None else max_bytes
         self.on_warning = on_warning
+        self.hashes = HashRecord(self.root / HASHES_DIR)
         self.outcomes: dict[str, str] = {}  # network → hit, miss or refused: what describe() reports
 
     def entry_path(self, parts: Mapping[str, Any]) -> Path:
@@ -124,9 +128,13 @@ class GraphCache:
     def load_checking(
         self, network: str, parts: Mapping[str, Any], check: Callable[[str], object], in_place: Collection[str] = ()
     ) -> dict[str, bytes] | None:
-        """:meth:`load`, with ``check(network)`` run meanwhile on a second thread: the bundle's own graph checked
-        against its manifest, so a damaged bundle is refused even where a cached graph would run in its place. Both
-        hash hundreds of MB; side by side they take the time of the longer."""
+        """:meth:`load`, with ``check(network)`` run meanwhile on a second thread where an entry exists: the bundle's
+        own graph checked against its manifest, so a damaged bundle is refused even where a cached graph would run in
+        its place. Both may hash hundreds of MB; side by side they take the time of the longer. On a miss the check
+        is left to the runtime's read of the graph, which hashes what it reads (a graph is hashed once, not twice)."""
+        if not os.path.lexists(self.entry_path(parts)):
+            self.outcomes[network] = "miss"
+            return None
         with ThreadPoolExecutor(1) as checking:
             checked = checking.submit(check, network)
             files = self.load(network, parts, in_place)
@@ -168,7 +176,7 @@ class GraphCache:
             if name in in_place:
                 _regular_status(entry / name)
                 try:
-                    found = _mapped_sha256(entry / name)
+                    found = sha256_file(entry / name, self.hashes)
                 except OSError as error:
                     raise RefusedEntry(f"{name} cannot be read ({error.strerror or error})") from None
             else:
@@ -199,7 +207,7 @@ class GraphCache:
     def commit(self, parts: Mapping[str, Any], staging: Path) -> None:
         """Record the sha256 of each file in ``staging`` and rename it into place as the entry for ``parts``."""
         entry = self.entry_path(parts)
-        files = {path.name: _mapped_sha256(path) for path in staging.iterdir()}
+        files = {path.name: self._hashed_here(path) for path in staging.iterdir()}
         record = {"parts": parts, "files": files, "created": time.time()}
         (staging / ENTRY_RECORD).write_text(json.dumps(record, sort_keys=True))
         if os.path.lexists(entry):
@@ -211,6 +219,13 @@ class GraphCache:
                 raise
             return  # another process stored the same entry first
         self.evict(keep=entry)
+
+    def _hashed_here(self, path: Path) -> str:
+        """The sha256 of a file this process has just written, recorded so the next process need not hash it."""
+        identity = file_identity(path)
+        digest = _mapped_sha256(path)
+        self.hashes.remember(path, identity, digest, written_here=True)
+        return digest
 
     def evict(self, keep: Path | None = None) -> None:
         """Remove the least recently used entries (and any partial ones) until the cache holds at most its bound."""

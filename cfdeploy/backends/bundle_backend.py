@@ -27,9 +27,14 @@ class GraphRunner(Protocol):
         ...
 
 
-def graph_cache(session_cache: bool | None) -> GraphCache | None:
-    """The per-user compiled-graph cache, unless ``--no-session-cache`` (``session_cache=False``)."""
-    return None if session_cache is False else GraphCache()
+def graph_cache(bundle: Bundle, session_cache: bool | None) -> GraphCache | None:
+    """The per-user compiled-graph cache, unless ``--no-session-cache`` (``session_cache=False``); with it, the
+    bundle's graphs that a cached compiled form replaces are checked through the cache's record of earlier hashes."""
+    if session_cache is False:
+        return None
+    cache = GraphCache()
+    bundle.files.hashes = cache.hashes
+    return cache
 
 
 class BundleBackend(ABC):

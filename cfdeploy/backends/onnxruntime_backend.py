@@ -33,7 +33,7 @@ class OnnxRuntimeBackend(RunnerBackend):
             engine_cache=bundle.engine_dir / ORT_ENGINE_CACHE,
             digest=bundle.network_sha256,
             check=bundle.checked_network_sha256,
-            cache=graph_cache(session_cache),
+            cache=graph_cache(bundle, session_cache),
         )
         super().__init__(bundle, self.sessions, cache_max)
         self.providers = self.sessions.providers

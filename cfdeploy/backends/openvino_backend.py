@@ -36,7 +36,7 @@ class OpenVinoBackend(RunnerBackend):
             device,
             threads,
             precision,
-            graph_cache(session_cache),
+            graph_cache(bundle, session_cache),
             features,
         )
         super().__init__(bundle, graphs, cache_max)

@@ -7,15 +7,20 @@ Hits and misses are asserted from what the backends record (``describe()``), not
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+import cfdeploy.files
+import cfdeploy.graph_cache
 from cfdeploy.backends import open_backend
-from cfdeploy.graph_cache import ENTRY_RECORD, GraphCache, cache_root, entry_key, entry_parts
+from cfdeploy.files import HashRecord, file_identity, sha256_file
+from cfdeploy.graph_cache import ENTRY_RECORD, HASHES_DIR, GraphCache, cache_root, entry_key, entry_parts
 
 RUNTIMES = ("onnxruntime", "openvino")
 Z = np.random.default_rng(0).standard_normal((2, 512)).astype(np.float32)
@@ -176,7 +181,9 @@ def test_an_entry_in_place_is_never_replaced_a_later_store_of_it_is_dropped(tmp_
     cache.put(parts, {"graph.onnx": b"second"})
     assert cache.load("mapping", parts) == {"graph.onnx": b"first"}
     assert (cache.entry_path(parts) / "graph.onnx").stat().st_ino == first_inode
-    assert [path.name for path in (tmp_path / "graphs").iterdir()] == [cache.entry_path(parts).name]
+    assert [path.name for path in (tmp_path / "graphs").iterdir() if path.name != HASHES_DIR] == [
+        cache.entry_path(parts).name
+    ]
 
 
 def test_the_least_recently_used_entries_go_first_past_the_bound(tmp_path):
@@ -221,3 +228,70 @@ def test_a_cache_hit_still_refuses_a_damaged_bundle(runtime, bundle, cache_dir, 
     graph.write_bytes(bytes(content))
     with pytest.raises(CfdeployError, match=r"differs from the manifest's .* \(file changed or damaged\)$"):
         mapping_run(runtime, damaged)
+
+
+@pytest.fixture
+def later_process(monkeypatch):
+    """Forget this process's own hashes, as a new process starts without them; files count as settled at once."""
+    monkeypatch.setattr(cfdeploy.files, "_HASHED", {})
+    monkeypatch.setattr(cfdeploy.files, "SETTLED_NS", 0)
+
+
+def hashing_refused(monkeypatch) -> None:
+    """From here on, hashing any file fails the test: what is checked must come from the record."""
+
+    def refuse(path: Path) -> str:
+        raise AssertionError(f"{path} was hashed")
+
+    monkeypatch.setattr(cfdeploy.files, "streamed_sha256", refuse)
+    monkeypatch.setattr(cfdeploy.graph_cache, "_mapped_sha256", refuse)
+
+
+def test_a_hit_after_the_filling_process_hashes_neither_the_bundles_graph_nor_the_cached_weights(
+    bundle, cache_dir, later_process, monkeypatch
+):
+    expected, outcome = mapping_run("onnxruntime", bundle)  # reads and hashes the bundle's graph, writes the entry
+    assert outcome == "miss"
+    monkeypatch.setattr(cfdeploy.files, "_HASHED", {})
+    hashing_refused(monkeypatch)
+    found, outcome = mapping_run("onnxruntime", bundle)
+    assert outcome == "hit"
+    np.testing.assert_array_equal(found, expected)
+
+
+def test_a_file_rewritten_with_its_size_and_modification_time_restored_is_hashed_again(tmp_path, later_process):
+    record = HashRecord(tmp_path / "hashes")
+    path = tmp_path / "graph.onnx"
+    path.write_bytes(b"first graph")
+    assert sha256_file(path, record) == hashlib.sha256(b"first graph").hexdigest()
+    before = path.stat()
+    time.sleep(0.05)  # past the file system's timestamp tick: the change time moves on
+    path.write_bytes(b"other graph")
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert path.stat().st_size == before.st_size and path.stat().st_mtime_ns == before.st_mtime_ns
+    cfdeploy.files._HASHED.clear()
+    assert sha256_file(path, record) == hashlib.sha256(b"other graph").hexdigest()
+
+
+def test_a_file_changed_in_the_last_two_seconds_is_hashed_but_not_recorded(tmp_path, monkeypatch):
+    monkeypatch.setattr(cfdeploy.files, "_HASHED", {})
+    record = HashRecord(tmp_path / "hashes")
+    path = tmp_path / "graph.onnx"
+    path.write_bytes(b"just written")
+    assert sha256_file(path, record) == hashlib.sha256(b"just written").hexdigest()
+    assert record.lookup(file_identity(path)) is None and not (tmp_path / "hashes").exists()
+
+
+def test_a_record_is_kept_only_for_the_identity_it_names_and_records_are_bounded(tmp_path, later_process):
+    record = HashRecord(tmp_path / "hashes", max_records=4)
+    paths = [tmp_path / f"{index}.bin" for index in range(5)]
+    for index, path in enumerate(paths):
+        path.write_bytes(bytes([index]))
+        sha256_file(path, record)
+        os.utime(record._path(file_identity(path)), (index, index))  # recorded in this order
+    assert [record.lookup(file_identity(path)) is not None for path in paths] == [False, False, False, True, True]
+    kept = record._path(file_identity(paths[4]))
+    foreign = json.loads(kept.read_text())
+    foreign["identity"][1] += 1  # another inode's record under this name
+    kept.write_text(json.dumps(foreign))
+    assert record.lookup(file_identity(paths[4])) is None

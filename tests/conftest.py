@@ -33,6 +33,7 @@ import numpy as np
 import pytest
 import torch
 
+import drawn_faces
 import synthetic_files
 from cfdeploy import samples
 from cfdeploy.models import reference
@@ -443,6 +444,13 @@ def shared_directory(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def files(shared: Path) -> Path:
     return shared / "official"
+
+
+@pytest.fixture(scope="session")
+def predictor_files(shared: Path) -> dict[int, Path]:
+    """Tiny dlib shape predictors (68 and 5 points) trained on drawn faces, by point count."""
+    folder = built_once(shared / "dlib", lambda path: (path.mkdir(), drawn_faces.train_predictors(path)))
+    return {count: folder / f"predictor_{count}.dat" for count in (68, 5)}
 
 
 @pytest.fixture(scope="session")

@@ -16,13 +16,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image, ImageCms
-from test_photos import five_from_68, synthetic_landmarks
 
 from cfdeploy.errors import CfdeployError
 from cfdeploy.photos.align import align_face
 from cfdeploy.photos.images import PhotoEncoding, read_photo, save_photo
 from cfdeploy.photos.paste import FaceEdit, MaskSettings, edited_to_photo, face_outline, paste_faces
 from conftest import assert_refused
+from drawn_faces import five_from_68, synthetic_landmarks
 
 GPS_IFD, GPS_LATITUDE = 0x8825, 2
 

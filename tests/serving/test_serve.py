@@ -18,6 +18,7 @@ from cfdeploy.client import Client, ServerError
 from cfdeploy.outputs import npy_bytes
 from cfdeploy.serving.protocol import MAX_BODY_BYTES
 from conftest import assert_refused, free_port, own_ray, ray_is_connected
+from drawn_faces import cartoon_faces
 
 PROMPT = "green lipstick"  # precomputed in bundle_64
 BUNDLE = "green_lipstick_64"
@@ -48,9 +49,10 @@ def codes(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory, bundle_64: Path, bundle_with_encoder):
+def served(tmp_path_factory: pytest.TempPathFactory, bundle_64: Path, bundle_with_encoder, predictor_files):
     """2 replicas each of the 64 px bundle with CLIP (a hard-linked copy: served prompts are cached in it) and of the
-    64 px bundle with an e4e encoder, half a CPU each, behind one router."""
+    64 px bundle with an e4e encoder, half a CPU each, behind one router; the replicas find faces in photos with
+    dlib (its real detector, and a 68-point predictor trained on drawn faces)."""
     from cfdeploy.serving.server import Server, ServeSettings
 
     assert not ray_is_connected()
@@ -65,6 +67,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, bundle_64: Path, bundle_wit
         max_ongoing=8,
         cpus_per_replica=0.5,
         port=free_port(),
+        landmarks_model=predictor_files[68],
     )
     with own_ray() as our_ray:
         with Server(settings, num_cpus=2) as server:
@@ -192,8 +195,9 @@ def test_a_served_photo_edit_equals_cfdeploy_edit_images(served, bundle_with_enc
 
 
 def test_a_photo_comes_back_whole_with_its_face_pasted_and_no_face_is_422(served, embedding_file, tmp_path) -> None:
-    """An unaligned photo with the face's landmarks (the server here has no --landmarks-model): the edited photo,
-    the source's size and format, every pixel outside the pasted face's window the source's own."""
+    """An unaligned photo sent with its face's landmarks: the edited photo, the source's size and format, every pixel
+    outside the pasted face's window the source's own. Sent alone, the photo is searched by dlib, which finds no
+    face in it."""
     client, _ = served
     rng = np.random.default_rng(8)
     source = np.asarray(Image.fromarray(rng.integers(0, 256, (13, 17, 3), np.uint8)).resize((340, 260), Image.BICUBIC))
@@ -220,14 +224,59 @@ def test_a_photo_comes_back_whole_with_its_face_pasted_and_no_face_is_422(served
         return refusal.value.status, refusal.value.message
 
     assert refused(landmarks=[], returns="photo") == (422, "image: no face found")
-    assert refused(returns="photo") == (
-        400,
-        "image: this server finds no faces in photos; start cfdeploy serve with --landmarks-model "
-        "shape_predictor_68_face_landmarks.dat, or send the faces' landmarks",
-    )
+    assert refused(returns="photo") == (422, "image: no face found")
     assert refused(landmarks=five_points) == (
         400,
         "landmarks and all_faces are for a photo to edit and paste back (return: photo)",
+    )
+
+
+def test_a_photo_alone_comes_back_edited_where_dlib_finds_its_face_as_cfdeploy_edit_pastes_it(
+    served, bundle_with_encoder, predictor_files, embedding_file, cli, tmp_path
+) -> None:
+    client, _ = served
+    _, with_encoder, _ = bundle_with_encoder
+    photo = tmp_path / "portrait.png"
+    cartoon_faces((320, 240), [(70, 20, 190)]).save(photo)
+    reference = tmp_path / "reference"
+    result = cli(
+        "edit", "--bundle", with_encoder, "--backend", "onnxruntime", "--images", photo,
+        "--landmarks-model", predictor_files[68], "--text-embedding", embedding_file, "--out", reference,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    edit = client.edit(
+        bundle="with_encoder_64", image=photo.read_bytes(), text_embedding=np.load(embedding_file), returns="photo"
+    )
+    served_photo, expected = Image.open(io.BytesIO(edit.photo)), Image.open(reference / "portrait.png")
+    assert (served_photo.format, served_photo.size, len(edit.faces)) == ("PNG", (320, 240), 1)
+    np.testing.assert_array_equal(np.asarray(served_photo), np.asarray(expected))
+    source, pixels = np.asarray(Image.open(photo)), np.asarray(served_photo)
+    left, top, right, bottom = edit.faces[0]["window"]
+    assert left > 0 and top >= 0 and right < 320 and bottom <= 240  # the drawn face's surroundings, untouched:
+    outside = np.ones((240, 320), bool)
+    outside[top:bottom, left:right] = False
+    np.testing.assert_array_equal(pixels[outside], source[outside])
+    assert (pixels[~outside] != source[~outside]).any()
+
+
+def test_without_a_landmark_model_a_photo_without_landmarks_is_refused_saying_how_to_enable_it(
+    bundle_with_encoder,
+) -> None:
+    from cfdeploy.serving.protocol import RequestError, parse_edit_request
+    from cfdeploy.serving.server import ServeSettings, bundle_infos
+
+    _, with_encoder, _ = bundle_with_encoder
+    sent = io.BytesIO()
+    Image.new("RGB", (40, 30)).save(sent, format="PNG")
+    features = base64.b64encode(npy_bytes(np.ones(512, np.float32))).decode()
+    image = base64.b64encode(sent.getvalue()).decode()
+    body = json.dumps({"bundle": with_encoder.name, "image": image, "text_embedding": features, "return": "photo"})
+    with pytest.raises(RequestError) as refusal:
+        parse_edit_request(body.encode(), bundle_infos(ServeSettings((with_encoder,))), aligns_photos=False)
+    assert (refusal.value.status, str(refusal.value)) == (
+        400,
+        "image: this server finds no faces in photos; start cfdeploy serve with --landmarks-model "
+        "shape_predictor_68_face_landmarks.dat, or send the faces' landmarks",
     )
 
 

@@ -162,7 +162,8 @@ def no_session_cache_option(panel: str | None = None) -> Any:
         "--no-session-cache",
         rich_help_panel=panel,
         help="Bundles on ONNX Runtime or OpenVINO: neither read nor fill the per-user cache of compiled graphs "
-        "(~/.cache/cfdeploy, or $CFDEPLOY_CACHE_DIR) that lets a fresh process skip compiling them.",
+        "(~/.cache/cfdeploy, or $CFDEPLOY_CACHE_DIR) that lets a fresh process skip compiling them, nor its record of "
+        "files hashed before: every file is hashed.",
     )
 
 

@@ -7,7 +7,8 @@ therefore written with its verified weights into a new private temporary directo
 OpenVINO resolves references only inside that directory; the directory is removed once the model is read.
 
 Compiled models are kept in the verified :class:`~cfdeploy.graph_cache.GraphCache` (OpenVINO's exported blobs,
-checked against their sha256 before they are imported), so the next process skips reading and compiling.
+checked against their sha256 where they lie, then mapped rather than copied into the process), so the next process
+skips reading and compiling.
 
 Decisions (the device name, each network's precision) are pure functions here; the OpenVINO calls are in
 :class:`CompiledGraphs`.
@@ -67,7 +68,7 @@ def network_precision(network: str, precision: str) -> tuple[str, str]:
     return "fp32", KEPT_FP32
 
 
-def openvino_reason(error: RuntimeError) -> str:
+def openvino_reason(error: Exception) -> str:
     """OpenVINO's error on one line: its end, which names the cause (its start is the call stack's files)."""
     return " ".join(str(error).split())[-300:]
 
@@ -140,13 +141,18 @@ class CompiledGraphs:
             return self._compile(network, config)
         settings = {"device": self.device, **config}
         parts = entry_parts("openvino", ov.__version__, self.digest(network), cpu_signature(self.features), settings)
-        cached = self.cache.load_checking(network, parts, self.check)
-        if cached is not None:
-            blob = np.frombuffer(cached.pop(COMPILED_BLOB), np.uint8).copy()  # a Tensor shares writable memory only
+        if self.cache.load_checking(network, parts, self.check, in_place=(COMPILED_BLOB,)) is not None:
+            entry = self.cache.entry_path(parts)
             try:
+                # copy-on-write: a Tensor shares writable memory only, and as nothing writes it, its pages stay the
+                # file cache's (an entry is never changed in place, and a mapped file outlives its removal)
+                blob = np.memmap(entry / COMPILED_BLOB, np.uint8, mode="c")
                 imported = self.core.import_model(ov.Tensor(blob, shared_memory=True), self.device, config)
-            except RuntimeError as error:  # OpenVINO's exceptions are RuntimeErrors
-                self.cache.refuse(network, parts, f"OpenVINO cannot import it ({openvino_reason(error)})")
+            except (OSError, ValueError, RuntimeError) as error:  # OpenVINO's exceptions are RuntimeErrors
+                if entry.is_dir():
+                    self.cache.refuse(network, parts, f"OpenVINO cannot import it ({openvino_reason(error)})")
+                else:  # evicted by another process between its check and its use: compiled again, as on a miss
+                    self.cache.outcomes[network] = "miss"
             else:
                 self._blobs.append(blob)
                 return imported

@@ -78,7 +78,8 @@ def test_a_second_opening_hits_the_cache_and_computes_the_same(runtime, bundle, 
     [("onnxruntime", "graph.onnx.data"), ("onnxruntime", "graph.onnx"), ("openvino", "compiled.blob")],
 )
 def test_a_damaged_file_is_refused_with_a_warning_then_rebuilt(runtime, damaged, bundle, cache_dir):
-    """ONNX Runtime's weights are checked where they lie, its graph in memory, OpenVINO's compiled model in memory."""
+    """ONNX Runtime's weights and OpenVINO's compiled model are checked where they lie, ONNX Runtime's graph in
+    memory."""
     expected, _ = mapping_run(runtime, bundle)
     entry = only_entry(cache_dir)
     blob = entry / damaged
@@ -96,11 +97,12 @@ def test_a_damaged_file_is_refused_with_a_warning_then_rebuilt(runtime, damaged,
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="reads the process's mappings from Linux's /proc")
-def test_a_hit_maps_onnx_runtimes_weights_from_the_entry_instead_of_copying_them(bundle, cache_dir):
-    mapping_run("onnxruntime", bundle)
+@pytest.mark.parametrize("runtime,weights_file", [("onnxruntime", "graph.onnx.data"), ("openvino", "compiled.blob")])
+def test_a_hit_maps_the_cached_weights_from_the_entry_instead_of_copying_them(runtime, weights_file, bundle, cache_dir):
+    mapping_run(runtime, bundle)
     weights = blob_of(only_entry(cache_dir))
-    assert weights.name == "graph.onnx.data"
-    backend = open_backend("onnxruntime", bundle)
+    assert weights.name == weights_file
+    backend = open_backend(runtime, bundle)
     backend.run("mapping", z=Z)
     assert backend.describe()["session_cache"]["mapping"] == "hit"
     mapped = {line.split(maxsplit=5)[-1] for line in Path("/proc/self/maps").read_text().splitlines()}

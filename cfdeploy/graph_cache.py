@@ -9,7 +9,8 @@ An entry is a directory ``ROOT/KEY/`` holding the runtime's files and ``entry.js
 and each file's sha256. The key is the sha256 of the graph's own sha256 (the bundle manifest's), the runtime and its
 version, the CPU's features and the session settings, so another runtime version, another CPU or other settings
 miss. Before use every file is checked against its recorded sha256 (read into memory, or, where the runtime maps it
-itself, where it lies, through the record of earlier hashes in ``ROOT/.hashes``); an entry that is damaged,
+itself, hashed where it lies unless the record of earlier hashes in ``ROOT/.hashes`` shows it untouched since it was
+written); an entry that is damaged,
 records another key, or is (or holds) a symlink is refused with a one-line warning, removed, and rebuilt. Entries
 are written to a temporary directory and renamed into place, so a reader never sees half of one. The least recently
 used entries go first once the cache holds more than its bound.

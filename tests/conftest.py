@@ -449,8 +449,7 @@ def files(shared: Path) -> Path:
 @pytest.fixture(scope="session")
 def predictor_files(shared: Path) -> dict[int, Path]:
     """Tiny dlib shape predictors (68 and 5 points) trained on drawn faces, by point count."""
-    folder = built_once(shared / "dlib", lambda path: (path.mkdir(), drawn_faces.train_predictors(path)))
-    return {count: folder / f"predictor_{count}.dat" for count in (68, 5)}
+    return drawn_faces.predictor_files_in(built_once(shared / "dlib", drawn_faces.train_predictors))
 
 
 @pytest.fixture(scope="session")

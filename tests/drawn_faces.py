@@ -72,8 +72,14 @@ def cartoon_landmarks(left: int, top: int, side: int) -> np.ndarray:
     return synthetic_landmarks((left + 100 * s, top + 80 * s), 40 * s)
 
 
-def train_predictors(folder: Path) -> dict[int, Path]:
-    """Tiny dlib shape predictors (68 and 5 points) trained on drawn faces: real files in dlib's format."""
+def predictor_files_in(folder: Path) -> dict[int, Path]:
+    """Where :func:`train_predictors` writes each predictor, by point count."""
+    return {count: folder / f"predictor_{count}.dat" for count in (68, 5)}
+
+
+def train_predictors(folder: Path) -> None:
+    """Tiny dlib shape predictors (68 and 5 points) trained on drawn faces, written into a new ``folder``: real files
+    in dlib's format."""
     import dlib
 
     options = dlib.shape_predictor_training_options()
@@ -81,8 +87,8 @@ def train_predictors(folder: Path) -> dict[int, Path]:
     options.oversampling_amount, options.feature_pool_size, options.num_test_splits = 1, 20, 4
     placements = [(10, 10, 150), (20, 5, 170), (5, 25, 160)]
     images = [np.asarray(cartoon_faces((200, 200), [placement])) for placement in placements]
-    files = {}
-    for count in (68, 5):
+    folder.mkdir(parents=True)
+    for count, path in predictor_files_in(folder).items():
         detections = []
         for left, top, side in placements:
             points = cartoon_landmarks(left, top, side)
@@ -91,6 +97,4 @@ def train_predictors(folder: Path) -> dict[int, Path]:
             detections.append(
                 [dlib.full_object_detection(box, [dlib.point(int(x), int(y)) for x, y in np.rint(points)])]
             )
-        files[count] = folder / f"predictor_{count}.dat"
-        dlib.train_shape_predictor(images, detections, options).save(str(files[count]))
-    return files
+        dlib.train_shape_predictor(images, detections, options).save(str(path))

@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from cfdeploy.errors import CfdeployError
-from cfdeploy.models.clip_text import ClipText, encode_text_to_last_end
+from cfdeploy.models.clip_text import ClipText, encode_text_to_last_end, import_open_clip
 from cfdeploy.models.mappers import LEVEL_GROUPS
 from cfdeploy.models.stylegan2 import Generator
 from cfdeploy.tokenizer import ClipTokenizer
@@ -31,6 +31,7 @@ EXCLUDED_TEMPLATE = "a photo of many {}."
 
 
 def nce_templates() -> list[str]:
+    import_open_clip()
     from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 
     return [text for text in (template("{}") for template in OPENAI_IMAGENET_TEMPLATES) if text != EXCLUDED_TEMPLATE]

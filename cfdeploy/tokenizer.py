@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gzip
 import html
+import importlib.util
 import itertools
 import zlib
 from collections.abc import Sequence
@@ -33,10 +34,12 @@ MAX_CACHED_WORDS = 50_000
 
 
 def packaged_vocab_path() -> Path:
-    """open_clip's copy of the merges file (export side only: deployed bundles carry their own)."""
-    import open_clip
-
-    return Path(open_clip.__file__).parent / VOCAB_FILENAME
+    """open_clip's copy of the merges file (export side only: deployed bundles carry their own), found without
+    importing open_clip (and torch with it)."""
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        raise CfdeployError("open_clip is not installed: it holds CLIP's vocabulary (pip install 'cfdeploy[export]')")
+    return Path(next(iter(spec.submodule_search_locations))) / VOCAB_FILENAME
 
 
 @lru_cache(maxsize=1)

@@ -212,7 +212,7 @@ def test_refit_with_a_checkpoint_whose_weights_and_biases_all_differ_matches_its
     from cfdeploy.refit import REFIT_NETWORKS, initializer_weights
 
     other = tmp_path / "other.pt"
-    content = with_generator_of(synthetic_files.cfclip_checkpoint(64, seed=11), cfclip_64)
+    content = with_generator_of(synthetic_files.cfclip_checkpoint(64, seed=21), cfclip_64)  # no other test's mappers
     bundled = zero_mapper_biases(torch.load(cfclip_64, weights_only=True))["state_dict"]
     for key, value in content["state_dict"].items():
         if not key.startswith("decoder."):  # every mapper tensor differs from the bundle's; no bias is zero
@@ -221,9 +221,10 @@ def test_refit_with_a_checkpoint_whose_weights_and_biases_all_differ_matches_its
 
     refitted = refitted_copy(new_run_bundle, other, tmp_path / "refitted")
     fresh = tmp_path / "fresh"
-    result = cli("export", "-c", other, "--without-clip", "--no-export-cache", "-o", fresh)  # every graph traced anew
+    result = cli("export", "-c", other, "--without-clip", "-o", fresh)
     assert result.exit_code == 0, result.stderr
-    assert json.loads((fresh / "manifest.json").read_text())["export"]["reused"] == []
+    reused = json.loads((fresh / "manifest.json").read_text())["export"]["reused"]
+    assert not set(REFIT_NETWORKS) & set(reused), reused  # the refitted graphs traced anew; the generator may be reused
 
     for network in REFIT_NETWORKS:
         graph = f"{network}.onnx"

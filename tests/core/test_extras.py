@@ -56,11 +56,6 @@ COMMAND_BACKENDS = {
     command: tuple(backend.value for backend in ServedBackend if backend.value in WALKED_BACKENDS)
     for command in ("serve", "batch")
 }
-# Named by a class the walk takes whole, yet called only on a path the class's users here do not take.
-NOT_CALLED = {
-    "cfdeploy.tokenizer:packaged_vocab_path": "ClipTokenizer's fallback without a vocab_path: export only (open_clip's "
-    "file); a bundle's tokenizer reads the bundle's copy",
-}
 # What the core install (no extra) runs: the bundle paths. Each names the command, the backends it opens, and the
 # parts behind an option that the path does not take (checked with the whole command, against its extra).
 CORE_PATHS = {
@@ -169,9 +164,7 @@ class Walk:
     """Every third-party import (and runtime need) reached from some entry points, with where it was met."""
 
     backends: tuple[str, ...] = WALKED_BACKENDS
-    cut: dict[str, str] = field(
-        default_factory=lambda: dict(NOT_CALLED)
-    )  # "module" or "module:name" -> why it is skipped
+    cut: dict[str, str] = field(default_factory=dict)  # "module" or "module:name" -> why it is skipped
     imports: dict[str, set[str]] = field(default_factory=dict)  # top-level import name -> "file:line"
     optional: dict[str, set[str]] = field(default_factory=dict)  # imports whose failure is kept for later (no raise)
     guards: list[Guard] = field(default_factory=list)
@@ -508,7 +501,7 @@ def _full_walk(command: str) -> Walk:
 def _walk(command: str, backends: Iterable[str] | None, cut: dict[str, str] | None) -> Walk:
     walk = Walk(
         backends=tuple(COMMAND_BACKENDS.get(command, WALKED_BACKENDS) if backends is None else backends),
-        cut={**NOT_CALLED, **(cut or {})},
+        cut=dict(cut or {}),
     )
     walk.module("cfdeploy.cli")
     walk.definition(*app_commands()[command])

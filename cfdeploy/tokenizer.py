@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cfdeploy.errors import CfdeployError
+from cfdeploy.errors import CfdeployError, missing_extra
 from cfdeploy.files import require_file
 
 CONTEXT_LENGTH = 77
@@ -38,7 +38,7 @@ def packaged_vocab_path() -> Path:
     importing open_clip (and torch with it)."""
     spec = importlib.util.find_spec("open_clip")
     if spec is None or not spec.submodule_search_locations:
-        raise CfdeployError("open_clip is not installed: it holds CLIP's vocabulary (pip install 'cfdeploy[export]')")
+        raise missing_extra("open_clip", "CLIP's vocabulary file")
     return Path(next(iter(spec.submodule_search_locations))) / VOCAB_FILENAME
 
 

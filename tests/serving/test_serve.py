@@ -63,7 +63,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, bundle_64: Path, bundle_wit
         (bundle, with_encoder),
         replicas=2,
         max_batch=8,
-        batch_wait_ms=10,
+        batch_wait_ms=50,  # the clients' requests meet in a batch even on a loaded machine, whose threads start late
         max_ongoing=8,
         cpus_per_replica=0.5,
         port=free_port(),

@@ -29,7 +29,8 @@ OPEN_CLIP_OPTIONAL_IMPORTS = ("transformers", "timm")
 
 def import_open_clip() -> ModuleType:
     """open_clip, imported as if its optional dependencies were not installed (it guards each of their imports);
-    they stay importable for the rest of the process."""
+    they are importable again once it returns (a thread importing one of them meanwhile would be refused: nothing in
+    cfdeploy loads a Hugging Face model beside CLIP's first build)."""
     if "open_clip" in sys.modules:
         return sys.modules["open_clip"]
     hidden = [name for name in OPEN_CLIP_OPTIONAL_IMPORTS if name not in sys.modules]

@@ -25,7 +25,6 @@ import numpy as np
 
 from cfdeploy.bundle_files import (
     EXTERNAL_DATA_SUFFIX,
-    SHA256,
     VerifiedFiles,
     VerifiedGraph,
     confined,
@@ -35,7 +34,7 @@ from cfdeploy.bundle_files import (
 )
 from cfdeploy.contracts import NetworkContract, network_contracts
 from cfdeploy.errors import CfdeployError
-from cfdeploy.files import npy_array, read_regular
+from cfdeploy.files import SHA256_HEX, npy_array, read_regular
 from cfdeploy.outputs import npy_bytes, write_atomic
 from cfdeploy.tokenizer import VOCAB_FILENAME
 
@@ -131,7 +130,7 @@ class _ManifestCheck:
     def sha256(self, digest: Any, field: str) -> None:
         if not isinstance(digest, str):
             raise self.fail(field, f"must be a sha256 string, found {_kind(digest)}")
-        if not SHA256.fullmatch(digest):
+        if not SHA256_HEX.fullmatch(digest):
             raise self.fail(field, f"is not a sha256 (64 lowercase hex digits): {show(digest)}")
 
     def dimension(self, opts: dict[str, Any], name: str) -> int:

@@ -16,16 +16,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from cfdeploy.errors import CfdeployError
-from cfdeploy.files import HashRecord, file_identity, memory_guard, read_regular, sha256_file
+from cfdeploy.files import SHA256_HEX, HashRecord, file_identity, memory_guard, read_regular, sha256_file
 
 MAX_MANIFEST_BYTES = 16 << 20
-SHA256 = re.compile(r"[0-9a-f]{64}")
 ENGINE_DIR = "tensorrt"  # TensorRT engines built for a bundle live inside it
 EXTERNAL_DATA_SUFFIX = ".data"  # a graph over protobuf's 2 GB keeps its weights in GRAPH.onnx.data
 
@@ -87,7 +85,7 @@ def read_manifest(
     digest = hashlib.sha256(raw).hexdigest()
     if expect_manifest is not None:
         pinned = expect_manifest.strip().lower()
-        if not SHA256.fullmatch(pinned):
+        if not SHA256_HEX.fullmatch(pinned):
             raise CfdeployError(f"pinned manifest sha256 {show(expect_manifest)}: expected 64 hex digits")
         if digest != pinned:
             raise CfdeployError(f"{manifest_path}: sha256 {digest[:12]}… is not the pinned {pinned[:12]}…")
@@ -110,7 +108,7 @@ def check_file_table(directory: Path, files: Any, source: Path) -> dict[str, str
         raise CfdeployError(f"{source}: files must be an object, found {type(files).__name__}")
     for relative, digest in files.items():
         field_name = f"files[{show(confined(directory, relative, 'files entry', source))}]"
-        if not isinstance(digest, str) or not SHA256.fullmatch(digest):
+        if not isinstance(digest, str) or not SHA256_HEX.fullmatch(digest):
             raise CfdeployError(f"{source}: {field_name} is not a sha256 (64 lowercase hex digits): {show(digest)}")
     return files
 

@@ -242,7 +242,8 @@ def free_port() -> int:
 
 
 def checkpoint_with_generator_of(path: Path, generator_seed: int, mapper_seed: int, **opts) -> None:
-    """A 256 px CF-CLIP file whose mappers come from ``mapper_seed`` and whose generator is ``generator_seed``'s."""
+    """A CF-CLIP file (256 px unless ``size`` is given) whose mappers come from ``mapper_seed`` and whose generator
+    is ``generator_seed``'s."""
     torch.save(synthetic_files.checkpoint_with_generator_of(generator_seed, mapper_seed, **opts), path)
 
 
@@ -306,7 +307,7 @@ def early_result(key: str, shared: Path) -> Any:
 
 # The suite runs on two workers (pytest-xdist, one module at a time each, in this order): the longest modules go
 # first, so that neither worker is left with a long one at the end while the other waits; the first user of a shared
-# bundle goes well before its other users (test_hostile_bundles builds the 256 px one), so no worker waits for another.
+# bundle goes well before its other users (test_hostile_bundles builds the 64 px one with CLIP), so no worker waits for another.
 LONGEST_FIRST = [
     "gpu/test_gpu_run.py",
     "training/test_train.py",
@@ -555,13 +556,14 @@ def bundle_with_a_prompt(out: Path, checkpoint: Path, clip_weights: Path) -> Pat
 
 @pytest.fixture(scope="session")
 def bundle_256(shared: Path, cfclip_256: Path, clip_state_dict_file: Path) -> Path:
+    """The 256 px layout exported, for the tests where its size is the point (bf16's fidelity, the GPU runs)."""
     return bundle_with_a_prompt(shared / "bundles" / "green_lipstick_256", cfclip_256, clip_state_dict_file)
 
 
 @pytest.fixture(scope="session")
 def bundle_64(shared: Path, cfclip_64: Path, clip_state_dict_file: Path) -> Path:
-    """What the serving tests serve: a 64 px image costs a quarter of a 256 px one, and its graphs are mostly reused
-    from the run's other exports."""
+    """The bundle edits, refits, hostile copies and the server use: a 64 px image costs a quarter of a 256 px one,
+    and its graphs are mostly reused from the run's other exports."""
     return bundle_with_a_prompt(shared / "bundles" / "green_lipstick_64", cfclip_64, clip_state_dict_file)
 
 

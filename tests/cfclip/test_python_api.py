@@ -16,33 +16,33 @@ def python_api_example() -> str:
 
 
 def test_readme_python_api_example_matches_the_cli(
-    tmp_path, monkeypatch, cli, cfclip_256, clip_state_dict_file, latents_256
+    tmp_path, monkeypatch, cli, cfclip_64, clip_state_dict_file, latents_64
 ):
     for name, target in (
-        ("green_lipstick.pt", cfclip_256),
+        ("green_lipstick.pt", cfclip_64),
         ("ViT-B-32.pt", clip_state_dict_file),
-        ("test_faces.npy", latents_256),
+        ("test_faces.npy", latents_64),
     ):
         (tmp_path / name).symlink_to(target)
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
     exec(compile(python_api_example(), "README.md", "exec"), namespace)
     result = namespace["result"]
-    count = np.load(latents_256).shape[0]
-    assert result.w_hat.shape == (count, 14, 512) and result.images.shape == (count, 3, 256, 256)
+    count = np.load(latents_64).shape[0]
+    assert result.w_hat.shape == (count, 10, 512) and result.images.shape == (count, 3, 64, 64)
     assert {"clip_text", "text_mapper", "latent_editor", "generator"} <= set(result.timings)
 
     out = tmp_path / "edits"
     ran = cli(
         "edit",
         "-c",
-        cfclip_256,
+        cfclip_64,
         "--clip-weights",
         clip_state_dict_file,
         "--text",
         "green lipstick",
         "--latents",
-        latents_256,
+        latents_64,
         "--out",
         out,
         "--save-latents",

@@ -26,9 +26,9 @@ from conftest import (
 
 
 @pytest.fixture
-def bundle_copy(tmp_path, bundle_256) -> Path:
+def bundle_copy(tmp_path, bundle_64) -> Path:
     copy = tmp_path / "bundle"
-    shutil.copytree(bundle_256, copy, ignore=shutil.ignore_patterns("cache"))
+    shutil.copytree(bundle_64, copy, ignore=shutil.ignore_patterns("cache"))
     return copy
 
 
@@ -59,14 +59,14 @@ class Refit:
 
 
 @pytest.fixture(scope="module")
-def refitted(tmp_path_factory, bundle_256, latents_256) -> Refit:
+def refitted(tmp_path_factory, bundle_64, latents_64) -> Refit:
     """A copy of the session bundle holding an engine for its text mapper, edited once, then refitted with another
     prompt's mappers ("blue eyes", the same generator): one refit, which the tests below check from both sides."""
     from cfdeploy.trt.plan import EngineKey, engine_paths
 
     directory = tmp_path_factory.mktemp("refit")
     bundle = directory / "bundle"
-    shutil.copytree(bundle_256, bundle, ignore=shutil.ignore_patterns("cache"))
+    shutil.copytree(bundle_64, bundle, ignore=shutil.ignore_patterns("cache"))
     engine_dir = bundle / "tensorrt"
     engine_dir.mkdir()
     old_sha = json.loads((bundle / "manifest.json").read_text())["files"]["text_mapper.onnx"]
@@ -74,24 +74,24 @@ def refitted(tmp_path_factory, bundle_256, latents_256) -> Refit:
     engine_path.write_bytes(b"serialized engine")
     key_path.write_text(json.dumps(EngineKey("text_mapper", old_sha, *OLD_ENGINE).as_dict()))
     other = directory / "blue_eyes.pt"
-    checkpoint_with_generator_of(other, generator_seed=1, mapper_seed=7, description="blue eyes")
-    before = edit(run_cli, bundle, directory / "before", latents_256, "--text", "green lipstick")
+    checkpoint_with_generator_of(other, generator_seed=6, mapper_seed=7, size=64, description="blue eyes")
+    before = edit(run_cli, bundle, directory / "before", latents_64, "--text", "green lipstick")
     generator_inode = (bundle / "generator.onnx").stat().st_ino
     return Refit(bundle, other, before, generator_inode, old_sha, run_cli("refit", "--bundle", bundle, "-c", other))
 
 
-def test_refit_swaps_mappers_and_next_edit_uses_them(tmp_path, cli, refitted, latents_256, embedding_file):
+def test_refit_swaps_mappers_and_next_edit_uses_them(tmp_path, cli, refitted, latents_64, embedding_file):
     bundle_copy, other, result = refitted.bundle, refitted.checkpoint, refitted.result
     assert result.exit_code == 0, result.stderr
     assert "blue eyes" in result.stderr
 
-    w = np.load(latents_256)
+    w = np.load(latents_64)
     for name, text, features in [
         ("embedding", ("--text-embedding", embedding_file), np.load(embedding_file)[None]),
         ("stored_prompt", ("--text", "green lipstick"), open_clip_features(["green lipstick"])),
         ("new_prompt", ("--text", "red hat"), open_clip_features(["red hat"])),
     ]:
-        w_hat = edit(cli, bundle_copy, tmp_path / name, latents_256, *text)
+        w_hat = edit(cli, bundle_copy, tmp_path / name, latents_64, *text)
         assert rel_l2(w_hat, official_w_hat(other, w, features)) <= TOLERANCE, name
     _, expected_image = official_edit(other, w, features)  # the generator is the bundle's: one image check suffices
     assert rel_l2(np.load(tmp_path / "new_prompt" / "images.npy"), expected_image) <= TOLERANCE
@@ -110,7 +110,7 @@ def test_refit_swaps_mappers_and_next_edit_uses_them(tmp_path, cli, refitted, la
     [
         (9, {}, "generator weights"),
         (
-            1,
+            6,
             {"no_fine_mapper": True},
             "mapper groups ['coarse', 'medium'] differ from the bundle's ['coarse', 'medium', 'fine']",
         ),
@@ -118,7 +118,7 @@ def test_refit_swaps_mappers_and_next_edit_uses_them(tmp_path, cli, refitted, la
 )
 def test_refit_refuses_another_generator_or_mapper_layout(tmp_path, cli, bundle_copy, generator_seed, opts, message):
     other = tmp_path / "other.pt"
-    checkpoint_with_generator_of(other, generator_seed=generator_seed, mapper_seed=7, **opts)
+    checkpoint_with_generator_of(other, generator_seed=generator_seed, mapper_seed=7, size=64, **opts)
     manifest = (bundle_copy / "manifest.json").read_bytes()
     result = cli("refit", "--bundle", bundle_copy, "-c", other)
     assert result.exit_code == 2, result.stderr

@@ -1,6 +1,6 @@
 """Hostile and damaged bundles: a malformed manifest, paths leading out, a pinned manifest, a tampered prompt cache.
 
-Each test builds its bundle from the session ``bundle_256`` by copying it (hard links, with every
+Each test builds its bundle from the session ``bundle_64`` by copying it (hard links, with every
 file a test changes replaced rather than written through), so the fixture itself never changes.
 """
 
@@ -26,19 +26,19 @@ from conftest import messages
 
 
 @pytest.fixture
-def bundle(tmp_path: Path, bundle_256: Path) -> Path:
+def bundle(tmp_path: Path, bundle_64: Path) -> Path:
     """A copy of the session bundle that a test may damage (no prompt cache)."""
     copy = tmp_path / "bundle"
-    shutil.copytree(bundle_256, copy, copy_function=os.link, ignore=shutil.ignore_patterns("cache"))
-    replace_file(copy / "manifest.json", (bundle_256 / "manifest.json").read_bytes())
+    shutil.copytree(bundle_64, copy, copy_function=os.link, ignore=shutil.ignore_patterns("cache"))
+    replace_file(copy / "manifest.json", (bundle_64 / "manifest.json").read_bytes())
     return copy
 
 
 @pytest.fixture
-def one_code(tmp_path: Path, latents_256: Path) -> Path:
+def one_code(tmp_path: Path, latents_64: Path) -> Path:
     """A single W+ code, for edits whose images are not the point."""
     path = tmp_path / "one_code.npy"
-    np.save(path, np.load(latents_256)[:1])
+    np.save(path, np.load(latents_64)[:1])
     return path
 
 
@@ -108,7 +108,7 @@ MALFORMED = {
     "zero style_dim": (_set("opts", "style_dim", 0), "opts.style_dim must be a whole number from 1 to 4096, found 0"),
     "levels the graphs do not have": (
         _set("opts", "n_latent", 18),
-        "networks.text_mapper.outputs is text_latents ['batch', 14, 512], which disagrees with opts "
+        "networks.text_mapper.outputs is text_latents ['batch', 10, 512], which disagrees with opts "
         "(size, n_latent, style_dim): expected text_latents ['batch', 18, 512]",
     ),
     "unknown graph": (
@@ -142,13 +142,13 @@ def test_malformed_manifest_is_one_line_naming_the_field(cli, bundle, case):
     assert_refused(cli("inspect", bundle), None, f"{bundle / 'manifest.json'}: {problem}")
 
 
-def test_malformed_manifest_refuses_an_edit_before_any_output(tmp_path, cli, bundle, latents_256, embedding_file):
+def test_malformed_manifest_refuses_an_edit_before_any_output(tmp_path, cli, bundle, latents_64, embedding_file):
     manifest = read_manifest(bundle)
     manifest["files"] = list(manifest["files"])
     write_raw_manifest(bundle, manifest)
     out = tmp_path / "out"
     assert_refused(
-        edit(cli, bundle, out, "-l", latents_256, "--text-embedding", embedding_file),
+        edit(cli, bundle, out, "-l", latents_64, "--text-embedding", embedding_file),
         out,
         f"{bundle / 'manifest.json'}: files must be an object, found a list",
     )
@@ -200,7 +200,7 @@ def test_manifest_path_leading_out_is_refused_without_reading_it(tmp_path, cli, 
     )
 
 
-def test_symlinked_graph_leading_out_is_refused(tmp_path, cli, bundle, latents_256, embedding_file):
+def test_symlinked_graph_leading_out_is_refused(tmp_path, cli, bundle, latents_64, embedding_file):
     outside = tmp_path / "elsewhere" / "generator.onnx"
     outside.parent.mkdir()
     shutil.copyfile(bundle / "generator.onnx", outside)  # the very same graph: only where it lies is wrong
@@ -208,7 +208,7 @@ def test_symlinked_graph_leading_out_is_refused(tmp_path, cli, bundle, latents_2
     (bundle / "generator.onnx").symlink_to(outside)
     out = tmp_path / "out"
     assert_refused(
-        edit(cli, bundle, out, "-l", latents_256, "--text-embedding", embedding_file),
+        edit(cli, bundle, out, "-l", latents_64, "--text-embedding", embedding_file),
         out,
         f"{bundle / 'manifest.json'}: files entry 'generator.onnx' is a symlink leading outside the bundle",
     )
@@ -256,13 +256,13 @@ def test_write_manifest_refuses_what_the_reader_would(tmp_path, bundle):
     assert check_manifest(read_manifest(bundle), bundle) == Bundle(bundle).contracts
 
 
-def test_refit_of_a_bundle_without_clip_refuses_before_any_work(cli, bundle, cfclip_256):
+def test_refit_of_a_bundle_without_clip_refuses_before_any_work(cli, bundle, cfclip_64):
     manifest = read_manifest(bundle)
     del manifest["networks"]["clip_text"], manifest["files"]["clip_text.onnx"]
     write_raw_manifest(bundle, manifest)
     before = (bundle / "manifest.json").read_bytes()
     assert_refused(
-        cli("refit", "--bundle", bundle, "-c", cfclip_256),
+        cli("refit", "--bundle", bundle, "-c", cfclip_64),
         None,
         f"{bundle.resolve()}: its precomputed prompts would need recomputing, but it has no CLIP text graph "
         "(exported --without-clip); export the new checkpoint instead",
@@ -293,15 +293,15 @@ def test_mean_w_declaring_a_huge_shape_is_refused_before_allocating(tmp_path, cl
     )
 
 
-def test_precomputed_prompt_of_the_wrong_shape_is_refused(tmp_path, cli, bundle, latents_256):
+def test_precomputed_prompt_of_the_wrong_shape_is_refused(tmp_path, cli, bundle, latents_64):
     manifest = read_manifest(bundle)
     manifest["prompts"]["green lipstick"] = "mean_w.npy"  # listed and hashed, but not a t_w
     write_raw_manifest(bundle, manifest)
     out = tmp_path / "out"
     assert_refused(
-        edit(cli, bundle, out, "-l", latents_256, "--text", "green lipstick"),
+        edit(cli, bundle, out, "-l", latents_64, "--text", "green lipstick"),
         out,
-        f"{bundle / 'mean_w.npy'}: holds float32 [512], expected float32 [1, 14, 512]",
+        f"{bundle / 'mean_w.npy'}: holds float32 [512], expected float32 [1, 10, 512]",
     )
 
 
@@ -395,7 +395,7 @@ def test_tampered_cache_entry_is_recomputed_with_a_warning_and_rewritten(tmp_pat
     entry, digest = cache_entry(bundle)
     computed = entry.read_bytes()
     cached, cached_stderr, second = edit_with_prompt("cached")
-    replace_file(entry, npy_bytes(np.zeros((1, 14, 512), np.float32)))  # a valid array, but not this prompt's
+    replace_file(entry, npy_bytes(np.zeros((1, 10, 512), np.float32)))  # a valid array, but not this prompt's
     recomputed, stderr, third = edit_with_prompt("tampered")
 
     warning = (
@@ -414,13 +414,13 @@ def test_tampered_cache_entry_is_recomputed_with_a_warning_and_rewritten(tmp_pat
     assert digest.read_text() == f"{hashlib.sha256(computed).hexdigest()}\n"
 
 
-def test_cache_that_is_a_symlink_is_refused(tmp_path, cli, bundle, latents_256):
+def test_cache_that_is_a_symlink_is_refused(tmp_path, cli, bundle, latents_64):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     (bundle / "cache").symlink_to(elsewhere)
     out = tmp_path / "out"
     assert_refused(
-        edit(cli, bundle, out, "-l", latents_256, "--text", PROMPT),
+        edit(cli, bundle, out, "-l", latents_64, "--text", PROMPT),
         out,
         f"{bundle / 'cache'}: is a symlink; the prompt cache must be a directory inside the bundle",
     )
@@ -434,7 +434,7 @@ def test_cache_max_bounds_the_cache(tmp_path, cli, bundle, one_code):
     assert len(list((bundle / "cache").glob("*.npy"))) == 1
 
 
-TEXT_LATENTS = np.random.default_rng(6).standard_normal((1, 14, 512)).astype(np.float32)
+TEXT_LATENTS = np.random.default_rng(6).standard_normal((1, 10, 512)).astype(np.float32)
 
 
 def _overwritten(entry: Path, digest: Path) -> None:
@@ -478,14 +478,14 @@ DAMAGED = {
     ),
     "truncated with its hash": (
         _rehashed(npy_bytes(TEXT_LATENTS)[:-100]),
-        "has 28572 data bytes, expected 28672 (truncated or padded)",
+        "has 20380 data bytes, expected 20480 (truncated or padded)",
     ),
     "another shape": (
         _rehashed(npy_bytes(TEXT_LATENTS[:, :2])),
-        "holds float32 [1, 2, 512], expected float32 [1, 14, 512]",
+        "holds float32 [1, 2, 512], expected float32 [1, 10, 512]",
     ),
     "NaN": (_rehashed(npy_bytes(np.full_like(TEXT_LATENTS, np.nan))), "holds NaN or infinite values"),
-    "pickled objects": (_rehashed(pickled_npy()), "holds object [1], expected float32 [1, 14, 512]"),
+    "pickled objects": (_rehashed(pickled_npy()), "holds object [1], expected float32 [1, 10, 512]"),
     "no hash beside it": (_without_hash, "has no readable {digest} beside it"),
     "a FIFO": (_fifo, "is not a regular file"),
 }
@@ -524,6 +524,6 @@ def test_cache_off_and_precomputed_prompts_first(bundle):
     cache = TextLatentCache(Bundle(bundle), max_entries=0)
     cache.put(PROMPT, TEXT_LATENTS)
     assert cache.get(PROMPT) is None and not (bundle / "cache").exists()
-    assert cache.get("green lipstick").shape == (1, 14, 512)
+    assert cache.get("green lipstick").shape == (1, 10, 512)
     with pytest.raises(CfdeployError, match=r"^--cache-max must be 0 \(no cache\) or more entries, got -1$"):
         TextLatentCache(Bundle(bundle), max_entries=-1)

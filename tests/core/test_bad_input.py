@@ -16,13 +16,13 @@ from conftest import assert_refused, messages
 
 
 @pytest.fixture
-def edit(cli, tmp_path, cfclip_256, latents_256, embedding_file):
+def edit(cli, tmp_path, cfclip_64, latents_64, embedding_file):
     """Run ``cfdeploy edit`` with good defaults, any of them overridden by keyword."""
 
     def run(**overrides):
         options = {
-            "--checkpoint": cfclip_256,
-            "--latents": latents_256,
+            "--checkpoint": cfclip_64,
+            "--latents": latents_64,
             "--text-embedding": embedding_file,
             "--out": tmp_path / "out",
             **overrides,
@@ -47,9 +47,9 @@ def test_a_missing_checkpoint_is_refused_naming_it(edit, tmp_path):
     assert_refused(edit(**{"--checkpoint": missing}), tmp_path / "out", str(missing), "no such file")
 
 
-def test_a_truncated_checkpoint_is_refused_as_truncated_or_corrupt(edit, tmp_path, cfclip_256):
+def test_a_truncated_checkpoint_is_refused_as_truncated_or_corrupt(edit, tmp_path, cfclip_64):
     truncated = tmp_path / "truncated.pt"
-    truncated.write_bytes(cfclip_256.read_bytes()[: 1 << 20])
+    truncated.write_bytes(cfclip_64.read_bytes()[: 1 << 20])
     assert_refused(edit(**{"--checkpoint": truncated}), tmp_path / "out", str(truncated), "truncated or corrupt")
 
 
@@ -111,8 +111,8 @@ def test_pickle_that_would_run_code_is_refused_and_never_runs(edit, tmp_path):
 @pytest.mark.parametrize(
     "shape,message",
     [
-        ((2, 14, 256), "expected latents [N,14,512] (W+) or [N,512] (W), found [2, 14, 256]"),
-        ((2, 18, 512), "latents have 18 levels, the generator needs 14"),
+        ((2, 10, 256), "expected latents [N,10,512] (W+) or [N,512] (W), found [2, 10, 256]"),
+        ((2, 18, 512), "latents have 18 levels, the generator needs 10"),
         ((2, 3, 14, 512), "found [2, 3, 14, 512]"),
     ],
 )
@@ -122,7 +122,7 @@ def test_latents_of_the_wrong_shape_are_refused_naming_the_shape(edit, tmp_path,
 
 
 def test_latents_with_nan_and_inf_are_refused_counting_them(edit, tmp_path):
-    latents = np.zeros((3, 14, 512), np.float32)
+    latents = np.zeros((3, 10, 512), np.float32)
     latents[1, 2, 3], latents[2, 0, 0] = np.nan, np.inf
     path = saved(tmp_path, "nan.npy", latents)
     assert_refused(edit(**{"--latents": path}), tmp_path / "out", str(path), "2 NaN/inf values")
@@ -135,7 +135,7 @@ def test_text_embeddings_numbering_neither_one_nor_one_per_latent_are_refused(ed
         tmp_path / "out",
         str(path),
         "2 text embeddings match neither 1",
-        "the 3 latents",
+        "the 5 latents",
     )
 
 
@@ -149,15 +149,15 @@ def test_cuda_without_a_gpu_is_refused(edit, tmp_path):
     assert_refused(edit(**{"--device": "cuda"}), tmp_path / "out", "sees no CUDA GPU")
 
 
-def test_cuda_graphs_on_the_cpu_are_refused(cli, tmp_path, cfclip_256, latents_256, embedding_file):
+def test_cuda_graphs_on_the_cpu_are_refused(cli, tmp_path, cfclip_64, latents_64, embedding_file):
     out = tmp_path / "out"
     result = cli(
-        "edit", "-c", cfclip_256, "-l", latents_256, "--text-embedding", embedding_file, "-o", out, "--cuda-graphs"
+        "edit", "-c", cfclip_64, "-l", latents_64, "--text-embedding", embedding_file, "-o", out, "--cuda-graphs"
     )
     assert_refused(result, out, "CUDA graphs need --device cuda")
 
 
-def test_a_torch_precision_with_a_bundle_backend_is_refused(cli, tmp_path, latents_256, embedding_file):
+def test_a_torch_precision_with_a_bundle_backend_is_refused(cli, tmp_path, latents_64, embedding_file):
     out = tmp_path / "out"
     (tmp_path / "bundle").mkdir()
     result = cli(
@@ -165,7 +165,7 @@ def test_a_torch_precision_with_a_bundle_backend_is_refused(cli, tmp_path, laten
         "--bundle",
         tmp_path / "bundle",
         "-l",
-        latents_256,
+        latents_64,
         "--text-embedding",
         embedding_file,
         "-o",
@@ -199,11 +199,11 @@ def test_non_empty_out_needs_force_and_is_left_untouched(edit, tmp_path):
     assert [p.name for p in out.iterdir()] == ["mine.txt"]
 
 
-def test_force_replaces_the_previous_output(cli, tmp_path, cfclip_256, latents_256, embedding_file):
+def test_force_replaces_the_previous_output(cli, tmp_path, cfclip_64, latents_64, embedding_file):
     out = tmp_path / "out"
     out.mkdir()
     (out / "mine.txt").write_text("old")
-    result = cli("edit", "-c", cfclip_256, "-l", latents_256, "--text-embedding", embedding_file, "-o", out, "--force")
+    result = cli("edit", "-c", cfclip_64, "-l", latents_64, "--text-embedding", embedding_file, "-o", out, "--force")
     assert result.exit_code == 0, result.stderr
     assert not (out / "mine.txt").exists() and (out / "000002.png").exists()
 
@@ -224,7 +224,7 @@ def test_failure_mid_run_leaves_nothing(edit, tmp_path, monkeypatch):
     assert_refused(edit(**{"--batch-size": 2}), tmp_path / "out", "simulated failure")
 
 
-def test_real_process_prints_one_line_and_exits_2(tmp_path, cfclip_256, latents_256):
+def test_real_process_prints_one_line_and_exits_2(tmp_path, cfclip_64, latents_64):
     missing = tmp_path / "missing.npy"
     process = subprocess.run(
         [
@@ -233,9 +233,9 @@ def test_real_process_prints_one_line_and_exits_2(tmp_path, cfclip_256, latents_
             "cfdeploy",
             "edit",
             "-c",
-            str(cfclip_256),
+            str(cfclip_64),
             "-l",
-            str(latents_256),
+            str(latents_64),
             "--text-embedding",
             str(missing),
             "-o",

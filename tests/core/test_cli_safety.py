@@ -32,11 +32,11 @@ def assert_refused(result, out: Path, message: str) -> None:
     ],
 )
 def test_non_finite_settings_are_refused_before_any_work(
-    cli, tmp_path, cfclip_256, latents_256, embedding_file, option, value, message
+    cli, tmp_path, cfclip_64, latents_64, embedding_file, option, value, message
 ):
     out = tmp_path / "out"
     result = cli(
-        "edit", "-c", cfclip_256, "-l", latents_256, "--text-embedding", embedding_file, "-o", out, option, value
+        "edit", "-c", cfclip_64, "-l", latents_64, "--text-embedding", embedding_file, "-o", out, option, value
     )
     assert_refused(result, out, message)
 
@@ -49,28 +49,28 @@ def test_non_finite_settings_are_refused_before_any_work(
         (("--seed", "-1"), "--seed must be from 0 to 2^63-1, got -1"),
     ],
 )
-def test_sampling_settings_are_refused_before_any_work(cli, tmp_path, cfclip_256, embedding_file, options, message):
+def test_sampling_settings_are_refused_before_any_work(cli, tmp_path, cfclip_64, embedding_file, options, message):
     out = tmp_path / "out"
-    result = cli("edit", "-c", cfclip_256, "--seed", 1, "--text-embedding", embedding_file, "-o", out, *options)
+    result = cli("edit", "-c", cfclip_64, "--seed", 1, "--text-embedding", embedding_file, "-o", out, *options)
     assert_refused(result, out, message)
 
 
 @pytest.mark.parametrize("prompt", ["", "   \t "])
-def test_empty_prompt_is_refused(cli, tmp_path, cfclip_256, latents_256, clip_state_dict_file, prompt):
+def test_empty_prompt_is_refused(cli, tmp_path, cfclip_64, latents_64, clip_state_dict_file, prompt):
     out = tmp_path / "out"
     result = cli(
-        "edit", "-c", cfclip_256, "-l", latents_256, "--clip-weights", clip_state_dict_file, "--text", prompt, "-o", out
+        "edit", "-c", cfclip_64, "-l", latents_64, "--clip-weights", clip_state_dict_file, "--text", prompt, "-o", out
     )
     assert result.exit_code == 2 and "prompt" in result.stderr and "empty" in result.stderr, result.stderr
     assert len(messages(result.stderr).splitlines()) == 1 and not out.exists()
 
 
-def test_force_never_replaces_a_directory_holding_an_input(cli, tmp_path, cfclip_256, embedding_file):
+def test_force_never_replaces_a_directory_holding_an_input(cli, tmp_path, cfclip_64, embedding_file):
     inputs = tmp_path / "inputs"
     inputs.mkdir()
     latents = inputs / "codes.npy"
     np.save(latents, np.zeros((1, 14, 512), np.float32))
-    result = cli("edit", "-c", cfclip_256, "-l", latents, "--text-embedding", embedding_file, "-o", inputs, "--force")
+    result = cli("edit", "-c", cfclip_64, "-l", latents, "--text-embedding", embedding_file, "-o", inputs, "--force")
     assert result.exit_code == 2
     assert messages(result.stderr) == f"error: {inputs}: contains the input {latents}; choose another output"
     assert sorted(path.name for path in inputs.iterdir()) == ["codes.npy"]
@@ -87,7 +87,7 @@ def test_inspect_of_an_unknown_file_names_what_it_expected(cli, tmp_path):
 @pytest.fixture(scope="module")
 def hostile_description_checkpoint(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("hostile") / "described.pt"
-    torch.save(synthetic_files.cfclip_checkpoint(256, seed=7, description=ESCAPES, source_text="[bold]face"), path)
+    torch.save(synthetic_files.cfclip_checkpoint(64, seed=7, description=ESCAPES, source_text="[bold]face"), path)
     return path
 
 
@@ -100,11 +100,11 @@ def test_inspect_shows_markup_and_escapes_from_a_checkpoint_literally(cli, hosti
 
 
 def test_warnings_and_reports_never_pass_escape_sequences(
-    cli, tmp_path, hostile_description_checkpoint, latents_256, clip_state_dict_file
+    cli, tmp_path, hostile_description_checkpoint, latents_64, clip_state_dict_file
 ):
     out = tmp_path / "out"
     one_code = tmp_path / "one.npy"
-    np.save(one_code, np.load(latents_256)[:1])
+    np.save(one_code, np.load(latents_64)[:1])
     result = cli(
         "edit",
         "-c",
@@ -123,18 +123,18 @@ def test_warnings_and_reports_never_pass_escape_sequences(
     assert "trained for" in result.stderr and "[/bold][red]" in result.stderr and "\\x1b[2J" in result.stderr
 
 
-def test_png_compression_changes_size_not_pixels(cli, tmp_path, cfclip_256, latents_256, embedding_file):
+def test_png_compression_changes_size_not_pixels(cli, tmp_path, cfclip_64, latents_64, embedding_file):
     from PIL import Image
 
     one_code = tmp_path / "one.npy"
-    np.save(one_code, np.load(latents_256)[:1])
+    np.save(one_code, np.load(latents_64)[:1])
     sizes, pixels = [], []
     for level in (0, 9):
         out = tmp_path / f"level{level}"
         result = cli(
             "edit",
             "-c",
-            cfclip_256,
+            cfclip_64,
             "-l",
             one_code,
             "--text-embedding",

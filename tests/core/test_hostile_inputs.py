@@ -40,23 +40,23 @@ def test_a_request_number_beyond_float32_is_a_400(field):
     assert refused.value.status == 400
 
 
-def test_edit_refuses_strength_and_truncation_that_overflow_float32(cli, bundle_256, tmp_path):
+def test_edit_refuses_strength_and_truncation_that_overflow_float32(cli, bundle_64, tmp_path):
     out = tmp_path / "out"
     for option, value in (("--strength", "1e39"), ("--truncation", "1e39")):
         assert_refused(
-            cli("edit", "--bundle", bundle_256, "--text", "blue dog", "--seed", 1, option, value, "-o", out),
+            cli("edit", "--bundle", bundle_64, "--text", "blue dog", "--seed", 1, option, value, "-o", out),
             out,
             f"{option} must be a finite number within float32's range, got 1e+39",
         )
 
 
-def test_an_edit_that_leaves_float32_is_refused_and_writes_nothing(cli, bundle_256, tmp_path):
+def test_an_edit_that_leaves_float32_is_refused_and_writes_nothing(cli, bundle_64, tmp_path):
     """Latents finite in float32 but so large that the networks overflow: refused, never a black PNG."""
     huge = tmp_path / "huge.npy"
-    np.save(huge, np.full((1, 14, 512), 3e38, np.float32))
+    np.save(huge, np.full((1, 10, 512), 3e38, np.float32))
     out = tmp_path / "out"
     assert_refused(
-        cli("edit", "--bundle", bundle_256, "--text", "blue dog", "--latents", huge, "-o", out),
+        cli("edit", "--bundle", bundle_64, "--text", "blue dog", "--latents", huge, "-o", out),
         out,
         "hold NaN/inf values",
         "took the networks out of float32's range",

@@ -28,14 +28,14 @@ pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:Futu
 
 
 @pytest.fixture
-def edit(cli, tmp_path, cfclip_256, latents_256, embedding_file):
+def edit(cli, tmp_path, cfclip_64, latents_64, embedding_file):
     """``cfdeploy edit`` with good inputs, any of them overridden by keyword; returns (result, out)."""
 
     def run(**overrides):
         out = tmp_path / "out"
         options = {
-            "--checkpoint": cfclip_256,
-            "--latents": latents_256,
+            "--checkpoint": cfclip_64,
+            "--latents": latents_64,
             "--text-embedding": embedding_file,
             "--out": out,
             **overrides,

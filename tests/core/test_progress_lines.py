@@ -86,10 +86,8 @@ def test_every_line_printed_is_one_the_tests_know_as_progress(capsys):
     assert not PROGRESS_LINE.fullmatch("error: mean_w.npy: holds float32 [10], expected float32 [512]")
 
 
-def test_an_edit_in_a_log_reports_loading_and_each_image(cli, tmp_path, cfclip_256, latents_256, embedding_file):
-    result = cli(
-        "edit", "-c", cfclip_256, "-l", latents_256, "--text-embedding", embedding_file, "-o", tmp_path / "out"
-    )
+def test_an_edit_in_a_log_reports_loading_and_each_image(cli, tmp_path, cfclip_64, latents_64, embedding_file):
+    result = cli("edit", "-c", cfclip_64, "-l", latents_64, "--text-embedding", embedding_file, "-o", tmp_path / "out")
     assert result.exit_code == 0, result.stderr
     printed = result.stderr.splitlines()
     assert re.fullmatch(r"loading models \(\d+\.\d s\)", printed[0]), printed

@@ -167,13 +167,13 @@ def test_tensorrt_engines_edit_like_the_reference_and_refit(
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")
 def test_tensorrt_paths_say_tensorrt_is_missing(
-    tmp_path, cli, bundle_256, cfclip_256, clip_state_dict_file, latents_256, dac_bundle
+    tmp_path, cli, bundle_64, cfclip_64, clip_state_dict_file, latents_64, dac_bundle
 ):
     message = "needs TensorRT, which is not installed here (No module named 'tensorrt')"
     for args in (
-        ["build-engines", "--bundle", bundle_256],
-        ["edit", "--bundle", bundle_256, "--backend", "tensorrt", "-l", latents_256, "-t", "x", "-o", tmp_path / "out"],
-        ["export", "-c", cfclip_256, "--clip-weights", clip_state_dict_file, "-o", tmp_path / "out", "--tensorrt"],
+        ["build-engines", "--bundle", bundle_64],
+        ["edit", "--bundle", bundle_64, "--backend", "tensorrt", "-l", latents_64, "-t", "x", "-o", tmp_path / "out"],
+        ["export", "-c", cfclip_64, "--clip-weights", clip_state_dict_file, "-o", tmp_path / "out", "--tensorrt"],
         ["dac", "build-engines", "--bundle", dac_bundle],
         ["dac", "edit", "--bundle", dac_bundle, "--backend", "tensorrt", "-o", tmp_path / "out"],
     ):
@@ -183,7 +183,7 @@ def test_tensorrt_paths_say_tensorrt_is_missing(
         )
     assert (
         not (tmp_path / "out").exists()
-        and not (bundle_256 / "tensorrt").exists()
+        and not (bundle_64 / "tensorrt").exists()
         and not (dac_bundle / "tensorrt").exists()
     )
 

@@ -83,13 +83,12 @@ def test_exported_encoder_matches_the_official_formulation(bundle_with_encoder):
     encoder, out, _ = bundle_with_encoder
     session = onnxruntime.InferenceSession(Bundle(out).network("encoder").content, providers=["CPUExecutionProvider"])
     content = torch.load(encoder, weights_only=True)
-    for batch in (1, 3):
-        images = faces(batch, seed=20 + batch)
-        got = session.run(None, {"images": images.numpy()})[0]
-        assert got.shape == (batch, N_LATENT_64, 512)
-        with torch.no_grad():
-            expected = reference.e4e(part(content, "encoder."), images, content["latent_avg"])
-        assert rel_l2(got, expected) <= TOLERANCE, batch
+    images = faces(2, seed=22)  # a batch above 1 (export checked batches 1 and 3 against cfdeploy's own encoder)
+    got = session.run(None, {"images": images.numpy()})[0]
+    assert got.shape == (2, N_LATENT_64, 512)
+    with torch.no_grad():
+        expected = reference.e4e(part(content, "encoder."), images, content["latent_avg"])
+    assert rel_l2(got, expected) <= TOLERANCE
 
 
 def test_export_refuses_an_encoder_for_another_generator_before_exporting(
@@ -141,9 +140,9 @@ def test_loads_the_official_layout_strictly(loaded, official_content):
     assert loaded.opts == official_content["opts"]
 
 
-@pytest.mark.parametrize("batch", [1, 2])
-def test_codes_match_the_official_formulation(loaded, official_content, batch):
-    images = faces(2, seed=30)[:batch]
+def test_codes_match_the_official_formulation(loaded, official_content):
+    batch = 2
+    images = faces(batch, seed=30)
     latent_avg = official_content["latent_avg"]
     with torch.no_grad():
         got = loaded.encoder(images)

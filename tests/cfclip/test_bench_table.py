@@ -95,6 +95,7 @@ def test_piped_table_fits_100_columns_without_cpu_gpu_columns(piped_bench):
     body = [line for line in table_lines if line.startswith("│")]
     assert [line.split("│")[1].strip() for line in body] == ["torch-reference", "torch"]
     assert body[1].split("│")[-2].strip() == "inf"  # torch against itself
+    assert report["backends"][0]["results"][0]["parity"]["psnr_db"] > 80  # the official formulation against torch
 
 
 def test_compact_table_fits_100_columns_with_gpu_columns(gpu_report):

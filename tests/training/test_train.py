@@ -235,8 +235,10 @@ def test_cli_writes_official_checkpoints_that_edit_and_refit_accept(
         PROMPT,
         "-g",
         run_files["generator"],
-        "--clip-weights",
-        run_files["clip"],
+        "--text-embedding",  # no CLIP: the CLIP-NCE term is checked above, and on the command line below
+        embedding_file,
+        "--nce-lambda",
+        0,
         "-l",
         run_files["latents"],
         "--test-latents",

@@ -23,6 +23,7 @@ import shutil
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -41,6 +42,7 @@ from cfdeploy.bundle import (
     prompt_file,
     write_manifest,
 )
+from cfdeploy.bundle_files import EXTERNAL_DATA_SUFFIX
 from cfdeploy.checkpoints import load_arcface, load_cfclip, load_clip, load_e4e
 from cfdeploy.contracts import BATCH, NetworkContract, TensorSpec, network_contracts
 from cfdeploy.environment import package_version, versions
@@ -63,6 +65,7 @@ PHOTO_WAVES = 8
 MAX_BATCH = 1024
 EXPORTS_DIR = "exports"  # under the cache root, beside the compiled graphs
 EXPORTED_GRAPH = "graph.onnx"
+EXPORTED_WEIGHTS = EXPORTED_GRAPH + EXTERNAL_DATA_SUFFIX  # a large graph's weights, beside it
 EXPORTER_PACKAGES = ("torch", "onnx", "onnxscript", "onnxslim")
 
 
@@ -141,7 +144,11 @@ def code_sha256(module: nn.Module) -> str:
 
 
 def export_parts(
-    module: nn.Module, contract: NetworkContract, opset: int, example: tuple[torch.Tensor, ...] | None
+    module: nn.Module,
+    contract: NetworkContract,
+    opset: int,
+    example: tuple[torch.Tensor, ...] | None,
+    large: bool = False,
 ) -> dict:
     """What an exported graph depends on: its cache entry's key is the hash of these parts."""
     return {
@@ -152,6 +159,7 @@ def export_parts(
         "code_sha256": code_sha256(module),
         "example_shapes": None if example is None else [list(tensor.shape) for tensor in example],
         "versions": {package: package_version(package) for package in EXPORTER_PACKAGES},
+        **({"weights_beside": True} if large else {}),
     }
 
 
@@ -167,7 +175,7 @@ def export_graph(
     """Export ``module`` to ``path`` under ``contract``'s names, traced on ``example`` (default: random inputs).
 
     ``large``: weights beside the graph in ``<file>.data`` (protobuf stops at 2 GB, a Stable Diffusion UNet is
-    larger), and the graph kept as the exporter wrote it.
+    larger), and the graph kept as the exporter wrote it (both files cached together).
 
     A refittable network (``contract.refittable``) keeps each weight as a graph initializer of its own, named by
     its module path, whatever its values: its equalised-lr layers are exported with their scales applied
@@ -177,13 +185,15 @@ def export_graph(
 
     ``cache``: reuse the graph exported before from the same weights, code, contract and versions (see
     :func:`export_parts`; ``cache.outcomes[contract.name]`` then says ``hit``), and keep a new one there.
-    Graphs with their weights beside them (``large``) are not cached.
     """
-    parts = None if cache is None or large else export_parts(module, contract, opset, example)
+    parts = None if cache is None else export_parts(module, contract, opset, example, large)
+    weights_file = path.with_name(path.name + EXTERNAL_DATA_SUFFIX)
     if cache is not None and parts is not None:
         cached = cache.load(contract.name, parts)
-        if cached is not None and EXPORTED_GRAPH in cached:
+        if cached is not None and EXPORTED_GRAPH in cached and (EXPORTED_WEIGHTS in cached) == large:
             path.write_bytes(cached[EXPORTED_GRAPH])
+            if large:
+                weights_file.write_bytes(cached[EXPORTED_WEIGHTS])
             return
     weights: tuple[str, ...] = ()
     batch = torch.export.Dim(BATCH, min=1, max=MAX_BATCH)
@@ -209,6 +219,8 @@ def export_graph(
             verbose=False,
         )
     if large:
+        if cache is not None and parts is not None and weights_file.is_file():
+            cache.put(parts, {EXPORTED_GRAPH: path.read_bytes(), EXPORTED_WEIGHTS: weights_file.read_bytes()})
         return
     assert program is not None
     graph = program.model_proto
@@ -336,6 +348,48 @@ def check_parity(
     return results
 
 
+@dataclass(frozen=True)
+class CheckedExport:
+    """A graph exported (or reused) and checked: its parity by case, whether it came from the cache, the times."""
+
+    parity: dict[str, dict[str, float]]
+    reused: bool
+    export_s: float
+    check_s: float
+
+
+def export_checked(
+    module: nn.Module,
+    contract: NetworkContract,
+    path: Path,
+    opset: int,
+    *,
+    cache: GraphCache | None = None,
+    example: tuple[torch.Tensor, ...] | None = None,
+    cases: Mapping[str, Mapping[str, np.ndarray]] | None = None,
+    large: bool = False,
+    on_stage: Callable[[str], None] = lambda stage: None,
+) -> CheckedExport:
+    """:func:`export_graph`, then :func:`check_parity`. A graph reused from ``cache`` is checked like a new one; if
+    it fails, it is exported afresh and its cache entry replaced (an entry intact by its hashes can still be wrong)."""
+    started = time.perf_counter()
+    export_graph(module, contract, path, opset, example=example, large=large, cache=cache)
+    reused = cache is not None and cache.outcomes.get(contract.name) == "hit"
+    exported = time.perf_counter()
+    on_stage(f"checking {contract.name} against torch" + (" (reused from an earlier export)" if reused else ""))
+    try:
+        parity = check_parity(module, contract, path, cases)
+    except Exception as failure:
+        if not reused or cache is None:
+            raise
+        on_stage(f"the reused {contract.name} graph failed its check ({failure}); exporting it afresh")
+        cache.discard(export_parts(module, contract, opset, example, large))
+        export_graph(module, contract, path, opset, example=example, large=large, cache=cache)
+        parity = check_parity(module, contract, path, cases)
+        reused = False
+    return CheckedExport(parity, reused, exported - started, time.perf_counter() - exported)
+
+
 def export_bundle(
     checkpoint_path: Path,
     clip_weights: Path | None,
@@ -413,26 +467,12 @@ def export_bundle(
     with StagedDirectory(out, force) as staged:
         for name, contract in contracts.items():
             on_stage(f"exporting {name}")
-            started = time.perf_counter()
-            path = staged.path / contract.filename
-            export_graph(modules[name], contract, path, opset, cache=cache)
-            hit = cache is not None and cache.outcomes.get(name) == "hit"
-            timings[f"export_{name}"] = time.perf_counter() - started
-            on_stage(f"checking {name} against torch" + (" (reused from an earlier export)" if hit else ""))
-            started = time.perf_counter()
-            try:
-                parity = check_parity(modules[name], contract, path)
-            except Exception as failure:  # a reused graph that drifts or cannot run is exported again
-                if not hit or cache is None:
-                    raise
-                on_stage(f"the reused {name} graph failed its check ({failure}); exporting it afresh")
-                cache.discard(export_parts(modules[name], contract, opset, None))
-                export_graph(modules[name], contract, path, opset, cache=cache)
-                parity = check_parity(modules[name], contract, path)
-                hit = False
-            networks[name] = {**contract.as_dict(), "parity": parity}
-            timings[f"parity_{name}"] = time.perf_counter() - started
-            if hit:
+            checked = export_checked(
+                modules[name], contract, staged.path / contract.filename, opset, cache=cache, on_stage=on_stage
+            )
+            networks[name] = {**contract.as_dict(), "parity": checked.parity}
+            timings[f"export_{name}"], timings[f"parity_{name}"] = checked.export_s, checked.check_s
+            if checked.reused:
                 reused.append(name)
 
         on_stage("writing tokenizer, mean W and prompts")

@@ -376,6 +376,14 @@ def export_command(
     base_model: Path | None = MOVED_BASE_MODEL,
     old_base_model: Path | None = OLD_BASE_MODEL,
     force: bool = typer.Option(False, "--force", "-f", help="Replace an existing --out directory."),
+    no_export_cache: bool = typer.Option(
+        False,
+        "--no-export-cache",
+        help="Trace every graph afresh. By default the text encoder and VAE decoder exported before from the same "
+        "weights, code and versions (the VAE decoder every run of a base model shares) are reused from the cache "
+        "beside the compiled graphs ($CFDEPLOY_CACHE_DIR, else ~/.cache/cfdeploy), and checked against PyTorch like "
+        "new ones.",
+    ),
 ) -> None:
     """Export a DAC run to a torch-free bundle of ONNX graphs, each checked against PyTorch.
 
@@ -391,11 +399,20 @@ def export_command(
 
     with phase("starting") as status:
         manifest = export_dac_bundle(
-            run, out, unet_mode=unet, base_model=base_model, force=force, on_stage=lambda stage: status.update(stage)
+            run,
+            out,
+            unet_mode=unet,
+            base_model=base_model,
+            force=force,
+            reuse_exports=not no_export_cache,
+            on_stage=lambda stage: status.update(stage),
         )
     parity = ", ".join(f"{name} {values['rel_l2']:.1e}" for name, values in manifest["parity"].items())
     merged = manifest["parity"]["unet"].get("merged_vs_exact_rel_l2")
     note = f"; merged UNet vs the exact γ(t) path: rel L2 {merged:.1e}" if merged is not None else ""
+    reused = manifest["export"]["reused"]
+    if reused:
+        note += f"; {', '.join(reused)} reused from earlier exports"
     say(f"wrote {out} (ONNX Runtime vs PyTorch, rel L2: {parity}{note})")
 
 

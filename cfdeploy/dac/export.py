@@ -5,6 +5,11 @@ The UNet keeps U as unmerged low-rank branches whose weight is the graph input `
 whose difference from the exact path is measured at export and recorded). The text encoder keeps Δ as
 a branch weighted by ``text_lora_scale`` (β sweeps); the default β's embeddings ship precomputed. Each
 graph is checked against PyTorch in ONNX Runtime before the bundle is written.
+
+Each graph keeps its weights beside it (``GRAPH.onnx.data``: Stable Diffusion's UNet is over protobuf's 2 GB).
+The text encoder and the VAE decoder are reused from the export cache (:func:`~cfdeploy.exporter.export_cache`)
+when exported before from the same weights: the VAE decoder by every run of one base model, the text encoder by a
+run exported again (``--unet merged`` after the exact UNet). The UNet, U included, is each run's own.
 """
 
 from __future__ import annotations
@@ -44,8 +49,9 @@ from cfdeploy.dac.refit_map import match_initializers
 from cfdeploy.dac.run import MANIFEST, read_run
 from cfdeploy.environment import versions
 from cfdeploy.errors import CfdeployError
-from cfdeploy.exporter import DEFAULT_OPSET, check_parity, export_graph
+from cfdeploy.exporter import DEFAULT_OPSET, export_cache, export_checked
 from cfdeploy.files import sha256_file
+from cfdeploy.graph_cache import GraphCache
 from cfdeploy.outputs import StagedDirectory
 
 
@@ -128,9 +134,13 @@ def export_dac_bundle(
     base_model: Path | None = None,
     force: bool = False,
     opset: int = DEFAULT_OPSET,
+    reuse_exports: bool = True,
     on_stage: Callable[[str], None] = lambda stage: None,
 ) -> dict[str, Any]:
-    """Export the run at ``run_path`` to a DAC bundle in ``out``; returns its manifest."""
+    """Export the run at ``run_path`` to a DAC bundle in ``out``; returns its manifest.
+
+    ``reuse_exports``: the text encoder and VAE decoder graphs come from the export cache where they were exported
+    before (the manifest lists them under ``export.reused``), and are checked against PyTorch like new ones."""
     if unet_mode not in UNET_MODES:
         raise CfdeployError(f"--unet must be one of {', '.join(UNET_MODES)}, got {unet_mode!r}")
     run = read_run(run_path)
@@ -157,6 +167,8 @@ def export_dac_bundle(
         latents = torch.randn((2, info.latent_channels, side, side), generator=rng)
         context = torch.cat([uncond, cond])
         parity: dict[str, dict[str, float]] = {}
+        cache = export_cache() if reuse_exports else None
+        reused: list[str] = []
 
         on_stage("exporting the text encoder")
         lora.activate(base.text_encoder, list(text_weights))
@@ -164,7 +176,9 @@ def export_dac_bundle(
             lora.set_weight(base.text_encoder, lora.SOURCE_ADAPTER, 1.0)
         text_encoder = ScaledTextEncoder(base.text_encoder, lora.EDIT_ADAPTER).eval()
         text_cases = [(tokens, torch.tensor([weight])) for weight in (-1.0, -0.5, 0.0)]
-        parity["text_encoder"] = _export(text_encoder, contracts["text_encoder"], staged.path, opset, text_cases)
+        parity["text_encoder"] = _export(
+            text_encoder, contracts["text_encoder"], staged.path, opset, text_cases, cache, reused
+        )
 
         on_stage("exporting the UNet")
         cases = [(latents, torch.tensor([float(t)]), context) for t in (958, 500, 1)]
@@ -199,7 +213,7 @@ def export_dac_bundle(
         on_stage("exporting the VAE decoder")
         decoder = VaeDecoder(base.vae, info.scaling_factor).eval()
         parity["vae_decoder"] = _export(
-            decoder, contracts["vae_decoder"], staged.path, opset, [(latents,), (latents[:1],)]
+            decoder, contracts["vae_decoder"], staged.path, opset, [(latents,), (latents[:1],)], cache, reused
         )
 
         files = sorted(entry.name for entry in staged.path.iterdir())
@@ -217,7 +231,12 @@ def export_dac_bundle(
             "networks": {name: contract.as_dict() for name, contract in contracts.items()},
             "files": {name: sha256_file(staged.path / name) for name in files},
             "parity": parity,
-            "export": {"exporter": "torch.onnx (dynamo)", "opset": opset, "precision": "fp32"},
+            "export": {
+                "exporter": "torch.onnx (dynamo)",
+                "opset": opset,
+                "precision": "fp32",
+                "reused": reused,
+            },
             "versions": versions(),
         }
         staged.write_json(MANIFEST, manifest)
@@ -240,17 +259,27 @@ def _unet_refit_map(path: Path, unet: nn.Module) -> dict[str, dict[str, Any]]:
 
 
 def _export(
-    module: nn.Module, contract: NetworkContract, directory: Path, opset: int, cases: Sequence[tuple[torch.Tensor, ...]]
+    module: nn.Module,
+    contract: NetworkContract,
+    directory: Path,
+    opset: int,
+    cases: Sequence[tuple[torch.Tensor, ...]],
+    cache: GraphCache | None = None,
+    reused: list[str] | None = None,
 ) -> dict[str, float]:
-    """Export, then the worst case of :func:`~cfdeploy.exporter.check_parity` (what the manifest records)."""
-    path = directory / contract.filename
-    export_graph(module, contract, path, opset, example=cases[0], large=True)
+    """Export (from ``cache`` where it holds the graph, its name then added to ``reused``), then the worst case of the
+    check against PyTorch (what the manifest records)."""
     names = [spec.name for spec in contract.inputs]
     feeds = {
         f"case_{index}": {name: value.numpy() for name, value in zip(names, case, strict=True)}
         for index, case in enumerate(cases)
     }
-    results = check_parity(module, contract, path, feeds).values()
+    checked = export_checked(
+        module, contract, directory / contract.filename, opset, cache=cache, example=cases[0], cases=feeds, large=True
+    )
+    if checked.reused and reused is not None:
+        reused.append(contract.name)
+    results = checked.parity.values()
     return {
         "rel_l2": max(result["rel_l2"] for result in results),
         "max_abs": max(result["max_abs"] for result in results),

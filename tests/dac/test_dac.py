@@ -738,13 +738,20 @@ def test_bad_noise_files_are_refused_in_one_line(cli, dac_run: Path, dac_bundle:
     )
 
 
-def test_merged_export_is_a_stock_unet_and_records_its_error(cli, dac_run: Path, tmp_path: Path):
+def test_merged_export_is_a_stock_unet_and_records_its_error(cli, dac_run: Path, dac_bundle: Path, tmp_path: Path):
+    """Exported after ``dac_bundle`` (the same run, the exact UNet): its text encoder and VAE decoder are reused."""
     import onnxruntime
 
     out = tmp_path / "merged"
     result = cli("dac", "export", "--run", dac_run, "--out", out, "--unet", "merged")
     assert result.exit_code == 0, result.stderr
     manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["export"]["reused"] == ["text_encoder", "vae_decoder"]
+    assert "; text_encoder, vae_decoder reused from earlier exports)" in " ".join(result.stderr.split())
+    for name in ("text_encoder.onnx", "vae_decoder.onnx"):
+        assert (out / name).read_bytes() == (dac_bundle / name).read_bytes(), name
+    for name in ("text_encoder.onnx.data", "vae_decoder.onnx.data"):
+        assert (out / name).read_bytes() == (dac_bundle / name).read_bytes(), name
     session = onnxruntime.InferenceSession(str(out / "unet.onnx"), providers=["CPUExecutionProvider"])
     assert "lora_scale" not in [entry.name for entry in session.get_inputs()]
     config = json.loads((out / "scheduler_config.json").read_text())

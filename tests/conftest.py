@@ -584,6 +584,25 @@ def bundle_64_without_clip(shared: Path, cfclip_64: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def other_prompt_64(files: Path) -> Path:
+    """Another prompt's 64 px checkpoint: ``cfclip_64``'s generator (seed 6) with mappers of seed 7."""
+    return built_once(files / "other_prompt_64.pt", lambda path: checkpoint_with_generator_of(path, 6, 7, size=64))
+
+
+@pytest.fixture(scope="session")
+def other_prompt_bundle_64(shared: Path, other_prompt_64: Path, bundle_64_without_clip: Path) -> Path:
+    """``other_prompt_64`` exported through the CLI ``--without-clip``, once for the run and after
+    ``bundle_64_without_clip``: its generator and mapping come from the export cache, its mappers (exported nowhere
+    else in the run) are traced anew."""
+
+    def export(out: Path) -> None:
+        result = run_cli("export", "-c", other_prompt_64, "--without-clip", "-o", out)
+        assert result.exit_code == 0, result.stderr
+
+    return built_once(shared / "bundles" / "other_prompt_64", export)
+
+
+@pytest.fixture(scope="session")
 def e4e_64(files: Path) -> Path:
     """An e4e checkpoint for the 64 px generator: the official encoder with 10 style blocks (what the official code
     builds for ``stylegan_size`` 64), its own generator, latent_avg; 600 MB."""

@@ -13,7 +13,6 @@ import numpy as np
 import onnx
 import torch
 
-import synthetic_files
 from cfdeploy.exporter import EXPORTED_GRAPH, EXPORTS_DIR, module_sha256
 from cfdeploy.graph_cache import ENTRY_RECORD, cache_root
 from cfdeploy.models.layers import EqualLinear
@@ -39,24 +38,30 @@ def test_a_second_export_of_a_checkpoint_reuses_every_graph_byte_for_byte(
 
 
 def test_another_prompts_checkpoint_reuses_the_shared_generator_and_exports_its_own_mappers(
-    cli, tmp_path, cfclip_64, bundle_64_without_clip, latents_64, embedding_file
+    cli,
+    tmp_path,
+    cfclip_64,
+    bundle_64_without_clip,
+    other_prompt_64,
+    other_prompt_bundle_64,
+    latents_64,
+    embedding_file,
 ):
-    other = tmp_path / "other_prompt.pt"
-    torch.save(synthetic_files.checkpoint_with_generator_of(6, 7, size=64), other)  # cfclip_64's generator (seed 6)
-    result = cli("export", "-c", other, "--without-clip", "-o", tmp_path / "bundle")
-    assert result.exit_code == 0, result.stderr
-    manifest = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
+    """``other_prompt_bundle_64``: ``other_prompt_64`` (``cfclip_64``'s generator) exported after
+    ``bundle_64_without_clip``."""
+    manifest = json.loads((other_prompt_bundle_64 / "manifest.json").read_text())
     assert manifest["export"]["reused"] == ["generator", "mapping"]
     for name in ("generator.onnx", "mapping.onnx"):
-        assert (tmp_path / "bundle" / name).read_bytes() == (bundle_64_without_clip / name).read_bytes()
+        assert (other_prompt_bundle_64 / name).read_bytes() == (bundle_64_without_clip / name).read_bytes()
     result = cli(
-        "edit", "--bundle", tmp_path / "bundle", "-l", latents_64, "--text-embedding", embedding_file,
+        "edit", "--bundle", other_prompt_bundle_64, "-l", latents_64, "--text-embedding", embedding_file,
         "-o", tmp_path / "edits", "--save-latents",
     )  # fmt: skip
     assert result.exit_code == 0, result.stderr
     latents, features = np.load(latents_64), np.load(embedding_file).reshape(1, 512)
-    assert rel_l2(np.load(tmp_path / "edits" / "latents.npy"), official_w_hat(other, latents, features)) <= 1e-5
-    assert rel_l2(official_w_hat(cfclip_64, latents, features), official_w_hat(other, latents, features)) > 1e-2
+    expected = official_w_hat(other_prompt_64, latents, features)
+    assert rel_l2(np.load(tmp_path / "edits" / "latents.npy"), expected) <= 1e-5
+    assert rel_l2(official_w_hat(cfclip_64, latents, features), expected) > 1e-2
 
 
 def test_a_reused_graph_that_fails_its_check_is_exported_afresh_and_replaced(

@@ -13,7 +13,6 @@ import pytest
 import torch
 from typer.testing import Result
 
-import synthetic_files
 from conftest import (
     TOLERANCE,
     checkpoint_with_generator_of,
@@ -158,12 +157,6 @@ def zero_mapper_biases(content: dict) -> dict:
     return content
 
 
-def with_generator_of(content: dict, donor: Path) -> dict:
-    generator = torch.load(donor, weights_only=True)["state_dict"]
-    content["state_dict"].update({key: value for key, value in generator.items() if key.startswith("decoder.")})
-    return content
-
-
 def export_without_clip(checkpoint: Path, clip_weights: Path, out: Path) -> Path:
     from cfdeploy.exporter import export_bundle
 
@@ -207,22 +200,20 @@ def network_outputs(bundle: Path, network: str) -> list[np.ndarray]:
 
 
 def test_refit_with_a_checkpoint_whose_weights_and_biases_all_differ_matches_its_fresh_export(
-    tmp_path, new_run_bundle, cfclip_64, cli
+    tmp_path, new_run_bundle, cfclip_64, other_prompt_64, other_prompt_bundle_64
 ):
+    """``other_prompt_bundle_64`` is the fresh export of ``other_prompt_64`` (``cfclip_64``'s generator)."""
     from cfdeploy.refit import REFIT_NETWORKS, initializer_weights
 
-    other = tmp_path / "other.pt"
-    content = with_generator_of(synthetic_files.cfclip_checkpoint(64, seed=21), cfclip_64)  # no other test's mappers
+    other, fresh = other_prompt_64, other_prompt_bundle_64
     bundled = zero_mapper_biases(torch.load(cfclip_64, weights_only=True))["state_dict"]
-    for key, value in content["state_dict"].items():
+    for key, value in torch.load(other, weights_only=True)["state_dict"].items():
         if not key.startswith("decoder."):  # every mapper tensor differs from the bundle's; no bias is zero
             assert not torch.equal(value, bundled[key]) and (not key.endswith(".bias") or value.all()), key
-    torch.save(content, other)
+        else:
+            assert torch.equal(value, bundled[key]), key
 
     refitted = refitted_copy(new_run_bundle, other, tmp_path / "refitted")
-    fresh = tmp_path / "fresh"
-    result = cli("export", "-c", other, "--without-clip", "-o", fresh)
-    assert result.exit_code == 0, result.stderr
     reused = json.loads((fresh / "manifest.json").read_text())["export"]["reused"]
     assert not set(REFIT_NETWORKS) & set(reused), reused  # the refitted graphs traced anew; the generator may be reused
 

@@ -171,8 +171,9 @@ def export_graph(
     example: tuple[torch.Tensor, ...] | None = None,
     large: bool = False,
     cache: GraphCache | None = None,
-) -> None:
-    """Export ``module`` to ``path`` under ``contract``'s names, traced on ``example`` (default: random inputs).
+) -> bool:
+    """Export ``module`` to ``path`` under ``contract``'s names, traced on ``example`` (default: random inputs);
+    returns whether the graph came from ``cache``.
 
     ``large``: weights beside the graph in ``<file>.data`` (protobuf stops at 2 GB, a Stable Diffusion UNet is
     larger), and the graph kept as the exporter wrote it (both files cached together).
@@ -184,7 +185,7 @@ def export_graph(
     same architecture then gives a graph with the same initializers, which refit relies on.
 
     ``cache``: reuse the graph exported before from the same weights, code, contract and versions (see
-    :func:`export_parts`; ``cache.outcomes[contract.name]`` then says ``hit``), and keep a new one there.
+    :func:`export_parts`), and keep a new one there. An entry without the files this layout needs is traced anew.
     """
     parts = None if cache is None else export_parts(module, contract, opset, example, large)
     weights_file = path.with_name(path.name + EXTERNAL_DATA_SUFFIX)
@@ -194,7 +195,7 @@ def export_graph(
             path.write_bytes(cached[EXPORTED_GRAPH])
             if large:
                 weights_file.write_bytes(cached[EXPORTED_WEIGHTS])
-            return
+            return True
     weights: tuple[str, ...] = ()
     batch = torch.export.Dim(BATCH, min=1, max=MAX_BATCH)
     rng = np.random.default_rng(0)
@@ -221,7 +222,7 @@ def export_graph(
     if large:
         if cache is not None and parts is not None and weights_file.is_file():
             cache.put(parts, {EXPORTED_GRAPH: path.read_bytes(), EXPORTED_WEIGHTS: weights_file.read_bytes()})
-        return
+        return False
     assert program is not None
     graph = program.model_proto
     drop_zero_conv_biases(graph)
@@ -233,6 +234,7 @@ def export_graph(
     path.write_bytes(serialized)
     if cache is not None and parts is not None:
         cache.put(parts, {EXPORTED_GRAPH: serialized})
+    return False
 
 
 def forget_onnxslim_matches() -> None:
@@ -373,8 +375,7 @@ def export_checked(
     """:func:`export_graph`, then :func:`check_parity`. A graph reused from ``cache`` is checked like a new one; if
     it fails, it is exported afresh and its cache entry replaced (an entry intact by its hashes can still be wrong)."""
     started = time.perf_counter()
-    export_graph(module, contract, path, opset, example=example, large=large, cache=cache)
-    reused = cache is not None and cache.outcomes.get(contract.name) == "hit"
+    reused = export_graph(module, contract, path, opset, example=example, large=large, cache=cache)
     exported = time.perf_counter()
     on_stage(f"checking {contract.name} against torch" + (" (reused from an earlier export)" if reused else ""))
     try:

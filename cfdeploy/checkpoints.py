@@ -94,7 +94,11 @@ def generator_config_from_state(state: dict[str, torch.Tensor], source: Path) ->
 
 
 def build_generator(state: dict[str, torch.Tensor], source: Path, prefix: str = "") -> Generator:
-    generator = Generator(generator_config_from_state(state, source))
+    """The generator ``state`` describes, built on the meta device (its random init would be overwritten at once)
+    and given the state's tensors."""
+    config = generator_config_from_state(state, source)
+    with torch.device("meta"):
+        generator = Generator(config)
     load_strict(generator, state, source, prefix)
     return generator.eval()
 
@@ -231,9 +235,9 @@ def _cfclip_from_content(content: Any, path: Path) -> CFClipCheckpoint:
         no_medium_mapper=_flag(opts, "no_medium_mapper", path),
         no_fine_mapper=_flag(opts, "no_fine_mapper", path),
     )
-    text_mapper = FullTextMapper(mapper_config)
+    with torch.device("meta"):
+        text_mapper, mapper = FullTextMapper(mapper_config), LevelsMapper(mapper_config)
     load_strict(text_mapper, strip_prefix(state, "text_mapper."), path, prefix="text_mapper.")
-    mapper = LevelsMapper(mapper_config)
     load_strict(mapper, strip_prefix(state, "mapper."), path, prefix="mapper.")
     unknown = [key for key in state if key.split(".", 1)[0] not in {"decoder", "text_mapper", "mapper"}]
     if unknown:

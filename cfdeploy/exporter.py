@@ -221,7 +221,7 @@ def export_graph(
         )
     if large:
         if cache is not None and parts is not None and weights_file.is_file():
-            cache.put(parts, {EXPORTED_GRAPH: path.read_bytes(), EXPORTED_WEIGHTS: weights_file.read_bytes()})
+            cache.put(parts, {EXPORTED_GRAPH: path, EXPORTED_WEIGHTS: weights_file})
         return False
     assert program is not None
     graph = program.model_proto

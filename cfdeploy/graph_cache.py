@@ -187,12 +187,16 @@ class GraphCache:
                 raise RefusedEntry(f"{name} does not match its recorded sha256 (changed or damaged)")
         return files
 
-    def put(self, parts: Mapping[str, Any], files: Mapping[str, bytes]) -> None:
-        """Store ``files`` (name → bytes) as the entry for ``parts``; a full disk or read-only cache only warns."""
+    def put(self, parts: Mapping[str, Any], files: Mapping[str, bytes | Path]) -> None:
+        """Store ``files`` (name → bytes, or a file of this process's to copy: a graph's weights of gigabytes need not
+        pass through memory) as the entry for ``parts``; a full disk or read-only cache only warns."""
         try:
             with self.staging() as staging:
                 for name, content in files.items():
-                    (staging / name).write_bytes(content)
+                    if isinstance(content, Path):
+                        shutil.copyfile(content, staging / name)
+                    else:
+                        (staging / name).write_bytes(content)
                 self.commit(parts, staging)
         except OSError as error:
             self.on_warning(f"{self.root}: could not store a graph ({error.strerror or error})")

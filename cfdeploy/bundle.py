@@ -277,18 +277,18 @@ class Bundle:
         return self.files.graph(self._network_file(name))
 
     def network_sha256(self, name: str) -> str:
-        """The sha256 the manifest records for a graph (what engines are keyed on); the file is not read."""
-        return self.files.digest(self._network_file(name))
+        """A graph's digest from the manifest, its weights file's included (what engines and compiled-graph caches
+        are keyed on: :meth:`VerifiedFiles.graph_digest`); the files are not read."""
+        return self.files.graph_digest(self._network_file(name))
 
     def checked_network_sha256(self, name: str) -> str:
-        """The sha256 the manifest records for a graph, once the graph's files are checked against it (streamed, not
-        kept): what compiled-graph caches are keyed on, so a damaged bundle is refused even where a cached compiled
-        graph would run in its place."""
+        """:meth:`network_sha256`, once the graph's files are checked against the manifest (streamed, not kept), so a
+        damaged bundle is refused even where a cached compiled graph would run in its place."""
         relative = self._network_file(name)
         self.files.file(relative)
         if f"{relative}{EXTERNAL_DATA_SUFFIX}" in self.files.files:
             self.files.file(f"{relative}{EXTERNAL_DATA_SUFFIX}")
-        return self.files.digest(relative)
+        return self.files.graph_digest(relative)
 
     @property
     def vocab_path(self) -> Path:

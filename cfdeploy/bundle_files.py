@@ -178,6 +178,14 @@ class VerifiedFiles:
             self.hashes.remember(path, identity, digest)
         return content
 
+    def graph_digest(self, relative: str) -> str:
+        """What a graph's compiled forms (engines, cached optimised graphs) are keyed on, from the manifest: its
+        sha256, combined with its weights file's where the manifest lists ``GRAPH.onnx.data`` (the .onnx alone does
+        not change with the weights); no file is read."""
+        graph = self.digest(relative)
+        weights = self.files.get(f"{relative}{EXTERNAL_DATA_SUFFIX}")
+        return graph if weights is None else hashlib.sha256(f"{graph}{weights}".encode()).hexdigest()
+
     def graph(self, relative: str) -> VerifiedGraph:
         """A graph and, where the manifest lists ``GRAPH.onnx.data``, its external weights, all verified."""
         external = f"{relative}{EXTERNAL_DATA_SUFFIX}"

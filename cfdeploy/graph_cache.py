@@ -12,7 +12,8 @@ miss. Before use every file is checked against its recorded sha256 (read into me
 itself, hashed where it lies unless the record of earlier hashes in ``ROOT/.hashes`` shows it untouched since it was
 written); an entry that is damaged,
 records another key, or is (or holds) a symlink is refused with a one-line warning, removed, and rebuilt. Entries
-are written to a temporary directory and renamed into place, so a reader never sees half of one. The least recently
+are written to a temporary directory and renamed into place, and renamed out of it before they are removed, so
+a reader never sees half of one. The least recently
 used entries go first once the cache holds more than its bound.
 
 The cache guards against damage and mix-ups, not against someone who can write the user's cache directory (they
@@ -44,6 +45,7 @@ DEFAULT_MAX_BYTES = 8 << 30
 ENTRY_RECORD = "entry.json"
 MAX_RECORD_BYTES = 64 << 10
 GRAPHS_DIR = "graphs"
+REMOVING = ".removing-"  # an entry renamed out of its place, being removed
 HASHES_DIR = ".hashes"  # inside the cache: the sha256s of files hashed before (cfdeploy.files.HashRecord)
 _log = logging.getLogger(__name__)
 
@@ -115,13 +117,16 @@ class GraphCache:
         entry = self.entry_path(parts)
         files = None
         if os.path.lexists(entry):
-            # recently used before its checks, so no other process evicts it meanwhile
-            with contextlib.suppress(OSError, NotImplementedError):
-                os.utime(entry / ENTRY_RECORD, follow_symlinks=False)
+            if not entry.is_symlink():  # recently used before its checks, so no other process evicts it meanwhile
+                with contextlib.suppress(OSError, NotImplementedError):
+                    os.utime(entry / ENTRY_RECORD, follow_symlinks=False)
             try:
                 files = self._read(entry, parts, in_place)
-            except RefusedEntry as why:
-                self.refuse(network, parts, str(why))
+            except (RefusedEntry, OSError, ValueError) as why:
+                if not os.path.lexists(entry):  # removed whole by another process meanwhile (eviction): a miss
+                    self.outcomes[network] = "miss"
+                    return None
+                self.refuse(network, parts, str(why) if isinstance(why, RefusedEntry) else f"cannot be read ({why})")
                 return None
         self.outcomes[network] = "miss" if files is None else "hit"
         return files
@@ -172,7 +177,7 @@ class GraphCache:
             raise RefusedEntry(f"it holds {unlisted[0]}, which its {ENTRY_RECORD} does not list")
         files = {}
         for name, digest in digests.items():
-            if not isinstance(name, str) or "/" in name or name in ("", ".", "..", ENTRY_RECORD):
+            if not isinstance(name, str) or "/" in name or "\0" in name or name in ("", ".", "..", ENTRY_RECORD):
                 raise RefusedEntry(f"its {ENTRY_RECORD} names a file outside the entry")
             if name in in_place:
                 _regular_status(entry / name)
@@ -233,11 +238,16 @@ class GraphCache:
         return digest
 
     def evict(self, keep: Path | None = None) -> None:
-        """Remove the least recently used entries (and any partial ones) until the cache holds at most its bound."""
+        """Remove the least recently used entries (and any partial ones) until the cache holds at most its bound.
+        Other processes may be storing and removing entries meanwhile: what vanishes is passed over."""
         entries = []
         for path in self.root.iterdir():
-            if path.name.startswith(".partial-") and time.time() - path.lstat().st_mtime > 3600:
-                self._remove(path)  # left by a process that was killed while writing
+            if path.name.startswith(REMOVING):
+                self._remove(path)  # left by a process that was killed while removing it
+            elif path.name.startswith(".partial-"):
+                with contextlib.suppress(FileNotFoundError):
+                    if time.time() - path.lstat().st_mtime > 3600:
+                        self._remove(path)  # left by a process that was killed while writing
             elif not path.name.startswith("."):
                 entries.append((_last_used(path), _size(path), path))
         total = sum(size for _, size, _ in entries)
@@ -249,12 +259,17 @@ class GraphCache:
                 total -= size
 
     def _remove(self, path: Path) -> None:
-        """Remove an entry without following symlinks."""
+        """Remove an entry without following symlinks: renamed out of its place first, so that another process sees
+        the whole entry or none of it, never one that is half removed."""
         with contextlib.suppress(OSError):
             if path.is_symlink() or not path.is_dir():
                 path.unlink()
-            else:
-                shutil.rmtree(path)
+                return
+            if not path.name.startswith(REMOVING):
+                removing = path.with_name(f"{REMOVING}{path.name}-{os.getpid()}-{time.monotonic_ns()}")
+                os.rename(path, removing)
+                path = removing
+            shutil.rmtree(path)
 
 
 def _regular_status(path: Path) -> None:
@@ -270,7 +285,7 @@ def _regular_status(path: Path) -> None:
 def _regular_bytes(path: Path, limit: int | None) -> bytes:
     """A regular file's content (never through a symlink), or RefusedEntry."""
     _regular_status(path)
-    with open(path, "rb") as handle:
+    with open(path, "rb", opener=lambda name, flags: os.open(name, flags | os.O_NOFOLLOW)) as handle:
         content = handle.read() if limit is None else handle.read(limit + 1)
     if limit is not None and len(content) > limit:
         raise RefusedEntry(f"{path.name} is larger than {limit} bytes")
@@ -294,6 +309,10 @@ def _last_used(path: Path) -> float:
 
 
 def _size(path: Path) -> int:
-    if path.is_symlink() or not path.is_dir():
+    """An entry's size; 0 for one that is not a directory or is gone."""
+    try:
+        if path.is_symlink() or not path.is_dir():
+            return 0
+        return sum(child.lstat().st_size for child in path.iterdir())
+    except FileNotFoundError:
         return 0
-    return sum(child.lstat().st_size for child in path.iterdir())

@@ -164,21 +164,21 @@ class CompiledGraphs:
         graph = self.graph(network)
         try:
             if may_name_external_data(graph):
-                model = self._read_in_private_directory(graph)
-            else:
-                model = self.core.read_model(graph.content)
-            return self.core.compile_model(model, self.device, config)
+                return self._compile_in_private_directory(graph, config)
+            return self.core.compile_model(self.core.read_model(graph.content), self.device, config)
         except RuntimeError as error:  # OpenVINO's exceptions (its frontends' and plugins') are RuntimeErrors
             raise CfdeployError(f"{graph.path}: OpenVINO cannot load this graph: {openvino_reason(error)}") from None
 
-    def _read_in_private_directory(self, graph: VerifiedGraph) -> ov.Model:
-        """Read a graph and its weights from verified bytes written to a new directory only this user can open."""
+    def _compile_in_private_directory(self, graph: VerifiedGraph, config: dict[str, Any]) -> ov.CompiledModel:
+        """Compile a graph and its weights from verified bytes written to a new directory only this user can open;
+        compiled before the directory goes, as OpenVINO reads large external weights only when it compiles."""
         with tempfile.TemporaryDirectory(prefix="cfdeploy-openvino-") as private:
             directory = Path(private)
             (directory / graph.path.name).write_bytes(graph.content)
             for name, content in graph.external.items():
                 (directory / name).write_bytes(content)
-            return self.core.read_model(str(directory / graph.path.name), config={"ENABLE_MMAP": False})
+            model = self.core.read_model(str(directory / graph.path.name), config={"ENABLE_MMAP": False})
+            return self.core.compile_model(model, self.device, config)
 
     def __call__(self, network: str, **inputs: np.ndarray) -> np.ndarray:
         request, lock = self.request(network)

@@ -145,13 +145,13 @@ def _link_tree(source: Path, target: Path) -> None:
             shutil.copy2(path, destination)
 
 
-def _recompute_prompts(staged: Path, manifest: dict) -> None:
+def _recompute_prompts(staged: Path, manifest: dict, session_cache: bool | None) -> None:
     """Stored prompts' ``t_w`` through the staged bundle itself: its CLIP graph and the new text mapper."""
     prompts = manifest.get("prompts", {})
     if not prompts:
         return
     write_manifest(staged, manifest)
-    backend = open_backend("onnxruntime", staged, providers=["CPUExecutionProvider"])
+    backend = open_backend("onnxruntime", staged, providers=["CPUExecutionProvider"], session_cache=session_cache)
     text_latents = backend.text_latents(backend.text_features(backend.tokenize(list(prompts))))
     for relative, latents in zip(prompts.values(), text_latents, strict=True):
         content = npy_bytes(latents[None])
@@ -191,9 +191,13 @@ def _refit_engines(staged: Path, report: Callable[[str], None]) -> list[str]:
 
 
 def refit_bundle(
-    bundle_path: Path, checkpoint_path: Path, report: Callable[[str], None] = lambda message: None
+    bundle_path: Path,
+    checkpoint_path: Path,
+    report: Callable[[str], None] = lambda message: None,
+    session_cache: bool | None = None,
 ) -> dict:
-    """Swap the bundle's mappers for ``checkpoint_path``'s; returns a summary of what changed."""
+    """Swap the bundle's mappers for ``checkpoint_path``'s; returns a summary of what changed. The stored prompts are
+    recomputed on ONNX Runtime, through the per-user compiled-graph cache unless ``session_cache`` is False."""
     bundle_path = bundle_path.resolve()
     Bundle(bundle_path)  # a clear error for a wrong path before any lock file is made
     with DirectoryLock(bundle_path):
@@ -240,7 +244,7 @@ def refit_bundle(
                 manifest["networks"][name]["parity"] = check_parity(modules[name], contract, path)
                 manifest["files"][contract.filename] = hashlib.sha256(graph).hexdigest()
             report("recomputing stored prompts")
-            _recompute_prompts(staged, manifest)
+            _recompute_prompts(staged, manifest, session_cache)
             stale = _refit_engines(staged, report)
             manifest.setdefault("source", {}).update(
                 checkpoint=str(checkpoint_path), checkpoint_sha256=sha256_file(checkpoint_path)

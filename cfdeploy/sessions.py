@@ -158,17 +158,29 @@ class Sessions:
                         )
                     else:  # evicted by another process between its check and its use: made again, as on a miss
                         self.cache.outcomes[network] = "miss"
-            try:
-                with self.cache.staging() as staging:
-                    session = self._optimise(network, staging / OPTIMIZED_GRAPH)
-                    self.cache.commit(parts, staging)  # ONNX Runtime's own files, renamed into place with their sha256
-            except OSError as error:
-                self.cache.on_warning(
-                    f"{self.cache.root}: could not store a compiled graph ({error.strerror or error})"
-                )
-                return self._optimise(network, None)
-            return session
+            return self._optimise_into_cache(network, parts)
         return self._optimise(network, None)
+
+    def _optimise_into_cache(self, network: str, parts: dict[str, Any]) -> ort.InferenceSession:
+        """:meth:`_optimise`, its optimised graph stored in the cache; where it cannot be stored (a full disk, a
+        read-only cache) that is a warning, and the session is used all the same."""
+        assert self.cache is not None
+        session = None
+        try:
+            with self.cache.staging() as staging:
+                try:
+                    session = self._optimise(network, staging / OPTIMIZED_GRAPH)
+                except CfdeployError:
+                    # ONNX Runtime writes the optimised graph as it loads: the graph, or the cache's disk, failed
+                    session = self._optimise(network, None)  # raises again where the graph is at fault
+                    self.cache.on_warning(
+                        f"{self.cache.root}: could not store a compiled graph (ONNX Runtime failed to write it)"
+                    )
+                    return session
+                self.cache.commit(parts, staging)  # ONNX Runtime's own files, renamed into place with their sha256
+        except OSError as error:
+            self.cache.on_warning(f"{self.cache.root}: could not store a compiled graph ({error.strerror or error})")
+        return session if session is not None else self._optimise(network, None)
 
     def _from_cache(self, cached: dict[str, bytes], entry: Path) -> ort.InferenceSession:
         """A session over a cached optimised graph: optimised already, so ONNX Runtime optimises nothing again. Its

@@ -14,11 +14,13 @@ from cfdeploy.cli.common import (
     Precision,
     app,
     artifact,
+    no_session_cache_option,
     phase,
     precision_among,
     reporter,
     retired,
     say,
+    session_cache_option,
     user_errors,
     warn,
 )
@@ -247,6 +249,7 @@ def refit_command(
     checkpoint: Path = typer.Option(
         ..., "--checkpoint", "-c", help="CF-CLIP checkpoint of another prompt, same generator."
     ),
+    no_session_cache: bool = no_session_cache_option(),
 ) -> None:
     """Swap a bundle's mappers for another prompt's checkpoint, keeping its generator graph and engines.
 
@@ -260,7 +263,7 @@ def refit_command(
     bundle = artifact("--bundle", bundle, context)
     require_file(checkpoint)
     with phase("refitting") as status:
-        summary = refit_bundle(bundle, checkpoint, reporter(status))
+        summary = refit_bundle(bundle, checkpoint, reporter(status), session_cache_option(no_session_cache))
     changed = ", ".join(f"{name} {count} weights" for name, count in summary["changed_weights"].items())
     say(f"refitted {bundle} to {summary['description']!r}: {changed}")
     if summary["stale_engines"]:

@@ -15,7 +15,6 @@ are the bytes used (graphs and their external weights go to ONNX Runtime from me
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -118,9 +117,8 @@ class DacBundle:
         return contracts
 
     def graph_sha256(self, network: str) -> str:
-        """One digest of a graph and its weights file (the .onnx alone does not change with the weights)."""
-        parts = [self.files.digest(f"{network}.onnx"), self.files.files.get(f"{network}.onnx.data", "")]
-        return hashlib.sha256("".join(parts).encode()).hexdigest()
+        """What a graph's engines are keyed on: :meth:`VerifiedFiles.graph_digest`."""
+        return self.files.graph_digest(f"{network}.onnx")
 
     def graph(self, network: str) -> VerifiedGraph:
         return self.files.graph(f"{network}.onnx")

@@ -73,6 +73,50 @@ def test_a_second_opening_hits_the_cache_and_computes_the_same(runtime, bundle, 
     assert not [path for path in cache_dir.iterdir() if path.name.startswith(".partial-")]
 
 
+@pytest.fixture(scope="module")
+def twin_bundles(bundle, tmp_path_factory) -> tuple[Path, Path]:
+    """Two copies of the bundle whose mapping graphs keep their weights in ``mapping.onnx.data``: the same
+    ``mapping.onnx`` bytes, the second's weights halved."""
+    import shutil
+
+    import onnx
+    from onnx import numpy_helper
+
+    twins = []
+    for name, scale in (("weights", 1.0), ("halved_weights", 0.5)):
+        copy = tmp_path_factory.mktemp(name) / "bundle"
+        shutil.copytree(bundle, copy, copy_function=os.link)
+        graph = onnx.load(str(bundle / "mapping.onnx"))
+        for initializer in graph.graph.initializer:
+            values = numpy_helper.to_array(initializer)
+            if values.dtype == np.float32 and values.nbytes >= 1024:  # those saved outside the graph
+                initializer.CopyFrom(numpy_helper.from_array(values * np.float32(scale), initializer.name))
+        (copy / "mapping.onnx").unlink()  # a link to the original bundle's file
+        onnx.save_model(
+            graph, str(copy / "mapping.onnx"), save_as_external_data=True, location="mapping.onnx.data",
+            size_threshold=1024,
+        )  # fmt: skip
+        manifest = json.loads((copy / "manifest.json").read_text())
+        for relative in ("mapping.onnx", "mapping.onnx.data"):
+            manifest["files"][relative] = hashlib.sha256((copy / relative).read_bytes()).hexdigest()
+        (copy / "manifest.json").unlink()
+        (copy / "manifest.json").write_text(json.dumps(manifest))
+        twins.append(copy)
+    assert (twins[0] / "mapping.onnx").read_bytes() == (twins[1] / "mapping.onnx").read_bytes()
+    assert (twins[1] / "mapping.onnx.data").stat().st_size > 1 << 20  # OpenVINO reads these as it compiles
+    return twins[0], twins[1]
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_a_graph_whose_weights_file_differs_misses_the_entry_of_the_same_graph_file(runtime, twin_bundles, cache_dir):
+    first, halved = twin_bundles
+    assert mapping_run(runtime, first)[1] == "miss"
+    found, outcome = mapping_run(runtime, halved)
+    assert outcome == "miss"
+    np.testing.assert_allclose(found, open_backend(runtime, halved, session_cache=False).run("mapping", z=Z), rtol=1e-5)
+    assert not np.allclose(found, mapping_run(runtime, first)[0])
+
+
 @pytest.mark.parametrize(
     "runtime,damaged",
     [("onnxruntime", "graph.onnx.data"), ("onnxruntime", "graph.onnx"), ("openvino", "compiled.blob")],
@@ -196,6 +240,126 @@ def test_the_least_recently_used_entries_go_first_past_the_bound(tmp_path):
         os.utime(tmp_path / "graphs" / entry_key(part) / ENTRY_RECORD, (index, index))  # written in this order
     assert cache.load("a", parts[0]) is None  # the oldest went when the third came
     assert cache.load("b", parts[1]) is not None and cache.load("c", parts[2]) is not None
+
+
+def test_an_entry_removed_by_another_process_while_it_is_read_is_a_miss_without_a_warning(tmp_path, monkeypatch):
+    cache, warnings = GraphCache(tmp_path / "graphs"), []
+    cache.on_warning = warnings.append
+    parts = entry_parts("onnxruntime", "1.32.0", "12" * 32, "cpu", {})
+    cache.put(parts, {"graph.onnx": b"graph"})
+    read = cfdeploy.graph_cache._regular_bytes
+
+    def evicted_meanwhile(path: Path, limit: int | None) -> bytes:
+        GraphCache(tmp_path / "graphs").discard(parts)  # another process evicts it between the checks
+        return read(path, limit)
+
+    monkeypatch.setattr(cfdeploy.graph_cache, "_regular_bytes", evicted_meanwhile)
+    assert cache.load("mapping", parts) is None
+    assert cache.outcomes["mapping"] == "miss" and warnings == []
+
+
+def test_an_entry_is_renamed_out_of_its_place_before_it_is_removed(tmp_path, monkeypatch):
+    """So another process sees the whole entry or none of it."""
+    cache = GraphCache(tmp_path / "graphs")
+    parts = entry_parts("onnxruntime", "1.32.0", "34" * 32, "cpu", {})
+    cache.put(parts, {"graph.onnx": b"graph", "graph.onnx.data": b"weights"})
+    seen_while_removing: list[bool] = []
+    remove_tree = cfdeploy.graph_cache.shutil.rmtree
+
+    def watching(path: Path, *args: object, **kwargs: object) -> None:
+        seen_while_removing.append(os.path.lexists(cache.entry_path(parts)))
+        remove_tree(path, *args, **kwargs)
+
+    monkeypatch.setattr(cfdeploy.graph_cache.shutil, "rmtree", watching)
+    cache.discard(parts)
+    assert seen_while_removing == [False]
+    assert [path.name for path in (tmp_path / "graphs").iterdir() if path.name != HASHES_DIR] == []
+
+
+def test_eviction_passes_over_entries_another_process_removes_meanwhile(tmp_path, monkeypatch):
+    cache = GraphCache(tmp_path / "graphs", max_bytes=1000)
+    parts = [entry_parts("openvino", "1", f"{index:064x}", "cpu", {}) for index in range(3)]
+    for part in parts[:2]:
+        cache.put(part, {"compiled.blob": bytes(800)})
+    (tmp_path / "graphs" / ".partial-gone").mkdir()
+    listed = Path.iterdir
+
+    def vanishing(directory: Path):
+        for path in listed(directory):
+            if directory == tmp_path / "graphs" and path.name in (".partial-gone", entry_key(parts[0])):
+                GraphCache(directory)._remove(path)  # listed, then removed by another process
+            yield path
+
+    monkeypatch.setattr(Path, "iterdir", vanishing)
+    warnings: list[str] = []
+    cache.on_warning = warnings.append
+    cache.put(parts[2], {"compiled.blob": bytes(800)})
+    assert warnings == []
+    monkeypatch.setattr(Path, "iterdir", listed)
+    assert [cache.load("x", part) is not None for part in parts] == [False, False, True]
+
+
+def test_a_cache_entry_naming_an_unreadable_file_is_refused_with_a_warning(tmp_path):
+    cache, warnings = GraphCache(tmp_path / "graphs"), []
+    cache.on_warning = warnings.append
+    parts = entry_parts("onnxruntime", "1.32.0", "56" * 32, "cpu", {})
+    cache.put(parts, {"graph.onnx": b"graph"})
+    record_file = cache.entry_path(parts) / ENTRY_RECORD
+    record = json.loads(record_file.read_text())
+    record["files"]["graph\0onnx"] = record["files"]["graph.onnx"]
+    record_file.write_text(json.dumps(record))
+    assert cache.load("mapping", parts) is None and cache.outcomes["mapping"] == "refused"
+    assert warnings == [
+        f"{cache.entry_path(parts)}: its {ENTRY_RECORD} names a file outside the entry; refused, and rebuilt"
+    ]
+
+
+def test_a_symlinked_entry_leaves_what_it_leads_to_untouched(tmp_path):
+    cache = GraphCache(tmp_path / "graphs", on_warning=lambda line: None)
+    parts = entry_parts("onnxruntime", "1.32.0", "78" * 32, "cpu", {})
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / ENTRY_RECORD).write_text("{}")
+    os.utime(elsewhere / ENTRY_RECORD, (1, 1))
+    (tmp_path / "graphs").mkdir()
+    cache.entry_path(parts).symlink_to(elsewhere)
+    assert cache.load("mapping", parts) is None and cache.outcomes["mapping"] == "refused"
+    assert (elsewhere / ENTRY_RECORD).stat().st_mtime == 1 and not cache.entry_path(parts).exists()
+
+
+FULL_DISK_RUN = """
+import json, resource, signal, sys
+from pathlib import Path
+import numpy as np
+from cfdeploy.backends import open_backend
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails (EFBIG), as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+backend = open_backend("onnxruntime", Path(sys.argv[1]))
+warnings = []
+backend.graphs.cache.on_warning = warnings.append
+w = backend.run("mapping", z=np.load(sys.argv[2]))
+print(json.dumps({"w": w.tolist(), "cache": backend.describe()["session_cache"], "warnings": warnings}))
+"""
+
+
+def test_a_disk_that_fills_while_onnx_runtime_stores_its_graph_is_a_warning_and_the_graph_runs(
+    bundle, cache_dir, tmp_path
+):
+    """ONNX Runtime writes its optimised graph (the mapping's: 8 MB) while it loads; files here may reach 1 MB."""
+    import subprocess
+    import sys
+
+    np.save(tmp_path / "z.npy", Z)
+    run = subprocess.run(
+        [sys.executable, "-c", FULL_DISK_RUN, str(bundle), str(tmp_path / "z.npy")], capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout)
+    assert result["cache"] == {"mapping": "miss"}
+    assert result["warnings"] == [f"{cache_dir}: could not store a compiled graph (ONNX Runtime failed to write it)"]
+    expected = open_backend("onnxruntime", bundle, session_cache=False).run("mapping", z=Z)
+    np.testing.assert_array_equal(np.array(result["w"], np.float32), expected)
+    assert not [path for path in cache_dir.iterdir() if not path.name.startswith(".")]
 
 
 def test_the_cache_lives_in_the_users_cache_directory_unless_overridden():

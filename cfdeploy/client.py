@@ -102,7 +102,7 @@ class Client:
             ("bundle", bundle),
             ("prompt", prompt),
             ("seed", seed),
-            ("landmarks", landmarks),
+            ("landmarks", landmarks.tolist() if isinstance(landmarks, np.ndarray) else landmarks),
             ("all_faces", all_faces),
         )
         for name, value in named:

@@ -140,7 +140,7 @@ def photo_codes(backend: Any, images: list[Path], faces: dict[str, Any], batch_s
         ).complete()
     with phase(f"encoding {len(found.crops)} face(s)"), timer.stage("encoder"):
         codes = encode_faces(backend, found.crops, batch_size)
-    notes = [f"skipped {skipped['source']}: {skipped['reason']}" for skipped in found.skipped]
+    notes = [f"skipped {skipped['reason']}" for skipped in found.skipped]  # the reason names the photo
     mismatch = generator_mismatch(backend, found.crops[0], codes)
     if mismatch:
         notes.append(mismatch)

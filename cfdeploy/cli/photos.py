@@ -116,7 +116,7 @@ SKIP_MISSING = typer.Option(
     False,
     "--skip-missing",
     rich_help_panel=FACES,
-    help="Skip photos without a face (listed in index.json) instead of stopping.",
+    help="Skip photos without a face instead of stopping (listed under `skipped` in index.json, or edit.json).",
 )
 
 
@@ -236,7 +236,7 @@ def invert_command(
             },
         )
     for skipped in found.skipped:
-        warn(f"skipped {skipped['source']}: {skipped['reason']}")
+        warn(f"skipped {skipped['reason']}")  # the reason names the photo
     say(f"wrote {len(codes)} code(s) from {len(found.crops)} face(s) to {out}/latents.npy (index: {out}/index.json)")
 
 

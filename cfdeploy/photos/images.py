@@ -99,8 +99,16 @@ def save_photo(stream: BinaryIO, photo: Photo, pixels: np.ndarray, encoding: Pho
     elif photo.format == "PNG":
         options["compress_level"] = encoding.png_compression
     else:
-        options["lossless"] = True
-    image.save(stream, format=photo.format, **options)
+        options |= {"lossless": True, "exact": True}  # exact: colours under fully transparent pixels kept too
+    try:
+        image.save(stream, format=photo.format, **options)
+    except ValueError as error:  # Pillow's refusal of an EXIF block over the format's limit
+        if "exif" not in options:
+            raise
+        raise CfdeployError(
+            f"{photo.source}: its EXIF block cannot be written back into a {photo.format} ({error}); "
+            "run without --keep-metadata"
+        ) from None
 
 
 def _decode(opened: Path | BinaryIO, source: str, max_pixels: int) -> Photo:
@@ -143,6 +151,9 @@ def _alpha(image: Image.Image) -> Image.Image | None:
     """The image's transparency as an ``L`` image, or None where it has none."""
     if "A" in image.getbands():
         return image.getchannel("A")
+    if "transparency" in image.info and image.mode in SIXTEEN_BIT_MODES:  # one grey value marks transparency
+        opaque = np.asarray(image) != image.info["transparency"]
+        return Image.fromarray(np.where(opaque, 255, 0).astype(np.uint8), "L")
     if "transparency" in image.info:
         return image.convert("RGBA").getchannel("A")
     return None

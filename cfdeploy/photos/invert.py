@@ -131,7 +131,7 @@ def align_faces(photo: Image.Image, faces: Sequence[Face], path: Path) -> list[F
     """Each face of ``photo`` (RGB, read from ``path``) aligned as e4e was trained, with what pastes it back."""
     crops = []
     for number, face in enumerate(faces):
-        crop = align_face(photo, face.points, source=str(path))
+        crop = align_face(photo, face.points, source=f"{path} (face {number})" if len(faces) > 1 else str(path))
         record = {"source": str(path), "face": number, **face.record(), "alignment": crop.transform_record()}
         crops.append(FaceCrop(path, number, crop.image, record, face, crop))
     return crops
@@ -240,6 +240,8 @@ def edit_photo(
 
     mask = mask or MaskSettings()
     mask.check()
+    if not faces:
+        raise NoFaceFound(f"{photo.source}: no face found")
     crops = align_faces(photo.image, faces, Path(photo.source))
     codes = encode_faces(backend, crops, DEFAULT_BATCH_SIZE)
     aligned = batch_inputs([crop.image for crop in crops]) if identity else None

@@ -194,6 +194,7 @@ def test_photos_without_a_face_stop_the_run_or_are_skipped(cli, tmp_path, photos
     )
     result = cli("invert", folder, "--encoder", e4e_64, "--landmarks", landmarks, "--out", out, "--skip-missing")
     assert result.exit_code == 0, result.stderr
+    assert f"warning: skipped {folder / 'b.png'}: no face found" in " ".join(result.stderr.split())
     assert np.load(out / "latents.npy").shape[0] == 1
     index = json.loads((out / "index.json").read_text())
     assert index["skipped"] == [{"source": str(folder / "b.png"), "reason": f"{folder / 'b.png'}: no face found"}]
@@ -301,6 +302,7 @@ def test_a_face_outside_its_photo_is_skipped_as_no_face(cli, tmp_path, photos, e
     assert_refused(cli("invert", folder, "--encoder", e4e_64, "--landmarks", landmarks, "--out", out), out, reason)
     result = cli("invert", folder, "--encoder", e4e_64, "--landmarks", landmarks, "--out", out, "--skip-missing")
     assert result.exit_code == 0, result.stderr
+    assert f"warning: skipped {folder / 'b.png'}: no face found" in " ".join(result.stderr.split())
     assert json.loads((out / "index.json").read_text())["skipped"] == [
         {"source": str(folder / "b.png"), "reason": reason}
     ]

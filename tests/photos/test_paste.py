@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -189,6 +190,47 @@ def test_a_png_copy_keeps_its_alpha_and_its_pixels_outside_the_face(tmp_path):
     assert (pixels[..., :3][pasted.mask == 255] != np.asarray(colour)[pasted.mask == 255]).any(axis=-1).mean() > 0.9
 
 
+def test_a_16_bit_grey_png_keeps_its_transparent_grey_value_as_alpha(tmp_path):
+    values = (np.arange(48 * 64, dtype=np.uint16).reshape(48, 64) * 20).astype(np.uint16)
+    values[10:20, 5:30] = 4242
+    path = tmp_path / "grey16.png"
+    Image.fromarray(values).save(path, transparency=4242)
+    photo = read_photo(path)
+    expected = np.where(values == 4242, 0, 255)
+    np.testing.assert_array_equal(np.asarray(photo.alpha), expected)
+    buffer = io.BytesIO()
+    save_photo(buffer, photo, np.asarray(photo.image))
+    np.testing.assert_array_equal(np.asarray(Image.open(buffer))[..., 3], expected)
+
+
+def test_a_lossless_webp_copy_keeps_the_colours_under_transparent_pixels(tmp_path):
+    rgba = smooth_photo(64, 48, 8)
+    alpha = np.full((48, 64), 255, np.uint8)
+    alpha[:, :20] = 0
+    rgba.putalpha(Image.fromarray(alpha))
+    path = tmp_path / "cut_out.webp"
+    rgba.save(path, lossless=True, exact=True)
+    photo = read_photo(path)
+    buffer = io.BytesIO()
+    save_photo(buffer, photo, np.asarray(photo.image))
+    np.testing.assert_array_equal(np.asarray(Image.open(buffer)), np.asarray(Image.open(path)))
+
+
+def test_an_exif_block_too_long_to_write_back_is_one_line_naming_the_photo(tmp_path):
+    path = tmp_path / "long_exif.jpg"
+    smooth_photo(64, 48, 8).save(path, quality=95)
+    exif = Image.Exif()
+    exif[0x010E] = "x" * 65_500  # an image description of 64 KB: over JPEG's limit once written back
+    photo = replace(read_photo(path), exif=exif.tobytes())
+    with pytest.raises(CfdeployError) as refused:
+        save_photo(io.BytesIO(), photo, np.asarray(photo.image), PhotoEncoding(keep_metadata=True))
+    assert str(refused.value) == (
+        f"{path}: its EXIF block cannot be written back into a JPEG (EXIF data is too long); "
+        "run without --keep-metadata"
+    )
+    save_photo(io.BytesIO(), photo, np.asarray(photo.image))  # the EXIF is dropped by default
+
+
 # ---------------------------------------------------------------------------------------------------
 # cfdeploy edit --images: whole photos back, on a 64 px bundle with an encoder.
 
@@ -253,7 +295,7 @@ def test_the_largest_face_is_pasted_photos_without_one_are_skipped_and_python_co
     the one edited; ``edit_photo`` computes what the CLI writes."""
     from cfdeploy.backends import open_backend
     from cfdeploy.photos.invert import edit_photo
-    from cfdeploy.photos.landmarks import Face, largest_face
+    from cfdeploy.photos.landmarks import Face, NoFaceFound, largest_face
 
     folder, _, faces = group_photos
     landmarks = tmp_path / "points.json"
@@ -264,6 +306,7 @@ def test_the_largest_face_is_pasted_photos_without_one_are_skipped_and_python_co
     options = ("--text-embedding", embedding_file, "--out", out)
     result = cli(*edit, *options, "--skip-missing")  # without it, the run stops as invert's does (test_invert)
     assert result.exit_code == 0, result.stderr
+    assert f"warning: skipped {folder / 'portrait.jpg'}: no face found" in " ".join(result.stderr.split())
     assert sorted(path.name for path in out.iterdir()) == ["edit.json", "group.png"]
     summary = json.loads((out / "edit.json").read_text())
     assert summary["inputs"]["skipped"] == [
@@ -284,6 +327,8 @@ def test_the_largest_face_is_pasted_photos_without_one_are_skipped_and_python_co
     buffer = io.BytesIO()
     save_photo(buffer, photo, in_memory.pixels)
     assert buffer.getvalue() == (out / "group.png").read_bytes()
+    with pytest.raises(NoFaceFound, match=f"^{re.escape(str(folder / 'group.png'))}: no face found$"):
+        edit_photo(open_backend("onnxruntime", bundle_with_encoder[1]), photo, [], text_features=np.ones((1, 512)))
 
 
 def test_photos_that_would_share_an_output_name_and_paste_options_without_photos_are_refused(

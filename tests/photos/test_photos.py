@@ -221,6 +221,19 @@ def test_unusable_points_are_refused_naming_the_photo(change, message):
     assert str(error.value) == message
 
 
+def test_unusable_points_of_one_face_among_several_are_refused_naming_the_face():
+    from cfdeploy.photos.invert import align_faces
+    from cfdeploy.photos.landmarks import Face
+
+    good = five_from_68(synthetic_landmarks((100, 100), 50.0))
+    faces = [Face.from_points(good), Face.from_points(good[[1, 0, 2, 4, 3]])]
+    with pytest.raises(CfdeployError) as error:
+        align_faces(textured_image(200, 200), faces, Path("group.jpg"))
+    assert str(error.value) == (
+        "group.jpg (face 1): the eye and mouth points are mirrored, collinear or not finite (left and right swapped?)"
+    )
+
+
 # ---------------------------------------------------------------------------------------------------
 # Preprocessing: torchvision's official transform_inference.
 

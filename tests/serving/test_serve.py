@@ -402,3 +402,32 @@ def test_ctrl_c_stops_the_server_without_an_error(
         last_line,
     ]
     assert "error" not in result.stderr
+
+
+def test_the_client_sends_landmarks_given_as_an_array():
+    """A plain HTTP server records the body; the client's JSON holds the points as lists."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from threading import Thread
+
+    received: list[dict] = []
+
+    class Recorder(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            reply = json.dumps({"error": "recorded"}).encode()
+            self.send_response(400)
+            self.send_header("Content-Length", str(len(reply)))
+            self.end_headers()
+            self.wfile.write(reply)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    points = np.array([[[10.0, 20.0], [30.0, 20.0], [20.0, 30.0], [12.0, 40.0], [28.0, 40.0]]])
+    with ThreadingHTTPServer(("127.0.0.1", 0), Recorder) as server:
+        Thread(target=server.serve_forever, daemon=True).start()
+        client = Client(f"http://127.0.0.1:{server.server_address[1]}")
+        with pytest.raises(ServerError, match="recorded"):
+            client.edit(bundle="b", prompt="p", image=b"photo", landmarks=points, returns="photo")
+        server.shutdown()
+    assert received[0]["landmarks"] == points.tolist()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 # The extra that brings each package an extra installs: what `missing_extra(package, ...)` names where an option needs
-# it, and the packages whose absence the CLI reports in one line. tests/test_extras.py checks that each extra brings them.
+# it, and the packages whose absence the CLI reports in one line. tests/core/test_extras.py checks that each extra brings them.
 EXTRAS = {
     "torch": "export",
     "torchvision": "export",
@@ -27,7 +27,7 @@ EXTRAS = {
 # The extra each command needs: `pip install "cfdeploy[<extra>]"` runs every path of the command, TensorRT aside (it
 # comes with JetPack, or from NVIDIA's index). The core install alone runs the bundle paths: `edit --bundle`,
 # `invert --bundle`, `inspect` of a bundle or array, `dac edit` of a DAC bundle. An option that needs another extra
-# names it where it imports (`--landmarks-model`: photos, `bench --plot`: bench). tests/test_extras.py checks every
+# names it where it imports (`--landmarks-model`: photos, `bench --plot`: bench). tests/core/test_extras.py checks every
 # command's imports against its extra's requirements.
 COMMAND_EXTRAS = {
     "edit": "export",  # --checkpoint (the torch backend), --refine-steps, torch-saved --latents

@@ -19,6 +19,7 @@ from cfdeploy.cli.common import (
     one_positional,
     phase,
     progress_bar,
+    reporter,
     resumable,
     retired,
     say,
@@ -397,7 +398,7 @@ def export_command(
     run = artifact("--run", run, context)
     base_model = retired("-b", old_base_model, "--base-model", base_model)
 
-    with phase("starting") as status:
+    with phase("exporting") as status:
         manifest = export_dac_bundle(
             run,
             out,
@@ -405,7 +406,7 @@ def export_command(
             base_model=base_model,
             force=force,
             reuse_exports=not no_export_cache,
-            on_stage=lambda stage: status.update(stage),
+            on_stage=reporter(status),
         )
     parity = ", ".join(f"{name} {values['rel_l2']:.1e}" for name, values in manifest["parity"].items())
     merged = manifest["parity"]["unet"].get("merged_vs_exact_rel_l2")
@@ -441,8 +442,8 @@ def build_engines_command(
     parse_device(device)
     from cfdeploy.dac.engines import build_dac_engines
 
-    with phase("starting") as status:
-        built = build_dac_engines(bundle, rebuild=rebuild, report=lambda message: status.update(message), device=device)
+    with phase("building engines") as status:
+        built = build_dac_engines(bundle, rebuild=rebuild, report=reporter(status), device=device)
     for engine in built:
         say(
             f"{engine.network}: {engine.path} ({'kept' if engine.seconds is None else f'built in {engine.seconds:.0f} s'})"

@@ -16,6 +16,7 @@ import os
 import platform
 import stat
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -373,16 +374,20 @@ def _edit_pending(
             dataset = ray.data.from_items(
                 [{"path": str(shard.resolve())} for shard in pending], override_num_blocks=len(pending)
             )
-            edited = dataset.map_batches(
-                ShardEditor,
-                fn_constructor_kwargs={"settings": settings},
-                batch_size=1,
-                compute=ray.data.ActorPoolStrategy(size=settings.workers),
-                num_cpus=settings.cpus_per_worker,
-                num_gpus=settings.gpus_per_worker,
-                max_restarts=MAX_RESTARTS,
-                max_task_retries=MAX_RESTARTS,
-            )
+            with warnings.catch_warnings():
+                # Ray 2.60 deprecates remote options given to map_batches, yet names none for bounded restarts (the
+                # extra pins Ray below 2.64, which removes them)
+                warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated", category=DeprecationWarning)
+                edited = dataset.map_batches(
+                    ShardEditor,
+                    fn_constructor_kwargs={"settings": settings},
+                    batch_size=1,
+                    compute=ray.data.ActorPoolStrategy(size=settings.workers),
+                    num_cpus=settings.cpus_per_worker,
+                    num_gpus=settings.gpus_per_worker,
+                    max_restarts=MAX_RESTARTS,
+                    max_task_retries=MAX_RESTARTS,
+                )
             for row in edited.iter_rows():
                 if row["error"]:
                     failures.append(str(row["error"]))

@@ -303,6 +303,8 @@ def test_killed_and_resumed_abduction_equals_uninterrupted(
         abduct(settings, AbductInputs(dac_image, dac_base), out, resume=True)
     with pytest.raises(Killed):
         abduct(settings, AbductInputs(dac_image, dac_base), out, resume=True, on_progress=kill_at("Abduction-2", 3))
+    with pytest.raises(CfdeployError, match=r"holds an unfinished run \(--resume continues it, --force replaces it\)$"):
+        abduct(settings, AbductInputs(dac_image, dac_base), out)
     manifest = abduct(settings, AbductInputs(dac_image, dac_base), out, resume=True)
     assert not (out / CHECKPOINT).exists()
     expected = json.loads((dac_run / "manifest.json").read_text())
@@ -748,6 +750,7 @@ def test_merged_export_is_a_stock_unet_and_records_its_error(cli, dac_run: Path,
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["export"]["reused"] == ["text_encoder", "vae_decoder"]
     assert "; text_encoder, vae_decoder reused from earlier exports)" in " ".join(result.stderr.split())
+    assert "\nexporting the UNet\n" in result.stderr  # each stage a line of its own where stderr is not a terminal
     for name in ("text_encoder.onnx", "text_encoder.onnx.data", "vae_decoder.onnx", "vae_decoder.onnx.data"):
         assert (out / name).read_bytes() == (dac_bundle / name).read_bytes(), name
     session = onnxruntime.InferenceSession(str(out / "unet.onnx"), providers=["CPUExecutionProvider"])

@@ -384,6 +384,10 @@ def test_existing_output_needs_force_and_resume_needs_a_save(cli, run_files, tmp
     assert result.exit_code == 2 and "--force" in result.stderr and (out / "notes.txt").read_text() == "mine"
     result = cli(*base, "--resume")
     assert result.exit_code == 2 and "nothing to resume" in result.stderr
+    (out / "training_state.pt").write_bytes(b"a save")
+    result = cli(*base)
+    assert result.exit_code == 2
+    assert f"{out}: holds a run that can go on (--resume continues it, --force replaces it)" in result.stderr
 
 
 def test_a_nan_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(run_files, tmp_path):

@@ -55,15 +55,17 @@ def progress_lines() -> Iterator[Callable[[str], None]]:
 @app.command("bench")
 @user_errors
 def bench_command(
-    checkpoint: Path | None = typer.Option(None, "--checkpoint", "-c", help="CF-CLIP checkpoint to benchmark."),
-    bundle: Path | None = typer.Option(None, "--bundle", help="Exported bundle to benchmark."),
+    checkpoint: Path | None = typer.Option(
+        None, "--checkpoint", "-c", metavar="FILE", help="CF-CLIP checkpoint to benchmark."
+    ),
+    bundle: Path | None = typer.Option(None, "--bundle", metavar="DIR", help="Exported bundle to benchmark."),
     synthetic: int | None = typer.Option(
         None,
         "--synthetic",
         help="Benchmark the real architecture at this size with synthetic weights (no files needed).",
     ),
     clip_weights: Path | None = typer.Option(
-        None, "--clip-weights", help="CLIP weights, to time the text stages on torch."
+        None, "--clip-weights", metavar="FILE", help="CLIP weights, to time the text stages on torch."
     ),
     encoder: Path | None = typer.Option(
         None,
@@ -92,6 +94,7 @@ def bench_command(
     refine_steps: int = typer.Option(
         0,
         "--refine-steps",
+        metavar="K",
         help="Also time K CLIP-NCE refinement steps per batch (torch backends; needs CLIP visual weights).",
     ),
     no_session_cache: bool = no_session_cache_option(),

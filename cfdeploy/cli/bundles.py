@@ -51,14 +51,15 @@ WORKSPACE = typer.Option(
 @app.command("export")
 @user_errors
 def export_command(
-    checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="CF-CLIP checkpoint to export."),
+    checkpoint: Path = typer.Option(..., "--checkpoint", "-c", metavar="FILE", help="CF-CLIP checkpoint to export."),
     clip_weights: Path | None = typer.Option(
         None,
         "--clip-weights",
+        metavar="FILE",
         help="CLIP ViT-B/32 weights (OpenAI's ViT-B-32.pt or open_clip); not needed with --without-clip and no --text.",
     ),
     out: Path | None = typer.Option(
-        None, "--out", "-o", help="Bundle directory \\[default: engines/<checkpoint name>]."
+        None, "--out", "-o", metavar="DIR", help="Bundle directory \\[default: engines/<checkpoint name>]."
     ),
     opset: int = typer.Option(18, "--opset", help="ONNX opset (18 or newer)."),
     text: list[str] | None = typer.Option(
@@ -72,6 +73,7 @@ def export_command(
     encoder: Path | None = typer.Option(
         None,
         "--encoder",
+        metavar="FILE",
         help="Also export the e4e encoder (e4e_ffhq_encode.pt) as encoder.onnx, for photos in "
         "(`cfdeploy invert --bundle`, `cfdeploy edit --images`) without torch.",
     ),
@@ -218,7 +220,9 @@ def build_engines_command(
     networks: str | None = typer.Option(
         None, "--networks", help="Comma-separated subset \\[default: all in the bundle]."
     ),
-    engines: Path | None = typer.Option(None, "--engines", help="Engine directory \\[default: BUNDLE/tensorrt]."),
+    engines: Path | None = typer.Option(
+        None, "--engines", metavar="DIR", help="Engine directory \\[default: BUNDLE/tensorrt]."
+    ),
     rebuild: bool = typer.Option(
         False, "--rebuild", help="Replace engines built for another graph, TensorRT, GPU or profile."
     ),
@@ -247,7 +251,7 @@ def refit_command(
     context: typer.Context,
     bundle: Path | None = typer.Option(None, "--bundle", metavar="DIR", help="Bundle directory to update in place."),
     checkpoint: Path = typer.Option(
-        ..., "--checkpoint", "-c", help="CF-CLIP checkpoint of another prompt, same generator."
+        ..., "--checkpoint", "-c", metavar="FILE", help="CF-CLIP checkpoint of another prompt, same generator."
     ),
     no_session_cache: bool = no_session_cache_option(),
 ) -> None:

@@ -19,7 +19,6 @@ from cfdeploy.cli.common import (
     one_positional,
     phase,
     progress_bar,
-    reporter,
     resumable,
     retired,
     say,
@@ -94,7 +93,7 @@ def abduct_command(
         help='What the image shows, e.g. "A cat." (taken from the --unet-lora run if omitted).',
     ),
     text: str | None = typer.Option(
-        None, "--text", "-t", metavar="TEXT", help='What it should show, e.g. "A cat wearing a wool cap."'
+        None, "--text", "-t", metavar="PROMPT", help='What it should show, e.g. "A cat wearing a wool cap."'
     ),
     base_model: Path | None = typer.Option(
         None,
@@ -125,7 +124,7 @@ def abduct_command(
     ),
     lr: float = typer.Option(1e-4, "--lr", rich_help_panel=FITTING, help="AdamW learning rate (constant)."),
     seed: int = typer.Option(
-        42, "--seed", rich_help_panel=FITTING, help="Adapter init and every step's noise, t and latent."
+        42, "--seed", metavar="N", rich_help_panel=FITTING, help="Adapter init and every step's noise, t and latent."
     ),
     resolution: int = typer.Option(
         512, "--resolution", rich_help_panel=FITTING, help="The image is resized to a square of this side."
@@ -251,6 +250,7 @@ def edit_command(
     seed: int | None = typer.Option(
         None,
         "--seed",
+        metavar="N",
         rich_help_panel=SAMPLING,
         help="First seed of the initial noise: torch.randn from torch.Generator(device).manual_seed "
         "(a bundle draws the CPU generator's numbers); default 29.",
@@ -406,7 +406,7 @@ def export_command(
             base_model=base_model,
             force=force,
             reuse_exports=not no_export_cache,
-            on_stage=reporter(status),
+            on_stage=lambda stage: status.update(stage),
         )
     parity = ", ".join(f"{name} {values['rel_l2']:.1e}" for name, values in manifest["parity"].items())
     merged = manifest["parity"]["unet"].get("merged_vs_exact_rel_l2")
@@ -443,7 +443,7 @@ def build_engines_command(
     from cfdeploy.dac.engines import build_dac_engines
 
     with phase("building engines") as status:
-        built = build_dac_engines(bundle, rebuild=rebuild, report=reporter(status), device=device)
+        built = build_dac_engines(bundle, rebuild=rebuild, report=lambda message: status.update(message), device=device)
     for engine in built:
         say(
             f"{engine.network}: {engine.path} ({'kept' if engine.seconds is None else f'built in {engine.seconds:.0f} s'})"

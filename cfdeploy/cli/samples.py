@@ -53,7 +53,8 @@ def samples_command(
         say(f"  {sample.name}: {sample.what} ({megabytes:,.1f} MB, {seconds:.1f} s)")
 
     with StagedDirectory(out, force) as staged, console.status("writing") as status:
-        say(f"writing {', '.join(groups)} samples at {size} px into {plain(out)}")
+        at = f" ({size} px CF-CLIP and e4e)" if set(groups) - {"dac"} else ""
+        say(f"writing {', '.join(groups)} samples{at} into {plain(out)}")
         journeys = write_samples(
             staged.path,
             size,

@@ -81,7 +81,9 @@ def inspect_command(
         return
     table = Table(title=Text(plain(file)), show_header=False)
     table.add_column("field", no_wrap=True)
-    table.add_column("value", overflow="fold")  # hashes stay whole, to copy into --expect-manifest
+    table.add_column("value", overflow="fold")
     for key, value in report.items():
         table.add_row(key, _cell(value))
     Console().print(table)
+    if isinstance(report.get("manifest_sha256"), str):  # on a line of its own: a folded cell does not copy whole
+        typer.echo(f"pin it: --expect-manifest {report['manifest_sha256']}")

@@ -72,7 +72,9 @@ def train_command(
         "CLIP's text tower; --text then only names the edit and CLIP-NCE's target.",
     ),
     steps: int = typer.Option(50_000, "--steps", rich_help_panel=TRAINING, help="Optimiser steps."),
-    batch_size: int = typer.Option(2, "--batch-size", "-b", rich_help_panel=TRAINING, help="Latent codes per step."),
+    batch_size: int = typer.Option(
+        2, "--batch-size", "-b", metavar="B", rich_help_panel=TRAINING, help="Latent codes per step."
+    ),
     lr: float = typer.Option(0.5, "--lr", rich_help_panel=TRAINING, help="Learning rate."),
     optimizer: str = typer.Option("ranger", "--optimizer", metavar="ranger|adam", rich_help_panel=TRAINING),
     nce_lambda: float = typer.Option(0.3, "--nce-lambda", rich_help_panel=LOSSES, help="Weight of the CLIP-NCE loss."),
@@ -108,7 +110,9 @@ def train_command(
     save_every: int = typer.Option(
         5000, "--save-every", rich_help_panel=TRAINING, help="Write iteration_N.pt every N steps."
     ),
-    seed: int = typer.Option(0, "--seed", rich_help_panel=TRAINING, help="Initial weights, data order and warps."),
+    seed: int = typer.Option(
+        0, "--seed", metavar="N", rich_help_panel=TRAINING, help="Initial weights, data order and warps."
+    ),
     device: str = typer.Option("cpu", "--device", metavar="DEVICE", help="cpu, cuda or cuda:N."),
     precision: Precision = typer.Option(
         Precision("fp32"),

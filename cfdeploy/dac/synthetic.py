@@ -135,8 +135,16 @@ def write_random_base_model(folder: Path, shape: str = "tiny", seed: int = 0) ->
         steps_offset=1,
         prediction_type="epsilon",
     )
-    for name, part in parts.items():
-        part.save_pretrained(folder / name)
+    from transformers.utils import logging as transformers_logging
+
+    bars = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()  # a bar per tiny file would break the caller's lines
+    try:
+        for name, part in parts.items():
+            part.save_pretrained(folder / name)
+    finally:
+        if bars:
+            transformers_logging.enable_progress_bar()
     write_tokenizer(folder / "tokenizer")
     (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
     return folder

@@ -340,6 +340,7 @@ def test_graph_asking_for_unlisted_external_data_is_refused(tmp_path, bundle):
 def test_inspect_prints_the_manifest_sha256_and_edit_refuses_any_other(tmp_path, cli, bundle, one_code, embedding_file):
     digest = hashlib.sha256((bundle / "manifest.json").read_bytes()).hexdigest()
     assert json.loads(cli("inspect", bundle, "--json").stdout)["manifest_sha256"] == digest
+    assert f"\npin it: --expect-manifest {digest}\n" in cli("inspect", bundle).stdout  # whole, to copy
     pinned = tmp_path / "pinned"
     assert (
         edit(

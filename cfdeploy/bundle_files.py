@@ -72,6 +72,8 @@ def read_manifest(
 ) -> tuple[dict[str, Any], str]:
     """The manifest ``path/name`` as a JSON object and its sha256, checked against ``expect_manifest`` if pinned."""
     manifest_path = path / name
+    if path.is_file():
+        raise CfdeployError(f"{path}: a file, not a bundle directory ({hint})")
     if not path.is_dir():
         raise CfdeployError(f"{path}: no such bundle directory")
     if not os.path.lexists(manifest_path):

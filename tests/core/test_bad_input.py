@@ -248,3 +248,11 @@ def test_real_process_prints_one_line_and_exits_2(tmp_path, cfclip_64, latents_6
     assert process.returncode == 2
     assert messages(process.stderr) == f"error: {missing}: no such file"
     assert not (tmp_path / "out").exists()
+
+
+def test_a_file_given_as_a_bundle_is_called_a_file(cli, tmp_path, embedding_file):
+    checkpoint = tmp_path / "green_lipstick.pt"
+    checkpoint.write_bytes(b"a checkpoint, not a bundle")
+    out = tmp_path / "out"
+    result = cli("edit", "--bundle", checkpoint, "--seed", "1", "--text-embedding", embedding_file, "-o", out)
+    assert_refused(result, out, f"{checkpoint}: a file, not a bundle directory (make one with cfdeploy export)")

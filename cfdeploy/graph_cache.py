@@ -10,11 +10,10 @@ and each file's sha256. The key is the sha256 of the graph's own sha256 (the bun
 version, the CPU's features and the session settings, so another runtime version, another CPU or other settings
 miss. Before use every file is checked against its recorded sha256 (read into memory, or, where the runtime maps it
 itself, hashed where it lies unless the record of earlier hashes in ``ROOT/.hashes`` shows it untouched since it was
-written); an entry that is damaged,
-records another key, or is (or holds) a symlink is refused with a one-line warning, removed, and rebuilt. Entries
-are written to a temporary directory and renamed into place, and renamed out of it before they are removed, so
-a reader never sees half of one. The least recently
-used entries go first once the cache holds more than its bound.
+written); an entry that is damaged, records another key, or is (or holds) a symlink is refused with a one-line
+warning, removed, and rebuilt. Entries are written to a temporary directory and renamed into place, and renamed out
+of it before they are removed, so a reader never sees half of one. The least recently used entries go first once
+the cache holds more than its bound.
 
 The cache guards against damage and mix-ups, not against someone who can write the user's cache directory (they
 could rewrite ``entry.json`` too): its place is under the user's home, like the installed packages themselves.

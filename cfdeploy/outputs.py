@@ -182,12 +182,13 @@ def _disk_errors(shown: Path, unchanged: str) -> Iterator[None]:
 # --- checks -----------------------------------------------------------------------------------
 
 
-def check_output_dir(out: Path, force: bool, inputs: Sequence[Path] = ()) -> None:
+def check_output_dir(out: Path, force: bool, inputs: Sequence[Path] = (), unfinished: str | None = None) -> None:
     """Refuse an output directory that cannot be replaced safely (StagedDirectory calls it on entry).
 
     Refused: a file; a symbolic link, dangling or not (a link is never replaced, nor written through);
     the root; a directory that is, contains or lies inside one of ``inputs``; a directory that
-    contains the working directory; a non-empty directory without ``force``.
+    contains the working directory; a non-empty directory without ``force``. ``unfinished`` names what the
+    directory holds that ``--resume`` continues, which that refusal then points to rather than to ``--force``.
     """
     target = _located(out)
     _refuse_links(target)
@@ -202,6 +203,8 @@ def check_output_dir(out: Path, force: bool, inputs: Sequence[Path] = ()) -> Non
     if working is not None and target in working.parents:
         raise CfdeployError(f"{target}: contains the working directory {working}; cfdeploy will not replace it")
     if not force:
+        if unfinished:
+            raise CfdeployError(f"{target}: holds {unfinished} (--resume continues it, --force replaces it)")
         raise CfdeployError(f"{target}: directory is not empty (use --force to replace it)")
 
 

@@ -392,10 +392,14 @@ def abduct(
             checkpoint = Checkpoint.read(checkpoint_path)
             _check_resumable(checkpoint, identity, checkpoint_path)
         else:
-            if checkpoint_path.is_file() and not (out / MANIFEST).is_file() and not force:
-                raise CfdeployError(f"{out}: holds an unfinished run (--resume continues it, --force replaces it)")
             reused_inputs = [inputs.unet_lora_run] if inputs.unet_lora_run else []
-            check_output_dir(out, force, inputs=[inputs.image, inputs.base_model, *reused_inputs])
+            unfinished = checkpoint_path.is_file() and not (out / MANIFEST).is_file()
+            check_output_dir(
+                out,
+                force,
+                inputs=[inputs.image, inputs.base_model, *reused_inputs],
+                unfinished="an unfinished run" if unfinished else None,
+            )
             checkpoint = Checkpoint(1 if reused_unet else 0, 0, {}, identity)
         on_stage("loading the base model")
         base = load_base_model(info, device)

@@ -235,9 +235,12 @@ def train(
             raise CfdeployError(f"{state_path}: not a cfdeploy training state")
         check_same_inputs(state, inputs, state_path)  # before the networks load: hashing is quicker
     else:
-        if state_path.is_file() and not force:
-            raise CfdeployError(f"{out}: holds a run that can go on (--resume continues it, --force replaces it)")
-        check_output_dir(out, force, inputs=[p for p in vars(inputs).values() if p is not None])
+        check_output_dir(
+            out,
+            force,
+            inputs=[p for p in vars(inputs).values() if p is not None],
+            unfinished="a run that can go on" if state_path.is_file() else None,
+        )
     trainer = prepare(settings, inputs, device, on_stage)
     metrics_path = out / METRICS
     if resume:

@@ -54,8 +54,9 @@ class GeneratorConfig:
 
 
 def fir_kernel(gain: float) -> torch.Tensor:
-    """Separable ``[1,3,3,1]`` low-pass filter, normalised to sum to ``gain``."""
-    taps = torch.tensor(FIR_TAPS)
+    """Separable ``[1,3,3,1]`` low-pass filter, normalised to sum to ``gain`` (a constant, computed on the CPU even
+    where the module is built on the meta device)."""
+    taps = torch.tensor(FIR_TAPS, device="cpu")
     kernel = torch.outer(taps, taps)
     return kernel / kernel.sum() * gain
 

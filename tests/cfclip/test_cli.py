@@ -120,3 +120,15 @@ def test_help_documents_every_command(command):
 def test_cli_start_up_does_not_import_torch():
     code = "import sys, cfdeploy.cli; assert 'torch' not in sys.modules, 'torch imported at start-up'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_loading_a_checkpoint_leaves_torchs_compiler_unimported(cfclip_64, e4e_64):
+    """Modules are built on the meta device before a load; an out-of-place op there runs a Python reference kernel
+    that imports torch._dynamo, seconds of a fresh `cfdeploy edit -c` process."""
+    code = (
+        "import sys\nfrom pathlib import Path\nfrom cfdeploy.checkpoints import load_cfclip, load_e4e\n"
+        "load_cfclip(Path(sys.argv[1])); load_e4e(Path(sys.argv[2]))\n"
+        "assert 'torch._dynamo' not in sys.modules, 'torch._dynamo imported by a load'"
+    )
+    done = subprocess.run([sys.executable, "-c", code, cfclip_64, e4e_64], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-1500:]

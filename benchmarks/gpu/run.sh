@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every CUDA path cfdeploy has without TensorRT, checked and timed in one call on a GPU machine without network:
 #   benchmarks/gpu/run.sh RESULTS_DIR            # on the GPU machine (about 7 minutes at most)
-#   benchmarks/gpu/run.sh RESULTS_DIR --dry-run  # the same steps on the CPU at tiny sizes (about 5 CPU-minutes)
+#   benchmarks/gpu/run.sh RESULTS_DIR --dry-run  # the same steps on the CPU at tiny sizes (about 3 CPU-minutes)
 # It installs the wheels prepare.sh put in .whl/ into a temporary site directory (only those the machine lacks),
 # records the environment, then runs each step under its own time limit. A step that fails or runs out of time is
 # recorded (exit code, seconds, the end of its stderr) in RESULTS_DIR/steps.json and the next step runs.

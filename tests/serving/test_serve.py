@@ -50,7 +50,7 @@ def codes(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory, bundle_64: Path, bundle_with_encoder, predictor_files):
-    """2 replicas each of the 64 px bundle with CLIP (a hard-linked copy: served prompts are cached in it) and of the
+    """A replica each of the 64 px bundle with CLIP (a hard-linked copy: served prompts are cached in it) and of the
     64 px bundle with an e4e encoder, half a CPU each, behind one router; the replicas find faces in photos with
     dlib (its real detector, and a 68-point predictor trained on drawn faces)."""
     from cfdeploy.serving.server import Server, ServeSettings
@@ -61,7 +61,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, bundle_64: Path, bundle_wit
     _, with_encoder, _ = bundle_with_encoder
     settings = ServeSettings(
         (bundle, with_encoder),
-        replicas=2,
+        replicas=1,
         max_batch=8,
         batch_wait_ms=50,  # the clients' requests meet in a batch even on a loaded machine, whose threads start late
         max_ongoing=8,

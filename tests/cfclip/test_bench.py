@@ -100,12 +100,15 @@ def test_bench_refuses_unknown_backend(cli):
     assert result.exit_code == 2 and "unknown backends cuda-magic" in result.stderr
 
 
-def test_bench_times_refinement_steps(cli, tmp_path):
+def test_bench_times_refinement_steps(cli, tmp_path, cfclip_64, clip_vit_b32_file):
+    """On the run's shared files (``--synthetic`` with CLIP's visual tower is what the GPU run's dry run times)."""
     report_path = tmp_path / "bench.json"
     result = cli(
         "bench",
-        "--synthetic",
-        32,
+        "--checkpoint",
+        cfclip_64,
+        "--clip-weights",
+        clip_vit_b32_file,
         "--backends",
         "torch",
         "--refine-steps",

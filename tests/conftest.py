@@ -49,6 +49,11 @@ os.environ.setdefault(
     "glibc.malloc.top_pad=268435456",
 )
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+# Two workers share the cores, so a process they start (a command, an export in a child) runs its torch threads
+# beside a busy one: OpenMP's threads then sleep between parallel regions instead of spinning, which took a fifth of
+# such a process's CPU time from the other worker (16.4 → 13.2 CPU-s for a 64 px `cfdeploy edit -c` beside one busy
+# core). The workers themselves run torch on one thread.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # cfdeploy fsyncs what it writes before renaming it into place, so a power cut leaves the old file or the new one.
 # No test cuts the power, and in the test processes those waits for the disk (gigabytes of checkpoints, bundles and
 # caches a run) were most of the time the CPUs sat idle; what the tests check (a temporary file renamed over the

@@ -64,7 +64,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, bundle_64: Path, bundle_wit
         replicas=1,
         max_batch=8,
         batch_wait_ms=50,  # the clients' requests meet in a batch even on a loaded machine, whose threads start late
-        max_ongoing=8,
+        max_ongoing=16,  # the 12 clients below, all in flight at once in the one replica's queue
         cpus_per_replica=0.5,
         port=free_port(),
         landmarks_model=predictor_files[68],

@@ -548,7 +548,7 @@ def run_cli(*args: object):
 
     from cfdeploy.cli import app
 
-    return CliRunner().invoke(app, [str(arg) for arg in args])
+    return CliRunner().invoke(app, [str(arg) for arg in args], prog_name="cfdeploy")
 
 
 @pytest.fixture

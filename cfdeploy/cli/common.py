@@ -9,9 +9,10 @@ import inspect
 import math
 import os
 import re
+import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from enum import Enum
 from pathlib import Path
 from typing import Any, TypeVar
@@ -30,7 +31,54 @@ from cfdeploy.errors import (  # noqa: F401
     require_range,
 )
 
+
+class OneLineUsageErrors(typer.core.TyperGroup):
+    """The command line's own refusals (an unknown option or command, a value of the wrong type, a missing option)
+    as one ``error:`` line (naming the command where Click knows it), exit 2, as every other refusal; Click would
+    print a usage block and Typer a framed panel."""
+
+    def main(
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        windows_expand_args: bool = True,
+        **extra: Any,
+    ) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, False, windows_expand_args, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, False, windows_expand_args, **extra)
+        except typer.Abort:
+            console.print("[bold red]error:[/] aborted", soft_wrap=True)
+            sys.exit(1)
+        except Exception as error:
+            if not is_click_refusal(error):
+                raise
+            if type(error).__name__ != "NoArgsIsHelpError":  # the help has been printed in its place
+                console.print(f"[bold red]error:[/] {safe(usage_error_line(error))}", soft_wrap=True)
+            sys.exit(getattr(error, "exit_code", 2))
+        sys.exit(code if isinstance(code, int) else 0)  # an exit code (commands return None)
+
+
+def is_click_refusal(error: Exception) -> bool:
+    """Whether ``error`` is Click's ``ClickException`` (Typer keeps its own copy of Click, not importable as such)."""
+    return any(kind.__name__ == "ClickException" for kind in type(error).__mro__)
+
+
+def usage_error_line(error: Exception) -> str:
+    """``cfdeploy edit: no such option: --bogus; see cfdeploy edit --help`` from Click's message."""
+    message = " ".join(getattr(error, "format_message", lambda: str(error))().split()).rstrip(".")
+    message = message[:1].lower() + message[1:]
+    context = getattr(error, "ctx", None)
+    if context is None:
+        return message
+    return f"{context.command_path}: {message}; see {context.command_path} --help"
+
+
 app = typer.Typer(
+    cls=OneLineUsageErrors,
     help="Deploy CF-CLIP text-driven StyleGAN2 editors: edit images from text, export bundles and TensorRT engines, "
     "benchmark backends, inspect files.",
     no_args_is_help=True,

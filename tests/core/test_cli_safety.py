@@ -4,6 +4,9 @@ drive the terminal. Each refusal is one line on stderr, exit 2, nothing written.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -186,3 +189,39 @@ def test_a_bundle_64_without_clip_says_which_prompts_it_can_edit(cli, tmp_path, 
         f"error: {bundle_64_without_clip}: exported --without-clip, so it edits only the prompts precomputed at export "
         "(none) or --text-embedding features"
     )
+
+
+@pytest.mark.parametrize(
+    "args, line",
+    [
+        (
+            ["edit", "--out", "o", "--batch-size", "abc"],
+            "error: cfdeploy edit: invalid value for '--batch-size' / '-b': 'abc' is not a valid integer; "
+            "see cfdeploy edit --help",
+        ),
+        (["edit"], "error: cfdeploy edit: missing option '--out' / '-o'; see cfdeploy edit --help"),
+        (
+            ["dac", "edit", "--nonsense"],
+            "error: cfdeploy dac edit: no such option: --nonsense (Possible options: --noise, --seed); "
+            "see cfdeploy dac edit --help",
+        ),
+        (["nosuchcommand"], "error: cfdeploy: no such command 'nosuchcommand'; see cfdeploy --help"),
+    ],
+)
+def test_a_malformed_command_line_is_one_line_naming_the_command_and_its_help(cli, tmp_path, args, line):
+    result = cli(*args)
+    assert result.exit_code == 2, (result.stdout, result.stderr)
+    assert result.stderr.strip() == line
+    assert result.stdout == ""
+
+
+def test_an_option_without_its_value_is_one_line_from_a_shell_too(tmp_path):
+    process = subprocess.run(
+        [sys.executable, "-m", "cfdeploy", "edit", "--out", tmp_path / "o", "--strength"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COLUMNS": "60"},
+    )
+    assert process.returncode == 2
+    assert process.stderr.splitlines() == ["error: option '--strength' requires an argument"]
+    assert not (tmp_path / "o").exists()

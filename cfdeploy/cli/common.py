@@ -51,25 +51,25 @@ class OneLineUsageErrors(typer.core.TyperGroup):
         try:
             code = super().main(args, prog_name, complete_var, False, windows_expand_args, **extra)
         except typer.Abort:
-            console.print("[bold red]error:[/] aborted", soft_wrap=True)
-            sys.exit(1)
-        except Exception as error:
-            if not is_click_refusal(error):
+            sys.exit(fail("aborted", 1).exit_code)
+        except Exception as raised:
+            if not is_click_refusal(raised):
                 raise
-            if type(error).__name__ != "NoArgsIsHelpError":  # the help has been printed in its place
-                console.print(f"[bold red]error:[/] {safe(usage_error_line(error))}", soft_wrap=True)
-            sys.exit(getattr(error, "exit_code", 2))
+            error: Any = raised  # Click's exception: its class is Typer's private copy of Click's
+            if type(error).__name__ == "NoArgsIsHelpError":  # the help has been printed in its place
+                sys.exit(error.exit_code)
+            sys.exit(fail(usage_error_line(error), error.exit_code).exit_code)
         sys.exit(code if isinstance(code, int) else 0)  # an exit code (commands return None)
 
 
-def is_click_refusal(error: Exception) -> bool:
+def is_click_refusal(error: Any) -> bool:
     """Whether ``error`` is Click's ``ClickException`` (Typer keeps its own copy of Click, not importable as such)."""
     return any(kind.__name__ == "ClickException" for kind in type(error).__mro__)
 
 
-def usage_error_line(error: Exception) -> str:
+def usage_error_line(error: Any) -> str:
     """``cfdeploy edit: no such option: --bogus; see cfdeploy edit --help`` from Click's message."""
-    message = " ".join(getattr(error, "format_message", lambda: str(error))().split()).rstrip(".")
+    message = " ".join(error.format_message().split()).rstrip(".")
     message = message[:1].lower() + message[1:]
     context = getattr(error, "ctx", None)
     if context is None:
